@@ -1,2 +1,8 @@
-"""Refiner attention: reference models and fused kernels."""
+"""Refiner attention: reference models and fused kernels.
+
+`import refiner` registers refiner_vit_s/m/l with timm.
+"""
 __version__ = "0.1.0"
+
+from . import reference  # noqa: F401
+from .models import RefinerViT, refiner_vit_l, refiner_vit_m, refiner_vit_s  # noqa: F401

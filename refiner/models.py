@@ -1,0 +1,298 @@
+"""Refiner-ViT S/M/L (reference implementation), registered with timm.
+
+Matches the released Refiner-ViT: convolutional stem, blocks alternating a
+"softmax" attention block (kind 1) and a "refine" block (kind 2) that refines the
+previous map with DLA, the 0.5 residual scaling, the MLP `scale_channel`, and the
+optional dense `aux_head` + MixToken used with token labelling. State-dict keys
+are those of the released checkpoints.
+"""
+from __future__ import annotations
+
+from functools import partial
+from typing import Optional, Tuple
+
+import numpy as np
+import torch
+import torch.nn as nn
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.layers import DropPath, resample_abs_pos_embed, trunc_normal_
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+
+from .reference import RefinerAttention
+
+__all__ = ["RefinerViT", "PatchEmbedStem", "Block", "Mlp", "mixtoken_box",
+           "refiner_vit_s", "refiner_vit_m", "refiner_vit_l"]
+
+
+class PatchEmbedStem(nn.Module):
+    """Three convs (7x7/2, 3x3, 3x3) with BN + ReLU, then a (p/2)x(p/2) patchify conv."""
+
+    def __init__(self, img_size: int = 224, patch_size: int = 16, in_chans: int = 3, embed_dim: int = 384):
+        super().__init__()
+        self.img_size = img_size
+        self.patch_size = patch_size
+        self.grid_size = (img_size // patch_size, img_size // patch_size)
+        self.num_patches = self.grid_size[0] * self.grid_size[1]
+        self.conv1 = nn.Conv2d(in_chans, 32, kernel_size=7, stride=2, padding=3, bias=False)
+        self.bn1 = nn.BatchNorm2d(32)
+        self.conv2 = nn.Conv2d(32, 64, kernel_size=3, stride=1, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(64)
+        self.conv3 = nn.Conv2d(64, 128, kernel_size=3, stride=1, padding=1, bias=False)
+        self.bn3 = nn.BatchNorm2d(128)
+        self.relu = nn.ReLU(inplace=True)
+        self.proj = nn.Conv2d(128, embed_dim, kernel_size=patch_size // 2, stride=patch_size // 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.relu(self.bn1(self.conv1(x)))
+        x = self.relu(self.bn2(self.conv2(x)))
+        x = self.relu(self.bn3(self.conv3(x)))
+        return self.proj(x)  # (B, C, h, w)
+
+
+class Mlp(nn.Module):
+    """fc1 -> GELU -> dropout -> fc2 -> * scale_channel (init 1e-5) -> dropout."""
+
+    def __init__(self, in_features: int, hidden_features: int, drop: float = 0.):
+        super().__init__()
+        self.scale_channel = nn.Parameter(1e-5 * torch.ones(in_features))
+        self.fc1 = nn.Linear(in_features, hidden_features)
+        self.fc2 = nn.Linear(hidden_features, in_features)
+        self.act = nn.GELU()
+        self.drop = nn.Dropout(drop)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.drop(self.act(self.fc1(x)))
+        return self.drop(self.scale_channel * self.fc2(x))
+
+
+class Block(nn.Module):
+    """Pre-norm block with the released 0.5 input scaling and 1/0.5 output scaling."""
+
+    adjust_ratio = 0.5
+
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 3., qkv_bias: bool = True,
+                 drop: float = 0., attn_drop: float = 0., drop_path: float = 0.,
+                 share_atten: bool = False, apply_transform: bool = False,
+                 expand_ratio: int = 3, kernel_size: int = 3):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        self.attn = RefinerAttention(dim, num_heads, qkv_bias=qkv_bias, attn_drop=attn_drop, proj_drop=drop,
+                                     share_atten=share_atten, apply_transform=apply_transform,
+                                     expand_ratio=expand_ratio, kernel_size=kernel_size)
+        self.drop_path = DropPath(drop_path) if drop_path > 0. else nn.Identity()
+        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), drop=drop)
+
+    def forward(self, x: torch.Tensor, attn: Optional[torch.Tensor] = None):
+        a = self.adjust_ratio
+        x_new, attn = self.attn(self.norm1(x * a), attn)
+        x = x + self.drop_path(x_new / a)
+        x = x + self.drop_path(self.mlp(self.norm2(x * a))) / a
+        return x, attn
+
+
+def mixtoken_box(h: int, w: int, lam: float, rng: np.random.Generator) -> Tuple[int, int, int, int]:
+    """CutMix box on an h x w patch grid: (x1, y1, x2, y2), rows x1:x2, columns y1:y2.
+
+    Same rule as the released `rand_bbox`: side ratio sqrt(1 - lam), uniform centre, clipped.
+    """
+    cut = np.sqrt(1. - lam)
+    cut_h, cut_w = int(h * cut), int(w * cut)
+    cx, cy = rng.integers(h), rng.integers(w)
+    x1, x2 = np.clip(cx - cut_h // 2, 0, h), np.clip(cx + cut_h // 2, 0, h)
+    y1, y2 = np.clip(cy - cut_w // 2, 0, w), np.clip(cy + cut_w // 2, 0, w)
+    return int(x1), int(y1), int(x2), int(y2)
+
+
+class RefinerViT(nn.Module):
+    """Refiner vision transformer.
+
+    Block i is a refine block (DLA on the previous map) when i is odd, a softmax block
+    otherwise; `apply_transform=True` also refines the softmax blocks' own maps (the
+    paper's general form, with `head_expand`).
+
+    Outputs: eval -> logits (B, num_classes) (with the dense head: head(cls) +
+    0.5 * max_tokens aux_head(patches)); training with `return_dense` ->
+    (cls_logits, dense_logits (B, h*w, num_classes), mixtoken box (x1, y1, x2, y2)).
+    """
+
+    def __init__(self, img_size: int = 224, patch_size: int = 16, in_chans: int = 3, num_classes: int = 1000,
+                 embed_dim: int = 384, depth: int = 16, num_heads: int = 12, mlp_ratio: float = 3.,
+                 qkv_bias: bool = True, drop_rate: float = 0., attn_drop_rate: float = 0.,
+                 drop_path_rate: float = 0., apply_transform: bool = False, head_expand: int = 3,
+                 expand_ratio: int = 3, kernel_size: int = 3,
+                 return_dense: bool = False, mix_token: bool = False, mixtoken_beta: float = 1.0,
+                 dynamic_img_size: bool = True):
+        super().__init__()
+        if mix_token and not return_dense:
+            raise ValueError("mix_token=True needs return_dense=True (MixToken is undone on the dense logits)")
+        self.num_classes = num_classes
+        self.num_features = self.embed_dim = embed_dim
+        self.num_prefix_tokens = 1
+        self.return_dense = return_dense
+        self.mix_token = mix_token
+        self.mixtoken_beta = mixtoken_beta
+        self.dynamic_img_size = dynamic_img_size
+        self._rng = np.random.default_rng()
+
+        self.patch_embed = PatchEmbedStem(img_size, patch_size, in_chans, embed_dim)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
+        self.pos_embed = nn.Parameter(torch.zeros(1, self.patch_embed.num_patches + 1, embed_dim))
+        self.pos_drop = nn.Dropout(drop_rate)
+        dpr = [x.item() for x in torch.linspace(0, drop_path_rate, depth)]
+        self.blocks = nn.ModuleList([
+            Block(embed_dim, num_heads, mlp_ratio, qkv_bias, drop=drop_rate, attn_drop=attn_drop_rate,
+                  drop_path=dpr[i], share_atten=(i % 2 == 1), apply_transform=apply_transform,
+                  expand_ratio=expand_ratio if i % 2 == 1 else head_expand, kernel_size=kernel_size)
+            for i in range(depth)])
+        self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
+        self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
+        if return_dense:
+            self.aux_head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
+
+        trunc_normal_(self.pos_embed, std=.02)
+        trunc_normal_(self.cls_token, std=.02)
+        self.apply(self._init_weights)
+
+    @staticmethod
+    def _init_weights(m: nn.Module) -> None:
+        if isinstance(m, nn.Linear):
+            trunc_normal_(m.weight, std=.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.LayerNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+    @torch.jit.ignore
+    def no_weight_decay(self):
+        return {"pos_embed", "cls_token"}
+
+    def get_classifier(self) -> nn.Module:
+        return self.head
+
+    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
+        self.num_classes = num_classes
+        self.head = nn.Linear(self.embed_dim, num_classes) if num_classes > 0 else nn.Identity()
+        if self.return_dense:
+            self.aux_head = nn.Linear(self.embed_dim, num_classes) if num_classes > 0 else nn.Identity()
+
+    def seed_mixtoken(self, seed: int) -> None:
+        """Make the MixToken boxes reproducible."""
+        self._rng = np.random.default_rng(seed)
+
+    def _pos_embed(self, x: torch.Tensor) -> torch.Tensor:
+        B, C, h, w = x.shape
+        pos = self.pos_embed
+        if (h, w) != self.patch_embed.grid_size:
+            if not self.dynamic_img_size:
+                raise ValueError(f"x: expected a {self.patch_embed.img_size} px image, got a {h}x{w} patch grid")
+            # Bilinear with aligned corners, as the released position-embedding interpolation.
+            pos = resample_abs_pos_embed(pos, (h, w), old_size=self.patch_embed.grid_size,
+                                         interpolation="bilinear", align_corners=True, antialias=False)
+        x = x.flatten(2).transpose(1, 2)
+        x = torch.cat((self.cls_token.expand(B, -1, -1), x), dim=1)
+        return self.pos_drop(x + pos)
+
+    def forward_features(self, x: torch.Tensor, return_attn: bool = False):
+        """Returns normed tokens (B, 1 + h*w, C), the patch grid (h, w), the MixToken box
+        (all zeros when off) and, with return_attn, the maps each block passed on."""
+        if x.ndim != 4:
+            raise ValueError(f"x: expected an image batch (B, C, H, W), got shape {tuple(x.shape)}")
+        x = self.patch_embed(x)
+        h, w = x.shape[-2:]
+        box = (0, 0, 0, 0)
+        if self.mix_token and self.training:
+            lam = self._rng.beta(self.mixtoken_beta, self.mixtoken_beta)
+            box = mixtoken_box(h, w, lam, self._rng)
+            x1, y1, x2, y2 = box
+            mixed = x.clone()
+            mixed[:, :, x1:x2, y1:y2] = x.flip(0)[:, :, x1:x2, y1:y2]
+            x = mixed
+        x = self._pos_embed(x)
+        attn, maps = None, []
+        for blk in self.blocks:
+            x, attn = blk(x, attn)
+            if return_attn:
+                maps.append(attn)
+        x = self.norm(x)
+        return (x, (h, w), box, maps) if return_attn else (x, (h, w), box)
+
+    def forward_head(self, x: torch.Tensor, grid: Tuple[int, int], box):
+        x_cls = self.head(x[:, 0])
+        if not self.return_dense:
+            return x_cls
+        x_aux = self.aux_head(x[:, 1:])
+        if not self.training:
+            return x_cls + 0.5 * x_aux.max(1)[0]
+        if self.mix_token:
+            # Undo the token mix on the dense logits so each location's label stays its own.
+            h, w = grid
+            x1, y1, x2, y2 = box
+            x_aux = x_aux.reshape(x_aux.shape[0], h, w, -1)
+            unmixed = x_aux.clone()
+            unmixed[:, x1:x2, y1:y2, :] = x_aux.flip(0)[:, x1:x2, y1:y2, :]
+            x_aux = unmixed.reshape(x_aux.shape[0], h * w, -1)
+        return x_cls, x_aux, box
+
+    def forward(self, x: torch.Tensor):
+        x, grid, box = self.forward_features(x)
+        return self.forward_head(x, grid, box)
+
+
+def checkpoint_filter_fn(state_dict: dict, model: RefinerViT) -> dict:
+    """Adapt a released-layout state dict to `model`: resample pos_embed to its grid."""
+    out = dict(state_dict)
+    pe = out.get("pos_embed")
+    if pe is not None and pe.shape != model.pos_embed.shape:
+        out["pos_embed"] = resample_abs_pos_embed(pe, model.patch_embed.grid_size, num_prefix_tokens=1,
+                                                  interpolation="bilinear", align_corners=True, antialias=False)
+    return out
+
+
+def _cfg(**kwargs):
+    return {"num_classes": 1000, "input_size": (3, 224, 224), "pool_size": None, "crop_pct": .9,
+            "interpolation": "bicubic", "mean": IMAGENET_DEFAULT_MEAN, "std": IMAGENET_DEFAULT_STD,
+            "first_conv": "patch_embed.conv1", "classifier": "head", **kwargs}
+
+
+# Crop settings and normalisation of the released configs.
+default_cfgs = generate_default_cfgs({
+    "refiner_vit_s.untrained": _cfg(mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), crop_pct=.9),
+    "refiner_vit_m.untrained": _cfg(mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), crop_pct=1.0),
+    "refiner_vit_l.untrained": _cfg(mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), crop_pct=1.13),
+})
+
+MODEL_ARGS = {
+    "refiner_vit_s": dict(embed_dim=384, depth=16, num_heads=12, mlp_ratio=3, head_expand=6),
+    "refiner_vit_m": dict(embed_dim=420, depth=32, num_heads=12, mlp_ratio=3, head_expand=3),
+    "refiner_vit_l": dict(embed_dim=512, depth=32, num_heads=16, mlp_ratio=3, head_expand=3),
+}
+
+
+def _create(variant: str, pretrained: bool = False, fused=False, **kwargs) -> RefinerViT:
+    args = dict(MODEL_ARGS[variant], **kwargs)
+    model = build_model_with_cfg(RefinerViT, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn,
+                                 **args)
+    if fused:
+        from .fused import convert
+        convert(model, backend=fused if isinstance(fused, str) else "auto")
+    return model
+
+
+@register_model
+def refiner_vit_s(pretrained: bool = False, **kwargs) -> RefinerViT:
+    """Refiner-ViT-S: dim 384, 12 heads, 16 blocks, 25.02 M parameters (no dense head)."""
+    return _create("refiner_vit_s", pretrained, **kwargs)
+
+
+@register_model
+def refiner_vit_m(pretrained: bool = False, **kwargs) -> RefinerViT:
+    """Refiner-ViT-M: dim 420, 12 heads (head size 35), 32 blocks, 55.03 M parameters."""
+    return _create("refiner_vit_m", pretrained, **kwargs)
+
+
+@register_model
+def refiner_vit_l(pretrained: bool = False, **kwargs) -> RefinerViT:
+    """Refiner-ViT-L: dim 512, 16 heads, 32 blocks, 80.64 M parameters."""
+    return _create("refiner_vit_l", pretrained, **kwargs)
