@@ -1,0 +1,49 @@
+# Two entry points (see README): `make demo` and `make test`. Both set up .venv,
+# install the pinned dependencies, build the extension, then run. Idempotent:
+# each step re-runs only when its inputs change.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip
+
+# CUDA build settings (override on the command line or in the environment).
+# TORCH_CUDA_ARCH_LIST is left to setup.py, which picks the visible GPU or "8.0;9.0".
+export CUDA_HOME ?= /usr/local/cuda
+
+SOURCES := $(shell find csrc -type f 2>/dev/null) $(wildcard setup.py)
+
+.PHONY: demo test build deps clean bench cmake-build
+
+deps: $(VENV)/.deps
+$(VENV)/.deps: requirements.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q -r requirements.txt
+	touch $@
+
+build: $(VENV)/.built
+$(VENV)/.built: $(VENV)/.deps $(SOURCES) pyproject.toml
+	$(PIP) install -q --no-build-isolation --no-deps -e .
+	$(PY) -c "import refiner.ops as o; print(o.describe_backends())" || true
+	touch $@
+
+demo: build
+	$(PY) -m refiner.demo
+
+test: build
+	$(PY) -m pytest -q tests
+
+bench: build
+	$(PY) benchmarks/bench_ops.py
+	$(PY) benchmarks/bench_models.py
+
+# The same extension through CMake (for C++ developers and IDEs); pip's cmake 4.x is
+# needed, the system cmake 3.25 cannot compile CUDA as C++20.
+cmake-build: deps
+	$(VENV)/bin/cmake -S . -B build/cmake -G Ninja -DCMAKE_MAKE_PROGRAM=$(abspath $(VENV)/bin/ninja) \
+	  -DCMAKE_PREFIX_PATH="$$($(PY) -c 'import torch; print(torch.utils.cmake_prefix_path)')" \
+	  -DPython_EXECUTABLE=$(abspath $(PY))
+	$(VENV)/bin/cmake --build build/cmake
+
+clean:
+	rm -rf build *.egg-info refiner/_C*.so $(VENV)/.built

@@ -1,0 +1,146 @@
+"""Drop-in fused Refiner attention and model conversion.
+
+    from refiner.fused import RefinerAttention, convert
+    layer = RefinerAttention(384, 12, qkv_bias=True, share_atten=True)   # same args + backend=
+    convert(model)                      # swap every reference attention in place, keeping weights
+    timm.create_model("refiner_vit_s", fused=True)
+
+The fused layer has the reference layer's constructor, state dict and call signature
+`(x, prev_attn) -> (out, attn_to_pass_on)`; only the arithmetic runs in fused ops.
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+import torch.nn as nn
+from torch import Tensor
+
+from . import ops, reference
+
+__all__ = ["RefinerAttention", "convert", "revert"]
+
+
+def _autocast_dtype(t: Tensor) -> Optional[torch.dtype]:
+    dev = t.device.type
+    if dev in ("cpu", "cuda") and torch.is_autocast_enabled(dev):
+        return torch.get_autocast_dtype(dev)
+    return None
+
+
+class RefinerAttention(reference.RefinerAttention):
+    """Refiner attention running on fused kernels; `backend` as in `refiner.ops`.
+
+    Eval mode folds the BatchNorms into the refine kernel's weights; the fold is cached
+    and recomputed whenever a parameter or running statistic changes (tracked by the
+    tensors' version counters), so it is never stale after `load_state_dict` or a step.
+    """
+
+    def __init__(self, *args, backend: str = "auto", **kwargs):
+        super().__init__(*args, **kwargs)
+        if backend != "auto" and backend not in ops.BACKENDS:
+            raise ValueError(f"backend: expected 'auto' or one of {ops.BACKENDS}, got {backend!r}")
+        self.backend = backend
+        self._fold_key = None
+        self._fold = None
+
+    @classmethod
+    def from_reference(cls, ref: reference.RefinerAttention, backend: str = "auto") -> "RefinerAttention":
+        new = cls(ref.dim, ref.num_heads, qkv_bias=ref.qkv.bias is not None, qk_scale=ref.scale,
+                  attn_drop=ref.attn_drop.p, proj_drop=ref.proj_drop.p, share_atten=ref.share_atten,
+                  apply_transform=ref.apply_transform, expand_ratio=ref.expand_ratio,
+                  kernel_size=ref.kernel_size, backend=backend)
+        p = next(ref.parameters())
+        new.to(device=p.device, dtype=p.dtype).train(ref.training)
+        new.load_state_dict(ref.state_dict())
+        return new
+
+    def extra_repr(self) -> str:
+        return f"backend={self.backend!r}"
+
+    # -- eval-mode BatchNorm folding -----------------------------------------
+    def _folded(self, dtype: torch.dtype) -> reference.FoldedRefine:
+        tensors = list(self.DLA.parameters()) + list(self.DLA.buffers()) + \
+            list(self.adapt_bn.parameters()) + list(self.adapt_bn.buffers())
+        out_scale = self.scale if self.share_atten else 1.0
+        if torch.compiler.is_compiling():  # version counters are not traceable; folding is cheap
+            return _cast(reference.fold_refine(self.DLA, self.adapt_bn, out_scale), dtype)
+        key = (dtype,) + tuple((id(t), t._version, t.device) for t in tensors)
+        if key != self._fold_key:
+            self._fold = _cast(reference.fold_refine(self.DLA, self.adapt_bn, out_scale), dtype)
+            self._fold_key = key
+        return self._fold
+
+    def forward(self, x: Tensor, prev_attn: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+        if self.training and (self.attn_drop.p > 0 or self.apply_transform):
+            # Attention dropout sits between the softmax and its two uses, and the general
+            # mode's training step needs the refined map itself: both run the reference.
+            return super().forward(x, prev_attn)
+        B, N, C = x.shape
+        H, d = self.num_heads, self.head_dim
+        qkv = self.qkv(x)
+        # Under autocast the ops run in the autocast dtype (their inputs must share a dtype).
+        dtype = _autocast_dtype(x) or qkv.dtype
+        if self.share_atten:
+            if prev_attn is None:
+                raise ValueError("prev_attn: a refine block (share_atten=True) needs the previous "
+                                 "block's attention map, got None")
+            v = qkv.reshape(B, N, H, d).permute(0, 2, 1, 3).to(dtype).contiguous()
+            a = prev_attn.to(dtype).contiguous()
+            if self.adapt_bn.training:
+                out = ops.refine_block(a, v, self.DLA, self.adapt_bn, self.scale, backend=self.backend)
+            else:
+                out = ops.refine_eval(a, v, self._folded(dtype), backend=self.backend)
+            attn_next = prev_attn
+        else:
+            q, k, v = qkv.reshape(B, N, 3, H, d).permute(2, 0, 3, 1, 4).to(dtype)
+            prev = prev_attn.to(dtype).contiguous() if prev_attn is not None else None
+            out, attn_next = ops.softmax_block(q.contiguous(), k.contiguous(), v.contiguous(), prev,
+                                               self.scale, backend=self.backend)
+            if self.apply_transform:  # eval, general mode: refine the block's own map and pass it on
+                attn_next = self.adapt_bn(self.DLA(attn_next))
+                out = attn_next @ v.to(attn_next.dtype)
+        x = out.transpose(1, 2).reshape(B, N, C)
+        return self.proj_drop(self.proj(x)), attn_next
+
+
+def _cast(f: reference.FoldedRefine, dtype: torch.dtype) -> reference.FoldedRefine:
+    return reference.FoldedRefine(*(t.to(dtype) for t in f.args()[:-1]), expand=f.expand)
+
+
+def _swap(model: nn.Module, make) -> nn.Module:
+    for name, child in list(model.named_children()):
+        new = make(child)
+        if new is not None:
+            setattr(model, name, new)
+        else:
+            _swap(child, make)
+    return model
+
+
+def convert(model: nn.Module, backend: str = "auto") -> nn.Module:
+    """Replace every reference RefinerAttention in `model` by the fused one, in place, keeping weights."""
+    def make(m):
+        if type(m) is reference.RefinerAttention:
+            return RefinerAttention.from_reference(m, backend)
+        if isinstance(m, RefinerAttention):
+            m.backend = backend
+            return m
+        return None
+    return _swap(model, make)
+
+
+def revert(model: nn.Module) -> nn.Module:
+    """Inverse of `convert`: back to reference attention layers with the same weights."""
+    def make(m):
+        if isinstance(m, RefinerAttention):
+            ref = reference.RefinerAttention(
+                m.dim, m.num_heads, qkv_bias=m.qkv.bias is not None, qk_scale=m.scale, attn_drop=m.attn_drop.p,
+                proj_drop=m.proj_drop.p, share_atten=m.share_atten, apply_transform=m.apply_transform,
+                expand_ratio=m.expand_ratio, kernel_size=m.kernel_size)
+            p = next(m.parameters())
+            ref.to(device=p.device, dtype=p.dtype).train(m.training)
+            ref.load_state_dict(m.state_dict())
+            return ref
+        return None
+    return _swap(model, make)

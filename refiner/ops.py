@@ -1,0 +1,261 @@
+"""Front door to the fused Refiner ops: input checks and backend dispatch.
+
+Backends (all with the signatures of the functional reference in `refiner.reference`):
+  "cuda"      compiled CUDA kernels (refiner._C), tensors on a GPU
+  "cpu"       compiled C++ kernels (refiner._C), tensors on the CPU
+  "triton"    Triton kernels (refiner_kernels); on CPU only under TRITON_INTERPRET=1
+  "reference" plain PyTorch
+"auto" takes the fastest one usable for the tensors' device; when it has to fall back
+it says so at debug level, and `available_backends()` tells why a backend is missing.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+from types import ModuleType
+from typing import Dict, Optional, Tuple
+
+import torch
+import torch.nn as nn
+from torch import Tensor
+
+from . import reference
+
+__all__ = ["BACKENDS", "available_backends", "describe_backends", "resolve_backend",
+           "softmax_block", "refine_eval", "refine_train", "refine_block",
+           "head_mix", "attn_dwconv", "row_softmax", "attn_value"]
+
+log = logging.getLogger(__name__)
+BACKENDS = ("cuda", "triton", "cpu", "reference")
+_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+_LOADED: Dict[str, Tuple[Optional[ModuleType], str]] = {}
+
+
+def _load(name: str) -> Tuple[Optional[ModuleType], str]:
+    """Import a backend module once: (module or None, reason it is unusable)."""
+    if name not in _LOADED:
+        _LOADED[name] = _import_backend(name)
+    return _LOADED[name]
+
+
+def _import_backend(name: str) -> Tuple[Optional[ModuleType], str]:
+    try:
+        if name in ("cpu", "cuda"):
+            from . import _compiled as mod
+        elif name == "triton":
+            import refiner_kernels as mod
+        else:
+            return reference, ""
+    except Exception as e:  # an absent or broken backend must never break `import refiner`
+        return None, f"import failed: {type(e).__name__}: {e}"
+    if not getattr(mod, "AVAILABLE", False):
+        return None, getattr(mod, "UNAVAILABLE_REASON", "not available")
+    if name == "cuda" and not getattr(mod, "HAS_CUDA", False):
+        return None, "refiner._C was built without its CUDA part (no nvcc or CPU-only torch at build time)"
+    return mod, ""
+
+
+def _usable(name: str, device: torch.device) -> Tuple[Optional[ModuleType], str]:
+    mod, why = _load(name)
+    if mod is None:
+        return None, why
+    if name == "cuda" and device.type != "cuda":
+        return None, "tensors are not on a CUDA device"
+    if name == "cpu" and device.type != "cpu":
+        return None, "tensors are not on the CPU"
+    if name == "triton" and device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        return None, "Triton runs on the CPU only under TRITON_INTERPRET=1"
+    return mod, ""
+
+
+def available_backends(device: Optional[torch.device | str] = None) -> Dict[str, str]:
+    """Backend name -> "ok" or the reason it can't be used (for `device`, default: CUDA if present)."""
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(device)
+    return {name: (why or "ok") for name in BACKENDS for _, why in [_usable(name, device)]}
+
+
+def describe_backends() -> str:
+    lines = []
+    for dev in (["cuda"] if torch.cuda.is_available() else []) + ["cpu"]:
+        for name, status in available_backends(dev).items():
+            lines.append(f"  [{dev}] {name:9s} {status}")
+    return "refiner backends:\n" + "\n".join(lines)
+
+
+# On CPU the Triton interpreter is far slower than anything else: never pick it by "auto".
+_AUTO_ORDER = {"cuda": ("cuda", "triton", "reference"), "cpu": ("cpu", "reference")}
+
+
+def resolve_backend(backend: str, device: torch.device) -> ModuleType:
+    """The backend module for `backend` ("auto" or one of BACKENDS) and a device."""
+    if backend == "auto":
+        for name in _AUTO_ORDER.get(device.type, ("reference",)):
+            mod, why = _usable(name, device)
+            if mod is not None:
+                return mod
+            log.debug("refiner: backend %r skipped for %s: %s", name, device, why)
+        return reference
+    if backend not in BACKENDS:
+        raise ValueError(f"backend: expected 'auto' or one of {BACKENDS}, got {backend!r}")
+    mod, why = _usable(backend, device)
+    if mod is None:
+        raise RuntimeError(f"backend: {backend!r} is not usable for {device} tensors: {why}")
+    return mod
+
+
+# ----------------------------------------------------------------------------
+# Input checks shared by every backend (the compiled ones check again in C++)
+# ----------------------------------------------------------------------------
+
+def _check_tensor(name: str, t, ndim: int, like: Optional[Tensor] = None):
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+    if t.ndim != ndim:
+        raise ValueError(f"{name}: expected a {ndim}-D tensor, got shape {tuple(t.shape)}")
+    if t.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"{name}: expected a float32/float16/bfloat16/float64 tensor, got {t.dtype}")
+    if like is not None:
+        if t.device != like.device:
+            raise ValueError(f"{name}: on {t.device}, but the other inputs are on {like.device}")
+        if t.dtype != like.dtype:
+            raise TypeError(f"{name}: dtype {t.dtype} differs from the other inputs' {like.dtype}")
+
+
+def _check_qkv(q: Tensor, k: Tensor, v: Tensor, prev_attn: Optional[Tensor]):
+    _check_tensor("q", q, 4)
+    _check_tensor("k", k, 4, q)
+    _check_tensor("v", v, 4, q)
+    if k.shape != q.shape:
+        raise ValueError(f"k: shape {tuple(k.shape)} must equal q's {tuple(q.shape)} (B, H, N, d)")
+    if v.shape != q.shape:
+        raise ValueError(f"v: shape {tuple(v.shape)} must equal q's {tuple(q.shape)} (B, H, N, d)")
+    if prev_attn is not None:
+        _check_tensor("prev_attn", prev_attn, 4, q)
+        B, H, N, _ = q.shape
+        if tuple(prev_attn.shape) != (B, H, N, N):
+            raise ValueError(f"prev_attn: expected shape {(B, H, N, N)} (B, H, N, N), got {tuple(prev_attn.shape)}")
+
+
+def _check_map_and_v(attn: Tensor, v: Tensor):
+    _check_tensor("attn", attn, 4)
+    _check_tensor("v", v, 4, attn)
+    B, H, N, M = attn.shape
+    if N != M:
+        raise ValueError(f"attn: expected square maps (B, H, N, N), got {tuple(attn.shape)}")
+    if tuple(v.shape[:3]) != (B, H, N):
+        raise ValueError(f"v: expected shape ({B}, {H}, {N}, d) to match attn, got {tuple(v.shape)}")
+
+
+def _check_weights(H: int, w_exp: Tensor, w_dw: Tensor, w_pro: Tensor):
+    hidden = w_dw.shape[0] if w_dw.ndim == 3 else -1
+    if w_dw.ndim != 3 or w_dw.shape[1] != w_dw.shape[2] or w_dw.shape[1] % 2 == 0:
+        raise ValueError(f"w_dw: expected (rH, k, k) with odd k, got {tuple(w_dw.shape)}")
+    if w_exp.ndim != 2 or tuple(w_exp.shape) != (hidden, H):
+        raise ValueError(f"w_exp: expected shape ({hidden}, {H}) (rH, H), got {tuple(w_exp.shape)}")
+    if w_pro.ndim != 2 or tuple(w_pro.shape) != (H, hidden):
+        raise ValueError(f"w_pro: expected shape ({H}, {hidden}) (H, rH), got {tuple(w_pro.shape)}")
+    if hidden % H != 0:
+        raise ValueError(f"w_dw: rH={hidden} must be a multiple of H={H}")
+
+
+# ----------------------------------------------------------------------------
+# Ops
+# ----------------------------------------------------------------------------
+
+def softmax_block(q: Tensor, k: Tensor, v: Tensor, prev_attn: Optional[Tensor] = None,
+                  scale: Optional[float] = None, backend: str = "auto") -> Tuple[Tensor, Tensor]:
+    """Kind-1 block core: attn = softmax(s q k^T) [+ s * prev_attn]; returns (attn @ v, attn)."""
+    _check_qkv(q, k, v, prev_attn)
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    if not math.isfinite(scale):
+        raise ValueError(f"scale: must be finite, got {scale}")
+    return resolve_backend(backend, q.device).softmax_block(q, k, v, prev_attn, scale)
+
+
+def refine_eval(attn: Tensor, v: Tensor, folded: reference.FoldedRefine, backend: str = "auto") -> Tensor:
+    """Eval-mode refine block with folded BatchNorms (see `reference.fold_refine`)."""
+    _check_map_and_v(attn, v)
+    _check_weights(attn.shape[1], folded.w_exp, folded.w_dw, folded.w_pro)
+    return resolve_backend(backend, attn.device).refine_eval(attn, v, *folded.args())
+
+
+def refine_train(attn: Tensor, v: Tensor, *params: Tensor, eps: float, scale: float, expand: bool,
+                 backend: str = "auto"):
+    """Training-mode refine block: (out, batch statistics); see `reference.refine_train`."""
+    _check_map_and_v(attn, v)
+    _check_weights(attn.shape[1], *params[:3])
+    return resolve_backend(backend, attn.device).refine_train(attn, v, *params, eps, scale, expand)
+
+
+def _bn_check(bn: nn.BatchNorm2d, name: str):
+    if not bn.affine or not bn.track_running_stats:
+        raise ValueError(f"{name}: fused refine ops need affine BatchNorms with running statistics")
+
+
+def refine_block(attn: Tensor, v: Tensor, dla: reference.DLA, adapt_bn: nn.BatchNorm2d, scale: float,
+                 backend: str = "auto", folded: Optional[reference.FoldedRefine] = None) -> Tensor:
+    """`(adapt_bn(dla(attn)) * scale) @ v` with the modules' own BatchNorm semantics.
+
+    Training mode uses batch statistics and updates the running statistics exactly like
+    nn.BatchNorm2d; eval mode folds every BatchNorm (pass `folded` to reuse a fold).
+    """
+    bns = ([dla.bn1] if dla.expand_ratio != 1 else []) + [dla.bn2, dla.bn3, adapt_bn]
+    for i, bn in enumerate(bns):
+        _bn_check(bn, f"bn{i}")
+    if not adapt_bn.training:
+        if folded is None:
+            folded = reference.fold_refine(dla, adapt_bn, scale)
+        return refine_eval(attn, v, folded, backend)
+    expand = dla.expand_ratio != 1
+    ref = dla.depth_sep_conv.weight
+    hidden = ref.shape[0]
+    w_exp = dla.conv_exp.weight[:, :, 0, 0] if expand else ref.new_zeros(hidden, hidden)
+    g1 = dla.bn1.weight if expand else ref.new_ones(hidden)
+    b1 = dla.bn1.bias if expand else ref.new_zeros(hidden)
+    params = (w_exp, ref[:, 0], dla.conv_pro.weight[:, :, 0, 0], g1, b1, dla.bn2.weight, dla.bn2.bias,
+              dla.bn3.weight, dla.bn3.bias, adapt_bn.weight, adapt_bn.bias)
+    params = tuple(p.to(attn.dtype) for p in params)  # kernels take one dtype (autocast: the map's)
+    out, stats = refine_train(attn, v, *params, eps=adapt_bn.eps, scale=scale, expand=expand, backend=backend)
+    count = attn.shape[0] * attn.shape[2] * attn.shape[3]
+    for bn, st in zip([dla.bn1 if expand else None, dla.bn2, dla.bn3, adapt_bn], stats):
+        if bn is not None:
+            reference.update_running_stats(bn, st, count)
+    return out
+
+
+def head_mix(x: Tensor, w: Tensor, backend: str = "auto") -> Tensor:
+    """1x1 convolution over heads: (B, C, N, M), (C2, C) -> (B, C2, N, M)."""
+    _check_tensor("x", x, 4)
+    _check_tensor("w", w, 2, x)
+    if w.shape[1] != x.shape[1]:
+        raise ValueError(f"w: expected (C2, {x.shape[1]}) to match x's channels, got {tuple(w.shape)}")
+    return resolve_backend(backend, x.device).head_mix(x, w)
+
+
+def attn_dwconv(x: Tensor, w: Tensor, backend: str = "auto") -> Tensor:
+    """k x k depthwise convolution over each map with zero 'same' padding: (B, C, N, M), (C, k, k)."""
+    _check_tensor("x", x, 4)
+    _check_tensor("w", w, 3, x)
+    if w.shape[0] != x.shape[1] or w.shape[1] != w.shape[2] or w.shape[1] % 2 == 0:
+        raise ValueError(f"w: expected ({x.shape[1]}, k, k) with odd k, got {tuple(w.shape)}")
+    return resolve_backend(backend, x.device).attn_dwconv(x, w)
+
+
+def row_softmax(x: Tensor, backend: str = "auto") -> Tensor:
+    """Softmax over the last dim of a (B, H, N, M) map."""
+    _check_tensor("x", x, 4)
+    return resolve_backend(backend, x.device).row_softmax(x)
+
+
+def attn_value(a: Tensor, v: Tensor, backend: str = "auto") -> Tensor:
+    """(B, H, N, M) @ (B, H, M, d) -> (B, H, N, d)."""
+    _check_tensor("a", a, 4)
+    _check_tensor("v", v, 4, a)
+    if tuple(v.shape[:2]) != tuple(a.shape[:2]) or v.shape[2] != a.shape[3]:
+        raise ValueError(f"v: expected shape ({a.shape[0]}, {a.shape[1]}, {a.shape[3]}, d), got {tuple(v.shape)}")
+    return resolve_backend(backend, a.device).attn_value(a, v)

@@ -1,0 +1,156 @@
+"""The fused RefinerAttention and models against the reference, on every backend usable here."""
+import copy
+
+import pytest
+import timm
+import torch
+
+import refiner  # noqa: F401
+from refiner import fused, ops, reference
+from refiner.models import RefinerViT
+from utils import random_dla
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _backend_params():
+    status = ops.available_backends(DEVICE)
+    return [pytest.param(b, marks=pytest.mark.skipif(status[b] != "ok", reason=f"{b}: {status[b]}"))
+            for b in ops.BACKENDS]
+
+
+BACKENDS = _backend_params()
+
+
+def tiny(**kw):
+    args = dict(img_size=48, patch_size=16, embed_dim=32, depth=4, num_heads=4, num_classes=5)
+    args.update(kw)
+    torch.manual_seed(0)
+    model = RefinerViT(**args)
+    # Non-trivial BN statistics and a visible MLP, so every part of the block matters.
+    with torch.no_grad():
+        for i, blk in enumerate(model.blocks):
+            blk.mlp.scale_channel.fill_(0.5)
+            if blk.attn.share_atten:
+                dla, abn = random_dla(args["num_heads"], seed=i)
+                blk.attn.DLA.load_state_dict(dla.state_dict())
+                blk.attn.adapt_bn.load_state_dict(abn.state_dict())
+    return model.to(DEVICE)
+
+
+def _pair(backend, **kw):
+    ref = tiny(**kw)
+    return ref, fused.convert(copy.deepcopy(ref), backend=backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_eval_outputs_match_reference(backend):
+    ref, fm = _pair(backend)
+    x = torch.randn(2, 3, 48, 48, device=DEVICE)
+    with torch.no_grad():
+        torch.testing.assert_close(fm.eval()(x), ref.eval()(x), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_train_outputs_gradients_and_running_stats_match_reference(backend):
+    ref, fm = _pair(backend)
+    ref.train(), fm.train()
+    x = torch.randn(2, 3, 48, 48, device=DEVICE)
+    ref(x).square().sum().backward()
+    fm(x).square().sum().backward()
+    for (name, p), q in zip(ref.named_parameters(), fm.parameters()):
+        torch.testing.assert_close(q.grad, p.grad, rtol=1e-3, atol=1e-5, msg=lambda m: f"{name}: {m}")
+    for (name, b), c in zip(ref.named_buffers(), fm.buffers()):
+        torch.testing.assert_close(c, b, rtol=1e-5, atol=1e-6, msg=lambda m: f"{name}: {m}")
+
+
+def test_convert_and_revert_give_bit_identical_state_dicts():
+    ref = tiny()
+    # Train the reference one step first so running statistics are non-default.
+    ref.train()(torch.randn(2, 3, 48, 48, device=DEVICE)).sum().backward()
+    sd = ref.state_dict()
+    back = fused.revert(fused.convert(copy.deepcopy(ref), backend="reference")).state_dict()
+    assert list(back) == list(sd)
+    assert all(torch.equal(back[k], sd[k]) for k in sd)
+    assert all(type(b.attn) is reference.RefinerAttention for b in fused.revert(fused.convert(tiny())).blocks)
+
+
+def test_fold_is_refreshed_after_load_state_dict_and_training():
+    ref, fm = _pair("reference")
+    x = torch.randn(2, 3, 48, 48, device=DEVICE)
+    fm.eval()(x)  # builds the folds
+    other = tiny()
+    with torch.no_grad():
+        for p in other.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    fm.load_state_dict(other.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(fm(x), other.eval()(x), rtol=1e-4, atol=1e-5)
+    # A training step changes running statistics: the next eval call must see them.
+    fm.train()(x)
+    other.train()(x)
+    with torch.no_grad():
+        torch.testing.assert_close(fm.eval()(x), other.eval()(x), rtol=1e-4, atol=1e-5)
+
+
+def test_timm_create_model_fused():
+    m = timm.create_model("refiner_vit_s", img_size=64, num_classes=3, fused="reference")
+    kinds = {type(b.attn) for b in m.blocks}
+    assert kinds == {fused.RefinerAttention}
+    assert all(b.attn.backend == "reference" for b in m.blocks)
+
+
+def test_general_mode_apply_transform_matches_reference():
+    ref, fm = _pair("reference", apply_transform=True, head_expand=6)
+    x = torch.randn(2, 3, 48, 48, device=DEVICE)
+    with torch.no_grad():
+        torch.testing.assert_close(fm.eval()(x), ref.eval()(x), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(fm.train()(x), ref.train()(x), rtol=1e-4, atol=1e-5)
+
+
+def test_layer_is_a_drop_in_with_the_same_state_dict():
+    layer = reference.RefinerAttention(64, 4, qkv_bias=True, share_atten=True)
+    fl = fused.RefinerAttention(64, 4, qkv_bias=True, share_atten=True, backend="reference")
+    assert list(layer.state_dict()) == list(fl.state_dict())
+    fl.load_state_dict(layer.state_dict())
+    x, a = torch.randn(2, 10, 64), torch.randn(2, 4, 10, 10).softmax(-1)
+    layer.eval(), fl.eval()
+    out, passed = fl(x, a)
+    torch.testing.assert_close(out, layer(x, a)[0], rtol=1e-5, atol=1e-6)
+    assert passed is a
+    with pytest.raises(ValueError, match="prev_attn"):
+        fl(x, None)
+    with pytest.raises(ValueError, match="backend"):
+        fused.RefinerAttention(64, 4, backend="tpu")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_autocast_bf16_close_to_reference(backend):
+    ref, fm = _pair(backend)
+    x = torch.randn(2, 3, 48, 48, device=DEVICE)
+    ref.eval(), fm.eval()
+    with torch.no_grad(), torch.autocast(DEVICE, dtype=torch.bfloat16):
+        a, b = ref(x), fm(x)
+    # bf16 has an 8-bit mantissa: both runs round differently at every layer.
+    torch.testing.assert_close(b.float(), a.float(), rtol=5e-2, atol=5e-2)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_torch_compile_fullgraph(backend):
+    if backend == "triton" and DEVICE == "cpu":
+        pytest.skip("Triton under the interpreter is covered by refiner_kernels' own compile test")
+    ref, fm = _pair(backend, depth=2)
+    fm.eval()
+    compiled = torch.compile(fm, fullgraph=True, backend="eager" if DEVICE == "cpu" else "inductor")
+    x = torch.randn(2, 3, 48, 48, device=DEVICE)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), ref.eval()(x), rtol=1e-4, atol=1e-5)
+
+
+def test_available_backends_reports_reasons():
+    status = ops.available_backends("cpu")
+    assert set(status) == set(ops.BACKENDS) and status["reference"] == "ok"
+    assert status["cuda"] != "ok"  # never usable for CPU tensors
+    assert "backends" in ops.describe_backends()
+    with pytest.raises(ValueError, match="backend"):
+        ops.resolve_backend("fast", torch.device("cpu"))

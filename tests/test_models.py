@@ -1,0 +1,130 @@
+"""Refiner-ViT models: sizes, state-dict layout, timm registration, MixToken, resolutions."""
+import numpy as np
+import pytest
+import timm
+import torch
+
+import refiner  # noqa: F401  (registers the models with timm)
+from refiner.models import RefinerViT, mixtoken_box
+
+
+def tiny(**kw):
+    args = dict(img_size=32, patch_size=16, embed_dim=24, depth=4, num_heads=4, num_classes=5)
+    args.update(kw)
+    return RefinerViT(**args)
+
+
+@pytest.mark.parametrize("name,millions", [("refiner_vit_s", 25.02), ("refiner_vit_m", 55.03),
+                                           ("refiner_vit_l", 80.64)])
+def test_parameter_counts_without_dense_head(name, millions):
+    with torch.device("meta"):
+        model = timm.create_model(name)
+    assert round(sum(p.numel() for p in model.parameters()) / 1e6, 2) == millions
+
+
+def test_released_state_dict_layout():
+    keys = set(timm.create_model("refiner_vit_s", return_dense=True).state_dict())
+    for k in ["cls_token", "pos_embed", "norm.weight", "head.weight", "aux_head.weight",
+              "patch_embed.conv1.weight", "patch_embed.bn1.running_var", "patch_embed.conv3.weight",
+              "patch_embed.proj.bias", "blocks.0.attn.qkv.bias", "blocks.0.attn.proj.weight",
+              "blocks.1.attn.DLA.conv_exp.weight", "blocks.1.attn.DLA.bn1.running_mean",
+              "blocks.1.attn.DLA.depth_sep_conv.weight", "blocks.1.attn.DLA.bn2.weight",
+              "blocks.1.attn.DLA.conv_pro.weight", "blocks.1.attn.DLA.bn3.bias",
+              "blocks.1.attn.adapt_bn.num_batches_tracked", "blocks.15.mlp.scale_channel",
+              "blocks.3.mlp.fc1.weight", "blocks.3.norm2.bias"]:
+        assert k in keys, k
+    assert not any(k.startswith("blocks.0.attn.DLA") or k.startswith("blocks.0.attn.adapt_bn") for k in keys)
+    sd = timm.create_model("refiner_vit_s").state_dict()
+    assert sd["blocks.0.attn.qkv.weight"].shape == (3 * 384, 384)  # softmax block: q, k, v
+    assert sd["blocks.1.attn.qkv.weight"].shape == (384, 384)      # refine block: v only
+    assert sd["blocks.1.attn.DLA.conv_exp.weight"].shape == (36, 12, 1, 1)
+    assert sd["blocks.1.attn.DLA.depth_sep_conv.weight"].shape == (36, 1, 3, 3)
+    assert sd["blocks.1.attn.DLA.conv_pro.weight"].shape == (12, 36, 1, 1)
+
+
+def test_timm_create_model_kwargs():
+    m = timm.create_model("refiner_vit_s", img_size=64, num_classes=7, drop_path_rate=0.1,
+                          return_dense=True, mix_token=True)
+    assert m.head.out_features == 7 and m.aux_head.out_features == 7
+    assert m.pos_embed.shape == (1, 17, 384)
+    rates = [b.drop_path.drop_prob if hasattr(b.drop_path, "drop_prob") else 0.0 for b in m.blocks]
+    np.testing.assert_allclose(rates, np.linspace(0, 0.1, 16), rtol=1e-6)
+    assert m.pretrained_cfg["mean"] == (0.5, 0.5, 0.5)
+
+
+def test_state_dict_round_trip_is_exact():
+    a, b = tiny(return_dense=True), tiny(return_dense=True)
+    b.load_state_dict(a.state_dict(), strict=True)
+    a.eval(), b.eval()
+    x = torch.randn(2, 3, 32, 32)
+    assert torch.equal(a(x), b(x))
+
+
+def test_forward_at_384_px_interpolates_nothing_and_runs():
+    m = timm.create_model("refiner_vit_s", img_size=384, num_classes=10).eval()
+    assert m.pos_embed.shape[1] == 577
+    with torch.no_grad():
+        out = m(torch.randn(1, 3, 384, 384))
+    assert out.shape == (1, 10) and torch.isfinite(out).all()
+
+
+def test_dynamic_resolution_resamples_position_embedding():
+    m = tiny().eval()
+    with torch.no_grad():
+        out = m(torch.randn(1, 3, 48, 48))  # 3x3 grid against a 2x2 position embedding
+    assert out.shape == (1, 5)
+    with pytest.raises(ValueError, match="x"):
+        tiny(dynamic_img_size=False)(torch.randn(1, 3, 48, 48))
+
+
+def test_mixtoken_keeps_shapes_and_is_off_in_eval():
+    m = tiny(img_size=64, return_dense=True, mix_token=True)
+    m.seed_mixtoken(0)
+    x = torch.randn(4, 3, 64, 64)
+    cls, dense, box = m.train()(x)
+    assert cls.shape == (4, 5) and dense.shape == (4, 16, 5) and len(box) == 4
+    m.eval()
+    out = m(x)
+    assert isinstance(out, torch.Tensor) and out.shape == (4, 5)
+    # Eval logits: class head + 0.5 * max over tokens of the dense head, no mixing.
+    feats, _, ebox = m.forward_features(x)
+    assert ebox == (0, 0, 0, 0)
+    torch.testing.assert_close(out, m.head(feats[:, 0]) + 0.5 * m.aux_head(feats[:, 1:]).max(1)[0])
+
+
+def test_mixtoken_box_mixes_the_flipped_batch_and_unmixes_dense_logits():
+    m = tiny(img_size=64, return_dense=True, mix_token=True, depth=2)
+    # Make the model a per-token identity-ish map so mixing is visible: zero all blocks' output.
+    with torch.no_grad():
+        for b in m.blocks:
+            b.attn.proj.weight.zero_(), b.attn.proj.bias.zero_(), b.mlp.scale_channel.zero_()
+        m.pos_embed.zero_()
+    m.train()
+    m.seed_mixtoken(3)
+    x = torch.randn(2, 3, 64, 64)
+    _, dense, (x1, y1, x2, y2) = m(x)
+    # Unmixed dense logits equal those of the unmixed forward pass (stem BN is in train mode in both).
+    m.mix_token = False
+    _, plain, _ = m(x)
+    torch.testing.assert_close(dense, plain, rtol=1e-5, atol=1e-5)
+
+
+def test_mixtoken_box_rule():
+    rng = np.random.default_rng(0)
+    for lam in [0.0, 0.3, 0.9, 1.0]:
+        x1, y1, x2, y2 = mixtoken_box(14, 14, lam, rng)
+        assert 0 <= x1 <= x2 <= 14 and 0 <= y1 <= y2 <= 14
+        assert x2 - x1 <= int(14 * np.sqrt(1 - lam)) and y2 - y1 <= int(14 * np.sqrt(1 - lam))
+
+
+def test_mix_token_needs_dense_head():
+    with pytest.raises(ValueError, match="return_dense"):
+        tiny(mix_token=True)
+
+
+def test_attention_maps_passed_on_alternate_between_kinds():
+    m = tiny().eval()
+    with torch.no_grad():
+        _, _, _, maps = m.forward_features(torch.randn(1, 3, 32, 32), return_attn=True)
+    assert len(maps) == 4 and maps[1] is maps[0] and maps[3] is maps[2]
+    assert maps[0].shape == (1, 4, 5, 5)
