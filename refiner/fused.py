@@ -67,6 +67,7 @@ class RefinerAttention(reference.RefinerAttention):
             return _cast(reference.fold_refine(self.DLA, self.adapt_bn, out_scale), dtype)
         key = (dtype,) + tuple((id(t), t._version, t.device) for t in tensors)
         if key != self._fold_key:
+            ops.check_foldable(self.DLA, self.adapt_bn)
             self._fold = _cast(reference.fold_refine(self.DLA, self.adapt_bn, out_scale), dtype)
             self._fold_key = key
         return self._fold
@@ -76,8 +77,13 @@ class RefinerAttention(reference.RefinerAttention):
             # Attention dropout sits between the softmax and its two uses, and the general
             # mode's training step needs the refined map itself: both run the reference.
             return super().forward(x, prev_attn)
+        if x.ndim != 3 or x.shape[-1] != self.dim:
+            raise ValueError(f"x: expected (B, N, {self.dim}) tokens, got shape {tuple(x.shape)}")
         B, N, C = x.shape
         H, d = self.num_heads, self.head_dim
+        if prev_attn is not None and tuple(prev_attn.shape) != (B, H, N, N):
+            raise ValueError(f"prev_attn: expected shape {(B, H, N, N)} (B, heads, N, N), "
+                             f"got {tuple(prev_attn.shape)}")
         qkv = self.qkv(x)
         # Under autocast the ops run in the autocast dtype (their inputs must share a dtype).
         dtype = _autocast_dtype(x) or qkv.dtype

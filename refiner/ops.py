@@ -163,6 +163,11 @@ def _check_weights(H: int, w_exp: Tensor, w_dw: Tensor, w_pro: Tensor):
         raise ValueError(f"w_dw: rH={hidden} must be a multiple of H={H}")
 
 
+def _dense(*ts):
+    """Kernels assume dense row-major tensors: non-contiguous and channels-last inputs are copied."""
+    return tuple(t.contiguous() if t is not None else None for t in ts)
+
+
 # ----------------------------------------------------------------------------
 # Ops
 # ----------------------------------------------------------------------------
@@ -174,6 +179,7 @@ def softmax_block(q: Tensor, k: Tensor, v: Tensor, prev_attn: Optional[Tensor] =
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     if not math.isfinite(scale):
         raise ValueError(f"scale: must be finite, got {scale}")
+    q, k, v, prev_attn = _dense(q, k, v, prev_attn)
     return resolve_backend(backend, q.device).softmax_block(q, k, v, prev_attn, scale)
 
 
@@ -181,6 +187,7 @@ def refine_eval(attn: Tensor, v: Tensor, folded: reference.FoldedRefine, backend
     """Eval-mode refine block with folded BatchNorms (see `reference.fold_refine`)."""
     _check_map_and_v(attn, v)
     _check_weights(attn.shape[1], folded.w_exp, folded.w_dw, folded.w_pro)
+    attn, v = _dense(attn, v)
     return resolve_backend(backend, attn.device).refine_eval(attn, v, *folded.args())
 
 
@@ -189,12 +196,30 @@ def refine_train(attn: Tensor, v: Tensor, *params: Tensor, eps: float, scale: fl
     """Training-mode refine block: (out, batch statistics); see `reference.refine_train`."""
     _check_map_and_v(attn, v)
     _check_weights(attn.shape[1], *params[:3])
+    attn, v, *params = _dense(attn, v, *params)
     return resolve_backend(backend, attn.device).refine_train(attn, v, *params, eps, scale, expand)
 
 
 def _bn_check(bn: nn.BatchNorm2d, name: str):
     if not bn.affine or not bn.track_running_stats:
         raise ValueError(f"{name}: fused refine ops need affine BatchNorms with running statistics")
+
+
+def check_foldable(dla: reference.DLA, adapt_bn: nn.BatchNorm2d) -> None:
+    """Eval-mode BatchNorm parameters must be finite (and variances >= 0) to be folded.
+
+    Called once per fold, not per forward: the check syncs with the device.
+    """
+    named = ([("DLA.bn1", dla.bn1)] if dla.expand_ratio != 1 else []) + \
+        [("DLA.bn2", dla.bn2), ("DLA.bn3", dla.bn3), ("adapt_bn", adapt_bn)]
+    for name, bn in named:
+        _bn_check(bn, name)
+        for attr in ("weight", "bias", "running_mean", "running_var"):
+            t = getattr(bn, attr)
+            if not bool(torch.isfinite(t).all()):
+                raise ValueError(f"{name}.{attr}: non-finite values; cannot fold the BatchNorm")
+        if bool((bn.running_var < 0).any()):
+            raise ValueError(f"{name}.running_var: negative variance")
 
 
 def refine_block(attn: Tensor, v: Tensor, dla: reference.DLA, adapt_bn: nn.BatchNorm2d, scale: float,
@@ -204,13 +229,15 @@ def refine_block(attn: Tensor, v: Tensor, dla: reference.DLA, adapt_bn: nn.Batch
     Training mode uses batch statistics and updates the running statistics exactly like
     nn.BatchNorm2d; eval mode folds every BatchNorm (pass `folded` to reuse a fold).
     """
-    bns = ([dla.bn1] if dla.expand_ratio != 1 else []) + [dla.bn2, dla.bn3, adapt_bn]
-    for i, bn in enumerate(bns):
-        _bn_check(bn, f"bn{i}")
     if not adapt_bn.training:
         if folded is None:
+            check_foldable(dla, adapt_bn)
             folded = reference.fold_refine(dla, adapt_bn, scale)
         return refine_eval(attn, v, folded, backend)
+    for name, bn in [("DLA.bn1", getattr(dla, "bn1", None)), ("DLA.bn2", dla.bn2), ("DLA.bn3", dla.bn3),
+                     ("adapt_bn", adapt_bn)]:
+        if bn is not None:
+            _bn_check(bn, name)
     expand = dla.expand_ratio != 1
     ref = dla.depth_sep_conv.weight
     hidden = ref.shape[0]
@@ -234,7 +261,7 @@ def head_mix(x: Tensor, w: Tensor, backend: str = "auto") -> Tensor:
     _check_tensor("w", w, 2, x)
     if w.shape[1] != x.shape[1]:
         raise ValueError(f"w: expected (C2, {x.shape[1]}) to match x's channels, got {tuple(w.shape)}")
-    return resolve_backend(backend, x.device).head_mix(x, w)
+    return resolve_backend(backend, x.device).head_mix(*_dense(x, w))
 
 
 def attn_dwconv(x: Tensor, w: Tensor, backend: str = "auto") -> Tensor:
@@ -243,13 +270,13 @@ def attn_dwconv(x: Tensor, w: Tensor, backend: str = "auto") -> Tensor:
     _check_tensor("w", w, 3, x)
     if w.shape[0] != x.shape[1] or w.shape[1] != w.shape[2] or w.shape[1] % 2 == 0:
         raise ValueError(f"w: expected ({x.shape[1]}, k, k) with odd k, got {tuple(w.shape)}")
-    return resolve_backend(backend, x.device).attn_dwconv(x, w)
+    return resolve_backend(backend, x.device).attn_dwconv(*_dense(x, w))
 
 
 def row_softmax(x: Tensor, backend: str = "auto") -> Tensor:
     """Softmax over the last dim of a (B, H, N, M) map."""
     _check_tensor("x", x, 4)
-    return resolve_backend(backend, x.device).row_softmax(x)
+    return resolve_backend(backend, x.device).row_softmax(x.contiguous())
 
 
 def attn_value(a: Tensor, v: Tensor, backend: str = "auto") -> Tensor:
@@ -258,4 +285,4 @@ def attn_value(a: Tensor, v: Tensor, backend: str = "auto") -> Tensor:
     _check_tensor("v", v, 4, a)
     if tuple(v.shape[:2]) != tuple(a.shape[:2]) or v.shape[2] != a.shape[3]:
         raise ValueError(f"v: expected shape ({a.shape[0]}, {a.shape[1]}, {a.shape[3]}, d), got {tuple(v.shape)}")
-    return resolve_backend(backend, a.device).attn_value(a, v)
+    return resolve_backend(backend, a.device).attn_value(*_dense(a, v))

@@ -8,18 +8,10 @@ import torch
 import refiner  # noqa: F401
 from refiner import fused, ops, reference
 from refiner.models import RefinerViT
+from backends import DEVICE, backend_params
 from utils import random_dla
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def _backend_params():
-    status = ops.available_backends(DEVICE)
-    return [pytest.param(b, marks=pytest.mark.skipif(status[b] != "ok", reason=f"{b}: {status[b]}"))
-            for b in ops.BACKENDS]
-
-
-BACKENDS = _backend_params()
+BACKENDS = backend_params()
 
 
 def tiny(**kw):

@@ -1,0 +1,102 @@
+"""Extreme but valid inputs, numerical safety, NaN propagation and determinism, per backend."""
+import pytest
+import torch
+
+from refiner import ops, reference
+from backends import DEVICE, backend_params
+from utils import random_attn, random_dla, train_args
+
+BACKENDS = backend_params()
+
+
+def _eval_fold(H, ratio=3, kernel=3):
+    dla, abn = random_dla(H, ratio, kernel, device=DEVICE)
+    return reference.fold_refine(dla.eval(), abn.eval(), 0.3)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("N", [1, 2, 3])
+def test_tiny_token_counts(backend, N):
+    B, H, d = 2, 4, 5
+    q, k, v = torch.randn(3, B, H, N, d, device=DEVICE).unbind(0)
+    prev = random_attn(B, H, N, device=DEVICE)
+    out, attn = ops.softmax_block(q, k, v, prev, 0.4, backend=backend)
+    want_out, want_attn = reference.softmax_block(q, k, v, prev, 0.4)
+    torch.testing.assert_close(attn, want_attn, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out, want_out, rtol=1e-5, atol=1e-6)
+    f = _eval_fold(H)
+    torch.testing.assert_close(ops.refine_eval(prev, v, f, backend=backend),
+                               reference.refine_eval(prev, v, *f.args()), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_huge_logits_stay_finite(backend):
+    B, H, N, d = 1, 2, 17, 8
+    q, k, v = torch.randn(3, B, H, N, d, device=DEVICE).unbind(0)
+    out, attn = ops.softmax_block(q * 1e4, k * 1e4, v, None, d ** -0.5, backend=backend)
+    assert torch.isfinite(out).all() and torch.isfinite(attn).all()
+    torch.testing.assert_close(attn.sum(-1), torch.ones(B, H, N, device=DEVICE))
+    # Tiny logits: a uniform map.
+    _, flat = ops.softmax_block(q * 1e-30, k * 1e-30, v, None, d ** -0.5, backend=backend)
+    torch.testing.assert_close(flat, torch.full_like(flat, 1 / N))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_nan_propagates_like_the_reference(backend):
+    B, H, N, d = 1, 2, 9, 4
+    q, k, v = torch.randn(3, B, H, N, d, device=DEVICE).unbind(0)
+    q[0, 1, 4, 2] = float("nan")
+    out, attn = ops.softmax_block(q, k, v, None, 0.5, backend=backend)
+    want_out, want_attn = reference.softmax_block(q, k, v, None, 0.5)
+    assert torch.equal(torch.isnan(attn), torch.isnan(want_attn))
+    assert torch.equal(torch.isnan(out), torch.isnan(want_out))
+    a = random_attn(B, H, N, device=DEVICE)
+    a[0, 0, 3, 3] = float("inf")
+    f = _eval_fold(H)
+    got = ops.refine_eval(a, v, f, backend=backend)
+    want = reference.refine_eval(a, v, *f.args())
+    assert torch.equal(torch.isfinite(got), torch.isfinite(want))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_deterministic(backend):
+    B, H, N, d = 2, 4, 13, 6
+    a = random_attn(B, H, N, device=DEVICE).requires_grad_()
+    v = torch.randn(B, H, N, d, device=DEVICE, requires_grad=True)
+    dla, abn = random_dla(H, device=DEVICE)
+    runs = []
+    for _ in range(2):
+        out, _ = ops.refine_train(a, v, *train_args(dla, abn), eps=1e-5, scale=0.3, expand=True, backend=backend)
+        ga, gv = torch.autograd.grad(out.square().sum(), [a, v])
+        runs.append((out, ga, gv))
+    for x, y in zip(*runs):
+        assert torch.equal(x, y)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_zero_variance_channels_in_training(backend):
+    # A constant map gives zero batch variance in every BN: eps keeps it finite, as in BatchNorm2d.
+    B, H, N, d = 2, 3, 7, 4
+    a = torch.full((B, H, N, N), 1.0 / N, device=DEVICE)
+    v = torch.randn(B, H, N, d, device=DEVICE)
+    dla, abn = random_dla(H, kernel=1, device=DEVICE)
+    out, stats = ops.refine_train(a, v, *train_args(dla, abn), eps=1e-5, scale=0.3, expand=True, backend=backend)
+    want, want_stats = reference.refine_train(a, v, *train_args(dla, abn), 1e-5, 0.3, True)
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out, want, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(stats[0].var, want_stats[0].var, rtol=1e-4, atol=1e-7)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_non_contiguous_and_channels_last_inputs(backend):
+    B, H, N, d = 2, 4, 11, 6
+    base = torch.randn(B, N, 3, H, d, device=DEVICE)
+    q, k, v = base.permute(2, 0, 3, 1, 4).unbind(0)  # (B, H, N, d) views, not contiguous
+    assert not q.is_contiguous()
+    out, attn = ops.softmax_block(q, k, v, None, 0.5, backend=backend)
+    want_out, want_attn = reference.softmax_block(q, k, v, None, 0.5)
+    torch.testing.assert_close(out, want_out, rtol=1e-5, atol=1e-6)
+    a = random_attn(B, H, N, device=DEVICE).to(memory_format=torch.channels_last)
+    f = _eval_fold(H)
+    torch.testing.assert_close(ops.refine_eval(a, v, f, backend=backend),
+                               reference.refine_eval(a, v, *f.args()), rtol=1e-5, atol=1e-5)

@@ -1,0 +1,76 @@
+"""Property tests: random shapes, ratios, kernel sizes and dtypes, every backend vs the reference.
+
+Profiles: "ci" (default, few examples) and "long" (REFINER_HYPOTHESIS_PROFILE=long, for GPU rounds).
+"""
+import os
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from refiner import ops, reference
+from backends import DEVICE, backend_params
+from utils import random_attn, random_dla, train_args
+
+settings.register_profile("ci", max_examples=6, deadline=None, derandomize=True,
+                          suppress_health_check=[HealthCheck.function_scoped_fixture])
+settings.register_profile("long", max_examples=200, deadline=None,
+                          suppress_health_check=[HealthCheck.function_scoped_fixture])
+settings.load_profile(os.environ.get("REFINER_HYPOTHESIS_PROFILE", "ci"))
+
+BACKENDS = backend_params(include_reference=False)
+# Half-precision tolerances: inputs are rounded first, so the only differences are the
+# kernels' own roundings (fp32 accumulation) vs the reference's, a few ulps of the output.
+TOL = {torch.float32: (1e-4, 1e-5), torch.float16: (2e-2, 2e-3), torch.bfloat16: (5e-2, 2e-2)}
+
+
+def _dtypes(backend):
+    if backend == "triton" and DEVICE == "cpu":
+        return [torch.float32, torch.float16]  # the interpreter is wrong for bf16 (DESIGN.md)
+    return [torch.float32, torch.float16, torch.bfloat16]
+
+
+shapes = st.tuples(st.integers(1, 3), st.integers(1, 6), st.integers(1, 40), st.integers(1, 40))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@given(shape=shapes, dt=st.integers(0, 2), with_prev=st.booleans())
+def test_softmax_block_property(backend, shape, dt, with_prev):
+    dtype = _dtypes(backend)[dt % len(_dtypes(backend))]
+    B, H, N, d = shape
+    q, k, v = (torch.randn(3, B, H, N, d, device=DEVICE)).to(dtype).unbind(0)
+    prev = random_attn(B, H, N, dtype, DEVICE) if with_prev else None
+    out, attn = ops.softmax_block(q, k, v, prev, d ** -0.5, backend=backend)
+    f32 = lambda t: t.float() if t is not None else None  # noqa: E731
+    want_out, want_attn = reference.softmax_block(f32(q), f32(k), f32(v), f32(prev), d ** -0.5)
+    rtol, atol = TOL[dtype]
+    torch.testing.assert_close(attn.float(), want_attn, rtol=rtol, atol=atol)
+    torch.testing.assert_close(out.float(), want_out, rtol=rtol, atol=atol * 4)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@given(B=st.integers(1, 2), H=st.integers(1, 5), N=st.integers(1, 30), d=st.integers(1, 36),
+       ratio=st.integers(1, 6), kernel=st.sampled_from([1, 3, 5, 7]), dt=st.integers(0, 2),
+       training=st.booleans())
+def test_refine_property(backend, B, H, N, d, ratio, kernel, dt, training):
+    dtype = _dtypes(backend)[dt % len(_dtypes(backend))]
+    dla, abn = random_dla(H, ratio, kernel, device=DEVICE)
+    a = random_attn(B, H, N, dtype, DEVICE)
+    v = torch.randn(B, H, N, d, device=DEVICE).to(dtype)
+    rtol, atol = TOL[dtype]
+    if training:
+        if B * N * N < 2:
+            return  # BatchNorm needs more than one value per channel in training
+        params = [p.detach().to(dtype) for p in train_args(dla, abn)]
+        out, stats = ops.refine_train(a, v, *params, eps=1e-5, scale=0.3, expand=ratio != 1, backend=backend)
+        want, _ = reference.refine_train(a.float(), v.float(), *[p.float() for p in params], 1e-5, 0.3, ratio != 1)
+        # Batch-normalised outputs amplify half-precision rounding of small variances.
+        rtol, atol = rtol * 4, atol * 20
+    else:
+        f = reference.fold_refine(dla.eval(), abn.eval(), 0.3)
+        fd = reference.FoldedRefine(*(t.to(dtype) for t in f.args()[:-1]), expand=f.expand)
+        out = ops.refine_eval(a, v, fd, backend=backend)
+        want = reference.refine_eval(a.float(), v.float(), *(t.float() for t in fd.args()[:-1]), f.expand)
+        atol = atol * 10  # sums over up to rH * k * k products of O(1) terms
+    torch.testing.assert_close(out.float(), want, rtol=rtol, atol=atol)
