@@ -18,7 +18,9 @@ are then built on the whole batch (on the training device) by
 onto the model's patch grid -> horizontal flip where the image was flipped ->
 renormalised to sum to 1. torchvision boxes are ``(x1, y1, x2, y2)`` with
 ``x`` = column and ``y`` = row, in label-map pixels (``aligned=True``: pixel
-``i`` covers ``[i, i+1)``).
+``i`` covers ``[i, i+1)``; adaptive sampling, ``ceil(bin size)`` samples per bin side, so
+a crop of the whole map at its own size is the identity and a 2x downsampling averages
+2x2 blocks).
 
 As in the original TokenLabeling/Refiner code, only RandomResizedCrop and the
 horizontal flip are applied to the label map. RandAugment (including its
@@ -166,7 +168,7 @@ def crop_label_map(dense: torch.Tensor, boxes: torch.Tensor, out_size: Tuple[int
     B, C, h, w = dense.shape
     scale = boxes.new_tensor([w, h, w, h])
     rois = torch.cat([torch.arange(B, dtype=boxes.dtype, device=boxes.device)[:, None], boxes * scale], 1)
-    return roi_align(dense, rois.to(dense.dtype), output_size=out_size, spatial_scale=1.0, sampling_ratio=2,
+    return roi_align(dense, rois.to(dense.dtype), output_size=out_size, spatial_scale=1.0, sampling_ratio=-1,
                      aligned=True)
 
 

@@ -39,7 +39,7 @@ from .cos_reg import cos_reg_loss
 from .token_labeling import DenseMixup, TokenLabelDataset, TokenLabelLoss, TokenLabelTransform, dense_targets
 from .train_config import parse_args
 
-__all__ = ["main", "train_step", "build_model", "TrainWrapper"]
+__all__ = ["main", "train_step", "build_model", "scaled_lr", "TrainWrapper"]
 
 
 # --------------------------------------------------------------------------- set-up helpers
@@ -57,6 +57,13 @@ def init_distributed(device_arg: Optional[str]):
             torch.cuda.set_device(device)
         torch.distributed.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
     return device, world, rank
+
+
+def scaled_lr(args, world: int = 1) -> float:
+    """``--lr`` if given, else ``lr_base * (batch_size * world) / lr_base_size`` (linear scaling)."""
+    if args.lr is not None:
+        return args.lr
+    return args.lr_base * args.batch_size * world / args.lr_base_size
 
 
 def build_model(args, num_classes: int):
@@ -265,7 +272,7 @@ def main(argv: Optional[Sequence[str]] = None):
 
     # ---- optimisation
     global_batch = args.batch_size * world
-    lr = args.lr if args.lr is not None else args.lr_base * global_batch / args.lr_base_size
+    lr = scaled_lr(args, world)
     opt_kw = {}
     if args.opt_eps is not None:
         opt_kw["eps"] = args.opt_eps
