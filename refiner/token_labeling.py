@@ -49,6 +49,7 @@ from torchvision.ops import roi_align
 from torchvision.transforms import functional as TF
 
 __all__ = ["TokenLabelTransform", "TokenLabelDataset", "label_path_for", "dense_targets", "crop_label_map",
+           "topk_to_dense", "make_label_maps",
            "DenseMixup", "mixtoken_targets", "soft_cross_entropy", "TokenLabelLoss"]
 
 
@@ -300,3 +301,82 @@ class TokenLabelLoss(torch.nn.Module):
         cls_target, dense_target = mixtoken_targets(cls_target, dense_target, box, (h, w))
         return self.cls_weight * soft_cross_entropy(cls_logits, cls_target) + \
             self.dense_weight * soft_cross_entropy(dense_logits, dense_target)
+
+
+# --------------------------------------------------------------------------- label-map generation
+
+@torch.no_grad()
+def make_label_maps(image_root: str, out_root: str, teacher: str, pretrained: bool = True,
+                    teacher_checkpoint: str = "", num_classes: Optional[int] = None, img_size: Optional[int] = None,
+                    topk: int = 5, batch_size: int = 32, workers: int = 4, device: Optional[str] = None) -> int:
+    """Write ``out_root/<class>/<name>.pt`` ([2, topk, h, w] fp16) for every image under ``image_root``.
+
+    The teacher is any timm CNN whose head is global pooling + a linear (or 1x1 conv) classifier
+    (ResNet, NFNet, EfficientNet, ...): the classifier is applied at every location of its final
+    feature map, as in TokenLabeling's NFNet-F6 maps. The *whole* image is resized (no crop) so
+    the map covers the image the training crops are taken from. The teacher's class indices must
+    be the dataset's (timm's image folder: sorted class-folder names). Returns the number of maps.
+    """
+    import timm
+    from timm.data import resolve_data_config
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    kw = {} if num_classes is None else {"num_classes": num_classes}
+    model = timm.create_model(teacher, pretrained=pretrained, **kw)
+    if teacher_checkpoint:
+        from timm.models import load_checkpoint
+        load_checkpoint(model, teacher_checkpoint)
+    model.eval().to(dev)
+    head = model.get_classifier()
+    if not isinstance(head, (torch.nn.Linear, torch.nn.Conv2d)):
+        raise ValueError(f"teacher {teacher!r}: classifier {type(head).__name__} is not a Linear / 1x1 conv")
+    cfg = resolve_data_config({}, model=model)
+    size = img_size or cfg["input_size"][-1]
+    tf = T.Compose([T.Resize((size, size), interpolation=str_to_pil_interp(cfg["interpolation"])), T.ToTensor(),
+                    T.Normalize(cfg["mean"], cfg["std"])])
+    ds = create_dataset("", root=image_root, is_training=False, transform=tf)
+    loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=workers)
+    root = os.path.abspath(image_root)
+    n = 0
+    from tqdm import tqdm
+    for x, _ in tqdm(loader, desc="label maps"):
+        f = model.forward_features(x.to(dev))
+        if f.ndim != 4:
+            raise ValueError(f"teacher {teacher!r}: expected NCHW features, got shape {tuple(f.shape)}")
+        if isinstance(head, torch.nn.Linear):
+            logits = head(f.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+        else:
+            logits = head(f)
+        val, idx = logits.float().topk(topk, dim=1)  # (B, k, h, w)
+        maps = torch.stack([val, idx.float()], 1).half().cpu()
+        for m in maps:
+            path = label_path_for(ds.filename(n, absolute=True), root, out_root)
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            torch.save(m.clone(), path)
+            n += 1
+    return n
+
+
+def main(argv=None):
+    import argparse
+    p = argparse.ArgumentParser(prog="python -m refiner.token_labeling",
+                                description="Write dense top-k label maps for token labelling with a timm CNN teacher.")
+    p.add_argument("--data", required=True, help="training image folder (<class>/<image>)")
+    p.add_argument("--out", required=True, help="label root; mirrors --data")
+    p.add_argument("--teacher", default="resnet50.a1_in1k", help="timm model name")
+    p.add_argument("--no-pretrained", action="store_true", help="don't load the teacher's pretrained weights")
+    p.add_argument("--teacher-checkpoint", default="", help="teacher weights (e.g. fine-tuned on your classes)")
+    p.add_argument("--num-classes", type=int, default=None)
+    p.add_argument("--img-size", type=int, default=None, help="teacher input size (default: its own)")
+    p.add_argument("--topk", type=int, default=5)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--workers", type=int, default=4)
+    p.add_argument("--device", default=None)
+    a = p.parse_args(argv)
+    n = make_label_maps(a.data, a.out, a.teacher, pretrained=not a.no_pretrained,
+                        teacher_checkpoint=a.teacher_checkpoint, num_classes=a.num_classes, img_size=a.img_size,
+                        topk=a.topk, batch_size=a.batch_size, workers=a.workers, device=a.device)
+    print(f"wrote {n} label maps under {a.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -54,3 +54,20 @@ def test_train_resume_validate(tmp_path, tl, capsys):
     assert "top-1" in printed and "top-5" in printed
     assert 0 <= res["top1"] <= 100 and res["top5"] == 100.0  # 3 classes: top-5 covers all
     assert res["images"] == 6
+
+
+def test_make_label_maps_then_train(tmp_path):
+    """Label maps from a (random, offline) timm CNN teacher feed the token-labelling trainer."""
+    from refiner import token_labeling
+    data = make_image_folder(str(tmp_path / "data"), classes=3, per_class=2, size=40)
+    labels = str(tmp_path / "labels")
+    token_labeling.main(["--data", os.path.join(data, "train"), "--out", labels, "--teacher", "resnet10t",
+                         "--no-pretrained", "--num-classes", "3", "--img-size", "64", "--topk", "3",
+                         "--workers", "0", "--device", "cpu"])
+    m = torch.load(os.path.join(labels, "class1", "img_0.pt"))
+    assert m.dtype == torch.float16 and m.shape == (2, 3, 2, 2)
+    assert set(m[1].unique().tolist()) <= {0., 1., 2.}
+    rows = train.main(["-c", os.path.join(ROOT, "configs", "refiner_s_tl.yaml"), "--data", data, "--output",
+                       str(tmp_path / "out"), "--epochs", "1", "--token-labels", labels, "--val-split", "",
+                       "--no-plot"] + TINY)
+    assert len(rows) == 1 and "val_top1" not in rows[0]

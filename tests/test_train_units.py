@@ -288,3 +288,24 @@ def test_loss_goes_down_on_a_fixed_batch():
                                  token_labels=True, grid=(2, 2)))
     assert all(math.isfinite(v) for v in losses)
     assert np.mean(losses[-3:]) < 0.7 * np.mean(losses[:3]), losses
+
+
+def test_amp_bf16_step_on_cpu():
+    from refiner.train import _autocast
+    args, _ = parse_args(["--amp"])
+    model = RefinerViT(img_size=32, num_classes=3, **TINY_KWARGS).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    loss = train_step(TrainWrapper(model, False), (torch.randn(2, 3, 32, 32), torch.tensor([0, 2])), optimizer=opt,
+                      loss_fn=torch.nn.CrossEntropyLoss(), device=torch.device("cpu"), num_classes=3,
+                      autocast=_autocast(torch.device("cpu"), args), clip_grad=1.0)
+    assert math.isfinite(loss)
+
+
+def test_fused_flag_without_fused_module_exits_clearly(monkeypatch):
+    import sys
+    from refiner.train import build_model
+    monkeypatch.setitem(sys.modules, "refiner.fused", None)  # import refiner.fused -> ImportError
+    args, _ = parse_args(["--fused", "--img-size", "32", "--model-kwargs"] +
+                         [f"{k}={v}" for k, v in TINY_KWARGS.items()])
+    with pytest.raises(SystemExit, match="refiner.fused is not available"):
+        build_model(args, 3)
