@@ -7,8 +7,9 @@ DIR holds ``train/<class>/*.jpg`` and ``val/<class>/*.jpg``. With ``--token-labe
 (the ``*_tl.yaml`` configs) each training image needs a dense label map
 ``LABELS/<class>/<name>.pt`` (see :mod:`refiner.token_labeling`).
 
-Writes to the output dir: ``last.pth`` (each epoch), ``best.pth`` (best top-1 of the EMA
-model when on, else the model), ``summary.csv`` and ``summary.json`` (one row per epoch),
+Writes to the output dir: ``last.pth`` (each epoch), ``best.pth`` (best validation top-1 of
+the model or its EMA, whichever is higher; the checkpoint's ``metric_source`` says which),
+``summary.csv`` and ``summary.json`` (one row per epoch),
 ``curves.png`` (loss and accuracy) and ``args.yaml``.
 """
 from __future__ import annotations
@@ -26,7 +27,8 @@ import numpy as np
 import torch
 import torch.nn as nn
 import yaml
-from timm.data import create_dataset, create_loader, resolve_data_config
+from timm.data import Mixup, create_dataset, create_loader, resolve_data_config
+from timm.data.mixup import mixup_target
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.models import create_model, load_checkpoint
 from timm.optim import create_optimizer_v2
@@ -106,7 +108,7 @@ def _autocast(device: torch.device, args):
 
 
 def train_step(wrapper, batch, *, optimizer, loss_fn, device, num_classes, mixup=None, cos_reg=0.0,
-               autocast=nullcontext, scaler=None, clip_grad=None, token_labels=False, grid=None):
+               autocast=nullcontext, scaler=None, clip_grad=None, token_labels=False, grid=None, smoothing=0.0):
     """One optimisation step; returns the loss (float). ``batch = (x, target)`` from the loader
     (``target = (cls, label_map, meta)`` with token labels)."""
     x, target = batch
@@ -123,9 +125,8 @@ def train_step(wrapper, batch, *, optimizer, loss_fn, device, num_classes, mixup
         if dense_t is not None:
             dense_t = mixup.mix_dense(dense_t, grid, x.shape[-2:])
     else:
-        cls_t = torch.nn.functional.one_hot(cls, num_classes).float()
-        if dense_t is None and not isinstance(loss_fn, TokenLabelLoss):
-            cls_t = cls
+        # soft (smoothed) targets for the token-labelling loss; class indices for the others
+        cls_t = mixup_target(cls, num_classes, 1.0, smoothing) if isinstance(loss_fn, TokenLabelLoss) else cls
     with autocast():
         out, maps = wrapper(x)
         if isinstance(loss_fn, TokenLabelLoss):
@@ -280,6 +281,8 @@ def main(argv: Optional[Sequence[str]] = None):
         opt_kw["betas"] = tuple(args.opt_betas)
     optimizer = create_optimizer_v2(model, opt=args.opt, lr=lr, weight_decay=args.weight_decay,
                                     momentum=args.momentum, **opt_kw)
+    if len(loader_train) == 0:
+        raise SystemExit(f"{len(ds_train)} training images is fewer than one batch (--batch-size {args.batch_size})")
     steps = len(loader_train) if args.steps_per_epoch is None else min(args.steps_per_epoch, len(loader_train))
     scheduler, num_epochs = create_scheduler_v2(
         optimizer, sched=args.sched, num_epochs=args.epochs, warmup_epochs=args.warmup_epochs,
@@ -288,11 +291,13 @@ def main(argv: Optional[Sequence[str]] = None):
     autocast = _autocast(device, args)
     scaler = torch.amp.GradScaler("cuda") if args.amp and device.type == "cuda" and (
         args.amp_dtype in (None, "float16")) else None
-    ema = ModelEmaV3(model, decay=args.model_ema_decay) if args.model_ema else None
+    ema = ModelEmaV3(model, decay=args.model_ema_decay, use_warmup=args.model_ema_warmup) if args.model_ema else None
 
     mixup = None
     if args.mixup > 0 or args.cutmix > 0:
-        mix_cls = DenseMixup if tl else __import__("timm.data", fromlist=["Mixup"]).Mixup
+        if args.batch_size % 2:
+            raise SystemExit(f"--batch-size {args.batch_size}: Mixup/CutMix need an even batch size")
+        mix_cls = DenseMixup if tl else Mixup
         mixup = mix_cls(mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, prob=args.mixup_prob,
                         switch_prob=args.mixup_switch_prob, mode=args.mixup_mode, label_smoothing=args.smoothing,
                         num_classes=num_classes)
@@ -344,7 +349,8 @@ def main(argv: Optional[Sequence[str]] = None):
                 break
             loss = train_step(wrapper, batch, optimizer=optimizer, loss_fn=loss_fn, device=device,
                               num_classes=num_classes, mixup=mixup, cos_reg=args.cos_reg, autocast=autocast,
-                              scaler=scaler, clip_grad=args.clip_grad, token_labels=tl, grid=grid)
+                              scaler=scaler, clip_grad=args.clip_grad, token_labels=tl, grid=grid,
+                              smoothing=args.smoothing)
             if ema is not None:
                 ema.update(model, step=epoch * steps + i)
             scheduler.step_update(num_updates=epoch * steps + i + 1)
@@ -353,15 +359,16 @@ def main(argv: Optional[Sequence[str]] = None):
         scheduler.step(epoch + 1)
         row = {"epoch": epoch, "train_loss": _reduce({"l": loss_m.avg}, world, device)["l"],
                "lr": optimizer.param_groups[0]["lr"], "time_s": round(time.time() - t0, 2)}
-        metric = None
+        metric, source = None, None
         if loader_val is not None:
             m = evaluate(model, loader_val, device, autocast, show=main_proc)
             row.update({f"val_{k}": v for k, v in m.items()})
-            metric = m["top1"]
+            metric, source = m["top1"], "model"
             if ema is not None:
                 me = evaluate(ema.module, loader_val, device, autocast, show=main_proc)
                 row.update({f"ema_{k}": v for k, v in me.items()})
-                metric = me["top1"]
+                if me["top1"] > metric:  # best.pth: the better of model and EMA
+                    metric, source = me["top1"], "ema"
         rows.append(row)
         if main_proc:
             print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
@@ -372,7 +379,7 @@ def main(argv: Optional[Sequence[str]] = None):
                   "args": {k: v for k, v in vars(args).items()}, "state_dict": model.state_dict(),
                   "state_dict_ema": ema.module.state_dict() if ema is not None else None,
                   "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict() if scaler else None,
-                  "best": best, "metric": metric, "log": rows}
+                  "best": best, "metric": metric, "metric_source": source, "log": rows}
             torch.save(ck, os.path.join(out_dir, "last.pth"))
             if is_best:
                 torch.save(ck, os.path.join(out_dir, "best.pth"))

@@ -80,6 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--smoothing", type=float, default=0.1)
     g.add_argument("--model-ema", action=B, default=True)
     g.add_argument("--model-ema-decay", type=float, default=0.99996)
+    g.add_argument("--model-ema-warmup", action=B, default=False,
+                   help="ramp the EMA decay up (timm ModelEmaV3 warmup); useful for short runs")
     g = p.add_argument_group("run")
     g.add_argument("--output", default="", help="output dir (default output/<model>-<time>)")
     g.add_argument("--resume", default="", help="checkpoint to resume model, optimiser, EMA, scaler, epoch")
