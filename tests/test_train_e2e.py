@@ -2,11 +2,11 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
 
-import pytest
 import torch
 
 from refiner import train, validate
@@ -25,25 +25,23 @@ def test_help_subprocess():
     assert "--token-labels" in r.stdout and "--cos-reg" in r.stdout
 
 
-@pytest.mark.parametrize("tl", [False, True], ids=["plain", "token_labels"])
-def test_train_resume_validate(tmp_path, tl, capsys):
-    data = make_image_folder(str(tmp_path / "data"), classes=3, per_class=4, size=40,
-                             labels_root=str(tmp_path / "labels") if tl else None)
+def test_train_resume_validate(tmp_path, capsys):
+    data = make_image_folder(str(tmp_path / "data"), classes=3, per_class=4, size=40)
     out = str(tmp_path / "out")
-    cfg = os.path.join(ROOT, "configs", "refiner_s_tl.yaml" if tl else "refiner_s.yaml")
-    argv = ["-c", cfg, "--data", data, "--output", out, "--epochs", "2", "--cos-reg", "0.1"] + TINY
-    if tl:
-        argv += ["--token-labels", str(tmp_path / "labels")]
-    rows = train.main(argv)
+    base = ["-c", os.path.join(ROOT, "configs", "refiner_s.yaml"), "--data", data, "--output", out,
+            "--steps-per-epoch", "2"] + TINY
+    rows = train.main(base + ["--epochs", "2"])
     assert [r["epoch"] for r in rows] == [0, 1]
     for f in ("last.pth", "best.pth", "summary.csv", "summary.json", "curves.png", "args.yaml"):
         assert os.path.exists(os.path.join(out, f)), f
     ck = torch.load(os.path.join(out, "last.pth"), weights_only=False)
-    assert ck["epoch"] == 1 and ck["state_dict_ema"] is not None
-    assert ("aux_head.weight" in ck["state_dict"]) == tl
+    assert ck["epoch"] == 1 and ck["state_dict_ema"] is not None and ck["metric_source"] in ("model", "ema")
+    assert "aux_head.weight" not in ck["state_dict"]
+    with open(os.path.join(out, "summary.csv")) as f:
+        header = f.readline()
+    assert all(k in header for k in ("train_loss", "val_top1", "val_top5", "ema_top1"))
     # resume: the epoch counter continues at 2 and the log keeps the earlier rows
-    rows = train.main(argv[:argv.index("--epochs")] + ["--epochs", "3", "--resume", os.path.join(out, "last.pth")]
-                      + argv[argv.index("--epochs") + 2:])
+    rows = train.main(base + ["--epochs", "3", "--resume", os.path.join(out, "last.pth"), "--no-plot"])
     assert [r["epoch"] for r in rows] == [0, 1, 2]
     assert "continuing at epoch 2" in capsys.readouterr().out
     with open(os.path.join(out, "summary.json")) as f:
@@ -56,8 +54,24 @@ def test_train_resume_validate(tmp_path, tl, capsys):
     assert res["images"] == 6
 
 
-def test_make_label_maps_then_train(tmp_path):
-    """Label maps from a (random, offline) timm CNN teacher feed the token-labelling trainer."""
+def test_token_labelling_train_validate(tmp_path, capsys):
+    """The *_tl config with generated label maps: dense head, MixToken, Mixup, cos-reg."""
+    data = make_image_folder(str(tmp_path / "data"), classes=3, per_class=4, size=40,
+                             labels_root=str(tmp_path / "labels"))
+    out = str(tmp_path / "out")
+    rows = train.main(["-c", os.path.join(ROOT, "configs", "refiner_s_tl.yaml"), "--data", data, "--output", out,
+                       "--epochs", "1", "--token-labels", str(tmp_path / "labels"), "--cos-reg", "0.1",
+                       "--no-plot"] + TINY)
+    assert len(rows) == 1 and math.isfinite(rows[0]["train_loss"])
+    ck = torch.load(os.path.join(out, "last.pth"), weights_only=False)
+    assert "aux_head.weight" in ck["state_dict"]
+    res = validate.main(["--data", os.path.join(data, "val"), "--checkpoint", os.path.join(out, "best.pth"),
+                         "--workers", "0", "--device", "cpu"])
+    assert res["images"] == 6 and "top-1" in capsys.readouterr().out
+
+
+def test_make_label_maps(tmp_path):
+    """Label maps from a (random, offline) timm CNN teacher, in the layout the dataset reads."""
     from refiner import token_labeling
     data = make_image_folder(str(tmp_path / "data"), classes=3, per_class=2, size=40)
     labels = str(tmp_path / "labels")
@@ -67,7 +81,8 @@ def test_make_label_maps_then_train(tmp_path):
     m = torch.load(os.path.join(labels, "class1", "img_0.pt"))
     assert m.dtype == torch.float16 and m.shape == (2, 3, 2, 2)
     assert set(m[1].unique().tolist()) <= {0., 1., 2.}
-    rows = train.main(["-c", os.path.join(ROOT, "configs", "refiner_s_tl.yaml"), "--data", data, "--output",
-                       str(tmp_path / "out"), "--epochs", "1", "--token-labels", labels, "--val-split", "",
-                       "--no-plot"] + TINY)
-    assert len(rows) == 1 and "val_top1" not in rows[0]
+    tf = token_labeling.TokenLabelTransform(32)
+    ds = token_labeling.TokenLabelDataset(os.path.join(data, "train"), labels, tf)
+    x, (y, lm, meta) = ds[3]
+    assert x.shape == (3, 32, 32) and lm.shape == (2, 3, 2, 2) and meta.shape == (5,)
+    assert int(y) == 1 and ds.num_classes == 3
