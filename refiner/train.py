@@ -237,6 +237,8 @@ def main(argv: Optional[Sequence[str]] = None):
     num_classes = args.num_classes or len(ds_train.reader.class_to_idx)
 
     model = build_model(args, num_classes).to(device)
+    if getattr(model, "mix_token", False) and hasattr(model, "seed_mixtoken"):
+        model.seed_mixtoken(args.seed + rank)
     data_cfg = resolve_data_config(vars(args), model=model, verbose=main_proc)
     data_cfg["input_size"] = (3, args.img_size, args.img_size)
     grid = (args.img_size // model.patch_embed.patch_size,) * 2
@@ -321,6 +323,7 @@ def main(argv: Optional[Sequence[str]] = None):
         if scaler is not None and ck.get("scaler") is not None:
             scaler.load_state_dict(ck["scaler"])
         start_epoch, best, rows = ck["epoch"] + 1, ck.get("best"), ck.get("log", [])
+        scheduler.step_update(num_updates=start_epoch * steps)
         if main_proc:
             print(f"resumed {args.resume}: continuing at epoch {start_epoch}")
 

@@ -154,6 +154,35 @@ def test_model_unmixes_dense_logits_so_targets_need_no_mixing():
     assert box != (0, 0, 0, 0)
 
 
+def test_mixtoken_box_is_rows_x_columns_y():
+    """The box (x1, y1, x2, y2) mixes rows x1:x2 and columns y1:y2 of the patch grid in from the
+    flipped batch: seen on the aux head's input (before un-mixing) of a block-free model."""
+    kw = dict(img_size=32, patch_size=8, embed_dim=16, depth=0, num_heads=2, num_classes=3, return_dense=True)
+    plain = RefinerViT(**kw).train()
+    mixed = RefinerViT(**kw, mix_token=True).train()
+    mixed.load_state_dict(plain.state_dict())
+    seen = {}
+    plain.aux_head.register_forward_hook(lambda m, i, o: seen.__setitem__("plain", i[0]))
+    mixed.aux_head.register_forward_hook(lambda m, i, o: seen.__setitem__("mixed", i[0]))
+    x = torch.randn(3, 3, 32, 32)
+    plain(x)
+    tp = seen["plain"].reshape(3, 4, 4, -1)
+    for seed in range(20):
+        mixed.seed_mixtoken(seed)
+        _, _, (x1, y1, x2, y2) = mixed(x)
+        if (x2 - x1) in (0, 4) or (y2 - y1) in (0, 4) or (x2 - x1) == (y2 - y1):
+            continue  # want a box that is neither empty, full, nor square (so rows/columns differ)
+        want = tp.clone()
+        want[:, x1:x2, y1:y2] = tp.flip(0)[:, x1:x2, y1:y2]
+        torch.testing.assert_close(seen["mixed"].reshape(3, 4, 4, -1), want)
+        cls_t, _ = mixtoken_targets(torch.eye(3), None, (x1, y1, x2, y2), (4, 4))
+        lam = 1 - (x2 - x1) * (y2 - y1) / 16
+        torch.testing.assert_close(cls_t.diagonal(), torch.full((3,), lam).index_put_((torch.tensor([1]),),
+                                                                                     torch.tensor(1.)))
+        return
+    pytest.fail("no non-square box drawn")
+
+
 def test_dense_mixup_cutmix_fraction():
     torch.manual_seed(0)
     m = DenseMixup(mixup_alpha=0., cutmix_alpha=1.0, num_classes=3, label_smoothing=0.)
