@@ -22,12 +22,14 @@ renormalised to sum to 1. torchvision boxes are ``(x1, y1, x2, y2)`` with
 a crop of the whole map at its own size is the identity and a 2x downsampling averages
 2x2 blocks).
 
-As in the original TokenLabeling/Refiner code, only RandomResizedCrop and the
-horizontal flip are applied to the label map. RandAugment (including its
-geometric ops rotate/shear/translate), random erasing and Mixup's blending act on
-the image only; CutMix boxes are applied to the dense targets (see
-:class:`DenseMixup`). Pass ``rand_augment_transforms=...`` to restrict
-RandAugment (e.g. to photometric ops) if this matters for your data.
+RandAugment's geometric ops (Rotate, ShearX/Y, TranslateX/Y[Rel]) are recorded too:
+the transform composes the affine maps PIL applied (output pixel -> input pixel) and
+:func:`dense_targets` applies the same map to the cropped, flipped target with
+``grid_sample`` (bilinear; tokens whose centre falls outside the source image get an
+all-zero target, i.e. no dense loss, as the image shows fill colour there). ``label_affine=False`` gives the original
+TokenLabeling/Refiner behaviour, where only the crop and the flip reach the labels.
+Photometric ops and random erasing act on the image only; Mixup/CutMix are applied
+to the dense targets by :class:`DenseMixup`.
 """
 from __future__ import annotations
 
@@ -58,8 +60,10 @@ __all__ = ["TokenLabelTransform", "TokenLabelDataset", "label_path_for", "dense_
 class TokenLabelTransform:
     """Training transform that records the geometry the label map must follow.
 
-    ``__call__(img) -> (tensor, meta)`` with ``meta = [x1, y1, x2, y2, flipped]`` float32,
-    the crop box normalised to [0, 1] of the (original) image width/height.
+    ``__call__(img) -> (tensor, meta)`` with ``meta`` float32 of 11 values: the crop box
+    ``x1, y1, x2, y2`` normalised to [0, 1] of the (original) image width/height, the flip flag,
+    and the 2x3 ``affine_grid`` matrix (output -> input, normalised coordinates) of RandAugment's
+    geometric ops (identity when none ran or ``label_affine=False``).
     Same pipeline as timm's training transform: RandomResizedCrop (timm's, with
     ``interpolation='random'`` support) -> hflip -> RandAugment -> ToTensor ->
     Normalize -> RandomErasing (pixel mode).
@@ -68,7 +72,8 @@ class TokenLabelTransform:
     def __init__(self, img_size: int = 224, scale=(0.08, 1.0), ratio=(3. / 4., 4. / 3.), hflip: float = 0.5,
                  interpolation: str = "random", auto_augment: Optional[str] = "rand-m9-mstd0.5-inc1",
                  mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), re_prob: float = 0.25, re_mode: str = "pixel",
-                 re_count: int = 1, rand_augment_transforms: Optional[Sequence[str]] = None):
+                 re_count: int = 1, rand_augment_transforms: Optional[Sequence[str]] = None,
+                 label_affine: bool = True):
         self.size = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
         self.rrc = RandomResizedCropAndInterpolation(self.size, scale=scale, ratio=ratio,
                                                      interpolation=interpolation)
@@ -81,10 +86,22 @@ class TokenLabelTransform:
                       img_mean=tuple(min(255, round(255 * m)) for m in mean))
             hp["interpolation"] = str_to_pil_interp("bicubic")
             self.ra = rand_augment_transform(auto_augment, hp, transforms=rand_augment_transforms)
+            if label_affine:
+                for op in self.ra.ops:
+                    if op.name in _GEOMETRIC_OPS:
+                        op.aug_fn = self._recording(op.name, op.aug_fn)
+        self._m = np.eye(3)
         self.to_tensor = T.Compose([T.ToTensor(), T.Normalize(mean, std)])
         self.erase = RandomErasing(re_prob, mode=re_mode, max_count=re_count, device="cpu") if re_prob > 0 else None
 
+    def _recording(self, name, fn):
+        def wrapped(img, *args, **kwargs):
+            self._m = self._m @ _pil_affine(name, img.size, *args)
+            return fn(img, *args, **kwargs)
+        return wrapped
+
     def __call__(self, img: Image.Image):
+        self._m = np.eye(3)
         W, H = img.size
         i, j, h, w = self.rrc.get_params(img, self.rrc.scale, self.rrc.ratio)
         interp = self.rrc.interpolation
@@ -99,8 +116,44 @@ class TokenLabelTransform:
         x = self.to_tensor(img)
         if self.erase is not None:
             x = self.erase(x)
-        meta = torch.tensor([j / W, i / H, (j + w) / W, (i + h) / H, float(flipped)], dtype=torch.float32)
+        theta = _to_normalised(self._m, *self.size)
+        meta = torch.tensor([j / W, i / H, (j + w) / W, (i + h) / H, float(flipped), *theta.reshape(-1)],
+                            dtype=torch.float32)
         return x, meta
+
+
+_GEOMETRIC_OPS = ("Rotate", "ShearX", "ShearY", "TranslateX", "TranslateY", "TranslateXRel", "TranslateYRel")
+
+
+def _pil_affine(name: str, size, arg) -> np.ndarray:
+    """3x3 output->input pixel map of timm's geometric RandAugment op ``name`` (PIL convention:
+    continuous coordinates, pixel i covers [i, i+1))."""
+    w, h = size
+    a = [1., 0., 0., 0., 1., 0.]
+    if name == "ShearX":
+        a[1] = arg
+    elif name == "ShearY":
+        a[3] = arg
+    elif name in ("TranslateX", "TranslateXRel"):
+        a[2] = arg * w if name.endswith("Rel") else arg
+    elif name in ("TranslateY", "TranslateYRel"):
+        a[5] = arg * h if name.endswith("Rel") else arg
+    elif name == "Rotate":  # PIL Image.rotate(degrees) about the centre, no expand
+        t = -math.radians(arg)
+        cx, cy = w / 2.0, h / 2.0
+        c, s = math.cos(t), math.sin(t)
+        a = [c, s, 0., -s, c, 0.]
+        a[2] = c * -cx + s * -cy + cx
+        a[5] = -s * -cx + c * -cy + cy
+    else:
+        raise ValueError(name)
+    return np.array([a[0:3], a[3:6], [0., 0., 1.]])
+
+
+def _to_normalised(m: np.ndarray, h: int, w: int) -> np.ndarray:
+    """Pixel output->input map -> ``affine_grid`` theta (2x3) in [-1, 1] coordinates (align_corners=False)."""
+    n = np.array([[2. / w, 0., -1.], [0., 2. / h, -1.], [0., 0., 1.]])  # pixel -> normalised
+    return (n @ m @ np.linalg.inv(n))[:2]
 
 
 def label_path_for(image_path: str, image_root: str, label_root: str, ext: str = ".pt") -> str:
@@ -177,13 +230,24 @@ def dense_targets(label_maps: torch.Tensor, meta: torch.Tensor, num_classes: int
                   grid: Tuple[int, int]) -> torch.Tensor:
     """Per-token soft targets (B, gh*gw, C) on the model's patch grid from a batch of label maps.
 
-    ``label_maps`` (B, 2, k, h, w), ``meta`` (B, 5) from :class:`TokenLabelTransform`.
+    ``label_maps`` (B, 2, k, h, w), ``meta`` (B, 5) or (B, 11) from :class:`TokenLabelTransform`:
+    crop (RoI-align), then flip, then the recorded affine map (``grid_sample``), then renormalise.
     """
     dense = topk_to_dense(label_maps, num_classes)
     out = crop_label_map(dense, meta[:, :4].to(dense.device), grid)  # (B, C, gh, gw)
     flip = meta[:, 4].to(out.device) > 0.5
     if flip.any():
         out = torch.where(flip[:, None, None, None], out.flip(-1), out)
+    if meta.shape[1] >= 11:
+        theta = meta[:, 5:11].to(out.device, torch.float32).reshape(-1, 2, 3)
+        eye = torch.tensor([[1., 0., 0.], [0., 1., 0.]], device=out.device)
+        moved = (theta - eye).abs().amax((1, 2)) > 1e-6
+        if moved.any():
+            g = F.affine_grid(theta[moved], [int(moved.sum()), *out.shape[1:]], align_corners=False)
+            inside = (g.abs() <= 1).all(-1)[:, None].to(out.dtype)  # token centre maps into the source
+            out = out.clone()
+            out[moved] = F.grid_sample(out[moved], g, mode="bilinear", padding_mode="border",
+                                       align_corners=False) * inside
     out = out / out.sum(1, keepdim=True).clamp_min(1e-8)
     return out.flatten(2).transpose(1, 2).contiguous()
 

@@ -247,7 +247,7 @@ def main(argv: Optional[Sequence[str]] = None):
         tf = TokenLabelTransform(args.img_size, scale=tuple(args.scale), ratio=tuple(args.ratio), hflip=args.hflip,
                                  interpolation=args.train_interpolation, auto_augment=args.aa or None,
                                  mean=data_cfg["mean"], std=data_cfg["std"], re_prob=args.reprob,
-                                 re_mode=args.remode, re_count=args.recount)
+                                 re_mode=args.remode, re_count=args.recount, label_affine=args.label_affine)
         ds_train = TokenLabelDataset(train_root, args.token_labels, tf)
         sampler = torch.utils.data.distributed.DistributedSampler(ds_train) if world > 1 else None
         loader_train = torch.utils.data.DataLoader(

@@ -41,6 +41,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--return-dense", action=B, default=False, help="dense aux head (token labelling)")
     g.add_argument("--mix-token", action=B, default=False, help="MixToken (needs --return-dense)")
     g.add_argument("--dense-weight", type=float, default=0.5)
+    g.add_argument("--label-affine", action=B, default=True,
+                   help="token labels follow RandAugment's rotate/shear/translate (--no-label-affine: only crop "
+                        "and flip, as the original TokenLabeling)")
     g.add_argument("--cos-reg", type=float, default=0.0, help="weight of the attention-map cosine regulariser")
     g.add_argument("--fused", action=B, default=False, help="convert to the fused kernels (refiner.fused)")
     g.add_argument("--initial-checkpoint", default="", help="load model weights (not training state)")

@@ -84,5 +84,5 @@ def test_make_label_maps(tmp_path):
     tf = token_labeling.TokenLabelTransform(32)
     ds = token_labeling.TokenLabelDataset(os.path.join(data, "train"), labels, tf)
     x, (y, lm, meta) = ds[3]
-    assert x.shape == (3, 32, 32) and lm.shape == (2, 3, 2, 2) and meta.shape == (5,)
+    assert x.shape == (3, 32, 32) and lm.shape == (2, 3, 2, 2) and meta.shape == (11,)
     assert int(y) == 1 and ds.num_classes == 3

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import math
 import os
+import random
 
 import numpy as np
 import pytest
@@ -87,7 +88,7 @@ def test_transform_crop_and_flip_keep_labels_aligned(flip):
     # rows 16..48, columns 32..48 of the image: label rows 2..6, columns 4..6
     tf.rrc.get_params = lambda im, scale, ratio: (16, 32, 32, 16)
     x, meta = tf(img)
-    torch.testing.assert_close(meta, torch.tensor([0.5, 0.25, 0.75, 0.75, flip]))
+    torch.testing.assert_close(meta, torch.tensor([0.5, 0.25, 0.75, 0.75, flip, 1., 0., 0., 0., 1., 0.]))
     tgt = dense_targets(label_map, meta[None], 64, (4, 4))  # (1, 16, 64)
     got = tgt[0].argmax(-1).reshape(4, 4)
     want = torch.tensor([[(2 + r) * 8 + 4 + c // 2 for c in range(4)] for r in range(4)])
@@ -96,6 +97,34 @@ def test_transform_crop_and_flip_keep_labels_aligned(flip):
     torch.testing.assert_close(got, want)
     torch.testing.assert_close(_decode_ids(x, 4), want)  # the image agrees with its labels
     torch.testing.assert_close(tgt.sum(-1), torch.ones(1, 16))
+
+
+@pytest.mark.parametrize("op", ["Rotate", "ShearX", "ShearY", "TranslateXRel", "TranslateYRel"])
+def test_randaugment_geometry_moves_labels_with_the_image(op):
+    """A geometric RandAugment op moves the dense targets as it moves the image: where the target
+    is confident (away from block edges) its class is the class the image shows there."""
+    from timm.data.auto_augment import AugmentOp
+    img, label_map = _block_image_and_labels()  # 64 x 64 px, 8 x 8 blocks
+    checked = 0
+    for seed in range(4):
+        random.seed(seed)
+        tf = TokenLabelTransform(64, hflip=0.0, interpolation="nearest", auto_augment="rand-n1-m9", re_prob=0.0)
+        tf.rrc.get_params = lambda im, scale, ratio: (0, 0, 64, 64)
+        hp = dict(tf.ra.ops[0].hparams, interpolation=Image.NEAREST)
+        tf.ra.ops = [AugmentOp(op, prob=1.0, magnitude=9, hparams=hp)]
+        tf.ra.ops[0].aug_fn = tf._recording(op, tf.ra.ops[0].aug_fn)
+        x, meta = tf(img)
+        assert (meta[5:] - torch.tensor([1., 0., 0., 0., 1., 0.])).abs().max() > 0.05
+        tgt = dense_targets(label_map, meta[None], 64, (8, 8))[0].reshape(8, 8, 64)
+        ids = _decode_ids(x, 8)
+        # max weight > 0.6 of a bilinear sample: the source point lies > 0.1 cell inside its block
+        conf = tgt.max(-1).values > 0.6
+        assert conf.sum() >= 8
+        torch.testing.assert_close(tgt.argmax(-1)[conf], ids[conf])
+        checked += int(conf.sum())
+        # targets that left the image are empty
+        assert ((tgt.sum(-1) > 0.99) | (tgt.sum(-1) < 1e-6)).all()
+    assert checked >= 60
 
 
 def test_flip_mirrors_targets():
