@@ -36,7 +36,7 @@ from __future__ import annotations
 import math
 import os
 import random
-from typing import List, Optional, Sequence, Tuple
+from typing import Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -81,7 +81,8 @@ class TokenLabelTransform:
         self.ra = None
         if auto_augment:
             if not auto_augment.startswith("rand"):
-                raise ValueError(f"auto_augment: token labelling supports RandAugment ('rand-...'), got {auto_augment!r}")
+                raise ValueError(f"auto_augment: token labelling supports RandAugment ('rand-...'), "
+                                 f"got {auto_augment!r}")
             hp = dict(translate_const=int(min(self.size) * 0.45),
                       img_mean=tuple(min(255, round(255 * m)) for m in mean))
             hp["interpolation"] = str_to_pil_interp("bicubic")
