@@ -343,13 +343,13 @@ class TokenLabelLoss(torch.nn.Module):
     ``outputs = (cls_logits (B, C), dense_logits (B, N, C), box)`` as the model returns in
     training; ``cls_target`` (B, C) soft (mixup'd, smoothed) image targets; ``dense_target``
     (B, N, C) soft per-token targets (already aligned and Mixup-mixed). The MixToken box
-    is folded in with :func:`mixtoken_targets`. Without dense targets (``None``) the class
+    is folded in with :func:`mixtoken_targets` (``dense_unmixed``: see there). Without dense targets (``None``) the class
     target is used for every token, as in the released code.
     """
 
-    def __init__(self, dense_weight: float = 0.5, cls_weight: float = 1.0):
+    def __init__(self, dense_weight: float = 0.5, cls_weight: float = 1.0, dense_unmixed: bool = True):
         super().__init__()
-        self.dense_weight, self.cls_weight = dense_weight, cls_weight
+        self.dense_weight, self.cls_weight, self.dense_unmixed = dense_weight, cls_weight, dense_unmixed
 
     def forward(self, outputs, cls_target: torch.Tensor, dense_target: Optional[torch.Tensor] = None,
                 grid: Optional[Tuple[int, int]] = None):
@@ -363,7 +363,7 @@ class TokenLabelLoss(torch.nn.Module):
         h, w = grid
         if dense_target is None:
             dense_target = cls_target[:, None, :].expand(B, N, C)
-        cls_target, dense_target = mixtoken_targets(cls_target, dense_target, box, (h, w))
+        cls_target, dense_target = mixtoken_targets(cls_target, dense_target, box, (h, w), self.dense_unmixed)
         return self.cls_weight * soft_cross_entropy(cls_logits, cls_target) + \
             self.dense_weight * soft_cross_entropy(dense_logits, dense_target)
 

@@ -253,6 +253,11 @@ def test_token_label_loss_hand():
             p = torch.exp(dense_logits[b, n]) / torch.exp(dense_logits[b, n]).sum()
             hand_dense += -(t_dense[b, n] * torch.log(p)).sum() / (B * h * w)
     torch.testing.assert_close(loss, hand_cls + 0.5 * hand_dense)
+    # a model that does not un-mix its dense logits: the box's targets come from the flipped batch
+    l3 = TokenLabelLoss(0.5, dense_unmixed=False)((cls_logits, dense_logits, box), t_cls, t_dense)
+    t_mixed = t_dense.clone()
+    t_mixed[:, 2:] = t_dense.flip(0)[:, 2:]  # row 1 = tokens 2, 3
+    torch.testing.assert_close(l3, hand_cls + 0.5 * soft_cross_entropy(dense_logits, t_mixed))
     # without dense targets every token gets the (pre-MixToken) image target
     l2 = TokenLabelLoss(0.5)((cls_logits, dense_logits, (0, 0, 0, 0)), t_cls, None)
     torch.testing.assert_close(l2, soft_cross_entropy(cls_logits, t_cls)
