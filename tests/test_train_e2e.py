@@ -10,7 +10,7 @@ import sys
 import torch
 
 from refiner import train, validate
-from train_data import TINY_KWARGS, make_image_folder
+from test_train_data import TINY_KWARGS, make_image_folder
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--model-kwargs"] + [f"{k}={v}" for k, v in TINY_KWARGS.items()] + [

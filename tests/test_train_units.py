@@ -17,7 +17,7 @@ from refiner.token_labeling import (DenseMixup, TokenLabelLoss, TokenLabelTransf
                                     dense_targets, mixtoken_targets, soft_cross_entropy, topk_to_dense)
 from refiner.train import TrainWrapper, scaled_lr, train_step
 from refiner.train_config import parse_args
-from train_data import TINY_KWARGS
+from test_train_data import TINY_KWARGS
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
