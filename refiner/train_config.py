@@ -1,0 +1,117 @@
+"""Command line and YAML configuration of ``refiner.train``.
+
+Precedence: parser defaults < YAML file (``-c/--config``) < flags given on the command
+line. YAML keys are the flags' ``dest`` names (``--drop-path`` -> ``drop_path``); an
+unknown key is an error, so a typo does not silently fall back to a default.
+"""
+from __future__ import annotations
+
+import argparse
+from typing import Optional, Sequence, Tuple
+
+import yaml
+from timm.utils import ParseKwargs
+
+__all__ = ["build_parser", "parse_args"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m refiner.train",
+                                description="Train Refiner-ViT (timm building blocks). "
+                                            "Precedence: defaults < YAML (-c) < command-line flags.")
+    B = argparse.BooleanOptionalAction
+    p.add_argument("-c", "--config", default="", help="YAML file of defaults (keys = option dest names)")
+    g = p.add_argument_group("data")
+    g.add_argument("--data", default="", help="dataset root holding <train-split>/ and <val-split>/ image folders")
+    g.add_argument("--train-split", default="train")
+    g.add_argument("--val-split", default="val", help="'' to skip validation")
+    g.add_argument("--token-labels", default="", help="root of the dense label maps (mirrors the train folder); "
+                                                      "turns on token labelling")
+    g.add_argument("--workers", type=int, default=8)
+    g.add_argument("--pin-mem", action=B, default=True)
+    g = p.add_argument_group("model")
+    g.add_argument("--model", default="refiner_vit_s")
+    g.add_argument("--num-classes", type=int, default=None, help="default: number of class folders")
+    g.add_argument("--img-size", type=int, default=224)
+    g.add_argument("--crop-pct", type=float, default=None, help="eval crop; default: the model's pretrained_cfg")
+    g.add_argument("--drop", type=float, default=0.0)
+    g.add_argument("--drop-path", type=float, default=0.1)
+    g.add_argument("--model-kwargs", nargs="*", default={}, action=ParseKwargs,
+                   help="extra model kwargs, e.g. embed_dim=48 depth=4")
+    g.add_argument("--return-dense", action=B, default=False, help="dense aux head (token labelling)")
+    g.add_argument("--mix-token", action=B, default=False, help="MixToken (needs --return-dense)")
+    g.add_argument("--dense-weight", type=float, default=0.5)
+    g.add_argument("--label-affine", action=B, default=True,
+                   help="token labels follow RandAugment's rotate/shear/translate (--no-label-affine: only crop "
+                        "and flip, as the original TokenLabeling)")
+    g.add_argument("--cos-reg", type=float, default=0.0, help="weight of the attention-map cosine regulariser")
+    g.add_argument("--fused", action=B, default=False, help="convert to the fused kernels (refiner.fused)")
+    g.add_argument("--initial-checkpoint", default="", help="load model weights (not training state)")
+    g = p.add_argument_group("optimiser and schedule")
+    g.add_argument("--opt", default="adamw")
+    g.add_argument("--lr", type=float, default=None, help="absolute lr; default lr-base * global_batch / lr-base-size")
+    g.add_argument("--lr-base", type=float, default=5e-4)
+    g.add_argument("--lr-base-size", type=int, default=1024)
+    g.add_argument("--weight-decay", type=float, default=0.05)
+    g.add_argument("--opt-eps", type=float, default=None)
+    g.add_argument("--opt-betas", type=float, nargs="+", default=None)
+    g.add_argument("--momentum", type=float, default=0.9)
+    g.add_argument("--clip-grad", type=float, default=None, help="gradient norm clipping (None: off)")
+    g.add_argument("--sched", default="cosine")
+    g.add_argument("--epochs", type=int, default=300)
+    g.add_argument("--warmup-epochs", type=int, default=5)
+    g.add_argument("--warmup-lr", type=float, default=1e-6)
+    g.add_argument("--min-lr", type=float, default=1e-5)
+    g.add_argument("--cooldown-epochs", type=int, default=0)
+    g.add_argument("--batch-size", "-b", type=int, default=128, help="per process")
+    g.add_argument("--val-batch-size", type=int, default=None)
+    g = p.add_argument_group("augmentation and regularisation")
+    g.add_argument("--aa", default="rand-m9-mstd0.5-inc1", help="timm auto_augment string ('' for none)")
+    g.add_argument("--reprob", type=float, default=0.25)
+    g.add_argument("--remode", default="pixel")
+    g.add_argument("--recount", type=int, default=1)
+    g.add_argument("--scale", type=float, nargs=2, default=[0.08, 1.0])
+    g.add_argument("--ratio", type=float, nargs=2, default=[3. / 4., 4. / 3.])
+    g.add_argument("--hflip", type=float, default=0.5)
+    g.add_argument("--color-jitter", type=float, default=0.4)
+    g.add_argument("--train-interpolation", default="random")
+    g.add_argument("--mixup", type=float, default=0.8)
+    g.add_argument("--cutmix", type=float, default=1.0)
+    g.add_argument("--mixup-prob", type=float, default=1.0)
+    g.add_argument("--mixup-switch-prob", type=float, default=0.5)
+    g.add_argument("--mixup-mode", default="batch")
+    g.add_argument("--smoothing", type=float, default=0.1)
+    g.add_argument("--model-ema", action=B, default=True)
+    g.add_argument("--model-ema-decay", type=float, default=0.99996)
+    g.add_argument("--model-ema-warmup", action=B, default=False,
+                   help="ramp the EMA decay up (timm ModelEmaV3 warmup); useful for short runs")
+    g = p.add_argument_group("run")
+    g.add_argument("--output", default="", help="output dir (default output/<model>-<time>)")
+    g.add_argument("--resume", default="", help="checkpoint to resume model, optimiser, EMA, scaler, epoch")
+    g.add_argument("--amp", action=B, default=True, help="bf16 autocast on CPU, fp16 + GradScaler on CUDA")
+    g.add_argument("--amp-dtype", default=None, choices=[None, "float16", "bfloat16"])
+    g.add_argument("--device", default=None, help="default: cuda if available else cpu")
+    g.add_argument("--seed", type=int, default=42)
+    g.add_argument("--steps-per-epoch", type=int, default=None, help="cap on steps per epoch (smoke tests)")
+    g.add_argument("--log-interval", type=int, default=50)
+    g.add_argument("--no-plot", action="store_true", help="skip the PNG plot")
+    return p
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> Tuple[argparse.Namespace, dict]:
+    """Returns (args, yaml_dict). Defaults < YAML < explicit flags."""
+    parser = build_parser()
+    pre, _ = parser.parse_known_args(argv)
+    cfg = {}
+    if pre.config:
+        with open(pre.config) as f:
+            cfg = yaml.safe_load(f) or {}
+        dests = {a.dest for a in parser._actions}
+        unknown = sorted(set(cfg) - dests)
+        if unknown:
+            parser.error(f"{pre.config}: unknown keys {unknown}")
+        parser.set_defaults(**cfg)
+    args = parser.parse_args(argv)
+    if args.mix_token and not args.return_dense:
+        parser.error("--mix-token needs --return-dense")
+    return args, cfg
