@@ -1,0 +1,39 @@
+"""Triton kernels for Refiner attention (the ``triton`` backend).
+
+Pure Python + Triton; never imports ``refiner._C``. Every function here has exactly the
+signature of its counterpart in ``refiner.reference`` and is backed by a
+``refiner_triton::*`` torch.library custom op (fake impl + autograd), so it runs eagerly,
+under torch.compile and passes opcheck. On CPU tensors the kernels run only under the
+Triton interpreter (``TRITON_INTERPRET=1`` set before importing triton).
+
+``AVAILABLE`` / ``UNAVAILABLE_REASON`` are computed lazily on first access (no GPU-driver
+call at import time).
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+from torch import Tensor
+
+from ._common import availability
+
+__all__ = ["AVAILABLE", "UNAVAILABLE_REASON", "softmax_block"]
+
+
+def __getattr__(name):
+    if name in ("AVAILABLE", "UNAVAILABLE_REASON"):
+        ok, why = availability()
+        return ok if name == "AVAILABLE" else why
+    raise AttributeError(f"module 'refiner_kernels' has no attribute {name!r}")
+
+
+def _ops():
+    from . import ops
+    return ops
+
+
+def softmax_block(q: Tensor, k: Tensor, v: Tensor, prev_attn: Optional[Tensor],
+                  scale: float) -> Tuple[Tensor, Tensor]:
+    """(B,H,N,d) x3 [, (B,H,N,N)] -> out (B,H,N,d), attn (B,H,N,N)."""
+    out, attn, _ = _ops().softmax_block_op(q, k, v, prev_attn, float(scale))
+    return out, attn

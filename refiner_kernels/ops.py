@@ -1,0 +1,68 @@
+"""torch.library custom ops of the Triton backend (namespace ``refiner_triton``).
+
+Each op is a ``torch.library.custom_op`` (not ``triton_op``: see DESIGN section 5) with a
+fake implementation and a registered autograd formula whose backward is itself a custom op,
+so the ops work eagerly, under torch.compile (no graph break) and pass opcheck.
+"""
+from __future__ import annotations
+
+from typing import List, Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from . import softmax_block as _sb
+
+_lib = "refiner_triton"
+
+
+def _none_if_empty(t: Tensor) -> Optional[Tensor]:
+    return None if t.numel() == 0 and t.dim() == 1 else t
+
+
+# ----------------------------------------------------------------------------- softmax_block
+
+@torch.library.custom_op(f"{_lib}::softmax_block", mutates_args=())
+def softmax_block_op(q: Tensor, k: Tensor, v: Tensor, prev_attn: Optional[Tensor],
+                     scale: float) -> Tuple[Tensor, Tensor, Tensor]:
+    """Returns (out, attn, lse); lse (B,H,N) fp32 is the row log-sum-exp kept for the backward."""
+    return _sb.softmax_block_fwd(q, k, v, prev_attn, scale)
+
+
+@softmax_block_op.register_fake
+def _(q, k, v, prev_attn, scale):
+    B, H, N, D = q.shape
+    return (torch.empty_like(q), q.new_empty(B, H, N, N),
+            q.new_empty(B, H, N, dtype=torch.float32))
+
+
+@torch.library.custom_op(f"{_lib}::softmax_block_bwd", mutates_args=())
+def softmax_block_bwd_op(dout: Tensor, dattn: Tensor, q: Tensor, k: Tensor, v: Tensor,
+                         prev_attn: Optional[Tensor], lse: Tensor, scale: float
+                         ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    dq, dk, dv, dprev = _sb.softmax_block_bwd(dout, dattn, q, k, v, prev_attn, lse, scale)
+    if dprev is None:
+        dprev = q.new_empty(0)
+    return dq, dk, dv, dprev
+
+
+@softmax_block_bwd_op.register_fake
+def _(dout, dattn, q, k, v, prev_attn, lse, scale):
+    dprev = torch.empty_like(prev_attn) if prev_attn is not None else q.new_empty(0)
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), dprev
+
+
+def _sb_setup(ctx, inputs, output):
+    q, k, v, prev_attn, scale = inputs
+    ctx.scale = scale
+    ctx.has_prev = prev_attn is not None
+    ctx.save_for_backward(q, k, v, prev_attn, output[2])
+
+
+def _sb_backward(ctx, dout, dattn, dlse):
+    q, k, v, prev_attn, lse = ctx.saved_tensors
+    dq, dk, dv, dprev = softmax_block_bwd_op(dout, dattn, q, k, v, prev_attn, lse, ctx.scale)
+    return dq, dk, dv, (dprev if ctx.has_prev else None), None
+
+
+softmax_block_op.register_autograd(_sb_backward, setup_context=_sb_setup)
