@@ -17,7 +17,8 @@ from torch import Tensor
 
 from ._common import availability
 
-__all__ = ["AVAILABLE", "UNAVAILABLE_REASON", "softmax_block"]
+__all__ = ["AVAILABLE", "UNAVAILABLE_REASON", "softmax_block", "refine_eval", "refine_train",
+           "head_mix", "attn_dwconv", "row_softmax", "attn_value"]
 
 
 def __getattr__(name):
@@ -37,3 +38,10 @@ def softmax_block(q: Tensor, k: Tensor, v: Tensor, prev_attn: Optional[Tensor],
     """(B,H,N,d) x3 [, (B,H,N,N)] -> out (B,H,N,d), attn (B,H,N,N)."""
     out, attn, _ = _ops().softmax_block_op(q, k, v, prev_attn, float(scale))
     return out, attn
+
+
+def refine_eval(attn: Tensor, v: Tensor, w_exp: Tensor, b_exp: Tensor, w_dw: Tensor, b_dw: Tensor,
+                w_pro: Tensor, b_pro: Tensor, alpha: Tensor, beta: Tensor, expand: bool) -> Tensor:
+    """Evaluation-mode refine block with folded BatchNorms (see refiner.reference.refine_eval)."""
+    return _ops().refine_eval_op(attn, v, w_exp, b_exp, w_dw, b_dw, w_pro, b_pro, alpha, beta,
+                                 bool(expand))

@@ -66,3 +66,47 @@ def _sb_backward(ctx, dout, dattn, dlse):
 
 
 softmax_block_op.register_autograd(_sb_backward, setup_context=_sb_setup)
+
+
+# ----------------------------------------------------------------------------- refine_eval
+
+from . import refine_eval as _re  # noqa: E402
+
+
+@torch.library.custom_op(f"{_lib}::refine_eval", mutates_args=())
+def refine_eval_op(attn: Tensor, v: Tensor, w_exp: Tensor, b_exp: Tensor, w_dw: Tensor,
+                   b_dw: Tensor, w_pro: Tensor, b_pro: Tensor, alpha: Tensor, beta: Tensor,
+                   expand: bool) -> Tensor:
+    return _re.refine_eval_fwd(attn, v, w_exp, b_exp, w_dw, b_dw, w_pro, b_pro, alpha, beta, expand)
+
+
+@refine_eval_op.register_fake
+def _(attn, v, w_exp, b_exp, w_dw, b_dw, w_pro, b_pro, alpha, beta, expand):
+    B, H, N, _ = attn.shape
+    return v.new_empty(B, H, N, v.shape[-1])
+
+
+@torch.library.custom_op(f"{_lib}::refine_eval_bwd", mutates_args=())
+def refine_eval_bwd_op(dout: Tensor, attn: Tensor, v: Tensor, w_exp: Tensor, b_exp: Tensor,
+                       w_dw: Tensor, b_dw: Tensor, w_pro: Tensor, b_pro: Tensor, alpha: Tensor,
+                       beta: Tensor, expand: bool) -> List[Tensor]:
+    return list(_re.refine_eval_bwd(dout, attn, v, w_exp, b_exp, w_dw, b_dw, w_pro, b_pro,
+                                    alpha, beta, expand))
+
+
+@refine_eval_bwd_op.register_fake
+def _(dout, attn, v, w_exp, b_exp, w_dw, b_dw, w_pro, b_pro, alpha, beta, expand):
+    return [torch.empty_like(t) for t in (attn, v, w_exp, b_exp, w_dw, b_dw, w_pro, b_pro, alpha, beta)]
+
+
+def _re_setup(ctx, inputs, output):
+    ctx.expand = inputs[-1]
+    ctx.save_for_backward(*inputs[:-1])
+
+
+def _re_backward(ctx, dout):
+    grads = refine_eval_bwd_op(dout, *ctx.saved_tensors, ctx.expand)
+    return (*grads, None)
+
+
+refine_eval_op.register_autograd(_re_backward, setup_context=_re_setup)
