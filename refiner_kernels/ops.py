@@ -11,7 +11,7 @@ from typing import List, Optional, Tuple
 import torch
 from torch import Tensor
 
-from . import softmax_block as _sb
+from . import kernels_softmax as _sb
 
 _lib = "refiner_triton"
 
@@ -70,7 +70,7 @@ softmax_block_op.register_autograd(_sb_backward, setup_context=_sb_setup)
 
 # ----------------------------------------------------------------------------- refine_eval
 
-from . import refine_eval as _re  # noqa: E402
+from . import kernels_refine_eval as _re  # noqa: E402
 
 
 @torch.library.custom_op(f"{_lib}::refine_eval", mutates_args=())
