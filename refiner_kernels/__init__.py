@@ -45,3 +45,23 @@ def refine_eval(attn: Tensor, v: Tensor, w_exp: Tensor, b_exp: Tensor, w_dw: Ten
     """Evaluation-mode refine block with folded BatchNorms (see refiner.reference.refine_eval)."""
     return _ops().refine_eval_op(attn, v, w_exp, b_exp, w_dw, b_dw, w_pro, b_pro, alpha, beta,
                                  bool(expand))
+
+
+def head_mix(x: Tensor, w: Tensor) -> Tensor:
+    """1x1 convolution over the head (channel) dim: (B,C,N,M), (C2,C) -> (B,C2,N,M)."""
+    return _ops().head_mix_op(x, w)
+
+
+def attn_dwconv(x: Tensor, w: Tensor) -> Tensor:
+    """k x k depthwise convolution of each (N,M) map, zero 'same' padding: (B,C,N,M), (C,k,k)."""
+    return _ops().attn_dwconv_op(x, w)
+
+
+def row_softmax(x: Tensor) -> Tensor:
+    """Softmax over the last dim (keys)."""
+    return _ops().row_softmax_op(x)
+
+
+def attn_value(a: Tensor, v: Tensor) -> Tensor:
+    """(B,H,N,M) @ (B,H,M,d) -> (B,H,N,d)."""
+    return _ops().attn_value_op(a, v)

@@ -57,3 +57,164 @@ def bmm(a: torch.Tensor, b: torch.Tensor, out_dtype=None) -> torch.Tensor:
                       b3.stride(0), b3.stride(1), b3.stride(2), c.stride(0), c.stride(1), c.stride(2),
                       BM=BM, BN=BN, BK=BK, num_warps=num_warps_for(BM * BN))
     return c.reshape(*lead, M, NN)
+
+
+if triton is not None:
+
+    @triton.jit
+    def _row_softmax_fwd(x_ptr, y_ptr, R, M, BR: tl.constexpr, BM: tl.constexpr):
+        rows = (tl.program_id(0) * BR + tl.arange(0, BR)).to(tl.int64)
+        cols = tl.arange(0, BM)
+        msk = (rows < R)[:, None] & (cols < M)[None, :]
+        x = tl.load(x_ptr + rows[:, None] * M + cols[None, :], mask=msk, other=float("-inf")).to(tl.float32)
+        mx = tl.max(x, axis=1)
+        mx = tl.where(rows < R, mx, 0.0)
+        e = tl.where(msk, tl.exp(x - mx[:, None]), 0.0)
+        den = tl.sum(e, axis=1)
+        den = tl.where(rows < R, den, 1.0)
+        tl.store(y_ptr + rows[:, None] * M + cols[None, :], (e / den[:, None]).to(y_ptr.dtype.element_ty), mask=msk)
+
+    @triton.jit
+    def _row_softmax_bwd(y_ptr, dy_ptr, dx_ptr, R, M, BR: tl.constexpr, BM: tl.constexpr):
+        rows = (tl.program_id(0) * BR + tl.arange(0, BR)).to(tl.int64)
+        cols = tl.arange(0, BM)
+        msk = (rows < R)[:, None] & (cols < M)[None, :]
+        y = tl.load(y_ptr + rows[:, None] * M + cols[None, :], mask=msk, other=0.0).to(tl.float32)
+        dy = tl.load(dy_ptr + rows[:, None] * M + cols[None, :], mask=msk, other=0.0).to(tl.float32)
+        dot = tl.sum(y * dy, axis=1)
+        tl.store(dx_ptr + rows[:, None] * M + cols[None, :], (y * (dy - dot[:, None])).to(dx_ptr.dtype.element_ty),
+                 mask=msk)
+
+    @triton.jit
+    def _dwconv_fwd(x_ptr, w_ptr, y_ptr, C, N, M, KS: tl.constexpr, TM: tl.constexpr, TJ: tl.constexpr):
+        """y[bc] = k x k depthwise stencil of x[bc] with zero padding; one program per (row tile, bc)."""
+        PAD: tl.constexpr = KS // 2
+        pid_i = tl.program_id(0)
+        bc = tl.program_id(1).to(tl.int64)
+        c = bc % C
+        rows = pid_i * TM + tl.arange(0, TM)
+        base = bc * N * M
+        for j0 in range(0, M, TJ):
+            cols = j0 + tl.arange(0, TJ)
+            acc = tl.zeros((TM, TJ), tl.float32)
+            for o in range(0, KS * KS):
+                r2 = rows + (o // KS - PAD)
+                c2 = cols + (o % KS - PAD)
+                ok = ((r2 >= 0) & (r2 < N))[:, None] & ((c2 >= 0) & (c2 < M))[None, :]
+                xs = tl.load(x_ptr + base + r2[:, None] * M + c2[None, :], mask=ok, other=0.0).to(tl.float32)
+                w = tl.load(w_ptr + c * KS * KS + o).to(tl.float32)
+                acc += w * xs
+            tl.store(y_ptr + base + rows[:, None] * M + cols[None, :], acc.to(y_ptr.dtype.element_ty),
+                     mask=(rows < N)[:, None] & (cols < M)[None, :])
+
+    @triton.jit
+    def _dwconv_dw(x_ptr, dy_ptr, pw_ptr, N, M, KS: tl.constexpr, KKP: tl.constexpr,
+                   TM: tl.constexpr, TJ: tl.constexpr):
+        """Partial dw[bc, o] = sum over a row tile of dy[p] * x[p + s_o]; summed over b afterwards."""
+        PAD: tl.constexpr = KS // 2
+        pid_i = tl.program_id(0)
+        bc = tl.program_id(1).to(tl.int64)
+        rows = pid_i * TM + tl.arange(0, TM)
+        base = bc * N * M
+        ko = tl.arange(0, KKP)
+        part = tl.zeros((KKP,), tl.float32)
+        for j0 in range(0, M, TJ):
+            cols = j0 + tl.arange(0, TJ)
+            dy = tl.load(dy_ptr + base + rows[:, None] * M + cols[None, :],
+                         mask=(rows < N)[:, None] & (cols < M)[None, :], other=0.0).to(tl.float32)
+            for o in range(0, KS * KS):
+                r2 = rows + (o // KS - PAD)
+                c2 = cols + (o % KS - PAD)
+                ok = ((r2 >= 0) & (r2 < N))[:, None] & ((c2 >= 0) & (c2 < M))[None, :]
+                xs = tl.load(x_ptr + base + r2[:, None] * M + c2[None, :], mask=ok, other=0.0).to(tl.float32)
+                part += tl.where(ko == o, tl.sum(tl.sum(dy * xs, axis=1), axis=0), 0.0)
+        tl.store(pw_ptr + (bc * tl.num_programs(0) + pid_i) * KKP + ko, part)
+
+
+def head_mix_fwd(x, w):
+    check_device(x, w)
+    B, C, N, M = x.shape
+    C2 = w.shape[0]
+    y = bmm(w.expand(B, C2, C), x.reshape(B, C, N * M), out_dtype=x.dtype)
+    return y.reshape(B, C2, N, M)
+
+
+def head_mix_bwd(dy, x, w):
+    B, C, N, M = x.shape
+    C2 = w.shape[0]
+    dy3 = dy.reshape(B, C2, N * M)
+    dx = bmm(w.t().expand(B, C, C2), dy3, out_dtype=x.dtype).reshape(B, C, N, M)
+    dw = bmm(dy3, x.reshape(B, C, N * M).transpose(1, 2), out_dtype=torch.float32).sum(0).to(w.dtype)
+    return dx, dw
+
+
+def attn_value_fwd(a, v):
+    check_device(a, v)
+    return bmm(a, v, out_dtype=torch.result_type(a, v))
+
+
+def attn_value_bwd(dout, a, v):
+    da = bmm(dout, v.transpose(-1, -2), out_dtype=a.dtype)
+    dv = bmm(a.transpose(-1, -2), dout, out_dtype=v.dtype)
+    return da, dv
+
+
+def _rows_cfg(M):
+    BM = max(16, next_pow2(M))
+    BR = max(1, min(64, 4096 // BM)) if not interpreting() else max(1, min(256, 16384 // BM))
+    return BR, BM
+
+
+def row_softmax_fwd(x):
+    check_device(x)
+    x = x.contiguous()
+    M = x.shape[-1]
+    R = x.numel() // max(M, 1)
+    y = torch.empty_like(x)
+    BR, BM = _rows_cfg(M)
+    _row_softmax_fwd[(triton.cdiv(R, BR),)](x, y, R, M, BR=BR, BM=BM, num_warps=num_warps_for(BR * BM))
+    return y
+
+
+def row_softmax_bwd(dy, y):
+    y, dy = y.contiguous(), dy.contiguous()
+    M = y.shape[-1]
+    R = y.numel() // max(M, 1)
+    dx = torch.empty_like(y)
+    BR, BM = _rows_cfg(M)
+    _row_softmax_bwd[(triton.cdiv(R, BR),)](y, dy, dx, R, M, BR=BR, BM=BM, num_warps=num_warps_for(BR * BM))
+    return dx
+
+
+def _dw_tiles(N, M):
+    if interpreting():
+        return max(16, next_pow2(N)), max(16, next_pow2(M))
+    return 16, 64
+
+
+def attn_dwconv_fwd(x, w):
+    check_device(x, w)
+    x, w = x.contiguous(), w.contiguous()
+    B, C, N, M = x.shape
+    KS = w.shape[-1]
+    y = torch.empty_like(x)
+    TM, TJ = _dw_tiles(N, M)
+    _dwconv_fwd[(triton.cdiv(N, TM), B * C)](x, w, y, C, N, M, KS=KS, TM=TM, TJ=TJ,
+                                             num_warps=num_warps_for(TM * TJ))
+    return y
+
+
+def attn_dwconv_bwd(dy, x, w):
+    x, w, dy = x.contiguous(), w.contiguous(), dy.contiguous()
+    B, C, N, M = x.shape
+    KS = w.shape[-1]
+    # dx[p] = sum_o w[o] dy[p - s_o]: the same stencil with the kernel flipped
+    dx = attn_dwconv_fwd(dy, w.flip(-1, -2).contiguous()).to(x.dtype)
+    TM, TJ = _dw_tiles(N, M)
+    nti = triton.cdiv(N, TM)
+    KKP = next_pow2(KS * KS)
+    part = torch.empty(B * C * nti, KKP, dtype=torch.float32, device=x.device)
+    _dwconv_dw[(nti, B * C)](x, dy, part, N, M, KS=KS, KKP=KKP, TM=TM, TJ=TJ,
+                             num_warps=num_warps_for(TM * TJ))
+    dw = part.reshape(B, C, nti, KKP).sum((0, 2))[:, :KS * KS].reshape(C, KS, KS).to(w.dtype)
+    return dx, dw

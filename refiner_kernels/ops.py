@@ -110,3 +110,112 @@ def _re_backward(ctx, dout):
 
 
 refine_eval_op.register_autograd(_re_backward, setup_context=_re_setup)
+
+
+# ----------------------------------------------------------------------------- building blocks
+
+from . import blocks as _bl  # noqa: E402
+
+
+@torch.library.custom_op(f"{_lib}::head_mix", mutates_args=())
+def head_mix_op(x: Tensor, w: Tensor) -> Tensor:
+    return _bl.head_mix_fwd(x, w)
+
+
+@head_mix_op.register_fake
+def _(x, w):
+    B, C, N, M = x.shape
+    return x.new_empty(B, w.shape[0], N, M)
+
+
+@torch.library.custom_op(f"{_lib}::head_mix_bwd", mutates_args=())
+def head_mix_bwd_op(dy: Tensor, x: Tensor, w: Tensor) -> Tuple[Tensor, Tensor]:
+    return _bl.head_mix_bwd(dy, x, w)
+
+
+@head_mix_bwd_op.register_fake
+def _(dy, x, w):
+    return torch.empty_like(x), torch.empty_like(w)
+
+
+def _save_all(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+head_mix_op.register_autograd(lambda ctx, dy: head_mix_bwd_op(dy, *ctx.saved_tensors), setup_context=_save_all)
+
+
+@torch.library.custom_op(f"{_lib}::attn_dwconv", mutates_args=())
+def attn_dwconv_op(x: Tensor, w: Tensor) -> Tensor:
+    return _bl.attn_dwconv_fwd(x, w)
+
+
+@attn_dwconv_op.register_fake
+def _(x, w):
+    return torch.empty_like(x)
+
+
+@torch.library.custom_op(f"{_lib}::attn_dwconv_bwd", mutates_args=())
+def attn_dwconv_bwd_op(dy: Tensor, x: Tensor, w: Tensor) -> Tuple[Tensor, Tensor]:
+    return _bl.attn_dwconv_bwd(dy, x, w)
+
+
+@attn_dwconv_bwd_op.register_fake
+def _(dy, x, w):
+    return torch.empty_like(x), torch.empty_like(w)
+
+
+attn_dwconv_op.register_autograd(lambda ctx, dy: attn_dwconv_bwd_op(dy, *ctx.saved_tensors),
+                                 setup_context=_save_all)
+
+
+@torch.library.custom_op(f"{_lib}::row_softmax", mutates_args=())
+def row_softmax_op(x: Tensor) -> Tensor:
+    return _bl.row_softmax_fwd(x)
+
+
+@row_softmax_op.register_fake
+def _(x):
+    return torch.empty_like(x)
+
+
+@torch.library.custom_op(f"{_lib}::row_softmax_bwd", mutates_args=())
+def row_softmax_bwd_op(dy: Tensor, y: Tensor) -> Tensor:
+    return _bl.row_softmax_bwd(dy, y)
+
+
+@row_softmax_bwd_op.register_fake
+def _(dy, y):
+    return torch.empty_like(y)
+
+
+def _save_out(ctx, inputs, output):
+    ctx.save_for_backward(output)
+
+
+row_softmax_op.register_autograd(lambda ctx, dy: row_softmax_bwd_op(dy, ctx.saved_tensors[0]),
+                                 setup_context=_save_out)
+
+
+@torch.library.custom_op(f"{_lib}::attn_value", mutates_args=())
+def attn_value_op(a: Tensor, v: Tensor) -> Tensor:
+    return _bl.attn_value_fwd(a, v)
+
+
+@attn_value_op.register_fake
+def _(a, v):
+    return a.new_empty(*a.shape[:-1], v.shape[-1], dtype=torch.result_type(a, v))
+
+
+@torch.library.custom_op(f"{_lib}::attn_value_bwd", mutates_args=())
+def attn_value_bwd_op(dout: Tensor, a: Tensor, v: Tensor) -> Tuple[Tensor, Tensor]:
+    return _bl.attn_value_bwd(dout, a, v)
+
+
+@attn_value_bwd_op.register_fake
+def _(dout, a, v):
+    return torch.empty_like(a), torch.empty_like(v)
+
+
+attn_value_op.register_autograd(lambda ctx, dy: attn_value_bwd_op(dy, *ctx.saved_tensors),
+                                setup_context=_save_all)

@@ -172,3 +172,49 @@ def test_torch_compile_fullgraph():
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
     r_out, r_attn = ref.softmax_block(*xs[:3], None, d ** -0.5)
     torch.testing.assert_close(eager, r_out + ref.refine_eval(r_attn, xs[3], *f.args()), rtol=1e-4, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- building blocks
+
+def _check_block(fn, rfn, inputs, dtype):
+    xs = [_leaf(t, dtype) for t in inputs]
+    rs = [_leaf(t.detach().float()) for t in xs]
+    y = fn(*xs)
+    ry = rfn(*rs)
+    assert y.dtype == dtype
+    _close(y, ry, dtype, "fwd")
+    gy = torch.randn_like(ry).to(dtype)
+    for name, a, b in zip(range(len(xs)), _grads([y], xs, [gy]), _grads([ry], rs, [gy.float()])):
+        _close(a, b, dtype, f"grad{name}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_head_mix(dtype):
+    _check_block(rk.head_mix, ref.head_mix, [torch.randn(2, 12, 17, 17), torch.randn(36, 12) * 0.3], dtype)
+
+
+@pytest.mark.parametrize("ks", [3, 5])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_attn_dwconv(ks, dtype):
+    _check_block(rk.attn_dwconv, ref.attn_dwconv, [torch.randn(1, 6, 17, 17), torch.randn(6, ks, ks) * 0.3], dtype)
+
+
+@pytest.mark.parametrize("N", [17, 50])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_row_softmax(N, dtype):
+    _check_block(rk.row_softmax, ref.row_softmax, [torch.randn(2, 3, N, N) * 3], dtype)
+
+
+@pytest.mark.parametrize("N,d", [(17, 35), (50, 32)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_attn_value(N, d, dtype):
+    _check_block(rk.attn_value, ref.attn_value, [random_attn(1, 3, N), torch.randn(1, 3, N, d)], dtype)
+
+
+def test_opcheck_blocks():
+    from refiner_kernels import ops
+    x = torch.randn(1, 4, 7, 7, device=DEV, requires_grad=True)
+    _opcheck(ops.head_mix_op, (x, torch.randn(6, 4, device=DEV, requires_grad=True)))
+    _opcheck(ops.attn_dwconv_op, (x, torch.randn(4, 3, 3, device=DEV, requires_grad=True)))
+    _opcheck(ops.row_softmax_op, (x,))
+    _opcheck(ops.attn_value_op, (x, torch.randn(1, 4, 7, 16, device=DEV, requires_grad=True)))
