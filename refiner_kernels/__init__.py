@@ -65,3 +65,17 @@ def row_softmax(x: Tensor) -> Tensor:
 def attn_value(a: Tensor, v: Tensor) -> Tensor:
     """(B,H,N,M) @ (B,H,M,d) -> (B,H,N,d)."""
     return _ops().attn_value_op(a, v)
+
+
+def refine_train(attn: Tensor, v: Tensor, w_exp: Tensor, w_dw: Tensor, w_pro: Tensor,
+                 g1: Tensor, b1: Tensor, g2: Tensor, b2: Tensor, g3: Tensor, b3: Tensor,
+                 ga: Tensor, ba: Tensor, eps: float, scale: float, expand: bool):
+    """Training-mode refine block with batch statistics (see refiner.reference.refine_train).
+
+    Returns (out, (BNStats | None, BNStats, BNStats, BNStats)); the statistics are detached."""
+    from refiner.reference import BNStats
+    res = _ops().refine_train_op(attn, v, w_exp, w_dw, w_pro, g1, b1, g2, b2, g3, b3, ga, ba,
+                                 float(eps), float(scale), bool(expand))
+    out, m1, v1, m2, v2, m3, v3, ma, va, _ = res
+    s1 = BNStats(m1, v1) if expand else None
+    return out, (s1, BNStats(m2, v2), BNStats(m3, v3), BNStats(ma, va))

@@ -218,3 +218,104 @@ def test_opcheck_blocks():
     _opcheck(ops.attn_dwconv_op, (x, torch.randn(4, 3, 3, device=DEV, requires_grad=True)))
     _opcheck(ops.row_softmax_op, (x,))
     _opcheck(ops.attn_value_op, (x, torch.randn(1, 4, 7, 16, device=DEV, requires_grad=True)))
+
+
+# ----------------------------------------------------------------------------- refine_train
+
+TRAIN_NAMES = "attn v w_exp w_dw w_pro g1 b1 g2 b2 g3 b3 ga ba".split()
+
+
+def _run_train(N, d, ratio, ks, B, dtype, device=DEV):
+    H = 12
+    dla, bn = random_dla(H, ratio, ks)
+    expand = ratio != 1
+    params = [_leaf(t, dtype) for t in train_args(dla, bn)]
+    rparams = [_leaf(t.detach().float()) for t in params]
+    attn = _leaf(random_attn(B, H, N), dtype)
+    v = _leaf(torch.randn(B, H, N, d), dtype)
+    rattn, rv = _leaf(attn.detach().float()), _leaf(v.detach().float())
+    scale = d ** -0.5
+    out, stats = rk.refine_train(attn, v, *params, 1e-5, scale, expand)
+    rout, rstats = ref.refine_train(rattn, rv, *rparams, 1e-5, scale, expand)
+    assert out.dtype == dtype
+    _close(out, rout, dtype, "out")
+    assert (stats[0] is None) == (rstats[0] is None)
+    for i, (s, r) in enumerate(zip(stats, rstats)):
+        if r is None:
+            continue
+        assert not s.mean.requires_grad and not s.var.requires_grad
+        _close(s.mean, r.mean, dtype, f"mean{i}")
+        _close(s.var, r.var, dtype, f"var{i}")
+    go = torch.randn_like(rout).to(dtype)
+    g = _grads([out], [attn, v] + params, [go])
+    gr = _grads([rout], [rattn, rv] + rparams, [go.float()])
+    # Gradients through batch statistics amplify fp32 rounding; db3 is exactly 0 in exact arithmetic
+    # (BN_a's backward removes the mean of dZ), so compare it on the scale of dba.
+    floor = gr[-1].abs().max().item()
+    for name, a, b in zip(TRAIN_NAMES, g, gr):
+        if dtype == torch.float32:
+            atol = 2e-5 * max(1.0, b.abs().max().item(), floor if name == "b3" else 0.0)
+            torch.testing.assert_close(a.float(), b, rtol=1e-4, atol=atol, msg=lambda m: f"d{name}: {m}")
+        else:
+            atol = 2e-3 * max(1.0, b.abs().max().item(), floor if name == "b3" else 0.0)
+            torch.testing.assert_close(a.float(), b, rtol=2e-3, atol=atol, msg=lambda m: f"d{name}: {m}")
+
+
+@pytest.mark.parametrize("N,d,ratio,ks,B,dtype", [
+    (17, 35, 3, 3, 1, torch.float32),
+    (12, 32, 3, 5, 1, torch.float32),
+    (17, 32, 1, 3, 2, torch.float32),
+    (17, 32, 3, 3, 1, torch.float16),
+])
+def test_refine_train(N, d, ratio, ks, B, dtype):
+    _run_train(N, d, ratio, ks, B, dtype)
+
+
+def test_refine_train_n50_forward_stats():
+    """N = 50: forward and statistics (the backward at this size is slow under the interpreter)."""
+    B, H, N, d = 1, 12, 50, 32
+    dla, bn = random_dla(H, 3, 3)
+    args = train_args(dla, bn)
+    attn, v = random_attn(B, H, N, device=DEV), torch.randn(B, H, N, d, device=DEV)
+    args = [t.detach().to(DEV) for t in args]
+    out, stats = rk.refine_train(attn, v, *args, 1e-5, d ** -0.5, True)
+    rout, rstats = ref.refine_train(attn, v, *args, 1e-5, d ** -0.5, True)
+    _close(out, rout, torch.float32, "out")
+    for s, r in zip(stats, rstats):
+        _close(s.mean, r.mean, torch.float32, "mean")
+        _close(s.var, r.var, torch.float32, "var")
+
+
+def test_refine_train_matches_module_running_stats():
+    """Stats feed update_running_stats exactly like nn.BatchNorm2d in training."""
+    B, H, N, d = 1, 4, 9, 16
+    dla, bn = random_dla(H, 3, 3)
+    attn = random_attn(B, H, N)
+    dla.train()
+    bn.train()
+    ref_bns = [torch.nn.BatchNorm2d(c) for c in (3 * H, 3 * H, H, H)]
+    for m, src in zip(ref_bns, (dla.bn1, dla.bn2, dla.bn3, bn)):
+        m.load_state_dict(src.state_dict())
+    with torch.no_grad():
+        bn(dla(attn))  # the module updates its own running stats
+        _, stats = rk.refine_train(attn, torch.randn(B, H, N, d), *train_args(dla, bn), 1e-5, d ** -0.5, True)
+    for m, s, src in zip(ref_bns, stats, (dla.bn1, dla.bn2, dla.bn3, bn)):
+        ref.update_running_stats(m, s, B * N * N)
+        torch.testing.assert_close(m.running_mean, src.running_mean, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(m.running_var, src.running_var, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("expand", [True, False])
+def test_opcheck_refine_train(expand):
+    from refiner_kernels import ops
+    B, H, N, d = 1, 4, 7, 16
+    dla, bn = random_dla(H, 3 if expand else 1, 3)
+    params = [t.detach().to(DEV).requires_grad_(True) for t in train_args(dla, bn)]
+    attn = random_attn(B, H, N, device=DEV).requires_grad_(True)
+    v = torch.randn(B, H, N, d, device=DEV, requires_grad=True)
+    _opcheck(ops.refine_train_op, (attn, v, *params, 1e-5, 0.25, expand))
+
+
+def test_availability_flags():
+    assert isinstance(rk.AVAILABLE, bool) and isinstance(rk.UNAVAILABLE_REASON, str)
+    assert rk.AVAILABLE and rk.UNAVAILABLE_REASON == ""
