@@ -53,3 +53,18 @@ def num_warps_for(elems: int) -> int:
     if elems >= 4096:
         return 4
     return 2
+
+
+def gpu_autotune(configs, key):
+    """``triton.autotune`` for the GPU; returns None under the interpreter (or without Triton),
+    where autotuning with more than one config cannot run: callers then launch the plain kernel
+    with one fixed configuration. Decided from the environment only: no driver call at import."""
+    def deco(fn):
+        if triton is None or interpreting():
+            return None
+        return triton.autotune(configs=configs, key=key)(fn)
+    return deco
+
+
+def use_tuned(tuned, *tensors) -> bool:
+    return tuned is not None and all(t is None or t.is_cuda for t in tensors)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from ._common import check_device, interpreting, next_pow2, num_warps_for, triton, tl
+from ._common import check_device, gpu_autotune, interpreting, next_pow2, num_warps_for, triton, tl, use_tuned
 
 
 if triton is not None:
@@ -38,6 +38,16 @@ if triton is not None:
                  acc.to(c_ptr.dtype.element_ty), mask=mm[:, None] & mn[None, :])
 
 
+if triton is not None:
+    _bmm_tuned = gpu_autotune(
+        [triton.Config({"BM": bm, "BN": bn, "BK": bk}, num_warps=w, num_stages=s)
+         for bm, bn, bk, w, s in [(64, 64, 32, 4, 3), (128, 64, 32, 4, 3), (64, 128, 32, 4, 3),
+                                  (128, 128, 32, 8, 3), (32, 64, 32, 4, 2)]],
+        key=["M", "NN", "K"])(_bmm_kernel)
+else:
+    _bmm_tuned = None
+
+
 def bmm(a: torch.Tensor, b: torch.Tensor, out_dtype=None) -> torch.Tensor:
     """Batched a @ b over leading dims (any strides in the last two dims)."""
     check_device(a, b)
@@ -52,10 +62,13 @@ def bmm(a: torch.Tensor, b: torch.Tensor, out_dtype=None) -> torch.Tensor:
         BM, BN, BK = max(16, min(64, next_pow2(M))), max(16, min(64, next_pow2(NN))), max(16, min(256, next_pow2(K)))
     else:
         BM, BN, BK = 64, 64, 32
-    grid = (triton.cdiv(M, BM), triton.cdiv(NN, BN), Z)
-    _bmm_kernel[grid](a3, b3, c, M, NN, K, a3.stride(0), a3.stride(1), a3.stride(2),
-                      b3.stride(0), b3.stride(1), b3.stride(2), c.stride(0), c.stride(1), c.stride(2),
-                      BM=BM, BN=BN, BK=BK, num_warps=num_warps_for(BM * BN))
+    args = (a3, b3, c, M, NN, K, a3.stride(0), a3.stride(1), a3.stride(2),
+            b3.stride(0), b3.stride(1), b3.stride(2), c.stride(0), c.stride(1), c.stride(2))
+    if use_tuned(_bmm_tuned, a):
+        _bmm_tuned[lambda META: (triton.cdiv(M, META["BM"]), triton.cdiv(NN, META["BN"]), Z)](*args)
+    else:
+        _bmm_kernel[(triton.cdiv(M, BM), triton.cdiv(NN, BN), Z)](*args, BM=BM, BN=BN, BK=BK,
+                                                                 num_warps=num_warps_for(BM * BN))
     return c.reshape(*lead, M, NN)
 
 

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import torch
 
-from ._common import check_device, interpreting, next_pow2, num_warps_for, triton, tl
+from ._common import check_device, gpu_autotune, interpreting, next_pow2, num_warps_for, triton, tl, use_tuned
 from .blocks import bmm
 
 CC = 16  # expanded channels per chunk
@@ -228,6 +228,17 @@ if triton is not None:
                  mask=mh[:, None] & own[None, :])
 
 
+if triton is not None:
+    # H100 configurations, keyed on (N, head size, expanded channels, kernel size, heads).
+    _re_fwd_tuned = gpu_autotune(
+        [triton.Config({"TM": tm, "TJ": tj}, num_warps=w, num_stages=s)
+         for tm, tj, w, s in [(16, 16, 4, 1), (16, 32, 4, 1), (16, 32, 8, 1), (16, 64, 8, 1),
+                              (32, 32, 8, 1), (16, 32, 8, 2)]],
+        key=["N", "D", "RH", "KS", "H", "STORE_R"])(_re_fwd)
+else:
+    _re_fwd_tuned = None
+
+
 def _fwd_tiles(N: int):
     if interpreting():
         return 16, max(16, next_pow2(N))
@@ -256,11 +267,14 @@ def refine_eval_fwd(attn, v, w_exp, b_exp, w_dw, b_dw, w_pro, b_pro, alpha, beta
     BD = max(16, next_pow2(D))
     out = torch.empty(B, H, N, D, dtype=v.dtype, device=v.device)
     r = torch.empty(B, H, N, N, dtype=torch.float32, device=attn.device) if store_r else out
-    grid = (triton.cdiv(N, TM), B)
-    _re_fwd[grid](attn, v, we, be, w_dw.contiguous(), b_dw.contiguous(), w_pro.contiguous(),
-                  b_pro.contiguous(), alpha.contiguous(), beta.contiguous(), out, r, N, D, H, RH,
-                  KS=KS, RELU_E=relu, STORE_R=store_r, HP=HP, CC=CC, TM=TM, TJ=TJ, BD=BD,
-                  num_warps=num_warps_for(HP * TM * TJ))
+    args = (attn, v, we, be, w_dw.contiguous(), b_dw.contiguous(), w_pro.contiguous(),
+            b_pro.contiguous(), alpha.contiguous(), beta.contiguous(), out, r, N, D, H, RH)
+    if use_tuned(_re_fwd_tuned, attn):
+        _re_fwd_tuned[lambda META: (triton.cdiv(N, META["TM"]), B)](
+            *args, KS=KS, RELU_E=relu, STORE_R=store_r, HP=HP, CC=CC, BD=BD)
+    else:
+        _re_fwd[(triton.cdiv(N, TM), B)](*args, KS=KS, RELU_E=relu, STORE_R=store_r, HP=HP, CC=CC,
+                                         TM=TM, TJ=TJ, BD=BD, num_warps=num_warps_for(HP * TM * TJ))
     return r if store_r else out
 
 
@@ -269,7 +283,7 @@ def _bwd_tiles(N: int, KS: int):
     if interpreting():
         tj = max(16, next_pow2(N + 2 * pad))
         return 16, tj
-    return 16, 32
+    return 16, 16  # (HP x 256) fp32 tiles; the backward keeps ~10 of them live
 
 
 def refine_eval_dla_bwd(attn, dr, w_exp, b_exp, w_dw, b_dw, w_pro, b_pro, alpha, expand):

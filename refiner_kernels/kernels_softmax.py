@@ -18,7 +18,7 @@ import math
 
 import torch
 
-from ._common import check_device, interpreting, next_pow2, num_warps_for, triton, tl
+from ._common import check_device, gpu_autotune, interpreting, next_pow2, num_warps_for, triton, tl, use_tuned
 
 
 if triton is not None:
@@ -171,6 +171,16 @@ if triton is not None:
                  dv.to(dv_ptr.dtype.element_ty), mask=mkd)
 
 
+if triton is not None:
+    _sb_fwd_tuned = gpu_autotune(
+        [triton.Config({"BM": bm, "BN": bn}, num_warps=w, num_stages=s)
+         for bm, bn, w, s in [(64, 64, 4, 2), (64, 32, 4, 2), (128, 64, 8, 2), (32, 64, 4, 1),
+                              (64, 128, 8, 2)]],
+        key=["N", "D", "HAS_PREV"])(_sb_fwd)
+else:
+    _sb_fwd_tuned = None
+
+
 def _tiles(N: int, D: int):
     """(BM, BN, BD). Interpreter: whole rows in one tile (fewest programs). GPU: 64 x 64."""
     BD = max(16, next_pow2(D))
@@ -190,9 +200,13 @@ def softmax_block_fwd(q, k, v, prev_attn, scale: float):
     has_prev = prev_attn is not None
     prev = prev_attn.contiguous() if has_prev else attn  # dummy pointer when absent
     BM, BN, BD = _tiles(N, D)
-    grid = (triton.cdiv(N, BM), B * H)
-    _sb_fwd[grid](q, k, v, prev, out, attn, lse, N, D, float(scale), HAS_PREV=has_prev,
-                  BM=BM, BN=BN, BD=BD, num_warps=num_warps_for(BM * BN))
+    if use_tuned(_sb_fwd_tuned, q):
+        _sb_fwd_tuned[lambda META: (triton.cdiv(N, META["BM"]), B * H)](
+            q, k, v, prev, out, attn, lse, N, D, float(scale), HAS_PREV=has_prev, BD=BD)
+    else:
+        _sb_fwd[(triton.cdiv(N, BM), B * H)](q, k, v, prev, out, attn, lse, N, D, float(scale),
+                                             HAS_PREV=has_prev, BM=BM, BN=BN, BD=BD,
+                                             num_warps=num_warps_for(BM * BN))
     return out, attn, lse
 
 
