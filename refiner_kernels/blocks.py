@@ -18,9 +18,9 @@ if triton is not None:
                     sab, sam, sak, sbb, sbk, sbn, scb, scm, scn,
                     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
         """c[z] = a[z] @ b[z] for arbitrary strides (transposes are free); fp32 accumulation."""
-        pid_m = tl.program_id(0)
-        pid_n = tl.program_id(1)
-        z = tl.program_id(2).to(tl.int64)
+        z = tl.program_id(0).to(tl.int64)
+        pid_m = tl.program_id(1)
+        pid_n = tl.program_id(2)
         offs_m = (pid_m * BM + tl.arange(0, BM)).to(tl.int64)
         offs_n = (pid_n * BN + tl.arange(0, BN)).to(tl.int64)
         mm = offs_m < M
@@ -65,9 +65,9 @@ def bmm(a: torch.Tensor, b: torch.Tensor, out_dtype=None) -> torch.Tensor:
     args = (a3, b3, c, M, NN, K, a3.stride(0), a3.stride(1), a3.stride(2),
             b3.stride(0), b3.stride(1), b3.stride(2), c.stride(0), c.stride(1), c.stride(2))
     if use_tuned(_bmm_tuned, a):
-        _bmm_tuned[lambda META: (triton.cdiv(M, META["BM"]), triton.cdiv(NN, META["BN"]), Z)](*args)
+        _bmm_tuned[lambda META: (Z, triton.cdiv(M, META["BM"]), triton.cdiv(NN, META["BN"]))](*args)
     else:
-        _bmm_kernel[(triton.cdiv(M, BM), triton.cdiv(NN, BN), Z)](*args, BM=BM, BN=BN, BK=BK,
+        _bmm_kernel[(Z, triton.cdiv(M, BM), triton.cdiv(NN, BN))](*args, BM=BM, BN=BN, BK=BK,
                                                                  num_warps=num_warps_for(BM * BN))
     return c.reshape(*lead, M, NN)
 
@@ -102,8 +102,8 @@ if triton is not None:
     def _dwconv_fwd(x_ptr, w_ptr, y_ptr, C, N, M, KS: tl.constexpr, TM: tl.constexpr, TJ: tl.constexpr):
         """y[bc] = k x k depthwise stencil of x[bc] with zero padding; one program per (row tile, bc)."""
         PAD: tl.constexpr = KS // 2
-        pid_i = tl.program_id(0)
-        bc = tl.program_id(1).to(tl.int64)
+        pid_i = tl.program_id(1)
+        bc = tl.program_id(0).to(tl.int64)
         c = bc % C
         rows = pid_i * TM + tl.arange(0, TM)
         base = bc * N * M
@@ -125,8 +125,8 @@ if triton is not None:
                    TM: tl.constexpr, TJ: tl.constexpr):
         """Partial dw[bc, o] = sum over a row tile of dy[p] * x[p + s_o]; summed over b afterwards."""
         PAD: tl.constexpr = KS // 2
-        pid_i = tl.program_id(0)
-        bc = tl.program_id(1).to(tl.int64)
+        pid_i = tl.program_id(1)
+        bc = tl.program_id(0).to(tl.int64)
         rows = pid_i * TM + tl.arange(0, TM)
         base = bc * N * M
         ko = tl.arange(0, KKP)
@@ -141,7 +141,7 @@ if triton is not None:
                 ok = ((r2 >= 0) & (r2 < N))[:, None] & ((c2 >= 0) & (c2 < M))[None, :]
                 xs = tl.load(x_ptr + base + r2[:, None] * M + c2[None, :], mask=ok, other=0.0).to(tl.float32)
                 part += tl.where(ko == o, tl.sum(tl.sum(dy * xs, axis=1), axis=0), 0.0)
-        tl.store(pw_ptr + (bc * tl.num_programs(0) + pid_i) * KKP + ko, part)
+        tl.store(pw_ptr + (bc * tl.num_programs(1) + pid_i) * KKP + ko, part)
 
 
 def head_mix_fwd(x, w):
@@ -212,7 +212,7 @@ def attn_dwconv_fwd(x, w):
     KS = w.shape[-1]
     y = torch.empty_like(x)
     TM, TJ = _dw_tiles(N, M)
-    _dwconv_fwd[(triton.cdiv(N, TM), B * C)](x, w, y, C, N, M, KS=KS, TM=TM, TJ=TJ,
+    _dwconv_fwd[(B * C, triton.cdiv(N, TM))](x, w, y, C, N, M, KS=KS, TM=TM, TJ=TJ,
                                              num_warps=num_warps_for(TM * TJ))
     return y
 
@@ -227,7 +227,7 @@ def attn_dwconv_bwd(dy, x, w):
     nti = triton.cdiv(N, TM)
     KKP = next_pow2(KS * KS)
     part = torch.empty(B * C * nti, KKP, dtype=torch.float32, device=x.device)
-    _dwconv_dw[(nti, B * C)](x, dy, part, N, M, KS=KS, KKP=KKP, TM=TM, TJ=TJ,
+    _dwconv_dw[(B * C, nti)](x, dy, part, N, M, KS=KS, KKP=KKP, TM=TM, TJ=TJ,
                              num_warps=num_warps_for(TM * TJ))
     dw = part.reshape(B, C, nti, KKP).sum((0, 2))[:, :KS * KS].reshape(C, KS, KS).to(w.dtype)
     return dx, dw

@@ -42,8 +42,8 @@ if triton is not None:
                 BD: tl.constexpr):
         PAD: tl.constexpr = KS // 2
         P: tl.constexpr = TM * TJ
-        pid_i = tl.program_id(0)
-        b = tl.program_id(1).to(tl.int64)
+        pid_i = tl.program_id(1)
+        b = tl.program_id(0).to(tl.int64)
         hh = tl.arange(0, HP)
         mh = hh < H
         p = tl.arange(0, P)
@@ -116,9 +116,9 @@ if triton is not None:
         PAD: tl.constexpr = KS // 2
         P: tl.constexpr = TM * TJ
         KK: tl.constexpr = KS * KS
-        pid_t = tl.program_id(0)
-        b = tl.program_id(1).to(tl.int64)
-        prog = b * tl.num_programs(0) + pid_t
+        pid_t = tl.program_id(1)
+        b = tl.program_id(0).to(tl.int64)
+        prog = b * tl.num_programs(1) + pid_t
         pid_i = pid_t // NTJ
         pid_j = pid_t % NTJ
         hh = tl.arange(0, HP)
@@ -270,10 +270,10 @@ def refine_eval_fwd(attn, v, w_exp, b_exp, w_dw, b_dw, w_pro, b_pro, alpha, beta
     args = (attn, v, we, be, w_dw.contiguous(), b_dw.contiguous(), w_pro.contiguous(),
             b_pro.contiguous(), alpha.contiguous(), beta.contiguous(), out, r, N, D, H, RH)
     if use_tuned(_re_fwd_tuned, attn):
-        _re_fwd_tuned[lambda META: (triton.cdiv(N, META["TM"]), B)](
+        _re_fwd_tuned[lambda META: (B, triton.cdiv(N, META["TM"]))](
             *args, KS=KS, RELU_E=relu, STORE_R=store_r, HP=HP, CC=CC, BD=BD)
     else:
-        _re_fwd[(triton.cdiv(N, TM), B)](*args, KS=KS, RELU_E=relu, STORE_R=store_r, HP=HP, CC=CC,
+        _re_fwd[(B, triton.cdiv(N, TM))](*args, KS=KS, RELU_E=relu, STORE_R=store_r, HP=HP, CC=CC,
                                          TM=TM, TJ=TJ, BD=BD, num_warps=num_warps_for(HP * TM * TJ))
     return r if store_r else out
 
@@ -313,7 +313,7 @@ def refine_eval_dla_bwd(attn, dr, w_exp, b_exp, w_dw, b_dw, w_pro, b_pro, alpha,
     pbp = torch.zeros(nprog, HP, **f32)
     pal = torch.zeros(nprog, HP, **f32)
     pbt = torch.zeros(nprog, HP, **f32)
-    _re_bwd[(nti * ntj, B)](attn, dr, we, be, w_dw.contiguous(), b_dw.contiguous(), w_pro.contiguous(),
+    _re_bwd[(B, nti * ntj)](attn, dr, we, be, w_dw.contiguous(), b_dw.contiguous(), w_pro.contiguous(),
                             b_pro.contiguous(), alpha.contiguous(), da, scr, pwe, pbe, pwdw, pbdw, pwp,
                             pbp, pal, pbt, N, H, RH, RHP, ntj, KS=KS, RELU_E=relu, HP=HP, CC=CC,
                             TM=TM, TJ=TJ, num_warps=num_warps_for(HP * TM * TJ))

@@ -95,9 +95,9 @@ if triton is not None:
         """Non-overlapping tile pass. MODE 1: moments of A (F1). 2: BN2 stats of X2 (F2).
         3: moments of A, Y3 (F3). 4: B1 sums. 5: B2 (dW_p partials, dg2/db2 sums)."""
         P: tl.constexpr = TM * TJ
-        pid_t = tl.program_id(0)
-        b = tl.program_id(1).to(tl.int64)
-        prog = b * tl.num_programs(0) + pid_t
+        pid_t = tl.program_id(1)
+        b = tl.program_id(0).to(tl.int64)
+        prog = b * tl.num_programs(1) + pid_t
         pid_i = pid_t // NTJ
         pid_j = pid_t % NTJ
         hh = tl.arange(0, HP)
@@ -191,9 +191,9 @@ if triton is not None:
         PAD: tl.constexpr = KS // 2
         P: tl.constexpr = TM * TJ
         KK: tl.constexpr = KS * KS
-        pid_t = tl.program_id(0)
-        b = tl.program_id(1).to(tl.int64)
-        prog = b * tl.num_programs(0) + pid_t
+        pid_t = tl.program_id(1)
+        b = tl.program_id(0).to(tl.int64)
+        prog = b * tl.num_programs(1) + pid_t
         pid_i = pid_t // NTJ
         pid_j = pid_t % NTJ
         hh = tl.arange(0, HP)
@@ -308,7 +308,7 @@ def _launch_tile(mode, attn, dr, we, be, wdw, wp, cv, hv, scale, relu):
     part = torch.zeros(nprog, 8, W, dtype=torch.float32, device=dev)
     pn = torch.zeros(nprog, dtype=torch.float32, device=dev)
     pwp = torch.zeros(nprog, HP, HP if mode == 1 else (RHP if mode == 5 else 1), dtype=torch.float32, device=dev)
-    _rt_tile[(nti * ntj, B)](attn, dr if dr is not None else attn, we, be, wdw, wp, cv, hv, part, pn, pwp,
+    _rt_tile[(B, nti * ntj)](attn, dr if dr is not None else attn, we, be, wdw, wp, cv, hv, part, pn, pwp,
                              N, H, RH, RHP, ntj, float(scale), MODE=mode, KS=KS, RELU_E=relu, HP=HP, CC=CC,
                              TM=TM, TJ=TJ, W=W, num_warps=num_warps_for(HP * TM * TJ))
     return part.double(), pn.double(), pwp
@@ -479,7 +479,7 @@ def refine_train_bwd(dout, attn, v, w_exp, w_dw, w_pro, g1, b1, g2, b2, g3, b3, 
     part3 = torch.zeros(nprog, 2, RHP, **f32)
     pwdw = torch.zeros(nprog, RHP, KS * KS, **f32)
     pm = torch.zeros(nprog, RHP, HP, **f32)
-    _rt_b3[(nti * ntj, B)](attn, dr, we_f, be_f, wer, wdw, wp, cv, hv, da, scr, part3, pwdw, pm,
+    _rt_b3[(B, nti * ntj)](attn, dr, we_f, be_f, wer, wdw, wp, cv, hv, da, scr, part3, pwdw, pm,
                            N, H, RH, RHP, ntj, float(scale), KS=KS, RELU_E=expand, HP=HP, CC=CC,
                            TM=TM, TJ=TJ, num_warps=num_warps_for(HP * TM * TJ))
     dwdw = pwdw.double().sum(0)[:RH].reshape(RH, KS, KS)

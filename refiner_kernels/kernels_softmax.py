@@ -26,8 +26,8 @@ if triton is not None:
     @triton.jit
     def _sb_fwd(q_ptr, k_ptr, v_ptr, p_ptr, out_ptr, a_ptr, lse_ptr, N, D, scale,
                 HAS_PREV: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr):
-        pid_m = tl.program_id(0)
-        bh = tl.program_id(1).to(tl.int64)
+        pid_m = tl.program_id(1)
+        bh = tl.program_id(0).to(tl.int64)
         offs_m = pid_m * BM + tl.arange(0, BM)
         offs_d = tl.arange(0, BD)
         mrow = offs_m < N
@@ -76,8 +76,8 @@ if triton is not None:
     def _sb_bwd_dq(q_ptr, k_ptr, v_ptr, lse_ptr, do_ptr, da_ptr, dq_ptr, dp_ptr, delta_ptr,
                    N, D, scale, HAS_PREV: tl.constexpr,
                    BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr):
-        pid_m = tl.program_id(0)
-        bh = tl.program_id(1).to(tl.int64)
+        pid_m = tl.program_id(1)
+        bh = tl.program_id(0).to(tl.int64)
         offs_m = pid_m * BM + tl.arange(0, BM)
         offs_d = tl.arange(0, BD)
         mrow = offs_m < N
@@ -130,8 +130,8 @@ if triton is not None:
     def _sb_bwd_dkdv(q_ptr, k_ptr, v_ptr, p_ptr, lse_ptr, delta_ptr, do_ptr, da_ptr, dk_ptr, dv_ptr,
                      N, D, scale, HAS_PREV: tl.constexpr,
                      BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr):
-        pid_n = tl.program_id(0)
-        bh = tl.program_id(1).to(tl.int64)
+        pid_n = tl.program_id(1)
+        bh = tl.program_id(0).to(tl.int64)
         offs_n = pid_n * BN + tl.arange(0, BN)
         offs_d = tl.arange(0, BD)
         mn = offs_n < N
@@ -201,10 +201,10 @@ def softmax_block_fwd(q, k, v, prev_attn, scale: float):
     prev = prev_attn.contiguous() if has_prev else attn  # dummy pointer when absent
     BM, BN, BD = _tiles(N, D)
     if use_tuned(_sb_fwd_tuned, q):
-        _sb_fwd_tuned[lambda META: (triton.cdiv(N, META["BM"]), B * H)](
+        _sb_fwd_tuned[lambda META: (B * H, triton.cdiv(N, META["BM"]))](
             q, k, v, prev, out, attn, lse, N, D, float(scale), HAS_PREV=has_prev, BD=BD)
     else:
-        _sb_fwd[(triton.cdiv(N, BM), B * H)](q, k, v, prev, out, attn, lse, N, D, float(scale),
+        _sb_fwd[(B * H, triton.cdiv(N, BM))](q, k, v, prev, out, attn, lse, N, D, float(scale),
                                              HAS_PREV=has_prev, BM=BM, BN=BN, BD=BD,
                                              num_warps=num_warps_for(BM * BN))
     return out, attn, lse
@@ -223,11 +223,11 @@ def softmax_block_bwd(dout, dattn, q, k, v, prev_attn, lse, scale: float):
     delta = torch.empty(B, H, N, dtype=torch.float32, device=q.device)
     BM, BN, BD = _tiles(N, D)
     nw = num_warps_for(BM * BN)
-    _sb_bwd_dq[(triton.cdiv(N, BM), B * H)](
+    _sb_bwd_dq[(B * H, triton.cdiv(N, BM))](
         q, k, v, lse, dout, dattn, dq, dprev if has_prev else dq, delta, N, D, float(scale),
         HAS_PREV=has_prev, BM=BM, BN=BN, BD=BD, num_warps=nw)
     # dk/dv: key tiles of BM rows, loop over query tiles of BN rows.
-    _sb_bwd_dkdv[(triton.cdiv(N, BM), B * H)](
+    _sb_bwd_dkdv[(B * H, triton.cdiv(N, BM))](
         q, k, v, prev, lse, delta, dout, dattn, dk, dv, N, D, float(scale),
         HAS_PREV=has_prev, BM=BN, BN=BM, BD=BD, num_warps=nw)
     return dq, dk, dv, dprev
