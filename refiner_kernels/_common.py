@@ -48,9 +48,9 @@ def num_warps_for(elems: int) -> int:
     """A simple warps heuristic by tile size (GPU only; ignored by the interpreter)."""
     if interpreting():
         return 1
-    if elems >= 16384:
-        return 8
     if elems >= 4096:
+        return 8
+    if elems >= 1024:
         return 4
     return 2
 
