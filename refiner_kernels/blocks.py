@@ -16,8 +16,9 @@ if triton is not None:
     @triton.jit
     def _bmm_kernel(a_ptr, b_ptr, c_ptr, M, NN, K,
                     sab, sam, sak, sbb, sbk, sbn, scb, scm, scn,
-                    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
-        """c[z] = a[z] @ b[z] for arbitrary strides (transposes are free); fp32 accumulation."""
+                    DOT_T: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+        """c[z] = a[z] @ b[z] for arbitrary strides (transposes are free); fp32 accumulation,
+        operands in DOT_T (the common half type of a and b: exact, tensor cores; else fp32)."""
         z = tl.program_id(0).to(tl.int64)
         pid_m = tl.program_id(1)
         pid_n = tl.program_id(2)
@@ -30,9 +31,9 @@ if triton is not None:
             offs_k = (k0 + tl.arange(0, BK)).to(tl.int64)
             mk = offs_k < K
             a = tl.load(a_ptr + z * sab + offs_m[:, None] * sam + offs_k[None, :] * sak,
-                        mask=mm[:, None] & mk[None, :], other=0.0).to(tl.float32)
+                        mask=mm[:, None] & mk[None, :], other=0.0).to(DOT_T)
             b = tl.load(b_ptr + z * sbb + offs_k[:, None] * sbk + offs_n[None, :] * sbn,
-                        mask=mk[:, None] & mn[None, :], other=0.0).to(tl.float32)
+                        mask=mk[:, None] & mn[None, :], other=0.0).to(DOT_T)
             acc += tl.dot(a, b, input_precision="ieee")
         tl.store(c_ptr + z * scb + offs_m[:, None] * scm + offs_n[None, :] * scn,
                  acc.to(c_ptr.dtype.element_ty), mask=mm[:, None] & mn[None, :])
@@ -64,10 +65,15 @@ def bmm(a: torch.Tensor, b: torch.Tensor, out_dtype=None) -> torch.Tensor:
         BM, BN, BK = 64, 64, 32
     args = (a3, b3, c, M, NN, K, a3.stride(0), a3.stride(1), a3.stride(2),
             b3.stride(0), b3.stride(1), b3.stride(2), c.stride(0), c.stride(1), c.stride(2))
+    dot_t = tl.float32
+    if a.dtype == b.dtype == torch.float16:
+        dot_t = tl.float16
+    elif a.dtype == b.dtype == torch.bfloat16 and not interpreting():
+        dot_t = tl.bfloat16
     if use_tuned(_bmm_tuned, a):
-        _bmm_tuned[lambda META: (Z, triton.cdiv(M, META["BM"]), triton.cdiv(NN, META["BN"]))](*args)
+        _bmm_tuned[lambda META: (Z, triton.cdiv(M, META["BM"]), triton.cdiv(NN, META["BN"]))](*args, DOT_T=dot_t)
     else:
-        _bmm_kernel[(Z, triton.cdiv(M, BM), triton.cdiv(NN, BN))](*args, BM=BM, BN=BN, BK=BK,
+        _bmm_kernel[(Z, triton.cdiv(M, BM), triton.cdiv(NN, BN))](*args, DOT_T=dot_t, BM=BM, BN=BN, BK=BK,
                                                                  num_warps=num_warps_for(BM * BN))
     return c.reshape(*lead, M, NN)
 

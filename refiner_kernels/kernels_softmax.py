@@ -25,7 +25,7 @@ if triton is not None:
 
     @triton.jit
     def _sb_fwd(q_ptr, k_ptr, v_ptr, p_ptr, out_ptr, a_ptr, lse_ptr, N, D, scale,
-                HAS_PREV: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr):
+                HAS_PREV: tl.constexpr, DOT_T: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr):
         pid_m = tl.program_id(1)
         bh = tl.program_id(0).to(tl.int64)
         offs_m = pid_m * BM + tl.arange(0, BM)
@@ -35,14 +35,14 @@ if triton is not None:
         base_qd = bh * N * D
         base_nn = bh * N * N
         q = tl.load(q_ptr + base_qd + offs_m[:, None] * D + offs_d[None, :],
-                    mask=mrow[:, None] & mcol_d[None, :], other=0.0).to(tl.float32)
+                    mask=mrow[:, None] & mcol_d[None, :], other=0.0).to(DOT_T)
         m_i = tl.full((BM,), float("-inf"), tl.float32)
         l_i = tl.zeros((BM,), tl.float32)
         for n0 in range(0, N, BN):
             offs_n = n0 + tl.arange(0, BN)
             mn = offs_n < N
             kt = tl.load(k_ptr + base_qd + offs_n[None, :] * D + offs_d[:, None],
-                         mask=mn[None, :] & mcol_d[:, None], other=0.0).to(tl.float32)
+                         mask=mn[None, :] & mcol_d[:, None], other=0.0).to(DOT_T)
             s = tl.dot(q, kt, input_precision="ieee") * scale
             s = tl.where(mn[None, :], s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, axis=1))
@@ -54,7 +54,7 @@ if triton is not None:
             offs_n = n0 + tl.arange(0, BN)
             mn = offs_n < N
             kt = tl.load(k_ptr + base_qd + offs_n[None, :] * D + offs_d[:, None],
-                         mask=mn[None, :] & mcol_d[:, None], other=0.0).to(tl.float32)
+                         mask=mn[None, :] & mcol_d[:, None], other=0.0).to(DOT_T)
             s = tl.dot(q, kt, input_precision="ieee") * scale
             p = tl.exp(s - m_i[:, None]) * inv_l[:, None]
             mask2 = mrow[:, None] & mn[None, :]
@@ -66,15 +66,15 @@ if triton is not None:
             tl.store(a_ptr + base_nn + offs_m[:, None] * N + offs_n[None, :],
                      p.to(a_ptr.dtype.element_ty), mask=mask2)
             vv = tl.load(v_ptr + base_qd + offs_n[:, None] * D + offs_d[None, :],
-                         mask=mn[:, None] & mcol_d[None, :], other=0.0).to(tl.float32)
-            acc += tl.dot(p, vv, input_precision="ieee")
+                         mask=mn[:, None] & mcol_d[None, :], other=0.0).to(DOT_T)
+            acc += tl.dot(p.to(DOT_T), vv, input_precision="ieee")
         tl.store(out_ptr + base_qd + offs_m[:, None] * D + offs_d[None, :],
                  acc.to(out_ptr.dtype.element_ty), mask=mrow[:, None] & mcol_d[None, :])
         tl.store(lse_ptr + bh * N + offs_m, m_i + tl.log(l_i), mask=mrow)
 
     @triton.jit
     def _sb_bwd_dq(q_ptr, k_ptr, v_ptr, lse_ptr, do_ptr, da_ptr, dq_ptr, dp_ptr, delta_ptr,
-                   N, D, scale, HAS_PREV: tl.constexpr,
+                   N, D, scale, HAS_PREV: tl.constexpr, DOT_T: tl.constexpr,
                    BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr):
         pid_m = tl.program_id(1)
         bh = tl.program_id(0).to(tl.int64)
@@ -85,8 +85,8 @@ if triton is not None:
         base_qd = bh * N * D
         base_nn = bh * N * N
         mqd = mrow[:, None] & mcol_d[None, :]
-        q = tl.load(q_ptr + base_qd + offs_m[:, None] * D + offs_d[None, :], mask=mqd, other=0.0).to(tl.float32)
-        do = tl.load(do_ptr + base_qd + offs_m[:, None] * D + offs_d[None, :], mask=mqd, other=0.0).to(tl.float32)
+        q = tl.load(q_ptr + base_qd + offs_m[:, None] * D + offs_d[None, :], mask=mqd, other=0.0).to(DOT_T)
+        do = tl.load(do_ptr + base_qd + offs_m[:, None] * D + offs_d[None, :], mask=mqd, other=0.0).to(DOT_T)
         lse = tl.load(lse_ptr + bh * N + offs_m, mask=mrow, other=0.0)
         delta = tl.zeros((BM,), tl.float32)
         for n0 in range(0, N, BN):
@@ -94,9 +94,9 @@ if triton is not None:
             mn = offs_n < N
             mask2 = mrow[:, None] & mn[None, :]
             kt = tl.load(k_ptr + base_qd + offs_n[None, :] * D + offs_d[:, None],
-                         mask=mn[None, :] & mcol_d[:, None], other=0.0).to(tl.float32)
+                         mask=mn[None, :] & mcol_d[:, None], other=0.0).to(DOT_T)
             vt = tl.load(v_ptr + base_qd + offs_n[None, :] * D + offs_d[:, None],
-                         mask=mn[None, :] & mcol_d[:, None], other=0.0).to(tl.float32)
+                         mask=mn[None, :] & mcol_d[:, None], other=0.0).to(DOT_T)
             s = tl.dot(q, kt, input_precision="ieee") * scale
             p = tl.where(mask2, tl.exp(s - lse[:, None]), 0.0)
             da = tl.load(da_ptr + base_nn + offs_m[:, None] * N + offs_n[None, :], mask=mask2,
@@ -112,23 +112,23 @@ if triton is not None:
             mn = offs_n < N
             mask2 = mrow[:, None] & mn[None, :]
             kt = tl.load(k_ptr + base_qd + offs_n[None, :] * D + offs_d[:, None],
-                         mask=mn[None, :] & mcol_d[:, None], other=0.0).to(tl.float32)
+                         mask=mn[None, :] & mcol_d[:, None], other=0.0).to(DOT_T)
             vt = tl.load(v_ptr + base_qd + offs_n[None, :] * D + offs_d[:, None],
-                         mask=mn[None, :] & mcol_d[:, None], other=0.0).to(tl.float32)
+                         mask=mn[None, :] & mcol_d[:, None], other=0.0).to(DOT_T)
             s = tl.dot(q, kt, input_precision="ieee") * scale
             p = tl.where(mask2, tl.exp(s - lse[:, None]), 0.0)
             da = tl.load(da_ptr + base_nn + offs_m[:, None] * N + offs_n[None, :], mask=mask2,
                          other=0.0).to(tl.float32)
             da = da + tl.dot(do, vt, input_precision="ieee")
             ds = p * (da - delta[:, None])
-            dq += tl.dot(ds, tl.trans(kt), input_precision="ieee")
+            dq += tl.dot(ds, tl.trans(kt).to(tl.float32), input_precision="ieee")
         tl.store(dq_ptr + base_qd + offs_m[:, None] * D + offs_d[None, :],
                  (dq * scale).to(dq_ptr.dtype.element_ty), mask=mqd)
         tl.store(delta_ptr + bh * N + offs_m, delta, mask=mrow)
 
     @triton.jit
     def _sb_bwd_dkdv(q_ptr, k_ptr, v_ptr, p_ptr, lse_ptr, delta_ptr, do_ptr, da_ptr, dk_ptr, dv_ptr,
-                     N, D, scale, HAS_PREV: tl.constexpr,
+                     N, D, scale, HAS_PREV: tl.constexpr, DOT_T: tl.constexpr,
                      BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr):
         pid_n = tl.program_id(1)
         bh = tl.program_id(0).to(tl.int64)
@@ -139,8 +139,8 @@ if triton is not None:
         base_qd = bh * N * D
         base_nn = bh * N * N
         mkd = mn[:, None] & mcol_d[None, :]
-        k = tl.load(k_ptr + base_qd + offs_n[:, None] * D + offs_d[None, :], mask=mkd, other=0.0).to(tl.float32)
-        v = tl.load(v_ptr + base_qd + offs_n[:, None] * D + offs_d[None, :], mask=mkd, other=0.0).to(tl.float32)
+        k = tl.load(k_ptr + base_qd + offs_n[:, None] * D + offs_d[None, :], mask=mkd, other=0.0).to(DOT_T)
+        v = tl.load(v_ptr + base_qd + offs_n[:, None] * D + offs_d[None, :], mask=mkd, other=0.0).to(DOT_T)
         dk = tl.zeros((BN, BD), tl.float32)
         dv = tl.zeros((BN, BD), tl.float32)
         for m0 in range(0, N, BM):
@@ -148,8 +148,8 @@ if triton is not None:
             mrow = offs_m < N
             mqd = mrow[:, None] & mcol_d[None, :]
             mask2 = mrow[:, None] & mn[None, :]
-            q = tl.load(q_ptr + base_qd + offs_m[:, None] * D + offs_d[None, :], mask=mqd, other=0.0).to(tl.float32)
-            do = tl.load(do_ptr + base_qd + offs_m[:, None] * D + offs_d[None, :], mask=mqd, other=0.0).to(tl.float32)
+            q = tl.load(q_ptr + base_qd + offs_m[:, None] * D + offs_d[None, :], mask=mqd, other=0.0).to(DOT_T)
+            do = tl.load(do_ptr + base_qd + offs_m[:, None] * D + offs_d[None, :], mask=mqd, other=0.0).to(DOT_T)
             lse = tl.load(lse_ptr + bh * N + offs_m, mask=mrow, other=0.0)
             delta = tl.load(delta_ptr + bh * N + offs_m, mask=mrow, other=0.0)
             s = tl.dot(q, tl.trans(k), input_precision="ieee") * scale
@@ -159,12 +159,12 @@ if triton is not None:
                 prev = tl.load(p_ptr + base_nn + offs_m[:, None] * N + offs_n[None, :], mask=mask2,
                                other=0.0).to(tl.float32)
                 a = p + prev * scale
-            dv += tl.dot(tl.trans(a), do, input_precision="ieee")
+            dv += tl.dot(tl.trans(a.to(DOT_T)), do, input_precision="ieee")
             da = tl.load(da_ptr + base_nn + offs_m[:, None] * N + offs_n[None, :], mask=mask2,
                          other=0.0).to(tl.float32)
             da = da + tl.dot(do, tl.trans(v), input_precision="ieee")
             ds = p * (da - delta[:, None])
-            dk += tl.dot(tl.trans(ds), q, input_precision="ieee")
+            dk += tl.dot(tl.trans(ds), q.to(tl.float32), input_precision="ieee")
         tl.store(dk_ptr + base_qd + offs_n[:, None] * D + offs_d[None, :],
                  (dk * scale).to(dk_ptr.dtype.element_ty), mask=mkd)
         tl.store(dv_ptr + base_qd + offs_n[:, None] * D + offs_d[None, :],
@@ -179,6 +179,18 @@ if triton is not None:
         key=["N", "D", "HAS_PREV"])(_sb_fwd)
 else:
     _sb_fwd_tuned = None
+
+
+def _dot_dtype(dtype):
+    """Operand type of the tensor-core dots whose operands are exact in the input type (q k^T,
+    dO v^T) or rounded to it exactly as the reference rounds them (A @ v with A stored in the
+    input type). Everything else stays fp32. bf16 under the interpreter is computed in fp32
+    (the interpreter mishandles bf16)."""
+    if dtype == torch.float16:
+        return tl.float16
+    if dtype == torch.bfloat16 and not interpreting():
+        return tl.bfloat16
+    return tl.float32
 
 
 def _tiles(N: int, D: int):
@@ -202,10 +214,10 @@ def softmax_block_fwd(q, k, v, prev_attn, scale: float):
     BM, BN, BD = _tiles(N, D)
     if use_tuned(_sb_fwd_tuned, q):
         _sb_fwd_tuned[lambda META: (B * H, triton.cdiv(N, META["BM"]))](
-            q, k, v, prev, out, attn, lse, N, D, float(scale), HAS_PREV=has_prev, BD=BD)
+            q, k, v, prev, out, attn, lse, N, D, float(scale), HAS_PREV=has_prev, DOT_T=_dot_dtype(q.dtype), BD=BD)
     else:
         _sb_fwd[(B * H, triton.cdiv(N, BM))](q, k, v, prev, out, attn, lse, N, D, float(scale),
-                                             HAS_PREV=has_prev, BM=BM, BN=BN, BD=BD,
+                                             HAS_PREV=has_prev, DOT_T=_dot_dtype(q.dtype), BM=BM, BN=BN, BD=BD,
                                              num_warps=num_warps_for(BM * BN))
     return out, attn, lse
 
@@ -225,9 +237,9 @@ def softmax_block_bwd(dout, dattn, q, k, v, prev_attn, lse, scale: float):
     nw = num_warps_for(BM * BN)
     _sb_bwd_dq[(B * H, triton.cdiv(N, BM))](
         q, k, v, lse, dout, dattn, dq, dprev if has_prev else dq, delta, N, D, float(scale),
-        HAS_PREV=has_prev, BM=BM, BN=BN, BD=BD, num_warps=nw)
+        HAS_PREV=has_prev, DOT_T=_dot_dtype(q.dtype), BM=BM, BN=BN, BD=BD, num_warps=nw)
     # dk/dv: key tiles of BM rows, loop over query tiles of BN rows.
     _sb_bwd_dkdv[(B * H, triton.cdiv(N, BM))](
         q, k, v, prev, lse, delta, dout, dattn, dk, dv, N, D, float(scale),
-        HAS_PREV=has_prev, BM=BN, BN=BM, BD=BD, num_warps=nw)
+        HAS_PREV=has_prev, DOT_T=_dot_dtype(q.dtype), BM=BN, BN=BM, BD=BD, num_warps=nw)
     return dq, dk, dv, dprev
