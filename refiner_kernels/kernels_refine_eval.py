@@ -205,7 +205,7 @@ if triton is not None:
                 sj = pj - dv
                 okk = (sm >= 0) & (sm < TM) & (sj >= 0) & (sj < TJ)
                 gs = tl.load(scr + tl.arange(0, CC)[:, None] * P + (sm * TJ + sj)[None, :],
-                             mask=okk[None, :], other=0.0)
+                             mask=okk[None, :], other=0.0, cache_modifier=".cg")
                 w = tl.load(wdw_ptr + cc * KK + o, mask=mc, other=0.0).to(tl.float32)
                 de += w[:, None] * gs
             epre = tl.dot(we, a0, input_precision="ieee") + be[:, None]
@@ -316,7 +316,8 @@ def refine_eval_dla_bwd(attn, dr, w_exp, b_exp, w_dw, b_dw, w_pro, b_pro, alpha,
     _re_bwd[(B, nti * ntj)](attn, dr, we, be, w_dw.contiguous(), b_dw.contiguous(), w_pro.contiguous(),
                             b_pro.contiguous(), alpha.contiguous(), da, scr, pwe, pbe, pwdw, pbdw, pwp,
                             pbp, pal, pbt, N, H, RH, RHP, ntj, KS=KS, RELU_E=relu, HP=HP, CC=CC,
-                            TM=TM, TJ=TJ, num_warps=num_warps_for(HP * TM * TJ))
+                            TM=TM, TJ=TJ, num_warps=num_warps_for(HP * TM * TJ),
+                            num_stages=1)  # scratch staging: no software pipelining across barriers
     dwe = pwe.sum(0)[:RH, :H]
     dbe = pbe.sum(0)[:RH]
     if not expand:

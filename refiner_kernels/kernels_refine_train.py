@@ -256,7 +256,7 @@ if triton is not None:
                 sj = pj - (o % KS - PAD)
                 okk = (sm >= 0) & (sm < TM) & (sj >= 0) & (sj < TJ)
                 gs = tl.load(scr + tl.arange(0, CC)[:, None] * P + (sm * TJ + sj)[None, :], mask=okk[None, :],
-                             other=0.0)
+                             other=0.0, cache_modifier=".cg")
                 w = tl.load(wdw_ptr + cc * KK + o, mask=mc, other=0.0)
                 de += w[:, None] * gs
             x1pre = tl.dot(we, a0, input_precision="ieee") + be[:, None]
@@ -481,7 +481,8 @@ def refine_train_bwd(dout, attn, v, w_exp, w_dw, w_pro, g1, b1, g2, b2, g3, b3, 
     pm = torch.zeros(nprog, RHP, HP, **f32)
     _rt_b3[(B, nti * ntj)](attn, dr, we_f, be_f, wer, wdw, wp, cv, hv, da, scr, part3, pwdw, pm,
                            N, H, RH, RHP, ntj, float(scale), KS=KS, RELU_E=expand, HP=HP, CC=CC,
-                           TM=TM, TJ=TJ, num_warps=num_warps_for(HP * TM * TJ))
+                           TM=TM, TJ=TJ, num_warps=num_warps_for(HP * TM * TJ),
+                           num_stages=1)  # scratch staging: no software pipelining across barriers
     dwdw = pwdw.double().sum(0)[:RH].reshape(RH, KS, KS)
     if expand:
         part3 = part3.double()
