@@ -143,22 +143,27 @@ def test_opcheck_refine_eval():
 
 
 class _Tiny(torch.nn.Module):
-    def __init__(self, f, scale):
+    def __init__(self, f, scale, targs):
         super().__init__()
         self.f = f
         self.scale = scale
+        self.targs = targs
 
     def forward(self, q, k, v, v2):
         out, attn = rk.softmax_block(q, k, v, None, self.scale)
         out2 = rk.refine_eval(attn, v2, *self.f.args())
-        return out + out2
+        out3, stats = rk.refine_train(attn, v2, *self.targs, 1e-5, self.scale, True)
+        return out + out2 + out3 + stats[1].mean.sum()
 
 
 def test_torch_compile_fullgraph():
+    """softmax_block -> refine_eval and refine_train in one compiled graph, forward and backward."""
     B, H, N, d = 1, 4, 9, 16
     f = _folded(H, 3, 3, d)
     f = ref.FoldedRefine(*[t.to(DEV) for t in f.args()[:-1]], f.expand)
-    m = _Tiny(f, d ** -0.5)
+    dla, bn = random_dla(H, 3, 3, seed=1)
+    targs = [t.detach().to(DEV) for t in train_args(dla, bn)]
+    m = _Tiny(f, d ** -0.5, targs)
     xs = [torch.randn(B, H, N, d, device=DEV, requires_grad=True) for _ in range(4)]
     eager = m(*xs)
     g_eager = torch.autograd.grad(eager.sum(), xs)
@@ -171,7 +176,9 @@ def test_torch_compile_fullgraph():
     for a, b in zip(g_comp, g_eager):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
     r_out, r_attn = ref.softmax_block(*xs[:3], None, d ** -0.5)
-    torch.testing.assert_close(eager, r_out + ref.refine_eval(r_attn, xs[3], *f.args()), rtol=1e-4, atol=1e-5)
+    r_out3, r_stats = ref.refine_train(r_attn, xs[3], *targs, 1e-5, d ** -0.5, True)
+    torch.testing.assert_close(eager, r_out + ref.refine_eval(r_attn, xs[3], *f.args()) + r_out3
+                               + r_stats[1].mean.sum(), rtol=1e-4, atol=1e-4)
 
 
 # ----------------------------------------------------------------------------- building blocks
