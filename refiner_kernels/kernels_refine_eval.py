@@ -280,10 +280,10 @@ def refine_eval_fwd(attn, v, w_exp, b_exp, w_dw, b_dw, w_pro, b_pro, alpha, beta
 
 def _bwd_tiles(N: int, KS: int):
     pad = KS // 2
+    tm = max(16, next_pow2(2 * pad + 8))  # halo tiles: at least 8 owned rows/columns
     if interpreting():
-        tj = max(16, next_pow2(N + 2 * pad))
-        return 16, tj
-    return 16, 16  # (HP x 256) fp32 tiles; the backward keeps ~10 of them live
+        return tm, max(tm, next_pow2(N + 2 * pad))
+    return tm, tm  # (HP x 256) fp32 tiles for k <= 7; the backward keeps ~10 of them live
 
 
 def refine_eval_dla_bwd(attn, dr, w_exp, b_exp, w_dw, b_dw, w_pro, b_pro, alpha, expand):

@@ -279,9 +279,10 @@ if triton is not None:
 
 
 def _tile_cfg(N: int, halo: int = 0):
+    tm = max(16, next_pow2(2 * halo + 8))  # halo tiles: at least 8 owned rows/columns
     if interpreting():
-        return 16, max(16, next_pow2(N + 2 * halo))
-    return 16, 16  # (16 x 256) fp32 tiles: the B3 kernel keeps ~10 of them live
+        return tm, max(tm, next_pow2(N + 2 * halo))
+    return tm, tm  # (16 x 256) fp32 tiles for k <= 7: the B3 kernel keeps ~10 of them live
 
 
 def _f32(t):
