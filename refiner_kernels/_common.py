@@ -68,3 +68,19 @@ def gpu_autotune(configs, key):
 
 def use_tuned(tuned, *tensors) -> bool:
     return tuned is not None and all(t is None or t.is_cuda for t in tensors)
+
+
+SCRATCH_BUDGET = 64 << 20  # bytes of per-program scratch one backward launch may use
+FORCE_SCRATCH_BUDGET = None  # tests: force chunking under the interpreter too
+
+
+def batch_chunks(B: int, progs_per_image: int, scratch_bytes_per_prog: int):
+    """Split the batch so a launch's per-program scratch stays under SCRATCH_BUDGET bytes (GPU);
+    one chunk under the interpreter unless FORCE_SCRATCH_BUDGET is set. Yields (lo, hi)."""
+    budget = FORCE_SCRATCH_BUDGET or SCRATCH_BUDGET
+    if interpreting() and FORCE_SCRATCH_BUDGET is None:
+        yield 0, B
+        return
+    per = max(1, budget // max(1, progs_per_image * scratch_bytes_per_prog))
+    for b0 in range(0, B, per):
+        yield b0, min(B, b0 + per)

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import torch
 
-from ._common import check_device, gpu_autotune, interpreting, next_pow2, num_warps_for, triton, tl, use_tuned
+from ._common import batch_chunks, check_device, gpu_autotune, interpreting, next_pow2, num_warps_for, triton, tl, use_tuned
 from .blocks import bmm
 
 CC = 16  # expanded channels per chunk
@@ -300,24 +300,32 @@ def refine_eval_dla_bwd(attn, dr, w_exp, b_exp, w_dw, b_dw, w_pro, b_pro, alpha,
     RHP = triton.cdiv(RH, CC) * CC
     nti = triton.cdiv(N, TM - 2 * PAD)
     ntj = triton.cdiv(N, TJ - 2 * PAD)
-    nprog = nti * ntj * B
     dev = attn.device
     f32 = dict(dtype=torch.float32, device=dev)
     da = torch.empty(B, H, N, N, dtype=attn.dtype, device=dev)
+    chunks = list(batch_chunks(B, nti * ntj, CC * TM * TJ * 4))
+    nprog = nti * ntj * max(hi - lo for lo, hi in chunks)
     scr = torch.empty(nprog, CC, TM * TJ, **f32)
-    pwe = torch.zeros(nprog, RHP, HP, **f32)
-    pbe = torch.zeros(nprog, RHP, **f32)
-    pwdw = torch.zeros(nprog, RHP, KS * KS, **f32)
-    pbdw = torch.zeros(nprog, RHP, **f32)
-    pwp = torch.zeros(nprog, HP, RHP, **f32)
-    pbp = torch.zeros(nprog, HP, **f32)
-    pal = torch.zeros(nprog, HP, **f32)
-    pbt = torch.zeros(nprog, HP, **f32)
-    _re_bwd[(B, nti * ntj)](attn, dr, we, be, w_dw.contiguous(), b_dw.contiguous(), w_pro.contiguous(),
-                            b_pro.contiguous(), alpha.contiguous(), da, scr, pwe, pbe, pwdw, pbdw, pwp,
-                            pbp, pal, pbt, N, H, RH, RHP, ntj, KS=KS, RELU_E=relu, HP=HP, CC=CC,
-                            TM=TM, TJ=TJ, num_warps=num_warps_for(HP * TM * TJ),
-                            num_stages=1)  # scratch staging: no software pipelining across barriers
+    pwe = torch.empty(nprog, RHP, HP, **f32)
+    pbe = torch.empty(nprog, RHP, **f32)
+    pwdw = torch.empty(nprog, RHP, KS * KS, **f32)
+    pbdw = torch.empty(nprog, RHP, **f32)
+    pwp = torch.empty(nprog, HP, RHP, **f32)
+    pbp = torch.empty(nprog, HP, **f32)
+    pal = torch.empty(nprog, HP, **f32)
+    pbt = torch.empty(nprog, HP, **f32)
+    parts = (pwe, pbe, pwdw, pbdw, pwp, pbp, pal, pbt)
+    sums = [torch.zeros(t.shape[1:], **f32) for t in parts]
+    for lo, hi in chunks:  # bounded scratch: batch chunks run one after another on the stream
+        _re_bwd[(hi - lo, nti * ntj)](
+            attn[lo:hi], dr[lo:hi], we, be, w_dw.contiguous(), b_dw.contiguous(), w_pro.contiguous(),
+            b_pro.contiguous(), alpha.contiguous(), da[lo:hi], scr, *parts, N, H, RH, RHP, ntj,
+            KS=KS, RELU_E=relu, HP=HP, CC=CC, TM=TM, TJ=TJ, num_warps=num_warps_for(HP * TM * TJ),
+            num_stages=1)  # scratch staging: no software pipelining across barriers
+        used = nti * ntj * (hi - lo)
+        for acc, t in zip(sums, parts):
+            acc += t[:used].sum(0)
+    pwe, pbe, pwdw, pbdw, pwp, pbp, pal, pbt = [t[None] for t in sums]
     dwe = pwe.sum(0)[:RH, :H]
     dbe = pbe.sum(0)[:RH]
     if not expand:

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import torch
 
-from ._common import check_device, interpreting, next_pow2, num_warps_for, triton, tl
+from ._common import batch_chunks, check_device, interpreting, next_pow2, num_warps_for, triton, tl
 from .blocks import bmm, head_mix_fwd
 from .kernels_refine_eval import refine_eval_fwd
 
@@ -473,17 +473,23 @@ def refine_train_bwd(dout, attn, v, w_exp, w_dw, w_pro, g1, b1, g2, b2, g3, b3, 
     PAD = KS // 2
     TM, TJ = _tile_cfg(N, PAD)
     nti, ntj = triton.cdiv(N, TM - 2 * PAD), triton.cdiv(N, TJ - 2 * PAD)
-    nprog = nti * ntj * B
     f32 = dict(dtype=torch.float32, device=dev)
     da = torch.empty(B, H, N, N, **f32)
+    chunks = list(batch_chunks(B, nti * ntj, CC * TM * TJ * 4))
+    nprog = nti * ntj * max(hi - lo for lo, hi in chunks)
     scr = torch.empty(nprog, CC, TM * TJ, **f32)
-    part3 = torch.zeros(nprog, 2, RHP, **f32)
-    pwdw = torch.zeros(nprog, RHP, KS * KS, **f32)
-    pm = torch.zeros(nprog, RHP, HP, **f32)
-    _rt_b3[(B, nti * ntj)](attn, dr, we_f, be_f, wer, wdw, wp, cv, hv, da, scr, part3, pwdw, pm,
-                           N, H, RH, RHP, ntj, float(scale), KS=KS, RELU_E=expand, HP=HP, CC=CC,
-                           TM=TM, TJ=TJ, num_warps=num_warps_for(HP * TM * TJ),
-                           num_stages=1)  # scratch staging: no software pipelining across barriers
+    parts = (torch.zeros(nprog, 2, RHP, **f32), torch.empty(nprog, RHP, KS * KS, **f32),
+             torch.zeros(nprog, RHP, HP, **f32))
+    sums = [torch.zeros(t.shape[1:], dtype=torch.float64, device=dev) for t in parts]
+    for lo, hi in chunks:  # bounded scratch: batch chunks run one after another on the stream
+        _rt_b3[(hi - lo, nti * ntj)](attn[lo:hi], dr[lo:hi], we_f, be_f, wer, wdw, wp, cv, hv, da[lo:hi], scr,
+                                     *parts, N, H, RH, RHP, ntj, float(scale), KS=KS, RELU_E=expand, HP=HP,
+                                     CC=CC, TM=TM, TJ=TJ, num_warps=num_warps_for(HP * TM * TJ),
+                                     num_stages=1)  # scratch staging: no pipelining across barriers
+        used = nti * ntj * (hi - lo)
+        for acc, t in zip(sums, parts):
+            acc += t[:used].double().sum(0)
+    part3, pwdw, pm = [t[None] for t in sums]
     dwdw = pwdw.double().sum(0)[:RH].reshape(RH, KS, KS)
     if expand:
         part3 = part3.double()
