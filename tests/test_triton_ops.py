@@ -109,10 +109,10 @@ def test_refine_eval_border_padding():
     B, H, N, d = 1, 4, 17, 16
     f = _folded(H, 3, 3, d)
     b_exp = torch.full_like(f.b_exp, 3.0)
-    args = list(f.args()[:-1])
-    args[1] = b_exp
-    attn = random_attn(B, H, N)
-    v = torch.randn(B, H, N, d)
+    args = [t.to(DEV) for t in f.args()[:-1]]
+    args[1] = b_exp.to(DEV)
+    attn = random_attn(B, H, N, device=DEV)
+    v = torch.randn(B, H, N, d, device=DEV)
     torch.testing.assert_close(rk.refine_eval(attn, v, *args, True), ref.refine_eval(attn, v, *args, True),
                                rtol=1e-4, atol=1e-5)
 
@@ -296,16 +296,17 @@ def test_refine_train_n50_forward_stats():
 def test_refine_train_matches_module_running_stats():
     """Stats feed update_running_stats exactly like nn.BatchNorm2d in training."""
     B, H, N, d = 1, 4, 9, 16
-    dla, bn = random_dla(H, 3, 3)
-    attn = random_attn(B, H, N)
+    dla, bn = random_dla(H, 3, 3, device=DEV)
+    attn = random_attn(B, H, N, device=DEV)
     dla.train()
     bn.train()
-    ref_bns = [torch.nn.BatchNorm2d(c) for c in (3 * H, 3 * H, H, H)]
+    ref_bns = [torch.nn.BatchNorm2d(c).to(DEV) for c in (3 * H, 3 * H, H, H)]
     for m, src in zip(ref_bns, (dla.bn1, dla.bn2, dla.bn3, bn)):
         m.load_state_dict(src.state_dict())
     with torch.no_grad():
         bn(dla(attn))  # the module updates its own running stats
-        _, stats = rk.refine_train(attn, torch.randn(B, H, N, d), *train_args(dla, bn), 1e-5, d ** -0.5, True)
+        _, stats = rk.refine_train(attn, torch.randn(B, H, N, d, device=DEV), *train_args(dla, bn), 1e-5,
+                                   d ** -0.5, True)
     for m, s, src in zip(ref_bns, stats, (dla.bn1, dla.bn2, dla.bn3, bn)):
         ref.update_running_stats(m, s, B * N * N)
         torch.testing.assert_close(m.running_mean, src.running_mean, rtol=1e-5, atol=1e-6)
@@ -340,12 +341,13 @@ def test_backward_batch_chunking(monkeypatch):
     f = ref.fold_refine(dla, bn, d ** -0.5)
     attn, v = _leaf(random_attn(B, H, N)), _leaf(torch.randn(B, H, N, d))
     ps = [_leaf(t) for t in f.args()[:-1]]
-    g = _grads([rk.refine_eval(attn, v, *ps, True)], [attn, v] + ps, [torch.ones(B, H, N, d)])
-    gr = _grads([ref.refine_eval(attn, v, *ps, True)], [attn, v] + ps, [torch.ones(B, H, N, d)])
+    ones = torch.ones(B, H, N, d, device=DEV)
+    g = _grads([rk.refine_eval(attn, v, *ps, True)], [attn, v] + ps, [ones])
+    gr = _grads([ref.refine_eval(attn, v, *ps, True)], [attn, v] + ps, [ones])
     for a, b in zip(g, gr):
         _close(a, b)
     tp = [_leaf(t) for t in train_args(dla, bn)]
-    go = torch.randn(B, H, N, d)
+    go = torch.randn(B, H, N, d, device=DEV)
     g = _grads([rk.refine_train(attn, v, *tp, 1e-5, 0.25, True)[0]], [attn, v] + tp, [go])
     gr = _grads([ref.refine_train(attn, v, *tp, 1e-5, 0.25, True)[0]], [attn, v] + tp, [go])
     for name, a, b in zip(TRAIN_NAMES, g, gr):
