@@ -53,7 +53,7 @@ check(S._sb_bwd_dkdv, dict(q_ptr=P, k_ptr=P, v_ptr=P, p_ptr=P, lse_ptr=P, delta_
       ptr_types={n: '*fp16' for n in ['q_ptr', 'k_ptr', 'v_ptr', 'do_ptr', 'da_ptr', 'p_ptr']})
 for ks, tm, tj, sr in [(3, 16, 32, False), (5, 16, 16, True), (3, 32, 32, False), (3, 16, 64, False)]:
     check(E._re_fwd, dict(a_ptr=P, v_ptr=P, we_ptr=P, be_ptr=P, wdw_ptr=P, bdw_ptr=P, wp_ptr=P, bp_ptr=P, al_ptr=P,
-                          bt_ptr=P, out_ptr=P, r_ptr=P, N=N, D=D, H=H, RH=RH, KS=ks, RELU_E=True, STORE_R=sr, HP=16,
+                          bt_ptr=P, out_ptr=P, r_ptr=P, N=N, D=D, H=H, RH=RH, KS=ks, RELU_E=True, STORE_R=sr, PREC='ieee' if sr else 'tf32', HP=16,
                           CC=16, TM=tm, TJ=tj, BD=32), num_warps=8, num_stages=1, ptr_types={"a_ptr": "*fp16", "v_ptr": "*fp16"})
 check(E._re_bwd, dict(a_ptr=P, dr_ptr=P, we_ptr=P, be_ptr=P, wdw_ptr=P, bdw_ptr=P, wp_ptr=P, bp_ptr=P, al_ptr=P,
                       da_ptr=P, scr_ptr=P, pwe_ptr=P, pbe_ptr=P, pwdw_ptr=P, pbdw_ptr=P, pwp_ptr=P, pbp_ptr=P, pal_ptr=P,
