@@ -5,7 +5,6 @@ without a GPU:  python -m refiner_kernels._aot_check   (about 2-3 minutes on 2 c
 TRITON_INTERPRET must not be set.
 """
 import os
-import sys  # noqa: F401
 import time
 if os.environ.get("TRITON_INTERPRET") == "1":
     raise SystemExit("unset TRITON_INTERPRET: this compiles for the GPU")

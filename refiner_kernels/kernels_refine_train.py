@@ -28,7 +28,7 @@ from __future__ import annotations
 import torch
 
 from ._common import batch_chunks, check_device, interpreting, next_pow2, num_warps_for, triton, tl
-from .blocks import bmm, head_mix_fwd
+from .blocks import bmm
 from .kernels_refine_eval import refine_eval_fwd
 
 CC = 16

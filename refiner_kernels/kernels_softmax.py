@@ -14,7 +14,6 @@ input_precision="ieee" so fp32 inputs are not rounded to TF32 on the GPU.
 """
 from __future__ import annotations
 
-import math
 
 import torch
 

@@ -16,10 +16,6 @@ from . import kernels_softmax as _sb
 _lib = "refiner_triton"
 
 
-def _none_if_empty(t: Tensor) -> Optional[Tensor]:
-    return None if t.numel() == 0 and t.dim() == 1 else t
-
-
 # ----------------------------------------------------------------------------- softmax_block
 
 @torch.library.custom_op(f"{_lib}::softmax_block", mutates_args=())

@@ -6,14 +6,13 @@ accumulate in fp32 with IEEE dots). fp16 cases compare against the fp32 referenc
 the same fp16-rounded inputs: the kernels compute in fp32 and round only the stored results to
 fp16 (relative error <= 2^-11 per element, plus the rounding of a stored intermediate map for
 softmax_block), so rtol = 2e-3 and atol = 2e-3 * max|ref| hold with margin.
-bf16 is only tested on a GPU (the interpreter gets bf16 wrong; see DESIGN section 5).
+bf16 is only tested on a GPU, in test_triton_gpu.py (the interpreter gets bf16 wrong; DESIGN section 5).
 """
 from __future__ import annotations
 
 import pytest
 import torch
 
-from conftest import requires_cuda
 from utils import random_attn, random_dla, train_args
 
 import refiner_kernels as rk
