@@ -1,0 +1,74 @@
+"""Compile every Triton kernel for sm_90 without a GPU (Triton's bundled ptxas only).
+
+Catches GPU-only compile errors (shapes tl.dot rejects, shared-memory overflow) on machines
+without a GPU:  python -m refiner_kernels._aot_check   (about 2-3 minutes on 2 cores).
+TRITON_INTERPRET must not be set.
+"""
+import os
+import time
+if os.environ.get("TRITON_INTERPRET") == "1":
+    raise SystemExit("unset TRITON_INTERPRET: this compiles for the GPU")
+
+import triton
+from triton.compiler import ASTSource, compile as tcompile
+from triton.backends.compiler import GPUTarget
+from refiner_kernels import kernels_softmax as S, kernels_refine_eval as E, kernels_refine_train as T, blocks as Bl
+
+TARGET = GPUTarget("cuda", 90, 32)
+
+
+def check(fn, args, num_warps=4, num_stages=2, ptr_types=None):
+    ptr_types = ptr_types or {}
+    sig, consts = {}, {}
+    for p in fn.params:
+        v = args[p.name]
+        if p.is_constexpr:
+            sig[p.name] = "constexpr"
+            consts[p.name] = v
+        elif v == "ptr":
+            sig[p.name] = ptr_types.get(p.name, "*fp32")
+        elif isinstance(v, float):
+            sig[p.name] = "fp32"
+        else:
+            sig[p.name] = "i32"
+    t = time.time()
+    k = tcompile(ASTSource(fn, sig, consts), target=TARGET, options={"num_warps": num_warps, "num_stages": num_stages})
+    md = k.metadata
+    print(f"{fn.__name__:16s} ok {time.time()-t:5.1f}s shared={md.shared} {dict((k2, v) for k2, v in consts.items() if k2 in ('MODE','TM','TJ','BM','BN','KS'))}",
+          flush=True)
+    return k
+
+
+P = "ptr"
+N, D, H, RH = 197, 32, 12, 36
+for hp in (True, False):
+    check(S._sb_fwd, dict(q_ptr=P, k_ptr=P, v_ptr=P, p_ptr=P, out_ptr=P, a_ptr=P, lse_ptr=P, N=N, D=D, scale=0.1,
+                          HAS_PREV=hp, DOT_T=triton.language.bfloat16, BM=64, BN=64, BD=32), ptr_types={n: "*bf16" for n in ["q_ptr", "k_ptr", "v_ptr", "out_ptr", "a_ptr", "p_ptr"]})
+check(S._sb_bwd_dq, dict(q_ptr=P, k_ptr=P, v_ptr=P, lse_ptr=P, do_ptr=P, da_ptr=P, dq_ptr=P, dp_ptr=P, delta_ptr=P,
+                         N=N, D=D, scale=0.1, HAS_PREV=True, DOT_T=triton.language.float16, BM=64, BN=64, BD=64),
+      ptr_types={n: '*fp16' for n in ['q_ptr', 'k_ptr', 'v_ptr', 'do_ptr', 'da_ptr', 'p_ptr']})
+check(S._sb_bwd_dkdv, dict(q_ptr=P, k_ptr=P, v_ptr=P, p_ptr=P, lse_ptr=P, delta_ptr=P, do_ptr=P, da_ptr=P, dk_ptr=P,
+                           dv_ptr=P, N=N, D=D, scale=0.1, HAS_PREV=True, DOT_T=triton.language.float16, BM=64, BN=64, BD=64),
+      ptr_types={n: '*fp16' for n in ['q_ptr', 'k_ptr', 'v_ptr', 'do_ptr', 'da_ptr', 'p_ptr']})
+for ks, tm, tj, sr in [(3, 16, 32, False), (5, 16, 16, True), (3, 32, 32, False), (3, 16, 64, False)]:
+    check(E._re_fwd, dict(a_ptr=P, v_ptr=P, we_ptr=P, be_ptr=P, wdw_ptr=P, bdw_ptr=P, wp_ptr=P, bp_ptr=P, al_ptr=P,
+                          bt_ptr=P, out_ptr=P, r_ptr=P, N=N, D=D, H=H, RH=RH, KS=ks, RELU_E=True, STORE_R=sr, PREC='ieee' if sr else 'tf32', HP=16,
+                          CC=16, TM=tm, TJ=tj, BD=32), num_warps=8, num_stages=1, ptr_types={"a_ptr": "*fp16", "v_ptr": "*fp16"})
+check(E._re_bwd, dict(a_ptr=P, dr_ptr=P, we_ptr=P, be_ptr=P, wdw_ptr=P, bdw_ptr=P, wp_ptr=P, bp_ptr=P, al_ptr=P,
+                      da_ptr=P, scr_ptr=P, pwe_ptr=P, pbe_ptr=P, pwdw_ptr=P, pbdw_ptr=P, pwp_ptr=P, pbp_ptr=P, pal_ptr=P,
+                      pbt_ptr=P, N=N, H=H, RH=RH, RHP=48, NTJ=14, KS=3, RELU_E=True, HP=16, CC=16, TM=16, TJ=16),
+      num_warps=8, num_stages=1)
+for mode in (1, 2, 3, 4, 5):
+    check(T._rt_tile, dict(a_ptr=P, dr_ptr=P, we_ptr=P, be_ptr=P, wdw_ptr=P, wp_ptr=P, cv_ptr=P, hv_ptr=P, part_ptr=P,
+                           pn_ptr=P, pwp_ptr=P, N=N, H=H, RH=RH, RHP=48, NTJ=13, scale=0.1, MODE=mode, KS=3, RELU_E=True,
+                           HP=16, CC=16, TM=16, TJ=16, W=48), num_warps=8, num_stages=1)
+check(T._rt_b3, dict(a_ptr=P, dr_ptr=P, we_ptr=P, be_ptr=P, wer_ptr=P, wdw_ptr=P, wp_ptr=P, cv_ptr=P, hv_ptr=P, da_ptr=P,
+                     scr_ptr=P, part_ptr=P, pwdw_ptr=P, pm_ptr=P, N=N, H=H, RH=RH, RHP=48, NTJ=14, scale=0.1, KS=5,
+                     RELU_E=True, HP=16, CC=16, TM=16, TJ=16), num_warps=8, num_stages=1)
+check(Bl._bmm_kernel, dict(a_ptr=P, b_ptr=P, c_ptr=P, M=N, NN=N, K=N, sab=1, sam=1, sak=1, sbb=1, sbk=1, sbn=1, scb=1,
+                           scm=1, scn=1, DOT_T=triton.language.bfloat16, BM=128, BN=128, BK=32), num_warps=8, num_stages=3, ptr_types={"a_ptr": "*bf16"})
+check(Bl._row_softmax_fwd, dict(x_ptr=P, y_ptr=P, R=100, M=N, BR=16, BM=256))
+check(Bl._row_softmax_bwd, dict(y_ptr=P, dy_ptr=P, dx_ptr=P, R=100, M=N, BR=16, BM=256))
+check(Bl._dwconv_fwd, dict(x_ptr=P, w_ptr=P, y_ptr=P, C=12, N=N, M=N, KS=3, TM=16, TJ=64))
+check(Bl._dwconv_dw, dict(x_ptr=P, dy_ptr=P, pw_ptr=P, N=N, M=N, KS=3, KKP=16, TM=16, TJ=64))
+print("ALL OK")

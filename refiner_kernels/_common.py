@@ -1,0 +1,86 @@
+"""Shared helpers of the Triton backend: availability, launch configuration."""
+from __future__ import annotations
+
+import os
+
+import torch
+
+try:  # Triton is optional: the package imports without it, AVAILABLE says why not.
+    import triton  # noqa: F401
+    import triton.language as tl  # noqa: F401
+    _TRITON_ERROR = None
+except Exception as e:  # pragma: no cover - depends on the install
+    triton = None
+    tl = None
+    _TRITON_ERROR = f"triton is not importable: {type(e).__name__}: {e}"
+
+
+def interpreting() -> bool:
+    """True when Triton runs kernels on the CPU through its interpreter (TRITON_INTERPRET=1)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def availability() -> tuple[bool, str]:
+    """(available, reason). Only asks torch whether a GPU exists; makes no Triton driver call."""
+    if _TRITON_ERROR is not None:
+        return False, _TRITON_ERROR
+    if interpreting():
+        return True, ""
+    if torch.cuda.is_available():
+        return True, ""
+    return False, "no CUDA GPU visible and TRITON_INTERPRET=1 is not set (the Triton interpreter is off)"
+
+
+def next_pow2(n: int) -> int:
+    return 1 << max(0, (int(n) - 1).bit_length())
+
+
+def check_device(*tensors) -> None:
+    for t in tensors:
+        if t is None:
+            continue
+        if t.device.type == "cpu" and not interpreting():
+            raise RuntimeError("refiner_triton: CPU tensors need TRITON_INTERPRET=1 (set before importing "
+                               "triton); use the 'cpu' or 'reference' backend instead")
+
+
+def num_warps_for(elems: int) -> int:
+    """A simple warps heuristic by tile size (GPU only; ignored by the interpreter)."""
+    if interpreting():
+        return 1
+    if elems >= 4096:
+        return 8
+    if elems >= 1024:
+        return 4
+    return 2
+
+
+def gpu_autotune(configs, key):
+    """``triton.autotune`` for the GPU; returns None under the interpreter (or without Triton),
+    where autotuning with more than one config cannot run: callers then launch the plain kernel
+    with one fixed configuration. Decided from the environment only: no driver call at import."""
+    def deco(fn):
+        if triton is None or interpreting():
+            return None
+        return triton.autotune(configs=configs, key=key)(fn)
+    return deco
+
+
+def use_tuned(tuned, *tensors) -> bool:
+    return tuned is not None and all(t is None or t.is_cuda for t in tensors)
+
+
+SCRATCH_BUDGET = 64 << 20  # bytes of per-program scratch one backward launch may use
+FORCE_SCRATCH_BUDGET = None  # tests: force chunking under the interpreter too
+
+
+def batch_chunks(B: int, progs_per_image: int, scratch_bytes_per_prog: int):
+    """Split the batch so a launch's per-program scratch stays under SCRATCH_BUDGET bytes (GPU);
+    one chunk under the interpreter unless FORCE_SCRATCH_BUDGET is set. Yields (lo, hi)."""
+    budget = FORCE_SCRATCH_BUDGET or SCRATCH_BUDGET
+    if interpreting() and FORCE_SCRATCH_BUDGET is None:
+        yield 0, B
+        return
+    per = max(1, budget // max(1, progs_per_image * scratch_bytes_per_prog))
+    for b0 in range(0, B, per):
+        yield b0, min(B, b0 + per)

@@ -1,0 +1,354 @@
+"""Fused evaluation-mode refine block (all BatchNorms folded, see refiner.reference.fold_refine).
+
+    E = relu6(w_exp A + b_exp)   (E = A when not expand)
+    D = relu6(dw_k(E) + b_dw)    zero padding of E at the map border
+    R = alpha (A + w_pro D + b_pro) + beta;   out = R @ v
+
+Tile layout: a tile is (heads, positions): HP = max(16, pow2(H)) head rows (masked; tl.dot wants
+dims >= 16) by P = TM * TJ positions of a TM-row x TJ-column patch of the N x N map, flattened.
+The expansion is tl.dot(w_exp[chunk] (CC x HP), A (HP x P)) over expanded channels in chunks of
+CC = 16, so no tile ever holds all rH channels.
+
+Forward (one program per (query-row tile, batch); loop over column tiles): Triton cannot shift a
+register tile, so the k x k stencil loads A at each of the k*k shifted offsets and recomputes the
+expansion there (tensor-core work instead of a trip through global memory); E at shifted
+positions outside the map is forced to 0 (zero padding of E, not relu6(b_exp)). Then the
+reduction dot, the affine residual, and R @ v as a batched (per-head) 3-D tl.dot accumulated
+over column tiles. No (B, rH, N, N) tensor is ever written.
+
+Backward: R (B,H,N,N) is recomputed by the same kernel (STORE_R), dv = R^T dO and
+dR = dO v^T by a batched matmul kernel, then one kernel per halo-extended tile recomputes E and
+D, forms g = dL/d(dw_k(E)) on the extended tile, stages g through a small per-program scratch
+buffer (CC x P floats, reused across channel chunks) to apply the transposed stencil, and
+produces dA plus per-program partial weight gradients (summed afterwards; deterministic).
+"""
+from __future__ import annotations
+
+import torch
+
+from ._common import batch_chunks, check_device, gpu_autotune, interpreting, next_pow2, num_warps_for, triton, tl, use_tuned
+from .blocks import bmm
+
+CC = 16  # expanded channels per chunk
+HALF_TF32 = True  # fp16/bf16 inputs: TF32 dots in the forward kernel on the GPU (see refine_eval_fwd)
+
+
+if triton is not None:
+
+    @triton.jit
+    def _re_fwd(a_ptr, v_ptr, we_ptr, be_ptr, wdw_ptr, bdw_ptr, wp_ptr, bp_ptr, al_ptr, bt_ptr,
+                out_ptr, r_ptr, N, D, H, RH,
+                KS: tl.constexpr, RELU_E: tl.constexpr, STORE_R: tl.constexpr, PREC: tl.constexpr,
+                HP: tl.constexpr, CC: tl.constexpr, TM: tl.constexpr, TJ: tl.constexpr,
+                BD: tl.constexpr):
+        PAD: tl.constexpr = KS // 2
+        P: tl.constexpr = TM * TJ
+        pid_i = tl.program_id(1)
+        b = tl.program_id(0).to(tl.int64)
+        hh = tl.arange(0, HP)
+        mh = hh < H
+        p = tl.arange(0, P)
+        row = pid_i * TM + p // TJ
+        base_a = b * H * N * N
+        hoff = hh.to(tl.int64)[:, None] * N * N
+        alpha = tl.load(al_ptr + hh, mask=mh, other=0.0).to(tl.float32)
+        beta = tl.load(bt_ptr + hh, mask=mh, other=0.0).to(tl.float32)
+        bp = tl.load(bp_ptr + hh, mask=mh, other=0.0).to(tl.float32)
+        offs_d = tl.arange(0, BD)
+        md = offs_d < D
+        acc = tl.zeros((HP, TM, BD), tl.float32)
+        for j0 in range(0, N, TJ):
+            col = j0 + p % TJ
+            inmap = (row < N) & (col < N)
+            m2 = mh[:, None] & inmap[None, :]
+            a0 = tl.load(a_ptr + base_a + hoff + (row * N + col)[None, :], mask=m2, other=0.0).to(tl.float32)
+            y = tl.zeros((HP, P), tl.float32)
+            for c0 in range(0, RH, CC):
+                cc = c0 + tl.arange(0, CC)
+                mc = cc < RH
+                we = tl.load(we_ptr + cc[:, None] * H + hh[None, :], mask=mc[:, None] & mh[None, :],
+                             other=0.0).to(tl.float32)
+                be = tl.load(be_ptr + cc, mask=mc, other=0.0).to(tl.float32)
+                dacc = tl.zeros((CC, P), tl.float32)
+                for o in range(0, KS * KS):
+                    du = o // KS - PAD
+                    dv = o % KS - PAD
+                    r2 = row + du
+                    c2 = col + dv
+                    ok = (r2 >= 0) & (r2 < N) & (c2 >= 0) & (c2 < N)
+                    a_s = tl.load(a_ptr + base_a + hoff + (r2 * N + c2)[None, :],
+                                  mask=mh[:, None] & ok[None, :], other=0.0).to(tl.float32)
+                    e = tl.dot(we, a_s, input_precision=PREC) + be[:, None]
+                    if RELU_E:
+                        e = tl.minimum(tl.maximum(e, 0.0), 6.0)
+                    e = tl.where(ok[None, :], e, 0.0)
+                    w = tl.load(wdw_ptr + cc * (KS * KS) + o, mask=mc, other=0.0).to(tl.float32)
+                    dacc += w[:, None] * e
+                bdw = tl.load(bdw_ptr + cc, mask=mc, other=0.0).to(tl.float32)
+                dd = tl.minimum(tl.maximum(dacc + bdw[:, None], 0.0), 6.0)
+                dd = tl.where(mc[:, None], dd, 0.0)
+                wp = tl.load(wp_ptr + hh[:, None] * RH + cc[None, :], mask=mh[:, None] & mc[None, :],
+                             other=0.0).to(tl.float32)
+                y += tl.dot(wp, dd, input_precision=PREC)
+            r = alpha[:, None] * (a0 + y + bp[:, None]) + beta[:, None]
+            r = tl.where(m2, r, 0.0)
+            if STORE_R:
+                tl.store(r_ptr + base_a + hoff + (row * N + col)[None, :], r.to(r_ptr.dtype.element_ty), mask=m2)
+            else:
+                r3 = tl.reshape(r, (HP, TM, TJ))
+                jj = j0 + tl.arange(0, TJ)
+                vv = tl.load(v_ptr + b * H * N * D + hh.to(tl.int64)[:, None, None] * N * D
+                             + jj[None, :, None] * D + offs_d[None, None, :],
+                             mask=mh[:, None, None] & (jj < N)[None, :, None] & md[None, None, :],
+                             other=0.0).to(tl.float32)
+                acc += tl.dot(r3, vv, input_precision=PREC)
+        if not STORE_R:
+            ii = pid_i * TM + tl.arange(0, TM)
+            tl.store(out_ptr + b * H * N * D + hh.to(tl.int64)[:, None, None] * N * D
+                     + ii[None, :, None] * D + offs_d[None, None, :], acc.to(out_ptr.dtype.element_ty),
+                     mask=mh[:, None, None] & (ii < N)[None, :, None] & md[None, None, :])
+
+    @triton.jit
+    def _re_bwd(a_ptr, dr_ptr, we_ptr, be_ptr, wdw_ptr, bdw_ptr, wp_ptr, bp_ptr, al_ptr,
+                da_ptr, scr_ptr, pwe_ptr, pbe_ptr, pwdw_ptr, pbdw_ptr, pwp_ptr, pbp_ptr, pal_ptr, pbt_ptr,
+                N, H, RH, RHP, NTJ,
+                KS: tl.constexpr, RELU_E: tl.constexpr,
+                HP: tl.constexpr, CC: tl.constexpr, TM: tl.constexpr, TJ: tl.constexpr):
+        PAD: tl.constexpr = KS // 2
+        P: tl.constexpr = TM * TJ
+        KK: tl.constexpr = KS * KS
+        pid_t = tl.program_id(1)
+        b = tl.program_id(0).to(tl.int64)
+        prog = b * tl.num_programs(1) + pid_t
+        pid_i = pid_t // NTJ
+        pid_j = pid_t % NTJ
+        hh = tl.arange(0, HP)
+        mh = hh < H
+        p = tl.arange(0, P)
+        pm = p // TJ
+        pj = p % TJ
+        row = pid_i * (TM - 2 * PAD) - PAD + pm
+        col = pid_j * (TJ - 2 * PAD) - PAD + pj
+        inmap = (row >= 0) & (row < N) & (col >= 0) & (col < N)
+        own = inmap & (pm >= PAD) & (pm < TM - PAD) & (pj >= PAD) & (pj < TJ - PAD)
+        ownf = tl.where(own, 1.0, 0.0)
+        base_a = b * H * N * N
+        hoff = hh.to(tl.int64)[:, None] * N * N
+        m2 = mh[:, None] & inmap[None, :]
+        a0 = tl.load(a_ptr + base_a + hoff + (row * N + col)[None, :], mask=m2, other=0.0).to(tl.float32)
+        dr = tl.load(dr_ptr + base_a + hoff + (row * N + col)[None, :], mask=m2, other=0.0).to(tl.float32)
+        alpha = tl.load(al_ptr + hh, mask=mh, other=0.0).to(tl.float32)
+        bp = tl.load(bp_ptr + hh, mask=mh, other=0.0).to(tl.float32)
+        dy = alpha[:, None] * dr
+        dy_own = dy * ownf[None, :]
+        y = tl.zeros((HP, P), tl.float32)
+        da = tl.zeros((HP, P), tl.float32)
+        scr = scr_ptr + prog * (CC * P)
+        for c0 in range(0, RH, CC):
+            cc = c0 + tl.arange(0, CC)
+            mc = cc < RH
+            we = tl.load(we_ptr + cc[:, None] * H + hh[None, :], mask=mc[:, None] & mh[None, :],
+                         other=0.0).to(tl.float32)
+            be = tl.load(be_ptr + cc, mask=mc, other=0.0).to(tl.float32)
+            dacc = tl.zeros((CC, P), tl.float32)
+            for o in range(0, KK):
+                du = o // KS - PAD
+                dv = o % KS - PAD
+                r2 = row + du
+                c2 = col + dv
+                ok = (r2 >= 0) & (r2 < N) & (c2 >= 0) & (c2 < N)
+                a_s = tl.load(a_ptr + base_a + hoff + (r2 * N + c2)[None, :],
+                              mask=mh[:, None] & ok[None, :], other=0.0).to(tl.float32)
+                e = tl.dot(we, a_s, input_precision="ieee") + be[:, None]
+                if RELU_E:
+                    e = tl.minimum(tl.maximum(e, 0.0), 6.0)
+                e = tl.where(ok[None, :], e, 0.0)
+                w = tl.load(wdw_ptr + cc * KK + o, mask=mc, other=0.0).to(tl.float32)
+                dacc += w[:, None] * e
+            bdw = tl.load(bdw_ptr + cc, mask=mc, other=0.0).to(tl.float32)
+            dpre = dacc + bdw[:, None]
+            dd = tl.where(mc[:, None], tl.minimum(tl.maximum(dpre, 0.0), 6.0), 0.0)
+            wp = tl.load(wp_ptr + hh[:, None] * RH + cc[None, :], mask=mh[:, None] & mc[None, :],
+                         other=0.0).to(tl.float32)
+            y += tl.dot(wp, dd, input_precision="ieee")
+            # dW_pro partial (HP x CC)
+            tl.store(pwp_ptr + prog * HP * RHP + hh[:, None] * RHP + cc[None, :],
+                     tl.dot(dy_own, tl.trans(dd), input_precision="ieee"))
+            wpt = tl.load(wp_ptr + hh[None, :] * RH + cc[:, None], mask=mh[None, :] & mc[:, None],
+                          other=0.0).to(tl.float32)
+            gd = tl.dot(wpt, dy, input_precision="ieee")
+            g = tl.where((dpre > 0.0) & (dpre < 6.0) & mc[:, None], gd, 0.0)
+            g_own = g * ownf[None, :]
+            tl.store(pbdw_ptr + prog * RHP + cc, tl.sum(g_own, axis=1))
+            # dW_dw partial: sum over own positions of g * E(shifted); E recomputed.
+            for o in range(0, KK):
+                du = o // KS - PAD
+                dv = o % KS - PAD
+                r2 = row + du
+                c2 = col + dv
+                ok = (r2 >= 0) & (r2 < N) & (c2 >= 0) & (c2 < N)
+                a_s = tl.load(a_ptr + base_a + hoff + (r2 * N + c2)[None, :],
+                              mask=mh[:, None] & ok[None, :], other=0.0).to(tl.float32)
+                e = tl.dot(we, a_s, input_precision="ieee") + be[:, None]
+                if RELU_E:
+                    e = tl.minimum(tl.maximum(e, 0.0), 6.0)
+                e = tl.where(ok[None, :], e, 0.0)
+                tl.store(pwdw_ptr + prog * RHP * KK + cc * KK + o, tl.sum(g_own * e, axis=1))
+            # transposed stencil through the scratch buffer: dE[q] = sum_o w[o] g[q - s_o]
+            tl.debug_barrier()
+            tl.store(scr + tl.arange(0, CC)[:, None] * P + p[None, :], g)
+            tl.debug_barrier()
+            de = tl.zeros((CC, P), tl.float32)
+            for o in range(0, KK):
+                du = o // KS - PAD
+                dv = o % KS - PAD
+                sm = pm - du
+                sj = pj - dv
+                okk = (sm >= 0) & (sm < TM) & (sj >= 0) & (sj < TJ)
+                gs = tl.load(scr + tl.arange(0, CC)[:, None] * P + (sm * TJ + sj)[None, :],
+                             mask=okk[None, :], other=0.0, cache_modifier=".cg")
+                w = tl.load(wdw_ptr + cc * KK + o, mask=mc, other=0.0).to(tl.float32)
+                de += w[:, None] * gs
+            epre = tl.dot(we, a0, input_precision="ieee") + be[:, None]
+            if RELU_E:
+                de = tl.where((epre > 0.0) & (epre < 6.0), de, 0.0)
+            de = tl.where(mc[:, None] & own[None, :], de, 0.0)
+            wet = tl.load(we_ptr + cc[None, :] * H + hh[:, None], mask=mc[None, :] & mh[:, None],
+                          other=0.0).to(tl.float32)
+            da += tl.dot(wet, de, input_precision="ieee")
+            tl.store(pwe_ptr + prog * RHP * HP + cc[:, None] * HP + hh[None, :],
+                     tl.dot(de, tl.trans(a0), input_precision="ieee"))
+            tl.store(pbe_ptr + prog * RHP + cc, tl.sum(de, axis=1))
+        z = a0 + y + bp[:, None]
+        dr_own = dr * ownf[None, :]
+        tl.store(pal_ptr + prog * HP + hh, tl.sum(dr_own * z, axis=1))
+        tl.store(pbt_ptr + prog * HP + hh, tl.sum(dr_own, axis=1))
+        tl.store(pbp_ptr + prog * HP + hh, tl.sum(dy_own, axis=1))
+        da = da + dy
+        tl.store(da_ptr + base_a + hoff + (row * N + col)[None, :], da.to(da_ptr.dtype.element_ty),
+                 mask=mh[:, None] & own[None, :])
+
+
+if triton is not None:
+    # H100 configurations, keyed on (N, head size, expanded channels, kernel size, heads).
+    _re_fwd_tuned = gpu_autotune(
+        [triton.Config({"TM": tm, "TJ": tj}, num_warps=w, num_stages=s)
+         for tm, tj, w, s in [(16, 16, 4, 1), (16, 32, 4, 1), (16, 32, 8, 1), (16, 64, 8, 1),
+                              (32, 32, 8, 1), (16, 32, 8, 2)]],
+        key=["N", "D", "RH", "KS", "H", "STORE_R"])(_re_fwd)
+else:
+    _re_fwd_tuned = None
+
+
+def _fwd_tiles(N: int):
+    if interpreting():
+        return 16, max(16, next_pow2(N))
+    return 16, 32
+
+
+def _prep(attn, w_exp, b_exp, expand):
+    H = attn.shape[1]
+    if expand:
+        return w_exp.contiguous(), b_exp.contiguous(), True
+    eye = torch.eye(H, dtype=attn.dtype, device=attn.device)
+    return eye, torch.zeros(H, dtype=attn.dtype, device=attn.device), False
+
+
+def refine_eval_fwd(attn, v, w_exp, b_exp, w_dw, b_dw, w_pro, b_pro, alpha, beta, expand,
+                    store_r=False):
+    check_device(attn, v)
+    attn, v = attn.contiguous(), v.contiguous()
+    B, H, N, _ = attn.shape
+    D = v.shape[-1]
+    we, be, relu = _prep(attn, w_exp, b_exp, expand)
+    RH = w_dw.shape[0]
+    KS = w_dw.shape[-1]
+    TM, TJ = _fwd_tiles(N)
+    HP = max(16, next_pow2(H))
+    BD = max(16, next_pow2(D))
+    out = torch.empty(B, H, N, D, dtype=v.dtype, device=v.device)
+    r = torch.empty(B, H, N, N, dtype=torch.float32, device=attn.device) if store_r else out
+    args = (attn, v, we, be, w_dw.contiguous(), b_dw.contiguous(), w_pro.contiguous(),
+            b_pro.contiguous(), alpha.contiguous(), beta.contiguous(), out, r, N, D, H, RH)
+    # Half inputs on the GPU: TF32 tensor-core dots in the forward (operands A and v are exact in
+    # TF32; weights and D are rounded to 10 mantissa bits: ~2.4e-4 of max|out| at N=197, k=3,
+    # the size of the fp16 rounding of the output itself). fp32 inputs and the backward's
+    # recompute of R stay IEEE fp32.
+    prec = "tf32" if (HALF_TF32 and attn.dtype in (torch.float16, torch.bfloat16) and not store_r
+                      and not interpreting()) else "ieee"
+    if use_tuned(_re_fwd_tuned, attn):
+        _re_fwd_tuned[lambda META: (B, triton.cdiv(N, META["TM"]))](
+            *args, KS=KS, RELU_E=relu, STORE_R=store_r, PREC=prec, HP=HP, CC=CC, BD=BD)
+    else:
+        _re_fwd[(B, triton.cdiv(N, TM))](*args, KS=KS, RELU_E=relu, STORE_R=store_r, PREC=prec, HP=HP, CC=CC,
+                                         TM=TM, TJ=TJ, BD=BD, num_warps=num_warps_for(HP * TM * TJ))
+    return r if store_r else out
+
+
+def _bwd_tiles(N: int, KS: int):
+    pad = KS // 2
+    tm = max(16, next_pow2(2 * pad + 8))  # halo tiles: at least 8 owned rows/columns
+    if interpreting():
+        return tm, max(tm, next_pow2(N + 2 * pad))
+    return tm, tm  # (HP x 256) fp32 tiles for k <= 7; the backward keeps ~10 of them live
+
+
+def refine_eval_dla_bwd(attn, dr, w_exp, b_exp, w_dw, b_dw, w_pro, b_pro, alpha, expand):
+    """Gradients of R = alpha (A + DLA(A)) + beta given dR: (dA, dw_exp, db_exp, dw_dw, db_dw,
+    dw_pro, db_pro, dalpha, dbeta)."""
+    attn, dr = attn.contiguous(), dr.contiguous()
+    B, H, N, _ = attn.shape
+    we, be, relu = _prep(attn, w_exp, b_exp, expand)
+    RH = w_dw.shape[0]
+    KS = w_dw.shape[-1]
+    PAD = KS // 2
+    TM, TJ = _bwd_tiles(N, KS)
+    HP = max(16, next_pow2(H))
+    RHP = triton.cdiv(RH, CC) * CC
+    nti = triton.cdiv(N, TM - 2 * PAD)
+    ntj = triton.cdiv(N, TJ - 2 * PAD)
+    dev = attn.device
+    f32 = dict(dtype=torch.float32, device=dev)
+    da = torch.empty(B, H, N, N, dtype=attn.dtype, device=dev)
+    chunks = list(batch_chunks(B, nti * ntj, CC * TM * TJ * 4))
+    nprog = nti * ntj * max(hi - lo for lo, hi in chunks)
+    scr = torch.empty(nprog, CC, TM * TJ, **f32)
+    pwe = torch.empty(nprog, RHP, HP, **f32)
+    pbe = torch.empty(nprog, RHP, **f32)
+    pwdw = torch.empty(nprog, RHP, KS * KS, **f32)
+    pbdw = torch.empty(nprog, RHP, **f32)
+    pwp = torch.empty(nprog, HP, RHP, **f32)
+    pbp = torch.empty(nprog, HP, **f32)
+    pal = torch.empty(nprog, HP, **f32)
+    pbt = torch.empty(nprog, HP, **f32)
+    parts = (pwe, pbe, pwdw, pbdw, pwp, pbp, pal, pbt)
+    sums = [torch.zeros(t.shape[1:], **f32) for t in parts]
+    for lo, hi in chunks:  # bounded scratch: batch chunks run one after another on the stream
+        _re_bwd[(hi - lo, nti * ntj)](
+            attn[lo:hi], dr[lo:hi], we, be, w_dw.contiguous(), b_dw.contiguous(), w_pro.contiguous(),
+            b_pro.contiguous(), alpha.contiguous(), da[lo:hi], scr, *parts, N, H, RH, RHP, ntj,
+            KS=KS, RELU_E=relu, HP=HP, CC=CC, TM=TM, TJ=TJ, num_warps=num_warps_for(HP * TM * TJ),
+            num_stages=1)  # scratch staging: no software pipelining across barriers
+        used = nti * ntj * (hi - lo)
+        for acc, t in zip(sums, parts):
+            acc += t[:used].sum(0)
+    pwe, pbe, pwdw, pbdw, pwp, pbp, pal, pbt = [t[None] for t in sums]
+    dwe = pwe.sum(0)[:RH, :H]
+    dbe = pbe.sum(0)[:RH]
+    if not expand:
+        dwe = torch.zeros_like(w_exp, dtype=torch.float32)
+        dbe = torch.zeros_like(b_exp, dtype=torch.float32)
+    return (da, dwe, dbe, pwdw.sum(0)[:RH].reshape(RH, KS, KS), pbdw.sum(0)[:RH],
+            pwp.sum(0)[:H, :RH], pbp.sum(0)[:H], pal.sum(0)[:H], pbt.sum(0)[:H])
+
+
+def refine_eval_bwd(dout, attn, v, w_exp, b_exp, w_dw, b_dw, w_pro, b_pro, alpha, beta, expand):
+    r = refine_eval_fwd(attn, v, w_exp, b_exp, w_dw, b_dw, w_pro, b_pro, alpha, beta, expand,
+                        store_r=True)
+    dout = dout.contiguous()
+    dv = bmm(r.transpose(-1, -2), dout, out_dtype=v.dtype)
+    dr = bmm(dout, v.transpose(-1, -2), out_dtype=torch.float32)
+    grads = refine_eval_dla_bwd(attn, dr, w_exp, b_exp, w_dw, b_dw, w_pro, b_pro, alpha, expand)
+    da = grads[0]
+    ws = [g.to(w.dtype) for g, w in zip(grads[1:], (w_exp, b_exp, w_dw, b_dw, w_pro, b_pro, alpha, beta))]
+    return (da, dv, *ws)

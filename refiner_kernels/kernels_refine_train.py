@@ -1,0 +1,514 @@
+"""Training-mode refine block (BatchNorm batch statistics) without storing expanded maps.
+
+    X1 = W_e A;  E = relu6(BN1(X1))        (E = A when not expand)
+    X2 = dw_k(E); D = relu6(BN2(X2))
+    Y3 = W_p D;   Z = A + BN3(Y3)
+    out = (BN_a(Z) * scale) @ v
+
+Forward passes (every pass is a tile kernel over (heads, positions) tiles as in refine_eval, the
+stencil by k*k shifted loads with the expansion recomputed per offset; per-program partial
+statistics are combined on the host side with Chan's parallel formula in float64):
+  F1  moments of A: per-tile mean vector and centred Gram matrix -> BN1 mean = W_e mu_A,
+      var = diag(W_e Sigma_A W_e^T) (BN1 of a linear layer costs a reduction, not a tensor).
+  F2  BN2 statistics of X2 (E recomputed with BN1 folded into W_e).
+  F3  per-head moments of A and Y3 and their cross moment: BN3 statistics, and BN_a statistics
+      of Z = A + a3 Y3 + c3 follow (per-channel affine).
+  F4  refine_eval forward with every BN folded (the eval kernel).
+Backward (recompute; exact gradient through the batch statistics):
+  R recomputed by the eval kernel -> dv = R^T dO, dR = dO v^T (A-sized).
+  B1  sums of dRn, dRn*Zhat, dRn*Y3hat per head -> dga, dba, dg3, db3 (with F3's moments).
+  B2  dY3 per position, dW_p partials, sums of dD', dD'*X2hat per channel -> dg2, db2.
+  B3  halo-extended tiles: dX2, dW_dw partials, transposed stencil of dX2 staged through a
+      small per-program scratch buffer -> dE -> dX1' ; partial sums for dg1, db1, dW_e and
+      dA except the BN1 mean/variance terms, which are an H x H mix of A plus a bias, added last.
+Memory: a few A-sized (B,H,N,N) tensors and O(programs * channels) partials; no (B,rH,N,N).
+"""
+from __future__ import annotations
+
+import torch
+
+from ._common import batch_chunks, check_device, interpreting, next_pow2, num_warps_for, triton, tl
+from .blocks import bmm
+from .kernels_refine_eval import refine_eval_fwd
+
+CC = 16
+# rows of the per-head constant pack
+H_A3, H_C3, H_MUZ, H_RSA, H_MU3, H_RS3, H_KA, H_DBA, H_DGA, H_K3, H_DB3, H_DG3 = range(12)
+NHC = 12
+# rows of the per-expanded-channel constant pack
+C_A2, C_C2, C_MU2, C_RS2, C_K2, C_DB2, C_DG2, C_MU1, C_RS1, C_K1 = range(10)
+NCC = 10
+
+
+if triton is not None:
+
+    @triton.jit
+    def _e_at(a_ptr, base_a, hoff, row, col, du, dv, N, mh, we, be, RELU_E: tl.constexpr):
+        r2 = row + du
+        c2 = col + dv
+        ok = (r2 >= 0) & (r2 < N) & (c2 >= 0) & (c2 < N)
+        a_s = tl.load(a_ptr + base_a + hoff + (r2 * N + c2)[None, :], mask=mh[:, None] & ok[None, :],
+                      other=0.0).to(tl.float32)
+        e = tl.dot(we, a_s, input_precision="ieee") + be[:, None]
+        if RELU_E:
+            e = tl.minimum(tl.maximum(e, 0.0), 6.0)
+        return tl.where(ok[None, :], e, 0.0)
+
+    @triton.jit
+    def _x2_at(a_ptr, base_a, hoff, row, col, N, mh, we, be, wdw_ptr, cc, mc,
+               KS: tl.constexpr, RELU_E: tl.constexpr, CC: tl.constexpr, P: tl.constexpr):
+        PAD: tl.constexpr = KS // 2
+        acc = tl.zeros((CC, P), tl.float32)
+        for o in range(0, KS * KS):
+            e = _e_at(a_ptr, base_a, hoff, row, col, o // KS - PAD, o % KS - PAD, N, mh, we, be, RELU_E)
+            w = tl.load(wdw_ptr + cc * (KS * KS) + o, mask=mc, other=0.0).to(tl.float32)
+            acc += w[:, None] * e
+        return acc
+
+    @triton.jit
+    def _y3_at(a_ptr, base_a, hoff, row, col, N, H, RH, RHP, hh, mh, we_ptr, be_ptr, wdw_ptr, wp_ptr,
+               cv_ptr, KS: tl.constexpr, RELU_E: tl.constexpr, CC: tl.constexpr, P: tl.constexpr,
+               HP: tl.constexpr):
+        y = tl.zeros((HP, P), tl.float32)
+        for c0 in range(0, RH, CC):
+            cc = c0 + tl.arange(0, CC)
+            mc = cc < RH
+            we = tl.load(we_ptr + cc[:, None] * H + hh[None, :], mask=mc[:, None] & mh[None, :], other=0.0)
+            be = tl.load(be_ptr + cc, mask=mc, other=0.0)
+            x2 = _x2_at(a_ptr, base_a, hoff, row, col, N, mh, we, be, wdw_ptr, cc, mc, KS, RELU_E, CC, P)
+            a2 = tl.load(cv_ptr + 0 * RHP + cc, mask=mc, other=0.0)
+            c2 = tl.load(cv_ptr + 1 * RHP + cc, mask=mc, other=0.0)
+            d = tl.where(mc[:, None], tl.minimum(tl.maximum(a2[:, None] * x2 + c2[:, None], 0.0), 6.0), 0.0)
+            wp = tl.load(wp_ptr + hh[:, None] * RH + cc[None, :], mask=mh[:, None] & mc[None, :], other=0.0)
+            y += tl.dot(wp, d, input_precision="ieee")
+        return y
+
+    @triton.jit
+    def _hconst(hv_ptr, i, hh, mh, HP: tl.constexpr):
+        return tl.load(hv_ptr + i * HP + hh, mask=mh, other=0.0)
+
+    @triton.jit
+    def _rt_tile(a_ptr, dr_ptr, we_ptr, be_ptr, wdw_ptr, wp_ptr, cv_ptr, hv_ptr, part_ptr, pn_ptr, pwp_ptr,
+                 N, H, RH, RHP, NTJ, scale,
+                 MODE: tl.constexpr, KS: tl.constexpr, RELU_E: tl.constexpr, HP: tl.constexpr,
+                 CC: tl.constexpr, TM: tl.constexpr, TJ: tl.constexpr, W: tl.constexpr):
+        """Non-overlapping tile pass. MODE 1: moments of A (F1). 2: BN2 stats of X2 (F2).
+        3: moments of A, Y3 (F3). 4: B1 sums. 5: B2 (dW_p partials, dg2/db2 sums)."""
+        P: tl.constexpr = TM * TJ
+        pid_t = tl.program_id(1)
+        b = tl.program_id(0).to(tl.int64)
+        prog = b * tl.num_programs(1) + pid_t
+        pid_i = pid_t // NTJ
+        pid_j = pid_t % NTJ
+        hh = tl.arange(0, HP)
+        mh = hh < H
+        p = tl.arange(0, P)
+        row = pid_i * TM + p // TJ
+        col = pid_j * TJ + p % TJ
+        valid = (row < N) & (col < N)
+        vf = tl.where(valid, 1.0, 0.0)
+        nt = tl.sum(vf, axis=0)
+        inv = 1.0 / tl.maximum(nt, 1.0)
+        tl.store(pn_ptr + prog, nt)
+        base_a = b * H * N * N
+        hoff = hh.to(tl.int64)[:, None] * N * N
+        m2 = mh[:, None] & valid[None, :]
+        a0 = tl.load(a_ptr + base_a + hoff + (row * N + col)[None, :], mask=m2, other=0.0).to(tl.float32)
+        pbase = part_ptr + prog * 8 * W
+        if MODE == 1:
+            mean = tl.sum(a0, axis=1) * inv
+            ac = tl.where(m2, a0 - mean[:, None], 0.0)
+            tl.store(pbase + hh, mean)
+            gram = tl.dot(ac, tl.trans(ac), input_precision="ieee")
+            tl.store(pwp_ptr + prog * HP * HP + hh[:, None] * HP + hh[None, :], gram)
+        if MODE == 2:
+            for c0 in range(0, RH, CC):
+                cc = c0 + tl.arange(0, CC)
+                mc = cc < RH
+                we = tl.load(we_ptr + cc[:, None] * H + hh[None, :], mask=mc[:, None] & mh[None, :], other=0.0)
+                be = tl.load(be_ptr + cc, mask=mc, other=0.0)
+                x2 = _x2_at(a_ptr, base_a, hoff, row, col, N, mh, we, be, wdw_ptr, cc, mc, KS, RELU_E, CC, P)
+                mean = tl.sum(x2 * vf[None, :], axis=1) * inv
+                xc = (x2 - mean[:, None]) * vf[None, :]
+                tl.store(pbase + 0 * W + cc, mean, mask=mc)
+                tl.store(pbase + 1 * W + cc, tl.sum(xc * xc, axis=1), mask=mc)
+        if MODE >= 3:
+            y = _y3_at(a_ptr, base_a, hoff, row, col, N, H, RH, RHP, hh, mh, we_ptr, be_ptr, wdw_ptr, wp_ptr,
+                       cv_ptr, KS, RELU_E, CC, P, HP)
+            y = tl.where(m2, y, 0.0)
+            if MODE == 3:
+                ma = tl.sum(a0, axis=1) * inv
+                my = tl.sum(y, axis=1) * inv
+                ac = tl.where(m2, a0 - ma[:, None], 0.0)
+                yc = tl.where(m2, y - my[:, None], 0.0)
+                tl.store(pbase + 0 * W + hh, ma)
+                tl.store(pbase + 1 * W + hh, my)
+                tl.store(pbase + 2 * W + hh, tl.sum(ac * ac, axis=1))
+                tl.store(pbase + 3 * W + hh, tl.sum(yc * yc, axis=1))
+                tl.store(pbase + 4 * W + hh, tl.sum(ac * yc, axis=1))
+            else:
+                dr = tl.load(dr_ptr + base_a + hoff + (row * N + col)[None, :], mask=m2, other=0.0) * scale
+                zhat = (a0 + _hconst(hv_ptr, 0, hh, mh, HP)[:, None] * y + _hconst(hv_ptr, 1, hh, mh, HP)[:, None]
+                        - _hconst(hv_ptr, 2, hh, mh, HP)[:, None]) * _hconst(hv_ptr, 3, hh, mh, HP)[:, None]
+                yhat = (y - _hconst(hv_ptr, 4, hh, mh, HP)[:, None]) * _hconst(hv_ptr, 5, hh, mh, HP)[:, None]
+                if MODE == 4:
+                    tl.store(pbase + 0 * W + hh, tl.sum(dr, axis=1))
+                    tl.store(pbase + 1 * W + hh, tl.sum(tl.where(m2, dr * zhat, 0.0), axis=1))
+                    tl.store(pbase + 2 * W + hh, tl.sum(tl.where(m2, dr * yhat, 0.0), axis=1))
+                if MODE == 5:
+                    dz = _hconst(hv_ptr, 6, hh, mh, HP)[:, None] * (
+                        dr - _hconst(hv_ptr, 7, hh, mh, HP)[:, None] - zhat * _hconst(hv_ptr, 8, hh, mh, HP)[:, None])
+                    dy3 = _hconst(hv_ptr, 9, hh, mh, HP)[:, None] * (
+                        dz - _hconst(hv_ptr, 10, hh, mh, HP)[:, None] - yhat * _hconst(hv_ptr, 11, hh, mh, HP)[:, None])
+                    dy3 = tl.where(m2, dy3, 0.0)
+                    for c0 in range(0, RH, CC):
+                        cc = c0 + tl.arange(0, CC)
+                        mc = cc < RH
+                        we = tl.load(we_ptr + cc[:, None] * H + hh[None, :], mask=mc[:, None] & mh[None, :], other=0.0)
+                        be = tl.load(be_ptr + cc, mask=mc, other=0.0)
+                        x2 = _x2_at(a_ptr, base_a, hoff, row, col, N, mh, we, be, wdw_ptr, cc, mc, KS, RELU_E, CC, P)
+                        a2 = tl.load(cv_ptr + 0 * RHP + cc, mask=mc, other=0.0)
+                        c2 = tl.load(cv_ptr + 1 * RHP + cc, mask=mc, other=0.0)
+                        pre = a2[:, None] * x2 + c2[:, None]
+                        d = tl.where(mc[:, None], tl.minimum(tl.maximum(pre, 0.0), 6.0), 0.0)
+                        tl.store(pwp_ptr + prog * HP * RHP + hh[:, None] * RHP + cc[None, :],
+                                 tl.dot(dy3, tl.trans(d), input_precision="ieee"))
+                        wpt = tl.load(wp_ptr + hh[None, :] * RH + cc[:, None], mask=mh[None, :] & mc[:, None],
+                                      other=0.0)
+                        dd = tl.dot(wpt, dy3, input_precision="ieee")
+                        ddp = tl.where((pre > 0.0) & (pre < 6.0) & mc[:, None] & valid[None, :], dd, 0.0)
+                        x2hat = (x2 - tl.load(cv_ptr + 2 * RHP + cc, mask=mc, other=0.0)[:, None]) * \
+                            tl.load(cv_ptr + 3 * RHP + cc, mask=mc, other=0.0)[:, None]
+                        tl.store(pbase + 0 * W + cc, tl.sum(ddp, axis=1), mask=mc)
+                        tl.store(pbase + 1 * W + cc, tl.sum(ddp * x2hat, axis=1), mask=mc)
+
+    @triton.jit
+    def _rt_b3(a_ptr, dr_ptr, we_ptr, be_ptr, wer_ptr, wdw_ptr, wp_ptr, cv_ptr, hv_ptr,
+               da_ptr, scr_ptr, part_ptr, pwdw_ptr, pm_ptr, N, H, RH, RHP, NTJ, scale,
+               KS: tl.constexpr, RELU_E: tl.constexpr, HP: tl.constexpr, CC: tl.constexpr,
+               TM: tl.constexpr, TJ: tl.constexpr):
+        """Halo-extended tiles: dX2, dW_dw partials, transposed stencil, dX1', dA (partial)."""
+        PAD: tl.constexpr = KS // 2
+        P: tl.constexpr = TM * TJ
+        KK: tl.constexpr = KS * KS
+        pid_t = tl.program_id(1)
+        b = tl.program_id(0).to(tl.int64)
+        prog = b * tl.num_programs(1) + pid_t
+        pid_i = pid_t // NTJ
+        pid_j = pid_t % NTJ
+        hh = tl.arange(0, HP)
+        mh = hh < H
+        p = tl.arange(0, P)
+        pm = p // TJ
+        pj = p % TJ
+        row = pid_i * (TM - 2 * PAD) - PAD + pm
+        col = pid_j * (TJ - 2 * PAD) - PAD + pj
+        inmap = (row >= 0) & (row < N) & (col >= 0) & (col < N)
+        own = inmap & (pm >= PAD) & (pm < TM - PAD) & (pj >= PAD) & (pj < TJ - PAD)
+        ownf = tl.where(own, 1.0, 0.0)
+        base_a = b * H * N * N
+        hoff = hh.to(tl.int64)[:, None] * N * N
+        m2 = mh[:, None] & inmap[None, :]
+        a0 = tl.load(a_ptr + base_a + hoff + (row * N + col)[None, :], mask=m2, other=0.0).to(tl.float32)
+        dr = tl.load(dr_ptr + base_a + hoff + (row * N + col)[None, :], mask=m2, other=0.0) * scale
+        y = _y3_at(a_ptr, base_a, hoff, row, col, N, H, RH, RHP, hh, mh, we_ptr, be_ptr, wdw_ptr, wp_ptr,
+                   cv_ptr, KS, RELU_E, CC, P, HP)
+        zhat = (a0 + _hconst(hv_ptr, 0, hh, mh, HP)[:, None] * y + _hconst(hv_ptr, 1, hh, mh, HP)[:, None]
+                - _hconst(hv_ptr, 2, hh, mh, HP)[:, None]) * _hconst(hv_ptr, 3, hh, mh, HP)[:, None]
+        yhat = (y - _hconst(hv_ptr, 4, hh, mh, HP)[:, None]) * _hconst(hv_ptr, 5, hh, mh, HP)[:, None]
+        dz = _hconst(hv_ptr, 6, hh, mh, HP)[:, None] * (
+            dr - _hconst(hv_ptr, 7, hh, mh, HP)[:, None] - zhat * _hconst(hv_ptr, 8, hh, mh, HP)[:, None])
+        dz = tl.where(m2, dz, 0.0)
+        dy3 = _hconst(hv_ptr, 9, hh, mh, HP)[:, None] * (
+            dz - _hconst(hv_ptr, 10, hh, mh, HP)[:, None] - yhat * _hconst(hv_ptr, 11, hh, mh, HP)[:, None])
+        dy3 = tl.where(m2, dy3, 0.0)
+        da = dz
+        scr = scr_ptr + prog * (CC * P)
+        pbase = part_ptr + prog * 2 * RHP
+        for c0 in range(0, RH, CC):
+            cc = c0 + tl.arange(0, CC)
+            mc = cc < RH
+            we = tl.load(we_ptr + cc[:, None] * H + hh[None, :], mask=mc[:, None] & mh[None, :], other=0.0)
+            be = tl.load(be_ptr + cc, mask=mc, other=0.0)
+            x2 = _x2_at(a_ptr, base_a, hoff, row, col, N, mh, we, be, wdw_ptr, cc, mc, KS, RELU_E, CC, P)
+            a2 = tl.load(cv_ptr + 0 * RHP + cc, mask=mc, other=0.0)
+            c2 = tl.load(cv_ptr + 1 * RHP + cc, mask=mc, other=0.0)
+            pre = a2[:, None] * x2 + c2[:, None]
+            wpt = tl.load(wp_ptr + hh[None, :] * RH + cc[:, None], mask=mh[None, :] & mc[:, None], other=0.0)
+            dd = tl.dot(wpt, dy3, input_precision="ieee")
+            ddp = tl.where((pre > 0.0) & (pre < 6.0), dd, 0.0)
+            x2hat = (x2 - tl.load(cv_ptr + 2 * RHP + cc, mask=mc, other=0.0)[:, None]) * \
+                tl.load(cv_ptr + 3 * RHP + cc, mask=mc, other=0.0)[:, None]
+            dx2 = tl.load(cv_ptr + 4 * RHP + cc, mask=mc, other=0.0)[:, None] * (
+                ddp - tl.load(cv_ptr + 5 * RHP + cc, mask=mc, other=0.0)[:, None]
+                - x2hat * tl.load(cv_ptr + 6 * RHP + cc, mask=mc, other=0.0)[:, None])
+            dx2 = tl.where(mc[:, None] & inmap[None, :], dx2, 0.0)
+            dx2_own = dx2 * ownf[None, :]
+            for o in range(0, KK):
+                e = _e_at(a_ptr, base_a, hoff, row, col, o // KS - PAD, o % KS - PAD, N, mh, we, be, RELU_E)
+                tl.store(pwdw_ptr + prog * RHP * KK + cc * KK + o, tl.sum(dx2_own * e, axis=1))
+            tl.debug_barrier()
+            tl.store(scr + tl.arange(0, CC)[:, None] * P + p[None, :], dx2)
+            tl.debug_barrier()
+            de = tl.zeros((CC, P), tl.float32)
+            for o in range(0, KK):
+                sm = pm - (o // KS - PAD)
+                sj = pj - (o % KS - PAD)
+                okk = (sm >= 0) & (sm < TM) & (sj >= 0) & (sj < TJ)
+                gs = tl.load(scr + tl.arange(0, CC)[:, None] * P + (sm * TJ + sj)[None, :], mask=okk[None, :],
+                             other=0.0, cache_modifier=".cg")
+                w = tl.load(wdw_ptr + cc * KK + o, mask=mc, other=0.0)
+                de += w[:, None] * gs
+            x1pre = tl.dot(we, a0, input_precision="ieee") + be[:, None]
+            if RELU_E:
+                de = tl.where((x1pre > 0.0) & (x1pre < 6.0), de, 0.0)
+            de = tl.where(mc[:, None] & own[None, :], de, 0.0)
+            wer = tl.load(wer_ptr + cc[:, None] * H + hh[None, :], mask=mc[:, None] & mh[None, :], other=0.0)
+            if RELU_E:
+                x1hat = (tl.dot(wer, a0, input_precision="ieee")
+                         - tl.load(cv_ptr + 7 * RHP + cc, mask=mc, other=0.0)[:, None]) * \
+                    tl.load(cv_ptr + 8 * RHP + cc, mask=mc, other=0.0)[:, None]
+                tl.store(pbase + 0 * RHP + cc, tl.sum(de, axis=1))
+                tl.store(pbase + 1 * RHP + cc, tl.sum(de * x1hat, axis=1))
+                tl.store(pm_ptr + prog * RHP * HP + cc[:, None] * HP + hh[None, :],
+                         tl.dot(de, tl.trans(a0), input_precision="ieee"))
+            k1 = tl.load(cv_ptr + 9 * RHP + cc, mask=mc, other=0.0)
+            da += tl.dot(tl.trans(wer * k1[:, None]), de, input_precision="ieee")
+        tl.store(da_ptr + base_a + hoff + (row * N + col)[None, :], da.to(da_ptr.dtype.element_ty),
+                 mask=mh[:, None] & own[None, :])
+
+
+def _tile_cfg(N: int, halo: int = 0):
+    tm = max(16, next_pow2(2 * halo + 8))  # halo tiles: at least 8 owned rows/columns
+    if interpreting():
+        return tm, max(tm, next_pow2(N + 2 * halo))
+    return tm, tm  # (16 x 256) fp32 tiles for k <= 7: the B3 kernel keeps ~10 of them live
+
+
+def _f32(t):
+    return t.detach().to(torch.float32).contiguous()
+
+
+def _pack(rows, width):
+    out = torch.zeros(len(rows), width, dtype=torch.float32, device=rows[0].device)
+    for i, r in enumerate(rows):
+        out[i, :r.numel()] = r.to(torch.float32)
+    return out.contiguous()
+
+
+def _launch_tile(mode, attn, dr, we, be, wdw, wp, cv, hv, scale, relu):
+    B, H, N, _ = attn.shape
+    RH, KS = wdw.shape[0], wdw.shape[-1]
+    TM, TJ = _tile_cfg(N)
+    nti, ntj = triton.cdiv(N, TM), triton.cdiv(N, TJ)
+    nprog = nti * ntj * B
+    HP = max(16, next_pow2(H))
+    RHP = triton.cdiv(RH, CC) * CC
+    W = max(HP, RHP)
+    dev = attn.device
+    part = torch.zeros(nprog, 8, W, dtype=torch.float32, device=dev)
+    pn = torch.zeros(nprog, dtype=torch.float32, device=dev)
+    pwp = torch.zeros(nprog, HP, HP if mode == 1 else (RHP if mode == 5 else 1), dtype=torch.float32, device=dev)
+    _rt_tile[(B, nti * ntj)](attn, dr if dr is not None else attn, we, be, wdw, wp, cv, hv, part, pn, pwp,
+                             N, H, RH, RHP, ntj, float(scale), MODE=mode, KS=KS, RELU_E=relu, HP=HP, CC=CC,
+                             TM=TM, TJ=TJ, W=W, num_warps=num_warps_for(HP * TM * TJ))
+    return part.double(), pn.double(), pwp
+
+
+def _chan(nt, means, m2):
+    """Chan et al.: combine per-tile (count, mean, centred sum of squares)."""
+    n = nt.sum()
+    mean = (nt[:, None] * means).sum(0) / n
+    return mean, (m2 + nt[:, None] * (means - mean) ** 2).sum(0)
+
+
+def _fold(attn, w_exp, w_dw, w_pro, g1, b1, g2, b2, g3, b3, ga, ba, eps, expand, st):
+    """Host-side (float64) folding of the four BatchNorms given their batch statistics."""
+    H = attn.shape[1]
+    RH = w_dw.shape[0]
+    d = {}
+    dd = lambda t: t.detach().double()  # noqa: E731
+    if expand:
+        We = dd(w_exp)
+        d["rs1"] = torch.rsqrt(st["var1"] + eps)
+        d["a1"] = dd(g1) * d["rs1"]
+        d["we_f"] = d["a1"][:, None] * We
+        d["be_f"] = dd(b1) - d["a1"] * st["mu1"]
+        d["wer"] = We
+        d["k1"] = d["a1"]
+    else:
+        eye = torch.eye(H, dtype=torch.float64, device=attn.device)
+        d["rs1"] = torch.ones(RH, dtype=torch.float64, device=attn.device)
+        d["we_f"] = d["wer"] = eye
+        d["be_f"] = torch.zeros(RH, dtype=torch.float64, device=attn.device)
+        d["k1"] = torch.ones(RH, dtype=torch.float64, device=attn.device)
+    if "var2" in st:
+        d["rs2"] = torch.rsqrt(st["var2"] + eps)
+        d["a2"] = dd(g2) * d["rs2"]
+        d["c2"] = dd(b2) - d["a2"] * st["mu2"]
+    if "var3" in st:
+        d["rs3"] = torch.rsqrt(st["var3"] + eps)
+        d["a3"] = dd(g3) * d["rs3"]
+        d["c3"] = dd(b3) - d["a3"] * st["mu3"]
+    if "varZ" in st:
+        d["rsa"] = torch.rsqrt(st["varZ"] + eps)
+    return d
+
+
+def _aux_layout(H, RH):
+    return [("mu1", RH), ("var1", RH), ("mu2", RH), ("var2", RH), ("mu3", H), ("var3", H), ("muZ", H),
+            ("varZ", H), ("mA", H), ("Gc", H * H), ("M2Y", H), ("CAY", H)]
+
+
+def aux_size(H, RH):
+    return sum(s for _, s in _aux_layout(H, RH))
+
+
+def refine_train_fwd(attn, v, w_exp, w_dw, w_pro, g1, b1, g2, b2, g3, b3, ga, ba, eps, scale, expand):
+    """Returns out, the stats dict (float64) and aux (fp32 vector for the backward)."""
+    check_device(attn, v)
+    attn, v = attn.contiguous(), v.contiguous()
+    B, H, N, _ = attn.shape
+    RH, KS = w_dw.shape[0], w_dw.shape[-1]
+    n = float(B * N * N)
+    HP = max(16, next_pow2(H))
+    RHP = triton.cdiv(RH, CC) * CC
+    dev = attn.device
+    wdw, wp = _f32(w_dw), _f32(w_pro)
+    dummy = torch.zeros(16, dtype=torch.float32, device=dev)
+    st = {}
+    # F1: moments of A
+    part, pn, gram = _launch_tile(1, attn, None, dummy, dummy, wdw, wp, dummy, dummy, scale, False)
+    means = part[:, 0, :H]
+    st["mA"] = (pn[:, None] * means).sum(0) / n
+    dm = means - st["mA"]
+    st["Gc"] = gram[:, :H, :H].double().sum(0) + torch.einsum("p,pi,pj->ij", pn, dm, dm)
+    if expand:
+        We = w_exp.detach().double()
+        st["mu1"] = We @ st["mA"]
+        st["var1"] = ((We @ st["Gc"]) * We).sum(1) / n
+    f = _fold(attn, w_exp, w_dw, w_pro, g1, b1, g2, b2, g3, b3, ga, ba, eps, expand, st)
+    we_f, be_f = _f32(f["we_f"]), _f32(f["be_f"])
+    # F2: BN2 statistics
+    part, pn, _ = _launch_tile(2, attn, None, we_f, be_f, wdw, wp, dummy, dummy, scale, expand)
+    st["mu2"], m2 = _chan(pn, part[:, 0, :RH], part[:, 1, :RH])
+    st["var2"] = m2 / n
+    f = _fold(attn, w_exp, w_dw, w_pro, g1, b1, g2, b2, g3, b3, ga, ba, eps, expand, st)
+    cv = _pack([f["a2"], f["c2"]], RHP)
+    # F3: moments of A and Y3 -> BN3, BN_a
+    part, pn, _ = _launch_tile(3, attn, None, we_f, be_f, wdw, wp, cv, dummy, scale, expand)
+    mA, m2a = _chan(pn, part[:, 0, :H], part[:, 2, :H])
+    st["mu3"], st["M2Y"] = _chan(pn, part[:, 1, :H], part[:, 3, :H])
+    st["CAY"] = (part[:, 4, :H] + pn[:, None] * (part[:, 0, :H] - mA) * (part[:, 1, :H] - st["mu3"])).sum(0)
+    st["var3"] = st["M2Y"] / n
+    f = _fold(attn, w_exp, w_dw, w_pro, g1, b1, g2, b2, g3, b3, ga, ba, eps, expand, st)
+    a3, c3 = f["a3"], f["c3"]
+    st["muZ"] = mA + a3 * st["mu3"] + c3
+    st["varZ"] = (m2a + a3 * a3 * st["M2Y"] + 2 * a3 * st["CAY"]) / n
+    rsa = torch.rsqrt(st["varZ"] + eps)
+    gad = ga.detach().double()
+    alpha = scale * gad * rsa
+    beta = scale * (ba.detach().double() - gad * rsa * st["muZ"])
+    # F4: the fused eval kernel with every BN folded
+    out = refine_eval_fwd(attn, v, we_f, be_f, _f32(f["a2"][:, None, None] * w_dw.detach().double()),
+                          _f32(f["c2"]), _f32(a3[:, None] * w_pro.detach().double()), _f32(c3),
+                          _f32(alpha), _f32(beta), expand)
+    if not expand:
+        st["mu1"] = torch.zeros(RH, dtype=torch.float64, device=dev)
+        st["var1"] = torch.zeros(RH, dtype=torch.float64, device=dev)
+    aux = torch.cat([st[k].reshape(-1) for k, _ in _aux_layout(H, RH)]).to(torch.float32)
+    return out, st, aux
+
+
+def refine_train_bwd(dout, attn, v, w_exp, w_dw, w_pro, g1, b1, g2, b2, g3, b3, ga, ba, aux,
+                     eps, scale, expand):
+    attn, v, dout = attn.contiguous(), v.contiguous(), dout.contiguous()
+    B, H, N, _ = attn.shape
+    RH, KS = w_dw.shape[0], w_dw.shape[-1]
+    n = float(B * N * N)
+    HP = max(16, next_pow2(H))
+    RHP = triton.cdiv(RH, CC) * CC
+    dev = attn.device
+    st, i = {}, 0
+    auxd = aux.double()
+    for k, s in _aux_layout(H, RH):
+        st[k] = auxd[i:i + s]
+        i += s
+    st["Gc"] = st["Gc"].reshape(H, H)
+    f = _fold(attn, w_exp, w_dw, w_pro, g1, b1, g2, b2, g3, b3, ga, ba, eps, expand, st)
+    a3, c3, rsa, rs3 = f["a3"], f["c3"], f["rsa"], f["rs3"]
+    gad = ga.detach().double()
+    wdw, wp = _f32(w_dw), _f32(w_pro)
+    we_f, be_f, wer = _f32(f["we_f"]), _f32(f["be_f"]), _f32(f["wer"])
+    alpha = scale * gad * rsa
+    beta = scale * (ba.detach().double() - gad * rsa * st["muZ"])
+    r = refine_eval_fwd(attn, v, we_f, be_f, _f32(f["a2"][:, None, None] * w_dw.detach().double()),
+                        _f32(f["c2"]), _f32(a3[:, None] * w_pro.detach().double()), _f32(c3),
+                        _f32(alpha), _f32(beta), expand, store_r=True)
+    dv = bmm(r.transpose(-1, -2), dout, out_dtype=v.dtype)
+    dr = bmm(dout, v.transpose(-1, -2), out_dtype=torch.float32)
+    zero_h = torch.zeros(H, dtype=torch.float64, device=dev)
+    hrows = [a3, c3, st["muZ"], rsa, st["mu3"], rs3]
+    # B1
+    hv = _pack(hrows + [zero_h] * 6, HP)
+    cv = _pack([f["a2"], f["c2"], st["mu2"], f["rs2"]], RHP)
+    part, pn, _ = _launch_tile(4, attn, dr, we_f, be_f, wdw, wp, cv, hv, scale, expand)
+    dba = part[:, 0, :H].sum(0)
+    dga = part[:, 1, :H].sum(0)
+    s_dry = part[:, 2, :H].sum(0)
+    ka = gad * rsa
+    dg3 = ka * (s_dry - dga / n * rsa * rs3 * (st["CAY"] + a3 * st["M2Y"]))
+    db3 = torch.zeros_like(dg3)  # sum(dZ) = ka (sum dRn - n mean dRn - dga/n sum Zhat) = 0 exactly
+    k3 = g3.detach().double() * rs3
+    hv = _pack(hrows + [ka, dba / n, dga / n, k3, db3 / n, dg3 / n], HP)
+    # B2
+    part, pn, pwp = _launch_tile(5, attn, dr, we_f, be_f, wdw, wp, cv, hv, scale, expand)
+    dwp = pwp.double().sum(0)[:H, :RH]
+    db2 = part[:, 0, :RH].sum(0)
+    dg2 = part[:, 1, :RH].sum(0)
+    k2 = g2.detach().double() * f["rs2"]
+    mu1 = st["mu1"] if expand else torch.zeros(RH, dtype=torch.float64, device=dev)
+    cv = _pack([f["a2"], f["c2"], st["mu2"], f["rs2"], k2, db2 / n, dg2 / n, mu1, f["rs1"], f["k1"]], RHP)
+    # B3
+    PAD = KS // 2
+    TM, TJ = _tile_cfg(N, PAD)
+    nti, ntj = triton.cdiv(N, TM - 2 * PAD), triton.cdiv(N, TJ - 2 * PAD)
+    f32 = dict(dtype=torch.float32, device=dev)
+    da = torch.empty(B, H, N, N, **f32)
+    chunks = list(batch_chunks(B, nti * ntj, CC * TM * TJ * 4))
+    nprog = nti * ntj * max(hi - lo for lo, hi in chunks)
+    scr = torch.empty(nprog, CC, TM * TJ, **f32)
+    parts = (torch.zeros(nprog, 2, RHP, **f32), torch.empty(nprog, RHP, KS * KS, **f32),
+             torch.zeros(nprog, RHP, HP, **f32))
+    sums = [torch.zeros(t.shape[1:], dtype=torch.float64, device=dev) for t in parts]
+    for lo, hi in chunks:  # bounded scratch: batch chunks run one after another on the stream
+        _rt_b3[(hi - lo, nti * ntj)](attn[lo:hi], dr[lo:hi], we_f, be_f, wer, wdw, wp, cv, hv, da[lo:hi], scr,
+                                     *parts, N, H, RH, RHP, ntj, float(scale), KS=KS, RELU_E=expand, HP=HP,
+                                     CC=CC, TM=TM, TJ=TJ, num_warps=num_warps_for(HP * TM * TJ),
+                                     num_stages=1)  # scratch staging: no pipelining across barriers
+        used = nti * ntj * (hi - lo)
+        for acc, t in zip(sums, parts):
+            acc += t[:used].double().sum(0)
+    part3, pwdw, pm = [t[None] for t in sums]
+    dwdw = pwdw.double().sum(0)[:RH].reshape(RH, KS, KS)
+    if expand:
+        part3 = part3.double()
+        db1 = part3[:, 0, :RH].sum(0)
+        dg1 = part3[:, 1, :RH].sum(0)
+        M = pm.double().sum(0)[:RH, :H]
+        We = w_exp.detach().double()
+        k1, rs1 = f["k1"], f["rs1"]
+        dwe = k1[:, None] * (M - (db1 / n)[:, None] * (n * st["mA"])[None, :]
+                             - (dg1 / n * rs1)[:, None] * (We @ st["Gc"]))
+        # BN1 mean/variance terms of dA: an H x H mix of A plus a per-head bias
+        mx = -(We.t() * (k1 * dg1 * rs1 / n)[None, :]) @ We
+        bx = We.t() @ (k1 * (dg1 * rs1 * mu1 - db1) / n)
+        da = da + bmm(_f32(mx).expand(B, H, H), attn.reshape(B, H, N * N), out_dtype=torch.float32
+                      ).reshape(B, H, N, N) + _f32(bx)[None, :, None, None]
+    else:
+        dwe = torch.zeros_like(w_exp, dtype=torch.float64)
+        dg1 = torch.zeros_like(g1, dtype=torch.float64)
+        db1 = torch.zeros_like(b1, dtype=torch.float64)
+    grads = [dwe, dwdw, dwp, dg1, db1, dg2, db2, dg3, db3, dga, dba]
+    refs = [w_exp, w_dw, w_pro, g1, b1, g2, b2, g3, b3, ga, ba]
+    return [da.to(attn.dtype), dv] + [g.to(t.dtype) for g, t in zip(grads, refs)]

@@ -1,0 +1,354 @@
+"""Triton backend (refiner_kernels) against refiner.reference.
+
+Without a GPU, conftest sets TRITON_INTERPRET=1 and the kernels run on CPU tensors under the
+Triton interpreter (slow: shapes are kept small). fp32 comparisons are tight (the kernels
+accumulate in fp32 with IEEE dots). fp16 cases compare against the fp32 reference evaluated on
+the same fp16-rounded inputs: the kernels compute in fp32 and round only the stored results to
+fp16 (relative error <= 2^-11 per element, plus the rounding of a stored intermediate map for
+softmax_block), so rtol = 2e-3 and atol = 2e-3 * max|ref| hold with margin.
+bf16 is only tested on a GPU, in test_triton_gpu.py (the interpreter gets bf16 wrong; DESIGN section 5).
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from utils import random_attn, random_dla, train_args
+
+import refiner_kernels as rk
+from refiner import reference as ref
+
+pytestmark = pytest.mark.skipif(not rk.AVAILABLE, reason=f"triton backend unavailable: {rk.UNAVAILABLE_REASON}")
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _close(a, b, dtype=torch.float32, name=""):
+    a = a.float()
+    b = b.float()
+    if dtype == torch.float32:
+        rtol, atol = 1e-4, 1e-5 * max(1.0, b.abs().max().item())
+    else:
+        rtol, atol = 2e-3, 2e-3 * max(1.0, b.abs().max().item())
+    torch.testing.assert_close(a, b, rtol=rtol, atol=atol, msg=lambda m: f"{name}: {m}")
+
+
+def _grads(outs, ins, gouts):
+    outs = [o for o in outs]
+    g = torch.autograd.grad(outs, [t for t in ins if t is not None], gouts, allow_unused=True)
+    return [torch.zeros_like(t) if x is None else x for x, t in zip(g, [t for t in ins if t is not None])]
+
+
+def _leaf(t, dtype=torch.float32):
+    return t.detach().to(DEV, dtype).clone().requires_grad_(True)
+
+
+# ----------------------------------------------------------------------------- softmax_block
+
+@pytest.mark.parametrize("N,d,has_prev", [(17, 35, True), (50, 32, True), (17, 32, False)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_softmax_block(N, d, has_prev, dtype):
+    B, H = 1, 3
+    scale = d ** -0.5
+    q, k, v = (torch.randn(B, H, N, d) for _ in range(3))
+    prev = random_attn(B, H, N) if has_prev else None
+    # the same rounded inputs for both; the reference runs in fp32
+    xs = [_leaf(t, dtype) for t in (q, k, v)] + ([_leaf(prev, dtype)] if has_prev else [None])
+    rs = [None if t is None else _leaf(t.detach().float()) for t in xs]
+    out, attn = rk.softmax_block(*xs, scale)
+    rout, rattn = ref.softmax_block(*rs, scale)
+    assert out.dtype == dtype and attn.dtype == dtype
+    _close(out, rout, dtype, "out")
+    _close(attn, rattn, dtype, "attn")
+    go, ga = torch.randn_like(rout), torch.randn_like(rattn)
+    g = _grads((out, attn), xs, (go.to(dtype), ga.to(dtype)))
+    gr = _grads((rout, rattn), rs, (go.to(dtype).float(), ga.to(dtype).float()))
+    for name, a, b in zip(["dq", "dk", "dv", "dprev"], g, gr):
+        _close(a, b, dtype, name)
+
+
+# ----------------------------------------------------------------------------- refine_eval
+
+def _folded(H, ratio, ks, d):
+    dla, bn = random_dla(H, ratio, ks)
+    dla.eval()
+    bn.eval()
+    return ref.fold_refine(dla, bn, d ** -0.5)
+
+
+@pytest.mark.parametrize("N,d,ratio,ks,dtype", [
+    (17, 35, 3, 3, torch.float32),
+    (17, 32, 3, 5, torch.float32),
+    (50, 32, 3, 3, torch.float32),
+    (17, 35, 1, 3, torch.float32),
+    (17, 32, 3, 3, torch.float16),
+])
+def test_refine_eval(N, d, ratio, ks, dtype):
+    B, H = 1, 12
+    f = _folded(H, ratio, ks, d)
+    params = [_leaf(t, dtype) for t in f.args()[:-1]]
+    rparams = [_leaf(t.detach().float()) for t in params]
+    attn = _leaf(random_attn(B, H, N), dtype)
+    v = _leaf(torch.randn(B, H, N, d), dtype)
+    rattn, rv = _leaf(attn.detach().float()), _leaf(v.detach().float())
+    out = rk.refine_eval(attn, v, *params, f.expand)
+    rout = ref.refine_eval(rattn, rv, *rparams, f.expand)
+    assert out.dtype == dtype
+    _close(out, rout, dtype, "out")
+    go = torch.randn_like(rout).to(dtype)
+    g = _grads([out], [attn, v] + params, [go])
+    gr = _grads([rout], [rattn, rv] + rparams, [go.float()])
+    names = "attn v w_exp b_exp w_dw b_dw w_pro b_pro alpha beta".split()
+    for name, a, b in zip(names, g, gr):
+        _close(a, b, dtype, "d" + name)
+
+
+def test_refine_eval_border_padding():
+    """Padded E is 0 at the border, not relu6(b_exp): a large positive b_exp exposes it."""
+    B, H, N, d = 1, 4, 17, 16
+    f = _folded(H, 3, 3, d)
+    b_exp = torch.full_like(f.b_exp, 3.0)
+    args = [t.to(DEV) for t in f.args()[:-1]]
+    args[1] = b_exp.to(DEV)
+    attn = random_attn(B, H, N, device=DEV)
+    v = torch.randn(B, H, N, d, device=DEV)
+    torch.testing.assert_close(rk.refine_eval(attn, v, *args, True), ref.refine_eval(attn, v, *args, True),
+                               rtol=1e-4, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- opcheck / compile
+
+def _opcheck(op, args):
+    torch.library.opcheck(op, args)
+
+
+def test_opcheck_softmax_block():
+    from refiner_kernels import ops
+    B, H, N, d = 1, 2, 9, 16
+    q, k, v = (torch.randn(B, H, N, d, device=DEV, requires_grad=True) for _ in range(3))
+    prev = random_attn(B, H, N, device=DEV).requires_grad_(True)
+    _opcheck(ops.softmax_block_op, (q, k, v, prev, 0.25))
+    _opcheck(ops.softmax_block_op, (q, k, v, None, 0.25))
+
+
+def test_opcheck_refine_eval():
+    from refiner_kernels import ops
+    B, H, N, d = 1, 4, 7, 16
+    f = _folded(H, 3, 3, d)
+    params = [t.to(DEV).requires_grad_(True) for t in f.args()[:-1]]
+    attn = random_attn(B, H, N, device=DEV).requires_grad_(True)
+    v = torch.randn(B, H, N, d, device=DEV, requires_grad=True)
+    _opcheck(ops.refine_eval_op, (attn, v, *params, True))
+
+
+class _Tiny(torch.nn.Module):
+    def __init__(self, f, scale, targs):
+        super().__init__()
+        self.f = f
+        self.scale = scale
+        self.targs = targs
+
+    def forward(self, q, k, v, v2):
+        out, attn = rk.softmax_block(q, k, v, None, self.scale)
+        out2 = rk.refine_eval(attn, v2, *self.f.args())
+        out3, stats = rk.refine_train(attn, v2, *self.targs, 1e-5, self.scale, True)
+        return out + out2 + out3 + stats[1].mean.sum()
+
+
+def test_torch_compile_fullgraph():
+    """softmax_block -> refine_eval and refine_train in one compiled graph, forward and backward."""
+    B, H, N, d = 1, 4, 9, 16
+    f = _folded(H, 3, 3, d)
+    f = ref.FoldedRefine(*[t.to(DEV) for t in f.args()[:-1]], f.expand)
+    dla, bn = random_dla(H, 3, 3, seed=1)
+    targs = [t.detach().to(DEV) for t in train_args(dla, bn)]
+    m = _Tiny(f, d ** -0.5, targs)
+    xs = [torch.randn(B, H, N, d, device=DEV, requires_grad=True) for _ in range(4)]
+    eager = m(*xs)
+    g_eager = torch.autograd.grad(eager.sum(), xs)
+    # inductor on CPU spends ~50 s compiling C++ here; aot_eager traces the same graph
+    # (fake impls + registered autograd, fullgraph=True: no graph break) in a second.
+    backend = "inductor" if DEV == "cuda" else "aot_eager"
+    compiled = torch.compile(m, fullgraph=True, backend=backend)(*xs)
+    torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-6)
+    g_comp = torch.autograd.grad(compiled.sum(), xs)
+    for a, b in zip(g_comp, g_eager):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    r_out, r_attn = ref.softmax_block(*xs[:3], None, d ** -0.5)
+    r_out3, r_stats = ref.refine_train(r_attn, xs[3], *targs, 1e-5, d ** -0.5, True)
+    torch.testing.assert_close(eager, r_out + ref.refine_eval(r_attn, xs[3], *f.args()) + r_out3
+                               + r_stats[1].mean.sum(), rtol=1e-4, atol=1e-4)
+
+
+# ----------------------------------------------------------------------------- building blocks
+
+def _check_block(fn, rfn, inputs, dtype):
+    xs = [_leaf(t, dtype) for t in inputs]
+    rs = [_leaf(t.detach().float()) for t in xs]
+    y = fn(*xs)
+    ry = rfn(*rs)
+    assert y.dtype == dtype
+    _close(y, ry, dtype, "fwd")
+    gy = torch.randn_like(ry).to(dtype)
+    for name, a, b in zip(range(len(xs)), _grads([y], xs, [gy]), _grads([ry], rs, [gy.float()])):
+        _close(a, b, dtype, f"grad{name}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_head_mix(dtype):
+    _check_block(rk.head_mix, ref.head_mix, [torch.randn(2, 12, 17, 17), torch.randn(36, 12) * 0.3], dtype)
+
+
+@pytest.mark.parametrize("ks", [3, 5])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_attn_dwconv(ks, dtype):
+    _check_block(rk.attn_dwconv, ref.attn_dwconv, [torch.randn(1, 6, 17, 17), torch.randn(6, ks, ks) * 0.3], dtype)
+
+
+@pytest.mark.parametrize("N", [17, 50])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_row_softmax(N, dtype):
+    _check_block(rk.row_softmax, ref.row_softmax, [torch.randn(2, 3, N, N) * 3], dtype)
+
+
+@pytest.mark.parametrize("N,d", [(17, 35), (50, 32)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_attn_value(N, d, dtype):
+    _check_block(rk.attn_value, ref.attn_value, [random_attn(1, 3, N), torch.randn(1, 3, N, d)], dtype)
+
+
+def test_opcheck_blocks():
+    from refiner_kernels import ops
+    x = torch.randn(1, 4, 7, 7, device=DEV, requires_grad=True)
+    _opcheck(ops.head_mix_op, (x, torch.randn(6, 4, device=DEV, requires_grad=True)))
+    _opcheck(ops.attn_dwconv_op, (x, torch.randn(4, 3, 3, device=DEV, requires_grad=True)))
+    _opcheck(ops.row_softmax_op, (x,))
+    _opcheck(ops.attn_value_op, (x, torch.randn(1, 4, 7, 16, device=DEV, requires_grad=True)))
+
+
+# ----------------------------------------------------------------------------- refine_train
+
+TRAIN_NAMES = "attn v w_exp w_dw w_pro g1 b1 g2 b2 g3 b3 ga ba".split()
+
+
+def _run_train(N, d, ratio, ks, B, dtype, device=DEV):
+    H = 12
+    dla, bn = random_dla(H, ratio, ks)
+    expand = ratio != 1
+    params = [_leaf(t, dtype) for t in train_args(dla, bn)]
+    rparams = [_leaf(t.detach().float()) for t in params]
+    attn = _leaf(random_attn(B, H, N), dtype)
+    v = _leaf(torch.randn(B, H, N, d), dtype)
+    rattn, rv = _leaf(attn.detach().float()), _leaf(v.detach().float())
+    scale = d ** -0.5
+    out, stats = rk.refine_train(attn, v, *params, 1e-5, scale, expand)
+    rout, rstats = ref.refine_train(rattn, rv, *rparams, 1e-5, scale, expand)
+    assert out.dtype == dtype
+    _close(out, rout, dtype, "out")
+    assert (stats[0] is None) == (rstats[0] is None)
+    for i, (s, r) in enumerate(zip(stats, rstats)):
+        if r is None:
+            continue
+        assert not s.mean.requires_grad and not s.var.requires_grad
+        _close(s.mean, r.mean, dtype, f"mean{i}")
+        _close(s.var, r.var, dtype, f"var{i}")
+    go = torch.randn_like(rout).to(dtype)
+    g = _grads([out], [attn, v] + params, [go])
+    gr = _grads([rout], [rattn, rv] + rparams, [go.float()])
+    # Gradients through batch statistics amplify fp32 rounding; db3 is exactly 0 in exact arithmetic
+    # (BN_a's backward removes the mean of dZ), so compare it on the scale of dba.
+    floor = gr[-1].abs().max().item()
+    for name, a, b in zip(TRAIN_NAMES, g, gr):
+        if dtype == torch.float32:
+            atol = 2e-5 * max(1.0, b.abs().max().item(), floor if name == "b3" else 0.0)
+            torch.testing.assert_close(a.float(), b, rtol=1e-4, atol=atol, msg=lambda m: f"d{name}: {m}")
+        else:
+            atol = 2e-3 * max(1.0, b.abs().max().item(), floor if name == "b3" else 0.0)
+            torch.testing.assert_close(a.float(), b, rtol=2e-3, atol=atol, msg=lambda m: f"d{name}: {m}")
+
+
+@pytest.mark.parametrize("N,d,ratio,ks,B,dtype", [
+    (17, 35, 3, 3, 1, torch.float32),
+    (12, 32, 3, 5, 1, torch.float32),
+    (17, 32, 1, 3, 2, torch.float32),
+    (17, 32, 3, 3, 1, torch.float16),
+])
+def test_refine_train(N, d, ratio, ks, B, dtype):
+    _run_train(N, d, ratio, ks, B, dtype)
+
+
+def test_refine_train_n50_forward_stats():
+    """N = 50: forward and statistics (the backward at this size is slow under the interpreter)."""
+    B, H, N, d = 1, 12, 50, 32
+    dla, bn = random_dla(H, 3, 3)
+    args = train_args(dla, bn)
+    attn, v = random_attn(B, H, N, device=DEV), torch.randn(B, H, N, d, device=DEV)
+    args = [t.detach().to(DEV) for t in args]
+    out, stats = rk.refine_train(attn, v, *args, 1e-5, d ** -0.5, True)
+    rout, rstats = ref.refine_train(attn, v, *args, 1e-5, d ** -0.5, True)
+    _close(out, rout, torch.float32, "out")
+    for s, r in zip(stats, rstats):
+        _close(s.mean, r.mean, torch.float32, "mean")
+        _close(s.var, r.var, torch.float32, "var")
+
+
+def test_refine_train_matches_module_running_stats():
+    """Stats feed update_running_stats exactly like nn.BatchNorm2d in training."""
+    B, H, N, d = 1, 4, 9, 16
+    dla, bn = random_dla(H, 3, 3, device=DEV)
+    attn = random_attn(B, H, N, device=DEV)
+    dla.train()
+    bn.train()
+    ref_bns = [torch.nn.BatchNorm2d(c).to(DEV) for c in (3 * H, 3 * H, H, H)]
+    for m, src in zip(ref_bns, (dla.bn1, dla.bn2, dla.bn3, bn)):
+        m.load_state_dict(src.state_dict())
+    with torch.no_grad():
+        bn(dla(attn))  # the module updates its own running stats
+        _, stats = rk.refine_train(attn, torch.randn(B, H, N, d, device=DEV), *train_args(dla, bn), 1e-5,
+                                   d ** -0.5, True)
+    for m, s, src in zip(ref_bns, stats, (dla.bn1, dla.bn2, dla.bn3, bn)):
+        ref.update_running_stats(m, s, B * N * N)
+        torch.testing.assert_close(m.running_mean, src.running_mean, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(m.running_var, src.running_var, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("expand", [True, False])
+def test_opcheck_refine_train(expand):
+    from refiner_kernels import ops
+    B, H, N, d = 1, 4, 7, 16
+    dla, bn = random_dla(H, 3 if expand else 1, 3)
+    params = [t.detach().to(DEV).requires_grad_(True) for t in train_args(dla, bn)]
+    attn = random_attn(B, H, N, device=DEV).requires_grad_(True)
+    v = torch.randn(B, H, N, d, device=DEV, requires_grad=True)
+    _opcheck(ops.refine_train_op, (attn, v, *params, 1e-5, 0.25, expand))
+
+
+def test_availability_flags():
+    assert isinstance(rk.AVAILABLE, bool) and isinstance(rk.UNAVAILABLE_REASON, str)
+    assert rk.AVAILABLE and rk.UNAVAILABLE_REASON == ""
+
+
+def test_backward_batch_chunking(monkeypatch):
+    """The halo-tile backward kernels split the batch to bound their scratch: force 1 image per
+    launch (B = 3) and compare eval and train gradients with the reference."""
+    from refiner_kernels import _common
+    monkeypatch.setattr(_common, "FORCE_SCRATCH_BUDGET", 1)
+    B, H, N, d = 3, 4, 9, 16
+    dla, bn = random_dla(H, 3, 3)
+    dla.eval()
+    bn.eval()
+    f = ref.fold_refine(dla, bn, d ** -0.5)
+    attn, v = _leaf(random_attn(B, H, N)), _leaf(torch.randn(B, H, N, d))
+    ps = [_leaf(t) for t in f.args()[:-1]]
+    ones = torch.ones(B, H, N, d, device=DEV)
+    g = _grads([rk.refine_eval(attn, v, *ps, True)], [attn, v] + ps, [ones])
+    gr = _grads([ref.refine_eval(attn, v, *ps, True)], [attn, v] + ps, [ones])
+    for a, b in zip(g, gr):
+        _close(a, b)
+    tp = [_leaf(t) for t in train_args(dla, bn)]
+    go = torch.randn(B, H, N, d, device=DEV)
+    g = _grads([rk.refine_train(attn, v, *tp, 1e-5, 0.25, True)[0]], [attn, v] + tp, [go])
+    gr = _grads([ref.refine_train(attn, v, *tp, 1e-5, 0.25, True)[0]], [attn, v] + tp, [go])
+    for name, a, b in zip(TRAIN_NAMES, g, gr):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=2e-5 * max(1.0, b.abs().max().item(), gr[-1].abs().max().item()),
+                                   msg=lambda m: f"d{name}: {m}")
