@@ -158,6 +158,8 @@ def test_refiner_vit_s_fused_matches_reference(backend):
     x = torch.randn(2, 3, 64, 64, device=DEVICE)
     with torch.no_grad():
         torch.testing.assert_close(fm.eval()(x), ref.eval()(x), rtol=1e-4, atol=1e-5)
+    if backend == "triton" and DEVICE == "cpu":
+        return  # 3+ minutes under the interpreter; training is covered on the 4-block model above
     ref.train(), fm.train()
     ref(x).square().mean().backward()
     fm(x).square().mean().backward()
