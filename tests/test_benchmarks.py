@@ -1,0 +1,99 @@
+"""The benchmark scripts run end to end (quick presets, on CPU) and write what they promise."""
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+pytest.importorskip("matplotlib")
+
+from benchmarks import bench_models, bench_ops, common, plot  # noqa: E402
+
+META_KEYS = {"script", "device", "device_label", "device_name", "torch", "timm", "triton", "git_commit",
+             "timestamp", "backends", "args", "timing", "memory"}
+
+
+def _check_outputs(doc, out: Path, script: str, pngs):
+    meta = doc["meta"]
+    assert META_KEYS <= set(meta)
+    assert meta["script"] == script and meta["device"] == "cpu" and meta["device_label"] == "CPU"
+    assert meta["peaks"] is None
+    files = sorted(out.glob(f"{script}_cpu_*.json"))
+    assert len(files) == 1
+    on_disk = json.loads(files[0].read_text())
+    assert on_disk["rows"] and on_disk["meta"]["timestamp"] == meta["timestamp"]
+    assert all(r["device"] == "CPU" for r in on_disk["rows"])
+    latest = json.loads((out / "latest_cpu.json").read_text())
+    assert latest[script]["file"] == files[0].name
+    for suffix in pngs:
+        png = files[0].with_name(files[0].stem + suffix)
+        assert png.exists() and png.stat().st_size > 1000, png
+    return on_disk
+
+
+def test_bench_ops_quick(tmp_path):
+    doc = bench_ops.main(["--quick", "--device", "cpu", "--repeats", "1", "--out", str(tmp_path)])
+    rows = _check_outputs(doc, tmp_path, "bench_ops", ["_time_vs_N.png", "_memory_vs_N.png"])["rows"]
+    assert doc["targets"] == []  # CPU: no targets
+    seen = {(r["op"], r["mode"], r["backend"]) for r in rows}
+    for op in bench_ops.OPS:
+        for mode in bench_ops.MODES:
+            assert (op, mode, "reference") in seen
+    assert ("sdpa", "fwd", "torch") in seen and ("sdpa", "fwd+bwd", "torch") in seen
+    assert not any(r["backend"] == "triton" for r in rows), "Triton must not be timed on CPU"
+    for r in rows:
+        assert r["status"] == "ok", r
+        assert r["time_ms"] > 0 and r["tflops"] > 0 and r["gbs"] > 0
+        assert r["pct_peak_flops"] is None and r["pct_peak_bw"] is None  # no peaks on CPU
+        assert r["peak_mem_mib"] is not None and r["peak_mem_mib"] > 0
+        assert (r["B"], r["H"], r["N"], r["d"], r["dtype"]) == (2, 12, 197, 32, "fp32")
+        if r["op"] != "sdpa":
+            assert r["vs_sdpa"] > 0
+        if r["backend"] == "reference":
+            assert r["vs_reference"] == pytest.approx(1.0)
+    # Plots regenerate from the merged JSON alone.
+    regen = plot.main([str(tmp_path / "latest_cpu.json"), "--out-dir", str(tmp_path / "regen")])
+    assert len(regen) == 2 and all(p.exists() for p in regen)
+
+
+def test_bench_models_quick(tmp_path):
+    # The --quick preset (Refiner-ViT-S, batch 2, no compile) at a smaller image to keep CI fast.
+    doc = bench_models.main(["--quick", "--device", "cpu", "--img", "112", "--out", str(tmp_path)])
+    rows = _check_outputs(doc, tmp_path, "bench_models", ["_throughput.png", "_memory.png"])["rows"]
+    assert doc["targets"] == []
+    variants = {(r["variant"], r["mode"]) for r in rows}
+    assert ("reference eager", "infer") in variants and ("reference eager", "train") in variants
+    assert any(v.startswith("fused[") for v, _ in variants)
+    for r in rows:
+        assert r["status"] == "ok", r
+        assert r["model"] == "refiner_vit_s" and r["batch"] == 2 and r["img"] == 112 and r["amp"] == "none"
+        assert r["images_per_s"] > 0 and r["peak_mem_mib"] > 0
+
+
+def test_flop_and_byte_formulas():
+    # Refiner-ViT-S DLA at N=197 (DESIGN.md: 0.74 GFLOP for eight refine blocks per image).
+    dla = bench_ops.flops("refine_eval", "fwd", 1, 12, 197, 32) - 2 * 12 * 197 ** 2 * 32
+    assert 8 * dla == pytest.approx(0.74e9, rel=0.01)
+    assert bench_ops.flops("sdpa", "fwd+bwd", 2, 12, 197, 32) == 3 * bench_ops.flops("sdpa", "fwd", 2, 12, 197, 32)
+    assert bench_ops.min_bytes("refine_eval", "fwd", 1, 12, 197, 32, 2) == 2 * (12 * 197 ** 2 + 2 * 12 * 197 * 32)
+
+
+def test_device_peaks_table():
+    assert common.device_peaks("NVIDIA H100 80GB HBM3")["tb_s"] == 3.35
+    assert common.device_peaks("NVIDIA H100 PCIe")["tb_s"] == 2.0
+    assert common.device_peaks("NVIDIA H200")["tb_s"] == 4.8
+    assert common.device_peaks("NVIDIA A100-SXM4-80GB") is None
+
+
+def test_cpu_memory_estimate_counts_intermediates():
+    x = torch.randn(256, 1024)  # 1 MiB
+    nbytes, out = common.peak_memory(lambda: (x * 2 + 1).sum(), torch.device("cpu"))
+    assert 2 * x.nbytes <= nbytes <= 3 * x.nbytes + 4096  # two temporaries of x's size, not x itself
+    assert out.item() == pytest.approx((x * 2 + 1).sum().item(), rel=1e-4)
+    nbytes, _ = common.peak_memory(lambda: x.mul_(1.0).view(-1), torch.device("cpu"))
+    assert nbytes == 0  # in-place ops and views create nothing
