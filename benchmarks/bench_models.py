@@ -1,6 +1,7 @@
 """Images/s and peak memory of Refiner-ViT (fused, reference eager, reference compiled) and timm ViTs.
 
-    python benchmarks/bench_models.py            # GPU: S/M/L + ViT-S/B at 224 (batch 256) and 384 (batch 64)
+    python benchmarks/bench_models.py            # GPU: S/M/L + ViT-S/B at 224 (batch 256) and 384 (batch 64);
+                                                 # CPU: Refiner-ViT-S and ViT-S, batch 2, 224 px
     python benchmarks/bench_models.py --quick    # CPU smoke run: Refiner-ViT-S, batch 2, 224 px, < 1 minute
     python benchmarks/bench_models.py --models refiner_vit_s vit_small_patch16_224 --img 224 --batch 128
 
@@ -209,7 +210,7 @@ HEADERS = ["model", "variant", "img", "batch", "mode", "amp", "img/s", "ms/iter"
 def table_rows(rows):
     return [[r["model"], r["variant"], r["img"], r["batch"], r["mode"], r["amp"], C.fmt(r["images_per_s"], ".1f"),
              C.fmt(r["ms_per_iter"], ".1f"), C.fmt(r["peak_mem_mib"], ".0f"),
-             C.fmt(r["vs_reference"], ".2f") + ("x" if r["vs_reference"] else ""), r["status"]] for r in rows]
+             C.fmt(r["vs_reference"], ".2f") + ("x" if r["vs_reference"] else ""), r["status"][:60]] for r in rows]
 
 
 def parse_args(argv):
@@ -238,8 +239,9 @@ def parse_args(argv):
     args._device = device = C.pick_device(args.device)
     gpu = device.type == "cuda"
     q = args.quick
-    args.models = args.models or (["refiner_vit_s", "vit_small_patch16_224"] if q and gpu else
-                                  ["refiner_vit_s"] if q else list(DEFAULT_MODELS))
+    args.models = args.models or (list(DEFAULT_MODELS) if gpu and not q else
+                                  ["refiner_vit_s"] if q and not gpu else
+                                  ["refiner_vit_s", "vit_small_patch16_224"])  # GPU quick; CPU default
     args.img = args.img or ([224] if q or not gpu else [224, 384])
     default_batch = {224: 256, 384: 64} if gpu and not q else {}
     args.batch = args.batch or [default_batch.get(i, 32 if gpu else 2) for i in args.img]

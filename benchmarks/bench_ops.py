@@ -95,12 +95,13 @@ class Case:
     """Inputs of one (B, H, N, d, dtype) point, shared by every backend and SDPA."""
 
     def __init__(self, B: int, H: int, N: int, d: int, dtype: torch.dtype, device: torch.device, seed: int = 0):
-        g = torch.Generator(device="cpu").manual_seed(seed)
+        g = torch.Generator(device="cpu").manual_seed(seed)          # module parameters
+        gd = torch.Generator(device=device).manual_seed(seed)        # the large tensors, made in place
         self.shape = (B, H, N, d)
         self.scale = d ** -0.5
-        mk = lambda *s: torch.randn(*s, generator=g).to(device=device, dtype=dtype)  # noqa: E731
+        mk = lambda *s: torch.randn(*s, generator=gd, device=device).to(dtype)  # noqa: E731
         self.q, self.k, self.v = mk(B, H, N, d), mk(B, H, N, d), mk(B, H, N, d)
-        self.attn = torch.randn(B, H, N, N, generator=g).softmax(-1).to(device=device, dtype=dtype)
+        self.attn = torch.randn(B, H, N, N, generator=gd, device=device).softmax(-1).to(dtype)
         dla = reference.DLA(H, EXPAND, KERNEL)
         abn = torch.nn.BatchNorm2d(H)
         with torch.no_grad():  # non-trivial BN statistics and affines
@@ -120,7 +121,7 @@ class Case:
             abn.weight, abn.bias))
         self.eps = abn.eps
         self.dout = mk(B, H, N, d)
-        self.dattn = torch.randn(B, H, N, N, generator=g).mul(1e-3).to(device=device, dtype=dtype)
+        self.dattn = torch.randn(B, H, N, N, generator=gd, device=device).mul(1e-3).to(dtype)
 
     def call(self, op: str, backend: str, grad: bool):
         """(function of the inputs returning the differentiable outputs, inputs, output grads)."""
@@ -275,7 +276,7 @@ def table_rows(rows: List[dict]) -> List[list]:
              C.fmt(r["time_ms"], ".3f"), C.fmt(r["tflops"], ".3f"), C.fmt(r["pct_peak_flops"], ".1f"),
              C.fmt(r["gbs"], ".1f"), C.fmt(r["pct_peak_bw"], ".1f"), C.fmt(r["peak_mem_mib"], ".1f"),
              C.fmt(r.get("vs_reference"), ".2f") + ("x" if r.get("vs_reference") else ""),
-             C.fmt(r.get("vs_sdpa"), ".2f"), C.fmt(r["max_abs_err"], ".1e", "-"), r["status"]]
+             C.fmt(r.get("vs_sdpa"), ".2f"), C.fmt(r["max_abs_err"], ".1e", "-"), r["status"][:60]]
             for r in rows]
 
 
