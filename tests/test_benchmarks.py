@@ -62,8 +62,8 @@ def test_bench_ops_quick(tmp_path):
 
 
 def test_bench_models_quick(tmp_path):
-    # The --quick preset (Refiner-ViT-S, batch 2, no compile) at a smaller image to keep CI fast.
-    doc = bench_models.main(["--quick", "--device", "cpu", "--img", "112", "--out", str(tmp_path)])
+    # The --quick preset (Refiner-ViT-S, batch 2, no compile) at 64 px (N=17) to keep CI fast.
+    doc = bench_models.main(["--quick", "--device", "cpu", "--img", "64", "--out", str(tmp_path)])
     rows = _check_outputs(doc, tmp_path, "bench_models", ["_throughput.png", "_memory.png"])["rows"]
     assert doc["targets"] == []
     variants = {(r["variant"], r["mode"]) for r in rows}
@@ -71,7 +71,7 @@ def test_bench_models_quick(tmp_path):
     assert any(v.startswith("fused[") for v, _ in variants)
     for r in rows:
         assert r["status"] == "ok", r
-        assert r["model"] == "refiner_vit_s" and r["batch"] == 2 and r["img"] == 112 and r["amp"] == "none"
+        assert r["model"] == "refiner_vit_s" and r["batch"] == 2 and r["img"] == 64 and r["amp"] == "none"
         assert r["images_per_s"] > 0 and r["peak_mem_mib"] > 0
 
 
