@@ -208,8 +208,8 @@ HEADERS = ["model", "variant", "img", "batch", "mode", "amp", "img/s", "ms/iter"
 
 
 def table_rows(rows):
-    return [[r["model"], r["variant"], r["img"], r["batch"], r["mode"], r["amp"], C.fmt(r["images_per_s"], ".1f"),
-             C.fmt(r["ms_per_iter"], ".1f"), C.fmt(r["peak_mem_mib"], ".0f"),
+    return [[r["model"], r["variant"], r["img"], r["batch"], r["mode"], r["amp"], C.fmt(r["images_per_s"], "g"),
+             C.fmt(r["ms_per_iter"], "g"), C.fmt(r["peak_mem_mib"], ".0f"),
              C.fmt(r["vs_reference"], ".2f") + ("x" if r["vs_reference"] else ""), r["status"][:60]] for r in rows]
 
 

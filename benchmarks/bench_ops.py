@@ -273,8 +273,8 @@ HEADERS = ["op", "mode", "backend", "dtype", "B", "H", "N", "d", "ms", "TFLOP/s"
 
 def table_rows(rows: List[dict]) -> List[list]:
     return [[r["op"], r["mode"], r["backend"], r["dtype"], r["B"], r["H"], r["N"], r["d"],
-             C.fmt(r["time_ms"], ".3f"), C.fmt(r["tflops"], ".3f"), C.fmt(r["pct_peak_flops"], ".1f"),
-             C.fmt(r["gbs"], ".1f"), C.fmt(r["pct_peak_bw"], ".1f"), C.fmt(r["peak_mem_mib"], ".1f"),
+             C.fmt(r["time_ms"], "g"), C.fmt(r["tflops"], "g"), C.fmt(r["pct_peak_flops"], ".1f"),
+             C.fmt(r["gbs"], "g"), C.fmt(r["pct_peak_bw"], ".1f"), C.fmt(r["peak_mem_mib"], "g"),
              C.fmt(r.get("vs_reference"), ".2f") + ("x" if r.get("vs_reference") else ""),
              C.fmt(r.get("vs_sdpa"), ".2f"), C.fmt(r["max_abs_err"], ".1e", "-"), r["status"][:60]]
             for r in rows]

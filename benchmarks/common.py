@@ -300,6 +300,8 @@ def progress(iterable, **kw):
         return iterable
     kw.setdefault("file", sys.stderr)
     kw.setdefault("dynamic_ncols", True)
+    if not getattr(kw["file"], "isatty", lambda: False)():
+        kw.setdefault("mininterval", 30.0)  # logs (gpu_round.sh): a line every 30 s, not a stream
     kw.setdefault("leave", False)
     return tqdm(iterable, **kw)
 
@@ -317,7 +319,12 @@ def progress_write(msg: str):
 # ----------------------------------------------------------------------------
 
 def fmt(x, spec: str = ".2f", none: str = "n/a") -> str:
-    return none if x is None else format(x, spec)
+    """Format a number; "g" gives 3 significant digits below 100 and no decimals above."""
+    if x is None:
+        return none
+    if spec == "g":
+        return f"{x:.0f}" if abs(x) >= 100 else f"{x:.3g}"
+    return format(x, spec)
 
 
 def mib(nbytes: Optional[int]) -> Optional[float]:

@@ -6,6 +6,7 @@
 #   bash benchmarks/gpu_round.sh bench         # build (if needed), bench_ops + bench_models full presets
 #   bash benchmarks/gpu_round.sh bench-ops     # only bench_ops (whole budget)
 #   bash benchmarks/gpu_round.sh bench-models  # only bench_models (whole budget)
+#   bash benchmarks/gpu_round.sh sanitize      # only compute-sanitizer memcheck + racecheck
 #
 # Each stage stays under STAGE_BUDGET seconds (default 510, under the 9-minute mark): every step
 # runs under `timeout`, the benchmarks get SIGINT first (they then write the rows measured so
@@ -88,6 +89,10 @@ build() {
 
 stage_tests() {
   run_step pytest 300 "$PY" -m pytest -q -ra tests
+  stage_sanitize
+}
+
+stage_sanitize() {
   if command -v compute-sanitizer >/dev/null && [ -f tests/test_compiled_cuda.py ]; then
     # Small shapes only (-x stops at the first failure); racecheck is the slower of the two.
     run_step memcheck 120 compute-sanitizer --tool memcheck --error-exitcode 9 --target-processes all \
@@ -110,10 +115,11 @@ env_info
 build
 case "$STAGE" in
   tests) stage_tests ;;
+  sanitize) stage_sanitize ;;
   bench) bench_ops 200; bench_models $(( $(left) - 20 )) ;;
   bench-ops) bench_ops $(( $(left) - 20 )) ;;
   bench-models) bench_models $(( $(left) - 20 )) ;;
-  *) say "unknown stage '$STAGE' (tests | bench | bench-ops | bench-models)"; exit 2 ;;
+  *) say "unknown stage '$STAGE' (tests | sanitize | bench | bench-ops | bench-models)"; exit 2 ;;
 esac
 # Tables and targets into the summary (the JSON/PNGs are in the results tarball).
 for f in "$LOGS"/bench_*.log; do
