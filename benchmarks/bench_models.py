@@ -196,6 +196,10 @@ def targets(rows: List[dict]) -> List[dict]:
         if a and b and a.get(key) and b.get(key):
             out.append(C.target_line(name, a[key] / b[key], goal, higher,
                                      f"{a['variant']} vs {b['variant']}, batch {a['batch']}, amp {a['amp']}"))
+        elif a or b:  # say why a target that has half its rows can't be computed (OOM, error)
+            failed = [f"{r['variant']} {r['mode']}: {r['status']}" for r in rows if r["model"] in (s, "vit_small_patch16_224")
+                      and r["img"] == img and r["status"] != "ok"]
+            out.append(C.target_line(name, None, goal, higher, "; ".join(failed)[:120] or "rows missing"))
     add("S infer: fused / reference eager img/s", fi, ri, 2.5, True)
     add("S infer: fused / reference compiled img/s", fi, ci, 1.5, True)
     add("S infer: fused / timm ViT-S img/s", fi, ti, 0.55, True)
@@ -218,6 +222,7 @@ def parse_args(argv):
     p.add_argument("--quick", action="store_true",
                    help="smoke preset: Refiner-ViT-S (+ ViT-S on GPU), one resolution, small batch, no compile")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
     p.add_argument("--models", nargs="+", default=None, choices=REFINER + TIMM)
     p.add_argument("--img", type=int, nargs="+", default=None, help="resolutions (default GPU: 224 384; CPU: 224)")
     p.add_argument("--batch", type=int, nargs="+", default=None,
@@ -260,7 +265,7 @@ def parse_args(argv):
 def main(argv=None) -> dict:
     args = parse_args(argv)
     device = args._device
-    C.env_threads()
+    C.env_threads(args.threads)
     meta = C.run_metadata(device, "bench_models", {k: v for k, v in vars(args).items()
                                                    if not k.startswith("_") and k != "out"})
     label = "CPU (reference numbers only where no compiled backend is built)" if device.type == "cpu" else meta["device_name"]

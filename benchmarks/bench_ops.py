@@ -284,6 +284,7 @@ def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="one small shape: B=2 (GPU 32), N=197, H=12, d=32")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
     p.add_argument("--batch", type=int, default=None, help="B (default: 32 on GPU, 2 on CPU)")
     p.add_argument("--n", type=int, nargs="+", default=None, help="tokens N (default GPU: 197 577 785; CPU: 197 577)")
     p.add_argument("--heads", type=int, nargs="+", default=None, help="heads H (default GPU: 12 16; CPU: 12)")
@@ -319,7 +320,7 @@ def parse_args(argv):
 def main(argv=None) -> dict:
     args = parse_args(argv)
     device = args._device
-    C.env_threads()
+    C.env_threads(args.threads)
     meta = C.run_metadata(device, "bench_ops", {k: v for k, v in vars(args).items()
                                                 if not k.startswith("_") and k != "out"})
     label = "CPU (reference numbers only where no compiled backend is built)" if device.type == "cpu" else meta["device_name"]

@@ -153,6 +153,7 @@ def run_metadata(device: torch.device, script: str, args: dict) -> dict:
         "timm": _version("timm"),
         "triton": _version("triton"),
         "python": platform.python_version(),
+        "cpu_threads": torch.get_num_threads(),
         "git_commit": _git_commit(),
         "timestamp": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "backends": ops.available_backends(device),
@@ -382,7 +383,11 @@ def print_targets(targets: List[dict], device: torch.device):
                         for t in targets], ["target", "measured", "goal", "verdict", "rows used"]))
 
 
-def env_threads():
-    """On CPU, default to all cores unless OMP_NUM_THREADS says otherwise."""
-    if "OMP_NUM_THREADS" not in os.environ:
+def env_threads(threads: Optional[int] = None):
+    """CPU threads: `threads`, else OMP_NUM_THREADS, else all cores. On a shared machine
+    fewer threads than cores give steadier numbers (a descheduled OpenMP thread stalls
+    every parallel region)."""
+    if threads:
+        torch.set_num_threads(threads)
+    elif "OMP_NUM_THREADS" not in os.environ:
         torch.set_num_threads(os.cpu_count() or 1)

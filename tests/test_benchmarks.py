@@ -10,9 +10,14 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-pytest.importorskip("matplotlib")
-
 from benchmarks import bench_models, bench_ops, common, plot  # noqa: E402
+
+try:
+    import matplotlib  # noqa: F401
+    HAVE_MPL = True
+except ImportError:
+    HAVE_MPL = False
+needs_mpl = pytest.mark.skipif(not HAVE_MPL, reason="matplotlib not installed (plots)")
 
 META_KEYS = {"script", "device", "device_label", "device_name", "torch", "timm", "triton", "git_commit",
              "timestamp", "backends", "args", "timing", "memory"}
@@ -36,6 +41,16 @@ def _check_outputs(doc, out: Path, script: str, pngs):
     return on_disk
 
 
+def _ok_or_recorded(r):
+    # The reference rows must succeed; a compiled backend that fails a case is recorded, not fatal.
+    if r["backend"] in ("reference", "torch") or r.get("variant", "").startswith(("reference", "timm")):
+        assert r["status"] == "ok", r
+    else:
+        assert r["status"] == "ok" or r["status"].startswith(("error", "OOM")), r
+    return r["status"] == "ok"
+
+
+@needs_mpl
 def test_bench_ops_quick(tmp_path):
     doc = bench_ops.main(["--quick", "--device", "cpu", "--repeats", "1", "--out", str(tmp_path)])
     rows = _check_outputs(doc, tmp_path, "bench_ops", ["_time_vs_N.png", "_memory_vs_N.png"])["rows"]
@@ -46,8 +61,11 @@ def test_bench_ops_quick(tmp_path):
             assert (op, mode, "reference") in seen
     assert ("sdpa", "fwd", "torch") in seen and ("sdpa", "fwd+bwd", "torch") in seen
     assert not any(r["backend"] == "triton" for r in rows), "Triton must not be timed on CPU"
+    usable, _ = common.usable_backends(torch.device("cpu"))
+    assert {r["backend"] for r in rows} == set(usable) | {"torch"}
     for r in rows:
-        assert r["status"] == "ok", r
+        if not _ok_or_recorded(r):
+            continue
         assert r["time_ms"] > 0 and r["tflops"] > 0 and r["gbs"] > 0
         assert r["pct_peak_flops"] is None and r["pct_peak_bw"] is None  # no peaks on CPU
         assert r["peak_mem_mib"] is not None and r["peak_mem_mib"] > 0
@@ -61,6 +79,7 @@ def test_bench_ops_quick(tmp_path):
     assert len(regen) == 2 and all(p.exists() for p in regen)
 
 
+@needs_mpl
 def test_bench_models_quick(tmp_path):
     # The --quick preset (Refiner-ViT-S, batch 2, no compile) at 64 px (N=17) to keep CI fast.
     doc = bench_models.main(["--quick", "--device", "cpu", "--img", "64", "--out", str(tmp_path)])
@@ -70,8 +89,10 @@ def test_bench_models_quick(tmp_path):
     assert ("reference eager", "infer") in variants and ("reference eager", "train") in variants
     assert any(v.startswith("fused[") for v, _ in variants)
     for r in rows:
-        assert r["status"] == "ok", r
+        r.setdefault("backend", None)
         assert r["model"] == "refiner_vit_s" and r["batch"] == 2 and r["img"] == 64 and r["amp"] == "none"
+        if not _ok_or_recorded(r):
+            continue
         assert r["images_per_s"] > 0 and r["peak_mem_mib"] > 0
 
 
