@@ -118,3 +118,31 @@ def test_cpu_memory_estimate_counts_intermediates():
     assert out.item() == pytest.approx((x * 2 + 1).sum().item(), rel=1e-4)
     nbytes, _ = common.peak_memory(lambda: x.mul_(1.0).view(-1), torch.device("cpu"))
     assert nbytes == 0  # in-place ops and views create nothing
+
+
+def test_targets_from_gpu_like_rows():
+    # The target logic only runs on a GPU: check it on synthetic rows.
+    base = dict(op="refine_eval", mode="fwd", dtype="bf16", H=12, d=32, B=32, status="ok")
+    rows = [dict(base, N=197, backend="reference", time_ms=9.0, vs_sdpa=9.0),
+            dict(base, N=197, backend="triton", time_ms=3.0, vs_sdpa=3.0),
+            dict(base, N=197, backend="cuda", time_ms=1.5, vs_sdpa=1.5),
+            dict(base, N=577, backend="cuda", time_ms=5.0, vs_sdpa=2.5)]
+    t = {x["target"]: x for x in bench_ops.targets(rows)}
+    assert [x["verdict"] for x in t.values()] == ["PASS", "MISS"]
+    assert t["refine_eval fwd N=197 time / SDPA time"]["measured"] == 1.5
+
+    def row(model, variant, mode, ips, mem=1000.0, status="ok"):
+        return dict(model=model, variant=variant, img=224, batch=256, mode=mode, amp="bf16", images_per_s=ips,
+                    peak_mem_mib=mem, status=status)
+    s = "refiner_vit_s"
+    rows = [row(s, "fused[cuda]", "infer", 3000), row(s, "fused[triton]", "infer", 2500),
+            row(s, "reference eager", "infer", 1000), row(s, "reference compiled[inductor]", "infer", 2500),
+            row("vit_small_patch16_224", "timm (SDPA)", "infer", 5000),
+            row(s, "fused[cuda]", "train", 900, mem=20000), row(s, "reference eager", "train", None, status="OOM")]
+    got = {x["target"]: x for x in bench_models.targets(rows)}
+    assert got["S infer: fused / reference eager img/s"]["measured"] == 3.0
+    assert got["S infer: fused / reference eager img/s"]["verdict"] == "PASS"
+    assert got["S infer: fused / reference compiled img/s"]["verdict"] == "MISS"  # 1.2 < 1.5
+    assert got["S infer: fused / timm ViT-S img/s"]["measured"] == pytest.approx(0.6)
+    train = got["S train: fused / reference eager img/s"]
+    assert train["verdict"] == "n/a" and "OOM" in train["detail"]
