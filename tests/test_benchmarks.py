@@ -146,3 +146,27 @@ def test_targets_from_gpu_like_rows():
     assert got["S infer: fused / timm ViT-S img/s"]["measured"] == pytest.approx(0.6)
     train = got["S train: fused / reference eager img/s"]
     assert train["verdict"] == "n/a" and "OOM" in train["detail"]
+
+
+@needs_mpl
+def test_plots_of_a_gpu_like_run(tmp_path):
+    meta = dict(script="bench_ops", device="cuda", device_name="NVIDIA H100 80GB HBM3", torch="2.11",
+                timestamp="2026-11-25T00:00:00Z", git_commit="abc")
+    rows = []
+    for dt in ("bf16", "fp32"):
+        for N in (197, 577, 785):
+            for op, be in (("sdpa", "torch"), ("refine_eval", "reference"), ("refine_eval", "cuda"),
+                           ("softmax_block", "triton")):
+                for mode in ("fwd", "fwd+bwd"):
+                    ok = not (N == 785 and be == "reference")
+                    rows.append(dict(op=op, mode=mode, backend=be, dtype=dt, B=32, H=12, d=32, N=N,
+                                     time_ms=N / 100 if ok else None, peak_mem_mib=N if ok else None,
+                                     status="ok" if ok else "OOM"))
+    pngs = plot.plot_run({"meta": meta, "rows": rows}, tmp_path / "ops")
+    assert [p.name for p in pngs] == ["ops_time_vs_N.png", "ops_memory_vs_N.png"]
+    mrows = [dict(model=m, variant=v, img=img, batch=256, mode=mode, images_per_s=100.0, peak_mem_mib=1e4,
+                  status="ok") for m in ("refiner_vit_s", "vit_small_patch16_224")
+             for v in ("fused[cuda]", "reference eager") for img in (224, 384) for mode in ("infer", "train")]
+    mrows.append(dict(mrows[0], status="OOM", images_per_s=None, peak_mem_mib=None))
+    pngs = plot.plot_run({"meta": dict(meta, script="bench_models"), "rows": mrows}, tmp_path / "models")
+    assert [p.name for p in pngs] == ["models_throughput.png", "models_memory.png"]
