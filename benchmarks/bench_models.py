@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import gc
 import sys
-import time
 from pathlib import Path
 from typing import List, Optional
 
@@ -110,17 +109,9 @@ def measure(name: str, label: str, how, img: int, batch: int, mode: str, device,
         warmup = args.warmup + (1 if how == "compiled" else 0)
         repeats = args.repeats if mode == "infer" else max(1, (args.repeats + 1) // 2)
         if device.type == "cpu" and measure_mem:  # the memory estimate's call is the first warm-up
-            t0 = time.perf_counter()
             mem = C.peak_memory(fn, device, absolute=True)[0]
-            t = time.perf_counter() - t0
             warmup -= 1
-        if device.type == "cpu" and args.quick and measure_mem and how != "compiled":
-            # CPU smoke preset: that first call is the timing too (the counter's overhead is a
-            # Python hook per aten op, well under 1% of a CPU step; the first call's lazy set-up
-            # is included). Repeated, warmed-up timings: run without --quick.
-            row["timing_note"] = "CPU --quick: one call, the first (with the memory counter on)"
-        else:
-            t = C.median_time(fn, device, repeats=repeats, warmup=max(0, warmup), use_do_bench=False)
+        t = C.median_time(fn, device, repeats=repeats, warmup=max(0, warmup), use_do_bench=False)
         row["ms_per_iter"] = t * 1e3
         row["images_per_s"] = batch / t
         if device.type == "cuda" and measure_mem:  # absolute peak: weights, optimizer state, activations
@@ -265,29 +256,32 @@ def parse_args(argv):
 def main(argv=None) -> dict:
     args = parse_args(argv)
     device = args._device
-    C.env_threads(args.threads)
-    meta = C.run_metadata(device, "bench_models", {k: v for k, v in vars(args).items()
-                                                   if not k.startswith("_") and k != "out"})
-    label = "CPU (reference numbers only where no compiled backend is built)" if device.type == "cpu" else meta["device_name"]
-    print(f"bench_models on {label}; torch {meta['torch']}, timm {meta['timm']}, triton {meta['triton']}, "
-          f"commit {meta['git_commit'][:12]}")
-    print(f"timing: median of {args.repeats} inference / {max(1, (args.repeats + 1) // 2)} training calls after "
-          f"{args.warmup} warm-up; memory: {meta['memory']}" + (" (absolute)" if device.type == "cuda" else ""))
-    rows = run(args, device)
-    meta["interrupted"] = args._interrupted
-    print()
-    print(f"[{C.device_label(device)}] models (vs ref: images/s over reference eager's, same model/size/mode):")
-    print(C.format_table(table_rows(rows), HEADERS))
-    tg = targets(rows) if device.type == "cuda" else []
-    C.print_targets(tg, device)
-    doc = {"meta": meta, "rows": rows, "targets": tg}
-    path, latest = C.write_results(doc, args.out, device)
-    print(f"\nresults: {path}\n         {latest}")
-    if not args.no_plots:
-        from benchmarks import plot
-        for png in plot.plot_run(doc, path.with_suffix("")):
-            print(f"plot:    {png}")
-    return doc
+    threads_before = C.env_threads(args.threads)
+    try:
+        meta = C.run_metadata(device, "bench_models", {k: v for k, v in vars(args).items()
+                                                       if not k.startswith("_") and k != "out"})
+        label = "CPU (reference numbers only where no compiled backend is built)" if device.type == "cpu" else meta["device_name"]
+        print(f"bench_models on {label}; torch {meta['torch']}, timm {meta['timm']}, triton {meta['triton']}, "
+              f"commit {meta['git_commit'][:12]}")
+        print(f"timing: median of {args.repeats} inference / {max(1, (args.repeats + 1) // 2)} training calls after "
+              f"{args.warmup} warm-up; memory: {meta['memory']}" + (" (absolute)" if device.type == "cuda" else ""))
+        rows = run(args, device)
+        meta["interrupted"] = args._interrupted
+        print()
+        print(f"[{C.device_label(device)}] models (vs ref: images/s over reference eager's, same model/size/mode):")
+        print(C.format_table(table_rows(rows), HEADERS))
+        tg = targets(rows) if device.type == "cuda" else []
+        C.print_targets(tg, device)
+        doc = {"meta": meta, "rows": rows, "targets": tg}
+        path, latest = C.write_results(doc, args.out, device)
+        print(f"\nresults: {path}\n         {latest}")
+        if not args.no_plots:
+            from benchmarks import plot
+            for png in plot.plot_run(doc, path.with_suffix("")):
+                print(f"plot:    {png}")
+        return doc
+    finally:
+        torch.set_num_threads(threads_before)
 
 
 if __name__ == "__main__":

@@ -320,29 +320,32 @@ def parse_args(argv):
 def main(argv=None) -> dict:
     args = parse_args(argv)
     device = args._device
-    C.env_threads(args.threads)
-    meta = C.run_metadata(device, "bench_ops", {k: v for k, v in vars(args).items()
-                                                if not k.startswith("_") and k != "out"})
-    label = "CPU (reference numbers only where no compiled backend is built)" if device.type == "cpu" else meta["device_name"]
-    print(f"bench_ops on {label}; torch {meta['torch']}, triton {meta['triton']}, commit {meta['git_commit'][:12]}")
-    print(f"peaks: {meta['peaks'] or 'n/a (CPU or unknown GPU): % columns say n/a'}")
-    print(f"timing: {meta['timing']}; memory: {meta['memory']}")
-    rows = run(args, device)
-    meta["interrupted"] = args._interrupted
-    print()
-    print(f"[{C.device_label(device)}] ops, median of repeated calls "
-          f"(vs ref: reference time / this time; vs SDPA: this time / SDPA time):")
-    print(C.format_table(table_rows(rows), HEADERS))
-    tg = targets(rows) if device.type == "cuda" else []
-    C.print_targets(tg, device)
-    doc = {"meta": meta, "rows": rows, "targets": tg}
-    path, latest = C.write_results(doc, args.out, device)
-    print(f"\nresults: {path}\n         {latest}")
-    if not args.no_plots:
-        from benchmarks import plot
-        for png in plot.plot_run(doc, path.with_suffix("")):
-            print(f"plot:    {png}")
-    return doc
+    threads_before = C.env_threads(args.threads)
+    try:
+        meta = C.run_metadata(device, "bench_ops", {k: v for k, v in vars(args).items()
+                                                    if not k.startswith("_") and k != "out"})
+        label = "CPU (reference numbers only where no compiled backend is built)" if device.type == "cpu" else meta["device_name"]
+        print(f"bench_ops on {label}; torch {meta['torch']}, triton {meta['triton']}, commit {meta['git_commit'][:12]}")
+        print(f"peaks: {meta['peaks'] or 'n/a (CPU or unknown GPU): % columns say n/a'}")
+        print(f"timing: {meta['timing']}; memory: {meta['memory']}")
+        rows = run(args, device)
+        meta["interrupted"] = args._interrupted
+        print()
+        print(f"[{C.device_label(device)}] ops, median of repeated calls "
+              f"(vs ref: reference time / this time; vs SDPA: this time / SDPA time):")
+        print(C.format_table(table_rows(rows), HEADERS))
+        tg = targets(rows) if device.type == "cuda" else []
+        C.print_targets(tg, device)
+        doc = {"meta": meta, "rows": rows, "targets": tg}
+        path, latest = C.write_results(doc, args.out, device)
+        print(f"\nresults: {path}\n         {latest}")
+        if not args.no_plots:
+            from benchmarks import plot
+            for png in plot.plot_run(doc, path.with_suffix("")):
+                print(f"plot:    {png}")
+        return doc
+    finally:
+        torch.set_num_threads(threads_before)
 
 
 if __name__ == "__main__":

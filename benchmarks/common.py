@@ -383,11 +383,13 @@ def print_targets(targets: List[dict], device: torch.device):
                         for t in targets], ["target", "measured", "goal", "verdict", "rows used"]))
 
 
-def env_threads(threads: Optional[int] = None):
+def env_threads(threads: Optional[int] = None) -> int:
     """CPU threads: `threads`, else OMP_NUM_THREADS, else all cores. On a shared machine
     fewer threads than cores give steadier numbers (a descheduled OpenMP thread stalls
-    every parallel region)."""
+    every parallel region). Returns the previous count (main() restores it)."""
+    before = torch.get_num_threads()
     if threads:
         torch.set_num_threads(threads)
     elif "OMP_NUM_THREADS" not in os.environ:
         torch.set_num_threads(os.cpu_count() or 1)
+    return before

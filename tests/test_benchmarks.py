@@ -52,7 +52,7 @@ def _ok_or_recorded(r):
 
 @needs_mpl
 def test_bench_ops_quick(tmp_path):
-    doc = bench_ops.main(["--quick", "--device", "cpu", "--repeats", "1", "--out", str(tmp_path)])
+    doc = bench_ops.main(["--quick", "--device", "cpu", "--threads", "1", "--repeats", "1", "--out", str(tmp_path)])
     rows = _check_outputs(doc, tmp_path, "bench_ops", ["_time_vs_N.png", "_memory_vs_N.png"])["rows"]
     assert doc["targets"] == []  # CPU: no targets
     seen = {(r["op"], r["mode"], r["backend"]) for r in rows}
@@ -82,7 +82,7 @@ def test_bench_ops_quick(tmp_path):
 @needs_mpl
 def test_bench_models_quick(tmp_path):
     # The --quick preset (Refiner-ViT-S, batch 2, no compile) at 64 px (N=17) to keep CI fast.
-    doc = bench_models.main(["--quick", "--device", "cpu", "--img", "64", "--out", str(tmp_path)])
+    doc = bench_models.main(["--quick", "--device", "cpu", "--threads", "1", "--img", "64", "--out", str(tmp_path)])
     rows = _check_outputs(doc, tmp_path, "bench_models", ["_throughput.png", "_memory.png"])["rows"]
     assert doc["targets"] == []
     variants = {(r["variant"], r["mode"]) for r in rows}
