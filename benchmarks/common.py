@@ -123,6 +123,9 @@ def auto_backend(device: torch.device) -> str:
 
 
 def _git_commit() -> str:
+    """HEAD (+ "-dirty"), or $REFINER_GIT_COMMIT where the tree has no .git (a copied tree)."""
+    if os.environ.get("REFINER_GIT_COMMIT"):
+        return os.environ["REFINER_GIT_COMMIT"]
     try:
         sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True,
                              timeout=10).stdout.strip()

@@ -8,6 +8,9 @@
 #   bash benchmarks/gpu_round.sh bench-models  # only bench_models (whole budget)
 #   bash benchmarks/gpu_round.sh sanitize      # only compute-sanitizer memcheck + racecheck
 #
+# The device copy of the tree may have no .git: pass the commit for the JSON metadata, e.g.
+#   REFINER_GIT_COMMIT=<sha> bash benchmarks/gpu_round.sh bench
+#
 # Each stage stays under STAGE_BUDGET seconds (default 510, under the 9-minute mark): every step
 # runs under `timeout`, the benchmarks get SIGINT first (they then write the rows measured so
 # far) and are killed 20 s later. Results go to $OUT (default /tmp/gpu_round_out) as at most 3 files per
