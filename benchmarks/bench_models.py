@@ -188,8 +188,8 @@ def targets(rows: List[dict]) -> List[dict]:
             out.append(C.target_line(name, a[key] / b[key], goal, higher,
                                      f"{a['variant']} vs {b['variant']}, batch {a['batch']}, amp {a['amp']}"))
         elif a or b:  # say why a target that has half its rows can't be computed (OOM, error)
-            failed = [f"{r['variant']} {r['mode']}: {r['status']}" for r in rows if r["model"] in (s, "vit_small_patch16_224")
-                      and r["img"] == img and r["status"] != "ok"]
+            failed = [f"{r['variant']} {r['mode']}: {r['status']}" for r in rows
+                      if r["model"] in (s, "vit_small_patch16_224") and r["img"] == img and r["status"] != "ok"]
             out.append(C.target_line(name, None, goal, higher, "; ".join(failed)[:120] or "rows missing"))
     add("S infer: fused / reference eager img/s", fi, ri, 2.5, True)
     add("S infer: fused / reference compiled img/s", fi, ci, 1.5, True)
@@ -260,7 +260,7 @@ def main(argv=None) -> dict:
     try:
         meta = C.run_metadata(device, "bench_models", {k: v for k, v in vars(args).items()
                                                        if not k.startswith("_") and k != "out"})
-        label = "CPU (reference numbers only where no compiled backend is built)" if device.type == "cpu" else meta["device_name"]
+        label = C.run_label(device, meta)
         print(f"bench_models on {label}; torch {meta['torch']}, timm {meta['timm']}, triton {meta['triton']}, "
               f"commit {meta['git_commit'][:12]}")
         print(f"timing: median of {args.repeats} inference / {max(1, (args.repeats + 1) // 2)} training calls after "

@@ -16,10 +16,9 @@ from __future__ import annotations
 
 import argparse
 import gc
-import math
 import sys
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import List
 
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -324,7 +323,7 @@ def main(argv=None) -> dict:
     try:
         meta = C.run_metadata(device, "bench_ops", {k: v for k, v in vars(args).items()
                                                     if not k.startswith("_") and k != "out"})
-        label = "CPU (reference numbers only where no compiled backend is built)" if device.type == "cpu" else meta["device_name"]
+        label = C.run_label(device, meta)
         print(f"bench_ops on {label}; torch {meta['torch']}, triton {meta['triton']}, commit {meta['git_commit'][:12]}")
         print(f"peaks: {meta['peaks'] or 'n/a (CPU or unknown GPU): % columns say n/a'}")
         print(f"timing: {meta['timing']}; memory: {meta['memory']}")

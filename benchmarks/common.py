@@ -122,6 +122,15 @@ def auto_backend(device: torch.device) -> str:
     return "cuda" if device.type == "cuda" else "cpu"
 
 
+def run_label(device: torch.device, meta: dict) -> str:
+    """Headline device label: the GPU's name, or 'CPU (...)' saying which backends ran."""
+    if device.type == "cuda":
+        return meta["device_name"]
+    usable, _ = usable_backends(device)
+    only_ref = usable == ["reference"]
+    return f"CPU ({'reference backend only' if only_ref else 'backends: ' + ', '.join(usable)}; {meta['device_name']})"
+
+
 def _git_commit() -> str:
     """HEAD (+ "-dirty"), or $REFINER_GIT_COMMIT where the tree has no .git (a copied tree)."""
     if os.environ.get("REFINER_GIT_COMMIT"):
