@@ -128,7 +128,7 @@ def run_label(device: torch.device, meta: dict) -> str:
         return meta["device_name"]
     usable, _ = usable_backends(device)
     only_ref = usable == ["reference"]
-    return f"CPU ({'reference backend only' if only_ref else 'backends: ' + ', '.join(usable)}; {meta['device_name']})"
+    return f"{meta['device_name']}, {'reference backend only' if only_ref else 'backends: ' + ', '.join(usable)}"
 
 
 def _git_commit() -> str:
