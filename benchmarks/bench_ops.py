@@ -342,10 +342,15 @@ def main(argv=None) -> dict:
             from benchmarks import plot
             for png in plot.plot_run(doc, path.with_suffix("")):
                 print(f"plot:    {png}")
+        if args._interrupted:  # results are saved; now stop like any interrupted program (pytest too)
+            raise KeyboardInterrupt
         return doc
     finally:
         torch.set_num_threads(threads_before)
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except KeyboardInterrupt:
+        sys.exit(130)
