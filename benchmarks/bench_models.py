@@ -1,0 +1,293 @@
+"""Images/s and peak memory of Refiner-ViT (fused, reference eager, reference compiled) and timm ViTs.
+
+    python benchmarks/bench_models.py            # GPU: S/M/L + ViT-S/B at 224 (batch 256) and 384 (batch 64);
+                                                 # CPU: Refiner-ViT-S and ViT-S, batch 2, 224 px
+    python benchmarks/bench_models.py --quick    # CPU smoke run: Refiner-ViT-S, batch 2, 224 px, < 1 minute
+    python benchmarks/bench_models.py --models refiner_vit_s vit_small_patch16_224 --img 224 --batch 128
+
+Variants, side by side in one run, same batch and resolution:
+  fused[<backend>]     timm.create_model(name, fused=<backend>) for every usable compiled/Triton
+                       backend (on a machine with none: fused[auto->reference], the fused layer on
+                       reference ops)
+  reference eager      the pure-PyTorch model
+  reference compiled   torch.compile of it (GPU default; on CPU only with --compile-backend)
+  timm (SDPA)          vit_small_patch16_224 / vit_base_patch16_224 (F.scaled_dot_product_attention)
+Modes: "infer" (eval, no_grad) and "train" (one step: forward, cross-entropy, backward,
+AdamW step), both under torch.autocast(bf16) on GPU (--amp none for fp32); CPU runs are fp32.
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks import common as C  # noqa: E402  (puts the repo root on sys.path)
+
+import timm  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+import refiner  # noqa: E402,F401  (registers refiner_vit_s/m/l with timm)
+
+REFINER = ("refiner_vit_s", "refiner_vit_m", "refiner_vit_l")
+TIMM = ("vit_small_patch16_224", "vit_base_patch16_224")
+# Target rows first, so that a time limit cuts the least useful rows.
+DEFAULT_MODELS = ("refiner_vit_s", "vit_small_patch16_224", "vit_base_patch16_224", "refiner_vit_m", "refiner_vit_l")
+AMP = {"bf16": torch.bfloat16, "fp16": torch.float16, "none": None}
+
+
+def variants(name: str, device, args) -> List[tuple]:
+    """(variant label, how to build) for one model name."""
+    if name not in REFINER:
+        return [("timm (SDPA)", "timm")]
+    out = []
+    fused_backends, _ = C.usable_backends(device, ("cuda", "triton", "cpu"))
+    if args.fused_backends is not None:
+        fused_backends = [b for b in fused_backends if b in args.fused_backends]
+    if fused_backends:
+        out += [(f"fused[{b}]", ("fused", b)) for b in fused_backends]
+    else:
+        out.append((f"fused[auto->{C.auto_backend(device)}]", ("fused", "auto")))
+    out.append(("reference eager", "reference"))
+    if args.compile_backend != "skip" and (args.compile_models == ["all"] or name in args.compile_models):
+        out.append((f"reference compiled[{args.compile_backend}]", "compiled"))
+    return out
+
+
+def build(name: str, how, img: int, device):
+    torch.manual_seed(0)
+    kw = dict(img_size=img, num_classes=1000)
+    if how == "timm" or how == "reference" or how == "compiled":
+        model = timm.create_model(name, **kw)
+    else:
+        model = timm.create_model(name, fused=how[1], **kw)
+    return model.to(device)
+
+
+def _step_fns(model, run_model, x, y, amp, device):
+    dev = device.type
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+
+    def infer():
+        with torch.no_grad(), torch.autocast(dev, dtype=amp, enabled=amp is not None):
+            return run_model(x)
+
+    def train():
+        with torch.autocast(dev, dtype=amp, enabled=amp is not None):
+            out = run_model(x)
+            loss = F.cross_entropy(out.float(), y)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss.detach()
+    return infer, train, opt
+
+
+def measure(name: str, label: str, how, img: int, batch: int, mode: str, device, args) -> dict:
+    row = dict(device=C.device_label(device), model=name, variant=label, img=img, batch=batch, mode=mode,
+               amp=args.amp, images_per_s=None, ms_per_iter=None, peak_mem_mib=None, vs_reference=None,
+               status="ok")
+    model = opt = None
+    try:
+        model = build(name, how, img, device)
+        model.train(mode == "train")
+        run_model = model
+        if how == "compiled":
+            run_model = torch.compile(model, backend=args.compile_backend)
+        x = torch.randn(batch, 3, img, img, device=device)
+        y = torch.randint(0, 1000, (batch,), device=device)
+        amp = AMP[args.amp]
+        infer, train, opt = _step_fns(model, run_model, x, y, amp, device)
+        fn = infer if mode == "infer" else train
+        mem = None
+        measure_mem = not args.no_memory and not (how == "compiled" and device.type == "cpu")
+        warmup = args.warmup + (1 if how == "compiled" else 0)
+        repeats = args.repeats if mode == "infer" else max(1, (args.repeats + 1) // 2)
+        if device.type == "cpu" and measure_mem:  # the memory estimate's call is the first warm-up
+            mem = C.peak_memory(fn, device, absolute=True)[0]
+            warmup -= 1
+        t = C.median_time(fn, device, repeats=repeats, warmup=max(0, warmup), use_do_bench=False)
+        row["ms_per_iter"] = t * 1e3
+        row["images_per_s"] = batch / t
+        if device.type == "cuda" and measure_mem:  # absolute peak: weights, optimizer state, activations
+            mem = C.peak_memory(fn, device, absolute=True)[0]
+        row["peak_mem_mib"] = C.mib(mem)
+        if how == "compiled" and device.type == "cpu":
+            row["mem_note"] = "n/a: the CPU estimate does not trace compiled graphs"
+    except torch.cuda.OutOfMemoryError:
+        row["status"] = "OOM"
+    except Exception as e:
+        row["status"] = f"error: {type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
+    finally:
+        del model, opt
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        if how == "compiled":
+            torch._dynamo.reset()
+    return row
+
+
+def run(args, device) -> List[dict]:
+    jobs = []
+    for img, batch in zip(args.img, args.batch):
+        for name in args.models:
+            for label, how in variants(name, device, args):
+                for mode in args.modes:
+                    jobs.append((name, label, how, img, batch, mode))
+    skipped_fused = C.usable_backends(device, ("cuda", "triton", "cpu"))[1]
+    for b, why in skipped_fused.items():
+        print(f"fused backend {b!r} not benchmarked: {why}")
+    if args.compile_backend == "skip":
+        print("reference compiled: skipped (--compile-backend skip; the CPU default)")
+    rows: List[dict] = []
+    bar = C.progress(jobs, desc="bench_models", unit="row")
+    try:
+        for name, label, how, img, batch, mode in bar:
+            if hasattr(bar, "set_postfix_str"):
+                bar.set_postfix_str(f"{name} {label} {img}px {mode}")
+            r = measure(name, label, how, img, batch, mode, device, args)
+            rows.append(r)
+            if r["status"] != "ok":
+                C.progress_write(f"  {name} {label} {img}px {mode}: {r['status']}")
+    except KeyboardInterrupt:
+        C.progress_write("interrupted: writing the rows measured so far")
+        args._interrupted = True
+    finally:
+        if hasattr(bar, "close"):
+            bar.close()
+    for r in rows:  # speed-up against the reference eager model of the same name, size and mode
+        ref = _find(rows, r["model"], "reference eager", r["img"], r["mode"])
+        if ref and ref["images_per_s"] and r["images_per_s"] and r["model"] in REFINER:
+            r["vs_reference"] = r["images_per_s"] / ref["images_per_s"]
+    return rows
+
+
+def _find(rows, model, variant_prefix, img, mode) -> Optional[dict]:
+    sel = [r for r in rows if r["model"] == model and r["variant"].startswith(variant_prefix)
+           and r["img"] == img and r["mode"] == mode and r["status"] == "ok" and r["images_per_s"]]
+    return max(sel, key=lambda r: r["images_per_s"]) if sel else None
+
+
+def targets(rows: List[dict]) -> List[dict]:
+    """The H100 targets (bf16 autocast, batch 256, 224 px), from whichever rows this run has."""
+    out = []
+    s, img = "refiner_vit_s", 224
+    fi, ft = _find(rows, s, "fused", img, "infer"), _find(rows, s, "fused", img, "train")
+    ri, rt = _find(rows, s, "reference eager", img, "infer"), _find(rows, s, "reference eager", img, "train")
+    ci = _find(rows, s, "reference compiled", img, "infer")
+    ti = _find(rows, "vit_small_patch16_224", "timm", img, "infer")
+
+    def add(name, a, b, goal, higher, key="images_per_s"):
+        if a and b and a.get(key) and b.get(key):
+            out.append(C.target_line(name, a[key] / b[key], goal, higher,
+                                     f"{a['variant']} vs {b['variant']}, batch {a['batch']}, amp {a['amp']}"))
+        elif a or b:  # say why a target that has half its rows can't be computed (OOM, error)
+            failed = [f"{r['variant']} {r['mode']}: {r['status']}" for r in rows
+                      if r["model"] in (s, "vit_small_patch16_224") and r["img"] == img and r["status"] != "ok"]
+            out.append(C.target_line(name, None, goal, higher, "; ".join(failed)[:120] or "rows missing"))
+    add("S infer: fused / reference eager img/s", fi, ri, 2.5, True)
+    add("S infer: fused / reference compiled img/s", fi, ci, 1.5, True)
+    add("S infer: fused / timm ViT-S img/s", fi, ti, 0.55, True)
+    add("S train: fused / reference eager img/s", ft, rt, 1.8, True)
+    add("S train: fused / reference eager peak memory", ft, rt, 0.5, False, key="peak_mem_mib")
+    return out
+
+
+HEADERS = ["model", "variant", "img", "batch", "mode", "amp", "img/s", "ms/iter", "peak MiB", "vs ref", "status"]
+
+
+def table_rows(rows):
+    return [[r["model"], r["variant"], r["img"], r["batch"], r["mode"], r["amp"], C.fmt(r["images_per_s"], "g"),
+             C.fmt(r["ms_per_iter"], "g"), C.fmt(r["peak_mem_mib"], ".0f"),
+             C.fmt(r["vs_reference"], ".2f") + ("x" if r["vs_reference"] else ""), r["status"][:60]] for r in rows]
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true",
+                   help="smoke preset: Refiner-ViT-S (+ ViT-S on GPU), one resolution, small batch, no compile")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
+    p.add_argument("--models", nargs="+", default=None, choices=REFINER + TIMM)
+    p.add_argument("--img", type=int, nargs="+", default=None, help="resolutions (default GPU: 224 384; CPU: 224)")
+    p.add_argument("--batch", type=int, nargs="+", default=None,
+                   help="batch per resolution (default GPU: 256 at 224, 64 at 384; CPU: 2)")
+    p.add_argument("--modes", nargs="+", choices=("infer", "train"), default=["infer", "train"])
+    p.add_argument("--amp", choices=sorted(AMP), default=None, help="autocast dtype (default GPU bf16, CPU none)")
+    p.add_argument("--fused-backends", nargs="+", default=None, help="subset of compiled/Triton backends")
+    p.add_argument("--compile-backend", default=None,
+                   help="torch.compile backend for 'reference compiled' (default GPU inductor; CPU skip); "
+                        "'skip' leaves the rows out")
+    p.add_argument("--compile-models", nargs="+", default=["refiner_vit_s"],
+                   help="models to compile ('all'; default refiner_vit_s: compiling M/L takes minutes)")
+    p.add_argument("--repeats", type=int, default=None, help="timed inference calls (train: half)")
+    p.add_argument("--warmup", type=int, default=None)
+    p.add_argument("--no-memory", action="store_true")
+    p.add_argument("--no-plots", action="store_true")
+    p.add_argument("--out", type=Path, default=None, help="results folder (default benchmarks/results)")
+    args = p.parse_args(argv)
+    args._device = device = C.pick_device(args.device)
+    gpu = device.type == "cuda"
+    q = args.quick
+    args.models = args.models or (list(DEFAULT_MODELS) if gpu and not q else
+                                  ["refiner_vit_s"] if q and not gpu else
+                                  ["refiner_vit_s", "vit_small_patch16_224"])  # GPU quick; CPU default
+    args.img = args.img or ([224] if q or not gpu else [224, 384])
+    default_batch = {224: 256, 384: 64} if gpu and not q else {}
+    args.batch = args.batch or [default_batch.get(i, 32 if gpu else 2) for i in args.img]
+    if len(args.batch) == 1:
+        args.batch = args.batch * len(args.img)
+    if len(args.batch) != len(args.img):
+        p.error("--batch: give one batch size, or one per --img")
+    args.amp = args.amp or ("bf16" if gpu else "none")
+    args.compile_backend = args.compile_backend or ("inductor" if gpu and not q else "skip")
+    args.repeats = args.repeats or (10 if gpu else (1 if q else 3))
+    args.warmup = args.warmup if args.warmup is not None else (2 if gpu else 1)
+    args._interrupted = False
+    return args
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    device = args._device
+    threads_before = C.env_threads(args.threads)
+    try:
+        meta = C.run_metadata(device, "bench_models", {k: v for k, v in vars(args).items()
+                                                       if not k.startswith("_") and k != "out"})
+        label = C.run_label(device, meta)
+        print(f"bench_models on {label}; torch {meta['torch']}, timm {meta['timm']}, triton {meta['triton']}, "
+              f"commit {meta['git_commit'][:12]}")
+        print(f"timing: median of {args.repeats} inference / {max(1, (args.repeats + 1) // 2)} training calls after "
+              f"{args.warmup} warm-up; memory: {meta['memory']}" + (" (absolute)" if device.type == "cuda" else ""))
+        rows = run(args, device)
+        meta["interrupted"] = args._interrupted
+        print()
+        print(f"[{C.device_label(device)}] models (vs ref: images/s over reference eager's, same model/size/mode):")
+        print(C.format_table(table_rows(rows), HEADERS))
+        tg = targets(rows) if device.type == "cuda" else []
+        C.print_targets(tg, device)
+        doc = {"meta": meta, "rows": rows, "targets": tg}
+        path, latest = C.write_results(doc, args.out, device)
+        print(f"\nresults: {path}\n         {latest}")
+        if not args.no_plots:
+            from benchmarks import plot
+            for png in plot.plot_run(doc, path.with_suffix("")):
+                print(f"plot:    {png}")
+        if args._interrupted:  # results are saved; now stop like any interrupted program (pytest too)
+            raise KeyboardInterrupt
+        return doc
+    finally:
+        torch.set_num_threads(threads_before)
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except KeyboardInterrupt:
+        sys.exit(130)

@@ -1,0 +1,131 @@
+#!/usr/bin/env bash
+# One round on a lent GPU machine (H100/H200: Python 3.12, torch 2.11 + CUDA 13.0, Triton 3.6,
+# timm, nvcc 13.0, NO network). Run from the repository root, one stage per device call:
+#
+#   bash benchmarks/gpu_round.sh tests         # build, describe backends, pytest, compute-sanitizer
+#   bash benchmarks/gpu_round.sh bench         # build (if needed), bench_ops + bench_models full presets
+#   bash benchmarks/gpu_round.sh bench-ops     # only bench_ops (whole budget)
+#   bash benchmarks/gpu_round.sh bench-models  # only bench_models (whole budget)
+#   bash benchmarks/gpu_round.sh sanitize      # only compute-sanitizer memcheck + racecheck
+#
+# The device copy of the tree may have no .git: pass the commit for the JSON metadata, e.g.
+#   REFINER_GIT_COMMIT=<sha> bash benchmarks/gpu_round.sh bench
+#
+# Each stage stays under STAGE_BUDGET seconds (default 510, under the 9-minute mark): every step
+# runs under `timeout`, the benchmarks get SIGINT first (they then write the rows measured so
+# far) and are killed 20 s later. Results go to $OUT (default /tmp/gpu_round_out) as at most 3 files per
+# stage: <stage>_logs.tar.gz, <stage>_results.tar.gz and <stage>_summary.txt (the device tool
+# brings back at most 8 files of < 16 MiB).
+set -uo pipefail
+STAGE=${1:-tests}
+cd "$(dirname "$0")/.."
+START=$(date +%s)
+BUDGET=${STAGE_BUDGET:-510}
+PY=${PY:-$(command -v python3 || command -v python)}
+OUT=${OUT:-/tmp/gpu_round_out}
+WORK=$(mktemp -d /tmp/gpu_round.XXXXXX)
+LOGS=$WORK/logs; RES=$WORK/results
+mkdir -p "$OUT" "$LOGS" "$RES"
+SUMMARY=$LOGS/summary.txt
+export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda}
+export PATH="$CUDA_HOME/bin:$PATH"
+export MAX_JOBS=${MAX_JOBS:-16}
+export REFINER_CUDA=${REFINER_CUDA:-1}
+unset TRITON_INTERPRET                      # real Triton on the GPU
+export PYTHONUNBUFFERED=1
+
+left() { echo $(( BUDGET - ($(date +%s) - START) )); }
+say() { echo "[$(date -u +%H:%M:%S) +$(( $(date +%s) - START ))s] $*" | tee -a "$SUMMARY"; }
+# run_step NAME SECONDS CMD...: run under a time limit, log to $LOGS/NAME.log, note the outcome.
+run_step() {
+  local name=$1 limit=$2; shift 2
+  local avail; avail=$(( $(left) - 15 ))
+  (( limit > avail )) && limit=$avail
+  if (( limit < 20 )); then say "$name: SKIPPED (stage budget spent)"; return 0; fi
+  say "$name: start (limit ${limit}s): $*"
+  timeout -s INT -k 20 "$limit" "$@" >"$LOGS/$name.log" 2>&1
+  local rc=$?
+  say "$name: rc=$rc$( ((rc == 124 || rc == 130)) && echo ' (time limit: partial)')"
+  tail -n 25 "$LOGS/$name.log" | sed "s/^/    $name| /" >>"$SUMMARY"
+  return 0
+}
+
+pack() {
+  cp "$SUMMARY" "$OUT/${STAGE}_summary.txt"
+  tar -czf "$OUT/${STAGE}_logs.tar.gz" -C "$WORK" logs
+  if compgen -G "$RES/*" >/dev/null; then tar -czf "$OUT/${STAGE}_results.tar.gz" -C "$WORK" results; fi
+  ls -la "$OUT"
+}
+trap pack EXIT
+
+env_info() {
+  say "stage $STAGE on $(hostname); budget ${BUDGET}s; python $PY"
+  { nvidia-smi || true; nvcc --version || true; command -v compute-sanitizer || echo "no compute-sanitizer";
+    "$PY" - <<'EOF'
+import importlib, torch
+print("torch", torch.__version__, "cuda", torch.version.cuda, "gpu", torch.cuda.is_available()
+      and torch.cuda.get_device_name())
+for m in ("triton", "timm", "pytest", "hypothesis", "tqdm", "matplotlib", "numpy", "yaml", "safetensors"):
+    try:
+        print(m, getattr(importlib.import_module(m), "__version__", "?"))
+    except Exception as e:
+        print(m, "MISSING", type(e).__name__)
+EOF
+  } >"$LOGS/env.log" 2>&1
+  grep -E "^(torch|triton|timm|pytest|tqdm|matplotlib) " "$LOGS/env.log" | sed 's/^/    env| /' >>"$SUMMARY"
+}
+
+build() {
+  # Skip when refiner._C already imports (a warm machine from the previous stage).
+  if "$PY" -c "import refiner._C" >/dev/null 2>&1; then say "build: refiner._C already importable, skipped"; else
+    if [ -f setup.py ]; then
+      run_step build 330 "$PY" setup.py build_ext --inplace
+      "$PY" -c "import refiner._C" >/dev/null 2>&1 || \
+        run_step build_pip 300 "$PY" -m pip install --no-build-isolation --no-deps -e .
+    else
+      say "build: no setup.py in this tree: compiled backends unavailable"
+    fi
+  fi
+  "$PY" -c "import refiner.ops as o; print(o.describe_backends())" >"$LOGS/backends.log" 2>&1
+  sed 's/^/    /' "$LOGS/backends.log" | tee -a "$SUMMARY"
+}
+
+stage_tests() {
+  run_step pytest 300 "$PY" -m pytest -q -ra tests
+  stage_sanitize
+}
+
+stage_sanitize() {
+  if command -v compute-sanitizer >/dev/null && [ -f tests/test_compiled_cuda.py ]; then
+    # Small shapes only (-x stops at the first failure); racecheck is the slower of the two.
+    run_step memcheck 120 compute-sanitizer --tool memcheck --error-exitcode 9 --target-processes all \
+      "$PY" -m pytest -q -x tests/test_compiled_cuda.py
+    run_step racecheck 150 compute-sanitizer --tool racecheck --error-exitcode 9 --target-processes all \
+      "$PY" -m pytest -q -x tests/test_compiled_cuda.py
+  else
+    say "compute-sanitizer or tests/test_compiled_cuda.py absent: sanitizer runs skipped"
+  fi
+}
+
+bench_ops() {  # $1: seconds
+  run_step bench_ops "$1" "$PY" benchmarks/bench_ops.py --out "$RES" --rep-ms 50
+}
+bench_models() {
+  run_step bench_models "$1" "$PY" benchmarks/bench_models.py --out "$RES"
+}
+
+env_info
+build
+case "$STAGE" in
+  tests) stage_tests ;;
+  sanitize) stage_sanitize ;;
+  bench) bench_ops 200; bench_models $(( $(left) - 20 )) ;;
+  bench-ops) bench_ops $(( $(left) - 20 )) ;;
+  bench-models) bench_models $(( $(left) - 20 )) ;;
+  *) say "unknown stage '$STAGE' (tests | sanitize | bench | bench-ops | bench-models)"; exit 2 ;;
+esac
+# Tables and targets into the summary (the JSON/PNGs are in the results tarball).
+for f in "$LOGS"/bench_*.log; do
+  [ -f "$f" ] && { echo "==== $(basename "$f")"; grep -v -E "it/s|s/it|case/s|row/s|s/case|s/row" "$f" | tail -n 120; } >>"$SUMMARY"
+done
+say "stage $STAGE done"

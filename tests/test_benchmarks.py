@@ -1,0 +1,172 @@
+"""The benchmark scripts run end to end (quick presets, on CPU) and write what they promise."""
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from benchmarks import bench_models, bench_ops, common, plot  # noqa: E402
+
+try:
+    import matplotlib  # noqa: F401
+    HAVE_MPL = True
+except ImportError:
+    HAVE_MPL = False
+needs_mpl = pytest.mark.skipif(not HAVE_MPL, reason="matplotlib not installed (plots)")
+
+META_KEYS = {"script", "device", "device_label", "device_name", "torch", "timm", "triton", "git_commit",
+             "timestamp", "backends", "args", "timing", "memory"}
+
+
+def _check_outputs(doc, out: Path, script: str, pngs):
+    meta = doc["meta"]
+    assert META_KEYS <= set(meta)
+    assert meta["script"] == script and meta["device"] == "cpu" and meta["device_label"] == "CPU"
+    assert meta["peaks"] is None
+    files = sorted(out.glob(f"{script}_cpu_*.json"))
+    assert len(files) == 1
+    on_disk = json.loads(files[0].read_text())
+    assert on_disk["rows"] and on_disk["meta"]["timestamp"] == meta["timestamp"]
+    assert all(r["device"] == "CPU" for r in on_disk["rows"])
+    latest = json.loads((out / "latest_cpu.json").read_text())
+    assert latest[script]["file"] == files[0].name
+    for suffix in pngs:
+        png = files[0].with_name(files[0].stem + suffix)
+        assert png.exists() and png.stat().st_size > 1000, png
+    return on_disk
+
+
+def _ok_or_recorded(r):
+    # The reference rows must succeed; a compiled backend that fails a case is recorded, not fatal.
+    if r["backend"] in ("reference", "torch") or r.get("variant", "").startswith(("reference", "timm")):
+        assert r["status"] == "ok", r
+    else:
+        assert r["status"] == "ok" or r["status"].startswith(("error", "OOM")), r
+    return r["status"] == "ok"
+
+
+@needs_mpl
+def test_bench_ops_quick(tmp_path):
+    doc = bench_ops.main(["--quick", "--device", "cpu", "--threads", "1", "--repeats", "1", "--out", str(tmp_path)])
+    rows = _check_outputs(doc, tmp_path, "bench_ops", ["_time_vs_N.png", "_memory_vs_N.png"])["rows"]
+    assert doc["targets"] == []  # CPU: no targets
+    seen = {(r["op"], r["mode"], r["backend"]) for r in rows}
+    for op in bench_ops.OPS:
+        for mode in bench_ops.MODES:
+            assert (op, mode, "reference") in seen
+    assert ("sdpa", "fwd", "torch") in seen and ("sdpa", "fwd+bwd", "torch") in seen
+    assert not any(r["backend"] == "triton" for r in rows), "Triton must not be timed on CPU"
+    usable, _ = common.usable_backends(torch.device("cpu"))
+    assert {r["backend"] for r in rows} == set(usable) | {"torch"}
+    for r in rows:
+        if not _ok_or_recorded(r):
+            continue
+        assert r["time_ms"] > 0 and r["tflops"] > 0 and r["gbs"] > 0
+        assert r["pct_peak_flops"] is None and r["pct_peak_bw"] is None  # no peaks on CPU
+        assert r["peak_mem_mib"] is not None and r["peak_mem_mib"] > 0
+        assert (r["B"], r["H"], r["N"], r["d"], r["dtype"]) == (2, 12, 197, 32, "fp32")
+        if r["op"] != "sdpa":
+            assert r["vs_sdpa"] > 0
+        if r["backend"] == "reference":
+            assert r["vs_reference"] == pytest.approx(1.0)
+    # Plots regenerate from the merged JSON alone.
+    regen = plot.main([str(tmp_path / "latest_cpu.json"), "--out-dir", str(tmp_path / "regen")])
+    assert len(regen) == 2 and all(p.exists() for p in regen)
+
+
+@needs_mpl
+def test_bench_models_quick(tmp_path):
+    # The --quick preset (Refiner-ViT-S, batch 2, no compile) at 64 px (N=17) to keep CI fast.
+    doc = bench_models.main(["--quick", "--device", "cpu", "--threads", "1", "--img", "64", "--out", str(tmp_path)])
+    rows = _check_outputs(doc, tmp_path, "bench_models", ["_throughput.png", "_memory.png"])["rows"]
+    assert doc["targets"] == []
+    variants = {(r["variant"], r["mode"]) for r in rows}
+    assert ("reference eager", "infer") in variants and ("reference eager", "train") in variants
+    assert any(v.startswith("fused[") for v, _ in variants)
+    for r in rows:
+        r.setdefault("backend", None)
+        assert r["model"] == "refiner_vit_s" and r["batch"] == 2 and r["img"] == 64 and r["amp"] == "none"
+        if not _ok_or_recorded(r):
+            continue
+        assert r["images_per_s"] > 0 and r["peak_mem_mib"] > 0
+
+
+def test_flop_and_byte_formulas():
+    # Refiner-ViT-S DLA at N=197 (DESIGN.md: 0.74 GFLOP for eight refine blocks per image).
+    dla = bench_ops.flops("refine_eval", "fwd", 1, 12, 197, 32) - 2 * 12 * 197 ** 2 * 32
+    assert 8 * dla == pytest.approx(0.74e9, rel=0.01)
+    assert bench_ops.flops("sdpa", "fwd+bwd", 2, 12, 197, 32) == 3 * bench_ops.flops("sdpa", "fwd", 2, 12, 197, 32)
+    assert bench_ops.min_bytes("refine_eval", "fwd", 1, 12, 197, 32, 2) == 2 * (12 * 197 ** 2 + 2 * 12 * 197 * 32)
+
+
+def test_device_peaks_table():
+    assert common.device_peaks("NVIDIA H100 80GB HBM3")["tb_s"] == 3.35
+    assert common.device_peaks("NVIDIA H100 PCIe")["tb_s"] == 2.0
+    assert common.device_peaks("NVIDIA H200")["tb_s"] == 4.8
+    assert common.device_peaks("NVIDIA A100-SXM4-80GB") is None
+
+
+def test_cpu_memory_estimate_counts_intermediates():
+    x = torch.randn(256, 1024)  # 1 MiB
+    nbytes, out = common.peak_memory(lambda: (x * 2 + 1).sum(), torch.device("cpu"))
+    assert 2 * x.nbytes <= nbytes <= 3 * x.nbytes + 4096  # two temporaries of x's size, not x itself
+    assert out.item() == pytest.approx((x * 2 + 1).sum().item(), rel=1e-4)
+    nbytes, _ = common.peak_memory(lambda: x.mul_(1.0).view(-1), torch.device("cpu"))
+    assert nbytes == 0  # in-place ops and views create nothing
+
+
+def test_targets_from_gpu_like_rows():
+    # The target logic only runs on a GPU: check it on synthetic rows.
+    base = dict(op="refine_eval", mode="fwd", dtype="bf16", H=12, d=32, B=32, status="ok")
+    rows = [dict(base, N=197, backend="reference", time_ms=9.0, vs_sdpa=9.0),
+            dict(base, N=197, backend="triton", time_ms=3.0, vs_sdpa=3.0),
+            dict(base, N=197, backend="cuda", time_ms=1.5, vs_sdpa=1.5),
+            dict(base, N=577, backend="cuda", time_ms=5.0, vs_sdpa=2.5)]
+    t = {x["target"]: x for x in bench_ops.targets(rows)}
+    assert [x["verdict"] for x in t.values()] == ["PASS", "MISS"]
+    assert t["refine_eval fwd N=197 time / SDPA time"]["measured"] == 1.5
+
+    def row(model, variant, mode, ips, mem=1000.0, status="ok"):
+        return dict(model=model, variant=variant, img=224, batch=256, mode=mode, amp="bf16", images_per_s=ips,
+                    peak_mem_mib=mem, status=status)
+    s = "refiner_vit_s"
+    rows = [row(s, "fused[cuda]", "infer", 3000), row(s, "fused[triton]", "infer", 2500),
+            row(s, "reference eager", "infer", 1000), row(s, "reference compiled[inductor]", "infer", 2500),
+            row("vit_small_patch16_224", "timm (SDPA)", "infer", 5000),
+            row(s, "fused[cuda]", "train", 900, mem=20000), row(s, "reference eager", "train", None, status="OOM")]
+    got = {x["target"]: x for x in bench_models.targets(rows)}
+    assert got["S infer: fused / reference eager img/s"]["measured"] == 3.0
+    assert got["S infer: fused / reference eager img/s"]["verdict"] == "PASS"
+    assert got["S infer: fused / reference compiled img/s"]["verdict"] == "MISS"  # 1.2 < 1.5
+    assert got["S infer: fused / timm ViT-S img/s"]["measured"] == pytest.approx(0.6)
+    train = got["S train: fused / reference eager img/s"]
+    assert train["verdict"] == "n/a" and "OOM" in train["detail"]
+
+
+@needs_mpl
+def test_plots_of_a_gpu_like_run(tmp_path):
+    meta = dict(script="bench_ops", device="cuda", device_name="NVIDIA H100 80GB HBM3", torch="2.11",
+                timestamp="2026-11-25T00:00:00Z", git_commit="abc")
+    rows = []
+    for dt in ("bf16", "fp32"):
+        for N in (197, 577, 785):
+            for op, be in (("sdpa", "torch"), ("refine_eval", "reference"), ("refine_eval", "cuda"),
+                           ("softmax_block", "triton")):
+                for mode in ("fwd", "fwd+bwd"):
+                    ok = not (N == 785 and be == "reference")
+                    rows.append(dict(op=op, mode=mode, backend=be, dtype=dt, B=32, H=12, d=32, N=N,
+                                     time_ms=N / 100 if ok else None, peak_mem_mib=N if ok else None,
+                                     status="ok" if ok else "OOM"))
+    pngs = plot.plot_run({"meta": meta, "rows": rows}, tmp_path / "ops")
+    assert [p.name for p in pngs] == ["ops_time_vs_N.png", "ops_memory_vs_N.png"]
+    mrows = [dict(model=m, variant=v, img=img, batch=256, mode=mode, images_per_s=100.0, peak_mem_mib=1e4,
+                  status="ok") for m in ("refiner_vit_s", "vit_small_patch16_224")
+             for v in ("fused[cuda]", "reference eager") for img in (224, 384) for mode in ("infer", "train")]
+    mrows.append(dict(mrows[0], status="OOM", images_per_s=None, peak_mem_mib=None))
+    pngs = plot.plot_run({"meta": dict(meta, script="bench_models"), "rows": mrows}, tmp_path / "models")
+    assert [p.name for p in pngs] == ["models_throughput.png", "models_memory.png"]
