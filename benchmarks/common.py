@@ -29,7 +29,7 @@ from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 from torch.utils._pytree import tree_flatten  # noqa: E402
 
 from refiner import ops  # noqa: E402
-from refiner.demo import _table as format_table  # noqa: E402,F401  (one table printer for demo and benchmarks)
+from refiner.demo import format_table  # noqa: E402,F401  (one table printer for demo and benchmarks)
 
 RESULTS_DIR = ROOT / "benchmarks" / "results"
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}

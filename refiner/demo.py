@@ -35,7 +35,7 @@ def timeit(fn, repeats: int, warmup: int = 1) -> float:
     return statistics.median(times)
 
 
-def _table(rows, headers):
+def format_table(rows, headers):
     widths = [max(len(str(x)) for x in col) for col in zip(headers, *rows)]
     line = lambda r: "  ".join(str(x).ljust(w) for x, w in zip(r, widths))  # noqa: E731
     return "\n".join([line(headers), line(["-" * w for w in widths])] + [line(r) for r in rows])
@@ -118,13 +118,13 @@ def main(argv=None):
     print(f"device: {name}; torch {torch.__version__}; timm {timm.__version__}")
     print(ops.describe_backends())
     print()
-    print(_table(model_check(args.model, batch, args.img, device, repeats),
+    print(format_table(model_check(args.model, batch, args.img, device, repeats),
                  ["model", "max |fused - ref|", "ref img/s", "fused img/s", "speed-up"]))
     print()
     B, H, N, d = (64, 12, 197, 32) if gpu else (8, 12, 197, 32)
     rows = op_check(device, B, H, N, d, repeats * 2)
     print(f"ops at B={B}, H={H}, N={N}, d={d}, fp32 (median of {repeats * 2}):")
-    print(_table(rows, ["op", "backend", "max |err|", "reference ms", "fused ms", "speed-up"]) if rows
+    print(format_table(rows, ["op", "backend", "max |err|", "reference ms", "fused ms", "speed-up"]) if rows
           else "  no compiled backend usable on this device: nothing to compare")
 
 
