@@ -58,11 +58,11 @@ check(E._re_bwd, dict(a_ptr=P, dr_ptr=P, we_ptr=P, be_ptr=P, wdw_ptr=P, bdw_ptr=
                       da_ptr=P, scr_ptr=P, pwe_ptr=P, pbe_ptr=P, pwdw_ptr=P, pbdw_ptr=P, pwp_ptr=P, pbp_ptr=P, pal_ptr=P,
                       pbt_ptr=P, N=N, H=H, RH=RH, RHP=48, NTJ=14, KS=3, RELU_E=True, HP=16, CC=16, TM=16, TJ=16),
       num_warps=8, num_stages=1)
-for mode in (1, 2, 3, 4, 5):
-    check(T._rt_tile, dict(a_ptr=P, dr_ptr=P, we_ptr=P, be_ptr=P, wdw_ptr=P, wp_ptr=P, cv_ptr=P, hv_ptr=P, part_ptr=P,
+for mode in (1, 2, 3, 4, 5, 6, 7):
+    check(T._rt_tile, dict(a_ptr=P, dr_ptr=P, we_ptr=P, be_ptr=P, wdw_ptr=P, wp_ptr=P, cv_ptr=P, hv_ptr=P, ks_ptr=P, part_ptr=P,
                            pn_ptr=P, pwp_ptr=P, N=N, H=H, RH=RH, RHP=48, NTJ=13, scale=0.1, MODE=mode, KS=3, RELU_E=True,
                            HP=16, CC=16, TM=16, TJ=16, W=48), num_warps=8, num_stages=1)
-check(T._rt_b3, dict(a_ptr=P, dr_ptr=P, we_ptr=P, be_ptr=P, wer_ptr=P, wdw_ptr=P, wp_ptr=P, cv_ptr=P, hv_ptr=P, da_ptr=P,
+check(T._rt_b3, dict(a_ptr=P, dr_ptr=P, we_ptr=P, be_ptr=P, wer_ptr=P, wdw_ptr=P, wp_ptr=P, cv_ptr=P, hv_ptr=P, ks_ptr=P, da_ptr=P,
                      scr_ptr=P, part_ptr=P, pwdw_ptr=P, pm_ptr=P, N=N, H=H, RH=RH, RHP=48, NTJ=14, scale=0.1, KS=5,
                      RELU_E=True, HP=16, CC=16, TM=16, TJ=16), num_warps=8, num_stages=1)
 check(Bl._bmm_kernel, dict(a_ptr=P, b_ptr=P, c_ptr=P, M=N, NN=N, K=N, sab=1, sam=1, sak=1, sbb=1, sbk=1, sbn=1, scb=1,

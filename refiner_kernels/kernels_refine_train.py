@@ -10,17 +10,29 @@ stencil by k*k shifted loads with the expansion recomputed per offset; per-progr
 statistics are combined on the host side with Chan's parallel formula in float64):
   F1  moments of A: per-tile mean vector and centred Gram matrix -> BN1 mean = W_e mu_A,
       var = diag(W_e Sigma_A W_e^T) (BN1 of a linear layer costs a reduction, not a tensor).
+      (expand only)
   F2  BN2 statistics of X2 (E recomputed with BN1 folded into W_e).
-  F3  per-head moments of A and Y3 and their cross moment: BN3 statistics, and BN_a statistics
-      of Z = A + a3 Y3 + c3 follow (per-channel affine).
-  F4  refine_eval forward with every BN folded (the eval kernel).
+  F3  BN3 statistics of Y3.
+  F4  BN_a statistics of Z, from the values of Z (not from moments of A and Y3: at zero BN3
+      variance the algebra amplifies rounding by 1/(var3 + eps)).
+  F5  R = BN_a(Z) * scale stored (A-sized, fp32), then out = R @ v (batched matmul).
+Numerical robustness (a constant map, where every BN variance is 0 and each BN amplifies
+position-to-position rounding differences by 1/sqrt(eps); a map with a large mean and a small
+spread):
+  - every statistic is a shifted per-tile moment (shift = the tile's first value, so a constant
+    channel gives exactly mean = value, M2 = 0), merged with Chan's formula in float64;
+  - A enters the expansion as W_e (A - K) and Z as (A - Kz) + ..., K and Kz an element of A per
+    head, and Y3 as W_p (D - Dk) + W_p Dk with Dk = D at the BN2 mean: the folded BN affines never
+    cancel large terms, and a constant map gives bit-identical values at every position;
+  - Z (and Zhat, Y3hat) is one expression (`_zhat`) in every pass, with the statistics rounded to
+    fp32 as the backward receives them, so forward, statistics and backward see the same values.
 Backward (recompute; exact gradient through the batch statistics):
-  R recomputed by the eval kernel -> dv = R^T dO, dR = dO v^T (A-sized).
-  B1  sums of dRn, dRn*Zhat, dRn*Y3hat per head -> dga, dba, dg3, db3 (with F3's moments).
+  R recomputed (F5's pass) -> dv = R^T dO, dR = dO v^T (A-sized).
+  B1  sums of dRn, dRn*Zhat, dRn*Y3hat, Zhat*Y3hat per head -> dga, dba, dg3, db3.
   B2  dY3 per position, dW_p partials, sums of dD', dD'*X2hat per channel -> dg2, db2.
   B3  halo-extended tiles: dX2, dW_dw partials, transposed stencil of dX2 staged through a
       small per-program scratch buffer -> dE -> dX1' ; partial sums for dg1, db1, dW_e and
-      dA except the BN1 mean/variance terms, which are an H x H mix of A plus a bias, added last.
+      dA except the BN1 mean/variance terms, which are an H x H mix of A - K plus a bias, added last.
 Memory: a few A-sized (B,H,N,N) tensors and O(programs * channels) partials; no (B,rH,N,N).
 """
 from __future__ import annotations
@@ -29,44 +41,45 @@ import torch
 
 from ._common import batch_chunks, check_device, interpreting, next_pow2, num_warps_for, triton, tl
 from .blocks import bmm
-from .kernels_refine_eval import refine_eval_fwd
 
 CC = 16
 # rows of the per-head constant pack
-H_A3, H_C3, H_MUZ, H_RSA, H_MU3, H_RS3, H_KA, H_DBA, H_DGA, H_K3, H_DB3, H_DG3 = range(12)
-NHC = 12
+# (a3 = g3 rs3, b3, muZ - Kz, rsa, mu3 - W_p Dk, rs3 | ka, dba/n, dga/n, k3, db3/n, dg3/n | ga, ba, Kz); see _hv
+H_A3, H_B3, H_MUZ, H_RSA, H_MU3, H_RS3, H_KA, H_DBA, H_DGA, H_K3, H_DB3, H_DG3, H_GA, H_BA, H_KZ = range(15)
+NHC = 15
 # rows of the per-expanded-channel constant pack
-C_A2, C_C2, C_MU2, C_RS2, C_K2, C_DB2, C_DG2, C_MU1, C_RS1, C_K1 = range(10)
-NCC = 10
+# (C_MU1: BN1 mean of W_e (A - K); C_DK: the shift Dk of D in Y3 = W_p (D - Dk) + W_p Dk); see _cv
+C_A2, C_C2, C_MU2, C_RS2, C_K2, C_DB2, C_DG2, C_MU1, C_RS1, C_K1, C_DK = range(11)
+NCC = 11
 
 
 if triton is not None:
 
     @triton.jit
-    def _e_at(a_ptr, base_a, hoff, row, col, du, dv, N, mh, we, be, RELU_E: tl.constexpr):
+    def _e_at(a_ptr, base_a, hoff, row, col, du, dv, N, mh, ks, we, be, RELU_E: tl.constexpr):
         r2 = row + du
         c2 = col + dv
         ok = (r2 >= 0) & (r2 < N) & (c2 >= 0) & (c2 < N)
         a_s = tl.load(a_ptr + base_a + hoff + (r2 * N + c2)[None, :], mask=mh[:, None] & ok[None, :],
-                      other=0.0).to(tl.float32)
+                      other=0.0).to(tl.float32) - ks[:, None]
         e = tl.dot(we, a_s, input_precision="ieee") + be[:, None]
         if RELU_E:
             e = tl.minimum(tl.maximum(e, 0.0), 6.0)
         return tl.where(ok[None, :], e, 0.0)
 
     @triton.jit
-    def _x2_at(a_ptr, base_a, hoff, row, col, N, mh, we, be, wdw_ptr, cc, mc,
+    def _x2_at(a_ptr, base_a, hoff, row, col, N, mh, ks, we, be, wdw_ptr, cc, mc,
                KS: tl.constexpr, RELU_E: tl.constexpr, CC: tl.constexpr, P: tl.constexpr):
         PAD: tl.constexpr = KS // 2
         acc = tl.zeros((CC, P), tl.float32)
         for o in range(0, KS * KS):
-            e = _e_at(a_ptr, base_a, hoff, row, col, o // KS - PAD, o % KS - PAD, N, mh, we, be, RELU_E)
+            e = _e_at(a_ptr, base_a, hoff, row, col, o // KS - PAD, o % KS - PAD, N, mh, ks, we, be, RELU_E)
             w = tl.load(wdw_ptr + cc * (KS * KS) + o, mask=mc, other=0.0).to(tl.float32)
             acc += w[:, None] * e
         return acc
 
     @triton.jit
-    def _y3_at(a_ptr, base_a, hoff, row, col, N, H, RH, RHP, hh, mh, we_ptr, be_ptr, wdw_ptr, wp_ptr,
+    def _y3_at(a_ptr, base_a, hoff, row, col, N, H, RH, RHP, hh, mh, ks, we_ptr, be_ptr, wdw_ptr, wp_ptr,
                cv_ptr, KS: tl.constexpr, RELU_E: tl.constexpr, CC: tl.constexpr, P: tl.constexpr,
                HP: tl.constexpr):
         y = tl.zeros((HP, P), tl.float32)
@@ -75,10 +88,12 @@ if triton is not None:
             mc = cc < RH
             we = tl.load(we_ptr + cc[:, None] * H + hh[None, :], mask=mc[:, None] & mh[None, :], other=0.0)
             be = tl.load(be_ptr + cc, mask=mc, other=0.0)
-            x2 = _x2_at(a_ptr, base_a, hoff, row, col, N, mh, we, be, wdw_ptr, cc, mc, KS, RELU_E, CC, P)
+            x2 = _x2_at(a_ptr, base_a, hoff, row, col, N, mh, ks, we, be, wdw_ptr, cc, mc, KS, RELU_E, CC, P)
             a2 = tl.load(cv_ptr + 0 * RHP + cc, mask=mc, other=0.0)
             c2 = tl.load(cv_ptr + 1 * RHP + cc, mask=mc, other=0.0)
-            d = tl.where(mc[:, None], tl.minimum(tl.maximum(a2[:, None] * x2 + c2[:, None], 0.0), 6.0), 0.0)
+            dk = tl.load(cv_ptr + 10 * RHP + cc, mask=mc, other=0.0)
+            d = tl.where(mc[:, None], tl.minimum(tl.maximum(a2[:, None] * x2 + c2[:, None], 0.0), 6.0) - dk[:, None],
+                         0.0)
             wp = tl.load(wp_ptr + hh[:, None] * RH + cc[None, :], mask=mh[:, None] & mc[None, :], other=0.0)
             y += tl.dot(wp, d, input_precision="ieee")
         return y
@@ -88,12 +103,38 @@ if triton is not None:
         return tl.load(hv_ptr + i * HP + hh, mask=mh, other=0.0)
 
     @triton.jit
-    def _rt_tile(a_ptr, dr_ptr, we_ptr, be_ptr, wdw_ptr, wp_ptr, cv_ptr, hv_ptr, part_ptr, pn_ptr, pwp_ptr,
+    def _moments(x, ok, first):
+        """Shifted per-tile moments of x (C, P) over the valid positions `ok`: the shift is the value
+        at the tile's first position (always valid), so a constant channel gives exactly
+        (shift, 0, 0) and a large mean never meets its small spread in one fp32 sum.
+        Returns (shift, mean of x - shift, centred values x - shift - that mean, 0 where invalid)."""
+        sh = tl.sum(tl.where(first, x, 0.0), axis=1)
+        d = tl.where(ok, x - sh[:, None], 0.0)
+        okf = tl.where(ok, 1.0, 0.0)
+        md = tl.sum(d, axis=1) / tl.maximum(tl.sum(okf, axis=1), 1.0)
+        return sh, md, tl.where(ok, d - md[:, None], 0.0)
+
+    @triton.jit
+    def _zhat(a0, y, hv_ptr, hh, mh, HP: tl.constexpr):
+        """The one expression of Z (and of the normalised Z, Y3) every pass uses, so that all passes
+        see bit-identical values: Z - Kz = (A - Kz) + (g3 (Y3 - mu3) rs3 + b3), Zhat = (Z - muZ) rs_a,
+        with a per-head shift Kz (an element of A: a large mean of A never enters an fp32 sum)."""
+        yc = y - _hconst(hv_ptr, 4, hh, mh, HP)[:, None]
+        z = (a0 - _hconst(hv_ptr, 14, hh, mh, HP)[:, None]) + (_hconst(hv_ptr, 0, hh, mh, HP)[:, None] * yc + _hconst(hv_ptr, 1, hh, mh, HP)[:, None])
+        zhat = (z - _hconst(hv_ptr, 2, hh, mh, HP)[:, None]) * _hconst(hv_ptr, 3, hh, mh, HP)[:, None]
+        yhat = yc * _hconst(hv_ptr, 5, hh, mh, HP)[:, None]
+        return z, zhat, yhat
+
+    @triton.jit
+    def _rt_tile(a_ptr, dr_ptr, we_ptr, be_ptr, wdw_ptr, wp_ptr, cv_ptr, hv_ptr, ks_ptr, part_ptr, pn_ptr, pwp_ptr,
                  N, H, RH, RHP, NTJ, scale,
                  MODE: tl.constexpr, KS: tl.constexpr, RELU_E: tl.constexpr, HP: tl.constexpr,
                  CC: tl.constexpr, TM: tl.constexpr, TJ: tl.constexpr, W: tl.constexpr):
         """Non-overlapping tile pass. MODE 1: moments of A (F1). 2: BN2 stats of X2 (F2).
-        3: moments of A, Y3 (F3). 4: B1 sums. 5: B2 (dW_p partials, dg2/db2 sums)."""
+        3: BN3 stats of Y3 (F3). 6: BN_a stats of Z (F4). 7: R stored to dr_ptr (F5, and the
+        backward's recompute). 4: B1 sums. 5: B2 (dW_p partials, dg2/db2 sums).
+        Statistics are shifted per-tile moments (`_moments`): rows 0, 1, 2 of the partials hold
+        shift, mean - shift and the centred sum of squares (MODE 1: the centred Gram matrix)."""
         P: tl.constexpr = TM * TJ
         pid_t = tl.program_id(1)
         b = tl.program_id(0).to(tl.int64)
@@ -108,17 +149,18 @@ if triton is not None:
         valid = (row < N) & (col < N)
         vf = tl.where(valid, 1.0, 0.0)
         nt = tl.sum(vf, axis=0)
-        inv = 1.0 / tl.maximum(nt, 1.0)
         tl.store(pn_ptr + prog, nt)
+        first = (p == 0)[None, :]
         base_a = b * H * N * N
         hoff = hh.to(tl.int64)[:, None] * N * N
+        ks = tl.load(ks_ptr + hh, mask=mh, other=0.0)  # per-head shift of A in the expansion (0: none)
         m2 = mh[:, None] & valid[None, :]
         a0 = tl.load(a_ptr + base_a + hoff + (row * N + col)[None, :], mask=m2, other=0.0).to(tl.float32)
         pbase = part_ptr + prog * 8 * W
         if MODE == 1:
-            mean = tl.sum(a0, axis=1) * inv
-            ac = tl.where(m2, a0 - mean[:, None], 0.0)
-            tl.store(pbase + hh, mean)
+            sh, md, ac = _moments(a0, m2, first)
+            tl.store(pbase + 0 * W + hh, sh)
+            tl.store(pbase + 1 * W + hh, md)
             gram = tl.dot(ac, tl.trans(ac), input_precision="ieee")
             tl.store(pwp_ptr + prog * HP * HP + hh[:, None] * HP + hh[None, :], gram)
         if MODE == 2:
@@ -127,35 +169,39 @@ if triton is not None:
                 mc = cc < RH
                 we = tl.load(we_ptr + cc[:, None] * H + hh[None, :], mask=mc[:, None] & mh[None, :], other=0.0)
                 be = tl.load(be_ptr + cc, mask=mc, other=0.0)
-                x2 = _x2_at(a_ptr, base_a, hoff, row, col, N, mh, we, be, wdw_ptr, cc, mc, KS, RELU_E, CC, P)
-                mean = tl.sum(x2 * vf[None, :], axis=1) * inv
-                xc = (x2 - mean[:, None]) * vf[None, :]
-                tl.store(pbase + 0 * W + cc, mean, mask=mc)
-                tl.store(pbase + 1 * W + cc, tl.sum(xc * xc, axis=1), mask=mc)
+                x2 = _x2_at(a_ptr, base_a, hoff, row, col, N, mh, ks, we, be, wdw_ptr, cc, mc, KS, RELU_E, CC, P)
+                sh, md, xc = _moments(x2, mc[:, None] & valid[None, :], first)
+                tl.store(pbase + 0 * W + cc, sh, mask=mc)
+                tl.store(pbase + 1 * W + cc, md, mask=mc)
+                tl.store(pbase + 2 * W + cc, tl.sum(xc * xc, axis=1), mask=mc)
         if MODE >= 3:
-            y = _y3_at(a_ptr, base_a, hoff, row, col, N, H, RH, RHP, hh, mh, we_ptr, be_ptr, wdw_ptr, wp_ptr,
+            y = _y3_at(a_ptr, base_a, hoff, row, col, N, H, RH, RHP, hh, mh, ks, we_ptr, be_ptr, wdw_ptr, wp_ptr,
                        cv_ptr, KS, RELU_E, CC, P, HP)
             y = tl.where(m2, y, 0.0)
             if MODE == 3:
-                ma = tl.sum(a0, axis=1) * inv
-                my = tl.sum(y, axis=1) * inv
-                ac = tl.where(m2, a0 - ma[:, None], 0.0)
-                yc = tl.where(m2, y - my[:, None], 0.0)
-                tl.store(pbase + 0 * W + hh, ma)
-                tl.store(pbase + 1 * W + hh, my)
-                tl.store(pbase + 2 * W + hh, tl.sum(ac * ac, axis=1))
-                tl.store(pbase + 3 * W + hh, tl.sum(yc * yc, axis=1))
-                tl.store(pbase + 4 * W + hh, tl.sum(ac * yc, axis=1))
+                sh, md, yc = _moments(y, m2, first)
+                tl.store(pbase + 0 * W + hh, sh)
+                tl.store(pbase + 1 * W + hh, md)
+                tl.store(pbase + 2 * W + hh, tl.sum(yc * yc, axis=1))
             else:
-                dr = tl.load(dr_ptr + base_a + hoff + (row * N + col)[None, :], mask=m2, other=0.0) * scale
-                zhat = (a0 + _hconst(hv_ptr, 0, hh, mh, HP)[:, None] * y + _hconst(hv_ptr, 1, hh, mh, HP)[:, None]
-                        - _hconst(hv_ptr, 2, hh, mh, HP)[:, None]) * _hconst(hv_ptr, 3, hh, mh, HP)[:, None]
-                yhat = (y - _hconst(hv_ptr, 4, hh, mh, HP)[:, None]) * _hconst(hv_ptr, 5, hh, mh, HP)[:, None]
+                z, zhat, yhat = _zhat(a0, y, hv_ptr, hh, mh, HP)
+                if MODE == 6:
+                    sh, md, zc = _moments(z, m2, first)
+                    tl.store(pbase + 0 * W + hh, sh)
+                    tl.store(pbase + 1 * W + hh, md)
+                    tl.store(pbase + 2 * W + hh, tl.sum(zc * zc, axis=1))
+                if MODE == 7:
+                    r = (zhat * _hconst(hv_ptr, 12, hh, mh, HP)[:, None] + _hconst(hv_ptr, 13, hh, mh, HP)[:, None]) \
+                        * scale
+                    tl.store(dr_ptr + base_a + hoff + (row * N + col)[None, :], r, mask=m2)
                 if MODE == 4:
+                    dr = tl.load(dr_ptr + base_a + hoff + (row * N + col)[None, :], mask=m2, other=0.0) * scale
                     tl.store(pbase + 0 * W + hh, tl.sum(dr, axis=1))
                     tl.store(pbase + 1 * W + hh, tl.sum(tl.where(m2, dr * zhat, 0.0), axis=1))
                     tl.store(pbase + 2 * W + hh, tl.sum(tl.where(m2, dr * yhat, 0.0), axis=1))
+                    tl.store(pbase + 3 * W + hh, tl.sum(tl.where(m2, zhat * yhat, 0.0), axis=1))
                 if MODE == 5:
+                    dr = tl.load(dr_ptr + base_a + hoff + (row * N + col)[None, :], mask=m2, other=0.0) * scale
                     dz = _hconst(hv_ptr, 6, hh, mh, HP)[:, None] * (
                         dr - _hconst(hv_ptr, 7, hh, mh, HP)[:, None] - zhat * _hconst(hv_ptr, 8, hh, mh, HP)[:, None])
                     dy3 = _hconst(hv_ptr, 9, hh, mh, HP)[:, None] * (
@@ -166,7 +212,7 @@ if triton is not None:
                         mc = cc < RH
                         we = tl.load(we_ptr + cc[:, None] * H + hh[None, :], mask=mc[:, None] & mh[None, :], other=0.0)
                         be = tl.load(be_ptr + cc, mask=mc, other=0.0)
-                        x2 = _x2_at(a_ptr, base_a, hoff, row, col, N, mh, we, be, wdw_ptr, cc, mc, KS, RELU_E, CC, P)
+                        x2 = _x2_at(a_ptr, base_a, hoff, row, col, N, mh, ks, we, be, wdw_ptr, cc, mc, KS, RELU_E, CC, P)
                         a2 = tl.load(cv_ptr + 0 * RHP + cc, mask=mc, other=0.0)
                         c2 = tl.load(cv_ptr + 1 * RHP + cc, mask=mc, other=0.0)
                         pre = a2[:, None] * x2 + c2[:, None]
@@ -183,7 +229,7 @@ if triton is not None:
                         tl.store(pbase + 1 * W + cc, tl.sum(ddp * x2hat, axis=1), mask=mc)
 
     @triton.jit
-    def _rt_b3(a_ptr, dr_ptr, we_ptr, be_ptr, wer_ptr, wdw_ptr, wp_ptr, cv_ptr, hv_ptr,
+    def _rt_b3(a_ptr, dr_ptr, we_ptr, be_ptr, wer_ptr, wdw_ptr, wp_ptr, cv_ptr, hv_ptr, ks_ptr,
                da_ptr, scr_ptr, part_ptr, pwdw_ptr, pm_ptr, N, H, RH, RHP, NTJ, scale,
                KS: tl.constexpr, RELU_E: tl.constexpr, HP: tl.constexpr, CC: tl.constexpr,
                TM: tl.constexpr, TJ: tl.constexpr):
@@ -208,14 +254,13 @@ if triton is not None:
         ownf = tl.where(own, 1.0, 0.0)
         base_a = b * H * N * N
         hoff = hh.to(tl.int64)[:, None] * N * N
+        ks = tl.load(ks_ptr + hh, mask=mh, other=0.0)  # per-head shift of A in the expansion (0: none)
         m2 = mh[:, None] & inmap[None, :]
         a0 = tl.load(a_ptr + base_a + hoff + (row * N + col)[None, :], mask=m2, other=0.0).to(tl.float32)
         dr = tl.load(dr_ptr + base_a + hoff + (row * N + col)[None, :], mask=m2, other=0.0) * scale
-        y = _y3_at(a_ptr, base_a, hoff, row, col, N, H, RH, RHP, hh, mh, we_ptr, be_ptr, wdw_ptr, wp_ptr,
+        y = _y3_at(a_ptr, base_a, hoff, row, col, N, H, RH, RHP, hh, mh, ks, we_ptr, be_ptr, wdw_ptr, wp_ptr,
                    cv_ptr, KS, RELU_E, CC, P, HP)
-        zhat = (a0 + _hconst(hv_ptr, 0, hh, mh, HP)[:, None] * y + _hconst(hv_ptr, 1, hh, mh, HP)[:, None]
-                - _hconst(hv_ptr, 2, hh, mh, HP)[:, None]) * _hconst(hv_ptr, 3, hh, mh, HP)[:, None]
-        yhat = (y - _hconst(hv_ptr, 4, hh, mh, HP)[:, None]) * _hconst(hv_ptr, 5, hh, mh, HP)[:, None]
+        _, zhat, yhat = _zhat(a0, y, hv_ptr, hh, mh, HP)
         dz = _hconst(hv_ptr, 6, hh, mh, HP)[:, None] * (
             dr - _hconst(hv_ptr, 7, hh, mh, HP)[:, None] - zhat * _hconst(hv_ptr, 8, hh, mh, HP)[:, None])
         dz = tl.where(m2, dz, 0.0)
@@ -230,7 +275,7 @@ if triton is not None:
             mc = cc < RH
             we = tl.load(we_ptr + cc[:, None] * H + hh[None, :], mask=mc[:, None] & mh[None, :], other=0.0)
             be = tl.load(be_ptr + cc, mask=mc, other=0.0)
-            x2 = _x2_at(a_ptr, base_a, hoff, row, col, N, mh, we, be, wdw_ptr, cc, mc, KS, RELU_E, CC, P)
+            x2 = _x2_at(a_ptr, base_a, hoff, row, col, N, mh, ks, we, be, wdw_ptr, cc, mc, KS, RELU_E, CC, P)
             a2 = tl.load(cv_ptr + 0 * RHP + cc, mask=mc, other=0.0)
             c2 = tl.load(cv_ptr + 1 * RHP + cc, mask=mc, other=0.0)
             pre = a2[:, None] * x2 + c2[:, None]
@@ -245,7 +290,7 @@ if triton is not None:
             dx2 = tl.where(mc[:, None] & inmap[None, :], dx2, 0.0)
             dx2_own = dx2 * ownf[None, :]
             for o in range(0, KK):
-                e = _e_at(a_ptr, base_a, hoff, row, col, o // KS - PAD, o % KS - PAD, N, mh, we, be, RELU_E)
+                e = _e_at(a_ptr, base_a, hoff, row, col, o // KS - PAD, o % KS - PAD, N, mh, ks, we, be, RELU_E)
                 tl.store(pwdw_ptr + prog * RHP * KK + cc * KK + o, tl.sum(dx2_own * e, axis=1))
             tl.debug_barrier()
             tl.store(scr + tl.arange(0, CC)[:, None] * P + p[None, :], dx2)
@@ -259,19 +304,20 @@ if triton is not None:
                              other=0.0, cache_modifier=".cg")
                 w = tl.load(wdw_ptr + cc * KK + o, mask=mc, other=0.0)
                 de += w[:, None] * gs
-            x1pre = tl.dot(we, a0, input_precision="ieee") + be[:, None]
+            a0s = tl.where(m2, a0 - ks[:, None], 0.0)
+            x1pre = tl.dot(we, a0s, input_precision="ieee") + be[:, None]
             if RELU_E:
                 de = tl.where((x1pre > 0.0) & (x1pre < 6.0), de, 0.0)
             de = tl.where(mc[:, None] & own[None, :], de, 0.0)
             wer = tl.load(wer_ptr + cc[:, None] * H + hh[None, :], mask=mc[:, None] & mh[None, :], other=0.0)
             if RELU_E:
-                x1hat = (tl.dot(wer, a0, input_precision="ieee")
+                x1hat = (tl.dot(wer, a0s, input_precision="ieee")
                          - tl.load(cv_ptr + 7 * RHP + cc, mask=mc, other=0.0)[:, None]) * \
                     tl.load(cv_ptr + 8 * RHP + cc, mask=mc, other=0.0)[:, None]
                 tl.store(pbase + 0 * RHP + cc, tl.sum(de, axis=1))
                 tl.store(pbase + 1 * RHP + cc, tl.sum(de * x1hat, axis=1))
                 tl.store(pm_ptr + prog * RHP * HP + cc[:, None] * HP + hh[None, :],
-                         tl.dot(de, tl.trans(a0), input_precision="ieee"))
+                         tl.dot(de, tl.trans(a0s), input_precision="ieee"))
             k1 = tl.load(cv_ptr + 9 * RHP + cc, mask=mc, other=0.0)
             da += tl.dot(tl.trans(wer * k1[:, None]), de, input_precision="ieee")
         tl.store(da_ptr + base_a + hoff + (row * N + col)[None, :], da.to(da_ptr.dtype.element_ty),
@@ -296,7 +342,7 @@ def _pack(rows, width):
     return out.contiguous()
 
 
-def _launch_tile(mode, attn, dr, we, be, wdw, wp, cv, hv, scale, relu):
+def _launch_tile(mode, attn, dr, we, be, wdw, wp, cv, hv, ks, scale, relu):
     B, H, N, _ = attn.shape
     RH, KS = wdw.shape[0], wdw.shape[-1]
     TM, TJ = _tile_cfg(N)
@@ -309,17 +355,19 @@ def _launch_tile(mode, attn, dr, we, be, wdw, wp, cv, hv, scale, relu):
     part = torch.zeros(nprog, 8, W, dtype=torch.float32, device=dev)
     pn = torch.zeros(nprog, dtype=torch.float32, device=dev)
     pwp = torch.zeros(nprog, HP, HP if mode == 1 else (RHP if mode == 5 else 1), dtype=torch.float32, device=dev)
-    _rt_tile[(B, nti * ntj)](attn, dr if dr is not None else attn, we, be, wdw, wp, cv, hv, part, pn, pwp,
+    _rt_tile[(B, nti * ntj)](attn, dr if dr is not None else attn, we, be, wdw, wp, cv, hv, ks, part, pn, pwp,
                              N, H, RH, RHP, ntj, float(scale), MODE=mode, KS=KS, RELU_E=relu, HP=HP, CC=CC,
                              TM=TM, TJ=TJ, W=W, num_warps=num_warps_for(HP * TM * TJ))
     return part.double(), pn.double(), pwp
 
 
-def _chan(nt, means, m2):
-    """Chan et al.: combine per-tile (count, mean, centred sum of squares)."""
+def _chan(nt, part, C):
+    """Chan et al.: combine per-tile shifted moments (rows: shift, mean - shift, centred sum of
+    squares) into the batch mean and the centred sum of squares, in float64."""
     n = nt.sum()
+    means = part[:, 0, :C] + part[:, 1, :C]
     mean = (nt[:, None] * means).sum(0) / n
-    return mean, (m2 + nt[:, None] * (means - mean) ** 2).sum(0)
+    return mean, (part[:, 2, :C] + nt[:, None] * (means - mean) ** 2).sum(0)
 
 
 def _fold(attn, w_exp, w_dw, w_pro, g1, b1, g2, b2, g3, b3, ga, ba, eps, expand, st):
@@ -333,7 +381,8 @@ def _fold(attn, w_exp, w_dw, w_pro, g1, b1, g2, b2, g3, b3, ga, ba, eps, expand,
         d["rs1"] = torch.rsqrt(st["var1"] + eps)
         d["a1"] = dd(g1) * d["rs1"]
         d["we_f"] = d["a1"][:, None] * We
-        d["be_f"] = dd(b1) - d["a1"] * st["mu1"]
+        d["mu1s"] = We @ st["mAs"]  # BN1 mean of W_e (A - K)
+        d["be_f"] = dd(b1) - d["a1"] * d["mu1s"]
         d["wer"] = We
         d["k1"] = d["a1"]
     else:
@@ -346,10 +395,13 @@ def _fold(attn, w_exp, w_dw, w_pro, g1, b1, g2, b2, g3, b3, ga, ba, eps, expand,
         d["rs2"] = torch.rsqrt(st["var2"] + eps)
         d["a2"] = dd(g2) * d["rs2"]
         d["c2"] = dd(b2) - d["a2"] * st["mu2"]
+        # shift of D in Y3 = W_p (D - Dk) + W_p Dk: D at the BN2 mean (any value would do; near the
+        # values of D, it keeps the rounding of W_p D away from BN3's centring)
+        d["dk"] = (d["a2"].float() * st["mu2"].float() + d["c2"].float()).clamp(0.0, 6.0).double()
     if "var3" in st:
         d["rs3"] = torch.rsqrt(st["var3"] + eps)
         d["a3"] = dd(g3) * d["rs3"]
-        d["c3"] = dd(b3) - d["a3"] * st["mu3"]
+        d["b3"] = dd(b3)
     if "varZ" in st:
         d["rsa"] = torch.rsqrt(st["varZ"] + eps)
     return d
@@ -357,11 +409,46 @@ def _fold(attn, w_exp, w_dw, w_pro, g1, b1, g2, b2, g3, b3, ga, ba, eps, expand,
 
 def _aux_layout(H, RH):
     return [("mu1", RH), ("var1", RH), ("mu2", RH), ("var2", RH), ("mu3", H), ("var3", H), ("muZ", H),
-            ("varZ", H), ("mA", H), ("Gc", H * H), ("M2Y", H), ("CAY", H)]
+            ("varZ", H), ("mAs", H), ("Gc", H * H), ("mu3s", H), ("muZs", H)]
 
 
 def aux_size(H, RH):
     return sum(s for _, s in _aux_layout(H, RH))
+
+
+def _as_aux(st):
+    """Statistics rounded as the backward sees them (aux is fp32): forward and backward fold the
+    same values, so Z is bit-identical in every pass."""
+    return {k: t.float().double() for k, t in st.items()}
+
+
+def _hv(f, st, ga, ba, HP, rest=None):
+    """Per-head constants of `_zhat` (rows 0-5, 14), the backward's (6-11), BN_a's affine (12, 13)."""
+    H = st["mu3"].numel()
+    zero = torch.zeros(H, dtype=torch.float64, device=st["mu3"].device)
+    rows = [f["a3"], f["b3"], st.get("muZs", zero), f.get("rsa", zero), st["mu3s"], f["rs3"]]
+    return _pack(rows + (rest or [zero] * 6) + [ga.detach().double(), ba.detach().double(), st["Kz"]], HP)
+
+
+def _cv(f, RHP, rest=None):
+    """Per-expanded-channel constants: a2, c2 (BN2 folded), then the backward's rows 2-9, Dk (10)."""
+    zero = torch.zeros_like(f["a2"])
+    return _pack([f["a2"], f["c2"]] + (rest or [zero] * 8) + [f["dk"]], RHP)
+
+
+def _shift(attn, expand, HP):
+    """Per-head shifts of A, an element of A: Kz for Z, K in the expansion W_e (A - K) (0 when not
+    expand). A constant or large-mean map then meets BN1 and BN_a without cancellation."""
+    kz = attn[0, :, 0, 0].detach().float()
+    k = kz if expand else torch.zeros_like(kz)
+    return k.double(), kz.double(), _pack([k], HP)
+
+
+def _r(attn, we_f, be_f, wdw, wp, cv, hv, ks, scale, relu):
+    """R = BN_a(Z) * scale (fp32, A-sized), by the same code as every statistic of Z."""
+    r = torch.empty(attn.shape, dtype=torch.float32, device=attn.device)
+    _launch_tile(7, attn, r, we_f, be_f, wdw, wp, cv, hv, ks, scale, relu)
+    return r
 
 
 def refine_train_fwd(attn, v, w_exp, w_dw, w_pro, g1, b1, g2, b2, g3, b3, ga, ba, eps, scale, expand):
@@ -376,47 +463,56 @@ def refine_train_fwd(attn, v, w_exp, w_dw, w_pro, g1, b1, g2, b2, g3, b3, ga, ba
     dev = attn.device
     wdw, wp = _f32(w_dw), _f32(w_pro)
     dummy = torch.zeros(16, dtype=torch.float32, device=dev)
+    args = (attn, w_exp, w_dw, w_pro, g1, b1, g2, b2, g3, b3, ga, ba, eps, expand)
     st = {}
-    # F1: moments of A
-    part, pn, gram = _launch_tile(1, attn, None, dummy, dummy, wdw, wp, dummy, dummy, scale, False)
-    means = part[:, 0, :H]
-    st["mA"] = (pn[:, None] * means).sum(0) / n
-    dm = means - st["mA"]
-    st["Gc"] = gram[:, :H, :H].double().sum(0) + torch.einsum("p,pi,pj->ij", pn, dm, dm)
+    st["K"], st["Kz"], ks = _shift(attn, expand, HP)
     if expand:
+        # F1: moments of A -> BN1 (mean W_e mu_A, variance diag(W_e Sigma_A W_e^T))
+        part, pn, gram = _launch_tile(1, attn, None, dummy, dummy, wdw, wp, dummy, dummy, ks, scale, False)
+        mA, _ = _chan(pn, part, H)
+        st["mAs"] = mA - st["K"]  # aux is fp32: keep the mean of A as its (small) offset from K
+        dm = part[:, 0, :H] + part[:, 1, :H] - mA
+        st["Gc"] = gram[:, :H, :H].double().sum(0) + torch.einsum("p,pi,pj->ij", pn, dm, dm)
         We = w_exp.detach().double()
-        st["mu1"] = We @ st["mA"]
+        st["mu1"] = We @ mA
         st["var1"] = ((We @ st["Gc"]) * We).sum(1) / n
-    f = _fold(attn, w_exp, w_dw, w_pro, g1, b1, g2, b2, g3, b3, ga, ba, eps, expand, st)
+    else:
+        st["mAs"] = torch.zeros(H, dtype=torch.float64, device=dev)
+        st["Gc"] = torch.zeros(H, H, dtype=torch.float64, device=dev)
+    st = _as_aux(st)
+    f = _fold(*args, st)
     we_f, be_f = _f32(f["we_f"]), _f32(f["be_f"])
     # F2: BN2 statistics
-    part, pn, _ = _launch_tile(2, attn, None, we_f, be_f, wdw, wp, dummy, dummy, scale, expand)
-    st["mu2"], m2 = _chan(pn, part[:, 0, :RH], part[:, 1, :RH])
+    part, pn, _ = _launch_tile(2, attn, None, we_f, be_f, wdw, wp, dummy, dummy, ks, scale, expand)
+    st["mu2"], m2 = _chan(pn, part, RH)
     st["var2"] = m2 / n
-    f = _fold(attn, w_exp, w_dw, w_pro, g1, b1, g2, b2, g3, b3, ga, ba, eps, expand, st)
-    cv = _pack([f["a2"], f["c2"]], RHP)
-    # F3: moments of A and Y3 -> BN3, BN_a
-    part, pn, _ = _launch_tile(3, attn, None, we_f, be_f, wdw, wp, cv, dummy, scale, expand)
-    mA, m2a = _chan(pn, part[:, 0, :H], part[:, 2, :H])
-    st["mu3"], st["M2Y"] = _chan(pn, part[:, 1, :H], part[:, 3, :H])
-    st["CAY"] = (part[:, 4, :H] + pn[:, None] * (part[:, 0, :H] - mA) * (part[:, 1, :H] - st["mu3"])).sum(0)
-    st["var3"] = st["M2Y"] / n
-    f = _fold(attn, w_exp, w_dw, w_pro, g1, b1, g2, b2, g3, b3, ga, ba, eps, expand, st)
-    a3, c3 = f["a3"], f["c3"]
-    st["muZ"] = mA + a3 * st["mu3"] + c3
-    st["varZ"] = (m2a + a3 * a3 * st["M2Y"] + 2 * a3 * st["CAY"]) / n
-    rsa = torch.rsqrt(st["varZ"] + eps)
-    gad = ga.detach().double()
-    alpha = scale * gad * rsa
-    beta = scale * (ba.detach().double() - gad * rsa * st["muZ"])
-    # F4: the fused eval kernel with every BN folded
-    out = refine_eval_fwd(attn, v, we_f, be_f, _f32(f["a2"][:, None, None] * w_dw.detach().double()),
-                          _f32(f["c2"]), _f32(a3[:, None] * w_pro.detach().double()), _f32(c3),
-                          _f32(alpha), _f32(beta), expand)
+    st = _as_aux(st)
+    f = _fold(*args, st)
+    cv = _cv(f, RHP)
+    # F3: BN3 statistics of Y3 (the kernels see Y3 - W_p Dk)
+    part, pn, _ = _launch_tile(3, attn, None, we_f, be_f, wdw, wp, cv, dummy, ks, scale, expand)
+    st["mu3s"], m2 = _chan(pn, part, H)
+    st["mu3"] = st["mu3s"] + w_pro.detach().double() @ f["dk"]
+    st["var3"] = m2 / n
+    st = _as_aux(st)
+    f = _fold(*args, st)
+    # F4: BN_a statistics from the values of Z themselves (no algebra on moments: a zero-variance
+    # BN3 would amplify its rounding by 1/(var3 + eps))
+    part, pn, _ = _launch_tile(6, attn, None, we_f, be_f, wdw, wp, cv, _hv(f, st, ga, ba, HP), ks, scale, expand)
+    st["muZs"], m2 = _chan(pn, part, H)
+    st["muZ"] = st["muZs"] + st["Kz"]
+    st["varZ"] = m2 / n
+    st = _as_aux(st)
+    f = _fold(*args, st)
+    # F5: R, then R @ v
+    r = _r(attn, we_f, be_f, wdw, wp, cv, _hv(f, st, ga, ba, HP), ks, scale, expand)
+    out = bmm(r, v, out_dtype=v.dtype)
     if not expand:
         st["mu1"] = torch.zeros(RH, dtype=torch.float64, device=dev)
         st["var1"] = torch.zeros(RH, dtype=torch.float64, device=dev)
     aux = torch.cat([st[k].reshape(-1) for k, _ in _aux_layout(H, RH)]).to(torch.float32)
+    for k in ("K", "Kz", "mu3s", "mAs", "muZs"):
+        del st[k]
     return out, st, aux
 
 
@@ -435,40 +531,36 @@ def refine_train_bwd(dout, attn, v, w_exp, w_dw, w_pro, g1, b1, g2, b2, g3, b3, 
         st[k] = auxd[i:i + s]
         i += s
     st["Gc"] = st["Gc"].reshape(H, H)
+    st["K"], st["Kz"], ks = _shift(attn, expand, HP)
     f = _fold(attn, w_exp, w_dw, w_pro, g1, b1, g2, b2, g3, b3, ga, ba, eps, expand, st)
-    a3, c3, rsa, rs3 = f["a3"], f["c3"], f["rsa"], f["rs3"]
+    rsa, rs3 = f["rsa"], f["rs3"]
     gad = ga.detach().double()
     wdw, wp = _f32(w_dw), _f32(w_pro)
     we_f, be_f, wer = _f32(f["we_f"]), _f32(f["be_f"]), _f32(f["wer"])
-    alpha = scale * gad * rsa
-    beta = scale * (ba.detach().double() - gad * rsa * st["muZ"])
-    r = refine_eval_fwd(attn, v, we_f, be_f, _f32(f["a2"][:, None, None] * w_dw.detach().double()),
-                        _f32(f["c2"]), _f32(a3[:, None] * w_pro.detach().double()), _f32(c3),
-                        _f32(alpha), _f32(beta), expand, store_r=True)
+    cv = _cv(f, RHP, [st["mu2"], f["rs2"]] + [torch.zeros_like(f["a2"])] * 6)
+    r = _r(attn, we_f, be_f, wdw, wp, cv, _hv(f, st, ga, ba, HP), ks, scale, expand)
     dv = bmm(r.transpose(-1, -2), dout, out_dtype=v.dtype)
+    del r
     dr = bmm(dout, v.transpose(-1, -2), out_dtype=torch.float32)
-    zero_h = torch.zeros(H, dtype=torch.float64, device=dev)
-    hrows = [a3, c3, st["muZ"], rsa, st["mu3"], rs3]
     # B1
-    hv = _pack(hrows + [zero_h] * 6, HP)
-    cv = _pack([f["a2"], f["c2"], st["mu2"], f["rs2"]], RHP)
-    part, pn, _ = _launch_tile(4, attn, dr, we_f, be_f, wdw, wp, cv, hv, scale, expand)
+    part, pn, _ = _launch_tile(4, attn, dr, we_f, be_f, wdw, wp, cv, _hv(f, st, ga, ba, HP), ks, scale, expand)
     dba = part[:, 0, :H].sum(0)
     dga = part[:, 1, :H].sum(0)
     s_dry = part[:, 2, :H].sum(0)
+    s_zy = part[:, 3, :H].sum(0)
     ka = gad * rsa
-    dg3 = ka * (s_dry - dga / n * rsa * rs3 * (st["CAY"] + a3 * st["M2Y"]))
+    dg3 = ka * (s_dry - dga / n * s_zy)
     db3 = torch.zeros_like(dg3)  # sum(dZ) = ka (sum dRn - n mean dRn - dga/n sum Zhat) = 0 exactly
     k3 = g3.detach().double() * rs3
-    hv = _pack(hrows + [ka, dba / n, dga / n, k3, db3 / n, dg3 / n], HP)
+    hv = _hv(f, st, ga, ba, HP, [ka, dba / n, dga / n, k3, db3 / n, dg3 / n])
     # B2
-    part, pn, pwp = _launch_tile(5, attn, dr, we_f, be_f, wdw, wp, cv, hv, scale, expand)
+    part, pn, pwp = _launch_tile(5, attn, dr, we_f, be_f, wdw, wp, cv, hv, ks, scale, expand)
     dwp = pwp.double().sum(0)[:H, :RH]
     db2 = part[:, 0, :RH].sum(0)
     dg2 = part[:, 1, :RH].sum(0)
     k2 = g2.detach().double() * f["rs2"]
-    mu1 = st["mu1"] if expand else torch.zeros(RH, dtype=torch.float64, device=dev)
-    cv = _pack([f["a2"], f["c2"], st["mu2"], f["rs2"], k2, db2 / n, dg2 / n, mu1, f["rs1"], f["k1"]], RHP)
+    mu1s = f["mu1s"] if expand else torch.zeros(RH, dtype=torch.float64, device=dev)
+    cv = _cv(f, RHP, [st["mu2"], f["rs2"], k2, db2 / n, dg2 / n, mu1s, f["rs1"], f["k1"]])
     # B3
     PAD = KS // 2
     TM, TJ = _tile_cfg(N, PAD)
@@ -482,7 +574,7 @@ def refine_train_bwd(dout, attn, v, w_exp, w_dw, w_pro, g1, b1, g2, b2, g3, b3, 
              torch.zeros(nprog, RHP, HP, **f32))
     sums = [torch.zeros(t.shape[1:], dtype=torch.float64, device=dev) for t in parts]
     for lo, hi in chunks:  # bounded scratch: batch chunks run one after another on the stream
-        _rt_b3[(hi - lo, nti * ntj)](attn[lo:hi], dr[lo:hi], we_f, be_f, wer, wdw, wp, cv, hv, da[lo:hi], scr,
+        _rt_b3[(hi - lo, nti * ntj)](attn[lo:hi], dr[lo:hi], we_f, be_f, wer, wdw, wp, cv, hv, ks, da[lo:hi], scr,
                                      *parts, N, H, RH, RHP, ntj, float(scale), KS=KS, RELU_E=expand, HP=HP,
                                      CC=CC, TM=TM, TJ=TJ, num_warps=num_warps_for(HP * TM * TJ),
                                      num_stages=1)  # scratch staging: no pipelining across barriers
@@ -498,12 +590,14 @@ def refine_train_bwd(dout, attn, v, w_exp, w_dw, w_pro, g1, b1, g2, b2, g3, b3, 
         M = pm.double().sum(0)[:RH, :H]
         We = w_exp.detach().double()
         k1, rs1 = f["k1"], f["rs1"]
-        dwe = k1[:, None] * (M - (db1 / n)[:, None] * (n * st["mA"])[None, :]
+        # M = sum dX1' (A - K)^T: the shift keeps a large mean of A out of the fp32 partial sums
+        dwe = k1[:, None] * (M - (db1 / n)[:, None] * (n * st["mAs"])[None, :]
                              - (dg1 / n * rs1)[:, None] * (We @ st["Gc"]))
         # BN1 mean/variance terms of dA: an H x H mix of A plus a per-head bias
         mx = -(We.t() * (k1 * dg1 * rs1 / n)[None, :]) @ We
-        bx = We.t() @ (k1 * (dg1 * rs1 * mu1 - db1) / n)
-        da = da + bmm(_f32(mx).expand(B, H, H), attn.reshape(B, H, N * N), out_dtype=torch.float32
+        bx = We.t() @ (k1 * (dg1 * rs1 * mu1s - db1) / n)  # applied to A - K
+        a_s = attn.to(torch.float32) - _f32(st["K"])[None, :, None, None]
+        da = da + bmm(_f32(mx).expand(B, H, H), a_s.reshape(B, H, N * N), out_dtype=torch.float32
                       ).reshape(B, H, N, N) + _f32(bx)[None, :, None, None]
     else:
         dwe = torch.zeros_like(w_exp, dtype=torch.float64)
