@@ -81,10 +81,15 @@ def test_zero_variance_channels_in_training(backend):
     v = torch.randn(B, H, N, d, device=DEVICE)
     dla, abn = random_dla(H, kernel=1, device=DEVICE)
     out, stats = ops.refine_train(a, v, *train_args(dla, abn), eps=1e-5, scale=0.3, expand=True, backend=backend)
-    want, want_stats = reference.refine_train(a, v, *train_args(dla, abn), 1e-5, 0.3, True)
+    # Compare with the reference in float64: with zero variance every BN multiplies rounding
+    # noise by 1/sqrt(eps) ~ 316, so the fp32 reference itself is ~1e-4 off the exact result:
+    # a backend must be within a few times that.
+    want, want_stats = reference.refine_train(a.double(), v.double(), *[p.double() for p in train_args(dla, abn)],
+                                              1e-5, 0.3, True)
     assert torch.isfinite(out).all()
-    torch.testing.assert_close(out, want, rtol=1e-4, atol=1e-5)
-    torch.testing.assert_close(stats[0].var, want_stats[0].var, rtol=1e-4, atol=1e-7)
+    torch.testing.assert_close(out.double(), want, rtol=1e-4, atol=3e-4)
+    for st, ws in zip(stats, want_stats):
+        torch.testing.assert_close(st.var.double(), ws.var, rtol=1e-4, atol=1e-7)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
