@@ -1,0 +1,426 @@
+// CPU drivers of the refiner ops: at::parallel_for over tiles, tile math from csrc/common.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <vector>
+
+#include "common/refine_tile.h"
+#include "validate.h"
+
+namespace refiner {
+namespace {
+
+using at::Tensor;
+
+#define RF_DISPATCH_F(ct, name, ...) AT_DISPATCH_FLOATING_TYPES(ct, name, __VA_ARGS__)
+
+inline Tensor cc(const Tensor& t, at::ScalarType ct) { return t.to(ct).contiguous(); }
+
+// ----------------------------------------------------------------------------
+// softmax block
+// ----------------------------------------------------------------------------
+template <class F>
+void softmax_rows(F* a, const F* prev, int64_t rows, int64_t n, F scale) {
+  for (int64_t i = 0; i < rows; ++i) {
+    F* r = a + i * n;
+    F mx = -std::numeric_limits<F>::infinity();
+    for (int64_t j = 0; j < n; ++j) mx = std::max(mx, r[j]);
+    mx *= scale;
+    F sum = 0;
+    for (int64_t j = 0; j < n; ++j) {
+      const F e = rf_exp(scale * r[j] - mx);
+      r[j] = e;
+      sum += e;
+    }
+    const F inv = F(1) / sum;
+    if (prev) {
+      const F* pr = prev + i * n;
+      for (int64_t j = 0; j < n; ++j) r[j] = r[j] * inv + scale * pr[j];
+    } else {
+      for (int64_t j = 0; j < n; ++j) r[j] *= inv;
+    }
+  }
+}
+
+std::tuple<Tensor, Tensor> softmax_block_cpu(const Tensor& q, const Tensor& k, const Tensor& v,
+                                             const c10::optional<Tensor>& prev, double scale) {
+  validate_softmax_block(q, k, v, prev, scale);
+  const auto ct = compute_type(q);
+  const int64_t B = q.size(0), H = q.size(1), N = q.size(2), d = q.size(3);
+  auto qf = cc(q, ct).view({B * H, N, d}), kf = cc(k, ct).view({B * H, N, d}), vf = cc(v, ct).view({B * H, N, d});
+  const bool has_prev = prev.has_value() && prev->defined();
+  Tensor pf = has_prev ? cc(*prev, ct) : Tensor();
+  auto attn = at::empty({B * H, N, N}, qf.options());
+  auto out = at::empty({B * H, N, d}, qf.options());
+  RF_DISPATCH_F(ct, "softmax_block_cpu", [&] {
+    using F = scalar_t;
+    const F* pp = has_prev ? pf.data_ptr<F>() : nullptr;
+    at::parallel_for(0, B * H, 1, [&](int64_t s, int64_t e) {
+      for (int64_t bh = s; bh < e; ++bh) {
+        auto a = attn.select(0, bh);
+        at::mm_out(a, qf.select(0, bh), kf.select(0, bh).t());
+        softmax_rows<F>(a.data_ptr<F>(), pp ? pp + bh * N * N : nullptr, N, N, F(scale));
+        auto o = out.select(0, bh);
+        at::mm_out(o, a, vf.select(0, bh));
+      }
+    });
+  });
+  return {out.view({B, H, N, d}).to(q.scalar_type()), attn.view({B, H, N, N}).to(q.scalar_type())};
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> softmax_block_backward_cpu(
+    const Tensor& gout, const Tensor& gattn, const Tensor& q, const Tensor& k, const Tensor& v,
+    const Tensor& attn, double scale) {
+  validate_softmax_block(q, k, v, attn, scale);
+  const char* op = "softmax_block_backward";
+  validate_grad(op, "grad_out", gout, q);
+  validate_grad(op, "grad_attn", gattn, attn);
+  const auto ct = compute_type(q);
+  const int64_t B = q.size(0), H = q.size(1), N = q.size(2), d = q.size(3);
+  auto qf = cc(q, ct).view({B * H, N, d}), kf = cc(k, ct).view({B * H, N, d}), vf = cc(v, ct).view({B * H, N, d});
+  auto af = cc(attn, ct).view({B * H, N, N});
+  auto gof = cc(gout, ct).view({B * H, N, d});
+  auto gA = cc(gattn, ct).view({B * H, N, N}).clone();
+  auto gq = at::empty_like(qf), gk = at::empty_like(kf), gv = at::empty_like(vf);
+  RF_DISPATCH_F(ct, "softmax_block_backward_cpu", [&] {
+    using F = scalar_t;
+    at::parallel_for(0, B * H, 1, [&](int64_t s, int64_t e) {
+      Tensor S = at::empty({N, N}, qf.options());
+      for (int64_t bh = s; bh < e; ++bh) {
+        auto ga = gA.select(0, bh);
+        auto go = gof.select(0, bh);
+        ga.addmm_(go, vf.select(0, bh).t());                           // gA = gattn + gout v^T
+        auto gvb = gv.select(0, bh);
+        at::mm_out(gvb, af.select(0, bh).t(), go);                     // gv = A^T gout
+        at::mm_out(S, qf.select(0, bh), kf.select(0, bh).t());
+        F* sp = S.data_ptr<F>();
+        softmax_rows<F>(sp, nullptr, N, N, F(scale));                   // P, recomputed
+        const F* gp = ga.data_ptr<F>();
+        for (int64_t i = 0; i < N; ++i) {
+          F* pr = sp + i * N;
+          const F* g = gp + i * N;
+          F dot = 0;
+          for (int64_t j = 0; j < N; ++j) dot += pr[j] * g[j];
+          for (int64_t j = 0; j < N; ++j) pr[j] = F(scale) * softmax_grad(pr[j], g[j], dot);
+        }
+        auto gqb = gq.select(0, bh), gkb = gk.select(0, bh);
+        at::mm_out(gqb, S, kf.select(0, bh));
+        at::mm_out(gkb, S.t(), qf.select(0, bh));
+      }
+    });
+  });
+  const auto st = q.scalar_type();
+  return {gq.view({B, H, N, d}).to(st), gk.view({B, H, N, d}).to(st), gv.view({B, H, N, d}).to(st),
+          gA.view({B, H, N, N}).to(st)};
+}
+
+// ----------------------------------------------------------------------------
+// refine (eval): fused map + R @ v
+// ----------------------------------------------------------------------------
+struct RefineDims {
+  int64_t B, H, N, d, rH, k;
+  bool expand;
+};
+
+template <class F>
+struct RefineW {
+  const F *w_exp, *b_exp, *w_dw, *b_dw, *w_pro, *b_pro, *alpha, *beta;
+};
+
+constexpr int kRowsPerTile = 4;
+
+// out = R @ v (when out != nullptr) and/or Rmap = R (when Rmap != nullptr).
+template <class F>
+void refine_fwd_driver(const F* A, const F* V, const RefineW<F>& w, const RefineDims& D, F* out, F* Rmap) {
+  const int64_t N = D.N, H = D.H, d = D.d;
+  const int p = (int)D.k / 2;
+  const int64_t ntiles = (N + kRowsPerTile - 1) / kRowsPerTile;
+  at::parallel_for(0, D.B * ntiles, 1, [&](int64_t s, int64_t e) {
+    Tile tmax{N, 0, 0, kRowsPerTile, (int)N};
+    std::vector<F> abuf(buf_elems<F>(tmax, p, (int)H)), ebuf(buf_elems<F>(tmax, p, 1)),
+        pbuf(buf_elems<F>(tmax, 0, (int)H)), drow(N), acc(d);
+    SerialPar par;
+    for (int64_t idx = s; idx < e; ++idx) {
+      const int64_t b = idx / ntiles, r0 = (idx % ntiles) * kRowsPerTile;
+      Tile t{N, r0, 0, (int)std::min<int64_t>(kRowsPerTile, N - r0), (int)N};
+      auto Ab = make_buf(abuf.data(), t, p), Eb = make_buf(ebuf.data(), t, p), Pb = make_buf(pbuf.data(), t, 0);
+      load_tile(par, A + b * H * N * N, (int)H, t, Ab);
+      std::fill(pbuf.begin(), pbuf.end(), F(0));
+      for (int c = 0; c < (int)D.rH; ++c) {
+        if (D.expand) {
+          expand_channel(par, c, (int)H, w.w_exp, w.b_exp, t, Ab, Eb, p);
+          dw_pro_channel(par, c, (int)H, (int)D.rH, w.w_dw, w.b_dw, w.w_pro, (int)D.k, t, Eb, 0, Pb, drow.data());
+        } else {
+          dw_pro_channel(par, c, (int)H, (int)D.rH, w.w_dw, w.b_dw, w.w_pro, (int)D.k, t, Ab, c, Pb, drow.data());
+        }
+      }
+      finish_r(par, (int)H, w.b_pro, w.alpha, w.beta, t, Ab, Pb);
+      for (int64_t h = 0; h < H; ++h) {
+        const int64_t bh = b * H + h;
+        for (int y = 0; y < t.TR; ++y) {
+          const F* r = Pb.row((int)h, y);
+          if (Rmap) std::copy(r, r + N, Rmap + (bh * N + r0 + y) * N);
+          if (out) {
+            std::fill(acc.begin(), acc.end(), F(0));
+            const F* vb = V + bh * N * d;
+            F* a = acc.data();
+            for (int64_t x = 0; x < N; ++x) {
+              const F rx = r[x];
+              const F* vx = vb + x * d;
+              for (int64_t j = 0; j < d; ++j) a[j] += rx * vx[j];
+            }
+            std::copy(a, a + d, out + (bh * N + r0 + y) * d);
+          }
+        }
+      }
+    }
+  });
+}
+
+struct RefineArgs {
+  Tensor attn, v, w_exp, b_exp, w_dw, b_dw, w_pro, b_pro, alpha, beta;
+  RefineDims D;
+};
+
+RefineArgs prep_refine(const Tensor& attn, const Tensor& v, const Tensor& w_exp, const Tensor& b_exp,
+                       const Tensor& w_dw, const Tensor& b_dw, const Tensor& w_pro, const Tensor& b_pro,
+                       const Tensor& alpha, const Tensor& beta, bool expand) {
+  validate_refine_eval(attn, v, w_exp, b_exp, w_dw, b_dw, w_pro, b_pro, alpha, beta, expand);
+  const auto ct = compute_type(attn);
+  RefineArgs r{cc(attn, ct), cc(v, ct), cc(w_exp, ct), cc(b_exp, ct), cc(w_dw, ct), cc(b_dw, ct),
+               cc(w_pro, ct), cc(b_pro, ct), cc(alpha, ct), cc(beta, ct), {}};
+  r.D = {attn.size(0), attn.size(1), attn.size(2), v.size(3), w_dw.size(0), w_dw.size(1), expand};
+  return r;
+}
+
+template <class F>
+RefineW<F> weights_of(const RefineArgs& r) {
+  return {r.w_exp.data_ptr<F>(), r.b_exp.data_ptr<F>(), r.w_dw.data_ptr<F>(), r.b_dw.data_ptr<F>(),
+          r.w_pro.data_ptr<F>(), r.b_pro.data_ptr<F>(), r.alpha.data_ptr<F>(), r.beta.data_ptr<F>()};
+}
+
+Tensor refine_eval_cpu(const Tensor& attn, const Tensor& v, const Tensor& w_exp, const Tensor& b_exp,
+                       const Tensor& w_dw, const Tensor& b_dw, const Tensor& w_pro, const Tensor& b_pro,
+                       const Tensor& alpha, const Tensor& beta, bool expand) {
+  auto r = prep_refine(attn, v, w_exp, b_exp, w_dw, b_dw, w_pro, b_pro, alpha, beta, expand);
+  auto out = at::empty({r.D.B, r.D.H, r.D.N, r.D.d}, r.attn.options());
+  RF_DISPATCH_F(r.attn.scalar_type(), "refine_eval_cpu", [&] {
+    refine_fwd_driver<scalar_t>(r.attn.data_ptr<scalar_t>(), r.v.data_ptr<scalar_t>(), weights_of<scalar_t>(r),
+                                r.D, out.data_ptr<scalar_t>(), nullptr);
+  });
+  return out.to(attn.scalar_type());
+}
+
+std::vector<Tensor> refine_eval_backward_cpu_v(const Tensor& gout, const Tensor& attn, const Tensor& v,
+                                               const Tensor& w_exp, const Tensor& b_exp, const Tensor& w_dw,
+                                               const Tensor& b_dw, const Tensor& w_pro, const Tensor& b_pro,
+                                               const Tensor& alpha, const Tensor& beta, bool expand) {
+  auto r = prep_refine(attn, v, w_exp, b_exp, w_dw, b_dw, w_pro, b_pro, alpha, beta, expand);
+  validate_grad("refine_eval_backward", "grad_out", gout, v);
+  const auto ct = r.attn.scalar_type();
+  const RefineDims D = r.D;
+  const int64_t B = D.B, H = D.H, N = D.N, rH = D.rH, k = D.k;
+  const int p = (int)k / 2;
+  auto go = cc(gout, ct);
+  auto R = at::empty({B, H, N, N}, r.attn.options());
+  auto gA = at::empty({B, H, N, N}, r.attn.options());
+  // parameter-gradient slots per tile
+  const int64_t o_wdw = 0, o_bdw = rH * k * k, o_wpro = o_bdw + rH, o_wexp = o_wpro + H * rH,
+                o_bexp = o_wexp + rH * H, o_alpha = o_bexp + rH, o_beta = o_alpha + H, nslots = o_beta + H;
+  const int64_t ntiles = (N + kRowsPerTile - 1) / kRowsPerTile;
+  auto partial = at::zeros({B * ntiles, nslots}, r.attn.options());
+  Tensor gR, gv;
+  RF_DISPATCH_F(ct, "refine_eval_backward_cpu", [&] {
+    using F = scalar_t;
+    const auto w = weights_of<F>(r);
+    refine_fwd_driver<F>(r.attn.data_ptr<F>(), nullptr, w, D, nullptr, R.data_ptr<F>());
+    gR = at::matmul(go, r.v.transpose(-2, -1)).contiguous();
+    gv = at::matmul(R.transpose(-2, -1), go);
+    const F* A = r.attn.data_ptr<F>();
+    const F* GRp = gR.data_ptr<F>();
+    F* gAp = gA.data_ptr<F>();
+    F* part = partial.data_ptr<F>();
+    at::parallel_for(0, B * ntiles, 1, [&](int64_t s, int64_t e) {
+      Tile tmax{N, 0, 0, kRowsPerTile, (int)N};
+      std::vector<F> abuf(buf_elems<F>(tmax, 2 * p, (int)H)), ebuf(buf_elems<F>(tmax, 2 * p, 1)),
+          grbuf(buf_elems<F>(tmax, p, (int)H)), gybuf(buf_elems<F>(tmax, p, 1)), dbuf(buf_elems<F>(tmax, 0, 1)),
+          gubuf(buf_elems<F>(tmax, 0, 1)), pbuf(buf_elems<F>(tmax, 0, (int)H)), gabuf(buf_elems<F>(tmax, 0, (int)H));
+      SerialPar par;
+      for (int64_t idx = s; idx < e; ++idx) {
+        const int64_t b = idx / ntiles, r0 = (idx % ntiles) * kRowsPerTile;
+        Tile t{N, r0, 0, (int)std::min<int64_t>(kRowsPerTile, N - r0), (int)N};
+        auto Ab = make_buf(abuf.data(), t, 2 * p), Eb = make_buf(ebuf.data(), t, 2 * p),
+             GRb = make_buf(grbuf.data(), t, p), GYb = make_buf(gybuf.data(), t, p),
+             Db = make_buf(dbuf.data(), t, 0), GUb = make_buf(gubuf.data(), t, 0),
+             Pb = make_buf(pbuf.data(), t, 0), GAb = make_buf(gabuf.data(), t, 0);
+        load_tile(par, A + b * H * N * N, (int)H, t, Ab);
+        load_tile(par, GRp + b * H * N * N, (int)H, t, GRb);
+        std::fill(pbuf.begin(), pbuf.end(), F(0));
+        std::fill(gabuf.begin(), gabuf.end(), F(0));
+        std::fill(gubuf.begin(), gubuf.end(), F(0));
+        F* slot = part + idx * nslots;
+        const int nitems = bwd_channel_items((int)H, (int)k, D.expand);
+        for (int c = 0; c < (int)rH; ++c) {
+          const Buf<F>& Ec = D.expand ? Eb : Ab;
+          const int ce = D.expand ? 0 : c;
+          if (D.expand) expand_channel(par, c, (int)H, w.w_exp, w.b_exp, t, Ab, Eb, 2 * p);
+          bwd_dy_channel(par, c, (int)H, (int)rH, w.w_dw, w.b_dw, w.w_pro, w.alpha, (int)k, t, Ec, ce, GRb, GYb,
+                         Db, Pb);
+          bwd_de_channel(par, c, (int)H, w.w_exp, w.b_exp, w.w_dw, (int)k, D.expand, t, Ab, GYb, GUb, GAb);
+          for (int it = 0; it < nitems; ++it) {
+            const F v_ = bwd_channel_item(it, (int)H, w.alpha, (int)k, t, Ab, Ec, ce, GRb, GYb, Db, GUb);
+            int64_t o;
+            if (it < k * k) o = o_wdw + c * k * k + it;
+            else if (it == k * k) o = o_bdw + c;
+            else if (it < k * k + 1 + H) o = o_wpro + (it - k * k - 1) * rH + c;
+            else if (it < k * k + 1 + 2 * H) o = o_wexp + c * H + (it - k * k - 1 - H);
+            else o = o_bexp + c;
+            slot[o] += v_;
+          }
+        }
+        bwd_residual(par, (int)H, w.alpha, t, GRb, GAb);
+        for (int it = 0; it < 2 * H; ++it)
+          slot[o_alpha + it] += bwd_head_item(it, (int)H, w.b_pro, t, Ab, GRb, Pb);
+        for (int64_t h = 0; h < H; ++h)
+          for (int y = 0; y < t.TR; ++y) {
+            const F* g = GAb.row((int)h, y);
+            std::copy(g, g + N, gAp + ((b * H + h) * N + r0 + y) * N);
+          }
+      }
+    });
+  });
+  auto tot = partial.sum(0);
+  const auto st = attn.scalar_type();
+  auto gw_dw = tot.narrow(0, o_wdw, rH * k * k).view({rH, k, k});
+  auto gb_dw = tot.narrow(0, o_bdw, rH);
+  auto gw_pro = tot.narrow(0, o_wpro, H * rH).view({H, rH});
+  auto gw_exp = tot.narrow(0, o_wexp, rH * H).view({rH, H});
+  auto gb_exp = tot.narrow(0, o_bexp, rH);
+  auto galpha = tot.narrow(0, o_alpha, H);
+  auto gbeta = tot.narrow(0, o_beta, H);
+  auto gb_pro = gbeta * r.alpha;
+  return {gA.to(st), gv.to(st), gw_exp.to(st).contiguous(), gb_exp.to(st).contiguous(), gw_dw.to(st).contiguous(),
+          gb_dw.to(st).contiguous(), gw_pro.to(st).contiguous(), gb_pro.to(st).contiguous(),
+          galpha.to(st).contiguous(), gbeta.to(st).contiguous()};
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> refine_eval_backward_cpu(
+    const Tensor& gout, const Tensor& attn, const Tensor& v, const Tensor& w_exp, const Tensor& b_exp,
+    const Tensor& w_dw, const Tensor& b_dw, const Tensor& w_pro, const Tensor& b_pro, const Tensor& alpha,
+    const Tensor& beta, bool expand) {
+  auto g = refine_eval_backward_cpu_v(gout, attn, v, w_exp, b_exp, w_dw, b_dw, w_pro, b_pro, alpha, beta, expand);
+  return {g[0], g[1], g[2], g[3], g[4], g[5], g[6], g[7], g[8], g[9]};
+}
+
+// ----------------------------------------------------------------------------
+// building blocks: depthwise conv, row softmax
+// ----------------------------------------------------------------------------
+Tensor attn_dwconv_cpu(const Tensor& x, const Tensor& w) {
+  validate_attn_dwconv(x, w);
+  const auto ct = compute_type(x);
+  auto xf = cc(x, ct), wf = cc(w, ct);
+  const int64_t B = x.size(0), C = x.size(1), N = x.size(2), M = x.size(3), k = w.size(1);
+  auto y = at::empty_like(xf);
+  RF_DISPATCH_F(ct, "attn_dwconv_cpu", [&] {
+    using F = scalar_t;
+    const F *xp = xf.data_ptr<F>(), *wp = wf.data_ptr<F>();
+    F* yp = y.data_ptr<F>();
+    at::parallel_for(0, B * C * N, 16, [&](int64_t s, int64_t e) {
+      for (int64_t idx = s; idx < e; ++idx) {
+        const int64_t bc = idx / N, r = idx % N, c = bc % C;
+        for (int64_t xx = 0; xx < M; ++xx)
+          yp[idx * M + xx] = dw_global(xp + bc * N * M, N, M, wp + c * k * k, (int)k, r, xx, false);
+      }
+    });
+  });
+  return y.to(x.scalar_type());
+}
+
+std::tuple<Tensor, Tensor> attn_dwconv_backward_cpu(const Tensor& g, const Tensor& x, const Tensor& w) {
+  validate_attn_dwconv(x, w);
+  validate_grad("attn_dwconv_backward", "grad", g, x);
+  const auto ct = compute_type(x);
+  auto xf = cc(x, ct), wf = cc(w, ct), gf = cc(g, ct);
+  const int64_t B = x.size(0), C = x.size(1), N = x.size(2), M = x.size(3), k = w.size(1);
+  auto gx = at::empty_like(xf);
+  auto gw = at::empty({C, k, k}, xf.options());
+  RF_DISPATCH_F(ct, "attn_dwconv_backward_cpu", [&] {
+    using F = scalar_t;
+    const F *xp = xf.data_ptr<F>(), *wp = wf.data_ptr<F>(), *gp = gf.data_ptr<F>();
+    F *gxp = gx.data_ptr<F>(), *gwp = gw.data_ptr<F>();
+    at::parallel_for(0, B * C * N, 16, [&](int64_t s, int64_t e) {
+      for (int64_t idx = s; idx < e; ++idx) {
+        const int64_t bc = idx / N, r = idx % N, c = bc % C;
+        for (int64_t xx = 0; xx < M; ++xx)
+          gxp[idx * M + xx] = dw_global(gp + bc * N * M, N, M, wp + c * k * k, (int)k, r, xx, true);
+      }
+    });
+    at::parallel_for(0, C * k * k, 1, [&](int64_t s, int64_t e) {
+      for (int64_t it = s; it < e; ++it) {
+        const int64_t c = it / (k * k);
+        F acc = 0;
+        for (int64_t b = 0; b < B; ++b)
+          acc += dw_weight_grad(gp + (b * C + c) * N * M, xp + (b * C + c) * N * M, N, M, (int)k, (int)(it % (k * k)));
+        gwp[it] = acc;
+      }
+    });
+  });
+  return {gx.to(x.scalar_type()), gw.to(w.scalar_type())};
+}
+
+Tensor row_softmax_cpu(const Tensor& x) {
+  validate_row_softmax(x);
+  const auto ct = compute_type(x);
+  auto xf = cc(x, ct).clone();
+  const int64_t n = x.dim() ? x.size(-1) : 1;
+  const int64_t rows = n ? xf.numel() / n : 0;
+  RF_DISPATCH_F(ct, "row_softmax_cpu", [&] {
+    using F = scalar_t;
+    F* p = xf.data_ptr<F>();
+    at::parallel_for(0, rows, 64, [&](int64_t s, int64_t e) { softmax_rows<F>(p + s * n, nullptr, e - s, n, F(1)); });
+  });
+  return xf.to(x.scalar_type());
+}
+
+Tensor row_softmax_backward_cpu(const Tensor& g, const Tensor& y) {
+  validate_row_softmax(y);
+  validate_grad("row_softmax_backward", "grad", g, y);
+  const auto ct = compute_type(y);
+  auto yf = cc(y, ct), gx = cc(g, ct).clone();
+  const int64_t n = y.size(-1);
+  const int64_t rows = n ? yf.numel() / n : 0;
+  RF_DISPATCH_F(ct, "row_softmax_backward_cpu", [&] {
+    using F = scalar_t;
+    const F* yp = yf.data_ptr<F>();
+    F* gp = gx.data_ptr<F>();
+    at::parallel_for(0, rows, 64, [&](int64_t s, int64_t e) {
+      for (int64_t i = s; i < e; ++i) {
+        const F* yr = yp + i * n;
+        F* gr = gp + i * n;
+        F dot = 0;
+        for (int64_t j = 0; j < n; ++j) dot += yr[j] * gr[j];
+        for (int64_t j = 0; j < n; ++j) gr[j] = softmax_grad(yr[j], gr[j], dot);
+      }
+    });
+  });
+  return gx.to(y.scalar_type());
+}
+
+}  // namespace
+}  // namespace refiner
+
+TORCH_LIBRARY_IMPL(refiner, CPU, m) {
+  m.impl("softmax_block", &refiner::softmax_block_cpu);
+  m.impl("softmax_block_backward", &refiner::softmax_block_backward_cpu);
+  m.impl("refine_eval", &refiner::refine_eval_cpu);
+  m.impl("refine_eval_backward", &refiner::refine_eval_backward_cpu);
+  m.impl("attn_dwconv", &refiner::attn_dwconv_cpu);
+  m.impl("attn_dwconv_backward", &refiner::attn_dwconv_backward_cpu);
+  m.impl("row_softmax", &refiner::row_softmax_cpu);
+  m.impl("row_softmax_backward", &refiner::row_softmax_backward_cpu);
+}
