@@ -118,6 +118,38 @@ RF_HD void expand_channel(const Par& par, int c, int H, const F* w_exp, const F*
   }
 }
 
+// E_c = relu6(E_c + b_exp[c]) in place over the region of halo `eh`, zero outside the map
+// (epilogue of an expansion done as a matmul, e.g. by BLAS on CPU).
+template <class F, class Par>
+RF_HD void expand_epilogue(const Par& par, int c, const F* b_exp, const Tile& t, const Buf<F>& E, int eh) {
+  const F bias = b_exp[c];
+  for (int y = -eh + par.y0(); y < t.TR + eh; y += par.ny()) {
+    F* e = E.row(c, y);
+    for (int x = -eh + par.x0(); x < t.TC + eh; x += par.nx())
+      e[x] = t.inmap(y, x) ? relu6(e[x] + bias) : F(0);
+  }
+}
+
+// D_c = relu6(dw(E_c) + b_dw[c]) on the centre into plane cd of D (0 outside the map).
+template <class F, class Par>
+RF_HD void dw_channel(const Par& par, int c, const F* w_dw, const F* b_dw, int k, const Tile& t,
+                      const Buf<F>& E, int ce, const Buf<F>& D, int cd) {
+  const int p = k / 2;
+  const F* w = w_dw + (int64_t)c * k * k;
+  const F bias = b_dw[c];
+  for (int y = par.y0(); y < t.TR; y += par.ny()) {
+    F* drow = D.row(cd, y);
+    for (int x = par.x0(); x < t.TC; x += par.nx()) drow[x] = bias;
+    for (int i = 0; i < k; ++i)
+      for (int j = 0; j < k; ++j) {
+        const F wij = w[i * k + j];
+        const F* e = E.row(ce, y + i - p) + (j - p);
+        for (int x = par.x0(); x < t.TC; x += par.nx()) drow[x] += wij * e[x];
+      }
+    for (int x = par.x0(); x < t.TC; x += par.nx()) drow[x] = t.inmap(y, x) ? relu6(drow[x]) : F(0);
+  }
+}
+
 // Pre-activation of E_c at one pixel (for the relu6 mask in the backward pass).
 template <class F>
 RF_HD F expand_pre(int c, int H, const F* w_exp, const F* b_exp, const Buf<F>& A, int y, int x) {

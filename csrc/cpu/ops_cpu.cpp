@@ -5,6 +5,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstdlib>
 #include <cmath>
 #include <limits>
 #include <vector>
@@ -20,6 +21,48 @@ using at::Tensor;
 #define RF_DISPATCH_F(ct, name, ...) AT_DISPATCH_FLOATING_TYPES(ct, name, __VA_ARGS__)
 
 inline Tensor cc(const Tensor& t, at::ScalarType ct) { return t.to(ct).contiguous(); }
+
+}  // namespace
+}  // namespace refiner
+
+// Fortran BLAS (MKL in the x86 torch wheels exports it from libtorch_cpu). Weak: when absent the
+// drivers fall back to at::mm on wrapped buffers.
+extern "C" {
+void sgemm_(const char*, const char*, const int*, const int*, const int*, const float*, const float*, const int*,
+            const float*, const int*, const float*, float*, const int*) __attribute__((weak));
+void dgemm_(const char*, const char*, const int*, const int*, const int*, const double*, const double*, const int*,
+            const double*, const int*, const double*, double*, const int*) __attribute__((weak));
+int MKL_Set_Num_Threads_Local(int) __attribute__((weak));
+}
+
+namespace refiner {
+namespace {
+
+inline void blas_gemm(const char* ta, const char* tb, const int* m, const int* n, const int* k, const float* al,
+                      const float* a, const int* lda, const float* b, const int* ldb, const float* be, float* c,
+                      const int* ldc) {
+  sgemm_(ta, tb, m, n, k, al, a, lda, b, ldb, be, c, ldc);
+}
+inline void blas_gemm(const char* ta, const char* tb, const int* m, const int* n, const int* k, const double* al,
+                      const double* a, const int* lda, const double* b, const int* ldb, const double* be, double* c,
+                      const int* ldc) {
+  dgemm_(ta, tb, m, n, k, al, a, lda, b, ldb, be, c, ldc);
+}
+template <class F> bool has_blas();
+template <> bool has_blas<float>() { return sgemm_ != nullptr; }
+template <> bool has_blas<double>() { return dgemm_ != nullptr; }
+
+// Inside at::parallel_for each worker calls BLAS on its own tile: keep BLAS single-threaded there
+// (nested MKL threading oversubscribes the cores badly).
+struct BlasSerialGuard {
+  int prev = -1;
+  BlasSerialGuard() {
+    if (MKL_Set_Num_Threads_Local) prev = MKL_Set_Num_Threads_Local(1);
+  }
+  ~BlasSerialGuard() {
+    if (MKL_Set_Num_Threads_Local && prev >= 0) MKL_Set_Num_Threads_Local(prev);
+  }
+};
 
 // ----------------------------------------------------------------------------
 // softmax block
@@ -61,6 +104,7 @@ std::tuple<Tensor, Tensor> softmax_block_cpu(const Tensor& q, const Tensor& k, c
     using F = scalar_t;
     const F* pp = has_prev ? pf.data_ptr<F>() : nullptr;
     at::parallel_for(0, B * H, 1, [&](int64_t s, int64_t e) {
+      BlasSerialGuard blas_guard;
       for (int64_t bh = s; bh < e; ++bh) {
         auto a = attn.select(0, bh);
         at::mm_out(a, qf.select(0, bh), kf.select(0, bh).t());
@@ -90,6 +134,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> softmax_block_backward_cpu(
   RF_DISPATCH_F(ct, "softmax_block_backward_cpu", [&] {
     using F = scalar_t;
     at::parallel_for(0, B * H, 1, [&](int64_t s, int64_t e) {
+      BlasSerialGuard blas_guard;
       Tensor S = at::empty({N, N}, qf.options());
       for (int64_t bh = s; bh < e; ++bh) {
         auto ga = gA.select(0, bh);
@@ -132,51 +177,81 @@ struct RefineW {
   const F *w_exp, *b_exp, *w_dw, *b_dw, *w_pro, *b_pro, *alpha, *beta;
 };
 
-constexpr int kRowsPerTile = 4;
+constexpr int kRowsPerTile = 8;
+
+// Row-major C(m x n) = A(m x k) B(k x n) (+ C when accumulate), single-threaded (called per tile).
+template <class F>
+void gemm_rm(int64_t m, int64_t n, int64_t k, const F* A, int64_t lda, const F* B, int64_t ldb, F* C, int64_t ldc,
+             bool accumulate = false) {
+  if (has_blas<F>()) {
+    // column-major view: C^T (n x m) = B^T (n x k) A^T (k x m)
+    const int im = (int)n, in = (int)m, ik = (int)k, ila = (int)ldb, ilb = (int)lda, ilc = (int)ldc;
+    const F one = 1, beta = accumulate ? 1 : 0;
+    blas_gemm("N", "N", &im, &in, &ik, &one, B, &ila, A, &ilb, &beta, C, &ilc);
+    return;
+  }
+  const auto opt = at::TensorOptions().dtype(c10::CppTypeToScalarType<F>::value);
+  auto a = at::from_blob(const_cast<F*>(A), {m, k}, {lda, 1}, opt);
+  auto b = at::from_blob(const_cast<F*>(B), {k, n}, {ldb, 1}, opt);
+  auto c = at::from_blob(C, {m, n}, {ldc, 1}, opt);
+  if (accumulate) c.addmm_(a, b);
+  else c.copy_(at::mm(a, b));
+}
+
+// REFINER_CPU_PORTABLE=1 makes the CPU forward run the exact per-channel stage sequence of the
+// CUDA kernel (expand_channel / dw_pro_channel) instead of BLAS matmuls for the two 1x1 convs.
+inline bool portable_path() {
+  const char* e = std::getenv("REFINER_CPU_PORTABLE");
+  return e && e[0] == '1';
+}
 
 // out = R @ v (when out != nullptr) and/or Rmap = R (when Rmap != nullptr).
 template <class F>
 void refine_fwd_driver(const F* A, const F* V, const RefineW<F>& w, const RefineDims& D, F* out, F* Rmap) {
-  const int64_t N = D.N, H = D.H, d = D.d;
+  const int64_t N = D.N, H = D.H, d = D.d, rH = D.rH;
   const int p = (int)D.k / 2;
   const int64_t ntiles = (N + kRowsPerTile - 1) / kRowsPerTile;
+  const bool portable = portable_path();
   at::parallel_for(0, D.B * ntiles, 1, [&](int64_t s, int64_t e) {
     Tile tmax{N, 0, 0, kRowsPerTile, (int)N};
-    std::vector<F> abuf(buf_elems<F>(tmax, p, (int)H)), ebuf(buf_elems<F>(tmax, p, 1)),
-        pbuf(buf_elems<F>(tmax, 0, (int)H)), drow(N), acc(d);
+    BlasSerialGuard blas_guard;
+    std::vector<F> abuf(buf_elems<F>(tmax, p, (int)H)), ebuf(buf_elems<F>(tmax, p, portable ? 1 : (int)rH)),
+        dbuf(buf_elems<F>(tmax, 0, (int)rH)), pbuf(buf_elems<F>(tmax, 0, (int)H)), drow(N), acc(d);
     SerialPar par;
     for (int64_t idx = s; idx < e; ++idx) {
       const int64_t b = idx / ntiles, r0 = (idx % ntiles) * kRowsPerTile;
       Tile t{N, r0, 0, (int)std::min<int64_t>(kRowsPerTile, N - r0), (int)N};
-      auto Ab = make_buf(abuf.data(), t, p), Eb = make_buf(ebuf.data(), t, p), Pb = make_buf(pbuf.data(), t, 0);
+      auto Ab = make_buf(abuf.data(), t, p), Eb = make_buf(ebuf.data(), t, p), Pb = make_buf(pbuf.data(), t, 0),
+           Db = make_buf(dbuf.data(), t, 0);
       load_tile(par, A + b * H * N * N, (int)H, t, Ab);
-      std::fill(pbuf.begin(), pbuf.end(), F(0));
-      for (int c = 0; c < (int)D.rH; ++c) {
-        if (D.expand) {
-          expand_channel(par, c, (int)H, w.w_exp, w.b_exp, t, Ab, Eb, p);
-          dw_pro_channel(par, c, (int)H, (int)D.rH, w.w_dw, w.b_dw, w.w_pro, (int)D.k, t, Eb, 0, Pb, drow.data());
-        } else {
-          dw_pro_channel(par, c, (int)H, (int)D.rH, w.w_dw, w.b_dw, w.w_pro, (int)D.k, t, Ab, c, Pb, drow.data());
+      if (portable) {
+        std::fill(pbuf.begin(), pbuf.end(), F(0));
+        for (int c = 0; c < (int)rH; ++c) {
+          if (D.expand) {
+            expand_channel(par, c, (int)H, w.w_exp, w.b_exp, t, Ab, Eb, p);
+            dw_pro_channel(par, c, (int)H, (int)rH, w.w_dw, w.b_dw, w.w_pro, (int)D.k, t, Eb, 0, Pb, drow.data());
+          } else {
+            dw_pro_channel(par, c, (int)H, (int)rH, w.w_dw, w.b_dw, w.w_pro, (int)D.k, t, Ab, c, Pb, drow.data());
+          }
         }
+      } else {
+        const Buf<F>& Ec = D.expand ? Eb : Ab;
+        if (D.expand) {
+          gemm_rm<F>(rH, Ab.plane, H, w.w_exp, H, Ab.p, Ab.plane, Eb.p, Eb.plane);
+          for (int c = 0; c < (int)rH; ++c) expand_epilogue(par, c, w.b_exp, t, Eb, p);
+        }
+        for (int c = 0; c < (int)rH; ++c) dw_channel(par, c, w.w_dw, w.b_dw, (int)D.k, t, Ec, c, Db, c);
+        gemm_rm<F>(H, Db.plane, rH, w.w_pro, rH, Db.p, Db.plane, Pb.p, Pb.plane);
       }
       finish_r(par, (int)H, w.b_pro, w.alpha, w.beta, t, Ab, Pb);
       for (int64_t h = 0; h < H; ++h) {
         const int64_t bh = b * H + h;
-        for (int y = 0; y < t.TR; ++y) {
-          const F* r = Pb.row((int)h, y);
-          if (Rmap) std::copy(r, r + N, Rmap + (bh * N + r0 + y) * N);
-          if (out) {
-            std::fill(acc.begin(), acc.end(), F(0));
-            const F* vb = V + bh * N * d;
-            F* a = acc.data();
-            for (int64_t x = 0; x < N; ++x) {
-              const F rx = r[x];
-              const F* vx = vb + x * d;
-              for (int64_t j = 0; j < d; ++j) a[j] += rx * vx[j];
-            }
-            std::copy(a, a + d, out + (bh * N + r0 + y) * d);
+        if (Rmap)
+          for (int y = 0; y < t.TR; ++y) {
+            const F* r = Pb.row((int)h, y);
+            std::copy(r, r + N, Rmap + (bh * N + r0 + y) * N);
           }
-        }
+        if (out) gemm_rm<F>(t.TR, d, N, Pb.row((int)h, 0), N, V + bh * N * d, d, out + (bh * N + r0) * d, d);
       }
     }
   });
@@ -247,6 +322,7 @@ std::vector<Tensor> refine_eval_backward_cpu_v(const Tensor& gout, const Tensor&
     F* part = partial.data_ptr<F>();
     at::parallel_for(0, B * ntiles, 1, [&](int64_t s, int64_t e) {
       Tile tmax{N, 0, 0, kRowsPerTile, (int)N};
+      BlasSerialGuard blas_guard;
       std::vector<F> abuf(buf_elems<F>(tmax, 2 * p, (int)H)), ebuf(buf_elems<F>(tmax, 2 * p, 1)),
           grbuf(buf_elems<F>(tmax, p, (int)H)), gybuf(buf_elems<F>(tmax, p, 1)), dbuf(buf_elems<F>(tmax, 0, 1)),
           gubuf(buf_elems<F>(tmax, 0, 1)), pbuf(buf_elems<F>(tmax, 0, (int)H)), gabuf(buf_elems<F>(tmax, 0, (int)H));
