@@ -40,7 +40,8 @@ def _zeros_if_none(g, like):
     return torch.zeros_like(like) if g is None else g
 
 
-if AVAILABLE:
+def _register():
+    """Fake impls and autograd of every refiner:: op (raises if the library lacks one)."""
     _lib = "refiner::"
 
     def _fake(name):
@@ -96,6 +97,16 @@ if AVAILABLE:
     def _(grad, a, v):
         return a.new_empty(a.shape), v.new_empty(v.shape)
 
+    @_fake("refine_train")
+    def _(attn, v, w_exp, w_dw, w_pro, g1, b1, g2, b2, g3, b3, ga, ba, eps, scale, expand):
+        rH, H = w_dw.shape[0], attn.shape[1]
+        return (v.new_empty(v.shape), *(attn.new_empty((c,)) for c in (rH, rH, rH, rH, H, H, H, H)))
+
+    @_fake("refine_train_backward")
+    def _(grad_out, attn, v, w_exp, w_dw, w_pro, g1, b1, g2, b2, g3, b3, ga, ba, m1, v1, m2, v2, m3, v3, ma, va,
+          eps, scale, expand):
+        return tuple(t.new_empty(t.shape) for t in (attn, v, w_exp, w_dw, w_pro, g1, b1, g2, b2, g3, b3, ga, ba))
+
     # ------------------------------------------------------------------ autograd
     def _sb_setup(ctx, inputs, output):
         q, k, v, prev_attn, scale = inputs
@@ -125,6 +136,22 @@ if AVAILABLE:
 
     torch.library.register_autograd(_lib + "refine_eval", _re_backward, setup_context=_re_setup)
 
+    def _rt_setup(ctx, inputs, output):
+        ctx.eps, ctx.scale, ctx.expand = inputs[-3:]
+        ctx.mark_non_differentiable(*output[1:])
+        ctx.save_for_backward(*inputs[:-3], *output[1:])
+
+    def _rt_backward(ctx, g, *_stat_grads):
+        saved = ctx.saved_tensors
+        if g is None:
+            g = torch.zeros_like(saved[1])
+        grads = list(torch.ops.refiner.refine_train_backward(g, *saved, ctx.eps, ctx.scale, ctx.expand))
+        if not ctx.expand:  # w_exp, g1, b1 are unused
+            grads[2] = grads[5] = grads[6] = None
+        return (*grads, None, None, None)
+
+    torch.library.register_autograd(_lib + "refine_train", _rt_backward, setup_context=_rt_setup)
+
     def _two_setup(ctx, inputs, output):
         ctx.save_for_backward(*inputs)
 
@@ -151,6 +178,16 @@ if AVAILABLE:
     torch.library.register_autograd(_lib + "row_softmax", _rs_backward, setup_context=_rs_setup)
 
 
+if AVAILABLE:
+    try:
+        _register()
+    except Exception as _e:  # e.g. a stale build without some op
+        AVAILABLE = False
+        HAS_CUDA = False
+        UNAVAILABLE_REASON = (f"refiner._C is loaded but incomplete ({type(_e).__name__}: {_e}); rebuild it with "
+                              "`pip install --no-build-isolation .`")
+
+
 # ---------------------------------------------------------------------- public functions
 def softmax_block(q: Tensor, k: Tensor, v: Tensor, prev_attn: Optional[Tensor],
                   scale: float) -> Tuple[Tensor, Tensor]:
@@ -174,8 +211,6 @@ def refine_train(attn: Tensor, v: Tensor, w_exp: Tensor, w_dw: Tensor, w_pro: Te
                  ) -> Tuple[Tensor, Tuple[Optional[BNStats], BNStats, BNStats, BNStats]]:
     """Training-mode refine block with batch statistics. See `reference.refine_train`."""
     _require()
-    if not hasattr(torch.ops.refiner, "refine_train"):
-        raise NotImplementedError("refine_train is not implemented in this build of refiner._C")
     res = torch.ops.refiner.refine_train(attn, v, w_exp, w_dw, w_pro, g1, b1, g2, b2, g3, b3, ga, ba,
                                          float(eps), float(scale), bool(expand))
     out, m1, v1, m2, v2, m3, v3, ma, va = res

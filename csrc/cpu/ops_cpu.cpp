@@ -370,7 +370,7 @@ std::vector<Tensor> refine_eval_backward_cpu_v(const Tensor& gout, const Tensor&
       }
     });
   });
-  auto tot = partial.sum(0);
+  auto tot = partial.sum(0);  // (the narrowed slices below are cloned: outputs must not alias)
   const auto st = attn.scalar_type();
   auto gw_dw = tot.narrow(0, o_wdw, rH * k * k).view({rH, k, k});
   auto gb_dw = tot.narrow(0, o_bdw, rH);
@@ -380,9 +380,9 @@ std::vector<Tensor> refine_eval_backward_cpu_v(const Tensor& gout, const Tensor&
   auto galpha = tot.narrow(0, o_alpha, H);
   auto gbeta = tot.narrow(0, o_beta, H);
   auto gb_pro = gbeta * r.alpha;
-  return {gA.to(st), gv.to(st), gw_exp.to(st).contiguous(), gb_exp.to(st).contiguous(), gw_dw.to(st).contiguous(),
-          gb_dw.to(st).contiguous(), gw_pro.to(st).contiguous(), gb_pro.to(st).contiguous(),
-          galpha.to(st).contiguous(), gbeta.to(st).contiguous()};
+  auto own = [&](const Tensor& t) { return t.to(st).clone(at::MemoryFormat::Contiguous); };
+  return {gA.to(st), gv.to(st), own(gw_exp), own(gb_exp), own(gw_dw), own(gb_dw), own(gw_pro), own(gb_pro),
+          own(galpha), own(gbeta)};
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> refine_eval_backward_cpu(

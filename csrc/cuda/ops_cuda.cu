@@ -473,16 +473,17 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tenso
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   const auto st = attn.scalar_type();
   auto gbeta = gpar.narrow(0, sl.beta, H);
+  auto own = [&](const Tensor& t) { return t.to(st).clone(at::MemoryFormat::Contiguous); };  // outputs must not alias
   return {gA.to(st),
           gv.to(st),
-          gpar.narrow(0, sl.wexp, rH * H).view({rH, H}).to(st),
-          gpar.narrow(0, sl.bexp, rH).to(st),
-          gpar.narrow(0, sl.wdw, rH * k * k).view({rH, k, k}).to(st),
-          gpar.narrow(0, sl.bdw, rH).to(st),
-          gpar.narrow(0, sl.wpro, H * rH).view({H, rH}).to(st),
-          (gbeta * r.alpha).to(st),
-          gpar.narrow(0, sl.alpha, H).to(st),
-          gbeta.to(st)};
+          own(gpar.narrow(0, sl.wexp, rH * H).view({rH, H})),
+          own(gpar.narrow(0, sl.bexp, rH)),
+          own(gpar.narrow(0, sl.wdw, rH * k * k).view({rH, k, k})),
+          own(gpar.narrow(0, sl.bdw, rH)),
+          own(gpar.narrow(0, sl.wpro, H * rH).view({H, rH})),
+          own(gbeta * r.alpha),
+          own(gpar.narrow(0, sl.alpha, H)),
+          own(gbeta)};
 }
 
 // ----------------------------------------------------------------------------
