@@ -116,6 +116,15 @@ def test_softmax_block_fp32(B, H, N, d, prev):
             [q, k, v, p], rtol=1e-5, atol=2e-5, names=["q", "k", "v", "prev"])
 
 
+@pytest.mark.parametrize("prev", [True, False])
+def test_softmax_block_portable_path(monkeypatch, prev):
+    """REFINER_CPU_PORTABLE=1: the CPU forward uses the element-wise math of the CUDA kernel."""
+    monkeypatch.setenv("REFINER_CPU_PORTABLE", "1")
+    q, k, v, p = softmax_inputs(2, 12, 17, 32, prev, torch.float32)
+    compare(lambda q, k, v, p: C.softmax_block(q, k, v, p, 0.3), lambda q, k, v, p: R.softmax_block(q, k, v, p, 0.3),
+            [q, k, v, p], rtol=1e-5, atol=2e-5)
+
+
 def test_softmax_block_forward_n577():
     q, k, v, p = softmax_inputs(1, 2, 577, 32, True, torch.float32)
     o1, a1 = C.softmax_block(q, k, v, p, 0.2)

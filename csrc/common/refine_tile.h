@@ -15,6 +15,9 @@
 
 #if defined(__CUDACC__)
 #define RF_HD __host__ __device__ __forceinline__
+#elif defined(__GNUC__)
+// always_inline: the CPU drivers compile these into per-ISA clones (target_clones)
+#define RF_HD inline __attribute__((always_inline))
 #else
 #define RF_HD inline
 #endif

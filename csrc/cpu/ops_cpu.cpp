@@ -64,6 +64,14 @@ struct BlasSerialGuard {
   }
 };
 
+// REFINER_CPU_PORTABLE=1 makes the CPU forwards run the exact stage sequence / element-wise math
+// of the CUDA kernels (refine: expand_channel / dw_pro_channel instead of BLAS for the two 1x1
+// convs; softmax block: softmax_residual instead of ATen's SIMD softmax). Tests run both paths.
+inline bool portable_path() {
+  const char* e = std::getenv("REFINER_CPU_PORTABLE");
+  return e && e[0] == '1';
+}
+
 // ----------------------------------------------------------------------------
 // softmax block
 // ----------------------------------------------------------------------------
@@ -97,18 +105,27 @@ std::tuple<Tensor, Tensor> softmax_block_cpu(const Tensor& q, const Tensor& k, c
   const int64_t B = q.size(0), H = q.size(1), N = q.size(2), d = q.size(3);
   auto qf = cc(q, ct).view({B * H, N, d}), kf = cc(k, ct).view({B * H, N, d}), vf = cc(v, ct).view({B * H, N, d});
   const bool has_prev = prev.has_value() && prev->defined();
-  Tensor pf = has_prev ? cc(*prev, ct) : Tensor();
+  Tensor pf = has_prev ? cc(*prev, ct).view({B * H, N, N}) : Tensor();
   auto attn = at::empty({B * H, N, N}, qf.options());
   auto out = at::empty({B * H, N, d}, qf.options());
   RF_DISPATCH_F(ct, "softmax_block_cpu", [&] {
     using F = scalar_t;
     const F* pp = has_prev ? pf.data_ptr<F>() : nullptr;
+    const bool portable = portable_path();
     at::parallel_for(0, B * H, 1, [&](int64_t s, int64_t e) {
       BlasSerialGuard blas_guard;
+      Tensor S = portable ? Tensor() : at::empty({N, N}, qf.options());
       for (int64_t bh = s; bh < e; ++bh) {
         auto a = attn.select(0, bh);
-        at::mm_out(a, qf.select(0, bh), kf.select(0, bh).t());
-        softmax_rows<F>(a.data_ptr<F>(), pp ? pp + bh * N * N : nullptr, N, N, F(scale));
+        if (portable) {  // the element-wise math shared with the CUDA kernel
+          at::mm_out(a, qf.select(0, bh), kf.select(0, bh).t());
+          softmax_rows<F>(a.data_ptr<F>(), pp ? pp + bh * N * N : nullptr, N, N, F(scale));
+        } else {  // same math through ATen's vectorised (SIMD exp) softmax, on a cache-resident block
+          at::mm_out(S, qf.select(0, bh), kf.select(0, bh).t());
+          S.mul_(scale);
+          at::_softmax_out(a, S, -1, false);
+          if (pp) a.add_(pf.select(0, bh), scale);
+        }
         auto o = out.select(0, bh);
         at::mm_out(o, a, vf.select(0, bh));
       }
@@ -198,21 +215,15 @@ void gemm_rm(int64_t m, int64_t n, int64_t k, const F* A, int64_t lda, const F* 
   else c.copy_(at::mm(a, b));
 }
 
-// REFINER_CPU_PORTABLE=1 makes the CPU forward run the exact per-channel stage sequence of the
-// CUDA kernel (expand_channel / dw_pro_channel) instead of BLAS matmuls for the two 1x1 convs.
-inline bool portable_path() {
-  const char* e = std::getenv("REFINER_CPU_PORTABLE");
-  return e && e[0] == '1';
-}
 
-// out = R @ v (when out != nullptr) and/or Rmap = R (when Rmap != nullptr).
+// One chunk [s, e) of (batch, row-tile) work items of the forward.
 template <class F>
-void refine_fwd_driver(const F* A, const F* V, const RefineW<F>& w, const RefineDims& D, F* out, F* Rmap) {
+__attribute__((always_inline)) inline void refine_fwd_chunk(const F* A, const F* V, const RefineW<F>& w,
+                                                            const RefineDims& D, F* out, F* Rmap, bool portable,
+                                                            int64_t s, int64_t e) {
   const int64_t N = D.N, H = D.H, d = D.d, rH = D.rH;
   const int p = (int)D.k / 2;
   const int64_t ntiles = (N + kRowsPerTile - 1) / kRowsPerTile;
-  const bool portable = portable_path();
-  at::parallel_for(0, D.B * ntiles, 1, [&](int64_t s, int64_t e) {
     Tile tmax{N, 0, 0, kRowsPerTile, (int)N};
     BlasSerialGuard blas_guard;
     std::vector<F> abuf(buf_elems<F>(tmax, p, (int)H)), ebuf(buf_elems<F>(tmax, p, portable ? 1 : (int)rH)),
@@ -254,6 +265,34 @@ void refine_fwd_driver(const F* A, const F* V, const RefineW<F>& w, const Refine
         if (out) gemm_rm<F>(t.TR, d, N, Pb.row((int)h, 0), N, V + bh * N * d, d, out + (bh * N + r0) * d, d);
       }
     }
+}
+
+// fp32 chunks are compiled twice (AVX2+FMA and baseline x86-64) and picked at load time.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define RF_CLONES __attribute__((target_clones("arch=haswell", "default")))
+#else
+#define RF_CLONES
+#endif
+RF_CLONES void refine_fwd_chunk_f32(const float* A, const float* V, const RefineW<float>& w, const RefineDims& D,
+                                    float* out, float* Rmap, bool portable, int64_t s, int64_t e) {
+  refine_fwd_chunk<float>(A, V, w, D, out, Rmap, portable, s, e);
+}
+void refine_fwd_chunk_any(const float* A, const float* V, const RefineW<float>& w, const RefineDims& D, float* out,
+                          float* Rmap, bool portable, int64_t s, int64_t e) {
+  refine_fwd_chunk_f32(A, V, w, D, out, Rmap, portable, s, e);
+}
+void refine_fwd_chunk_any(const double* A, const double* V, const RefineW<double>& w, const RefineDims& D,
+                          double* out, double* Rmap, bool portable, int64_t s, int64_t e) {
+  refine_fwd_chunk<double>(A, V, w, D, out, Rmap, portable, s, e);
+}
+
+// out = R @ v (when out != nullptr) and/or Rmap = R (when Rmap != nullptr).
+template <class F>
+void refine_fwd_driver(const F* A, const F* V, const RefineW<F>& w, const RefineDims& D, F* out, F* Rmap) {
+  const int64_t ntiles = (D.N + kRowsPerTile - 1) / kRowsPerTile;
+  const bool portable = portable_path();
+  at::parallel_for(0, D.B * ntiles, 1, [&](int64_t s, int64_t e) {
+    refine_fwd_chunk_any(A, V, w, D, out, Rmap, portable, s, e);
   });
 }
 
