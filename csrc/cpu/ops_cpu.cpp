@@ -64,6 +64,27 @@ struct BlasSerialGuard {
   }
 };
 
+// Row-major C(m x n) = alpha A(m x k) op(B) (+ C when accumulate), op(B) = B (k x n, ld ldb) or,
+// with transB, B^T for B (n x k, ld ldb). Single-threaded (called per tile / per head).
+template <class F>
+void gemm_rm(int64_t m, int64_t n, int64_t k, const F* A, int64_t lda, const F* B, int64_t ldb, F* C, int64_t ldc,
+             bool accumulate = false, bool transB = false, F alpha = F(1)) {
+  if (has_blas<F>()) {
+    // column-major view: C^T (n x m) = op(B)^T (n x k) A^T (k x m)
+    const int im = (int)n, in = (int)m, ik = (int)k, ila = (int)ldb, ilb = (int)lda, ilc = (int)ldc;
+    const F beta = accumulate ? 1 : 0;
+    blas_gemm(transB ? "T" : "N", "N", &im, &in, &ik, &alpha, B, &ila, A, &ilb, &beta, C, &ilc);
+    return;
+  }
+  const auto opt = at::TensorOptions().dtype(c10::CppTypeToScalarType<F>::value);
+  auto a = at::from_blob(const_cast<F*>(A), {m, k}, {lda, 1}, opt);
+  auto b = transB ? at::from_blob(const_cast<F*>(B), {n, k}, {ldb, 1}, opt).t()
+                  : at::from_blob(const_cast<F*>(B), {k, n}, {ldb, 1}, opt);
+  auto c = at::from_blob(C, {m, n}, {ldc, 1}, opt);
+  if (accumulate) c.add_(at::mm(a, b), alpha);
+  else c.copy_(at::mm(a, b).mul_(alpha));
+}
+
 // REFINER_CPU_PORTABLE=1 makes the CPU forwards run the exact stage sequence / element-wise math
 // of the CUDA kernels (refine: expand_channel / dw_pro_channel instead of BLAS for the two 1x1
 // convs; softmax block: softmax_residual instead of ATen's SIMD softmax). Tests run both paths.
@@ -121,13 +142,12 @@ std::tuple<Tensor, Tensor> softmax_block_cpu(const Tensor& q, const Tensor& k, c
           at::mm_out(a, qf.select(0, bh), kf.select(0, bh).t());
           softmax_rows<F>(a.data_ptr<F>(), pp ? pp + bh * N * N : nullptr, N, N, F(scale));
         } else {  // same math through ATen's vectorised (SIMD exp) softmax, on a cache-resident block
-          at::mm_out(S, qf.select(0, bh), kf.select(0, bh).t());
-          S.mul_(scale);
+          gemm_rm<F>(N, N, d, qf.data_ptr<F>() + bh * N * d, d, kf.data_ptr<F>() + bh * N * d, d, S.data_ptr<F>(), N,
+                     false, true, F(scale));
           at::_softmax_out(a, S, -1, false);
           if (pp) a.add_(pf.select(0, bh), scale);
         }
-        auto o = out.select(0, bh);
-        at::mm_out(o, a, vf.select(0, bh));
+        gemm_rm<F>(N, d, N, a.data_ptr<F>(), N, vf.data_ptr<F>() + bh * N * d, d, out.data_ptr<F>() + bh * N * d, d);
       }
     });
   });
@@ -195,26 +215,6 @@ struct RefineW {
 };
 
 constexpr int kRowsPerTile = 8;
-
-// Row-major C(m x n) = A(m x k) B(k x n) (+ C when accumulate), single-threaded (called per tile).
-template <class F>
-void gemm_rm(int64_t m, int64_t n, int64_t k, const F* A, int64_t lda, const F* B, int64_t ldb, F* C, int64_t ldc,
-             bool accumulate = false) {
-  if (has_blas<F>()) {
-    // column-major view: C^T (n x m) = B^T (n x k) A^T (k x m)
-    const int im = (int)n, in = (int)m, ik = (int)k, ila = (int)ldb, ilb = (int)lda, ilc = (int)ldc;
-    const F one = 1, beta = accumulate ? 1 : 0;
-    blas_gemm("N", "N", &im, &in, &ik, &one, B, &ila, A, &ilb, &beta, C, &ilc);
-    return;
-  }
-  const auto opt = at::TensorOptions().dtype(c10::CppTypeToScalarType<F>::value);
-  auto a = at::from_blob(const_cast<F*>(A), {m, k}, {lda, 1}, opt);
-  auto b = at::from_blob(const_cast<F*>(B), {k, n}, {ldb, 1}, opt);
-  auto c = at::from_blob(C, {m, n}, {ldc, 1}, opt);
-  if (accumulate) c.addmm_(a, b);
-  else c.copy_(at::mm(a, b));
-}
-
 
 // One chunk [s, e) of (batch, row-tile) work items of the forward.
 template <class F>
