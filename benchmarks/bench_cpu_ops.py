@@ -2,7 +2,8 @@
 
     python benchmarks/bench_cpu_ops.py [--repeats 15] [--threads 2]
 
-Prints median wall time (ms) per op at B=8, H=12, N=197, d=32, fp32.
+Prints median wall time (ms) per op at B=8, H=12, N=197, d=32, fp32. Baseline and fused runs are
+interleaved so that both see the same background load.
 """
 import argparse
 import math
@@ -18,15 +19,18 @@ from refiner import _compiled as C  # noqa: E402
 from refiner import reference as R  # noqa: E402
 
 
-def median_ms(fn, repeats, warmup=2):
+def paired_ms(fn_base, fn_fused, repeats, warmup=1):
+    """Median ms of each, runs interleaved (base, fused, base, ...) so both see the same machine load."""
     for _ in range(warmup):
-        fn()
-    ts = []
+        fn_base()
+        fn_fused()
+    tb, tf = [], []
     for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        ts.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(ts)
+        for fn, ts in ((fn_base, tb), (fn_fused, tf)):
+            t0 = time.perf_counter()
+            fn()
+            ts.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(tb), statistics.median(tf)
 
 
 def random_dla(H, ratio, kernel):
@@ -68,14 +72,14 @@ def main():
     f = R.fold_refine(dla, bn, s)
     rows = []
     with torch.no_grad():
-        t_mod = median_ms(lambda: (bn(dla(attn)) * s) @ v, a.repeats)
-        t_ref = median_ms(lambda: R.refine_eval(attn, v, *f.args()), a.repeats)
-        t_fus = median_ms(lambda: C.refine_eval(attn, v, *f.args()), a.repeats)
-        rows.append(("refine eval fwd", "module adapt_bn(DLA(A))*s@v", t_mod, t_fus))
-        rows.append(("refine eval fwd", "reference.refine_eval (folded)", t_ref, t_fus))
-        t_ref = median_ms(lambda: R.softmax_block(q, k, v, attn, s), a.repeats)
-        t_fus = median_ms(lambda: C.softmax_block(q, k, v, attn, s), a.repeats)
-        rows.append(("softmax block fwd", "reference.softmax_block", t_ref, t_fus))
+        rows.append(("refine eval fwd", "module adapt_bn(DLA(A))*s@v",
+                     *paired_ms(lambda: (bn(dla(attn)) * s) @ v, lambda: C.refine_eval(attn, v, *f.args()), a.repeats)))
+        rows.append(("refine eval fwd", "reference.refine_eval (folded)",
+                     *paired_ms(lambda: R.refine_eval(attn, v, *f.args()), lambda: C.refine_eval(attn, v, *f.args()),
+                                a.repeats)))
+        rows.append(("softmax block fwd", "reference.softmax_block",
+                     *paired_ms(lambda: R.softmax_block(q, k, v, attn, s), lambda: C.softmax_block(q, k, v, attn, s),
+                                a.repeats)))
 
     # forward + backward
     def fb(fn, inputs):
@@ -88,22 +92,23 @@ def main():
     A = attn.clone().requires_grad_()
     V = v.clone().requires_grad_()
     P = [t.clone().requires_grad_() for t in f.args()[:-1]]
-    t_ref = median_ms(fb(lambda: R.refine_eval(A, V, *P, True), [A, V] + P), max(3, a.repeats // 3))
-    t_fus = median_ms(fb(lambda: C.refine_eval(A, V, *P, True), [A, V] + P), max(3, a.repeats // 3))
-    rows.append(("refine eval fwd+bwd", "reference.refine_eval (folded)", t_ref, t_fus))
+    nb = max(3, a.repeats // 3)
+    rows.append(("refine eval fwd+bwd", "reference.refine_eval (folded)",
+                 *paired_ms(fb(lambda: R.refine_eval(A, V, *P, True), [A, V] + P),
+                            fb(lambda: C.refine_eval(A, V, *P, True), [A, V] + P), nb)))
     Q, K, Vq = (t.clone().requires_grad_() for t in (q, k, v))
-    t_ref = median_ms(fb(lambda: R.softmax_block(Q, K, Vq, A, s), [Q, K, Vq, A]), max(3, a.repeats // 3))
-    t_fus = median_ms(fb(lambda: C.softmax_block(Q, K, Vq, A, s), [Q, K, Vq, A]), max(3, a.repeats // 3))
-    rows.append(("softmax block fwd+bwd", "reference.softmax_block", t_ref, t_fus))
+    rows.append(("softmax block fwd+bwd", "reference.softmax_block",
+                 *paired_ms(fb(lambda: R.softmax_block(Q, K, Vq, A, s), [Q, K, Vq, A]),
+                            fb(lambda: C.softmax_block(Q, K, Vq, A, s), [Q, K, Vq, A]), nb)))
     if not a.no_train and hasattr(torch.ops.refiner, "refine_train"):
         dla_t, bn_t = random_dla(H, 3, 3)
         W = [t.detach().clone().requires_grad_() for t in _train_args(dla_t, bn_t)]
-        t_ref = median_ms(fb(lambda: R.refine_train(A, V, *W, 1e-5, s, True), [A, V] + W), max(3, a.repeats // 3))
-        t_fus = median_ms(fb(lambda: C.refine_train(A, V, *W, 1e-5, s, True), [A, V] + W), max(3, a.repeats // 3))
-        rows.append(("refine train fwd+bwd", "reference.refine_train", t_ref, t_fus))
+        rows.append(("refine train fwd+bwd", "reference.refine_train",
+                     *paired_ms(fb(lambda: R.refine_train(A, V, *W, 1e-5, s, True), [A, V] + W),
+                                fb(lambda: C.refine_train(A, V, *W, 1e-5, s, True), [A, V] + W), nb)))
 
     print(f"CPU, torch {torch.__version__}, threads={torch.get_num_threads()}, B={B} H={H} N={N} d={d} fp32, "
-          f"median of {a.repeats} (fwd) / {max(3, a.repeats // 3)} (fwd+bwd) runs")
+          f"median of {a.repeats} (fwd) / {nb} (fwd+bwd) interleaved runs")
     print(f"| {'op':22s} | {'baseline':32s} | {'baseline ms':>11s} | {'fused ms':>9s} | {'speed-up':>8s} |")
     print(f"|{'-' * 24}|{'-' * 34}|{'-' * 13}|{'-' * 11}|{'-' * 10}|")
     for op, base, tb, tf in rows:
