@@ -214,7 +214,7 @@ struct RefineW {
   const F *w_exp, *b_exp, *w_dw, *b_dw, *w_pro, *b_pro, *alpha, *beta;
 };
 
-constexpr int kRowsPerTile = 8;
+constexpr int kRowsPerTile = 16;
 
 // One chunk [s, e) of (batch, row-tile) work items of the forward.
 template <class F>
