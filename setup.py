@@ -52,7 +52,10 @@ if WITH_CUDA and not os.environ.get("TORCH_CUDA_ARCH_LIST"):
         os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0"
 
 sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
-cxx_flags = ["-O3", "-DNDEBUG"]
+# -fopenmp: at::parallel_for is an inline template (ATen/ParallelOpenMP.h); without OpenMP enabled
+# in *this* compilation its `#pragma omp parallel` is ignored and every driver runs single-threaded.
+cxx_flags = ["-O3", "-DNDEBUG"] + (["-fopenmp"] if sys.platform.startswith("linux") else [])
+link_flags = ["-fopenmp"] if sys.platform.startswith("linux") else []
 if WITH_CUDA:
     sources += sorted(glob.glob("csrc/cuda/*.cu") + glob.glob("csrc/cuda/*.cpp"))
     ext = CUDAExtension(
@@ -60,10 +63,11 @@ if WITH_CUDA:
         include_dirs=[os.path.join(ROOT, "csrc")],
         define_macros=[("REFINER_WITH_CUDA", "1")],
         extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "-DNDEBUG", "-lineinfo"]},
+        extra_link_args=link_flags,
     )
 else:
     ext = CppExtension("refiner._C", sources, include_dirs=[os.path.join(ROOT, "csrc")],
-                       extra_compile_args={"cxx": cxx_flags})
+                       extra_compile_args={"cxx": cxx_flags}, extra_link_args=link_flags)
 
 setup(
     name="refiner-kernels",
