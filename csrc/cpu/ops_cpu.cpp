@@ -20,7 +20,9 @@ using at::Tensor;
 
 #define RF_DISPATCH_F(ct, name, ...) AT_DISPATCH_FLOATING_TYPES(ct, name, __VA_ARGS__)
 
-inline Tensor cc(const Tensor& t, at::ScalarType ct) { return t.to(ct).contiguous(); }
+// detach: ATen calls made on at::parallel_for worker threads do not inherit the caller's
+// below-autograd dispatch state, so they must never see tensors that require grad.
+inline Tensor cc(const Tensor& t, at::ScalarType ct) { return t.detach().to(ct).contiguous(); }
 
 }  // namespace
 }  // namespace refiner
