@@ -66,20 +66,21 @@ struct BlasSerialGuard {
   }
 };
 
-// Row-major C(m x n) = alpha A(m x k) op(B) (+ C when accumulate), op(B) = B (k x n, ld ldb) or,
-// with transB, B^T for B (n x k, ld ldb). Single-threaded (called per tile / per head).
+// Row-major C(m x n) = alpha op(A) op(B) (+ C when accumulate), op(B) = B (k x n, ld ldb) or,
+// with transB, B^T for B (n x k, ld ldb); likewise op(A) = A (m x k) or, with transA, A^T (k x m). Single-threaded (called per tile / per head).
 template <class F>
 void gemm_rm(int64_t m, int64_t n, int64_t k, const F* A, int64_t lda, const F* B, int64_t ldb, F* C, int64_t ldc,
-             bool accumulate = false, bool transB = false, F alpha = F(1)) {
+             bool accumulate = false, bool transB = false, F alpha = F(1), bool transA = false) {
   if (has_blas<F>()) {
     // column-major view: C^T (n x m) = op(B)^T (n x k) A^T (k x m)
     const int im = (int)n, in = (int)m, ik = (int)k, ila = (int)ldb, ilb = (int)lda, ilc = (int)ldc;
     const F beta = accumulate ? 1 : 0;
-    blas_gemm(transB ? "T" : "N", "N", &im, &in, &ik, &alpha, B, &ila, A, &ilb, &beta, C, &ilc);
+    blas_gemm(transB ? "T" : "N", transA ? "T" : "N", &im, &in, &ik, &alpha, B, &ila, A, &ilb, &beta, C, &ilc);
     return;
   }
   const auto opt = at::TensorOptions().dtype(c10::CppTypeToScalarType<F>::value);
-  auto a = at::from_blob(const_cast<F*>(A), {m, k}, {lda, 1}, opt);
+  auto a = transA ? at::from_blob(const_cast<F*>(A), {k, m}, {lda, 1}, opt).t()
+                  : at::from_blob(const_cast<F*>(A), {m, k}, {lda, 1}, opt);
   auto b = transB ? at::from_blob(const_cast<F*>(B), {n, k}, {ldb, 1}, opt).t()
                   : at::from_blob(const_cast<F*>(B), {k, n}, {ldb, 1}, opt);
   auto c = at::from_blob(C, {m, n}, {ldc, 1}, opt);
@@ -172,29 +173,36 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> softmax_block_backward_cpu(
   auto gq = at::empty_like(qf), gk = at::empty_like(kf), gv = at::empty_like(vf);
   RF_DISPATCH_F(ct, "softmax_block_backward_cpu", [&] {
     using F = scalar_t;
+    const F *qp = qf.data_ptr<F>(), *kp = kf.data_ptr<F>(), *vp = vf.data_ptr<F>(), *ap = af.data_ptr<F>(),
+            *gop = gof.data_ptr<F>();
+    F *gAp = gA.data_ptr<F>(), *gqp = gq.data_ptr<F>(), *gkp = gk.data_ptr<F>(), *gvp = gv.data_ptr<F>();
+    const bool portable = portable_path();
     at::parallel_for(0, B * H, 1, [&](int64_t s, int64_t e) {
       BlasSerialGuard blas_guard;
-      Tensor S = at::empty({N, N}, qf.options());
+      Tensor S = at::empty({N, N}, qf.options()), P = at::empty({N, N}, qf.options());
+      F *sp = S.data_ptr<F>(), *pp = P.data_ptr<F>();
       for (int64_t bh = s; bh < e; ++bh) {
-        auto ga = gA.select(0, bh);
-        auto go = gof.select(0, bh);
-        ga.addmm_(go, vf.select(0, bh).t());                           // gA = gattn + gout v^T
-        auto gvb = gv.select(0, bh);
-        at::mm_out(gvb, af.select(0, bh).t(), go);                     // gv = A^T gout
-        at::mm_out(S, qf.select(0, bh), kf.select(0, bh).t());
-        F* sp = S.data_ptr<F>();
-        softmax_rows<F>(sp, nullptr, N, N, F(scale));                   // P, recomputed
-        const F* gp = ga.data_ptr<F>();
-        for (int64_t i = 0; i < N; ++i) {
-          F* pr = sp + i * N;
-          const F* g = gp + i * N;
+        const int64_t o4 = bh * N * d, o2 = bh * N * N;
+        F* ga = gAp + o2;
+        gemm_rm<F>(N, N, d, gop + o4, d, vp + o4, d, ga, N, true, true);                  // gA = gattn + gout v^T
+        gemm_rm<F>(N, d, N, ap + o2, N, gop + o4, d, gvp + o4, d, false, false, F(1), true);  // gv = A^T gout
+        gemm_rm<F>(N, N, d, qp + o4, d, kp + o4, d, sp, N, false, true, F(scale));        // S = scale q k^T
+        if (portable) {
+          std::copy(sp, sp + N * N, pp);
+          softmax_rows<F>(pp, nullptr, N, N, F(1));
+        } else {
+          at::_softmax_out(P, S, -1, false);                                              // P, recomputed
+        }
+        for (int64_t i = 0; i < N; ++i) {  // gS = scale * P (gA - rowdot(gA, P))
+          const F* pr = pp + i * N;
+          const F* g = ga + i * N;
+          F* gs = sp + i * N;
           F dot = 0;
           for (int64_t j = 0; j < N; ++j) dot += pr[j] * g[j];
-          for (int64_t j = 0; j < N; ++j) pr[j] = F(scale) * softmax_grad(pr[j], g[j], dot);
+          for (int64_t j = 0; j < N; ++j) gs[j] = F(scale) * softmax_grad(pr[j], g[j], dot);
         }
-        auto gqb = gq.select(0, bh), gkb = gk.select(0, bh);
-        at::mm_out(gqb, S, kf.select(0, bh));
-        at::mm_out(gkb, S.t(), qf.select(0, bh));
+        gemm_rm<F>(N, d, N, sp, N, kp + o4, d, gqp + o4, d);                              // gq = gS k
+        gemm_rm<F>(N, d, N, sp, N, qp + o4, d, gkp + o4, d, false, false, F(1), true);    // gk = gS^T q
       }
     });
   });
