@@ -1,0 +1,126 @@
+"""CPU benchmark: fused refiner._C ops vs the PyTorch reference, side by side.
+
+    python benchmarks/bench_cpu_ops.py [--repeats 15] [--threads 2]
+
+Prints median wall time (ms) per op at B=8, H=12, N=197, d=32, fp32. Baseline and fused runs are
+interleaved so that both see the same background load.
+"""
+import argparse
+import math
+import os
+import statistics
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from refiner import _compiled as C  # noqa: E402
+from refiner import reference as R  # noqa: E402
+
+
+def paired_ms(fn_base, fn_fused, repeats, warmup=1):
+    """Median ms of each, runs interleaved (base, fused, base, ...) so both see the same machine load."""
+    for _ in range(warmup):
+        fn_base()
+        fn_fused()
+    tb, tf = [], []
+    for _ in range(repeats):
+        for fn, ts in ((fn_base, tb), (fn_fused, tf)):
+            t0 = time.perf_counter()
+            fn()
+            ts.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(tb), statistics.median(tf)
+
+
+def random_dla(H, ratio, kernel):
+    g = torch.Generator().manual_seed(0)
+    dla = R.DLA(H, ratio, kernel)
+    bn = torch.nn.BatchNorm2d(H)
+    with torch.no_grad():
+        for m in list(dla.modules()) + [bn]:
+            if isinstance(m, torch.nn.Conv2d):
+                m.weight.copy_(torch.randn(m.weight.shape, generator=g) * 0.5)
+            if isinstance(m, torch.nn.BatchNorm2d):
+                c = m.num_features
+                m.weight.copy_(1 + 0.3 * torch.randn(c, generator=g))
+                m.bias.copy_(0.2 * torch.randn(c, generator=g))
+                m.running_mean.copy_(0.1 * torch.randn(c, generator=g))
+                m.running_var.copy_(0.5 + torch.rand(c, generator=g))
+    return dla.eval(), bn.eval()
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--repeats", type=int, default=15)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--B", type=int, default=8)
+    ap.add_argument("--H", type=int, default=12)
+    ap.add_argument("--N", type=int, default=197)
+    ap.add_argument("--d", type=int, default=32)
+    ap.add_argument("--no-train", action="store_true")
+    a = ap.parse_args()
+    if not C.AVAILABLE:
+        sys.exit(C.UNAVAILABLE_REASON)
+    torch.set_num_threads(a.threads)
+    torch.manual_seed(0)
+    B, H, N, d = a.B, a.H, a.N, a.d
+    s = d ** -0.5
+    attn = torch.randn(B, H, N, N).softmax(-1)
+    q, k, v = (torch.randn(B, H, N, d) for _ in range(3))
+    dla, bn = random_dla(H, 3, 3)
+    f = R.fold_refine(dla, bn, s)
+    rows = []
+    with torch.no_grad():
+        rows.append(("refine eval fwd", "module adapt_bn(DLA(A))*s@v",
+                     *paired_ms(lambda: (bn(dla(attn)) * s) @ v, lambda: C.refine_eval(attn, v, *f.args()), a.repeats)))
+        rows.append(("refine eval fwd", "reference.refine_eval (folded)",
+                     *paired_ms(lambda: R.refine_eval(attn, v, *f.args()), lambda: C.refine_eval(attn, v, *f.args()),
+                                a.repeats)))
+        rows.append(("softmax block fwd", "reference.softmax_block",
+                     *paired_ms(lambda: R.softmax_block(q, k, v, attn, s), lambda: C.softmax_block(q, k, v, attn, s),
+                                a.repeats)))
+
+    # forward + backward
+    def fb(fn, inputs):
+        def run():
+            out = fn()
+            out = out[0] if isinstance(out, tuple) else out
+            torch.autograd.grad(out.sum(), inputs)
+        return run
+
+    A = attn.clone().requires_grad_()
+    V = v.clone().requires_grad_()
+    P = [t.clone().requires_grad_() for t in f.args()[:-1]]
+    nb = max(3, a.repeats // 3)
+    rows.append(("refine eval fwd+bwd", "reference.refine_eval (folded)",
+                 *paired_ms(fb(lambda: R.refine_eval(A, V, *P, True), [A, V] + P),
+                            fb(lambda: C.refine_eval(A, V, *P, True), [A, V] + P), nb)))
+    Q, K, Vq = (t.clone().requires_grad_() for t in (q, k, v))
+    rows.append(("softmax block fwd+bwd", "reference.softmax_block",
+                 *paired_ms(fb(lambda: R.softmax_block(Q, K, Vq, A, s), [Q, K, Vq, A]),
+                            fb(lambda: C.softmax_block(Q, K, Vq, A, s), [Q, K, Vq, A]), nb)))
+    if not a.no_train and hasattr(torch.ops.refiner, "refine_train"):
+        dla_t, bn_t = random_dla(H, 3, 3)
+        W = [t.detach().clone().requires_grad_() for t in _train_args(dla_t, bn_t)]
+        rows.append(("refine train fwd+bwd", "reference.refine_train",
+                     *paired_ms(fb(lambda: R.refine_train(A, V, *W, 1e-5, s, True), [A, V] + W),
+                                fb(lambda: C.refine_train(A, V, *W, 1e-5, s, True), [A, V] + W), nb)))
+
+    print(f"CPU, torch {torch.__version__}, threads={torch.get_num_threads()}, B={B} H={H} N={N} d={d} fp32, "
+          f"median of {a.repeats} (fwd) / {nb} (fwd+bwd) interleaved runs")
+    print(f"| {'op':22s} | {'baseline':32s} | {'baseline ms':>11s} | {'fused ms':>9s} | {'speed-up':>8s} |")
+    print(f"|{'-' * 24}|{'-' * 34}|{'-' * 13}|{'-' * 11}|{'-' * 10}|")
+    for op, base, tb, tf in rows:
+        print(f"| {op:22s} | {base:32s} | {tb:11.2f} | {tf:9.2f} | {tb / tf:7.2f}x |")
+
+
+def _train_args(dla, bn):
+    hidden = dla.depth_sep_conv.weight.shape[0]
+    return (dla.conv_exp.weight[:, :, 0, 0], dla.depth_sep_conv.weight[:, 0], dla.conv_pro.weight[:, :, 0, 0],
+            dla.bn1.weight, dla.bn1.bias, dla.bn2.weight, dla.bn2.bias, dla.bn3.weight, dla.bn3.bias,
+            bn.weight, bn.bias)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,551 @@
+// CPU drivers of the refiner ops: at::parallel_for over tiles, tile math from csrc/common.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstdlib>
+#include <cmath>
+#include <limits>
+#include <vector>
+
+#include "common/refine_tile.h"
+#include "validate.h"
+
+namespace refiner {
+namespace {
+
+using at::Tensor;
+
+#define RF_DISPATCH_F(ct, name, ...) AT_DISPATCH_FLOATING_TYPES(ct, name, __VA_ARGS__)
+
+// detach: ATen calls made on at::parallel_for worker threads do not inherit the caller's
+// below-autograd dispatch state, so they must never see tensors that require grad.
+inline Tensor cc(const Tensor& t, at::ScalarType ct) { return t.detach().to(ct).contiguous(); }
+
+}  // namespace
+}  // namespace refiner
+
+// Fortran BLAS (MKL in the x86 torch wheels exports it from libtorch_cpu). Weak: when absent the
+// drivers fall back to at::mm on wrapped buffers.
+extern "C" {
+void sgemm_(const char*, const char*, const int*, const int*, const int*, const float*, const float*, const int*,
+            const float*, const int*, const float*, float*, const int*) __attribute__((weak));
+void dgemm_(const char*, const char*, const int*, const int*, const int*, const double*, const double*, const int*,
+            const double*, const int*, const double*, double*, const int*) __attribute__((weak));
+int MKL_Set_Num_Threads_Local(int) __attribute__((weak));
+}
+
+namespace refiner {
+namespace {
+
+inline void blas_gemm(const char* ta, const char* tb, const int* m, const int* n, const int* k, const float* al,
+                      const float* a, const int* lda, const float* b, const int* ldb, const float* be, float* c,
+                      const int* ldc) {
+  sgemm_(ta, tb, m, n, k, al, a, lda, b, ldb, be, c, ldc);
+}
+inline void blas_gemm(const char* ta, const char* tb, const int* m, const int* n, const int* k, const double* al,
+                      const double* a, const int* lda, const double* b, const int* ldb, const double* be, double* c,
+                      const int* ldc) {
+  dgemm_(ta, tb, m, n, k, al, a, lda, b, ldb, be, c, ldc);
+}
+template <class F> bool has_blas();
+template <> bool has_blas<float>() { return sgemm_ != nullptr; }
+template <> bool has_blas<double>() { return dgemm_ != nullptr; }
+
+// Inside at::parallel_for each worker calls BLAS on its own tile: keep BLAS single-threaded there
+// (nested MKL threading oversubscribes the cores badly).
+struct BlasSerialGuard {
+  int prev = -1;
+  BlasSerialGuard() {
+    if (MKL_Set_Num_Threads_Local) prev = MKL_Set_Num_Threads_Local(1);
+  }
+  ~BlasSerialGuard() {
+    if (MKL_Set_Num_Threads_Local && prev >= 0) MKL_Set_Num_Threads_Local(prev);
+  }
+};
+
+// Row-major C(m x n) = alpha op(A) op(B) (+ C when accumulate), op(B) = B (k x n, ld ldb) or,
+// with transB, B^T for B (n x k, ld ldb); likewise op(A) = A (m x k) or, with transA, A^T (k x m). Single-threaded (called per tile / per head).
+template <class F>
+void gemm_rm(int64_t m, int64_t n, int64_t k, const F* A, int64_t lda, const F* B, int64_t ldb, F* C, int64_t ldc,
+             bool accumulate = false, bool transB = false, F alpha = F(1), bool transA = false) {
+  if (has_blas<F>()) {
+    // column-major view: C^T (n x m) = op(B)^T (n x k) A^T (k x m)
+    const int im = (int)n, in = (int)m, ik = (int)k, ila = (int)ldb, ilb = (int)lda, ilc = (int)ldc;
+    const F beta = accumulate ? 1 : 0;
+    blas_gemm(transB ? "T" : "N", transA ? "T" : "N", &im, &in, &ik, &alpha, B, &ila, A, &ilb, &beta, C, &ilc);
+    return;
+  }
+  const auto opt = at::TensorOptions().dtype(c10::CppTypeToScalarType<F>::value);
+  auto a = transA ? at::from_blob(const_cast<F*>(A), {k, m}, {lda, 1}, opt).t()
+                  : at::from_blob(const_cast<F*>(A), {m, k}, {lda, 1}, opt);
+  auto b = transB ? at::from_blob(const_cast<F*>(B), {n, k}, {ldb, 1}, opt).t()
+                  : at::from_blob(const_cast<F*>(B), {k, n}, {ldb, 1}, opt);
+  auto c = at::from_blob(C, {m, n}, {ldc, 1}, opt);
+  if (accumulate) c.add_(at::mm(a, b), alpha);
+  else c.copy_(at::mm(a, b).mul_(alpha));
+}
+
+// REFINER_CPU_PORTABLE=1 makes the CPU forwards run the exact stage sequence / element-wise math
+// of the CUDA kernels (refine: expand_channel / dw_pro_channel instead of BLAS for the two 1x1
+// convs; softmax block: softmax_residual instead of ATen's SIMD softmax). Tests run both paths.
+inline bool portable_path() {
+  const char* e = std::getenv("REFINER_CPU_PORTABLE");
+  return e && e[0] == '1';
+}
+
+// ----------------------------------------------------------------------------
+// softmax block
+// ----------------------------------------------------------------------------
+template <class F>
+void softmax_rows(F* a, const F* prev, int64_t rows, int64_t n, F scale) {
+  for (int64_t i = 0; i < rows; ++i) {
+    F* r = a + i * n;
+    F mx = -std::numeric_limits<F>::infinity();
+    for (int64_t j = 0; j < n; ++j) mx = std::max(mx, r[j]);
+    mx *= scale;
+    F sum = 0;
+    for (int64_t j = 0; j < n; ++j) {
+      const F e = rf_exp(scale * r[j] - mx);
+      r[j] = e;
+      sum += e;
+    }
+    const F inv = F(1) / sum;
+    if (prev) {
+      const F* pr = prev + i * n;
+      for (int64_t j = 0; j < n; ++j) r[j] = r[j] * inv + scale * pr[j];
+    } else {
+      for (int64_t j = 0; j < n; ++j) r[j] *= inv;
+    }
+  }
+}
+
+std::tuple<Tensor, Tensor> softmax_block_cpu(const Tensor& q, const Tensor& k, const Tensor& v,
+                                             const c10::optional<Tensor>& prev, double scale) {
+  validate_softmax_block(q, k, v, prev, scale);
+  const auto ct = compute_type(q);
+  const int64_t B = q.size(0), H = q.size(1), N = q.size(2), d = q.size(3);
+  auto qf = cc(q, ct).view({B * H, N, d}), kf = cc(k, ct).view({B * H, N, d}), vf = cc(v, ct).view({B * H, N, d});
+  const bool has_prev = prev.has_value() && prev->defined();
+  Tensor pf = has_prev ? cc(*prev, ct).view({B * H, N, N}) : Tensor();
+  auto attn = at::empty({B * H, N, N}, qf.options());
+  auto out = at::empty({B * H, N, d}, qf.options());
+  RF_DISPATCH_F(ct, "softmax_block_cpu", [&] {
+    using F = scalar_t;
+    const F* pp = has_prev ? pf.data_ptr<F>() : nullptr;
+    const bool portable = portable_path();
+    at::parallel_for(0, B * H, 1, [&](int64_t s, int64_t e) {
+      BlasSerialGuard blas_guard;
+      Tensor S = portable ? Tensor() : at::empty({N, N}, qf.options());
+      for (int64_t bh = s; bh < e; ++bh) {
+        auto a = attn.select(0, bh);
+        if (portable) {  // the element-wise math shared with the CUDA kernel
+          at::mm_out(a, qf.select(0, bh), kf.select(0, bh).t());
+          softmax_rows<F>(a.data_ptr<F>(), pp ? pp + bh * N * N : nullptr, N, N, F(scale));
+        } else {  // same math through ATen's vectorised (SIMD exp) softmax, on a cache-resident block
+          gemm_rm<F>(N, N, d, qf.data_ptr<F>() + bh * N * d, d, kf.data_ptr<F>() + bh * N * d, d, S.data_ptr<F>(), N,
+                     false, true, F(scale));
+          at::_softmax_out(a, S, -1, false);
+          if (pp) a.add_(pf.select(0, bh), scale);
+        }
+        gemm_rm<F>(N, d, N, a.data_ptr<F>(), N, vf.data_ptr<F>() + bh * N * d, d, out.data_ptr<F>() + bh * N * d, d);
+      }
+    });
+  });
+  return {out.view({B, H, N, d}).to(q.scalar_type()), attn.view({B, H, N, N}).to(q.scalar_type())};
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> softmax_block_backward_cpu(
+    const Tensor& gout, const Tensor& gattn, const Tensor& q, const Tensor& k, const Tensor& v,
+    const Tensor& attn, double scale) {
+  validate_softmax_block(q, k, v, attn, scale);
+  const char* op = "softmax_block_backward";
+  validate_grad(op, "grad_out", gout, q);
+  validate_grad(op, "grad_attn", gattn, attn);
+  const auto ct = compute_type(q);
+  const int64_t B = q.size(0), H = q.size(1), N = q.size(2), d = q.size(3);
+  auto qf = cc(q, ct).view({B * H, N, d}), kf = cc(k, ct).view({B * H, N, d}), vf = cc(v, ct).view({B * H, N, d});
+  auto af = cc(attn, ct).view({B * H, N, N});
+  auto gof = cc(gout, ct).view({B * H, N, d});
+  auto gA = cc(gattn, ct).view({B * H, N, N}).clone();
+  auto gq = at::empty_like(qf), gk = at::empty_like(kf), gv = at::empty_like(vf);
+  RF_DISPATCH_F(ct, "softmax_block_backward_cpu", [&] {
+    using F = scalar_t;
+    const F *qp = qf.data_ptr<F>(), *kp = kf.data_ptr<F>(), *vp = vf.data_ptr<F>(), *ap = af.data_ptr<F>(),
+            *gop = gof.data_ptr<F>();
+    F *gAp = gA.data_ptr<F>(), *gqp = gq.data_ptr<F>(), *gkp = gk.data_ptr<F>(), *gvp = gv.data_ptr<F>();
+    const bool portable = portable_path();
+    at::parallel_for(0, B * H, 1, [&](int64_t s, int64_t e) {
+      BlasSerialGuard blas_guard;
+      Tensor S = at::empty({N, N}, qf.options()), P = at::empty({N, N}, qf.options());
+      F *sp = S.data_ptr<F>(), *pp = P.data_ptr<F>();
+      for (int64_t bh = s; bh < e; ++bh) {
+        const int64_t o4 = bh * N * d, o2 = bh * N * N;
+        F* ga = gAp + o2;
+        gemm_rm<F>(N, N, d, gop + o4, d, vp + o4, d, ga, N, true, true);                  // gA = gattn + gout v^T
+        gemm_rm<F>(N, d, N, ap + o2, N, gop + o4, d, gvp + o4, d, false, false, F(1), true);  // gv = A^T gout
+        gemm_rm<F>(N, N, d, qp + o4, d, kp + o4, d, sp, N, false, true, F(scale));        // S = scale q k^T
+        if (portable) {
+          std::copy(sp, sp + N * N, pp);
+          softmax_rows<F>(pp, nullptr, N, N, F(1));
+        } else {
+          at::_softmax_out(P, S, -1, false);                                              // P, recomputed
+        }
+        for (int64_t i = 0; i < N; ++i) {  // gS = scale * P (gA - rowdot(gA, P))
+          const F* pr = pp + i * N;
+          const F* g = ga + i * N;
+          F* gs = sp + i * N;
+          F dot = 0;
+          for (int64_t j = 0; j < N; ++j) dot += pr[j] * g[j];
+          for (int64_t j = 0; j < N; ++j) gs[j] = F(scale) * softmax_grad(pr[j], g[j], dot);
+        }
+        gemm_rm<F>(N, d, N, sp, N, kp + o4, d, gqp + o4, d);                              // gq = gS k
+        gemm_rm<F>(N, d, N, sp, N, qp + o4, d, gkp + o4, d, false, false, F(1), true);    // gk = gS^T q
+      }
+    });
+  });
+  const auto st = q.scalar_type();
+  return {gq.view({B, H, N, d}).to(st), gk.view({B, H, N, d}).to(st), gv.view({B, H, N, d}).to(st),
+          gA.view({B, H, N, N}).to(st)};
+}
+
+// ----------------------------------------------------------------------------
+// refine (eval): fused map + R @ v
+// ----------------------------------------------------------------------------
+struct RefineDims {
+  int64_t B, H, N, d, rH, k;
+  bool expand;
+};
+
+template <class F>
+struct RefineW {
+  const F *w_exp, *b_exp, *w_dw, *b_dw, *w_pro, *b_pro, *alpha, *beta;
+};
+
+constexpr int kRowsPerTile = 16;
+
+// One chunk [s, e) of (batch, row-tile) work items of the forward.
+template <class F>
+__attribute__((always_inline)) inline void refine_fwd_chunk(const F* A, const F* V, const RefineW<F>& w,
+                                                            const RefineDims& D, F* out, F* Rmap, bool portable,
+                                                            int64_t s, int64_t e) {
+  const int64_t N = D.N, H = D.H, d = D.d, rH = D.rH;
+  const int p = (int)D.k / 2;
+  const int64_t ntiles = (N + kRowsPerTile - 1) / kRowsPerTile;
+    Tile tmax{N, 0, 0, kRowsPerTile, (int)N};
+    BlasSerialGuard blas_guard;
+    std::vector<F> abuf(buf_elems<F>(tmax, p, (int)H)), ebuf(buf_elems<F>(tmax, p, portable ? 1 : (int)rH)),
+        dbuf(buf_elems<F>(tmax, 0, (int)rH)), pbuf(buf_elems<F>(tmax, 0, (int)H)), drow(N), acc(d);
+    SerialPar par;
+    for (int64_t idx = s; idx < e; ++idx) {
+      const int64_t b = idx / ntiles, r0 = (idx % ntiles) * kRowsPerTile;
+      Tile t{N, r0, 0, (int)std::min<int64_t>(kRowsPerTile, N - r0), (int)N};
+      auto Ab = make_buf(abuf.data(), t, p), Eb = make_buf(ebuf.data(), t, p), Pb = make_buf(pbuf.data(), t, 0),
+           Db = make_buf(dbuf.data(), t, 0);
+      load_tile(par, A + b * H * N * N, (int)H, t, Ab);
+      if (portable) {
+        std::fill(pbuf.begin(), pbuf.end(), F(0));
+        for (int c = 0; c < (int)rH; ++c) {
+          if (D.expand) {
+            expand_channel(par, c, (int)H, w.w_exp, w.b_exp, t, Ab, Eb, p);
+            dw_pro_channel(par, c, (int)H, (int)rH, w.w_dw, w.b_dw, w.w_pro, (int)D.k, t, Eb, 0, Pb, drow.data());
+          } else {
+            dw_pro_channel(par, c, (int)H, (int)rH, w.w_dw, w.b_dw, w.w_pro, (int)D.k, t, Ab, c, Pb, drow.data());
+          }
+        }
+      } else {
+        const Buf<F>& Ec = D.expand ? Eb : Ab;
+        if (D.expand) {
+          gemm_rm<F>(rH, Ab.plane, H, w.w_exp, H, Ab.p, Ab.plane, Eb.p, Eb.plane);
+          for (int c = 0; c < (int)rH; ++c) expand_epilogue(par, c, w.b_exp, t, Eb, p);
+        }
+        for (int c = 0; c < (int)rH; ++c) dw_channel(par, c, w.w_dw, w.b_dw, (int)D.k, t, Ec, c, Db, c);
+        gemm_rm<F>(H, Db.plane, rH, w.w_pro, rH, Db.p, Db.plane, Pb.p, Pb.plane);
+      }
+      finish_r(par, (int)H, w.b_pro, w.alpha, w.beta, t, Ab, Pb);
+      for (int64_t h = 0; h < H; ++h) {
+        const int64_t bh = b * H + h;
+        if (Rmap)
+          for (int y = 0; y < t.TR; ++y) {
+            const F* r = Pb.row((int)h, y);
+            std::copy(r, r + N, Rmap + (bh * N + r0 + y) * N);
+          }
+        if (out) gemm_rm<F>(t.TR, d, N, Pb.row((int)h, 0), N, V + bh * N * d, d, out + (bh * N + r0) * d, d);
+      }
+    }
+}
+
+// fp32 chunks are compiled twice (AVX2+FMA and baseline x86-64) and picked at load time.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define RF_CLONES __attribute__((target_clones("arch=haswell", "default")))
+#else
+#define RF_CLONES
+#endif
+RF_CLONES void refine_fwd_chunk_f32(const float* A, const float* V, const RefineW<float>& w, const RefineDims& D,
+                                    float* out, float* Rmap, bool portable, int64_t s, int64_t e) {
+  refine_fwd_chunk<float>(A, V, w, D, out, Rmap, portable, s, e);
+}
+void refine_fwd_chunk_any(const float* A, const float* V, const RefineW<float>& w, const RefineDims& D, float* out,
+                          float* Rmap, bool portable, int64_t s, int64_t e) {
+  refine_fwd_chunk_f32(A, V, w, D, out, Rmap, portable, s, e);
+}
+void refine_fwd_chunk_any(const double* A, const double* V, const RefineW<double>& w, const RefineDims& D,
+                          double* out, double* Rmap, bool portable, int64_t s, int64_t e) {
+  refine_fwd_chunk<double>(A, V, w, D, out, Rmap, portable, s, e);
+}
+
+// out = R @ v (when out != nullptr) and/or Rmap = R (when Rmap != nullptr).
+template <class F>
+void refine_fwd_driver(const F* A, const F* V, const RefineW<F>& w, const RefineDims& D, F* out, F* Rmap) {
+  const int64_t ntiles = (D.N + kRowsPerTile - 1) / kRowsPerTile;
+  const bool portable = portable_path();
+  at::parallel_for(0, D.B * ntiles, 1, [&](int64_t s, int64_t e) {
+    refine_fwd_chunk_any(A, V, w, D, out, Rmap, portable, s, e);
+  });
+}
+
+struct RefineArgs {
+  Tensor attn, v, w_exp, b_exp, w_dw, b_dw, w_pro, b_pro, alpha, beta;
+  RefineDims D;
+};
+
+RefineArgs prep_refine(const Tensor& attn, const Tensor& v, const Tensor& w_exp, const Tensor& b_exp,
+                       const Tensor& w_dw, const Tensor& b_dw, const Tensor& w_pro, const Tensor& b_pro,
+                       const Tensor& alpha, const Tensor& beta, bool expand) {
+  validate_refine_eval(attn, v, w_exp, b_exp, w_dw, b_dw, w_pro, b_pro, alpha, beta, expand);
+  const auto ct = compute_type(attn);
+  RefineArgs r{cc(attn, ct), cc(v, ct), cc(w_exp, ct), cc(b_exp, ct), cc(w_dw, ct), cc(b_dw, ct),
+               cc(w_pro, ct), cc(b_pro, ct), cc(alpha, ct), cc(beta, ct), {}};
+  r.D = {attn.size(0), attn.size(1), attn.size(2), v.size(3), w_dw.size(0), w_dw.size(1), expand};
+  return r;
+}
+
+template <class F>
+RefineW<F> weights_of(const RefineArgs& r) {
+  return {r.w_exp.data_ptr<F>(), r.b_exp.data_ptr<F>(), r.w_dw.data_ptr<F>(), r.b_dw.data_ptr<F>(),
+          r.w_pro.data_ptr<F>(), r.b_pro.data_ptr<F>(), r.alpha.data_ptr<F>(), r.beta.data_ptr<F>()};
+}
+
+Tensor refine_eval_cpu(const Tensor& attn, const Tensor& v, const Tensor& w_exp, const Tensor& b_exp,
+                       const Tensor& w_dw, const Tensor& b_dw, const Tensor& w_pro, const Tensor& b_pro,
+                       const Tensor& alpha, const Tensor& beta, bool expand) {
+  auto r = prep_refine(attn, v, w_exp, b_exp, w_dw, b_dw, w_pro, b_pro, alpha, beta, expand);
+  auto out = at::empty({r.D.B, r.D.H, r.D.N, r.D.d}, r.attn.options());
+  RF_DISPATCH_F(r.attn.scalar_type(), "refine_eval_cpu", [&] {
+    refine_fwd_driver<scalar_t>(r.attn.data_ptr<scalar_t>(), r.v.data_ptr<scalar_t>(), weights_of<scalar_t>(r),
+                                r.D, out.data_ptr<scalar_t>(), nullptr);
+  });
+  return out.to(attn.scalar_type());
+}
+
+std::vector<Tensor> refine_eval_backward_cpu_v(const Tensor& gout, const Tensor& attn, const Tensor& v,
+                                               const Tensor& w_exp, const Tensor& b_exp, const Tensor& w_dw,
+                                               const Tensor& b_dw, const Tensor& w_pro, const Tensor& b_pro,
+                                               const Tensor& alpha, const Tensor& beta, bool expand) {
+  auto r = prep_refine(attn, v, w_exp, b_exp, w_dw, b_dw, w_pro, b_pro, alpha, beta, expand);
+  validate_grad("refine_eval_backward", "grad_out", gout, v);
+  const auto ct = r.attn.scalar_type();
+  const RefineDims D = r.D;
+  const int64_t B = D.B, H = D.H, N = D.N, rH = D.rH, k = D.k;
+  const int p = (int)k / 2;
+  auto go = cc(gout, ct);
+  auto R = at::empty({B, H, N, N}, r.attn.options());
+  auto gA = at::empty({B, H, N, N}, r.attn.options());
+  // parameter-gradient slots per tile
+  const int64_t o_wdw = 0, o_bdw = rH * k * k, o_wpro = o_bdw + rH, o_wexp = o_wpro + H * rH,
+                o_bexp = o_wexp + rH * H, o_alpha = o_bexp + rH, o_beta = o_alpha + H, nslots = o_beta + H;
+  const int64_t ntiles = (N + kRowsPerTile - 1) / kRowsPerTile;
+  auto partial = at::zeros({B * ntiles, nslots}, r.attn.options());
+  Tensor gR, gv;
+  RF_DISPATCH_F(ct, "refine_eval_backward_cpu", [&] {
+    using F = scalar_t;
+    const auto w = weights_of<F>(r);
+    refine_fwd_driver<F>(r.attn.data_ptr<F>(), nullptr, w, D, nullptr, R.data_ptr<F>());
+    gR = at::matmul(go, r.v.transpose(-2, -1)).contiguous();
+    gv = at::matmul(R.transpose(-2, -1), go);
+    const F* A = r.attn.data_ptr<F>();
+    const F* GRp = gR.data_ptr<F>();
+    F* gAp = gA.data_ptr<F>();
+    F* part = partial.data_ptr<F>();
+    at::parallel_for(0, B * ntiles, 1, [&](int64_t s, int64_t e) {
+      Tile tmax{N, 0, 0, kRowsPerTile, (int)N};
+      BlasSerialGuard blas_guard;
+      std::vector<F> abuf(buf_elems<F>(tmax, 2 * p, (int)H)), ebuf(buf_elems<F>(tmax, 2 * p, 1)),
+          grbuf(buf_elems<F>(tmax, p, (int)H)), gybuf(buf_elems<F>(tmax, p, 1)), dbuf(buf_elems<F>(tmax, 0, 1)),
+          gubuf(buf_elems<F>(tmax, 0, 1)), pbuf(buf_elems<F>(tmax, 0, (int)H)), gabuf(buf_elems<F>(tmax, 0, (int)H));
+      SerialPar par;
+      for (int64_t idx = s; idx < e; ++idx) {
+        const int64_t b = idx / ntiles, r0 = (idx % ntiles) * kRowsPerTile;
+        Tile t{N, r0, 0, (int)std::min<int64_t>(kRowsPerTile, N - r0), (int)N};
+        auto Ab = make_buf(abuf.data(), t, 2 * p), Eb = make_buf(ebuf.data(), t, 2 * p),
+             GRb = make_buf(grbuf.data(), t, p), GYb = make_buf(gybuf.data(), t, p),
+             Db = make_buf(dbuf.data(), t, 0), GUb = make_buf(gubuf.data(), t, 0),
+             Pb = make_buf(pbuf.data(), t, 0), GAb = make_buf(gabuf.data(), t, 0);
+        load_tile(par, A + b * H * N * N, (int)H, t, Ab);
+        load_tile(par, GRp + b * H * N * N, (int)H, t, GRb);
+        std::fill(pbuf.begin(), pbuf.end(), F(0));
+        std::fill(gabuf.begin(), gabuf.end(), F(0));
+        std::fill(gubuf.begin(), gubuf.end(), F(0));
+        F* slot = part + idx * nslots;
+        const int nitems = bwd_channel_items((int)H, (int)k, D.expand);
+        for (int c = 0; c < (int)rH; ++c) {
+          const Buf<F>& Ec = D.expand ? Eb : Ab;
+          const int ce = D.expand ? 0 : c;
+          if (D.expand) expand_channel(par, c, (int)H, w.w_exp, w.b_exp, t, Ab, Eb, 2 * p);
+          bwd_dy_channel(par, c, (int)H, (int)rH, w.w_dw, w.b_dw, w.w_pro, w.alpha, (int)k, t, Ec, ce, GRb, GYb,
+                         Db, Pb);
+          bwd_de_channel(par, c, (int)H, w.w_exp, w.b_exp, w.w_dw, (int)k, D.expand, t, Ab, GYb, GUb, GAb);
+          for (int it = 0; it < nitems; ++it) {
+            const F v_ = bwd_channel_item(it, (int)H, w.alpha, (int)k, t, Ab, Ec, ce, GRb, GYb, Db, GUb);
+            int64_t o;
+            if (it < k * k) o = o_wdw + c * k * k + it;
+            else if (it == k * k) o = o_bdw + c;
+            else if (it < k * k + 1 + H) o = o_wpro + (it - k * k - 1) * rH + c;
+            else if (it < k * k + 1 + 2 * H) o = o_wexp + c * H + (it - k * k - 1 - H);
+            else o = o_bexp + c;
+            slot[o] += v_;
+          }
+        }
+        bwd_residual(par, (int)H, w.alpha, t, GRb, GAb);
+        for (int it = 0; it < 2 * H; ++it)
+          slot[o_alpha + it] += bwd_head_item(it, (int)H, w.b_pro, t, Ab, GRb, Pb);
+        for (int64_t h = 0; h < H; ++h)
+          for (int y = 0; y < t.TR; ++y) {
+            const F* g = GAb.row((int)h, y);
+            std::copy(g, g + N, gAp + ((b * H + h) * N + r0 + y) * N);
+          }
+      }
+    });
+  });
+  auto tot = partial.sum(0);  // (the narrowed slices below are cloned: outputs must not alias)
+  const auto st = attn.scalar_type();
+  auto gw_dw = tot.narrow(0, o_wdw, rH * k * k).view({rH, k, k});
+  auto gb_dw = tot.narrow(0, o_bdw, rH);
+  auto gw_pro = tot.narrow(0, o_wpro, H * rH).view({H, rH});
+  auto gw_exp = tot.narrow(0, o_wexp, rH * H).view({rH, H});
+  auto gb_exp = tot.narrow(0, o_bexp, rH);
+  auto galpha = tot.narrow(0, o_alpha, H);
+  auto gbeta = tot.narrow(0, o_beta, H);
+  auto gb_pro = gbeta * r.alpha;
+  auto own = [&](const Tensor& t) { return t.to(st).clone(at::MemoryFormat::Contiguous); };
+  return {gA.to(st), gv.to(st), own(gw_exp), own(gb_exp), own(gw_dw), own(gb_dw), own(gw_pro), own(gb_pro),
+          own(galpha), own(gbeta)};
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> refine_eval_backward_cpu(
+    const Tensor& gout, const Tensor& attn, const Tensor& v, const Tensor& w_exp, const Tensor& b_exp,
+    const Tensor& w_dw, const Tensor& b_dw, const Tensor& w_pro, const Tensor& b_pro, const Tensor& alpha,
+    const Tensor& beta, bool expand) {
+  auto g = refine_eval_backward_cpu_v(gout, attn, v, w_exp, b_exp, w_dw, b_dw, w_pro, b_pro, alpha, beta, expand);
+  return {g[0], g[1], g[2], g[3], g[4], g[5], g[6], g[7], g[8], g[9]};
+}
+
+// ----------------------------------------------------------------------------
+// building blocks: depthwise conv, row softmax
+// ----------------------------------------------------------------------------
+Tensor attn_dwconv_cpu(const Tensor& x, const Tensor& w) {
+  validate_attn_dwconv(x, w);
+  const auto ct = compute_type(x);
+  auto xf = cc(x, ct), wf = cc(w, ct);
+  const int64_t B = x.size(0), C = x.size(1), N = x.size(2), M = x.size(3), k = w.size(1);
+  auto y = at::empty_like(xf);
+  RF_DISPATCH_F(ct, "attn_dwconv_cpu", [&] {
+    using F = scalar_t;
+    const F *xp = xf.data_ptr<F>(), *wp = wf.data_ptr<F>();
+    F* yp = y.data_ptr<F>();
+    at::parallel_for(0, B * C * N, 16, [&](int64_t s, int64_t e) {
+      for (int64_t idx = s; idx < e; ++idx) {
+        const int64_t bc = idx / N, r = idx % N, c = bc % C;
+        for (int64_t xx = 0; xx < M; ++xx)
+          yp[idx * M + xx] = dw_global(xp + bc * N * M, N, M, wp + c * k * k, (int)k, r, xx, false);
+      }
+    });
+  });
+  return y.to(x.scalar_type());
+}
+
+std::tuple<Tensor, Tensor> attn_dwconv_backward_cpu(const Tensor& g, const Tensor& x, const Tensor& w) {
+  validate_attn_dwconv(x, w);
+  validate_grad("attn_dwconv_backward", "grad", g, x);
+  const auto ct = compute_type(x);
+  auto xf = cc(x, ct), wf = cc(w, ct), gf = cc(g, ct);
+  const int64_t B = x.size(0), C = x.size(1), N = x.size(2), M = x.size(3), k = w.size(1);
+  auto gx = at::empty_like(xf);
+  auto gw = at::empty({C, k, k}, xf.options());
+  RF_DISPATCH_F(ct, "attn_dwconv_backward_cpu", [&] {
+    using F = scalar_t;
+    const F *xp = xf.data_ptr<F>(), *wp = wf.data_ptr<F>(), *gp = gf.data_ptr<F>();
+    F *gxp = gx.data_ptr<F>(), *gwp = gw.data_ptr<F>();
+    at::parallel_for(0, B * C * N, 16, [&](int64_t s, int64_t e) {
+      for (int64_t idx = s; idx < e; ++idx) {
+        const int64_t bc = idx / N, r = idx % N, c = bc % C;
+        for (int64_t xx = 0; xx < M; ++xx)
+          gxp[idx * M + xx] = dw_global(gp + bc * N * M, N, M, wp + c * k * k, (int)k, r, xx, true);
+      }
+    });
+    at::parallel_for(0, C * k * k, 1, [&](int64_t s, int64_t e) {
+      for (int64_t it = s; it < e; ++it) {
+        const int64_t c = it / (k * k);
+        F acc = 0;
+        for (int64_t b = 0; b < B; ++b)
+          acc += dw_weight_grad(gp + (b * C + c) * N * M, xp + (b * C + c) * N * M, N, M, (int)k, (int)(it % (k * k)));
+        gwp[it] = acc;
+      }
+    });
+  });
+  return {gx.to(x.scalar_type()), gw.to(w.scalar_type())};
+}
+
+Tensor row_softmax_cpu(const Tensor& x) {
+  validate_row_softmax(x);
+  const auto ct = compute_type(x);
+  auto xf = cc(x, ct).clone();
+  const int64_t n = x.dim() ? x.size(-1) : 1;
+  const int64_t rows = n ? xf.numel() / n : 0;
+  RF_DISPATCH_F(ct, "row_softmax_cpu", [&] {
+    using F = scalar_t;
+    F* p = xf.data_ptr<F>();
+    at::parallel_for(0, rows, 64, [&](int64_t s, int64_t e) { softmax_rows<F>(p + s * n, nullptr, e - s, n, F(1)); });
+  });
+  return xf.to(x.scalar_type());
+}
+
+Tensor row_softmax_backward_cpu(const Tensor& g, const Tensor& y) {
+  validate_row_softmax(y);
+  validate_grad("row_softmax_backward", "grad", g, y);
+  const auto ct = compute_type(y);
+  auto yf = cc(y, ct), gx = cc(g, ct).clone();
+  const int64_t n = y.size(-1);
+  const int64_t rows = n ? yf.numel() / n : 0;
+  RF_DISPATCH_F(ct, "row_softmax_backward_cpu", [&] {
+    using F = scalar_t;
+    const F* yp = yf.data_ptr<F>();
+    F* gp = gx.data_ptr<F>();
+    at::parallel_for(0, rows, 64, [&](int64_t s, int64_t e) {
+      for (int64_t i = s; i < e; ++i) {
+        const F* yr = yp + i * n;
+        F* gr = gp + i * n;
+        F dot = 0;
+        for (int64_t j = 0; j < n; ++j) dot += yr[j] * gr[j];
+        for (int64_t j = 0; j < n; ++j) gr[j] = softmax_grad(yr[j], gr[j], dot);
+      }
+    });
+  });
+  return gx.to(y.scalar_type());
+}
+
+}  // namespace
+}  // namespace refiner
+
+TORCH_LIBRARY_IMPL(refiner, CPU, m) {
+  m.impl("softmax_block", &refiner::softmax_block_cpu);
+  m.impl("softmax_block_backward", &refiner::softmax_block_backward_cpu);
+  m.impl("refine_eval", &refiner::refine_eval_cpu);
+  m.impl("refine_eval_backward", &refiner::refine_eval_backward_cpu);
+  m.impl("attn_dwconv", &refiner::attn_dwconv_cpu);
+  m.impl("attn_dwconv_backward", &refiner::attn_dwconv_backward_cpu);
+  m.impl("row_softmax", &refiner::row_softmax_cpu);
+  m.impl("row_softmax_backward", &refiner::row_softmax_backward_cpu);
+}

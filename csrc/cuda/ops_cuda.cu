@@ -1,0 +1,565 @@
+// CUDA kernels and launchers of the refiner ops. The refine kernels run the same stage
+// functions as the CPU drivers (csrc/common/refine_tile.h) with a thread-parallel policy.
+//
+// Layout: one block per (batch, query row) on grid.x (64-bit index math; B*H and B*N may exceed
+// 65535), the row is walked in column tiles staged in shared memory with their halo.
+// Inputs fp32/fp16/bf16, all arithmetic and accumulation in fp32.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <cuda_runtime.h>
+
+#include "common/refine_tile.h"
+#include "validate.h"
+
+namespace refiner {
+namespace {
+
+using at::Tensor;
+
+struct CudaPar {
+  int tx, nt;
+  __device__ int y0() const { return 0; }
+  __device__ int ny() const { return 1; }
+  __device__ int x0() const { return tx; }
+  __device__ int nx() const { return nt; }
+};
+
+constexpr int kThreads = 128;
+
+__device__ __forceinline__ float warp_sum(float v) {
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+__device__ __forceinline__ float warp_max(float v) {
+  for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+  return v;
+}
+// Block-wide reduction (blockDim.x a multiple of 32, <= 1024); scratch: 32 floats.
+template <bool kMax>
+__device__ float block_reduce(float v, float* scratch) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
+  v = kMax ? warp_max(v) : warp_sum(v);
+  __syncthreads();
+  if (lane == 0) scratch[warp] = v;
+  __syncthreads();
+  v = lane < nw ? scratch[lane] : (kMax ? -INFINITY : 0.f);
+  if (warp == 0) v = kMax ? warp_max(v) : warp_sum(v);
+  if (threadIdx.x == 0) scratch[0] = v;
+  __syncthreads();
+  const float r = scratch[0];
+  __syncthreads();
+  return r;
+}
+
+int max_smem_optin() {
+  int dev = 0, v = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&dev));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&v, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev));
+  return v;
+}
+
+template <class K>
+void set_smem(K kernel, size_t bytes, const char* op) {
+  const int mx = max_smem_optin();
+  TORCH_CHECK((int64_t)bytes <= mx, op, ": needs ", bytes, " bytes of shared memory per block, the device has ", mx,
+              " (reduce N, H or the kernel size)");
+  if (bytes > 48 * 1024)
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)bytes));
+}
+
+inline Tensor f32(const Tensor& t) { return t.to(at::kFloat).contiguous(); }
+
+// ----------------------------------------------------------------------------
+// softmax block forward: one block per (b, h, query row)
+// ----------------------------------------------------------------------------
+template <class T>
+__global__ void softmax_block_fwd_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
+                                         const T* __restrict__ prev, T* __restrict__ out, T* __restrict__ attn,
+                                         int64_t rows, int64_t N, int d, float scale) {
+  extern __shared__ float sm[];
+  float* red = sm;           // 32
+  float* qs = sm + 32;       // d
+  float* sc = qs + d;        // N
+  for (int64_t row = blockIdx.x; row < rows; row += gridDim.x) {
+    const int64_t bh = row / N;
+    for (int j = threadIdx.x; j < d; j += blockDim.x) qs[j] = static_cast<float>(q[row * d + j]);
+    __syncthreads();
+    float mx = -INFINITY;
+    for (int64_t j = threadIdx.x; j < N; j += blockDim.x) {
+      const T* kr = k + (bh * N + j) * d;
+      float s = 0.f;
+      for (int t = 0; t < d; ++t) s += qs[t] * static_cast<float>(kr[t]);
+      s *= scale;
+      sc[j] = s;
+      mx = fmaxf(mx, s);
+    }
+    mx = block_reduce<true>(mx, red);
+    float sum = 0.f;
+    for (int64_t j = threadIdx.x; j < N; j += blockDim.x) sum += rf_exp(sc[j] - mx);
+    sum = block_reduce<false>(sum, red);
+    const float inv = 1.f / sum;
+    for (int64_t j = threadIdx.x; j < N; j += blockDim.x) {
+      const float pv = prev ? static_cast<float>(prev[row * N + j]) : 0.f;
+      const float a = softmax_residual(sc[j], mx, inv, pv, prev ? scale : 0.f);
+      attn[row * N + j] = static_cast<T>(a);
+      sc[j] = static_cast<float>(static_cast<T>(a));  // A @ v uses the stored (rounded) attn
+    }
+    __syncthreads();
+    for (int t = threadIdx.x; t < d; t += blockDim.x) {
+      float acc = 0.f;
+      const T* vb = v + bh * N * d + t;
+      for (int64_t j = 0; j < N; ++j) acc += sc[j] * static_cast<float>(vb[j * d]);
+      out[row * d + t] = static_cast<T>(acc);
+    }
+    __syncthreads();
+  }
+}
+
+inline unsigned grid_for(int64_t rows) { return (unsigned)std::min<int64_t>(rows, 2147483647LL); }
+
+std::tuple<Tensor, Tensor> softmax_block_cuda(const Tensor& q_, const Tensor& k_, const Tensor& v_,
+                                              const c10::optional<Tensor>& prev_, double scale) {
+  validate_softmax_block(q_, k_, v_, prev_, scale);
+  c10::cuda::CUDAGuard guard(q_.device());
+  auto q = q_.contiguous(), k = k_.contiguous(), v = v_.contiguous();
+  const bool has_prev = prev_.has_value() && prev_->defined();
+  Tensor prev = has_prev ? prev_->contiguous() : Tensor();
+  const int64_t B = q.size(0), H = q.size(1), N = q.size(2), d = q.size(3);
+  auto out = at::empty_like(q);
+  auto attn = at::empty({B, H, N, N}, q.options());
+  const size_t smem = (32 + d + N) * sizeof(float);
+  const int64_t rows = B * H * N;
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "softmax_block_cuda", [&] {
+    auto kern = softmax_block_fwd_kernel<scalar_t>;
+    set_smem(kern, smem, "softmax_block");
+    kern<<<grid_for(rows), 256, smem, stream>>>(q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(),
+                                                 has_prev ? prev.data_ptr<scalar_t>() : nullptr, out.data_ptr<scalar_t>(),
+                                                 attn.data_ptr<scalar_t>(), rows, N, (int)d, (float)scale);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return {out, attn};
+}
+
+// ----------------------------------------------------------------------------
+// row softmax (+ backward): one block per row, fp32
+// ----------------------------------------------------------------------------
+__global__ void row_softmax_kernel(const float* __restrict__ x, float* __restrict__ y, int64_t rows, int64_t n,
+                                   float scale) {
+  __shared__ float red[32];
+  for (int64_t r = blockIdx.x; r < rows; r += gridDim.x) {
+    const float* xr = x + r * n;
+    float* yr = y + r * n;
+    float mx = -INFINITY;
+    for (int64_t j = threadIdx.x; j < n; j += blockDim.x) mx = fmaxf(mx, scale * xr[j]);
+    mx = block_reduce<true>(mx, red);
+    float sum = 0.f;
+    for (int64_t j = threadIdx.x; j < n; j += blockDim.x) sum += rf_exp(scale * xr[j] - mx);
+    sum = block_reduce<false>(sum, red);
+    const float inv = 1.f / sum;
+    for (int64_t j = threadIdx.x; j < n; j += blockDim.x) yr[j] = softmax_residual(scale * xr[j], mx, inv, 0.f, 0.f);
+  }
+}
+
+// gx = scale * y (g - sum(g y)), in place allowed (gx may alias g).
+__global__ void row_softmax_bwd_kernel(const float* __restrict__ y, const float* g, float* gx, int64_t rows, int64_t n,
+                                       float scale) {
+  __shared__ float red[32];
+  for (int64_t r = blockIdx.x; r < rows; r += gridDim.x) {
+    const float* yr = y + r * n;
+    const float* gr = g + r * n;
+    float* o = gx + r * n;
+    float dot = 0.f;
+    for (int64_t j = threadIdx.x; j < n; j += blockDim.x) dot += yr[j] * gr[j];
+    dot = block_reduce<false>(dot, red);
+    for (int64_t j = threadIdx.x; j < n; j += blockDim.x) o[j] = scale * softmax_grad(yr[j], gr[j], dot);
+  }
+}
+
+void launch_row_softmax(const Tensor& x, Tensor& y, float scale) {
+  const int64_t n = x.size(-1), rows = n ? x.numel() / n : 0;
+  if (rows == 0) return;
+  row_softmax_kernel<<<grid_for(rows), 256, 0, c10::cuda::getCurrentCUDAStream()>>>(
+      x.data_ptr<float>(), y.data_ptr<float>(), rows, n, scale);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+void launch_row_softmax_bwd(const Tensor& y, const Tensor& g, Tensor& gx, float scale) {
+  const int64_t n = y.size(-1), rows = n ? y.numel() / n : 0;
+  if (rows == 0) return;
+  row_softmax_bwd_kernel<<<grid_for(rows), 256, 0, c10::cuda::getCurrentCUDAStream()>>>(
+      y.data_ptr<float>(), g.data_ptr<float>(), gx.data_ptr<float>(), rows, n, scale);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+Tensor row_softmax_cuda(const Tensor& x) {
+  validate_row_softmax(x);
+  c10::cuda::CUDAGuard guard(x.device());
+  auto xf = f32(x);
+  auto y = at::empty_like(xf);
+  launch_row_softmax(xf, y, 1.f);
+  return y.to(x.scalar_type());
+}
+
+Tensor row_softmax_backward_cuda(const Tensor& g, const Tensor& y) {
+  validate_row_softmax(y);
+  validate_grad("row_softmax_backward", "grad", g, y);
+  c10::cuda::CUDAGuard guard(y.device());
+  auto yf = f32(y), gf = f32(g);
+  auto gx = at::empty_like(yf);
+  launch_row_softmax_bwd(yf, gf, gx, 1.f);
+  return gx.to(y.scalar_type());
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> softmax_block_backward_cuda(const Tensor& gout, const Tensor& gattn,
+                                                                       const Tensor& q, const Tensor& k,
+                                                                       const Tensor& v, const Tensor& attn,
+                                                                       double scale) {
+  validate_softmax_block(q, k, v, attn, scale);
+  validate_grad("softmax_block_backward", "grad_out", gout, q);
+  validate_grad("softmax_block_backward", "grad_attn", gattn, attn);
+  c10::cuda::CUDAGuard guard(q.device());
+  auto qf = f32(q), kf = f32(k), vf = f32(v), af = f32(attn), go = f32(gout);
+  auto gA = at::baddbmm(f32(gattn).flatten(0, 1), go.flatten(0, 1), vf.flatten(0, 1).transpose(1, 2))
+                .view(af.sizes()).contiguous();
+  auto gv = at::matmul(af.transpose(-2, -1), go);
+  auto S = at::matmul(qf, kf.transpose(-2, -1)).contiguous();
+  auto P = at::empty_like(S);
+  launch_row_softmax(S, P, (float)scale);
+  auto gS = at::empty_like(S);
+  launch_row_softmax_bwd(P, gA, gS, (float)scale);
+  auto gq = at::matmul(gS, kf), gk = at::matmul(gS.transpose(-2, -1), qf);
+  const auto st = q.scalar_type();
+  return {gq.to(st), gk.to(st), gv.to(st), gA.to(st)};
+}
+
+// ----------------------------------------------------------------------------
+// refine (eval), forward: block per (b, query row), column tiles of kTC
+// ----------------------------------------------------------------------------
+struct RefineWF {
+  const float *w_exp, *b_exp, *w_dw, *b_dw, *w_pro, *b_pro, *alpha, *beta;
+};
+
+constexpr int kTC = 64;
+
+size_t refine_fwd_smem(int64_t H, int64_t d, int k) {
+  const int p = k / 2;
+  Tile t{1, 0, 0, 1, kTC};
+  return sizeof(float) * (buf_elems<float>(t, p, (int)H) + buf_elems<float>(t, p, 1) + buf_elems<float>(t, 0, (int)H) +
+                          kTC + H * d);
+}
+
+template <class T>
+__global__ void refine_fwd_kernel(const T* __restrict__ A, const T* __restrict__ V, RefineWF w, int64_t B, int H,
+                                  int64_t N, int d, int rH, int k, bool expand, T* __restrict__ out,
+                                  float* __restrict__ Rmap) {
+  extern __shared__ float sm[];
+  const int p = k / 2;
+  const CudaPar par{(int)threadIdx.x, (int)blockDim.x};
+  for (int64_t blk = blockIdx.x; blk < B * N; blk += gridDim.x) {
+    const int64_t b = blk / N, i = blk % N;
+    Tile t0{N, i, 0, 1, kTC};
+    float* ab = sm;
+    float* eb = ab + buf_elems<float>(t0, p, H);
+    float* pb = eb + buf_elems<float>(t0, p, 1);
+    float* drow = pb + buf_elems<float>(t0, 0, H);
+    float* oacc = drow + kTC;
+    for (int j = threadIdx.x; j < H * d; j += blockDim.x) oacc[j] = 0.f;
+    for (int64_t c0 = 0; c0 < N; c0 += kTC) {
+      Tile t{N, i, c0, 1, kTC};
+      auto Ab = make_buf(ab, t, p), Eb = make_buf(eb, t, p), Pb = make_buf(pb, t, 0);
+      load_tile(par, A + b * H * N * N, H, t, Ab);
+      for (int j = threadIdx.x; j < H * kTC; j += blockDim.x) pb[j] = 0.f;
+      __syncthreads();
+      for (int c = 0; c < rH; ++c) {
+        if (expand) {
+          expand_channel(par, c, H, w.w_exp, w.b_exp, t, Ab, Eb, p);
+          __syncthreads();
+          dw_pro_channel(par, c, H, rH, w.w_dw, w.b_dw, w.w_pro, k, t, Eb, 0, Pb, drow);
+          __syncthreads();
+        } else {
+          dw_pro_channel(par, c, H, rH, w.w_dw, w.b_dw, w.w_pro, k, t, Ab, c, Pb, drow);
+        }
+      }
+      finish_r(par, H, w.b_pro, w.alpha, w.beta, t, Ab, Pb);
+      __syncthreads();
+      if (Rmap) {
+        for (int j = threadIdx.x; j < H * kTC; j += blockDim.x) {
+          const int h = j / kTC, x = j % kTC;
+          if (c0 + x < N) Rmap[((b * H + h) * N + i) * N + c0 + x] = Pb.at(h, 0, x);
+        }
+      }
+      if (out) {
+        const int64_t ncol = min((int64_t)kTC, N - c0);
+        for (int j = threadIdx.x; j < H * d; j += blockDim.x) {
+          const int h = j / d, dd = j % d;
+          const T* vb = V + ((b * H + h) * N + c0) * d + dd;
+          const float* r = Pb.row(h, 0);
+          float acc = 0.f;
+          for (int64_t x = 0; x < ncol; ++x) acc += r[x] * static_cast<float>(vb[x * d]);
+          oacc[j] += acc;
+        }
+      }
+      __syncthreads();
+    }
+    if (out)
+      for (int j = threadIdx.x; j < H * d; j += blockDim.x) {
+        const int h = j / d, dd = j % d;
+        out[((b * H + h) * N + i) * d + dd] = static_cast<T>(oacc[j]);
+      }
+    __syncthreads();
+  }
+}
+
+struct RefineCuda {
+  Tensor attn, v, w_exp, b_exp, w_dw, b_dw, w_pro, b_pro, alpha, beta;
+  int64_t B, H, N, d, rH, k;
+  bool expand;
+  RefineWF wf() const {
+    return {w_exp.data_ptr<float>(), b_exp.data_ptr<float>(), w_dw.data_ptr<float>(), b_dw.data_ptr<float>(),
+            w_pro.data_ptr<float>(), b_pro.data_ptr<float>(), alpha.data_ptr<float>(), beta.data_ptr<float>()};
+  }
+};
+
+RefineCuda prep_refine_cuda(const Tensor& attn, const Tensor& v, const Tensor& w_exp, const Tensor& b_exp,
+                            const Tensor& w_dw, const Tensor& b_dw, const Tensor& w_pro, const Tensor& b_pro,
+                            const Tensor& alpha, const Tensor& beta, bool expand) {
+  validate_refine_eval(attn, v, w_exp, b_exp, w_dw, b_dw, w_pro, b_pro, alpha, beta, expand);
+  return {attn.contiguous(), v.contiguous(), f32(w_exp), f32(b_exp), f32(w_dw), f32(b_dw), f32(w_pro), f32(b_pro),
+          f32(alpha), f32(beta), attn.size(0), attn.size(1), attn.size(2), v.size(3), w_dw.size(0), w_dw.size(1),
+          expand};
+}
+
+void launch_refine_fwd(const RefineCuda& r, Tensor* out, Tensor* Rmap) {
+  const size_t smem = refine_fwd_smem(r.H, r.d, (int)r.k);
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, r.attn.scalar_type(), "refine_eval_cuda", [&] {
+    auto kern = refine_fwd_kernel<scalar_t>;
+    set_smem(kern, smem, "refine_eval");
+    kern<<<grid_for(r.B * r.N), kThreads, smem, stream>>>(
+        r.attn.data_ptr<scalar_t>(), r.v.data_ptr<scalar_t>(), r.wf(), r.B, (int)r.H, r.N, (int)r.d, (int)r.rH,
+        (int)r.k, r.expand, out ? out->data_ptr<scalar_t>() : nullptr, Rmap ? Rmap->data_ptr<float>() : nullptr);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+}
+
+Tensor refine_eval_cuda(const Tensor& attn, const Tensor& v, const Tensor& w_exp, const Tensor& b_exp,
+                        const Tensor& w_dw, const Tensor& b_dw, const Tensor& w_pro, const Tensor& b_pro,
+                        const Tensor& alpha, const Tensor& beta, bool expand) {
+  c10::cuda::CUDAGuard guard(attn.device());
+  auto r = prep_refine_cuda(attn, v, w_exp, b_exp, w_dw, b_dw, w_pro, b_pro, alpha, beta, expand);
+  auto out = at::empty_like(r.v);
+  launch_refine_fwd(r, &out, nullptr);
+  return out;
+}
+
+// ----------------------------------------------------------------------------
+// refine (eval), backward: gR = gout v^T and gv = R^T gout by cuBLAS (through ATen), then one
+// recomputing kernel per (b, query row) for gA and the parameter gradients (fp32 atomics).
+// ----------------------------------------------------------------------------
+constexpr int kTCB = 32;
+
+size_t refine_bwd_smem(int64_t H, int k) {
+  const int p = k / 2;
+  Tile t{1, 0, 0, 1, kTCB};
+  return sizeof(float) * (buf_elems<float>(t, 2 * p, (int)H) + buf_elems<float>(t, 2 * p, 1) +
+                          buf_elems<float>(t, p, (int)H) + buf_elems<float>(t, p, 1) + 2 * buf_elems<float>(t, 0, 1) +
+                          2 * buf_elems<float>(t, 0, (int)H));
+}
+
+struct GradSlots {
+  int64_t wdw, bdw, wpro, wexp, bexp, alpha, beta, n;
+};
+
+__global__ void refine_bwd_kernel(const float* __restrict__ A, const float* __restrict__ GR, RefineWF w, int64_t B,
+                                  int H, int64_t N, int rH, int k, bool expand, GradSlots sl, float* __restrict__ gA,
+                                  float* __restrict__ gpar) {
+  extern __shared__ float sm[];
+  const int p = k / 2;
+  const CudaPar par{(int)threadIdx.x, (int)blockDim.x};
+  const int kk = k * k;
+  const int nitems = bwd_channel_items(H, k, expand);
+  for (int64_t blk = blockIdx.x; blk < B * N; blk += gridDim.x) {
+    const int64_t b = blk / N, i = blk % N;
+    for (int64_t c0 = 0; c0 < N; c0 += kTCB) {
+      Tile t{N, i, c0, 1, kTCB};
+      float* q = sm;
+      auto Ab = make_buf(q, t, 2 * p);   q += buf_elems<float>(t, 2 * p, H);
+      auto Eb = make_buf(q, t, 2 * p);   q += buf_elems<float>(t, 2 * p, 1);
+      auto GRb = make_buf(q, t, p);      q += buf_elems<float>(t, p, H);
+      auto GYb = make_buf(q, t, p);      q += buf_elems<float>(t, p, 1);
+      auto Db = make_buf(q, t, 0);       q += buf_elems<float>(t, 0, 1);
+      auto GUb = make_buf(q, t, 0);      q += buf_elems<float>(t, 0, 1);
+      auto Pb = make_buf(q, t, 0);       q += buf_elems<float>(t, 0, H);
+      auto GAb = make_buf(q, t, 0);
+      load_tile(par, A + b * H * N * N, H, t, Ab);
+      load_tile(par, GR + b * H * N * N, H, t, GRb);
+      for (int j = threadIdx.x; j < H * kTCB; j += blockDim.x) Pb.p[j] = GAb.p[j] = 0.f;
+      for (int j = threadIdx.x; j < kTCB; j += blockDim.x) GUb.p[j] = 0.f;
+      __syncthreads();
+      for (int c = 0; c < rH; ++c) {
+        const Buf<float>& Ec = expand ? Eb : Ab;
+        const int ce = expand ? 0 : c;
+        if (expand) {
+          expand_channel(par, c, H, w.w_exp, w.b_exp, t, Ab, Eb, 2 * p);
+          __syncthreads();
+        }
+        bwd_dy_channel(par, c, H, rH, w.w_dw, w.b_dw, w.w_pro, w.alpha, k, t, Ec, ce, GRb, GYb, Db, Pb);
+        __syncthreads();
+        bwd_de_channel(par, c, H, w.w_exp, w.b_exp, w.w_dw, k, expand, t, Ab, GYb, GUb, GAb);
+        __syncthreads();
+        for (int it = threadIdx.x; it < nitems; it += blockDim.x) {
+          // centre columns beyond N hold zeros in GY / D / GU, so they add nothing
+          const float val = bwd_channel_item(it, H, w.alpha, k, t, Ab, Ec, ce, GRb, GYb, Db, GUb);
+          int64_t o;
+          if (it < kk) o = sl.wdw + (int64_t)c * kk + it;
+          else if (it == kk) o = sl.bdw + c;
+          else if (it < kk + 1 + H) o = sl.wpro + (int64_t)(it - kk - 1) * rH + c;
+          else if (it < kk + 1 + 2 * H) o = sl.wexp + (int64_t)c * H + (it - kk - 1 - H);
+          else o = sl.bexp + c;
+          atomicAdd(gpar + o, val);
+        }
+        __syncthreads();
+      }
+      bwd_residual(par, H, w.alpha, t, GRb, GAb);
+      __syncthreads();
+      for (int it = threadIdx.x; it < 2 * H; it += blockDim.x)
+        atomicAdd(gpar + sl.alpha + it, bwd_head_item(it, H, w.b_pro, t, Ab, GRb, Pb));
+      for (int j = threadIdx.x; j < H * kTCB; j += blockDim.x) {
+        const int h = j / kTCB, x = j % kTCB;
+        if (c0 + x < N) gA[((b * H + h) * N + i) * N + c0 + x] = GAb.at(h, 0, x);
+      }
+      __syncthreads();
+    }
+  }
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> refine_eval_backward_cuda(
+    const Tensor& gout, const Tensor& attn, const Tensor& v, const Tensor& w_exp, const Tensor& b_exp,
+    const Tensor& w_dw, const Tensor& b_dw, const Tensor& w_pro, const Tensor& b_pro, const Tensor& alpha,
+    const Tensor& beta, bool expand) {
+  c10::cuda::CUDAGuard guard(attn.device());
+  auto r = prep_refine_cuda(attn, v, w_exp, b_exp, w_dw, b_dw, w_pro, b_pro, alpha, beta, expand);
+  validate_grad("refine_eval_backward", "grad_out", gout, v);
+  const int64_t B = r.B, H = r.H, N = r.N, rH = r.rH, k = r.k;
+  auto R = at::empty({B, H, N, N}, r.attn.options().dtype(at::kFloat));
+  launch_refine_fwd(r, nullptr, &R);
+  auto go = f32(gout), vf = f32(r.v);
+  auto gR = at::matmul(go, vf.transpose(-2, -1)).contiguous();
+  auto gv = at::matmul(R.transpose(-2, -1), go);
+  R.reset();
+  GradSlots sl;
+  sl.wdw = 0;
+  sl.bdw = rH * k * k;
+  sl.wpro = sl.bdw + rH;
+  sl.wexp = sl.wpro + H * rH;
+  sl.bexp = sl.wexp + rH * H;
+  sl.alpha = sl.bexp + rH;
+  sl.beta = sl.alpha + H;
+  sl.n = sl.beta + H;
+  auto gpar = at::zeros({sl.n}, go.options());
+  auto gA = at::empty({B, H, N, N}, go.options());
+  auto Af = f32(r.attn);
+  const size_t smem = refine_bwd_smem(H, (int)k);
+  set_smem(refine_bwd_kernel, smem, "refine_eval_backward");
+  refine_bwd_kernel<<<grid_for(B * N), kThreads, smem, c10::cuda::getCurrentCUDAStream()>>>(
+      Af.data_ptr<float>(), gR.data_ptr<float>(), r.wf(), B, (int)H, N, (int)rH, (int)k, expand, sl,
+      gA.data_ptr<float>(), gpar.data_ptr<float>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  const auto st = attn.scalar_type();
+  auto gbeta = gpar.narrow(0, sl.beta, H);
+  auto own = [&](const Tensor& t) { return t.to(st).clone(at::MemoryFormat::Contiguous); };  // outputs must not alias
+  return {gA.to(st),
+          gv.to(st),
+          own(gpar.narrow(0, sl.wexp, rH * H).view({rH, H})),
+          own(gpar.narrow(0, sl.bexp, rH)),
+          own(gpar.narrow(0, sl.wdw, rH * k * k).view({rH, k, k})),
+          own(gpar.narrow(0, sl.bdw, rH)),
+          own(gpar.narrow(0, sl.wpro, H * rH).view({H, rH})),
+          own(gbeta * r.alpha),
+          own(gpar.narrow(0, sl.alpha, H)),
+          own(gbeta)};
+}
+
+// ----------------------------------------------------------------------------
+// depthwise conv building block
+// ----------------------------------------------------------------------------
+__global__ void dwconv_kernel(const float* __restrict__ x, const float* __restrict__ w, float* __restrict__ y,
+                              int64_t total, int64_t C, int64_t N, int64_t M, int k, bool transpose) {
+  for (int64_t idx = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; idx < total;
+       idx += (int64_t)gridDim.x * blockDim.x) {
+    const int64_t plane = idx / (N * M), rem = idx % (N * M);
+    const int64_t c = plane % C;
+    y[idx] = dw_global(x + plane * N * M, N, M, w + c * k * k, k, rem / M, rem % M, transpose);
+  }
+}
+
+// grid.x = C * k * k (one block per weight), reduces over batch and pixels.
+__global__ void dwconv_wgrad_kernel(const float* __restrict__ g, const float* __restrict__ x, float* __restrict__ gw,
+                                    int64_t B, int64_t C, int64_t N, int64_t M, int k) {
+  __shared__ float red[32];
+  const int64_t item = blockIdx.x, c = item / (k * k);
+  const int tap = (int)(item % (k * k));
+  float acc = 0.f;
+  for (int64_t b = 0; b < B; ++b) {
+    const float* gp = g + (b * C + c) * N * M;
+    const float* xp = x + (b * C + c) * N * M;
+    for (int64_t pix = threadIdx.x; pix < N * M; pix += blockDim.x)
+      acc += dw_wgrad_term(gp, xp, N, M, k, tap, pix / M, pix % M);
+  }
+  acc = block_reduce<false>(acc, red);
+  if (threadIdx.x == 0) gw[item] = acc;
+}
+
+void launch_dwconv(const Tensor& x, const Tensor& w, Tensor& y, bool transpose) {
+  const int64_t total = x.numel();
+  if (total == 0) return;
+  const int64_t blocks = std::min<int64_t>((total + 255) / 256, 1 << 20);
+  dwconv_kernel<<<(unsigned)blocks, 256, 0, c10::cuda::getCurrentCUDAStream()>>>(
+      x.data_ptr<float>(), w.data_ptr<float>(), y.data_ptr<float>(), total, x.size(1), x.size(2), x.size(3),
+      (int)w.size(1), transpose);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+Tensor attn_dwconv_cuda(const Tensor& x, const Tensor& w) {
+  validate_attn_dwconv(x, w);
+  c10::cuda::CUDAGuard guard(x.device());
+  auto xf = f32(x), wf = f32(w);
+  auto y = at::empty_like(xf);
+  launch_dwconv(xf, wf, y, false);
+  return y.to(x.scalar_type());
+}
+
+std::tuple<Tensor, Tensor> attn_dwconv_backward_cuda(const Tensor& g, const Tensor& x, const Tensor& w) {
+  validate_attn_dwconv(x, w);
+  validate_grad("attn_dwconv_backward", "grad", g, x);
+  c10::cuda::CUDAGuard guard(x.device());
+  auto xf = f32(x), wf = f32(w), gf = f32(g);
+  auto gx = at::empty_like(xf);
+  launch_dwconv(gf, wf, gx, true);
+  const int64_t C = x.size(1), k = w.size(1);
+  auto gw = at::empty({C, k, k}, xf.options());
+  dwconv_wgrad_kernel<<<(unsigned)(C * k * k), 256, 0, c10::cuda::getCurrentCUDAStream()>>>(
+      gf.data_ptr<float>(), xf.data_ptr<float>(), gw.data_ptr<float>(), x.size(0), C, x.size(2), x.size(3), (int)k);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return {gx.to(x.scalar_type()), gw.to(w.scalar_type())};
+}
+
+}  // namespace
+}  // namespace refiner
+
+TORCH_LIBRARY_IMPL(refiner, CUDA, m) {
+  m.impl("softmax_block", &refiner::softmax_block_cuda);
+  m.impl("softmax_block_backward", &refiner::softmax_block_backward_cuda);
+  m.impl("refine_eval", &refiner::refine_eval_cuda);
+  m.impl("refine_eval_backward", &refiner::refine_eval_backward_cuda);
+  m.impl("attn_dwconv", &refiner::attn_dwconv_cuda);
+  m.impl("attn_dwconv_backward", &refiner::attn_dwconv_backward_cuda);
+  m.impl("row_softmax", &refiner::row_softmax_cuda);
+  m.impl("row_softmax_backward", &refiner::row_softmax_backward_cuda);
+}

@@ -1,0 +1,347 @@
+// refine_train: the training-mode refine block with BatchNorm batch statistics, forward and
+// backward, without ever holding a (B, rH, N, N) tensor.
+//
+// The batch is walked one image at a time (ATen ops on that image's maps, so the same code
+// runs on CPU and CUDA); every global statistic is a reduction pass over the images, and every
+// pass recomputes the image's maps from A:
+//   forward : BN1 from the moments of A (mean vector + H x H Gram matrix: U = W_e A is linear),
+//             pass 1 sums of Y2 = dw(E) (BN2), pass 2 sums of Y3 = W_p D, Y3^2 and A*Y3
+//             (BN3, and BN_a since Z = A + BN3(Y3) is affine in Y3 per channel), then the fused
+//             refine_eval kernel with every BN folded into its weights.
+//   backward: five recompute passes, one per BN backward reduction (sum gy, sum gy*xhat):
+//             BN_a, BN3, BN2, BN1, then the final input/weight gradients.
+// Peak extra memory: the grad of attn (size of A) plus a few per-image maps (rH x N x N).
+#include <ATen/ATen.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/library.h>
+
+#include <cmath>
+
+#include "validate.h"
+
+namespace refiner {
+namespace {
+
+using at::Tensor;
+
+struct TrainArgs {
+  Tensor attn, v, w_exp, w_dw, w_pro, g1, b1, g2, b2, g3, b3, ga, ba;
+  int64_t B, H, N, d, rH, k;
+  bool expand;
+  at::ScalarType ct;
+};
+
+TrainArgs prep_train(const Tensor& attn, const Tensor& v, const Tensor& w_exp, const Tensor& w_dw,
+                     const Tensor& w_pro, const Tensor& g1, const Tensor& b1, const Tensor& g2, const Tensor& b2,
+                     const Tensor& g3, const Tensor& b3, const Tensor& ga, const Tensor& ba, double eps, bool expand) {
+  const char* op = "refine_train";
+  int64_t rH, k;
+  check_refine_shapes(op, attn, v, w_exp, w_dw, w_pro, expand, rH, k);
+  const int64_t H = attn.size(1);
+  check_shape(op, "g1", g1, {rH}, "(rH)");
+  check_shape(op, "b1", b1, {rH}, "(rH)");
+  check_shape(op, "g2", g2, {rH}, "(rH)");
+  check_shape(op, "b2", b2, {rH}, "(rH)");
+  check_shape(op, "g3", g3, {H}, "(H)");
+  check_shape(op, "b3", b3, {H}, "(H)");
+  check_shape(op, "ga", ga, {H}, "(H)");
+  check_shape(op, "ba", ba, {H}, "(H)");
+  check_common(op, {{"attn", &attn}, {"v", &v}, {"w_exp", &w_exp}, {"w_dw", &w_dw}, {"w_pro", &w_pro},
+                    {"g1", &g1}, {"b1", &b1}, {"g2", &g2}, {"b2", &b2}, {"g3", &g3}, {"b3", &b3},
+                    {"ga", &ga}, {"ba", &ba}});
+  TORCH_CHECK(std::isfinite(eps) && eps >= 0, op, ": eps must be finite and >= 0, got ", eps);
+  const auto ct = compute_type(attn);
+  auto c = [&](const Tensor& t) { return t.to(ct).contiguous(); };
+  return {c(attn), c(v), c(w_exp), c(w_dw), c(w_pro), c(g1), c(b1), c(g2), c(b2), c(g3), c(b3), c(ga), c(ba),
+          attn.size(0), H, attn.size(2), v.size(3), rH, k, expand, ct};
+}
+
+// Per-image maps. X: (C, N, N).
+Tensor mix(const Tensor& w, const Tensor& x) {
+  return at::matmul(w, x.reshape({x.size(0), -1})).view({w.size(0), x.size(1), x.size(2)});
+}
+Tensor dw(const Tensor& x, const Tensor& w) {  // zero 'same' padding, cross-correlation
+  const int64_t k = w.size(-1);
+  return at::conv2d(x.unsqueeze(0), w.unsqueeze(1), {}, 1, k / 2, 1, x.size(0)).squeeze(0);
+}
+Tensor dwT(const Tensor& g, const Tensor& w) { return dw(g, w.flip({1, 2})); }
+Tensor dw_wgrad(const Tensor& g, const Tensor& x, int64_t k) {  // (C, k, k)
+  const int64_t p = k / 2, N = x.size(1), M = x.size(2);
+  auto xp = at::constant_pad_nd(x, {p, p, p, p});
+  auto gw = at::empty({x.size(0), k, k}, x.options());
+  for (int64_t i = 0; i < k; ++i)
+    for (int64_t j = 0; j < k; ++j)
+      gw.select(1, i).select(1, j).copy_((g * xp.narrow(1, i, N).narrow(2, j, M)).sum({1, 2}));
+  return gw;
+}
+Tensor relu6_mask(const Tensor& x) { return at::logical_and(x > 0, x < 6).to(x.scalar_type()); }
+Tensor col(const Tensor& t) { return t.view({-1, 1, 1}); }
+Tensor sum_hw(const Tensor& x) { return x.sum({1, 2}); }
+
+// Batch statistics and the folded parameters derived from them.
+struct Folded {
+  Tensor m1, v1, m2, v2, m3, v3, ma, va;   // stats (compute dtype)
+  Tensor s1, c1, s2, c2, s3, c3, sa;       // BN_i(x) = s_i x + c_i ; sa = ga / sqrt(va + eps)
+};
+
+void fold(const TrainArgs& a, Folded& f, double eps) {
+  if (a.expand) {
+    f.s1 = a.g1 / at::sqrt(f.v1 + eps);
+    f.c1 = a.b1 - f.s1 * f.m1;
+  }
+  f.s2 = a.g2 / at::sqrt(f.v2 + eps);
+  f.c2 = a.b2 - f.s2 * f.m2;
+  f.s3 = a.g3 / at::sqrt(f.v3 + eps);
+  f.c3 = a.b3 - f.s3 * f.m3;
+  f.sa = a.ga / at::sqrt(f.va + eps);
+}
+
+// All maps of image b (recomputed from A).
+struct Maps {
+  Tensor A, U, E, Y2, D, Y3, Z;
+};
+
+Maps recompute(const TrainArgs& a, const Folded& f, int64_t b, bool need_z) {
+  Maps m;
+  m.A = a.attn.select(0, b);
+  if (a.expand) {
+    m.U = mix(a.w_exp, m.A);
+    m.E = at::clamp(col(f.s1) * m.U + col(f.c1), 0, 6);
+  } else {
+    m.E = m.A;
+  }
+  m.Y2 = dw(m.E, a.w_dw);
+  m.D = at::clamp(col(f.s2) * m.Y2 + col(f.c2), 0, 6);
+  m.Y3 = mix(a.w_pro, m.D);
+  if (need_z) m.Z = m.A + col(f.s3) * m.Y3 + col(f.c3);
+  return m;
+}
+
+Folded compute_stats(const TrainArgs& a, double eps) {
+  const auto st = at::kDouble;  // accumulate the moments in fp64
+  const double M = double(a.B) * a.N * a.N;
+  Folded f;
+  const auto opt = a.attn.options().dtype(st);
+  // moments of A: mean vector and Gram matrix
+  auto sumA = at::zeros({a.H}, opt), gram = at::zeros({a.H, a.H}, opt);
+  for (int64_t b = 0; b < a.B; ++b) {
+    auto Ab = a.attn.select(0, b).reshape({a.H, -1}).to(st);
+    sumA += Ab.sum(1);
+    gram += at::matmul(Ab, Ab.t());
+  }
+  auto meanA = sumA / M;
+  auto cov = gram / M - at::outer(meanA, meanA);
+  if (a.expand) {
+    auto we = a.w_exp.to(st);
+    f.m1 = at::matmul(we, meanA).to(a.ct);
+    f.v1 = (at::matmul(we, cov) * we).sum(1).clamp_min(0).to(a.ct);
+    f.s1 = a.g1 / at::sqrt(f.v1 + eps);
+    f.c1 = a.b1 - f.s1 * f.m1;
+  } else {
+    f.m1 = at::zeros({a.rH}, a.attn.options());
+    f.v1 = at::zeros({a.rH}, a.attn.options());
+  }
+  // pass 1: BN2 from sums of Y2
+  auto s2a = at::zeros({a.rH}, opt), s2b = at::zeros({a.rH}, opt);
+  for (int64_t b = 0; b < a.B; ++b) {
+    auto Ab = a.attn.select(0, b);
+    auto E = a.expand ? at::clamp(col(f.s1) * mix(a.w_exp, Ab) + col(f.c1), 0, 6) : Ab;
+    auto Y2 = dw(E, a.w_dw).to(st);
+    s2a += sum_hw(Y2);
+    s2b += sum_hw(Y2 * Y2);
+  }
+  auto m2 = s2a / M;
+  f.m2 = m2.to(a.ct);
+  f.v2 = (s2b / M - m2 * m2).clamp_min(0).to(a.ct);
+  f.s2 = a.g2 / at::sqrt(f.v2 + eps);
+  f.c2 = a.b2 - f.s2 * f.m2;
+  // pass 2: BN3 from sums of Y3, Y3^2; BN_a from those and sum A*Y3
+  auto s3a = at::zeros({a.H}, opt), s3b = at::zeros({a.H}, opt), say = at::zeros({a.H}, opt);
+  for (int64_t b = 0; b < a.B; ++b) {
+    auto Ab = a.attn.select(0, b);
+    auto E = a.expand ? at::clamp(col(f.s1) * mix(a.w_exp, Ab) + col(f.c1), 0, 6) : Ab;
+    auto D = at::clamp(col(f.s2) * dw(E, a.w_dw) + col(f.c2), 0, 6);
+    auto Y3 = mix(a.w_pro, D).to(st);
+    s3a += sum_hw(Y3);
+    s3b += sum_hw(Y3 * Y3);
+    say += sum_hw(Ab.to(st) * Y3);
+  }
+  auto m3 = s3a / M, EY3 = s3b / M, EAY3 = say / M;
+  auto v3 = (EY3 - m3 * m3).clamp_min(0);
+  auto s3 = a.g3.to(st) / at::sqrt(v3 + eps), c3 = a.b3.to(st) - s3 * m3;
+  // y3 = s3 Y3 + c3, Z = A + y3
+  auto EA2 = gram.diagonal() / M;
+  auto ma = meanA + a.b3.to(st);
+  auto EZ2 = EA2 + 2 * (s3 * EAY3 + c3 * meanA) + s3 * s3 * EY3 + 2 * s3 * c3 * m3 + c3 * c3;
+  f.m3 = m3.to(a.ct);
+  f.v3 = v3.to(a.ct);
+  f.ma = ma.to(a.ct);
+  f.va = (EZ2 - ma * ma).clamp_min(0).to(a.ct);
+  fold(a, f, eps);
+  return f;
+}
+
+Tensor call_refine_eval(const Tensor& attn, const Tensor& v, const Tensor& w_exp, const Tensor& b_exp,
+                        const Tensor& w_dw, const Tensor& b_dw, const Tensor& w_pro, const Tensor& b_pro,
+                        const Tensor& alpha, const Tensor& beta, bool expand) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("refiner::refine_eval", "")
+                       .typed<Tensor(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&,
+                                     const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&, bool)>();
+  return op.redispatch(c10::DispatchKeySet(attn.device().is_cuda() ? c10::DispatchKey::CUDA : c10::DispatchKey::CPU),
+                       attn, v, w_exp, b_exp, w_dw, b_dw, w_pro, b_pro, alpha, beta, expand);
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> refine_train_impl(
+    const Tensor& attn, const Tensor& v, const Tensor& w_exp, const Tensor& w_dw, const Tensor& w_pro,
+    const Tensor& g1, const Tensor& b1, const Tensor& g2, const Tensor& b2, const Tensor& g3, const Tensor& b3,
+    const Tensor& ga, const Tensor& ba, double eps, double scale, bool expand) {
+  auto a = prep_train(attn, v, w_exp, w_dw, w_pro, g1, b1, g2, b2, g3, b3, ga, ba, eps, expand);
+  Folded f = compute_stats(a, eps);
+  // fold everything into refine_eval: R = alpha (A + W3 D + c3) + beta, scaled
+  auto w_exp_f = a.expand ? a.w_exp * f.s1.view({-1, 1}) : a.w_exp;
+  auto b_exp_f = a.expand ? f.c1 : at::zeros({a.rH}, a.attn.options());
+  auto w_dw_f = a.w_dw * col(f.s2);
+  auto w_pro_f = a.w_pro * f.s3.view({-1, 1});
+  auto alpha = scale * f.sa;
+  auto beta = scale * (a.ba - f.sa * f.ma);
+  auto out = call_refine_eval(a.attn, a.v, w_exp_f, b_exp_f, w_dw_f, f.c2, w_pro_f, f.c3, alpha, beta, a.expand);
+  const auto st = attn.scalar_type();
+  return {out.to(st), f.m1.to(st), f.v1.to(st), f.m2.to(st), f.v2.to(st), f.m3.to(st), f.v3.to(st), f.ma.to(st),
+          f.va.to(st)};
+}
+
+std::vector<Tensor> refine_train_backward_v(const Tensor& gout, const TrainArgs& a, Folded& f, double eps,
+                                            double scale) {
+  fold(a, f, eps);
+  const double M = double(a.B) * a.N * a.N;
+  const auto opt = a.attn.options();
+  auto go = gout.to(a.ct).contiguous();
+  auto sd_a = at::sqrt(f.va + eps), sd3 = at::sqrt(f.v3 + eps), sd2 = at::sqrt(f.v2 + eps);
+  Tensor sd1 = a.expand ? at::sqrt(f.v1 + eps) : Tensor();
+  auto gA = at::empty_like(a.attn), gv = at::empty_like(a.v);
+  auto Sa1 = at::zeros({a.H}, opt), Sa2 = at::zeros({a.H}, opt);
+  auto S31 = at::zeros({a.H}, opt), S32 = at::zeros({a.H}, opt);
+  auto S21 = at::zeros({a.rH}, opt), S22 = at::zeros({a.rH}, opt);
+  auto S11 = at::zeros({a.rH}, opt), S12 = at::zeros({a.rH}, opt);
+  auto gw_pro = at::zeros_like(a.w_pro), gw_dw = at::zeros_like(a.w_dw), gw_exp = at::zeros_like(a.w_exp);
+  // gradient of BN_a's output r (out = (r * scale) @ v) and of v
+  auto grad_r = [&](const Maps& m, int64_t b, bool with_gv) {
+    auto zhat = (m.Z - col(f.ma)) / col(sd_a);
+    auto gob = go.select(0, b);
+    if (with_gv) {
+      auto r = scale * (col(a.ga) * zhat + col(a.ba));
+      gv.select(0, b).copy_(at::matmul(r.transpose(-2, -1), gob));
+    }
+    return std::make_pair(scale * at::matmul(gob, a.v.select(0, b).transpose(-2, -1)), zhat);
+  };
+  auto grad_z = [&](const Maps& m, int64_t b) {
+    auto [gr, zhat] = grad_r(m, b, false);
+    return col(f.sa) * (gr - col(Sa1) / M - zhat * col(Sa2) / M);
+  };
+  auto grad_y3 = [&](const Maps& m, const Tensor& gz) {
+    auto y3hat = (m.Y3 - col(f.m3)) / col(sd3);
+    return col(a.g3 / sd3) * (gz - col(S31) / M - y3hat * col(S32) / M);
+  };
+  auto grad_d2 = [&](const Maps& m, const Tensor& gy3) {  // grad of BN2's output (pre-relu6)
+    auto d2 = col(f.s2) * m.Y2 + col(f.c2);
+    return mix(a.w_pro.t(), gy3) * relu6_mask(d2);
+  };
+  // B1: BN_a reductions (and gv)
+  for (int64_t b = 0; b < a.B; ++b) {
+    auto m = recompute(a, f, b, true);
+    auto [gr, zhat] = grad_r(m, b, true);
+    Sa1 += sum_hw(gr);
+    Sa2 += sum_hw(gr * zhat);
+  }
+  // B2: BN3 reductions
+  for (int64_t b = 0; b < a.B; ++b) {
+    auto m = recompute(a, f, b, true);
+    auto gz = grad_z(m, b);
+    S31 += sum_hw(gz);
+    S32 += sum_hw(gz * (m.Y3 - col(f.m3)) / col(sd3));
+  }
+  // B3: BN2 reductions, grad w_pro
+  for (int64_t b = 0; b < a.B; ++b) {
+    auto m = recompute(a, f, b, true);
+    auto gy3 = grad_y3(m, grad_z(m, b));
+    gw_pro += at::matmul(gy3.reshape({a.H, -1}), m.D.reshape({a.rH, -1}).t());
+    auto gd2 = grad_d2(m, gy3);
+    S21 += sum_hw(gd2);
+    S22 += sum_hw(gd2 * (m.Y2 - col(f.m2)) / col(sd2));
+  }
+  // B4: BN1 reductions, grad w_dw (and gA when there is no expansion)
+  auto grad_e = [&](const Maps& m, int64_t b, bool acc_w) {
+    auto gz = grad_z(m, b);
+    auto gd2 = grad_d2(m, grad_y3(m, gz));
+    auto y2hat = (m.Y2 - col(f.m2)) / col(sd2);
+    auto gy2 = col(a.g2 / sd2) * (gd2 - col(S21) / M - y2hat * col(S22) / M);
+    if (acc_w) gw_dw += dw_wgrad(gy2, m.E, a.k);
+    return std::make_pair(dwT(gy2, a.w_dw), gz);
+  };
+  for (int64_t b = 0; b < a.B; ++b) {
+    auto m = recompute(a, f, b, true);
+    auto [ge, gz] = grad_e(m, b, true);
+    if (a.expand) {
+      auto ge1 = ge * relu6_mask(col(f.s1) * m.U + col(f.c1));
+      S11 += sum_hw(ge1);
+      S12 += sum_hw(ge1 * (m.U - col(f.m1)) / col(sd1));
+    } else {
+      gA.select(0, b).copy_(gz + ge);
+    }
+  }
+  // B5: grad w_exp and gA through the expansion
+  if (a.expand)
+    for (int64_t b = 0; b < a.B; ++b) {
+      auto m = recompute(a, f, b, true);
+      auto [ge, gz] = grad_e(m, b, false);
+      auto ge1 = ge * relu6_mask(col(f.s1) * m.U + col(f.c1));
+      auto uhat = (m.U - col(f.m1)) / col(sd1);
+      auto gu = col(a.g1 / sd1) * (ge1 - col(S11) / M - uhat * col(S12) / M);
+      gw_exp += at::matmul(gu.reshape({a.rH, -1}), m.A.reshape({a.H, -1}).t());
+      gA.select(0, b).copy_(gz + mix(a.w_exp.t(), gu));
+    }
+  Tensor gg1 = a.expand ? S12 : at::zeros({a.rH}, opt), gb1 = a.expand ? S11 : at::zeros({a.rH}, opt);
+  return {gA, gv, gw_exp, gw_dw, gw_pro, gg1, gb1, S22, S21, S32, S31, Sa2, Sa1};
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>
+refine_train_backward_impl(const Tensor& gout, const Tensor& attn, const Tensor& v, const Tensor& w_exp,
+                           const Tensor& w_dw, const Tensor& w_pro, const Tensor& g1, const Tensor& b1,
+                           const Tensor& g2, const Tensor& b2, const Tensor& g3, const Tensor& b3, const Tensor& ga,
+                           const Tensor& ba, const Tensor& m1, const Tensor& v1, const Tensor& m2, const Tensor& v2,
+                           const Tensor& m3, const Tensor& v3, const Tensor& ma, const Tensor& va, double eps,
+                           double scale, bool expand) {
+  auto a = prep_train(attn, v, w_exp, w_dw, w_pro, g1, b1, g2, b2, g3, b3, ga, ba, eps, expand);
+  validate_grad("refine_train_backward", "grad_out", gout, v);
+  Folded f;
+  auto c = [&](const Tensor& t) { return t.to(a.ct).contiguous(); };
+  f.m1 = c(m1), f.v1 = c(v1), f.m2 = c(m2), f.v2 = c(v2), f.m3 = c(m3), f.v3 = c(v3), f.ma = c(ma), f.va = c(va);
+  auto g = refine_train_backward_v(gout, a, f, eps, scale);
+  const auto st = attn.scalar_type();
+  for (auto& t : g) t = t.to(st).clone(at::MemoryFormat::Contiguous);
+  return {g[0], g[1], g[2], g[3], g[4], g[5], g[6], g[7], g[8], g[9], g[10], g[11], g[12]};
+}
+
+}  // namespace
+}  // namespace refiner
+
+TORCH_LIBRARY_FRAGMENT(refiner, m) {
+  m.def("refine_train(Tensor attn, Tensor v, Tensor w_exp, Tensor w_dw, Tensor w_pro, Tensor g1, Tensor b1, "
+        "Tensor g2, Tensor b2, Tensor g3, Tensor b3, Tensor ga, Tensor ba, float eps, float scale, bool expand) "
+        "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.def("refine_train_backward(Tensor grad_out, Tensor attn, Tensor v, Tensor w_exp, Tensor w_dw, Tensor w_pro, "
+        "Tensor g1, Tensor b1, Tensor g2, Tensor b2, Tensor g3, Tensor b3, Tensor ga, Tensor ba, "
+        "Tensor m1, Tensor v1, Tensor m2, Tensor v2, Tensor m3, Tensor v3, Tensor ma, Tensor va, "
+        "float eps, float scale, bool expand) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, "
+        "Tensor, Tensor, Tensor, Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(refiner, CPU, m) {
+  m.impl("refine_train", &refiner::refine_train_impl);
+  m.impl("refine_train_backward", &refiner::refine_train_backward_impl);
+}
+TORCH_LIBRARY_IMPL(refiner, CUDA, m) {
+  m.impl("refine_train", &refiner::refine_train_impl);
+  m.impl("refine_train_backward", &refiner::refine_train_backward_impl);
+}

@@ -1,0 +1,95 @@
+// Per-op argument validation (device independent), used by the CPU and CUDA entry points.
+#pragma once
+
+#include "checks.h"
+
+namespace refiner {
+
+inline void validate_softmax_block(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                   const c10::optional<at::Tensor>& prev, double scale) {
+  const char* op = "softmax_block";
+  check_dim(op, "q", q, 4, "(B, H, N, d)");
+  const int64_t B = q.size(0), H = q.size(1), N = q.size(2), d = q.size(3);
+  TORCH_CHECK(B >= 1 && H >= 1 && N >= 1, op, ": q must be non-empty, got ", shape_str(q));
+  check_head_dim(op, "q", q, d);
+  check_shape(op, "k", k, {B, H, N, d}, "(B, H, N, d)");
+  check_shape(op, "v", v, {B, H, N, d}, "(B, H, N, d)");
+  if (prev.has_value() && prev->defined()) {
+    check_shape(op, "prev_attn", *prev, {B, H, N, N}, "(B, H, N, N)");
+    check_common(op, {{"q", &q}, {"k", &k}, {"v", &v}, {"prev_attn", &*prev}});
+  } else {
+    check_common(op, {{"q", &q}, {"k", &k}, {"v", &v}});
+  }
+  TORCH_CHECK(std::isfinite(scale) && scale > 0, op, ": scale must be a positive finite number, got ", scale);
+}
+
+inline void validate_refine_eval(const at::Tensor& attn, const at::Tensor& v, const at::Tensor& w_exp,
+                                 const at::Tensor& b_exp, const at::Tensor& w_dw, const at::Tensor& b_dw,
+                                 const at::Tensor& w_pro, const at::Tensor& b_pro,
+                                 const at::Tensor& alpha, const at::Tensor& beta, bool expand) {
+  const char* op = "refine_eval";
+  int64_t rH, k;
+  check_refine_shapes(op, attn, v, w_exp, w_dw, w_pro, expand, rH, k);
+  const int64_t H = attn.size(1);
+  check_shape(op, "b_exp", b_exp, {rH}, "(rH)");
+  check_shape(op, "b_dw", b_dw, {rH}, "(rH)");
+  check_shape(op, "b_pro", b_pro, {H}, "(H)");
+  check_shape(op, "alpha", alpha, {H}, "(H)");
+  check_shape(op, "beta", beta, {H}, "(H)");
+  check_common(op, {{"attn", &attn}, {"v", &v}, {"w_exp", &w_exp}, {"b_exp", &b_exp},
+                    {"w_dw", &w_dw}, {"b_dw", &b_dw}, {"w_pro", &w_pro}, {"b_pro", &b_pro},
+                    {"alpha", &alpha}, {"beta", &beta}});
+}
+
+inline void validate_grad(const char* op, const char* name, const at::Tensor& g, const at::Tensor& like) {
+  TORCH_CHECK(g.sizes() == like.sizes(), op, ": ", name, " must have shape ", shape_str(like),
+              ", got ", shape_str(g));
+  check_common(op, {{name, &g}, {"input", &like}});
+}
+
+inline void validate_map(const char* op, const char* name, const at::Tensor& x) {
+  check_dim(op, name, x, 4, "(B, C, N, M)");
+  check_common(op, {{name, &x}});
+}
+
+inline void validate_head_mix(const at::Tensor& x, const at::Tensor& w) {
+  const char* op = "head_mix";
+  validate_map(op, "x", x);
+  check_dim(op, "w", w, 2, "(C2, C)");
+  TORCH_CHECK(w.size(1) == x.size(1), op, ": w must have shape (C2, C) with C = x.size(1) = ",
+              x.size(1), ", got ", shape_str(w));
+  check_common(op, {{"x", &x}, {"w", &w}});
+}
+
+inline void validate_attn_dwconv(const at::Tensor& x, const at::Tensor& w) {
+  const char* op = "attn_dwconv";
+  validate_map(op, "x", x);
+  check_dim(op, "w", w, 3, "(C, k, k)");
+  TORCH_CHECK(w.size(0) == x.size(1) && w.size(1) == w.size(2), op,
+              ": w must have shape (C, k, k) with C = x.size(1) = ", x.size(1), ", got ", shape_str(w));
+  check_kernel(op, "w", w.size(1));
+  check_common(op, {{"x", &x}, {"w", &w}});
+}
+
+inline void validate_attn_value(const at::Tensor& a, const at::Tensor& v) {
+  const char* op = "attn_value";
+  check_dim(op, "a", a, 4, "(B, H, N, M)");
+  check_dim(op, "v", v, 4, "(B, H, M, d)");
+  TORCH_CHECK(v.size(0) == a.size(0) && v.size(1) == a.size(1) && v.size(2) == a.size(3), op,
+              ": v must have shape (B, H, M, d) = (", a.size(0), ", ", a.size(1), ", ", a.size(3),
+              ", d) to match a ", shape_str(a), ", got ", shape_str(v));
+  check_head_dim(op, "v", v, v.size(3));
+  check_common(op, {{"a", &a}, {"v", &v}});
+}
+
+inline void validate_row_softmax(const at::Tensor& x) {
+  TORCH_CHECK(x.dim() >= 1, "row_softmax: x must have at least 1 dim, got a 0-D tensor");
+  check_common("row_softmax", {{"x", &x}});
+}
+
+// Compute dtype of the drivers: fp64 stays fp64 (CPU gradcheck), everything else runs in fp32.
+inline at::ScalarType compute_type(const at::Tensor& t) {
+  return t.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+}  // namespace refiner

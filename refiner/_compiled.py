@@ -1,0 +1,242 @@
+"""The compiled backend (`refiner._C`): fake impls, autograd, and reference-signature wrappers.
+
+Importing this module never raises: when the extension is missing or fails to load,
+``AVAILABLE`` is False and ``UNAVAILABLE_REASON`` says why.
+
+Every op accepts tensors of any strides (the C++ side makes them contiguous) and returns
+contiguous tensors. Inputs must share one dtype (fp32, fp16, bf16; fp64 on CPU) and device.
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from .reference import BNStats
+
+AVAILABLE = False
+UNAVAILABLE_REASON = ""
+HAS_CUDA = False
+
+try:
+    from . import _C  # noqa: F401  (loading the library registers torch.ops.refiner.*)
+    AVAILABLE = True
+    HAS_CUDA = bool(torch.ops.refiner.has_cuda())
+except Exception as _e:  # ImportError, OSError (undefined symbols: built against another torch), ...
+    UNAVAILABLE_REASON = (f"refiner._C could not be loaded ({type(_e).__name__}: {_e}); build it with "
+                          "`pip install --no-build-isolation .` or `python setup.py build_ext --inplace`")
+
+__all__ = ["AVAILABLE", "UNAVAILABLE_REASON", "HAS_CUDA", "softmax_block", "refine_eval", "refine_train",
+           "head_mix", "attn_dwconv", "row_softmax", "attn_value"]
+
+
+def _require():
+    if not AVAILABLE:
+        raise RuntimeError(UNAVAILABLE_REASON)
+
+
+def _zeros_if_none(g, like):
+    return torch.zeros_like(like) if g is None else g
+
+
+def _register():
+    """Fake impls and autograd of every refiner:: op (raises if the library lacks one)."""
+    _lib = "refiner::"
+
+    def _fake(name):
+        return torch.library.register_fake(_lib + name)
+
+    # ------------------------------------------------------------------ fake (meta) impls
+    @_fake("softmax_block")
+    def _(q, k, v, prev_attn, scale):
+        B, H, N, d = q.shape
+        return q.new_empty((B, H, N, d)), q.new_empty((B, H, N, N))
+
+    @_fake("softmax_block_backward")
+    def _(grad_out, grad_attn, q, k, v, attn, scale):
+        return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), attn.new_empty(attn.shape)
+
+    @_fake("refine_eval")
+    def _(attn, v, w_exp, b_exp, w_dw, b_dw, w_pro, b_pro, alpha, beta, expand):
+        return v.new_empty(v.shape)
+
+    @_fake("refine_eval_backward")
+    def _(grad_out, attn, v, w_exp, b_exp, w_dw, b_dw, w_pro, b_pro, alpha, beta, expand):
+        return tuple(t.new_empty(t.shape) for t in (attn, v, w_exp, b_exp, w_dw, b_dw, w_pro, b_pro, alpha, beta))
+
+    @_fake("head_mix")
+    def _(x, w):
+        return x.new_empty((x.shape[0], w.shape[0], x.shape[2], x.shape[3]))
+
+    @_fake("head_mix_backward")
+    def _(grad, x, w):
+        return x.new_empty(x.shape), w.new_empty(w.shape)
+
+    @_fake("attn_dwconv")
+    def _(x, w):
+        return x.new_empty(x.shape)
+
+    @_fake("attn_dwconv_backward")
+    def _(grad, x, w):
+        return x.new_empty(x.shape), w.new_empty(w.shape)
+
+    @_fake("row_softmax")
+    def _(x):
+        return x.new_empty(x.shape)
+
+    @_fake("row_softmax_backward")
+    def _(grad, y):
+        return y.new_empty(y.shape)
+
+    @_fake("attn_value")
+    def _(a, v):
+        return a.new_empty((a.shape[0], a.shape[1], a.shape[2], v.shape[3]))
+
+    @_fake("attn_value_backward")
+    def _(grad, a, v):
+        return a.new_empty(a.shape), v.new_empty(v.shape)
+
+    @_fake("refine_train")
+    def _(attn, v, w_exp, w_dw, w_pro, g1, b1, g2, b2, g3, b3, ga, ba, eps, scale, expand):
+        rH, H = w_dw.shape[0], attn.shape[1]
+        return (v.new_empty(v.shape), *(attn.new_empty((c,)) for c in (rH, rH, rH, rH, H, H, H, H)))
+
+    @_fake("refine_train_backward")
+    def _(grad_out, attn, v, w_exp, w_dw, w_pro, g1, b1, g2, b2, g3, b3, ga, ba, m1, v1, m2, v2, m3, v3, ma, va,
+          eps, scale, expand):
+        return tuple(t.new_empty(t.shape) for t in (attn, v, w_exp, w_dw, w_pro, g1, b1, g2, b2, g3, b3, ga, ba))
+
+    # ------------------------------------------------------------------ autograd
+    def _sb_setup(ctx, inputs, output):
+        q, k, v, prev_attn, scale = inputs
+        ctx.scale = scale
+        ctx.has_prev = prev_attn is not None
+        ctx.save_for_backward(q, k, v, output[1])
+
+    def _sb_backward(ctx, g_out, g_attn):
+        q, k, v, attn = ctx.saved_tensors
+        g_out = _zeros_if_none(g_out, q)
+        g_attn = _zeros_if_none(g_attn, attn)
+        gq, gk, gv, ga = torch.ops.refiner.softmax_block_backward(g_out, g_attn, q, k, v, attn, ctx.scale)
+        return gq, gk, gv, (ga * ctx.scale if ctx.has_prev else None), None
+
+    torch.library.register_autograd(_lib + "softmax_block", _sb_backward, setup_context=_sb_setup)
+
+    def _re_setup(ctx, inputs, output):
+        ctx.expand = inputs[-1]
+        ctx.save_for_backward(*inputs[:-1])
+
+    def _re_backward(ctx, g):
+        saved = ctx.saved_tensors
+        grads = list(torch.ops.refiner.refine_eval_backward(g, *saved, ctx.expand))
+        if not ctx.expand:  # w_exp, b_exp are unused
+            grads[2] = grads[3] = None
+        return (*grads, None)
+
+    torch.library.register_autograd(_lib + "refine_eval", _re_backward, setup_context=_re_setup)
+
+    def _rt_setup(ctx, inputs, output):
+        ctx.eps, ctx.scale, ctx.expand = inputs[-3:]
+        ctx.mark_non_differentiable(*output[1:])
+        ctx.save_for_backward(*inputs[:-3], *output[1:])
+
+    def _rt_backward(ctx, g, *_stat_grads):
+        saved = ctx.saved_tensors
+        if g is None:
+            g = torch.zeros_like(saved[1])
+        grads = list(torch.ops.refiner.refine_train_backward(g, *saved, ctx.eps, ctx.scale, ctx.expand))
+        if not ctx.expand:  # w_exp, g1, b1 are unused
+            grads[2] = grads[5] = grads[6] = None
+        return (*grads, None, None, None)
+
+    torch.library.register_autograd(_lib + "refine_train", _rt_backward, setup_context=_rt_setup)
+
+    def _two_setup(ctx, inputs, output):
+        ctx.save_for_backward(*inputs)
+
+    def _hm_backward(ctx, g):
+        return tuple(torch.ops.refiner.head_mix_backward(g, *ctx.saved_tensors))
+
+    def _dw_backward(ctx, g):
+        return tuple(torch.ops.refiner.attn_dwconv_backward(g, *ctx.saved_tensors))
+
+    def _av_backward(ctx, g):
+        return tuple(torch.ops.refiner.attn_value_backward(g, *ctx.saved_tensors))
+
+    torch.library.register_autograd(_lib + "head_mix", _hm_backward, setup_context=_two_setup)
+    torch.library.register_autograd(_lib + "attn_dwconv", _dw_backward, setup_context=_two_setup)
+    torch.library.register_autograd(_lib + "attn_value", _av_backward, setup_context=_two_setup)
+
+    def _rs_setup(ctx, inputs, output):
+        ctx.save_for_backward(output)
+
+    def _rs_backward(ctx, g):
+        (y,) = ctx.saved_tensors
+        return torch.ops.refiner.row_softmax_backward(g, y)
+
+    torch.library.register_autograd(_lib + "row_softmax", _rs_backward, setup_context=_rs_setup)
+
+
+if AVAILABLE:
+    try:
+        _register()
+    except Exception as _e:  # e.g. a stale build without some op
+        AVAILABLE = False
+        HAS_CUDA = False
+        UNAVAILABLE_REASON = (f"refiner._C is loaded but incomplete ({type(_e).__name__}: {_e}); rebuild it with "
+                              "`pip install --no-build-isolation .`")
+
+
+# ---------------------------------------------------------------------- public functions
+def softmax_block(q: Tensor, k: Tensor, v: Tensor, prev_attn: Optional[Tensor],
+                  scale: float) -> Tuple[Tensor, Tensor]:
+    """(B,H,N,d) x3 [, (B,H,N,N)] -> out (B,H,N,d), attn (B,H,N,N). See `reference.softmax_block`."""
+    _require()
+    out, attn = torch.ops.refiner.softmax_block(q, k, v, prev_attn, float(scale))
+    return out, attn
+
+
+def refine_eval(attn: Tensor, v: Tensor, w_exp: Tensor, b_exp: Tensor, w_dw: Tensor, b_dw: Tensor,
+                w_pro: Tensor, b_pro: Tensor, alpha: Tensor, beta: Tensor, expand: bool) -> Tensor:
+    """Fused eval-mode refine block (BNs folded). See `reference.refine_eval`."""
+    _require()
+    return torch.ops.refiner.refine_eval(attn, v, w_exp, b_exp, w_dw, b_dw, w_pro, b_pro, alpha, beta,
+                                         bool(expand))
+
+
+def refine_train(attn: Tensor, v: Tensor, w_exp: Tensor, w_dw: Tensor, w_pro: Tensor,
+                 g1: Tensor, b1: Tensor, g2: Tensor, b2: Tensor, g3: Tensor, b3: Tensor,
+                 ga: Tensor, ba: Tensor, eps: float, scale: float, expand: bool
+                 ) -> Tuple[Tensor, Tuple[Optional[BNStats], BNStats, BNStats, BNStats]]:
+    """Training-mode refine block with batch statistics. See `reference.refine_train`."""
+    _require()
+    res = torch.ops.refiner.refine_train(attn, v, w_exp, w_dw, w_pro, g1, b1, g2, b2, g3, b3, ga, ba,
+                                         float(eps), float(scale), bool(expand))
+    out, m1, v1, m2, v2, m3, v3, ma, va = res
+    s1 = BNStats(m1, v1) if expand else None
+    return out, (s1, BNStats(m2, v2), BNStats(m3, v3), BNStats(ma, va))
+
+
+def head_mix(x: Tensor, w: Tensor) -> Tensor:
+    """1x1 conv over heads: (B,C,N,M), (C2,C) -> (B,C2,N,M)."""
+    _require()
+    return torch.ops.refiner.head_mix(x, w)
+
+
+def attn_dwconv(x: Tensor, w: Tensor) -> Tensor:
+    """k x k depthwise conv with zero 'same' padding: (B,C,N,M), (C,k,k)."""
+    _require()
+    return torch.ops.refiner.attn_dwconv(x, w)
+
+
+def row_softmax(x: Tensor) -> Tensor:
+    """Softmax over the last dim."""
+    _require()
+    return torch.ops.refiner.row_softmax(x)
+
+
+def attn_value(a: Tensor, v: Tensor) -> Tensor:
+    """(B,H,N,M) @ (B,H,M,d) -> (B,H,N,d)."""
+    _require()
+    return torch.ops.refiner.attn_value(a, v)

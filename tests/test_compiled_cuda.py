@@ -1,0 +1,118 @@
+"""The compiled CUDA kernels against the reference (same cases as test_compiled_ops, on a GPU).
+
+Skipped, with the reason shown, when no GPU is visible or the extension was built without CUDA.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import requires_cuda
+from refiner import _compiled as C
+from refiner import reference as R
+from test_compiled_ops import (REFINE_CASES, REFINE_NAMES, TRAIN_CASES, TRAIN_NAMES, _opcheck_cases, assert_close, check_train,
+                               compare, refine_inputs, softmax_inputs, train_inputs)
+
+pytestmark = [
+    requires_cuda,
+    pytest.mark.skipif(not C.AVAILABLE, reason=f"refiner._C not available: {C.UNAVAILABLE_REASON}"),
+    pytest.mark.skipif(C.AVAILABLE and not C.HAS_CUDA, reason="refiner._C was built without CUDA kernels"),
+]
+
+DEV = "cuda"
+# GPU references use TF32-free fp32 matmuls
+torch.backends.cuda.matmul.allow_tf32 = False
+torch.backends.cudnn.allow_tf32 = False
+
+
+@pytest.mark.parametrize("B,H,N,d,prev", [(2, 12, 17, 32, True), (1, 16, 50, 35, False), (2, 12, 197, 32, True),
+                                          (1, 2, 33, 128, True)])
+def test_softmax_block_fp32(B, H, N, d, prev):
+    q, k, v, p = softmax_inputs(B, H, N, d, prev, torch.float32, device=DEV)
+    s = d ** -0.5
+    compare(lambda q, k, v, p: C.softmax_block(q, k, v, p, s), lambda q, k, v, p: R.softmax_block(q, k, v, p, s),
+            [q, k, v, p], rtol=1e-4, atol=1e-4)
+
+
+def test_softmax_block_forward_n577():
+    q, k, v, p = softmax_inputs(1, 2, 577, 32, True, torch.float32, device=DEV)
+    o1, a1 = C.softmax_block(q, k, v, p, 0.2)
+    o2, a2 = R.softmax_block(q, k, v, p, 0.2)
+    assert_close(a1, a2, 1e-4, 1e-5)
+    assert_close(o1, o2, 1e-4, 1e-5)
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float16, 4e-3), (torch.bfloat16, 3e-2)])
+def test_softmax_block_half(dtype, tol):
+    q, k, v, p = softmax_inputs(2, 12, 50, 32, True, dtype, device=DEV)
+    compare(lambda q, k, v, p: C.softmax_block(q, k, v, p, 0.25), lambda q, k, v, p: R.softmax_block(q, k, v, p, 0.25),
+            [q, k, v, p], rtol=tol, atol=tol, ref_inputs=[t.float() for t in (q, k, v, p)])
+
+
+def test_softmax_block_many_heads_grid():
+    """B*H > 65535 rows of blocks."""
+    q, k, v, p = softmax_inputs(5462, 12, 5, 4, True, torch.float32, device=DEV)
+    o1, a1 = C.softmax_block(q, k, v, p, 0.5)
+    o2, a2 = R.softmax_block(q, k, v, p, 0.5)
+    assert_close(a1, a2, 1e-4, 1e-5)
+    assert_close(o1, o2, 1e-4, 1e-5)
+
+
+@pytest.mark.parametrize("B,H,N,d,ratio,k", REFINE_CASES + [(1, 12, 70, 128, 3, 3)])
+def test_refine_eval_fp32(B, H, N, d, ratio, k):
+    args, expand = refine_inputs(B, H, N, d, ratio, k, torch.float32, device=DEV)
+    compare(lambda *a: C.refine_eval(*a, expand), lambda *a: R.refine_eval(*a, expand), args,
+            rtol=1e-4, atol=1e-4, names=REFINE_NAMES)
+
+
+def test_refine_eval_forward_n577():
+    args, expand = refine_inputs(1, 12, 577, 32, 3, 3, torch.float32, device=DEV)
+    with torch.no_grad():
+        assert_close(C.refine_eval(*args, expand), R.refine_eval(*args, expand), 1e-4, 1e-5)
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float16, 4e-3), (torch.bfloat16, 3e-2)])
+def test_refine_eval_half(dtype, tol):
+    args, expand = refine_inputs(2, 12, 17, 32, 3, 3, dtype, device=DEV)
+    compare(lambda *a: C.refine_eval(*a, expand), lambda *a: R.refine_eval(*a, expand), args,
+            rtol=tol, atol=tol, ref_inputs=[t.float() for t in args], names=REFINE_NAMES)
+
+
+def test_refine_eval_large_batch_grid():
+    args, expand = refine_inputs(70000, 2, 3, 4, 2, 3, torch.float32, device=DEV)
+    with torch.no_grad():
+        assert_close(C.refine_eval(*args, expand), R.refine_eval(*args, expand), 1e-4, 1e-5)
+
+
+@pytest.mark.parametrize("B,H,N,d,ratio,k", TRAIN_CASES)
+def test_refine_train_fp32(B, H, N, d, ratio, k):
+    args, expand = train_inputs(B, H, N, d, ratio, k, torch.float32, device=DEV)
+    check_train(lambda *a: C.refine_train(*a, 1e-5, 0.2, expand)[0],
+                lambda *a: R.refine_train(*a, 1e-5, 0.2, expand)[0], args)
+
+
+def test_building_blocks():
+    x = torch.randn(2, 12, 17, 17, device=DEV)
+    compare(C.head_mix, R.head_mix, [x, torch.randn(36, 12, device=DEV) * 0.3], 1e-4, 1e-4)
+    for k in (3, 5):
+        compare(C.attn_dwconv, R.attn_dwconv, [x, torch.randn(12, k, k, device=DEV) * 0.3], 1e-4, 1e-4)
+    compare(C.row_softmax, R.row_softmax, [x], 1e-4, 1e-4)
+    compare(C.attn_value, R.attn_value, [x.softmax(-1), torch.randn(2, 12, 17, 35, device=DEV)], 1e-4, 1e-4)
+
+
+@pytest.mark.parametrize("case", range(13))
+def test_opcheck(case):
+    name, args = _opcheck_cases()[case]
+    args = tuple(a.to(DEV) if isinstance(a, torch.Tensor) else a for a in args)
+    args = tuple(a.requires_grad_() if isinstance(a, torch.Tensor) and not name.endswith("backward") else a
+                 for a in args)
+    torch.library.opcheck(getattr(torch.ops.refiner, name).default, args)
+
+
+def test_head_size_limit_and_device_mismatch():
+    q, k, v, p = softmax_inputs(1, 2, 5, 129, True, torch.float32, device=DEV)
+    with pytest.raises(RuntimeError, match="head size must be <= 128"):
+        C.softmax_block(q, k, v, p, 0.5)
+    q, k, v, p = softmax_inputs(1, 2, 5, 3, True, torch.float32, device=DEV)
+    with pytest.raises(RuntimeError, match="prev_attn is on"):
+        C.softmax_block(q, k, v, p.cpu(), 0.5)

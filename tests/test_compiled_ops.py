@@ -1,0 +1,489 @@
+"""The compiled backend (refiner._C, CPU kernels) against the functional reference.
+
+Every op: forward and every gradient vs `refiner.reference`, fp32 tight, fp16/bf16 against the
+fp32 reference evaluated on the same rounded inputs, float64 gradcheck on tiny shapes,
+torch.library.opcheck, and input validation.
+"""
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from refiner import _compiled as C
+from refiner import reference as R
+from utils import random_attn, random_dla
+
+pytestmark = pytest.mark.skipif(not C.AVAILABLE, reason=f"refiner._C not available: {C.UNAVAILABLE_REASON}")
+
+DEVICE = "cpu"
+
+
+# ----------------------------------------------------------------------------- helpers
+def assert_close(actual, expected, rtol, atol, name="", abs_tol=0.0):
+    """Element-wise |a - e| <= atol * max|e| + rtol * |e| + abs_tol (atol relative to the tensor's scale)."""
+    assert actual is not None and expected is not None, name
+    assert actual.shape == expected.shape, f"{name}: shape {tuple(actual.shape)} vs {tuple(expected.shape)}"
+    a, e = actual.double(), expected.double()
+    scale = e.abs().max().item() or 1.0
+    err = (a - e).abs()
+    bound = atol * scale + rtol * e.abs() + abs_tol
+    worst = (err - bound).max().item()
+    assert worst <= 0, f"{name}: max abs err {err.max().item():.3e} (scale {scale:.3e}) exceeds tolerance"
+
+
+def grads(fn, inputs, gouts):
+    """Run fn(*inputs), backprop the given output grads, return (outputs, grads of inputs)."""
+    ins = [x.detach().clone().requires_grad_(x.is_floating_point()) if isinstance(x, torch.Tensor) else x
+           for x in inputs]
+    outs = fn(*ins)
+    outs = outs if isinstance(outs, tuple) else (outs,)
+    leaves = [x for x in ins if isinstance(x, torch.Tensor) and x.requires_grad]
+    gs = torch.autograd.grad(outs, leaves, [g.to(o.dtype) for o, g in zip(outs, gouts)], allow_unused=True)
+    return [o.detach() for o in outs], list(gs)
+
+
+def compare(fused, ref, inputs, rtol, atol, ref_inputs=None, names=None, abs_tol=0.0, skip=()):
+    """Forward + all gradients of fused vs ref. ref runs on ref_inputs (default: inputs)."""
+    ref_inputs = inputs if ref_inputs is None else ref_inputs
+    with torch.no_grad():
+        r_out = ref(*ref_inputs)
+    r_out = r_out if isinstance(r_out, tuple) else (r_out,)
+    gouts = [torch.randn(o.shape, dtype=torch.float64, device=o.device).to(inputs[0].dtype) for o in r_out]
+    f_o, f_g = grads(fused, inputs, gouts)
+    r_o, r_g = grads(ref, ref_inputs, gouts)
+    for i, (a, e) in enumerate(zip(f_o, r_o)):
+        assert a.dtype == inputs[0].dtype
+        assert_close(a, e.to(a.dtype), rtol, atol, f"output {i}")
+    for i, (a, e) in enumerate(zip(f_g, r_g)):
+        nm = names[i] if names else str(i)
+        if e is None:
+            assert a is None or a.abs().max() == 0, f"grad {nm} should be None/zero"
+            continue
+        assert a is not None, f"grad {nm} missing"
+        assert a.dtype == inputs[0].dtype
+        if nm in skip:
+            continue
+        assert a.dtype == inputs[0].dtype
+        assert_close(a, e.to(a.dtype), rtol, atol, f"grad {nm}", abs_tol)
+    return dict(zip(names or [], f_g))
+
+
+def refine_inputs(B, H, N, d, ratio, k, dtype=torch.float64, seed=0, device=DEVICE):
+    dla, bn = random_dla(H, ratio, k, seed=seed)
+    f = R.fold_refine(dla, bn, d ** -0.5)
+    attn = random_attn(B, H, N).double()
+    v = torch.randn(B, H, N, d, dtype=torch.float64)
+    args = [attn, v] + [t.double() for t in f.args()[:-1]]
+    return [t.to(device=device, dtype=dtype) for t in args], f.expand
+
+
+def softmax_inputs(B, H, N, d, prev, dtype=torch.float64, device=DEVICE):
+    q, k, v = (torch.randn(B, H, N, d, dtype=torch.float64) for _ in range(3))
+    p = random_attn(B, H, N).double() if prev else None
+    ts = [q, k, v, p]
+    return [t.to(device=device, dtype=dtype) if t is not None else None for t in ts]
+
+
+REFINE_NAMES = ["attn", "v", "w_exp", "b_exp", "w_dw", "b_dw", "w_pro", "b_pro", "alpha", "beta"]
+
+# ----------------------------------------------------------------------------- basic facts
+def test_flags():
+    assert C.AVAILABLE is True and isinstance(C.HAS_CUDA, bool) and C.UNAVAILABLE_REASON == ""
+
+
+def test_import_without_extension_never_raises():
+    code = ("import sys; sys.modules['refiner._C'] = None\n"
+            "import refiner._compiled as C\n"
+            "assert not C.AVAILABLE and not C.HAS_CUDA and 'refiner._C' in C.UNAVAILABLE_REASON\n"
+            "try:\n    C.row_softmax(None)\nexcept RuntimeError as e:\n    assert 'refiner._C' in str(e)\n"
+            "else:\n    raise SystemExit('no error')\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                       cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert r.returncode == 0, r.stderr
+
+
+# ----------------------------------------------------------------------------- softmax block
+@pytest.mark.parametrize("B,H,N,d,prev", [(2, 12, 17, 32, True), (1, 16, 50, 35, False), (2, 12, 197, 32, True)])
+def test_softmax_block_fp32(B, H, N, d, prev):
+    q, k, v, p = softmax_inputs(B, H, N, d, prev, torch.float32)
+    s = d ** -0.5
+    compare(lambda q, k, v, p: C.softmax_block(q, k, v, p, s), lambda q, k, v, p: R.softmax_block(q, k, v, p, s),
+            [q, k, v, p], rtol=1e-5, atol=2e-5, names=["q", "k", "v", "prev"])
+
+
+@pytest.mark.parametrize("prev", [True, False])
+def test_softmax_block_portable_path(monkeypatch, prev):
+    """REFINER_CPU_PORTABLE=1: the CPU forward uses the element-wise math of the CUDA kernel."""
+    monkeypatch.setenv("REFINER_CPU_PORTABLE", "1")
+    q, k, v, p = softmax_inputs(2, 12, 17, 32, prev, torch.float32)
+    compare(lambda q, k, v, p: C.softmax_block(q, k, v, p, 0.3), lambda q, k, v, p: R.softmax_block(q, k, v, p, 0.3),
+            [q, k, v, p], rtol=1e-5, atol=2e-5)
+
+
+def test_softmax_block_forward_n577():
+    q, k, v, p = softmax_inputs(1, 2, 577, 32, True, torch.float32)
+    o1, a1 = C.softmax_block(q, k, v, p, 0.2)
+    o2, a2 = R.softmax_block(q, k, v, p, 0.2)
+    assert_close(a1, a2, 1e-5, 1e-5, "attn")
+    assert_close(o1, o2, 1e-5, 1e-5, "out")
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float16, 4e-3), (torch.bfloat16, 3e-2)])
+def test_softmax_block_half(dtype, tol):
+    # Inputs are rounded to dtype; the reference runs in fp32 on the same rounded values. The
+    # kernels accumulate in fp32, so the error is the final rounding of attn/out/grads (~2^-11 for
+    # fp16, 2^-8 for bf16) plus the rounded attn feeding attn @ v.
+    q, k, v, p = softmax_inputs(2, 12, 50, 32, True, dtype)
+    compare(lambda q, k, v, p: C.softmax_block(q, k, v, p, 0.25), lambda q, k, v, p: R.softmax_block(q, k, v, p, 0.25),
+            [q, k, v, p], rtol=tol, atol=tol, ref_inputs=[t.float() for t in (q, k, v, p)])
+
+
+@pytest.mark.parametrize("prev", [True, False])
+def test_softmax_block_gradcheck(prev):
+    q, k, v, p = softmax_inputs(2, 2, 5, 3, prev)
+    ins = [t.requires_grad_() for t in (q, k, v, p) if t is not None]
+    fn = (lambda q, k, v, p: C.softmax_block(q, k, v, p, 0.7)) if prev else (
+        lambda q, k, v: C.softmax_block(q, k, v, None, 0.7))
+    assert torch.autograd.gradcheck(fn, ins)
+
+
+def test_softmax_block_attn_grad_only():
+    """attn feeds the next block: its gradient alone must flow to q, k, prev."""
+    q, k, v, p = softmax_inputs(1, 2, 7, 3, True)
+    q.requires_grad_()
+    p.requires_grad_()
+    _, a = C.softmax_block(q, k, v, p, 0.5)
+    g1 = torch.autograd.grad(a.square().sum(), [q, p])
+    _, a = R.softmax_block(q, k, v, p, 0.5)
+    g2 = torch.autograd.grad(a.square().sum(), [q, p])
+    for x, y in zip(g1, g2):
+        assert_close(x, y, 1e-10, 1e-10)
+
+
+# ----------------------------------------------------------------------------- refine eval
+REFINE_CASES = [
+    # B, H, N, d, ratio, k
+    (2, 12, 17, 32, 3, 3),
+    (1, 16, 50, 35, 6, 5),
+    (2, 12, 17, 35, 1, 3),
+    (1, 12, 50, 32, 3, 7),
+    (1, 12, 197, 32, 3, 3),
+]
+
+
+@pytest.mark.parametrize("B,H,N,d,ratio,k", REFINE_CASES)
+def test_refine_eval_fp32(B, H, N, d, ratio, k):
+    args, expand = refine_inputs(B, H, N, d, ratio, k, torch.float32)
+    compare(lambda *a: C.refine_eval(*a, expand), lambda *a: R.refine_eval(*a, expand), args,
+            rtol=1e-5, atol=2e-5, names=REFINE_NAMES)
+
+
+@pytest.mark.parametrize("ratio,k", [(3, 3), (1, 5)])
+def test_refine_eval_portable_path(monkeypatch, ratio, k):
+    """REFINER_CPU_PORTABLE=1 runs the CUDA kernel's per-channel stage sequence on CPU."""
+    monkeypatch.setenv("REFINER_CPU_PORTABLE", "1")
+    args, expand = refine_inputs(2, 12, 17, 32, ratio, k, torch.float32)
+    compare(lambda *a: C.refine_eval(*a, expand), lambda *a: R.refine_eval(*a, expand), args,
+            rtol=1e-5, atol=2e-5, names=REFINE_NAMES)
+
+
+def test_refine_eval_forward_n577():
+    args, expand = refine_inputs(1, 12, 577, 32, 3, 3, torch.float32)
+    with torch.no_grad():
+        assert_close(C.refine_eval(*args, expand), R.refine_eval(*args, expand), 1e-5, 1e-5)
+
+
+def test_refine_eval_matches_module():
+    """Folded fused op == the unfolded eval-mode module path adapt_bn(DLA(A)) * s @ v."""
+    H, N, d = 12, 17, 32
+    dla, bn = random_dla(H, 3, 3)
+    dla.eval(), bn.eval()
+    s = d ** -0.5
+    a = random_attn(2, H, N)
+    v = torch.randn(2, H, N, d)
+    with torch.no_grad():
+        ref = (bn(dla(a)) * s) @ v
+        out = C.refine_eval(a, v, *R.fold_refine(dla, bn, s).args())
+    assert_close(out, ref, 1e-5, 1e-5)
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float16, 4e-3), (torch.bfloat16, 3e-2)])
+def test_refine_eval_half(dtype, tol):
+    args, expand = refine_inputs(2, 12, 17, 32, 3, 3, dtype)
+    compare(lambda *a: C.refine_eval(*a, expand), lambda *a: R.refine_eval(*a, expand), args,
+            rtol=tol, atol=tol, ref_inputs=[t.float() for t in args], names=REFINE_NAMES)
+
+
+@pytest.mark.parametrize("ratio,k", [(2, 3), (1, 3), (2, 5)])
+def test_refine_eval_gradcheck(ratio, k):
+    args, expand = refine_inputs(1, 2, 6, 3, ratio, k)
+    if not expand:  # w_exp, b_exp unused
+        fn = lambda a, v, *w: C.refine_eval(a, v, args[2], args[3], *w, expand)  # noqa: E731
+        ins = [args[0], args[1]] + args[4:]
+    else:
+        fn = lambda *a: C.refine_eval(*a, expand)  # noqa: E731
+        ins = args
+    ins = [t.clone().requires_grad_() for t in ins]
+    assert torch.autograd.gradcheck(fn, ins)
+
+
+def test_refine_eval_relu6_clipping_exercised():
+    """The test weights must put pre-activations on both sides of 0 and 6 (mask paths)."""
+    args, expand = refine_inputs(1, 12, 17, 32, 3, 3)
+    attn, w_exp, b_exp = args[0], args[2], args[3]
+    u = R.head_mix(attn, w_exp) + b_exp[:, None, None]
+    assert (u < 0).any() and (u > 0).any()
+
+
+# ----------------------------------------------------------------------------- building blocks
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.float16, 4e-3), (torch.bfloat16, 3e-2)])
+def test_building_blocks(dtype, tol):
+    B, Cc, N, d = 2, 12, 17, 35
+    x = torch.randn(B, Cc, N, N).to(dtype)
+    w = (torch.randn(36, Cc) * 0.3).to(dtype)
+    ref_in = lambda ts: [t.float() for t in ts] if dtype != torch.float32 else None  # noqa: E731
+    compare(C.head_mix, R.head_mix, [x, w], tol, tol, ref_inputs=ref_in([x, w]))
+    for k in (3, 5):
+        wd = (torch.randn(Cc, k, k) * 0.3).to(dtype)
+        compare(C.attn_dwconv, R.attn_dwconv, [x, wd], tol, tol, ref_inputs=ref_in([x, wd]))
+    compare(C.row_softmax, R.row_softmax, [x], tol, tol, ref_inputs=ref_in([x]))
+    a = random_attn(B, Cc, N).to(dtype)
+    v = torch.randn(B, Cc, N, d).to(dtype)
+    compare(C.attn_value, R.attn_value, [a, v], tol, tol, ref_inputs=ref_in([a, v]))
+
+
+def test_building_blocks_nonsquare_and_gradcheck():
+    x = torch.randn(1, 3, 5, 7, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(C.head_mix, [x, torch.randn(4, 3, dtype=torch.float64, requires_grad=True)])
+    assert torch.autograd.gradcheck(C.attn_dwconv, [x, torch.randn(3, 3, 3, dtype=torch.float64, requires_grad=True)])
+    assert torch.autograd.gradcheck(C.row_softmax, [x])
+    a = torch.randn(1, 2, 5, 6, dtype=torch.float64, requires_grad=True)
+    v = torch.randn(1, 2, 6, 3, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(C.attn_value, [a, v])
+
+
+# ----------------------------------------------------------------------------- layouts
+def test_non_contiguous_inputs():
+    """Any strides are accepted (made contiguous inside the op); outputs are contiguous."""
+    args, expand = refine_inputs(1, 12, 17, 32, 3, 3, torch.float32)
+    attn_t = args[0].transpose(-1, -2).contiguous().transpose(-1, -2)  # same values, transposed strides
+    v_nc = torch.stack([args[1], args[1]], -1)[..., 0]
+    assert not attn_t.is_contiguous() and not v_nc.is_contiguous()
+    with torch.no_grad():
+        out = C.refine_eval(attn_t, v_nc, *args[2:], expand)
+        assert out.is_contiguous()
+        assert_close(out, R.refine_eval(*args, expand), 1e-5, 1e-5)
+    q, k, v, p = softmax_inputs(1, 2, 9, 4, True, torch.float32)
+    o1, a1 = C.softmax_block(q.transpose(1, 2).contiguous().transpose(1, 2), k, v, p, 0.3)
+    o2, a2 = R.softmax_block(q, k, v, p, 0.3)
+    assert_close(o1, o2, 1e-5, 1e-5)
+    assert_close(a1, a2, 1e-5, 1e-5)
+
+
+# ----------------------------------------------------------------------------- opcheck
+def _opcheck_cases():
+    args, expand = refine_inputs(1, 2, 5, 3, 2, 3, torch.float32)
+    q, k, v, p = softmax_inputs(1, 2, 5, 3, True, torch.float32)
+    x = torch.randn(1, 2, 5, 5)
+    g4 = torch.randn(1, 2, 5, 3)
+    return [
+        ("softmax_block", (q, k, v, p, 0.5)),
+        ("softmax_block", (q, k, v, None, 0.5)),
+        ("softmax_block_backward", (g4, torch.randn(1, 2, 5, 5), q, k, v, p, 0.5)),
+        ("refine_eval", (*args, expand)),
+        ("refine_eval_backward", (g4, *args, expand)),
+        ("head_mix", (x, torch.randn(4, 2))),
+        ("head_mix_backward", (torch.randn(1, 4, 5, 5), x, torch.randn(4, 2))),
+        ("attn_dwconv", (x, torch.randn(2, 3, 3))),
+        ("attn_dwconv_backward", (x, x, torch.randn(2, 3, 3))),
+        ("row_softmax", (x,)),
+        ("row_softmax_backward", (x, x.softmax(-1))),
+        ("attn_value", (x, g4)),
+        ("attn_value_backward", (g4, x, g4)),
+    ]
+
+
+@pytest.mark.parametrize("case", range(13))
+def test_opcheck(case):
+    name, args = _opcheck_cases()[case]
+    args = tuple(a.requires_grad_() if isinstance(a, torch.Tensor) and not name.endswith("backward") else a
+                 for a in args)
+    torch.library.opcheck(getattr(torch.ops.refiner, name).default, args)
+
+
+# ----------------------------------------------------------------------------- validation
+def _bad_refine_cases():
+    args, expand = refine_inputs(1, 4, 6, 3, 2, 3, torch.float32)
+    attn, v, w_exp, b_exp, w_dw, b_dw, w_pro, b_pro, alpha, beta = args
+
+    def rep(i, t, exp=expand):
+        a = list(args)
+        a[i] = t
+        return (*a, exp)
+
+    return [
+        (rep(0, attn[0]), "attn must be 4-D"),
+        (rep(0, attn[..., :5]), "attn must be square"),
+        (rep(1, v[:, :, :5]), "v must have shape"),
+        (rep(1, v.double()), "v has dtype"),
+        (rep(1, v.int()), "v must be float32"),
+        (rep(4, torch.randn(8, 2, 2)), "kernel size must be odd"),
+        (rep(4, torch.randn(8, 9, 9)), "kernel size must be odd"),
+        (rep(4, torch.randn(6, 3, 3)), "rH must be a multiple"),
+        (rep(4, torch.randn(28, 3, 3)), "ratio r in 1..6"),
+        (rep(2, w_exp[:, :3]), "w_exp must have shape"),
+        (rep(6, w_pro.t()), "w_pro must have shape"),
+        (rep(5, b_dw[:3]), "b_dw must have shape"),
+        (rep(8, alpha[:2]), "alpha must have shape"),
+        (rep(9, beta[None]), "beta must be 1-D"),
+        (rep(4, w_dw, False), "expand=False"),
+    ]
+
+
+@pytest.mark.parametrize("case", range(15))
+def test_refine_eval_bad_inputs(case):
+    args, msg = _bad_refine_cases()[case]
+    with pytest.raises((RuntimeError, ValueError), match=msg):
+        C.refine_eval(*args)
+
+
+def test_softmax_block_bad_inputs():
+    q, k, v, p = softmax_inputs(1, 2, 5, 3, True, torch.float32)
+    with pytest.raises(RuntimeError, match="q must be 4-D"):
+        C.softmax_block(q[0], k, v, p, 0.5)
+    with pytest.raises(RuntimeError, match="k must have shape"):
+        C.softmax_block(q, k[:, :, :4], v, p, 0.5)
+    with pytest.raises(RuntimeError, match="v must have shape"):
+        C.softmax_block(q, k, v[..., :2], p, 0.5)
+    with pytest.raises(RuntimeError, match="prev_attn must have shape"):
+        C.softmax_block(q, k, v, p[..., :4], 0.5)
+    with pytest.raises(RuntimeError, match="prev_attn has dtype"):
+        C.softmax_block(q, k, v, p.half(), 0.5)
+    with pytest.raises(RuntimeError, match="scale must be"):
+        C.softmax_block(q, k, v, p, -1.0)
+
+
+def test_building_block_bad_inputs():
+    x = torch.randn(1, 2, 5, 5)
+    with pytest.raises(RuntimeError, match="head_mix: w must have shape"):
+        C.head_mix(x, torch.randn(3, 3))
+    with pytest.raises(RuntimeError, match="attn_dwconv: w must have shape"):
+        C.attn_dwconv(x, torch.randn(3, 3, 3))
+    with pytest.raises(RuntimeError, match="attn_dwconv: w kernel size"):
+        C.attn_dwconv(x, torch.randn(2, 4, 4))
+    with pytest.raises(RuntimeError, match="attn_value: v must have shape"):
+        C.attn_value(x, torch.randn(1, 2, 4, 3))
+    with pytest.raises(RuntimeError, match="x must have at least 1 dim|x must be float32"):
+        C.row_softmax(torch.tensor(1))
+
+
+# ----------------------------------------------------------------------------- refine train
+TRAIN_NAMES = ["attn", "v", "w_exp", "w_dw", "w_pro", "g1", "b1", "g2", "b2", "g3", "b3", "ga", "ba"]
+
+
+def train_inputs(B, H, N, d, ratio, k, dtype=torch.float64, device=DEVICE):
+    from utils import train_args
+    dla, bn = random_dla(H, ratio, k)
+    attn = random_attn(B, H, N).double()
+    v = torch.randn(B, H, N, d, dtype=torch.float64)
+    ps = [t.detach().double() for t in train_args(dla, bn)]
+    return [t.to(device=device, dtype=dtype) for t in [attn, v] + ps], ratio != 1
+
+
+def check_train(fused, ref, args):
+    """fp32 fused vs the fp64 reference of the same inputs. The grad of b3 is analytically zero
+    (BN_a subtracts the mean of Z = A + BN3(.) over all positions), so in fp32 it is cancellation
+    noise of size ~eps * sqrt(B N^2) * |grad|: checked to be small next to the grad of g3 instead."""
+    g = compare(fused, ref, args, rtol=1e-4, atol=1e-4, names=TRAIN_NAMES, skip=("b3",),
+                ref_inputs=[t.double() for t in args])
+    assert g["b3"].abs().max() <= 1e-3 * max(g["g3"].abs().max(), g["ba"].abs().max())
+
+
+def _train_fns(expand, scale, eps=1e-5):
+    fused = lambda *a: C.refine_train(*a, eps, scale, expand)[0]  # noqa: E731
+    ref = lambda *a: R.refine_train(*a, eps, scale, expand)[0]  # noqa: E731
+    return fused, ref
+
+
+TRAIN_CASES = [
+    (2, 12, 17, 32, 3, 3),
+    (2, 16, 17, 35, 6, 5),
+    (2, 12, 17, 32, 1, 3),
+    (1, 12, 50, 35, 3, 3),
+]
+
+
+@pytest.mark.parametrize("B,H,N,d,ratio,k", TRAIN_CASES)
+def test_refine_train_fp32(B, H, N, d, ratio, k):
+    args, expand = train_inputs(B, H, N, d, ratio, k, torch.float32)
+    fused, ref = _train_fns(expand, d ** -0.5)
+    check_train(fused, ref, args)
+
+
+def test_refine_train_n197_fwd_bwd():
+    args, expand = train_inputs(2, 12, 197, 32, 3, 3, torch.float32)
+    fused, ref = _train_fns(expand, 32 ** -0.5)
+    check_train(fused, ref, args)
+
+
+@pytest.mark.parametrize("ratio", [3, 1])
+def test_refine_train_stats(ratio):
+    args, expand = train_inputs(2, 12, 17, 32, ratio, 3, torch.float32)
+    with torch.no_grad():
+        _, s_f = C.refine_train(*args, 1e-5, 0.2, expand)
+        _, s_r = R.refine_train(*args, 1e-5, 0.2, expand)
+    assert (s_f[0] is None) == (s_r[0] is None) == (not expand)
+    for a, e in zip(s_f, s_r):
+        if e is None:
+            continue
+        assert_close(a.mean, e.mean, 1e-5, 1e-5, "mean")
+        assert_close(a.var, e.var, 1e-4, 1e-5, "var")
+    # the caller's running-stat update works with our stats
+    dla, bn = random_dla(12, ratio, 3)
+    bn2 = torch.nn.BatchNorm2d(12)
+    bn2.load_state_dict(bn.state_dict())
+    R.update_running_stats(bn, s_f[3], 2 * 17 * 17)
+    R.update_running_stats(bn2, s_r[3], 2 * 17 * 17)
+    assert_close(bn.running_var, bn2.running_var, 1e-5, 1e-6)
+
+
+@pytest.mark.parametrize("ratio,k", [(2, 3), (1, 3)])
+def test_refine_train_gradcheck(ratio, k):
+    args, expand = train_inputs(2, 2, 5, 3, ratio, k)
+    if expand:
+        fn = lambda *a: C.refine_train(*a, 1e-5, 0.6, True)[0]  # noqa: E731
+        ins = args
+    else:  # w_exp, g1, b1 unused
+        fn = lambda a, v, w_dw, w_pro, *bn: C.refine_train(a, v, args[2], w_dw, w_pro, args[5], args[6], *bn,  # noqa: E731
+                                                           1e-5, 0.6, False)[0]
+        ins = args[:2] + args[3:5] + args[7:]
+    ins = [t.clone().requires_grad_() for t in ins]
+    assert torch.autograd.gradcheck(fn, ins)
+
+
+def test_refine_train_half():
+    args, expand = train_inputs(2, 12, 17, 32, 3, 3, torch.float16)
+    fused, ref = _train_fns(expand, 32 ** -0.5)
+    with torch.no_grad():
+        assert_close(fused(*args), ref(*[t.float() for t in args]), 1e-2, 1e-2)
+
+
+def test_refine_train_opcheck():
+    args, expand = train_inputs(2, 2, 5, 3, 2, 3, torch.float32)
+    torch.library.opcheck(torch.ops.refiner.refine_train.default,
+                          (*[t.requires_grad_() for t in args], 1e-5, 0.5, expand))
+
+
+def test_refine_train_bad_inputs():
+    args, expand = train_inputs(1, 4, 6, 3, 2, 3, torch.float32)
+    bad = list(args)
+    bad[9] = args[9][:2]  # g3
+    with pytest.raises(RuntimeError, match="g3 must have shape"):
+        C.refine_train(*bad, 1e-5, 0.5, expand)
+    with pytest.raises(RuntimeError, match="eps must be"):
+        C.refine_train(*args, float("nan"), 0.5, expand)
