@@ -42,8 +42,10 @@ bench: build
 cmake-build: deps
 	$(VENV)/bin/cmake -S . -B build/cmake -G Ninja -DCMAKE_MAKE_PROGRAM=$(abspath $(VENV)/bin/ninja) \
 	  -DCMAKE_PREFIX_PATH="$$($(PY) -c 'import torch; print(torch.utils.cmake_prefix_path)')" \
-	  -DPython_EXECUTABLE=$(abspath $(PY))
+	  -DPython3_EXECUTABLE=$(abspath $(PY)) -DREFINER_OUTPUT_DIR=$(abspath build/cmake/lib)
 	$(VENV)/bin/cmake --build build/cmake
+	$(PY) -c "import glob, torch; torch.ops.load_library(glob.glob('build/cmake/lib/_C*.so')[0]); \
+	  print('CMake-built refiner._C loads; CUDA part:', torch.ops.refiner.has_cuda())"
 
 clean:
 	rm -rf build *.egg-info refiner/_C*.so $(VENV)/.built

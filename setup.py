@@ -69,11 +69,8 @@ else:
     ext = CppExtension("refiner._C", sources, include_dirs=[os.path.join(ROOT, "csrc")],
                        extra_compile_args={"cxx": cxx_flags}, extra_link_args=link_flags)
 
+# Metadata and packages live in pyproject.toml; this file only adds the extension.
 setup(
-    name="refiner-kernels",
-    version="0.1.0",
-    packages=["refiner"],
     ext_modules=[ext],
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
-    python_requires=">=3.9",
 )
