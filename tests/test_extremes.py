@@ -105,3 +105,46 @@ def test_non_contiguous_and_channels_last_inputs(backend):
     f = _eval_fold(H)
     torch.testing.assert_close(ops.refine_eval(a, v, f, backend=backend),
                                reference.refine_eval(a, v, *f.args()), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_long_sequences_up_to_1025_tokens(backend):
+    if backend == "triton" and DEVICE == "cpu":
+        pytest.skip("N=1025 under the Triton interpreter takes minutes; run on a GPU")
+    B, H, N, d = 1, 2, 1025, 8
+    q, k, v = torch.randn(3, B, H, N, d, device=DEVICE).unbind(0)
+    out, attn = ops.softmax_block(q, k, v, None, d ** -0.5, backend=backend)
+    want_out, want_attn = reference.softmax_block(q, k, v, None, d ** -0.5)
+    torch.testing.assert_close(out, want_out, rtol=1e-4, atol=1e-5)
+    f = _eval_fold(H)
+    torch.testing.assert_close(ops.refine_eval(want_attn, v, f, backend=backend),
+                               reference.refine_eval(want_attn, v, *f.args()), rtol=1e-4, atol=1e-4)
+
+
+gpu_backends = [b for b in backend_params(include_reference=False) if b.values[0] in ("cuda", "triton")]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (grid limits are a GPU matter)")
+@pytest.mark.parametrize("backend", gpu_backends)
+def test_batch_times_heads_above_65535(backend):
+    B, H, N, d = 5462, 12, 5, 4  # B * H = 65544
+    q, k, v = torch.randn(3, B, H, N, d, device="cuda").unbind(0)
+    out, attn = ops.softmax_block(q, k, v, None, 0.5, backend=backend)
+    want_out, _ = reference.softmax_block(q, k, v, None, 0.5)
+    torch.testing.assert_close(out, want_out, rtol=1e-4, atol=1e-5)
+    f = _eval_fold(H)
+    torch.testing.assert_close(ops.refine_eval(attn, v, f, backend=backend),
+                               reference.refine_eval(attn, v, *f.args()), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_properties(0).total_memory < 60e9,
+                    reason="needs a CUDA GPU with >= 60 GB (attention map of > 2^31 elements)")
+@pytest.mark.parametrize("backend", gpu_backends)
+def test_attention_map_above_2_31_elements(backend):
+    B, H, N, d = 9, 16, 4000, 8  # B*H*N*N = 2.3e9 > 2^31 elements (4.6 GB in bf16)
+    q, k, v = (torch.randn(3, B, H, N, d, device="cuda", dtype=torch.bfloat16)).unbind(0)
+    out, attn = ops.softmax_block(q, k, v, None, d ** -0.5, backend=backend)
+    # Check the last batch entry (its offsets are the ones past 2^31) against the reference.
+    want_out, want_attn = reference.softmax_block(q[-1:].float(), k[-1:].float(), v[-1:].float(), None, d ** -0.5)
+    torch.testing.assert_close(attn[-1:].float(), want_attn, rtol=2e-2, atol=2e-3)
+    torch.testing.assert_close(out[-1:].float(), want_out, rtol=5e-2, atol=2e-2)
