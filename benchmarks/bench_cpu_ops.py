@@ -17,6 +17,7 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from refiner import _compiled as C  # noqa: E402
 from refiner import reference as R  # noqa: E402
+from refiner.testing import random_dla, train_args  # noqa: E402
 
 
 def paired_ms(fn_base, fn_fused, repeats, warmup=1):
@@ -31,23 +32,6 @@ def paired_ms(fn_base, fn_fused, repeats, warmup=1):
             fn()
             ts.append((time.perf_counter() - t0) * 1e3)
     return statistics.median(tb), statistics.median(tf)
-
-
-def random_dla(H, ratio, kernel):
-    g = torch.Generator().manual_seed(0)
-    dla = R.DLA(H, ratio, kernel)
-    bn = torch.nn.BatchNorm2d(H)
-    with torch.no_grad():
-        for m in list(dla.modules()) + [bn]:
-            if isinstance(m, torch.nn.Conv2d):
-                m.weight.copy_(torch.randn(m.weight.shape, generator=g) * 0.5)
-            if isinstance(m, torch.nn.BatchNorm2d):
-                c = m.num_features
-                m.weight.copy_(1 + 0.3 * torch.randn(c, generator=g))
-                m.bias.copy_(0.2 * torch.randn(c, generator=g))
-                m.running_mean.copy_(0.1 * torch.randn(c, generator=g))
-                m.running_var.copy_(0.5 + torch.rand(c, generator=g))
-    return dla.eval(), bn.eval()
 
 
 def main():
@@ -68,7 +52,7 @@ def main():
     s = d ** -0.5
     attn = torch.randn(B, H, N, N).softmax(-1)
     q, k, v = (torch.randn(B, H, N, d) for _ in range(3))
-    dla, bn = random_dla(H, 3, 3)
+    dla, bn = [m.eval() for m in random_dla(H, 3, 3)]
     f = R.fold_refine(dla, bn, s)
     rows = []
     with torch.no_grad():
@@ -101,8 +85,8 @@ def main():
                  *paired_ms(fb(lambda: R.softmax_block(Q, K, Vq, A, s), [Q, K, Vq, A]),
                             fb(lambda: C.softmax_block(Q, K, Vq, A, s), [Q, K, Vq, A]), nb)))
     if not a.no_train and hasattr(torch.ops.refiner, "refine_train"):
-        dla_t, bn_t = random_dla(H, 3, 3)
-        W = [t.detach().clone().requires_grad_() for t in _train_args(dla_t, bn_t)]
+        dla_t, bn_t = [m.eval() for m in random_dla(H, 3, 3)]
+        W = [t.detach().clone().requires_grad_() for t in train_args(dla_t, bn_t)]
         rows.append(("refine train fwd+bwd", "reference.refine_train",
                      *paired_ms(fb(lambda: R.refine_train(A, V, *W, 1e-5, s, True), [A, V] + W),
                                 fb(lambda: C.refine_train(A, V, *W, 1e-5, s, True), [A, V] + W), nb)))
@@ -113,13 +97,6 @@ def main():
     print(f"|{'-' * 24}|{'-' * 34}|{'-' * 13}|{'-' * 11}|{'-' * 10}|")
     for op, base, tb, tf in rows:
         print(f"| {op:22s} | {base:32s} | {tb:11.2f} | {tf:9.2f} | {tb / tf:7.2f}x |")
-
-
-def _train_args(dla, bn):
-    hidden = dla.depth_sep_conv.weight.shape[0]
-    return (dla.conv_exp.weight[:, :, 0, 0], dla.depth_sep_conv.weight[:, 0], dla.conv_pro.weight[:, :, 0, 0],
-            dla.bn1.weight, dla.bn1.bias, dla.bn2.weight, dla.bn2.bias, dla.bn3.weight, dla.bn3.bias,
-            bn.weight, bn.bias)
 
 
 if __name__ == "__main__":
