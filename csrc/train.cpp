@@ -5,14 +5,18 @@
 // runs on CPU and CUDA); every global statistic is a reduction pass over the images, and every
 // pass recomputes the image's maps from A:
 //   forward : BN1 from the moments of A (mean vector + H x H Gram matrix: U = W_e A is linear),
-//             pass 1 sums of Y2 = dw(E) (BN2), pass 2 sums of Y3 = W_p D, Y3^2 and A*Y3
-//             (BN3, and BN_a since Z = A + BN3(Y3) is affine in Y3 per channel), then the fused
-//             refine_eval kernel with every BN folded into its weights.
+//             pass 1 sums of Y2 = dw(E) (BN2), pass 2 Y3 = W_p D (BN3), kept in a buffer the
+//             size of A, then Z = A + BN3(Y3) in that buffer, BN_a from the actual Z values, and
+//             out = (BN_a(Z) * scale) @ v from the same Z.
+//             Numerics: all moments are shifted (by each channel's first value) and accumulated
+//             in fp64; every BN is applied in centred form s (x - mean) + b. A zero-variance
+//             channel (s ~ 1/sqrt(eps)) then only amplifies fp32 rounding of the values
+//             themselves, not the cancellation of E[x^2] - E[x]^2 or of a folded offset.
 //   backward: five recompute passes, one per BN backward reduction (sum gy, sum gy*xhat):
 //             BN_a, BN3, BN2, BN1, then the final input/weight gradients.
-// Peak extra memory: the grad of attn (size of A) plus a few per-image maps (rH x N x N).
+// Peak extra memory: one tensor the size of A (forward: the Z buffer; backward: the grad of attn)
+// plus a few per-image maps (rH x N x N).
 #include <ATen/ATen.h>
-#include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
 
 #include <cmath>
@@ -96,100 +100,120 @@ void fold(const TrainArgs& a, Folded& f, double eps) {
   f.sa = a.ga / at::sqrt(f.va + eps);
 }
 
+// Every BN is applied in centred form, s (x - mean) + b, never s x + (b - s mean): with zero
+// variance s ~ 1/sqrt(eps) and the folded offset would cancel catastrophically in fp32.
+Tensor bn_apply(const Tensor& x, const Tensor& s, const Tensor& m, const Tensor& b) {
+  return col(s) * (x - col(m)) + col(b);
+}
+// Z = A + BN3(Y3): the one expression used by the BN_a statistics, the output and the backward.
+Tensor make_z(const TrainArgs& a, const Folded& f, const Tensor& A, const Tensor& Y3) {
+  return A + bn_apply(Y3, f.s3, f.m3, a.b3);
+}
+
 // All maps of image b (recomputed from A).
 struct Maps {
   Tensor A, U, E, Y2, D, Y3, Z;
 };
 
-Maps recompute(const TrainArgs& a, const Folded& f, int64_t b, bool need_z) {
+Maps recompute(const TrainArgs& a, const Folded& f, int64_t b, bool need_z, bool need_y3 = true) {
   Maps m;
   m.A = a.attn.select(0, b);
   if (a.expand) {
     m.U = mix(a.w_exp, m.A);
-    m.E = at::clamp(col(f.s1) * m.U + col(f.c1), 0, 6);
+    m.E = at::clamp(bn_apply(m.U, f.s1, f.m1, a.b1), 0, 6);
   } else {
     m.E = m.A;
   }
   m.Y2 = dw(m.E, a.w_dw);
-  m.D = at::clamp(col(f.s2) * m.Y2 + col(f.c2), 0, 6);
+  if (!need_y3) return m;
+  m.D = at::clamp(bn_apply(m.Y2, f.s2, f.m2, a.b2), 0, 6);
   m.Y3 = mix(a.w_pro, m.D);
-  if (need_z) m.Z = m.A + col(f.s3) * m.Y3 + col(f.c3);
+  if (need_z) m.Z = make_z(a, f, m.A, m.Y3);
   return m;
 }
 
-Folded compute_stats(const TrainArgs& a, double eps) {
-  const auto st = at::kDouble;  // accumulate the moments in fp64
-  const double M = double(a.B) * a.N * a.N;
-  Folded f;
-  const auto opt = a.attn.options().dtype(st);
-  // moments of A: mean vector and Gram matrix
-  auto sumA = at::zeros({a.H}, opt), gram = at::zeros({a.H, a.H}, opt);
-  for (int64_t b = 0; b < a.B; ++b) {
-    auto Ab = a.attn.select(0, b).reshape({a.H, -1}).to(st);
-    sumA += Ab.sum(1);
-    gram += at::matmul(Ab, Ab.t());
+// Shifted moments of a per-image map (C, N, N), accumulated in fp64 over the batch. The shift
+// K is a representative value per channel (the first element of the first image), so that
+// var = E[(x-K)^2] - E[x-K]^2 does not cancel when |mean| >> std.
+struct Moments {
+  Tensor K, s1, s2;
+  void add(const Tensor& x) {
+    auto xd = x.to(at::kDouble);
+    if (!K.defined()) {
+      K = xd.select(1, 0).select(1, 0).clone();
+      s1 = at::zeros_like(K);
+      s2 = at::zeros_like(K);
+    }
+    xd = xd - col(K);
+    s1 += sum_hw(xd);
+    s2 += sum_hw(xd * xd);
   }
-  auto meanA = sumA / M;
-  auto cov = gram / M - at::outer(meanA, meanA);
+  void finish(double M, at::ScalarType ct, Tensor& mean, Tensor& var) const {
+    auto dm = s1 / M;
+    mean = (K + dm).to(ct);
+    var = (s2 / M - dm * dm).clamp_min(0).to(ct);
+  }
+};
+
+// Forward: batch statistics and the output.
+//   BN1: mean + covariance of A (shifted by A's first pixel) through the linear W_e, fp64.
+//   pass 1: shifted moments of Y2 (BN2).
+//   pass 2: Y3 per image, kept in a buffer of the size of A, shifted moments (BN3).
+//   then Z = make_z(A, Y3) in place of the buffer, BN_a statistics from those actual Z values
+//   (not derived algebraically from moments of A and Y3), and out = (BN_a(Z) * scale) @ v from
+//   the same Z: every consumer sees the same rounded Z, so a zero-variance channel stays ~0.
+Tensor forward_pass(const TrainArgs& a, Folded& f, double eps, double scale) {
+  const auto st = at::kDouble;
+  const double M = double(a.B) * a.N * a.N;
+  const auto opt = a.attn.options().dtype(st);
   if (a.expand) {
+    auto KA = a.attn.select(0, 0).reshape({a.H, -1}).select(1, 0).to(st);
+    auto sumA = at::zeros({a.H}, opt), gram = at::zeros({a.H, a.H}, opt);
+    for (int64_t b = 0; b < a.B; ++b) {
+      auto Ab = a.attn.select(0, b).reshape({a.H, -1}).to(st) - KA.view({-1, 1});
+      sumA += Ab.sum(1);
+      gram += at::matmul(Ab, Ab.t());
+    }
+    auto dA = sumA / M;
+    auto cov = gram / M - at::outer(dA, dA);
     auto we = a.w_exp.to(st);
-    f.m1 = at::matmul(we, meanA).to(a.ct);
+    f.m1 = at::matmul(we, KA + dA).to(a.ct);
     f.v1 = (at::matmul(we, cov) * we).sum(1).clamp_min(0).to(a.ct);
     f.s1 = a.g1 / at::sqrt(f.v1 + eps);
-    f.c1 = a.b1 - f.s1 * f.m1;
   } else {
     f.m1 = at::zeros({a.rH}, a.attn.options());
     f.v1 = at::zeros({a.rH}, a.attn.options());
   }
-  // pass 1: BN2 from sums of Y2
-  auto s2a = at::zeros({a.rH}, opt), s2b = at::zeros({a.rH}, opt);
-  for (int64_t b = 0; b < a.B; ++b) {
-    auto Ab = a.attn.select(0, b);
-    auto E = a.expand ? at::clamp(col(f.s1) * mix(a.w_exp, Ab) + col(f.c1), 0, 6) : Ab;
-    auto Y2 = dw(E, a.w_dw).to(st);
-    s2a += sum_hw(Y2);
-    s2b += sum_hw(Y2 * Y2);
-  }
-  auto m2 = s2a / M;
-  f.m2 = m2.to(a.ct);
-  f.v2 = (s2b / M - m2 * m2).clamp_min(0).to(a.ct);
+  Moments mo2;
+  for (int64_t b = 0; b < a.B; ++b) mo2.add(recompute(a, f, b, false, false).Y2);
+  mo2.finish(M, a.ct, f.m2, f.v2);
   f.s2 = a.g2 / at::sqrt(f.v2 + eps);
-  f.c2 = a.b2 - f.s2 * f.m2;
-  // pass 2: BN3 from sums of Y3, Y3^2; BN_a from those and sum A*Y3
-  auto s3a = at::zeros({a.H}, opt), s3b = at::zeros({a.H}, opt), say = at::zeros({a.H}, opt);
+  auto buf = at::empty_like(a.attn);
+  Moments mo3;
   for (int64_t b = 0; b < a.B; ++b) {
-    auto Ab = a.attn.select(0, b);
-    auto E = a.expand ? at::clamp(col(f.s1) * mix(a.w_exp, Ab) + col(f.c1), 0, 6) : Ab;
-    auto D = at::clamp(col(f.s2) * dw(E, a.w_dw) + col(f.c2), 0, 6);
-    auto Y3 = mix(a.w_pro, D).to(st);
-    s3a += sum_hw(Y3);
-    s3b += sum_hw(Y3 * Y3);
-    say += sum_hw(Ab.to(st) * Y3);
+    auto m = recompute(a, f, b, false);
+    buf.select(0, b).copy_(m.Y3);
+    mo3.add(m.Y3);
   }
-  auto m3 = s3a / M, EY3 = s3b / M, EAY3 = say / M;
-  auto v3 = (EY3 - m3 * m3).clamp_min(0);
-  auto s3 = a.g3.to(st) / at::sqrt(v3 + eps), c3 = a.b3.to(st) - s3 * m3;
-  // y3 = s3 Y3 + c3, Z = A + y3
-  auto EA2 = gram.diagonal() / M;
-  auto ma = meanA + a.b3.to(st);
-  auto EZ2 = EA2 + 2 * (s3 * EAY3 + c3 * meanA) + s3 * s3 * EY3 + 2 * s3 * c3 * m3 + c3 * c3;
-  f.m3 = m3.to(a.ct);
-  f.v3 = v3.to(a.ct);
-  f.ma = ma.to(a.ct);
-  f.va = (EZ2 - ma * ma).clamp_min(0).to(a.ct);
+  mo3.finish(M, a.ct, f.m3, f.v3);
+  f.s3 = a.g3 / at::sqrt(f.v3 + eps);
+  Moments moa;
+  for (int64_t b = 0; b < a.B; ++b) {
+    auto Yb = buf.select(0, b);
+    Yb.copy_(make_z(a, f, a.attn.select(0, b), Yb));
+    moa.add(Yb);
+  }
+  moa.finish(M, a.ct, f.ma, f.va);
   fold(a, f, eps);
-  return f;
-}
-
-Tensor call_refine_eval(const Tensor& attn, const Tensor& v, const Tensor& w_exp, const Tensor& b_exp,
-                        const Tensor& w_dw, const Tensor& b_dw, const Tensor& w_pro, const Tensor& b_pro,
-                        const Tensor& alpha, const Tensor& beta, bool expand) {
-  static auto op = c10::Dispatcher::singleton()
-                       .findSchemaOrThrow("refiner::refine_eval", "")
-                       .typed<Tensor(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&,
-                                     const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&, bool)>();
-  return op.redispatch(c10::DispatchKeySet(attn.device().is_cuda() ? c10::DispatchKey::CUDA : c10::DispatchKey::CPU),
-                       attn, v, w_exp, b_exp, w_dw, b_dw, w_pro, b_pro, alpha, beta, expand);
+  // r = BN_a(Z) * scale, image by image, written exactly as the backward's grad_r
+  auto sd_a = at::sqrt(f.va + eps);
+  auto out = at::empty_like(a.v);
+  for (int64_t b = 0; b < a.B; ++b) {
+    auto zhat = (buf.select(0, b) - col(f.ma)) / col(sd_a);
+    auto r = scale * (col(a.ga) * zhat + col(a.ba));
+    out.select(0, b).copy_(at::matmul(r, a.v.select(0, b)));
+  }
+  return out;
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> refine_train_impl(
@@ -197,15 +221,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tenso
     const Tensor& g1, const Tensor& b1, const Tensor& g2, const Tensor& b2, const Tensor& g3, const Tensor& b3,
     const Tensor& ga, const Tensor& ba, double eps, double scale, bool expand) {
   auto a = prep_train(attn, v, w_exp, w_dw, w_pro, g1, b1, g2, b2, g3, b3, ga, ba, eps, expand);
-  Folded f = compute_stats(a, eps);
-  // fold everything into refine_eval: R = alpha (A + W3 D + c3) + beta, scaled
-  auto w_exp_f = a.expand ? a.w_exp * f.s1.view({-1, 1}) : a.w_exp;
-  auto b_exp_f = a.expand ? f.c1 : at::zeros({a.rH}, a.attn.options());
-  auto w_dw_f = a.w_dw * col(f.s2);
-  auto w_pro_f = a.w_pro * f.s3.view({-1, 1});
-  auto alpha = scale * f.sa;
-  auto beta = scale * (a.ba - f.sa * f.ma);
-  auto out = call_refine_eval(a.attn, a.v, w_exp_f, b_exp_f, w_dw_f, f.c2, w_pro_f, f.c3, alpha, beta, a.expand);
+  Folded f;
+  auto out = forward_pass(a, f, eps, scale);
   const auto st = attn.scalar_type();
   return {out.to(st), f.m1.to(st), f.v1.to(st), f.m2.to(st), f.v2.to(st), f.m3.to(st), f.v3.to(st), f.ma.to(st),
           f.va.to(st)};
@@ -244,7 +261,7 @@ std::vector<Tensor> refine_train_backward_v(const Tensor& gout, const TrainArgs&
     return col(a.g3 / sd3) * (gz - col(S31) / M - y3hat * col(S32) / M);
   };
   auto grad_d2 = [&](const Maps& m, const Tensor& gy3) {  // grad of BN2's output (pre-relu6)
-    auto d2 = col(f.s2) * m.Y2 + col(f.c2);
+    auto d2 = bn_apply(m.Y2, f.s2, f.m2, a.b2);
     return mix(a.w_pro.t(), gy3) * relu6_mask(d2);
   };
   // B1: BN_a reductions (and gv)
@@ -283,7 +300,7 @@ std::vector<Tensor> refine_train_backward_v(const Tensor& gout, const TrainArgs&
     auto m = recompute(a, f, b, true);
     auto [ge, gz] = grad_e(m, b, true);
     if (a.expand) {
-      auto ge1 = ge * relu6_mask(col(f.s1) * m.U + col(f.c1));
+      auto ge1 = ge * relu6_mask(bn_apply(m.U, f.s1, f.m1, a.b1));
       S11 += sum_hw(ge1);
       S12 += sum_hw(ge1 * (m.U - col(f.m1)) / col(sd1));
     } else {
@@ -295,7 +312,7 @@ std::vector<Tensor> refine_train_backward_v(const Tensor& gout, const TrainArgs&
     for (int64_t b = 0; b < a.B; ++b) {
       auto m = recompute(a, f, b, true);
       auto [ge, gz] = grad_e(m, b, false);
-      auto ge1 = ge * relu6_mask(col(f.s1) * m.U + col(f.c1));
+      auto ge1 = ge * relu6_mask(bn_apply(m.U, f.s1, f.m1, a.b1));
       auto uhat = (m.U - col(f.m1)) / col(sd1);
       auto gu = col(a.g1 / sd1) * (ge1 - col(S11) / M - uhat * col(S12) / M);
       gw_exp += at::matmul(gu.reshape({a.rH, -1}), m.A.reshape({a.H, -1}).t());
