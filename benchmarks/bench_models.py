@@ -266,22 +266,9 @@ def main(argv=None) -> dict:
         print(f"timing: median of {args.repeats} inference / {max(1, (args.repeats + 1) // 2)} training calls after "
               f"{args.warmup} warm-up; memory: {meta['memory']}" + (" (absolute)" if device.type == "cuda" else ""))
         rows = run(args, device)
-        meta["interrupted"] = args._interrupted
-        print()
-        print(f"[{C.device_label(device)}] models (vs ref: images/s over reference eager's, same model/size/mode):")
-        print(C.format_table(table_rows(rows), HEADERS))
         tg = targets(rows) if device.type == "cuda" else []
-        C.print_targets(tg, device)
-        doc = {"meta": meta, "rows": rows, "targets": tg}
-        path, latest = C.write_results(doc, args.out, device)
-        print(f"\nresults: {path}\n         {latest}")
-        if not args.no_plots:
-            from benchmarks import plot
-            for png in plot.plot_run(doc, path.with_suffix("")):
-                print(f"plot:    {png}")
-        if args._interrupted:  # results are saved; now stop like any interrupted program (pytest too)
-            raise KeyboardInterrupt
-        return doc
+        return C.report(args, device, meta, rows, "models (vs ref: images/s over reference eager's, same "
+                        "model/size/mode):", HEADERS, table_rows, tg)
     finally:
         torch.set_num_threads(threads_before)
 

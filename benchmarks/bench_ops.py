@@ -328,23 +328,9 @@ def main(argv=None) -> dict:
         print(f"peaks: {meta['peaks'] or 'n/a (CPU or unknown GPU): % columns say n/a'}")
         print(f"timing: {meta['timing']}; memory: {meta['memory']}")
         rows = run(args, device)
-        meta["interrupted"] = args._interrupted
-        print()
-        print(f"[{C.device_label(device)}] ops, median of repeated calls "
-              f"(vs ref: reference time / this time; vs SDPA: this time / SDPA time):")
-        print(C.format_table(table_rows(rows), HEADERS))
         tg = targets(rows) if device.type == "cuda" else []
-        C.print_targets(tg, device)
-        doc = {"meta": meta, "rows": rows, "targets": tg}
-        path, latest = C.write_results(doc, args.out, device)
-        print(f"\nresults: {path}\n         {latest}")
-        if not args.no_plots:
-            from benchmarks import plot
-            for png in plot.plot_run(doc, path.with_suffix("")):
-                print(f"plot:    {png}")
-        if args._interrupted:  # results are saved; now stop like any interrupted program (pytest too)
-            raise KeyboardInterrupt
-        return doc
+        return C.report(args, device, meta, rows, "ops, median of repeated calls (vs ref: reference time / "
+                        "this time; vs SDPA: this time / SDPA time):", HEADERS, table_rows, tg)
     finally:
         torch.set_num_threads(threads_before)
 

@@ -405,3 +405,22 @@ def env_threads(threads: Optional[int] = None) -> int:
     elif "OMP_NUM_THREADS" not in os.environ:
         torch.set_num_threads(os.cpu_count() or 1)
     return before
+
+
+def report(args, device, meta, rows, title: str, headers, table_rows, tg) -> dict:
+    """Print the table and targets, write JSON and plots; re-raise an interrupt once saved."""
+    meta["interrupted"] = args._interrupted
+    print()
+    print(f"[{device_label(device)}] {title}")
+    print(format_table(table_rows(rows), headers))
+    print_targets(tg, device)
+    doc = {"meta": meta, "rows": rows, "targets": tg}
+    path, latest = write_results(doc, args.out, device)
+    print(f"\nresults: {path}\n         {latest}")
+    if not args.no_plots:
+        from benchmarks import plot
+        for png in plot.plot_run(doc, path.with_suffix("")):
+            print(f"plot:    {png}")
+    if args._interrupted:  # results are saved; now stop like any interrupted program (pytest too)
+        raise KeyboardInterrupt
+    return doc
