@@ -1,9 +1,9 @@
 // refine_train: the training-mode refine block with BatchNorm batch statistics, forward and
 // backward, without ever holding a (B, rH, N, N) tensor.
 //
-// The batch is walked one image at a time (ATen ops on that image's maps, so the same code
-// runs on CPU and CUDA); every global statistic is a reduction pass over the images, and every
-// pass recomputes the image's maps from A:
+// The batch is walked in chunks of images (ATen ops on that chunk's maps, so the same code runs
+// on CPU and CUDA); every global statistic is a reduction pass over the chunks, and every pass
+// recomputes the chunk's maps from A:
 //   forward : BN1 from the moments of A (mean vector + H x H Gram matrix: U = W_e A is linear),
 //             pass 1 sums of Y2 = dw(E) (BN2), pass 2 Y3 = W_p D (BN3), kept in a buffer the
 //             size of A, then Z = A + BN3(Y3) in that buffer, BN_a from the actual Z values, and
@@ -14,12 +14,17 @@
 //             themselves, not the cancellation of E[x^2] - E[x]^2 or of a folded offset.
 //   backward: five recompute passes, one per BN backward reduction (sum gy, sum gy*xhat):
 //             BN_a, BN3, BN2, BN1, then the final input/weight gradients.
-// Peak extra memory: one tensor the size of A (forward: the Z buffer; backward: the grad of attn)
-// plus a few per-image maps (rH x N x N).
+// Chunk size (chunk_images): the expanded (c, rH, N, N) maps of one chunk stay below a quarter
+// of A, so the ~10 of them alive at once in the backward cost ~2.5x A, while a large batch on a
+// GPU needs only ~4r chunks per pass instead of B (kernel-launch bound otherwise).
+// Peak extra memory: one fp32 tensor the size of A (forward: the Z buffer; backward: none beyond
+// the returned grad of attn) plus the chunk's maps. Half inputs are converted chunk by chunk.
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
+#include <cstdlib>
 
 #include "validate.h"
 
@@ -29,11 +34,24 @@ namespace {
 using at::Tensor;
 
 struct TrainArgs {
-  Tensor attn, v, w_exp, w_dw, w_pro, g1, b1, g2, b2, g3, b3, ga, ba;
-  int64_t B, H, N, d, rH, k;
+  Tensor attn;  // input dtype (converted to ct chunk by chunk)
+  Tensor v, w_exp, w_dw, w_pro, g1, b1, g2, b2, g3, b3, ga, ba;  // compute dtype
+  int64_t B, H, N, d, rH, k, chunk;
   bool expand;
   at::ScalarType ct;
 };
+
+// Images per chunk: REFINER_TRAIN_CHUNK when set (tests, tuning), else the largest count whose
+// (c, rH, N, N) map stays within a quarter of A: c = B / (4 r), at least 1.
+int64_t chunk_images(int64_t B, int64_t H, int64_t rH) {
+  if (const char* s = std::getenv("REFINER_TRAIN_CHUNK")) {
+    const long long c = std::atoll(s);
+    TORCH_CHECK(c > 0, "refine_train: REFINER_TRAIN_CHUNK must be a positive integer, got '", s, "'");
+    return std::min<int64_t>(c, B);
+  }
+  const int64_t r = std::max<int64_t>(1, rH / H);
+  return std::max<int64_t>(1, B / (4 * r));
+}
 
 TrainArgs prep_train(const Tensor& attn, const Tensor& v, const Tensor& w_exp, const Tensor& w_dw,
                      const Tensor& w_pro, const Tensor& g1, const Tensor& b1, const Tensor& g2, const Tensor& b2,
@@ -56,31 +74,41 @@ TrainArgs prep_train(const Tensor& attn, const Tensor& v, const Tensor& w_exp, c
   TORCH_CHECK(std::isfinite(eps) && eps >= 0, op, ": eps must be finite and >= 0, got ", eps);
   const auto ct = compute_type(attn);
   auto c = [&](const Tensor& t) { return t.to(ct).contiguous(); };
-  return {c(attn), c(v), c(w_exp), c(w_dw), c(w_pro), c(g1), c(b1), c(g2), c(b2), c(g3), c(b3), c(ga), c(ba),
-          attn.size(0), H, attn.size(2), v.size(3), rH, k, expand, ct};
+  const int64_t B = attn.size(0);
+  return {attn.contiguous(), c(v), c(w_exp), c(w_dw), c(w_pro), c(g1), c(b1), c(g2), c(b2), c(g3), c(b3), c(ga),
+          c(ba), B, H, attn.size(2), v.size(3), rH, k, chunk_images(B, H, rH), expand, ct};
 }
 
-// Per-image maps. X: (C, N, N).
-Tensor mix(const Tensor& w, const Tensor& x) {
-  return at::matmul(w, x.reshape({x.size(0), -1})).view({w.size(0), x.size(1), x.size(2)});
+// The chunks of the batch: [b0, b0 + n).
+template <class Fn>
+void for_chunks(const TrainArgs& a, Fn&& fn) {
+  for (int64_t b0 = 0; b0 < a.B; b0 += a.chunk) fn(b0, std::min(a.chunk, a.B - b0));
+}
+
+// Maps of a chunk: X (n, C, N, N). Sums run over the images and pixels of the chunk.
+Tensor mix(const Tensor& w, const Tensor& x) {  // 1x1 conv over channels
+  const int64_t n = x.size(0), N = x.size(2), M = x.size(3);
+  return at::matmul(w, x.reshape({n, x.size(1), N * M})).view({n, w.size(0), N, M});
+}
+Tensor mix_wgrad(const Tensor& g, const Tensor& x) {  // sum over images of g x^T: (Cg, Cx)
+  const int64_t n = x.size(0), NM = x.size(2) * x.size(3);
+  return at::matmul(g.reshape({n, g.size(1), NM}), x.reshape({n, x.size(1), NM}).transpose(1, 2)).sum(0);
 }
 Tensor dw(const Tensor& x, const Tensor& w) {  // zero 'same' padding, cross-correlation
   const int64_t k = w.size(-1);
-  return at::conv2d(x.unsqueeze(0), w.unsqueeze(1), {}, 1, k / 2, 1, x.size(0)).squeeze(0);
+  return at::conv2d(x, w.unsqueeze(1), {}, 1, k / 2, 1, x.size(1));
 }
-Tensor dwT(const Tensor& g, const Tensor& w) { return dw(g, w.flip({1, 2})); }
-Tensor dw_wgrad(const Tensor& g, const Tensor& x, int64_t k) {  // (C, k, k)
-  const int64_t p = k / 2, N = x.size(1), M = x.size(2);
-  auto xp = at::constant_pad_nd(x, {p, p, p, p});
-  auto gw = at::empty({x.size(0), k, k}, x.options());
-  for (int64_t i = 0; i < k; ++i)
-    for (int64_t j = 0; j < k; ++j)
-      gw.select(1, i).select(1, j).copy_((g * xp.narrow(1, i, N).narrow(2, j, M)).sum({1, 2}));
-  return gw;
+// Gradients of dw(x, w) from g: (grad of x, grad of w (C, k, k) or undefined).
+std::pair<Tensor, Tensor> dw_backward(const Tensor& g, const Tensor& x, const Tensor& w, bool need_w) {
+  const int64_t k = w.size(-1);
+  auto r = at::convolution_backward(g, x, w.unsqueeze(1), c10::nullopt, {1, 1}, {k / 2, k / 2}, {1, 1}, false,
+                                    {0, 0}, x.size(1), {true, need_w, false});
+  auto gw = std::get<1>(r);
+  return {std::get<0>(r), need_w ? gw.squeeze(1) : Tensor()};
 }
 Tensor relu6_mask(const Tensor& x) { return at::logical_and(x > 0, x < 6).to(x.scalar_type()); }
 Tensor col(const Tensor& t) { return t.view({-1, 1, 1}); }
-Tensor sum_hw(const Tensor& x) { return x.sum({1, 2}); }
+Tensor sums(const Tensor& x) { return x.sum({0, 2, 3}); }  // per channel
 
 // Batch statistics and the folded parameters derived from them.
 struct Folded {
@@ -110,14 +138,16 @@ Tensor make_z(const TrainArgs& a, const Folded& f, const Tensor& A, const Tensor
   return A + bn_apply(Y3, f.s3, f.m3, a.b3);
 }
 
-// All maps of image b (recomputed from A).
+Tensor attn_chunk(const TrainArgs& a, int64_t b0, int64_t n) { return a.attn.narrow(0, b0, n).to(a.ct); }
+
+// All maps of a chunk (recomputed from A).
 struct Maps {
   Tensor A, U, E, Y2, D, Y3, Z;
 };
 
-Maps recompute(const TrainArgs& a, const Folded& f, int64_t b, bool need_z, bool need_y3 = true) {
+Maps recompute(const TrainArgs& a, const Folded& f, int64_t b0, int64_t n, bool need_z, bool need_y3 = true) {
   Maps m;
-  m.A = a.attn.select(0, b);
+  m.A = attn_chunk(a, b0, n);
   if (a.expand) {
     m.U = mix(a.w_exp, m.A);
     m.E = at::clamp(bn_apply(m.U, f.s1, f.m1, a.b1), 0, 6);
@@ -132,7 +162,7 @@ Maps recompute(const TrainArgs& a, const Folded& f, int64_t b, bool need_z, bool
   return m;
 }
 
-// Shifted moments of a per-image map (C, N, N), accumulated in fp64 over the batch. The shift
+// Shifted moments of chunk maps (n, C, N, N), accumulated in fp64 over the batch. The shift
 // K is a representative value per channel (the first element of the first image), so that
 // var = E[(x-K)^2] - E[x-K]^2 does not cancel when |mean| >> std.
 struct Moments {
@@ -140,13 +170,13 @@ struct Moments {
   void add(const Tensor& x) {
     auto xd = x.to(at::kDouble);
     if (!K.defined()) {
-      K = xd.select(1, 0).select(1, 0).clone();
+      K = xd.select(0, 0).select(1, 0).select(1, 0).clone();
       s1 = at::zeros_like(K);
       s2 = at::zeros_like(K);
     }
     xd = xd - col(K);
-    s1 += sum_hw(xd);
-    s2 += sum_hw(xd * xd);
+    s1 += sums(xd);
+    s2 += sums(xd * xd);
   }
   void finish(double M, at::ScalarType ct, Tensor& mean, Tensor& var) const {
     auto dm = s1 / M;
@@ -158,22 +188,22 @@ struct Moments {
 // Forward: batch statistics and the output.
 //   BN1: mean + covariance of A (shifted by A's first pixel) through the linear W_e, fp64.
 //   pass 1: shifted moments of Y2 (BN2).
-//   pass 2: Y3 per image, kept in a buffer of the size of A, shifted moments (BN3).
+//   pass 2: Y3 per chunk, kept in a buffer of the size of A, shifted moments (BN3).
 //   then Z = make_z(A, Y3) in place of the buffer, BN_a statistics from those actual Z values
 //   (not derived algebraically from moments of A and Y3), and out = (BN_a(Z) * scale) @ v from
 //   the same Z: every consumer sees the same rounded Z, so a zero-variance channel stays ~0.
 Tensor forward_pass(const TrainArgs& a, Folded& f, double eps, double scale) {
   const auto st = at::kDouble;
   const double M = double(a.B) * a.N * a.N;
-  const auto opt = a.attn.options().dtype(st);
+  const auto opt = a.v.options().dtype(st);
   if (a.expand) {
     auto KA = a.attn.select(0, 0).reshape({a.H, -1}).select(1, 0).to(st);
     auto sumA = at::zeros({a.H}, opt), gram = at::zeros({a.H, a.H}, opt);
-    for (int64_t b = 0; b < a.B; ++b) {
-      auto Ab = a.attn.select(0, b).reshape({a.H, -1}).to(st) - KA.view({-1, 1});
-      sumA += Ab.sum(1);
-      gram += at::matmul(Ab, Ab.t());
-    }
+    for_chunks(a, [&](int64_t b0, int64_t n) {
+      auto Ab = a.attn.narrow(0, b0, n).reshape({n, a.H, -1}).to(st) - KA.view({-1, 1});
+      sumA += Ab.sum({0, 2});
+      gram += at::matmul(Ab, Ab.transpose(1, 2)).sum(0);
+    });
     auto dA = sumA / M;
     auto cov = gram / M - at::outer(dA, dA);
     auto we = a.w_exp.to(st);
@@ -181,38 +211,38 @@ Tensor forward_pass(const TrainArgs& a, Folded& f, double eps, double scale) {
     f.v1 = (at::matmul(we, cov) * we).sum(1).clamp_min(0).to(a.ct);
     f.s1 = a.g1 / at::sqrt(f.v1 + eps);
   } else {
-    f.m1 = at::zeros({a.rH}, a.attn.options());
-    f.v1 = at::zeros({a.rH}, a.attn.options());
+    f.m1 = at::zeros({a.rH}, a.v.options());
+    f.v1 = at::zeros({a.rH}, a.v.options());
   }
   Moments mo2;
-  for (int64_t b = 0; b < a.B; ++b) mo2.add(recompute(a, f, b, false, false).Y2);
+  for_chunks(a, [&](int64_t b0, int64_t n) { mo2.add(recompute(a, f, b0, n, false, false).Y2); });
   mo2.finish(M, a.ct, f.m2, f.v2);
   f.s2 = a.g2 / at::sqrt(f.v2 + eps);
-  auto buf = at::empty_like(a.attn);
+  auto buf = at::empty(a.attn.sizes(), a.v.options());
   Moments mo3;
-  for (int64_t b = 0; b < a.B; ++b) {
-    auto m = recompute(a, f, b, false);
-    buf.select(0, b).copy_(m.Y3);
+  for_chunks(a, [&](int64_t b0, int64_t n) {
+    auto m = recompute(a, f, b0, n, false);
+    buf.narrow(0, b0, n).copy_(m.Y3);
     mo3.add(m.Y3);
-  }
+  });
   mo3.finish(M, a.ct, f.m3, f.v3);
   f.s3 = a.g3 / at::sqrt(f.v3 + eps);
   Moments moa;
-  for (int64_t b = 0; b < a.B; ++b) {
-    auto Yb = buf.select(0, b);
-    Yb.copy_(make_z(a, f, a.attn.select(0, b), Yb));
+  for_chunks(a, [&](int64_t b0, int64_t n) {
+    auto Yb = buf.narrow(0, b0, n);
+    Yb.copy_(make_z(a, f, attn_chunk(a, b0, n), Yb));
     moa.add(Yb);
-  }
+  });
   moa.finish(M, a.ct, f.ma, f.va);
   fold(a, f, eps);
-  // r = BN_a(Z) * scale, image by image, written exactly as the backward's grad_r
+  // r = BN_a(Z) * scale, chunk by chunk, written exactly as the backward's grad_r
   auto sd_a = at::sqrt(f.va + eps);
   auto out = at::empty_like(a.v);
-  for (int64_t b = 0; b < a.B; ++b) {
-    auto zhat = (buf.select(0, b) - col(f.ma)) / col(sd_a);
+  for_chunks(a, [&](int64_t b0, int64_t n) {
+    auto zhat = (buf.narrow(0, b0, n) - col(f.ma)) / col(sd_a);
     auto r = scale * (col(a.ga) * zhat + col(a.ba));
-    out.select(0, b).copy_(at::matmul(r, a.v.select(0, b)));
-  }
+    out.narrow(0, b0, n).copy_(at::matmul(r, a.v.narrow(0, b0, n)));
+  });
   return out;
 }
 
@@ -232,28 +262,28 @@ std::vector<Tensor> refine_train_backward_v(const Tensor& gout, const TrainArgs&
                                             double scale) {
   fold(a, f, eps);
   const double M = double(a.B) * a.N * a.N;
-  const auto opt = a.attn.options();
+  const auto opt = a.v.options();
   auto go = gout.to(a.ct).contiguous();
   auto sd_a = at::sqrt(f.va + eps), sd3 = at::sqrt(f.v3 + eps), sd2 = at::sqrt(f.v2 + eps);
   Tensor sd1 = a.expand ? at::sqrt(f.v1 + eps) : Tensor();
-  auto gA = at::empty_like(a.attn), gv = at::empty_like(a.v);
+  auto gA = at::empty_like(a.attn), gv = at::empty_like(a.v);  // gA in the input dtype
   auto Sa1 = at::zeros({a.H}, opt), Sa2 = at::zeros({a.H}, opt);
   auto S31 = at::zeros({a.H}, opt), S32 = at::zeros({a.H}, opt);
   auto S21 = at::zeros({a.rH}, opt), S22 = at::zeros({a.rH}, opt);
   auto S11 = at::zeros({a.rH}, opt), S12 = at::zeros({a.rH}, opt);
   auto gw_pro = at::zeros_like(a.w_pro), gw_dw = at::zeros_like(a.w_dw), gw_exp = at::zeros_like(a.w_exp);
   // gradient of BN_a's output r (out = (r * scale) @ v) and of v
-  auto grad_r = [&](const Maps& m, int64_t b, bool with_gv) {
+  auto grad_r = [&](const Maps& m, int64_t b0, int64_t n, bool with_gv) {
     auto zhat = (m.Z - col(f.ma)) / col(sd_a);
-    auto gob = go.select(0, b);
+    auto gob = go.narrow(0, b0, n);
     if (with_gv) {
       auto r = scale * (col(a.ga) * zhat + col(a.ba));
-      gv.select(0, b).copy_(at::matmul(r.transpose(-2, -1), gob));
+      gv.narrow(0, b0, n).copy_(at::matmul(r.transpose(-2, -1), gob));
     }
-    return std::make_pair(scale * at::matmul(gob, a.v.select(0, b).transpose(-2, -1)), zhat);
+    return std::make_pair(scale * at::matmul(gob, a.v.narrow(0, b0, n).transpose(-2, -1)), zhat);
   };
-  auto grad_z = [&](const Maps& m, int64_t b) {
-    auto [gr, zhat] = grad_r(m, b, false);
+  auto grad_z = [&](const Maps& m, int64_t b0, int64_t n) {
+    auto [gr, zhat] = grad_r(m, b0, n, false);
     return col(f.sa) * (gr - col(Sa1) / M - zhat * col(Sa2) / M);
   };
   auto grad_y3 = [&](const Maps& m, const Tensor& gz) {
@@ -265,59 +295,60 @@ std::vector<Tensor> refine_train_backward_v(const Tensor& gout, const TrainArgs&
     return mix(a.w_pro.t(), gy3) * relu6_mask(d2);
   };
   // B1: BN_a reductions (and gv)
-  for (int64_t b = 0; b < a.B; ++b) {
-    auto m = recompute(a, f, b, true);
-    auto [gr, zhat] = grad_r(m, b, true);
-    Sa1 += sum_hw(gr);
-    Sa2 += sum_hw(gr * zhat);
-  }
+  for_chunks(a, [&](int64_t b0, int64_t n) {
+    auto m = recompute(a, f, b0, n, true);
+    auto [gr, zhat] = grad_r(m, b0, n, true);
+    Sa1 += sums(gr);
+    Sa2 += sums(gr * zhat);
+  });
   // B2: BN3 reductions
-  for (int64_t b = 0; b < a.B; ++b) {
-    auto m = recompute(a, f, b, true);
-    auto gz = grad_z(m, b);
-    S31 += sum_hw(gz);
-    S32 += sum_hw(gz * (m.Y3 - col(f.m3)) / col(sd3));
-  }
+  for_chunks(a, [&](int64_t b0, int64_t n) {
+    auto m = recompute(a, f, b0, n, true);
+    auto gz = grad_z(m, b0, n);
+    S31 += sums(gz);
+    S32 += sums(gz * (m.Y3 - col(f.m3)) / col(sd3));
+  });
   // B3: BN2 reductions, grad w_pro
-  for (int64_t b = 0; b < a.B; ++b) {
-    auto m = recompute(a, f, b, true);
-    auto gy3 = grad_y3(m, grad_z(m, b));
-    gw_pro += at::matmul(gy3.reshape({a.H, -1}), m.D.reshape({a.rH, -1}).t());
+  for_chunks(a, [&](int64_t b0, int64_t n) {
+    auto m = recompute(a, f, b0, n, true);
+    auto gy3 = grad_y3(m, grad_z(m, b0, n));
+    gw_pro += mix_wgrad(gy3, m.D);
     auto gd2 = grad_d2(m, gy3);
-    S21 += sum_hw(gd2);
-    S22 += sum_hw(gd2 * (m.Y2 - col(f.m2)) / col(sd2));
-  }
+    S21 += sums(gd2);
+    S22 += sums(gd2 * (m.Y2 - col(f.m2)) / col(sd2));
+  });
   // B4: BN1 reductions, grad w_dw (and gA when there is no expansion)
-  auto grad_e = [&](const Maps& m, int64_t b, bool acc_w) {
-    auto gz = grad_z(m, b);
+  auto grad_e = [&](const Maps& m, int64_t b0, int64_t n, bool acc_w) {
+    auto gz = grad_z(m, b0, n);
     auto gd2 = grad_d2(m, grad_y3(m, gz));
     auto y2hat = (m.Y2 - col(f.m2)) / col(sd2);
     auto gy2 = col(a.g2 / sd2) * (gd2 - col(S21) / M - y2hat * col(S22) / M);
-    if (acc_w) gw_dw += dw_wgrad(gy2, m.E, a.k);
-    return std::make_pair(dwT(gy2, a.w_dw), gz);
+    auto [ge, gw] = dw_backward(gy2, m.E, a.w_dw, acc_w);
+    if (acc_w) gw_dw += gw;
+    return std::make_pair(ge, gz);
   };
-  for (int64_t b = 0; b < a.B; ++b) {
-    auto m = recompute(a, f, b, true);
-    auto [ge, gz] = grad_e(m, b, true);
+  for_chunks(a, [&](int64_t b0, int64_t n) {
+    auto m = recompute(a, f, b0, n, true);
+    auto [ge, gz] = grad_e(m, b0, n, true);
     if (a.expand) {
       auto ge1 = ge * relu6_mask(bn_apply(m.U, f.s1, f.m1, a.b1));
-      S11 += sum_hw(ge1);
-      S12 += sum_hw(ge1 * (m.U - col(f.m1)) / col(sd1));
+      S11 += sums(ge1);
+      S12 += sums(ge1 * (m.U - col(f.m1)) / col(sd1));
     } else {
-      gA.select(0, b).copy_(gz + ge);
+      gA.narrow(0, b0, n).copy_(gz + ge);
     }
-  }
+  });
   // B5: grad w_exp and gA through the expansion
   if (a.expand)
-    for (int64_t b = 0; b < a.B; ++b) {
-      auto m = recompute(a, f, b, true);
-      auto [ge, gz] = grad_e(m, b, false);
+    for_chunks(a, [&](int64_t b0, int64_t n) {
+      auto m = recompute(a, f, b0, n, true);
+      auto [ge, gz] = grad_e(m, b0, n, false);
       auto ge1 = ge * relu6_mask(bn_apply(m.U, f.s1, f.m1, a.b1));
       auto uhat = (m.U - col(f.m1)) / col(sd1);
       auto gu = col(a.g1 / sd1) * (ge1 - col(S11) / M - uhat * col(S12) / M);
-      gw_exp += at::matmul(gu.reshape({a.rH, -1}), m.A.reshape({a.H, -1}).t());
-      gA.select(0, b).copy_(gz + mix(a.w_exp.t(), gu));
-    }
+      gw_exp += mix_wgrad(gu, m.A);
+      gA.narrow(0, b0, n).copy_(gz + mix(a.w_exp.t(), gu));
+    });
   Tensor gg1 = a.expand ? S12 : at::zeros({a.rH}, opt), gb1 = a.expand ? S11 : at::zeros({a.rH}, opt);
   return {gA, gv, gw_exp, gw_dw, gw_pro, gg1, gb1, S22, S21, S32, S31, Sa2, Sa1};
 }
@@ -336,7 +367,7 @@ refine_train_backward_impl(const Tensor& gout, const Tensor& attn, const Tensor&
   f.m1 = c(m1), f.v1 = c(v1), f.m2 = c(m2), f.v2 = c(v2), f.m3 = c(m3), f.v3 = c(v3), f.ma = c(ma), f.va = c(va);
   auto g = refine_train_backward_v(gout, a, f, eps, scale);
   const auto st = attn.scalar_type();
-  for (auto& t : g) t = t.to(st).clone(at::MemoryFormat::Contiguous);
+  for (auto& t : g) t = t.to(st).contiguous();  // each is its own fresh tensor: no aliasing
   return {g[0], g[1], g[2], g[3], g[4], g[5], g[6], g[7], g[8], g[9], g[10], g[11], g[12]};
 }
 

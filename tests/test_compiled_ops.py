@@ -431,6 +431,31 @@ def test_refine_train_n197_fwd_bwd():
     check_train(fused, ref, args)
 
 
+@pytest.mark.parametrize("chunk", ["1", "2", "5"])
+@pytest.mark.parametrize("ratio", [3, 1])
+def test_refine_train_chunked(monkeypatch, chunk, ratio):
+    """The batch is walked in chunks of images (REFINER_TRAIN_CHUNK overrides the size): one image,
+    uneven chunks (2, 2, 1) and the whole batch give the reference's output, grads and stats."""
+    monkeypatch.setenv("REFINER_TRAIN_CHUNK", chunk)
+    args, expand = train_inputs(5, 12, 17, 35, ratio, 3, torch.float32)
+    fused, ref = _train_fns(expand, 35 ** -0.5)
+    check_train(fused, ref, args)
+    with torch.no_grad():
+        s_f = C.refine_train(*args, 1e-5, 0.2, expand)[1]
+        s_r = R.refine_train(*[t.double() for t in args], 1e-5, 0.2, expand)[1]
+    for a, e in zip(s_f, s_r):
+        if e is not None:
+            assert_close(a.mean, e.mean.float(), 1e-5, 1e-5, "mean")
+            assert_close(a.var, e.var.float(), 1e-4, 1e-5, "var")
+
+
+def test_refine_train_chunk_env_is_checked(monkeypatch):
+    monkeypatch.setenv("REFINER_TRAIN_CHUNK", "0")
+    args, expand = train_inputs(2, 12, 17, 32, 3, 3, torch.float32)
+    with pytest.raises(RuntimeError, match="REFINER_TRAIN_CHUNK"):
+        C.refine_train(*args, 1e-5, 0.2, expand)
+
+
 @pytest.mark.parametrize("ratio", [3, 1])
 def test_refine_train_stats(ratio):
     args, expand = train_inputs(2, 12, 17, 32, ratio, 3, torch.float32)
