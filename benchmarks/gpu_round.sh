@@ -2,6 +2,10 @@
 # One round on a lent GPU machine (H100/H200: Python 3.12, torch 2.11 + CUDA 13.0, Triton 3.6,
 # timm, nvcc 13.0, NO network). Run from the repository root, one stage per device call:
 #
+#   bash benchmarks/gpu_round.sh quick         # everything that fits ONE call of a 15-minute lease:
+#                                              # build (sm_90) while the Triton GPU tests run, then the
+#                                              # CUDA/cross-backend tests, a memcheck, bench_ops (N 197/577,
+#                                              # bf16) and bench_models (S and ViT-S, 224 px, no compile)
 #   bash benchmarks/gpu_round.sh tests         # build, describe backends, pytest, compute-sanitizer
 #   bash benchmarks/gpu_round.sh bench         # build (if needed), bench_ops + bench_models full presets
 #   bash benchmarks/gpu_round.sh bench-ops     # only bench_ops (whole budget)
@@ -75,6 +79,11 @@ EOF
   grep -E "^(torch|triton|timm|pytest|tqdm|matplotlib) " "$LOGS/env.log" | sed 's/^/    env| /' >>"$SUMMARY"
 }
 
+describe_backends() {
+  "$PY" -c "import refiner.ops as o; print(o.describe_backends())" >"$LOGS/backends.log" 2>&1
+  sed 's/^/    /' "$LOGS/backends.log" | tee -a "$SUMMARY"
+}
+
 build() {
   # Skip when refiner._C already imports (a warm machine from the previous stage).
   if "$PY" -c "import refiner._C" >/dev/null 2>&1; then say "build: refiner._C already importable, skipped"; else
@@ -86,8 +95,6 @@ build() {
       say "build: no setup.py in this tree: compiled backends unavailable"
     fi
   fi
-  "$PY" -c "import refiner.ops as o; print(o.describe_backends())" >"$LOGS/backends.log" 2>&1
-  sed 's/^/    /' "$LOGS/backends.log" | tee -a "$SUMMARY"
 }
 
 stage_tests() {
@@ -114,15 +121,39 @@ bench_models() {
   run_step bench_models "$1" "$PY" benchmarks/bench_models.py --out "$RES"
 }
 
+# One call of a 15-minute lease (~1.5 min of it goes to starting the machine): STAGE_BUDGET 480.
+# Triton tests other than test_triton_gpu.py run with REFINER_TRITON_AUTOTUNE=0 (one fixed config
+# per kernel: autotuning every test shape would spend minutes compiling); test_triton_gpu.py and
+# the benchmarks keep autotuning (the benchmark rows also record max|err| against the reference).
+stage_quick() {
+  export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
+  build & local build_pid=$!
+  run_step pytest_triton_gpu 150 "$PY" -m pytest -q -ra tests/test_triton_gpu.py
+  REFINER_TRITON_AUTOTUNE=0 run_step pytest_triton 90 "$PY" -m pytest -q -ra tests/test_triton_ops.py
+  wait "$build_pid"
+  describe_backends
+  REFINER_TRITON_AUTOTUNE=0 run_step pytest_gpu 120 "$PY" -m pytest -q -ra tests/test_compiled_cuda.py \
+    tests/test_extremes.py tests/test_bad_inputs.py tests/test_fused.py tests/test_properties.py
+  if command -v compute-sanitizer >/dev/null; then
+    run_step memcheck 60 compute-sanitizer --tool memcheck --error-exitcode 9 --target-processes all \
+      "$PY" -m pytest -q -x tests/test_compiled_cuda.py -k "not n577"
+  fi
+  run_step bench_ops 75 "$PY" benchmarks/bench_ops.py --out "$RES" --rep-ms 25 --n 197 577 --heads 12 \
+    --head-dim 32 --dtypes bf16
+  run_step bench_models $(( $(left) - 20 )) "$PY" benchmarks/bench_models.py --out "$RES" \
+    --models refiner_vit_s vit_small_patch16_224 --img 224 --batch 256 --compile-backend skip --repeats 5
+}
+
 env_info
-build
+if [ "$STAGE" = quick ]; then BUDGET=${STAGE_BUDGET:-480}; else build; describe_backends; fi
 case "$STAGE" in
+  quick) stage_quick ;;
   tests) stage_tests ;;
   sanitize) stage_sanitize ;;
   bench) bench_ops 200; bench_models $(( $(left) - 20 )) ;;
   bench-ops) bench_ops $(( $(left) - 20 )) ;;
   bench-models) bench_models $(( $(left) - 20 )) ;;
-  *) say "unknown stage '$STAGE' (tests | sanitize | bench | bench-ops | bench-models)"; exit 2 ;;
+  *) say "unknown stage '$STAGE' (quick | tests | sanitize | bench | bench-ops | bench-models)"; exit 2 ;;
 esac
 # Tables and targets into the summary (the JSON/PNGs are in the results tarball).
 for f in "$LOGS"/bench_*.log; do

@@ -55,12 +55,18 @@ def num_warps_for(elems: int) -> int:
     return 2
 
 
+def autotuning() -> bool:
+    """GPU autotuning is on unless REFINER_TRITON_AUTOTUNE=0 (GPU test runs: every new shape would
+    otherwise compile and time each config, minutes over a test suite)."""
+    return os.environ.get("REFINER_TRITON_AUTOTUNE", "1") != "0"
+
+
 def gpu_autotune(configs, key):
-    """``triton.autotune`` for the GPU; returns None under the interpreter (or without Triton),
-    where autotuning with more than one config cannot run: callers then launch the plain kernel
-    with one fixed configuration. Decided from the environment only: no driver call at import."""
+    """``triton.autotune`` for the GPU; returns None under the interpreter (or without Triton, or
+    with REFINER_TRITON_AUTOTUNE=0), where callers launch the plain kernel with one fixed
+    configuration. Decided from the environment only: no driver call at import."""
     def deco(fn):
-        if triton is None or interpreting():
+        if triton is None or interpreting() or not autotuning():
             return None
         return triton.autotune(configs=configs, key=key)(fn)
     return deco

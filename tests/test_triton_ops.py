@@ -424,3 +424,13 @@ def test_refine_train_large_mean_small_spread(ratio):
         for name, a, c in zip(TRAIN_NAMES, g, g64):
             torch.testing.assert_close(a.double(), c, rtol=1e-4, atol=1e-4 * max(1.0, c.abs().max().item()),
                                        msg=lambda m: f"d{name}: {m}")
+
+
+def test_autotune_switch(monkeypatch):
+    """REFINER_TRITON_AUTOTUNE=0 turns GPU autotuning off (gpu_round.sh's test runs use it)."""
+    from refiner_kernels import _common
+    monkeypatch.delenv("REFINER_TRITON_AUTOTUNE", raising=False)
+    assert _common.autotuning()
+    monkeypatch.setenv("REFINER_TRITON_AUTOTUNE", "0")
+    assert not _common.autotuning()
+    assert _common.gpu_autotune([], key=[])(lambda: None) is None
