@@ -360,35 +360,40 @@ Tensor refine_eval_cuda(const Tensor& attn, const Tensor& v, const Tensor& w_exp
 
 // ----------------------------------------------------------------------------
 // refine (eval), backward: gR = gout v^T and gv = R^T gout by cuBLAS (through ATen), then one
-// recomputing kernel per (b, query row) for gA and the parameter gradients (fp32 atomics).
+// recomputing kernel over (b, query row) for gA and the parameter gradients. The grid is capped
+// at a few blocks per SM; each block walks its rows and keeps the parameter-gradient partial sums
+// in shared memory (each slot owned by one thread: no atomics), writes them once, and the host
+// sums the per-block partials: deterministic, and no contention on a few hundred addresses.
 // ----------------------------------------------------------------------------
 constexpr int kTCB = 32;
-
-size_t refine_bwd_smem(int64_t H, int k) {
-  const int p = k / 2;
-  Tile t{1, 0, 0, 1, kTCB};
-  return sizeof(float) * (buf_elems<float>(t, 2 * p, (int)H) + buf_elems<float>(t, 2 * p, 1) +
-                          buf_elems<float>(t, p, (int)H) + buf_elems<float>(t, p, 1) + 2 * buf_elems<float>(t, 0, 1) +
-                          2 * buf_elems<float>(t, 0, (int)H));
-}
 
 struct GradSlots {
   int64_t wdw, bdw, wpro, wexp, bexp, alpha, beta, n;
 };
 
+size_t refine_bwd_smem(int64_t H, int k, const GradSlots& sl) {
+  const int p = k / 2;
+  Tile t{1, 0, 0, 1, kTCB};
+  return sizeof(float) * (buf_elems<float>(t, 2 * p, (int)H) + buf_elems<float>(t, 2 * p, 1) +
+                          buf_elems<float>(t, p, (int)H) + buf_elems<float>(t, p, 1) + 2 * buf_elems<float>(t, 0, 1) +
+                          2 * buf_elems<float>(t, 0, (int)H) + sl.n);
+}
+
 __global__ void refine_bwd_kernel(const float* __restrict__ A, const float* __restrict__ GR, RefineWF w, int64_t B,
                                   int H, int64_t N, int rH, int k, bool expand, GradSlots sl, float* __restrict__ gA,
-                                  float* __restrict__ gpar) {
+                                  float* __restrict__ gpart) {
   extern __shared__ float sm[];
   const int p = k / 2;
   const CudaPar par{(int)threadIdx.x, (int)blockDim.x};
   const int kk = k * k;
   const int nitems = bwd_channel_items(H, k, expand);
+  float* gacc = sm;  // sl.n partial sums of this block; slot (c, item) is always added by the same thread
+  for (int64_t j = threadIdx.x; j < sl.n; j += blockDim.x) gacc[j] = 0.f;
   for (int64_t blk = blockIdx.x; blk < B * N; blk += gridDim.x) {
     const int64_t b = blk / N, i = blk % N;
     for (int64_t c0 = 0; c0 < N; c0 += kTCB) {
       Tile t{N, i, c0, 1, kTCB};
-      float* q = sm;
+      float* q = sm + sl.n;
       auto Ab = make_buf(q, t, 2 * p);   q += buf_elems<float>(t, 2 * p, H);
       auto Eb = make_buf(q, t, 2 * p);   q += buf_elems<float>(t, 2 * p, 1);
       auto GRb = make_buf(q, t, p);      q += buf_elems<float>(t, p, H);
@@ -422,14 +427,14 @@ __global__ void refine_bwd_kernel(const float* __restrict__ A, const float* __re
           else if (it < kk + 1 + H) o = sl.wpro + (int64_t)(it - kk - 1) * rH + c;
           else if (it < kk + 1 + 2 * H) o = sl.wexp + (int64_t)c * H + (it - kk - 1 - H);
           else o = sl.bexp + c;
-          atomicAdd(gpar + o, val);
+          gacc[o] += val;
         }
         __syncthreads();
       }
       bwd_residual(par, H, w.alpha, t, GRb, GAb);
       __syncthreads();
       for (int it = threadIdx.x; it < 2 * H; it += blockDim.x)
-        atomicAdd(gpar + sl.alpha + it, bwd_head_item(it, H, w.b_pro, t, Ab, GRb, Pb));
+        gacc[sl.alpha + it] += bwd_head_item(it, H, w.b_pro, t, Ab, GRb, Pb);
       for (int j = threadIdx.x; j < H * kTCB; j += blockDim.x) {
         const int h = j / kTCB, x = j % kTCB;
         if (c0 + x < N) gA[((b * H + h) * N + i) * N + c0 + x] = GAb.at(h, 0, x);
@@ -437,6 +442,15 @@ __global__ void refine_bwd_kernel(const float* __restrict__ A, const float* __re
       __syncthreads();
     }
   }
+  __syncthreads();
+  for (int64_t j = threadIdx.x; j < sl.n; j += blockDim.x) gpart[blockIdx.x * sl.n + j] = gacc[j];
+}
+
+int sm_count() {
+  int dev = 0, v = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&dev));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&v, cudaDevAttrMultiProcessorCount, dev));
+  return v;
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> refine_eval_backward_cuda(
@@ -462,15 +476,17 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tenso
   sl.alpha = sl.bexp + rH;
   sl.beta = sl.alpha + H;
   sl.n = sl.beta + H;
-  auto gpar = at::zeros({sl.n}, go.options());
   auto gA = at::empty({B, H, N, N}, go.options());
   auto Af = f32(r.attn);
-  const size_t smem = refine_bwd_smem(H, (int)k);
+  const size_t smem = refine_bwd_smem(H, (int)k, sl);
   set_smem(refine_bwd_kernel, smem, "refine_eval_backward");
-  refine_bwd_kernel<<<grid_for(B * N), kThreads, smem, c10::cuda::getCurrentCUDAStream()>>>(
+  const int64_t blocks = std::min<int64_t>(B * N, 8LL * sm_count());
+  auto gpart = at::empty({blocks, sl.n}, go.options());
+  refine_bwd_kernel<<<(unsigned)blocks, kThreads, smem, c10::cuda::getCurrentCUDAStream()>>>(
       Af.data_ptr<float>(), gR.data_ptr<float>(), r.wf(), B, (int)H, N, (int)rH, (int)k, expand, sl,
-      gA.data_ptr<float>(), gpar.data_ptr<float>());
+      gA.data_ptr<float>(), gpart.data_ptr<float>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
+  auto gpar = gpart.sum(0);
   const auto st = attn.scalar_type();
   auto gbeta = gpar.narrow(0, sl.beta, H);
   auto own = [&](const Tensor& t) { return t.to(st).clone(at::MemoryFormat::Contiguous); };  // outputs must not alias
