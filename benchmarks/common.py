@@ -14,9 +14,7 @@ import re
 import statistics
 import subprocess
 import sys
-import threading
 import time
-import weakref
 from pathlib import Path
 from typing import Callable, Dict, Iterable, List, Optional, Tuple
 
@@ -25,8 +23,6 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
-from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
-from torch.utils._pytree import tree_flatten  # noqa: E402
 
 from refiner import ops  # noqa: E402
 from refiner.demo import format_table  # noqa: E402,F401  (one table printer for demo and benchmarks)
@@ -231,52 +227,25 @@ def median_time(fn: Callable[[], object], device: torch.device, repeats: int, wa
 
 MEMORY_METHOD = {
     "cuda": "torch.cuda.max_memory_allocated during one call",
-    "cpu": ("CPU estimate: peak bytes of live tensors created during the first call, counted at the "
-            "aten dispatch level (kernel-internal scratch of a fused op is not seen; a training step "
-            "counts its gradients and AdamW state, not the weights)"),
+    "cpu": ("CPU: peak bytes held through torch's CPU allocator during the first call, above what was "
+            "held before it (profiler memory events: tensors and the ATen temporaries inside fused ops "
+            "are counted, a kernel's own malloc'd tile scratch is not; a training step counts its "
+            "gradients and AdamW state, not the weights)"),
 }
 
 
-class _LiveTensorBytes(TorchDispatchMode):
-    """Counts the storages created by aten ops while they are alive; keeps the peak."""
-
-    def __init__(self):
-        super().__init__()
-        self.live = 0
-        self.peak = 0
-        self._seen = set()
-        self._lock = threading.Lock()
-
-    def _release(self, key, nbytes):
-        with self._lock:
-            self._seen.discard(key)
-            self.live -= nbytes
-
-    @staticmethod
-    def _storages(tree):
-        for t in tree_flatten(tree)[0]:
-            if isinstance(t, torch.Tensor) and t.device.type == "cpu":
-                try:
-                    yield t.untyped_storage()
-                except Exception:  # tensors without storage (sparse, ...)
-                    continue
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        out = func(*args, **kwargs)
-        inputs = {id(st) for st in self._storages((args, kwargs))}
-        for st in self._storages(out):
-            key = id(st)
-            # In-place ops, views and out= variants return an input's storage: nothing new.
-            if key in inputs or key in self._seen or st.nbytes() == 0:
-                continue
-            n = st.nbytes()
-            with self._lock:
-                self._seen.add(key)
-                self.live += n
-                self.peak = max(self.peak, self.live)
-            weakref.finalize(st, self._release, key, n)
-        return out
+def _cpu_allocator_peak(fn: Callable[[], object]) -> Tuple[int, object]:
+    """(peak of the running sum of CPU allocations minus frees while `fn` runs, its result)."""
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        result = fn()
+    events = [e for e in prof.profiler.kineto_results.events()
+              if e.name() == "[memory]" and e.device_type() == torch.autograd.DeviceType.CPU]
+    live = peak = 0
+    for e in sorted(events, key=lambda e: e.start_ns()):
+        live += e.nbytes()  # negative for a free
+        peak = max(peak, live)
+    return peak, result
 
 
 def peak_memory(fn: Callable[[], object], device: torch.device, absolute: bool = False) -> Tuple[Optional[int], object]:
@@ -284,9 +253,9 @@ def peak_memory(fn: Callable[[], object], device: torch.device, absolute: bool =
 
     GPU: `max_memory_allocated` over the call, minus what was allocated before it
     unless `absolute` (models report the absolute peak: weights, optimizer state and all).
-    CPU: the live-tensor estimate above (always relative to the start of the call). The
-    scripts make this the first call on CPU (it doubles as the warm-up), so a training
-    step's estimate includes the gradients and the AdamW state that step creates.
+    CPU: the allocator peak above (always relative to the start of the call). The scripts
+    make this the first call on CPU (it doubles as the warm-up), so a training step's
+    figure includes the gradients and the AdamW state that step creates.
     """
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -296,10 +265,7 @@ def peak_memory(fn: Callable[[], object], device: torch.device, absolute: bool =
         torch.cuda.synchronize(device)
         peak = torch.cuda.max_memory_allocated(device)
         return (peak if absolute else peak - before), result
-    mode = _LiveTensorBytes()
-    with mode:
-        result = fn()
-    return mode.peak, result
+    return _cpu_allocator_peak(fn)
 
 
 # ----------------------------------------------------------------------------

@@ -8,10 +8,10 @@
 //             pass 1 sums of Y2 = dw(E) (BN2), pass 2 Y3 = W_p D (BN3), kept in a buffer the
 //             size of A, then Z = A + BN3(Y3) in that buffer, BN_a from the actual Z values, and
 //             out = (BN_a(Z) * scale) @ v from the same Z.
-//             Numerics: all moments are shifted (by each channel's first value) and accumulated
-//             in fp64; every BN is applied in centred form s (x - mean) + b. A zero-variance
-//             channel (s ~ 1/sqrt(eps)) then only amplifies fp32 rounding of the values
-//             themselves, not the cancellation of E[x^2] - E[x]^2 or of a folded offset.
+//             Numerics: means and variances by Welford per chunk, merged in fp64 (Moments);
+//             every BN is applied in centred form s (x - mean) + b. A zero-variance channel
+//             (s ~ 1/sqrt(eps)) then only amplifies fp32 rounding of the values themselves,
+//             not the cancellation of E[x^2] - E[x]^2 or of a folded offset.
 //   backward: five recompute passes, one per BN backward reduction (sum gy, sum gy*xhat):
 //             BN_a, BN3, BN2, BN1, then the final input/weight gradients.
 // Chunk size (chunk_images): the expanded (c, rH, N, N) maps of one chunk stay below a quarter
@@ -106,7 +106,9 @@ std::pair<Tensor, Tensor> dw_backward(const Tensor& g, const Tensor& x, const Te
   auto gw = std::get<1>(r);
   return {std::get<0>(r), need_w ? gw.squeeze(1) : Tensor()};
 }
-Tensor relu6_mask(const Tensor& x) { return at::logical_and(x > 0, x < 6).to(x.scalar_type()); }
+// Where relu6 is flat, from its output y: y <= 0 or y >= 6 (same as pre <= 0 or pre >= 6); the
+// gradient there is 0 even for a non-finite incoming gradient, as in hardtanh_backward.
+Tensor flat_relu6(const Tensor& y) { return at::logical_or(y <= 0, y >= 6); }
 Tensor col(const Tensor& t) { return t.view({-1, 1, 1}); }
 Tensor sums(const Tensor& x) { return x.sum({0, 2, 3}); }  // per channel
 
@@ -131,7 +133,7 @@ void fold(const TrainArgs& a, Folded& f, double eps) {
 // Every BN is applied in centred form, s (x - mean) + b, never s x + (b - s mean): with zero
 // variance s ~ 1/sqrt(eps) and the folded offset would cancel catastrophically in fp32.
 Tensor bn_apply(const Tensor& x, const Tensor& s, const Tensor& m, const Tensor& b) {
-  return col(s) * (x - col(m)) + col(b);
+  return (x - col(m)).mul_(col(s)).add_(col(b));  // one temporary
 }
 // Z = A + BN3(Y3): the one expression used by the BN_a statistics, the output and the backward.
 Tensor make_z(const TrainArgs& a, const Folded& f, const Tensor& A, const Tensor& Y3) {
@@ -150,45 +152,51 @@ Maps recompute(const TrainArgs& a, const Folded& f, int64_t b0, int64_t n, bool 
   m.A = attn_chunk(a, b0, n);
   if (a.expand) {
     m.U = mix(a.w_exp, m.A);
-    m.E = at::clamp(bn_apply(m.U, f.s1, f.m1, a.b1), 0, 6);
+    m.E = bn_apply(m.U, f.s1, f.m1, a.b1).clamp_(0, 6);
   } else {
     m.E = m.A;
   }
   m.Y2 = dw(m.E, a.w_dw);
   if (!need_y3) return m;
-  m.D = at::clamp(bn_apply(m.Y2, f.s2, f.m2, a.b2), 0, 6);
+  m.D = bn_apply(m.Y2, f.s2, f.m2, a.b2).clamp_(0, 6);
   m.Y3 = mix(a.w_pro, m.D);
   if (need_z) m.Z = make_z(a, f, m.A, m.Y3);
   return m;
 }
 
-// Shifted moments of chunk maps (n, C, N, N), accumulated in fp64 over the batch. The shift
-// K is a representative value per channel (the first element of the first image), so that
-// var = E[(x-K)^2] - E[x-K]^2 does not cancel when |mean| >> std.
+// Per-channel mean and variance of chunk maps (n, C, N, N), merged over the chunks: each chunk by
+// at::var_mean (Welford), chunks combined in fp64 by Chan's pairwise update. No cancellation of
+// E[x^2] - E[x]^2 when |mean| >> std, and no fp64 copy of any map. var_mean returns its mean
+// rounded to fp32; the sum of the residuals x - mean recovers the lost digits, which the merge
+// (delta^2 terms) and BN1 (W_e mean(A), with cancellation across heads) need.
 struct Moments {
-  Tensor K, s1, s2;
+  Tensor mean, m2;  // fp64; m2 = sum of squared deviations
+  double n = 0;
   void add(const Tensor& x) {
-    auto xd = x.to(at::kDouble);
-    if (!K.defined()) {
-      K = xd.select(0, 0).select(1, 0).select(1, 0).clone();
-      s1 = at::zeros_like(K);
-      s2 = at::zeros_like(K);
+    auto [var_c, mean_f] = at::var_mean(x, at::IntArrayRef({0, 2, 3}), /*unbiased=*/false, /*keepdim=*/false);
+    const double nc = double(x.numel() / x.size(1));
+    auto resid = (x - col(mean_f)).sum({0, 2, 3}).to(at::kDouble);
+    auto mc = mean_f.to(at::kDouble) + resid / nc, m2c = var_c.to(at::kDouble) * nc;
+    if (n == 0) {
+      mean = mc, m2 = m2c;
+    } else {
+      auto delta = mc - mean;
+      const double tot = n + nc;
+      mean = mean + delta * (nc / tot);
+      m2 = m2 + m2c + delta * delta * (n * nc / tot);
     }
-    xd = xd - col(K);
-    s1 += sums(xd);
-    s2 += sums(xd * xd);
+    n += nc;
   }
-  void finish(double M, at::ScalarType ct, Tensor& mean, Tensor& var) const {
-    auto dm = s1 / M;
-    mean = (K + dm).to(ct);
-    var = (s2 / M - dm * dm).clamp_min(0).to(ct);
+  void finish(at::ScalarType ct, Tensor& mean_out, Tensor& var_out) const {
+    mean_out = mean.to(ct);
+    var_out = (m2 / n).clamp_min(0).to(ct);
   }
 };
 
 // Forward: batch statistics and the output.
-//   BN1: mean + covariance of A (shifted by A's first pixel) through the linear W_e, fp64.
-//   pass 1: shifted moments of Y2 (BN2).
-//   pass 2: Y3 per chunk, kept in a buffer of the size of A, shifted moments (BN3).
+//   BN1: mean + covariance of A (centred Gram matrix) through the linear W_e.
+//   pass 1: moments of Y2 (BN2).
+//   pass 2: Y3 per chunk, kept in a buffer of the size of A, its moments (BN3).
 //   then Z = make_z(A, Y3) in place of the buffer, BN_a statistics from those actual Z values
 //   (not derived algebraically from moments of A and Y3), and out = (BN_a(Z) * scale) @ v from
 //   the same Z: every consumer sees the same rounded Z, so a zero-variance channel stays ~0.
@@ -197,17 +205,20 @@ Tensor forward_pass(const TrainArgs& a, Folded& f, double eps, double scale) {
   const double M = double(a.B) * a.N * a.N;
   const auto opt = a.v.options().dtype(st);
   if (a.expand) {
-    auto KA = a.attn.select(0, 0).reshape({a.H, -1}).select(1, 0).to(st);
-    auto sumA = at::zeros({a.H}, opt), gram = at::zeros({a.H, a.H}, opt);
+    // U = W_e A is linear: its mean is W_e mean(A) and its variance diag(W_e Cov(A) W_e^T), with
+    // Cov(A) the H x H Gram matrix of the centred maps (fp32 products per chunk, fp64 sums).
+    Moments moA;
+    for_chunks(a, [&](int64_t b0, int64_t n) { moA.add(attn_chunk(a, b0, n)); });
+    auto meanA = moA.mean.to(a.ct);  // centre (rounded); cov corrects for the rounding
+    auto gram = at::zeros({a.H, a.H}, opt);
     for_chunks(a, [&](int64_t b0, int64_t n) {
-      auto Ab = a.attn.narrow(0, b0, n).reshape({n, a.H, -1}).to(st) - KA.view({-1, 1});
-      sumA += Ab.sum({0, 2});
-      gram += at::matmul(Ab, Ab.transpose(1, 2)).sum(0);
+      auto Ac = attn_chunk(a, b0, n).reshape({n, a.H, -1}) - meanA.view({-1, 1});
+      gram += at::matmul(Ac, Ac.transpose(1, 2)).sum(0).to(st);
     });
-    auto dA = sumA / M;
-    auto cov = gram / M - at::outer(dA, dA);
+    auto dm = moA.mean - meanA.to(st);
+    auto cov = gram / M - at::outer(dm, dm);
     auto we = a.w_exp.to(st);
-    f.m1 = at::matmul(we, KA + dA).to(a.ct);
+    f.m1 = at::matmul(we, moA.mean).to(a.ct);
     f.v1 = (at::matmul(we, cov) * we).sum(1).clamp_min(0).to(a.ct);
     f.s1 = a.g1 / at::sqrt(f.v1 + eps);
   } else {
@@ -216,7 +227,7 @@ Tensor forward_pass(const TrainArgs& a, Folded& f, double eps, double scale) {
   }
   Moments mo2;
   for_chunks(a, [&](int64_t b0, int64_t n) { mo2.add(recompute(a, f, b0, n, false, false).Y2); });
-  mo2.finish(M, a.ct, f.m2, f.v2);
+  mo2.finish(a.ct, f.m2, f.v2);
   f.s2 = a.g2 / at::sqrt(f.v2 + eps);
   auto buf = at::empty(a.attn.sizes(), a.v.options());
   Moments mo3;
@@ -225,7 +236,7 @@ Tensor forward_pass(const TrainArgs& a, Folded& f, double eps, double scale) {
     buf.narrow(0, b0, n).copy_(m.Y3);
     mo3.add(m.Y3);
   });
-  mo3.finish(M, a.ct, f.m3, f.v3);
+  mo3.finish(a.ct, f.m3, f.v3);
   f.s3 = a.g3 / at::sqrt(f.v3 + eps);
   Moments moa;
   for_chunks(a, [&](int64_t b0, int64_t n) {
@@ -233,7 +244,7 @@ Tensor forward_pass(const TrainArgs& a, Folded& f, double eps, double scale) {
     Yb.copy_(make_z(a, f, attn_chunk(a, b0, n), Yb));
     moa.add(Yb);
   });
-  moa.finish(M, a.ct, f.ma, f.va);
+  moa.finish(a.ct, f.ma, f.va);
   fold(a, f, eps);
   // r = BN_a(Z) * scale, chunk by chunk, written exactly as the backward's grad_r
   auto sd_a = at::sqrt(f.va + eps);
@@ -282,31 +293,35 @@ std::vector<Tensor> refine_train_backward_v(const Tensor& gout, const TrainArgs&
     }
     return std::make_pair(scale * at::matmul(gob, a.v.narrow(0, b0, n).transpose(-2, -1)), zhat);
   };
+  // Through a batch-statistics BN: k (g - S1/M - xhat S2/M), xhat = (x - m)/sd, with one temporary.
+  auto bn_grad = [&](const Tensor& g, const Tensor& x, const Tensor& m, const Tensor& sd, const Tensor& k,
+                     const Tensor& S1, const Tensor& S2) {
+    auto t = (x - col(m)).mul_(col(S2 / (sd * M)));
+    return t.neg_().add_(g).sub_(col(S1 / M)).mul_(col(k));
+  };
+  auto sum_g_xhat = [&](const Tensor& g, const Tensor& x, const Tensor& m, const Tensor& sd) {
+    return sums((x - col(m)).mul_(g)) / sd;
+  };
   auto grad_z = [&](const Maps& m, int64_t b0, int64_t n) {
-    auto [gr, zhat] = grad_r(m, b0, n, false);
-    return col(f.sa) * (gr - col(Sa1) / M - zhat * col(Sa2) / M);
+    return bn_grad(grad_r(m, b0, n, false).first, m.Z, f.ma, sd_a, f.sa, Sa1, Sa2);
   };
-  auto grad_y3 = [&](const Maps& m, const Tensor& gz) {
-    auto y3hat = (m.Y3 - col(f.m3)) / col(sd3);
-    return col(a.g3 / sd3) * (gz - col(S31) / M - y3hat * col(S32) / M);
-  };
+  auto grad_y3 = [&](const Maps& m, const Tensor& gz) { return bn_grad(gz, m.Y3, f.m3, sd3, a.g3 / sd3, S31, S32); };
   auto grad_d2 = [&](const Maps& m, const Tensor& gy3) {  // grad of BN2's output (pre-relu6)
-    auto d2 = bn_apply(m.Y2, f.s2, f.m2, a.b2);
-    return mix(a.w_pro.t(), gy3) * relu6_mask(d2);
+    return mix(a.w_pro.t(), gy3).masked_fill_(flat_relu6(m.D), 0);
   };
   // B1: BN_a reductions (and gv)
   for_chunks(a, [&](int64_t b0, int64_t n) {
     auto m = recompute(a, f, b0, n, true);
     auto [gr, zhat] = grad_r(m, b0, n, true);
     Sa1 += sums(gr);
-    Sa2 += sums(gr * zhat);
+    Sa2 += sums(gr * zhat);  // (zhat is computed anyway for gv)
   });
   // B2: BN3 reductions
   for_chunks(a, [&](int64_t b0, int64_t n) {
     auto m = recompute(a, f, b0, n, true);
     auto gz = grad_z(m, b0, n);
     S31 += sums(gz);
-    S32 += sums(gz * (m.Y3 - col(f.m3)) / col(sd3));
+    S32 += sum_g_xhat(gz, m.Y3, f.m3, sd3);
   });
   // B3: BN2 reductions, grad w_pro
   for_chunks(a, [&](int64_t b0, int64_t n) {
@@ -315,14 +330,13 @@ std::vector<Tensor> refine_train_backward_v(const Tensor& gout, const TrainArgs&
     gw_pro += mix_wgrad(gy3, m.D);
     auto gd2 = grad_d2(m, gy3);
     S21 += sums(gd2);
-    S22 += sums(gd2 * (m.Y2 - col(f.m2)) / col(sd2));
+    S22 += sum_g_xhat(gd2, m.Y2, f.m2, sd2);
   });
   // B4: BN1 reductions, grad w_dw (and gA when there is no expansion)
   auto grad_e = [&](const Maps& m, int64_t b0, int64_t n, bool acc_w) {
     auto gz = grad_z(m, b0, n);
     auto gd2 = grad_d2(m, grad_y3(m, gz));
-    auto y2hat = (m.Y2 - col(f.m2)) / col(sd2);
-    auto gy2 = col(a.g2 / sd2) * (gd2 - col(S21) / M - y2hat * col(S22) / M);
+    auto gy2 = bn_grad(gd2, m.Y2, f.m2, sd2, a.g2 / sd2, S21, S22);
     auto [ge, gw] = dw_backward(gy2, m.E, a.w_dw, acc_w);
     if (acc_w) gw_dw += gw;
     return std::make_pair(ge, gz);
@@ -331,9 +345,9 @@ std::vector<Tensor> refine_train_backward_v(const Tensor& gout, const TrainArgs&
     auto m = recompute(a, f, b0, n, true);
     auto [ge, gz] = grad_e(m, b0, n, true);
     if (a.expand) {
-      auto ge1 = ge * relu6_mask(bn_apply(m.U, f.s1, f.m1, a.b1));
+      auto ge1 = ge.masked_fill_(flat_relu6(m.E), 0);
       S11 += sums(ge1);
-      S12 += sums(ge1 * (m.U - col(f.m1)) / col(sd1));
+      S12 += sum_g_xhat(ge1, m.U, f.m1, sd1);
     } else {
       gA.narrow(0, b0, n).copy_(gz + ge);
     }
@@ -343,9 +357,8 @@ std::vector<Tensor> refine_train_backward_v(const Tensor& gout, const TrainArgs&
     for_chunks(a, [&](int64_t b0, int64_t n) {
       auto m = recompute(a, f, b0, n, true);
       auto [ge, gz] = grad_e(m, b0, n, false);
-      auto ge1 = ge * relu6_mask(bn_apply(m.U, f.s1, f.m1, a.b1));
-      auto uhat = (m.U - col(f.m1)) / col(sd1);
-      auto gu = col(a.g1 / sd1) * (ge1 - col(S11) / M - uhat * col(S12) / M);
+      auto ge1 = ge.masked_fill_(flat_relu6(m.E), 0);
+      auto gu = bn_grad(ge1, m.U, f.m1, sd1, a.g1 / sd1, S11, S12);
       gw_exp += mix_wgrad(gu, m.A);
       gA.narrow(0, b0, n).copy_(gz + mix(a.w_exp.t(), gu));
     });
