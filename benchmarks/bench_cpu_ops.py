@@ -16,6 +16,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from refiner import _compiled as C  # noqa: E402
+from refiner import cli  # noqa: E402
 from refiner import reference as R  # noqa: E402
 from refiner.testing import random_dla, train_args  # noqa: E402
 
@@ -34,16 +35,16 @@ def paired_ms(fn_base, fn_fused, repeats, warmup=1):
     return statistics.median(tb), statistics.median(tf)
 
 
-def main():
+def main(argv=None):
     ap = argparse.ArgumentParser()
-    ap.add_argument("--repeats", type=int, default=15)
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--B", type=int, default=8)
-    ap.add_argument("--H", type=int, default=12)
-    ap.add_argument("--N", type=int, default=197)
-    ap.add_argument("--d", type=int, default=32)
+    ap.add_argument("--repeats", type=cli.positive_int, default=15)
+    ap.add_argument("--threads", type=cli.positive_int, default=2)
+    ap.add_argument("--B", type=cli.positive_int, default=8)
+    ap.add_argument("--H", type=cli.positive_int, default=12)
+    ap.add_argument("--N", type=cli.positive_int, default=197)
+    ap.add_argument("--d", type=cli.positive_int, default=32)
     ap.add_argument("--no-train", action="store_true")
-    a = ap.parse_args()
+    a = ap.parse_args(argv)
     if not C.AVAILABLE:
         sys.exit(C.UNAVAILABLE_REASON)
     torch.set_num_threads(a.threads)

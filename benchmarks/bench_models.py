@@ -33,12 +33,15 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 import refiner  # noqa: E402,F401  (registers refiner_vit_s/m/l with timm)
+from refiner import cli  # noqa: E402
 
 REFINER = ("refiner_vit_s", "refiner_vit_m", "refiner_vit_l")
 TIMM = ("vit_small_patch16_224", "vit_base_patch16_224")
 # Target rows first, so that a time limit cuts the least useful rows.
 DEFAULT_MODELS = ("refiner_vit_s", "vit_small_patch16_224", "vit_base_patch16_224", "refiner_vit_m", "refiner_vit_l")
 AMP = {"bf16": torch.bfloat16, "fp16": torch.float16, "none": None}
+PATCH = 16  # every model above: the --img sizes must be multiples of it
+FUSED_BACKENDS = ("cuda", "triton", "cpu")
 
 
 def variants(name: str, device, args) -> List[tuple]:
@@ -46,7 +49,7 @@ def variants(name: str, device, args) -> List[tuple]:
     if name not in REFINER:
         return [("timm (SDPA)", "timm")]
     out = []
-    fused_backends, _ = C.usable_backends(device, ("cuda", "triton", "cpu"))
+    fused_backends, _ = C.usable_backends(device, FUSED_BACKENDS)
     if args.fused_backends is not None:
         fused_backends = [b for b in fused_backends if b in args.fused_backends]
     if fused_backends:
@@ -140,7 +143,7 @@ def run(args, device) -> List[dict]:
             for label, how in variants(name, device, args):
                 for mode in args.modes:
                     jobs.append((name, label, how, img, batch, mode))
-    skipped_fused = C.usable_backends(device, ("cuda", "triton", "cpu"))[1]
+    skipped_fused = C.usable_backends(device, FUSED_BACKENDS)[1]
     for b, why in skipped_fused.items():
         print(f"fused backend {b!r} not benchmarked: {why}")
     if args.compile_backend == "skip":
@@ -212,26 +215,36 @@ def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true",
                    help="smoke preset: Refiner-ViT-S (+ ViT-S on GPU), one resolution, small batch, no compile")
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
+    p.add_argument("--device", default="auto", type=cli.device_or_auto, help="auto | cpu | cuda")
+    p.add_argument("--threads", type=cli.positive_int, default=None, help="CPU threads (default: all cores)")
     p.add_argument("--models", nargs="+", default=None, choices=REFINER + TIMM)
-    p.add_argument("--img", type=int, nargs="+", default=None, help="resolutions (default GPU: 224 384; CPU: 224)")
-    p.add_argument("--batch", type=int, nargs="+", default=None,
+    p.add_argument("--img", type=cli.positive_int, nargs="+", default=None,
+                   help="resolutions (default GPU: 224 384; CPU: 224)")
+    p.add_argument("--batch", type=cli.positive_int, nargs="+", default=None,
                    help="batch per resolution (default GPU: 256 at 224, 64 at 384; CPU: 2)")
     p.add_argument("--modes", nargs="+", choices=("infer", "train"), default=["infer", "train"])
     p.add_argument("--amp", choices=sorted(AMP), default=None, help="autocast dtype (default GPU bf16, CPU none)")
-    p.add_argument("--fused-backends", nargs="+", default=None, help="subset of compiled/Triton backends")
+    p.add_argument("--fused-backends", nargs="+", default=None, choices=FUSED_BACKENDS,
+                   help="subset of compiled/Triton backends")
     p.add_argument("--compile-backend", default=None,
                    help="torch.compile backend for 'reference compiled' (default GPU inductor; CPU skip); "
                         "'skip' leaves the rows out")
-    p.add_argument("--compile-models", nargs="+", default=["refiner_vit_s"],
+    p.add_argument("--compile-models", nargs="+", default=["refiner_vit_s"], choices=REFINER + ("all",),
                    help="models to compile ('all'; default refiner_vit_s: compiling M/L takes minutes)")
-    p.add_argument("--repeats", type=int, default=None, help="timed inference calls (train: half)")
-    p.add_argument("--warmup", type=int, default=None)
+    p.add_argument("--repeats", type=cli.positive_int, default=None, help="timed inference calls (train: half)")
+    p.add_argument("--warmup", type=cli.nonnegative_int, default=None)
     p.add_argument("--no-memory", action="store_true")
     p.add_argument("--no-plots", action="store_true")
-    p.add_argument("--out", type=Path, default=None, help="results folder (default benchmarks/results)")
+    p.add_argument("--out", type=cli.output_dir, default=None, help="results folder (default benchmarks/results)")
     args = p.parse_args(argv)
+    for img in args.img or ():
+        cli.check_img_size(img, PATCH, "--img", error=p.error)
+    if args.compile_backend not in (None, "skip"):
+        import torch._dynamo  # a typo would only show as an error in every compiled row
+        known = torch._dynamo.list_backends(exclude_tags=())
+        if args.compile_backend not in known:
+            p.error(f"--compile-backend {args.compile_backend!r}: not a torch.compile backend (one of {known}, "
+                    f"or 'skip')")
     args._device = device = C.pick_device(args.device)
     gpu = device.type == "cuda"
     q = args.quick

@@ -28,7 +28,7 @@ from benchmarks import common as C  # noqa: E402  (puts the repo root on sys.pat
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from refiner import ops, reference  # noqa: E402
+from refiner import cli, ops, reference  # noqa: E402
 
 OPS = ("softmax_block", "refine_eval", "refine_train")
 MODES = ("fwd", "fwd+bwd")
@@ -282,25 +282,29 @@ def table_rows(rows: List[dict]) -> List[list]:
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="one small shape: B=2 (GPU 32), N=197, H=12, d=32")
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
-    p.add_argument("--batch", type=int, default=None, help="B (default: 32 on GPU, 2 on CPU)")
-    p.add_argument("--n", type=int, nargs="+", default=None, help="tokens N (default GPU: 197 577 785; CPU: 197 577)")
-    p.add_argument("--heads", type=int, nargs="+", default=None, help="heads H (default GPU: 12 16; CPU: 12)")
-    p.add_argument("--head-dim", type=int, nargs="+", default=None, help="head size d (default GPU: 32 35; CPU: 32)")
+    p.add_argument("--device", default="auto", type=cli.device_or_auto, help="auto | cpu | cuda")
+    p.add_argument("--threads", type=cli.positive_int, default=None, help="CPU threads (default: all cores)")
+    p.add_argument("--batch", type=cli.positive_int, default=None, help="B (default: 32 on GPU, 2 on CPU)")
+    p.add_argument("--n", type=cli.positive_int, nargs="+", default=None,
+                   help="tokens N (default GPU: 197 577 785; CPU: 197 577)")
+    p.add_argument("--heads", type=cli.positive_int, nargs="+", default=None,
+                   help="heads H (default GPU: 12 16; CPU: 12)")
+    p.add_argument("--head-dim", type=cli.positive_int, nargs="+", default=None,
+                   help="head size d (default GPU: 32 35; CPU: 32)")
     p.add_argument("--dtypes", nargs="+", choices=sorted(C.DTYPES), default=None,
                    help="default GPU: fp32 bf16 fp16; CPU: fp32")
     p.add_argument("--ops", nargs="+", choices=OPS, default=list(OPS))
     p.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
     p.add_argument("--backends", nargs="+", choices=ops.BACKENDS, default=None,
                    help="subset of backends (default: every usable one)")
-    p.add_argument("--repeats", type=int, default=None, help="timed calls (CPU, and GPU without Triton)")
-    p.add_argument("--warmup", type=int, default=0,
+    p.add_argument("--repeats", type=cli.positive_int, default=None, help="timed calls (CPU, and GPU without Triton)")
+    p.add_argument("--warmup", type=cli.nonnegative_int, default=0,
                    help="extra untimed calls (the first call, for the error check and memory, is one already)")
-    p.add_argument("--rep-ms", type=float, default=100.0, help="GPU: do_bench measurement window per case")
+    p.add_argument("--rep-ms", type=cli.positive_float, default=100.0,
+                   help="GPU: do_bench measurement window per case")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory call")
     p.add_argument("--no-plots", action="store_true")
-    p.add_argument("--out", type=Path, default=None, help="results folder (default benchmarks/results)")
+    p.add_argument("--out", type=cli.output_dir, default=None, help="results folder (default benchmarks/results)")
     args = p.parse_args(argv)
     args._device = device = C.pick_device(args.device)
     gpu = device.type == "cuda"

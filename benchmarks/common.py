@@ -334,6 +334,8 @@ def write_results(doc: dict, out_dir: Optional[Path], device: torch.device) -> T
 def load_runs(path: Path) -> List[dict]:
     """The runs in a results JSON: a single-run file or a merged `latest_*.json`."""
     doc = json.loads(Path(path).read_text())
+    if not isinstance(doc, dict):
+        raise ValueError(f"{path}: expected a JSON object, got a {type(doc).__name__}")
     if "rows" in doc:
         return [doc]
     return [v for v in doc.values() if isinstance(v, dict) and "rows" in v]

@@ -18,6 +18,7 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks import common as C  # noqa: E402
+from refiner import cli  # noqa: E402
 
 
 def _plt():
@@ -122,11 +123,21 @@ def plot_run(run: dict, stem: Path) -> List[Path]:
 
 def main(argv=None) -> List[Path]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("json", type=Path, help="a results JSON (one run, or a merged latest_<device>.json)")
-    p.add_argument("--out-dir", type=Path, default=None, help="default: next to the JSON")
+    p.add_argument("json", type=cli.existing_file, help="a results JSON (one run, or a merged latest_<device>.json)")
+    p.add_argument("--out-dir", type=cli.output_dir, default=None, help="default: next to the JSON")
     args = p.parse_args(argv)
+    args.json = Path(args.json)
+    args.out_dir = Path(args.out_dir) if args.out_dir else None
+    try:
+        runs = C.load_runs(args.json)
+    except (OSError, UnicodeDecodeError, ValueError) as e:  # JSONDecodeError is a ValueError
+        p.error(f"json: {args.json} is not a readable results JSON ({e})")
+    if not runs or not all(isinstance(r.get("meta"), dict) and isinstance(r["rows"], list) for r in runs):
+        # else: no plots and no word why, or a KeyError deep in a plot
+        p.error(f"json: {args.json} holds no benchmark run (expected 'meta' and 'rows', as bench_ops.py and "
+                f"bench_models.py write)")
     out = []
-    for run in C.load_runs(args.json):
+    for run in runs:
         stem_name = Path(run.get("file", args.json.name)).stem
         stem = (args.out_dir or args.json.parent) / stem_name
         stem.parent.mkdir(parents=True, exist_ok=True)

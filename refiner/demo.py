@@ -17,7 +17,8 @@ import torch
 import timm
 
 import refiner  # noqa: F401  (registers the models)
-from refiner import fused, ops, reference
+from refiner import cli, fused, ops, reference
+from refiner.models import MODEL_ARGS
 
 
 def timeit(fn, repeats: int, warmup: int = 1) -> float:
@@ -105,11 +106,12 @@ def op_check(device: str, B: int, H: int, N: int, d: int, repeats: int):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="refiner_vit_s")
-    p.add_argument("--batch", type=int, default=None)
-    p.add_argument("--img", type=int, default=224)
-    p.add_argument("--repeats", type=int, default=None)
+    p.add_argument("--model", default="refiner_vit_s", choices=sorted(MODEL_ARGS))  # fused.convert: Refiner only
+    p.add_argument("--batch", type=cli.positive_int, default=None)
+    p.add_argument("--img", type=cli.positive_int, default=224)
+    p.add_argument("--repeats", type=cli.positive_int, default=None)
     args = p.parse_args(argv)
+    cli.check_img_size(args.img, MODEL_ARGS[args.model].get("patch_size", 16), "--img", error=p.error)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     gpu = device == "cuda"
     batch = args.batch or (64 if gpu else 4)

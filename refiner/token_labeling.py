@@ -394,6 +394,9 @@ def make_label_maps(image_root: str, out_root: str, teacher: str, pretrained: bo
     head = model.get_classifier()
     if not isinstance(head, (torch.nn.Linear, torch.nn.Conv2d)):
         raise ValueError(f"teacher {teacher!r}: classifier {type(head).__name__} is not a Linear / 1x1 conv")
+    n_cls = head.out_features if isinstance(head, torch.nn.Linear) else head.out_channels
+    if not 1 <= topk <= n_cls:
+        raise ValueError(f"topk={topk} (--topk): expected 1 to the teacher's {n_cls} classes")
     cfg = resolve_data_config({}, model=model)
     size = img_size or cfg["input_size"][-1]
     tf = T.Compose([T.Resize((size, size), interpolation=str_to_pil_interp(cfg["interpolation"])), T.ToTensor(),
@@ -423,19 +426,21 @@ def make_label_maps(image_root: str, out_root: str, teacher: str, pretrained: bo
 
 def main(argv=None):
     import argparse
+    from . import cli
     p = argparse.ArgumentParser(prog="python -m refiner.token_labeling",
                                 description="Write dense top-k label maps for token labelling with a timm CNN teacher.")
-    p.add_argument("--data", required=True, help="training image folder (<class>/<image>)")
-    p.add_argument("--out", required=True, help="label root; mirrors --data")
-    p.add_argument("--teacher", default="resnet50.a1_in1k", help="timm model name")
+    p.add_argument("--data", required=True, type=cli.existing_dir, help="training image folder (<class>/<image>)")
+    p.add_argument("--out", required=True, type=cli.output_dir, help="label root; mirrors --data")
+    p.add_argument("--teacher", default="resnet50.a1_in1k", type=cli.model_name, help="timm model name")
     p.add_argument("--no-pretrained", action="store_true", help="don't load the teacher's pretrained weights")
-    p.add_argument("--teacher-checkpoint", default="", help="teacher weights (e.g. fine-tuned on your classes)")
-    p.add_argument("--num-classes", type=int, default=None)
-    p.add_argument("--img-size", type=int, default=None, help="teacher input size (default: its own)")
-    p.add_argument("--topk", type=int, default=5)
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--workers", type=int, default=4)
-    p.add_argument("--device", default=None)
+    p.add_argument("--teacher-checkpoint", default="", type=cli.existing_file,
+                   help="teacher weights (e.g. fine-tuned on your classes)")
+    p.add_argument("--num-classes", type=cli.positive_int, default=None)
+    p.add_argument("--img-size", type=cli.positive_int, default=None, help="teacher input size (default: its own)")
+    p.add_argument("--topk", type=cli.positive_int, default=5)
+    p.add_argument("--batch-size", type=cli.positive_int, default=32)
+    p.add_argument("--workers", type=cli.nonnegative_int, default=4)
+    p.add_argument("--device", default=None, type=cli.device)
     a = p.parse_args(argv)
     n = make_label_maps(a.data, a.out, a.teacher, pretrained=not a.no_pretrained,
                         teacher_checkpoint=a.teacher_checkpoint, num_classes=a.num_classes, img_size=a.img_size,

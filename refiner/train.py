@@ -30,13 +30,15 @@ import yaml
 from timm.data import Mixup, create_dataset, create_loader, resolve_data_config
 from timm.data.mixup import mixup_target
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
-from timm.models import create_model, load_checkpoint
+from timm.models import create_model
 from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2
 from timm.utils import ModelEmaV3, accuracy, AverageMeter, random_seed
 from tqdm import tqdm
 
 import refiner  # noqa: F401  (registers the models)
+from .checkpoint import CheckpointError, load_checkpoint
+from .cli import check_img_size
 from .cos_reg import cos_reg_loss
 from .token_labeling import DenseMixup, TokenLabelDataset, TokenLabelLoss, TokenLabelTransform, dense_targets
 from .train_config import parse_args
@@ -72,10 +74,16 @@ def build_model(args, num_classes: int):
     kwargs = dict(args.model_kwargs or {})
     if args.return_dense:
         kwargs.update(return_dense=True, mix_token=args.mix_token)
-    model = create_model(args.model, num_classes=num_classes, img_size=args.img_size, drop_rate=args.drop,
-                         drop_path_rate=args.drop_path, **kwargs)
+    try:
+        model = create_model(args.model, num_classes=num_classes, img_size=args.img_size, drop_rate=args.drop,
+                             drop_path_rate=args.drop_path, **kwargs)
+    except (TypeError, ValueError) as e:  # e.g. a misspelt or mistyped --model-kwargs entry
+        raise SystemExit(f"--model-kwargs {kwargs}: cannot build {args.model} with them ({e})") from e
     if args.initial_checkpoint:
-        load_checkpoint(model, args.initial_checkpoint)
+        try:
+            load_checkpoint(args.initial_checkpoint, model)
+        except (CheckpointError, FileNotFoundError) as e:
+            raise SystemExit(f"--initial-checkpoint: {e} (model {args.model}, --model-kwargs {kwargs})") from e
     if args.fused:
         try:
             import refiner.fused as fused
@@ -230,13 +238,17 @@ def main(argv: Optional[Sequence[str]] = None):
     # ---- data
     tl = bool(args.token_labels)
     train_dir = os.path.join(args.data, args.train_split)
-    if tl and not args.return_dense:
-        raise SystemExit("--token-labels needs --return-dense (use a *_tl.yaml config)")
+    # A flat --data (no train/ inside) is the training folder itself; a split asked for by name
+    # must exist, else its parent's split folders would silently become the classes.
+    for flag, split, default in (("--train-split", args.train_split, "train"), ("--val-split", args.val_split, "val")):
+        if split and split != default and not os.path.isdir(os.path.join(args.data, split)):
+            raise SystemExit(f"{flag} {split!r}: no folder {os.path.join(args.data, split)!r}")
     train_root = train_dir if os.path.isdir(train_dir) else args.data
     ds_train = create_dataset("", root=train_root, is_training=True)
     num_classes = args.num_classes or len(ds_train.reader.class_to_idx)
 
     model = build_model(args, num_classes).to(device)
+    check_img_size(args.img_size, model.patch_embed.patch_size)
     if getattr(model, "mix_token", False) and hasattr(model, "seed_mixtoken"):
         model.seed_mixtoken(args.seed + rank)
     data_cfg = resolve_data_config(vars(args), model=model, verbose=main_proc)
@@ -315,9 +327,15 @@ def main(argv: Optional[Sequence[str]] = None):
     # ---- resume
     start_epoch, best, rows = 0, None, []
     if args.resume:
-        ck = torch.load(args.resume, map_location="cpu", weights_only=False)
-        model.load_state_dict(ck["state_dict"])
-        optimizer.load_state_dict(ck["optimizer"])
+        try:
+            ck = torch.load(args.resume, map_location="cpu", weights_only=False)
+            model.load_state_dict(ck["state_dict"])
+            optimizer.load_state_dict(ck["optimizer"])
+        except Exception as e:  # unreadable file, a foreign dict, another model size or optimiser
+            msg = str(e).strip().splitlines()
+            raise SystemExit(f"--resume {args.resume}: not a refiner.train checkpoint of this model and optimiser "
+                             f"(model {args.model}, --opt {args.opt}): {type(e).__name__}: "
+                             f"{' '.join(msg[:3])[:500]}") from e
         if ema is not None and ck.get("state_dict_ema") is not None:
             ema.module.load_state_dict(ck["state_dict_ema"])
         if scaler is not None and ck.get("scaler") is not None:

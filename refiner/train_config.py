@@ -12,7 +12,22 @@ from typing import Optional, Sequence, Tuple
 import yaml
 from timm.utils import ParseKwargs
 
+from .cli import (device, existing_dir, existing_file, model_name, nonnegative_int, output_dir, positive_float,
+                  positive_int)
+
 __all__ = ["build_parser", "parse_args"]
+
+# timm schedulers that step per update (train.py calls step_update); 'plateau' steps per epoch only.
+SCHEDULERS = ("cosine", "tanh", "step", "constant", "multistep", "poly", "wsd", "rsqrt")
+
+
+def optimizer_name(s: str) -> str:
+    """timm optimiser name, optionally 'lookahead_'-prefixed (as create_optimizer_v2 reads it)."""
+    from timm.optim import list_optimizers
+    if s.lower().split("_")[-1] not in list_optimizers():
+        raise argparse.ArgumentTypeError(f"unknown optimiser {s!r} (e.g. adamw, sgd, lamb; see "
+                                         f"timm.optim.list_optimizers())")
+    return s
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -20,20 +35,23 @@ def build_parser() -> argparse.ArgumentParser:
                                 description="Train Refiner-ViT (timm building blocks). "
                                             "Precedence: defaults < YAML (-c) < command-line flags.")
     B = argparse.BooleanOptionalAction
-    p.add_argument("-c", "--config", default="", help="YAML file of defaults (keys = option dest names)")
+    p.add_argument("-c", "--config", default="", type=existing_file,
+                   help="YAML file of defaults (keys = option dest names)")
     g = p.add_argument_group("data")
-    g.add_argument("--data", default="", help="dataset root holding <train-split>/ and <val-split>/ image folders")
+    g.add_argument("--data", default="", type=existing_dir,
+                   help="dataset root holding <train-split>/ and <val-split>/ image folders")
     g.add_argument("--train-split", default="train")
     g.add_argument("--val-split", default="val", help="'' to skip validation")
-    g.add_argument("--token-labels", default="", help="root of the dense label maps (mirrors the train folder); "
-                                                      "turns on token labelling")
-    g.add_argument("--workers", type=int, default=8)
+    g.add_argument("--token-labels", default="", type=existing_dir,
+                   help="root of the dense label maps (mirrors the train folder); turns on token labelling")
+    g.add_argument("--workers", type=nonnegative_int, default=8)
     g.add_argument("--pin-mem", action=B, default=True)
     g = p.add_argument_group("model")
-    g.add_argument("--model", default="refiner_vit_s")
-    g.add_argument("--num-classes", type=int, default=None, help="default: number of class folders")
-    g.add_argument("--img-size", type=int, default=224)
-    g.add_argument("--crop-pct", type=float, default=None, help="eval crop; default: the model's pretrained_cfg")
+    g.add_argument("--model", default="refiner_vit_s", type=model_name)
+    g.add_argument("--num-classes", type=positive_int, default=None, help="default: number of class folders")
+    g.add_argument("--img-size", type=positive_int, default=224)
+    g.add_argument("--crop-pct", type=positive_float, default=None,
+                   help="eval crop; default: the model's pretrained_cfg")
     g.add_argument("--drop", type=float, default=0.0)
     g.add_argument("--drop-path", type=float, default=0.1)
     g.add_argument("--model-kwargs", nargs="*", default={}, action=ParseKwargs,
@@ -46,30 +64,31 @@ def build_parser() -> argparse.ArgumentParser:
                         "and flip, as the original TokenLabeling)")
     g.add_argument("--cos-reg", type=float, default=0.0, help="weight of the attention-map cosine regulariser")
     g.add_argument("--fused", action=B, default=False, help="convert to the fused kernels (refiner.fused)")
-    g.add_argument("--initial-checkpoint", default="", help="load model weights (not training state)")
+    g.add_argument("--initial-checkpoint", default="", type=existing_file,
+                   help="load model weights (not training state)")
     g = p.add_argument_group("optimiser and schedule")
-    g.add_argument("--opt", default="adamw")
+    g.add_argument("--opt", default="adamw", type=optimizer_name)
     g.add_argument("--lr", type=float, default=None, help="absolute lr; default lr-base * global_batch / lr-base-size")
     g.add_argument("--lr-base", type=float, default=5e-4)
-    g.add_argument("--lr-base-size", type=int, default=1024)
+    g.add_argument("--lr-base-size", type=positive_int, default=1024)
     g.add_argument("--weight-decay", type=float, default=0.05)
     g.add_argument("--opt-eps", type=float, default=None)
     g.add_argument("--opt-betas", type=float, nargs="+", default=None)
     g.add_argument("--momentum", type=float, default=0.9)
     g.add_argument("--clip-grad", type=float, default=None, help="gradient norm clipping (None: off)")
-    g.add_argument("--sched", default="cosine")
-    g.add_argument("--epochs", type=int, default=300)
-    g.add_argument("--warmup-epochs", type=int, default=5)
+    g.add_argument("--sched", default="cosine", choices=SCHEDULERS)
+    g.add_argument("--epochs", type=positive_int, default=300)
+    g.add_argument("--warmup-epochs", type=nonnegative_int, default=5)
     g.add_argument("--warmup-lr", type=float, default=1e-6)
     g.add_argument("--min-lr", type=float, default=1e-5)
-    g.add_argument("--cooldown-epochs", type=int, default=0)
-    g.add_argument("--batch-size", "-b", type=int, default=128, help="per process")
-    g.add_argument("--val-batch-size", type=int, default=None)
+    g.add_argument("--cooldown-epochs", type=nonnegative_int, default=0)
+    g.add_argument("--batch-size", "-b", type=positive_int, default=128, help="per process")
+    g.add_argument("--val-batch-size", type=positive_int, default=None)
     g = p.add_argument_group("augmentation and regularisation")
     g.add_argument("--aa", default="rand-m9-mstd0.5-inc1", help="timm auto_augment string ('' for none)")
     g.add_argument("--reprob", type=float, default=0.25)
     g.add_argument("--remode", default="pixel")
-    g.add_argument("--recount", type=int, default=1)
+    g.add_argument("--recount", type=nonnegative_int, default=1)
     g.add_argument("--scale", type=float, nargs=2, default=[0.08, 1.0])
     g.add_argument("--ratio", type=float, nargs=2, default=[3. / 4., 4. / 3.])
     g.add_argument("--hflip", type=float, default=0.5)
@@ -86,14 +105,16 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--model-ema-warmup", action=B, default=False,
                    help="ramp the EMA decay up (timm ModelEmaV3 warmup); useful for short runs")
     g = p.add_argument_group("run")
-    g.add_argument("--output", default="", help="output dir (default output/<model>-<time>)")
-    g.add_argument("--resume", default="", help="checkpoint to resume model, optimiser, EMA, scaler, epoch")
+    g.add_argument("--output", default="", type=output_dir, help="output dir (default output/<model>-<time>)")
+    g.add_argument("--resume", default="", type=existing_file,
+                   help="checkpoint to resume model, optimiser, EMA, scaler, epoch")
     g.add_argument("--amp", action=B, default=True, help="bf16 autocast on CPU, fp16 + GradScaler on CUDA")
     g.add_argument("--amp-dtype", default=None, choices=[None, "float16", "bfloat16"])
-    g.add_argument("--device", default=None, help="default: cuda if available else cpu")
+    g.add_argument("--device", default=None, type=device, help="default: cuda if available else cpu")
     g.add_argument("--seed", type=int, default=42)
-    g.add_argument("--steps-per-epoch", type=int, default=None, help="cap on steps per epoch (smoke tests)")
-    g.add_argument("--log-interval", type=int, default=50)
+    g.add_argument("--steps-per-epoch", type=positive_int, default=None,
+                   help="cap on steps per epoch (smoke tests)")
+    g.add_argument("--log-interval", type=positive_int, default=50)
     g.add_argument("--no-plot", action="store_true", help="skip the PNG plot")
     return p
 
@@ -104,14 +125,63 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> Tuple[argparse.Namespace
     pre, _ = parser.parse_known_args(argv)
     cfg = {}
     if pre.config:
-        with open(pre.config) as f:
-            cfg = yaml.safe_load(f) or {}
-        dests = {a.dest for a in parser._actions}
-        unknown = sorted(set(cfg) - dests)
+        where = f"-c/--config {pre.config}"
+        try:
+            with open(pre.config) as f:
+                cfg = yaml.safe_load(f)
+        except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
+            parser.error(f"{where}: not a readable YAML file ({e})")
+        cfg = {} if cfg is None else cfg
+        if not isinstance(cfg, dict):
+            parser.error(f"{where}: expected a mapping of option names to values, got a {type(cfg).__name__}")
+        # args.yaml of an earlier run names its own config: it does not chain, so it is dropped
+        cfg.pop("config", None)
+        actions = {a.dest: a for a in parser._actions if a.dest not in ("help", "config")}
+        unknown = sorted(str(k) for k in set(cfg) - set(actions))
         if unknown:
-            parser.error(f"{pre.config}: unknown keys {unknown}")
+            parser.error(f"{where}: unknown keys {unknown}")
+        for key, value in cfg.items():
+            try:
+                cfg[key] = _yaml_value(actions[key], value)
+            except (argparse.ArgumentTypeError, TypeError, ValueError) as e:
+                parser.error(f"{where}: {key} (--{key.replace('_', '-')}): {e}")
         parser.set_defaults(**cfg)
     args = parser.parse_args(argv)
     if args.mix_token and not args.return_dense:
         parser.error("--mix-token needs --return-dense")
+    if args.token_labels and not args.return_dense:
+        parser.error("--token-labels needs --return-dense (use a *_tl.yaml config)")
     return args, cfg
+
+
+def _yaml_value(action: argparse.Action, value):
+    """A YAML value checked as the flag's own would be: argparse converts and checks only
+    string defaults, so without this ``batch_size: -4`` or ``epochs: 2.5`` would pass."""
+    if action.nargs == 0:  # switches: store_true, --x/--no-x
+        if not isinstance(value, bool):
+            raise ValueError(f"expected true or false, got {value!r}")
+        return value
+    if isinstance(action, ParseKwargs):
+        if not isinstance(value, dict):
+            raise ValueError(f"expected a mapping (e.g. {{embed_dim: 48, depth: 4}}), got {value!r}")
+        return value
+    if value is None:  # null: "not set", for the options whose default is that (clip_grad, lr, ...)
+        if action.default is not None:
+            raise ValueError("expected a value (null only for options that default to it), got null")
+        return None
+    many = action.nargs not in (None, "?")
+    if many:
+        if not isinstance(value, list):
+            raise ValueError(f"expected a list, got {value!r}")
+        if isinstance(action.nargs, int) and len(value) != action.nargs:
+            raise ValueError(f"expected {action.nargs} values, got {len(value)}")
+    out = []
+    for v in value if many else [value]:
+        if isinstance(v, (dict, list)) or (action.type is None and not isinstance(v, str)):
+            raise ValueError(f"expected a {'string' if action.type is None else 'single value'}, got {v!r}")
+        # str() first: the flag's type sees what the command line would give it (true -> 'True' is no int)
+        v = action.type(str(v)) if action.type is not None else v
+        if action.choices is not None and v not in action.choices:
+            raise ValueError(f"{v!r} is not one of {list(action.choices)}")
+        out.append(v)
+    return out if many else out[0]

@@ -22,24 +22,26 @@ from timm.utils import AverageMeter, ParseKwargs, accuracy
 from tqdm import tqdm
 
 import refiner  # noqa: F401
+from . import cli
 
 __all__ = ["main", "build_parser"]
 
 
 def build_parser():
     p = argparse.ArgumentParser(prog="python -m refiner.validate", description=__doc__.split("\n")[0])
-    p.add_argument("--data", required=True, help="image folder (<class>/<image>)")
-    p.add_argument("--checkpoint", required=True)
-    p.add_argument("--model", default=None, help="default: from the checkpoint, else refiner_vit_s")
-    p.add_argument("--num-classes", type=int, default=None)
+    p.add_argument("--data", required=True, type=cli.existing_dir, help="image folder (<class>/<image>)")
+    p.add_argument("--checkpoint", required=True, type=cli.existing_file)
+    p.add_argument("--model", default=None, type=cli.model_name,
+                   help="default: from the checkpoint, else refiner_vit_s")
+    p.add_argument("--num-classes", type=cli.positive_int, default=None)
     p.add_argument("--model-kwargs", nargs="*", default=None, action=ParseKwargs)
-    p.add_argument("--img-size", type=int, default=None)
-    p.add_argument("--crop-pct", type=float, default=None)
-    p.add_argument("--batch-size", "-b", type=int, default=64)
-    p.add_argument("--workers", type=int, default=4)
+    p.add_argument("--img-size", type=cli.positive_int, default=None)
+    p.add_argument("--crop-pct", type=cli.positive_float, default=None)
+    p.add_argument("--batch-size", "-b", type=cli.positive_int, default=64)
+    p.add_argument("--workers", type=cli.nonnegative_int, default=4)
     p.add_argument("--use-ema", action="store_true", help="evaluate the EMA weights of a training checkpoint")
     p.add_argument("--fused", action="store_true", help="convert to the fused kernels (refiner.fused)")
-    p.add_argument("--device", default=None)
+    p.add_argument("--device", default=None, type=cli.device)
     p.add_argument("--amp", action="store_true")
     return p
 
@@ -47,11 +49,22 @@ def build_parser():
 def main(argv: Optional[Sequence[str]] = None) -> dict:
     args = build_parser().parse_args(argv)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    ck = torch.load(args.checkpoint, map_location="cpu", weights_only=False)
+    try:
+        ck = torch.load(args.checkpoint, map_location="cpu", weights_only=False)
+    except Exception as e:  # unpickling a foreign or truncated file raises any of several types
+        raise SystemExit(f"--checkpoint {args.checkpoint}: not a readable PyTorch checkpoint "
+                         f"({type(e).__name__}: {e})") from e
+    if not isinstance(ck, dict):
+        raise SystemExit(f"--checkpoint {args.checkpoint}: expected a state dict or a refiner.train checkpoint, "
+                         f"got a {type(ck).__name__}")
     targs = {}
-    if isinstance(ck, dict) and "state_dict" in ck:
+    if "state_dict" in ck:
         targs = ck.get("args") or {}
-        sd = ck["state_dict_ema"] if args.use_ema and ck.get("state_dict_ema") is not None else ck["state_dict"]
+        if args.use_ema and ck.get("state_dict_ema") is None:  # else the result would claim EMA weights
+            raise SystemExit(f"--use-ema: {args.checkpoint} has no EMA weights (trained with --no-model-ema?)")
+        sd = ck["state_dict_ema"] if args.use_ema else ck["state_dict"]
+    elif args.use_ema:
+        raise SystemExit(f"--use-ema: {args.checkpoint} is a plain state dict, without EMA weights")
     else:
         sd = ck
     model_name = args.model or ck.get("model") or targs.get("model") or "refiner_vit_s"
@@ -63,8 +76,19 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     img_size = args.img_size or targs.get("img_size")
     if img_size:
         kwargs["img_size"] = img_size
-    model = create_model(model_name, num_classes=num_classes, **kwargs)
-    model.load_state_dict(sd)
+    try:
+        model = create_model(model_name, num_classes=num_classes, **kwargs)
+    except (TypeError, ValueError) as e:  # e.g. a misspelt or mistyped --model-kwargs entry
+        raise SystemExit(f"--model-kwargs {kwargs}: cannot build {model_name} with them ({e})") from e
+    if hasattr(model, "patch_embed"):
+        cli.check_img_size(img_size, model.patch_embed.patch_size)
+    try:
+        model.load_state_dict(sd)
+    except RuntimeError as e:
+        lines = str(e).strip().splitlines()
+        raise SystemExit(f"--checkpoint {args.checkpoint} does not fit {model_name} with num_classes={num_classes} "
+                         f"and {kwargs or 'no model kwargs'} (give the --model, --num-classes and --model-kwargs it "
+                         f"was trained with): {' '.join(ln.strip() for ln in lines[:3])[:500]}") from e
     if args.fused:
         try:
             import refiner.fused as fused
@@ -75,6 +99,10 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
 
     cfg = resolve_data_config({"img_size": img_size, "crop_pct": args.crop_pct}, model=model)
     ds = create_dataset("", root=args.data, is_training=False)
+    n_folders = len(getattr(ds.reader, "class_to_idx", {}))
+    if n_folders > num_classes:  # labels past the head's classes could never be right: accuracy silently low
+        raise SystemExit(f"--data {args.data}: {n_folders} class folders, but the model has {num_classes} classes "
+                         f"(--num-classes / the checkpoint's)")
     loader = create_loader(ds, input_size=cfg["input_size"], batch_size=args.batch_size, is_training=False,
                            interpolation=cfg["interpolation"], mean=cfg["mean"], std=cfg["std"],
                            crop_pct=cfg["crop_pct"], crop_mode=cfg.get("crop_mode"), num_workers=args.workers,

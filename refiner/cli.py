@@ -1,0 +1,112 @@
+"""Argument checks shared by the command-line scripts (refiner.* and benchmarks/*).
+
+Each ``argparse`` type below raises ``ArgumentTypeError``, so a bad value ends in
+``SystemExit(2)`` with ``argument --flag: <what was expected>``, before any model is
+built or any data is read. Path types let ``""`` through: several scripts use it
+(and YAML configs may too) for "not given".
+"""
+from __future__ import annotations
+
+import argparse
+import os
+from typing import Callable, Optional
+
+import torch
+
+__all__ = ["positive_int", "nonnegative_int", "positive_float", "existing_file", "existing_dir", "output_dir",
+           "device", "device_or_auto", "model_name", "check_img_size"]
+
+
+def _int(s) -> int:
+    try:
+        return int(s)
+    except (TypeError, ValueError):
+        raise argparse.ArgumentTypeError(f"expected an integer, got {s!r}") from None
+
+
+def positive_int(s) -> int:
+    v = _int(s)
+    if v <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {s!r}")
+    return v
+
+
+def nonnegative_int(s) -> int:
+    v = _int(s)
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {s!r}")
+    return v
+
+
+def positive_float(s) -> float:
+    try:
+        v = float(s)
+    except (TypeError, ValueError):
+        raise argparse.ArgumentTypeError(f"expected a number, got {s!r}") from None
+    if not v > 0 or v == float("inf"):  # also rejects nan
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {s!r}")
+    return v
+
+
+def existing_file(s: str) -> str:
+    if s and not os.path.isfile(s):
+        raise argparse.ArgumentTypeError(f"no such file: {s!r}" if not os.path.exists(s) else
+                                         f"{s!r} is not a file")
+    return s
+
+
+def existing_dir(s: str) -> str:
+    if s and not os.path.isdir(s):
+        raise argparse.ArgumentTypeError(f"no such directory: {s!r}" if not os.path.exists(s) else
+                                         f"{s!r} is not a directory")
+    return s
+
+
+def output_dir(s: str) -> str:
+    """A folder that may not exist yet, but is not a file: found before the run, not after it."""
+    if s and os.path.exists(s) and not os.path.isdir(s):
+        raise argparse.ArgumentTypeError(f"{s!r} exists and is not a directory")
+    return s
+
+
+def device(s: str) -> str:
+    """'cpu', 'cuda' or 'cuda:N', usable on this machine. Kept a string (args are saved as YAML)."""
+    try:
+        d = torch.device(s)
+    except (RuntimeError, TypeError):
+        d = None
+    if d is None or d.type not in ("cpu", "cuda"):
+        raise argparse.ArgumentTypeError(f"expected cpu, cuda or cuda:N, got {s!r}")
+    if d.type == "cuda":
+        if not torch.cuda.is_available():
+            raise argparse.ArgumentTypeError(f"{s!r}: CUDA is not available on this machine")
+        if d.index is not None and d.index >= torch.cuda.device_count():
+            raise argparse.ArgumentTypeError(f"{s!r}: only {torch.cuda.device_count()} CUDA device(s) visible")
+    return s
+
+
+def device_or_auto(s: str) -> str:
+    return s if s == "auto" else device(s)
+
+
+def model_name(s: str) -> str:
+    """A model timm can build (``import refiner`` has registered refiner_vit_s/m/l)."""
+    import timm
+    import refiner  # noqa: F401  (registers the Refiner models)
+    if not timm.is_model(s):
+        raise argparse.ArgumentTypeError(f"unknown model {s!r} (e.g. refiner_vit_s, refiner_vit_m, refiner_vit_l, "
+                                         f"or any timm model name)")
+    return s
+
+
+def check_img_size(img_size: Optional[int], patch_size, flag: str = "--img-size",
+                   error: Optional[Callable[[str], object]] = None):
+    """The patch grid floors ``img_size / patch``: a size that is not a multiple would silently
+    drop the image's right and bottom border (and one under the patch fails deep in a conv).
+    ``error``: the parser's ``error`` where there is one (exit code 2), else ``SystemExit(msg)``."""
+    p = patch_size[0] if isinstance(patch_size, (tuple, list)) else int(patch_size)
+    if img_size is not None and img_size % p:
+        msg = f"{flag} {img_size}: must be a multiple of the model's patch size {p}"
+        if error is not None:
+            error(msg)
+        raise SystemExit(msg)
