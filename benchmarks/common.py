@@ -6,6 +6,7 @@ scripts run from a checkout without an installed package.
 """
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import json
 import os
@@ -234,11 +235,31 @@ MEMORY_METHOD = {
 }
 
 
+@contextlib.contextmanager
+def _silent_stderr_fd():
+    """Kineto logs profiler start/stop lines straight to fd 2, past Python's sys.stderr."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
 def _cpu_allocator_peak(fn: Callable[[], object]) -> Tuple[int, object]:
     """(peak of the running sum of CPU allocations minus frees while `fn` runs, its result)."""
     from torch.profiler import ProfilerActivity, profile
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    prof = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
+    with _silent_stderr_fd():  # only around start and stop: fn's own errors stay visible
+        prof.start()
+    try:
         result = fn()
+    finally:
+        with _silent_stderr_fd():
+            prof.stop()
     events = [e for e in prof.profiler.kineto_results.events()
               if e.name() == "[memory]" and e.device_type() == torch.autograd.DeviceType.CPU]
     live = peak = 0
