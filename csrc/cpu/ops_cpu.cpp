@@ -278,8 +278,10 @@ __attribute__((always_inline)) inline void refine_fwd_chunk(const F* A, const F*
 }
 
 // fp32 chunks are compiled twice (AVX2+FMA and baseline x86-64) and picked at load time.
+// x86-64-v3 (not arch=haswell): GCC dispatches arch=<cpu> clones on the CPU model, so AMD CPUs
+// got the baseline clone; the ISA level is dispatched on the feature bits.
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define RF_CLONES __attribute__((target_clones("arch=haswell", "default")))
+#define RF_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
 #else
 #define RF_CLONES
 #endif
