@@ -90,7 +90,8 @@ void gemm_rm(int64_t m, int64_t n, int64_t k, const F* A, int64_t lda, const F* 
 
 // REFINER_CPU_PORTABLE=1 makes the CPU forwards run the exact stage sequence / element-wise math
 // of the CUDA kernels (refine: expand_channel / dw_pro_channel instead of BLAS for the two 1x1
-// convs; softmax block: softmax_residual instead of ATen's SIMD softmax). Tests run both paths.
+// convs, and the backward's per-channel bwd_* stages; softmax block: softmax_residual instead of
+// ATen's SIMD softmax). Tests run both paths.
 inline bool portable_path() {
   const char* e = std::getenv("REFINER_CPU_PORTABLE");
   return e && e[0] == '1';
