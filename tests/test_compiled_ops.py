@@ -219,9 +219,35 @@ def test_refine_eval_half(dtype, tol):
             rtol=tol, atol=tol, ref_inputs=[t.float() for t in args], names=REFINE_NAMES)
 
 
-@pytest.mark.parametrize("ratio,k", [(2, 3), (1, 3), (2, 5)])
-def test_refine_eval_gradcheck(ratio, k):
-    args, expand = refine_inputs(1, 2, 6, 3, ratio, k)
+def set_cpu_path(monkeypatch, portable):
+    """Select the CPU backward path: fast (BLAS + row-vectorised tile) or portable (CUDA stage sequence)."""
+    if portable:
+        monkeypatch.setenv("REFINER_CPU_PORTABLE", "1")
+    else:
+        monkeypatch.delenv("REFINER_CPU_PORTABLE", raising=False)
+
+
+@pytest.mark.parametrize("portable", [False, True], ids=["fast", "portable"])
+@pytest.mark.parametrize("B,H,N,d,ratio,k", [
+    (2, 12, 17, 32, 3, 3),
+    (2, 12, 17, 35, 1, 3),   # no expansion
+    (1, 12, 50, 32, 3, 1),   # no halo
+    (1, 12, 50, 32, 3, 5),
+    (1, 16, 33, 32, 1, 5),   # 3 row tiles, the last of 1 row
+])
+def test_refine_eval_grad_paths(monkeypatch, portable, B, H, N, d, ratio, k):
+    """Both CPU backward paths against the reference (N not a multiple of the 16-row tile)."""
+    set_cpu_path(monkeypatch, portable)
+    args, expand = refine_inputs(B, H, N, d, ratio, k, torch.float32)
+    compare(lambda *a: C.refine_eval(*a, expand), lambda *a: R.refine_eval(*a, expand), args,
+            rtol=1e-5, atol=2e-5, names=REFINE_NAMES)
+
+
+@pytest.mark.parametrize("portable", [False, True], ids=["fast", "portable"])
+@pytest.mark.parametrize("ratio,k,N", [(2, 3, 6), (1, 3, 6), (2, 5, 6), (2, 3, 18), (1, 5, 18)])
+def test_refine_eval_gradcheck(monkeypatch, portable, ratio, k, N):
+    set_cpu_path(monkeypatch, portable)
+    args, expand = refine_inputs(1, 2, N, 3, ratio, k)
     if not expand:  # w_exp, b_exp unused
         fn = lambda a, v, *w: C.refine_eval(a, v, args[2], args[3], *w, expand)  # noqa: E731
         ins = [args[0], args[1]] + args[4:]

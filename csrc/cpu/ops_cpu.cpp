@@ -90,7 +90,8 @@ void gemm_rm(int64_t m, int64_t n, int64_t k, const F* A, int64_t lda, const F* 
 
 // REFINER_CPU_PORTABLE=1 makes the CPU forwards run the exact stage sequence / element-wise math
 // of the CUDA kernels (refine: expand_channel / dw_pro_channel instead of BLAS for the two 1x1
-// convs; softmax block: softmax_residual instead of ATen's SIMD softmax). Tests run both paths.
+// convs, and the backward's per-channel bwd_* stages; softmax block: softmax_residual instead of
+// ATen's SIMD softmax). Tests run both paths.
 inline bool portable_path() {
   const char* e = std::getenv("REFINER_CPU_PORTABLE");
   return e && e[0] == '1';
@@ -278,8 +279,10 @@ __attribute__((always_inline)) inline void refine_fwd_chunk(const F* A, const F*
 }
 
 // fp32 chunks are compiled twice (AVX2+FMA and baseline x86-64) and picked at load time.
+// x86-64-v3 (not arch=haswell): GCC dispatches arch=<cpu> clones on the CPU model, so AMD CPUs
+// got the baseline clone; the ISA level is dispatched on the feature bits.
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define RF_CLONES __attribute__((target_clones("arch=haswell", "default")))
+#define RF_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
 #else
 #define RF_CLONES
 #endif
@@ -340,6 +343,229 @@ Tensor refine_eval_cpu(const Tensor& attn, const Tensor& v, const Tensor& w_exp,
   return out.to(attn.scalar_type());
 }
 
+// Parameter-gradient slots of one (batch, row-tile) work item; summed over items at the end
+// (fixed order: deterministic).
+struct BwdSlots {
+  int64_t wdw, bdw, wpro, wexp, bexp, alpha, beta, n;
+  BwdSlots(int64_t H, int64_t rH, int64_t k)
+      : wdw(0), bdw(rH * k * k), wpro(bdw + rH), wexp(wpro + H * rH), bexp(wexp + rH * H), alpha(bexp + rH),
+        beta(alpha + H), n(beta + H) {}
+};
+
+// Tile reductions: sum over the centre rows of plane cx of X, or of X * Y (Y's plane cy, shifted
+// by (dy, dx)). 32 independent lanes in locals: the fixed-width inner loop vectorises (a single
+// running sum cannot be reordered without -ffast-math) and the split sums round better.
+constexpr int kLanes = 32;
+template <class F>
+__attribute__((always_inline)) inline F centre_dot(const Tile& t, const Buf<F>& X, int cx, const Buf<F>* Y, int cy,
+                                                   int dy = 0, int dx = 0) {
+  F l[kLanes] = {};
+  const int n = t.TC, nv = n - n % kLanes;
+  for (int y = 0; y < t.TR; ++y) {
+    const F* __restrict a = X.row(cx, y);
+    if (Y) {
+      const F* __restrict b = Y->row(cy, y + dy) + dx;
+      for (int x = 0; x < nv; x += kLanes)
+        for (int i = 0; i < kLanes; ++i) l[i] += a[x + i] * b[x + i];
+      for (int x = nv; x < n; ++x) l[x - nv] += a[x] * b[x];
+    } else {
+      for (int x = 0; x < nv; x += kLanes)
+        for (int i = 0; i < kLanes; ++i) l[i] += a[x + i];
+      for (int x = nv; x < n; ++x) l[x - nv] += a[x];
+    }
+  }
+  F s = 0;
+  for (int i = 0; i < kLanes; ++i) s += l[i];
+  return s;
+}
+
+struct BwdIO {
+  const void *A, *GO, *V;  // attn, grad_out (B,H,N,d), v (compute type)
+  void *R, *GA, *part;     // R map (for gv), grad of attn, per-item slots
+};
+
+// Fast backward of one chunk [s, e) of (batch, row-tile) items: BLAS for every 1x1 head mix and
+// the per-tile gR = gout v^T, row-vectorised stencils from refine_tile.h, lane reductions.
+// Buffers: A, E (halo 2p); Y -> gY, gR -> GP = alpha gR (halo p); D, gE -> gU (centre). gA and R
+// are written straight into the outputs (their tile rows are contiguous, planes N*N apart).
+template <class F>
+__attribute__((always_inline)) inline void refine_bwd_chunk(const BwdIO& io, const RefineW<F>& w,
+                                                            const RefineDims& D, int64_t s, int64_t e) {
+  const int64_t N = D.N, H = D.H, d = D.d, rH = D.rH;
+  const int k = (int)D.k, p = k / 2;
+  const int64_t ntiles = (N + kRowsPerTile - 1) / kRowsPerTile;
+  const BwdSlots sl(H, rH, D.k);
+  const F *A = static_cast<const F*>(io.A), *GO = static_cast<const F*>(io.GO), *V = static_cast<const F*>(io.V);
+  F *Rp = static_cast<F*>(io.R), *GAp = static_cast<F*>(io.GA), *part = static_cast<F*>(io.part);
+  Tile tmax{N, 0, 0, kRowsPerTile, (int)N};
+  BlasSerialGuard blas_guard;
+  std::vector<F> abuf(buf_elems<F>(tmax, 2 * p, (int)H)), ebuf(D.expand ? buf_elems<F>(tmax, 2 * p, (int)rH) : 0),
+      ybuf(buf_elems<F>(tmax, p, (int)rH)), gybuf(buf_elems<F>(tmax, p, (int)rH)),
+      grbuf(buf_elems<F>(tmax, p, (int)H)), dbuf(buf_elems<F>(tmax, 0, (int)rH)),
+      gebuf(D.expand ? buf_elems<F>(tmax, 0, (int)rH) : 0);
+  SerialPar par;
+  for (int64_t idx = s; idx < e; ++idx) {
+    const int64_t b = idx / ntiles, r0 = (idx % ntiles) * kRowsPerTile;
+    Tile t{N, r0, 0, (int)std::min<int64_t>(kRowsPerTile, N - r0), (int)N};
+    const int64_t cen = (int64_t)t.TR * N;  // centre pixels (contiguous rows)
+    auto Ab = make_buf(abuf.data(), t, 2 * p), Eb = make_buf(ebuf.data(), t, 2 * p), Yb = make_buf(ybuf.data(), t, p),
+         GYb = make_buf(gybuf.data(), t, p), GRb = make_buf(grbuf.data(), t, p), Db = make_buf(dbuf.data(), t, 0),
+         GEb = make_buf(gebuf.data(), t, 0);
+    // the output tiles as halo-0 buffers whose planes are the maps' planes
+    const int64_t out0 = (b * H * N + r0) * N;
+    Buf<F> Rt{Rp + out0, 0, (int)N, (int)(N * N)}, GAt{GAp + out0, 0, (int)N, (int)(N * N)};
+    const F* Ac = A + out0;  // centre rows of A in the input, same layout
+    F* slot = part + idx * sl.n;
+    const Buf<F>& Ec = D.expand ? Eb : Ab;
+
+    // forward recompute: E (halo 2p), Y (halo p), D and P = w_pro D (centre, into R)
+    load_tile(par, A + b * H * N * N, (int)H, t, Ab);
+    if (D.expand) {
+      gemm_rm<F>(rH, Ab.plane, H, w.w_exp, H, Ab.p, Ab.plane, Eb.p, Eb.plane);
+      for (int c = 0; c < (int)rH; ++c) expand_epilogue_rows(par, c, w.b_exp, t, Eb, 2 * p);
+    }
+    for (int c = 0; c < (int)rH; ++c) {
+      dw_pre_channel(par, c, w.w_dw, w.b_dw, k, t, Ec, c, Yb, c, p);
+      relu6_centre(par, c, t, Yb, c, Db, c);
+    }
+    gemm_rm<F>(H, cen, rH, w.w_pro, rH, Db.p, Db.plane, Rt.p, Rt.plane);
+
+    // gR = gout v^T on the in-map rows of the halo-p tile, zero elsewhere
+    std::fill(grbuf.begin(), grbuf.begin() + (int64_t)H * GRb.plane, F(0));
+    const int ylo = (int)std::max<int64_t>(-p, -r0), yhi = (int)std::min<int64_t>(t.TR + p, N - r0);
+    for (int64_t h = 0; h < H; ++h) {
+      const int64_t bh = b * H + h;
+      gemm_rm<F>(yhi - ylo, N, d, GO + (bh * N + r0 + ylo) * d, d, V + bh * N * d, d, GRb.row((int)h, ylo), GRb.ld,
+                 false, true);
+    }
+    // galpha_h = sum gR_h (A_h + P_h + b_pro_h), gbeta_h = sum gR_h; then R, GP = alpha gR
+    for (int h = 0; h < (int)H; ++h) {
+      const F gsum = centre_dot(t, GRb, h, (const Buf<F>*)nullptr, 0);
+      slot[sl.alpha + h] = centre_dot(t, GRb, h, &Ab, h) + centre_dot(t, GRb, h, &Rt, h) + w.b_pro[h] * gsum;
+      slot[sl.beta + h] = gsum;
+      scale_plane(par, h, w.alpha[h], t, GRb);
+    }
+    finish_r(par, (int)H, w.b_pro, w.alpha, w.beta, t, Ab, Rt);
+
+    // gD = w_pro^T GP (halo p), gY = gD where in map and relu6 passes Y
+    gemm_rm<F>(rH, GRb.plane, H, w.w_pro, rH, GRb.p, GRb.plane, GYb.p, GYb.plane, false, false, F(1), true);
+    for (int c = 0; c < (int)rH; ++c) {
+      relu6_grad_pre(par, t, Yb, c, GYb, c, p);
+      slot[sl.bdw + c] = centre_dot(t, GYb, c, (const Buf<F>*)nullptr, 0);
+      for (int tap = 0; tap < k * k; ++tap)
+        slot[sl.wdw + c * k * k + tap] = centre_dot(t, GYb, c, &Ec, c, tap / k - p, tap % k - p);
+    }
+
+    // gA = GP (+ the dw / expansion path below); gw_pro = GP D^T over the centre
+    for (int h = 0; h < (int)H; ++h)
+      for (int y = 0; y < t.TR; ++y) std::copy(GRb.row(h, y), GRb.row(h, y) + N, GAt.row(h, y));
+    gemm_rm<F>(H, rH, cen, GAt.p, GAt.plane, Db.p, Db.plane, slot + sl.wpro, rH, false, true);
+    if (D.expand) {
+      // gE = dw^T gY, gU = gE where 0 < E < 6; gA += w_exp^T gU, gw_exp = gU A^T, gb_exp = sum gU
+      for (int c = 0; c < (int)rH; ++c) {
+        dwT_channel(par, c, w.w_dw, k, t, GYb, c, GEb, c, false);
+        relu6_grad_out(par, t, Eb, c, GEb, c);
+        slot[sl.bexp + c] = centre_dot(t, GEb, c, (const Buf<F>*)nullptr, 0);
+      }
+      gemm_rm<F>(rH, H, cen, GEb.p, GEb.plane, Ac, N * N, slot + sl.wexp, H, false, true);
+      gemm_rm<F>(H, cen, rH, w.w_exp, H, GEb.p, GEb.plane, GAt.p, GAt.plane, true, false, F(1), true);
+    } else {
+      for (int c = 0; c < (int)rH; ++c) dwT_channel(par, c, w.w_dw, k, t, GYb, c, GAt, c, true);
+    }
+  }
+}
+
+RF_CLONES void refine_bwd_chunk_f32(const BwdIO& io, const RefineW<float>& w, const RefineDims& D, int64_t s,
+                                    int64_t e) {
+  refine_bwd_chunk<float>(io, w, D, s, e);
+}
+void refine_bwd_chunk_any(const BwdIO& io, const RefineW<float>& w, const RefineDims& D, int64_t s, int64_t e) {
+  refine_bwd_chunk_f32(io, w, D, s, e);
+}
+void refine_bwd_chunk_any(const BwdIO& io, const RefineW<double>& w, const RefineDims& D, int64_t s, int64_t e) {
+  refine_bwd_chunk<double>(io, w, D, s, e);
+}
+
+// The CUDA kernel's per-channel stage sequence (REFINER_CPU_PORTABLE=1): R from the forward
+// driver, gR = gout v^T in full, then per tile and channel bwd_dy / bwd_de / the item reductions.
+template <class F>
+void refine_bwd_portable(const RefineArgs& r, const Tensor& go, const Tensor& R, const Tensor& gA,
+                         const Tensor& partial, const BwdSlots& sl, Tensor& gv) {
+  const RefineDims D = r.D;
+  const int64_t B = D.B, H = D.H, N = D.N, rH = D.rH, k = D.k;
+  const int p = (int)k / 2;
+  const int64_t ntiles = (N + kRowsPerTile - 1) / kRowsPerTile;
+  const auto w = weights_of<F>(r);
+  refine_fwd_driver<F>(r.attn.data_ptr<F>(), nullptr, w, D, nullptr, R.data_ptr<F>());
+  Tensor gR = at::matmul(go, r.v.transpose(-2, -1)).contiguous();
+  gv = at::matmul(R.transpose(-2, -1), go);
+  const F* A = r.attn.data_ptr<F>();
+  const F* GRp = gR.data_ptr<F>();
+  F* gAp = gA.data_ptr<F>();
+  F* part = partial.data_ptr<F>();
+  at::parallel_for(0, B * ntiles, 1, [&](int64_t s, int64_t e) {
+    Tile tmax{N, 0, 0, kRowsPerTile, (int)N};
+    BlasSerialGuard blas_guard;
+    std::vector<F> abuf(buf_elems<F>(tmax, 2 * p, (int)H)), ebuf(buf_elems<F>(tmax, 2 * p, 1)),
+        grbuf(buf_elems<F>(tmax, p, (int)H)), gybuf(buf_elems<F>(tmax, p, 1)), dbuf(buf_elems<F>(tmax, 0, 1)),
+        gubuf(buf_elems<F>(tmax, 0, 1)), pbuf(buf_elems<F>(tmax, 0, (int)H)), gabuf(buf_elems<F>(tmax, 0, (int)H));
+    SerialPar par;
+    for (int64_t idx = s; idx < e; ++idx) {
+      const int64_t b = idx / ntiles, r0 = (idx % ntiles) * kRowsPerTile;
+      Tile t{N, r0, 0, (int)std::min<int64_t>(kRowsPerTile, N - r0), (int)N};
+      auto Ab = make_buf(abuf.data(), t, 2 * p), Eb = make_buf(ebuf.data(), t, 2 * p),
+           GRb = make_buf(grbuf.data(), t, p), GYb = make_buf(gybuf.data(), t, p),
+           Db = make_buf(dbuf.data(), t, 0), GUb = make_buf(gubuf.data(), t, 0),
+           Pb = make_buf(pbuf.data(), t, 0), GAb = make_buf(gabuf.data(), t, 0);
+      load_tile(par, A + b * H * N * N, (int)H, t, Ab);
+      load_tile(par, GRp + b * H * N * N, (int)H, t, GRb);
+      std::fill(pbuf.begin(), pbuf.end(), F(0));
+      std::fill(gabuf.begin(), gabuf.end(), F(0));
+      std::fill(gubuf.begin(), gubuf.end(), F(0));
+      F* slot = part + idx * sl.n;
+      const int nitems = bwd_channel_items((int)H, (int)k, D.expand);
+      for (int c = 0; c < (int)rH; ++c) {
+        const Buf<F>& Ec = D.expand ? Eb : Ab;
+        const int ce = D.expand ? 0 : c;
+        if (D.expand) expand_channel(par, c, (int)H, w.w_exp, w.b_exp, t, Ab, Eb, 2 * p);
+        bwd_dy_channel(par, c, (int)H, (int)rH, w.w_dw, w.b_dw, w.w_pro, w.alpha, (int)k, t, Ec, ce, GRb, GYb,
+                       Db, Pb);
+        bwd_de_channel(par, c, (int)H, w.w_exp, w.b_exp, w.w_dw, (int)k, D.expand, t, Ab, GYb, GUb, GAb);
+        for (int it = 0; it < nitems; ++it) {
+          const F v_ = bwd_channel_item(it, (int)H, w.alpha, (int)k, t, Ab, Ec, ce, GRb, GYb, Db, GUb);
+          int64_t o;
+          if (it < k * k) o = sl.wdw + c * k * k + it;
+          else if (it == k * k) o = sl.bdw + c;
+          else if (it < k * k + 1 + H) o = sl.wpro + (it - k * k - 1) * rH + c;
+          else if (it < k * k + 1 + 2 * H) o = sl.wexp + c * H + (it - k * k - 1 - H);
+          else o = sl.bexp + c;
+          slot[o] += v_;
+        }
+      }
+      bwd_residual(par, (int)H, w.alpha, t, GRb, GAb);
+      for (int it = 0; it < 2 * H; ++it)
+        slot[sl.alpha + it] += bwd_head_item(it, (int)H, w.b_pro, t, Ab, GRb, Pb);
+      for (int64_t h = 0; h < H; ++h)
+        for (int y = 0; y < t.TR; ++y) {
+          const F* g = GAb.row((int)h, y);
+          std::copy(g, g + N, gAp + ((b * H + h) * N + r0 + y) * N);
+        }
+    }
+  });
+}
+
+template <class F>
+void refine_bwd_fast(const RefineArgs& r, const Tensor& go, const Tensor& R, const Tensor& gA, const Tensor& partial,
+                     Tensor& gv) {
+  const int64_t ntiles = (r.D.N + kRowsPerTile - 1) / kRowsPerTile;
+  const auto w = weights_of<F>(r);
+  const BwdIO io{r.attn.data_ptr<F>(), go.data_ptr<F>(), r.v.data_ptr<F>(), R.data_ptr<F>(), gA.data_ptr<F>(),
+                 partial.data_ptr<F>()};
+  at::parallel_for(0, r.D.B * ntiles, 1,
+                   [&](int64_t s, int64_t e) { refine_bwd_chunk_any(io, w, r.D, s, e); });
+  gv = at::matmul(R.transpose(-2, -1), go);
+}
+
 std::vector<Tensor> refine_eval_backward_cpu_v(const Tensor& gout, const Tensor& attn, const Tensor& v,
                                                const Tensor& w_exp, const Tensor& b_exp, const Tensor& w_dw,
                                                const Tensor& b_dw, const Tensor& w_pro, const Tensor& b_pro,
@@ -347,87 +573,27 @@ std::vector<Tensor> refine_eval_backward_cpu_v(const Tensor& gout, const Tensor&
   auto r = prep_refine(attn, v, w_exp, b_exp, w_dw, b_dw, w_pro, b_pro, alpha, beta, expand);
   validate_grad("refine_eval_backward", "grad_out", gout, v);
   const auto ct = r.attn.scalar_type();
-  const RefineDims D = r.D;
-  const int64_t B = D.B, H = D.H, N = D.N, rH = D.rH, k = D.k;
-  const int p = (int)k / 2;
+  const int64_t B = r.D.B, H = r.D.H, N = r.D.N, rH = r.D.rH, k = r.D.k;
   auto go = cc(gout, ct);
   auto R = at::empty({B, H, N, N}, r.attn.options());
   auto gA = at::empty({B, H, N, N}, r.attn.options());
-  // parameter-gradient slots per tile
-  const int64_t o_wdw = 0, o_bdw = rH * k * k, o_wpro = o_bdw + rH, o_wexp = o_wpro + H * rH,
-                o_bexp = o_wexp + rH * H, o_alpha = o_bexp + rH, o_beta = o_alpha + H, nslots = o_beta + H;
+  const BwdSlots sl(H, rH, k);
   const int64_t ntiles = (N + kRowsPerTile - 1) / kRowsPerTile;
-  auto partial = at::zeros({B * ntiles, nslots}, r.attn.options());
-  Tensor gR, gv;
+  auto partial = at::zeros({B * ntiles, sl.n}, r.attn.options());
+  Tensor gv;
   RF_DISPATCH_F(ct, "refine_eval_backward_cpu", [&] {
-    using F = scalar_t;
-    const auto w = weights_of<F>(r);
-    refine_fwd_driver<F>(r.attn.data_ptr<F>(), nullptr, w, D, nullptr, R.data_ptr<F>());
-    gR = at::matmul(go, r.v.transpose(-2, -1)).contiguous();
-    gv = at::matmul(R.transpose(-2, -1), go);
-    const F* A = r.attn.data_ptr<F>();
-    const F* GRp = gR.data_ptr<F>();
-    F* gAp = gA.data_ptr<F>();
-    F* part = partial.data_ptr<F>();
-    at::parallel_for(0, B * ntiles, 1, [&](int64_t s, int64_t e) {
-      Tile tmax{N, 0, 0, kRowsPerTile, (int)N};
-      BlasSerialGuard blas_guard;
-      std::vector<F> abuf(buf_elems<F>(tmax, 2 * p, (int)H)), ebuf(buf_elems<F>(tmax, 2 * p, 1)),
-          grbuf(buf_elems<F>(tmax, p, (int)H)), gybuf(buf_elems<F>(tmax, p, 1)), dbuf(buf_elems<F>(tmax, 0, 1)),
-          gubuf(buf_elems<F>(tmax, 0, 1)), pbuf(buf_elems<F>(tmax, 0, (int)H)), gabuf(buf_elems<F>(tmax, 0, (int)H));
-      SerialPar par;
-      for (int64_t idx = s; idx < e; ++idx) {
-        const int64_t b = idx / ntiles, r0 = (idx % ntiles) * kRowsPerTile;
-        Tile t{N, r0, 0, (int)std::min<int64_t>(kRowsPerTile, N - r0), (int)N};
-        auto Ab = make_buf(abuf.data(), t, 2 * p), Eb = make_buf(ebuf.data(), t, 2 * p),
-             GRb = make_buf(grbuf.data(), t, p), GYb = make_buf(gybuf.data(), t, p),
-             Db = make_buf(dbuf.data(), t, 0), GUb = make_buf(gubuf.data(), t, 0),
-             Pb = make_buf(pbuf.data(), t, 0), GAb = make_buf(gabuf.data(), t, 0);
-        load_tile(par, A + b * H * N * N, (int)H, t, Ab);
-        load_tile(par, GRp + b * H * N * N, (int)H, t, GRb);
-        std::fill(pbuf.begin(), pbuf.end(), F(0));
-        std::fill(gabuf.begin(), gabuf.end(), F(0));
-        std::fill(gubuf.begin(), gubuf.end(), F(0));
-        F* slot = part + idx * nslots;
-        const int nitems = bwd_channel_items((int)H, (int)k, D.expand);
-        for (int c = 0; c < (int)rH; ++c) {
-          const Buf<F>& Ec = D.expand ? Eb : Ab;
-          const int ce = D.expand ? 0 : c;
-          if (D.expand) expand_channel(par, c, (int)H, w.w_exp, w.b_exp, t, Ab, Eb, 2 * p);
-          bwd_dy_channel(par, c, (int)H, (int)rH, w.w_dw, w.b_dw, w.w_pro, w.alpha, (int)k, t, Ec, ce, GRb, GYb,
-                         Db, Pb);
-          bwd_de_channel(par, c, (int)H, w.w_exp, w.b_exp, w.w_dw, (int)k, D.expand, t, Ab, GYb, GUb, GAb);
-          for (int it = 0; it < nitems; ++it) {
-            const F v_ = bwd_channel_item(it, (int)H, w.alpha, (int)k, t, Ab, Ec, ce, GRb, GYb, Db, GUb);
-            int64_t o;
-            if (it < k * k) o = o_wdw + c * k * k + it;
-            else if (it == k * k) o = o_bdw + c;
-            else if (it < k * k + 1 + H) o = o_wpro + (it - k * k - 1) * rH + c;
-            else if (it < k * k + 1 + 2 * H) o = o_wexp + c * H + (it - k * k - 1 - H);
-            else o = o_bexp + c;
-            slot[o] += v_;
-          }
-        }
-        bwd_residual(par, (int)H, w.alpha, t, GRb, GAb);
-        for (int it = 0; it < 2 * H; ++it)
-          slot[o_alpha + it] += bwd_head_item(it, (int)H, w.b_pro, t, Ab, GRb, Pb);
-        for (int64_t h = 0; h < H; ++h)
-          for (int y = 0; y < t.TR; ++y) {
-            const F* g = GAb.row((int)h, y);
-            std::copy(g, g + N, gAp + ((b * H + h) * N + r0 + y) * N);
-          }
-      }
-    });
+    if (portable_path()) refine_bwd_portable<scalar_t>(r, go, R, gA, partial, sl, gv);
+    else refine_bwd_fast<scalar_t>(r, go, R, gA, partial, gv);
   });
   auto tot = partial.sum(0);  // (the narrowed slices below are cloned: outputs must not alias)
   const auto st = attn.scalar_type();
-  auto gw_dw = tot.narrow(0, o_wdw, rH * k * k).view({rH, k, k});
-  auto gb_dw = tot.narrow(0, o_bdw, rH);
-  auto gw_pro = tot.narrow(0, o_wpro, H * rH).view({H, rH});
-  auto gw_exp = tot.narrow(0, o_wexp, rH * H).view({rH, H});
-  auto gb_exp = tot.narrow(0, o_bexp, rH);
-  auto galpha = tot.narrow(0, o_alpha, H);
-  auto gbeta = tot.narrow(0, o_beta, H);
+  auto gw_dw = tot.narrow(0, sl.wdw, rH * k * k).view({rH, k, k});
+  auto gb_dw = tot.narrow(0, sl.bdw, rH);
+  auto gw_pro = tot.narrow(0, sl.wpro, H * rH).view({H, rH});
+  auto gw_exp = tot.narrow(0, sl.wexp, rH * H).view({rH, H});
+  auto gb_exp = tot.narrow(0, sl.bexp, rH);
+  auto galpha = tot.narrow(0, sl.alpha, H);
+  auto gbeta = tot.narrow(0, sl.beta, H);
   auto gb_pro = gbeta * r.alpha;
   auto own = [&](const Tensor& t) { return t.to(st).clone(at::MemoryFormat::Contiguous); };
   return {gA.to(st), gv.to(st), own(gw_exp), own(gb_exp), own(gw_dw), own(gb_dw), own(gw_pro), own(gb_pro),
