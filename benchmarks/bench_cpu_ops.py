@@ -93,7 +93,7 @@ def main(argv=None):
                                 fb(lambda: C.refine_train(A, V, *W, 1e-5, s, True), [A, V] + W), nb)))
 
     print(f"CPU, torch {torch.__version__}, threads={torch.get_num_threads()}, B={B} H={H} N={N} d={d} fp32, "
-          f"median of {a.repeats} (fwd) / {nb} (fwd+bwd) interleaved runs")
+          f"median of {a.repeats} (fwd) / {nb} (fwd+bwd) interleaved runs, malloc {cli.malloc_mode()}")
     print(f"| {'op':22s} | {'baseline':32s} | {'baseline ms':>11s} | {'fused ms':>9s} | {'speed-up':>8s} |")
     print(f"|{'-' * 24}|{'-' * 34}|{'-' * 13}|{'-' * 11}|{'-' * 10}|")
     for op, base, tb, tf in rows:
@@ -101,4 +101,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+    cli.reexec_with_steady_malloc()
     main()

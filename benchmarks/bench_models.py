@@ -287,6 +287,7 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
+    cli.reexec_with_steady_malloc()
     try:
         main()
     except KeyboardInterrupt:

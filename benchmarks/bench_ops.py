@@ -330,7 +330,7 @@ def main(argv=None) -> dict:
         label = C.run_label(device, meta)
         print(f"bench_ops on {label}; torch {meta['torch']}, triton {meta['triton']}, commit {meta['git_commit'][:12]}")
         print(f"peaks: {meta['peaks'] or 'n/a (CPU or unknown GPU): % columns say n/a'}")
-        print(f"timing: {meta['timing']}; memory: {meta['memory']}")
+        print(f"timing: {meta['timing']}; memory: {meta['memory']}; malloc: {meta['malloc']}")
         rows = run(args, device)
         tg = targets(rows) if device.type == "cuda" else []
         return C.report(args, device, meta, rows, "ops, median of repeated calls (vs ref: reference time / "
@@ -340,6 +340,7 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
+    cli.reexec_with_steady_malloc()
     try:
         main()
     except KeyboardInterrupt:

@@ -25,7 +25,7 @@ if str(ROOT) not in sys.path:
 
 import torch  # noqa: E402
 
-from refiner import ops  # noqa: E402
+from refiner import cli, ops  # noqa: E402
 from refiner.demo import format_table  # noqa: E402,F401  (one table printer for demo and benchmarks)
 
 RESULTS_DIR = ROOT / "benchmarks" / "results"
@@ -170,6 +170,7 @@ def run_metadata(device: torch.device, script: str, args: dict) -> dict:
         "timing": ("GPU: median of triton.testing.do_bench (L2 flushed) or CUDA events" if device.type == "cuda"
                    else "CPU: median wall-clock of repeated calls after a warm-up"),
         "memory": MEMORY_METHOD[device.type],
+        "malloc": cli.malloc_mode(),  # see refiner.cli.STEADY_MALLOC
     }
 
 

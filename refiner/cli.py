@@ -110,3 +110,29 @@ def check_img_size(img_size: Optional[int], patch_size, flag: str = "--img-size"
         if error is not None:
             error(msg)
         raise SystemExit(msg)
+
+
+# glibc serves allocations above its mmap threshold (at most 32 MiB) with fresh mmap'd pages, so
+# an op that allocates large temporaries (the reference refine block: (B, rH, N, N) maps) pays a
+# page fault per 4 KiB page on every call, while a process whose heap has grown by earlier churn
+# does not: on the 2-core dev VM the same reference op took 190-330 ms in a fresh process and
+# 63-82 ms after one training step. Benchmarks therefore run with mmap off and no heap trimming
+# (the reference's best case, a steady state), unless REFINER_BENCH_MALLOC=default.
+STEADY_MALLOC = "glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=68719476736"
+
+
+def malloc_mode() -> str:
+    """How this process's allocator was set up: 'steady' (STEADY_MALLOC) or 'default'."""
+    return "steady" if os.environ.get("GLIBC_TUNABLES") == STEADY_MALLOC else "default"
+
+
+def reexec_with_steady_malloc() -> None:
+    """Call first thing under ``if __name__ == "__main__"`` of a benchmark script (never from a
+    library or test: it replaces the process). No-op off Linux, when already set, or when
+    REFINER_BENCH_MALLOC=default."""
+    import sys
+    if (not sys.platform.startswith("linux") or os.environ.get("REFINER_BENCH_MALLOC") == "default"
+            or "GLIBC_TUNABLES" in os.environ):
+        return
+    env = dict(os.environ, GLIBC_TUNABLES=STEADY_MALLOC)
+    os.execve(sys.executable, [sys.executable] + sys.argv, env)

@@ -131,4 +131,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+    cli.reexec_with_steady_malloc()
     main()

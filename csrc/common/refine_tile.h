@@ -133,26 +133,6 @@ RF_HD void expand_epilogue(const Par& par, int c, const F* b_exp, const Tile& t,
   }
 }
 
-// D_c = relu6(dw(E_c) + b_dw[c]) on the centre into plane cd of D (0 outside the map).
-template <class F, class Par>
-RF_HD void dw_channel(const Par& par, int c, const F* w_dw, const F* b_dw, int k, const Tile& t,
-                      const Buf<F>& E, int ce, const Buf<F>& D, int cd) {
-  const int p = k / 2;
-  const F* w = w_dw + (int64_t)c * k * k;
-  const F bias = b_dw[c];
-  for (int y = par.y0(); y < t.TR; y += par.ny()) {
-    F* drow = D.row(cd, y);
-    for (int x = par.x0(); x < t.TC; x += par.nx()) drow[x] = bias;
-    for (int i = 0; i < k; ++i)
-      for (int j = 0; j < k; ++j) {
-        const F wij = w[i * k + j];
-        const F* e = E.row(ce, y + i - p) + (j - p);
-        for (int x = par.x0(); x < t.TC; x += par.nx()) drow[x] += wij * e[x];
-      }
-    for (int x = par.x0(); x < t.TC; x += par.nx()) drow[x] = t.inmap(y, x) ? relu6(drow[x]) : F(0);
-  }
-}
-
 // Pre-activation of E_c at one pixel (for the relu6 mask in the backward pass).
 template <class F>
 RF_HD F expand_pre(int c, int H, const F* w_exp, const F* b_exp, const Buf<F>& A, int y, int x) {
@@ -388,6 +368,39 @@ RF_HD void expand_epilogue_rows(const Par& par, int c, const F* b_exp, const Til
     if (rin)
       for (int x = lo + par.x0(); x < hi; x += par.nx()) e[x] = relu6(e[x] + bias);
   }
+}
+
+// load_tile's result, row by row: zero the off-map columns, convert the in-map range (a plain
+// contiguous loop the CPU vectorises; load_tile tests every pixel).
+template <class F, class T, class Par>
+RF_HD void load_tile_rows(const Par& par, const T* src, int C, const Tile& t, const Buf<F>& b) {
+  const int h = b.halo, lo = map_col_lo(t, h), hi = map_col_hi(t, h);
+  for (int c = 0; c < C; ++c)
+    for (int y = -h + par.y0(); y < t.TR + h; y += par.ny()) {
+      F* dst = b.row(c, y);
+      const bool rin = map_row(t, y);
+      zero_off_map(par, dst, h, t.TC, rin, lo, hi);
+      if (!rin) continue;
+      const T* s = src + ((int64_t)c * t.N + t.r0 + y) * t.N + t.c0;
+      for (int x = lo + par.x0(); x < hi; x += par.nx()) dst[x] = static_cast<F>(s[x]);
+    }
+}
+
+// finish_r's result, row by row: R_h = alpha_h (A_h + P_h + b_pro_h) + beta_h in map, 0 outside.
+template <class F, class Par>
+RF_HD void finish_r_rows(const Par& par, int H, const F* b_pro, const F* alpha, const F* beta,
+                         const Tile& t, const Buf<F>& A, const Buf<F>& P) {
+  const int lo = map_col_lo(t, 0), hi = map_col_hi(t, 0);
+  for (int h = 0; h < H; ++h)
+    for (int y = par.y0(); y < t.TR; y += par.ny()) {
+      F* pr = P.row(h, y);
+      const F* ar = A.row(h, y);
+      const bool rin = map_row(t, y);
+      zero_off_map(par, pr, 0, t.TC, rin, lo, hi);
+      if (!rin) continue;
+      const F al = alpha[h], bp = b_pro[h], be = beta[h];
+      for (int x = lo + par.x0(); x < hi; x += par.nx()) pr[x] = al * (ar[x] + pr[x] + bp) + be;
+    }
 }
 
 // D_c = relu6(Y_c) on the centre (0 outside the map).

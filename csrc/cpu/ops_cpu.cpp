@@ -245,8 +245,8 @@ __attribute__((always_inline)) inline void refine_fwd_chunk(const F* A, const F*
       Tile t{N, r0, 0, (int)std::min<int64_t>(kRowsPerTile, N - r0), (int)N};
       auto Ab = make_buf(abuf.data(), t, p), Eb = make_buf(ebuf.data(), t, p), Pb = make_buf(pbuf.data(), t, 0),
            Db = make_buf(dbuf.data(), t, 0);
-      load_tile(par, A + b * H * N * N, (int)H, t, Ab);
       if (portable) {
+        load_tile(par, A + b * H * N * N, (int)H, t, Ab);
         std::fill(pbuf.begin(), pbuf.end(), F(0));
         for (int c = 0; c < (int)rH; ++c) {
           if (D.expand) {
@@ -256,16 +256,21 @@ __attribute__((always_inline)) inline void refine_fwd_chunk(const F* A, const F*
             dw_pro_channel(par, c, (int)H, (int)rH, w.w_dw, w.b_dw, w.w_pro, (int)D.k, t, Ab, c, Pb, drow.data());
           }
         }
-      } else {
+        finish_r(par, (int)H, w.b_pro, w.alpha, w.beta, t, Ab, Pb);
+      } else {  // row-vectorised stages, BLAS head mixes
+        load_tile_rows(par, A + b * H * N * N, (int)H, t, Ab);
         const Buf<F>& Ec = D.expand ? Eb : Ab;
         if (D.expand) {
           gemm_rm<F>(rH, Ab.plane, H, w.w_exp, H, Ab.p, Ab.plane, Eb.p, Eb.plane);
-          for (int c = 0; c < (int)rH; ++c) expand_epilogue(par, c, w.b_exp, t, Eb, p);
+          for (int c = 0; c < (int)rH; ++c) expand_epilogue_rows(par, c, w.b_exp, t, Eb, p);
         }
-        for (int c = 0; c < (int)rH; ++c) dw_channel(par, c, w.w_dw, w.b_dw, (int)D.k, t, Ec, c, Db, c);
+        for (int c = 0; c < (int)rH; ++c) {
+          dw_pre_channel(par, c, w.w_dw, w.b_dw, (int)D.k, t, Ec, c, Db, c, 0);
+          relu6_centre(par, c, t, Db, c, Db, c);  // in place
+        }
         gemm_rm<F>(H, Db.plane, rH, w.w_pro, rH, Db.p, Db.plane, Pb.p, Pb.plane);
+        finish_r_rows(par, (int)H, w.b_pro, w.alpha, w.beta, t, Ab, Pb);
       }
-      finish_r(par, (int)H, w.b_pro, w.alpha, w.beta, t, Ab, Pb);
       for (int64_t h = 0; h < H; ++h) {
         const int64_t bh = b * H + h;
         if (Rmap)
