@@ -135,4 +135,6 @@ def reexec_with_steady_malloc() -> None:
             or "GLIBC_TUNABLES" in os.environ):
         return
     env = dict(os.environ, GLIBC_TUNABLES=STEADY_MALLOC)
-    os.execve(sys.executable, [sys.executable] + sys.argv, env)
+    sys.stdout.flush()
+    # orig_argv keeps `-m module` / `-c code` as given (sys.argv has lost them)
+    os.execve(sys.executable, [sys.executable] + sys.orig_argv[1:], env)

@@ -1,5 +1,7 @@
 """The benchmark scripts run end to end (quick presets, on CPU) and write what they promise."""
 import json
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -184,3 +186,17 @@ def test_plots_of_a_gpu_like_run(tmp_path):
     mrows.append(dict(mrows[0], status="OOM", images_per_s=None, peak_mem_mib=None))
     pngs = plot.plot_run({"meta": dict(meta, script="bench_models"), "rows": mrows}, tmp_path / "models")
     assert [p.name for p in pngs] == ["models_throughput.png", "models_memory.png"]
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc tunables are a Linux matter")
+@pytest.mark.parametrize("opt_out,want", [(None, "steady"), ("default", "default")])
+def test_benchmark_processes_reexec_with_steady_malloc(opt_out, want):
+    """A benchmark's __main__ re-executes itself once with the steady allocator (unless opted out)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", "REFINER_BENCH_MALLOC")}
+    if opt_out:
+        env["REFINER_BENCH_MALLOC"] = opt_out
+    code = "from refiner import cli; cli.reexec_with_steady_malloc(); print(cli.malloc_mode())"
+    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120,
+                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip() == want
