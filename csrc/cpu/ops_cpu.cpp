@@ -424,7 +424,7 @@ __attribute__((always_inline)) inline void refine_bwd_chunk(const BwdIO& io, con
     const Buf<F>& Ec = D.expand ? Eb : Ab;
 
     // forward recompute: E (halo 2p), Y (halo p), D and P = w_pro D (centre, into R)
-    load_tile(par, A + b * H * N * N, (int)H, t, Ab);
+    load_tile_rows(par, A + b * H * N * N, (int)H, t, Ab);
     if (D.expand) {
       gemm_rm<F>(rH, Ab.plane, H, w.w_exp, H, Ab.p, Ab.plane, Eb.p, Eb.plane);
       for (int c = 0; c < (int)rH; ++c) expand_epilogue_rows(par, c, w.b_exp, t, Eb, 2 * p);
@@ -450,7 +450,7 @@ __attribute__((always_inline)) inline void refine_bwd_chunk(const BwdIO& io, con
       slot[sl.beta + h] = gsum;
       scale_plane(par, h, w.alpha[h], t, GRb);
     }
-    finish_r(par, (int)H, w.b_pro, w.alpha, w.beta, t, Ab, Rt);
+    finish_r_rows(par, (int)H, w.b_pro, w.alpha, w.beta, t, Ab, Rt);
 
     // gD = w_pro^T GP (halo p), gY = gD where in map and relu6 passes Y
     gemm_rm<F>(rH, GRb.plane, H, w.w_pro, rH, GRb.p, GRb.plane, GYb.p, GYb.plane, false, false, F(1), true);
