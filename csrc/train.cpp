@@ -56,22 +56,8 @@ int64_t chunk_images(int64_t B, int64_t H, int64_t rH) {
 TrainArgs prep_train(const Tensor& attn, const Tensor& v, const Tensor& w_exp, const Tensor& w_dw,
                      const Tensor& w_pro, const Tensor& g1, const Tensor& b1, const Tensor& g2, const Tensor& b2,
                      const Tensor& g3, const Tensor& b3, const Tensor& ga, const Tensor& ba, double eps, bool expand) {
-  const char* op = "refine_train";
-  int64_t rH, k;
-  check_refine_shapes(op, attn, v, w_exp, w_dw, w_pro, expand, rH, k);
-  const int64_t H = attn.size(1);
-  check_shape(op, "g1", g1, {rH}, "(rH)");
-  check_shape(op, "b1", b1, {rH}, "(rH)");
-  check_shape(op, "g2", g2, {rH}, "(rH)");
-  check_shape(op, "b2", b2, {rH}, "(rH)");
-  check_shape(op, "g3", g3, {H}, "(H)");
-  check_shape(op, "b3", b3, {H}, "(H)");
-  check_shape(op, "ga", ga, {H}, "(H)");
-  check_shape(op, "ba", ba, {H}, "(H)");
-  check_common(op, {{"attn", &attn}, {"v", &v}, {"w_exp", &w_exp}, {"w_dw", &w_dw}, {"w_pro", &w_pro},
-                    {"g1", &g1}, {"b1", &b1}, {"g2", &g2}, {"b2", &b2}, {"g3", &g3}, {"b3", &b3},
-                    {"ga", &ga}, {"ba", &ba}});
-  TORCH_CHECK(std::isfinite(eps) && eps >= 0, op, ": eps must be finite and >= 0, got ", eps);
+  const int64_t rH = validate_refine_train(attn, v, w_exp, w_dw, w_pro, g1, b1, g2, b2, g3, b3, ga, ba, eps, expand);
+  const int64_t H = attn.size(1), k = w_dw.size(1);
   const auto ct = compute_type(attn);
   auto c = [&](const Tensor& t) { return t.to(ct).contiguous(); };
   const int64_t B = attn.size(0);

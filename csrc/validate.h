@@ -1,6 +1,8 @@
 // Per-op argument validation (device independent), used by the CPU and CUDA entry points.
 #pragma once
 
+#include <cmath>
+
 #include "checks.h"
 
 namespace refiner {
@@ -23,6 +25,11 @@ inline void validate_softmax_block(const at::Tensor& q, const at::Tensor& k, con
   TORCH_CHECK(std::isfinite(scale) && scale > 0, op, ": scale must be a positive finite number, got ", scale);
 }
 
+// Per-channel parameters (biases, BN affines): each a vector of n values; layout "(rH)" or "(H)".
+inline void check_vectors(const char* op, std::initializer_list<NamedT> ts, int64_t n, const char* layout) {
+  for (const auto& nt : ts) check_shape(op, nt.name, *nt.t, {n}, layout);
+}
+
 inline void validate_refine_eval(const at::Tensor& attn, const at::Tensor& v, const at::Tensor& w_exp,
                                  const at::Tensor& b_exp, const at::Tensor& w_dw, const at::Tensor& b_dw,
                                  const at::Tensor& w_pro, const at::Tensor& b_pro,
@@ -30,15 +37,29 @@ inline void validate_refine_eval(const at::Tensor& attn, const at::Tensor& v, co
   const char* op = "refine_eval";
   int64_t rH, k;
   check_refine_shapes(op, attn, v, w_exp, w_dw, w_pro, expand, rH, k);
-  const int64_t H = attn.size(1);
-  check_shape(op, "b_exp", b_exp, {rH}, "(rH)");
-  check_shape(op, "b_dw", b_dw, {rH}, "(rH)");
-  check_shape(op, "b_pro", b_pro, {H}, "(H)");
-  check_shape(op, "alpha", alpha, {H}, "(H)");
-  check_shape(op, "beta", beta, {H}, "(H)");
+  check_vectors(op, {{"b_exp", &b_exp}, {"b_dw", &b_dw}}, rH, "(rH)");
+  check_vectors(op, {{"b_pro", &b_pro}, {"alpha", &alpha}, {"beta", &beta}}, attn.size(1), "(H)");
   check_common(op, {{"attn", &attn}, {"v", &v}, {"w_exp", &w_exp}, {"b_exp", &b_exp},
                     {"w_dw", &w_dw}, {"b_dw", &b_dw}, {"w_pro", &w_pro}, {"b_pro", &b_pro},
                     {"alpha", &alpha}, {"beta", &beta}});
+}
+
+// Returns rH (expanded channels).
+inline int64_t validate_refine_train(const at::Tensor& attn, const at::Tensor& v, const at::Tensor& w_exp,
+                                     const at::Tensor& w_dw, const at::Tensor& w_pro, const at::Tensor& g1,
+                                     const at::Tensor& b1, const at::Tensor& g2, const at::Tensor& b2,
+                                     const at::Tensor& g3, const at::Tensor& b3, const at::Tensor& ga,
+                                     const at::Tensor& ba, double eps, bool expand) {
+  const char* op = "refine_train";
+  int64_t rH, k;
+  check_refine_shapes(op, attn, v, w_exp, w_dw, w_pro, expand, rH, k);
+  check_vectors(op, {{"g1", &g1}, {"b1", &b1}, {"g2", &g2}, {"b2", &b2}}, rH, "(rH)");
+  check_vectors(op, {{"g3", &g3}, {"b3", &b3}, {"ga", &ga}, {"ba", &ba}}, attn.size(1), "(H)");
+  check_common(op, {{"attn", &attn}, {"v", &v}, {"w_exp", &w_exp}, {"w_dw", &w_dw}, {"w_pro", &w_pro},
+                    {"g1", &g1}, {"b1", &b1}, {"g2", &g2}, {"b2", &b2}, {"g3", &g3}, {"b3", &b3},
+                    {"ga", &ga}, {"ba", &ba}});
+  TORCH_CHECK(std::isfinite(eps) && eps >= 0, op, ": eps must be finite and >= 0, got ", eps);
+  return rH;
 }
 
 inline void validate_grad(const char* op, const char* name, const at::Tensor& g, const at::Tensor& like) {
