@@ -321,6 +321,33 @@ RF_HD int map_col_hi(const Tile& t, int h) {
 }
 RF_HD bool map_row(const Tile& t, int y) { return t.r0 + y >= 0 && t.r0 + y < t.N; }
 
+// Row stencils with the kernel size K known at compile time: all K x K taps of an output pixel
+// are summed in a register (the x loop vectorises with the taps unrolled), in the same order as
+// the generic one-pass-per-tap loops below, so the results are identical; the output row is
+// loaded and stored once instead of K^2 times.
+// out[x] = init(x) + sum_ij w[i K + j] rows[i][x + sgn * j]  for x in [x0, x1).
+template <int K, int SGN, class F>
+RF_HD void stencil_row(F* __restrict__ out, const F* const* rows, const F* w, int x0, int x1, int step,
+                       bool init_from_out, F init) {
+  for (int x = x0; x < x1; x += step) {
+    F acc = init_from_out ? out[x] : init;
+    for (int i = 0; i < K; ++i)
+      for (int j = 0; j < K; ++j) acc += w[i * K + j] * rows[i][x + SGN * j];
+    out[x] = acc;
+  }
+}
+
+template <int K, class F, class Par>
+RF_HD void dw_pre_channel_k(const Par& par, const F* w, F bias, const Tile& t, const Buf<F>& E, int ce,
+                            const Buf<F>& Y, int cy, int yh) {
+  constexpr int p = K / 2;
+  for (int y = -yh + par.y0(); y < t.TR + yh; y += par.ny()) {
+    const F* rows[K];
+    for (int i = 0; i < K; ++i) rows[i] = E.row(ce, y + i - p) - p;
+    stencil_row<K, 1>(Y.row(cy, y), rows, w, -yh + par.x0(), t.TC + yh, par.nx(), false, bias);
+  }
+}
+
 // Pre-activation Y_c = dw(E_c) + b_dw[c] over the region of halo yh into plane cy of Y
 // (no mask: callers mask where they use it). E needs halo >= yh + k/2. One row pass per tap;
 // __restrict__: the rows never overlap, and without it GCC re-checks aliasing per tap loop and
@@ -328,6 +355,12 @@ RF_HD bool map_row(const Tile& t, int y) { return t.r0 + y >= 0 && t.r0 + y < t.
 template <class F, class Par>
 RF_HD void dw_pre_channel(const Par& par, int c, const F* w_dw, const F* b_dw, int k, const Tile& t,
                           const Buf<F>& E, int ce, const Buf<F>& Y, int cy, int yh) {
+  switch (k) {
+    case 3: return dw_pre_channel_k<3>(par, w_dw + (int64_t)c * 9, b_dw[c], t, E, ce, Y, cy, yh);
+    case 5: return dw_pre_channel_k<5>(par, w_dw + (int64_t)c * 25, b_dw[c], t, E, ce, Y, cy, yh);
+    case 7: return dw_pre_channel_k<7>(par, w_dw + (int64_t)c * 49, b_dw[c], t, E, ce, Y, cy, yh);
+    default: break;
+  }
   const int p = k / 2;
   const F* w = w_dw + (int64_t)c * k * k;
   const F bias = b_dw[c];
@@ -446,9 +479,31 @@ RF_HD void relu6_grad_out(const Par& par, const Tile& t, const Buf<F>& E, int ce
 // G_cg (+)= dw^T(GY_c) = sum_ij w[i,j] GY_c(y - i + p, x - j + p) on the centre pixels inside the
 // map (others are left as they are, or zeroed when !accumulate). GY needs halo >= k/2 and must
 // be zero outside the map; G and GY must not overlap.
+template <int K, class F, class Par>
+RF_HD void dwT_channel_k(const Par& par, const F* w, const Tile& t, const Buf<F>& GY, int cy, const Buf<F>& G,
+                         int cg, bool accumulate) {
+  constexpr int p = K / 2;
+  const int lo = map_col_lo(t, 0), hi = map_col_hi(t, 0);
+  for (int y = par.y0(); y < t.TR; y += par.ny()) {
+    F* g = G.row(cg, y);
+    if (!accumulate)
+      for (int x = par.x0(); x < t.TC; x += par.nx()) g[x] = F(0);
+    if (!map_row(t, y)) continue;
+    const F* rows[K];
+    for (int i = 0; i < K; ++i) rows[i] = GY.row(cy, y - i + p) + p;
+    stencil_row<K, -1>(g, rows, w, lo + par.x0(), hi, par.nx(), true, F(0));
+  }
+}
+
 template <class F, class Par>
 RF_HD void dwT_channel(const Par& par, int c, const F* w_dw, int k, const Tile& t, const Buf<F>& GY, int cy,
                        const Buf<F>& G, int cg, bool accumulate) {
+  switch (k) {
+    case 3: return dwT_channel_k<3>(par, w_dw + (int64_t)c * 9, t, GY, cy, G, cg, accumulate);
+    case 5: return dwT_channel_k<5>(par, w_dw + (int64_t)c * 25, t, GY, cy, G, cg, accumulate);
+    case 7: return dwT_channel_k<7>(par, w_dw + (int64_t)c * 49, t, GY, cy, G, cg, accumulate);
+    default: break;
+  }
   const int p = k / 2;
   const F* w = w_dw + (int64_t)c * k * k;
   const int lo = map_col_lo(t, 0), hi = map_col_hi(t, 0);
