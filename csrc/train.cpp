@@ -98,21 +98,17 @@ Tensor flat_relu6(const Tensor& y) { return at::logical_or(y <= 0, y >= 6); }
 Tensor col(const Tensor& t) { return t.view({-1, 1, 1}); }
 Tensor sums(const Tensor& x) { return x.sum({0, 2, 3}); }  // per channel
 
-// Batch statistics and the folded parameters derived from them.
+// Batch statistics and the BN scales derived from them (BNs are applied in centred form, so
+// no folded offsets).
 struct Folded {
   Tensor m1, v1, m2, v2, m3, v3, ma, va;   // stats (compute dtype)
-  Tensor s1, c1, s2, c2, s3, c3, sa;       // BN_i(x) = s_i x + c_i ; sa = ga / sqrt(va + eps)
+  Tensor s1, s2, s3, sa;                   // s_i = g_i / sqrt(v_i + eps); sa = ga / sqrt(va + eps)
 };
 
 void fold(const TrainArgs& a, Folded& f, double eps) {
-  if (a.expand) {
-    f.s1 = a.g1 / at::sqrt(f.v1 + eps);
-    f.c1 = a.b1 - f.s1 * f.m1;
-  }
+  if (a.expand) f.s1 = a.g1 / at::sqrt(f.v1 + eps);
   f.s2 = a.g2 / at::sqrt(f.v2 + eps);
-  f.c2 = a.b2 - f.s2 * f.m2;
   f.s3 = a.g3 / at::sqrt(f.v3 + eps);
-  f.c3 = a.b3 - f.s3 * f.m3;
   f.sa = a.ga / at::sqrt(f.va + eps);
 }
 

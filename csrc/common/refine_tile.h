@@ -121,18 +121,6 @@ RF_HD void expand_channel(const Par& par, int c, int H, const F* w_exp, const F*
   }
 }
 
-// E_c = relu6(E_c + b_exp[c]) in place over the region of halo `eh`, zero outside the map
-// (epilogue of an expansion done as a matmul, e.g. by BLAS on CPU).
-template <class F, class Par>
-RF_HD void expand_epilogue(const Par& par, int c, const F* b_exp, const Tile& t, const Buf<F>& E, int eh) {
-  const F bias = b_exp[c];
-  for (int y = -eh + par.y0(); y < t.TR + eh; y += par.ny()) {
-    F* e = E.row(c, y);
-    for (int x = -eh + par.x0(); x < t.TC + eh; x += par.nx())
-      e[x] = t.inmap(y, x) ? relu6(e[x] + bias) : F(0);
-  }
-}
-
 // Pre-activation of E_c at one pixel (for the relu6 mask in the backward pass).
 template <class F>
 RF_HD F expand_pre(int c, int H, const F* w_exp, const F* b_exp, const Buf<F>& A, int y, int x) {
@@ -349,9 +337,9 @@ RF_HD void dw_pre_channel_k(const Par& par, const F* w, F bias, const Tile& t, c
 }
 
 // Pre-activation Y_c = dw(E_c) + b_dw[c] over the region of halo yh into plane cy of Y
-// (no mask: callers mask where they use it). E needs halo >= yh + k/2. One row pass per tap;
-// __restrict__: the rows never overlap, and without it GCC re-checks aliasing per tap loop and
-// keeps the slow path (measured ~2.5x slower on CPU).
+// (no mask: callers mask where they use it). E needs halo >= yh + k/2. k = 3/5/7 go through
+// stencil_row; the generic path (k = 1) makes one row pass per tap. __restrict__: the rows never
+// overlap, and without it GCC re-checks aliasing per tap loop and keeps the slow path.
 template <class F, class Par>
 RF_HD void dw_pre_channel(const Par& par, int c, const F* w_dw, const F* b_dw, int k, const Tile& t,
                           const Buf<F>& E, int ce, const Buf<F>& Y, int cy, int yh) {
@@ -388,8 +376,8 @@ RF_HD void zero_off_map(const Par& par, F* r, int h, int TC, bool rin, int lo, i
     for (int x = hi + par.x0(); x < TC + h; x += par.nx()) r[x] = F(0);
 }
 
-// E_c = relu6(E_c + b_exp[c]) in map, 0 outside, over the region of halo eh: expand_epilogue's
-// result.
+// E_c = relu6(E_c + b_exp[c]) in place over the region of halo eh, 0 outside the map: the
+// epilogue of an expansion done as a matmul (BLAS on CPU).
 template <class F, class Par>
 RF_HD void expand_epilogue_rows(const Par& par, int c, const F* b_exp, const Tile& t, const Buf<F>& E, int eh) {
   const F bias = b_exp[c];

@@ -56,16 +56,16 @@ __device__ float block_reduce(float v, float* scratch) {
   return r;
 }
 
-int max_smem_optin() {
+int device_attr(cudaDeviceAttr attr) {  // of the current device
   int dev = 0, v = 0;
   C10_CUDA_CHECK(cudaGetDevice(&dev));
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&v, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&v, attr, dev));
   return v;
 }
 
 template <class K>
 void set_smem(K kernel, size_t bytes, const char* op) {
-  const int mx = max_smem_optin();
+  const int mx = device_attr(cudaDevAttrMaxSharedMemoryPerBlockOptin);
   TORCH_CHECK((int64_t)bytes <= mx, op, ": needs ", bytes, " bytes of shared memory per block, the device has ", mx,
               " (reduce N, H or the kernel size)");
   if (bytes > 48 * 1024)
@@ -446,13 +446,6 @@ __global__ void refine_bwd_kernel(const float* __restrict__ A, const float* __re
   for (int64_t j = threadIdx.x; j < sl.n; j += blockDim.x) gpart[blockIdx.x * sl.n + j] = gacc[j];
 }
 
-int sm_count() {
-  int dev = 0, v = 0;
-  C10_CUDA_CHECK(cudaGetDevice(&dev));
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&v, cudaDevAttrMultiProcessorCount, dev));
-  return v;
-}
-
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> refine_eval_backward_cuda(
     const Tensor& gout, const Tensor& attn, const Tensor& v, const Tensor& w_exp, const Tensor& b_exp,
     const Tensor& w_dw, const Tensor& b_dw, const Tensor& w_pro, const Tensor& b_pro, const Tensor& alpha,
@@ -480,7 +473,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tenso
   auto Af = f32(r.attn);
   const size_t smem = refine_bwd_smem(H, (int)k, sl);
   set_smem(refine_bwd_kernel, smem, "refine_eval_backward");
-  const int64_t blocks = std::min<int64_t>(B * N, 8LL * sm_count());
+  const int64_t blocks = std::min<int64_t>(B * N, 8LL * device_attr(cudaDevAttrMultiProcessorCount));
   auto gpart = at::empty({blocks, sl.n}, go.options());
   refine_bwd_kernel<<<(unsigned)blocks, kThreads, smem, c10::cuda::getCurrentCUDAStream()>>>(
       Af.data_ptr<float>(), gR.data_ptr<float>(), r.wf(), B, (int)H, N, (int)rH, (int)k, expand, sl,
