@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "common/refine_tile.h"
+#include "cpu/micro_kernels.h"
 #include "validate.h"
 
 namespace refiner {
@@ -227,60 +228,129 @@ struct RefineW {
 
 constexpr int kRowsPerTile = 16;
 
-// One chunk [s, e) of (batch, row-tile) work items of the forward.
+// R @ v of one row tile (and/or R itself): R's H planes of t.TR rows at Rt, plane stride rplane.
+template <class F>
+void store_r_tile(const F* Rt, int64_t rplane, int64_t ldr, const F* V, const RefineDims& D, int64_t b,
+                  const Tile& t, F* out, F* Rmap) {
+  const int64_t N = D.N, d = D.d;
+  for (int64_t h = 0; h < D.H; ++h) {
+    const int64_t bh = b * D.H + h;
+    const F* rh = Rt + h * rplane;
+    if (Rmap)
+      for (int y = 0; y < t.TR; ++y) std::copy(rh + y * ldr, rh + y * ldr + N, Rmap + (bh * N + t.r0 + y) * N);
+    if (out) gemm_rm<F>(t.TR, d, N, rh, ldr, V + bh * N * d, d, out + (bh * N + t.r0) * d, d);
+  }
+}
+
+// One chunk [s, e) of (batch, row-tile) work items of the forward, the CUDA kernel's stage
+// sequence (REFINER_CPU_PORTABLE=1).
+template <class F>
+void refine_fwd_chunk_portable(const F* A, const F* V, const RefineW<F>& w, const RefineDims& D, F* out, F* Rmap,
+                               int64_t s, int64_t e) {
+  const int64_t N = D.N, H = D.H, rH = D.rH;
+  const int p = (int)D.k / 2;
+  const int64_t ntiles = (N + kRowsPerTile - 1) / kRowsPerTile;
+  Tile tmax{N, 0, 0, kRowsPerTile, (int)N};
+  BlasSerialGuard blas_guard;
+  std::vector<F> abuf(buf_elems<F>(tmax, p, (int)H)), ebuf(buf_elems<F>(tmax, p, 1)),
+      pbuf(buf_elems<F>(tmax, 0, (int)H)), drow(N);
+  SerialPar par;
+  for (int64_t idx = s; idx < e; ++idx) {
+    const int64_t b = idx / ntiles, r0 = (idx % ntiles) * kRowsPerTile;
+    Tile t{N, r0, 0, (int)std::min<int64_t>(kRowsPerTile, N - r0), (int)N};
+    auto Ab = make_buf(abuf.data(), t, p), Eb = make_buf(ebuf.data(), t, p), Pb = make_buf(pbuf.data(), t, 0);
+    load_tile(par, A + b * H * N * N, (int)H, t, Ab);
+    std::fill(pbuf.begin(), pbuf.end(), F(0));
+    for (int c = 0; c < (int)rH; ++c) {
+      if (D.expand) {
+        expand_channel(par, c, (int)H, w.w_exp, w.b_exp, t, Ab, Eb, p);
+        dw_pro_channel(par, c, (int)H, (int)rH, w.w_dw, w.b_dw, w.w_pro, (int)D.k, t, Eb, 0, Pb, drow.data());
+      } else {
+        dw_pro_channel(par, c, (int)H, (int)rH, w.w_dw, w.b_dw, w.w_pro, (int)D.k, t, Ab, c, Pb, drow.data());
+      }
+    }
+    finish_r(par, (int)H, w.b_pro, w.alpha, w.beta, t, Ab, Pb);
+    store_r_tile(Pb.p, Pb.plane, Pb.ld, V, D, b, t, out, Rmap);
+  }
+}
+
+// Fast forward of one chunk [s, e) of (batch, row-tile) items. Rows are streamed: the expanded
+// rows live in a ring of the k rows one dw output row needs, so each is computed once (no halo
+// recompute) and every stage reads L1/L2-resident rows; both 1x1 mixes are head_mix micro-kernels
+// with the bias/relu6 and the residual/adapt-BN epilogues fused. Row buffers are padded to the
+// micro-kernel's column step (zero-initialised; padding columns hold finite junk nobody reads).
+template <class F>
+inline __attribute__((always_inline)) void refine_fwd_chunk_stream(const F* A, const F* V, const RefineW<F>& w,
+                                                                   const RefineDims& D, F* out, F* Rmap, int64_t s,
+                                                                   int64_t e) {
+  using VecF = cpu::vec_t<F>;
+  constexpr int L = cpu::Vec<F>::L, S = cpu::kMixStep<F>;
+  const int64_t N = D.N, H = D.H, rH = D.rH;
+  const int k = (int)D.k, p = k / 2;
+  const int64_t ntiles = (N + kRowsPerTile - 1) / kRowsPerTile;
+  const int64_t ldA = cpu::mix_pad(N + 2 * p, S), ldD = cpu::mix_pad(N, S);
+  const int64_t aplane = (kRowsPerTile + 2 * p) * ldA, rplane = kRowsPerTile * ldD;
+  BlasSerialGuard blas_guard;
+  // + S: the residual epilogue reads a row's centre up to column ldD, p past the row's end, and the
+  // stencil reads its input rows k - 1 past ldD
+  std::vector<F> abuf(H * aplane + S), ring(D.expand ? k * rH * ldA + S : 0), drow(rH * ldD), rbuf(H * rplane);
+  const Buf<F> Ab{abuf.data(), p, (int)ldA, (int)aplane};
+  const F six_s = 6;
+  const cpu::Splat<F> wexp(w.w_exp, D.expand ? rH * H : 0), bexp(w.b_exp, D.expand ? rH : 0), wpro(w.w_pro, H * rH),
+      wdw(w.w_dw, rH * k * k), bdw(w.b_dw, rH), bpro(w.b_pro, H), alpha(w.alpha, H), beta(w.beta, H), six(&six_s, 1);
+  auto e_row = [&](int y) -> F* { return ring.data() + ((y + p) % k) * rH * ldA; };  // E row y, column -p
+  SerialPar par;
+  for (int64_t idx = s; idx < e; ++idx) {
+    const int64_t b = idx / ntiles, r0 = (idx % ntiles) * kRowsPerTile;
+    const Tile t{N, r0, 0, (int)std::min<int64_t>(kRowsPerTile, N - r0), (int)N};
+    load_tile_rows(par, A + b * H * N * N, (int)H, t, Ab);
+    for (int y = -p; y < t.TR + p; ++y) {
+      if (D.expand) {  // E row y = relu6(W_exp A + b_exp), 0 off the map
+        F* er = e_row(y);
+        if (!map_row(t, y)) {
+          std::fill(er, er + rH * ldA, F(0));
+        } else {
+          cpu::head_mix<F>((int)rH, (int)H, N + 2 * p, wexp.data(), Ab.row(0, y) - p, aplane,
+                           [&](int m, int x, VecF lo, VecF hi) {
+                             cpu::vstore(er + m * ldA + x, cpu::relu6_vec<F>(lo + bexp[m], six[0]));
+                             cpu::vstore(er + m * ldA + x + L, cpu::relu6_vec<F>(hi + bexp[m], six[0]));
+                           });
+          for (int64_t c = 0; c < rH; ++c)
+            for (int j = 0; j < p; ++j) er[c * ldA + j] = er[c * ldA + p + N + j] = F(0);
+        }
+      }
+      const int yo = y - p;  // the output row whose last input row is y
+      if (yo < 0) continue;
+      for (int64_t c = 0; c < rH; ++c) {
+        const F* rows[7];
+        for (int i = 0; i < k; ++i) rows[i] = D.expand ? e_row(yo - p + i) + c * ldA : Ab.row((int)c, yo - p + i) - p;
+        F* dr = drow.data() + c * ldD;
+        const F* wc = wdw.data() + c * k * k * L;
+        switch (k) {  // k is checked to be odd, 1..7
+          case 1: cpu::dw_relu6_row<1>(dr, rows, wc, bdw[c], six[0], N); break;
+          case 3: cpu::dw_relu6_row<3>(dr, rows, wc, bdw[c], six[0], N); break;
+          case 5: cpu::dw_relu6_row<5>(dr, rows, wc, bdw[c], six[0], N); break;
+          default: cpu::dw_relu6_row<7>(dr, rows, wc, bdw[c], six[0], N); break;
+        }
+      }
+      // R row yo = alpha (A + W_pro D + b_pro) + beta
+      cpu::head_mix<F>((int)H, (int)rH, N, wpro.data(), drow.data(), ldD, [&](int m, int x, VecF lo, VecF hi) {
+        const F* ar = Ab.row(m, yo) + x;
+        F* rr = rbuf.data() + m * rplane + yo * ldD + x;
+        cpu::vstore(rr, alpha[m] * (cpu::vload(ar) + lo + bpro[m]) + beta[m]);
+        cpu::vstore(rr + L, alpha[m] * (cpu::vload(ar + L) + hi + bpro[m]) + beta[m]);
+      });
+    }
+    store_r_tile(rbuf.data(), rplane, ldD, V, D, b, t, out, Rmap);
+  }
+}
+
 template <class F>
 __attribute__((always_inline)) inline void refine_fwd_chunk(const F* A, const F* V, const RefineW<F>& w,
                                                             const RefineDims& D, F* out, F* Rmap, bool portable,
                                                             int64_t s, int64_t e) {
-  const int64_t N = D.N, H = D.H, d = D.d, rH = D.rH;
-  const int p = (int)D.k / 2;
-  const int64_t ntiles = (N + kRowsPerTile - 1) / kRowsPerTile;
-    Tile tmax{N, 0, 0, kRowsPerTile, (int)N};
-    BlasSerialGuard blas_guard;
-    std::vector<F> abuf(buf_elems<F>(tmax, p, (int)H)), ebuf(buf_elems<F>(tmax, p, portable ? 1 : (int)rH)),
-        dbuf(buf_elems<F>(tmax, 0, (int)rH)), pbuf(buf_elems<F>(tmax, 0, (int)H)), drow(N), acc(d);
-    SerialPar par;
-    for (int64_t idx = s; idx < e; ++idx) {
-      const int64_t b = idx / ntiles, r0 = (idx % ntiles) * kRowsPerTile;
-      Tile t{N, r0, 0, (int)std::min<int64_t>(kRowsPerTile, N - r0), (int)N};
-      auto Ab = make_buf(abuf.data(), t, p), Eb = make_buf(ebuf.data(), t, p), Pb = make_buf(pbuf.data(), t, 0),
-           Db = make_buf(dbuf.data(), t, 0);
-      if (portable) {
-        load_tile(par, A + b * H * N * N, (int)H, t, Ab);
-        std::fill(pbuf.begin(), pbuf.end(), F(0));
-        for (int c = 0; c < (int)rH; ++c) {
-          if (D.expand) {
-            expand_channel(par, c, (int)H, w.w_exp, w.b_exp, t, Ab, Eb, p);
-            dw_pro_channel(par, c, (int)H, (int)rH, w.w_dw, w.b_dw, w.w_pro, (int)D.k, t, Eb, 0, Pb, drow.data());
-          } else {
-            dw_pro_channel(par, c, (int)H, (int)rH, w.w_dw, w.b_dw, w.w_pro, (int)D.k, t, Ab, c, Pb, drow.data());
-          }
-        }
-        finish_r(par, (int)H, w.b_pro, w.alpha, w.beta, t, Ab, Pb);
-      } else {  // row-vectorised stages, BLAS head mixes
-        load_tile_rows(par, A + b * H * N * N, (int)H, t, Ab);
-        const Buf<F>& Ec = D.expand ? Eb : Ab;
-        if (D.expand) {
-          gemm_rm<F>(rH, Ab.plane, H, w.w_exp, H, Ab.p, Ab.plane, Eb.p, Eb.plane);
-          for (int c = 0; c < (int)rH; ++c) expand_epilogue_rows(par, c, w.b_exp, t, Eb, p);
-        }
-        for (int c = 0; c < (int)rH; ++c) {
-          dw_pre_channel(par, c, w.w_dw, w.b_dw, (int)D.k, t, Ec, c, Db, c, 0);
-          relu6_centre(par, c, t, Db, c, Db, c);  // in place
-        }
-        gemm_rm<F>(H, Db.plane, rH, w.w_pro, rH, Db.p, Db.plane, Pb.p, Pb.plane);
-        finish_r_rows(par, (int)H, w.b_pro, w.alpha, w.beta, t, Ab, Pb);
-      }
-      for (int64_t h = 0; h < H; ++h) {
-        const int64_t bh = b * H + h;
-        if (Rmap)
-          for (int y = 0; y < t.TR; ++y) {
-            const F* r = Pb.row((int)h, y);
-            std::copy(r, r + N, Rmap + (bh * N + r0 + y) * N);
-          }
-        if (out) gemm_rm<F>(t.TR, d, N, Pb.row((int)h, 0), N, V + bh * N * d, d, out + (bh * N + r0) * d, d);
-      }
-    }
+  if (portable) refine_fwd_chunk_portable(A, V, w, D, out, Rmap, s, e);
+  else refine_fwd_chunk_stream(A, V, w, D, out, Rmap, s, e);
 }
 
 // fp32 chunks are compiled twice (AVX2+FMA and baseline x86-64) and picked at load time.

@@ -1,0 +1,120 @@
+// CPU micro-kernels of the refine op's fast forward: the 1x1 head mixes (K = H or rH, i.e. 12-96)
+// and the depthwise stencil row, on GCC vector types.
+//
+// Head mixes:
+// BLAS packs both operands on every call, which dominates at these skinny shapes (perf: half of the
+// fused forward was MKL packing + kernel), and its output leaves cache before the next stage reads it.
+// Here the operands are used in place: W (M x K, row-major, tiny) is broadcast, X rows are read
+// 2 vectors wide, and an MR x 2 block of accumulators stays in registers (MR <= 6: 12 accumulators
+// + 3 operands fit the 16 AVX2 registers). GCC vector extensions: the same source compiles to
+// AVX2 in the x86-64-v3 clone and to SSE pairs in the baseline one.
+#pragma once
+// The vector helpers are always inlined into target_clones bodies: no vector crosses an ABI boundary.
+#pragma GCC diagnostic ignored "-Wpsabi"
+
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+namespace refiner {
+namespace cpu {
+
+template <class F> struct Vec {
+  typedef F type __attribute__((vector_size(32)));
+  static constexpr int L = 32 / sizeof(F);  // lanes
+};
+template <class F> using vec_t = typename Vec<F>::type;
+
+template <class F> inline __attribute__((always_inline)) vec_t<F> vload(const F* p) {
+  vec_t<F> v;
+  std::memcpy(&v, p, sizeof v);  // unaligned load
+  return v;
+}
+template <class F> inline __attribute__((always_inline)) void vstore(F* p, vec_t<F> v) { std::memcpy(p, &v, sizeof v); }
+// Values broadcast once per call into whole vectors and then read with plain vector loads: GCC
+// builds a vector from a scalar with lane inserts, not one vbroadcastss. Stored as F and read with
+// vload: std::vector does not honour the vector type's 32-byte alignment (vmovaps would fault).
+template <class F> struct Splat {
+  std::vector<F> v;
+  Splat(const F* w, int64_t n) : v(n * Vec<F>::L) {
+    for (int64_t i = 0; i < n; ++i)
+      for (int l = 0; l < Vec<F>::L; ++l) v[i * Vec<F>::L + l] = w[i];
+  }
+  const F* data() const { return v.data(); }
+  vec_t<F> operator[](int64_t i) const { return vload(v.data() + i * Vec<F>::L); }
+};
+
+// Columns are processed in steps of this many: callers pad row lengths (and strides) to it.
+template <class F> constexpr int kMixStep = 2 * Vec<F>::L;
+inline int64_t mix_pad(int64_t n, int step) { return (n + step - 1) / step * step; }
+
+// Rows [m0, m0 + MR) of C = W X over columns [x, x + 2L); epi(m, x, lo, hi) stores them.
+template <int MR, class F, class Epi>
+inline __attribute__((always_inline)) void mix_block(int m0, int K, const F* W, const F* X, int64_t ldx, int x,
+                                                     const Epi& epi) {
+  constexpr int L = Vec<F>::L;
+  vec_t<F> acc[MR][2];
+  for (int i = 0; i < MR; ++i) acc[i][0] = acc[i][1] = vec_t<F>{};
+  const F* w = W + (int64_t)m0 * K * L;
+  for (int k = 0; k < K; ++k) {
+    const vec_t<F> x0 = vload(X + k * ldx + x), x1 = vload(X + k * ldx + x + L);
+    for (int i = 0; i < MR; ++i) {
+      const vec_t<F> wi = vload(w + (i * K + k) * L);
+      acc[i][0] += wi * x0;
+      acc[i][1] += wi * x1;
+    }
+  }
+  for (int i = 0; i < MR; ++i) epi(m0 + i, x, acc[i][0], acc[i][1]);
+}
+
+// C = W (M x K, as Splat::data()) @ X (K x n, row stride ldx), handed to epi in MR x (2 lanes-vectors) blocks over
+// columns [0, mix_pad(n)): X's rows must be readable that far (pad them; the extra columns'
+// results go to epi too, which may store them into padding or drop them).
+template <class F, class Epi>
+inline __attribute__((always_inline)) void head_mix(int M, int K, int64_t n, const F* W, const F* X, int64_t ldx,
+                                                    const Epi& epi) {
+  constexpr int S = kMixStep<F>;
+  for (int x = 0; x < n; x += S) {
+    int m = 0;
+    for (; m + 6 <= M; m += 6) mix_block<6>(m, K, W, X, ldx, x, epi);
+    switch (M - m) {
+      case 5: mix_block<5>(m, K, W, X, ldx, x, epi); break;
+      case 4: mix_block<4>(m, K, W, X, ldx, x, epi); break;
+      case 3: mix_block<3>(m, K, W, X, ldx, x, epi); break;
+      case 2: mix_block<2>(m, K, W, X, ldx, x, epi); break;
+      case 1: mix_block<1>(m, K, W, X, ldx, x, epi); break;
+      default: break;
+    }
+  }
+}
+
+template <class F> inline __attribute__((always_inline)) vec_t<F> relu6_vec(vec_t<F> v, vec_t<F> six) {
+  const vec_t<F> zero{};
+  v = v < zero ? zero : v;  // NaN passes through, as relu6()
+  return v > six ? six : v;
+}
+
+// One depthwise output row of one channel: dr[x] = relu6(bias + sum_ij w[i K + j] rows[i][x + j])
+// over columns [0, mix_pad(n)) (taps in the order of stencil_row). rows[i] point at column -K/2 and
+// must be readable K - 1 past mix_pad(n); w: the K*K taps as Splat::data(). The K^2 tap vectors
+// stay in registers for K = 3; two output vectors per step share each tap load.
+template <int K, class F>
+inline __attribute__((always_inline)) void dw_relu6_row(F* dr, const F* const* rows, const F* w, vec_t<F> bias,
+                                                        vec_t<F> six, int64_t n) {
+  constexpr int L = Vec<F>::L;
+  vec_t<F> wv[K * K];
+  for (int t = 0; t < K * K; ++t) wv[t] = vload(w + t * L);
+  for (int64_t x = 0; x < n; x += 2 * L) {
+    vec_t<F> a0 = bias, a1 = bias;
+    for (int i = 0; i < K; ++i)
+      for (int j = 0; j < K; ++j) {
+        a0 += wv[i * K + j] * vload(rows[i] + x + j);
+        a1 += wv[i * K + j] * vload(rows[i] + x + L + j);
+      }
+    vstore(dr + x, relu6_vec<F>(a0, six));
+    vstore(dr + x + L, relu6_vec<F>(a1, six));
+  }
+}
+
+}  // namespace cpu
+}  // namespace refiner
