@@ -8,13 +8,15 @@ built or any data is read. Path types let ``""`` through: several scripts use it
 from __future__ import annotations
 
 import argparse
+import math
 import os
 from typing import Callable, Optional
 
 import torch
 
-__all__ = ["positive_int", "nonnegative_int", "positive_float", "existing_file", "existing_dir", "output_dir",
-           "device", "device_or_auto", "model_name", "check_img_size"]
+__all__ = ["positive_int", "nonnegative_int", "float_in", "positive_float", "nonnegative_float", "probability",
+           "existing_file", "existing_dir", "output_dir", "device", "device_or_auto", "model_name", "auto_augment",
+           "check_img_size"]
 
 
 def _int(s) -> int:
@@ -38,14 +40,31 @@ def nonnegative_int(s) -> int:
     return v
 
 
-def positive_float(s) -> float:
-    try:
-        v = float(s)
-    except (TypeError, ValueError):
-        raise argparse.ArgumentTypeError(f"expected a number, got {s!r}") from None
-    if not v > 0 or v == float("inf"):  # also rejects nan
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {s!r}")
-    return v
+def float_in(lo: float = -math.inf, hi: float = math.inf, lo_open: bool = False, hi_open: bool = False):
+    """argparse type: a finite float between ``lo`` and ``hi``, each end included unless ``*_open``.
+    nan and +-inf are always refused: no option means anything by them (a nan lr trains a model of
+    nans), and a bare ``v < lo`` test would let nan through (every comparison with nan is False)."""
+    if math.isinf(hi):
+        want = f"a number {'>' if lo_open else '>='} {lo:g}" if math.isfinite(lo) else "a finite number"
+    elif math.isinf(lo):
+        want = f"a number {'<' if hi_open else '<='} {hi:g}"
+    else:
+        want = f"a number in {'(' if lo_open else '['}{lo:g}, {hi:g}{')' if hi_open else ']'}"
+
+    def check(s) -> float:
+        try:
+            v = float(s)
+        except (TypeError, ValueError):
+            raise argparse.ArgumentTypeError(f"expected a number, got {s!r}") from None
+        if not (math.isfinite(v) and (lo < v if lo_open else lo <= v) and (v < hi if hi_open else v <= hi)):
+            raise argparse.ArgumentTypeError(f"expected {want}, got {s!r}")
+        return v
+    return check
+
+
+positive_float = float_in(0, lo_open=True)
+nonnegative_float = float_in(0)
+probability = float_in(0, 1)
 
 
 def existing_file(s: str) -> str:
@@ -96,6 +115,25 @@ def model_name(s: str) -> str:
     if not timm.is_model(s):
         raise argparse.ArgumentTypeError(f"unknown model {s!r} (e.g. refiner_vit_s, refiner_vit_m, refiner_vit_l, "
                                          f"or any timm model name)")
+    return s
+
+
+def auto_augment(s: str) -> str:
+    """A timm auto-augment string, or '' for none. Built here with timm's own parser, dispatched on
+    the prefix as timm.data.transforms_factory does, so a typo fails now and names the flag instead
+    of failing inside timm when the loader is built."""
+    if not s:
+        return s
+    from timm.data import auto_augment as aa
+    build = (aa.rand_augment_transform if s.startswith("rand") else
+             aa.augment_and_mix_transform if s.startswith("augmix") else aa.auto_augment_transform)
+    try:
+        build(s, dict(translate_const=100, img_mean=(124, 116, 104)))  # placeholder hparams: the string is checked
+    except Exception as e:  # timm's parser reports with assert, int()/float() and lookups alike
+        raise argparse.ArgumentTypeError(
+            f"{s!r} is not a timm auto-augment policy ({str(e) or type(e).__name__}); expected '' for none, "
+            f"RandAugment (e.g. rand-m9-mstd0.5-inc1), AugMix (e.g. augmix-m5-w4-d2) or AutoAugment "
+            f"(v0, v0r, original, originalr or 3a, e.g. original-mstd0.5)") from None
     return s
 
 

@@ -12,10 +12,15 @@ from typing import Optional, Sequence, Tuple
 import yaml
 from timm.utils import ParseKwargs
 
-from .cli import (device, existing_dir, existing_file, model_name, nonnegative_int, output_dir, positive_float,
-                  positive_int)
+from .cli import (auto_augment, device, existing_dir, existing_file, float_in, model_name, nonnegative_float,
+                  nonnegative_int, output_dir, positive_float, positive_int, probability)
 
 __all__ = ["build_parser", "parse_args"]
+
+# Adam-style betas in [0, 1) as torch checks them; a --scale end is a fraction of the image's area
+# (above 1 the crop would not fit, torchvision silently falls back to a centre crop)
+beta = float_in(0, 1, hi_open=True)
+area_fraction = float_in(0, 1, lo_open=True)
 
 # timm schedulers that step per update (train.py calls step_update); 'plateau' steps per epoch only.
 SCHEDULERS = ("cosine", "tanh", "step", "constant", "multistep", "poly", "wsd", "rsqrt")
@@ -52,56 +57,62 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--img-size", type=positive_int, default=224)
     g.add_argument("--crop-pct", type=positive_float, default=None,
                    help="eval crop; default: the model's pretrained_cfg")
-    g.add_argument("--drop", type=float, default=0.0)
-    g.add_argument("--drop-path", type=float, default=0.1)
+    g.add_argument("--drop", type=probability, default=0.0)
+    g.add_argument("--drop-path", type=probability, default=0.1)
     g.add_argument("--model-kwargs", nargs="*", default={}, action=ParseKwargs,
                    help="extra model kwargs, e.g. embed_dim=48 depth=4")
     g.add_argument("--return-dense", action=B, default=False, help="dense aux head (token labelling)")
     g.add_argument("--mix-token", action=B, default=False, help="MixToken (needs --return-dense)")
-    g.add_argument("--dense-weight", type=float, default=0.5)
+    g.add_argument("--dense-weight", type=nonnegative_float, default=0.5)
     g.add_argument("--label-affine", action=B, default=True,
                    help="token labels follow RandAugment's rotate/shear/translate (--no-label-affine: only crop "
                         "and flip, as the original TokenLabeling)")
-    g.add_argument("--cos-reg", type=float, default=0.0, help="weight of the attention-map cosine regulariser")
+    g.add_argument("--cos-reg", type=nonnegative_float, default=0.0,
+                   help="weight of the attention-map cosine regulariser")
     g.add_argument("--fused", action=B, default=False, help="convert to the fused kernels (refiner.fused)")
     g.add_argument("--initial-checkpoint", default="", type=existing_file,
                    help="load model weights (not training state)")
     g = p.add_argument_group("optimiser and schedule")
     g.add_argument("--opt", default="adamw", type=optimizer_name)
-    g.add_argument("--lr", type=float, default=None, help="absolute lr; default lr-base * global_batch / lr-base-size")
-    g.add_argument("--lr-base", type=float, default=5e-4)
+    g.add_argument("--lr", type=positive_float, default=None,
+                   help="absolute lr; default lr-base * global_batch / lr-base-size")
+    g.add_argument("--lr-base", type=positive_float, default=5e-4)
     g.add_argument("--lr-base-size", type=positive_int, default=1024)
-    g.add_argument("--weight-decay", type=float, default=0.05)
-    g.add_argument("--opt-eps", type=float, default=None)
-    g.add_argument("--opt-betas", type=float, nargs="+", default=None)
-    g.add_argument("--momentum", type=float, default=0.9)
-    g.add_argument("--clip-grad", type=float, default=None, help="gradient norm clipping (None: off)")
+    g.add_argument("--weight-decay", type=nonnegative_float, default=0.05)
+    g.add_argument("--opt-eps", type=positive_float, default=None)
+    g.add_argument("--opt-betas", type=beta, nargs="+", default=None)
+    g.add_argument("--momentum", type=float_in(0, 1), default=0.9)
+    g.add_argument("--clip-grad", type=positive_float, default=None, help="gradient norm clipping (None: off)")
     g.add_argument("--sched", default="cosine", choices=SCHEDULERS)
     g.add_argument("--epochs", type=positive_int, default=300)
     g.add_argument("--warmup-epochs", type=nonnegative_int, default=5)
-    g.add_argument("--warmup-lr", type=float, default=1e-6)
-    g.add_argument("--min-lr", type=float, default=1e-5)
+    # 0 is a usual warmup start and annealing floor (timm's own min_lr default): only these two may be 0
+    g.add_argument("--warmup-lr", type=nonnegative_float, default=1e-6)
+    g.add_argument("--min-lr", type=nonnegative_float, default=1e-5)
     g.add_argument("--cooldown-epochs", type=nonnegative_int, default=0)
     g.add_argument("--batch-size", "-b", type=positive_int, default=128, help="per process")
     g.add_argument("--val-batch-size", type=positive_int, default=None)
     g = p.add_argument_group("augmentation and regularisation")
-    g.add_argument("--aa", default="rand-m9-mstd0.5-inc1", help="timm auto_augment string ('' for none)")
-    g.add_argument("--reprob", type=float, default=0.25)
+    g.add_argument("--aa", default="rand-m9-mstd0.5-inc1", type=auto_augment,
+                   help="timm auto_augment string ('' for none)")
+    g.add_argument("--reprob", type=probability, default=0.25)
     g.add_argument("--remode", default="pixel")
     g.add_argument("--recount", type=nonnegative_int, default=1)
-    g.add_argument("--scale", type=float, nargs=2, default=[0.08, 1.0])
-    g.add_argument("--ratio", type=float, nargs=2, default=[3. / 4., 4. / 3.])
-    g.add_argument("--hflip", type=float, default=0.5)
-    g.add_argument("--color-jitter", type=float, default=0.4)
+    g.add_argument("--scale", type=area_fraction, nargs=2, default=[0.08, 1.0], metavar=("MIN", "MAX"),
+                   help="area fraction range of the random crop")
+    g.add_argument("--ratio", type=positive_float, nargs=2, default=[3. / 4., 4. / 3.], metavar=("MIN", "MAX"),
+                   help="aspect ratio range of the random crop")
+    g.add_argument("--hflip", type=probability, default=0.5)
+    g.add_argument("--color-jitter", type=nonnegative_float, default=0.4)
     g.add_argument("--train-interpolation", default="random")
-    g.add_argument("--mixup", type=float, default=0.8)
-    g.add_argument("--cutmix", type=float, default=1.0)
-    g.add_argument("--mixup-prob", type=float, default=1.0)
-    g.add_argument("--mixup-switch-prob", type=float, default=0.5)
+    g.add_argument("--mixup", type=nonnegative_float, default=0.8, help="mixup Beta alpha (0: off)")
+    g.add_argument("--cutmix", type=nonnegative_float, default=1.0, help="cutmix Beta alpha (0: off)")
+    g.add_argument("--mixup-prob", type=probability, default=1.0)
+    g.add_argument("--mixup-switch-prob", type=probability, default=0.5)
     g.add_argument("--mixup-mode", default="batch")
-    g.add_argument("--smoothing", type=float, default=0.1)
+    g.add_argument("--smoothing", type=float_in(0, 1, hi_open=True), default=0.1)  # timm asserts < 1
     g.add_argument("--model-ema", action=B, default=True)
-    g.add_argument("--model-ema-decay", type=float, default=0.99996)
+    g.add_argument("--model-ema-decay", type=float_in(0, 1), default=0.99996)
     g.add_argument("--model-ema-warmup", action=B, default=False,
                    help="ramp the EMA decay up (timm ModelEmaV3 warmup); useful for short runs")
     g = p.add_argument_group("run")
@@ -151,6 +162,12 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> Tuple[argparse.Namespace
         parser.error("--mix-token needs --return-dense")
     if args.token_labels and not args.return_dense:
         parser.error("--token-labels needs --return-dense (use a *_tl.yaml config)")
+    if args.token_labels and args.aa and not args.aa.startswith("rand"):
+        parser.error(f"--aa {args.aa}: token labelling (--token-labels) supports RandAugment ('rand-...') only")
+    # after parsing: each end is checked by the flag's type, the order needs both (from a flag or the YAML)
+    for flag, (lo, hi) in (("--scale", args.scale), ("--ratio", args.ratio)):
+        if lo > hi:
+            parser.error(f"{flag} {lo:g} {hi:g}: expected MIN <= MAX")
     return args, cfg
 
 

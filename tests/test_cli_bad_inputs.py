@@ -50,6 +50,9 @@ def files(tmp_path_factory):
              "batch_neg.yaml": "batch_size: -4\n", "epochs_float.yaml": "epochs: 2.5\n",
              "kwargs.yaml": "model_kwargs: 3\n", "amp_str.yaml": "amp: 'yes'\n", "model.yaml": "model: nope_vit\n",
              "sched.yaml": "sched: plateau\n", "scale.yaml": "scale: [0.5]\n", "data.yaml": "data: /nonexistent\n",
+             "reprob.yaml": "reprob: 1.5\n", "lr_nan.yaml": "lr: .nan\n", "betas.yaml": "opt_betas: [0.9, 1.0]\n",
+             "ema.yaml": "model_ema_decay: 1.5\n", "smoothing_str.yaml": "smoothing: high\n",
+             "scale_order.yaml": "scale: [0.9, 0.5]\n", "aa.yaml": "aa: rand-m9x\n",
              "bad.json": "{not json", "list.json": "[1, 2]", "norows.json": '{"meta": {}}',
              "file.txt": "a file, not a folder"}
     for name, text in texts.items():
@@ -84,6 +87,13 @@ CASES = [
     ("train", ["-c", "{tmp}/sched.yaml"], USAGE, ["sched (--sched)", "plateau"]),
     ("train", ["-c", "{tmp}/scale.yaml"], USAGE, ["scale (--scale)", "2 values"]),
     ("train", ["-c", "{tmp}/data.yaml"], USAGE, ["data (--data)", "no such directory"]),
+    ("train", ["-c", "{tmp}/reprob.yaml"], USAGE, ["reprob (--reprob)", "[0, 1]", "'1.5'"]),
+    ("train", ["-c", "{tmp}/lr_nan.yaml"], USAGE, ["lr (--lr)", "> 0", "'nan'"]),
+    ("train", ["-c", "{tmp}/betas.yaml"], USAGE, ["opt_betas (--opt-betas)", "[0, 1)", "'1.0'"]),
+    ("train", ["-c", "{tmp}/ema.yaml"], USAGE, ["model_ema_decay (--model-ema-decay)", "[0, 1]"]),
+    ("train", ["-c", "{tmp}/smoothing_str.yaml"], USAGE, ["smoothing (--smoothing)", "expected a number"]),
+    ("train", ["-c", "{tmp}/scale_order.yaml"], USAGE, ["--scale 0.9 0.5", "MIN <= MAX"]),
+    ("train", ["-c", "{tmp}/aa.yaml"], USAGE, ["aa (--aa)", "'rand-m9x'", "auto-augment"]),
     # ---- train: flags
     ("train", ["--batch-size", "0"], USAGE, ["--batch-size", "positive"]),
     ("train", ["-b", "-2"], USAGE, ["--batch-size", "positive"]),
@@ -111,6 +121,44 @@ CASES = [
     ("train", ["--token-labels", "{tmp}/nope"], USAGE, ["--token-labels", "no such directory"]),
     ("train", ["--token-labels", "{labels}"], USAGE, ["--token-labels", "--return-dense"]),
     ("train", ["--mix-token"], USAGE, ["--mix-token", "--return-dense"]),
+    # ---- train: float ranges (nan and inf are never valid)
+    ("train", ["--drop", "1.5"], USAGE, ["--drop", "[0, 1]"]),
+    ("train", ["--drop-path", "-0.1"], USAGE, ["--drop-path", "[0, 1]"]),
+    ("train", ["--dense-weight", "-1"], USAGE, ["--dense-weight", ">= 0"]),
+    ("train", ["--cos-reg", "nan"], USAGE, ["--cos-reg", ">= 0"]),
+    ("train", ["--lr", "0"], USAGE, ["--lr", "> 0"]),
+    ("train", ["--lr", "inf"], USAGE, ["--lr", "> 0"]),
+    ("train", ["--lr", "fast"], USAGE, ["--lr", "expected a number"]),
+    ("train", ["--lr-base", "-0.0005"], USAGE, ["--lr-base", "> 0"]),
+    ("train", ["--weight-decay", "-0.05"], USAGE, ["--weight-decay", ">= 0"]),
+    ("train", ["--opt-eps", "0"], USAGE, ["--opt-eps", "> 0"]),
+    ("train", ["--opt-betas", "0.9", "1.0"], USAGE, ["--opt-betas", "[0, 1)"]),
+    ("train", ["--momentum", "1.5"], USAGE, ["--momentum", "[0, 1]"]),
+    ("train", ["--clip-grad", "0"], USAGE, ["--clip-grad", "> 0"]),
+    ("train", ["--warmup-lr", "-0.1"], USAGE, ["--warmup-lr", ">= 0"]),
+    ("train", ["--min-lr", "nan"], USAGE, ["--min-lr", ">= 0"]),
+    ("train", ["--reprob", "1.5"], USAGE, ["--reprob", "[0, 1]"]),
+    ("train", ["--scale", "0", "1"], USAGE, ["--scale", "(0, 1]"]),
+    ("train", ["--scale", "0.5", "1.5"], USAGE, ["--scale", "(0, 1]"]),
+    ("train", ["--scale", "0.9", "0.5"], USAGE, ["--scale 0.9 0.5", "MIN <= MAX"]),
+    ("train", ["--ratio", "0", "1"], USAGE, ["--ratio", "> 0"]),
+    ("train", ["--ratio", "1.5", "0.5"], USAGE, ["--ratio 1.5 0.5", "MIN <= MAX"]),
+    ("train", ["--hflip", "2"], USAGE, ["--hflip", "[0, 1]"]),
+    ("train", ["--color-jitter", "-0.4"], USAGE, ["--color-jitter", ">= 0"]),
+    ("train", ["--mixup", "-0.8"], USAGE, ["--mixup", ">= 0"]),
+    ("train", ["--cutmix", "inf"], USAGE, ["--cutmix", ">= 0"]),
+    ("train", ["--mixup-prob", "1.5"], USAGE, ["--mixup-prob", "[0, 1]"]),
+    ("train", ["--mixup-switch-prob", "nan"], USAGE, ["--mixup-switch-prob", "[0, 1]"]),
+    ("train", ["--smoothing", "1"], USAGE, ["--smoothing", "[0, 1)"]),
+    ("train", ["--smoothing", "-0.1"], USAGE, ["--smoothing", "[0, 1)"]),
+    ("train", ["--model-ema-decay", "1.01"], USAGE, ["--model-ema-decay", "[0, 1]"]),
+    # ---- train: auto-augment policy, parsed by timm at parse time
+    ("train", ["--aa", "nope"], USAGE, ["--aa", "'nope'", "auto-augment", "Unknown AA policy"]),
+    ("train", ["--aa", "rand-m9x"], USAGE, ["--aa", "'rand-m9x'", "auto-augment"]),
+    ("train", ["--aa", "rand-q5"], USAGE, ["--aa", "'rand-q5'", "RandAugment"]),
+    ("train", ["--aa", "augmix-z3"], USAGE, ["--aa", "'augmix-z3'", "AugMix"]),
+    ("train", ["--aa", "augmix-m5", "--token-labels", "{labels}", "--return-dense"], USAGE,
+     ["--aa augmix-m5", "--token-labels", "RandAugment"]),
     # ---- train: checks that need the data or the model (exit before the first step)
     ("train", TINY, EXIT, ["--data"]),
     ("train", T + ["--img-size", "40"], EXIT, ["--img-size 40", "multiple", "16"]),
@@ -251,3 +299,27 @@ def test_args_yaml_of_a_run_is_a_valid_config(tmp_path):
     cfg.write_text(yaml.safe_dump(vars(args)))
     again, _ = parse_args(["-c", str(cfg)])
     assert {**vars(again), "config": ""} == vars(args)
+
+
+@pytest.mark.parametrize("argv,expect", [
+    (["--reprob", "0"], {"reprob": 0.0}),
+    (["--smoothing", "0.0"], {"smoothing": 0.0}),
+    (["--aa", ""], {"aa": ""}),
+    (["--aa", "rand-m9-mstd0.5-inc1"], {"aa": "rand-m9-mstd0.5-inc1"}),
+    (["--aa", "augmix-m5-w4-d2"], {"aa": "augmix-m5-w4-d2"}),
+    (["--aa", "original-mstd0.5"], {"aa": "original-mstd0.5"}),
+    (["--scale", "1", "1", "--ratio", "0.5", "0.5"], {"scale": [1.0, 1.0], "ratio": [0.5, 0.5]}),
+    (["--warmup-lr", "0", "--min-lr", "0", "--weight-decay", "0"], {"warmup_lr": 0.0, "min_lr": 0.0}),
+    (["--drop", "1", "--momentum", "0", "--model-ema-decay", "1"], {"drop": 1.0, "momentum": 0.0}),
+    (["--opt-betas", "0", "0.999", "--lr", "1e-3"], {"opt_betas": [0.0, 0.999], "lr": 1e-3}),
+], ids=lambda v: " ".join(v) if isinstance(v, list) else "")
+def test_edge_values_still_parse(argv, expect):
+    args, _ = parse_args(argv)
+    assert {k: getattr(args, k) for k in expect} == expect
+
+
+def test_edge_values_still_parse_from_yaml(tmp_path):
+    cfg = {"reprob": 0, "smoothing": 0.0, "aa": "", "scale": [1, 1], "lr": 1e-3, "min_lr": 0, "opt_betas": [0.9, 0.99]}
+    (tmp_path / "edge.yaml").write_text(yaml.safe_dump(cfg))
+    args, _ = parse_args(["-c", str(tmp_path / "edge.yaml")])
+    assert {k: getattr(args, k) for k in cfg} == cfg
