@@ -13,6 +13,7 @@
 #pragma GCC diagnostic ignored "-Wpsabi"
 
 #include <cstdint>
+#include <cmath>
 #include <cstring>
 #include <vector>
 
@@ -34,6 +35,9 @@ template <class F> inline __attribute__((always_inline)) void vstore(F* p, vec_t
 // Values broadcast once per call into whole vectors and then read with plain vector loads: GCC
 // builds a vector from a scalar with lane inserts, not one vbroadcastss. Stored as F and read with
 // vload: std::vector does not honour the vector type's 32-byte alignment (vmovaps would fault).
+// Constants only (a splat of a loaded value is built with lane inserts; see Splat).
+inline __attribute__((always_inline)) vec_t<float> vsplat8(float s) { return vec_t<float>{s, s, s, s, s, s, s, s}; }
+
 template <class F> struct Splat {
   std::vector<F> v;
   Splat(const F* w, int64_t n) : v(n * Vec<F>::L) {
@@ -113,6 +117,71 @@ inline __attribute__((always_inline)) void dw_relu6_row(F* dr, const F* const* r
       }
     vstore(dr + x, relu6_vec<F>(a0, six));
     vstore(dr + x + L, relu6_vec<F>(a1, six));
+  }
+}
+
+// ---------------------------------------------------------------------------
+// Softmax block: exp and one fused softmax + residual row (fp32).
+// ---------------------------------------------------------------------------
+typedef int32_t vec_i32 __attribute__((vector_size(32)));
+
+// expf on 8 lanes, Cephes' polynomial after x = n ln2 + r (|r| <= ln2 / 2), 2^n added to the
+// exponent bits: within 2 ulp of expf. x < -87.3 (a subnormal result) gives 0, NaN stays NaN.
+inline __attribute__((always_inline)) vec_t<float> exp_vec(vec_t<float> x) {
+  const vec_t<float> lo = vsplat8(-87.33654f), hi = vsplat8(88.37626f);
+  const vec_t<float> xc = x < lo ? lo : (x > hi ? hi : x);
+  const vec_t<float> magic = vsplat8(12582912.f);  // 1.5 * 2^23: adding it rounds to an integer
+  const vec_t<float> t = xc * vsplat8(1.44269504088896341f) + magic;
+  const vec_t<float> n = t - magic;
+  const vec_t<float> r = xc - n * vsplat8(0.693359375f) - n * vsplat8(-2.12194440e-4f);
+  vec_t<float> p = vsplat8(1.9875691500E-4f);
+  p = p * r + vsplat8(1.3981999507E-3f);
+  p = p * r + vsplat8(8.3334519073E-3f);
+  p = p * r + vsplat8(4.1665795894E-2f);
+  p = p * r + vsplat8(1.6666665459E-1f);
+  p = p * r + vsplat8(5.0000001201E-1f);
+  p = p * (r * r) + r + vsplat8(1.f);
+  const vec_i32 scaled = (vec_i32)p + (((vec_i32)t - (vec_i32)magic) << 23);
+  vec_t<float> y = (vec_t<float>)scaled;
+  y = x < lo ? vec_t<float>{} : y;
+  y = x > hi ? vsplat8(__builtin_inff()) : y;
+  return x != x ? x : y;
+}
+
+// One attention row: a = softmax(s) + sprev * prev (prev may be null), s already scaled. s and a
+// may be the same row.
+inline __attribute__((always_inline)) void softmax_residual_row(float* a, const float* s, const float* prev, int64_t n,
+                                                                float sprev) {
+  constexpr int L = 8;
+  const int64_t nv = n / L * L;
+  float mx = -__builtin_inff();
+  if (nv) {
+    vec_t<float> m = vload(s);
+    for (int64_t x = L; x < nv; x += L) {
+      const vec_t<float> v = vload(s + x);
+      m = v > m ? v : m;
+    }
+    for (int l = 0; l < L; ++l) mx = m[l] > mx ? m[l] : mx;
+  }
+  for (int64_t x = nv; x < n; ++x) mx = s[x] > mx ? s[x] : mx;
+  const vec_t<float> mv = vsplat8(mx);
+  vec_t<float> sv{};
+  for (int64_t x = 0; x < nv; x += L) {
+    const vec_t<float> e = exp_vec(vload(s + x) - mv);
+    vstore(a + x, e);
+    sv += e;
+  }
+  float sum = 0;
+  for (int l = 0; l < L; ++l) sum += sv[l];
+  for (int64_t x = nv; x < n; ++x) sum += (a[x] = std::exp(s[x] - mx));
+  const float inv = 1.f / sum;
+  const vec_t<float> iv = vsplat8(inv), sp = vsplat8(sprev);
+  if (prev) {
+    for (int64_t x = 0; x < nv; x += L) vstore(a + x, vload(a + x) * iv + sp * vload(prev + x));
+    for (int64_t x = nv; x < n; ++x) a[x] = a[x] * inv + sprev * prev[x];
+  } else {
+    for (int64_t x = 0; x < nv; x += L) vstore(a + x, vload(a + x) * iv);
+    for (int64_t x = nv; x < n; ++x) a[x] *= inv;
   }
 }
 

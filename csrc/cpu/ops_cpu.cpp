@@ -98,9 +98,33 @@ inline bool portable_path() {
   return e && e[0] == '1';
 }
 
+// fp32 hot loops are compiled twice (AVX2+FMA and baseline x86-64) and picked at load time.
+// x86-64-v3 (not arch=haswell): GCC dispatches arch=<cpu> clones on the CPU model, so AMD CPUs
+// got the baseline clone; the ISA level is dispatched on the feature bits.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define RF_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
+#else
+#define RF_CLONES
+#endif
+
 // ----------------------------------------------------------------------------
 // softmax block
 // ----------------------------------------------------------------------------
+RF_CLONES void softmax_residual_rows_f32(float* a, const float* s, const float* prev, int64_t rows, int64_t n,
+                                         float sprev) {
+  for (int64_t i = 0; i < rows; ++i)
+    cpu::softmax_residual_row(a + i * n, s + i * n, prev ? prev + i * n : nullptr, n, sprev);
+}
+// The fused vector rows exist for fp32 only: false tells the fp64 caller to use ATen's softmax.
+inline bool softmax_residual_rows_fast(float* a, const float* s, const float* prev, int64_t rows, int64_t n,
+                                       float sprev) {
+  softmax_residual_rows_f32(a, s, prev, rows, n, sprev);
+  return true;
+}
+inline bool softmax_residual_rows_fast(double*, const double*, const double*, int64_t, int64_t, double) {
+  return false;
+}
+
 template <class F>
 void softmax_rows(F* a, const F* prev, int64_t rows, int64_t n, F scale) {
   for (int64_t i = 0; i < rows; ++i) {
@@ -146,11 +170,14 @@ std::tuple<Tensor, Tensor> softmax_block_cpu(const Tensor& q, const Tensor& k, c
         if (portable) {  // the element-wise math shared with the CUDA kernel
           at::mm_out(a, qf.select(0, bh), kf.select(0, bh).t());
           softmax_rows<F>(a.data_ptr<F>(), pp ? pp + bh * N * N : nullptr, N, N, F(scale));
-        } else {  // same math through ATen's vectorised (SIMD exp) softmax, on a cache-resident block
+        } else {  // scores into a cache-resident block, then fused vector rows (fp32) or ATen's softmax (fp64)
           gemm_rm<F>(N, N, d, qf.data_ptr<F>() + bh * N * d, d, kf.data_ptr<F>() + bh * N * d, d, S.data_ptr<F>(), N,
                      false, true, F(scale));
-          at::_softmax_out(a, S, -1, false);
-          if (pp) a.add_(pf.select(0, bh), scale);
+          if (!softmax_residual_rows_fast(a.data_ptr<F>(), S.data_ptr<F>(), pp ? pp + bh * N * N : nullptr, N, N,
+                                          F(scale))) {
+            at::_softmax_out(a, S, -1, false);
+            if (pp) a.add_(pf.select(0, bh), scale);
+          }
         }
         gemm_rm<F>(N, d, N, a.data_ptr<F>(), N, vf.data_ptr<F>() + bh * N * d, d, out.data_ptr<F>() + bh * N * d, d);
       }
@@ -353,14 +380,6 @@ __attribute__((always_inline)) inline void refine_fwd_chunk(const F* A, const F*
   else refine_fwd_chunk_stream(A, V, w, D, out, Rmap, s, e);
 }
 
-// fp32 chunks are compiled twice (AVX2+FMA and baseline x86-64) and picked at load time.
-// x86-64-v3 (not arch=haswell): GCC dispatches arch=<cpu> clones on the CPU model, so AMD CPUs
-// got the baseline clone; the ISA level is dispatched on the feature bits.
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define RF_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
-#else
-#define RF_CLONES
-#endif
 RF_CLONES void refine_fwd_chunk_f32(const float* A, const float* V, const RefineW<float>& w, const RefineDims& D,
                                     float* out, float* Rmap, bool portable, int64_t s, int64_t e) {
   refine_fwd_chunk<float>(A, V, w, D, out, Rmap, portable, s, e);
