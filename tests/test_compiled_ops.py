@@ -125,6 +125,26 @@ def test_softmax_block_portable_path(monkeypatch, prev):
             [q, k, v, p], rtol=1e-5, atol=2e-5)
 
 
+def test_softmax_block_exp_range():
+    """The fp32 CPU path has its own vector exp: scores from far below the underflow point
+    (-87.3 below the row max) to the max, rows of 1..17 keys (vector body and scalar tail),
+    an all-equal row, and a NaN row staying NaN."""
+    for n in (1, 2, 7, 8, 9, 16, 17):
+        q = torch.linspace(1.0, 0.5, n).reshape(1, 1, n, 1)  # row spans of 160 .. 80 below the max
+        k = torch.linspace(-130, 30, n).reshape(1, 1, n, 1)
+        v = torch.randn(1, 1, n, 1)
+        out, attn = C.softmax_block(q, k, v, None, 1.0)
+        ref_out, ref_attn = R.softmax_block(q.double(), k.double(), v.double(), None, 1.0)
+        assert_close(attn.double(), ref_attn, 2e-6, 1e-12, f"attn n={n}")
+        assert_close(out.double(), ref_out, 1e-5, 1e-5, f"out n={n}")
+    flat = C.softmax_block(torch.zeros(1, 1, 9, 2), torch.zeros(1, 1, 9, 2), torch.ones(1, 1, 9, 2), None, 1.0)[1]
+    assert torch.equal(flat, torch.full_like(flat, 1 / 9))
+    q = torch.randn(1, 1, 9, 2)
+    q[0, 0, 4, 0] = float("nan")
+    attn = C.softmax_block(q, torch.randn(1, 1, 9, 2), torch.randn(1, 1, 9, 2), None, 1.0)[1]
+    assert attn[0, 0, 4].isnan().all() and not attn[0, 0, torch.arange(9) != 4].isnan().any()
+
+
 def test_softmax_block_forward_n577():
     q, k, v, p = softmax_inputs(1, 2, 577, 32, True, torch.float32)
     o1, a1 = C.softmax_block(q, k, v, p, 0.2)
@@ -190,6 +210,31 @@ def test_refine_eval_portable_path(monkeypatch, ratio, k):
     args, expand = refine_inputs(2, 12, 17, 32, ratio, k, torch.float32)
     compare(lambda *a: C.refine_eval(*a, expand), lambda *a: R.refine_eval(*a, expand), args,
             rtol=1e-5, atol=2e-5, names=REFINE_NAMES)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("ratio,k", [(3, 3), (1, 3), (2, 5), (3, 7), (2, 1)])
+def test_refine_eval_forward_vector_tails(ratio, k, dtype):
+    """The streamed CPU forward pads rows to whole vectors (8 fp32 / 4 fp64 lanes), ends with a
+    one-vector block, uses 32-row tiles and 6-row head-mix blocks: N around every residue of the
+    padded widths N and N + k - 1, N = 33 (a 1-row last tile) and H = 5 (mixes of 5 and 15 rows)."""
+    tol = 1e-5 if dtype == torch.float32 else 1e-12
+    for N in (1, 2, 3, 7, 8, 9, 12, 15, 16, 17, 33):
+        args, expand = refine_inputs(2, 5, N, 7, ratio, k, dtype, seed=N)
+        ref = [t.double() for t in args]
+        with torch.no_grad():
+            assert_close(C.refine_eval(*args, expand).double(), R.refine_eval(*ref, expand), tol, tol, f"N={N}")
+
+
+def test_refine_eval_forward_propagates_nan_locally():
+    """A NaN in one attention entry spreads as in the reference (through its k x k neighbourhood
+    and the head mixes), not into other rows via padding columns or ring buffers."""
+    args, expand = refine_inputs(1, 4, 40, 8, 3, 3, torch.float32)
+    args[0][0, 1, 20, 39] = float("nan")
+    with torch.no_grad():
+        out, ref = C.refine_eval(*args, expand), R.refine_eval(*args, expand)
+    assert torch.equal(out.isnan(), ref.isnan())
+    assert_close(out.nan_to_num(), ref.nan_to_num(), 1e-5, 2e-5)
 
 
 def test_refine_eval_forward_n577():

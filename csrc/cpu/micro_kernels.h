@@ -45,51 +45,60 @@ template <class F> struct Splat {
       for (int l = 0; l < Vec<F>::L; ++l) v[i * Vec<F>::L + l] = w[i];
   }
   const F* data() const { return v.data(); }
-  vec_t<F> operator[](int64_t i) const { return vload(v.data() + i * Vec<F>::L); }
+  inline __attribute__((always_inline)) vec_t<F> operator[](int64_t i) const { return vload(v.data() + i * Vec<F>::L); }
 };
 
-// Columns are processed in steps of this many: callers pad row lengths (and strides) to it.
-template <class F> constexpr int kMixStep = 2 * Vec<F>::L;
-inline int64_t mix_pad(int64_t n, int step) { return (n + step - 1) / step * step; }
+// Row lengths (and strides) are padded to whole vectors: the kernels below read and write them
+// whole (padding columns hold finite junk nobody reads).
+template <class F> inline int64_t vec_pad(int64_t n) { return (n + Vec<F>::L - 1) / Vec<F>::L * Vec<F>::L; }
 
-// Rows [m0, m0 + MR) of C = W X over columns [x, x + 2L); epi(m, x, lo, hi) stores them.
-template <int MR, class F, class Epi>
-inline __attribute__((always_inline)) void mix_block(int m0, int K, const F* W, const F* X, int64_t ldx, int x,
+// Rows [m0, m0 + MR) of C = W X over columns [x, x + NV L); epi(m, x, v) stores one vector.
+template <int MR, int NV, class F, class Epi>
+inline __attribute__((always_inline)) void mix_block(int m0, int K, const F* W, const F* X, int64_t ldx, int64_t x,
                                                      const Epi& epi) {
   constexpr int L = Vec<F>::L;
-  vec_t<F> acc[MR][2];
-  for (int i = 0; i < MR; ++i) acc[i][0] = acc[i][1] = vec_t<F>{};
+  vec_t<F> acc[MR][NV];
+  for (int i = 0; i < MR; ++i)
+    for (int j = 0; j < NV; ++j) acc[i][j] = vec_t<F>{};
   const F* w = W + (int64_t)m0 * K * L;
   for (int k = 0; k < K; ++k) {
-    const vec_t<F> x0 = vload(X + k * ldx + x), x1 = vload(X + k * ldx + x + L);
+    vec_t<F> xv[NV];
+    for (int j = 0; j < NV; ++j) xv[j] = vload(X + k * ldx + x + j * L);
     for (int i = 0; i < MR; ++i) {
       const vec_t<F> wi = vload(w + (i * K + k) * L);
-      acc[i][0] += wi * x0;
-      acc[i][1] += wi * x1;
+      for (int j = 0; j < NV; ++j) acc[i][j] += wi * xv[j];
     }
   }
-  for (int i = 0; i < MR; ++i) epi(m0 + i, x, acc[i][0], acc[i][1]);
+  for (int i = 0; i < MR; ++i)
+    for (int j = 0; j < NV; ++j) epi(m0 + i, x + j * L, acc[i][j]);
 }
 
-// C = W (M x K, as Splat::data()) @ X (K x n, row stride ldx), handed to epi in MR x (2 lanes-vectors) blocks over
-// columns [0, mix_pad(n)): X's rows must be readable that far (pad them; the extra columns'
-// results go to epi too, which may store them into padding or drop them).
+template <int NV, class F, class Epi>
+inline __attribute__((always_inline)) void mix_columns(int M, int K, const F* W, const F* X, int64_t ldx, int64_t x,
+                                                       const Epi& epi) {
+  int m = 0;
+  for (; m + 6 <= M; m += 6) mix_block<6, NV>(m, K, W, X, ldx, x, epi);
+  switch (M - m) {
+    case 5: mix_block<5, NV>(m, K, W, X, ldx, x, epi); break;
+    case 4: mix_block<4, NV>(m, K, W, X, ldx, x, epi); break;
+    case 3: mix_block<3, NV>(m, K, W, X, ldx, x, epi); break;
+    case 2: mix_block<2, NV>(m, K, W, X, ldx, x, epi); break;
+    case 1: mix_block<1, NV>(m, K, W, X, ldx, x, epi); break;
+    default: break;
+  }
+}
+
+// C = W (M x K, as Splat::data()) @ X (K x n, row stride ldx), handed to epi one vector at a time
+// over columns [0, vec_pad(n)): X's rows must be readable that far. Blocks of 6 rows x 2 vectors
+// (12 accumulators + 3 operands of the 16 AVX2 registers); a last single vector when that is all
+// that is left.
 template <class F, class Epi>
 inline __attribute__((always_inline)) void head_mix(int M, int K, int64_t n, const F* W, const F* X, int64_t ldx,
                                                     const Epi& epi) {
-  constexpr int S = kMixStep<F>;
-  for (int x = 0; x < n; x += S) {
-    int m = 0;
-    for (; m + 6 <= M; m += 6) mix_block<6>(m, K, W, X, ldx, x, epi);
-    switch (M - m) {
-      case 5: mix_block<5>(m, K, W, X, ldx, x, epi); break;
-      case 4: mix_block<4>(m, K, W, X, ldx, x, epi); break;
-      case 3: mix_block<3>(m, K, W, X, ldx, x, epi); break;
-      case 2: mix_block<2>(m, K, W, X, ldx, x, epi); break;
-      case 1: mix_block<1>(m, K, W, X, ldx, x, epi); break;
-      default: break;
-    }
-  }
+  constexpr int L = Vec<F>::L;
+  int64_t x = 0;
+  for (; x + L < n; x += 2 * L) mix_columns<2>(M, K, W, X, ldx, x, epi);
+  if (x < n) mix_columns<1>(M, K, W, X, ldx, x, epi);
 }
 
 template <class F> inline __attribute__((always_inline)) vec_t<F> relu6_vec(vec_t<F> v, vec_t<F> six) {
@@ -99,24 +108,20 @@ template <class F> inline __attribute__((always_inline)) vec_t<F> relu6_vec(vec_
 }
 
 // One depthwise output row of one channel: dr[x] = relu6(bias + sum_ij w[i K + j] rows[i][x + j])
-// over columns [0, mix_pad(n)) (taps in the order of stencil_row). rows[i] point at column -K/2 and
-// must be readable K - 1 past mix_pad(n); w: the K*K taps as Splat::data(). The K^2 tap vectors
-// stay in registers for K = 3; two output vectors per step share each tap load.
+// over columns [0, vec_pad(n)) (taps in the order of stencil_row). rows[i] point at column -K/2 and
+// must be readable K - 1 past vec_pad(n); w: the K*K taps as Splat::data(). The K^2 tap vectors
+// stay in registers for K = 3.
 template <int K, class F>
 inline __attribute__((always_inline)) void dw_relu6_row(F* dr, const F* const* rows, const F* w, vec_t<F> bias,
                                                         vec_t<F> six, int64_t n) {
   constexpr int L = Vec<F>::L;
   vec_t<F> wv[K * K];
   for (int t = 0; t < K * K; ++t) wv[t] = vload(w + t * L);
-  for (int64_t x = 0; x < n; x += 2 * L) {
-    vec_t<F> a0 = bias, a1 = bias;
+  for (int64_t x = 0; x < n; x += L) {
+    vec_t<F> a = bias;
     for (int i = 0; i < K; ++i)
-      for (int j = 0; j < K; ++j) {
-        a0 += wv[i * K + j] * vload(rows[i] + x + j);
-        a1 += wv[i * K + j] * vload(rows[i] + x + L + j);
-      }
-    vstore(dr + x, relu6_vec<F>(a0, six));
-    vstore(dr + x + L, relu6_vec<F>(a1, six));
+      for (int j = 0; j < K; ++j) a += wv[i * K + j] * vload(rows[i] + x + j);
+    vstore(dr + x, relu6_vec<F>(a, six));
   }
 }
 

@@ -254,6 +254,9 @@ struct RefineW {
 };
 
 constexpr int kRowsPerTile = 16;
+// The streamed forward keeps only k expanded rows, so taller tiles cost little cache; they halve
+// the recomputed halo rows and give R @ v a taller matmul.
+constexpr int kStreamRows = 32;
 
 // R @ v of one row tile (and/or R itself): R's H planes of t.TR rows at Rt, plane stride rplane.
 template <class F>
@@ -269,8 +272,8 @@ void store_r_tile(const F* Rt, int64_t rplane, int64_t ldr, const F* V, const Re
   }
 }
 
-// One chunk [s, e) of (batch, row-tile) work items of the forward, the CUDA kernel's stage
-// sequence (REFINER_CPU_PORTABLE=1).
+// One chunk [s, e) of (batch, row-tile of kRowsPerTile) work items of the forward, the CUDA
+// kernel's stage sequence (REFINER_CPU_PORTABLE=1).
 template <class F>
 void refine_fwd_chunk_portable(const F* A, const F* V, const RefineW<F>& w, const RefineDims& D, F* out, F* Rmap,
                                int64_t s, int64_t e) {
@@ -301,26 +304,28 @@ void refine_fwd_chunk_portable(const F* A, const F* V, const RefineW<F>& w, cons
   }
 }
 
-// Fast forward of one chunk [s, e) of (batch, row-tile) items. Rows are streamed: the expanded
-// rows live in a ring of the k rows one dw output row needs, so each is computed once (no halo
-// recompute) and every stage reads L1/L2-resident rows; both 1x1 mixes are head_mix micro-kernels
+// Fast forward of one chunk [s, e) of (batch, row-tile of kStreamRows) items. Rows are streamed:
+// the expanded rows live in a ring of the k rows one dw output row needs, so each is computed once
+// per tile and every stage reads L1/L2-resident rows; both 1x1 mixes are head_mix micro-kernels
 // with the bias/relu6 and the residual/adapt-BN epilogues fused. Row buffers are padded to the
-// micro-kernel's column step (zero-initialised; padding columns hold finite junk nobody reads).
+// vector width (zero-initialised; padding columns hold finite junk nobody reads).
 template <class F>
 inline __attribute__((always_inline)) void refine_fwd_chunk_stream(const F* A, const F* V, const RefineW<F>& w,
                                                                    const RefineDims& D, F* out, F* Rmap, int64_t s,
                                                                    int64_t e) {
   using VecF = cpu::vec_t<F>;
-  constexpr int L = cpu::Vec<F>::L, S = cpu::kMixStep<F>;
+  constexpr int L = cpu::Vec<F>::L;
   const int64_t N = D.N, H = D.H, rH = D.rH;
   const int k = (int)D.k, p = k / 2;
-  const int64_t ntiles = (N + kRowsPerTile - 1) / kRowsPerTile;
-  const int64_t ldA = cpu::mix_pad(N + 2 * p, S), ldD = cpu::mix_pad(N, S);
-  const int64_t aplane = (kRowsPerTile + 2 * p) * ldA, rplane = kRowsPerTile * ldD;
+  const int64_t ntiles = (N + kStreamRows - 1) / kStreamRows;
+  const int64_t ldA = cpu::vec_pad<F>(N + 2 * p), ldD = cpu::vec_pad<F>(N);
+  const int64_t aplane = (kStreamRows + 2 * p) * ldA, rplane = kStreamRows * ldD;
   BlasSerialGuard blas_guard;
-  // + S: the residual epilogue reads a row's centre up to column ldD, p past the row's end, and the
-  // stencil reads its input rows k - 1 past ldD
-  std::vector<F> abuf(H * aplane + S), ring(D.expand ? k * rH * ldA + S : 0), drow(rH * ldD), rbuf(H * rplane);
+  // + slack: the residual epilogue reads a row's centre up to column ldD, p past the row's end, and
+  // the stencil reads its input rows up to k - 1 past ldD
+  const int64_t slack = 2 * L;
+  std::vector<F> abuf(H * aplane + slack), ring(D.expand ? k * rH * ldA + slack : 0), drow(rH * ldD),
+      rbuf(H * rplane);
   const Buf<F> Ab{abuf.data(), p, (int)ldA, (int)aplane};
   const F six_s = 6;
   const cpu::Splat<F> wexp(w.w_exp, D.expand ? rH * H : 0), bexp(w.b_exp, D.expand ? rH : 0), wpro(w.w_pro, H * rH),
@@ -328,8 +333,8 @@ inline __attribute__((always_inline)) void refine_fwd_chunk_stream(const F* A, c
   auto e_row = [&](int y) -> F* { return ring.data() + ((y + p) % k) * rH * ldA; };  // E row y, column -p
   SerialPar par;
   for (int64_t idx = s; idx < e; ++idx) {
-    const int64_t b = idx / ntiles, r0 = (idx % ntiles) * kRowsPerTile;
-    const Tile t{N, r0, 0, (int)std::min<int64_t>(kRowsPerTile, N - r0), (int)N};
+    const int64_t b = idx / ntiles, r0 = (idx % ntiles) * kStreamRows;
+    const Tile t{N, r0, 0, (int)std::min<int64_t>(kStreamRows, N - r0), (int)N};
     load_tile_rows(par, A + b * H * N * N, (int)H, t, Ab);
     for (int y = -p; y < t.TR + p; ++y) {
       if (D.expand) {  // E row y = relu6(W_exp A + b_exp), 0 off the map
@@ -338,9 +343,8 @@ inline __attribute__((always_inline)) void refine_fwd_chunk_stream(const F* A, c
           std::fill(er, er + rH * ldA, F(0));
         } else {
           cpu::head_mix<F>((int)rH, (int)H, N + 2 * p, wexp.data(), Ab.row(0, y) - p, aplane,
-                           [&](int m, int x, VecF lo, VecF hi) {
-                             cpu::vstore(er + m * ldA + x, cpu::relu6_vec<F>(lo + bexp[m], six[0]));
-                             cpu::vstore(er + m * ldA + x + L, cpu::relu6_vec<F>(hi + bexp[m], six[0]));
+                           [&](int m, int64_t x, VecF v) {
+                             cpu::vstore(er + m * ldA + x, cpu::relu6_vec<F>(v + bexp[m], six[0]));
                            });
           for (int64_t c = 0; c < rH; ++c)
             for (int j = 0; j < p; ++j) er[c * ldA + j] = er[c * ldA + p + N + j] = F(0);
@@ -361,11 +365,9 @@ inline __attribute__((always_inline)) void refine_fwd_chunk_stream(const F* A, c
         }
       }
       // R row yo = alpha (A + W_pro D + b_pro) + beta
-      cpu::head_mix<F>((int)H, (int)rH, N, wpro.data(), drow.data(), ldD, [&](int m, int x, VecF lo, VecF hi) {
-        const F* ar = Ab.row(m, yo) + x;
-        F* rr = rbuf.data() + m * rplane + yo * ldD + x;
-        cpu::vstore(rr, alpha[m] * (cpu::vload(ar) + lo + bpro[m]) + beta[m]);
-        cpu::vstore(rr + L, alpha[m] * (cpu::vload(ar + L) + hi + bpro[m]) + beta[m]);
+      cpu::head_mix<F>((int)H, (int)rH, N, wpro.data(), drow.data(), ldD, [&](int m, int64_t x, VecF v) {
+        cpu::vstore(rbuf.data() + m * rplane + yo * ldD + x,
+                    alpha[m] * (cpu::vload(Ab.row(m, yo) + x) + v + bpro[m]) + beta[m]);
       });
     }
     store_r_tile(rbuf.data(), rplane, ldD, V, D, b, t, out, Rmap);
@@ -396,8 +398,9 @@ void refine_fwd_chunk_any(const double* A, const double* V, const RefineW<double
 // out = R @ v (when out != nullptr) and/or Rmap = R (when Rmap != nullptr).
 template <class F>
 void refine_fwd_driver(const F* A, const F* V, const RefineW<F>& w, const RefineDims& D, F* out, F* Rmap) {
-  const int64_t ntiles = (D.N + kRowsPerTile - 1) / kRowsPerTile;
   const bool portable = portable_path();
+  const int rows = portable ? kRowsPerTile : kStreamRows;
+  const int64_t ntiles = (D.N + rows - 1) / rows;
   at::parallel_for(0, D.B * ntiles, 1, [&](int64_t s, int64_t e) {
     refine_fwd_chunk_any(A, V, w, D, out, Rmap, portable, s, e);
   });
