@@ -9,7 +9,12 @@
 // + 3 operands fit the 16 AVX2 registers). GCC vector extensions: the same source compiles to
 // AVX2 in the x86-64-v3 clone and to SSE pairs in the baseline one.
 #pragma once
-// The vector helpers are always inlined into target_clones bodies: no vector crosses an ABI boundary.
+// Everything here takes or returns 32-byte vectors, so it must be inlined into the caller (a
+// target_clones body): an out-of-line copy is compiled for the baseline ISA, which passes vectors
+// in memory, while the AVX2 clone passes them in registers, and the values arrive as garbage.
+// Lambdas given to head_mix need RF_INLINE too (`[&](...) RF_INLINE {...}`). (GCC's -Wpsabi note
+// on these definitions is about that ABI difference; it is silenced as every use is inlined.)
+#define RF_INLINE __attribute__((always_inline))
 #pragma GCC diagnostic ignored "-Wpsabi"
 
 #include <cstdint>
@@ -26,18 +31,19 @@ template <class F> struct Vec {
 };
 template <class F> using vec_t = typename Vec<F>::type;
 
-template <class F> inline __attribute__((always_inline)) vec_t<F> vload(const F* p) {
+template <class F> inline RF_INLINE vec_t<F> vload(const F* p) {
   vec_t<F> v;
   std::memcpy(&v, p, sizeof v);  // unaligned load
   return v;
 }
-template <class F> inline __attribute__((always_inline)) void vstore(F* p, vec_t<F> v) { std::memcpy(p, &v, sizeof v); }
+template <class F> inline RF_INLINE void vstore(F* p, vec_t<F> v) { std::memcpy(p, &v, sizeof v); }
+// An fp32 constant in all 8 lanes (a macro, not a function: see RF_INLINE; a splat of a loaded
+// value is built with lane inserts, hence Splat).
+#define RF_SPLAT8(c) (vec_t<float>{c, c, c, c, c, c, c, c})
+
 // Values broadcast once per call into whole vectors and then read with plain vector loads: GCC
 // builds a vector from a scalar with lane inserts, not one vbroadcastss. Stored as F and read with
 // vload: std::vector does not honour the vector type's 32-byte alignment (vmovaps would fault).
-// Constants only (a splat of a loaded value is built with lane inserts; see Splat).
-inline __attribute__((always_inline)) vec_t<float> vsplat8(float s) { return vec_t<float>{s, s, s, s, s, s, s, s}; }
-
 template <class F> struct Splat {
   std::vector<F> v;
   Splat(const F* w, int64_t n) : v(n * Vec<F>::L) {
@@ -45,7 +51,7 @@ template <class F> struct Splat {
       for (int l = 0; l < Vec<F>::L; ++l) v[i * Vec<F>::L + l] = w[i];
   }
   const F* data() const { return v.data(); }
-  inline __attribute__((always_inline)) vec_t<F> operator[](int64_t i) const { return vload(v.data() + i * Vec<F>::L); }
+  inline RF_INLINE vec_t<F> operator[](int64_t i) const { return vload(v.data() + i * Vec<F>::L); }
 };
 
 // Row lengths (and strides) are padded to whole vectors: the kernels below read and write them
@@ -54,7 +60,7 @@ template <class F> inline int64_t vec_pad(int64_t n) { return (n + Vec<F>::L - 1
 
 // Rows [m0, m0 + MR) of C = W X over columns [x, x + NV L); epi(m, x, v) stores one vector.
 template <int MR, int NV, class F, class Epi>
-inline __attribute__((always_inline)) void mix_block(int m0, int K, const F* W, const F* X, int64_t ldx, int64_t x,
+inline RF_INLINE void mix_block(int m0, int K, const F* W, const F* X, int64_t ldx, int64_t x,
                                                      const Epi& epi) {
   constexpr int L = Vec<F>::L;
   vec_t<F> acc[MR][NV];
@@ -74,7 +80,7 @@ inline __attribute__((always_inline)) void mix_block(int m0, int K, const F* W, 
 }
 
 template <int NV, class F, class Epi>
-inline __attribute__((always_inline)) void mix_columns(int M, int K, const F* W, const F* X, int64_t ldx, int64_t x,
+inline RF_INLINE void mix_columns(int M, int K, const F* W, const F* X, int64_t ldx, int64_t x,
                                                        const Epi& epi) {
   int m = 0;
   for (; m + 6 <= M; m += 6) mix_block<6, NV>(m, K, W, X, ldx, x, epi);
@@ -93,7 +99,7 @@ inline __attribute__((always_inline)) void mix_columns(int M, int K, const F* W,
 // (12 accumulators + 3 operands of the 16 AVX2 registers); a last single vector when that is all
 // that is left.
 template <class F, class Epi>
-inline __attribute__((always_inline)) void head_mix(int M, int K, int64_t n, const F* W, const F* X, int64_t ldx,
+inline RF_INLINE void head_mix(int M, int K, int64_t n, const F* W, const F* X, int64_t ldx,
                                                     const Epi& epi) {
   constexpr int L = Vec<F>::L;
   int64_t x = 0;
@@ -101,7 +107,7 @@ inline __attribute__((always_inline)) void head_mix(int M, int K, int64_t n, con
   if (x < n) mix_columns<1>(M, K, W, X, ldx, x, epi);
 }
 
-template <class F> inline __attribute__((always_inline)) vec_t<F> relu6_vec(vec_t<F> v, vec_t<F> six) {
+template <class F> inline RF_INLINE vec_t<F> relu6_vec(vec_t<F> v, vec_t<F> six) {
   const vec_t<F> zero{};
   v = v < zero ? zero : v;  // NaN passes through, as relu6()
   return v > six ? six : v;
@@ -112,7 +118,7 @@ template <class F> inline __attribute__((always_inline)) vec_t<F> relu6_vec(vec_
 // must be readable K - 1 past vec_pad(n); w: the K*K taps as Splat::data(). The K^2 tap vectors
 // stay in registers for K = 3.
 template <int K, class F>
-inline __attribute__((always_inline)) void dw_relu6_row(F* dr, const F* const* rows, const F* w, vec_t<F> bias,
+inline RF_INLINE void dw_relu6_row(F* dr, const F* const* rows, const F* w, vec_t<F> bias,
                                                         vec_t<F> six, int64_t n) {
   constexpr int L = Vec<F>::L;
   vec_t<F> wv[K * K];
@@ -132,30 +138,30 @@ typedef int32_t vec_i32 __attribute__((vector_size(32)));
 
 // expf on 8 lanes, Cephes' polynomial after x = n ln2 + r (|r| <= ln2 / 2), 2^n added to the
 // exponent bits: within 2 ulp of expf. x < -87.3 (a subnormal result) gives 0, NaN stays NaN.
-inline __attribute__((always_inline)) vec_t<float> exp_vec(vec_t<float> x) {
-  const vec_t<float> lo = vsplat8(-87.33654f), hi = vsplat8(88.37626f);
+inline RF_INLINE vec_t<float> exp_vec(vec_t<float> x) {
+  const vec_t<float> lo = RF_SPLAT8(-87.33654f), hi = RF_SPLAT8(88.37626f);
   const vec_t<float> xc = x < lo ? lo : (x > hi ? hi : x);
-  const vec_t<float> magic = vsplat8(12582912.f);  // 1.5 * 2^23: adding it rounds to an integer
-  const vec_t<float> t = xc * vsplat8(1.44269504088896341f) + magic;
+  const vec_t<float> magic = RF_SPLAT8(12582912.f);  // 1.5 * 2^23: adding it rounds to an integer
+  const vec_t<float> t = xc * RF_SPLAT8(1.44269504088896341f) + magic;
   const vec_t<float> n = t - magic;
-  const vec_t<float> r = xc - n * vsplat8(0.693359375f) - n * vsplat8(-2.12194440e-4f);
-  vec_t<float> p = vsplat8(1.9875691500E-4f);
-  p = p * r + vsplat8(1.3981999507E-3f);
-  p = p * r + vsplat8(8.3334519073E-3f);
-  p = p * r + vsplat8(4.1665795894E-2f);
-  p = p * r + vsplat8(1.6666665459E-1f);
-  p = p * r + vsplat8(5.0000001201E-1f);
-  p = p * (r * r) + r + vsplat8(1.f);
+  const vec_t<float> r = xc - n * RF_SPLAT8(0.693359375f) - n * RF_SPLAT8(-2.12194440e-4f);
+  vec_t<float> p = RF_SPLAT8(1.9875691500E-4f);
+  p = p * r + RF_SPLAT8(1.3981999507E-3f);
+  p = p * r + RF_SPLAT8(8.3334519073E-3f);
+  p = p * r + RF_SPLAT8(4.1665795894E-2f);
+  p = p * r + RF_SPLAT8(1.6666665459E-1f);
+  p = p * r + RF_SPLAT8(5.0000001201E-1f);
+  p = p * (r * r) + r + RF_SPLAT8(1.f);
   const vec_i32 scaled = (vec_i32)p + (((vec_i32)t - (vec_i32)magic) << 23);
   vec_t<float> y = (vec_t<float>)scaled;
   y = x < lo ? vec_t<float>{} : y;
-  y = x > hi ? vsplat8(__builtin_inff()) : y;
+  y = x > hi ? RF_SPLAT8(__builtin_inff()) : y;
   return x != x ? x : y;
 }
 
 // One attention row: a = softmax(s) + sprev * prev (prev may be null), s already scaled. s and a
 // may be the same row.
-inline __attribute__((always_inline)) void softmax_residual_row(float* a, const float* s, const float* prev, int64_t n,
+inline RF_INLINE void softmax_residual_row(float* a, const float* s, const float* prev, int64_t n,
                                                                 float sprev) {
   constexpr int L = 8;
   const int64_t nv = n / L * L;
@@ -169,7 +175,7 @@ inline __attribute__((always_inline)) void softmax_residual_row(float* a, const 
     for (int l = 0; l < L; ++l) mx = m[l] > mx ? m[l] : mx;
   }
   for (int64_t x = nv; x < n; ++x) mx = s[x] > mx ? s[x] : mx;
-  const vec_t<float> mv = vsplat8(mx);
+  const vec_t<float> mv = RF_SPLAT8(mx);
   vec_t<float> sv{};
   for (int64_t x = 0; x < nv; x += L) {
     const vec_t<float> e = exp_vec(vload(s + x) - mv);
@@ -180,7 +186,7 @@ inline __attribute__((always_inline)) void softmax_residual_row(float* a, const 
   for (int l = 0; l < L; ++l) sum += sv[l];
   for (int64_t x = nv; x < n; ++x) sum += (a[x] = std::exp(s[x] - mx));
   const float inv = 1.f / sum;
-  const vec_t<float> iv = vsplat8(inv), sp = vsplat8(sprev);
+  const vec_t<float> iv = RF_SPLAT8(inv), sp = RF_SPLAT8(sprev);
   if (prev) {
     for (int64_t x = 0; x < nv; x += L) vstore(a + x, vload(a + x) * iv + sp * vload(prev + x));
     for (int64_t x = nv; x < n; ++x) a[x] = a[x] * inv + sprev * prev[x];

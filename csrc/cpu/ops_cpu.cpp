@@ -310,7 +310,7 @@ void refine_fwd_chunk_portable(const F* A, const F* V, const RefineW<F>& w, cons
 // with the bias/relu6 and the residual/adapt-BN epilogues fused. Row buffers are padded to the
 // vector width (zero-initialised; padding columns hold finite junk nobody reads).
 template <class F>
-inline __attribute__((always_inline)) void refine_fwd_chunk_stream(const F* A, const F* V, const RefineW<F>& w,
+inline RF_INLINE void refine_fwd_chunk_stream(const F* A, const F* V, const RefineW<F>& w,
                                                                    const RefineDims& D, F* out, F* Rmap, int64_t s,
                                                                    int64_t e) {
   using VecF = cpu::vec_t<F>;
@@ -343,7 +343,7 @@ inline __attribute__((always_inline)) void refine_fwd_chunk_stream(const F* A, c
           std::fill(er, er + rH * ldA, F(0));
         } else {
           cpu::head_mix<F>((int)rH, (int)H, N + 2 * p, wexp.data(), Ab.row(0, y) - p, aplane,
-                           [&](int m, int64_t x, VecF v) {
+                           [&](int m, int64_t x, VecF v) RF_INLINE {
                              cpu::vstore(er + m * ldA + x, cpu::relu6_vec<F>(v + bexp[m], six[0]));
                            });
           for (int64_t c = 0; c < rH; ++c)
@@ -365,7 +365,7 @@ inline __attribute__((always_inline)) void refine_fwd_chunk_stream(const F* A, c
         }
       }
       // R row yo = alpha (A + W_pro D + b_pro) + beta
-      cpu::head_mix<F>((int)H, (int)rH, N, wpro.data(), drow.data(), ldD, [&](int m, int64_t x, VecF v) {
+      cpu::head_mix<F>((int)H, (int)rH, N, wpro.data(), drow.data(), ldD, [&](int m, int64_t x, VecF v) RF_INLINE {
         cpu::vstore(rbuf.data() + m * rplane + yo * ldD + x,
                     alpha[m] * (cpu::vload(Ab.row(m, yo) + x) + v + bpro[m]) + beta[m]);
       });
