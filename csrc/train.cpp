@@ -20,6 +20,7 @@
 // Peak extra memory: one fp32 tensor the size of A (forward: the Z buffer; backward: none beyond
 // the returned grad of attn) plus the chunk's maps. Half inputs are converted chunk by chunk.
 #include <ATen/ATen.h>
+#include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -80,12 +81,32 @@ Tensor mix_wgrad(const Tensor& g, const Tensor& x) {  // sum over images of g x^
   const int64_t n = x.size(0), NM = x.size(2) * x.size(3);
   return at::matmul(g.reshape({n, g.size(1), NM}), x.reshape({n, x.size(1), NM}).transpose(1, 2)).sum(0);
 }
-Tensor dw(const Tensor& x, const Tensor& w) {  // zero 'same' padding, cross-correlation
+// The depthwise conv (zero 'same' padding, cross-correlation) and its gradients. On CPU through
+// refiner::attn_dwconv (vector stencil rows: 3-4x ATen's depthwise conv on these maps), on CUDA
+// through ATen (cuDNN).
+const auto& dw_cpu_op() {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("refiner::attn_dwconv", "")
+                             .typed<Tensor(const Tensor&, const Tensor&)>();
+  return op;
+}
+const auto& dw_backward_cpu_op() {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("refiner::attn_dwconv_backward", "")
+                             .typed<std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&)>();
+  return op;
+}
+Tensor dw(const Tensor& x, const Tensor& w) {
+  if (x.is_cpu()) return dw_cpu_op().call(x, w);
   const int64_t k = w.size(-1);
   return at::conv2d(x, w.unsqueeze(1), {}, 1, k / 2, 1, x.size(1));
 }
 // Gradients of dw(x, w) from g: (grad of x, grad of w (C, k, k) or undefined).
 std::pair<Tensor, Tensor> dw_backward(const Tensor& g, const Tensor& x, const Tensor& w, bool need_w) {
+  if (x.is_cpu()) {
+    auto r = dw_backward_cpu_op().call(g, x, w);
+    return {std::get<0>(r), need_w ? std::get<1>(r) : Tensor()};
+  }
   const int64_t k = w.size(-1);
   auto r = at::convolution_backward(g, x, w.unsqueeze(1), c10::nullopt, {1, 1}, {k / 2, k / 2}, {1, 1}, false,
                                     {0, 0}, x.size(1), {true, need_w, false});

@@ -331,6 +331,22 @@ def test_building_blocks(dtype, tol):
     compare(C.attn_value, R.attn_value, [a, v], tol, tol, ref_inputs=ref_in([a, v]))
 
 
+@pytest.mark.parametrize("portable", [False, True], ids=["fast", "portable"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_attn_dwconv_paths(monkeypatch, portable, dtype):
+    """Both CPU paths of the depthwise block (vector rows on a zero-bordered plane / the CUDA
+    kernel's per-pixel arithmetic): output, grad of x (flipped taps) and grad of w (per-plane sums),
+    square and non-square maps, widths around the vector width, every kernel size."""
+    if portable:
+        monkeypatch.setenv("REFINER_CPU_PORTABLE", "1")
+    tol = 1e-5 if dtype == torch.float32 else 1e-12
+    for (B, Cc, N, M), k in [((2, 3, 5, 7), 3), ((1, 2, 1, 1), 3), ((2, 2, 9, 16), 5), ((1, 3, 17, 8), 7),
+                             ((3, 2, 4, 9), 1), ((1, 1, 2, 33), 7)]:
+        x = torch.randn(B, Cc, N, M, dtype=torch.float64)
+        w = torch.randn(Cc, k, k, dtype=torch.float64)
+        compare(C.attn_dwconv, R.attn_dwconv, [x.to(dtype), w.to(dtype)], tol, tol, ref_inputs=[x, w])
+
+
 def test_building_blocks_nonsquare_and_gradcheck():
     x = torch.randn(1, 3, 5, 7, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(C.head_mix, [x, torch.randn(4, 3, dtype=torch.float64, requires_grad=True)])

@@ -113,13 +113,12 @@ template <class F> inline RF_INLINE vec_t<F> relu6_vec(vec_t<F> v, vec_t<F> six)
   return v > six ? six : v;
 }
 
-// One depthwise output row of one channel: dr[x] = relu6(bias + sum_ij w[i K + j] rows[i][x + j])
-// over columns [0, vec_pad(n)) (taps in the order of stencil_row). rows[i] point at column -K/2 and
-// must be readable K - 1 past vec_pad(n); w: the K*K taps as Splat::data(). The K^2 tap vectors
-// stay in registers for K = 3.
-template <int K, class F>
-inline RF_INLINE void dw_relu6_row(F* dr, const F* const* rows, const F* w, vec_t<F> bias,
-                                                        vec_t<F> six, int64_t n) {
+// One depthwise output row of one channel: dr[x] = act(bias + sum_ij w[i K + j] rows[i][x + j])
+// over columns [0, vec_pad(n)) (taps in the order of stencil_row), act = relu6 or identity.
+// rows[i] point at column -K/2 and must be readable K - 1 past vec_pad(n); w: the K*K taps as
+// Splat::data(). The K^2 tap vectors stay in registers for K = 3.
+template <int K, bool Relu6, class F>
+inline RF_INLINE void dw_row(F* dr, const F* const* rows, const F* w, vec_t<F> bias, vec_t<F> six, int64_t n) {
   constexpr int L = Vec<F>::L;
   vec_t<F> wv[K * K];
   for (int t = 0; t < K * K; ++t) wv[t] = vload(w + t * L);
@@ -127,7 +126,41 @@ inline RF_INLINE void dw_relu6_row(F* dr, const F* const* rows, const F* w, vec_
     vec_t<F> a = bias;
     for (int i = 0; i < K; ++i)
       for (int j = 0; j < K; ++j) a += wv[i * K + j] * vload(rows[i] + x + j);
-    vstore(dr + x, relu6_vec<F>(a, six));
+    vstore(dr + x, Relu6 ? relu6_vec<F>(a, six) : a);
+  }
+}
+
+// dw_row for a runtime kernel size (checked to be odd, 1..7).
+template <bool Relu6, class F>
+inline RF_INLINE void dw_row_k(int k, F* dr, const F* const* rows, const F* w, vec_t<F> bias, vec_t<F> six,
+                               int64_t n) {
+  switch (k) {
+    case 1: return dw_row<1, Relu6>(dr, rows, w, bias, six, n);
+    case 3: return dw_row<3, Relu6>(dr, rows, w, bias, six, n);
+    case 5: return dw_row<5, Relu6>(dr, rows, w, bias, six, n);
+    default: return dw_row<7, Relu6>(dr, rows, w, bias, six, n);
+  }
+}
+
+// Weight-gradient sums of one row: acc[i K + j] += g[x] rows[i][x + j] over columns [0, vec_pad(n))
+// (g zero past n; rows as in dw_row), in vector lanes.
+template <int K, class F>
+inline RF_INLINE void dw_wgrad_row(vec_t<F>* acc, const F* g, const F* const* rows, int64_t n) {
+  constexpr int L = Vec<F>::L;
+  for (int64_t x = 0; x < n; x += L) {
+    const vec_t<F> gv = vload(g + x);
+    for (int i = 0; i < K; ++i)
+      for (int j = 0; j < K; ++j) acc[i * K + j] += gv * vload(rows[i] + x + j);
+  }
+}
+
+template <class F>
+inline RF_INLINE void dw_wgrad_row_k(int k, vec_t<F>* acc, const F* g, const F* const* rows, int64_t n) {
+  switch (k) {
+    case 1: return dw_wgrad_row<1>(acc, g, rows, n);
+    case 3: return dw_wgrad_row<3>(acc, g, rows, n);
+    case 5: return dw_wgrad_row<5>(acc, g, rows, n);
+    default: return dw_wgrad_row<7>(acc, g, rows, n);
   }
 }
 

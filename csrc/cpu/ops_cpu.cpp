@@ -355,14 +355,7 @@ inline RF_INLINE void refine_fwd_chunk_stream(const F* A, const F* V, const Refi
       for (int64_t c = 0; c < rH; ++c) {
         const F* rows[7];
         for (int i = 0; i < k; ++i) rows[i] = D.expand ? e_row(yo - p + i) + c * ldA : Ab.row((int)c, yo - p + i) - p;
-        F* dr = drow.data() + c * ldD;
-        const F* wc = wdw.data() + c * k * k * L;
-        switch (k) {  // k is checked to be odd, 1..7
-          case 1: cpu::dw_relu6_row<1>(dr, rows, wc, bdw[c], six[0], N); break;
-          case 3: cpu::dw_relu6_row<3>(dr, rows, wc, bdw[c], six[0], N); break;
-          case 5: cpu::dw_relu6_row<5>(dr, rows, wc, bdw[c], six[0], N); break;
-          default: cpu::dw_relu6_row<7>(dr, rows, wc, bdw[c], six[0], N); break;
-        }
+        cpu::dw_row_k<true>(k, drow.data() + c * ldD, rows, wdw.data() + c * k * k * L, bdw[c], six[0], N);
       }
       // R row yo = alpha (A + W_pro D + b_pro) + beta
       cpu::head_mix<F>((int)H, (int)rH, N, wpro.data(), drow.data(), ldD, [&](int m, int64_t x, VecF v) RF_INLINE {
@@ -708,6 +701,80 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tenso
 // ----------------------------------------------------------------------------
 // building blocks: depthwise conv, row softmax
 // ----------------------------------------------------------------------------
+// Fast path of the depthwise building block: each plane is copied once into a zero-bordered
+// buffer, then every output row is one vector stencil row (micro_kernels.h). The backward's grad
+// of x is the same correlation with the taps flipped. Planes [s, e) of (B*C, N, M). With gw
+// (and g, the incoming gradient) it writes the plane's weight-gradient sums instead of y: k*k per
+// plane, summed over the batch by the caller.
+template <class F>
+inline RF_INLINE void dw_planes(const F* x, const F* w, F* y, const F* g, F* gw, int64_t C, int64_t N, int64_t M,
+                                int k, bool flip, int64_t s, int64_t e) {
+  constexpr int L = cpu::Vec<F>::L;
+  const int p = k / 2;
+  const int64_t ld = cpu::vec_pad<F>(M + 2 * p), ldo = cpu::vec_pad<F>(M);
+  std::vector<F> pad((N + 2 * p) * ld + 2 * L), orow(ldo), taps(k * k);  // + 2L: stencil reads past ld
+  const F zero_s = 0;
+  const cpu::Splat<F> zero(&zero_s, 1);
+  const F* rows[7];
+  for (int64_t plane = s; plane < e; ++plane) {
+    for (int64_t r = 0; r < N; ++r)
+      std::copy(x + (plane * N + r) * M, x + (plane * N + r + 1) * M, &pad[(r + p) * ld + p]);
+    if (gw) {
+      cpu::vec_t<F> acc[49];
+      for (int t = 0; t < k * k; ++t) acc[t] = zero[0];
+      for (int64_t r = 0; r < N; ++r) {
+        for (int i = 0; i < k; ++i) rows[i] = &pad[(r + i) * ld];
+        std::copy(g + (plane * N + r) * M, g + (plane * N + r + 1) * M, orow.begin());  // zero past M
+        cpu::dw_wgrad_row_k(k, acc, orow.data(), rows, M);
+      }
+      for (int t = 0; t < k * k; ++t) {
+        F sum = 0;
+        for (int l = 0; l < L; ++l) sum += acc[t][l];
+        gw[plane * k * k + t] = sum;
+      }
+      continue;
+    }
+    const F* wc = w + (plane % C) * k * k;
+    for (int t = 0; t < k * k; ++t) taps[t] = flip ? wc[k * k - 1 - t] : wc[t];
+    const cpu::Splat<F> tv(taps.data(), k * k);
+    for (int64_t r = 0; r < N; ++r) {
+      for (int i = 0; i < k; ++i) rows[i] = &pad[(r + i) * ld];
+      cpu::dw_row_k<false>(k, orow.data(), rows, tv.data(), zero[0], zero[0], M);
+      std::copy(orow.begin(), orow.begin() + M, y + (plane * N + r) * M);
+    }
+  }
+}
+RF_CLONES void dw_planes_f32(const float* x, const float* w, float* y, const float* g, float* gw, int64_t C, int64_t N,
+                             int64_t M, int k, bool flip, int64_t s, int64_t e) {
+  dw_planes(x, w, y, g, gw, C, N, M, k, flip, s, e);
+}
+void dw_planes_any(const float* x, const float* w, float* y, const float* g, float* gw, int64_t C, int64_t N,
+                   int64_t M, int k, bool flip, int64_t s, int64_t e) {
+  dw_planes_f32(x, w, y, g, gw, C, N, M, k, flip, s, e);
+}
+void dw_planes_any(const double* x, const double* w, double* y, const double* g, double* gw, int64_t C, int64_t N,
+                   int64_t M, int k, bool flip, int64_t s, int64_t e) {
+  dw_planes(x, w, y, g, gw, C, N, M, k, flip, s, e);
+}
+
+// y = dw(x) (or dw^T(x) when transpose), planes (B*C, N, M): the fast path above, or per pixel
+// through dw_global, the CUDA kernel's arithmetic (REFINER_CPU_PORTABLE=1).
+template <class F>
+void dw_driver(const F* xp, const F* wp, F* yp, int64_t B, int64_t C, int64_t N, int64_t M, int k, bool transpose) {
+  if (!portable_path()) {
+    at::parallel_for(0, B * C, 1,
+                     [&](int64_t s, int64_t e) { dw_planes_any(xp, wp, yp, (const F*)nullptr, (F*)nullptr, C, N, M, k, transpose, s, e); });
+    return;
+  }
+  at::parallel_for(0, B * C * N, 16, [&](int64_t s, int64_t e) {
+    for (int64_t idx = s; idx < e; ++idx) {
+      const int64_t bc = idx / N, r = idx % N, c = bc % C;
+      for (int64_t xx = 0; xx < M; ++xx)
+        yp[idx * M + xx] = dw_global(xp + bc * N * M, N, M, wp + c * k * k, k, r, xx, transpose);
+    }
+  });
+}
+
 Tensor attn_dwconv_cpu(const Tensor& x, const Tensor& w) {
   validate_attn_dwconv(x, w);
   const auto ct = compute_type(x);
@@ -715,16 +782,7 @@ Tensor attn_dwconv_cpu(const Tensor& x, const Tensor& w) {
   const int64_t B = x.size(0), C = x.size(1), N = x.size(2), M = x.size(3), k = w.size(1);
   auto y = at::empty_like(xf);
   RF_DISPATCH_F(ct, "attn_dwconv_cpu", [&] {
-    using F = scalar_t;
-    const F *xp = xf.data_ptr<F>(), *wp = wf.data_ptr<F>();
-    F* yp = y.data_ptr<F>();
-    at::parallel_for(0, B * C * N, 16, [&](int64_t s, int64_t e) {
-      for (int64_t idx = s; idx < e; ++idx) {
-        const int64_t bc = idx / N, r = idx % N, c = bc % C;
-        for (int64_t xx = 0; xx < M; ++xx)
-          yp[idx * M + xx] = dw_global(xp + bc * N * M, N, M, wp + c * k * k, (int)k, r, xx, false);
-      }
-    });
+    dw_driver(xf.data_ptr<scalar_t>(), wf.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), B, C, N, M, (int)k, false);
   });
   return y.to(x.scalar_type());
 }
@@ -741,22 +799,28 @@ std::tuple<Tensor, Tensor> attn_dwconv_backward_cpu(const Tensor& g, const Tenso
     using F = scalar_t;
     const F *xp = xf.data_ptr<F>(), *wp = wf.data_ptr<F>(), *gp = gf.data_ptr<F>();
     F *gxp = gx.data_ptr<F>(), *gwp = gw.data_ptr<F>();
-    at::parallel_for(0, B * C * N, 16, [&](int64_t s, int64_t e) {
-      for (int64_t idx = s; idx < e; ++idx) {
-        const int64_t bc = idx / N, r = idx % N, c = bc % C;
-        for (int64_t xx = 0; xx < M; ++xx)
-          gxp[idx * M + xx] = dw_global(gp + bc * N * M, N, M, wp + c * k * k, (int)k, r, xx, true);
-      }
-    });
-    at::parallel_for(0, C * k * k, 1, [&](int64_t s, int64_t e) {
-      for (int64_t it = s; it < e; ++it) {
-        const int64_t c = it / (k * k);
+    dw_driver(gp, wp, gxp, B, C, N, M, (int)k, true);
+    if (portable_path()) {  // dw_weight_grad: the CUDA kernel's per-tap sums
+      at::parallel_for(0, C * k * k, 1, [&](int64_t s, int64_t e) {
+        for (int64_t it = s; it < e; ++it) {
+          const int64_t c = it / (k * k);
+          F acc = 0;
+          for (int64_t b = 0; b < B; ++b)
+            acc += dw_weight_grad(gp + (b * C + c) * N * M, xp + (b * C + c) * N * M, N, M, (int)k, (int)(it % (k * k)));
+          gwp[it] = acc;
+        }
+      });
+    } else {  // per-plane vector sums, then over the batch in a fixed order (deterministic)
+      std::vector<F> per_plane(B * C * k * k);
+      at::parallel_for(0, B * C, 1, [&](int64_t s, int64_t e) {
+        dw_planes_any(xp, wp, (F*)nullptr, gp, per_plane.data(), C, N, M, (int)k, false, s, e);
+      });
+      for (int64_t it = 0; it < C * k * k; ++it) {
         F acc = 0;
-        for (int64_t b = 0; b < B; ++b)
-          acc += dw_weight_grad(gp + (b * C + c) * N * M, xp + (b * C + c) * N * M, N, M, (int)k, (int)(it % (k * k)));
+        for (int64_t b = 0; b < B; ++b) acc += per_plane[b * C * k * k + it];
         gwp[it] = acc;
       }
-    });
+    }
   });
   return {gx.to(x.scalar_type()), gw.to(w.scalar_type())};
 }
