@@ -75,11 +75,25 @@ void for_chunks(const TrainArgs& a, Fn&& fn) {
 // Maps of a chunk: X (n, C, N, N). Sums run over the images and pixels of the chunk.
 Tensor mix(const Tensor& w, const Tensor& x) {  // 1x1 conv over channels
   const int64_t n = x.size(0), N = x.size(2), M = x.size(3);
-  return at::matmul(w, x.reshape({n, x.size(1), N * M})).view({n, w.size(0), N, M});
+  const auto xr = x.reshape({n, x.size(1), N * M});
+  if (!x.is_cpu()) return at::matmul(w, xr).view({n, w.size(0), N, M});
+  // CPU: one mm per image (matmul folds the batch into the rows through a transposed copy of x,
+  // which costs more than the product)
+  auto out = at::empty({n, w.size(0), N * M}, x.options());
+  for (int64_t i = 0; i < n; ++i) {
+    auto oi = out[i];
+    at::mm_out(oi, w, xr[i]);
+  }
+  return out.view({n, w.size(0), N, M});
 }
 Tensor mix_wgrad(const Tensor& g, const Tensor& x) {  // sum over images of g x^T: (Cg, Cx)
   const int64_t n = x.size(0), NM = x.size(2) * x.size(3);
-  return at::matmul(g.reshape({n, g.size(1), NM}), x.reshape({n, x.size(1), NM}).transpose(1, 2)).sum(0);
+  const auto gr = g.reshape({n, g.size(1), NM}), xr = x.reshape({n, x.size(1), NM});
+  if (!x.is_cpu()) return at::bmm(gr, xr.transpose(1, 2)).sum(0);  // one launch
+  // CPU: as in mix, per image; BLAS takes x^T as a transposed operand.
+  Tensor out = at::mm(gr[0], xr[0].t());
+  for (int64_t i = 1; i < n; ++i) out.addmm_(gr[i], xr[i].t());
+  return out;
 }
 // The depthwise conv (zero 'same' padding, cross-correlation) and its gradients. On CPU through
 // refiner::attn_dwconv (vector stencil rows: 3-4x ATen's depthwise conv on these maps), on CUDA
@@ -113,9 +127,9 @@ std::pair<Tensor, Tensor> dw_backward(const Tensor& g, const Tensor& x, const Te
   auto gw = std::get<1>(r);
   return {std::get<0>(r), need_w ? gw.squeeze(1) : Tensor()};
 }
-// Where relu6 is flat, from its output y: y <= 0 or y >= 6 (same as pre <= 0 or pre >= 6); the
-// gradient there is 0 even for a non-finite incoming gradient, as in hardtanh_backward.
-Tensor flat_relu6(const Tensor& y) { return at::logical_or(y <= 0, y >= 6); }
+// g = 0 in place where relu6 is flat, from its output y: y <= 0 or y >= 6 (same as pre <= 0 or
+// pre >= 6), even for a non-finite g. hardtanh_backward is exactly that, in one fused pass.
+Tensor relu6_grad_(Tensor g, const Tensor& y) { return at::hardtanh_backward_out(g, g, y, 0, 6); }
 Tensor col(const Tensor& t) { return t.view({-1, 1, 1}); }
 Tensor sums(const Tensor& x) { return x.sum({0, 2, 3}); }  // per channel
 
@@ -310,7 +324,7 @@ std::vector<Tensor> refine_train_backward_v(const Tensor& gout, const TrainArgs&
   };
   auto grad_y3 = [&](const Maps& m, const Tensor& gz) { return bn_grad(gz, m.Y3, f.m3, sd3, a.g3 / sd3, S31, S32); };
   auto grad_d2 = [&](const Maps& m, const Tensor& gy3) {  // grad of BN2's output (pre-relu6)
-    return mix(a.w_pro.t(), gy3).masked_fill_(flat_relu6(m.D), 0);
+    return relu6_grad_(mix(a.w_pro.t(), gy3), m.D);
   };
   // B1: BN_a reductions (and gv)
   for_chunks(a, [&](int64_t b0, int64_t n) {
@@ -348,7 +362,7 @@ std::vector<Tensor> refine_train_backward_v(const Tensor& gout, const TrainArgs&
     auto m = recompute(a, f, b0, n, true);
     auto [ge, gz] = grad_e(m, b0, n, true);
     if (a.expand) {
-      auto ge1 = ge.masked_fill_(flat_relu6(m.E), 0);
+      auto ge1 = relu6_grad_(ge, m.E);
       S11 += sums(ge1);
       S12 += sum_g_xhat(ge1, m.U, f.m1, sd1);
     } else {
@@ -360,7 +374,7 @@ std::vector<Tensor> refine_train_backward_v(const Tensor& gout, const TrainArgs&
     for_chunks(a, [&](int64_t b0, int64_t n) {
       auto m = recompute(a, f, b0, n, true);
       auto [ge, gz] = grad_e(m, b0, n, false);
-      auto ge1 = ge.masked_fill_(flat_relu6(m.E), 0);
+      auto ge1 = relu6_grad_(ge, m.E);
       auto gu = bn_grad(ge1, m.U, f.m1, sd1, a.g1 / sd1, S11, S12);
       gw_exp += mix_wgrad(gu, m.A);
       gA.narrow(0, b0, n).copy_(gz + mix(a.w_exp.t(), gu));
