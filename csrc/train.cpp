@@ -27,6 +27,7 @@
 #include <cmath>
 #include <cstdlib>
 
+#include "cpu/channel_ops.h"
 #include "validate.h"
 
 namespace refiner {
@@ -149,8 +150,11 @@ void fold(const TrainArgs& a, Folded& f, double eps) {
 
 // Every BN is applied in centred form, s (x - mean) + b, never s x + (b - s mean): with zero
 // variance s ~ 1/sqrt(eps) and the folded offset would cancel catastrophically in fp32.
-Tensor bn_apply(const Tensor& x, const Tensor& s, const Tensor& m, const Tensor& b) {
-  return (x - col(m)).mul_(col(s)).add_(col(b));  // one temporary
+// (On CPU one fused pass; elsewhere ATen with one temporary.) relu6: clamped to [0, 6].
+Tensor bn_apply(const Tensor& x, const Tensor& s, const Tensor& m, const Tensor& b, bool relu6 = false) {
+  if (x.is_cpu()) return cpu::channel_affine(x, s, m, b, relu6);
+  auto y = (x - col(m)).mul_(col(s)).add_(col(b));
+  return relu6 ? y.clamp_(0, 6) : y;
 }
 // Z = A + BN3(Y3): the one expression used by the BN_a statistics, the output and the backward.
 Tensor make_z(const TrainArgs& a, const Folded& f, const Tensor& A, const Tensor& Y3) {
@@ -169,13 +173,13 @@ Maps recompute(const TrainArgs& a, const Folded& f, int64_t b0, int64_t n, bool 
   m.A = attn_chunk(a, b0, n);
   if (a.expand) {
     m.U = mix(a.w_exp, m.A);
-    m.E = bn_apply(m.U, f.s1, f.m1, a.b1).clamp_(0, 6);
+    m.E = bn_apply(m.U, f.s1, f.m1, a.b1, true);
   } else {
     m.E = m.A;
   }
   m.Y2 = dw(m.E, a.w_dw);
   if (!need_y3) return m;
-  m.D = bn_apply(m.Y2, f.s2, f.m2, a.b2).clamp_(0, 6);
+  m.D = bn_apply(m.Y2, f.s2, f.m2, a.b2, true);
   m.Y3 = mix(a.w_pro, m.D);
   if (need_z) m.Z = make_z(a, f, m.A, m.Y3);
   return m;
@@ -192,7 +196,8 @@ struct Moments {
   void add(const Tensor& x) {
     auto [var_c, mean_f] = at::var_mean(x, at::IntArrayRef({0, 2, 3}), /*unbiased=*/false, /*keepdim=*/false);
     const double nc = double(x.numel() / x.size(1));
-    auto resid = (x - col(mean_f)).sum({0, 2, 3}).to(at::kDouble);
+    auto resid = x.is_cpu() ? cpu::channel_centred_dot(x, mean_f, Tensor())
+                            : (x - col(mean_f)).sum({0, 2, 3}).to(at::kDouble);
     auto mc = mean_f.to(at::kDouble) + resid / nc, m2c = var_c.to(at::kDouble) * nc;
     if (n == 0) {
       mean = mc, m2 = m2c;
@@ -313,10 +318,12 @@ std::vector<Tensor> refine_train_backward_v(const Tensor& gout, const TrainArgs&
   // Through a batch-statistics BN: k (g - S1/M - xhat S2/M), xhat = (x - m)/sd, with one temporary.
   auto bn_grad = [&](const Tensor& g, const Tensor& x, const Tensor& m, const Tensor& sd, const Tensor& k,
                      const Tensor& S1, const Tensor& S2) {
+    if (x.is_cpu()) return cpu::channel_bn_grad(g, x, m, S2 / (sd * M), S1 / M, k);
     auto t = (x - col(m)).mul_(col(S2 / (sd * M)));
     return t.neg_().add_(g).sub_(col(S1 / M)).mul_(col(k));
   };
   auto sum_g_xhat = [&](const Tensor& g, const Tensor& x, const Tensor& m, const Tensor& sd) {
+    if (x.is_cpu()) return cpu::channel_centred_dot(x, m, g).to(x.scalar_type()) / sd;
     return sums((x - col(m)).mul_(g)) / sd;
   };
   auto grad_z = [&](const Maps& m, int64_t b0, int64_t n) {

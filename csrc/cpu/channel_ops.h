@@ -1,0 +1,109 @@
+// Per-channel element-wise passes of refine_train's batch norms on CPU: each is one pass over
+// contiguous (n, C, P) maps, where the ATen expressions they replace take 3-4 passes and
+// temporaries (the chunked training refine is memory-bound on CPU). Same centred forms and
+// operation order as those expressions; the CUDA path keeps the ATen ones.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <vector>
+
+namespace refiner {
+namespace cpu {
+
+// fn(plane_index, channel) over the n * C planes of a contiguous (n, C, ...) tensor.
+template <class Fn>
+void for_planes(const at::Tensor& x, Fn&& fn) {
+  const int64_t C = x.size(1), planes = x.size(0) * C;
+  at::parallel_for(0, planes, 1, [&](int64_t s, int64_t e) {
+    for (int64_t i = s; i < e; ++i) fn(i, i % C);
+  });
+}
+
+// s_c (x - m_c) + b_c, clamped to [0, 6] when relu6.
+inline at::Tensor channel_affine(const at::Tensor& x, const at::Tensor& s, const at::Tensor& m, const at::Tensor& b,
+                                 bool relu6) {
+  const auto xc = x.contiguous();
+  auto y = at::empty_like(xc);
+  const int64_t P = xc.numel() / std::max<int64_t>(1, xc.size(0) * xc.size(1));
+  AT_DISPATCH_FLOATING_TYPES(xc.scalar_type(), "channel_affine", [&] {
+    const scalar_t *xp = xc.data_ptr<scalar_t>(), *sp = s.data_ptr<scalar_t>(), *mp = m.data_ptr<scalar_t>(),
+                   *bp = b.data_ptr<scalar_t>();
+    scalar_t* yp = y.data_ptr<scalar_t>();
+    for_planes(xc, [&](int64_t i, int64_t c) {
+      const scalar_t sc = sp[c], mc = mp[c], bc = bp[c];
+      const scalar_t* xi = xp + i * P;
+      scalar_t* yi = yp + i * P;
+      if (relu6)
+        for (int64_t j = 0; j < P; ++j) yi[j] = std::min(std::max(sc * (xi[j] - mc) + bc, scalar_t(0)), scalar_t(6));
+      else
+        for (int64_t j = 0; j < P; ++j) yi[j] = sc * (xi[j] - mc) + bc;
+    });
+  });
+  return y;
+}
+
+// Through a batch-statistics BN: k_c ((g - c2_c (x - m_c)) - c1_c).
+inline at::Tensor channel_bn_grad(const at::Tensor& g, const at::Tensor& x, const at::Tensor& m, const at::Tensor& c2,
+                                  const at::Tensor& c1, const at::Tensor& k) {
+  const auto xc = x.contiguous(), gc = g.contiguous();
+  auto out = at::empty_like(xc);
+  const int64_t P = xc.numel() / std::max<int64_t>(1, xc.size(0) * xc.size(1));
+  AT_DISPATCH_FLOATING_TYPES(xc.scalar_type(), "channel_bn_grad", [&] {
+    const scalar_t *xp = xc.data_ptr<scalar_t>(), *gp = gc.data_ptr<scalar_t>(), *mp = m.data_ptr<scalar_t>(),
+                   *c2p = c2.data_ptr<scalar_t>(), *c1p = c1.data_ptr<scalar_t>(), *kp = k.data_ptr<scalar_t>();
+    scalar_t* op = out.data_ptr<scalar_t>();
+    for_planes(xc, [&](int64_t i, int64_t c) {
+      const scalar_t mc = mp[c], c2c = c2p[c], c1c = c1p[c], kc = kp[c];
+      const scalar_t *xi = xp + i * P, *gi = gp + i * P;
+      scalar_t* oi = op + i * P;
+      for (int64_t j = 0; j < P; ++j) oi[j] = kc * ((gi[j] - c2c * (xi[j] - mc)) - c1c);
+    });
+  });
+  return out;
+}
+
+// Per channel, in fp64: the sum over images and pixels of (x - m_c) g (of x - m_c when g is
+// undefined).
+// 16 independent lanes per plane (the fixed-width loop vectorises and rounds better than one
+// running sum), planes summed in double and then over images in a fixed order: deterministic.
+inline at::Tensor channel_centred_dot(const at::Tensor& x, const at::Tensor& m, const at::Tensor& g) {
+  const auto xc = x.contiguous();
+  const auto gc = g.defined() ? g.contiguous() : at::Tensor();
+  const int64_t n = xc.size(0), C = xc.size(1), P = xc.numel() / std::max<int64_t>(1, n * C);
+  std::vector<double> part(n * C);
+  AT_DISPATCH_FLOATING_TYPES(xc.scalar_type(), "channel_centred_dot", [&] {
+    const scalar_t *xp = xc.data_ptr<scalar_t>(), *mp = m.data_ptr<scalar_t>();
+    const scalar_t* gp = gc.defined() ? gc.data_ptr<scalar_t>() : nullptr;
+    for_planes(xc, [&](int64_t i, int64_t c) {
+      constexpr int W = 16;
+      scalar_t lane[W] = {};
+      const scalar_t mc = mp[c];
+      const scalar_t *xi = xp + i * P, *gi = gp ? gp + i * P : nullptr;
+      const int64_t Pw = P / W * W;
+      double total = 0;
+      if (gi) {
+        for (int64_t j = 0; j < Pw; j += W)
+          for (int l = 0; l < W; ++l) lane[l] += (xi[j + l] - mc) * gi[j + l];
+        for (int64_t j = Pw; j < P; ++j) total += (xi[j] - mc) * gi[j];
+      } else {
+        for (int64_t j = 0; j < Pw; j += W)
+          for (int l = 0; l < W; ++l) lane[l] += xi[j + l] - mc;
+        for (int64_t j = Pw; j < P; ++j) total += xi[j] - mc;
+      }
+      for (int l = 0; l < W; ++l) total += lane[l];
+      part[i] = total;
+    });
+  });
+  auto out = at::zeros({C}, xc.options().dtype(at::kDouble));
+  double* o = out.data_ptr<double>();
+  for (int64_t b = 0; b < n; ++b)
+    for (int64_t c = 0; c < C; ++c) o[c] += part[b * C + c];
+  return out;
+}
+
+}  // namespace cpu
+}  // namespace refiner
