@@ -186,19 +186,24 @@ Maps recompute(const TrainArgs& a, const Folded& f, int64_t b0, int64_t n, bool 
 }
 
 // Per-channel mean and variance of chunk maps (n, C, N, N), merged over the chunks: each chunk by
-// at::var_mean (Welford), chunks combined in fp64 by Chan's pairwise update. No cancellation of
-// E[x^2] - E[x]^2 when |mean| >> std, and no fp64 copy of any map. var_mean returns its mean
-// rounded to fp32; the sum of the residuals x - mean recovers the lost digits, which the merge
-// (delta^2 terms) and BN1 (W_e mean(A), with cancellation across heads) need.
+// at::var_mean (Welford; on CPU cpu::channel_moments, two passes per plane in fp64), chunks
+// combined in fp64 by Chan's pairwise update. No cancellation of E[x^2] - E[x]^2 when
+// |mean| >> std, and no fp64 copy of any map. var_mean returns its mean rounded to fp32; the sum
+// of the residuals x - mean recovers the lost digits, which the merge (delta^2 terms) and BN1
+// (W_e mean(A), with cancellation across heads) need.
 struct Moments {
   Tensor mean, m2;  // fp64; m2 = sum of squared deviations
   double n = 0;
   void add(const Tensor& x) {
-    auto [var_c, mean_f] = at::var_mean(x, at::IntArrayRef({0, 2, 3}), /*unbiased=*/false, /*keepdim=*/false);
     const double nc = double(x.numel() / x.size(1));
-    auto resid = x.is_cpu() ? cpu::channel_centred_dot(x, mean_f, Tensor())
-                            : (x - col(mean_f)).sum({0, 2, 3}).to(at::kDouble);
-    auto mc = mean_f.to(at::kDouble) + resid / nc, m2c = var_c.to(at::kDouble) * nc;
+    Tensor mc, m2c;
+    if (x.is_cpu()) {
+      std::tie(mc, m2c) = cpu::channel_moments(x);
+    } else {
+      auto [var_c, mean_f] = at::var_mean(x, at::IntArrayRef({0, 2, 3}), /*unbiased=*/false, /*keepdim=*/false);
+      auto resid = (x - col(mean_f)).sum({0, 2, 3}).to(at::kDouble);
+      mc = mean_f.to(at::kDouble) + resid / nc, m2c = var_c.to(at::kDouble) * nc;
+    }
     if (n == 0) {
       mean = mc, m2 = m2c;
     } else {
