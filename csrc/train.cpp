@@ -2,7 +2,8 @@
 // backward, without ever holding a (B, rH, N, N) tensor.
 //
 // The batch is walked in chunks of images (ATen ops on that chunk's maps, so the same code runs
-// on CPU and CUDA); every global statistic is a reduction pass over the chunks, and every pass
+// on CPU and CUDA; on CPU the depthwise conv, the BN passes and the moments are fused kernels
+// instead, csrc/cpu); every global statistic is a reduction pass over the chunks, and every pass
 // recomputes the chunk's maps from A:
 //   forward : BN1 from the moments of A (mean vector + H x H Gram matrix: U = W_e A is linear),
 //             pass 1 sums of Y2 = dw(E) (BN2), pass 2 Y3 = W_p D (BN3), kept in a buffer the

@@ -1,8 +1,8 @@
-// CPU micro-kernels of the refine op's fast forward: the 1x1 head mixes (K = H or rH, i.e. 12-96)
-// and the depthwise stencil row, on GCC vector types.
+// CPU micro-kernels on GCC vector types: the refine forward's 1x1 head mixes (K = H or rH, i.e.
+// 12-96) and depthwise stencil rows (also the depthwise building block's rows and weight-gradient
+// sums), and the softmax block's fp32 rows.
 //
-// Head mixes:
-// BLAS packs both operands on every call, which dominates at these skinny shapes (perf: half of the
+// Head mixes: BLAS packs both operands on every call, which dominates at these skinny shapes (perf: half of the
 // fused forward was MKL packing + kernel), and its output leaves cache before the next stage reads it.
 // Here the operands are used in place: W (M x K, row-major, tiny) is broadcast, X rows are read
 // 2 vectors wide, and an MR x 2 block of accumulators stays in registers (MR <= 6: 12 accumulators
@@ -60,8 +60,7 @@ template <class F> inline int64_t vec_pad(int64_t n) { return (n + Vec<F>::L - 1
 
 // Rows [m0, m0 + MR) of C = W X over columns [x, x + NV L); epi(m, x, v) stores one vector.
 template <int MR, int NV, class F, class Epi>
-inline RF_INLINE void mix_block(int m0, int K, const F* W, const F* X, int64_t ldx, int64_t x,
-                                                     const Epi& epi) {
+inline RF_INLINE void mix_block(int m0, int K, const F* W, const F* X, int64_t ldx, int64_t x, const Epi& epi) {
   constexpr int L = Vec<F>::L;
   vec_t<F> acc[MR][NV];
   for (int i = 0; i < MR; ++i)
@@ -80,8 +79,7 @@ inline RF_INLINE void mix_block(int m0, int K, const F* W, const F* X, int64_t l
 }
 
 template <int NV, class F, class Epi>
-inline RF_INLINE void mix_columns(int M, int K, const F* W, const F* X, int64_t ldx, int64_t x,
-                                                       const Epi& epi) {
+inline RF_INLINE void mix_columns(int M, int K, const F* W, const F* X, int64_t ldx, int64_t x, const Epi& epi) {
   int m = 0;
   for (; m + 6 <= M; m += 6) mix_block<6, NV>(m, K, W, X, ldx, x, epi);
   switch (M - m) {
@@ -99,8 +97,7 @@ inline RF_INLINE void mix_columns(int M, int K, const F* W, const F* X, int64_t 
 // (12 accumulators + 3 operands of the 16 AVX2 registers); a last single vector when that is all
 // that is left.
 template <class F, class Epi>
-inline RF_INLINE void head_mix(int M, int K, int64_t n, const F* W, const F* X, int64_t ldx,
-                                                    const Epi& epi) {
+inline RF_INLINE void head_mix(int M, int K, int64_t n, const F* W, const F* X, int64_t ldx, const Epi& epi) {
   constexpr int L = Vec<F>::L;
   int64_t x = 0;
   for (; x + L < n; x += 2 * L) mix_columns<2>(M, K, W, X, ldx, x, epi);
@@ -194,8 +191,7 @@ inline RF_INLINE vec_t<float> exp_vec(vec_t<float> x) {
 
 // One attention row: a = softmax(s) + sprev * prev (prev may be null), s already scaled. s and a
 // may be the same row.
-inline RF_INLINE void softmax_residual_row(float* a, const float* s, const float* prev, int64_t n,
-                                                                float sprev) {
+inline RF_INLINE void softmax_residual_row(float* a, const float* s, const float* prev, int64_t n, float sprev) {
   constexpr int L = 8;
   const int64_t nv = n / L * L;
   float mx = -__builtin_inff();

@@ -310,9 +310,8 @@ void refine_fwd_chunk_portable(const F* A, const F* V, const RefineW<F>& w, cons
 // with the bias/relu6 and the residual/adapt-BN epilogues fused. Row buffers are padded to the
 // vector width (zero-initialised; padding columns hold finite junk nobody reads).
 template <class F>
-inline RF_INLINE void refine_fwd_chunk_stream(const F* A, const F* V, const RefineW<F>& w,
-                                                                   const RefineDims& D, F* out, F* Rmap, int64_t s,
-                                                                   int64_t e) {
+inline RF_INLINE void refine_fwd_chunk_stream(const F* A, const F* V, const RefineW<F>& w, const RefineDims& D,
+                                              F* out, F* Rmap, int64_t s, int64_t e) {
   using VecF = cpu::vec_t<F>;
   constexpr int L = cpu::Vec<F>::L;
   const int64_t N = D.N, H = D.H, rH = D.rH;
@@ -762,8 +761,9 @@ void dw_planes_any(const double* x, const double* w, double* y, const double* g,
 template <class F>
 void dw_driver(const F* xp, const F* wp, F* yp, int64_t B, int64_t C, int64_t N, int64_t M, int k, bool transpose) {
   if (!portable_path()) {
-    at::parallel_for(0, B * C, 1,
-                     [&](int64_t s, int64_t e) { dw_planes_any(xp, wp, yp, (const F*)nullptr, (F*)nullptr, C, N, M, k, transpose, s, e); });
+    at::parallel_for(0, B * C, 1, [&](int64_t s, int64_t e) {
+      dw_planes_any(xp, wp, yp, (const F*)nullptr, (F*)nullptr, C, N, M, k, transpose, s, e);
+    });
     return;
   }
   at::parallel_for(0, B * C * N, 16, [&](int64_t s, int64_t e) {
@@ -806,7 +806,8 @@ std::tuple<Tensor, Tensor> attn_dwconv_backward_cpu(const Tensor& g, const Tenso
           const int64_t c = it / (k * k);
           F acc = 0;
           for (int64_t b = 0; b < B; ++b)
-            acc += dw_weight_grad(gp + (b * C + c) * N * M, xp + (b * C + c) * N * M, N, M, (int)k, (int)(it % (k * k)));
+            acc += dw_weight_grad(gp + (b * C + c) * N * M, xp + (b * C + c) * N * M, N, M, (int)k,
+                                  (int)(it % (k * k)));
           gwp[it] = acc;
         }
       });
