@@ -4,6 +4,7 @@
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
+#include "head_mix.h"
 #include "validate.h"
 
 namespace refiner {
@@ -21,7 +22,7 @@ static at::Tensor head_mix_impl(const at::Tensor& x, const at::Tensor& w) {
   validate_head_mix(x, w);
   const auto ct = compute_type(x);
   const int64_t B = x.size(0), C = x.size(1), N = x.size(2), M = x.size(3);
-  auto y = at::matmul(w.to(ct), x.to(ct).reshape({B, C, N * M}));
+  auto y = mix_images(w.to(ct), x.to(ct).reshape({B, C, N * M}));
   return y.reshape({B, w.size(0), N, M}).to(x.scalar_type()).contiguous();
 }
 
@@ -34,8 +35,8 @@ static std::tuple<at::Tensor, at::Tensor> head_mix_backward_impl(const at::Tenso
               "head_mix_backward: grad must have shape (B, C2, N, M), got ", shape_str(g));
   auto gf = g.to(ct).reshape({B, C2, N * M});
   auto xf = x.to(ct).reshape({B, C, N * M});
-  auto gx = at::matmul(w.to(ct).t(), gf).reshape({B, C, N, M});
-  auto gw = at::matmul(gf, xf.transpose(1, 2)).sum(0);
+  auto gx = mix_images(w.to(ct).t(), gf).reshape({B, C, N, M});
+  auto gw = mix_images_wgrad(gf, xf);
   return {gx.to(x.scalar_type()).contiguous(), gw.to(w.scalar_type()).contiguous()};
 }
 

@@ -29,6 +29,7 @@
 #include <cstdlib>
 
 #include "cpu/channel_ops.h"
+#include "head_mix.h"
 #include "validate.h"
 
 namespace refiner {
@@ -77,25 +78,11 @@ void for_chunks(const TrainArgs& a, Fn&& fn) {
 // Maps of a chunk: X (n, C, N, N). Sums run over the images and pixels of the chunk.
 Tensor mix(const Tensor& w, const Tensor& x) {  // 1x1 conv over channels
   const int64_t n = x.size(0), N = x.size(2), M = x.size(3);
-  const auto xr = x.reshape({n, x.size(1), N * M});
-  if (!x.is_cpu()) return at::matmul(w, xr).view({n, w.size(0), N, M});
-  // CPU: one mm per image (matmul folds the batch into the rows through a transposed copy of x,
-  // which costs more than the product)
-  auto out = at::empty({n, w.size(0), N * M}, x.options());
-  for (int64_t i = 0; i < n; ++i) {
-    auto oi = out[i];
-    at::mm_out(oi, w, xr[i]);
-  }
-  return out.view({n, w.size(0), N, M});
+  return mix_images(w, x.reshape({n, x.size(1), N * M})).view({n, w.size(0), N, M});
 }
 Tensor mix_wgrad(const Tensor& g, const Tensor& x) {  // sum over images of g x^T: (Cg, Cx)
   const int64_t n = x.size(0), NM = x.size(2) * x.size(3);
-  const auto gr = g.reshape({n, g.size(1), NM}), xr = x.reshape({n, x.size(1), NM});
-  if (!x.is_cpu()) return at::bmm(gr, xr.transpose(1, 2)).sum(0);  // one launch
-  // CPU: as in mix, per image; BLAS takes x^T as a transposed operand.
-  Tensor out = at::mm(gr[0], xr[0].t());
-  for (int64_t i = 1; i < n; ++i) out.addmm_(gr[i], xr[i].t());
-  return out;
+  return mix_images_wgrad(g.reshape({n, g.size(1), NM}), x.reshape({n, x.size(1), NM}));
 }
 // The depthwise conv (zero 'same' padding, cross-correlation) and its gradients. On CPU through
 // refiner::attn_dwconv (vector stencil rows: 3-4x ATen's depthwise conv on these maps), on CUDA
