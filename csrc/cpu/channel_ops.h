@@ -15,6 +15,9 @@
 namespace refiner {
 namespace cpu {
 
+// Elements per (image, channel) plane of an (n, C, ...) tensor.
+inline int64_t plane_size(const at::Tensor& x) { return x.numel() / std::max<int64_t>(1, x.size(0) * x.size(1)); }
+
 // fn(plane_index, channel) over the n * C planes of a contiguous (n, C, ...) tensor.
 template <class Fn>
 void for_planes(const at::Tensor& x, Fn&& fn) {
@@ -29,7 +32,7 @@ inline at::Tensor channel_affine(const at::Tensor& x, const at::Tensor& s, const
                                  bool relu6) {
   const auto xc = x.contiguous();
   auto y = at::empty_like(xc);
-  const int64_t P = xc.numel() / std::max<int64_t>(1, xc.size(0) * xc.size(1));
+  const int64_t P = plane_size(xc);
   AT_DISPATCH_FLOATING_TYPES(xc.scalar_type(), "channel_affine", [&] {
     const scalar_t *xp = xc.data_ptr<scalar_t>(), *sp = s.data_ptr<scalar_t>(), *mp = m.data_ptr<scalar_t>(),
                    *bp = b.data_ptr<scalar_t>();
@@ -52,7 +55,7 @@ inline at::Tensor channel_bn_grad(const at::Tensor& g, const at::Tensor& x, cons
                                   const at::Tensor& c1, const at::Tensor& k) {
   const auto xc = x.contiguous(), gc = g.contiguous();
   auto out = at::empty_like(xc);
-  const int64_t P = xc.numel() / std::max<int64_t>(1, xc.size(0) * xc.size(1));
+  const int64_t P = plane_size(xc);
   AT_DISPATCH_FLOATING_TYPES(xc.scalar_type(), "channel_bn_grad", [&] {
     const scalar_t *xp = xc.data_ptr<scalar_t>(), *gp = gc.data_ptr<scalar_t>(), *mp = m.data_ptr<scalar_t>(),
                    *c2p = c2.data_ptr<scalar_t>(), *c1p = c1.data_ptr<scalar_t>(), *kp = k.data_ptr<scalar_t>();
@@ -74,7 +77,7 @@ inline at::Tensor channel_bn_grad(const at::Tensor& g, const at::Tensor& x, cons
 inline at::Tensor channel_centred_dot(const at::Tensor& x, const at::Tensor& m, const at::Tensor& g) {
   const auto xc = x.contiguous();
   const auto gc = g.defined() ? g.contiguous() : at::Tensor();
-  const int64_t n = xc.size(0), C = xc.size(1), P = xc.numel() / std::max<int64_t>(1, n * C);
+  const int64_t n = xc.size(0), C = xc.size(1), P = plane_size(xc);
   std::vector<double> part(n * C);
   AT_DISPATCH_FLOATING_TYPES(xc.scalar_type(), "channel_centred_dot", [&] {
     const scalar_t *xp = xc.data_ptr<scalar_t>(), *mp = m.data_ptr<scalar_t>();
@@ -112,7 +115,7 @@ inline at::Tensor channel_centred_dot(const at::Tensor& x, const at::Tensor& m, 
 // shapes is ~10x slower and returns an fp32 mean.
 inline std::pair<at::Tensor, at::Tensor> channel_moments(const at::Tensor& x) {
   const auto xc = x.contiguous();
-  const int64_t n = xc.size(0), C = xc.size(1), P = xc.numel() / std::max<int64_t>(1, n * C);
+  const int64_t n = xc.size(0), C = xc.size(1), P = plane_size(xc);
   std::vector<double> pmean(n * C), pm2(n * C);
   AT_DISPATCH_FLOATING_TYPES(xc.scalar_type(), "channel_moments", [&] {
     const scalar_t* xp = xc.data_ptr<scalar_t>();
