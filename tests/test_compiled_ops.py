@@ -268,7 +268,7 @@ def test_refine_eval_half(dtype, tol):
 
 
 def set_cpu_path(monkeypatch, portable):
-    """Select the CPU backward path: fast (BLAS + row-vectorised tile) or portable (CUDA stage sequence)."""
+    """Select the CPU path: fast (streamed micro-kernel rows) or portable (CUDA stage sequence)."""
     if portable:
         monkeypatch.setenv("REFINER_CPU_PORTABLE", "1")
     else:
@@ -284,11 +284,47 @@ def set_cpu_path(monkeypatch, portable):
     (1, 16, 33, 32, 1, 5),   # 3 row tiles, the last of 1 row
 ])
 def test_refine_eval_grad_paths(monkeypatch, portable, B, H, N, d, ratio, k):
-    """Both CPU backward paths against the reference (N not a multiple of the 16-row tile)."""
+    """Both CPU backward paths against the reference (N not a multiple of the 16/32-row tiles)."""
     set_cpu_path(monkeypatch, portable)
     args, expand = refine_inputs(B, H, N, d, ratio, k, torch.float32)
     compare(lambda *a: C.refine_eval(*a, expand), lambda *a: R.refine_eval(*a, expand), args,
             rtol=1e-5, atol=2e-5, names=REFINE_NAMES)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("ratio,k", [(3, 3), (1, 3), (2, 5), (3, 7), (2, 1)])
+def test_refine_eval_backward_vector_tails(monkeypatch, ratio, k, dtype):
+    """The streamed CPU backward: rows padded to whole vectors (padding columns zeroed before they
+    enter a gradient sum), 4 x 3 weight-gradient blocks and 6-row head-mix blocks (H = 1, 5, 7 hit
+    every remainder), rings of k rows with stage lags of k // 2 rows (N = 33, 65: a last tile of
+    one row, shorter than the lag for k = 7). Every gradient against the reference in fp64."""
+    set_cpu_path(monkeypatch, False)
+    tol = 2e-5 if dtype == torch.float32 else 1e-11
+    for H in (1, 5, 7):
+        for N in (1, 2, 3, 7, 9, 12, 16, 17, 33, 65):
+            if N == 65 and H != 5:
+                continue
+            args, expand = refine_inputs(1 + N % 2, H, N, 7, ratio, k, dtype, seed=N)
+            compare(lambda *a: C.refine_eval(*a, expand), lambda *a: R.refine_eval(*a, expand), args,
+                    rtol=tol, atol=tol, ref_inputs=[t.double() for t in args], names=REFINE_NAMES)
+
+
+@pytest.mark.parametrize("ratio", [3, 1])
+def test_refine_eval_backward_nan_pattern(monkeypatch, ratio):
+    """A NaN in one attention entry gives the reference's NaN pattern in every gradient (the
+    relu6 masks drop it from grad attn; the weight sums take it), and nothing leaks through the
+    padding columns or ring rows of the streamed backward."""
+    set_cpu_path(monkeypatch, False)
+    args, expand = refine_inputs(1, 4, 40, 8, ratio, 3, torch.float32)
+    args[0][0, 1, 20, 39] = float("nan")
+    gout = torch.randn(1, 4, 40, 8)
+    f_o, f_g = grads(lambda *a: C.refine_eval(*a, expand), args, [gout])
+    r_o, r_g = grads(lambda *a: R.refine_eval(*a, expand), args, [gout])
+    for nm, a, e in zip(REFINE_NAMES, f_g, r_g):
+        if e is None:
+            continue
+        assert torch.equal(a.isnan(), e.isnan()), nm
+        assert_close(a.nan_to_num(), e.nan_to_num(), 2e-5, 2e-5, nm)
 
 
 @pytest.mark.parametrize("portable", [False, True], ids=["fast", "portable"])

@@ -299,8 +299,8 @@ RF_HD F bwd_head_item(int item, int H, const F* b_pro, const Tile& t, const Buf<
 }
 
 // ---------------------------------------------------------------------------
-// Row-vectorised backward pieces (the CPU fast path: BLAS does the 1x1 mixes, these do the
-// stencils and masks). Each loops over whole rows so the column loop vectorises on CPU.
+// Row helpers of the CPU fast paths (csrc/cpu): map membership per row and column range, so
+// the loops split a row instead of testing every pixel and the column loops vectorise.
 // ---------------------------------------------------------------------------
 // Columns [lo, hi) of a buffer row with halo h that lie inside the map.
 RF_HD int map_col_lo(const Tile& t, int h) { return t.c0 - h >= 0 ? -h : (int)-t.c0; }
@@ -309,64 +309,6 @@ RF_HD int map_col_hi(const Tile& t, int h) {
 }
 RF_HD bool map_row(const Tile& t, int y) { return t.r0 + y >= 0 && t.r0 + y < t.N; }
 
-// Row stencils with the kernel size K known at compile time: all K x K taps of an output pixel
-// are summed in a register (the x loop vectorises with the taps unrolled), in the same order as
-// the generic one-pass-per-tap loops below, so the results are identical; the output row is
-// loaded and stored once instead of K^2 times.
-// out[x] = init(x) + sum_ij w[i K + j] rows[i][x + sgn * j]  for x in [x0, x1).
-template <int K, int SGN, class F>
-RF_HD void stencil_row(F* __restrict__ out, const F* const* rows, const F* w, int x0, int x1, int step,
-                       bool init_from_out, F init) {
-  for (int x = x0; x < x1; x += step) {
-    F acc = init_from_out ? out[x] : init;
-    for (int i = 0; i < K; ++i)
-      for (int j = 0; j < K; ++j) acc += w[i * K + j] * rows[i][x + SGN * j];
-    out[x] = acc;
-  }
-}
-
-template <int K, class F, class Par>
-RF_HD void dw_pre_channel_k(const Par& par, const F* w, F bias, const Tile& t, const Buf<F>& E, int ce,
-                            const Buf<F>& Y, int cy, int yh) {
-  constexpr int p = K / 2;
-  for (int y = -yh + par.y0(); y < t.TR + yh; y += par.ny()) {
-    const F* rows[K];
-    for (int i = 0; i < K; ++i) rows[i] = E.row(ce, y + i - p) - p;
-    stencil_row<K, 1>(Y.row(cy, y), rows, w, -yh + par.x0(), t.TC + yh, par.nx(), false, bias);
-  }
-}
-
-// Pre-activation Y_c = dw(E_c) + b_dw[c] over the region of halo yh into plane cy of Y
-// (no mask: callers mask where they use it). E needs halo >= yh + k/2. k = 3/5/7 go through
-// stencil_row; the generic path (k = 1) makes one row pass per tap. __restrict__: the rows never
-// overlap, and without it GCC re-checks aliasing per tap loop and keeps the slow path.
-template <class F, class Par>
-RF_HD void dw_pre_channel(const Par& par, int c, const F* w_dw, const F* b_dw, int k, const Tile& t,
-                          const Buf<F>& E, int ce, const Buf<F>& Y, int cy, int yh) {
-  switch (k) {
-    case 3: return dw_pre_channel_k<3>(par, w_dw + (int64_t)c * 9, b_dw[c], t, E, ce, Y, cy, yh);
-    case 5: return dw_pre_channel_k<5>(par, w_dw + (int64_t)c * 25, b_dw[c], t, E, ce, Y, cy, yh);
-    case 7: return dw_pre_channel_k<7>(par, w_dw + (int64_t)c * 49, b_dw[c], t, E, ce, Y, cy, yh);
-    default: break;
-  }
-  const int p = k / 2;
-  const F* w = w_dw + (int64_t)c * k * k;
-  const F bias = b_dw[c];
-  for (int y = -yh + par.y0(); y < t.TR + yh; y += par.ny()) {
-    F* __restrict__ yr = Y.row(cy, y);
-    for (int x = -yh + par.x0(); x < t.TC + yh; x += par.nx()) yr[x] = bias;
-    for (int i = 0; i < k; ++i)
-      for (int j = 0; j < k; ++j) {
-        const F wij = w[i * k + j];
-        const F* __restrict__ e = E.row(ce, y + i - p) + (j - p);
-        for (int x = -yh + par.x0(); x < t.TC + yh; x += par.nx()) yr[x] += wij * e[x];
-      }
-  }
-}
-
-// The loops below test map membership per row and split each row into the column ranges
-// before / inside / after the map instead of testing every pixel, so the CPU loops vectorise.
-
 // Zero the columns of row r (halo h) outside [lo, hi), or all of it when the row is off the map.
 template <class F, class Par>
 RF_HD void zero_off_map(const Par& par, F* r, int h, int TC, bool rin, int lo, int hi) {
@@ -374,21 +316,6 @@ RF_HD void zero_off_map(const Par& par, F* r, int h, int TC, bool rin, int lo, i
   for (int x = -h + par.x0(); x < a; x += par.nx()) r[x] = F(0);
   if (rin)
     for (int x = hi + par.x0(); x < TC + h; x += par.nx()) r[x] = F(0);
-}
-
-// E_c = relu6(E_c + b_exp[c]) in place over the region of halo eh, 0 outside the map: the
-// epilogue of an expansion done as a matmul (BLAS on CPU).
-template <class F, class Par>
-RF_HD void expand_epilogue_rows(const Par& par, int c, const F* b_exp, const Tile& t, const Buf<F>& E, int eh) {
-  const F bias = b_exp[c];
-  const int lo = map_col_lo(t, eh), hi = map_col_hi(t, eh);
-  for (int y = -eh + par.y0(); y < t.TR + eh; y += par.ny()) {
-    F* e = E.row(c, y);
-    const bool rin = map_row(t, y);
-    zero_off_map(par, e, eh, t.TC, rin, lo, hi);
-    if (rin)
-      for (int x = lo + par.x0(); x < hi; x += par.nx()) e[x] = relu6(e[x] + bias);
-  }
 }
 
 // load_tile's result, row by row: zero the off-map columns, convert the in-map range (a plain
@@ -405,118 +332,6 @@ RF_HD void load_tile_rows(const Par& par, const T* src, int C, const Tile& t, co
       const T* s = src + ((int64_t)c * t.N + t.r0 + y) * t.N + t.c0;
       for (int x = lo + par.x0(); x < hi; x += par.nx()) dst[x] = static_cast<F>(s[x]);
     }
-}
-
-// finish_r's result, row by row: R_h = alpha_h (A_h + P_h + b_pro_h) + beta_h in map, 0 outside.
-template <class F, class Par>
-RF_HD void finish_r_rows(const Par& par, int H, const F* b_pro, const F* alpha, const F* beta,
-                         const Tile& t, const Buf<F>& A, const Buf<F>& P) {
-  const int lo = map_col_lo(t, 0), hi = map_col_hi(t, 0);
-  for (int h = 0; h < H; ++h)
-    for (int y = par.y0(); y < t.TR; y += par.ny()) {
-      F* pr = P.row(h, y);
-      const F* ar = A.row(h, y);
-      const bool rin = map_row(t, y);
-      zero_off_map(par, pr, 0, t.TC, rin, lo, hi);
-      if (!rin) continue;
-      const F al = alpha[h], bp = b_pro[h], be = beta[h];
-      for (int x = lo + par.x0(); x < hi; x += par.nx()) pr[x] = al * (ar[x] + pr[x] + bp) + be;
-    }
-}
-
-// D_c = relu6(Y_c) on the centre (0 outside the map).
-template <class F, class Par>
-RF_HD void relu6_centre(const Par& par, int c, const Tile& t, const Buf<F>& Y, int cy, const Buf<F>& D, int cd) {
-  const int lo = map_col_lo(t, 0), hi = map_col_hi(t, 0);
-  for (int y = par.y0(); y < t.TR; y += par.ny()) {
-    const F* yr = Y.row(cy, y);
-    F* dr = D.row(cd, y);
-    const bool rin = map_row(t, y);
-    zero_off_map(par, dr, 0, t.TC, rin, lo, hi);
-    if (rin)
-      for (int x = lo + par.x0(); x < hi; x += par.nx()) dr[x] = relu6(yr[x]);
-  }
-}
-
-// In place over the region of halo gh: G_c = G_c where the pixel is in the map and
-// relu6_pass(U_c), else 0 (U: the pre-activation, here Y).
-template <class F, class Par>
-RF_HD void relu6_grad_pre(const Par& par, const Tile& t, const Buf<F>& U, int cu, const Buf<F>& G, int cg, int gh) {
-  const int lo = map_col_lo(t, gh), hi = map_col_hi(t, gh);
-  for (int y = -gh + par.y0(); y < t.TR + gh; y += par.ny()) {
-    const F* u = U.row(cu, y);
-    F* g = G.row(cg, y);
-    const bool rin = map_row(t, y);
-    zero_off_map(par, g, gh, t.TC, rin, lo, hi);
-    if (rin)
-      for (int x = lo + par.x0(); x < hi; x += par.nx()) g[x] = relu6_pass(u[x]) ? g[x] : F(0);
-  }
-}
-
-// In place on the centre: G_c = relu6_pass(E_c) ? G_c : 0, with E = relu6(U) the activation.
-// 0 < relu6(u) < 6 exactly when relu6_pass(u), and E is 0 outside the map.
-template <class F, class Par>
-RF_HD void relu6_grad_out(const Par& par, const Tile& t, const Buf<F>& E, int ce, const Buf<F>& G, int cg) {
-  for (int y = par.y0(); y < t.TR; y += par.ny()) {
-    const F* e = E.row(ce, y);
-    F* g = G.row(cg, y);
-    for (int x = par.x0(); x < t.TC; x += par.nx()) g[x] = relu6_pass(e[x]) ? g[x] : F(0);
-  }
-}
-
-// G_cg (+)= dw^T(GY_c) = sum_ij w[i,j] GY_c(y - i + p, x - j + p) on the centre pixels inside the
-// map (others are left as they are, or zeroed when !accumulate). GY needs halo >= k/2 and must
-// be zero outside the map; G and GY must not overlap.
-template <int K, class F, class Par>
-RF_HD void dwT_channel_k(const Par& par, const F* w, const Tile& t, const Buf<F>& GY, int cy, const Buf<F>& G,
-                         int cg, bool accumulate) {
-  constexpr int p = K / 2;
-  const int lo = map_col_lo(t, 0), hi = map_col_hi(t, 0);
-  for (int y = par.y0(); y < t.TR; y += par.ny()) {
-    F* g = G.row(cg, y);
-    if (!accumulate)
-      for (int x = par.x0(); x < t.TC; x += par.nx()) g[x] = F(0);
-    if (!map_row(t, y)) continue;
-    const F* rows[K];
-    for (int i = 0; i < K; ++i) rows[i] = GY.row(cy, y - i + p) + p;
-    stencil_row<K, -1>(g, rows, w, lo + par.x0(), hi, par.nx(), true, F(0));
-  }
-}
-
-template <class F, class Par>
-RF_HD void dwT_channel(const Par& par, int c, const F* w_dw, int k, const Tile& t, const Buf<F>& GY, int cy,
-                       const Buf<F>& G, int cg, bool accumulate) {
-  switch (k) {
-    case 3: return dwT_channel_k<3>(par, w_dw + (int64_t)c * 9, t, GY, cy, G, cg, accumulate);
-    case 5: return dwT_channel_k<5>(par, w_dw + (int64_t)c * 25, t, GY, cy, G, cg, accumulate);
-    case 7: return dwT_channel_k<7>(par, w_dw + (int64_t)c * 49, t, GY, cy, G, cg, accumulate);
-    default: break;
-  }
-  const int p = k / 2;
-  const F* w = w_dw + (int64_t)c * k * k;
-  const int lo = map_col_lo(t, 0), hi = map_col_hi(t, 0);
-  for (int y = par.y0(); y < t.TR; y += par.ny()) {
-    F* __restrict__ g = G.row(cg, y);
-    if (!accumulate)
-      for (int x = par.x0(); x < t.TC; x += par.nx()) g[x] = F(0);
-    if (!map_row(t, y)) continue;
-    for (int i = 0; i < k; ++i)
-      for (int j = 0; j < k; ++j) {
-        const F wij = w[i * k + j];
-        const F* __restrict__ s = GY.row(cy, y - i + p) - (j - p);
-        for (int x = lo + par.x0(); x < hi; x += par.nx()) g[x] += wij * s[x];
-      }
-  }
-}
-
-// In place over the whole extent of plane c (centre + halo): B_c *= s.
-template <class F, class Par>
-RF_HD void scale_plane(const Par& par, int c, F s, const Tile& t, const Buf<F>& B) {
-  const int h = B.halo;
-  for (int y = -h + par.y0(); y < t.TR + h; y += par.ny()) {
-    F* r = B.row(c, y);
-    for (int x = -h + par.x0(); x < t.TC + h; x += par.nx()) r[x] *= s;
-  }
 }
 
 // ---------------------------------------------------------------------------

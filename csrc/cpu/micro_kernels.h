@@ -1,6 +1,6 @@
-// CPU micro-kernels on GCC vector types: the refine forward's 1x1 head mixes (K = H or rH, i.e.
-// 12-96) and depthwise stencil rows (also the depthwise building block's rows and weight-gradient
-// sums), and the softmax block's fp32 rows.
+// CPU micro-kernels on GCC vector types: the refine forward's and backward's 1x1 head mixes
+// (K = H or rH, i.e. 12-96), their weight gradients and the depthwise stencil rows (also the
+// depthwise building block's rows and weight-gradient sums), and the softmax block's fp32 rows.
 //
 // Head mixes: BLAS packs both operands on every call, which dominates at these skinny shapes (perf: half of the
 // fused forward was MKL packing + kernel), and its output leaves cache before the next stage reads it.
@@ -110,12 +110,12 @@ template <class F> inline RF_INLINE vec_t<F> relu6_vec(vec_t<F> v, vec_t<F> six)
   return v > six ? six : v;
 }
 
-// One depthwise output row of one channel: dr[x] = act(bias + sum_ij w[i K + j] rows[i][x + j])
-// over columns [0, vec_pad(n)) (taps in the order of stencil_row), act = relu6 or identity.
-// rows[i] point at column -K/2 and must be readable K - 1 past vec_pad(n); w: the K*K taps as
-// Splat::data(). The K^2 tap vectors stay in registers for K = 3.
-template <int K, bool Relu6, class F>
-inline RF_INLINE void dw_row(F* dr, const F* const* rows, const F* w, vec_t<F> bias, vec_t<F> six, int64_t n) {
+// One depthwise output row of one channel: epi(x, bias + sum_ij w[i K + j] rows[i][x + j]) for the
+// vectors at columns x in [0, vec_pad(n)) (taps in the order of stencil_row). rows[i] point at
+// column -K/2 and must be readable K - 1 past vec_pad(n); w: the K*K taps as Splat::data(). The
+// K^2 tap vectors stay in registers for K = 3.
+template <int K, class F, class Epi>
+inline RF_INLINE void dw_row_apply(const F* const* rows, const F* w, vec_t<F> bias, int64_t n, const Epi& epi) {
   constexpr int L = Vec<F>::L;
   vec_t<F> wv[K * K];
   for (int t = 0; t < K * K; ++t) wv[t] = vload(w + t * L);
@@ -123,20 +123,28 @@ inline RF_INLINE void dw_row(F* dr, const F* const* rows, const F* w, vec_t<F> b
     vec_t<F> a = bias;
     for (int i = 0; i < K; ++i)
       for (int j = 0; j < K; ++j) a += wv[i * K + j] * vload(rows[i] + x + j);
-    vstore(dr + x, Relu6 ? relu6_vec<F>(a, six) : a);
+    epi(x, a);
   }
 }
 
-// dw_row for a runtime kernel size (checked to be odd, 1..7).
+// dw_row_apply for a runtime kernel size (checked to be odd, 1..7).
+template <class F, class Epi>
+inline RF_INLINE void dw_row_apply_k(int k, const F* const* rows, const F* w, vec_t<F> bias, int64_t n,
+                                     const Epi& epi) {
+  switch (k) {
+    case 1: return dw_row_apply<1>(rows, w, bias, n, epi);
+    case 3: return dw_row_apply<3>(rows, w, bias, n, epi);
+    case 5: return dw_row_apply<5>(rows, w, bias, n, epi);
+    default: return dw_row_apply<7>(rows, w, bias, n, epi);
+  }
+}
+
+// dr[x] = act(the stencil above), act = relu6 or identity.
 template <bool Relu6, class F>
 inline RF_INLINE void dw_row_k(int k, F* dr, const F* const* rows, const F* w, vec_t<F> bias, vec_t<F> six,
                                int64_t n) {
-  switch (k) {
-    case 1: return dw_row<1, Relu6>(dr, rows, w, bias, six, n);
-    case 3: return dw_row<3, Relu6>(dr, rows, w, bias, six, n);
-    case 5: return dw_row<5, Relu6>(dr, rows, w, bias, six, n);
-    default: return dw_row<7, Relu6>(dr, rows, w, bias, six, n);
-  }
+  dw_row_apply_k(k, rows, w, bias, n,
+                 [&](int64_t x, vec_t<F> a) RF_INLINE { vstore(dr + x, Relu6 ? relu6_vec<F>(a, six) : a); });
 }
 
 // Weight-gradient sums of one row: acc[i K + j] += g[x] rows[i][x + j] over columns [0, vec_pad(n))
@@ -158,6 +166,60 @@ inline RF_INLINE void dw_wgrad_row_k(int k, vec_t<F>* acc, const F* g, const F* 
     case 3: return dw_wgrad_row<3>(acc, g, rows, n);
     case 5: return dw_wgrad_row<5>(acc, g, rows, n);
     default: return dw_wgrad_row<7>(acc, g, rows, n);
+  }
+}
+
+// Weight gradient of a 1x1 mix over one row, in vector lanes: acc[(m C + c) L + l] += G[m][x] X[c][x]
+// over columns [0, n) (n a multiple of L; G row stride ldg, X row stride ldx). Blocks of 4 x 3:
+// 12 accumulators + 3 X vectors + 1 G vector in the 16 AVX2 registers, 7 loads per 12 FMAs.
+template <int MR, int CR, class F>
+inline RF_INLINE void wgrad_block(int m0, int c0, int C, int64_t n, const F* G, int64_t ldg, const F* X,
+                                  int64_t ldx, F* acc) {
+  constexpr int L = Vec<F>::L;
+  vec_t<F> a[MR][CR];
+  for (int i = 0; i < MR; ++i)
+    for (int j = 0; j < CR; ++j) a[i][j] = vload(acc + ((int64_t)(m0 + i) * C + c0 + j) * L);
+  for (int64_t x = 0; x < n; x += L) {
+    vec_t<F> xv[CR];
+    for (int j = 0; j < CR; ++j) xv[j] = vload(X + (c0 + j) * ldx + x);
+    for (int i = 0; i < MR; ++i) {
+      const vec_t<F> g = vload(G + (m0 + i) * ldg + x);
+      for (int j = 0; j < CR; ++j) a[i][j] += g * xv[j];
+    }
+  }
+  for (int i = 0; i < MR; ++i)
+    for (int j = 0; j < CR; ++j) vstore(acc + ((int64_t)(m0 + i) * C + c0 + j) * L, a[i][j]);
+}
+
+template <int MR, class F>
+inline RF_INLINE void wgrad_rows(int m0, int C, int64_t n, const F* G, int64_t ldg, const F* X, int64_t ldx,
+                                 F* acc) {
+  int c = 0;
+  for (; c + 3 <= C; c += 3) wgrad_block<MR, 3>(m0, c, C, n, G, ldg, X, ldx, acc);
+  if (C - c == 2) wgrad_block<MR, 2>(m0, c, C, n, G, ldg, X, ldx, acc);
+  if (C - c == 1) wgrad_block<MR, 1>(m0, c, C, n, G, ldg, X, ldx, acc);
+}
+
+template <class F>
+inline RF_INLINE void mix_wgrad_row(int M, int C, int64_t n, const F* G, int64_t ldg, const F* X, int64_t ldx,
+                                    F* acc) {
+  int m = 0;
+  for (; m + 4 <= M; m += 4) wgrad_rows<4>(m, C, n, G, ldg, X, ldx, acc);
+  switch (M - m) {
+    case 3: wgrad_rows<3>(m, C, n, G, ldg, X, ldx, acc); break;
+    case 2: wgrad_rows<2>(m, C, n, G, ldg, X, ldx, acc); break;
+    case 1: wgrad_rows<1>(m, C, n, G, ldg, X, ldx, acc); break;
+    default: break;
+  }
+}
+
+// Lane sums of n accumulators: out[i] = sum_l acc[i L + l] (fixed order: deterministic).
+template <class F>
+inline void lane_sums(const F* acc, int64_t n, F* out) {
+  for (int64_t i = 0; i < n; ++i) {
+    F s = 0;
+    for (int l = 0; l < Vec<F>::L; ++l) s += acc[i * Vec<F>::L + l];
+    out[i] = s;
   }
 }
 

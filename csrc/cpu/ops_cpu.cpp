@@ -89,10 +89,10 @@ void gemm_rm(int64_t m, int64_t n, int64_t k, const F* A, int64_t lda, const F* 
   else c.copy_(at::mm(a, b).mul_(alpha));
 }
 
-// REFINER_CPU_PORTABLE=1 makes the CPU forwards run the exact stage sequence / element-wise math
-// of the CUDA kernels (refine: expand_channel / dw_pro_channel instead of BLAS for the two 1x1
-// convs, and the backward's per-channel bwd_* stages; softmax block: softmax_residual instead of
-// ATen's SIMD softmax). Tests run both paths.
+// REFINER_CPU_PORTABLE=1 makes the CPU drivers run the exact stage sequence / element-wise math
+// of the CUDA kernels (refine: expand_channel / dw_pro_channel and the backward's per-channel
+// bwd_* stages instead of the streamed micro-kernel rows; softmax block: softmax_residual instead
+// of the fused vector rows). Tests run both paths.
 inline bool portable_path() {
   const char* e = std::getenv("REFINER_CPU_PORTABLE");
   return e && e[0] == '1';
@@ -441,138 +441,199 @@ struct BwdSlots {
         beta(alpha + H), n(beta + H) {}
 };
 
-// Tile reductions: sum over the centre rows of plane cx of X, or of X * Y (Y's plane cy, shifted
-// by (dy, dx)). 32 independent lanes in locals: the fixed-width inner loop vectorises (a single
-// running sum cannot be reordered without -ffast-math) and the split sums round better.
-constexpr int kLanes = 32;
-template <class F>
-__attribute__((always_inline)) inline F centre_dot(const Tile& t, const Buf<F>& X, int cx, const Buf<F>* Y, int cy,
-                                                   int dy = 0, int dx = 0) {
-  F l[kLanes] = {};
-  const int n = t.TC, nv = n - n % kLanes;
-  for (int y = 0; y < t.TR; ++y) {
-    const F* __restrict a = X.row(cx, y);
-    if (Y) {
-      const F* __restrict b = Y->row(cy, y + dy) + dx;
-      for (int x = 0; x < nv; x += kLanes)
-        for (int i = 0; i < kLanes; ++i) l[i] += a[x + i] * b[x + i];
-      for (int x = nv; x < n; ++x) l[x - nv] += a[x] * b[x];
-    } else {
-      for (int x = 0; x < nv; x += kLanes)
-        for (int i = 0; i < kLanes; ++i) l[i] += a[x + i];
-      for (int x = nv; x < n; ++x) l[x - nv] += a[x];
-    }
-  }
-  F s = 0;
-  for (int i = 0; i < kLanes; ++i) s += l[i];
-  return s;
-}
-
 struct BwdIO {
   const void *A, *GO, *V;  // attn, grad_out (B,H,N,d), v (compute type)
   void *R, *GA, *part;     // R map (for gv), grad of attn, per-item slots
 };
 
-// Fast backward of one chunk [s, e) of (batch, row-tile) items: BLAS for every 1x1 head mix and
-// the per-tile gR = gout v^T, row-vectorised stencils from refine_tile.h, lane reductions.
-// Buffers: A, E (halo 2p); Y -> gY, gR -> GP = alpha gR (halo p); D, gE -> gU (centre). gA and R
-// are written straight into the outputs (their tile rows are contiguous, planes N*N apart).
+// Fast backward of one chunk [s, e) of (batch, row-tile of kStreamRows) items, streamed by rows
+// like the forward. With lead row j, three stages run with lags of p rows each:
+//   A (row j)      E = relu6(W_exp A + b_exp) into a ring of k rows;
+//   B (row j - p)  D = relu6(dw(E) + b_dw); on centre rows R = alpha (A + W_pro D + b_pro) + beta
+//                  (stored for gv) with the galpha / gbeta sums; GP = alpha gR;
+//                  gY = (W_pro^T GP) where 0 < D < 6, into a ring of k rows; on centre rows the
+//                  gw_pro, gw_dw and gb_dw sums;
+//   C (row j - 2p) gE = dw^T(gY), gU = gE where 0 < E < 6, gA = GP + W_exp^T gU (without the
+//                  expansion: gA = GP + gE), with the gw_exp and gb_exp sums.
+// Every ring row a stage reads was written by an earlier stage of the same item: the E ring holds
+// rows j-2p..j, the gY ring rows j-3p..j-p. gR = gout v^T (rows with halo p) is one BLAS product
+// per head and tile. 1x1 mixes and their weight gradients are micro-kernels (micro_kernels.h);
+// the parameter-gradient sums stay in vector lanes until the item's end (fixed order).
+// Rows: A has a halo of 2p rows and columns; the rings have p zero columns each side. Padding
+// columns that enter a sum (gY, D, gU, and gR's) are zeroed; other padding holds finite junk.
 template <class F>
-__attribute__((always_inline)) inline void refine_bwd_chunk(const BwdIO& io, const RefineW<F>& w,
-                                                            const RefineDims& D, int64_t s, int64_t e) {
+inline RF_INLINE void refine_bwd_chunk_stream(const BwdIO& io, const RefineW<F>& w, const RefineDims& D, int64_t s,
+                                              int64_t e) {
+  using VecF = cpu::vec_t<F>;
+  constexpr int L = cpu::Vec<F>::L;
   const int64_t N = D.N, H = D.H, d = D.d, rH = D.rH;
-  const int k = (int)D.k, p = k / 2;
-  const int64_t ntiles = (N + kRowsPerTile - 1) / kRowsPerTile;
+  const int k = (int)D.k, p = k / 2, kk = k * k;
+  const int64_t ntiles = (N + kStreamRows - 1) / kStreamRows;
   const BwdSlots sl(H, rH, D.k);
   const F *A = static_cast<const F*>(io.A), *GO = static_cast<const F*>(io.GO), *V = static_cast<const F*>(io.V);
   F *Rp = static_cast<F*>(io.R), *GAp = static_cast<F*>(io.GA), *part = static_cast<F*>(io.part);
-  Tile tmax{N, 0, 0, kRowsPerTile, (int)N};
+  // ldD: plain rows; ld: bordered rows (every read of a row stays inside it, see the header)
+  const int64_t ldD = cpu::vec_pad<F>(N), ld = ldD + 2 * cpu::vec_pad<F>(2 * p);
+  const int64_t aplane = (kStreamRows + 4 * p) * ld, grplane = (kStreamRows + 2 * p) * ldD;
   BlasSerialGuard blas_guard;
-  std::vector<F> abuf(buf_elems<F>(tmax, 2 * p, (int)H)), ebuf(D.expand ? buf_elems<F>(tmax, 2 * p, (int)rH) : 0),
-      ybuf(buf_elems<F>(tmax, p, (int)rH)), gybuf(buf_elems<F>(tmax, p, (int)rH)),
-      grbuf(buf_elems<F>(tmax, p, (int)H)), dbuf(buf_elems<F>(tmax, 0, (int)rH)),
-      gebuf(D.expand ? buf_elems<F>(tmax, 0, (int)rH) : 0);
+  std::vector<F> abuf(H * aplane), ering(D.expand ? k * rH * ld : 0), gyring(k * rH * ld), grbuf(H * grplane),
+      drow(rH * ldD), gerow(rH * ldD), orow(H * ldD);
+  // lane accumulators of the parameter-gradient sums, slot order
+  std::vector<F> acc(sl.n * L);
+  F *acc_wpro = acc.data() + sl.wpro * L, *acc_wexp = acc.data() + sl.wexp * L;
+  const Buf<F> Ab{abuf.data(), 2 * p, (int)ld, (int)aplane};
+  std::vector<F> wt_exp(H * rH), wt_pro(rH * H), wflip(rH * kk);  // W_exp^T, W_pro^T, flipped taps
+  for (int64_t c = 0; c < rH; ++c) {
+    for (int64_t h = 0; h < H; ++h) {
+      if (D.expand) wt_exp[h * rH + c] = w.w_exp[c * H + h];
+      wt_pro[c * H + h] = w.w_pro[h * rH + c];
+    }
+    for (int t = 0; t < kk; ++t) wflip[c * kk + t] = w.w_dw[c * kk + kk - 1 - t];
+  }
+  const F six_s = 6, zero_s = 0;
+  const cpu::Splat<F> wexp(w.w_exp, D.expand ? rH * H : 0), wexpT(wt_exp.data(), D.expand ? H * rH : 0),
+      bexp(w.b_exp, D.expand ? rH : 0), wpro(w.w_pro, H * rH), wproT(wt_pro.data(), rH * H), wdw(w.w_dw, rH * kk),
+      wdwT(wflip.data(), rH * kk), bdw(w.b_dw, rH), bpro(w.b_pro, H), alpha(w.alpha, H), beta(w.beta, H),
+      six(&six_s, 1), zero(&zero_s, 1);
+  auto e_row = [&](int y, int64_t c) -> const F* RF_INLINE {  // E row y of channel c, column -p
+    return D.expand ? ering.data() + (((y + 2 * p) % k) * rH + c) * ld : Ab.row((int)c, y) - p;
+  };
+  auto gy_row = [&](int y, int64_t c) -> F* RF_INLINE { return gyring.data() + (((y + p) % k) * rH + c) * ld; };  // column -p
+  auto gr_row = [&](int64_t h, int y) -> F* RF_INLINE { return grbuf.data() + h * grplane + (y + p) * ldD; };
+  auto zero_pad = [&](F* row) RF_INLINE { std::fill(row + N, row + ldD, F(0)); };  // columns [N, vec_pad(N))
+  auto vsum = [&](F* a, const F* row) RF_INLINE {
+    VecF sv = cpu::vload(a);
+    for (int64_t x = 0; x < ldD; x += L) sv += cpu::vload(row + x);
+    cpu::vstore(a, sv);
+  };
+  const VecF vzero = zero[0], vsix = six[0];
   SerialPar par;
   for (int64_t idx = s; idx < e; ++idx) {
-    const int64_t b = idx / ntiles, r0 = (idx % ntiles) * kRowsPerTile;
-    Tile t{N, r0, 0, (int)std::min<int64_t>(kRowsPerTile, N - r0), (int)N};
-    const int64_t cen = (int64_t)t.TR * N;  // centre pixels (contiguous rows)
-    auto Ab = make_buf(abuf.data(), t, 2 * p), Eb = make_buf(ebuf.data(), t, 2 * p), Yb = make_buf(ybuf.data(), t, p),
-         GYb = make_buf(gybuf.data(), t, p), GRb = make_buf(grbuf.data(), t, p), Db = make_buf(dbuf.data(), t, 0),
-         GEb = make_buf(gebuf.data(), t, 0);
-    // the output tiles as halo-0 buffers whose planes are the maps' planes
-    const int64_t out0 = (b * H * N + r0) * N;
-    Buf<F> Rt{Rp + out0, 0, (int)N, (int)(N * N)}, GAt{GAp + out0, 0, (int)N, (int)(N * N)};
-    const F* Ac = A + out0;  // centre rows of A in the input, same layout
-    F* slot = part + idx * sl.n;
-    const Buf<F>& Ec = D.expand ? Eb : Ab;
-
-    // forward recompute: E (halo 2p), Y (halo p), D and P = w_pro D (centre, into R)
+    const int64_t b = idx / ntiles, r0 = (idx % ntiles) * kStreamRows;
+    const Tile t{N, r0, 0, (int)std::min<int64_t>(kStreamRows, N - r0), (int)N};
+    std::fill(acc.begin(), acc.end(), F(0));
     load_tile_rows(par, A + b * H * N * N, (int)H, t, Ab);
-    if (D.expand) {
-      gemm_rm<F>(rH, Ab.plane, H, w.w_exp, H, Ab.p, Ab.plane, Eb.p, Eb.plane);
-      for (int c = 0; c < (int)rH; ++c) expand_epilogue_rows(par, c, w.b_exp, t, Eb, 2 * p);
-    }
-    for (int c = 0; c < (int)rH; ++c) {
-      dw_pre_channel(par, c, w.w_dw, w.b_dw, k, t, Ec, c, Yb, c, p);
-      relu6_centre(par, c, t, Yb, c, Db, c);
-    }
-    gemm_rm<F>(H, cen, rH, w.w_pro, rH, Db.p, Db.plane, Rt.p, Rt.plane);
-
-    // gR = gout v^T on the in-map rows of the halo-p tile, zero elsewhere
-    std::fill(grbuf.begin(), grbuf.begin() + (int64_t)H * GRb.plane, F(0));
+    // gR rows [-p, T + p): in-map rows from BLAS, the others zero (padding columns stay zero)
     const int ylo = (int)std::max<int64_t>(-p, -r0), yhi = (int)std::min<int64_t>(t.TR + p, N - r0);
     for (int64_t h = 0; h < H; ++h) {
+      for (int y = -p; y < t.TR + p; ++y)
+        if (y < ylo || y >= yhi) std::fill(gr_row(h, y), gr_row(h, y) + ldD, F(0));
       const int64_t bh = b * H + h;
-      gemm_rm<F>(yhi - ylo, N, d, GO + (bh * N + r0 + ylo) * d, d, V + bh * N * d, d, GRb.row((int)h, ylo), GRb.ld,
-                 false, true);
+      gemm_rm<F>(yhi - ylo, N, d, GO + (bh * N + r0 + ylo) * d, d, V + bh * N * d, d, gr_row(h, ylo), ldD, false,
+                 true);
     }
-    // galpha_h = sum gR_h (A_h + P_h + b_pro_h), gbeta_h = sum gR_h; then R, GP = alpha gR
-    for (int h = 0; h < (int)H; ++h) {
-      const F gsum = centre_dot(t, GRb, h, (const Buf<F>*)nullptr, 0);
-      slot[sl.alpha + h] = centre_dot(t, GRb, h, &Ab, h) + centre_dot(t, GRb, h, &Rt, h) + w.b_pro[h] * gsum;
-      slot[sl.beta + h] = gsum;
-      scale_plane(par, h, w.alpha[h], t, GRb);
-    }
-    finish_r_rows(par, (int)H, w.b_pro, w.alpha, w.beta, t, Ab, Rt);
-
-    // gD = w_pro^T GP (halo p), gY = gD where in map and relu6 passes Y
-    gemm_rm<F>(rH, GRb.plane, H, w.w_pro, rH, GRb.p, GRb.plane, GYb.p, GYb.plane, false, false, F(1), true);
-    for (int c = 0; c < (int)rH; ++c) {
-      relu6_grad_pre(par, t, Yb, c, GYb, c, p);
-      slot[sl.bdw + c] = centre_dot(t, GYb, c, (const Buf<F>*)nullptr, 0);
-      for (int tap = 0; tap < k * k; ++tap)
-        slot[sl.wdw + c * k * k + tap] = centre_dot(t, GYb, c, &Ec, c, tap / k - p, tap % k - p);
-    }
-
-    // gA = GP (+ the dw / expansion path below); gw_pro = GP D^T over the centre
-    for (int h = 0; h < (int)H; ++h)
-      for (int y = 0; y < t.TR; ++y) std::copy(GRb.row(h, y), GRb.row(h, y) + N, GAt.row(h, y));
-    gemm_rm<F>(H, rH, cen, GAt.p, GAt.plane, Db.p, Db.plane, slot + sl.wpro, rH, false, true);
-    if (D.expand) {
-      // gE = dw^T gY, gU = gE where 0 < E < 6; gA += w_exp^T gU, gw_exp = gU A^T, gb_exp = sum gU
-      for (int c = 0; c < (int)rH; ++c) {
-        dwT_channel(par, c, w.w_dw, k, t, GYb, c, GEb, c, false);
-        relu6_grad_out(par, t, Eb, c, GEb, c);
-        slot[sl.bexp + c] = centre_dot(t, GEb, c, (const Buf<F>*)nullptr, 0);
+    for (int j = -2 * p; j < t.TR + 2 * p; ++j) {
+      // --- stage A: E row j
+      if (D.expand) {
+        F* er = ering.data() + ((j + 2 * p) % k) * rH * ld;
+        if (!map_row(t, j)) {
+          std::fill(er, er + rH * ld, F(0));
+        } else {
+          cpu::head_mix<F>((int)rH, (int)H, N + 2 * p, wexp.data(), Ab.row(0, j) - p, aplane,
+                           [&](int m, int64_t x, VecF v) RF_INLINE {
+                             cpu::vstore(er + m * ld + x, cpu::relu6_vec<F>(v + bexp[m], vsix));
+                           });
+          for (int64_t c = 0; c < rH; ++c)
+            for (int i = 0; i < p; ++i) er[c * ld + i] = er[c * ld + p + N + i] = F(0);
+        }
       }
-      gemm_rm<F>(rH, H, cen, GEb.p, GEb.plane, Ac, N * N, slot + sl.wexp, H, false, true);
-      gemm_rm<F>(H, cen, rH, w.w_exp, H, GEb.p, GEb.plane, GAt.p, GAt.plane, true, false, F(1), true);
-    } else {
-      for (int c = 0; c < (int)rH; ++c) dwT_channel(par, c, w.w_dw, k, t, GYb, c, GAt, c, true);
+      // --- stage B: row yy
+      const int yy = j - p;
+      if (yy >= -p && yy < t.TR + p) {
+        if (!map_row(t, yy)) {
+          for (int64_t c = 0; c < rH; ++c) std::fill(gy_row(yy, c), gy_row(yy, c) + ld, F(0));
+        } else {
+          const bool centre = yy >= 0 && yy < t.TR;
+          const F* rows[7];
+          for (int64_t c = 0; c < rH; ++c) {  // D = relu6(dw(E) + b_dw)
+            for (int i = 0; i < k; ++i) rows[i] = e_row(yy - p + i, c);
+            cpu::dw_row_k<true>(k, drow.data() + c * ldD, rows, wdw.data() + c * kk * L, bdw[c], vsix, N);
+            zero_pad(drow.data() + c * ldD);
+          }
+          if (centre) {  // R row = alpha (A + W_pro D + b_pro) + beta; galpha += gR Z, gbeta += gR
+            cpu::head_mix<F>((int)H, (int)rH, N, wpro.data(), drow.data(), ldD,
+                             [&](int m, int64_t x, VecF v) RF_INLINE {
+                               const VecF z = cpu::vload(Ab.row(m, yy) + x) + v + bpro[m];
+                               const VecF g = cpu::vload(gr_row(m, yy) + x);
+                               cpu::vstore(orow.data() + m * ldD + x, alpha[m] * z + beta[m]);
+                               F* ga = acc.data() + (sl.alpha + m) * L;
+                               F* gb = acc.data() + (sl.beta + m) * L;
+                               cpu::vstore(ga, cpu::vload(ga) + g * z);
+                               cpu::vstore(gb, cpu::vload(gb) + g);
+                             });
+            for (int64_t h = 0; h < H; ++h)
+              std::copy(orow.data() + h * ldD, orow.data() + h * ldD + N, Rp + ((b * H + h) * N + r0 + yy) * N);
+          }
+          for (int64_t h = 0; h < H; ++h) {  // GP = alpha gR, in place
+            F* g = gr_row(h, yy);
+            for (int64_t x = 0; x < ldD; x += L) cpu::vstore(g + x, alpha[h] * cpu::vload(g + x));
+          }
+          // gY = W_pro^T GP where relu6 passed (0 < D < 6)
+          cpu::head_mix<F>((int)rH, (int)H, N, wproT.data(), gr_row(0, yy), grplane,
+                           [&](int c, int64_t x, VecF v) RF_INLINE {
+                             const VecF dv = cpu::vload(drow.data() + c * ldD + x);
+                             cpu::vstore(gy_row(yy, c) + p + x, (dv > vzero) & (dv < vsix) ? v : vzero);
+                           });
+          for (int64_t c = 0; c < rH; ++c) zero_pad(gy_row(yy, c) + p);
+          if (centre) {
+            cpu::mix_wgrad_row<F>((int)H, (int)rH, ldD, gr_row(0, yy), grplane, drow.data(), ldD, acc_wpro);
+            for (int64_t c = 0; c < rH; ++c) {
+              const F* g = gy_row(yy, c) + p;
+              for (int i = 0; i < k; ++i) rows[i] = e_row(yy - p + i, c);
+              F* aw = acc.data() + (sl.wdw + c * kk) * L;  // (std::vector: not vector-aligned)
+              VecF av[49];
+              for (int tap = 0; tap < kk; ++tap) av[tap] = cpu::vload(aw + tap * L);
+              cpu::dw_wgrad_row_k<F>(k, av, g, rows, ldD);
+              for (int tap = 0; tap < kk; ++tap) cpu::vstore(aw + tap * L, av[tap]);
+              vsum(acc.data() + (sl.bdw + c) * L, g);
+            }
+          }
+        }
+      }
+      // --- stage C: row y (centre rows only)
+      const int y = j - 2 * p;
+      if (y < 0 || y >= t.TR) continue;
+      const F* rows[7];
+      for (int64_t c = 0; c < rH; ++c) {
+        for (int i = 0; i < k; ++i) rows[i] = gy_row(y - p + i, c);
+        F* ge = gerow.data() + c * ldD;
+        if (D.expand) {  // gU = dw^T(gY) where relu6 passed (0 < E < 6)
+          const F* er = e_row(y, c) + p;
+          cpu::dw_row_apply_k<F>(k, rows, wdwT.data() + c * kk * L, vzero, N, [&](int64_t x, VecF v) RF_INLINE {
+            const VecF ev = cpu::vload(er + x);
+            cpu::vstore(ge + x, (ev > vzero) & (ev < vsix) ? v : vzero);
+          });
+          zero_pad(ge);
+          vsum(acc.data() + (sl.bexp + c) * L, ge);
+        } else {  // gA = GP + dw^T(gY)
+          const F* gp = gr_row(c, y);
+          cpu::dw_row_apply_k<F>(k, rows, wdwT.data() + c * kk * L, vzero, N, [&](int64_t x, VecF v) RF_INLINE {
+            cpu::vstore(orow.data() + c * ldD + x, cpu::vload(gp + x) + v);
+          });
+        }
+      }
+      if (D.expand) {  // gA = GP + W_exp^T gU; gw_exp += gU A^T
+        cpu::head_mix<F>((int)H, (int)rH, N, wexpT.data(), gerow.data(), ldD, [&](int m, int64_t x, VecF v) RF_INLINE {
+          cpu::vstore(orow.data() + m * ldD + x, cpu::vload(gr_row(m, y) + x) + v);
+        });
+        cpu::mix_wgrad_row<F>((int)rH, (int)H, ldD, gerow.data(), ldD, Ab.row(0, y), aplane, acc_wexp);
+      }
+      for (int64_t h = 0; h < H; ++h)
+        std::copy(orow.data() + h * ldD, orow.data() + h * ldD + N, GAp + ((b * H + h) * N + r0 + y) * N);
     }
+    cpu::lane_sums(acc.data(), sl.n, part + idx * sl.n);
   }
 }
 
 RF_CLONES void refine_bwd_chunk_f32(const BwdIO& io, const RefineW<float>& w, const RefineDims& D, int64_t s,
                                     int64_t e) {
-  refine_bwd_chunk<float>(io, w, D, s, e);
+  refine_bwd_chunk_stream<float>(io, w, D, s, e);
 }
 void refine_bwd_chunk_any(const BwdIO& io, const RefineW<float>& w, const RefineDims& D, int64_t s, int64_t e) {
   refine_bwd_chunk_f32(io, w, D, s, e);
 }
 void refine_bwd_chunk_any(const BwdIO& io, const RefineW<double>& w, const RefineDims& D, int64_t s, int64_t e) {
-  refine_bwd_chunk<double>(io, w, D, s, e);
+  refine_bwd_chunk_stream<double>(io, w, D, s, e);
 }
 
 // The CUDA kernel's per-channel stage sequence (REFINER_CPU_PORTABLE=1): R from the forward
@@ -646,7 +707,7 @@ void refine_bwd_portable(const RefineArgs& r, const Tensor& go, const Tensor& R,
 template <class F>
 void refine_bwd_fast(const RefineArgs& r, const Tensor& go, const Tensor& R, const Tensor& gA, const Tensor& partial,
                      Tensor& gv) {
-  const int64_t ntiles = (r.D.N + kRowsPerTile - 1) / kRowsPerTile;
+  const int64_t ntiles = (r.D.N + kStreamRows - 1) / kStreamRows;
   const auto w = weights_of<F>(r);
   const BwdIO io{r.attn.data_ptr<F>(), go.data_ptr<F>(), r.v.data_ptr<F>(), R.data_ptr<F>(), gA.data_ptr<F>(),
                  partial.data_ptr<F>()};
@@ -667,11 +728,13 @@ std::vector<Tensor> refine_eval_backward_cpu_v(const Tensor& gout, const Tensor&
   auto R = at::empty({B, H, N, N}, r.attn.options());
   auto gA = at::empty({B, H, N, N}, r.attn.options());
   const BwdSlots sl(H, rH, k);
-  const int64_t ntiles = (N + kRowsPerTile - 1) / kRowsPerTile;
+  const bool portable = portable_path();
+  const int rows = portable ? kRowsPerTile : kStreamRows;
+  const int64_t ntiles = (N + rows - 1) / rows;
   auto partial = at::zeros({B * ntiles, sl.n}, r.attn.options());
   Tensor gv;
   RF_DISPATCH_F(ct, "refine_eval_backward_cpu", [&] {
-    if (portable_path()) refine_bwd_portable<scalar_t>(r, go, R, gA, partial, sl, gv);
+    if (portable) refine_bwd_portable<scalar_t>(r, go, R, gA, partial, sl, gv);
     else refine_bwd_fast<scalar_t>(r, go, R, gA, partial, gv);
   });
   auto tot = partial.sum(0);  // (the narrowed slices below are cloned: outputs must not alias)
