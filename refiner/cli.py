@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import re
 from typing import Callable, Optional
 
 import torch
@@ -118,15 +119,32 @@ def model_name(s: str) -> str:
     return s
 
 
+# Sections after the policy name that timm's parsers (timm 1.0, data/auto_augment.py) act on. They
+# skip, without a word, a section with no digit ('rand-foo', 'rand-m9-xyz', 'rand-mstdinf', a trailing
+# '-') and RandAugment's 't<set>' for an unknown set (default ops), so those are refused here.
+_AA_SECTIONS = {
+    "rand": ("RandAugment", r"(mstd|mmax|inc|m|n|p)\d.*|t(weights|3aw|3a)",
+             "m<int>, n<int>, p<float>, mstd<float>, mmax<int>, inc<0|1>, tweights, t3aw, t3a"),
+    "augmix": ("AugMix", r"(mstd|m|w|d|a|b)\d.*", "m<int>, w<int>, d<int>, a<float>, b<0|1>, mstd<float>"),
+    "": ("AutoAugment", r"mstd\d.*", "mstd<float>"),
+}
+
+
 def auto_augment(s: str) -> str:
     """A timm auto-augment string, or '' for none. Built here with timm's own parser, dispatched on
     the prefix as timm.data.transforms_factory does, so a typo fails now and names the flag instead
-    of failing inside timm when the loader is built."""
+    of failing inside timm when the loader is built (or being ignored: see _AA_SECTIONS)."""
     if not s:
         return s
     from timm.data import auto_augment as aa
-    build = (aa.rand_augment_transform if s.startswith("rand") else
-             aa.augment_and_mix_transform if s.startswith("augmix") else aa.auto_augment_transform)
+    kind = "rand" if s.startswith("rand") else "augmix" if s.startswith("augmix") else ""
+    name, section, known = _AA_SECTIONS[kind]
+    for c in s.split("-")[1:]:
+        if not re.fullmatch(section, c):  # the values themselves are checked by timm's int()/float() below
+            raise argparse.ArgumentTypeError(f"{s!r}: unknown {name} section {c!r}, which timm would ignore "
+                                             f"(auto-augment sections: {known})")
+    build = (aa.rand_augment_transform if kind == "rand" else
+             aa.augment_and_mix_transform if kind == "augmix" else aa.auto_augment_transform)
     try:
         build(s, dict(translate_const=100, img_mean=(124, 116, 104)))  # placeholder hparams: the string is checked
     except Exception as e:  # timm's parser reports with assert, int()/float() and lookups alike

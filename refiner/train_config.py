@@ -24,15 +24,30 @@ area_fraction = float_in(0, 1, lo_open=True)
 
 # timm schedulers that step per update (train.py calls step_update); 'plateau' steps per epoch only.
 SCHEDULERS = ("cosine", "tanh", "step", "constant", "multistep", "poly", "wsd", "rsqrt")
+# What timm 1.0 acts on; anything else it takes silently as a default (Mixup: 'batch', RandomErasing:
+# 'const') or fails on late (interpolation, a KeyError when the loader is built).
+RE_MODES = ("const", "rand", "pixel")  # timm.data.RandomErasing
+MIXUP_MODES = ("batch", "pair", "elem")  # timm.data.Mixup ('half' is FastCollateMixup's, not used here)
+INTERPOLATIONS = ("random", "nearest", "bilinear", "bicubic", "box", "hamming", "lanczos")  # timm.data.transforms
 
 
 def optimizer_name(s: str) -> str:
-    """timm optimiser name, optionally 'lookahead_'-prefixed (as create_optimizer_v2 reads it)."""
+    """timm optimiser name, optionally 'lookahead_'-prefixed (create_optimizer_v2 reads only the last
+    '_' part and a leading 'lookahead', so 'foo_adamw' would silently be plain adamw)."""
     from timm.optim import list_optimizers
-    if s.lower().split("_")[-1] not in list_optimizers():
-        raise argparse.ArgumentTypeError(f"unknown optimiser {s!r} (e.g. adamw, sgd, lamb; see "
+    *prefix, name = s.lower().split("_")
+    if name not in list_optimizers() or prefix not in ([], ["lookahead"]):
+        raise argparse.ArgumentTypeError(f"unknown optimiser {s!r} (e.g. adamw, sgd, lamb, lookahead_adamw; see "
                                          f"timm.optim.list_optimizers())")
     return s
+
+
+def seed(s) -> int:
+    """timm's random_seed seeds numpy, which takes [0, 2**32) only (with seed + rank)."""
+    v = nonnegative_int(s)
+    if v >= 2 ** 32:
+        raise argparse.ArgumentTypeError(f"expected an integer < 2**32, got {s!r}")
+    return v
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -55,6 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--model", default="refiner_vit_s", type=model_name)
     g.add_argument("--num-classes", type=positive_int, default=None, help="default: number of class folders")
     g.add_argument("--img-size", type=positive_int, default=224)
+    # no upper bound: above 1 timm resizes below --img-size and pads, as refiner_vit_l's own 1.13 does
     g.add_argument("--crop-pct", type=positive_float, default=None,
                    help="eval crop; default: the model's pretrained_cfg")
     g.add_argument("--drop", type=probability, default=0.0)
@@ -80,7 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--lr-base-size", type=positive_int, default=1024)
     g.add_argument("--weight-decay", type=nonnegative_float, default=0.05)
     g.add_argument("--opt-eps", type=positive_float, default=None)
-    g.add_argument("--opt-betas", type=beta, nargs="+", default=None)
+    g.add_argument("--opt-betas", type=beta, nargs="+", default=None, help="as many as --opt takes (Adam: 2)")
     g.add_argument("--momentum", type=float_in(0, 1), default=0.9)
     g.add_argument("--clip-grad", type=positive_float, default=None, help="gradient norm clipping (None: off)")
     g.add_argument("--sched", default="cosine", choices=SCHEDULERS)
@@ -96,20 +112,21 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--aa", default="rand-m9-mstd0.5-inc1", type=auto_augment,
                    help="timm auto_augment string ('' for none)")
     g.add_argument("--reprob", type=probability, default=0.25)
-    g.add_argument("--remode", default="pixel")
-    g.add_argument("--recount", type=nonnegative_int, default=1)
+    g.add_argument("--remode", default="pixel", choices=RE_MODES)
+    # RandomErasing takes max_count=0 as 1: --reprob 0 turns erasing off
+    g.add_argument("--recount", type=positive_int, default=1)
     g.add_argument("--scale", type=area_fraction, nargs=2, default=[0.08, 1.0], metavar=("MIN", "MAX"),
                    help="area fraction range of the random crop")
     g.add_argument("--ratio", type=positive_float, nargs=2, default=[3. / 4., 4. / 3.], metavar=("MIN", "MAX"),
                    help="aspect ratio range of the random crop")
     g.add_argument("--hflip", type=probability, default=0.5)
     g.add_argument("--color-jitter", type=nonnegative_float, default=0.4)
-    g.add_argument("--train-interpolation", default="random")
+    g.add_argument("--train-interpolation", default="random", choices=INTERPOLATIONS)
     g.add_argument("--mixup", type=nonnegative_float, default=0.8, help="mixup Beta alpha (0: off)")
     g.add_argument("--cutmix", type=nonnegative_float, default=1.0, help="cutmix Beta alpha (0: off)")
     g.add_argument("--mixup-prob", type=probability, default=1.0)
     g.add_argument("--mixup-switch-prob", type=probability, default=0.5)
-    g.add_argument("--mixup-mode", default="batch")
+    g.add_argument("--mixup-mode", default="batch", choices=MIXUP_MODES)
     g.add_argument("--smoothing", type=float_in(0, 1, hi_open=True), default=0.1)  # timm asserts < 1
     g.add_argument("--model-ema", action=B, default=True)
     g.add_argument("--model-ema-decay", type=float_in(0, 1), default=0.99996)
@@ -122,7 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--amp", action=B, default=True, help="bf16 autocast on CPU, fp16 + GradScaler on CUDA")
     g.add_argument("--amp-dtype", default=None, choices=[None, "float16", "bfloat16"])
     g.add_argument("--device", default=None, type=device, help="default: cuda if available else cpu")
-    g.add_argument("--seed", type=int, default=42)
+    g.add_argument("--seed", type=seed, default=42)
     g.add_argument("--steps-per-epoch", type=positive_int, default=None,
                    help="cap on steps per epoch (smoke tests)")
     g.add_argument("--log-interval", type=positive_int, default=50)
@@ -164,11 +181,31 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> Tuple[argparse.Namespace
         parser.error("--token-labels needs --return-dense (use a *_tl.yaml config)")
     if args.token_labels and args.aa and not args.aa.startswith("rand"):
         parser.error(f"--aa {args.aa}: token labelling (--token-labels) supports RandAugment ('rand-...') only")
+    if args.token_labels and args.mixup_mode != "batch" and (args.mixup > 0 or args.cutmix > 0):
+        parser.error(f"--mixup-mode {args.mixup_mode}: token labelling (--token-labels) mixes per batch only")
+    if not args.train_split:  # '' would train on --data itself, its val/ folder a class
+        parser.error("--train-split: expected a folder name under --data, got ''")
+    _check_opt_kwargs(parser, args)
     # after parsing: each end is checked by the flag's type, the order needs both (from a flag or the YAML)
     for flag, (lo, hi) in (("--scale", args.scale), ("--ratio", args.ratio)):
         if lo > hi:
             parser.error(f"{flag} {lo:g} {hi:g}: expected MIN <= MAX")
     return args, cfg
+
+
+def _check_opt_kwargs(parser, args):
+    """create_optimizer_v2 silently drops betas / eps an optimiser does not take; too few betas fail
+    only when the optimiser is built (after the data and model), too many AdamW silently cuts to 2."""
+    from timm.optim import get_optimizer_info
+    info = get_optimizer_info(args.opt.lower().split("_")[-1])
+    if args.opt_betas is not None:
+        given = f"--opt-betas {' '.join(f'{b:g}' for b in args.opt_betas)}"
+        if not info.has_betas:
+            parser.error(f"{given}: --opt {args.opt} takes no betas")
+        if len(args.opt_betas) != info.num_betas:
+            parser.error(f"{given}: --opt {args.opt} takes {info.num_betas} betas, got {len(args.opt_betas)}")
+    if args.opt_eps is not None and not info.has_eps:
+        parser.error(f"--opt-eps {args.opt_eps:g}: --opt {args.opt} takes no eps")
 
 
 def _yaml_value(action: argparse.Action, value):

@@ -53,6 +53,9 @@ def files(tmp_path_factory):
              "reprob.yaml": "reprob: 1.5\n", "lr_nan.yaml": "lr: .nan\n", "betas.yaml": "opt_betas: [0.9, 1.0]\n",
              "ema.yaml": "model_ema_decay: 1.5\n", "smoothing_str.yaml": "smoothing: high\n",
              "scale_order.yaml": "scale: [0.9, 0.5]\n", "aa.yaml": "aa: rand-m9x\n",
+             "aa_section.yaml": "aa: rand-m9-xyz\n", "betas_n.yaml": "opt_betas: [0.9]\n",
+             "remode.yaml": "remode: random\n", "interp.yaml": "train_interpolation: cubic\n",
+             "mixup_mode.yaml": "mixup_mode: half\n", "recount.yaml": "recount: 0\n", "seed.yaml": "seed: -1\n",
              "bad.json": "{not json", "list.json": "[1, 2]", "norows.json": '{"meta": {}}',
              "file.txt": "a file, not a folder"}
     for name, text in texts.items():
@@ -94,6 +97,13 @@ CASES = [
     ("train", ["-c", "{tmp}/smoothing_str.yaml"], USAGE, ["smoothing (--smoothing)", "expected a number"]),
     ("train", ["-c", "{tmp}/scale_order.yaml"], USAGE, ["--scale 0.9 0.5", "MIN <= MAX"]),
     ("train", ["-c", "{tmp}/aa.yaml"], USAGE, ["aa (--aa)", "'rand-m9x'", "auto-augment"]),
+    ("train", ["-c", "{tmp}/aa_section.yaml"], USAGE, ["aa (--aa)", "RandAugment section 'xyz'"]),
+    ("train", ["-c", "{tmp}/betas_n.yaml"], USAGE, ["--opt-betas 0.9", "--opt adamw takes 2 betas, got 1"]),
+    ("train", ["-c", "{tmp}/remode.yaml"], USAGE, ["remode (--remode)", "'random'", "'pixel'"]),
+    ("train", ["-c", "{tmp}/interp.yaml"], USAGE, ["train_interpolation (--train-interpolation)", "'cubic'"]),
+    ("train", ["-c", "{tmp}/mixup_mode.yaml"], USAGE, ["mixup_mode (--mixup-mode)", "'half'"]),
+    ("train", ["-c", "{tmp}/recount.yaml"], USAGE, ["recount (--recount)", "positive"]),
+    ("train", ["-c", "{tmp}/seed.yaml"], USAGE, ["seed (--seed)", ">= 0"]),
     # ---- train: flags
     ("train", ["--batch-size", "0"], USAGE, ["--batch-size", "positive"]),
     ("train", ["-b", "-2"], USAGE, ["--batch-size", "positive"]),
@@ -107,8 +117,20 @@ CASES = [
     ("train", ["--num-classes", "0"], USAGE, ["--num-classes"]),
     ("train", ["--lr-base-size", "0"], USAGE, ["--lr-base-size"]),
     ("train", ["--crop-pct", "0"], USAGE, ["--crop-pct"]),
+    ("train", ["--crop-pct", "-0.9"], USAGE, ["--crop-pct", "> 0"]),
+    ("train", ["--crop-pct", "nan"], USAGE, ["--crop-pct", "> 0"]),
     ("train", ["--model", "nope_vit"], USAGE, ["--model", "nope_vit"]),
     ("train", ["--opt", "nope"], USAGE, ["--opt", "nope"]),
+    ("train", ["--opt", "foo_adamw"], USAGE, ["--opt", "'foo_adamw'"]),  # timm would run plain adamw
+    ("train", ["--remode", "random"], USAGE, ["--remode", "'random'"]),
+    ("train", ["--train-interpolation", "cubic"], USAGE, ["--train-interpolation", "'cubic'"]),
+    ("train", ["--mixup-mode", "half"], USAGE, ["--mixup-mode", "'half'"]),
+    ("train", ["--mixup-mode", "pair", "--token-labels", "{labels}", "--return-dense"], USAGE,
+     ["--mixup-mode pair", "--token-labels"]),
+    ("train", ["--recount", "0"], USAGE, ["--recount", "positive"]),
+    ("train", ["--seed", "-1"], USAGE, ["--seed", ">= 0"]),
+    ("train", ["--seed", str(2 ** 32)], USAGE, ["--seed", "2**32"]),
+    ("train", ["--train-split", ""], USAGE, ["--train-split", "''"]),
     ("train", ["--sched", "plateau"], USAGE, ["--sched"]),
     ("train", ["--amp-dtype", "fp16"], USAGE, ["--amp-dtype"]),
     ("train", ["--device", "gpu0"], USAGE, ["--device", "gpu0"]),
@@ -133,6 +155,12 @@ CASES = [
     ("train", ["--weight-decay", "-0.05"], USAGE, ["--weight-decay", ">= 0"]),
     ("train", ["--opt-eps", "0"], USAGE, ["--opt-eps", "> 0"]),
     ("train", ["--opt-betas", "0.9", "1.0"], USAGE, ["--opt-betas", "[0, 1)"]),
+    ("train", ["--opt-betas", "-0.1", "0.999"], USAGE, ["--opt-betas", "[0, 1)"]),
+    ("train", ["--opt-betas", "0.9"], USAGE, ["--opt-betas 0.9", "2 betas, got 1"]),
+    ("train", ["--opt-betas", "0.9", "0.99", "0.999"], USAGE, ["--opt-betas", "2 betas, got 3"]),
+    ("train", ["--opt", "adan", "--opt-betas", "0.9", "0.99"], USAGE, ["--opt-betas", "--opt adan takes 3 betas"]),
+    ("train", ["--opt", "sgd", "--opt-betas", "0.9", "0.99"], USAGE, ["--opt-betas", "--opt sgd takes no betas"]),
+    ("train", ["--opt", "sgd", "--opt-eps", "1e-8"], USAGE, ["--opt-eps", "--opt sgd takes no eps"]),
     ("train", ["--momentum", "1.5"], USAGE, ["--momentum", "[0, 1]"]),
     ("train", ["--clip-grad", "0"], USAGE, ["--clip-grad", "> 0"]),
     ("train", ["--warmup-lr", "-0.1"], USAGE, ["--warmup-lr", ">= 0"]),
@@ -157,6 +185,14 @@ CASES = [
     ("train", ["--aa", "rand-m9x"], USAGE, ["--aa", "'rand-m9x'", "auto-augment"]),
     ("train", ["--aa", "rand-q5"], USAGE, ["--aa", "'rand-q5'", "RandAugment"]),
     ("train", ["--aa", "augmix-z3"], USAGE, ["--aa", "'augmix-z3'", "AugMix"]),
+    # sections timm's parsers skip without a word (no digit, unknown 't' set, empty)
+    ("train", ["--aa", "rand-foo"], USAGE, ["--aa", "'rand-foo'", "RandAugment section 'foo'"]),
+    ("train", ["--aa", "rand-m9-xyz"], USAGE, ["--aa", "RandAugment section 'xyz'"]),
+    ("train", ["--aa", "rand-m9-mstdinf"], USAGE, ["--aa", "RandAugment section 'mstdinf'"]),
+    ("train", ["--aa", "rand-m9-tfoo"], USAGE, ["--aa", "RandAugment section 'tfoo'"]),
+    ("train", ["--aa", "rand-m9-"], USAGE, ["--aa", "RandAugment section ''"]),
+    ("train", ["--aa", "augmix-m5-wide"], USAGE, ["--aa", "AugMix section 'wide'"]),
+    ("train", ["--aa", "original-x"], USAGE, ["--aa", "AutoAugment section 'x'"]),
     ("train", ["--aa", "augmix-m5", "--token-labels", "{labels}", "--return-dense"], USAGE,
      ["--aa augmix-m5", "--token-labels", "RandAugment"]),
     # ---- train: checks that need the data or the model (exit before the first step)
@@ -312,6 +348,16 @@ def test_args_yaml_of_a_run_is_a_valid_config(tmp_path):
     (["--warmup-lr", "0", "--min-lr", "0", "--weight-decay", "0"], {"warmup_lr": 0.0, "min_lr": 0.0}),
     (["--drop", "1", "--momentum", "0", "--model-ema-decay", "1"], {"drop": 1.0, "momentum": 0.0}),
     (["--opt-betas", "0", "0.999", "--lr", "1e-3"], {"opt_betas": [0.0, 0.999], "lr": 1e-3}),
+    (["--opt-betas", "0.9", "0.999"], {"opt_betas": [0.9, 0.999]}),
+    (["--opt", "adan", "--opt-betas", "0.98", "0.92", "0.99"], {"opt_betas": [0.98, 0.92, 0.99]}),
+    (["--opt", "lookahead_adamw", "--opt-eps", "1e-8"], {"opt": "lookahead_adamw", "opt_eps": 1e-8}),
+    (["--aa", "rand-n3-p0.7-mmax12-mstd101-tweights"], {"aa": "rand-n3-p0.7-mmax12-mstd101-tweights"}),
+    (["--aa", "augmix-m5-w4-d2-a1-b1-mstd0.5"], {"aa": "augmix-m5-w4-d2-a1-b1-mstd0.5"}),
+    (["--crop-pct", "1.0"], {"crop_pct": 1.0}),
+    (["--crop-pct", "1.13"], {"crop_pct": 1.13}),  # refiner_vit_l's own (timm's volo: 1.15)
+    (["--remode", "const", "--mixup-mode", "elem", "--train-interpolation", "lanczos"],
+     {"remode": "const", "mixup_mode": "elem", "train_interpolation": "lanczos"}),
+    (["--recount", "3", "--seed", "0"], {"recount": 3, "seed": 0}),
 ], ids=lambda v: " ".join(v) if isinstance(v, list) else "")
 def test_edge_values_still_parse(argv, expect):
     args, _ = parse_args(argv)
@@ -319,7 +365,24 @@ def test_edge_values_still_parse(argv, expect):
 
 
 def test_edge_values_still_parse_from_yaml(tmp_path):
-    cfg = {"reprob": 0, "smoothing": 0.0, "aa": "", "scale": [1, 1], "lr": 1e-3, "min_lr": 0, "opt_betas": [0.9, 0.99]}
+    cfg = {"reprob": 0, "smoothing": 0.0, "aa": "", "scale": [1, 1], "lr": 1e-3, "min_lr": 0, "opt_betas": [0.9, 0.99],
+           "crop_pct": 1.0, "remode": "rand", "mixup_mode": "pair", "train_interpolation": "bicubic", "seed": 0}
     (tmp_path / "edge.yaml").write_text(yaml.safe_dump(cfg))
     args, _ = parse_args(["-c", str(tmp_path / "edge.yaml")])
     assert {k: getattr(args, k) for k in cfg} == cfg
+
+
+def test_choices_are_what_timm_takes():
+    """Every value the fixed-set flags accept builds in timm (and the interpolation list is timm's)."""
+    from timm.data import Mixup
+    from timm.data.random_erasing import RandomErasing
+    from timm.data.transforms import RandomResizedCropAndInterpolation, _str_to_pil_interpolation
+    from refiner.train_config import INTERPOLATIONS, MIXUP_MODES, RE_MODES
+    assert set(INTERPOLATIONS) == {"random", *_str_to_pil_interpolation}
+    for mode in INTERPOLATIONS:
+        RandomResizedCropAndInterpolation(32, interpolation=mode)
+    for mode in RE_MODES:
+        RandomErasing(0.5, mode=mode, device="cpu")
+    x, y = torch.rand(4, 3, 8, 8), torch.arange(4)
+    for mode in MIXUP_MODES:
+        Mixup(mixup_alpha=1.0, mode=mode, num_classes=4)(x.clone(), y)
