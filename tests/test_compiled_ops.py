@@ -185,6 +185,69 @@ def test_softmax_block_attn_grad_only():
         assert_close(x, y, 1e-10, 1e-10)
 
 
+def softmax_backward_case(N, seed):
+    """fp64 (q, k, v, prev, g_out, g_attn) of 4 heads: random scores; scores 160..112 below the row max
+    (q[:, 0] in [0.7, 1], k[:, 0] in [-130, 30]: exp underflows; whole key columns underflow in every
+    row), keys ascending and descending (the underflowing columns in the vector body and in the
+    scalar tail); all-equal rows (q = 0)."""
+    g = torch.Generator().manual_seed(seed)
+    q, k, v, g_out = (torch.randn(1, 4, N, 4, generator=g, dtype=torch.float64) for _ in range(4))
+    prev = torch.randn(1, 4, N, N, generator=g, dtype=torch.float64).softmax(-1)
+    g_attn = torch.randn(1, 4, N, N, generator=g, dtype=torch.float64)
+    for h in (1, 2):
+        q[0, h], k[0, h] = 0, 0
+        q[0, h, :, 0] = torch.linspace(1.0, 0.7, N, dtype=torch.float64)
+        k[0, h, :, 0] = torch.linspace(-130, 30, N, dtype=torch.float64)
+    k[0, 2] = k[0, 2].flip(0)
+    q[0, 3] = 0
+    return q, k, v, prev, g_out, g_attn
+
+
+def softmax_block_grads(fn, q, k, v, prev, g_out, g_attn):
+    """attn and the grads of q, k, v, prev of fn(q, k, v, prev, 1.0) for the output grads (g_out, g_attn)."""
+    outs, gs = grads(lambda *a: fn(*a, 1.0), [q, k, v, prev], [g_out, g_attn])
+    return [outs[1]] + gs
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_softmax_block_backward_vector_tails(dtype):
+    """The CPU backward recomputes P = softmax(S) in fused rows (fp32: 8-lane vector body + scalar
+    tail, the forward's exp): every N from 1 to 33 and larger ones, extreme and all-equal rows, vs
+    the fp64 reference's gradients; exact zeros of gS where exp underflows (as the forward's attn);
+    NaN positions of every gradient as in the reference."""
+    tol = 1e-5 if dtype == torch.float32 else 1e-10
+    names = ["attn", "q", "k", "v", "prev"]
+    for N in list(range(1, 34)) + [64, 197]:
+        case = softmax_backward_case(N, seed=N)
+        ins = [t.to(dtype) for t in case]
+        got = softmax_block_grads(C.softmax_block, *ins)
+        ref = softmax_block_grads(R.softmax_block, *[t.double() for t in ins])
+        scales = [e.abs().max().item() for e in ref]
+        for nm, a, e in zip(names, got, ref):
+            assert a.dtype == dtype
+            assert_close(a, e, tol, 2 * tol, f"{nm} N={N}")
+        if dtype == torch.float32:
+            with torch.no_grad():
+                attn0 = C.softmax_block(*ins[:3], None, 1.0)[1]
+            gk = got[2]
+            for h in (1, 2):  # keys whose P underflows in every row: gS, hence their gk, exactly 0
+                cols = (attn0[0, h] == 0).all(0)
+                assert cols.any() == (N > 1)
+                assert (gk[0, h, cols] == 0).all(), f"gk h={h} N={N}"
+        # NaN: a score row (q) of head 0, one grad-of-attn entry of head 3 (the finite rest is
+        # compared at the scale of the NaN-free run: heads 0 and 3 of gk are all NaN)
+        i = N // 2
+        ins[0] = ins[0].clone()
+        ins[0][0, 0, i, 0] = float("nan")
+        ins[5] = ins[5].clone()
+        ins[5][0, 3, i, N - 1] = float("nan")
+        got = softmax_block_grads(C.softmax_block, *ins)
+        ref = softmax_block_grads(R.softmax_block, *[t.double() for t in ins])
+        for nm, a, e, sc in zip(names, got, ref, scales):
+            assert torch.equal(a.isnan(), e.isnan()), f"NaN positions of {nm} N={N}"
+            assert_close(a.nan_to_num(), e.nan_to_num(), tol, 0, f"{nm} N={N} (NaN case)", abs_tol=2 * tol * sc)
+
+
 # ----------------------------------------------------------------------------- refine eval
 REFINE_CASES = [
     # B, H, N, d, ratio, k

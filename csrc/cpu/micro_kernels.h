@@ -1,6 +1,7 @@
 // CPU micro-kernels on GCC vector types: the refine forward's and backward's 1x1 head mixes
 // (K = H or rH, i.e. 12-96), their weight gradients and the depthwise stencil rows (also the
-// depthwise building block's rows and weight-gradient sums), and the softmax block's fp32 rows.
+// depthwise building block's rows and weight-gradient sums), and the softmax block's fp32 rows
+// (forward and backward).
 //
 // Head mixes: BLAS packs both operands on every call, which dominates at these skinny shapes (perf: half of the
 // fused forward was MKL packing + kernel), and its output leaves cache before the next stage reads it.
@@ -285,6 +286,71 @@ inline RF_INLINE void softmax_residual_row(float* a, const float* s, const float
     for (int64_t x = 0; x < nv; x += L) vstore(a + x, vload(a + x) * iv);
     for (int64_t x = nv; x < n; ++x) a[x] *= inv;
   }
+}
+
+// Backward of one attention row, P recomputed: gs = c p (g - dot(g, p)) with p = softmax(s) (s
+// already scaled; p is the forward's softmax part of the row, same arithmetic) and g = ga + gat,
+// written back to ga (the grad of A). gs may be the same row as s. Three passes over the row:
+//   1. g into ga; the max of s and g_m, g at the max;
+//   2. e = exp(s - max) into gs, with sum(e), dot(g, e) and dot(g - g_m, e) in vector accumulators;
+//   3. gs = c (e / sum) ((g - t) - dot(g - t, e) / sum).
+// t is a shift the formula is invariant to: g_m when dot(g - g_m, p) is the smaller in magnitude,
+// else 0 (exactly the plain formula). In a peaked row (p_m near 1) g - dot(g, p) cancels down to
+// about (1 - p_m) |g|, and the rounding of dot(g, p) (~eps |g_m|) would be its relative error; the
+// shifted dot has no p_m g_m term, so this row's gS is then more accurate than the reference's.
+// Exp underflow gives exact zeros (as in the forward); NaN in s or g makes the row NaN (the shifted
+// dot is NaN too, so the plain formula is used, as with an inf in g).
+inline RF_INLINE void softmax_grad_row(float* gs, const float* s, float* ga, const float* gat, int64_t n, float c) {
+  constexpr int L = 8;
+  const int64_t nv = n / L * L;
+  float mx = -__builtin_inff(), gm = 0;
+  {
+    vec_t<float> m = RF_SPLAT8(-__builtin_inff()), gmv{};
+    for (int64_t x = 0; x < nv; x += L) {
+      const vec_t<float> v = vload(s + x), g = vload(ga + x) + vload(gat + x);
+      vstore(ga + x, g);
+      const auto sel = v > m;
+      m = sel ? v : m;
+      gmv = sel ? g : gmv;
+    }
+    for (int l = 0; l < L; ++l)
+      if (m[l] > mx) mx = m[l], gm = gmv[l];
+  }
+  for (int64_t x = nv; x < n; ++x) {
+    const float g = (ga[x] += gat[x]);
+    if (s[x] > mx) mx = s[x], gm = g;
+  }
+  const vec_t<float> mv = RF_SPLAT8(mx), gmv = RF_SPLAT8(gm);
+  vec_t<float> sv{}, dv{}, dsv{};
+  for (int64_t x = 0; x < nv; x += L) {
+    const vec_t<float> e = exp_vec(vload(s + x) - mv), g = vload(ga + x);
+    vstore(gs + x, e);
+    sv += e;
+    dv += e * g;
+    dsv += e * (g - gmv);
+  }
+  float sum = 0, dot = 0, dots = 0;
+  for (int l = 0; l < L; ++l) {
+    sum += sv[l];
+    dot += dv[l];
+    dots += dsv[l];
+  }
+  for (int64_t x = nv; x < n; ++x) {
+    const float e = std::exp(s[x] - mx), g = ga[x];
+    gs[x] = e;
+    sum += e;
+    dot += e * g;
+    dots += e * (g - gm);
+  }
+  const float inv = 1.f / sum;
+  dot *= inv;
+  dots *= inv;
+  const bool shift = std::fabs(dots) < std::fabs(dot);
+  const float t = shift ? gm : 0.f, dp = shift ? dots : dot;
+  const vec_t<float> iv = RF_SPLAT8(inv), tv = RF_SPLAT8(t), dpv = RF_SPLAT8(dp), cv = RF_SPLAT8(c);
+  for (int64_t x = 0; x < nv; x += L)
+    vstore(gs + x, cv * (vload(gs + x) * iv) * ((vload(ga + x) - tv) - dpv));
+  for (int64_t x = nv; x < n; ++x) gs[x] = c * (gs[x] * inv) * ((ga[x] - t) - dp);
 }
 
 }  // namespace cpu

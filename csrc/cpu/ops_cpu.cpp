@@ -8,6 +8,7 @@
 #include <cstdlib>
 #include <cmath>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #include "common/refine_tile.h"
@@ -91,8 +92,9 @@ void gemm_rm(int64_t m, int64_t n, int64_t k, const F* A, int64_t lda, const F* 
 
 // REFINER_CPU_PORTABLE=1 makes the CPU drivers run the exact stage sequence / element-wise math
 // of the CUDA kernels (refine: expand_channel / dw_pro_channel and the backward's per-channel
-// bwd_* stages instead of the streamed micro-kernel rows; softmax block: softmax_residual instead
-// of the fused vector rows). Tests run both paths.
+// bwd_* stages instead of the streamed micro-kernel rows; softmax block, forward and backward:
+// the softmax_rows / softmax_grad row math instead of the fused vector rows (fp32) or ATen's
+// softmax (fp64)). Tests run both paths.
 inline bool portable_path() {
   const char* e = std::getenv("REFINER_CPU_PORTABLE");
   return e && e[0] == '1';
@@ -186,6 +188,19 @@ std::tuple<Tensor, Tensor> softmax_block_cpu(const Tensor& q, const Tensor& k, c
   return {out.view({B, H, N, d}).to(q.scalar_type()), attn.view({B, H, N, N}).to(q.scalar_type())};
 }
 
+// Backward rows (fp32): gs = c softmax(s) (g - rowdot(g, softmax(s))) with g = ga + gat written to
+// ga; gs may be s (P is recomputed in place, no second N x N buffer). See cpu::softmax_grad_row.
+RF_CLONES void softmax_grad_rows_f32(float* gs, const float* s, float* ga, const float* gat, int64_t rows, int64_t n,
+                                     float c) {
+  for (int64_t i = 0; i < rows; ++i)
+    cpu::softmax_grad_row(gs + i * n, s + i * n, ga + i * n, gat + i * n, n, c);
+}
+inline void softmax_grad_rows_fast(float* gs, const float* s, float* ga, const float* gat, int64_t rows, int64_t n,
+                                   float c) {
+  softmax_grad_rows_f32(gs, s, ga, gat, rows, n, c);
+}
+inline void softmax_grad_rows_fast(double*, const double*, double*, const double*, int64_t, int64_t, double) {}
+
 std::tuple<Tensor, Tensor, Tensor, Tensor> softmax_block_backward_cpu(
     const Tensor& gout, const Tensor& gattn, const Tensor& q, const Tensor& k, const Tensor& v,
     const Tensor& attn, double scale) {
@@ -195,40 +210,50 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> softmax_block_backward_cpu(
   validate_grad(op, "grad_attn", gattn, attn);
   const auto ct = compute_type(q);
   const int64_t B = q.size(0), H = q.size(1), N = q.size(2), d = q.size(3);
+  // cc() copies nothing for inputs already contiguous in the compute type
   auto qf = cc(q, ct).view({B * H, N, d}), kf = cc(k, ct).view({B * H, N, d}), vf = cc(v, ct).view({B * H, N, d});
   auto af = cc(attn, ct).view({B * H, N, N});
   auto gof = cc(gout, ct).view({B * H, N, d});
-  auto gA = cc(gattn, ct).view({B * H, N, N}).clone();
+  auto gatf = cc(gattn, ct).view({B * H, N, N});
+  auto gA = at::empty({B * H, N, N}, qf.options());
   auto gq = at::empty_like(qf), gk = at::empty_like(kf), gv = at::empty_like(vf);
   RF_DISPATCH_F(ct, "softmax_block_backward_cpu", [&] {
     using F = scalar_t;
     const F *qp = qf.data_ptr<F>(), *kp = kf.data_ptr<F>(), *vp = vf.data_ptr<F>(), *ap = af.data_ptr<F>(),
-            *gop = gof.data_ptr<F>();
+            *gop = gof.data_ptr<F>(), *gatp = gatf.data_ptr<F>();
     F *gAp = gA.data_ptr<F>(), *gqp = gq.data_ptr<F>(), *gkp = gk.data_ptr<F>(), *gvp = gv.data_ptr<F>();
-    const bool portable = portable_path();
+    const bool portable = portable_path(), fast = !portable && std::is_same<F, float>::value;
     at::parallel_for(0, B * H, 1, [&](int64_t s, int64_t e) {
       BlasSerialGuard blas_guard;
-      Tensor S = at::empty({N, N}, qf.options()), P = at::empty({N, N}, qf.options());
-      F *sp = S.data_ptr<F>(), *pp = P.data_ptr<F>();
+      Tensor S = at::empty({N, N}, qf.options()), P;
+      F* sp = S.data_ptr<F>();
       for (int64_t bh = s; bh < e; ++bh) {
         const int64_t o4 = bh * N * d, o2 = bh * N * N;
         F* ga = gAp + o2;
-        gemm_rm<F>(N, N, d, gop + o4, d, vp + o4, d, ga, N, true, true);                  // gA = gattn + gout v^T
         gemm_rm<F>(N, d, N, ap + o2, N, gop + o4, d, gvp + o4, d, false, false, F(1), true);  // gv = A^T gout
         gemm_rm<F>(N, N, d, qp + o4, d, kp + o4, d, sp, N, false, true, F(scale));        // S = scale q k^T
-        if (portable) {
-          std::copy(sp, sp + N * N, pp);
-          softmax_rows<F>(pp, nullptr, N, N, F(1));
-        } else {
-          at::_softmax_out(P, S, -1, false);                                              // P, recomputed
-        }
-        for (int64_t i = 0; i < N; ++i) {  // gS = scale * P (gA - rowdot(gA, P))
-          const F* pr = pp + i * N;
-          const F* g = ga + i * N;
-          F* gs = sp + i * N;
-          F dot = 0;
-          for (int64_t j = 0; j < N; ++j) dot += pr[j] * g[j];
-          for (int64_t j = 0; j < N; ++j) gs[j] = F(scale) * softmax_grad(pr[j], g[j], dot);
+        if (fast) {  // fp32: gout v^T, then fused vector rows add gattn (gA) and turn S into gS
+          gemm_rm<F>(N, N, d, gop + o4, d, vp + o4, d, ga, N, false, true);                // gout v^T
+          softmax_grad_rows_fast(sp, sp, ga, gatp + o2, N, N, F(scale));
+        } else {  // fp64 / portable: the original sequence (per-head gattn copy, P in a second buffer)
+          std::copy(gatp + o2, gatp + o2 + N * N, ga);
+          gemm_rm<F>(N, N, d, gop + o4, d, vp + o4, d, ga, N, true, true);                // gA = gattn + gout v^T
+          if (!P.defined()) P = at::empty({N, N}, qf.options());
+          F* pp = P.data_ptr<F>();
+          if (portable) {
+            std::copy(sp, sp + N * N, pp);
+            softmax_rows<F>(pp, nullptr, N, N, F(1));
+          } else {
+            at::_softmax_out(P, S, -1, false);                                            // P, recomputed
+          }
+          for (int64_t i = 0; i < N; ++i) {  // gS = scale * P (gA - rowdot(gA, P))
+            const F* pr = pp + i * N;
+            const F* g = ga + i * N;
+            F* gs = sp + i * N;
+            F dot = 0;
+            for (int64_t j = 0; j < N; ++j) dot += pr[j] * g[j];
+            for (int64_t j = 0; j < N; ++j) gs[j] = F(scale) * softmax_grad(pr[j], g[j], dot);
+          }
         }
         gemm_rm<F>(N, d, N, sp, N, kp + o4, d, gqp + o4, d);                              // gq = gS k
         gemm_rm<F>(N, d, N, sp, N, qp + o4, d, gkp + o4, d, false, false, F(1), true);    // gk = gS^T q
