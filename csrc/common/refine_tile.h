@@ -250,28 +250,28 @@ RF_HD F bwd_channel_item(int item, int H, const F* alpha, int k, const Tile& t, 
                          const Buf<F>& E, int ce, const Buf<F>& GR, const Buf<F>& GY,
                          const Buf<F>& D, const Buf<F>& GU) {
   const int p = k / 2;
-  F acc = F(0);
+  double acc = 0;  // one sequential sum over the tile's pixels: fp64, or fp32 loses ~sqrt(TR TC) ulps
   if (item < k * k) {
     const int di = item / k - p, dj = item % k - p;
     for (int y = 0; y < t.TR; ++y)
-      for (int x = 0; x < t.TC; ++x) acc += GY.at(0, y, x) * E.at(ce, y + di, x + dj);
+      for (int x = 0; x < t.TC; ++x) acc += double(GY.at(0, y, x)) * E.at(ce, y + di, x + dj);
   } else if (item == k * k) {
     for (int y = 0; y < t.TR; ++y)
       for (int x = 0; x < t.TC; ++x) acc += GY.at(0, y, x);
   } else if (item < k * k + 1 + H) {
     const int h = item - k * k - 1;
     for (int y = 0; y < t.TR; ++y)
-      for (int x = 0; x < t.TC; ++x) acc += GR.at(h, y, x) * D.at(0, y, x);
+      for (int x = 0; x < t.TC; ++x) acc += double(GR.at(h, y, x)) * D.at(0, y, x);
     acc *= alpha[h];
   } else if (item < k * k + 1 + 2 * H) {
     const int h = item - k * k - 1 - H;
     for (int y = 0; y < t.TR; ++y)
-      for (int x = 0; x < t.TC; ++x) acc += GU.at(0, y, x) * A.at(h, y, x);
+      for (int x = 0; x < t.TC; ++x) acc += double(GU.at(0, y, x)) * A.at(h, y, x);
   } else {
     for (int y = 0; y < t.TR; ++y)
       for (int x = 0; x < t.TC; ++x) acc += GU.at(0, y, x);
   }
-  return acc;
+  return F(acc);
 }
 
 // After all channels: gA_h += alpha_h gR_h (the residual path).
@@ -289,13 +289,13 @@ RF_HD void bwd_residual(const Par& par, int H, const F* alpha, const Tile& t, co
 template <class F>
 RF_HD F bwd_head_item(int item, int H, const F* b_pro, const Tile& t, const Buf<F>& A,
                       const Buf<F>& GR, const Buf<F>& P) {
-  F acc = F(0);
+  double acc = 0;  // fp64, as bwd_channel_item
   const int h = item < H ? item : item - H;
   for (int y = 0; y < t.TR; ++y)
     for (int x = 0; x < t.TC; ++x)
       if (t.inmap(y, x))
-        acc += item < H ? GR.at(h, y, x) * (A.at(h, y, x) + P.at(h, y, x) + b_pro[h]) : GR.at(h, y, x);
-  return acc;
+        acc += item < H ? double(GR.at(h, y, x)) * (A.at(h, y, x) + P.at(h, y, x) + b_pro[h]) : GR.at(h, y, x);
+  return F(acc);
 }
 
 // ---------------------------------------------------------------------------
