@@ -1,6 +1,8 @@
 """Property tests: random shapes, ratios, kernel sizes and dtypes, every backend vs the reference.
 
-Profiles: "ci" (default, few examples) and "long" (REFINER_HYPOTHESIS_PROFILE=long, for GPU rounds).
+Forward outputs and every gradient. Profiles: "ci" (default, few examples) and "long"
+(REFINER_HYPOTHESIS_PROFILE=long, for GPU rounds; REFINER_CPU_PORTABLE=1 picks the CPU path with
+the CUDA kernels' arithmetic).
 """
 import os
 
@@ -146,3 +148,28 @@ def test_refine_train_grad_property(backend, B, H, N, d, ratio, kernel, seed):
     floor = 1e-6 * B * N * N * want[0].abs().max().item()
     for i, g, r, w in zip(used, got, ref32, want):
         _as_accurate(g, r, w, names[i], floor)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@given(shape=shapes, with_prev=st.booleans(), seed=st.integers(0, 2 ** 16))
+def test_softmax_block_grad_property(backend, shape, with_prev, seed):
+    """Gradients of q, k, v and the previous map (fp32), from both outputs, against fp64."""
+    torch.manual_seed(seed)
+    B, H, N, d = shape
+    leaves = list(torch.randn(3, B, H, N, d, device=DEVICE).unbind(0))
+    if with_prev:
+        leaves.append(random_attn(B, H, N, torch.float32, DEVICE))
+    gouts = [torch.randn(B, H, N, d, device=DEVICE, dtype=torch.float64),
+             torch.randn(B, H, N, N, device=DEVICE, dtype=torch.float64)]
+
+    def run(ts, op):
+        ts = [t.detach().clone().requires_grad_() for t in ts]
+        outs = op(*ts[:3], ts[3] if with_prev else None, d ** -0.5)
+        return torch.autograd.grad(outs, ts, [g.to(o.dtype) for g, o in zip(gouts, outs)])
+
+    ref = reference.softmax_block
+    got = run(leaves, lambda *a: ops.softmax_block(*a, backend=backend))
+    ref32 = run(leaves, ref)
+    want = run([t.double() for t in leaves], ref)
+    for name, g, r, w in zip(["q", "k", "v", "prev"], got, ref32, want):
+        _as_accurate(g, r, w, name)
