@@ -15,6 +15,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from benchmarks.common import gc_paused  # noqa: E402
 from refiner import _compiled as C  # noqa: E402
 from refiner import cli  # noqa: E402
 from refiner import reference as R  # noqa: E402
@@ -27,11 +28,12 @@ def paired_ms(fn_base, fn_fused, repeats, warmup=1):
         fn_base()
         fn_fused()
     tb, tf = [], []
-    for _ in range(repeats):
-        for fn, ts in ((fn_base, tb), (fn_fused, tf)):
-            t0 = time.perf_counter()
-            fn()
-            ts.append((time.perf_counter() - t0) * 1e3)
+    with gc_paused():
+        for _ in range(repeats):
+            for fn, ts in ((fn_base, tb), (fn_fused, tf)):
+                t0 = time.perf_counter()
+                fn()
+                ts.append((time.perf_counter() - t0) * 1e3)
     return statistics.median(tb), statistics.median(tf)
 
 
