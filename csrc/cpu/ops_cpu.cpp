@@ -523,7 +523,9 @@ inline RF_INLINE void refine_bwd_chunk_stream(const BwdIO& io, const RefineW<F>&
   auto e_row = [&](int y, int64_t c) -> const F* RF_INLINE {  // E row y of channel c, column -p
     return D.expand ? ering.data() + (((y + 2 * p) % k) * rH + c) * ld : Ab.row((int)c, y) - p;
   };
-  auto gy_row = [&](int y, int64_t c) -> F* RF_INLINE { return gyring.data() + (((y + p) % k) * rH + c) * ld; };  // column -p
+  auto gy_row = [&](int y, int64_t c) -> F* RF_INLINE {  // gY row y of channel c, column -p
+    return gyring.data() + (((y + p) % k) * rH + c) * ld;
+  };
   auto gr_row = [&](int64_t h, int y) -> F* RF_INLINE { return grbuf.data() + h * grplane + (y + p) * ldD; };
   auto zero_pad = [&](F* row) RF_INLINE { std::fill(row + N, row + ldD, F(0)); };  // columns [N, vec_pad(N))
   auto vsum = [&](F* a, const F* row) RF_INLINE {
