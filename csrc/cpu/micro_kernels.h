@@ -112,7 +112,7 @@ template <class F> inline RF_INLINE vec_t<F> relu6_vec(vec_t<F> v, vec_t<F> six)
 }
 
 // One depthwise output row of one channel: epi(x, bias + sum_ij w[i K + j] rows[i][x + j]) for the
-// vectors at columns x in [0, vec_pad(n)) (taps in the order of stencil_row). rows[i] point at
+// vectors at columns x in [0, vec_pad(n)) (taps row by row: i, then j). rows[i] point at
 // column -K/2 and must be readable K - 1 past vec_pad(n); w: the K*K taps as Splat::data(). The
 // K^2 tap vectors stay in registers for K = 3.
 template <int K, class F, class Epi>

@@ -199,6 +199,7 @@ inline void softmax_grad_rows_fast(float* gs, const float* s, float* ga, const f
                                    float c) {
   softmax_grad_rows_f32(gs, s, ga, gat, rows, n, c);
 }
+// Never reached (the caller's `fast` is fp32 only); it lets the fp64 instantiation compile.
 inline void softmax_grad_rows_fast(double*, const double*, double*, const double*, int64_t, int64_t, double) {}
 
 std::tuple<Tensor, Tensor, Tensor, Tensor> softmax_block_backward_cpu(
