@@ -620,11 +620,39 @@ def test_refine_train_n197_fwd_bwd():
     check_train(fused, ref, args)
 
 
+@pytest.mark.parametrize("portable", [False, True], ids=["fast", "portable"])
+@pytest.mark.parametrize("B,H,N,d,ratio,k", [
+    (2, 3, 1, 5, 2, 7),    # N = 1, below the kernel's halo
+    (2, 3, 33, 5, 2, 7),   # two row tiles, the last of one row
+    (1, 2, 65, 5, 1, 3),   # three row tiles, no expansion
+    (2, 4, 17, 5, 3, 5),
+    (2, 3, 40, 5, 2, 1),   # no halo
+])
+def test_refine_train_paths_fp64(monkeypatch, portable, B, H, N, d, ratio, k):
+    """Both CPU training paths (rows streamed through rings / the ATen chunk passes the CUDA backend
+    runs) in fp64 against the fp64 reference: output, every gradient and the batch statistics to
+    ~1e-10, over row-tile borders, vector tails and maps smaller than the kernel."""
+    set_cpu_path(monkeypatch, portable)
+    args, expand = train_inputs(B, H, N, d, ratio, k, torch.float64)
+    fused, ref = _train_fns(expand, 0.3)
+    g = compare(fused, ref, args, rtol=1e-9, atol=1e-10, names=TRAIN_NAMES, skip=("b3",))
+    assert g["b3"].abs().max() <= 1e-9 * max(g["g3"].abs().max(), g["ba"].abs().max())  # exactly 0
+    with torch.no_grad():
+        s_f = C.refine_train(*args, 1e-5, 0.3, expand)[1]
+        s_r = R.refine_train(*args, 1e-5, 0.3, expand)[1]
+    for a, e in zip(s_f, s_r):
+        if e is not None:
+            assert_close(a.mean, e.mean, 1e-10, 1e-12, "mean")
+            assert_close(a.var, e.var, 1e-10, 1e-12, "var")
+
+
+@pytest.mark.parametrize("portable", [False, True], ids=["fast", "portable"])
 @pytest.mark.parametrize("chunk", ["1", "2", "5"])
 @pytest.mark.parametrize("ratio", [3, 1])
-def test_refine_train_chunked(monkeypatch, chunk, ratio):
+def test_refine_train_chunked(monkeypatch, portable, chunk, ratio):
     """The batch is walked in chunks of images (REFINER_TRAIN_CHUNK overrides the size): one image,
     uneven chunks (2, 2, 1) and the whole batch give the reference's output, grads and stats."""
+    set_cpu_path(monkeypatch, portable)
     monkeypatch.setenv("REFINER_TRAIN_CHUNK", chunk)
     args, expand = train_inputs(5, 12, 17, 35, ratio, 3, torch.float32)
     fused, ref = _train_fns(expand, 35 ** -0.5)
@@ -714,12 +742,14 @@ def _train_case(a, ratio, k, seed=0):
     return got, r32, r64
 
 
+@pytest.mark.parametrize("portable", [False, True], ids=["fast", "portable"])
 @pytest.mark.parametrize("ratio", [3, 1])
 @pytest.mark.parametrize("k", [1, 3])
-def test_refine_train_zero_variance(ratio, k):
+def test_refine_train_zero_variance(monkeypatch, portable, ratio, k):
     # A constant map: every BN channel (with k=1) has zero batch variance, so each BN multiplies
     # rounding noise by 1/sqrt(eps). Statistics are shifted moments and BN_a's come from the very
     # Z values the output uses, so the result is far closer to fp64 than the fp32 reference (~3e-5).
+    set_cpu_path(monkeypatch, portable)
     a = torch.full((2, 4, 9, 9), 1.0 / 9)
     (out, stats), _, (want, want_stats) = _train_case(a, ratio, k)
     assert torch.isfinite(out).all()
@@ -734,12 +764,14 @@ def test_refine_train_zero_variance(ratio, k):
             assert s.var.abs().max() <= 1e-9
 
 
+@pytest.mark.parametrize("portable", [False, True], ids=["fast", "portable"])
 @pytest.mark.parametrize("k", [1, 3])
-def test_refine_train_large_mean_small_spread(k):
+def test_refine_train_large_mean_small_spread(monkeypatch, portable, k):
     # A = 1000 + 1e-3 * rand: un-shifted E[x^2] - E[x]^2 would lose every digit of var(A) ~ 1e-7.
     # BN1 follows from the (shifted) moments of A in fp64, so it keeps them; BN_a (mean ~1000,
     # spread ~1) is computed from shifted moments of Z. (BN2, BN3 see maps that fp32 arithmetic
     # on inputs ~1000 has already rounded: no tighter than the fp32 reference, not checked here.)
+    set_cpu_path(monkeypatch, portable)
     torch.manual_seed(1)
     a = 1000 + 1e-3 * torch.rand(2, 4, 9, 9)
     (_, stats), (_, s32), (_, s64) = _train_case(a, 3, k)

@@ -16,6 +16,14 @@
 // Lambdas given to head_mix need RF_INLINE too (`[&](...) RF_INLINE {...}`). (GCC's -Wpsabi note
 // on these definitions is about that ABI difference; it is silenced as every use is inlined.)
 #define RF_INLINE __attribute__((always_inline))
+// fp32 hot loops are compiled twice (AVX2+FMA and baseline x86-64) and picked at load time.
+// x86-64-v3 (not arch=haswell): GCC dispatches arch=<cpu> clones on the CPU model, so AMD CPUs
+// got the baseline clone; the ISA level is dispatched on the feature bits.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define RF_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
+#else
+#define RF_CLONES
+#endif
 #pragma GCC diagnostic ignored "-Wpsabi"
 
 #include <cstdint>
