@@ -261,17 +261,17 @@ Tensor forward_pass(const TrainArgs& a, Folded& f, double eps, double scale) {
   const auto opt = a.v.options().dtype(st);
   if (a.expand) {
     // U = W_e A is linear: its mean is W_e mean(A) and its variance diag(W_e Cov(A) W_e^T), with
-    // Cov(A) the H x H Gram matrix of the centred maps (fp32 products per chunk, fp64 sums).
+    // Cov(A) the H x H Gram matrix of the centred maps. In fp64 (chunk by chunk, H channels): an
+    // fp32 product summed over B N^2 pixels is ~sqrt(B N^2) ulps off (var(U) 3e-5 off at N = 1025),
+    // enough to flip relu6 masks where BN1 amplifies by 1/sqrt(var + eps).
     Moments moA;
     for_chunks(a, [&](int64_t b0, int64_t n) { moA.add(attn_chunk(a, b0, n)); });
-    auto meanA = moA.mean.to(a.ct);  // centre (rounded); cov corrects for the rounding
     auto gram = at::zeros({a.H, a.H}, opt);
     for_chunks(a, [&](int64_t b0, int64_t n) {
-      auto Ac = attn_chunk(a, b0, n).reshape({n, a.H, -1}) - meanA.view({-1, 1});
-      gram += at::matmul(Ac, Ac.transpose(1, 2)).sum(0).to(st);
+      auto Ac = attn_chunk(a, b0, n).to(st).reshape({n, a.H, -1}) - moA.mean.view({-1, 1});
+      gram += at::matmul(Ac, Ac.transpose(1, 2)).sum(0);
     });
-    auto dm = moA.mean - meanA.to(st);
-    auto cov = gram / M - at::outer(dm, dm);
+    auto cov = gram / M;
     auto we = a.w_exp.to(st);
     f.m1 = at::matmul(we, moA.mean).to(a.ct);
     f.v1 = (at::matmul(we, cov) * we).sum(1).clamp_min(0).to(a.ct);

@@ -119,6 +119,24 @@ def test_long_sequences_up_to_1025_tokens(backend):
     f = _eval_fold(H)
     torch.testing.assert_close(ops.refine_eval(want_attn, v, f, backend=backend),
                                reference.refine_eval(want_attn, v, *f.args()), rtol=1e-4, atol=1e-4)
+    # Training, the output and the gradient of the map, against fp64: BN1 sees a softmax map with
+    # var ~1e-6 and multiplies by ~1/sqrt(var + eps), so a statistic a few 1e-5 off flips relu6
+    # masks and moves single gradients by ~10% (an fp32 Gram matrix did). Bound: the fp32
+    # reference's own error.
+    params = train_args(*random_dla(H, device=DEVICE))
+    gout = torch.randn(B, H, N, d, device=DEVICE, dtype=torch.float64)
+
+    def run(fn, dt):
+        a = want_attn.detach().to(dt).requires_grad_()
+        out = fn(a, v.to(dt), *[p.detach().to(dt) for p in params])[0]
+        return out, torch.autograd.grad(out, a, gout.to(dt))[0]
+
+    got = run(lambda *t: ops.refine_train(*t, eps=1e-5, scale=0.3, expand=True, backend=backend), torch.float32)
+    ref32 = run(lambda *t: reference.refine_train(*t, 1e-5, 0.3, True), torch.float32)
+    want = run(lambda *t: reference.refine_train(*t, 1e-5, 0.3, True), torch.float64)
+    for name, g, r, w in zip(("out", "grad attn"), got, ref32, want):
+        err, ref_err = (g.double() - w).abs().max().item(), (r.double() - w).abs().max().item()
+        assert err <= 4 * ref_err + 1e-6 * w.abs().max().item(), f"{name}: {err:.3g} vs fp32 reference {ref_err:.3g}"
 
 
 gpu_backends = [b for b in backend_params(include_reference=False) if b.values[0] in ("cuda", "triton")]
