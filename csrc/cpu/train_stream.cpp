@@ -192,10 +192,17 @@ inline RF_INLINE void train_items(TrainPass pass, const Ptrs<F>& a, const Slots&
           for (int64_t c = 0; c < rH; ++c) {  // Y2 = dw(E), D = relu6(BN2(Y2))
             for (int i = 0; i < k; ++i) rows[i] = e_row(yy - p + i, c);
             F *y2 = y2row.data() + c * ldD, *dr = drow.data() + c * ldD;
-            dw_row_apply_k<F>(k, rows, wdw.data() + c * kk * L, vzero, N, [&](int64_t x, VecF v) RF_INLINE {
-              vstore(y2 + x, v);
-              if (need_d) vstore(dr + x, relu6_vec<F>(s2[c] * (v - m2[c]) + b2[c], vsix));
-            });
+            // (per-channel constants in locals: the stores below may alias the Splat storage, so
+            // the compiler would reload them for every vector)
+            const VecF s2c = need_d ? s2[c] : vzero, m2c = need_d ? m2[c] : vzero, b2c = need_d ? b2[c] : vzero;
+            if (need_d)
+              dw_row_apply_k<F>(k, rows, wdw.data() + c * kk * L, vzero, N, [&](int64_t x, VecF v) RF_INLINE {
+                vstore(y2 + x, v);
+                vstore(dr + x, relu6_vec<F>(s2c * (v - m2c) + b2c, vsix));
+              });
+            else
+              dw_row_apply_k<F>(k, rows, wdw.data() + c * kk * L, vzero, N,
+                                [&](int64_t x, VecF v) RF_INLINE { vstore(y2 + x, v); });
           }
           const int64_t grow = r0 + yy;  // the map row
           if (pass == TrainPass::Y2Moments) {
@@ -265,12 +272,18 @@ inline RF_INLINE void train_items(TrainPass pass, const Ptrs<F>& a, const Slots&
         }
         const F *er = e_row(y, c) + p, *ur = u_row(y, c) + p;
         const bool to_gu = pass == TrainPass::ExpGrad;
-        dw_row_apply_k<F>(k, rows, wdwT.data() + c * kk * L, vzero, N, [&](int64_t x, VecF v) RF_INLINE {
-          const VecF ev = vload(er + x);
-          VecF g = (ev > vzero) & (ev < vsix) ? v : vzero;  // gE1
-          if (to_gu) g = k1[c] * ((g - c21[c] * (vload(ur + x) - m1[c])) - c11[c]);
-          vstore(ge + x, g);
-        });
+        if (to_gu) {  // gU = BN1's backward of gE1
+          const VecF k1c = k1[c], c21c = c21[c], m1c = m1[c], c11c = c11[c];
+          dw_row_apply_k<F>(k, rows, wdwT.data() + c * kk * L, vzero, N, [&](int64_t x, VecF v) RF_INLINE {
+            const VecF ev = vload(er + x), g = (ev > vzero) & (ev < vsix) ? v : vzero;
+            vstore(ge + x, k1c * ((g - c21c * (vload(ur + x) - m1c)) - c11c));
+          });
+        } else {
+          dw_row_apply_k<F>(k, rows, wdwT.data() + c * kk * L, vzero, N, [&](int64_t x, VecF v) RF_INLINE {
+            const VecF ev = vload(er + x);
+            vstore(ge + x, (ev > vzero) & (ev < vsix) ? v : vzero);
+          });
+        }
         zero_pad(ge);
         if (!to_gu) {
           vsum(slot(sl.sg + c), ge);
