@@ -234,7 +234,7 @@ struct Moments {
 
 // On CPU the rH-channel passes are streamed by rows (cpu/train_stream.h); REFINER_CPU_PORTABLE=1
 // keeps the ATen chunk passes, the code the CUDA backend runs.
-bool streamed(const TrainArgs& a) { return a.attn.is_cpu() && cpu::train_streamed(); }
+bool streamed(const TrainArgs& a) { return a.attn.is_cpu() && !cpu::portable_path(); }
 
 // The streamed passes' inputs: A, the weights and BN1 / BN2 as far as they are known in f;
 // `map`: Y3 out or gY3 in.

@@ -13,6 +13,7 @@
 
 #include "common/refine_tile.h"
 #include "cpu/micro_kernels.h"
+#include "cpu/train_stream.h"
 #include "validate.h"
 
 namespace refiner {
@@ -90,15 +91,23 @@ void gemm_rm(int64_t m, int64_t n, int64_t k, const F* A, int64_t lda, const F* 
   else c.copy_(at::mm(a, b).mul_(alpha));
 }
 
+}  // namespace
+
+namespace cpu {
 // REFINER_CPU_PORTABLE=1 makes the CPU drivers run the exact stage sequence / element-wise math
 // of the CUDA kernels (refine: expand_channel / dw_pro_channel and the backward's per-channel
 // bwd_* stages instead of the streamed micro-kernel rows; softmax block, forward and backward:
 // the softmax_rows / softmax_grad row math instead of the fused vector rows (fp32) or ATen's
-// softmax (fp64)). Tests run both paths.
-inline bool portable_path() {
+// softmax (fp64); refine_train: the ATen chunk passes instead of the streamed rows). Tests run
+// both paths.
+bool portable_path() {
   const char* e = std::getenv("REFINER_CPU_PORTABLE");
   return e && e[0] == '1';
 }
+}  // namespace cpu
+
+namespace {
+using cpu::portable_path;
 
 // ----------------------------------------------------------------------------
 // softmax block

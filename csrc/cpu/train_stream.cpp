@@ -18,7 +18,6 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
-#include <cstdlib>
 #include <vector>
 
 #include "common/refine_tile.h"
@@ -26,11 +25,6 @@
 
 namespace refiner {
 namespace cpu {
-
-bool train_streamed() {
-  const char* e = std::getenv("REFINER_CPU_PORTABLE");
-  return !(e && e[0] == '1');
-}
 
 namespace {
 
