@@ -166,7 +166,12 @@ Tensor sum_g_xhat(const Tensor& g, const Tensor& x, const Tensor& m, const Tenso
 }
 // Z = A + BN3(Y3): the one expression used by the BN_a statistics, the output and the backward.
 Tensor make_z(const TrainArgs& a, const Folded& f, const Tensor& A, const Tensor& Y3) {
+  if (Y3.is_cpu()) return cpu::channel_affine(Y3, f.s3, f.m3, a.b3, false, A);
   return A + bn_apply(Y3, f.s3, f.m3, a.b3);
+}
+// r = BN_a(Z) * scale (out = r @ v), in centred form; the forward and both backwards use it.
+Tensor r_of(const TrainArgs& a, const Folded& f, const Tensor& Z, double scale) {
+  return bn_apply(Z, f.sa * scale, f.ma, a.ba * scale);
 }
 
 Tensor attn_chunk(const TrainArgs& a, int64_t b0, int64_t n) { return a.attn.narrow(0, b0, n).to(a.ct); }
@@ -308,13 +313,9 @@ Tensor forward_pass(const TrainArgs& a, Folded& f, double eps, double scale) {
   });
   moa.finish(a.ct, f.ma, f.va);
   fold(a, f, eps);
-  // r = BN_a(Z) * scale, chunk by chunk, written exactly as the backward's grad_r
-  auto sd_a = at::sqrt(f.va + eps);
   auto out = at::empty_like(a.v);
   for_chunks(a, [&](int64_t b0, int64_t n) {
-    auto zhat = (buf.narrow(0, b0, n) - col(f.ma)) / col(sd_a);
-    auto r = scale * (col(a.ga) * zhat + col(a.ba));
-    out.narrow(0, b0, n).copy_(at::matmul(r, a.v.narrow(0, b0, n)));
+    out.narrow(0, b0, n).copy_(at::matmul(r_of(a, f, buf.narrow(0, b0, n), scale), a.v.narrow(0, b0, n)));
   });
   return out;
 }
@@ -347,18 +348,14 @@ std::vector<Tensor> refine_train_backward_v(const Tensor& gout, const TrainArgs&
   auto gw_pro = at::zeros_like(a.w_pro), gw_dw = at::zeros_like(a.w_dw), gw_exp = at::zeros_like(a.w_exp);
   // gradient of BN_a's output r (out = (r * scale) @ v) and of v
   auto grad_r = [&](const Maps& m, int64_t b0, int64_t n, bool with_gv) {
-    auto zhat = (m.Z - col(f.ma)) / col(sd_a);
     auto gob = go.narrow(0, b0, n);
-    if (with_gv) {
-      auto r = scale * (col(a.ga) * zhat + col(a.ba));
-      gv.narrow(0, b0, n).copy_(at::matmul(r.transpose(-2, -1), gob));
-    }
-    return std::make_pair(scale * at::matmul(gob, a.v.narrow(0, b0, n).transpose(-2, -1)), zhat);
+    if (with_gv) gv.narrow(0, b0, n).copy_(at::matmul(r_of(a, f, m.Z, scale).transpose(-2, -1), gob));
+    return scale * at::matmul(gob, a.v.narrow(0, b0, n).transpose(-2, -1));
   };
   auto bn_grad = [&](const Tensor& g, const Tensor& x, const Tensor& m, const Tensor& sd, const Tensor& k,
                      const Tensor& S1, const Tensor& S2) { return bn_backward(g, x, m, sd, k, S1, S2, M); };
   auto grad_z = [&](const Maps& m, int64_t b0, int64_t n) {
-    return bn_grad(grad_r(m, b0, n, false).first, m.Z, f.ma, sd_a, f.sa, Sa1, Sa2);
+    return bn_grad(grad_r(m, b0, n, false), m.Z, f.ma, sd_a, f.sa, Sa1, Sa2);
   };
   auto grad_y3 = [&](const Maps& m, const Tensor& gz) { return bn_grad(gz, m.Y3, f.m3, sd3, a.g3 / sd3, S31, S32); };
   auto grad_d2 = [&](const Maps& m, const Tensor& gy3) {  // grad of BN2's output (pre-relu6)
@@ -367,9 +364,9 @@ std::vector<Tensor> refine_train_backward_v(const Tensor& gout, const TrainArgs&
   // B1: BN_a reductions (and gv)
   for_chunks(a, [&](int64_t b0, int64_t n) {
     auto m = recompute(a, f, b0, n, true);
-    auto [gr, zhat] = grad_r(m, b0, n, true);
+    auto gr = grad_r(m, b0, n, true);
     Sa1 += sums(gr);
-    Sa2 += sums(gr * zhat);  // (zhat is computed anyway for gv)
+    Sa2 += sum_g_xhat(gr, m.Z, f.ma, sd_a);
   });
   // B2: BN3 reductions
   for_chunks(a, [&](int64_t b0, int64_t n) {
@@ -435,23 +432,24 @@ std::vector<Tensor> refine_train_backward_streamed(const Tensor& gout, const Tra
   auto y3 = at::empty(a.attn.sizes(), opt), gA = at::empty(a.attn.sizes(), opt), gv = at::empty_like(a.v);
   auto sa = stream_args(a, f, y3);
   cpu::train_stream_pass(cpu::TrainPass::Y3, sa);
-  auto z_of = [&](int64_t b0, int64_t n) { return make_z(a, f, sa.A.narrow(0, b0, n), y3.narrow(0, b0, n)); };
-  auto gr_of = [&](int64_t b0, int64_t n) {  // gradient of r, out = (r * scale) @ v
-    return scale * at::matmul(go.narrow(0, b0, n), a.v.narrow(0, b0, n).transpose(-2, -1));
+  auto go_s = go * scale;
+  auto gr_of = [&](int64_t b0, int64_t n) {  // gradient of r, out = r @ v
+    return at::matmul(go_s.narrow(0, b0, n), a.v.narrow(0, b0, n).transpose(-2, -1));
   };
   auto Sa1 = at::zeros({a.H}, opt), Sa2 = at::zeros({a.H}, opt), S31 = at::zeros({a.H}, opt),
        S32 = at::zeros({a.H}, opt);
-  for_chunks(a, [&](int64_t b0, int64_t n) {  // BN_a's sums, gv
-    auto zhat = (z_of(b0, n) - col(f.ma)) / col(sd_a);
-    auto r = scale * (col(a.ga) * zhat + col(a.ba));
-    gv.narrow(0, b0, n).copy_(at::matmul(r.transpose(-2, -1), go.narrow(0, b0, n)));
+  for_chunks(a, [&](int64_t b0, int64_t n) {  // Z (kept in gA's buffer), BN_a's sums, gv
+    auto z = make_z(a, f, sa.A.narrow(0, b0, n), y3.narrow(0, b0, n));
+    gA.narrow(0, b0, n).copy_(z);
+    gv.narrow(0, b0, n).copy_(at::matmul(r_of(a, f, z, scale).transpose(-2, -1), go.narrow(0, b0, n)));
     auto gr = gr_of(b0, n);
     Sa1 += sums(gr);
-    Sa2 += sums(gr * zhat);
+    Sa2 += sum_g_xhat(gr, z, f.ma, sd_a);
   });
-  for_chunks(a, [&](int64_t b0, int64_t n) {  // gZ (the part of gA that skips the DLA), BN3's sums
-    auto gz = bn_backward(gr_of(b0, n), z_of(b0, n), f.ma, sd_a, f.sa, Sa1, Sa2, M);
-    gA.narrow(0, b0, n).copy_(gz);
+  for_chunks(a, [&](int64_t b0, int64_t n) {  // gZ (the part of gA that skips the DLA) over Z, BN3's sums
+    auto gAc = gA.narrow(0, b0, n);
+    auto gz = bn_backward(gr_of(b0, n), gAc, f.ma, sd_a, f.sa, Sa1, Sa2, M);
+    gAc.copy_(gz);
     S31 += sums(gz);
     S32 += sum_g_xhat(gz, y3.narrow(0, b0, n), f.m3, sd3);
   });
