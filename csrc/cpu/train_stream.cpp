@@ -100,7 +100,7 @@ inline RF_INLINE void train_items(TrainPass pass, const Ptrs<F>& a, const Slots&
   std::vector<F> abuf(H * aplane + slack), ering(a.expand ? ring + slack : 0), uring(keep_u ? ring + slack : 0),
       gyring(need_c ? ring + slack : 0), y2row(rH * ldD), drow(rH * ldD), g3row(H * ldD), gerow(rH * ldD),
       orow(H * ldD), acc(sl.n * L);
-  std::vector<double> mn(rH), mm(rH), mc(rH);  // the item's Y2 moments: count, mean, m2
+  std::vector<double> y2n(rH), y2mean(rH), y2m2(rH);  // the item's Y2 moments
   const Buf<F> Ab{abuf.data(), 2 * p, (int)ld, (int)aplane};
   std::vector<F> wt_exp(a.expand ? H * rH : 0), wt_pro(rH * H), wflip(rH * kk);  // W_exp^T, W_pro^T, flipped taps
   for (int64_t c = 0; c < rH; ++c) {
@@ -152,9 +152,9 @@ inline RF_INLINE void train_items(TrainPass pass, const Ptrs<F>& a, const Slots&
     const int64_t b = idx / ntiles, r0 = (idx % ntiles) * kRows;
     const Tile t{N, r0, 0, (int)std::min<int64_t>(kRows, N - r0), (int)N};
     std::fill(acc.begin(), acc.end(), F(0));
-    std::fill(mn.begin(), mn.end(), 0.0);
-    std::fill(mm.begin(), mm.end(), 0.0);
-    std::fill(mc.begin(), mc.end(), 0.0);
+    std::fill(y2n.begin(), y2n.end(), 0.0);
+    std::fill(y2mean.begin(), y2mean.end(), 0.0);
+    std::fill(y2m2.begin(), y2m2.end(), 0.0);
     load_tile_rows(par, a.A + b * H * NN, (int)H, t, Ab);
     F* map_b = a.map ? a.map + b * H * NN : nullptr;
     F* gA_b = a.gA ? a.gA + b * H * NN : nullptr;
@@ -203,7 +203,7 @@ inline RF_INLINE void train_items(TrainPass pass, const Ptrs<F>& a, const Slots&
             for (int64_t c = 0; c < rH; ++c) {
               double rmean, rm2;
               row_moments(y2row.data() + c * ldD, N, rmean, rm2);
-              chan_merge(mn[c], mm[c], mc[c], double(N), rmean, rm2);
+              chan_merge(y2n[c], y2mean[c], y2m2[c], double(N), rmean, rm2);
             }
           } else if (pass == TrainPass::Y3) {
             head_mix<F>((int)H, (int)rH, N, wpro.data(), drow.data(), ldD, [&](int m, int64_t x, VecF v) RF_INLINE {
@@ -296,7 +296,7 @@ inline RF_INLINE void train_items(TrainPass pass, const Ptrs<F>& a, const Slots&
     }
     lane_sums(acc.data(), sl.n, part + idx * sl.n);
     if (mom)
-      for (int64_t c = 0; c < rH; ++c) mom[(idx * rH + c) * 2] = mm[c], mom[(idx * rH + c) * 2 + 1] = mc[c];
+      for (int64_t c = 0; c < rH; ++c) mom[(idx * rH + c) * 2] = y2mean[c], mom[(idx * rH + c) * 2 + 1] = y2m2[c];
   }
 }
 
