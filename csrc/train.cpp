@@ -133,14 +133,15 @@ Tensor sums(const Tensor& x) { return x.sum({0, 2, 3}); }  // per channel
 // no folded offsets).
 struct Folded {
   Tensor m1, v1, m2, v2, m3, v3, ma, va;   // stats (compute dtype)
-  Tensor s1, s2, s3, sa;                   // s_i = g_i / sqrt(v_i + eps); sa = ga / sqrt(va + eps)
+  Tensor sd1, sd2, sd3, sda;               // sd_i = sqrt(v_i + eps) (sd1: expansion only)
+  Tensor s1, s2, s3, sa;                   // s_i = g_i / sd_i
 };
 
 void fold(const TrainArgs& a, Folded& f, double eps) {
-  if (a.expand) f.s1 = a.g1 / at::sqrt(f.v1 + eps);
-  f.s2 = a.g2 / at::sqrt(f.v2 + eps);
-  f.s3 = a.g3 / at::sqrt(f.v3 + eps);
-  f.sa = a.ga / at::sqrt(f.va + eps);
+  if (a.expand) f.sd1 = at::sqrt(f.v1 + eps), f.s1 = a.g1 / f.sd1;
+  f.sd2 = at::sqrt(f.v2 + eps), f.s2 = a.g2 / f.sd2;
+  f.sd3 = at::sqrt(f.v3 + eps), f.s3 = a.g3 / f.sd3;
+  f.sda = at::sqrt(f.va + eps), f.sa = a.ga / f.sda;
 }
 
 // Every BN is applied in centred form, s (x - mean) + b, never s x + (b - s mean): with zero
@@ -334,14 +335,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tenso
           f.va.to(st)};
 }
 
-std::vector<Tensor> refine_train_backward_v(const Tensor& gout, const TrainArgs& a, Folded& f, double eps,
-                                            double scale) {
-  fold(a, f, eps);
+// go: the gradient of out in the compute dtype; f: folded (fold).
+std::vector<Tensor> refine_train_backward_v(const Tensor& go, const TrainArgs& a, const Folded& f, double scale) {
   const double M = double(a.B) * a.N * a.N;
   const auto opt = a.v.options();
-  auto go = gout.to(a.ct).contiguous();
-  auto sd_a = at::sqrt(f.va + eps), sd3 = at::sqrt(f.v3 + eps), sd2 = at::sqrt(f.v2 + eps);
-  Tensor sd1 = a.expand ? at::sqrt(f.v1 + eps) : Tensor();
+  const Tensor &sd_a = f.sda, &sd3 = f.sd3, &sd2 = f.sd2, &sd1 = f.sd1;
   auto gA = at::empty_like(a.attn), gv = at::empty_like(a.v);  // gA in the input dtype
   auto Sa1 = at::zeros({a.H}, opt), Sa2 = at::zeros({a.H}, opt);
   auto S31 = at::zeros({a.H}, opt), S32 = at::zeros({a.H}, opt);
@@ -424,13 +422,11 @@ std::vector<Tensor> refine_train_backward_v(const Tensor& gout, const TrainArgs&
 // H-channel maps per chunk (gZ kept in gA's buffer, gY3 in place of Y3); then three streamed
 // passes for BN2's sums with gw_pro, BN1's sums with gw_dw, and gw_exp with gA (without the
 // expansion the second pass finishes gA).
-std::vector<Tensor> refine_train_backward_streamed(const Tensor& gout, const TrainArgs& a, Folded& f, double eps,
+std::vector<Tensor> refine_train_backward_streamed(const Tensor& go, const TrainArgs& a, const Folded& f,
                                                    double scale) {
-  fold(a, f, eps);
   const double M = double(a.B) * a.N * a.N;
   const auto opt = a.v.options();
-  auto go = gout.to(a.ct).contiguous();
-  auto sd_a = at::sqrt(f.va + eps), sd3 = at::sqrt(f.v3 + eps), sd2 = at::sqrt(f.v2 + eps);
+  const Tensor &sd_a = f.sda, &sd3 = f.sd3, &sd2 = f.sd2, &sd1 = f.sd1;
   auto y3 = at::empty(a.attn.sizes(), opt), gA = at::empty(a.attn.sizes(), opt), gv = at::empty_like(a.v);
   auto sa = stream_args(a, f, y3);
   cpu::train_stream_pass(cpu::TrainPass::Y3, sa);
@@ -465,7 +461,6 @@ std::vector<Tensor> refine_train_backward_streamed(const Tensor& gout, const Tra
   auto dwg = cpu::train_stream_pass(cpu::TrainPass::DwGrad, sa);
   Tensor gw_exp = at::zeros_like(a.w_exp), S11 = at::zeros({a.rH}, opt), S12 = at::zeros({a.rH}, opt);
   if (a.expand) {
-    auto sd1 = at::sqrt(f.v1 + eps);
     S11 = dwg.sum_g.to(a.ct), S12 = dwg.sum_gx.to(a.ct) / sd1;
     sa.k1 = a.g1 / sd1, sa.c1_1 = S11 / M, sa.c2_1 = S12 / (sd1 * M);
     gw_exp = cpu::train_stream_pass(cpu::TrainPass::ExpGrad, sa).gw;
@@ -485,8 +480,9 @@ refine_train_backward_impl(const Tensor& gout, const Tensor& attn, const Tensor&
   Folded f;
   auto c = [&](const Tensor& t) { return t.to(a.ct).contiguous(); };
   f.m1 = c(m1), f.v1 = c(v1), f.m2 = c(m2), f.v2 = c(v2), f.m3 = c(m3), f.v3 = c(v3), f.ma = c(ma), f.va = c(va);
-  auto g = streamed(a) ? refine_train_backward_streamed(gout, a, f, eps, scale)
-                       : refine_train_backward_v(gout, a, f, eps, scale);
+  fold(a, f, eps);
+  auto go = gout.to(a.ct).contiguous();
+  auto g = streamed(a) ? refine_train_backward_streamed(go, a, f, scale) : refine_train_backward_v(go, a, f, scale);
   const auto st = attn.scalar_type();
   for (auto& t : g) t = t.to(st).contiguous();  // each is its own fresh tensor: no aliasing
   return {g[0], g[1], g[2], g[3], g[4], g[5], g[6], g[7], g[8], g[9], g[10], g[11], g[12]};

@@ -139,7 +139,7 @@ inline RF_INLINE void train_items(TrainPass pass, const Ptrs<F>& a, const Slots&
     for (int64_t x = 0; x < ldD; x += L) sv += vload(g + x) * (vload(xr + x) - m);
     vstore(sl_, sv);
   };
-  // out row (N columns) += v rows of orow
+  // rows `row` of the C planes of gA_b (N columns each) += the C rows of src (stride ldD)
   auto add_rows = [&](F* gA_b, int64_t C, int64_t row, const F* src) RF_INLINE {
     for (int64_t c = 0; c < C; ++c) {
       F* dst = gA_b + c * NN + row * N;
