@@ -12,7 +12,7 @@ export CUDA_HOME ?= /usr/local/cuda
 
 SOURCES := $(shell find csrc -type f 2>/dev/null) $(wildcard setup.py)
 
-.PHONY: demo test build deps clean bench cmake-build
+.PHONY: demo test build deps clean bench cmake-build emu-asan
 
 deps: $(VENV)/.deps
 $(VENV)/.deps: requirements.txt
@@ -32,6 +32,10 @@ demo: build
 
 test: build
 	$(PY) -m pytest -q tests
+
+# The CUDA kernels on the CPU emulator again, built under AddressSanitizer (out-of-bounds accesses).
+emu-asan: build
+	$(PY) tests/cuda_emu.py --asan
 
 bench: build
 	$(PY) benchmarks/bench_ops.py

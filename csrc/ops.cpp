@@ -1,10 +1,11 @@
-// Operator schemas of the refiner._C extension, device-generic ops, and the Python module stub.
+// The refiner op library (schemas: schemas.h), its device-generic ops, and the Python module stub.
 #include <Python.h>
 
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
 #include "head_mix.h"
+#include "schemas.h"
 #include "validate.h"
 
 namespace refiner {
@@ -63,24 +64,7 @@ static std::tuple<at::Tensor, at::Tensor> attn_value_backward_impl(const at::Ten
 
 TORCH_LIBRARY(refiner, m) {
   m.def("has_cuda() -> bool", &refiner::has_cuda);
-  m.def("softmax_block(Tensor q, Tensor k, Tensor v, Tensor? prev_attn, float scale) -> (Tensor, Tensor)");
-  // Returns grad q, k, v and the total gradient of attn (grad of prev_attn = scale * it).
-  m.def("softmax_block_backward(Tensor grad_out, Tensor grad_attn, Tensor q, Tensor k, Tensor v, "
-        "Tensor attn, float scale) -> (Tensor, Tensor, Tensor, Tensor)");
-  m.def("refine_eval(Tensor attn, Tensor v, Tensor w_exp, Tensor b_exp, Tensor w_dw, Tensor b_dw, "
-        "Tensor w_pro, Tensor b_pro, Tensor alpha, Tensor beta, bool expand) -> Tensor");
-  // Recomputing backward; returns grads of attn, v, w_exp, b_exp, w_dw, b_dw, w_pro, b_pro, alpha, beta.
-  m.def("refine_eval_backward(Tensor grad_out, Tensor attn, Tensor v, Tensor w_exp, Tensor b_exp, "
-        "Tensor w_dw, Tensor b_dw, Tensor w_pro, Tensor b_pro, Tensor alpha, Tensor beta, bool expand) "
-        "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
-  m.def("head_mix(Tensor x, Tensor w) -> Tensor");
-  m.def("head_mix_backward(Tensor grad, Tensor x, Tensor w) -> (Tensor, Tensor)");
-  m.def("attn_dwconv(Tensor x, Tensor w) -> Tensor");
-  m.def("attn_dwconv_backward(Tensor grad, Tensor x, Tensor w) -> (Tensor, Tensor)");
-  m.def("row_softmax(Tensor x) -> Tensor");
-  m.def("row_softmax_backward(Tensor grad, Tensor y) -> Tensor");
-  m.def("attn_value(Tensor a, Tensor v) -> Tensor");
-  m.def("attn_value_backward(Tensor grad, Tensor a, Tensor v) -> (Tensor, Tensor)");
+  refiner::define_kernel_ops(m);
 }
 
 TORCH_LIBRARY_IMPL(refiner, CPU, m) {

@@ -1,4 +1,4 @@
-"""Test set-up: without a GPU, run Triton kernels under the interpreter.
+"""Test set-up: without a GPU, run Triton kernels under the interpreter; hypothesis profiles.
 
 TRITON_INTERPRET must be set before triton (or refiner_kernels) is imported,
 which is why this happens at conftest import time.
@@ -22,6 +22,14 @@ if not _gpu_present():
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+from hypothesis import HealthCheck, settings  # noqa: E402
+
+# Property-test profiles: "ci" (default) and "long" (REFINER_HYPOTHESIS_PROFILE=long, for GPU rounds).
+settings.register_profile("ci", max_examples=6, deadline=None, derandomize=True,
+                          suppress_health_check=[HealthCheck.function_scoped_fixture])
+settings.register_profile("long", max_examples=200, deadline=None,
+                          suppress_health_check=[HealthCheck.function_scoped_fixture])
+settings.load_profile(os.environ.get("REFINER_HYPOTHESIS_PROFILE", "ci"))
 
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (none visible)")
 

@@ -1,25 +1,17 @@
 """Property tests: random shapes, ratios, kernel sizes and dtypes, every backend vs the reference.
 
-Forward outputs and every gradient. Profiles: "ci" (default, few examples) and "long"
+Forward outputs and every gradient. Profiles (conftest.py): "ci" (default, few examples) and "long"
 (REFINER_HYPOTHESIS_PROFILE=long, for GPU rounds; REFINER_CPU_PORTABLE=1 picks the CPU path with
 the CUDA kernels' arithmetic).
 """
-import os
-
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 from refiner import ops, reference
 from backends import DEVICE, backend_params
 from utils import random_attn, random_dla, train_args
-
-settings.register_profile("ci", max_examples=6, deadline=None, derandomize=True,
-                          suppress_health_check=[HealthCheck.function_scoped_fixture])
-settings.register_profile("long", max_examples=200, deadline=None,
-                          suppress_health_check=[HealthCheck.function_scoped_fixture])
-settings.load_profile(os.environ.get("REFINER_HYPOTHESIS_PROFILE", "ci"))
 
 BACKENDS = backend_params(include_reference=False)
 # Half-precision tolerances: inputs are rounded first, so the only differences are the

@@ -6,12 +6,22 @@
 // Inputs fp32/fp16/bf16, all arithmetic and accumulation in fp32.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
+#include <torch/library.h>
+
+#ifdef REFINER_CUDA_EMU
+#include "cuda/emu/cuda_emu.h"  // tests only: these kernels on the CPU emulator (tests/cuda_emu.py)
+#else
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
-#include <torch/library.h>
-
 #include <cuda_runtime.h>
+// The CUDA syntax that is not C++, and the library the kernels register in, as macros that
+// cuda_emu.h and emu/ops_cuda_emu.cpp define differently (that build registers them for CPU tensors).
+#define RF_DYN_SHARED(T, name) extern __shared__ T name[]
+#define RF_LAUNCH(kernel, grid, threads, smem, stream) kernel<<<grid, threads, smem, stream>>>
+#define RF_CUDA_LIB refiner
+#define RF_CUDA_KEY CUDA
+#endif
 
 #include "common/refine_tile.h"
 #include "validate.h"
@@ -81,7 +91,7 @@ template <class T>
 __global__ void softmax_block_fwd_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
                                          const T* __restrict__ prev, T* __restrict__ out, T* __restrict__ attn,
                                          int64_t rows, int64_t N, int d, float scale) {
-  extern __shared__ float sm[];
+  RF_DYN_SHARED(float, sm);
   float* red = sm;           // 32
   float* qs = sm + 32;       // d
   float* sc = qs + d;        // N
@@ -138,9 +148,10 @@ std::tuple<Tensor, Tensor> softmax_block_cuda(const Tensor& q_, const Tensor& k_
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "softmax_block_cuda", [&] {
     auto kern = softmax_block_fwd_kernel<scalar_t>;
     set_smem(kern, smem, "softmax_block");
-    kern<<<grid_for(rows), 256, smem, stream>>>(q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(),
-                                                 has_prev ? prev.data_ptr<scalar_t>() : nullptr, out.data_ptr<scalar_t>(),
-                                                 attn.data_ptr<scalar_t>(), rows, N, (int)d, (float)scale);
+    RF_LAUNCH(kern, grid_for(rows), 256, smem, stream)(
+        q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(),
+        has_prev ? prev.data_ptr<scalar_t>() : nullptr, out.data_ptr<scalar_t>(), attn.data_ptr<scalar_t>(), rows, N,
+        (int)d, (float)scale);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return {out, attn};
@@ -184,7 +195,7 @@ __global__ void row_softmax_bwd_kernel(const float* __restrict__ y, const float*
 void launch_row_softmax(const Tensor& x, Tensor& y, float scale) {
   const int64_t n = x.size(-1), rows = n ? x.numel() / n : 0;
   if (rows == 0) return;
-  row_softmax_kernel<<<grid_for(rows), 256, 0, c10::cuda::getCurrentCUDAStream()>>>(
+  RF_LAUNCH(row_softmax_kernel, grid_for(rows), 256, 0, c10::cuda::getCurrentCUDAStream())(
       x.data_ptr<float>(), y.data_ptr<float>(), rows, n, scale);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
@@ -192,7 +203,7 @@ void launch_row_softmax(const Tensor& x, Tensor& y, float scale) {
 void launch_row_softmax_bwd(const Tensor& y, const Tensor& g, Tensor& gx, float scale) {
   const int64_t n = y.size(-1), rows = n ? y.numel() / n : 0;
   if (rows == 0) return;
-  row_softmax_bwd_kernel<<<grid_for(rows), 256, 0, c10::cuda::getCurrentCUDAStream()>>>(
+  RF_LAUNCH(row_softmax_bwd_kernel, grid_for(rows), 256, 0, c10::cuda::getCurrentCUDAStream())(
       y.data_ptr<float>(), g.data_ptr<float>(), gx.data_ptr<float>(), rows, n, scale);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
@@ -258,7 +269,7 @@ template <class T>
 __global__ void refine_fwd_kernel(const T* __restrict__ A, const T* __restrict__ V, RefineWF w, int64_t B, int H,
                                   int64_t N, int d, int rH, int k, bool expand, T* __restrict__ out,
                                   float* __restrict__ Rmap) {
-  extern __shared__ float sm[];
+  RF_DYN_SHARED(float, sm);
   const int p = k / 2;
   const CudaPar par{(int)threadIdx.x, (int)blockDim.x};
   for (int64_t blk = blockIdx.x; blk < B * N; blk += gridDim.x) {
@@ -341,7 +352,7 @@ void launch_refine_fwd(const RefineCuda& r, Tensor* out, Tensor* Rmap) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, r.attn.scalar_type(), "refine_eval_cuda", [&] {
     auto kern = refine_fwd_kernel<scalar_t>;
     set_smem(kern, smem, "refine_eval");
-    kern<<<grid_for(r.B * r.N), kThreads, smem, stream>>>(
+    RF_LAUNCH(kern, grid_for(r.B * r.N), kThreads, smem, stream)(
         r.attn.data_ptr<scalar_t>(), r.v.data_ptr<scalar_t>(), r.wf(), r.B, (int)r.H, r.N, (int)r.d, (int)r.rH,
         (int)r.k, r.expand, out ? out->data_ptr<scalar_t>() : nullptr, Rmap ? Rmap->data_ptr<float>() : nullptr);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -382,7 +393,7 @@ size_t refine_bwd_smem(int64_t H, int k, const GradSlots& sl) {
 __global__ void refine_bwd_kernel(const float* __restrict__ A, const float* __restrict__ GR, RefineWF w, int64_t B,
                                   int H, int64_t N, int rH, int k, bool expand, GradSlots sl, float* __restrict__ gA,
                                   float* __restrict__ gpart) {
-  extern __shared__ float sm[];
+  RF_DYN_SHARED(float, sm);
   const int p = k / 2;
   const CudaPar par{(int)threadIdx.x, (int)blockDim.x};
   const int kk = k * k;
@@ -475,7 +486,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tenso
   set_smem(refine_bwd_kernel, smem, "refine_eval_backward");
   const int64_t blocks = std::min<int64_t>(B * N, 8LL * device_attr(cudaDevAttrMultiProcessorCount));
   auto gpart = at::empty({blocks, sl.n}, go.options());
-  refine_bwd_kernel<<<(unsigned)blocks, kThreads, smem, c10::cuda::getCurrentCUDAStream()>>>(
+  RF_LAUNCH(refine_bwd_kernel, (unsigned)blocks, kThreads, smem, c10::cuda::getCurrentCUDAStream())(
       Af.data_ptr<float>(), gR.data_ptr<float>(), r.wf(), B, (int)H, N, (int)rH, (int)k, expand, sl,
       gA.data_ptr<float>(), gpart.data_ptr<float>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -529,7 +540,7 @@ void launch_dwconv(const Tensor& x, const Tensor& w, Tensor& y, bool transpose) 
   const int64_t total = x.numel();
   if (total == 0) return;
   const int64_t blocks = std::min<int64_t>((total + 255) / 256, 1 << 20);
-  dwconv_kernel<<<(unsigned)blocks, 256, 0, c10::cuda::getCurrentCUDAStream()>>>(
+  RF_LAUNCH(dwconv_kernel, (unsigned)blocks, 256, 0, c10::cuda::getCurrentCUDAStream())(
       x.data_ptr<float>(), w.data_ptr<float>(), y.data_ptr<float>(), total, x.size(1), x.size(2), x.size(3),
       (int)w.size(1), transpose);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -553,7 +564,7 @@ std::tuple<Tensor, Tensor> attn_dwconv_backward_cuda(const Tensor& g, const Tens
   launch_dwconv(gf, wf, gx, true);
   const int64_t C = x.size(1), k = w.size(1);
   auto gw = at::empty({C, k, k}, xf.options());
-  dwconv_wgrad_kernel<<<(unsigned)(C * k * k), 256, 0, c10::cuda::getCurrentCUDAStream()>>>(
+  RF_LAUNCH(dwconv_wgrad_kernel, (unsigned)(C * k * k), 256, 0, c10::cuda::getCurrentCUDAStream())(
       gf.data_ptr<float>(), xf.data_ptr<float>(), gw.data_ptr<float>(), x.size(0), C, x.size(2), x.size(3), (int)k);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return {gx.to(x.scalar_type()), gw.to(w.scalar_type())};
@@ -562,7 +573,7 @@ std::tuple<Tensor, Tensor> attn_dwconv_backward_cuda(const Tensor& g, const Tens
 }  // namespace
 }  // namespace refiner
 
-TORCH_LIBRARY_IMPL(refiner, CUDA, m) {
+TORCH_LIBRARY_IMPL(RF_CUDA_LIB, RF_CUDA_KEY, m) {
   m.impl("softmax_block", &refiner::softmax_block_cuda);
   m.impl("softmax_block_backward", &refiner::softmax_block_backward_cuda);
   m.impl("refine_eval", &refiner::refine_eval_cuda);

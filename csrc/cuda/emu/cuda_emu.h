@@ -1,0 +1,316 @@
+// A CPU emulator of the CUDA features csrc/cuda/ops_cuda.cu uses, so that the kernels
+// themselves (not only their shared tile math) run in the tests of a machine without a GPU.
+// Test tooling only: tests/cuda_emu.py compiles ops_cuda.cu against this header as plain C++.
+//
+// Model: the blocks of a grid run one after another; the threads of a block are fibers
+// (ucontext) on one OS thread, each with its own stack. A fiber runs until it reaches a
+// collective point (__syncthreads, __shfl_xor_sync) or exits; the scheduler then releases
+// what CUDA would release: a warp whose 32 lanes all wait at a shuffle, or the block when
+// every thread waits at __syncthreads. So a kernel's code runs with CUDA's
+// synchronisation semantics, and what a GPU would not forgive is an error here:
+//   * __syncthreads not reached by every thread of the block (divergent barrier);
+//   * a shuffle not reached by all 32 lanes of its warp, or with a partial mask;
+//   * writes past the dynamic shared memory (a canary after it), reads of shared memory
+//     never written (it starts as NaN), more than 48 KiB of it without cudaFuncSetAttribute;
+//   * more dynamic shared memory than an H100 block may have, block sizes over 1024.
+// Data races between barriers show up as results that change with the order in which the
+// fibers of a phase run: emu::set_schedule picks it (forward, reverse, shuffled).
+// Device properties are an H100's, except the SM count (2), so grid-stride loops loop.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <c10/core/Device.h>
+#include <c10/util/Exception.h>
+
+#include <sys/mman.h>
+#include <ucontext.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <functional>
+#include <map>
+#include <random>
+#include <type_traits>
+#include <vector>
+
+namespace emu {
+
+constexpr int kWarp = 32;
+constexpr size_t kStackBytes = 256 * 1024;  // per fiber (mmap'ed: only touched pages cost)
+constexpr size_t kCanaryBytes = 4096;
+constexpr int kSmemOptin = 232448;  // H100: cudaDevAttrMaxSharedMemoryPerBlockOptin
+constexpr int kSmCount = 2;
+
+struct Dim3 {
+  unsigned x = 1, y = 1, z = 1;
+};
+
+enum class St { Run, Sync, Shfl, Done };
+
+struct Fiber {
+  ucontext_t ctx;   // for the first entry only; then switches are __builtin_setjmp/longjmp
+  void* jb[5];
+  bool started = false;
+  void* stack = nullptr;
+  Dim3 tid;
+  St st = St::Run;
+  double sval = 0, sout = 0;  // shuffle: value given, value received
+  int src = 0;                // shuffle: source lane
+};
+
+struct Block {
+  Dim3 bid, bdim, gdim;
+  std::vector<Fiber>* fibers = nullptr;
+  void* sched_jb[5];
+  std::function<void()>* body = nullptr;
+  unsigned char* dyn_smem = nullptr;
+};
+
+// Scheduling order of the fibers of one phase: 0 forward, 1 reverse, 2 shuffled (fixed seed).
+inline int& schedule() {
+  static int order = 0;
+  return order;
+}
+inline void set_schedule(int order) {
+  TORCH_CHECK(order >= 0 && order <= 2, "emu: schedule must be 0, 1 or 2, got ", order);
+  schedule() = order;
+}
+
+inline thread_local Block* cur_block = nullptr;
+inline thread_local Fiber* cur_fiber = nullptr;
+
+inline Block& block() { return *cur_block; }
+inline Fiber& self() { return *cur_fiber; }
+
+// Kernel-side errors cannot throw across fibers: they are recorded and raised by the launcher.
+inline thread_local std::string pending_error;
+inline void fail_in_kernel(std::string msg) {
+  if (pending_error.empty()) pending_error = std::move(msg);
+}
+
+// Context switches: swapcontext makes a system call (the signal mask) per switch, so after a
+// fiber's first entry the switches are GCC's register-only __builtin_setjmp / __builtin_longjmp
+// (each longjmp in a function other than its setjmp's, as GCC requires).
+__attribute__((noinline)) inline void jump(void** jb) { __builtin_longjmp(jb, 1); }
+
+__attribute__((noinline)) inline void yield() {
+  if (__builtin_setjmp(cur_fiber->jb) == 0) jump(cur_block->sched_jb);
+}
+
+__attribute__((noinline)) inline void resume(Block& b, Fiber& f) {
+  if (__builtin_setjmp(b.sched_jb) == 0) {
+    if (f.started) jump(f.jb);
+    f.started = true;
+    ucontext_t here;  // never resumed: the fiber comes back through sched_jb
+    swapcontext(&here, &f.ctx);
+  }
+}
+
+inline void syncthreads() {
+  cur_fiber->st = St::Sync;
+  yield();
+}
+
+template <class T>
+T shfl_xor(unsigned mask, T v, int lane_mask) {
+  static_assert(std::is_arithmetic<T>::value, "emu: shuffles of arithmetic values only");
+  if (mask != 0xffffffffu) fail_in_kernel("__shfl_xor_sync: only the full mask is emulated");
+  Fiber& f = self();
+  f.sval = static_cast<double>(v);
+  f.src = (int)((f.tid.x % kWarp) ^ (unsigned)lane_mask);
+  f.st = St::Shfl;
+  yield();
+  return static_cast<T>(self().sout);
+}
+
+inline std::map<const void*, int>& smem_optin() {  // cudaFuncSetAttribute(MaxDynamicSharedMemorySize)
+  static std::map<const void*, int> m;
+  return m;
+}
+
+// A pool of fiber stacks per OS thread, reused by every block.
+inline std::vector<Fiber>& fiber_pool(size_t n) {
+  static thread_local std::vector<Fiber> pool;
+  while (pool.size() < n) {
+    Fiber f;
+    f.stack = mmap(nullptr, kStackBytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+    TORCH_CHECK(f.stack != MAP_FAILED, "emu: cannot map a fiber stack");
+    pool.push_back(f);
+  }
+  return pool;
+}
+
+inline void fiber_main() {
+  (*cur_block->body)();
+  cur_fiber->st = St::Done;
+  yield();  // never resumed
+}
+
+// Runs one block to completion; returns an error message ("" when fine).
+inline std::string run_block(Block& b, unsigned nthreads) {
+  std::vector<Fiber>& fs = *b.fibers;
+  for (unsigned t = 0; t < nthreads; ++t) {
+    Fiber& f = fs[t];
+    f.tid = Dim3{t, 0, 0};
+    f.st = St::Run;
+    f.started = false;
+    getcontext(&f.ctx);
+    f.ctx.uc_stack.ss_sp = f.stack;
+    f.ctx.uc_stack.ss_size = kStackBytes;
+    f.ctx.uc_link = nullptr;
+    makecontext(&f.ctx, fiber_main, 0);
+  }
+  std::vector<unsigned> order(nthreads);
+  for (unsigned t = 0; t < nthreads; ++t) order[t] = t;
+  if (schedule() == 1) std::reverse(order.begin(), order.end());
+  std::mt19937 rng(1234u + b.bid.x);
+  const unsigned nwarps = (nthreads + kWarp - 1) / kWarp;
+  for (;;) {
+    if (schedule() == 2) std::shuffle(order.begin(), order.end(), rng);
+    for (unsigned t : order) {
+      if (fs[t].st != St::Run) continue;
+      cur_fiber = &fs[t];
+      resume(b, fs[t]);
+    }
+    cur_fiber = nullptr;
+    if (!pending_error.empty()) return pending_error;
+    // Every fiber now waits (Sync / Shfl) or is done. First the warps whose lanes all shuffle.
+    bool released = false;
+    for (unsigned w = 0; w < nwarps; ++w) {
+      const unsigned lo = w * kWarp, hi = std::min(nthreads, lo + kWarp);
+      unsigned at = 0;
+      for (unsigned t = lo; t < hi; ++t) at += fs[t].st == St::Shfl;
+      if (at == 0) continue;
+      if (hi - lo != (unsigned)kWarp)
+        return "__shfl_xor_sync in a partial warp (block size " + std::to_string(nthreads) + ")";
+      if (at != (unsigned)kWarp)
+        return "__shfl_xor_sync reached by " + std::to_string(at) + " of the 32 lanes of warp " + std::to_string(w) +
+               " (divergent shuffle: the others wait at a barrier or exited)";
+      for (unsigned t = lo; t < hi; ++t) fs[t].sout = fs[lo + fs[t].src].sval;
+      for (unsigned t = lo; t < hi; ++t) fs[t].st = St::Run;
+      released = true;
+    }
+    if (released) continue;
+    unsigned sync = 0, done = 0;
+    for (unsigned t = 0; t < nthreads; ++t) {
+      sync += fs[t].st == St::Sync;
+      done += fs[t].st == St::Done;
+    }
+    if (done == nthreads) return "";
+    if (sync != nthreads)
+      return "__syncthreads reached by " + std::to_string(sync) + " of the " + std::to_string(nthreads) +
+             " threads of block " + std::to_string(b.bid.x) + " (the others exited: divergent barrier)";
+    for (unsigned t = 0; t < nthreads; ++t) fs[t].st = St::Run;
+  }
+}
+
+// kernel<<<grid, threads, smem>>>(args...) on the CPU.
+template <class K>
+struct Launch {
+  K* kernel;
+  unsigned grid, threads;
+  size_t smem;
+  const char* name;
+
+  template <class... A>
+  void operator()(A&&... args) const {
+    TORCH_CHECK(grid >= 1 && threads >= 1 && threads <= 1024, "emu launch of ", name, ": invalid configuration <<<",
+                grid, ", ", threads, ">>>");
+    TORCH_CHECK(smem <= (size_t)kSmemOptin, "emu launch of ", name, ": ", smem,
+                " bytes of dynamic shared memory, more than an H100 block may have (", kSmemOptin, ")");
+    if (smem > 48 * 1024) {
+      auto it = smem_optin().find((const void*)kernel);
+      TORCH_CHECK(it != smem_optin().end() && (size_t)it->second >= smem, "emu launch of ", name, ": ", smem,
+                  " bytes of dynamic shared memory need cudaFuncSetAttribute(MaxDynamicSharedMemorySize) first");
+    }
+    std::vector<float> shared((smem + kCanaryBytes + sizeof(float) - 1) / sizeof(float),
+                              std::numeric_limits<float>::quiet_NaN());
+    std::vector<unsigned char> canary(kCanaryBytes);
+    std::memcpy(canary.data(), reinterpret_cast<unsigned char*>(shared.data()) + smem, kCanaryBytes);
+    std::function<void()> body = [&] { kernel(args...); };
+    Block b;
+    b.gdim = Dim3{grid, 1, 1};
+    b.bdim = Dim3{threads, 1, 1};
+    b.fibers = &fiber_pool(threads);
+    b.body = &body;
+    b.dyn_smem = reinterpret_cast<unsigned char*>(shared.data());
+    Block* outer = cur_block;
+    pending_error.clear();
+    for (unsigned g = 0; g < grid; ++g) {
+      b.bid = Dim3{g, 1, 1};
+      cur_block = &b;
+      std::string err = run_block(b, threads);
+      cur_block = outer;
+      pending_error.clear();
+      TORCH_CHECK(err.empty(), "emu launch of ", name, " <<<", grid, ", ", threads, ", ", smem, ">>>: ", err);
+      TORCH_CHECK(std::memcmp(canary.data(), b.dyn_smem + smem, kCanaryBytes) == 0, "emu launch of ", name,
+                  ": block ", g, " wrote past its ", smem, " bytes of dynamic shared memory");
+    }
+  }
+};
+
+template <class K>
+Launch<K> launch(K* kernel, unsigned grid, unsigned threads, size_t smem, const char* name) {
+  return Launch<K>{kernel, grid, threads, smem, name};
+}
+
+template <class T>
+T* dynamic_shared() {
+  return reinterpret_cast<T*>(cur_block->dyn_smem);
+}
+
+}  // namespace emu
+
+// ---- the CUDA names the kernels and launchers use ------------------------------------------
+#define __global__
+#define __device__
+#define __host__
+#define __forceinline__ inline
+#define __shared__ static thread_local  // one block at a time per OS thread
+#define threadIdx (::emu::self().tid)
+#define blockIdx (::emu::block().bid)
+#define blockDim (::emu::block().bdim)
+#define gridDim (::emu::block().gdim)
+
+inline void __syncthreads() { ::emu::syncthreads(); }
+template <class T>
+T __shfl_xor_sync(unsigned mask, T v, int lane_mask) {
+  return ::emu::shfl_xor(mask, v, lane_mask);
+}
+template <class T>
+inline T min(T a, T b) {
+  return b < a ? b : a;
+}
+
+enum cudaDeviceAttr { cudaDevAttrMaxSharedMemoryPerBlockOptin, cudaDevAttrMultiProcessorCount };
+enum cudaFuncAttribute { cudaFuncAttributeMaxDynamicSharedMemorySize };
+inline int cudaGetDevice(int* dev) {
+  *dev = 0;
+  return 0;
+}
+inline int cudaDeviceGetAttribute(int* v, cudaDeviceAttr attr, int) {
+  *v = attr == cudaDevAttrMaxSharedMemoryPerBlockOptin ? emu::kSmemOptin : emu::kSmCount;
+  return 0;
+}
+template <class K>
+int cudaFuncSetAttribute(K* kernel, cudaFuncAttribute, int bytes) {
+  emu::smem_optin()[(const void*)kernel] = bytes;
+  return 0;
+}
+#define C10_CUDA_CHECK(expr) TORCH_CHECK((expr) == 0, "emu: ", #expr, " failed")
+#define C10_CUDA_KERNEL_LAUNCH_CHECK() ((void)0)
+
+namespace c10 {
+namespace cuda {
+struct CUDAGuard {
+  explicit CUDAGuard(c10::Device) {}
+};
+struct EmuStream {};
+inline EmuStream getCurrentCUDAStream() { return {}; }
+}  // namespace cuda
+}  // namespace c10
+
+#define RF_DYN_SHARED(T, name) T* name = ::emu::dynamic_shared<T>()
+#define RF_LAUNCH(kernel, grid, threads, smem, stream) ::emu::launch(kernel, grid, threads, smem, #kernel)

@@ -1,0 +1,78 @@
+// csrc/cuda/ops_cuda.cu compiled as C++ against the CPU emulator (cuda_emu.h): its kernels and
+// launchers, registered as torch.ops.refiner_cuda_emu.* for CPU tensors. Test tooling, built by
+// tests/cuda_emu.py, never part of the package.
+#define REFINER_CUDA_EMU 1
+#define RF_CUDA_LIB refiner_cuda_emu
+#define RF_CUDA_KEY CPU
+
+#include "cuda/ops_cuda.cu"
+#include "schemas.h"
+
+namespace emu_selftest {
+
+// Kernels with the faults the emulator must report (or, for `race`, expose through the schedule).
+__global__ void sum_kernel(const float* x, float* out) {  // correct: block_reduce-like shuffle sum
+  float v = x[blockIdx.x * blockDim.x + threadIdx.x];
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  if (threadIdx.x % 32 == 0) out[blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32] = v;
+}
+__global__ void divergent_sync_kernel(float* out) {
+  if (threadIdx.x < 64) __syncthreads();
+  out[threadIdx.x] = 1.f;
+}
+__global__ void divergent_shfl_kernel(float* out) {
+  float v = 1.f;
+  if (threadIdx.x % 32 < 16) v = __shfl_xor_sync(0xffffffffu, v, 1);
+  __syncthreads();
+  out[threadIdx.x] = v;
+}
+__global__ void smem_overflow_kernel(float* out) {
+  RF_DYN_SHARED(float, sm);
+  sm[blockDim.x + threadIdx.x] = 1.f;  // launched with blockDim.x floats
+  out[threadIdx.x] = 0.f;
+}
+__global__ void race_kernel(float* out) {  // missing __syncthreads between the write and the read
+  RF_DYN_SHARED(float, sm);
+  sm[threadIdx.x] = (float)threadIdx.x;
+  out[threadIdx.x] = sm[(threadIdx.x + 1) % blockDim.x];
+}
+__global__ void uninit_kernel(float* out) {  // reads shared memory nobody wrote
+  RF_DYN_SHARED(float, sm);
+  out[threadIdx.x] = sm[threadIdx.x];
+}
+
+at::Tensor run(const std::string& which, int64_t threads) {
+  auto out = at::zeros({4 * threads}, at::kFloat);
+  float* o = out.data_ptr<float>();
+  const unsigned t = (unsigned)threads;
+  const size_t smem = t * sizeof(float);
+  if (which == "sum") {
+    auto x = at::arange(2 * threads, at::kFloat);
+    RF_LAUNCH(sum_kernel, 2, t, 0, 0)(x.data_ptr<float>(), o);
+  } else if (which == "divergent_sync") {
+    RF_LAUNCH(divergent_sync_kernel, 1, t, 0, 0)(o);
+  } else if (which == "divergent_shfl") {
+    RF_LAUNCH(divergent_shfl_kernel, 1, t, 0, 0)(o);
+  } else if (which == "smem_overflow") {
+    RF_LAUNCH(smem_overflow_kernel, 1, t, smem, 0)(o);
+  } else if (which == "race") {
+    RF_LAUNCH(race_kernel, 1, t, smem, 0)(o);
+  } else if (which == "uninit") {
+    RF_LAUNCH(uninit_kernel, 1, t, smem, 0)(o);
+  } else if (which == "big_smem") {  // > 48 KiB without cudaFuncSetAttribute
+    RF_LAUNCH(race_kernel, 1, t, 64 * 1024, 0)(o);
+  } else {
+    TORCH_CHECK(false, "emu_selftest: unknown case ", which);
+  }
+  return out;
+}
+
+void set_schedule(int64_t order) { emu::set_schedule((int)order); }
+
+}  // namespace emu_selftest
+
+TORCH_LIBRARY(refiner_cuda_emu, m) {
+  refiner::define_kernel_ops(m);
+  m.def("set_schedule(int order) -> ()", &emu_selftest::set_schedule);
+  m.def("selftest(str which, int threads) -> Tensor", &emu_selftest::run);
+}

@@ -1,0 +1,204 @@
+"""The CUDA kernels of csrc/cuda/ops_cuda.cu, run on the CPU emulator (csrc/cuda/emu/cuda_emu.h).
+
+Not a GPU test: the kernel bodies and launchers themselves execute, thread by thread, with CUDA's
+barrier and warp-shuffle semantics, an H100's shared-memory limits and a 2-SM grid (so the grid-stride
+loops loop). Each op is compared with the fp64 reference, forward and every gradient (fixed cases and
+hypothesis-drawn shapes, ratios and kernel sizes), and run under
+three fiber orders whose results must be bitwise equal: a read of shared memory that another thread
+writes in the same barrier phase (a missing __syncthreads) changes with the order. Inputs sit between
+NaN fences, so a read past any input shows up as NaN; `python tests/cuda_emu.py --asan` reruns this
+module under AddressSanitizer for out-of-bounds writes too. The emulator's own checks are tested first,
+on kernels with planted faults. What it cannot see: timing, the memory model and hardware limits
+beyond shared memory (registers, occupancy); compute-sanitizer on a GPU round covers those.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+import cuda_emu
+from refiner import reference as R
+from test_compiled_ops import assert_close, grads, refine_inputs, softmax_inputs
+
+pytestmark = pytest.mark.skipif(cuda_emu.UNSUPPORTED is not None, reason=str(cuda_emu.UNSUPPORTED))
+# Under `python tests/cuda_emu.py --asan`, ASan's C++ throw interceptor aborts once fibers have switched
+# stacks, so the tests whose kernels must raise run only in the plain build.
+raises_in_launcher = pytest.mark.skipif(cuda_emu.ASAN, reason="ASan run: C++ exceptions after fiber switches abort")
+
+
+@pytest.fixture(scope="module")
+def E():
+    return cuda_emu.load()
+
+
+def fenced(t):
+    """t's values in the middle of a NaN-filled storage (a contiguous view: the launchers do not copy it)."""
+    if t is None:
+        return None
+    pad = 4096
+    buf = torch.full((t.numel() + 2 * pad,), float("nan"), dtype=t.dtype)
+    buf[pad:pad + t.numel()] = t.reshape(-1)
+    return buf[pad:pad + t.numel()].view(t.shape)
+
+
+def on_schedules(E, fn):
+    """fn() with the fibers of each barrier phase run forward, reversed and shuffled: bitwise equal results."""
+    results = []
+    try:
+        for order in (0, 1, 2):
+            E.set_schedule(order)
+            out = fn()
+            results.append(out if isinstance(out, (tuple, list)) else (out,))
+    finally:
+        E.set_schedule(0)
+    for order, res in enumerate(results[1:], 1):
+        for i, (a, b) in enumerate(zip(results[0], res)):
+            assert torch.equal(a, b), f"output {i} differs between fiber orders 0 and {order}: a data race"
+    return results[0]
+
+
+def check_grads(names, got, ref, rtol, atol):
+    for name, a, e in zip(names, got, ref):
+        assert a.dtype == torch.float32 and not a.isnan().any(), name
+        assert_close(a, e, rtol, atol, f"grad {name}")
+
+
+# ----------------------------------------------------------------------------- the emulator itself
+def test_emulator_shuffle_sum(E):
+    out = E.selftest("sum", 64)
+    x = torch.arange(128.0).view(4, 32)  # 2 blocks x 2 warps
+    assert torch.equal(out[:4], x.sum(1))
+
+
+@pytest.mark.parametrize("case,message", [
+    ("divergent_sync", "__syncthreads reached by 64 of the 128 threads"),
+    ("divergent_shfl", "__shfl_xor_sync reached by 16 of the 32 lanes"),
+    ("smem_overflow", "wrote past its 512 bytes of dynamic shared memory"),
+    ("big_smem", "need cudaFuncSetAttribute"),
+])
+@raises_in_launcher
+def test_emulator_reports_faults(E, case, message):
+    with pytest.raises(RuntimeError, match=message):
+        E.selftest(case, 128)
+
+
+def test_emulator_exposes_races_and_uninitialised_shared_memory(E):
+    with pytest.raises(AssertionError, match="data race"):
+        on_schedules(E, lambda: E.selftest("race", 64))
+    assert E.selftest("uninit", 64)[:64].isnan().all()
+
+
+# ----------------------------------------------------------------------------- softmax block
+# N = 300 > 256 threads (strided loops); d = 128, the largest head size; N = d = 1.
+def check_softmax_block(E, B, H, N, d, prev):
+    q, k, v, p = softmax_inputs(B, H, N, d, prev, torch.float32)
+    s = d ** -0.5
+    out, attn = on_schedules(E, lambda: E.softmax_block(*map(fenced, (q, k, v, p)), s))
+    gout, gattn = torch.randn_like(out), torch.randn_like(attn)
+    gq, gk, gv, ga = on_schedules(E, lambda: E.softmax_block_backward(*map(fenced, (gout, gattn, q, k, v, attn)), s))
+    ins = [t.double() for t in (q, k, v)] + ([p.double()] if prev else [])
+    (r_out, r_attn), r_g = grads(lambda q, k, v, p=None: R.softmax_block(q, k, v, p, s), ins,
+                                 [gout.double(), gattn.double()])
+    assert_close(attn, r_attn, 1e-5, 1e-6, "attn")
+    assert_close(out, r_out, 1e-5, 1e-5, "out")
+    got = [gq, gk, gv] + ([ga * s] if prev else [])
+    check_grads(["q", "k", "v", "prev_attn"], got, r_g, 1e-4, 2e-5)
+
+
+# N = 300 > 256 threads (strided loops); d = 128, the largest head size; N = d = 1.
+@pytest.mark.parametrize("B,H,N,d,prev", [(1, 1, 1, 1, True), (2, 3, 17, 35, True), (1, 2, 50, 32, False),
+                                          (1, 1, 300, 8, True), (1, 1, 33, 128, False)])
+def test_softmax_block(E, B, H, N, d, prev):
+    check_softmax_block(E, B, H, N, d, prev)
+
+
+@given(B=st.integers(1, 2), H=st.integers(1, 4), N=st.integers(1, 40), d=st.integers(1, 40), prev=st.booleans())
+def test_softmax_block_property(E, B, H, N, d, prev):
+    check_softmax_block(E, B, H, N, d, prev)
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float16, 4e-3), (torch.bfloat16, 3e-2)])
+def test_softmax_block_half(E, dtype, tol):
+    # the kernel reads fp16/bf16 and accumulates in fp32: the error is the rounding of attn and out
+    q, k, v, p = softmax_inputs(2, 3, 50, 35, True, dtype)
+    out, attn = on_schedules(E, lambda: E.softmax_block(*map(fenced, (q, k, v, p)), 0.25))
+    r_out, r_attn = R.softmax_block(*(t.double() for t in (q, k, v, p)), 0.25)
+    assert out.dtype == attn.dtype == dtype
+    assert_close(attn, r_attn, tol, tol, "attn")
+    assert_close(out, r_out, tol, tol, "out")
+
+
+# ----------------------------------------------------------------------------- refine (eval)
+REFINE_NAMES = ["attn", "v", "w_exp", "b_exp", "w_dw", "b_dw", "w_pro", "b_pro", "alpha", "beta"]
+# N = 1 (map smaller than the kernel); N = 70 crosses the forward's 64-column tiles and N = 33, 40
+# the backward's 32-column ones; ratio 1 (no expansion) with k = 7; H = 12 r = 3 (Refiner-ViT-S);
+# H = 16 r = 6 k = 7 needs more than 48 KiB of shared memory in the backward (the opt-in path).
+EMU_REFINE_CASES = [(1, 1, 1, 1, 3, 3), (2, 3, 17, 35, 3, 3), (1, 2, 70, 8, 2, 5), (1, 4, 33, 16, 1, 7),
+                    (1, 12, 40, 32, 3, 3), (1, 16, 20, 8, 6, 7), (2, 2, 9, 4, 2, 1)]
+
+
+def check_refine_eval(E, B, H, N, d, ratio, k, seed=0):
+    args, expand = refine_inputs(B, H, N, d, ratio, k, torch.float32, seed=seed)
+    out = on_schedules(E, lambda: E.refine_eval(*map(fenced, args), expand))[0]
+    gout = torch.randn_like(out)
+    got = on_schedules(E, lambda: E.refine_eval_backward(fenced(gout), *map(fenced, args), expand))
+    (r_out,), r_g = grads(lambda *a: R.refine_eval(*a, expand), [t.double() for t in args], [gout.double()])
+    assert_close(out, r_out, 1e-5, 2e-5, "out")
+    if not expand:  # w_exp, b_exp unused: their gradients are zero
+        assert got[2].abs().max() == 0 and got[3].abs().max() == 0
+        got, r_g, names = got[:2] + got[4:], r_g[:2] + r_g[4:], REFINE_NAMES[:2] + REFINE_NAMES[4:]
+    else:
+        names = REFINE_NAMES
+    check_grads(names, got, r_g, 1e-4, 5e-5)
+
+
+@pytest.mark.parametrize("B,H,N,d,ratio,k", EMU_REFINE_CASES)
+def test_refine_eval(E, B, H, N, d, ratio, k):
+    check_refine_eval(E, B, H, N, d, ratio, k)
+
+
+@given(B=st.integers(1, 2), H=st.integers(1, 5), N=st.integers(1, 40), d=st.integers(1, 40),
+       ratio=st.integers(1, 6), k=st.sampled_from([1, 3, 5, 7]), seed=st.integers(0, 2 ** 16))
+def test_refine_eval_property(E, B, H, N, d, ratio, k, seed):
+    check_refine_eval(E, B, H, N, d, ratio, k, seed)
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float16, 4e-3), (torch.bfloat16, 3e-2)])
+def test_refine_eval_half(E, dtype, tol):
+    args, expand = refine_inputs(2, 3, 17, 35, 3, 3, dtype)
+    out = on_schedules(E, lambda: E.refine_eval(*map(fenced, args), expand))[0]
+    assert out.dtype == dtype
+    assert_close(out, R.refine_eval(*(t.double() for t in args), expand), tol, tol, "out")
+
+
+@raises_in_launcher
+def test_refine_eval_shared_memory_limit(E):
+    """More shared memory than an H100 block has: a clear error naming the op, not a failed launch."""
+    args, expand = refine_inputs(1, 64, 3, 4, 6, 7, torch.float32)
+    with pytest.raises(RuntimeError, match="refine_eval_backward: needs .* bytes of shared memory per block"):
+        E.refine_eval_backward(torch.ones_like(args[1]), *args, expand)
+
+
+# ----------------------------------------------------------------------------- building blocks
+@pytest.mark.parametrize("shape,k", [((2, 3, 19, 23), 5), ((1, 2, 1, 1), 3), ((1, 4, 40, 40), 7), ((2, 2, 9, 9), 1)])
+def test_attn_dwconv(E, shape, k):
+    x, w = torch.randn(shape), torch.randn(shape[1], k, k)
+    y = on_schedules(E, lambda: E.attn_dwconv(fenced(x), fenced(w)))[0]
+    g = torch.randn_like(y)
+    gx, gw = on_schedules(E, lambda: E.attn_dwconv_backward(fenced(g), fenced(x), fenced(w)))
+    (r_y,), r_g = grads(R.attn_dwconv, [x.double(), w.double()], [g.double()])
+    assert_close(y, r_y, 1e-5, 1e-6, "y")
+    check_grads(["x", "w"], [gx, gw], r_g, 1e-4, 1e-5)
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (3, 5, 300), (2, 17)])
+def test_row_softmax(E, shape):
+    x = torch.randn(shape) * 30  # large logits: the max shift keeps exp finite
+    y = on_schedules(E, lambda: E.row_softmax(fenced(x)))[0]
+    g = torch.randn_like(y)
+    gx = on_schedules(E, lambda: E.row_softmax_backward(fenced(g), fenced(y)))[0]
+    (r_y,), r_g = grads(R.row_softmax, [x.double()], [g.double()])
+    assert_close(y, r_y, 1e-5, 1e-7, "y")
+    check_grads(["x"], [gx], r_g, 1e-4, 1e-5)
