@@ -90,6 +90,24 @@ def test_emulator_exposes_races_and_uninitialised_shared_memory(E):
     assert E.selftest("uninit", 64)[:64].isnan().all()
 
 
+@pytest.fixture
+def write_check(E):
+    E.set_write_check(True)
+    yield
+    E.set_write_check(False)
+
+
+@raises_in_launcher
+def test_emulator_write_check(E, write_check):
+    """Two threads writing then reading one word: invisible to the fiber orders (no interleaving
+    within a phase), reported by the write check."""
+    E.set_write_check(False)
+    on_schedules(E, lambda: E.selftest("write_race", 64))
+    E.set_write_check(True)
+    with pytest.raises(RuntimeError, match="threads 0 and 1 of block 0 both wrote shared-memory byte 0"):
+        E.selftest("write_race", 64)
+
+
 # ----------------------------------------------------------------------------- softmax block
 # N = 300 > 256 threads (strided loops); d = 128, the largest head size; N = d = 1.
 def check_softmax_block(E, B, H, N, d, prev):
@@ -165,6 +183,23 @@ def test_refine_eval_property(E, B, H, N, d, ratio, k, seed):
     check_refine_eval(E, B, H, N, d, ratio, k, seed)
 
 
+@pytest.mark.parametrize("rows", [1, 3, 32])
+def test_refine_eval_tile_rows(E, monkeypatch, rows):
+    """Rows per block (REFINER_CUDA_TILE_ROWS; default 4): one row, a partial last tile, more rows than N."""
+    monkeypatch.setenv("REFINER_CUDA_TILE_ROWS", str(rows))
+    check_refine_eval(E, 2, 3, 17, 8, 3, 3)
+    check_refine_eval(E, 1, 2, 10, 4, 1, 5)
+
+
+@pytest.mark.parametrize("value", ["0", "33", "four"])
+@raises_in_launcher
+def test_refine_eval_tile_rows_invalid(E, monkeypatch, value):
+    monkeypatch.setenv("REFINER_CUDA_TILE_ROWS", value)
+    args, expand = refine_inputs(1, 2, 5, 4, 2, 3, torch.float32)
+    with pytest.raises(RuntimeError, match="REFINER_CUDA_TILE_ROWS must be an integer in"):
+        E.refine_eval(*args, expand)
+
+
 @pytest.mark.parametrize("dtype,tol", [(torch.float16, 4e-3), (torch.bfloat16, 3e-2)])
 def test_refine_eval_half(E, dtype, tol):
     args, expand = refine_inputs(2, 3, 17, 35, 3, 3, dtype)
@@ -202,3 +237,13 @@ def test_row_softmax(E, shape):
     (r_y,), r_g = grads(R.row_softmax, [x.double()], [g.double()])
     assert_close(y, r_y, 1e-5, 1e-7, "y")
     check_grads(["x"], [gx], r_g, 1e-4, 1e-5)
+
+
+# ----------------------------------------------------------------------------- write-write races
+@pytest.mark.parametrize("rows", [1, 3])
+def test_no_shared_memory_write_conflicts(E, monkeypatch, write_check, rows):
+    """Every kernel with a dynamic shared-memory layout, on small shapes, under the write check."""
+    monkeypatch.setenv("REFINER_CUDA_TILE_ROWS", str(rows))
+    check_softmax_block(E, 1, 2, 9, 5, True)
+    check_refine_eval(E, 1, 2, 7, 3, 3, 3)
+    check_refine_eval(E, 1, 2, 7, 3, 1, 5)

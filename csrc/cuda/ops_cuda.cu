@@ -1,9 +1,12 @@
 // CUDA kernels and launchers of the refiner ops. The refine kernels run the same stage
 // functions as the CPU drivers (csrc/common/refine_tile.h) with a thread-parallel policy.
 //
-// Layout: one block per (batch, query row) on grid.x (64-bit index math; B*H and B*N may exceed
-// 65535), the row is walked in column tiles staged in shared memory with their halo.
+// Layout: the softmax block has one block per (batch, head, query row), the refine kernels one
+// per (batch, tile of TR query rows), on grid.x (64-bit index math; B*H and B*N may exceed
+// 65535). A refine tile is walked in column tiles staged in shared memory with their halo.
 // Inputs fp32/fp16/bf16, all arithmetic and accumulation in fp32.
+#include <cstdlib>
+
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <torch/library.h>
@@ -31,15 +34,20 @@ namespace {
 
 using at::Tensor;
 
+// The threads of a block as nty rows x ntx columns over a tile (refine_tile.h's Par policy):
+// thread (ty, tx) does rows ty, ty + nty, ... and columns tx, tx + ntx, ... of every stage.
 struct CudaPar {
-  int tx, nt;
-  __device__ int y0() const { return 0; }
-  __device__ int ny() const { return 1; }
+  int ty, nty, tx, ntx;
+  __device__ int y0() const { return ty; }
+  __device__ int ny() const { return nty; }
   __device__ int x0() const { return tx; }
-  __device__ int nx() const { return nt; }
+  __device__ int nx() const { return ntx; }
 };
 
 constexpr int kThreads = 128;
+
+// Columns = the tile width, so that a warp reads consecutive columns of one row.
+__device__ CudaPar tile_par(int TC) { return {(int)threadIdx.x / TC, (int)blockDim.x / TC, (int)threadIdx.x % TC, TC}; }
 
 __device__ __forceinline__ float warp_sum(float v) {
   for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
@@ -146,9 +154,8 @@ std::tuple<Tensor, Tensor> softmax_block_cuda(const Tensor& q_, const Tensor& k_
   const int64_t rows = B * H * N;
   auto stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "softmax_block_cuda", [&] {
-    auto kern = softmax_block_fwd_kernel<scalar_t>;
-    set_smem(kern, smem, "softmax_block");
-    RF_LAUNCH(kern, grid_for(rows), 256, smem, stream)(
+    set_smem(softmax_block_fwd_kernel<scalar_t>, smem, "softmax_block");
+    RF_LAUNCH(softmax_block_fwd_kernel<scalar_t>, grid_for(rows), 256, smem, stream)(
         q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(),
         has_prev ? prev.data_ptr<scalar_t>() : nullptr, out.data_ptr<scalar_t>(), attn.data_ptr<scalar_t>(), rows, N,
         (int)d, (float)scale);
@@ -250,42 +257,47 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> softmax_block_backward_cuda(const Ten
 }
 
 // ----------------------------------------------------------------------------
-// refine (eval), forward: block per (b, query row), column tiles of kTC
+// refine (eval), forward: block per (b, tile of TR query rows), walking the columns in tiles
+// of kTC. A tile needs E on TR + 2p rows, so TR > 1 divides the recomputed halo rows of the
+// expansion ((TR + 2p) / TR of the work instead of 1 + 2p).
 // ----------------------------------------------------------------------------
 struct RefineWF {
   const float *w_exp, *b_exp, *w_dw, *b_dw, *w_pro, *b_pro, *alpha, *beta;
 };
 
 constexpr int kTC = 64;
+static_assert(kThreads % kTC == 0, "whole thread-rows");
 
-size_t refine_fwd_smem(int64_t H, int64_t d, int k) {
+size_t refine_fwd_smem(int64_t H, int64_t d, int k, int TR) {
   const int p = k / 2;
-  Tile t{1, 0, 0, 1, kTC};
+  const Tile t{1, 0, 0, TR, kTC};
   return sizeof(float) * (buf_elems<float>(t, p, (int)H) + buf_elems<float>(t, p, 1) + buf_elems<float>(t, 0, (int)H) +
-                          kTC + H * d);
+                          (kThreads / kTC) * kTC + TR * H * d);
 }
 
 template <class T>
 __global__ void refine_fwd_kernel(const T* __restrict__ A, const T* __restrict__ V, RefineWF w, int64_t B, int H,
-                                  int64_t N, int d, int rH, int k, bool expand, T* __restrict__ out,
+                                  int64_t N, int d, int rH, int k, int TR, bool expand, T* __restrict__ out,
                                   float* __restrict__ Rmap) {
   RF_DYN_SHARED(float, sm);
   const int p = k / 2;
-  const CudaPar par{(int)threadIdx.x, (int)blockDim.x};
-  for (int64_t blk = blockIdx.x; blk < B * N; blk += gridDim.x) {
-    const int64_t b = blk / N, i = blk % N;
-    Tile t0{N, i, 0, 1, kTC};
+  const CudaPar par = tile_par(kTC);
+  const int64_t ntiles = (N + TR - 1) / TR;
+  const int hd = H * d;
+  for (int64_t blk = blockIdx.x; blk < B * ntiles; blk += gridDim.x) {
+    const int64_t b = blk / ntiles, r0 = blk % ntiles * TR;
+    const Tile t0{N, r0, 0, TR, kTC};
     float* ab = sm;
     float* eb = ab + buf_elems<float>(t0, p, H);
     float* pb = eb + buf_elems<float>(t0, p, 1);
-    float* drow = pb + buf_elems<float>(t0, 0, H);
-    float* oacc = drow + kTC;
-    for (int j = threadIdx.x; j < H * d; j += blockDim.x) oacc[j] = 0.f;
+    float* drow = pb + buf_elems<float>(t0, 0, H) + par.ty * kTC;  // one scratch row per thread-row
+    float* oacc = pb + buf_elems<float>(t0, 0, H) + par.nty * kTC;  // (TR, H, d)
+    for (int j = threadIdx.x; j < TR * hd; j += blockDim.x) oacc[j] = 0.f;
     for (int64_t c0 = 0; c0 < N; c0 += kTC) {
-      Tile t{N, i, c0, 1, kTC};
+      const Tile t{N, r0, c0, TR, kTC};
       auto Ab = make_buf(ab, t, p), Eb = make_buf(eb, t, p), Pb = make_buf(pb, t, 0);
       load_tile(par, A + b * H * N * N, H, t, Ab);
-      for (int j = threadIdx.x; j < H * kTC; j += blockDim.x) pb[j] = 0.f;
+      for (int j = threadIdx.x; j < H * TR * kTC; j += blockDim.x) pb[j] = 0.f;
       __syncthreads();
       for (int c = 0; c < rH; ++c) {
         if (expand) {
@@ -300,17 +312,18 @@ __global__ void refine_fwd_kernel(const T* __restrict__ A, const T* __restrict__
       finish_r(par, H, w.b_pro, w.alpha, w.beta, t, Ab, Pb);
       __syncthreads();
       if (Rmap) {
-        for (int j = threadIdx.x; j < H * kTC; j += blockDim.x) {
-          const int h = j / kTC, x = j % kTC;
-          if (c0 + x < N) Rmap[((b * H + h) * N + i) * N + c0 + x] = Pb.at(h, 0, x);
+        for (int j = threadIdx.x; j < H * TR * kTC; j += blockDim.x) {
+          const int h = j / (TR * kTC), y = j / kTC % TR, x = j % kTC;
+          if (r0 + y < N && c0 + x < N) Rmap[((b * H + h) * N + r0 + y) * N + c0 + x] = Pb.at(h, y, x);
         }
       }
       if (out) {
         const int64_t ncol = min((int64_t)kTC, N - c0);
-        for (int j = threadIdx.x; j < H * d; j += blockDim.x) {
-          const int h = j / d, dd = j % d;
+        for (int j = threadIdx.x; j < TR * hd; j += blockDim.x) {
+          const int y = j / hd, h = j % hd / d, dd = j % d;
+          if (r0 + y >= N) continue;
           const T* vb = V + ((b * H + h) * N + c0) * d + dd;
-          const float* r = Pb.row(h, 0);
+          const float* r = Pb.row(h, y);
           float acc = 0.f;
           for (int64_t x = 0; x < ncol; ++x) acc += r[x] * static_cast<float>(vb[x * d]);
           oacc[j] += acc;
@@ -319,12 +332,26 @@ __global__ void refine_fwd_kernel(const T* __restrict__ A, const T* __restrict__
       __syncthreads();
     }
     if (out)
-      for (int j = threadIdx.x; j < H * d; j += blockDim.x) {
-        const int h = j / d, dd = j % d;
-        out[((b * H + h) * N + i) * d + dd] = static_cast<T>(oacc[j]);
+      for (int j = threadIdx.x; j < TR * hd; j += blockDim.x) {
+        const int y = j / hd, h = j % hd / d, dd = j % d;
+        if (r0 + y < N) out[((b * H + h) * N + r0 + y) * d + dd] = static_cast<T>(oacc[j]);
       }
     __syncthreads();
   }
+}
+
+// Rows per tile: REFINER_CUDA_TILE_ROWS (1-32, for benchmarks) or `dflt`, lowered until the
+// block's shared memory fits (so only shapes that do not fit even at one row are refused).
+template <class SmemOf>
+int tile_rows(int dflt, SmemOf smem_of) {
+  int tr = dflt;
+  if (const char* e = std::getenv("REFINER_CUDA_TILE_ROWS")) {
+    tr = std::atoi(e);
+    TORCH_CHECK(tr >= 1 && tr <= 32, "REFINER_CUDA_TILE_ROWS must be an integer in [1, 32], got '", e, "'");
+  }
+  const size_t mx = (size_t)device_attr(cudaDevAttrMaxSharedMemoryPerBlockOptin);
+  while (tr > 1 && smem_of(tr) > mx) --tr;
+  return tr;
 }
 
 struct RefineCuda {
@@ -347,14 +374,14 @@ RefineCuda prep_refine_cuda(const Tensor& attn, const Tensor& v, const Tensor& w
 }
 
 void launch_refine_fwd(const RefineCuda& r, Tensor* out, Tensor* Rmap) {
-  const size_t smem = refine_fwd_smem(r.H, r.d, (int)r.k);
+  const int TR = tile_rows(4, [&](int tr) { return refine_fwd_smem(r.H, r.d, (int)r.k, tr); });
+  const size_t smem = refine_fwd_smem(r.H, r.d, (int)r.k, TR);
   auto stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, r.attn.scalar_type(), "refine_eval_cuda", [&] {
-    auto kern = refine_fwd_kernel<scalar_t>;
-    set_smem(kern, smem, "refine_eval");
-    RF_LAUNCH(kern, grid_for(r.B * r.N), kThreads, smem, stream)(
+    set_smem(refine_fwd_kernel<scalar_t>, smem, "refine_eval");
+    RF_LAUNCH(refine_fwd_kernel<scalar_t>, grid_for(r.B * ((r.N + TR - 1) / TR)), kThreads, smem, stream)(
         r.attn.data_ptr<scalar_t>(), r.v.data_ptr<scalar_t>(), r.wf(), r.B, (int)r.H, r.N, (int)r.d, (int)r.rH,
-        (int)r.k, r.expand, out ? out->data_ptr<scalar_t>() : nullptr, Rmap ? Rmap->data_ptr<float>() : nullptr);
+        (int)r.k, TR, r.expand, out ? out->data_ptr<scalar_t>() : nullptr, Rmap ? Rmap->data_ptr<float>() : nullptr);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 }
@@ -371,7 +398,8 @@ Tensor refine_eval_cuda(const Tensor& attn, const Tensor& v, const Tensor& w_exp
 
 // ----------------------------------------------------------------------------
 // refine (eval), backward: gR = gout v^T and gv = R^T gout by cuBLAS (through ATen), then one
-// recomputing kernel over (b, query row) for gA and the parameter gradients. The grid is capped
+// recomputing kernel over (b, tile of TR query rows) for gA and the parameter gradients (E is
+// recomputed on TR + 4p rows: TR > 1 divides that halo overhead, as in the forward). The grid is capped
 // at a few blocks per SM; each block walks its rows and keeps the parameter-gradient partial sums
 // in shared memory (each slot owned by one thread: no atomics), writes them once, and the host
 // sums the per-block partials: deterministic, and no contention on a few hundred addresses.
@@ -382,28 +410,31 @@ struct GradSlots {
   int64_t wdw, bdw, wpro, wexp, bexp, alpha, beta, n;
 };
 
-size_t refine_bwd_smem(int64_t H, int k, const GradSlots& sl) {
+static_assert(kThreads % kTCB == 0, "whole thread-rows");
+
+size_t refine_bwd_smem(int64_t H, int k, const GradSlots& sl, int TR) {
   const int p = k / 2;
-  Tile t{1, 0, 0, 1, kTCB};
+  const Tile t{1, 0, 0, TR, kTCB};
   return sizeof(float) * (buf_elems<float>(t, 2 * p, (int)H) + buf_elems<float>(t, 2 * p, 1) +
                           buf_elems<float>(t, p, (int)H) + buf_elems<float>(t, p, 1) + 2 * buf_elems<float>(t, 0, 1) +
                           2 * buf_elems<float>(t, 0, (int)H) + sl.n);
 }
 
 __global__ void refine_bwd_kernel(const float* __restrict__ A, const float* __restrict__ GR, RefineWF w, int64_t B,
-                                  int H, int64_t N, int rH, int k, bool expand, GradSlots sl, float* __restrict__ gA,
-                                  float* __restrict__ gpart) {
+                                  int H, int64_t N, int rH, int k, int TR, bool expand, GradSlots sl,
+                                  float* __restrict__ gA, float* __restrict__ gpart) {
   RF_DYN_SHARED(float, sm);
   const int p = k / 2;
-  const CudaPar par{(int)threadIdx.x, (int)blockDim.x};
+  const CudaPar par = tile_par(kTCB);
+  const int64_t ntiles = (N + TR - 1) / TR;
   const int kk = k * k;
   const int nitems = bwd_channel_items(H, k, expand);
   float* gacc = sm;  // sl.n partial sums of this block; slot (c, item) is always added by the same thread
   for (int64_t j = threadIdx.x; j < sl.n; j += blockDim.x) gacc[j] = 0.f;
-  for (int64_t blk = blockIdx.x; blk < B * N; blk += gridDim.x) {
-    const int64_t b = blk / N, i = blk % N;
+  for (int64_t blk = blockIdx.x; blk < B * ntiles; blk += gridDim.x) {
+    const int64_t b = blk / ntiles, r0 = blk % ntiles * TR;
     for (int64_t c0 = 0; c0 < N; c0 += kTCB) {
-      Tile t{N, i, c0, 1, kTCB};
+      const Tile t{N, r0, c0, TR, kTCB};
       float* q = sm + sl.n;
       auto Ab = make_buf(q, t, 2 * p);   q += buf_elems<float>(t, 2 * p, H);
       auto Eb = make_buf(q, t, 2 * p);   q += buf_elems<float>(t, 2 * p, 1);
@@ -415,8 +446,8 @@ __global__ void refine_bwd_kernel(const float* __restrict__ A, const float* __re
       auto GAb = make_buf(q, t, 0);
       load_tile(par, A + b * H * N * N, H, t, Ab);
       load_tile(par, GR + b * H * N * N, H, t, GRb);
-      for (int j = threadIdx.x; j < H * kTCB; j += blockDim.x) Pb.p[j] = GAb.p[j] = 0.f;
-      for (int j = threadIdx.x; j < kTCB; j += blockDim.x) GUb.p[j] = 0.f;
+      for (int j = threadIdx.x; j < H * TR * kTCB; j += blockDim.x) Pb.p[j] = GAb.p[j] = 0.f;
+      for (int j = threadIdx.x; j < TR * kTCB; j += blockDim.x) GUb.p[j] = 0.f;
       __syncthreads();
       for (int c = 0; c < rH; ++c) {
         const Buf<float>& Ec = expand ? Eb : Ab;
@@ -430,7 +461,7 @@ __global__ void refine_bwd_kernel(const float* __restrict__ A, const float* __re
         bwd_de_channel(par, c, H, w.w_exp, w.b_exp, w.w_dw, k, expand, t, Ab, GYb, GUb, GAb);
         __syncthreads();
         for (int it = threadIdx.x; it < nitems; it += blockDim.x) {
-          // centre columns beyond N hold zeros in GY / D / GU, so they add nothing
+          // centre pixels outside the map hold zeros in GY / D / GU, so they add nothing
           const float val = bwd_channel_item(it, H, w.alpha, k, t, Ab, Ec, ce, GRb, GYb, Db, GUb);
           int64_t o;
           if (it < kk) o = sl.wdw + (int64_t)c * kk + it;
@@ -446,9 +477,9 @@ __global__ void refine_bwd_kernel(const float* __restrict__ A, const float* __re
       __syncthreads();
       for (int it = threadIdx.x; it < 2 * H; it += blockDim.x)
         gacc[sl.alpha + it] += bwd_head_item(it, H, w.b_pro, t, Ab, GRb, Pb);
-      for (int j = threadIdx.x; j < H * kTCB; j += blockDim.x) {
-        const int h = j / kTCB, x = j % kTCB;
-        if (c0 + x < N) gA[((b * H + h) * N + i) * N + c0 + x] = GAb.at(h, 0, x);
+      for (int j = threadIdx.x; j < H * TR * kTCB; j += blockDim.x) {
+        const int h = j / (TR * kTCB), y = j / kTCB % TR, x = j % kTCB;
+        if (r0 + y < N && c0 + x < N) gA[((b * H + h) * N + r0 + y) * N + c0 + x] = GAb.at(h, y, x);
       }
       __syncthreads();
     }
@@ -482,12 +513,13 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tenso
   sl.n = sl.beta + H;
   auto gA = at::empty({B, H, N, N}, go.options());
   auto Af = f32(r.attn);
-  const size_t smem = refine_bwd_smem(H, (int)k, sl);
+  const int TR = tile_rows(4, [&](int tr) { return refine_bwd_smem(H, (int)k, sl, tr); });
+  const size_t smem = refine_bwd_smem(H, (int)k, sl, TR);
   set_smem(refine_bwd_kernel, smem, "refine_eval_backward");
-  const int64_t blocks = std::min<int64_t>(B * N, 8LL * device_attr(cudaDevAttrMultiProcessorCount));
+  const int64_t blocks = std::min<int64_t>(B * ((N + TR - 1) / TR), 8LL * device_attr(cudaDevAttrMultiProcessorCount));
   auto gpart = at::empty({blocks, sl.n}, go.options());
   RF_LAUNCH(refine_bwd_kernel, (unsigned)blocks, kThreads, smem, c10::cuda::getCurrentCUDAStream())(
-      Af.data_ptr<float>(), gR.data_ptr<float>(), r.wf(), B, (int)H, N, (int)rH, (int)k, expand, sl,
+      Af.data_ptr<float>(), gR.data_ptr<float>(), r.wf(), B, (int)H, N, (int)rH, (int)k, TR, expand, sl,
       gA.data_ptr<float>(), gpart.data_ptr<float>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   auto gpar = gpart.sum(0);

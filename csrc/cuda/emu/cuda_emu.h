@@ -13,8 +13,12 @@
 //   * writes past the dynamic shared memory (a canary after it), reads of shared memory
 //     never written (it starts as NaN), more than 48 KiB of it without cudaFuncSetAttribute;
 //   * more dynamic shared memory than an H100 block may have, block sizes over 1024.
-// Data races between barriers show up as results that change with the order in which the
-// fibers of a phase run: emu::set_schedule picks it (forward, reverse, shuffled).
+// Data races between barriers: a thread reading what another writes in the same phase shows up
+// as results that change with the order in which the fibers of a phase run (emu::set_schedule:
+// forward, reverse, shuffled). Fibers do not interleave within a phase, so two threads that
+// each write then read the same word would go unseen: emu::set_write_check makes the scheduler
+// diff the dynamic shared memory around every fiber run and report a word changed by two
+// threads between two barriers (slow: for small shapes).
 // Device properties are an H100's, except the SM count (2), so grid-stride loops loop.
 #pragma once
 
@@ -66,6 +70,7 @@ struct Block {
   void* sched_jb[5];
   std::function<void()>* body = nullptr;
   unsigned char* dyn_smem = nullptr;
+  size_t smem = 0;
 };
 
 // Scheduling order of the fibers of one phase: 0 forward, 1 reverse, 2 shuffled (fixed seed).
@@ -77,6 +82,32 @@ inline void set_schedule(int order) {
   TORCH_CHECK(order >= 0 && order <= 2, "emu: schedule must be 0, 1 or 2, got ", order);
   schedule() = order;
 }
+inline bool& write_check() {
+  static bool on = false;
+  return on;
+}
+
+// Who changed each 4-byte word of the dynamic shared memory since the last block barrier.
+struct WriteCheck {
+  std::vector<unsigned char> before;
+  std::vector<int> writer;
+  void phase(const Block& b) {
+    writer.assign(b.smem / 4, -1);
+    before.resize(b.smem);
+  }
+  void snapshot(const Block& b) { std::memcpy(before.data(), b.dyn_smem, b.smem); }
+  std::string diff(const Block& b, int t) {
+    for (size_t w = 0; w < writer.size(); ++w) {
+      if (std::memcmp(before.data() + 4 * w, b.dyn_smem + 4 * w, 4) == 0) continue;
+      if (writer[w] >= 0 && writer[w] != t)
+        return "threads " + std::to_string(writer[w]) + " and " + std::to_string(t) + " of block " +
+               std::to_string(b.bid.x) + " both wrote shared-memory byte " + std::to_string(4 * w) +
+               " between two barriers (a write-write race)";
+      writer[w] = t;
+    }
+    return "";
+  }
+};
 
 inline thread_local Block* cur_block = nullptr;
 inline thread_local Fiber* cur_fiber = nullptr;
@@ -167,12 +198,20 @@ inline std::string run_block(Block& b, unsigned nthreads) {
   if (schedule() == 1) std::reverse(order.begin(), order.end());
   std::mt19937 rng(1234u + b.bid.x);
   const unsigned nwarps = (nthreads + kWarp - 1) / kWarp;
+  const bool check = write_check();
+  WriteCheck wc;
+  if (check) wc.phase(b);
   for (;;) {
     if (schedule() == 2) std::shuffle(order.begin(), order.end(), rng);
     for (unsigned t : order) {
       if (fs[t].st != St::Run) continue;
+      if (check) wc.snapshot(b);
       cur_fiber = &fs[t];
       resume(b, fs[t]);
+      if (check) {
+        std::string err = wc.diff(b, (int)t);
+        if (!err.empty()) return err;
+      }
     }
     cur_fiber = nullptr;
     if (!pending_error.empty()) return pending_error;
@@ -203,6 +242,7 @@ inline std::string run_block(Block& b, unsigned nthreads) {
       return "__syncthreads reached by " + std::to_string(sync) + " of the " + std::to_string(nthreads) +
              " threads of block " + std::to_string(b.bid.x) + " (the others exited: divergent barrier)";
     for (unsigned t = 0; t < nthreads; ++t) fs[t].st = St::Run;
+    if (check) wc.phase(b);
   }
 }
 
@@ -236,6 +276,7 @@ struct Launch {
     b.fibers = &fiber_pool(threads);
     b.body = &body;
     b.dyn_smem = reinterpret_cast<unsigned char*>(shared.data());
+    b.smem = smem;
     Block* outer = cur_block;
     pending_error.clear();
     for (unsigned g = 0; g < grid; ++g) {

@@ -36,6 +36,11 @@ __global__ void race_kernel(float* out) {  // missing __syncthreads between the 
   sm[threadIdx.x] = (float)threadIdx.x;
   out[threadIdx.x] = sm[(threadIdx.x + 1) % blockDim.x];
 }
+__global__ void write_race_kernel(float* out) {  // two threads use one scratch word: write, then read
+  RF_DYN_SHARED(float, sm);
+  sm[threadIdx.x / 2] = (float)threadIdx.x;
+  out[threadIdx.x] = sm[threadIdx.x / 2];
+}
 __global__ void uninit_kernel(float* out) {  // reads shared memory nobody wrote
   RF_DYN_SHARED(float, sm);
   out[threadIdx.x] = sm[threadIdx.x];
@@ -57,6 +62,8 @@ at::Tensor run(const std::string& which, int64_t threads) {
     RF_LAUNCH(smem_overflow_kernel, 1, t, smem, 0)(o);
   } else if (which == "race") {
     RF_LAUNCH(race_kernel, 1, t, smem, 0)(o);
+  } else if (which == "write_race") {
+    RF_LAUNCH(write_race_kernel, 1, t, smem, 0)(o);
   } else if (which == "uninit") {
     RF_LAUNCH(uninit_kernel, 1, t, smem, 0)(o);
   } else if (which == "big_smem") {  // > 48 KiB without cudaFuncSetAttribute
@@ -68,11 +75,13 @@ at::Tensor run(const std::string& which, int64_t threads) {
 }
 
 void set_schedule(int64_t order) { emu::set_schedule((int)order); }
+void set_write_check(bool on) { emu::write_check() = on; }
 
 }  // namespace emu_selftest
 
 TORCH_LIBRARY(refiner_cuda_emu, m) {
   refiner::define_kernel_ops(m);
   m.def("set_schedule(int order) -> ()", &emu_selftest::set_schedule);
+  m.def("set_write_check(bool on) -> ()", &emu_selftest::set_write_check);
   m.def("selftest(str which, int threads) -> Tensor", &emu_selftest::run);
 }
