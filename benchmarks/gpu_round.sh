@@ -5,7 +5,7 @@
 #   bash benchmarks/gpu_round.sh quick         # everything that fits ONE call of a 15-minute lease:
 #                                              # build (sm_90) while the Triton GPU tests run, then the
 #                                              # CUDA/cross-backend tests, a memcheck, bench_ops (N 197/577,
-#                                              # bf16; the CUDA refine also at 1 row per block) and
+#                                              # bf16; CUDA kernels also at 1 row per block) and
 #                                              # bench_models (S and ViT-S, 224 px, no compile)
 #   bash benchmarks/gpu_round.sh tests         # build, describe backends, pytest, compute-sanitizer
 #   bash benchmarks/gpu_round.sh bench         # build (if needed), bench_ops + bench_models full presets
@@ -141,10 +141,10 @@ stage_quick() {
   fi
   run_step bench_ops 75 "$PY" benchmarks/bench_ops.py --out "$RES" --rep-ms 25 --n 197 577 --heads 12 \
     --head-dim 32 --dtypes bf16
-  # the CUDA refine kernels with one query row per block (the default is 4): is the tiling worth it?
-  REFINER_CUDA_TILE_ROWS=1 run_step bench_ops_rows1 40 "$PY" benchmarks/bench_ops.py --out "$RES/rows1" \
-    --rep-ms 25 --n 197 577 --heads 12 --head-dim 32 --dtypes bf16 --ops refine_eval --backends cuda reference \
-    --no-memory --no-plots
+  # the CUDA kernels with one query row per block (defaults: 4 refine, 16 softmax): is the tiling worth it?
+  REFINER_CUDA_TILE_ROWS=1 REFINER_CUDA_SOFTMAX_ROWS=1 run_step bench_ops_rows1 45 "$PY" benchmarks/bench_ops.py \
+    --out "$RES/rows1" --rep-ms 25 --n 197 577 --heads 12 --head-dim 32 --dtypes bf16 \
+    --ops softmax_block refine_eval --backends cuda reference --no-memory --no-plots
   run_step bench_models $(( $(left) - 20 )) "$PY" benchmarks/bench_models.py --out "$RES" \
     --models refiner_vit_s vit_small_patch16_224 --img 224 --batch 256 --compile-backend skip --repeats 5
 }

@@ -109,7 +109,7 @@ def test_emulator_write_check(E, write_check):
 
 
 # ----------------------------------------------------------------------------- softmax block
-# N = 300 > 256 threads (strided loops); d = 128, the largest head size; N = d = 1.
+# N = 300: five key tiles; d = 128, the largest head size; N = d = 1.
 def check_softmax_block(E, B, H, N, d, prev):
     q, k, v, p = softmax_inputs(B, H, N, d, prev, torch.float32)
     s = d ** -0.5
@@ -125,11 +125,19 @@ def check_softmax_block(E, B, H, N, d, prev):
     check_grads(["q", "k", "v", "prev_attn"], got, r_g, 1e-4, 2e-5)
 
 
-# N = 300 > 256 threads (strided loops); d = 128, the largest head size; N = d = 1.
+# N = 300: five key tiles; d = 128, the largest head size; N = d = 1.
 @pytest.mark.parametrize("B,H,N,d,prev", [(1, 1, 1, 1, True), (2, 3, 17, 35, True), (1, 2, 50, 32, False),
                                           (1, 1, 300, 8, True), (1, 1, 33, 128, False)])
 def test_softmax_block(E, B, H, N, d, prev):
     check_softmax_block(E, B, H, N, d, prev)
+
+
+@pytest.mark.parametrize("rows", [1, 5, 32])
+def test_softmax_block_tile_rows(E, monkeypatch, rows):
+    """Query rows per block (REFINER_CUDA_SOFTMAX_ROWS; default 16): one, a partial last tile, all of N."""
+    monkeypatch.setenv("REFINER_CUDA_SOFTMAX_ROWS", str(rows))
+    check_softmax_block(E, 1, 2, 23, 35, True)
+    check_softmax_block(E, 2, 1, 70, 8, False)  # two key tiles, the second partial
 
 
 @given(B=st.integers(1, 2), H=st.integers(1, 4), N=st.integers(1, 40), d=st.integers(1, 40), prev=st.booleans())
@@ -244,6 +252,7 @@ def test_row_softmax(E, shape):
 def test_no_shared_memory_write_conflicts(E, monkeypatch, write_check, rows):
     """Every kernel with a dynamic shared-memory layout, on small shapes, under the write check."""
     monkeypatch.setenv("REFINER_CUDA_TILE_ROWS", str(rows))
+    monkeypatch.setenv("REFINER_CUDA_SOFTMAX_ROWS", str(rows))
     check_softmax_block(E, 1, 2, 9, 5, True)
     check_refine_eval(E, 1, 2, 7, 3, 3, 3)
     check_refine_eval(E, 1, 2, 7, 3, 1, 5)

@@ -90,50 +90,100 @@ void set_smem(K kernel, size_t bytes, const char* op) {
     C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)bytes));
 }
 
+// Rows of a block's tile: `dflt`, or the environment variable `env` (1-32, for benchmarks),
+// lowered until the block's shared memory fits (so only shapes that do not fit at one row fail).
+template <class SmemOf>
+int tile_rows(const char* env, int dflt, SmemOf smem_of) {
+  int tr = dflt;
+  if (const char* e = std::getenv(env)) {
+    tr = std::atoi(e);
+    TORCH_CHECK(tr >= 1 && tr <= 32, env, " must be an integer in [1, 32], got '", e, "'");
+  }
+  const size_t mx = (size_t)device_attr(cudaDevAttrMaxSharedMemoryPerBlockOptin);
+  while (tr > 1 && smem_of(tr) > mx) --tr;
+  return tr;
+}
+
 inline Tensor f32(const Tensor& t) { return t.to(at::kFloat).contiguous(); }
 
 // ----------------------------------------------------------------------------
-// softmax block forward: one block per (b, h, query row)
+// softmax block forward: one block per (b, h, tile of TQ query rows). K and then V stream
+// through shared memory in tiles of kKeyTile keys, each read once per TQ rows (not per row);
+// the TQ x N scores stay in shared memory for the softmax (a warp per row) and attn @ v.
 // ----------------------------------------------------------------------------
+constexpr int kSoftmaxThreads = 256;
+constexpr int kKeyTile = 64;
+
+size_t softmax_block_smem(int64_t N, int64_t d, int TQ) {  // q and out (TQ, d), a K/V tile, scores (TQ, N)
+  return sizeof(float) * (2 * TQ * d + kKeyTile * (d + 1) + TQ * N);
+}
+
 template <class T>
 __global__ void softmax_block_fwd_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
                                          const T* __restrict__ prev, T* __restrict__ out, T* __restrict__ attn,
-                                         int64_t rows, int64_t N, int d, float scale) {
+                                         int64_t BH, int64_t N, int d, int TQ, float scale) {
   RF_DYN_SHARED(float, sm);
-  float* red = sm;           // 32
-  float* qs = sm + 32;       // d
-  float* sc = qs + d;        // N
-  for (int64_t row = blockIdx.x; row < rows; row += gridDim.x) {
-    const int64_t bh = row / N;
-    for (int j = threadIdx.x; j < d; j += blockDim.x) qs[j] = static_cast<float>(q[row * d + j]);
+  const int ld = d + 1;  // K/V tile rows padded: the threads of a warp read different keys' rows
+  float* qs = sm;                     // (TQ, d)
+  float* oacc = qs + TQ * d;          // (TQ, d), each slot owned by one thread
+  float* kv = oacc + TQ * d;          // (kKeyTile, ld)
+  float* sc = kv + kKeyTile * ld;     // (TQ, N): scores, then the stored attn values
+  const int tid = threadIdx.x, nt = blockDim.x, lane = tid & 31, warp = tid >> 5, nw = nt >> 5;
+  const int64_t ntiles = (N + TQ - 1) / TQ;
+  for (int64_t blk = blockIdx.x; blk < BH * ntiles; blk += gridDim.x) {
+    const int64_t bh = blk / ntiles, r0 = blk % ntiles * TQ;
+    const int nq = (int)min((int64_t)TQ, N - r0);
+    const T* kb = k + bh * N * d;
+    const T* vb = v + bh * N * d;
+    for (int j = tid; j < nq * d; j += nt) {
+      qs[j] = static_cast<float>(q[(bh * N + r0) * d + j]);
+      oacc[j] = 0.f;
+    }
+    for (int64_t j0 = 0; j0 < N; j0 += kKeyTile) {  // scores
+      const int nk = (int)min((int64_t)kKeyTile, N - j0);
+      __syncthreads();
+      for (int j = tid; j < nk * d; j += nt) kv[j / d * ld + j % d] = static_cast<float>(kb[j0 * d + j]);
+      __syncthreads();
+      for (int e = tid; e < nq * nk; e += nt) {
+        const int r = e / nk, j = e % nk;
+        const float* qr = qs + r * d;
+        const float* kr = kv + j * ld;
+        float s = 0.f;
+        for (int t = 0; t < d; ++t) s += qr[t] * kr[t];
+        sc[r * N + j0 + j] = s * scale;
+      }
+    }
     __syncthreads();
-    float mx = -INFINITY;
-    for (int64_t j = threadIdx.x; j < N; j += blockDim.x) {
-      const T* kr = k + (bh * N + j) * d;
-      float s = 0.f;
-      for (int t = 0; t < d; ++t) s += qs[t] * static_cast<float>(kr[t]);
-      s *= scale;
-      sc[j] = s;
-      mx = fmaxf(mx, s);
+    for (int r = warp; r < nq; r += nw) {  // softmax (+ scale * prev) of row r by warp r % nw
+      float* row = sc + r * N;
+      const int64_t grow = (bh * N + r0 + r) * N;
+      float mx = -INFINITY;
+      for (int64_t j = lane; j < N; j += 32) mx = fmaxf(mx, row[j]);
+      mx = warp_max(mx);
+      float sum = 0.f;
+      for (int64_t j = lane; j < N; j += 32) sum += rf_exp(row[j] - mx);
+      const float inv = 1.f / warp_sum(sum);
+      for (int64_t j = lane; j < N; j += 32) {
+        const float pv = prev ? static_cast<float>(prev[grow + j]) : 0.f;
+        const T a = static_cast<T>(softmax_residual(row[j], mx, inv, pv, prev ? scale : 0.f));
+        attn[grow + j] = a;
+        row[j] = static_cast<float>(a);  // attn @ v uses the stored (rounded) attn
+      }
     }
-    mx = block_reduce<true>(mx, red);
-    float sum = 0.f;
-    for (int64_t j = threadIdx.x; j < N; j += blockDim.x) sum += rf_exp(sc[j] - mx);
-    sum = block_reduce<false>(sum, red);
-    const float inv = 1.f / sum;
-    for (int64_t j = threadIdx.x; j < N; j += blockDim.x) {
-      const float pv = prev ? static_cast<float>(prev[row * N + j]) : 0.f;
-      const float a = softmax_residual(sc[j], mx, inv, pv, prev ? scale : 0.f);
-      attn[row * N + j] = static_cast<T>(a);
-      sc[j] = static_cast<float>(static_cast<T>(a));  // A @ v uses the stored (rounded) attn
+    for (int64_t j0 = 0; j0 < N; j0 += kKeyTile) {  // out = attn @ v
+      const int nk = (int)min((int64_t)kKeyTile, N - j0);
+      __syncthreads();
+      for (int j = tid; j < nk * d; j += nt) kv[j / d * ld + j % d] = static_cast<float>(vb[j0 * d + j]);
+      __syncthreads();
+      for (int e = tid; e < nq * d; e += nt) {
+        const int r = e / d, dd = e % d;
+        const float* a = sc + r * N + j0;
+        float acc = 0.f;
+        for (int j = 0; j < nk; ++j) acc += a[j] * kv[j * ld + dd];
+        oacc[e] += acc;
+      }
     }
-    __syncthreads();
-    for (int t = threadIdx.x; t < d; t += blockDim.x) {
-      float acc = 0.f;
-      const T* vb = v + bh * N * d + t;
-      for (int64_t j = 0; j < N; ++j) acc += sc[j] * static_cast<float>(vb[j * d]);
-      out[row * d + t] = static_cast<T>(acc);
-    }
+    for (int e = tid; e < nq * d; e += nt) out[(bh * N + r0) * d + e] = static_cast<T>(oacc[e]);
     __syncthreads();
   }
 }
@@ -150,15 +200,15 @@ std::tuple<Tensor, Tensor> softmax_block_cuda(const Tensor& q_, const Tensor& k_
   const int64_t B = q.size(0), H = q.size(1), N = q.size(2), d = q.size(3);
   auto out = at::empty_like(q);
   auto attn = at::empty({B, H, N, N}, q.options());
-  const size_t smem = (32 + d + N) * sizeof(float);
-  const int64_t rows = B * H * N;
+  const int TQ = tile_rows("REFINER_CUDA_SOFTMAX_ROWS", 16, [&](int tq) { return softmax_block_smem(N, d, tq); });
+  const size_t smem = softmax_block_smem(N, d, TQ);
   auto stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "softmax_block_cuda", [&] {
     set_smem(softmax_block_fwd_kernel<scalar_t>, smem, "softmax_block");
-    RF_LAUNCH(softmax_block_fwd_kernel<scalar_t>, grid_for(rows), 256, smem, stream)(
-        q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(),
-        has_prev ? prev.data_ptr<scalar_t>() : nullptr, out.data_ptr<scalar_t>(), attn.data_ptr<scalar_t>(), rows, N,
-        (int)d, (float)scale);
+    RF_LAUNCH(softmax_block_fwd_kernel<scalar_t>, grid_for(B * H * ((N + TQ - 1) / TQ)), kSoftmaxThreads, smem,
+              stream)(q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(),
+                      has_prev ? prev.data_ptr<scalar_t>() : nullptr, out.data_ptr<scalar_t>(),
+                      attn.data_ptr<scalar_t>(), B * H, N, (int)d, TQ, (float)scale);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return {out, attn};
@@ -340,20 +390,6 @@ __global__ void refine_fwd_kernel(const T* __restrict__ A, const T* __restrict__
   }
 }
 
-// Rows per tile: REFINER_CUDA_TILE_ROWS (1-32, for benchmarks) or `dflt`, lowered until the
-// block's shared memory fits (so only shapes that do not fit even at one row are refused).
-template <class SmemOf>
-int tile_rows(int dflt, SmemOf smem_of) {
-  int tr = dflt;
-  if (const char* e = std::getenv("REFINER_CUDA_TILE_ROWS")) {
-    tr = std::atoi(e);
-    TORCH_CHECK(tr >= 1 && tr <= 32, "REFINER_CUDA_TILE_ROWS must be an integer in [1, 32], got '", e, "'");
-  }
-  const size_t mx = (size_t)device_attr(cudaDevAttrMaxSharedMemoryPerBlockOptin);
-  while (tr > 1 && smem_of(tr) > mx) --tr;
-  return tr;
-}
-
 struct RefineCuda {
   Tensor attn, v, w_exp, b_exp, w_dw, b_dw, w_pro, b_pro, alpha, beta;
   int64_t B, H, N, d, rH, k;
@@ -374,7 +410,7 @@ RefineCuda prep_refine_cuda(const Tensor& attn, const Tensor& v, const Tensor& w
 }
 
 void launch_refine_fwd(const RefineCuda& r, Tensor* out, Tensor* Rmap) {
-  const int TR = tile_rows(4, [&](int tr) { return refine_fwd_smem(r.H, r.d, (int)r.k, tr); });
+  const int TR = tile_rows("REFINER_CUDA_TILE_ROWS", 4, [&](int tr) { return refine_fwd_smem(r.H, r.d, (int)r.k, tr); });
   const size_t smem = refine_fwd_smem(r.H, r.d, (int)r.k, TR);
   auto stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, r.attn.scalar_type(), "refine_eval_cuda", [&] {
@@ -513,7 +549,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tenso
   sl.n = sl.beta + H;
   auto gA = at::empty({B, H, N, N}, go.options());
   auto Af = f32(r.attn);
-  const int TR = tile_rows(4, [&](int tr) { return refine_bwd_smem(H, (int)k, sl, tr); });
+  const int TR = tile_rows("REFINER_CUDA_TILE_ROWS", 4, [&](int tr) { return refine_bwd_smem(H, (int)k, sl, tr); });
   const size_t smem = refine_bwd_smem(H, (int)k, sl, TR);
   set_smem(refine_bwd_kernel, smem, "refine_eval_backward");
   const int64_t blocks = std::min<int64_t>(B * ((N + TR - 1) / TR), 8LL * device_attr(cudaDevAttrMultiProcessorCount));
