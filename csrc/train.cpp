@@ -2,8 +2,8 @@
 // backward, without ever holding a (B, rH, N, N) tensor.
 //
 // The batch is walked in chunks of images (ATen ops on that chunk's maps: the CUDA backend, and
-// the CPU under REFINER_CPU_PORTABLE=1, where the depthwise conv, the BN passes and the moments
-// are fused kernels, csrc/cpu); every global statistic is a reduction pass over the chunks, and
+// the CPU under REFINER_CPU_PORTABLE=1, line for line; see cpu_kernels()); every global
+// statistic is a reduction pass over the chunks, and
 // every pass recomputes the chunk's maps from A. On CPU by default the passes over the rH-channel
 // maps are streamed by rows instead (cpu/train_stream.h: no chunk map is ever written; forward
 // and backward 2.2-2.7x faster), with the same statistics and the same order of stages:
@@ -27,7 +27,6 @@
 // Streamed on CPU: the forward's Z buffer, in the backward Y3 (then gY3) and gA in fp32, plus
 // H-channel chunk temporaries; an fp32 copy of A for fp16/bf16 inputs.
 #include <ATen/ATen.h>
-#include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -35,6 +34,7 @@
 #include <cstdlib>
 
 #include "cpu/channel_ops.h"
+#include "cpu/portable.h"
 #include "cpu/train_stream.h"
 #include "head_mix.h"
 #include "validate.h"
@@ -91,32 +91,16 @@ Tensor mix_wgrad(const Tensor& g, const Tensor& x) {  // sum over images of g x^
   const int64_t n = x.size(0), NM = x.size(2) * x.size(3);
   return mix_images_wgrad(g.reshape({n, g.size(1), NM}), x.reshape({n, x.size(1), NM}));
 }
-// The depthwise conv (zero 'same' padding, cross-correlation) and its gradients. On CPU through
-// refiner::attn_dwconv (vector stencil rows: 3-4x ATen's depthwise conv on these maps), on CUDA
-// through ATen (cuDNN).
-const auto& dw_cpu_op() {
-  static const auto op = c10::Dispatcher::singleton()
-                             .findSchemaOrThrow("refiner::attn_dwconv", "")
-                             .typed<Tensor(const Tensor&, const Tensor&)>();
-  return op;
-}
-const auto& dw_backward_cpu_op() {
-  static const auto op = c10::Dispatcher::singleton()
-                             .findSchemaOrThrow("refiner::attn_dwconv_backward", "")
-                             .typed<std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&)>();
-  return op;
-}
+// The depthwise conv (zero 'same' padding, cross-correlation) and its gradients, through ATen
+// (cuDNN). Only the chunk passes use them: CUDA, and the CPU's portable path, which takes the
+// ATen side of every cpu_kernels() branch below, so the CPU tests run all of the code the CUDA
+// backend runs here (the default CPU path streams rows instead, cpu/train_stream.h).
 Tensor dw(const Tensor& x, const Tensor& w) {
-  if (x.is_cpu()) return dw_cpu_op().call(x, w);
   const int64_t k = w.size(-1);
   return at::conv2d(x, w.unsqueeze(1), {}, 1, k / 2, 1, x.size(1));
 }
 // Gradients of dw(x, w) from g: (grad of x, grad of w (C, k, k) or undefined).
 std::pair<Tensor, Tensor> dw_backward(const Tensor& g, const Tensor& x, const Tensor& w, bool need_w) {
-  if (x.is_cpu()) {
-    auto r = dw_backward_cpu_op().call(g, x, w);
-    return {std::get<0>(r), need_w ? std::get<1>(r) : Tensor()};
-  }
   const int64_t k = w.size(-1);
   auto r = at::convolution_backward(g, x, w.unsqueeze(1), c10::nullopt, {1, 1}, {k / 2, k / 2}, {1, 1}, false,
                                     {0, 0}, x.size(1), {true, need_w, false});
@@ -146,9 +130,9 @@ void fold(const TrainArgs& a, Folded& f, double eps) {
 
 // Every BN is applied in centred form, s (x - mean) + b, never s x + (b - s mean): with zero
 // variance s ~ 1/sqrt(eps) and the folded offset would cancel catastrophically in fp32.
-// (On CPU one fused pass; elsewhere ATen with one temporary.) relu6: clamped to [0, 6].
+// (CPU kernels: one fused pass; ATen: one temporary.) relu6: clamped to [0, 6].
 Tensor bn_apply(const Tensor& x, const Tensor& s, const Tensor& m, const Tensor& b, bool relu6 = false) {
-  if (x.is_cpu()) return cpu::channel_affine(x, s, m, b, relu6);
+  if (cpu_kernels(x) && !relu6) return cpu::channel_affine(x, s, m, b);  // (relu6: chunk passes only)
   auto y = (x - col(m)).mul_(col(s)).add_(col(b));
   return relu6 ? y.clamp_(0, 6) : y;
 }
@@ -156,18 +140,18 @@ Tensor bn_apply(const Tensor& x, const Tensor& s, const Tensor& m, const Tensor&
 // (x - m)/sd, with S1 = sum g and S2 = sum g xhat (one temporary).
 Tensor bn_backward(const Tensor& g, const Tensor& x, const Tensor& m, const Tensor& sd, const Tensor& k,
                    const Tensor& S1, const Tensor& S2, double M) {
-  if (x.is_cpu()) return cpu::channel_bn_grad(g, x, m, S2 / (sd * M), S1 / M, k);
+  if (cpu_kernels(x)) return cpu::channel_bn_grad(g, x, m, S2 / (sd * M), S1 / M, k);
   auto t = (x - col(m)).mul_(col(S2 / (sd * M)));
   return t.neg_().add_(g).sub_(col(S1 / M)).mul_(col(k));
 }
 // Per channel sum g xhat = sum g (x - m) / sd.
 Tensor sum_g_xhat(const Tensor& g, const Tensor& x, const Tensor& m, const Tensor& sd) {
-  if (x.is_cpu()) return cpu::channel_centred_dot(x, m, g).to(x.scalar_type()) / sd;
+  if (cpu_kernels(x)) return cpu::channel_centred_dot(x, m, g).to(x.scalar_type()) / sd;
   return sums((x - col(m)).mul_(g)) / sd;
 }
 // Z = A + BN3(Y3): the one expression used by the BN_a statistics, the output and the backward.
 Tensor make_z(const TrainArgs& a, const Folded& f, const Tensor& A, const Tensor& Y3) {
-  if (Y3.is_cpu()) return cpu::channel_affine(Y3, f.s3, f.m3, a.b3, false, A);
+  if (cpu_kernels(Y3)) return cpu::channel_affine(Y3, f.s3, f.m3, a.b3, A);
   return A + bn_apply(Y3, f.s3, f.m3, a.b3);
 }
 // r = BN_a(Z) * scale (out = r @ v), in centred form; the forward and both backwards use it.
@@ -211,7 +195,7 @@ struct Moments {
   void add(const Tensor& x) {
     const double nc = double(x.numel() / x.size(1));
     Tensor mc, m2c;
-    if (x.is_cpu()) {
+    if (cpu_kernels(x)) {
       std::tie(mc, m2c) = cpu::channel_moments(x);
     } else {
       auto [var_c, mean_f] = at::var_mean(x, at::IntArrayRef({0, 2, 3}), /*unbiased=*/false, /*keepdim=*/false);
@@ -240,7 +224,7 @@ struct Moments {
 
 // On CPU the rH-channel passes are streamed by rows (cpu/train_stream.h); REFINER_CPU_PORTABLE=1
 // keeps the ATen chunk passes, the code the CUDA backend runs.
-bool streamed(const TrainArgs& a) { return a.attn.is_cpu() && !cpu::portable_path(); }
+bool streamed(const TrainArgs& a) { return cpu_kernels(a.attn); }
 
 // The streamed passes' inputs: A, the weights and BN1 / BN2 as far as they are known in f;
 // `map`: Y3 out or gY3 in.

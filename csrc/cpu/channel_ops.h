@@ -27,13 +27,12 @@ void for_planes(const at::Tensor& x, Fn&& fn) {
   });
 }
 
-// s_c (x - m_c) + b_c, clamped to [0, 6] when relu6; with `add` (same shape as x, no relu6),
-// add + (s_c (x - m_c) + b_c).
+// s_c (x - m_c) + b_c; with `add` (same shape as x), add + (s_c (x - m_c) + b_c).
 inline at::Tensor channel_affine(const at::Tensor& x, const at::Tensor& s, const at::Tensor& m, const at::Tensor& b,
-                                 bool relu6, const at::Tensor& add = at::Tensor()) {
+                                 const at::Tensor& add = at::Tensor()) {
   const auto xc = x.contiguous();
   const auto ac = add.defined() ? add.to(x.scalar_type()).contiguous() : add;
-  TORCH_CHECK(!ac.defined() || (ac.sizes() == xc.sizes() && !relu6), "channel_affine: bad residual");
+  TORCH_CHECK(!ac.defined() || ac.sizes() == xc.sizes(), "channel_affine: bad residual");
   auto y = at::empty_like(xc);
   const int64_t P = plane_size(xc);
   AT_DISPATCH_FLOATING_TYPES(xc.scalar_type(), "channel_affine", [&] {
@@ -44,9 +43,7 @@ inline at::Tensor channel_affine(const at::Tensor& x, const at::Tensor& s, const
       const scalar_t sc = sp[c], mc = mp[c], bc = bp[c];
       const scalar_t* xi = xp + i * P;
       scalar_t* yi = yp + i * P;
-      if (relu6)
-        for (int64_t j = 0; j < P; ++j) yi[j] = std::min(std::max(sc * (xi[j] - mc) + bc, scalar_t(0)), scalar_t(6));
-      else if (ap)
+      if (ap)
         for (int64_t j = 0, o = i * P; j < P; ++j) yi[j] = ap[o + j] + (sc * (xi[j] - mc) + bc);
       else
         for (int64_t j = 0; j < P; ++j) yi[j] = sc * (xi[j] - mc) + bc;

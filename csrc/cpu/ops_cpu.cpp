@@ -13,7 +13,7 @@
 
 #include "common/refine_tile.h"
 #include "cpu/micro_kernels.h"
-#include "cpu/train_stream.h"
+#include "cpu/portable.h"
 #include "validate.h"
 
 namespace refiner {
@@ -98,8 +98,8 @@ namespace cpu {
 // of the CUDA kernels (refine: expand_channel / dw_pro_channel and the backward's per-channel
 // bwd_* stages instead of the streamed micro-kernel rows; softmax block, forward and backward:
 // the softmax_rows / softmax_grad row math instead of the fused vector rows (fp32) or ATen's
-// softmax (fp64); refine_train: the ATen chunk passes instead of the streamed rows). Tests run
-// both paths.
+// softmax (fp64); refine_train and the head mixes: the ATen code of the CUDA backend instead of
+// the streamed rows and CPU kernels, see cpu_kernels() in portable.h). Tests run both paths.
 bool portable_path() {
   const char* e = std::getenv("REFINER_CPU_PORTABLE");
   return e && e[0] == '1';

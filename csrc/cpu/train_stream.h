@@ -38,9 +38,5 @@ struct TrainStreamSums {
 
 TrainStreamSums train_stream_pass(TrainPass pass, const TrainStreamArgs& a);
 
-// REFINER_CPU_PORTABLE=1 (ops_cpu.cpp): refine_train then runs its ATen chunk passes on CPU, the
-// code the CUDA backend runs, instead of these.
-bool portable_path();
-
 }  // namespace cpu
 }  // namespace refiner

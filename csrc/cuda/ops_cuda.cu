@@ -1,9 +1,9 @@
 // CUDA kernels and launchers of the refiner ops. The refine kernels run the same stage
 // functions as the CPU drivers (csrc/common/refine_tile.h) with a thread-parallel policy.
 //
-// Layout: the softmax block has one block per (batch, head, query row), the refine kernels one
-// per (batch, tile of TR query rows), on grid.x (64-bit index math; B*H and B*N may exceed
-// 65535). A refine tile is walked in column tiles staged in shared memory with their halo.
+// Layout: one block per (batch, head, tile of query rows) for the softmax block and per (batch,
+// tile of query rows) for the refine kernels, on grid.x (64-bit index math; B*H and B*N may
+// exceed 65535). A tile is walked in column (key) tiles staged in shared memory.
 // Inputs fp32/fp16/bf16, all arithmetic and accumulation in fp32.
 #include <cstdlib>
 
