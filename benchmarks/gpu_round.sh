@@ -5,10 +5,11 @@
 #   bash benchmarks/gpu_round.sh quick         # everything that fits ONE call of a 15-minute lease:
 #                                              # build (sm_90) while the Triton GPU tests run, then the
 #                                              # CUDA/cross-backend tests, a memcheck, bench_ops (N 197/577,
-#                                              # bf16; CUDA kernels also at 1 row per block) and
-#                                              # bench_models (S and ViT-S, 224 px, no compile)
+#                                              # bf16; CUDA kernels also at 1 row per block), a profile
+#                                              # (where the time goes, Refiner-ViT-S fused[cuda] vs reference)
+#                                              # and bench_models (S and ViT-S, 224 px, no compile)
 #   bash benchmarks/gpu_round.sh tests         # build, describe backends, pytest, compute-sanitizer
-#   bash benchmarks/gpu_round.sh bench         # build (if needed), bench_ops + bench_models full presets
+#   bash benchmarks/gpu_round.sh bench         # build (if needed), bench_ops, profile_models, bench_models
 #   bash benchmarks/gpu_round.sh bench-ops     # only bench_ops (whole budget)
 #   bash benchmarks/gpu_round.sh bench-models  # only bench_models (whole budget)
 #   bash benchmarks/gpu_round.sh sanitize      # only compute-sanitizer memcheck + racecheck
@@ -145,6 +146,7 @@ stage_quick() {
   REFINER_CUDA_TILE_ROWS=1 REFINER_CUDA_SOFTMAX_ROWS=1 run_step bench_ops_rows1 45 "$PY" benchmarks/bench_ops.py \
     --out "$RES/rows1" --rep-ms 25 --n 197 577 --heads 12 --head-dim 32 --dtypes bf16 \
     --ops softmax_block refine_eval --backends cuda reference --no-memory --no-plots
+  run_step profile_models 45 "$PY" benchmarks/profile_models.py --out "$RES" --batch 64 --fused-backends cuda
   run_step bench_models $(( $(left) - 20 )) "$PY" benchmarks/bench_models.py --out "$RES" \
     --models refiner_vit_s vit_small_patch16_224 --img 224 --batch 256 --compile-backend skip --repeats 5
 }
@@ -155,13 +157,14 @@ case "$STAGE" in
   quick) stage_quick ;;
   tests) stage_tests ;;
   sanitize) stage_sanitize ;;
-  bench) bench_ops 200; bench_models $(( $(left) - 20 )) ;;
+  bench) bench_ops 200; run_step profile_models 90 "$PY" benchmarks/profile_models.py --out "$RES"
+         bench_models $(( $(left) - 20 )) ;;
   bench-ops) bench_ops $(( $(left) - 20 )) ;;
   bench-models) bench_models $(( $(left) - 20 )) ;;
   *) say "unknown stage '$STAGE' (quick | tests | sanitize | bench | bench-ops | bench-models)"; exit 2 ;;
 esac
 # Tables and targets into the summary (the JSON/PNGs are in the results tarball).
-for f in "$LOGS"/bench_*.log; do
+for f in "$LOGS"/bench_*.log "$LOGS"/profile_*.log; do
   [ -f "$f" ] && { echo "==== $(basename "$f")"; grep -v -E "it/s|s/it|case/s|row/s|s/case|s/row" "$f" | tail -n 120; } >>"$SUMMARY"
 done
 say "stage $STAGE done"

@@ -12,7 +12,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from benchmarks import bench_models, bench_ops, common, plot  # noqa: E402
+from benchmarks import bench_models, bench_ops, common, plot, profile_models  # noqa: E402
 
 try:
     import matplotlib  # noqa: F401
@@ -96,6 +96,24 @@ def test_bench_models_quick(tmp_path):
         if not _ok_or_recorded(r):
             continue
         assert r["images_per_s"] > 0 and r["peak_mem_mib"] > 0
+
+
+def test_profile_models_cpu(tmp_path):
+    """Shares of the profiled step: the fused model's refiner ops are found and take part of it."""
+    doc = profile_models.main(["--device", "cpu", "--threads", "1", "--img", "32", "--batch", "1", "--warmup", "1",
+                               "--steps", "1", "--top", "5", "--out", str(tmp_path)])
+    rows = {(r["variant"], r["mode"]): r for r in doc["rows"]}
+    assert all(r["status"] == "ok" for r in rows.values()), rows
+    fused = [r for (v, _), r in rows.items() if v.startswith("fused")]
+    assert {r["mode"] for r in fused} == {"infer", "train"}
+    for r in fused:
+        want = {"refiner::softmax_block"} | ({"refiner::refine_eval"} if r["mode"] == "infer" else
+                                            {"refiner::refine_train", "refiner::refine_train_backward"})
+        assert want <= set(r["refiner_ops_ms"]) and all(v > 0 for v in r["refiner_ops_ms"].values())
+        assert 0 < r["refiner_share"] < 1 and len(r["top"]) == 5
+        assert abs(sum(t["share"] for t in r["top"]) - sum(t["self_ms"] for t in r["top"]) / r["total_ms"]) < 1e-9
+    assert rows[("reference eager", "infer")]["refiner_ops_ms"] == {}
+    assert list(tmp_path.glob("profile_models_cpu_*.json")) and (tmp_path / "latest_cpu.json").exists()
 
 
 def test_flop_and_byte_formulas():
