@@ -256,3 +256,11 @@ def test_no_shared_memory_write_conflicts(E, monkeypatch, write_check, rows):
     check_softmax_block(E, 1, 2, 9, 5, True)
     check_refine_eval(E, 1, 2, 7, 3, 3, 3)
     check_refine_eval(E, 1, 2, 7, 3, 1, 5)
+
+
+# ----------------------------------------------------------------------------- a model's shapes
+def test_refiner_vit_s_shapes(E):
+    """One image of Refiner-ViT-S at 224 px (H=12, N=197, d=32, ratio 3, k=3): partial last tiles in
+    rows (197 = 49 * 4 + 1), forward columns (3 * 64 + 5), backward columns (6 * 32 + 5) and keys."""
+    check_refine_eval(E, 1, 12, 197, 32, 3, 3)
+    check_softmax_block(E, 1, 12, 197, 32, True)
