@@ -5,9 +5,9 @@
 #   bash benchmarks/gpu_round.sh quick         # everything that fits ONE call of a 15-minute lease:
 #                                              # build (sm_90) while the Triton GPU tests run, then the
 #                                              # CUDA/cross-backend tests, a memcheck, bench_ops (N 197/577,
-#                                              # bf16; CUDA kernels also at 1 row per block), a profile
-#                                              # (where the time goes, Refiner-ViT-S fused[cuda] vs reference)
-#                                              # and bench_models (S and ViT-S, 224 px, no compile)
+#                                              # bf16), bench_models (S and ViT-S, 224 px, no compile), then
+#                                              # in the time left bench_ops of the CUDA kernels at 1 row per
+#                                              # block and a profile (Refiner-ViT-S fused[cuda] vs reference)
 #   bash benchmarks/gpu_round.sh tests         # build, describe backends, pytest, compute-sanitizer
 #   bash benchmarks/gpu_round.sh bench         # build (if needed), bench_ops, profile_models, bench_models
 #   bash benchmarks/gpu_round.sh bench-ops     # only bench_ops (whole budget)
@@ -142,13 +142,15 @@ stage_quick() {
   fi
   run_step bench_ops 75 "$PY" benchmarks/bench_ops.py --out "$RES" --rep-ms 25 --n 197 577 --heads 12 \
     --head-dim 32 --dtypes bf16
-  # the CUDA kernels with one query row per block (defaults: 4 refine, 16 softmax): is the tiling worth it?
-  REFINER_CUDA_TILE_ROWS=1 REFINER_CUDA_SOFTMAX_ROWS=1 run_step bench_ops_rows1 45 "$PY" benchmarks/bench_ops.py \
+  run_step bench_models 120 "$PY" benchmarks/bench_models.py --out "$RES" \
+    --models refiner_vit_s vit_small_patch16_224 --img 224 --batch 256 --compile-backend skip --repeats 5
+  # then, in what time is left: the CUDA kernels at one query row per block (defaults: 4 refine,
+  # 16 softmax), to see what the tiling buys, and where a Refiner-ViT-S step's time goes
+  REFINER_CUDA_TILE_ROWS=1 REFINER_CUDA_SOFTMAX_ROWS=1 run_step bench_ops_rows1 40 "$PY" benchmarks/bench_ops.py \
     --out "$RES/rows1" --rep-ms 25 --n 197 577 --heads 12 --head-dim 32 --dtypes bf16 \
     --ops softmax_block refine_eval --backends cuda reference --no-memory --no-plots
-  run_step profile_models 45 "$PY" benchmarks/profile_models.py --out "$RES" --batch 64 --fused-backends cuda
-  run_step bench_models $(( $(left) - 20 )) "$PY" benchmarks/bench_models.py --out "$RES" \
-    --models refiner_vit_s vit_small_patch16_224 --img 224 --batch 256 --compile-backend skip --repeats 5
+  run_step profile_models $(( $(left) - 20 )) "$PY" benchmarks/profile_models.py --out "$RES" --batch 64 \
+    --fused-backends cuda
 }
 
 env_info
