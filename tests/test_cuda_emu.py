@@ -1,15 +1,19 @@
 """The CUDA kernels of csrc/cuda/ops_cuda.cu, run on the CPU emulator (csrc/cuda/emu/cuda_emu.h).
 
 Not a GPU test: the kernel bodies and launchers themselves execute, thread by thread, with CUDA's
-barrier and warp-shuffle semantics, an H100's shared-memory limits and a 2-SM grid (so the grid-stride
-loops loop). Each op is compared with the fp64 reference, forward and every gradient (fixed cases and
-hypothesis-drawn shapes, ratios and kernel sizes), and run under
-three fiber orders whose results must be bitwise equal: a read of shared memory that another thread
-writes in the same barrier phase (a missing __syncthreads) changes with the order. Inputs sit between
-NaN fences, so a read past any input shows up as NaN; `python tests/cuda_emu.py --asan` reruns this
-module under AddressSanitizer for out-of-bounds writes too. The emulator's own checks are tested first,
-on kernels with planted faults. What it cannot see: timing, the memory model and hardware limits
-beyond shared memory (registers, occupancy); compute-sanitizer on a GPU round covers those.
+barrier and warp-shuffle semantics, an H100's shared-memory limits and a 2-SM grid (so the
+grid-stride loops loop). Each op is compared with the fp64 reference, forward and every gradient
+(fixed cases, hypothesis-drawn shapes, ratios and kernel sizes, and one image of Refiner-ViT-S).
+Race checks:
+- every case runs under three fiber orders whose results must be bitwise equal: a read of shared
+  memory that another thread writes in the same barrier phase (a missing __syncthreads) changes
+  with the order;
+- small cases of every kernel run under the write check: no shared-memory word written by two
+  threads between two barriers.
+Inputs sit between NaN fences, so a read past any input shows up as NaN; `make emu-asan` reruns
+this module under AddressSanitizer for out-of-bounds accesses of any tensor. The emulator's own
+checks are tested first, on kernels with planted faults. What it cannot see: timing, the memory
+model, registers and occupancy; compute-sanitizer on a GPU round covers those.
 """
 from __future__ import annotations
 
@@ -60,6 +64,8 @@ def on_schedules(E, fn):
 
 
 def check_grads(names, got, ref, rtol, atol):
+    # fp32 kernels against fp64: gradients sum fp32 products over up to B N^2 pixels (weights) or
+    # rH k^2 terms (maps); 1e-4 relative (+ a fraction of the tensor's scale) covers that rounding
     for name, a, e in zip(names, got, ref):
         assert a.dtype == torch.float32 and not a.isnan().any(), name
         assert_close(a, e, rtol, atol, f"grad {name}")

@@ -10,9 +10,10 @@
 // synchronisation semantics, and what a GPU would not forgive is an error here:
 //   * __syncthreads not reached by every thread of the block (divergent barrier);
 //   * a shuffle not reached by all 32 lanes of its warp, or with a partial mask;
-//   * writes past the dynamic shared memory (a canary after it), reads of shared memory
-//     never written (it starts as NaN), more than 48 KiB of it without cudaFuncSetAttribute;
-//   * more dynamic shared memory than an H100 block may have, block sizes over 1024.
+//   * writes past the dynamic shared memory (a canary after it), more than 48 KiB of it
+//     without cudaFuncSetAttribute, more than an H100 block may have;
+//   * block sizes over 1024.
+// Dynamic shared memory starts as NaN, so a read of a word nobody wrote poisons the results.
 // Data races between barriers: a thread reading what another writes in the same phase shows up
 // as results that change with the order in which the fibers of a phase run (emu::set_schedule:
 // forward, reverse, shuffled). Fibers do not interleave within a phase, so two threads that
