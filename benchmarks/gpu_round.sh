@@ -13,6 +13,7 @@
 #   bash benchmarks/gpu_round.sh bench-ops     # only bench_ops (whole budget)
 #   bash benchmarks/gpu_round.sh bench-models  # only bench_models (whole budget)
 #   bash benchmarks/gpu_round.sh sanitize      # only compute-sanitizer memcheck + racecheck
+#   bash benchmarks/gpu_round.sh props         # the long hypothesis profile (200 examples per property)
 #
 # The device copy of the tree may have no .git: pass the commit for the JSON metadata, e.g.
 #   REFINER_GIT_COMMIT=<sha> bash benchmarks/gpu_round.sh bench
@@ -159,11 +160,13 @@ case "$STAGE" in
   quick) stage_quick ;;
   tests) stage_tests ;;
   sanitize) stage_sanitize ;;
+  props) REFINER_HYPOTHESIS_PROFILE=long run_step properties_long $(( $(left) - 20 )) "$PY" -m pytest -q -ra \
+           tests/test_properties.py ;;
   bench) bench_ops 200; run_step profile_models 90 "$PY" benchmarks/profile_models.py --out "$RES"
          bench_models $(( $(left) - 20 )) ;;
   bench-ops) bench_ops $(( $(left) - 20 )) ;;
   bench-models) bench_models $(( $(left) - 20 )) ;;
-  *) say "unknown stage '$STAGE' (quick | tests | sanitize | bench | bench-ops | bench-models)"; exit 2 ;;
+  *) say "unknown stage '$STAGE' (quick | tests | sanitize | props | bench | bench-ops | bench-models)"; exit 2 ;;
 esac
 # Tables and targets into the summary (the JSON/PNGs are in the results tarball).
 for f in "$LOGS"/bench_*.log "$LOGS"/profile_*.log; do
