@@ -3,10 +3,10 @@
 //
 // The batch is walked in chunks of images (ATen ops on that chunk's maps: the CUDA backend, and
 // the CPU under REFINER_CPU_PORTABLE=1, line for line; see cpu_kernels()); every global
-// statistic is a reduction pass over the chunks, and
-// every pass recomputes the chunk's maps from A. On CPU by default the passes over the rH-channel
-// maps are streamed by rows instead (cpu/train_stream.h: no chunk map is ever written; forward
-// and backward 2.2-2.7x faster), with the same statistics and the same order of stages:
+// statistic is a reduction pass over the chunks, and every pass recomputes the chunk's maps
+// from A. On CPU by default the passes over the rH-channel maps are streamed by rows instead
+// (cpu/train_stream.h: no chunk map is ever written; forward and backward 2.2-2.7x faster),
+// with the same statistics and the same order of stages:
 //   forward : BN1 from the moments of A (mean vector + H x H Gram matrix: U = W_e A is linear),
 //             pass 1 sums of Y2 = dw(E) (BN2), pass 2 Y3 = W_p D (BN3), kept in a buffer the
 //             size of A, then Z = A + BN3(Y3) in that buffer, BN_a from the actual Z values, and
