@@ -118,6 +118,15 @@ size_t softmax_block_smem(int64_t N, int64_t d, int TQ) {  // q and out (TQ, d),
   return sizeof(float) * (2 * TQ * d + kKeyTile * (d + 1) + TQ * N);
 }
 
+// Keys [j0, j0 + nk) of one head's (N, d) K or V into kv, rows padded to ld, between two
+// barriers (the previous tile's readers are done; the tile is complete).
+template <class T>
+__device__ void stage_keys(float* kv, const T* src, int64_t j0, int nk, int d, int ld) {
+  __syncthreads();
+  for (int j = threadIdx.x; j < nk * d; j += blockDim.x) kv[j / d * ld + j % d] = static_cast<float>(src[j0 * d + j]);
+  __syncthreads();
+}
+
 template <class T>
 __global__ void softmax_block_fwd_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
                                          const T* __restrict__ prev, T* __restrict__ out, T* __restrict__ attn,
@@ -141,9 +150,7 @@ __global__ void softmax_block_fwd_kernel(const T* __restrict__ q, const T* __res
     }
     for (int64_t j0 = 0; j0 < N; j0 += kKeyTile) {  // scores
       const int nk = (int)min((int64_t)kKeyTile, N - j0);
-      __syncthreads();
-      for (int j = tid; j < nk * d; j += nt) kv[j / d * ld + j % d] = static_cast<float>(kb[j0 * d + j]);
-      __syncthreads();
+      stage_keys(kv, kb, j0, nk, d, ld);
       for (int e = tid; e < nq * nk; e += nt) {
         const int r = e / nk, j = e % nk;
         const float* qr = qs + r * d;
@@ -172,9 +179,7 @@ __global__ void softmax_block_fwd_kernel(const T* __restrict__ q, const T* __res
     }
     for (int64_t j0 = 0; j0 < N; j0 += kKeyTile) {  // out = attn @ v
       const int nk = (int)min((int64_t)kKeyTile, N - j0);
-      __syncthreads();
-      for (int j = tid; j < nk * d; j += nt) kv[j / d * ld + j % d] = static_cast<float>(vb[j0 * d + j]);
-      __syncthreads();
+      stage_keys(kv, vb, j0, nk, d, ld);
       for (int e = tid; e < nq * d; e += nt) {
         const int r = e / d, dd = e % d;
         const float* a = sc + r * N + j0;
