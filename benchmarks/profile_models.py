@@ -134,14 +134,11 @@ def main(argv=None) -> Dict:
         args.batch = args.batch or (256 if device.type == "cuda" else 2)
         args.amp = args.amp or ("bf16" if device.type == "cuda" else "none")
         meta = C.run_metadata(device, "profile_models", {k: v for k, v in vars(args).items()})
-        usable, _ = C.usable_backends(device, bench_models.FUSED_BACKENDS)
-        backends = [b for b in usable if args.fused_backends is None or b in args.fused_backends]
+        args.compile_backend = "skip"  # bench_models' variants: fused backends and reference eager
         rows: List[Dict] = []
         for name in args.models:
-            variants = [(f"fused[{b}]", ("fused", b)) for b in backends] or [
-                (f"fused[auto->{C.auto_backend(device)}]", ("fused", "auto"))]
-            if not args.no_reference:
-                variants.append(("reference eager", "reference"))
+            variants = [(label, how) for label, how in bench_models.variants(name, device, args)
+                        if not (args.no_reference and how == "reference")]
             for label, how in variants:
                 for mode in args.modes:
                     row = profile_variant(name, label, how, mode, device, args)

@@ -101,6 +101,18 @@ RF_HD void load_tile(const Par& par, const T* src, int C, const Tile& t, const B
     }
 }
 
+// The reverse of load_tile: the centre of planes [0, C) of buf into an (C, N, N) map, the
+// pixels inside the map only.
+template <class F, class Par>
+RF_HD void store_tile(const Par& par, F* dst, int C, const Tile& t, const Buf<F>& b) {
+  for (int c = 0; c < C; ++c)
+    for (int y = par.y0(); y < t.TR && t.r0 + y < t.N; y += par.ny()) {
+      F* d = dst + ((int64_t)c * t.N + t.r0 + y) * t.N + t.c0;
+      const F* s = b.row(c, y);
+      for (int x = par.x0(); x < t.TC && t.c0 + x < t.N; x += par.nx()) d[x] = s[x];
+    }
+}
+
 // E_c = relu6(sum_h w_exp[c,h] A_h + b_exp[c]) over the region of halo `eh`, zero outside
 // the map (the depthwise conv pads E with zeros, not with relu6(b_exp)).
 template <class F, class Par>

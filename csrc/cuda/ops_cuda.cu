@@ -366,12 +366,7 @@ __global__ void refine_fwd_kernel(const T* __restrict__ A, const T* __restrict__
       }
       finish_r(par, H, w.b_pro, w.alpha, w.beta, t, Ab, Pb);
       __syncthreads();
-      if (Rmap) {
-        for (int j = threadIdx.x; j < H * TR * kTC; j += blockDim.x) {
-          const int h = j / (TR * kTC), y = j / kTC % TR, x = j % kTC;
-          if (r0 + y < N && c0 + x < N) Rmap[((b * H + h) * N + r0 + y) * N + c0 + x] = Pb.at(h, y, x);
-        }
-      }
+      if (Rmap) store_tile(par, Rmap + b * H * N * N, H, t, Pb);
       if (out) {
         const int64_t ncol = min((int64_t)kTC, N - c0);
         for (int j = threadIdx.x; j < TR * hd; j += blockDim.x) {
@@ -518,10 +513,7 @@ __global__ void refine_bwd_kernel(const float* __restrict__ A, const float* __re
       __syncthreads();
       for (int it = threadIdx.x; it < 2 * H; it += blockDim.x)
         gacc[sl.alpha + it] += bwd_head_item(it, H, w.b_pro, t, Ab, GRb, Pb);
-      for (int j = threadIdx.x; j < H * TR * kTCB; j += blockDim.x) {
-        const int h = j / (TR * kTCB), y = j / kTCB % TR, x = j % kTCB;
-        if (r0 + y < N && c0 + x < N) gA[((b * H + h) * N + r0 + y) * N + c0 + x] = GAb.at(h, y, x);
-      }
+      store_tile(par, gA + b * H * N * N, H, t, GAb);
       __syncthreads();
     }
   }
