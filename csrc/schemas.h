@@ -25,6 +25,10 @@ inline void define_kernel_ops(torch::Library& m) {
   m.def("row_softmax_backward(Tensor grad, Tensor y) -> Tensor");
   m.def("attn_value(Tensor a, Tensor v) -> Tensor");
   m.def("attn_value_backward(Tensor grad, Tensor a, Tensor v) -> (Tensor, Tensor)");
+  // refine_train's passes over the expanded maps (train_pass.h; private): params are w_exp, w_dw,
+  // w_pro, s1, m1, b1, s2, m2, b2, k2, c1_2, c2_2, k1, c1_1, c2_1; returns mean, m2, gw, sum_g, sum_gx.
+  m.def("_train_pass(int which, Tensor A, Tensor?[] params, Tensor(a!)? map, Tensor(b!)? gA, bool expand) "
+        "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
 }
 
 }  // namespace refiner

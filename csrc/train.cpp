@@ -1,12 +1,12 @@
 // refine_train: the training-mode refine block with BatchNorm batch statistics, forward and
 // backward, without ever holding a (B, rH, N, N) tensor.
 //
-// The batch is walked in chunks of images (ATen ops on that chunk's maps: the CUDA backend, and
-// the CPU under REFINER_CPU_PORTABLE=1, line for line; see cpu_kernels()); every global
-// statistic is a reduction pass over the chunks, and every pass recomputes the chunk's maps
-// from A. On CPU by default the passes over the rH-channel maps are streamed by rows instead
-// (cpu/train_stream.h: no chunk map is ever written; forward and backward 2.2-2.7x faster),
-// with the same statistics and the same order of stages:
+// The passes over the rH-channel maps (E, Y2, D) are streamed (train_pass.h: CPU rows in
+// cpu/train_stream.cpp, CUDA tiles in cuda/train_cuda.cu; no expanded map is ever written); what
+// is left here works on H-channel maps, chunk by chunk of images, with ATen (the CPU's own fused
+// kernels where cpu_kernels(); REFINER_CPU_PORTABLE=1 runs the ATen side, the CUDA backend's code).
+// REFINER_TRAIN_PATH=chunk instead recomputes every map of a chunk with ATen ops (the first
+// implementation, kept as a second one to compare with). Order of stages:
 //   forward : BN1 from the moments of A (mean vector + H x H Gram matrix: U = W_e A is linear),
 //             pass 1 sums of Y2 = dw(E) (BN2), pass 2 Y3 = W_p D (BN3), kept in a buffer the
 //             size of A, then Z = A + BN3(Y3) in that buffer, BN_a from the actual Z values, and
@@ -15,27 +15,28 @@
 //             every BN is applied in centred form s (x - mean) + b. A zero-variance channel
 //             (s ~ 1/sqrt(eps)) then only amplifies fp32 rounding of the values themselves,
 //             not the cancellation of E[x^2] - E[x]^2 or of a folded offset.
-//   backward: five recompute passes, one per BN backward reduction (sum gy, sum gy*xhat):
-//             BN_a, BN3, BN2, BN1, then the final input/weight gradients. (Streamed: Y3 once
-//             into a buffer the size of A, BN_a and BN3 on H-channel maps, then three streamed
-//             passes for BN2, BN1 and the final gradients.)
-// Chunk size (chunk_images): the expanded (c, rH, N, N) maps of one chunk stay below a quarter
-// of A, so the ~10 of them alive at once in the backward cost ~2.5x A, while a large batch on a
-// GPU needs only ~4r chunks per pass instead of B (kernel-launch bound otherwise).
-// Peak extra memory: one fp32 tensor the size of A (forward: the Z buffer; backward: none beyond
-// the returned grad of attn) plus the chunk's maps. Half inputs are converted chunk by chunk.
-// Streamed on CPU: the forward's Z buffer, in the backward Y3 (then gY3) and gA in fp32, plus
-// H-channel chunk temporaries; an fp32 copy of A for fp16/bf16 inputs.
+//   backward: one reduction (sum gy, sum gy*xhat) per BN backward: BN_a, BN3, BN2, BN1, then the
+//             final input/weight gradients. Streamed: Y3 once into a buffer the size of A, BN_a
+//             and BN3 on H-channel maps, then three passes for BN2, BN1 and the final gradients.
+//             Chunk path: five recompute passes of every map.
+// Chunk size (chunk_images): the expanded (c, rH, N, N) maps of one chunk (chunk path) stay
+// below a quarter of A, so the ~10 of them alive at once in the backward cost ~2.5x A, while a
+// large batch on a GPU needs only ~4r chunks per pass instead of B (launch bound otherwise).
+// Peak extra memory, streamed: the forward's Z buffer; in the backward Y3 (then gY3) and gA, plus
+// H-channel chunk temporaries; a copy of A in the compute dtype for fp16/bf16 inputs. Chunk
+// path: one buffer the size of A plus the chunk's maps.
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
 #include <algorithm>
 #include <cmath>
 #include <cstdlib>
+#include <string>
 
 #include "cpu/channel_ops.h"
 #include "cpu/portable.h"
 #include "cpu/train_stream.h"
+#include "train_pass.h"
 #include "head_mix.h"
 #include "validate.h"
 
@@ -92,9 +93,7 @@ Tensor mix_wgrad(const Tensor& g, const Tensor& x) {  // sum over images of g x^
   return mix_images_wgrad(g.reshape({n, g.size(1), NM}), x.reshape({n, x.size(1), NM}));
 }
 // The depthwise conv (zero 'same' padding, cross-correlation) and its gradients, through ATen
-// (cuDNN). Only the chunk passes use them: CUDA, and the CPU's portable path, which takes the
-// ATen side of every cpu_kernels() branch below, so the CPU tests run all of the code the CUDA
-// backend runs here (the default CPU path streams rows instead, cpu/train_stream.h).
+// (cuDNN on CUDA). Only the chunk path (REFINER_TRAIN_PATH=chunk) uses them.
 Tensor dw(const Tensor& x, const Tensor& w) {
   const int64_t k = w.size(-1);
   return at::conv2d(x, w.unsqueeze(1), {}, 1, k / 2, 1, x.size(1));
@@ -222,14 +221,21 @@ struct Moments {
   }
 };
 
-// On CPU the rH-channel passes are streamed by rows (cpu/train_stream.h); REFINER_CPU_PORTABLE=1
-// keeps the ATen chunk passes, the code the CUDA backend runs.
-bool streamed(const TrainArgs& a) { return cpu_kernels(a.attn); }
+// The rH-channel passes: the streamed passes of train_pass.h (CPU rows, CUDA tiles) unless
+// REFINER_TRAIN_PATH=chunk picks the ATen chunk passes (a second implementation to compare with,
+// and the way out for shapes whose CUDA tiles do not fit in shared memory: H beyond ~100).
+bool chunk_path_requested() {
+  const char* s = std::getenv("REFINER_TRAIN_PATH");
+  if (!s || !*s || std::string(s) == "stream") return false;
+  TORCH_CHECK(std::string(s) == "chunk", "refine_train: REFINER_TRAIN_PATH must be 'stream' or 'chunk', got '", s, "'");
+  return true;
+}
+bool streamed() { return !chunk_path_requested(); }
 
 // The streamed passes' inputs: A, the weights and BN1 / BN2 as far as they are known in f;
 // `map`: Y3 out or gY3 in.
-cpu::TrainStreamArgs stream_args(const TrainArgs& a, const Folded& f, const Tensor& map = Tensor()) {
-  cpu::TrainStreamArgs s;
+TrainStreamArgs stream_args(const TrainArgs& a, const Folded& f, const Tensor& map = Tensor()) {
+  TrainStreamArgs s;
   s.A = a.attn.to(a.ct).contiguous();
   s.w_exp = a.w_exp, s.w_dw = a.w_dw, s.w_pro = a.w_pro, s.expand = a.expand;
   if (a.expand) s.s1 = f.s1, s.m1 = f.m1, s.b1 = a.b1;
@@ -272,19 +278,19 @@ Tensor forward_pass(const TrainArgs& a, Folded& f, double eps, double scale) {
   }
   Moments mo2;
   auto buf = at::empty(a.attn.sizes(), a.v.options());
-  cpu::TrainStreamArgs sa;
-  if (streamed(a)) {
+  TrainStreamArgs sa;
+  if (streamed()) {
     sa = stream_args(a, f);
-    auto y2 = cpu::train_stream_pass(cpu::TrainPass::Y2Moments, sa);
+    auto y2 = train_pass(TrainPass::Y2Moments, sa);
     mo2.add_stats(y2.mean, y2.m2, M);
   } else {
     for_chunks(a, [&](int64_t b0, int64_t n) { mo2.add(recompute(a, f, b0, n, false, false).Y2); });
   }
   mo2.finish(a.ct, f.m2, f.v2);
   f.s2 = a.g2 / at::sqrt(f.v2 + eps);
-  if (streamed(a)) {
+  if (streamed()) {
     sa.s2 = f.s2, sa.m2 = f.m2, sa.b2 = a.b2, sa.map = buf;
-    cpu::train_stream_pass(cpu::TrainPass::Y3, sa);
+    train_pass(TrainPass::Y3, sa);
   } else {
     for_chunks(a, [&](int64_t b0, int64_t n) { buf.narrow(0, b0, n).copy_(recompute(a, f, b0, n, false).Y3); });
   }
@@ -320,7 +326,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tenso
 }
 
 // go: the gradient of out in the compute dtype; f: folded (fold).
-std::vector<Tensor> refine_train_backward_v(const Tensor& go, const TrainArgs& a, const Folded& f, double scale) {
+std::vector<Tensor> refine_train_backward_chunked(const Tensor& go, const TrainArgs& a, const Folded& f, double scale) {
   const double M = double(a.B) * a.N * a.N;
   const auto opt = a.v.options();
   const Tensor &sd_a = f.sda, &sd3 = f.sd3, &sd2 = f.sd2, &sd1 = f.sd1;
@@ -402,7 +408,7 @@ std::vector<Tensor> refine_train_backward_v(const Tensor& go, const TrainArgs& a
   return {gA, gv, gw_exp, gw_dw, gw_pro, gg1, gb1, S22, S21, S32, S31, Sa2, Sa1};
 }
 
-// Backward on CPU: Y3 by a streamed pass into a buffer the size of A; the BN_a and BN3 stages on
+// Backward, streamed: Y3 by a pass into a buffer the size of A; the BN_a and BN3 stages on
 // H-channel maps per chunk (gZ kept in gA's buffer, gY3 in place of Y3); then three streamed
 // passes for BN2's sums with gw_pro, BN1's sums with gw_dw, and gw_exp with gA (without the
 // expansion the second pass finishes gA).
@@ -413,7 +419,7 @@ std::vector<Tensor> refine_train_backward_streamed(const Tensor& go, const Train
   const Tensor &sd_a = f.sda, &sd3 = f.sd3, &sd2 = f.sd2, &sd1 = f.sd1;
   auto y3 = at::empty(a.attn.sizes(), opt), gA = at::empty(a.attn.sizes(), opt), gv = at::empty_like(a.v);
   auto sa = stream_args(a, f, y3);
-  cpu::train_stream_pass(cpu::TrainPass::Y3, sa);
+  train_pass(TrainPass::Y3, sa);
   auto go_s = go * scale;
   auto gr_of = [&](int64_t b0, int64_t n) {  // gradient of r, out = r @ v
     return at::matmul(go_s.narrow(0, b0, n), a.v.narrow(0, b0, n).transpose(-2, -1));
@@ -439,15 +445,15 @@ std::vector<Tensor> refine_train_backward_streamed(const Tensor& go, const Train
     auto y3c = y3.narrow(0, b0, n);
     y3c.copy_(bn_backward(gA.narrow(0, b0, n), y3c, f.m3, sd3, a.g3 / sd3, S31, S32, M));
   });
-  auto pro = cpu::train_stream_pass(cpu::TrainPass::ProGrad, sa);
+  auto pro = train_pass(TrainPass::ProGrad, sa);
   auto S21 = pro.sum_g.to(a.ct), S22 = pro.sum_gx.to(a.ct) / sd2;
   sa.k2 = a.g2 / sd2, sa.c1_2 = S21 / M, sa.c2_2 = S22 / (sd2 * M), sa.gA = gA;
-  auto dwg = cpu::train_stream_pass(cpu::TrainPass::DwGrad, sa);
+  auto dwg = train_pass(TrainPass::DwGrad, sa);
   Tensor gw_exp = at::zeros_like(a.w_exp), S11 = at::zeros({a.rH}, opt), S12 = at::zeros({a.rH}, opt);
   if (a.expand) {
     S11 = dwg.sum_g.to(a.ct), S12 = dwg.sum_gx.to(a.ct) / sd1;
     sa.k1 = a.g1 / sd1, sa.c1_1 = S11 / M, sa.c2_1 = S12 / (sd1 * M);
-    gw_exp = cpu::train_stream_pass(cpu::TrainPass::ExpGrad, sa).gw;
+    gw_exp = train_pass(TrainPass::ExpGrad, sa).gw;
   }
   return {gA, gv, gw_exp, dwg.gw, pro.gw, S12, S11, S22, S21, S32, S31, Sa2, Sa1};
 }
@@ -466,13 +472,27 @@ refine_train_backward_impl(const Tensor& gout, const Tensor& attn, const Tensor&
   f.m1 = c(m1), f.v1 = c(v1), f.m2 = c(m2), f.v2 = c(v2), f.m3 = c(m3), f.v3 = c(v3), f.ma = c(ma), f.va = c(va);
   fold(a, f, eps);
   auto go = gout.to(a.ct).contiguous();
-  auto g = streamed(a) ? refine_train_backward_streamed(go, a, f, scale) : refine_train_backward_v(go, a, f, scale);
+  auto g = streamed() ? refine_train_backward_streamed(go, a, f, scale) : refine_train_backward_chunked(go, a, f, scale);
   const auto st = attn.scalar_type();
   for (auto& t : g) t = t.to(st).contiguous();  // each is its own fresh tensor: no aliasing
   return {g[0], g[1], g[2], g[3], g[4], g[5], g[6], g[7], g[8], g[9], g[10], g[11], g[12]};
 }
 
 }  // namespace
+
+TrainStreamSums train_pass(TrainPass pass, const TrainStreamArgs& a) {
+  using Sig = TrainPassOut(int64_t, const Tensor&, const TensorList&, const c10::optional<Tensor>&,
+                           const c10::optional<Tensor>&, bool);
+  const char* name = std::getenv("REFINER_TRAIN_PASS_OP");
+  const auto op = c10::Dispatcher::singleton()
+                      .findSchemaOrThrow(name && *name ? name : "refiner::_train_pass", "")
+                      .typed<Sig>();
+  auto [mean, m2, gw, sg, sgx] = op.call((int64_t)pass, a.A, pack_train_params(a), as_optional(a.map),
+                                         as_optional(a.gA), a.expand);
+  auto d = [](const Tensor& t) { return t.numel() ? t : Tensor(); };  // empty: not a sum of this pass
+  return {d(mean), d(m2), d(gw), d(sg), d(sgx)};
+}
+
 }  // namespace refiner
 
 TORCH_LIBRARY_FRAGMENT(refiner, m) {
@@ -487,6 +507,7 @@ TORCH_LIBRARY_FRAGMENT(refiner, m) {
 }
 
 TORCH_LIBRARY_IMPL(refiner, CPU, m) {
+  m.impl("_train_pass", &refiner::train_pass_op<&refiner::cpu::train_stream_pass>);
   m.impl("refine_train", &refiner::refine_train_impl);
   m.impl("refine_train_backward", &refiner::refine_train_backward_impl);
 }

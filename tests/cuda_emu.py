@@ -1,10 +1,10 @@
-"""Build and load csrc/cuda/ops_cuda.cu on the CPU emulator (csrc/cuda/emu): torch.ops.refiner_cuda_emu.
+"""Build and load csrc/cuda/*.cu on the CPU emulator (csrc/cuda/emu): torch.ops.refiner_cuda_emu.
 
 The CUDA kernels and their launchers compiled as C++ against cuda_emu.h, so that their own code
 (shared-memory layouts, thread striding, barriers, shuffles, grid-stride loops, launch sizes) runs in
 the tests of a machine without a GPU. Built once into build/cuda_emu (ninja, ~30 s on 2 cores).
 
-`python tests/cuda_emu.py --asan` runs tests/test_cuda_emu.py again with the emulated kernels built
+`python tests/cuda_emu.py --asan` runs tests/test_cuda_emu*.py again with the emulated kernels built
 under AddressSanitizer: an out-of-bounds read or write of global memory (the tensors) stops it with
 a report naming the kernel line, the CPU stand-in for compute-sanitizer's memcheck (~3 min).
 """
@@ -43,8 +43,9 @@ def _run_under_asan() -> int:
         print("cuda_emu --asan: gcc has no libasan.so", file=sys.stderr)
         return 2
     # Triton's native module aborts under ASan at import; these tests never use it, so it is hidden.
+    files = [os.path.join(ROOT, "tests", f) for f in ("test_cuda_emu.py", "test_cuda_emu_train.py")]
     code = ("import sys; sys.modules['triton'] = None; import pytest; "
-            f"sys.exit(pytest.main(['-q', '-p', 'no:cacheprovider', {os.path.join(ROOT, 'tests', 'test_cuda_emu.py')!r}]))")
+            f"sys.exit(pytest.main(['-q', '-p', 'no:cacheprovider', *{files!r}]))")
     env = dict(os.environ, REFINER_EMU_ASAN="1", LD_PRELOAD=libasan,
                ASAN_OPTIONS="detect_leaks=0:detect_stack_use_after_return=0:abort_on_error=1")
     return subprocess.run([sys.executable, "-c", code], cwd=os.path.join(ROOT, "tests"), env=env).returncode

@@ -338,6 +338,20 @@ def set_cpu_path(monkeypatch, portable):
         monkeypatch.delenv("REFINER_CPU_PORTABLE", raising=False)
 
 
+# refine_train's CPU paths: fast (rows streamed through rings, fused H-channel kernels), portable
+# (the same streamed passes, the ATen H-channel code the CUDA backend runs around its own passes),
+# chunk (REFINER_TRAIN_PATH=chunk: every map of a chunk of images recomputed with ATen ops).
+TRAIN_PATHS = ["fast", "portable", "chunk"]
+
+
+def set_train_path(monkeypatch, path):
+    set_cpu_path(monkeypatch, path != "fast")
+    if path == "chunk":
+        monkeypatch.setenv("REFINER_TRAIN_PATH", "chunk")
+    else:
+        monkeypatch.delenv("REFINER_TRAIN_PATH", raising=False)
+
+
 @pytest.mark.parametrize("portable", [False, True], ids=["fast", "portable"])
 @pytest.mark.parametrize("B,H,N,d,ratio,k", [
     (2, 12, 17, 32, 3, 3),
@@ -620,7 +634,7 @@ def test_refine_train_n197_fwd_bwd():
     check_train(fused, ref, args)
 
 
-@pytest.mark.parametrize("portable", [False, True], ids=["fast", "portable"])
+@pytest.mark.parametrize("path", TRAIN_PATHS)
 @pytest.mark.parametrize("B,H,N,d,ratio,k", [
     (2, 3, 1, 5, 2, 7),    # N = 1, below the kernel's halo
     (2, 3, 33, 5, 2, 7),   # two row tiles, the last of one row
@@ -628,11 +642,10 @@ def test_refine_train_n197_fwd_bwd():
     (2, 4, 17, 5, 3, 5),
     (2, 3, 40, 5, 2, 1),   # no halo
 ])
-def test_refine_train_paths_fp64(monkeypatch, portable, B, H, N, d, ratio, k):
-    """Both CPU training paths (rows streamed through rings / the ATen chunk passes the CUDA backend
-    runs) in fp64 against the fp64 reference: output, every gradient and the batch statistics to
-    ~1e-10, over row-tile borders, vector tails and maps smaller than the kernel."""
-    set_cpu_path(monkeypatch, portable)
+def test_refine_train_paths_fp64(monkeypatch, path, B, H, N, d, ratio, k):
+    """Every CPU training path in fp64 against the fp64 reference: output, every gradient and the
+    batch statistics to ~1e-10, over row-tile borders, vector tails and maps smaller than the kernel."""
+    set_train_path(monkeypatch, path)
     args, expand = train_inputs(B, H, N, d, ratio, k, torch.float64)
     fused, ref = _train_fns(expand, 0.3)
     g = compare(fused, ref, args, rtol=1e-9, atol=1e-10, names=TRAIN_NAMES, skip=("b3",))
@@ -646,13 +659,13 @@ def test_refine_train_paths_fp64(monkeypatch, portable, B, H, N, d, ratio, k):
             assert_close(a.var, e.var, 1e-10, 1e-12, "var")
 
 
-@pytest.mark.parametrize("portable", [False, True], ids=["fast", "portable"])
+@pytest.mark.parametrize("path", TRAIN_PATHS)
 @pytest.mark.parametrize("chunk", ["1", "2", "5"])
 @pytest.mark.parametrize("ratio", [3, 1])
-def test_refine_train_chunked(monkeypatch, portable, chunk, ratio):
+def test_refine_train_chunked(monkeypatch, path, chunk, ratio):
     """The batch is walked in chunks of images (REFINER_TRAIN_CHUNK overrides the size): one image,
     uneven chunks (2, 2, 1) and the whole batch give the reference's output, grads and stats."""
-    set_cpu_path(monkeypatch, portable)
+    set_train_path(monkeypatch, path)
     monkeypatch.setenv("REFINER_TRAIN_CHUNK", chunk)
     args, expand = train_inputs(5, 12, 17, 35, ratio, 3, torch.float32)
     fused, ref = _train_fns(expand, 35 ** -0.5)
@@ -666,13 +679,13 @@ def test_refine_train_chunked(monkeypatch, portable, chunk, ratio):
             assert_close(a.var, e.var.float(), 1e-4, 1e-5, "var")
 
 
-@pytest.mark.parametrize("portable,bound", [(False, 4), (True, 7)], ids=["fast", "portable"])
-def test_refine_train_memory_is_a_few_maps_not_the_expanded_ones(monkeypatch, portable, bound):
+@pytest.mark.parametrize("path,bound", [("fast", 4), ("portable", 7), ("chunk", 7)])
+def test_refine_train_memory_is_a_few_maps_not_the_expanded_ones(monkeypatch, path, bound):
     """fwd+bwd peak CPU allocation (temporaries inside the op included): the reference holds the
     (B, rH, N, N) maps for its backward (~43x A at r=3); the fused op recomputes them (streamed
-    rows: no expanded map at all; portable: chunk by chunk) and stays near the size of A (the
+    passes: no expanded map at all; chunk path: chunk by chunk) and stays near the size of A (the
     returned grad of attn alone is 1x A)."""
-    set_cpu_path(monkeypatch, portable)
+    set_train_path(monkeypatch, path)
     from benchmarks.common import peak_memory
     args, expand = train_inputs(8, 12, 33, 16, 3, 3, torch.float32)
     A = args[0].nbytes
@@ -687,10 +700,11 @@ def test_refine_train_memory_is_a_few_maps_not_the_expanded_ones(monkeypatch, po
     assert fused < bound * A, f"fused peak {fused / A:.1f}x A"
 
 
-def test_refine_train_chunk_env_is_checked(monkeypatch):
-    monkeypatch.setenv("REFINER_TRAIN_CHUNK", "0")
+@pytest.mark.parametrize("var,value", [("REFINER_TRAIN_CHUNK", "0"), ("REFINER_TRAIN_PATH", "rows")])
+def test_refine_train_env_is_checked(monkeypatch, var, value):
+    monkeypatch.setenv(var, value)
     args, expand = train_inputs(2, 12, 17, 32, 3, 3, torch.float32)
-    with pytest.raises(RuntimeError, match="REFINER_TRAIN_CHUNK"):
+    with pytest.raises(RuntimeError, match=var):
         C.refine_train(*args, 1e-5, 0.2, expand)
 
 
@@ -745,14 +759,14 @@ def _train_case(a, ratio, k, seed=0):
     return got, r32, r64
 
 
-@pytest.mark.parametrize("portable", [False, True], ids=["fast", "portable"])
+@pytest.mark.parametrize("path", TRAIN_PATHS)
 @pytest.mark.parametrize("ratio", [3, 1])
 @pytest.mark.parametrize("k", [1, 3])
-def test_refine_train_zero_variance(monkeypatch, portable, ratio, k):
+def test_refine_train_zero_variance(monkeypatch, path, ratio, k):
     # A constant map: every BN channel (with k=1) has zero batch variance, so each BN multiplies
     # rounding noise by 1/sqrt(eps). Statistics are shifted moments and BN_a's come from the very
     # Z values the output uses, so the result is far closer to fp64 than the fp32 reference (~3e-5).
-    set_cpu_path(monkeypatch, portable)
+    set_train_path(monkeypatch, path)
     a = torch.full((2, 4, 9, 9), 1.0 / 9)
     (out, stats), _, (want, want_stats) = _train_case(a, ratio, k)
     assert torch.isfinite(out).all()
@@ -767,14 +781,14 @@ def test_refine_train_zero_variance(monkeypatch, portable, ratio, k):
             assert s.var.abs().max() <= 1e-9
 
 
-@pytest.mark.parametrize("portable", [False, True], ids=["fast", "portable"])
+@pytest.mark.parametrize("path", TRAIN_PATHS)
 @pytest.mark.parametrize("k", [1, 3])
-def test_refine_train_large_mean_small_spread(monkeypatch, portable, k):
+def test_refine_train_large_mean_small_spread(monkeypatch, path, k):
     # A = 1000 + 1e-3 * rand: un-shifted E[x^2] - E[x]^2 would lose every digit of var(A) ~ 1e-7.
     # BN1 follows from the (shifted) moments of A in fp64, so it keeps them; BN_a (mean ~1000,
     # spread ~1) is computed from shifted moments of Z. (BN2, BN3 see maps that fp32 arithmetic
     # on inputs ~1000 has already rounded: no tighter than the fp32 reference, not checked here.)
-    set_cpu_path(monkeypatch, portable)
+    set_train_path(monkeypatch, path)
     torch.manual_seed(1)
     a = 1000 + 1e-3 * torch.rand(2, 4, 9, 9)
     (_, stats), (_, s32), (_, s64) = _train_case(a, 3, k)

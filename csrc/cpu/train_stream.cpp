@@ -365,8 +365,10 @@ TrainStreamSums train_stream_pass(TrainPass pass, const TrainStreamArgs& a) {
                : pass == TrainPass::DwGrad ? gw.view({rH, k, k})
                                            : gw.view({rH, H});
     }
-    out.sum_g = total.narrow(0, sl.sg, rH).clone();
-    out.sum_gx = total.narrow(0, sl.sgx, rH).clone();
+    if (pass == TrainPass::ProGrad || (pass == TrainPass::DwGrad && a.expand)) {  // BN2's / BN1's sums
+      out.sum_g = total.narrow(0, sl.sg, rH).clone();
+      out.sum_gx = total.narrow(0, sl.sgx, rH).clone();
+    }
   });
   return out;
 }

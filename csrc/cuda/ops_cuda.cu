@@ -5,106 +5,10 @@
 // tile of query rows) for the refine kernels, on grid.x (64-bit index math; B*H and B*N may
 // exceed 65535). A tile is walked in column (key) tiles staged in shared memory.
 // Inputs fp32/fp16/bf16, all arithmetic and accumulation in fp32.
-#include <cstdlib>
-
-#include <ATen/ATen.h>
-#include <ATen/Dispatch.h>
-#include <torch/library.h>
-
-#ifdef REFINER_CUDA_EMU
-#include "cuda/emu/cuda_emu.h"  // tests only: these kernels on the CPU emulator (tests/cuda_emu.py)
-#else
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
-#include <cuda_runtime.h>
-// The CUDA syntax that is not C++, and the library the kernels register in, as macros that
-// cuda_emu.h and emu/ops_cuda_emu.cpp define differently (that build registers them for CPU tensors).
-#define RF_DYN_SHARED(T, name) extern __shared__ T name[]
-#define RF_LAUNCH(kernel, grid, threads, smem, stream) kernel<<<grid, threads, smem, stream>>>
-#define RF_CUDA_LIB refiner
-#define RF_CUDA_KEY CUDA
-#endif
-
-#include "common/refine_tile.h"
-#include "validate.h"
+#include "cuda/cuda_common.cuh"
 
 namespace refiner {
 namespace {
-
-using at::Tensor;
-
-// The threads of a block as nty rows x ntx columns over a tile (refine_tile.h's Par policy):
-// thread (ty, tx) does rows ty, ty + nty, ... and columns tx, tx + ntx, ... of every stage.
-struct CudaPar {
-  int ty, nty, tx, ntx;
-  __device__ int y0() const { return ty; }
-  __device__ int ny() const { return nty; }
-  __device__ int x0() const { return tx; }
-  __device__ int nx() const { return ntx; }
-};
-
-constexpr int kThreads = 128;
-
-// Columns = the tile width, so that a warp reads consecutive columns of one row.
-__device__ CudaPar tile_par(int TC) { return {(int)threadIdx.x / TC, (int)blockDim.x / TC, (int)threadIdx.x % TC, TC}; }
-
-__device__ __forceinline__ float warp_sum(float v) {
-  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-  return v;
-}
-__device__ __forceinline__ float warp_max(float v) {
-  for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
-  return v;
-}
-// Block-wide reduction (blockDim.x a multiple of 32, <= 1024); scratch: 32 floats.
-template <bool kMax>
-__device__ float block_reduce(float v, float* scratch) {
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
-  v = kMax ? warp_max(v) : warp_sum(v);
-  __syncthreads();
-  if (lane == 0) scratch[warp] = v;
-  __syncthreads();
-  v = lane < nw ? scratch[lane] : (kMax ? -INFINITY : 0.f);
-  if (warp == 0) v = kMax ? warp_max(v) : warp_sum(v);
-  if (threadIdx.x == 0) scratch[0] = v;
-  __syncthreads();
-  const float r = scratch[0];
-  __syncthreads();
-  return r;
-}
-
-int device_attr(cudaDeviceAttr attr) {  // of the current device
-  int dev = 0, v = 0;
-  C10_CUDA_CHECK(cudaGetDevice(&dev));
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&v, attr, dev));
-  return v;
-}
-
-template <class K>
-void set_smem(K kernel, size_t bytes, const char* op) {
-  const int mx = device_attr(cudaDevAttrMaxSharedMemoryPerBlockOptin);
-  TORCH_CHECK((int64_t)bytes <= mx, op, ": needs ", bytes, " bytes of shared memory per block, the device has ", mx,
-              " (reduce N, H or the kernel size)");
-  if (bytes > 48 * 1024)
-    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)bytes));
-}
-
-// Rows of a block's tile: `dflt`, or the environment variable `env` (1-32, for benchmarks),
-// lowered until the block's shared memory fits (so only shapes that do not fit at one row fail).
-template <class SmemOf>
-int tile_rows(const char* env, int dflt, SmemOf smem_of) {
-  int tr = dflt;
-  if (const char* e = std::getenv(env)) {
-    tr = std::atoi(e);
-    TORCH_CHECK(tr >= 1 && tr <= 32, env, " must be an integer in [1, 32], got '", e, "'");
-  }
-  const size_t mx = (size_t)device_attr(cudaDevAttrMaxSharedMemoryPerBlockOptin);
-  while (tr > 1 && smem_of(tr) > mx) --tr;
-  return tr;
-}
-
-inline Tensor f32(const Tensor& t) { return t.to(at::kFloat).contiguous(); }
 
 // ----------------------------------------------------------------------------
 // softmax block forward: one block per (b, h, tile of TQ query rows). K and then V stream
@@ -192,8 +96,6 @@ __global__ void softmax_block_fwd_kernel(const T* __restrict__ q, const T* __res
     __syncthreads();
   }
 }
-
-inline unsigned grid_for(int64_t rows) { return (unsigned)std::min<int64_t>(rows, 2147483647LL); }
 
 std::tuple<Tensor, Tensor> softmax_block_cuda(const Tensor& q_, const Tensor& k_, const Tensor& v_,
                                               const c10::optional<Tensor>& prev_, double scale) {

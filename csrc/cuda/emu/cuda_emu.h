@@ -310,6 +310,7 @@ T* dynamic_shared() {
 #define __device__
 #define __host__
 #define __forceinline__ inline
+#define __launch_bounds__(...)
 #define __shared__ static thread_local  // one block at a time per OS thread
 #define threadIdx (::emu::self().tid)
 #define blockIdx (::emu::block().bid)

@@ -1,4 +1,4 @@
-// csrc/cuda/ops_cuda.cu compiled as C++ against the CPU emulator (cuda_emu.h): its kernels and
+// csrc/cuda/ops_cuda.cu and train_cuda.cu compiled as C++ against the CPU emulator (cuda_emu.h): its kernels and
 // launchers, registered as torch.ops.refiner_cuda_emu.* for CPU tensors. Test tooling, built by
 // tests/cuda_emu.py, never part of the package.
 #define REFINER_CUDA_EMU 1
@@ -6,6 +6,7 @@
 #define RF_CUDA_KEY CPU
 
 #include "cuda/ops_cuda.cu"
+#include "cuda/train_cuda.cu"
 #include "schemas.h"
 
 namespace emu_selftest {

@@ -1,0 +1,196 @@
+"""refine_train's CUDA passes (csrc/cuda/train_cuda.cu) on the CPU emulator, and the CPU's streamed passes.
+
+Each pass of train_pass.h (Y2 moments, Y3, gw_pro with BN2's sums, gw_dw with BN1's sums or gA, gw_exp
+with gA) against an fp64 plain-PyTorch statement of the same pass, for the emulated CUDA kernel (NaN-fenced
+inputs, three fiber orders bitwise equal, the write check on small shapes) and for the CPU registration.
+Then refine_train end to end with its passes on the emulator (REFINER_TRAIN_PASS_OP): output, every
+gradient and the batch statistics against the reference module.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given
+from hypothesis import strategies as st
+
+import cuda_emu
+from refiner import _compiled as C
+from refiner import reference as R
+from test_compiled_ops import _train_fns, assert_close, check_train, train_inputs
+from test_cuda_emu import fenced, on_schedules, raises_in_launcher
+
+pytestmark = pytest.mark.skipif(cuda_emu.UNSUPPORTED is not None, reason=str(cuda_emu.UNSUPPORTED))
+PASSES = ["y2_moments", "y3", "pro_grad", "dw_grad", "exp_grad"]
+PARAM_NAMES = ["w_exp", "w_dw", "w_pro", "s1", "m1", "b1", "s2", "m2", "b2", "k2", "c1_2", "c2_2", "k1", "c1_1", "c2_1"]
+
+
+@pytest.fixture(scope="module")
+def E():
+    return cuda_emu.load()
+
+
+def relu6_mask(x):
+    return (x > 0) & (x < 6)
+
+
+def pass_inputs(B, H, N, ratio, k, dtype=torch.float64, seed=0):
+    """A, the 15 parameters of train_pass.h (BN in centred form, relu6 clipping on both sides), gY3, gZ."""
+    g = torch.Generator().manual_seed(seed)
+    rH = H * ratio
+    r = lambda *s, lo=-1.0, hi=1.0: (torch.rand(*s, generator=g, dtype=torch.float64) * (hi - lo) + lo)  # noqa: E731
+    p = dict(w_exp=r(rH, H), w_dw=r(rH, k, k) / k, w_pro=r(H, rH), s1=r(rH, lo=2, hi=8), m1=r(rH, lo=-.1, hi=.1),
+             b1=r(rH, lo=0, hi=4), s2=r(rH, lo=1, hi=4), m2=r(rH, lo=-.5, hi=.5), b2=r(rH, lo=0, hi=4),
+             k2=r(rH, lo=.5, hi=2), c1_2=r(rH, lo=-.1, hi=.1), c2_2=r(rH, lo=-.3, hi=.3), k1=r(rH, lo=.5, hi=2),
+             c1_1=r(rH, lo=-.1, hi=.1), c2_1=r(rH, lo=-.3, hi=.3))
+    if ratio == 1:
+        for n in ("w_exp", "s1", "m1", "b1", "k1", "c1_1", "c2_1"):
+            p[n] = None
+    A = torch.rand(B, H, N, N, generator=g, dtype=torch.float64)
+    gy3, gz = torch.randn(B, H, N, N, generator=g, dtype=torch.float64), torch.randn(B, H, N, N, generator=g, dtype=torch.float64)
+    cast = lambda t: None if t is None else t.to(dtype)  # noqa: E731
+    return cast(A), {n: cast(t) for n, t in p.items()}, cast(gy3), cast(gz)
+
+
+def pass_ref(which, A, p, gy3, gz, expand):
+    """The pass in plain fp64 PyTorch: (mean, m2, gw, sum_g, sum_gx, map, gA) with None for what it leaves."""
+    A, gy3, gz = A.double(), gy3.double(), gz.double()
+    p = {n: None if t is None else t.double() for n, t in p.items()}
+    col = lambda t: t.view(1, -1, 1, 1)  # noqa: E731
+    mix = lambda w, x: torch.einsum("oc,bcyx->boyx", w, x)  # noqa: E731
+    wsum = lambda g, x: torch.einsum("bcyx,bdyx->cd", g, x)  # noqa: E731
+    k = p["w_dw"].shape[-1]
+    U = mix(p["w_exp"], A) if expand else None
+    Ein = (col(p["s1"]) * (U - col(p["m1"])) + col(p["b1"])).clamp(0, 6) if expand else A
+    Y2 = F.conv2d(Ein, p["w_dw"].unsqueeze(1), padding=k // 2, groups=Ein.shape[1])
+    if which == "y2_moments":
+        mean = Y2.mean((0, 2, 3))
+        return mean, ((Y2 - col(mean)) ** 2).sum((0, 2, 3)), None, None, None, None, None
+    D = (col(p["s2"]) * (Y2 - col(p["m2"])) + col(p["b2"])).clamp(0, 6)
+    if which == "y3":
+        return None, None, None, None, None, mix(p["w_pro"], D), None
+    gd2 = mix(p["w_pro"].t(), gy3) * relu6_mask(D)
+    if which == "pro_grad":
+        return None, None, wsum(gy3, D), gd2.sum((0, 2, 3)), (gd2 * (Y2 - col(p["m2"]))).sum((0, 2, 3)), None, None
+    gy2 = col(p["k2"]) * ((gd2 - col(p["c2_2"]) * (Y2 - col(p["m2"]))) - col(p["c1_2"]))
+    ge = torch.nn.grad.conv2d_input(Ein.shape, p["w_dw"].unsqueeze(1), gy2, padding=k // 2, groups=Ein.shape[1])
+    gw_dw = torch.nn.grad.conv2d_weight(Ein, p["w_dw"].unsqueeze(1).shape, gy2, padding=k // 2,
+                                        groups=Ein.shape[1]).squeeze(1)
+    if which == "dw_grad" and not expand:
+        return None, None, gw_dw, None, None, None, gz + ge
+    ge1 = ge * relu6_mask(Ein)
+    if which == "dw_grad":
+        return None, None, gw_dw, ge1.sum((0, 2, 3)), (ge1 * (U - col(p["m1"]))).sum((0, 2, 3)), None, None
+    gu = col(p["k1"]) * ((ge1 - col(p["c2_1"]) * (U - col(p["m1"]))) - col(p["c1_1"]))
+    return None, None, wsum(gu, A), None, None, None, gz + mix(p["w_exp"].t(), gu)
+
+
+def run_pass(op, which, A, p, gy3, gz, expand, fence=False):
+    """op(...) on fresh copies of map / gA: (mean, m2, gw, sum_g, sum_gx, map, gA), None where unused."""
+    i = PASSES.index(which)
+    f = fenced if fence else (lambda t: t)
+    mp = None if which == "y2_moments" else (torch.zeros_like(A) if which == "y3" else gy3.clone())
+    ga = gz.clone() if which == "exp_grad" or (which == "dw_grad" and not expand) else None
+    mp, ga = f(mp), f(ga)
+    outs = op(i, f(A), [None if p[n] is None else f(p[n]) for n in PARAM_NAMES], mp, ga, expand)
+    outs = [o if o.numel() else None for o in outs]
+    return (*outs, mp if which == "y3" else None, ga)
+
+
+NAMES = ["mean", "m2", "gw", "sum_g", "sum_gx", "map", "gA"]
+
+
+def check_pass(op, which, B, H, N, ratio, k, dtype, seed=0, schedules=None):
+    expand = ratio != 1
+    A, p, gy3, gz = pass_inputs(B, H, N, ratio, k, dtype, seed)
+    run = lambda: tuple(t for t in run_pass(op, which, A, p, gy3, gz, expand, fence=schedules is not None)  # noqa: E731
+                        if t is not None)
+    got = schedules(run) if schedules else run()
+    ref = [t for t in pass_ref(which, A, p, gy3, gz, expand) if t is not None]
+    names = [n for n, t in zip(NAMES, pass_ref(which, A, p, gy3, gz, expand)) if t is not None]
+    # fp64: rounding only. fp32: maps from sums of H (+ k^2) products, sums over B N^2 pixels in fp64 of
+    # fp32 products, and relu6 masks that may flip where a pre-activation rounds across 0 or 6.
+    tol = 1e-10 if dtype == torch.float64 else 2e-5
+    assert len(got) == len(ref)
+    for n, a, e in zip(names, got, ref):
+        assert not a.isnan().any(), n
+        assert_close(a, e, tol, tol, f"{which} {n}")
+
+
+PASS_CASES = [  # B, H, N, ratio, k: N = 1 (smaller than the kernel), 33 and 40 (partial 32-column and
+    (1, 1, 1, 3, 3), (2, 3, 17, 2, 3), (1, 2, 33, 1, 5), (1, 4, 40, 2, 7), (2, 2, 9, 3, 1), (1, 3, 5, 1, 3)]
+
+
+@pytest.mark.parametrize("which", PASSES)
+@pytest.mark.parametrize("B,H,N,ratio,k", PASS_CASES)
+def test_cuda_train_pass(E, which, B, H, N, ratio, k):
+    """The emulated CUDA pass in fp64 (tight) and fp32, three fiber orders bitwise equal."""
+    if which == "exp_grad" and ratio == 1:
+        pytest.skip("no expansion: the pass does not exist")
+    check_pass(E._train_pass, which, B, H, N, ratio, k, torch.float64, schedules=lambda f: on_schedules(E, f))
+    check_pass(E._train_pass, which, B, H, N, ratio, k, torch.float32)
+
+
+@pytest.mark.parametrize("which", PASSES)
+@pytest.mark.parametrize("B,H,N,ratio,k", PASS_CASES)
+def test_cpu_train_pass(which, B, H, N, ratio, k):
+    """The CPU's streamed pass (torch.ops.refiner._train_pass) against the same statement."""
+    if which == "exp_grad" and ratio == 1:
+        pytest.skip("no expansion: the pass does not exist")
+    for dtype in (torch.float64, torch.float32):
+        check_pass(torch.ops.refiner._train_pass, which, B, H, N, ratio, k, dtype)
+
+
+@given(which=st.sampled_from(PASSES), B=st.integers(1, 2), H=st.integers(1, 4), N=st.integers(1, 36),
+       ratio=st.integers(1, 4), k=st.sampled_from([1, 3, 5, 7]), seed=st.integers(0, 2 ** 16))
+def test_cuda_train_pass_property(E, which, B, H, N, ratio, k, seed):
+    if which == "exp_grad" and ratio == 1:
+        which = "dw_grad"
+    check_pass(E._train_pass, which, B, H, N, ratio, k, torch.float64, seed)
+
+
+@pytest.mark.parametrize("rows", [1, 3, 32])
+def test_cuda_train_pass_tile_rows(E, monkeypatch, rows):
+    monkeypatch.setenv("REFINER_CUDA_TILE_ROWS", str(rows))
+    for which in PASSES:
+        check_pass(E._train_pass, which, 2, 2, 11, 2, 3, torch.float64)
+
+
+@pytest.mark.parametrize("rows", [1, 3])
+def test_cuda_train_pass_write_conflicts(E, monkeypatch, rows):
+    """No shared-memory word written by two threads between two barriers, in any pass."""
+    monkeypatch.setenv("REFINER_CUDA_TILE_ROWS", str(rows))
+    E.set_write_check(True)
+    try:
+        for which in PASSES:
+            check_pass(E._train_pass, which, 1, 2, 7, 2, 3, torch.float64)
+        check_pass(E._train_pass, "dw_grad", 1, 2, 7, 1, 5, torch.float64)
+    finally:
+        E.set_write_check(False)
+
+
+@raises_in_launcher
+def test_cuda_train_pass_missing_tensor(E):
+    A, p, gy3, gz = pass_inputs(1, 2, 5, 2, 3)
+    p["k2"] = None
+    with pytest.raises(RuntimeError, match="pass 3 needs k2"):
+        run_pass(E._train_pass, "dw_grad", A, p, gy3, gz, True)
+
+
+# ----------------------------------------------------------------------------- refine_train end to end
+@pytest.mark.parametrize("B,H,N,d,ratio,k", [(2, 12, 17, 32, 3, 3), (1, 4, 33, 35, 1, 5), (2, 3, 9, 8, 2, 7)])
+def test_refine_train_on_emulated_passes(E, monkeypatch, B, H, N, d, ratio, k):
+    """C.refine_train with every rH-channel pass on the emulated CUDA kernel and the rest on the ATen
+    expressions the CUDA backend runs (REFINER_CPU_PORTABLE): output, gradients and batch statistics
+    against the reference."""
+    monkeypatch.setenv("REFINER_TRAIN_PASS_OP", "refiner_cuda_emu::_train_pass")
+    monkeypatch.setenv("REFINER_CPU_PORTABLE", "1")
+    args, expand = train_inputs(B, H, N, d, ratio, k, torch.float32)
+    check_train(*_train_fns(expand, d ** -0.5), args)
+    with torch.no_grad():
+        s_f = C.refine_train(*args, 1e-5, 0.2, expand)[1]
+        s_r = R.refine_train(*[t.double() for t in args], 1e-5, 0.2, expand)[1]
+    for a, e in zip(s_f, s_r):
+        if e is not None:
+            assert_close(a.mean, e.mean.float(), 1e-5, 1e-5, "mean")
+            assert_close(a.var, e.var.float(), 1e-4, 1e-5, "var")
