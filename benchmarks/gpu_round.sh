@@ -7,7 +7,8 @@
 #                                              # CUDA/cross-backend tests, a memcheck, bench_ops (N 197/577,
 #                                              # bf16), bench_models (S and ViT-S, 224 px, no compile), then
 #                                              # in the time left bench_ops of the CUDA kernels at 1 row per
-#                                              # block and a profile (Refiner-ViT-S fused[cuda] vs reference)
+#                                              # block, of refine_train on the ATen chunk passes, and a
+#                                              # profile (Refiner-ViT-S fused[cuda] vs reference)
 #   bash benchmarks/gpu_round.sh tests         # build, describe backends, pytest, compute-sanitizer
 #   bash benchmarks/gpu_round.sh bench         # build (if needed), bench_ops, profile_models, bench_models
 #   bash benchmarks/gpu_round.sh bench-ops     # only bench_ops (whole budget)
@@ -150,6 +151,10 @@ stage_quick() {
   REFINER_CUDA_TILE_ROWS=1 REFINER_CUDA_SOFTMAX_ROWS=1 run_step bench_ops_rows1 40 "$PY" benchmarks/bench_ops.py \
     --out "$RES/rows1" --rep-ms 25 --n 197 577 --heads 12 --head-dim 32 --dtypes bf16 \
     --ops softmax_block refine_eval --backends cuda reference --no-memory --no-plots
+  # the training refine on the ATen chunk passes (the CUDA path before the streamed tile kernels)
+  REFINER_TRAIN_PATH=chunk run_step bench_ops_train_chunk 40 "$PY" benchmarks/bench_ops.py \
+    --out "$RES/train_chunk" --rep-ms 25 --n 197 577 --heads 12 --head-dim 32 --dtypes bf16 \
+    --ops refine_train --backends cuda --no-plots
   run_step profile_models $(( $(left) - 20 )) "$PY" benchmarks/profile_models.py --out "$RES" --batch 64 \
     --fused-backends cuda
 }

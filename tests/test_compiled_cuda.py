@@ -102,11 +102,31 @@ def test_refine_eval_large_batch_grid():
         assert_close(C.refine_eval(*args, expand), R.refine_eval(*args, expand), 1e-4, 1e-5)
 
 
+@pytest.mark.parametrize("path", ["stream", "chunk"])
 @pytest.mark.parametrize("B,H,N,d,ratio,k", TRAIN_CASES)
-def test_refine_train_fp32(B, H, N, d, ratio, k):
+def test_refine_train_fp32(monkeypatch, path, B, H, N, d, ratio, k):
+    """Both CUDA training paths: the streamed tile kernels (cuda/train_cuda.cu) and the ATen chunk passes."""
+    monkeypatch.setenv("REFINER_TRAIN_PATH", path)
     args, expand = train_inputs(B, H, N, d, ratio, k, torch.float32, device=DEV)
     check_train(lambda *a: C.refine_train(*a, 1e-5, 0.2, expand)[0],
                 lambda *a: R.refine_train(*a, 1e-5, 0.2, expand)[0], args)
+
+
+@pytest.mark.parametrize("B,H,N,d,ratio,k", [(2, 3, 1, 5, 2, 7), (2, 3, 33, 5, 2, 7), (1, 2, 65, 5, 1, 3),
+                                             (2, 4, 17, 5, 3, 5)])
+def test_refine_train_fp64_streamed(B, H, N, d, ratio, k):
+    """The fp64 instances of the CUDA training passes: output, every gradient and the batch statistics to ~1e-10."""
+    args, expand = train_inputs(B, H, N, d, ratio, k, torch.float64, device=DEV)
+    fused = lambda *a: C.refine_train(*a, 1e-5, 0.3, expand)[0]  # noqa: E731
+    ref = lambda *a: R.refine_train(*a, 1e-5, 0.3, expand)[0]  # noqa: E731
+    compare(fused, ref, args, rtol=1e-9, atol=1e-10, names=TRAIN_NAMES, skip=("b3",))
+    with torch.no_grad():
+        s_f = C.refine_train(*args, 1e-5, 0.3, expand)[1]
+        s_r = R.refine_train(*args, 1e-5, 0.3, expand)[1]
+    for a, e in zip(s_f, s_r):
+        if e is not None:
+            assert_close(a.mean, e.mean, 1e-10, 1e-12, "mean")
+            assert_close(a.var, e.var, 1e-10, 1e-12, "var")
 
 
 def test_building_blocks():

@@ -257,33 +257,30 @@ RF_HD void bwd_de_channel(const Par& par, int c, int H, const F* w_exp, const F*
 //   k*k+1+2H              gb_exp[c]        (expand only)
 RF_HD int bwd_channel_items(int H, int k, bool expand) { return k * k + 1 + H + (expand ? H + 1 : 0); }
 
+// The item's sum over the centre pixels [q0, q1) in row-major order (q = y * TC + x), in fp64
+// (one sequential sum: fp32 would lose ~sqrt(TR TC) ulps). The CPU sums a whole tile at once; the
+// CUDA kernel splits an item's pixels over a few threads and adds their fp64 partials in order.
 template <class F>
-RF_HD F bwd_channel_item(int item, int H, const F* alpha, int k, const Tile& t, const Buf<F>& A,
-                         const Buf<F>& E, int ce, const Buf<F>& GR, const Buf<F>& GY,
-                         const Buf<F>& D, const Buf<F>& GU) {
+RF_HD double bwd_channel_item(int item, int H, const F* alpha, int k, const Tile& t, const Buf<F>& A,
+                              const Buf<F>& E, int ce, const Buf<F>& GR, const Buf<F>& GY,
+                              const Buf<F>& D, const Buf<F>& GU, int q0, int q1) {
   const int p = k / 2;
-  double acc = 0;  // one sequential sum over the tile's pixels: fp64, or fp32 loses ~sqrt(TR TC) ulps
-  if (item < k * k) {
-    const int di = item / k - p, dj = item % k - p;
-    for (int y = 0; y < t.TR; ++y)
-      for (int x = 0; x < t.TC; ++x) acc += double(GY.at(0, y, x)) * E.at(ce, y + di, x + dj);
-  } else if (item == k * k) {
-    for (int y = 0; y < t.TR; ++y)
-      for (int x = 0; x < t.TC; ++x) acc += GY.at(0, y, x);
-  } else if (item < k * k + 1 + H) {
-    const int h = item - k * k - 1;
-    for (int y = 0; y < t.TR; ++y)
-      for (int x = 0; x < t.TC; ++x) acc += double(GR.at(h, y, x)) * D.at(0, y, x);
-    acc *= alpha[h];
-  } else if (item < k * k + 1 + 2 * H) {
-    const int h = item - k * k - 1 - H;
-    for (int y = 0; y < t.TR; ++y)
-      for (int x = 0; x < t.TC; ++x) acc += double(GU.at(0, y, x)) * A.at(h, y, x);
-  } else {
-    for (int y = 0; y < t.TR; ++y)
-      for (int x = 0; x < t.TC; ++x) acc += GU.at(0, y, x);
+  double acc = 0;
+  int y = q0 / t.TC, x = q0 % t.TC;
+  const int kind = item < k * k ? 0 : item == k * k ? 1 : item < k * k + 1 + H ? 2 : item < k * k + 1 + 2 * H ? 3 : 4;
+  const int di = item / k - p, dj = item % k - p;               // kind 0: the tap
+  const int h = kind == 2 ? item - k * k - 1 : item - k * k - 1 - H;  // kinds 2, 3: the head
+  for (int q = q0; q < q1; ++q) {
+    switch (kind) {
+      case 0: acc += double(GY.at(0, y, x)) * E.at(ce, y + di, x + dj); break;
+      case 1: acc += GY.at(0, y, x); break;
+      case 2: acc += double(GR.at(h, y, x)) * D.at(0, y, x); break;
+      case 3: acc += double(GU.at(0, y, x)) * A.at(h, y, x); break;
+      default: acc += GU.at(0, y, x);
+    }
+    if (++x == t.TC) x = 0, ++y;
   }
-  return F(acc);
+  return kind == 2 ? acc * alpha[h] : acc;
 }
 
 // After all channels: gA_h += alpha_h gR_h (the residual path).

@@ -710,7 +710,8 @@ void refine_bwd_portable(const RefineArgs& r, const Tensor& go, const Tensor& R,
                        Db, Pb);
         bwd_de_channel(par, c, (int)H, w.w_exp, w.b_exp, w.w_dw, (int)k, D.expand, t, Ab, GYb, GUb, GAb);
         for (int it = 0; it < nitems; ++it) {
-          const F v_ = bwd_channel_item(it, (int)H, w.alpha, (int)k, t, Ab, Ec, ce, GRb, GYb, Db, GUb);
+          const F v_ = F(bwd_channel_item(it, (int)H, w.alpha, (int)k, t, Ab, Ec, ce, GRb, GYb, Db, GUb, 0,
+                                          t.TR * t.TC));
           int64_t o;
           if (it < k * k) o = sl.wdw + c * k * k + it;
           else if (it == k * k) o = sl.bdw + c;

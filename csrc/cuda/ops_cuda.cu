@@ -350,10 +350,15 @@ struct GradSlots {
 
 static_assert(kThreads % kTCB == 0, "whole thread-rows");
 
-size_t refine_bwd_smem(int64_t H, int k, const GradSlots& sl, int TR) {
+// Threads per channel item in the backward's reductions: the block's threads over the items.
+__host__ __device__ inline int item_slices(int nitems) { return nitems < kThreads ? kThreads / nitems : 1; }
+
+size_t refine_bwd_smem(int64_t H, int k, bool expand, const GradSlots& sl, int TR) {
   const int p = k / 2;
   const Tile t{1, 0, 0, TR, kTCB};
-  return sizeof(float) * (buf_elems<float>(t, 2 * p, (int)H) + buf_elems<float>(t, 2 * p, 1) +
+  const int nitems = bwd_channel_items((int)H, k, expand);
+  return sizeof(double) * nitems * item_slices(nitems) +
+         sizeof(float) * (buf_elems<float>(t, 2 * p, (int)H) + buf_elems<float>(t, 2 * p, 1) +
                           buf_elems<float>(t, p, (int)H) + buf_elems<float>(t, p, 1) + 2 * buf_elems<float>(t, 0, 1) +
                           2 * buf_elems<float>(t, 0, (int)H) + sl.n);
 }
@@ -367,13 +372,15 @@ __global__ void refine_bwd_kernel(const float* __restrict__ A, const float* __re
   const int64_t ntiles = (N + TR - 1) / TR;
   const int kk = k * k;
   const int nitems = bwd_channel_items(H, k, expand);
-  float* gacc = sm;  // sl.n partial sums of this block; slot (c, item) is always added by the same thread
+  const int S = item_slices(nitems), npix = TR * kTCB, slice = (npix + S - 1) / S;
+  double* ipart = reinterpret_cast<double*>(sm);  // (nitems, S) partial sums of the channel items
+  float* gacc = sm + 2 * nitems * S;  // sl.n partial sums of this block; slot (c, item) always added by one thread
   for (int64_t j = threadIdx.x; j < sl.n; j += blockDim.x) gacc[j] = 0.f;
   for (int64_t blk = blockIdx.x; blk < B * ntiles; blk += gridDim.x) {
     const int64_t b = blk / ntiles, r0 = blk % ntiles * TR;
     for (int64_t c0 = 0; c0 < N; c0 += kTCB) {
       const Tile t{N, r0, c0, TR, kTCB};
-      float* q = sm + sl.n;
+      float* q = gacc + sl.n;
       auto Ab = make_buf(q, t, 2 * p);   q += buf_elems<float>(t, 2 * p, H);
       auto Eb = make_buf(q, t, 2 * p);   q += buf_elems<float>(t, 2 * p, 1);
       auto GRb = make_buf(q, t, p);      q += buf_elems<float>(t, p, H);
@@ -398,9 +405,19 @@ __global__ void refine_bwd_kernel(const float* __restrict__ A, const float* __re
         __syncthreads();
         bwd_de_channel(par, c, H, w.w_exp, w.b_exp, w.w_dw, k, expand, t, Ab, GYb, GUb, GAb);
         __syncthreads();
+        // an item's pixels in S slices, one thread each (S = threads per item: every thread busy
+        // when there are fewer items than threads); centre pixels outside the map hold zeros in
+        // GY / D / GU, so they add nothing
+        for (int j = threadIdx.x; j < nitems * S; j += blockDim.x) {
+          const int s = j % S, q0 = s * slice;
+          ipart[j] = bwd_channel_item(j / S, H, w.alpha, k, t, Ab, Ec, ce, GRb, GYb, Db, GUb, q0,
+                                      min(npix, q0 + slice));
+        }
+        __syncthreads();
         for (int it = threadIdx.x; it < nitems; it += blockDim.x) {
-          // centre pixels outside the map hold zeros in GY / D / GU, so they add nothing
-          const float val = bwd_channel_item(it, H, w.alpha, k, t, Ab, Ec, ce, GRb, GYb, Db, GUb);
+          double sum = 0;  // the slices in order: deterministic
+          for (int s = 0; s < S; ++s) sum += ipart[it * S + s];
+          const float val = (float)sum;
           int64_t o;
           if (it < kk) o = sl.wdw + (int64_t)c * kk + it;
           else if (it == kk) o = sl.bdw + c;
@@ -448,8 +465,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tenso
   sl.n = sl.beta + H;
   auto gA = at::empty({B, H, N, N}, go.options());
   auto Af = f32(r.attn);
-  const int TR = tile_rows("REFINER_CUDA_TILE_ROWS", 4, [&](int tr) { return refine_bwd_smem(H, (int)k, sl, tr); });
-  const size_t smem = refine_bwd_smem(H, (int)k, sl, TR);
+  const int TR =
+      tile_rows("REFINER_CUDA_TILE_ROWS", 4, [&](int tr) { return refine_bwd_smem(H, (int)k, expand, sl, tr); });
+  const size_t smem = refine_bwd_smem(H, (int)k, expand, sl, TR);
   set_smem(refine_bwd_kernel, smem, "refine_eval_backward");
   const int64_t blocks = std::min<int64_t>(B * ((N + TR - 1) / TR), 8LL * device_attr(cudaDevAttrMultiProcessorCount));
   auto gpart = at::empty({blocks, sl.n}, go.options());
