@@ -194,3 +194,23 @@ def test_refine_train_on_emulated_passes(E, monkeypatch, B, H, N, d, ratio, k):
         if e is not None:
             assert_close(a.mean, e.mean.float(), 1e-5, 1e-5, "mean")
             assert_close(a.var, e.var.float(), 1e-4, 1e-5, "var")
+
+
+@pytest.mark.parametrize("ratio,k", [(3, 1), (3, 3), (1, 3)])
+def test_refine_train_on_emulated_passes_zero_variance(E, monkeypatch, ratio, k):
+    """A constant map (zero batch variance in every channel with k = 1): the CUDA passes' per-tile
+    moments and their Chan merges keep the statistics as exact as the CPU's (see
+    test_compiled_ops.test_refine_train_zero_variance)."""
+    from test_compiled_ops import _train_case
+    monkeypatch.setenv("REFINER_TRAIN_PASS_OP", "refiner_cuda_emu::_train_pass")
+    monkeypatch.setenv("REFINER_CPU_PORTABLE", "1")
+    a = torch.full((2, 4, 9, 9), 1.0 / 9)
+    (out, stats), _, (want, want_stats) = _train_case(a, ratio, k)
+    assert torch.isfinite(out).all()
+    assert_close(out.double(), want, 1e-5, 1e-6, "out")
+    for s, w in zip(stats, want_stats):
+        if w is not None:
+            assert_close(s.mean.double(), w.mean, 1e-5, 1e-4, "mean")
+            assert_close(s.var.double(), w.var, 1e-4, 1e-7, "var")
+            if k == 1:
+                assert s.var.abs().max() <= 1e-9
