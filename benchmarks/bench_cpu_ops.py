@@ -3,7 +3,8 @@
     python benchmarks/bench_cpu_ops.py [--repeats 15] [--threads 2]
 
 Prints median wall time (ms) per op at B=8, H=12, N=197, d=32, fp32. Baseline and fused runs are
-interleaved so that both see the same background load.
+interleaved so that both see the same background load. The last row compares refine_train's two
+paths: the ATen chunk passes (REFINER_TRAIN_PATH=chunk) against the default streamed passes.
 """
 import argparse
 import math
@@ -35,6 +36,21 @@ def paired_ms(fn_base, fn_fused, repeats, warmup=1):
                 fn()
                 ts.append((time.perf_counter() - t0) * 1e3)
     return statistics.median(tb), statistics.median(tf)
+
+
+def with_env(name, value, fn):
+    """fn run with the environment variable set (the compiled ops read their switches at each call)."""
+    def run():
+        old = os.environ.get(name)
+        os.environ[name] = value
+        try:
+            fn()
+        finally:
+            if old is None:
+                del os.environ[name]
+            else:
+                os.environ[name] = old
+    return run
 
 
 def main(argv=None):
@@ -90,9 +106,11 @@ def main(argv=None):
     if not a.no_train and hasattr(torch.ops.refiner, "refine_train"):
         dla_t, bn_t = [m.eval() for m in random_dla(H, 3, 3)]
         W = [t.detach().clone().requires_grad_() for t in train_args(dla_t, bn_t)]
+        fused_train = fb(lambda: C.refine_train(A, V, *W, 1e-5, s, True), [A, V] + W)
         rows.append(("refine train fwd+bwd", "reference.refine_train",
-                     *paired_ms(fb(lambda: R.refine_train(A, V, *W, 1e-5, s, True), [A, V] + W),
-                                fb(lambda: C.refine_train(A, V, *W, 1e-5, s, True), [A, V] + W), nb)))
+                     *paired_ms(fb(lambda: R.refine_train(A, V, *W, 1e-5, s, True), [A, V] + W), fused_train, nb)))
+        rows.append(("refine train fwd+bwd", "fused, REFINER_TRAIN_PATH=chunk",
+                     *paired_ms(with_env("REFINER_TRAIN_PATH", "chunk", fused_train), fused_train, nb)))
 
     print(f"CPU, torch {torch.__version__}, threads={torch.get_num_threads()}, B={B} H={H} N={N} d={d} fp32, "
           f"median of {a.repeats} (fwd) / {nb} (fwd+bwd) interleaved runs, malloc {cli.malloc_mode()}")
