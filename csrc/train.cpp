@@ -19,9 +19,10 @@
 //             final input/weight gradients. Streamed: Y3 once into a buffer the size of A, BN_a
 //             and BN3 on H-channel maps, then three passes for BN2, BN1 and the final gradients.
 //             Chunk path: five recompute passes of every map.
-// Chunk size (chunk_images): the expanded (c, rH, N, N) maps of one chunk (chunk path) stay
-// below a quarter of A, so the ~10 of them alive at once in the backward cost ~2.5x A, while a
-// large batch on a GPU needs only ~4r chunks per pass instead of B (launch bound otherwise).
+// Chunk size (chunk_images): the widest map of a chunk stays below a quarter of A: on the chunk
+// path the expanded (c, rH, N, N) maps, so the ~10 of them alive at once in the backward cost
+// ~2.5x A, while a large batch on a GPU needs only ~4r chunks per pass instead of B (launch bound
+// otherwise); beside the streamed passes on a GPU (H-channel maps only) 4 chunks.
 // Peak extra memory, streamed: the forward's Z buffer; in the backward Y3 (then gY3) and gA, plus
 // H-channel chunk temporaries; a copy of A in the compute dtype for fp16/bf16 inputs. Chunk
 // path: one buffer the size of A plus the chunk's maps.
@@ -50,18 +51,31 @@ struct TrainArgs {
   Tensor v, w_exp, w_dw, w_pro, g1, b1, g2, b2, g3, b3, ga, ba;  // compute dtype
   int64_t B, H, N, d, rH, k, chunk;
   bool expand;
+  bool stream;  // the streamed passes (else the chunk path)
   at::ScalarType ct;
 };
 
-// Images per chunk: REFINER_TRAIN_CHUNK when set (tests, tuning), else the largest count whose
-// (c, rH, N, N) map stays within a quarter of A: c = B / (4 r), at least 1.
-int64_t chunk_images(int64_t B, int64_t H, int64_t rH) {
+// The rH-channel passes: the streamed passes of train_pass.h (CPU rows, CUDA tiles) unless
+// REFINER_TRAIN_PATH=chunk picks the ATen chunk passes (a second implementation to compare with,
+// and the way out for shapes whose CUDA tiles do not fit in shared memory: H beyond ~100).
+bool chunk_path_requested() {
+  const char* s = std::getenv("REFINER_TRAIN_PATH");
+  if (!s || !*s || std::string(s) == "stream") return false;
+  TORCH_CHECK(std::string(s) == "chunk", "refine_train: REFINER_TRAIN_PATH must be 'stream' or 'chunk', got '", s, "'");
+  return true;
+}
+
+// Images per chunk: REFINER_TRAIN_CHUNK when set (tests, tuning), else B / (4 r): the chunk
+// path's expanded (c, rH, N, N) maps stay within a quarter of A. Beside the streamed passes on a
+// GPU the widest chunk map has H channels: B / 4, so that every H-channel stage is a few large
+// launches (B / (4 r) would make ~13 chunks of ~30 launches per pass at B = 256, r = 3).
+int64_t chunk_images(int64_t B, int64_t H, int64_t rH, bool stream, bool cuda) {
   if (const char* s = std::getenv("REFINER_TRAIN_CHUNK")) {
     const long long c = std::atoll(s);
     TORCH_CHECK(c > 0, "refine_train: REFINER_TRAIN_CHUNK must be a positive integer, got '", s, "'");
     return std::min<int64_t>(c, B);
   }
-  const int64_t r = std::max<int64_t>(1, rH / H);
+  const int64_t r = stream && cuda ? 1 : std::max<int64_t>(1, rH / H);
   return std::max<int64_t>(1, B / (4 * r));
 }
 
@@ -73,8 +87,9 @@ TrainArgs prep_train(const Tensor& attn, const Tensor& v, const Tensor& w_exp, c
   const auto ct = compute_type(attn);
   auto c = [&](const Tensor& t) { return t.to(ct).contiguous(); };
   const int64_t B = attn.size(0);
+  const bool stream = !chunk_path_requested();
   return {attn.contiguous(), c(v), c(w_exp), c(w_dw), c(w_pro), c(g1), c(b1), c(g2), c(b2), c(g3), c(b3), c(ga),
-          c(ba), B, H, attn.size(2), v.size(3), rH, k, chunk_images(B, H, rH), expand, ct};
+          c(ba), B, H, attn.size(2), v.size(3), rH, k, chunk_images(B, H, rH, stream, attn.is_cuda()), expand, stream, ct};
 }
 
 // The chunks of the batch: [b0, b0 + n).
@@ -221,17 +236,6 @@ struct Moments {
   }
 };
 
-// The rH-channel passes: the streamed passes of train_pass.h (CPU rows, CUDA tiles) unless
-// REFINER_TRAIN_PATH=chunk picks the ATen chunk passes (a second implementation to compare with,
-// and the way out for shapes whose CUDA tiles do not fit in shared memory: H beyond ~100).
-bool chunk_path_requested() {
-  const char* s = std::getenv("REFINER_TRAIN_PATH");
-  if (!s || !*s || std::string(s) == "stream") return false;
-  TORCH_CHECK(std::string(s) == "chunk", "refine_train: REFINER_TRAIN_PATH must be 'stream' or 'chunk', got '", s, "'");
-  return true;
-}
-bool streamed() { return !chunk_path_requested(); }
-
 // The streamed passes' inputs: A, the weights and BN1 / BN2 as far as they are known in f;
 // `map`: Y3 out or gY3 in.
 TrainStreamArgs stream_args(const TrainArgs& a, const Folded& f, const Tensor& map = Tensor()) {
@@ -279,7 +283,7 @@ Tensor forward_pass(const TrainArgs& a, Folded& f, double eps, double scale) {
   Moments mo2;
   auto buf = at::empty(a.attn.sizes(), a.v.options());
   TrainStreamArgs sa;
-  if (streamed()) {
+  if (a.stream) {
     sa = stream_args(a, f);
     auto y2 = train_pass(TrainPass::Y2Moments, sa);
     mo2.add_stats(y2.mean, y2.m2, M);
@@ -288,7 +292,7 @@ Tensor forward_pass(const TrainArgs& a, Folded& f, double eps, double scale) {
   }
   mo2.finish(a.ct, f.m2, f.v2);
   f.s2 = a.g2 / at::sqrt(f.v2 + eps);
-  if (streamed()) {
+  if (a.stream) {
     sa.s2 = f.s2, sa.m2 = f.m2, sa.b2 = a.b2, sa.map = buf;
     train_pass(TrainPass::Y3, sa);
   } else {
@@ -472,7 +476,7 @@ refine_train_backward_impl(const Tensor& gout, const Tensor& attn, const Tensor&
   f.m1 = c(m1), f.v1 = c(v1), f.m2 = c(m2), f.v2 = c(v2), f.m3 = c(m3), f.v3 = c(v3), f.ma = c(ma), f.va = c(va);
   fold(a, f, eps);
   auto go = gout.to(a.ct).contiguous();
-  auto g = streamed() ? refine_train_backward_streamed(go, a, f, scale) : refine_train_backward_chunked(go, a, f, scale);
+  auto g = a.stream ? refine_train_backward_streamed(go, a, f, scale) : refine_train_backward_chunked(go, a, f, scale);
   const auto st = attn.scalar_type();
   for (auto& t : g) t = t.to(st).contiguous();  // each is its own fresh tensor: no aliasing
   return {g[0], g[1], g[2], g[3], g[4], g[5], g[6], g[7], g[8], g[9], g[10], g[11], g[12]};
