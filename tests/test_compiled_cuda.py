@@ -34,6 +34,24 @@ def test_softmax_block_fp32(B, H, N, d, prev):
             [q, k, v, p], rtol=1e-4, atol=1e-4)
 
 
+def test_softmax_block_backward_memory():
+    """The CUDA backward holds two fp32 (B, H, N, N) maps at a time (the grad of attn; the scores, then
+    P, then their gradient, in one buffer) besides the returned bf16 grad of attn: its peak allocation
+    stays under 4 fp32 maps (the ATen expression it replaced held ~6)."""
+    B, H, N = 2, 4, 256
+    q, k, v, p = softmax_inputs(B, H, N, 32, True, torch.bfloat16, device=DEV)
+    out, attn = torch.ops.refiner.softmax_block(q, k, v, p, 0.2)
+    gout, gattn = torch.randn_like(out), torch.randn_like(attn)
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    grads = torch.ops.refiner.softmax_block_backward(gout, gattn, q, k, v, attn, 0.2)
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated() - base
+    assert peak < 4 * B * H * N * N * 4, f"peak {peak / (B * H * N * N * 4):.2f} fp32 maps"
+    del grads
+
+
 def test_softmax_block_forward_n577():
     q, k, v, p = softmax_inputs(1, 2, 577, 32, True, torch.float32, device=DEV)
     o1, a1 = C.softmax_block(q, k, v, p, 0.2)

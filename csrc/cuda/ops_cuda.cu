@@ -124,8 +124,8 @@ std::tuple<Tensor, Tensor> softmax_block_cuda(const Tensor& q_, const Tensor& k_
 // ----------------------------------------------------------------------------
 // row softmax (+ backward): one block per row, fp32
 // ----------------------------------------------------------------------------
-__global__ void row_softmax_kernel(const float* __restrict__ x, float* __restrict__ y, int64_t rows, int64_t n,
-                                   float scale) {
+// In place allowed (y may alias x: an element is read, then written, by the same thread).
+__global__ void row_softmax_kernel(const float* x, float* y, int64_t rows, int64_t n, float scale) {
   __shared__ float red[32];
   for (int64_t r = blockIdx.x; r < rows; r += gridDim.x) {
     const float* xr = x + r * n;
@@ -141,8 +141,8 @@ __global__ void row_softmax_kernel(const float* __restrict__ x, float* __restric
   }
 }
 
-// gx = scale * y (g - sum(g y)), in place allowed (gx may alias g).
-__global__ void row_softmax_bwd_kernel(const float* __restrict__ y, const float* g, float* gx, int64_t rows, int64_t n,
+// gx = scale * y (g - sum(g y)), in place allowed (gx may alias y or g).
+__global__ void row_softmax_bwd_kernel(const float* y, const float* g, float* gx, int64_t rows, int64_t n,
                                        float scale) {
   __shared__ float red[32];
   for (int64_t r = blockIdx.x; r < rows; r += gridDim.x) {
@@ -199,15 +199,16 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> softmax_block_backward_cuda(const Ten
   validate_grad("softmax_block_backward", "grad_out", gout, q);
   validate_grad("softmax_block_backward", "grad_attn", gattn, attn);
   c10::cuda::CUDAGuard guard(q.device());
-  auto qf = f32(q), kf = f32(k), vf = f32(v), af = f32(attn), go = f32(gout);
-  auto gA = at::baddbmm(f32(gattn).flatten(0, 1), go.flatten(0, 1), vf.flatten(0, 1).transpose(1, 2))
-                .view(af.sizes()).contiguous();
-  auto gv = at::matmul(af.transpose(-2, -1), go);
+  // Two fp32 (B, H, N, N) maps at a time: gA, and S -> P -> gS in one buffer (the row kernels run
+  // in place); the fp32 copy of attn only until gv.
+  auto qf = f32(q), kf = f32(k), vf = f32(v), go = f32(gout);
+  auto gv = at::matmul(f32(attn).transpose(-2, -1), go);
+  auto gA = gattn.to(at::kFloat, /*non_blocking=*/false, /*copy=*/true).contiguous();  // gattn + gout v^T
+  gA.view({-1, gA.size(2), gA.size(3)}).baddbmm_(go.flatten(0, 1), vf.flatten(0, 1).transpose(1, 2));
   auto S = at::matmul(qf, kf.transpose(-2, -1)).contiguous();
-  auto P = at::empty_like(S);
-  launch_row_softmax(S, P, (float)scale);
-  auto gS = at::empty_like(S);
-  launch_row_softmax_bwd(P, gA, gS, (float)scale);
+  launch_row_softmax(S, S, (float)scale);      // P
+  launch_row_softmax_bwd(S, gA, S, (float)scale);  // gS
+  const Tensor& gS = S;
   auto gq = at::matmul(gS, kf), gk = at::matmul(gS.transpose(-2, -1), qf);
   const auto st = q.scalar_type();
   return {gq.to(st), gk.to(st), gv.to(st), gA.to(st)};
