@@ -216,10 +216,19 @@ def test_refine_eval_tile_rows_invalid(E, monkeypatch, value):
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float16, 4e-3), (torch.bfloat16, 3e-2)])
 def test_refine_eval_half(E, dtype, tol):
+    """Half inputs are read as they are (the backward converts A's tiles as they load): the kernels
+    compute in fp32 from the same rounded values as the fp64 reference; only the outputs' rounding
+    to the input dtype differs."""
     args, expand = refine_inputs(2, 3, 17, 35, 3, 3, dtype)
     out = on_schedules(E, lambda: E.refine_eval(*map(fenced, args), expand))[0]
     assert out.dtype == dtype
-    assert_close(out, R.refine_eval(*(t.double() for t in args), expand), tol, tol, "out")
+    gout = torch.randn_like(out)
+    got = on_schedules(E, lambda: E.refine_eval_backward(fenced(gout), *map(fenced, args), expand))
+    (r_out,), r_g = grads(lambda *a: R.refine_eval(*a, expand), [t.double() for t in args], [gout.double()])
+    assert_close(out, r_out, tol, tol, "out")
+    for name, a, e in zip(REFINE_NAMES, got, r_g):
+        assert a.dtype == dtype, name
+        assert_close(a, e, tol, tol, f"grad {name}")
 
 
 @raises_in_launcher

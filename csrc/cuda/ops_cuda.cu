@@ -364,7 +364,8 @@ size_t refine_bwd_smem(int64_t H, int k, bool expand, const GradSlots& sl, int T
                           2 * buf_elems<float>(t, 0, (int)H) + sl.n);
 }
 
-__global__ void refine_bwd_kernel(const float* __restrict__ A, const float* __restrict__ GR, RefineWF w, int64_t B,
+template <class T>  // A in the input dtype (converted as its tiles load: no fp32 copy of the map)
+__global__ void refine_bwd_kernel(const T* __restrict__ A, const float* __restrict__ GR, RefineWF w, int64_t B,
                                   int H, int64_t N, int rH, int k, int TR, bool expand, GradSlots sl,
                                   float* __restrict__ gA, float* __restrict__ gpart) {
   RF_DYN_SHARED(float, sm);
@@ -465,17 +466,18 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tenso
   sl.beta = sl.alpha + H;
   sl.n = sl.beta + H;
   auto gA = at::empty({B, H, N, N}, go.options());
-  auto Af = f32(r.attn);
   const int TR =
       tile_rows("REFINER_CUDA_TILE_ROWS", 4, [&](int tr) { return refine_bwd_smem(H, (int)k, expand, sl, tr); });
   const size_t smem = refine_bwd_smem(H, (int)k, expand, sl, TR);
-  set_smem(refine_bwd_kernel, smem, "refine_eval_backward");
   const int64_t blocks = std::min<int64_t>(B * ((N + TR - 1) / TR), 8LL * device_attr(cudaDevAttrMultiProcessorCount));
   auto gpart = at::empty({blocks, sl.n}, go.options());
-  RF_LAUNCH(refine_bwd_kernel, (unsigned)blocks, kThreads, smem, c10::cuda::getCurrentCUDAStream())(
-      Af.data_ptr<float>(), gR.data_ptr<float>(), r.wf(), B, (int)H, N, (int)rH, (int)k, TR, expand, sl,
-      gA.data_ptr<float>(), gpart.data_ptr<float>());
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, r.attn.scalar_type(), "refine_eval_backward_cuda", [&] {
+    set_smem(refine_bwd_kernel<scalar_t>, smem, "refine_eval_backward");
+    RF_LAUNCH(refine_bwd_kernel<scalar_t>, (unsigned)blocks, kThreads, smem, c10::cuda::getCurrentCUDAStream())(
+        r.attn.data_ptr<scalar_t>(), gR.data_ptr<float>(), r.wf(), B, (int)H, N, (int)rH, (int)k, TR, expand, sl,
+        gA.data_ptr<float>(), gpart.data_ptr<float>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
   auto gpar = gpart.sum(0);
   const auto st = attn.scalar_type();
   auto gbeta = gpar.narrow(0, sl.beta, H);
