@@ -1,6 +1,6 @@
-// csrc/cuda/ops_cuda.cu and train_cuda.cu compiled as C++ against the CPU emulator (cuda_emu.h): its kernels and
-// launchers, registered as torch.ops.refiner_cuda_emu.* for CPU tensors. Test tooling, built by
-// tests/cuda_emu.py, never part of the package.
+// csrc/cuda/ops_cuda.cu and train_cuda.cu compiled as C++ against the CPU emulator (cuda_emu.h):
+// their kernels and launchers, registered as torch.ops.refiner_cuda_emu.* for CPU tensors. Test
+// tooling, built by tests/cuda_emu.py, never part of the package.
 #define REFINER_CUDA_EMU 1
 #define RF_CUDA_LIB refiner_cuda_emu
 #define RF_CUDA_KEY CPU
