@@ -38,6 +38,16 @@ template <class F> RF_HD bool relu6_pass(F x) { return x > F(0) && x < F(6); }
 RF_HD float rf_exp(float x) { return expf(x); }
 RF_HD double rf_exp(double x) { return exp(x); }
 
+// (n, mean, m2) += (n2, mean2, m22): Chan's pairwise update of a count, mean and sum of squared
+// deviations (the training passes' per-channel moments).
+RF_HD void chan_merge(double& n, double& mean, double& m2, double n2, double mean2, double m22) {
+  if (n2 == 0) return;
+  const double tot = n + n2, delta = mean2 - mean;
+  mean += delta * (n2 / tot);
+  m2 += m22 + delta * delta * (n * n2 / tot);
+  n = tot;
+}
+
 // ---------------------------------------------------------------------------
 // Softmax block: the element-wise pieces of one attention row.
 // ---------------------------------------------------------------------------

@@ -44,15 +44,6 @@ struct Slots {
   Slots(int64_t ngw, int64_t rH) : gw(0), sg(ngw), sgx(ngw + rH), n(ngw + 2 * rH) {}
 };
 
-// (n, mean, m2) += (n2, mean2, m22), Chan's pairwise update.
-inline void chan_merge(double& n, double& mean, double& m2, double n2, double mean2, double m22) {
-  if (n2 == 0) return;
-  const double tot = n + n2, delta = mean2 - mean;
-  mean += delta * (n2 / tot);
-  m2 += m22 + delta * delta * (n * n2 / tot);
-  n = tot;
-}
-
 // Mean and sum of squared deviations of x[0, n): a vector sum, then centred squares about its
 // rounded mean plus the sum of the residuals, which recovers what the rounding lost.
 template <class F> inline RF_INLINE void row_moments(const F* x, int64_t n, double& mean, double& m2) {

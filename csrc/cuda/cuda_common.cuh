@@ -46,7 +46,7 @@ constexpr int kThreads = 128;
 // Columns = the tile width, so that a warp reads consecutive columns of one row.
 __device__ CudaPar tile_par(int TC) { return {(int)threadIdx.x / TC, (int)blockDim.x / TC, (int)threadIdx.x % TC, TC}; }
 
-__device__ __forceinline__ float warp_sum(float v) {
+template <class F> __device__ __forceinline__ F warp_sum(F v) {
   for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
   return v;
 }

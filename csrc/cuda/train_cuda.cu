@@ -75,11 +75,6 @@ size_t train_smem(int pass, bool expand, int H, int rH, int k, int TR) {
   return sizeof(double) * TrainSlots(pass, H, rH, k).n + sizeof(F) * TrainLayout(pass, expand, H, k, TR).total;
 }
 
-template <class F> __device__ __forceinline__ F warp_sum_any(F v) {
-  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-  return v;
-}
-
 // U = sum_h W_exp[c, h] A_h and E = relu6(s1 (U - m1) + b1) over the centre plus halo eh, E zero
 // outside the map (dw's zero padding); U kept when U is given.
 template <class F, class Par>
@@ -131,18 +126,9 @@ __device__ void warp_items(const Tile& t, int n, double* slots, Term term, Slot 
       const int y = pix / t.TC, x = pix % t.TC;
       if (t.inmap(y, x)) s += double(term(i, y, x));
     }
-    s = warp_sum_any(s);
+    s = warp_sum(s);
     if (lane == 0) slots[slot(i)] += s;
   }
-}
-
-// Chan's pairwise update of (n, mean, m2) by the moments of another set.
-__device__ void chan_merge(double* nmm, double n2, double mean2, double m22) {
-  if (n2 == 0) return;
-  const double n = nmm[0], tot = n + n2, delta = mean2 - nmm[1];
-  nmm[1] += delta * (n2 / tot);
-  nmm[2] += m22 + delta * delta * (n * n2 / tot);
-  nmm[0] = tot;
 }
 
 // The moments of Y2's in-map centre pixels merged into slots (n, mean, m2) of channel c, by warp c.
@@ -155,8 +141,8 @@ __device__ void y2_moments(const Tile& t, const Buf<F>& Y2, int c, double* nmm) 
     const int y = pix / t.TC, x = pix % t.TC;
     if (t.inmap(y, x)) s += double(Y2.at(0, y, x)), n += 1;
   }
-  n = warp_sum_any(n);
-  const double mean = warp_sum_any(s) / n;
+  n = warp_sum(n);
+  const double mean = warp_sum(s) / n;
   double q = 0;
   for (int pix = lane; pix < t.TR * t.TC; pix += 32) {
     const int y = pix / t.TC, x = pix % t.TC;
@@ -165,8 +151,8 @@ __device__ void y2_moments(const Tile& t, const Buf<F>& Y2, int c, double* nmm) 
       q += dv * dv;
     }
   }
-  q = warp_sum_any(q);
-  if (lane == 0) chan_merge(nmm, n, mean, q);
+  q = warp_sum(q);
+  if (lane == 0) chan_merge(nmm[0], nmm[1], nmm[2], n, mean, q);
 }
 
 // One instance per pass (kPass): each compiles to only its own stages and registers.
