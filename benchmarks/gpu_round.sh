@@ -9,6 +9,10 @@
 #                                              # in the time left bench_ops of the CUDA kernels at 1 row per
 #                                              # block, of refine_train on the ATen chunk passes, and a
 #                                              # profile (Refiner-ViT-S fused[cuda] vs reference)
+#   bash benchmarks/gpu_round.sh verify        # build (sm_90), the tests the last round failed (see
+#                                              # stage_verify), then memcheck and racecheck of the CUDA
+#                                              # tests: a short call (~6 min) for a session with little
+#                                              # device time
 #   bash benchmarks/gpu_round.sh tests         # build, describe backends, pytest, compute-sanitizer
 #   bash benchmarks/gpu_round.sh bench         # build (if needed), bench_ops, profile_models, bench_models
 #   bash benchmarks/gpu_round.sh bench-ops     # only bench_ops (whole budget)
@@ -159,10 +163,23 @@ stage_quick() {
     --fused-backends cuda
 }
 
+# The tests the H100 round of b7ff105 failed or crashed in (the fixes of 2026-11-26's sixth session:
+# relu6-flip-aware comparisons, FMA-proof score recomputation, the CUDA head-size check in Python
+# and the C++ checks in a child process), each file in its own process so a crash names its file.
+stage_verify() {
+  export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
+  build
+  describe_backends
+  REFINER_TRITON_AUTOTUNE=0 run_step verify_extremes 100 "$PY" -m pytest -q -ra tests/test_extremes.py
+  run_step verify_cuda 120 "$PY" -m pytest -q -ra tests/test_compiled_cuda.py
+  stage_sanitize
+}
+
 env_info
-if [ "$STAGE" = quick ]; then BUDGET=${STAGE_BUDGET:-480}; else build; describe_backends; fi
+if [ "$STAGE" = quick ] || [ "$STAGE" = verify ]; then BUDGET=${STAGE_BUDGET:-480}; else build; describe_backends; fi
 case "$STAGE" in
   quick) stage_quick ;;
+  verify) stage_verify ;;
   tests) stage_tests ;;
   sanitize) stage_sanitize ;;
   props) REFINER_HYPOTHESIS_PROFILE=long run_step properties_long $(( $(left) - 20 )) "$PY" -m pytest -q -ra \
@@ -171,7 +188,7 @@ case "$STAGE" in
          bench_models $(( $(left) - 20 )) ;;
   bench-ops) bench_ops $(( $(left) - 20 )) ;;
   bench-models) bench_models $(( $(left) - 20 )) ;;
-  *) say "unknown stage '$STAGE' (quick | tests | sanitize | props | bench | bench-ops | bench-models)"; exit 2 ;;
+  *) say "unknown stage '$STAGE' (quick | verify | tests | sanitize | props | bench | bench-ops | bench-models)"; exit 2 ;;
 esac
 # Tables and targets into the summary (the JSON/PNGs are in the results tarball).
 for f in "$LOGS"/bench_*.log "$LOGS"/profile_*.log; do

@@ -36,6 +36,18 @@ def _require():
         raise RuntimeError(UNAVAILABLE_REASON)
 
 
+CUDA_MAX_HEAD_SIZE = 128  # the CUDA kernels' limit (kMaxHeadDimCuda in csrc/checks.h)
+
+
+def _check_cuda_head_size(name: str, t: Tensor):
+    """Checked here as well as in C++: the H100 round of b7ff105 saw the process die (SIGSEGV) where
+    the CUDA softmax_block's own check (head size 129) should have raised; see
+    test_compiled_cuda.test_cuda_op_check_raises_in_a_subprocess."""
+    if isinstance(t, Tensor) and t.is_cuda and t.dim() == 4 and t.shape[-1] > CUDA_MAX_HEAD_SIZE:
+        raise ValueError(f"{name}: head size must be <= {CUDA_MAX_HEAD_SIZE} on CUDA, got {t.shape[-1]} "
+                         f"(use backend='triton' or 'reference')")
+
+
 def _zeros_if_none(g, like):
     return torch.zeros_like(like) if g is None else g
 
@@ -193,6 +205,7 @@ def softmax_block(q: Tensor, k: Tensor, v: Tensor, prev_attn: Optional[Tensor],
                   scale: float) -> Tuple[Tensor, Tensor]:
     """(B,H,N,d) x3 [, (B,H,N,N)] -> out (B,H,N,d), attn (B,H,N,N). See `reference.softmax_block`."""
     _require()
+    _check_cuda_head_size("q", q)
     out, attn = torch.ops.refiner.softmax_block(q, k, v, prev_attn, float(scale))
     return out, attn
 
@@ -201,6 +214,7 @@ def refine_eval(attn: Tensor, v: Tensor, w_exp: Tensor, b_exp: Tensor, w_dw: Ten
                 w_pro: Tensor, b_pro: Tensor, alpha: Tensor, beta: Tensor, expand: bool) -> Tensor:
     """Fused eval-mode refine block (BNs folded). See `reference.refine_eval`."""
     _require()
+    _check_cuda_head_size("v", v)
     return torch.ops.refiner.refine_eval(attn, v, w_exp, b_exp, w_dw, b_dw, w_pro, b_pro, alpha, beta,
                                          bool(expand))
 
@@ -211,6 +225,7 @@ def refine_train(attn: Tensor, v: Tensor, w_exp: Tensor, w_dw: Tensor, w_pro: Te
                  ) -> Tuple[Tensor, Tuple[Optional[BNStats], BNStats, BNStats, BNStats]]:
     """Training-mode refine block with batch statistics. See `reference.refine_train`."""
     _require()
+    _check_cuda_head_size("v", v)
     res = torch.ops.refiner.refine_train(attn, v, w_exp, w_dw, w_pro, g1, b1, g2, b2, g3, b3, ga, ba,
                                          float(eps), float(scale), bool(expand))
     out, m1, v1, m2, v2, m3, v3, ma, va = res

@@ -11,6 +11,13 @@ Backward (FlashAttention-2 style, two kernels):
   _bwd_dkdv: per key tile, loop over query tiles: dv += A^T dO, dk += s dS^T q.
 All arithmetic in fp32 (half inputs are cast right after loading), dots with
 input_precision="ieee" so fp32 inputs are not rounded to TF32 on the GPU.
+
+Every kernel recomputes the scores s = (q k^T) * scale and subtracts a row statistic found from
+an earlier evaluation (the pass-1 max, the lse). They are launched with enable_fp_fusion=False:
+with fusion, LLVM may contract `dot * scale - m` into one FMA (the unrounded product) in one
+place and not in the other, and for logits ~1e8 (ulp 8-32) that puts exp(s - m) at e^16 for the
+row's own maximum (the H100 run of test_huge_logits_stay_finite). The cost is a few FMAs split
+in two in kernels bound by their dots and memory.
 """
 from __future__ import annotations
 
@@ -213,11 +220,12 @@ def softmax_block_fwd(q, k, v, prev_attn, scale: float):
     BM, BN, BD = _tiles(N, D)
     if use_tuned(_sb_fwd_tuned, q):
         _sb_fwd_tuned[lambda META: (B * H, triton.cdiv(N, META["BM"]))](
-            q, k, v, prev, out, attn, lse, N, D, float(scale), HAS_PREV=has_prev, DOT_T=_dot_dtype(q.dtype), BD=BD)
+            q, k, v, prev, out, attn, lse, N, D, float(scale), HAS_PREV=has_prev, DOT_T=_dot_dtype(q.dtype), BD=BD,
+            enable_fp_fusion=False)
     else:
         _sb_fwd[(B * H, triton.cdiv(N, BM))](q, k, v, prev, out, attn, lse, N, D, float(scale),
                                              HAS_PREV=has_prev, DOT_T=_dot_dtype(q.dtype), BM=BM, BN=BN, BD=BD,
-                                             num_warps=num_warps_for(BM * BN))
+                                             num_warps=num_warps_for(BM * BN), enable_fp_fusion=False)
     return out, attn, lse
 
 
@@ -236,9 +244,11 @@ def softmax_block_bwd(dout, dattn, q, k, v, prev_attn, lse, scale: float):
     nw = num_warps_for(BM * BN)
     _sb_bwd_dq[(B * H, triton.cdiv(N, BM))](
         q, k, v, lse, dout, dattn, dq, dprev if has_prev else dq, delta, N, D, float(scale),
-        HAS_PREV=has_prev, DOT_T=_dot_dtype(q.dtype), BM=BM, BN=BN, BD=BD, num_warps=nw)
+        HAS_PREV=has_prev, DOT_T=_dot_dtype(q.dtype), BM=BM, BN=BN, BD=BD, num_warps=nw,
+        enable_fp_fusion=False)
     # dk/dv: key tiles of BM rows, loop over query tiles of BN rows.
     _sb_bwd_dkdv[(B * H, triton.cdiv(N, BM))](
         q, k, v, prev, lse, delta, dout, dattn, dk, dv, N, D, float(scale),
-        HAS_PREV=has_prev, DOT_T=_dot_dtype(q.dtype), BM=BN, BN=BM, BD=BD, num_warps=nw)
+        HAS_PREV=has_prev, DOT_T=_dot_dtype(q.dtype), BM=BN, BN=BM, BD=BD, num_warps=nw,
+        enable_fp_fusion=False)
     return dq, dk, dv, dprev

@@ -16,7 +16,7 @@ import torch
 
 from refiner import _compiled as C
 from refiner import reference as R
-from utils import random_attn, random_dla
+from utils import random_attn, random_dla, relu6_flips
 
 pytestmark = pytest.mark.skipif(not C.AVAILABLE, reason=f"refiner._C not available: {C.UNAVAILABLE_REASON}")
 
@@ -24,16 +24,18 @@ DEVICE = "cpu"
 
 
 # ----------------------------------------------------------------------------- helpers
-def assert_close(actual, expected, rtol, atol, name="", abs_tol=0.0):
-    """Element-wise |a - e| <= atol * max|e| + rtol * |e| + abs_tol (atol relative to the tensor's scale)."""
+def assert_close(actual, expected, rtol, atol, name="", abs_tol=0.0, outliers=0):
+    """Element-wise |a - e| <= atol * max|e| + rtol * |e| + abs_tol (atol relative to the tensor's scale),
+    for all but at most `outliers` elements (see relu6_flips)."""
     assert actual is not None and expected is not None, name
     assert actual.shape == expected.shape, f"{name}: shape {tuple(actual.shape)} vs {tuple(expected.shape)}"
     a, e = actual.double(), expected.double()
     scale = e.abs().max().item() or 1.0
     err = (a - e).abs()
     bound = atol * scale + rtol * e.abs() + abs_tol
-    worst = (err - bound).max().item()
-    assert worst <= 0, f"{name}: max abs err {err.max().item():.3e} (scale {scale:.3e}) exceeds tolerance"
+    over = int((err > bound).sum()) + int(err.isnan().sum())
+    assert over <= outliers, (f"{name}: max abs err {err.max().item():.3e} (scale {scale:.3e}) exceeds tolerance "
+                              f"at {over} elements (allowed {outliers})")
 
 
 def grads(fn, inputs, gouts):
@@ -47,8 +49,9 @@ def grads(fn, inputs, gouts):
     return [o.detach() for o in outs], list(gs)
 
 
-def compare(fused, ref, inputs, rtol, atol, ref_inputs=None, names=None, abs_tol=0.0, skip=()):
-    """Forward + all gradients of fused vs ref. ref runs on ref_inputs (default: inputs)."""
+def compare(fused, ref, inputs, rtol, atol, ref_inputs=None, names=None, abs_tol=0.0, skip=(), flips=False):
+    """Forward + all gradients of fused vs ref. ref runs on ref_inputs (default: inputs). flips: allow
+    relu6_flips(numel) outliers in the gradients of maps (large shapes against an fp64 reference)."""
     ref_inputs = inputs if ref_inputs is None else ref_inputs
     with torch.no_grad():
         r_out = ref(*ref_inputs)
@@ -69,7 +72,8 @@ def compare(fused, ref, inputs, rtol, atol, ref_inputs=None, names=None, abs_tol
         if nm in skip:
             continue
         assert a.dtype == inputs[0].dtype
-        assert_close(a, e.to(a.dtype), rtol, atol, f"grad {nm}", abs_tol)
+        assert_close(a, e.to(a.dtype), rtol, atol, f"grad {nm}", abs_tol,
+                     outliers=relu6_flips(a.numel()) if flips and a.dim() == 4 else 0)
     return dict(zip(names or [], f_g))
 
 

@@ -4,7 +4,7 @@ import torch
 
 from refiner import ops, reference
 from backends import DEVICE, backend_params
-from utils import random_attn, random_dla, train_args
+from utils import random_attn, random_dla, relu6_flips, train_args
 
 BACKENDS = backend_params()
 
@@ -33,9 +33,17 @@ def test_tiny_token_counts(backend, N):
 def test_huge_logits_stay_finite(backend):
     B, H, N, d = 1, 2, 17, 8
     q, k, v = torch.randn(3, B, H, N, d, device=DEVICE).unbind(0)
-    out, attn = ops.softmax_block(q * 1e4, k * 1e4, v, None, d ** -0.5, backend=backend)
+    qb, kb = (q * 1e4).requires_grad_(), (k * 1e4).requires_grad_()
+    out, attn = ops.softmax_block(qb, kb, v, None, d ** -0.5, backend=backend)
     assert torch.isfinite(out).all() and torch.isfinite(attn).all()
     torch.testing.assert_close(attn.sum(-1), torch.ones(B, H, N, device=DEVICE))
+    # Logits ~1e8 (ulp 8): every recomputation of P in the backward must agree with the forward's
+    # row max bit for bit (no FMA-contracted `s * scale - max`), else exp(s - max) reaches e^16.
+    want_out, want_attn = reference.softmax_block(q * 1e4, k * 1e4, v, None, d ** -0.5)
+    torch.testing.assert_close(attn, want_attn)
+    g_out, g_attn = torch.randn_like(out), torch.randn_like(attn)
+    gq, gk = torch.autograd.grad((out * g_out).sum() + (attn * g_attn).sum(), (qb, kb))
+    assert torch.isfinite(gq).all() and torch.isfinite(gk).all()
     # Tiny logits: a uniform map.
     _, flat = ops.softmax_block(q * 1e-30, k * 1e-30, v, None, d ** -0.5, backend=backend)
     torch.testing.assert_close(flat, torch.full_like(flat, 1 / N))
@@ -120,9 +128,12 @@ def test_long_sequences_up_to_1025_tokens(backend):
     torch.testing.assert_close(ops.refine_eval(want_attn, v, f, backend=backend),
                                reference.refine_eval(want_attn, v, *f.args()), rtol=1e-4, atol=1e-4)
     # Training, the output and the gradient of the map, against fp64: BN1 sees a softmax map with
-    # var ~1e-6 and multiplies by ~1/sqrt(var + eps), so a statistic a few 1e-5 off flips relu6
-    # masks and moves single gradients by ~10% (an fp32 Gram matrix did). Bound: the fp32
-    # reference's own error.
+    # var ~1e-6 and multiplies by ~1/sqrt(var + eps) ~ 300, so a statistic a few 1e-5 off flips
+    # relu6 masks everywhere (an fp32 Gram matrix did). Bound: the fp32 reference's own error, at
+    # its 99.99th percentile, for all but relu6_flips elements: even exact statistics leave a few
+    # pre-activations within fp32 rounding of 0 or 6, and each such flip moves a pixel's gradient by
+    # up to ~1e3 (seeds 0-11 on the CPU: the fused kernels flip 0-20 elements, the fp32 reference too,
+    # for seeds 2 and 8; the H100 run of b7ff105 failed a max-error bound this way, 326 vs 0.006).
     params = train_args(*random_dla(H, device=DEVICE))
     gout = torch.randn(B, H, N, d, device=DEVICE, dtype=torch.float64)
 
@@ -135,8 +146,11 @@ def test_long_sequences_up_to_1025_tokens(backend):
     ref32 = run(lambda *t: reference.refine_train(*t, 1e-5, 0.3, True), torch.float32)
     want = run(lambda *t: reference.refine_train(*t, 1e-5, 0.3, True), torch.float64)
     for name, g, r, w in zip(("out", "grad attn"), got, ref32, want):
-        err, ref_err = (g.double() - w).abs().max().item(), (r.double() - w).abs().max().item()
-        assert err <= 4 * ref_err + 1e-6 * w.abs().max().item(), f"{name}: {err:.3g} vs fp32 reference {ref_err:.3g}"
+        err, ref_err = (g.double() - w).abs().flatten(), (r.double() - w).abs().flatten()
+        bound = 4 * ref_err.quantile(0.9999).item() + 1e-6 * w.abs().max().item()
+        over = int((err > bound).sum()) + int(err.isnan().sum())
+        assert over <= relu6_flips(err.numel()), (f"{name}: {over} elements beyond {bound:.3g} (max {err.max():.3g}; "
+                                                 f"the fp32 reference's max {ref_err.max():.3g})")
 
 
 gpu_backends = [b for b in backend_params(include_reference=False) if b.values[0] in ("cuda", "triton")]

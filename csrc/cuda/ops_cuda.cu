@@ -125,19 +125,22 @@ std::tuple<Tensor, Tensor> softmax_block_cuda(const Tensor& q_, const Tensor& k_
 // row softmax (+ backward): one block per row, fp32
 // ----------------------------------------------------------------------------
 // In place allowed (y may alias x: an element is read, then written, by the same thread).
+// The scaled score is rounded (__fmul_rn) each time it is formed: contracted into an FMA with the
+// `- mx` it would be the exact product, up to half an ulp above the max (e^16 at logits ~3e8).
 __global__ void row_softmax_kernel(const float* x, float* y, int64_t rows, int64_t n, float scale) {
   __shared__ float red[32];
   for (int64_t r = blockIdx.x; r < rows; r += gridDim.x) {
     const float* xr = x + r * n;
     float* yr = y + r * n;
     float mx = -INFINITY;
-    for (int64_t j = threadIdx.x; j < n; j += blockDim.x) mx = fmaxf(mx, scale * xr[j]);
+    for (int64_t j = threadIdx.x; j < n; j += blockDim.x) mx = fmaxf(mx, __fmul_rn(scale, xr[j]));
     mx = block_reduce<true>(mx, red);
     float sum = 0.f;
-    for (int64_t j = threadIdx.x; j < n; j += blockDim.x) sum += rf_exp(scale * xr[j] - mx);
+    for (int64_t j = threadIdx.x; j < n; j += blockDim.x) sum += rf_exp(__fmul_rn(scale, xr[j]) - mx);
     sum = block_reduce<false>(sum, red);
     const float inv = 1.f / sum;
-    for (int64_t j = threadIdx.x; j < n; j += blockDim.x) yr[j] = softmax_residual(scale * xr[j], mx, inv, 0.f, 0.f);
+    for (int64_t j = threadIdx.x; j < n; j += blockDim.x)
+      yr[j] = softmax_residual(__fmul_rn(scale, xr[j]), mx, inv, 0.f, 0.f);
   }
 }
 

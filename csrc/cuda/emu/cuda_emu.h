@@ -37,6 +37,7 @@
 #include <functional>
 #include <map>
 #include <random>
+#include <cstdlib>
 #include <type_traits>
 #include <vector>
 
@@ -46,7 +47,15 @@ constexpr int kWarp = 32;
 constexpr size_t kStackBytes = 256 * 1024;  // per fiber (mmap'ed: only touched pages cost)
 constexpr size_t kCanaryBytes = 4096;
 constexpr int kSmemOptin = 232448;  // H100: cudaDevAttrMaxSharedMemoryPerBlockOptin
-constexpr int kSmCount = 2;
+// SMs the launchers see (they size grid-stride grids from it): 2, or REFINER_EMU_SMS (132 on an
+// H100) to give the kernels the GPU's grid, so that a block walks as many tiles as on the device.
+inline int sm_count() {
+  static const int n = [] {
+    const char* s = std::getenv("REFINER_EMU_SMS");
+    return s && std::atoi(s) > 0 ? std::atoi(s) : 2;
+  }();
+  return n;
+}
 
 struct Dim3 {
   unsigned x = 1, y = 1, z = 1;
@@ -322,6 +331,12 @@ template <class T>
 T __shfl_xor_sync(unsigned mask, T v, int lane_mask) {
   return ::emu::shfl_xor(mask, v, lane_mask);
 }
+// A product rounded to fp32 on its own (never contracted into an FMA): volatile stops the
+// emulator build's -ffp-contract=fast as __fmul_rn stops nvcc's.
+inline float __fmul_rn(float a, float b) {
+  volatile float r = a * b;
+  return r;
+}
 template <class T>
 inline T min(T a, T b) {
   return b < a ? b : a;
@@ -334,7 +349,7 @@ inline int cudaGetDevice(int* dev) {
   return 0;
 }
 inline int cudaDeviceGetAttribute(int* v, cudaDeviceAttr attr, int) {
-  *v = attr == cudaDevAttrMaxSharedMemoryPerBlockOptin ? emu::kSmemOptin : emu::kSmCount;
+  *v = attr == cudaDevAttrMaxSharedMemoryPerBlockOptin ? emu::kSmemOptin : emu::sm_count();
   return 0;
 }
 template <class K>
