@@ -6,7 +6,8 @@
 #                                              # build (sm_90) while the Triton GPU tests run, then the
 #                                              # CUDA/cross-backend tests, a memcheck, bench_ops (N 197/577,
 #                                              # bf16), bench_models (S and ViT-S, 224 px, no compile), then
-#                                              # in the time left bench_ops of the CUDA kernels at 1 row per
+#                                              # in the time left bench_ops of Triton's refine_train with
+#                                              # REFINER_TRITON_TRAIN_Y3=recompute, of the CUDA kernels at 1 row per
 #                                              # block, of refine_train on the ATen chunk passes, and a
 #                                              # profile (Refiner-ViT-S fused[cuda] vs reference)
 #   bash benchmarks/gpu_round.sh verify        # build (sm_90), the tests the last round failed (see
@@ -150,7 +151,12 @@ stage_quick() {
     --head-dim 32 --dtypes bf16
   run_step bench_models 120 "$PY" benchmarks/bench_models.py --out "$RES" \
     --models refiner_vit_s vit_small_patch16_224 --img 224 --batch 256 --compile-backend skip --repeats 5
-  # then, in what time is left: the CUDA kernels at one query row per block (defaults: 4 refine,
+  # then, in what time is left: Triton's refine_train with every pass recomputing Y3 (the schedule
+  # before the Y3 buffer; bench_ops above ran the default), to compare the two
+  REFINER_TRITON_TRAIN_Y3=recompute run_step bench_ops_train_y3_recompute 40 "$PY" benchmarks/bench_ops.py \
+    --out "$RES/train_y3_recompute" --rep-ms 25 --n 197 577 --heads 12 --head-dim 32 --dtypes bf16 \
+    --ops refine_train --backends triton reference --no-plots
+  # the CUDA kernels at one query row per block (defaults: 4 refine,
   # 16 softmax), to see what the tiling buys, and where a Refiner-ViT-S step's time goes
   REFINER_CUDA_TILE_ROWS=1 REFINER_CUDA_SOFTMAX_ROWS=1 run_step bench_ops_rows1 40 "$PY" benchmarks/bench_ops.py \
     --out "$RES/rows1" --rep-ms 25 --n 197 577 --heads 12 --head-dim 32 --dtypes bf16 \

@@ -18,9 +18,10 @@ over column tiles. No (B, rH, N, N) tensor is ever written.
 
 Backward: R (B,H,N,N) is recomputed by the same kernel (STORE_R), dv = R^T dO and
 dR = dO v^T by a batched matmul kernel, then one kernel per halo-extended tile recomputes E and
-D, forms g = dL/d(dw_k(E)) on the extended tile, stages g through a small per-program scratch
-buffer (CC x P floats, reused across channel chunks) to apply the transposed stencil, and
-produces dA plus per-program partial weight gradients (summed afterwards; deterministic).
+D, forms g = dL/d(dw_k(E)) on the extended tile, stages E (for dW_dw) and then g (for the
+transposed stencil) through a small per-program scratch buffer (CC x P floats, reused across
+channel chunks), and produces dA plus per-program partial weight gradients (summed afterwards;
+deterministic).
 """
 from __future__ import annotations
 
@@ -180,19 +181,20 @@ if triton is not None:
             g = tl.where((dpre > 0.0) & (dpre < 6.0) & mc[:, None], gd, 0.0)
             g_own = g * ownf[None, :]
             tl.store(pbdw_ptr + prog * RHP + cc, tl.sum(g_own, axis=1))
-            # dW_dw partial: sum over own positions of g * E(shifted); E recomputed.
+            # dW_dw partial: sum over own positions of g * E(shifted). An own position shifted by at
+            # most PAD stays inside the tile, so E is computed once over the tile (the halo is the
+            # tile's border) and read shifted from the scratch buffer, not recomputed per offset.
+            epre = tl.dot(we, a0, input_precision="ieee") + be[:, None]
+            e0 = tl.minimum(tl.maximum(epre, 0.0), 6.0) if RELU_E else epre
+            tl.debug_barrier()
+            tl.store(scr + tl.arange(0, CC)[:, None] * P + p[None, :], tl.where(inmap[None, :], e0, 0.0))
+            tl.debug_barrier()
             for o in range(0, KK):
-                du = o // KS - PAD
-                dv = o % KS - PAD
-                r2 = row + du
-                c2 = col + dv
-                ok = (r2 >= 0) & (r2 < N) & (c2 >= 0) & (c2 < N)
-                a_s = tl.load(a_ptr + base_a + hoff + (r2 * N + c2)[None, :],
-                              mask=mh[:, None] & ok[None, :], other=0.0).to(tl.float32)
-                e = tl.dot(we, a_s, input_precision="ieee") + be[:, None]
-                if RELU_E:
-                    e = tl.minimum(tl.maximum(e, 0.0), 6.0)
-                e = tl.where(ok[None, :], e, 0.0)
+                sm = pm + (o // KS - PAD)
+                sj = pj + (o % KS - PAD)
+                okk = (sm >= 0) & (sm < TM) & (sj >= 0) & (sj < TJ)
+                e = tl.load(scr + tl.arange(0, CC)[:, None] * P + (sm * TJ + sj)[None, :], mask=okk[None, :],
+                            other=0.0, cache_modifier=".cg")
                 tl.store(pwdw_ptr + prog * RHP * KK + cc * KK + o, tl.sum(g_own * e, axis=1))
             # transposed stencil through the scratch buffer: dE[q] = sum_o w[o] g[q - s_o]
             tl.debug_barrier()
@@ -209,7 +211,6 @@ if triton is not None:
                              mask=okk[None, :], other=0.0, cache_modifier=".cg")
                 w = tl.load(wdw_ptr + cc * KK + o, mask=mc, other=0.0).to(tl.float32)
                 de += w[:, None] * gs
-            epre = tl.dot(we, a0, input_precision="ieee") + be[:, None]
             if RELU_E:
                 de = tl.where((epre > 0.0) & (epre < 6.0), de, 0.0)
             de = tl.where(mc[:, None] & own[None, :], de, 0.0)

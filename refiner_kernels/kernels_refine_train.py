@@ -12,9 +12,9 @@ statistics are combined on the host side with Chan's parallel formula in float64
       var = diag(W_e Sigma_A W_e^T) (BN1 of a linear layer costs a reduction, not a tensor).
       (expand only)
   F2  BN2 statistics of X2 (E recomputed with BN1 folded into W_e).
-  F3  BN3 statistics of Y3.
+  F3  BN3 statistics of Y3; Y3 stored (an fp32 A-sized buffer, freed at the end of the forward).
   F4  BN_a statistics of Z, from the values of Z (not from moments of A and Y3: at zero BN3
-      variance the algebra amplifies rounding by 1/(var3 + eps)).
+      variance the algebra amplifies rounding by 1/(var3 + eps)); Z from A and the stored Y3.
   F5  R = BN_a(Z) * scale stored (A-sized, fp32), then out = R @ v (batched matmul).
 Numerical robustness (a constant map, where every BN variance is 0 and each BN amplifies
 position-to-position rounding differences by 1/sqrt(eps); a map with a large mean and a small
@@ -27,15 +27,21 @@ spread):
   - Z (and Zhat, Y3hat) is one expression (`_zhat`) in every pass, with the statistics rounded to
     fp32 as the backward receives them, so forward, statistics and backward see the same values.
 Backward (recompute; exact gradient through the batch statistics):
+  Y3 recomputed into the buffer by F3's pass (bit-identical to the forward's), which R, B1, B2
+  and B3 then read: only F2, F3, the backward's Y3 pass, B2 and B3 run the expansion and the
+  stencil (REFINER_TRITON_TRAIN_Y3=recompute: every pass does, as before; see _y3_buffer).
   R recomputed (F5's pass) -> dv = R^T dO, dR = dO v^T (A-sized).
   B1  sums of dRn, dRn*Zhat, dRn*Y3hat, Zhat*Y3hat per head -> dga, dba, dg3, db3.
   B2  dY3 per position, dW_p partials, sums of dD', dD'*X2hat per channel -> dg2, db2.
-  B3  halo-extended tiles: dX2, dW_dw partials, transposed stencil of dX2 staged through a
-      small per-program scratch buffer -> dE -> dX1' ; partial sums for dg1, db1, dW_e and
-      dA except the BN1 mean/variance terms, which are an H x H mix of A - K plus a bias, added last.
+  B3  halo-extended tiles: dX2, dW_dw partials (E staged over the tile in a small per-program
+      scratch buffer), transposed stencil of dX2 staged the same way -> dE -> dX1' ; partial sums
+      for dg1, db1, dW_e and dA except the BN1 mean/variance terms, which are an H x H mix of
+      A - K plus a bias, added last.
 Memory: a few A-sized (B,H,N,N) tensors and O(programs * channels) partials; no (B,rH,N,N).
 """
 from __future__ import annotations
+
+import os
 
 import torch
 
@@ -126,13 +132,16 @@ if triton is not None:
         return z, zhat, yhat
 
     @triton.jit
-    def _rt_tile(a_ptr, dr_ptr, we_ptr, be_ptr, wdw_ptr, wp_ptr, cv_ptr, hv_ptr, ks_ptr, part_ptr, pn_ptr, pwp_ptr,
-                 N, H, RH, RHP, NTJ, scale,
+    def _rt_tile(a_ptr, dr_ptr, y_ptr, we_ptr, be_ptr, wdw_ptr, wp_ptr, cv_ptr, hv_ptr, ks_ptr, part_ptr, pn_ptr,
+                 pwp_ptr, N, H, RH, RHP, NTJ, scale,
                  MODE: tl.constexpr, KS: tl.constexpr, RELU_E: tl.constexpr, HP: tl.constexpr,
-                 CC: tl.constexpr, TM: tl.constexpr, TJ: tl.constexpr, W: tl.constexpr):
+                 CC: tl.constexpr, TM: tl.constexpr, TJ: tl.constexpr, W: tl.constexpr,
+                 Y_IN: tl.constexpr, Y_OUT: tl.constexpr):
         """Non-overlapping tile pass. MODE 1: moments of A (F1). 2: BN2 stats of X2 (F2).
         3: BN3 stats of Y3 (F3). 6: BN_a stats of Z (F4). 7: R stored to dr_ptr (F5, and the
         backward's recompute). 4: B1 sums. 5: B2 (dW_p partials, dg2/db2 sums).
+        MODE >= 3: Y_OUT stores the tile's Y3 - W_p Dk to y_ptr (fp32, A-sized); Y_IN loads it from
+        there instead of recomputing the expansion, the stencil and the reduction.
         Statistics are shifted per-tile moments (`_moments`): rows 0, 1, 2 of the partials hold
         shift, mean - shift and the centred sum of squares (MODE 1: the centred Gram matrix)."""
         P: tl.constexpr = TM * TJ
@@ -175,9 +184,14 @@ if triton is not None:
                 tl.store(pbase + 1 * W + cc, md, mask=mc)
                 tl.store(pbase + 2 * W + cc, tl.sum(xc * xc, axis=1), mask=mc)
         if MODE >= 3:
-            y = _y3_at(a_ptr, base_a, hoff, row, col, N, H, RH, RHP, hh, mh, ks, we_ptr, be_ptr, wdw_ptr, wp_ptr,
-                       cv_ptr, KS, RELU_E, CC, P, HP)
-            y = tl.where(m2, y, 0.0)
+            if Y_IN:
+                y = tl.load(y_ptr + base_a + hoff + (row * N + col)[None, :], mask=m2, other=0.0)
+            else:
+                y = _y3_at(a_ptr, base_a, hoff, row, col, N, H, RH, RHP, hh, mh, ks, we_ptr, be_ptr, wdw_ptr, wp_ptr,
+                           cv_ptr, KS, RELU_E, CC, P, HP)
+                y = tl.where(m2, y, 0.0)
+                if Y_OUT:
+                    tl.store(y_ptr + base_a + hoff + (row * N + col)[None, :], y, mask=m2)
             if MODE == 3:
                 sh, md, yc = _moments(y, m2, first)
                 tl.store(pbase + 0 * W + hh, sh)
@@ -229,11 +243,12 @@ if triton is not None:
                         tl.store(pbase + 1 * W + cc, tl.sum(ddp * x2hat, axis=1), mask=mc)
 
     @triton.jit
-    def _rt_b3(a_ptr, dr_ptr, we_ptr, be_ptr, wer_ptr, wdw_ptr, wp_ptr, cv_ptr, hv_ptr, ks_ptr,
+    def _rt_b3(a_ptr, dr_ptr, y_ptr, we_ptr, be_ptr, wer_ptr, wdw_ptr, wp_ptr, cv_ptr, hv_ptr, ks_ptr,
                da_ptr, scr_ptr, part_ptr, pwdw_ptr, pm_ptr, N, H, RH, RHP, NTJ, scale,
                KS: tl.constexpr, RELU_E: tl.constexpr, HP: tl.constexpr, CC: tl.constexpr,
-               TM: tl.constexpr, TJ: tl.constexpr):
-        """Halo-extended tiles: dX2, dW_dw partials, transposed stencil, dX1', dA (partial)."""
+               TM: tl.constexpr, TJ: tl.constexpr, Y_IN: tl.constexpr):
+        """Halo-extended tiles: dX2, dW_dw partials, transposed stencil, dX1', dA (partial).
+        Y_IN: Y3 loaded from y_ptr (see _rt_tile) instead of recomputed."""
         PAD: tl.constexpr = KS // 2
         P: tl.constexpr = TM * TJ
         KK: tl.constexpr = KS * KS
@@ -258,8 +273,11 @@ if triton is not None:
         m2 = mh[:, None] & inmap[None, :]
         a0 = tl.load(a_ptr + base_a + hoff + (row * N + col)[None, :], mask=m2, other=0.0).to(tl.float32)
         dr = tl.load(dr_ptr + base_a + hoff + (row * N + col)[None, :], mask=m2, other=0.0) * scale
-        y = _y3_at(a_ptr, base_a, hoff, row, col, N, H, RH, RHP, hh, mh, ks, we_ptr, be_ptr, wdw_ptr, wp_ptr,
-                   cv_ptr, KS, RELU_E, CC, P, HP)
+        if Y_IN:  # outside the map: 0 instead of a recomputed value; dz and dy3 are masked there
+            y = tl.load(y_ptr + base_a + hoff + (row * N + col)[None, :], mask=m2, other=0.0)
+        else:
+            y = _y3_at(a_ptr, base_a, hoff, row, col, N, H, RH, RHP, hh, mh, ks, we_ptr, be_ptr, wdw_ptr, wp_ptr,
+                       cv_ptr, KS, RELU_E, CC, P, HP)
         _, zhat, yhat = _zhat(a0, y, hv_ptr, hh, mh, HP)
         dz = _hconst(hv_ptr, 6, hh, mh, HP)[:, None] * (
             dr - _hconst(hv_ptr, 7, hh, mh, HP)[:, None] - zhat * _hconst(hv_ptr, 8, hh, mh, HP)[:, None])
@@ -289,8 +307,20 @@ if triton is not None:
                 - x2hat * tl.load(cv_ptr + 6 * RHP + cc, mask=mc, other=0.0)[:, None])
             dx2 = tl.where(mc[:, None] & inmap[None, :], dx2, 0.0)
             dx2_own = dx2 * ownf[None, :]
+            # dW_dw partials: E at own positions shifted by at most PAD lies inside the tile, so E is
+            # computed once over the tile and read shifted from the scratch buffer
+            a0s = tl.where(m2, a0 - ks[:, None], 0.0)
+            x1pre = tl.dot(we, a0s, input_precision="ieee") + be[:, None]
+            e0 = tl.minimum(tl.maximum(x1pre, 0.0), 6.0) if RELU_E else x1pre
+            tl.debug_barrier()
+            tl.store(scr + tl.arange(0, CC)[:, None] * P + p[None, :], tl.where(inmap[None, :], e0, 0.0))
+            tl.debug_barrier()
             for o in range(0, KK):
-                e = _e_at(a_ptr, base_a, hoff, row, col, o // KS - PAD, o % KS - PAD, N, mh, ks, we, be, RELU_E)
+                sm = pm + (o // KS - PAD)
+                sj = pj + (o % KS - PAD)
+                okk = (sm >= 0) & (sm < TM) & (sj >= 0) & (sj < TJ)
+                e = tl.load(scr + tl.arange(0, CC)[:, None] * P + (sm * TJ + sj)[None, :], mask=okk[None, :],
+                            other=0.0, cache_modifier=".cg")
                 tl.store(pwdw_ptr + prog * RHP * KK + cc * KK + o, tl.sum(dx2_own * e, axis=1))
             tl.debug_barrier()
             tl.store(scr + tl.arange(0, CC)[:, None] * P + p[None, :], dx2)
@@ -304,8 +334,6 @@ if triton is not None:
                              other=0.0, cache_modifier=".cg")
                 w = tl.load(wdw_ptr + cc * KK + o, mask=mc, other=0.0)
                 de += w[:, None] * gs
-            a0s = tl.where(m2, a0 - ks[:, None], 0.0)
-            x1pre = tl.dot(we, a0s, input_precision="ieee") + be[:, None]
             if RELU_E:
                 de = tl.where((x1pre > 0.0) & (x1pre < 6.0), de, 0.0)
             de = tl.where(mc[:, None] & own[None, :], de, 0.0)
@@ -342,7 +370,8 @@ def _pack(rows, width):
     return out.contiguous()
 
 
-def _launch_tile(mode, attn, dr, we, be, wdw, wp, cv, hv, ks, scale, relu):
+def _launch_tile(mode, attn, dr, we, be, wdw, wp, cv, hv, ks, scale, relu, y3=None, y_out=False):
+    """One _rt_tile pass; y3: the Y3 buffer, written (y_out) or read (else) by modes >= 3."""
     B, H, N, _ = attn.shape
     RH, KS = wdw.shape[0], wdw.shape[-1]
     TM, TJ = _tile_cfg(N)
@@ -355,9 +384,11 @@ def _launch_tile(mode, attn, dr, we, be, wdw, wp, cv, hv, ks, scale, relu):
     part = torch.zeros(nprog, 8, W, dtype=torch.float32, device=dev)
     pn = torch.zeros(nprog, dtype=torch.float32, device=dev)
     pwp = torch.zeros(nprog, HP, HP if mode == 1 else (RHP if mode == 5 else 1), dtype=torch.float32, device=dev)
-    _rt_tile[(B, nti * ntj)](attn, dr if dr is not None else attn, we, be, wdw, wp, cv, hv, ks, part, pn, pwp,
-                             N, H, RH, RHP, ntj, float(scale), MODE=mode, KS=KS, RELU_E=relu, HP=HP, CC=CC,
-                             TM=TM, TJ=TJ, W=W, num_warps=num_warps_for(HP * TM * TJ))
+    _rt_tile[(B, nti * ntj)](attn, dr if dr is not None else attn, y3 if y3 is not None else attn, we, be, wdw, wp,
+                             cv, hv, ks, part, pn, pwp, N, H, RH, RHP, ntj, float(scale), MODE=mode, KS=KS,
+                             RELU_E=relu, HP=HP, CC=CC, TM=TM, TJ=TJ, W=W,
+                             Y_IN=y3 is not None and not y_out, Y_OUT=y3 is not None and y_out,
+                             num_warps=num_warps_for(HP * TM * TJ))
     return part.double(), pn.double(), pwp
 
 
@@ -444,11 +475,23 @@ def _shift(attn, expand, HP):
     return k.double(), kz.double(), _pack([k], HP)
 
 
-def _r(attn, we_f, be_f, wdw, wp, cv, hv, ks, scale, relu):
+def _r(attn, we_f, be_f, wdw, wp, cv, hv, ks, scale, relu, y3):
     """R = BN_a(Z) * scale (fp32, A-sized), by the same code as every statistic of Z."""
     r = torch.empty(attn.shape, dtype=torch.float32, device=attn.device)
-    _launch_tile(7, attn, r, we_f, be_f, wdw, wp, cv, hv, ks, scale, relu)
+    _launch_tile(7, attn, r, we_f, be_f, wdw, wp, cv, hv, ks, scale, relu, y3)
     return r
+
+
+def _y3_buffer(attn):
+    """The Y3 buffer (fp32, A-sized) that spares the passes after F3 (and after the backward's Y3
+    pass) the recompute of the expansion, the stencil and the reduction: 5 instead of 10 such
+    recomputes per training step, for one transient A-sized buffer. None with
+    REFINER_TRITON_TRAIN_Y3=recompute (every pass recomputes Y3: the previous schedule, kept to
+    compare the two in one benchmark round)."""
+    mode = os.environ.get("REFINER_TRITON_TRAIN_Y3", "buffer")
+    if mode not in ("buffer", "recompute"):
+        raise ValueError(f"REFINER_TRITON_TRAIN_Y3: expected 'buffer' or 'recompute', got {mode!r}")
+    return torch.empty(attn.shape, dtype=torch.float32, device=attn.device) if mode == "buffer" else None
 
 
 def refine_train_fwd(attn, v, w_exp, w_dw, w_pro, g1, b1, g2, b2, g3, b3, ga, ba, eps, scale, expand):
@@ -489,8 +532,9 @@ def refine_train_fwd(attn, v, w_exp, w_dw, w_pro, g1, b1, g2, b2, g3, b3, ga, ba
     st = _as_aux(st)
     f = _fold(*args, st)
     cv = _cv(f, RHP)
-    # F3: BN3 statistics of Y3 (the kernels see Y3 - W_p Dk)
-    part, pn, _ = _launch_tile(3, attn, None, we_f, be_f, wdw, wp, cv, dummy, ks, scale, expand)
+    # F3: BN3 statistics of Y3 (the kernels see Y3 - W_p Dk), Y3 kept for F4 and F5
+    y3 = _y3_buffer(attn)
+    part, pn, _ = _launch_tile(3, attn, None, we_f, be_f, wdw, wp, cv, dummy, ks, scale, expand, y3, y_out=True)
     st["mu3s"], m2 = _chan(pn, part, H)
     st["mu3"] = st["mu3s"] + w_pro.detach().double() @ f["dk"]
     st["var3"] = m2 / n
@@ -498,14 +542,16 @@ def refine_train_fwd(attn, v, w_exp, w_dw, w_pro, g1, b1, g2, b2, g3, b3, ga, ba
     f = _fold(*args, st)
     # F4: BN_a statistics from the values of Z themselves (no algebra on moments: a zero-variance
     # BN3 would amplify its rounding by 1/(var3 + eps))
-    part, pn, _ = _launch_tile(6, attn, None, we_f, be_f, wdw, wp, cv, _hv(f, st, ga, ba, HP), ks, scale, expand)
+    part, pn, _ = _launch_tile(6, attn, None, we_f, be_f, wdw, wp, cv, _hv(f, st, ga, ba, HP), ks, scale, expand,
+                               y3)
     st["muZs"], m2 = _chan(pn, part, H)
     st["muZ"] = st["muZs"] + st["Kz"]
     st["varZ"] = m2 / n
     st = _as_aux(st)
     f = _fold(*args, st)
     # F5: R, then R @ v
-    r = _r(attn, we_f, be_f, wdw, wp, cv, _hv(f, st, ga, ba, HP), ks, scale, expand)
+    r = _r(attn, we_f, be_f, wdw, wp, cv, _hv(f, st, ga, ba, HP), ks, scale, expand, y3)
+    del y3
     out = bmm(r, v, out_dtype=v.dtype)
     if not expand:
         st["mu1"] = torch.zeros(RH, dtype=torch.float64, device=dev)
@@ -538,12 +584,16 @@ def refine_train_bwd(dout, attn, v, w_exp, w_dw, w_pro, g1, b1, g2, b2, g3, b3, 
     wdw, wp = _f32(w_dw), _f32(w_pro)
     we_f, be_f, wer = _f32(f["we_f"]), _f32(f["be_f"]), _f32(f["wer"])
     cv = _cv(f, RHP, [st["mu2"], f["rs2"]] + [torch.zeros_like(f["a2"])] * 6)
-    r = _r(attn, we_f, be_f, wdw, wp, cv, _hv(f, st, ga, ba, HP), ks, scale, expand)
+    y3 = _y3_buffer(attn)
+    if y3 is not None:  # F3's pass again (same inputs, same values), its moments unused
+        _launch_tile(3, attn, None, we_f, be_f, wdw, wp, cv, torch.zeros(16, dtype=torch.float32, device=dev), ks, scale, expand, y3, y_out=True)
+    r = _r(attn, we_f, be_f, wdw, wp, cv, _hv(f, st, ga, ba, HP), ks, scale, expand, y3)
     dv = bmm(r.transpose(-1, -2), dout, out_dtype=v.dtype)
     del r
     dr = bmm(dout, v.transpose(-1, -2), out_dtype=torch.float32)
     # B1
-    part, pn, _ = _launch_tile(4, attn, dr, we_f, be_f, wdw, wp, cv, _hv(f, st, ga, ba, HP), ks, scale, expand)
+    part, pn, _ = _launch_tile(4, attn, dr, we_f, be_f, wdw, wp, cv, _hv(f, st, ga, ba, HP), ks, scale, expand,
+                               y3)
     dba = part[:, 0, :H].sum(0)
     dga = part[:, 1, :H].sum(0)
     s_dry = part[:, 2, :H].sum(0)
@@ -554,7 +604,7 @@ def refine_train_bwd(dout, attn, v, w_exp, w_dw, w_pro, g1, b1, g2, b2, g3, b3, 
     k3 = g3.detach().double() * rs3
     hv = _hv(f, st, ga, ba, HP, [ka, dba / n, dga / n, k3, db3 / n, dg3 / n])
     # B2
-    part, pn, pwp = _launch_tile(5, attn, dr, we_f, be_f, wdw, wp, cv, hv, ks, scale, expand)
+    part, pn, pwp = _launch_tile(5, attn, dr, we_f, be_f, wdw, wp, cv, hv, ks, scale, expand, y3)
     dwp = pwp.double().sum(0)[:H, :RH]
     db2 = part[:, 0, :RH].sum(0)
     dg2 = part[:, 1, :RH].sum(0)
@@ -574,9 +624,10 @@ def refine_train_bwd(dout, attn, v, w_exp, w_dw, w_pro, g1, b1, g2, b2, g3, b3, 
              torch.zeros(nprog, RHP, HP, **f32))
     sums = [torch.zeros(t.shape[1:], dtype=torch.float64, device=dev) for t in parts]
     for lo, hi in chunks:  # bounded scratch: batch chunks run one after another on the stream
-        _rt_b3[(hi - lo, nti * ntj)](attn[lo:hi], dr[lo:hi], we_f, be_f, wer, wdw, wp, cv, hv, ks, da[lo:hi], scr,
-                                     *parts, N, H, RH, RHP, ntj, float(scale), KS=KS, RELU_E=expand, HP=HP,
-                                     CC=CC, TM=TM, TJ=TJ, num_warps=num_warps_for(HP * TM * TJ),
+        _rt_b3[(hi - lo, nti * ntj)](attn[lo:hi], dr[lo:hi], y3[lo:hi] if y3 is not None else attn[lo:hi], we_f,
+                                     be_f, wer, wdw, wp, cv, hv, ks, da[lo:hi], scr, *parts, N, H, RH, RHP, ntj,
+                                     float(scale), KS=KS, RELU_E=expand, HP=HP, CC=CC, TM=TM, TJ=TJ,
+                                     Y_IN=y3 is not None, num_warps=num_warps_for(HP * TM * TJ),
                                      num_stages=1)  # scratch staging: no pipelining across barriers
         used = nti * ntj * (hi - lo)
         for acc, t in zip(sums, parts):

@@ -277,6 +277,33 @@ def test_refine_train(N, d, ratio, ks, B, dtype):
     _run_train(N, d, ratio, ks, B, dtype)
 
 
+@pytest.mark.parametrize("ratio", [3, 1])
+def test_refine_train_y3_buffer_matches_recompute(monkeypatch, ratio):
+    """The Y3 buffer schedule (default) and REFINER_TRITON_TRAIN_Y3=recompute (every pass recomputes
+    Y3) agree to rounding: the stored Y3 is the value the other passes recompute, up to the summation
+    order of the dots in the backward's halo tiles (another tile shape; seen: 5e-8 of the scale in
+    the gradients of attn and of the expansion, the forward bit for bit), and out-of-map halo values
+    are masked either way. Bad values are named."""
+    B, H, N, d = 2, 4, 13, 8
+    dla, bn = random_dla(H, ratio, 3)
+    tp = [_leaf(t) for t in train_args(dla, bn)]
+    attn, v = _leaf(random_attn(B, H, N)), _leaf(torch.randn(B, H, N, d, device=DEV))
+    go = torch.randn(B, H, N, d, device=DEV)
+
+    def run(mode):
+        monkeypatch.setenv("REFINER_TRITON_TRAIN_Y3", mode)
+        out, stats = rk.refine_train(attn, v, *tp, 1e-5, 0.25, ratio != 1)
+        return [out, *[t for s in stats if s is not None for t in (s.mean, s.var)],
+                *_grads([out], [attn, v] + tp, [go])]
+
+    for i, (a, b) in enumerate(zip(run("buffer"), run("recompute"))):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6 * max(1.0, b.abs().max().item()),
+                                   msg=lambda m: f"result {i}: {m}")
+    monkeypatch.setenv("REFINER_TRITON_TRAIN_Y3", "sometimes")
+    with pytest.raises(ValueError, match="REFINER_TRITON_TRAIN_Y3"):
+        rk.refine_train(attn, v, *tp, 1e-5, 0.25, ratio != 1)
+
+
 def test_refine_train_n50_forward_stats():
     """N = 50: forward and statistics (the backward at this size is slow under the interpreter)."""
     B, H, N, d = 1, 12, 50, 32
