@@ -17,7 +17,7 @@ from refiner_kernels import kernels_softmax as S, kernels_refine_eval as E, kern
 TARGET = GPUTarget("cuda", 90, 32)
 
 
-def check(fn, args, num_warps=4, num_stages=2, ptr_types=None):
+def check(fn, args, num_warps=4, num_stages=2, ptr_types=None, **options):
     ptr_types = ptr_types or {}
     sig, consts = {}, {}
     for p in fn.params:
@@ -32,9 +32,10 @@ def check(fn, args, num_warps=4, num_stages=2, ptr_types=None):
         else:
             sig[p.name] = "i32"
     t = time.time()
-    k = tcompile(ASTSource(fn, sig, consts), target=TARGET, options={"num_warps": num_warps, "num_stages": num_stages})
+    k = tcompile(ASTSource(fn, sig, consts), target=TARGET,
+                 options={"num_warps": num_warps, "num_stages": num_stages, **options})
     md = k.metadata
-    print(f"{fn.__name__:16s} ok {time.time()-t:5.1f}s shared={md.shared} {dict((k2, v) for k2, v in consts.items() if k2 in ('MODE','TM','TJ','BM','BN','KS'))}",
+    print(f"{fn.__name__:16s} ok {time.time()-t:5.1f}s shared={md.shared} {dict((k2, v) for k2, v in consts.items() if k2 in ('MODE','TM','TJ','BM','BN','KS','Y_IN','Y_OUT'))}",
           flush=True)
     return k
 
@@ -43,13 +44,14 @@ P = "ptr"
 N, D, H, RH = 197, 32, 12, 36
 for hp in (True, False):
     check(S._sb_fwd, dict(q_ptr=P, k_ptr=P, v_ptr=P, p_ptr=P, out_ptr=P, a_ptr=P, lse_ptr=P, N=N, D=D, scale=0.1,
-                          HAS_PREV=hp, DOT_T=triton.language.bfloat16, BM=64, BN=64, BD=32), ptr_types={n: "*bf16" for n in ["q_ptr", "k_ptr", "v_ptr", "out_ptr", "a_ptr", "p_ptr"]})
+                          HAS_PREV=hp, DOT_T=triton.language.bfloat16, BM=64, BN=64, BD=32), ptr_types={n: "*bf16" for n in ["q_ptr", "k_ptr", "v_ptr", "out_ptr", "a_ptr", "p_ptr"]},
+          enable_fp_fusion=False)
 check(S._sb_bwd_dq, dict(q_ptr=P, k_ptr=P, v_ptr=P, lse_ptr=P, do_ptr=P, da_ptr=P, dq_ptr=P, dp_ptr=P, delta_ptr=P,
                          N=N, D=D, scale=0.1, HAS_PREV=True, DOT_T=triton.language.float16, BM=64, BN=64, BD=64),
-      ptr_types={n: '*fp16' for n in ['q_ptr', 'k_ptr', 'v_ptr', 'do_ptr', 'da_ptr', 'p_ptr']})
+      ptr_types={n: '*fp16' for n in ['q_ptr', 'k_ptr', 'v_ptr', 'do_ptr', 'da_ptr', 'p_ptr']}, enable_fp_fusion=False)
 check(S._sb_bwd_dkdv, dict(q_ptr=P, k_ptr=P, v_ptr=P, p_ptr=P, lse_ptr=P, delta_ptr=P, do_ptr=P, da_ptr=P, dk_ptr=P,
                            dv_ptr=P, N=N, D=D, scale=0.1, HAS_PREV=True, DOT_T=triton.language.float16, BM=64, BN=64, BD=64),
-      ptr_types={n: '*fp16' for n in ['q_ptr', 'k_ptr', 'v_ptr', 'do_ptr', 'da_ptr', 'p_ptr']})
+      ptr_types={n: '*fp16' for n in ['q_ptr', 'k_ptr', 'v_ptr', 'do_ptr', 'da_ptr', 'p_ptr']}, enable_fp_fusion=False)
 for ks, tm, tj, sr in [(3, 16, 32, False), (5, 16, 16, True), (3, 32, 32, False), (3, 16, 64, False)]:
     check(E._re_fwd, dict(a_ptr=P, v_ptr=P, we_ptr=P, be_ptr=P, wdw_ptr=P, bdw_ptr=P, wp_ptr=P, bp_ptr=P, al_ptr=P,
                           bt_ptr=P, out_ptr=P, r_ptr=P, N=N, D=D, H=H, RH=RH, KS=ks, RELU_E=True, STORE_R=sr, PREC='ieee' if sr else 'tf32', HP=16,
@@ -58,13 +60,18 @@ check(E._re_bwd, dict(a_ptr=P, dr_ptr=P, we_ptr=P, be_ptr=P, wdw_ptr=P, bdw_ptr=
                       da_ptr=P, scr_ptr=P, pwe_ptr=P, pbe_ptr=P, pwdw_ptr=P, pbdw_ptr=P, pwp_ptr=P, pbp_ptr=P, pal_ptr=P,
                       pbt_ptr=P, N=N, H=H, RH=RH, RHP=48, NTJ=14, KS=3, RELU_E=True, HP=16, CC=16, TM=16, TJ=16),
       num_warps=8, num_stages=1)
-for mode in (1, 2, 3, 4, 5, 6, 7):
-    check(T._rt_tile, dict(a_ptr=P, dr_ptr=P, we_ptr=P, be_ptr=P, wdw_ptr=P, wp_ptr=P, cv_ptr=P, hv_ptr=P, ks_ptr=P, part_ptr=P,
-                           pn_ptr=P, pwp_ptr=P, N=N, H=H, RH=RH, RHP=48, NTJ=13, scale=0.1, MODE=mode, KS=3, RELU_E=True,
-                           HP=16, CC=16, TM=16, TJ=16, W=48), num_warps=8, num_stages=1)
-check(T._rt_b3, dict(a_ptr=P, dr_ptr=P, we_ptr=P, be_ptr=P, wer_ptr=P, wdw_ptr=P, wp_ptr=P, cv_ptr=P, hv_ptr=P, ks_ptr=P, da_ptr=P,
-                     scr_ptr=P, part_ptr=P, pwdw_ptr=P, pm_ptr=P, N=N, H=H, RH=RH, RHP=48, NTJ=14, scale=0.1, KS=5,
-                     RELU_E=True, HP=16, CC=16, TM=16, TJ=16), num_warps=8, num_stages=1)
+# the Y3-buffer schedule (mode 3 writes Y3, later modes read it), then modes 3-7 recomputing it
+for mode, y_in, y_out in [(1, False, False), (2, False, False), (3, False, True), (4, True, False), (5, True, False),
+                          (6, True, False), (7, True, False), (3, False, False), (4, False, False), (5, False, False),
+                          (6, False, False), (7, False, False)]:
+    check(T._rt_tile, dict(a_ptr=P, dr_ptr=P, y_ptr=P, we_ptr=P, be_ptr=P, wdw_ptr=P, wp_ptr=P, cv_ptr=P, hv_ptr=P,
+                           ks_ptr=P, part_ptr=P, pn_ptr=P, pwp_ptr=P, N=N, H=H, RH=RH, RHP=48, NTJ=13, scale=0.1,
+                           MODE=mode, KS=3, RELU_E=True, HP=16, CC=16, TM=16, TJ=16, W=48, Y_IN=y_in, Y_OUT=y_out),
+          num_warps=8, num_stages=1)
+for y_in in (True, False):
+    check(T._rt_b3, dict(a_ptr=P, dr_ptr=P, y_ptr=P, we_ptr=P, be_ptr=P, wer_ptr=P, wdw_ptr=P, wp_ptr=P, cv_ptr=P, hv_ptr=P,
+                         ks_ptr=P, da_ptr=P, scr_ptr=P, part_ptr=P, pwdw_ptr=P, pm_ptr=P, N=N, H=H, RH=RH, RHP=48, NTJ=14,
+                         scale=0.1, KS=5, RELU_E=True, HP=16, CC=16, TM=16, TJ=16, Y_IN=y_in), num_warps=8, num_stages=1)
 check(Bl._bmm_kernel, dict(a_ptr=P, b_ptr=P, c_ptr=P, M=N, NN=N, K=N, sab=1, sam=1, sak=1, sbb=1, sbk=1, sbn=1, scb=1,
                            scm=1, scn=1, DOT_T=triton.language.bfloat16, BM=128, BN=128, BK=32), num_warps=8, num_stages=3, ptr_types={"a_ptr": "*bf16"})
 check(Bl._row_softmax_fwd, dict(x_ptr=P, y_ptr=P, R=100, M=N, BR=16, BM=256))
