@@ -320,6 +320,15 @@ def parse_args(argv):
     return args
 
 
+def _tuned_configs() -> dict:
+    """The Triton autotuners' picks of this run ({} without Triton or on the CPU)."""
+    try:
+        from refiner_kernels._common import tuned_configs
+    except ImportError:
+        return {}
+    return tuned_configs()
+
+
 def main(argv=None) -> dict:
     args = parse_args(argv)
     device = args._device
@@ -332,6 +341,10 @@ def main(argv=None) -> dict:
         print(f"peaks: {meta['peaks'] or 'n/a (CPU or unknown GPU): % columns say n/a'}")
         print(f"timing: {meta['timing']}; memory: {meta['memory']}; malloc: {meta['malloc']}")
         rows = run(args, device)
+        meta["triton_autotune"] = _tuned_configs()
+        for kernel, picks in meta["triton_autotune"].items():
+            for key, cfg in picks.items():
+                print(f"autotune {kernel} {key}: {cfg}")
         tg = targets(rows) if device.type == "cuda" else []
         return C.report(args, device, meta, rows, "ops, median of repeated calls (vs ref: reference time / "
                         "this time; vs SDPA: this time / SDPA time):", HEADERS, table_rows, tg)

@@ -68,8 +68,19 @@ def gpu_autotune(configs, key):
     def deco(fn):
         if triton is None or interpreting() or not autotuning():
             return None
-        return triton.autotune(configs=configs, key=key)(fn)
+        tuned = triton.autotune(configs=configs, key=key)(fn)
+        _TUNED[fn.__name__] = tuned
+        return tuned
     return deco
+
+
+_TUNED = {}  # kernel name -> its autotuner (GPU only)
+
+
+def tuned_configs() -> dict:
+    """The configurations the autotuners picked so far: {kernel: {key values: config}} (strings, for
+    benchmark metadata: which tile shapes won on this GPU)."""
+    return {name: {str(k): str(cfg) for k, cfg in getattr(t, "cache", {}).items()} for name, t in _TUNED.items()}
 
 
 def use_tuned(tuned, *tensors) -> bool:
