@@ -131,14 +131,15 @@ bench_models() {
 }
 
 # One call of a 15-minute lease (~1.5 min of it goes to starting the machine): STAGE_BUDGET 480.
-# Triton tests other than test_triton_gpu.py run with REFINER_TRITON_AUTOTUNE=0 (one fixed config
-# per kernel: autotuning every test shape would spend minutes compiling); test_triton_gpu.py and
-# the benchmarks keep autotuning (the benchmark rows also record max|err| against the reference).
+# The tests run with REFINER_TRITON_AUTOTUNE=0 (one fixed config per kernel): autotuned, the
+# first round's test_triton_gpu.py compiled every config of every test shape and finished 9 tests
+# in its 150 s. The benchmarks keep autotuning (their rows record max|err| against the reference,
+# and bench_ops prints the configs that won).
 stage_quick() {
   export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
   build & local build_pid=$!
-  run_step pytest_triton_gpu 150 "$PY" -m pytest -q -ra tests/test_triton_gpu.py
-  REFINER_TRITON_AUTOTUNE=0 run_step pytest_triton 90 "$PY" -m pytest -q -ra tests/test_triton_ops.py
+  REFINER_TRITON_AUTOTUNE=0 run_step pytest_triton_gpu 120 "$PY" -m pytest -q -ra tests/test_triton_gpu.py
+  REFINER_TRITON_AUTOTUNE=0 run_step pytest_triton 80 "$PY" -m pytest -q -ra tests/test_triton_ops.py
   wait "$build_pid"
   describe_backends
   REFINER_TRITON_AUTOTUNE=0 run_step pytest_gpu 120 "$PY" -m pytest -q -ra tests/test_compiled_cuda.py \
