@@ -7,7 +7,9 @@
 #                                              # CUDA/cross-backend tests, a memcheck, bench_ops (N 197/577,
 #                                              # bf16), bench_models (S and ViT-S, 224 px, no compile), then
 #                                              # in the time left bench_ops of Triton's refine_train with
-#                                              # REFINER_TRITON_TRAIN_Y3=recompute, of the CUDA kernels at 1 row per
+#                                              # REFINER_TRITON_TRAIN_Y3=recompute, of Triton's refine_eval
+#                                              # (and bench_models) with REFINER_TRITON_REFINE_FWD=halo,
+#                                              # of the CUDA kernels at 1 row per
 #                                              # block, of refine_train on the ATen chunk passes, and a
 #                                              # profile (Refiner-ViT-S fused[cuda] vs reference)
 #   bash benchmarks/gpu_round.sh verify        # build (sm_90), the tests the last round failed (see
@@ -157,6 +159,13 @@ stage_quick() {
   REFINER_TRITON_TRAIN_Y3=recompute run_step bench_ops_train_y3_recompute 40 "$PY" benchmarks/bench_ops.py \
     --out "$RES/train_y3_recompute" --rep-ms 25 --n 197 577 --heads 12 --head-dim 32 --dtypes bf16 \
     --ops refine_train --backends triton reference --no-plots
+  # Triton's refine_eval on the "halo" forward (bench_ops and bench_models above ran "tile")
+  REFINER_TRITON_REFINE_FWD=halo run_step bench_ops_refine_halo 40 "$PY" benchmarks/bench_ops.py \
+    --out "$RES/refine_halo" --rep-ms 25 --n 197 577 --heads 12 --head-dim 32 --dtypes bf16 \
+    --ops refine_eval --backends triton reference --no-plots
+  REFINER_TRITON_REFINE_FWD=halo run_step bench_models_refine_halo 60 "$PY" benchmarks/bench_models.py \
+    --out "$RES/refine_halo" --models refiner_vit_s --img 224 --batch 256 --compile-backend skip --repeats 5 \
+    --no-plots
   # the CUDA kernels at one query row per block (defaults: 4 refine,
   # 16 softmax), to see what the tiling buys, and where a Refiner-ViT-S step's time goes
   REFINER_CUDA_TILE_ROWS=1 REFINER_CUDA_SOFTMAX_ROWS=1 run_step bench_ops_rows1 40 "$PY" benchmarks/bench_ops.py \

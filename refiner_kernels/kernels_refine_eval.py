@@ -25,6 +25,8 @@ deterministic).
 """
 from __future__ import annotations
 
+import os
+
 import torch
 
 from ._common import batch_chunks, check_device, gpu_autotune, interpreting, next_pow2, num_warps_for, triton, tl, use_tuned
@@ -108,6 +110,70 @@ if triton is not None:
             tl.store(out_ptr + b * H * N * D + hh.to(tl.int64)[:, None, None] * N * D
                      + ii[None, :, None] * D + offs_d[None, None, :], acc.to(out_ptr.dtype.element_ty),
                      mask=mh[:, None, None] & (ii < N)[None, :, None] & md[None, None, :])
+
+    @triton.jit
+    def _re_fwd_halo(a_ptr, we_ptr, be_ptr, wdw_ptr, bdw_ptr, wp_ptr, bp_ptr, al_ptr, bt_ptr, r_ptr, scr_ptr,
+                     N, H, RH, NTJ,
+                     KS: tl.constexpr, RELU_E: tl.constexpr, PREC: tl.constexpr, HP: tl.constexpr,
+                     CC: tl.constexpr, TM: tl.constexpr, TJ: tl.constexpr):
+        """R on halo-extended tiles (the "halo" forward, see refine_eval_fwd): E once per channel
+        chunk over the whole tile, staged in the program's scratch, the stencil read shifted from
+        there (one expansion dot per chunk instead of KS*KS). R is stored at the owned positions."""
+        PAD: tl.constexpr = KS // 2
+        P: tl.constexpr = TM * TJ
+        KK: tl.constexpr = KS * KS
+        pid_t = tl.program_id(1)
+        b = tl.program_id(0).to(tl.int64)
+        prog = b * tl.num_programs(1) + pid_t
+        pid_i = pid_t // NTJ
+        pid_j = pid_t % NTJ
+        hh = tl.arange(0, HP)
+        mh = hh < H
+        p = tl.arange(0, P)
+        pm = p // TJ
+        pj = p % TJ
+        row = pid_i * (TM - 2 * PAD) - PAD + pm
+        col = pid_j * (TJ - 2 * PAD) - PAD + pj
+        inmap = (row >= 0) & (row < N) & (col >= 0) & (col < N)
+        own = inmap & (pm >= PAD) & (pm < TM - PAD) & (pj >= PAD) & (pj < TJ - PAD)
+        base_a = b * H * N * N
+        hoff = hh.to(tl.int64)[:, None] * N * N
+        m2 = mh[:, None] & inmap[None, :]
+        a0 = tl.load(a_ptr + base_a + hoff + (row * N + col)[None, :], mask=m2, other=0.0).to(tl.float32)
+        scr = scr_ptr + prog * (CC * P)
+        y = tl.zeros((HP, P), tl.float32)
+        for c0 in range(0, RH, CC):
+            cc = c0 + tl.arange(0, CC)
+            mc = cc < RH
+            we = tl.load(we_ptr + cc[:, None] * H + hh[None, :], mask=mc[:, None] & mh[None, :],
+                         other=0.0).to(tl.float32)
+            be = tl.load(be_ptr + cc, mask=mc, other=0.0).to(tl.float32)
+            e = tl.dot(we, a0, input_precision=PREC) + be[:, None]
+            if RELU_E:
+                e = tl.minimum(tl.maximum(e, 0.0), 6.0)
+            tl.debug_barrier()  # the previous chunk's stencil reads are done
+            tl.store(scr + tl.arange(0, CC)[:, None] * P + p[None, :], tl.where(inmap[None, :], e, 0.0))
+            tl.debug_barrier()
+            dacc = tl.zeros((CC, P), tl.float32)
+            for o in range(0, KK):  # exact at the owned positions (their shifts stay in the tile)
+                sm = pm + (o // KS - PAD)
+                sj = pj + (o % KS - PAD)
+                okk = (sm >= 0) & (sm < TM) & (sj >= 0) & (sj < TJ)
+                es = tl.load(scr + tl.arange(0, CC)[:, None] * P + (sm * TJ + sj)[None, :], mask=okk[None, :],
+                             other=0.0, cache_modifier=".cg")
+                w = tl.load(wdw_ptr + cc * KK + o, mask=mc, other=0.0).to(tl.float32)
+                dacc += w[:, None] * es
+            bdw = tl.load(bdw_ptr + cc, mask=mc, other=0.0).to(tl.float32)
+            dd = tl.where(mc[:, None], tl.minimum(tl.maximum(dacc + bdw[:, None], 0.0), 6.0), 0.0)
+            wp = tl.load(wp_ptr + hh[:, None] * RH + cc[None, :], mask=mh[:, None] & mc[None, :],
+                         other=0.0).to(tl.float32)
+            y += tl.dot(wp, dd, input_precision=PREC)
+        alpha = tl.load(al_ptr + hh, mask=mh, other=0.0).to(tl.float32)
+        beta = tl.load(bt_ptr + hh, mask=mh, other=0.0).to(tl.float32)
+        bp = tl.load(bp_ptr + hh, mask=mh, other=0.0).to(tl.float32)
+        r = alpha[:, None] * (a0 + y + bp[:, None]) + beta[:, None]
+        tl.store(r_ptr + base_a + hoff + (row * N + col)[None, :], r.to(r_ptr.dtype.element_ty),
+                 mask=mh[:, None] & own[None, :])
 
     @triton.jit
     def _re_bwd(a_ptr, dr_ptr, we_ptr, be_ptr, wdw_ptr, bdw_ptr, wp_ptr, bp_ptr, al_ptr,
@@ -255,6 +321,41 @@ def _prep(attn, w_exp, b_exp, expand):
     return eye, torch.zeros(H, dtype=attn.dtype, device=attn.device), False
 
 
+def forward_variant() -> str:
+    """REFINER_TRITON_REFINE_FWD: "tile" (default: row tiles walking the columns, the expansion
+    recomputed at each of the k*k stencil offsets, R @ v accumulated in registers: no map-sized
+    temporary) or "halo" (halo-extended tiles, one expansion per channel chunk staged through a
+    per-program scratch, R stored as an fp32 map and multiplied by v afterwards). Both are kept until
+    a GPU round has timed them side by side (benchmarks/gpu_round.sh quick)."""
+    mode = os.environ.get("REFINER_TRITON_REFINE_FWD", "tile")
+    if mode not in ("tile", "halo"):
+        raise ValueError(f"REFINER_TRITON_REFINE_FWD: expected 'tile' or 'halo', got {mode!r}")
+    return mode
+
+
+def _halo_r(attn, we, be, w_dw, b_dw, w_pro, b_pro, alpha, beta, relu, prec):
+    """R (fp32, A-sized) by _re_fwd_halo, in batch chunks that bound the scratch."""
+    B, H, N, _ = attn.shape
+    RH, KS = w_dw.shape[0], w_dw.shape[-1]
+    PAD = KS // 2
+    TM, TJ = _bwd_tiles(N, KS)
+    if not interpreting():
+        TJ = 2 * TM  # 16 x 32 on the GPU: 14 x 30 of 512 positions owned at k = 3 (16 x 16: 14 x 14)
+    HP = max(16, next_pow2(H))
+    nti, ntj = triton.cdiv(N, TM - 2 * PAD), triton.cdiv(N, TJ - 2 * PAD)
+    r = torch.empty(B, H, N, N, dtype=torch.float32, device=attn.device)
+    chunks = list(batch_chunks(B, nti * ntj, CC * TM * TJ * 4))
+    scr = torch.empty(nti * ntj * max(hi - lo for lo, hi in chunks), CC, TM * TJ, dtype=torch.float32,
+                      device=attn.device)
+    for lo, hi in chunks:
+        _re_fwd_halo[(hi - lo, nti * ntj)](
+            attn[lo:hi], we, be, w_dw.contiguous(), b_dw.contiguous(), w_pro.contiguous(), b_pro.contiguous(),
+            alpha.contiguous(), beta.contiguous(), r[lo:hi], scr, N, H, RH, ntj, KS=KS, RELU_E=relu, PREC=prec,
+            HP=HP, CC=CC, TM=TM, TJ=TJ, num_warps=num_warps_for(HP * TM * TJ),
+            num_stages=1)  # scratch staging: no software pipelining across barriers
+    return r
+
+
 def refine_eval_fwd(attn, v, w_exp, b_exp, w_dw, b_dw, w_pro, b_pro, alpha, beta, expand,
                     store_r=False):
     check_device(attn, v)
@@ -277,6 +378,9 @@ def refine_eval_fwd(attn, v, w_exp, b_exp, w_dw, b_dw, w_pro, b_pro, alpha, beta
     # recompute of R stay IEEE fp32.
     prec = "tf32" if (HALF_TF32 and attn.dtype in (torch.float16, torch.bfloat16) and not store_r
                       and not interpreting()) else "ieee"
+    if forward_variant() == "halo":
+        r_halo = _halo_r(attn, we, be, w_dw, b_dw, w_pro, b_pro, alpha, beta, relu, prec)
+        return r_halo if store_r else bmm(r_halo, v, out_dtype=v.dtype)
     if use_tuned(_re_fwd_tuned, attn):
         _re_fwd_tuned[lambda META: (B, triton.cdiv(N, META["TM"]))](
             *args, KS=KS, RELU_E=relu, STORE_R=store_r, PREC=prec, HP=HP, CC=CC, BD=BD)

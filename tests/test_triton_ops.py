@@ -83,7 +83,10 @@ def _folded(H, ratio, ks, d):
     (17, 35, 1, 3, torch.float32),
     (17, 32, 3, 3, torch.float16),
 ])
-def test_refine_eval(N, d, ratio, ks, dtype):
+@pytest.mark.parametrize("variant", ["tile", "halo"])
+def test_refine_eval(monkeypatch, variant, N, d, ratio, ks, dtype):
+    """Both forward kernels (REFINER_TRITON_REFINE_FWD), which the backward also uses for R."""
+    monkeypatch.setenv("REFINER_TRITON_REFINE_FWD", variant)
     B, H = 1, 12
     f = _folded(H, ratio, ks, d)
     params = [_leaf(t, dtype) for t in f.args()[:-1]]
@@ -103,8 +106,10 @@ def test_refine_eval(N, d, ratio, ks, dtype):
         _close(a, b, dtype, "d" + name)
 
 
-def test_refine_eval_border_padding():
+@pytest.mark.parametrize("variant", ["tile", "halo"])
+def test_refine_eval_border_padding(monkeypatch, variant):
     """Padded E is 0 at the border, not relu6(b_exp): a large positive b_exp exposes it."""
+    monkeypatch.setenv("REFINER_TRITON_REFINE_FWD", variant)
     B, H, N, d = 1, 4, 17, 16
     f = _folded(H, 3, 3, d)
     b_exp = torch.full_like(f.b_exp, 3.0)
@@ -114,6 +119,14 @@ def test_refine_eval_border_padding():
     v = torch.randn(B, H, N, d, device=DEV)
     torch.testing.assert_close(rk.refine_eval(attn, v, *args, True), ref.refine_eval(attn, v, *args, True),
                                rtol=1e-4, atol=1e-5)
+
+
+def test_refine_eval_forward_variant_is_checked(monkeypatch):
+    monkeypatch.setenv("REFINER_TRITON_REFINE_FWD", "fast")
+    f = _folded(4, 3, 3, 8)
+    with pytest.raises(ValueError, match="REFINER_TRITON_REFINE_FWD"):
+        rk.refine_eval(random_attn(1, 4, 5, device=DEV), torch.randn(1, 4, 5, 8, device=DEV),
+                       *[t.to(DEV) for t in f.args()[:-1]], True)
 
 
 # ----------------------------------------------------------------------------- opcheck / compile
@@ -355,11 +368,13 @@ def test_availability_flags():
     assert rk.AVAILABLE and rk.UNAVAILABLE_REASON == ""
 
 
-def test_backward_batch_chunking(monkeypatch):
-    """The halo-tile backward kernels split the batch to bound their scratch: force 1 image per
-    launch (B = 3) and compare eval and train gradients with the reference."""
+@pytest.mark.parametrize("variant", ["tile", "halo"])
+def test_backward_batch_chunking(monkeypatch, variant):
+    """The halo-tile kernels (the backwards, the "halo" forward) split the batch to bound their
+    scratch: force 1 image per launch (B = 3) and compare eval and train gradients with the reference."""
     from refiner_kernels import _common
     monkeypatch.setattr(_common, "FORCE_SCRATCH_BUDGET", 1)
+    monkeypatch.setenv("REFINER_TRITON_REFINE_FWD", variant)
     B, H, N, d = 3, 4, 9, 16
     dla, bn = random_dla(H, 3, 3)
     dla.eval()
