@@ -16,8 +16,8 @@ Every kernel recomputes the scores s = (q k^T) * scale and subtracts a row stati
 an earlier evaluation (the pass-1 max, the lse). They are launched with enable_fp_fusion=False:
 with fusion, LLVM may contract `dot * scale - m` into one FMA (the unrounded product) in one
 place and not in the other, and for logits ~1e8 (ulp 8-32) that puts exp(s - m) at e^16 for the
-row's own maximum (the H100 run of test_huge_logits_stay_finite). The cost is a few FMAs split
-in two in kernels bound by their dots and memory.
+row's own maximum (the H100 run of test_huge_logits_stay_finite). The cost, a few FMAs split in
+two per score, is not measured yet (gpu_round's bench_ops times these kernels).
 """
 from __future__ import annotations
 

@@ -100,7 +100,7 @@ def test_refine_eval_backward_many_rows_per_block_deterministic():
     """The backward grid is capped at 8 blocks per SM: with B*N rows well above that, each block
     accumulates parameter-gradient partials over many rows. Gradients match the fp64 reference
     and two runs agree bit for bit (per-block partials summed on the host, no atomics). At 7.9M map
-    elements a few relu6 masks flip against fp64 (test_compiled_ops.relu6_flips; the H100 run of
+    elements a few relu6 masks flip against fp64 (utils.relu6_flips; the H100 run of
     b7ff105 saw grad attn off by 0.5 on a scale of 87, as the CPU kernels are for some seeds)."""
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     N = 197
