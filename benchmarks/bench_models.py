@@ -8,7 +8,8 @@
 Variants, side by side in one run, same batch and resolution:
   fused[<backend>]     timm.create_model(name, fused=<backend>) for every usable compiled/Triton
                        backend (on a machine with none: fused[auto->reference], the fused layer on
-                       reference ops)
+                       reference ops); with --env-variants also fused[<backend>[NAME=VALUE]], the
+                       same with runtime switches set (a candidate kernel beside the default)
   reference eager      the pure-PyTorch model
   reference compiled   torch.compile of it (GPU default; on CPU only with --compile-backend)
   timm (SDPA)          vit_small_patch16_224 / vit_base_patch16_224 (F.scaled_dot_product_attention)
@@ -54,6 +55,9 @@ def variants(name: str, device, args) -> List[tuple]:
         fused_backends = [b for b in fused_backends if b in args.fused_backends]
     if fused_backends:
         out += [(f"fused[{b}]", ("fused", b)) for b in fused_backends]
+        # candidates beside the default (--env-variants; a backend not usable here is left out)
+        out += [(f"fused[{v.label}]", ("fused", v.backend, v)) for v in getattr(args, "env_variants", ())
+                if v.backend in fused_backends]
     else:
         out.append((f"fused[auto->{C.auto_backend(device)}]", ("fused", "auto")))
     out.append(("reference eager", "reference"))
@@ -92,6 +96,9 @@ def _step_fns(model, run_model, x, y, amp, device):
 
 
 def measure(name: str, label: str, how, img: int, batch: int, mode: str, device, args) -> dict:
+    if isinstance(how, tuple) and len(how) == 3:  # an env variant: its variables set for the whole row
+        with how[2].active():
+            return measure(name, label, how[:2], img, batch, mode, device, args)
     row = dict(device=C.device_label(device), model=name, variant=label, img=img, batch=batch, mode=mode,
                amp=args.amp, images_per_s=None, ms_per_iter=None, peak_mem_mib=None, vs_reference=None,
                status="ok")
@@ -172,8 +179,10 @@ def run(args, device) -> List[dict]:
 
 
 def _find(rows, model, variant_prefix, img, mode) -> Optional[dict]:
+    """The fastest row of that variant kind; env variants (candidates, labels with '=') never count."""
     sel = [r for r in rows if r["model"] == model and r["variant"].startswith(variant_prefix)
-           and r["img"] == img and r["mode"] == mode and r["status"] == "ok" and r["images_per_s"]]
+           and "=" not in r["variant"] and r["img"] == img and r["mode"] == mode and r["status"] == "ok"
+           and r["images_per_s"]]
     return max(sel, key=lambda r: r["images_per_s"]) if sel else None
 
 
@@ -226,6 +235,9 @@ def parse_args(argv):
     p.add_argument("--amp", choices=sorted(AMP), default=None, help="autocast dtype (default GPU bf16, CPU none)")
     p.add_argument("--fused-backends", nargs="+", default=None, choices=FUSED_BACKENDS,
                    help="subset of compiled/Triton backends")
+    p.add_argument("--env-variants", nargs="+", type=C.env_variant, default=[], metavar="BACKEND:NAME=VALUE",
+                   help="also time the model fused on BACKEND with these environment variables set, e.g. "
+                        "triton:REFINER_TRITON_REFINE_FWD=halo (rows labelled fused[backend[NAME=VALUE]])")
     p.add_argument("--compile-backend", default=None,
                    help="torch.compile backend for 'reference compiled' (default GPU inductor; CPU skip); "
                         "'skip' leaves the rows out")

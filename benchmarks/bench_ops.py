@@ -206,11 +206,17 @@ def run(args, device) -> List[dict]:
     if "reference" not in backends:
         backends.append("reference")  # always the baseline
     backends = ["reference"] + [b for b in backends if b != "reference"]
+    usable = C.usable_backends(device)[0]
+    variants = [v for v in args.env_variants if v.backend in usable]
+    for v in args.env_variants:
+        if v not in variants:
+            print(f"skipping env variant {v.label!r}: backend {v.backend!r} not usable here")
     peaks = C.device_peaks(C.device_name(device)) if device.type == "cuda" else None
     grid = [(dt, H, d, N) for dt in args.dtypes for H in args.heads for d in args.head_dim for N in args.n]
     jobs = [(op, mode) for op in args.ops for mode in args.modes]
     rows: List[dict] = []
-    total = len(grid) * (len(jobs) * len(backends) + len(args.modes))
+    total = len(grid) * (len(jobs) * len(backends) + len(args.modes)
+                         + sum(v.applies(op) for op, _ in jobs for v in variants))
     bar = C.progress(range(total), desc="bench_ops", unit="case")
     it = iter(bar)
     try:
@@ -241,6 +247,18 @@ def run(args, device) -> List[dict]:
                     rows.append(r)
                     if r["status"] != "ok":
                         C.progress_write(f"  {op} {mode} {be} {dt} H={H} d={d} N={N}: {r['status']}")
+                for var in variants:  # candidates beside the default, same inputs and reference
+                    if not var.applies(op):
+                        continue
+                    with var.active():
+                        r, out = _measure(case, op, mode, var.backend, device, args, peaks, ref_out)
+                    del out
+                    r["backend"] = var.label
+                    r["vs_reference"] = (ref_time / r["time_ms"]) if ref_time and r["time_ms"] else None
+                    r["vs_sdpa"] = (r["time_ms"] / sdpa[mode]) if sdpa.get(mode) and r["time_ms"] else None
+                    rows.append(r)
+                    if r["status"] != "ok":
+                        C.progress_write(f"  {op} {mode} {var.label} {dt} H={H} d={d} N={N}: {r['status']}")
             del case
             gc.collect()
     except KeyboardInterrupt:  # e.g. `timeout -s INT` in gpu_round.sh: keep what was measured
@@ -253,11 +271,13 @@ def run(args, device) -> List[dict]:
 
 
 def targets(rows: List[dict]) -> List[dict]:
-    """Refine op eval (bf16, H=12, d=32) at N=197 and 577: best fused backend time <= 2x SDPA."""
+    """Refine op eval (bf16, H=12, d=32) at N=197 and 577: best fused backend time <= 2x SDPA (the
+    backends as shipped: env-variant rows, candidates, do not count)."""
     out = []
     for N in (197, 577):
         sel = [r for r in rows if r["op"] == "refine_eval" and r["mode"] == "fwd" and r["dtype"] == "bf16"
                and r["H"] == 12 and r["d"] == 32 and r["N"] == N and r["backend"] != "reference"
+               and "=" not in r["backend"]
                and r["status"] == "ok" and r.get("vs_sdpa")]
         if sel:
             best = min(sel, key=lambda r: r["time_ms"])
@@ -297,6 +317,9 @@ def parse_args(argv):
     p.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
     p.add_argument("--backends", nargs="+", choices=ops.BACKENDS, default=None,
                    help="subset of backends (default: every usable one)")
+    p.add_argument("--env-variants", nargs="+", type=C.env_variant, default=[], metavar="BACKEND:NAME=VALUE[@OPS]",
+                   help="also time BACKEND with these environment variables set, e.g. "
+                        "triton:REFINER_TRITON_REFINE_FWD=halo@refine_eval (rows labelled backend[NAME=VALUE])")
     p.add_argument("--repeats", type=cli.positive_int, default=None, help="timed calls (CPU, and GPU without Triton)")
     p.add_argument("--warmup", type=cli.nonnegative_int, default=0,
                    help="extra untimed calls (the first call, for the error check and memory, is one already)")

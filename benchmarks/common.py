@@ -109,6 +109,52 @@ def usable_backends(device: torch.device, wanted: Optional[Iterable[str]] = None
     return run, skipped
 
 
+class EnvVariant:
+    """A backend run with extra environment variables (the refiner's runtime switches are read at
+    each call), e.g. ``triton:REFINER_TRITON_REFINE_FWD=halo@refine_eval``: the candidate beside the
+    default in one run. ``@op+op`` limits it to those ops (bench_ops)."""
+
+    def __init__(self, spec: str):
+        head, _, only = spec.partition("@")
+        backend, _, assigns = head.partition(":")
+        pairs = [a.split("=", 1) for a in assigns.split(",") if a]
+        if backend not in ops.BACKENDS or not pairs or any(len(kv) != 2 or not kv[0] for kv in pairs):
+            raise ValueError(f"env variant: expected BACKEND:NAME=VALUE[,NAME=VALUE][@op+op] with BACKEND one of "
+                             f"{ops.BACKENDS}, got {spec!r}")
+        self.backend, self.env = backend, dict(pairs)
+        self.ops = tuple(o for o in only.split("+") if o) or None
+        self.label = f"{backend}[{','.join(f'{k}={v}' for k, v in self.env.items())}]"
+        self.spec = spec
+
+    def __str__(self) -> str:  # the JSON metadata's args
+        return self.spec
+
+    def applies(self, op: str) -> bool:
+        return self.ops is None or op in self.ops
+
+    @contextlib.contextmanager
+    def active(self):
+        saved = {k: os.environ.get(k) for k in self.env}
+        os.environ.update(self.env)
+        try:
+            yield
+        finally:
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
+
+
+def env_variant(spec: str) -> EnvVariant:
+    """argparse type of --env-variants."""
+    import argparse
+    try:
+        return EnvVariant(spec)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def auto_backend(device: torch.device) -> str:
     """The backend name `backend="auto"` resolves to on `device`."""
     mod = ops.resolve_backend("auto", device)

@@ -5,10 +5,9 @@
 #   bash benchmarks/gpu_round.sh quick         # everything that fits ONE call of a 15-minute lease:
 #                                              # build (sm_90) while the Triton GPU tests run, then the
 #                                              # CUDA/cross-backend tests, bench_ops (N 197/577,
-#                                              # bf16), bench_models (S and ViT-S, 224 px, no compile), then
-#                                              # in the time left bench_ops of Triton's refine_train with
-#                                              # REFINER_TRITON_TRAIN_Y3=recompute, of Triton's refine_eval
-#                                              # (and bench_models) with REFINER_TRITON_REFINE_FWD=halo,
+#                                              # bf16), bench_models (S and ViT-S, 224 px, no compile), both
+#                                              # with the candidate kernels as extra rows
+#                                              # (--env-variants), then in the time left bench_ops
 #                                              # of the CUDA kernels at 1 row per
 #                                              # block, of refine_train on the ATen chunk passes, and a
 #                                              # profile (Refiner-ViT-S fused[triton] vs reference)
@@ -147,23 +146,16 @@ stage_quick() {
   describe_backends
   REFINER_TRITON_AUTOTUNE=0 run_step pytest_gpu 100 "$PY" -m pytest -q -ra tests/test_compiled_cuda.py \
     tests/test_extremes.py tests/test_bad_inputs.py tests/test_fused.py tests/test_properties.py
-  run_step bench_ops 75 "$PY" benchmarks/bench_ops.py --out "$RES" --rep-ms 25 --n 197 577 --heads 12 \
-    --head-dim 32 --dtypes bf16
-  run_step bench_models 90 "$PY" benchmarks/bench_models.py --out "$RES" \
-    --models refiner_vit_s vit_small_patch16_224 --img 224 --batch 256 --compile-backend skip --repeats 5
-  # then, in what time is left: Triton's refine_train with every pass recomputing Y3 (the schedule
-  # before the Y3 buffer; bench_ops above ran the default), to compare the two
-  REFINER_TRITON_TRAIN_Y3=recompute run_step bench_ops_train_y3_recompute 35 "$PY" benchmarks/bench_ops.py \
-    --out "$RES/train_y3_recompute" --rep-ms 25 --n 197 577 --heads 12 --head-dim 32 --dtypes bf16 \
-    --ops refine_train --backends triton reference --no-plots
-  # Triton's refine_eval on the "halo" forward (bench_ops and bench_models above ran "tile")
-  REFINER_TRITON_REFINE_FWD=halo run_step bench_ops_refine_halo 35 "$PY" benchmarks/bench_ops.py \
-    --out "$RES/refine_halo" --rep-ms 25 --n 197 577 --heads 12 --head-dim 32 --dtypes bf16 \
-    --ops refine_eval --backends triton reference --no-plots
-  REFINER_TRITON_REFINE_FWD=halo run_step bench_models_refine_halo 60 "$PY" benchmarks/bench_models.py \
-    --out "$RES/refine_halo" --models refiner_vit_s --img 224 --batch 256 --compile-backend skip --repeats 5 \
-    --no-plots
-  # the CUDA kernels at one query row per block (defaults: 4 refine,
+  # with the candidates beside the defaults in the same runs (rows labelled triton[NAME=VALUE]):
+  # Triton's refine_train recomputing Y3 in every pass (the schedule before the Y3 buffer) and the
+  # "halo" refine_eval forward
+  run_step bench_ops 100 "$PY" benchmarks/bench_ops.py --out "$RES" --rep-ms 25 --n 197 577 --heads 12 \
+    --head-dim 32 --dtypes bf16 --env-variants "triton:REFINER_TRITON_TRAIN_Y3=recompute@refine_train" \
+    "triton:REFINER_TRITON_REFINE_FWD=halo@refine_eval"
+  run_step bench_models 120 "$PY" benchmarks/bench_models.py --out "$RES" \
+    --models refiner_vit_s vit_small_patch16_224 --img 224 --batch 256 --compile-backend skip --repeats 5 \
+    --env-variants "triton:REFINER_TRITON_REFINE_FWD=halo"
+  # then, in what time is left: the CUDA kernels at one query row per block (defaults: 4 refine,
   # 16 softmax), to see what the tiling buys, and where a Refiner-ViT-S step's time goes
   REFINER_CUDA_TILE_ROWS=1 REFINER_CUDA_SOFTMAX_ROWS=1 run_step bench_ops_rows1 40 "$PY" benchmarks/bench_ops.py \
     --out "$RES/rows1" --rep-ms 25 --n 197 577 --heads 12 --head-dim 32 --dtypes bf16 \

@@ -81,15 +81,40 @@ def test_bench_ops_quick(tmp_path):
     assert len(regen) == 2 and all(p.exists() for p in regen)
 
 
+def test_env_variants_rows_beside_the_default(tmp_path, monkeypatch):
+    """--env-variants: a candidate (the backend with runtime switches set) timed in the same run, in
+    its own labelled rows, only for the ops named after '@'; the switches are unset again after it;
+    it never counts for a target; a malformed spec is a usage error."""
+    monkeypatch.delenv("REFINER_CPU_PORTABLE", raising=False)
+    doc = bench_ops.main(["--quick", "--device", "cpu", "--threads", "1", "--repeats", "1", "--modes", "fwd",
+                          "--ops", "softmax_block", "refine_eval", "--backends", "cpu", "--no-plots", "--no-memory",
+                          "--env-variants", "cpu:REFINER_CPU_PORTABLE=1@refine_eval", "--out", str(tmp_path)])
+    label = "cpu[REFINER_CPU_PORTABLE=1]"
+    rows = {(r["op"], r["backend"]): r for r in doc["rows"]}
+    assert rows[("refine_eval", label)]["status"] == "ok" and rows[("refine_eval", label)]["vs_reference"] > 0
+    assert ("softmax_block", label) not in rows
+    assert "REFINER_CPU_PORTABLE" not in os.environ
+    gpu_like = [dict(r, backend=b, dtype="bf16", H=12, d=32, N=197, mode="fwd", op="refine_eval", status="ok",
+                     time_ms=t, vs_sdpa=t) for r, b, t in [(doc["rows"][0], "triton", 2.0),
+                                                           (doc["rows"][0], "triton[X=1]", 1.0)]]
+    assert "triton," in bench_ops.targets(gpu_like)[0]["detail"]
+    with pytest.raises(SystemExit):
+        bench_ops.main(["--env-variants", "cpu:NOVALUE"])
+
+
 @needs_mpl
 def test_bench_models_quick(tmp_path):
-    # The --quick preset (Refiner-ViT-S, batch 2, no compile) at 64 px (N=17) to keep CI fast.
-    doc = bench_models.main(["--quick", "--device", "cpu", "--threads", "1", "--img", "64", "--out", str(tmp_path)])
+    # The --quick preset (Refiner-ViT-S, batch 2, no compile) at 64 px (N=17) to keep CI fast, with an
+    # env variant (the fused model on the CPU's portable code) beside the default.
+    doc = bench_models.main(["--quick", "--device", "cpu", "--threads", "1", "--img", "64", "--out", str(tmp_path),
+                             "--env-variants", "cpu:REFINER_CPU_PORTABLE=1"])
     rows = _check_outputs(doc, tmp_path, "bench_models", ["_throughput.png", "_memory.png"])["rows"]
     assert doc["targets"] == []
     variants = {(r["variant"], r["mode"]) for r in rows}
     assert ("reference eager", "infer") in variants and ("reference eager", "train") in variants
     assert any(v.startswith("fused[") for v, _ in variants)
+    assert ("fused[cpu[REFINER_CPU_PORTABLE=1]]", "infer") in variants
+    assert bench_models._find(rows, "refiner_vit_s", "fused", 64, "infer")["variant"] == "fused[cpu]"
     for r in rows:
         r.setdefault("backend", None)
         assert r["model"] == "refiner_vit_s" and r["batch"] == 2 and r["img"] == 64 and r["amp"] == "none"
