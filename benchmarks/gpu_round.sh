@@ -147,14 +147,15 @@ stage_quick() {
   REFINER_TRITON_AUTOTUNE=0 run_step pytest_gpu 100 "$PY" -m pytest -q -ra tests/test_compiled_cuda.py \
     tests/test_extremes.py tests/test_bad_inputs.py tests/test_fused.py tests/test_properties.py
   # with the candidates beside the defaults in the same runs (rows labelled triton[NAME=VALUE]):
-  # Triton's refine_train recomputing Y3 in every pass (the schedule before the Y3 buffer) and the
-  # "halo" refine_eval forward
-  run_step bench_ops 100 "$PY" benchmarks/bench_ops.py --out "$RES" --rep-ms 25 --n 197 577 --heads 12 \
+  # Triton's refine_train recomputing Y3 in every pass (the schedule before the Y3 buffer) or with
+  # its X2 passes on halo tiles, and the "halo" refine_eval forward (the model: both halo switches,
+  # the forward one acting in inference, the X2 one in training)
+  run_step bench_ops 110 "$PY" benchmarks/bench_ops.py --out "$RES" --rep-ms 25 --n 197 577 --heads 12 \
     --head-dim 32 --dtypes bf16 --env-variants "triton:REFINER_TRITON_TRAIN_Y3=recompute@refine_train" \
-    "triton:REFINER_TRITON_REFINE_FWD=halo@refine_eval"
+    "triton:REFINER_TRITON_TRAIN_X2=halo@refine_train" "triton:REFINER_TRITON_REFINE_FWD=halo@refine_eval"
   run_step bench_models 120 "$PY" benchmarks/bench_models.py --out "$RES" \
     --models refiner_vit_s vit_small_patch16_224 --img 224 --batch 256 --compile-backend skip --repeats 5 \
-    --env-variants "triton:REFINER_TRITON_REFINE_FWD=halo"
+    --env-variants "triton:REFINER_TRITON_REFINE_FWD=halo,REFINER_TRITON_TRAIN_X2=halo"
   # then, in what time is left: the CUDA kernels at one query row per block (defaults: 4 refine,
   # 16 softmax), to see what the tiling buys, and where a Refiner-ViT-S step's time goes
   REFINER_CUDA_TILE_ROWS=1 REFINER_CUDA_SOFTMAX_ROWS=1 run_step bench_ops_rows1 40 "$PY" benchmarks/bench_ops.py \

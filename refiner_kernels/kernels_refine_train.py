@@ -38,6 +38,9 @@ Backward (recompute; exact gradient through the batch statistics):
       for dg1, db1, dW_e and dA except the BN1 mean/variance terms, which are an H x H mix of
       A - K plus a bias, added last.
 Memory: a few A-sized (B,H,N,N) tensors and O(programs * channels) partials; no (B,rH,N,N).
+Candidate (REFINER_TRITON_TRAIN_X2=halo, see _x2_on_halo_tiles): the passes that form X2 (F2, F3,
+the backward's Y3, B2) run on halo tiles whose owned interiors tile the map, and E is staged once
+per channel chunk through a per-program scratch instead of recomputed at every stencil offset.
 """
 from __future__ import annotations
 
@@ -85,16 +88,54 @@ if triton is not None:
         return acc
 
     @triton.jit
+    def _x2_staged(a0s, inmap, we, be, wdw_ptr, cc, mc, scr, p, pm, pj,
+                   KS: tl.constexpr, RELU_E: tl.constexpr, CC: tl.constexpr, TM: tl.constexpr, TJ: tl.constexpr):
+        """X2 = dw(E) exact at a halo tile's owned positions: E once over the tile (a0s = A - K, zero
+        outside the map), staged in the program's scratch and read shifted (an owned position shifted
+        by at most the halo stays in the tile) instead of one expansion per stencil offset."""
+        PAD: tl.constexpr = KS // 2
+        P: tl.constexpr = TM * TJ
+        e = tl.dot(we, a0s, input_precision="ieee") + be[:, None]
+        if RELU_E:
+            e = tl.minimum(tl.maximum(e, 0.0), 6.0)
+        tl.debug_barrier()  # the previous chunk's reads of the scratch are done
+        tl.store(scr + tl.arange(0, CC)[:, None] * P + p[None, :], tl.where(inmap[None, :], e, 0.0))
+        tl.debug_barrier()
+        acc = tl.zeros((CC, P), tl.float32)
+        for o in range(0, KS * KS):
+            sm = pm + (o // KS - PAD)
+            sj = pj + (o % KS - PAD)
+            okk = (sm >= 0) & (sm < TM) & (sj >= 0) & (sj < TJ)
+            es = tl.load(scr + tl.arange(0, CC)[:, None] * P + (sm * TJ + sj)[None, :], mask=okk[None, :],
+                         other=0.0, cache_modifier=".cg")
+            w = tl.load(wdw_ptr + cc * (KS * KS) + o, mask=mc, other=0.0).to(tl.float32)
+            acc += w[:, None] * es
+        return acc
+
+    @triton.jit
+    def _x2(a_ptr, base_a, hoff, row, col, N, mh, ks, we, be, wdw_ptr, cc, mc, a0s, inmap, scr, p, pm, pj,
+            KS: tl.constexpr, RELU_E: tl.constexpr, CC: tl.constexpr, TM: tl.constexpr, TJ: tl.constexpr,
+            HALO: tl.constexpr):
+        """X2 of channels cc: staged (HALO tiles, exact at owned positions) or recomputed per offset."""
+        if HALO:
+            x2 = _x2_staged(a0s, inmap, we, be, wdw_ptr, cc, mc, scr, p, pm, pj, KS, RELU_E, CC, TM, TJ)
+        else:
+            x2 = _x2_at(a_ptr, base_a, hoff, row, col, N, mh, ks, we, be, wdw_ptr, cc, mc, KS, RELU_E, CC, TM * TJ)
+        return x2
+
+    @triton.jit
     def _y3_at(a_ptr, base_a, hoff, row, col, N, H, RH, RHP, hh, mh, ks, we_ptr, be_ptr, wdw_ptr, wp_ptr,
-               cv_ptr, KS: tl.constexpr, RELU_E: tl.constexpr, CC: tl.constexpr, P: tl.constexpr,
-               HP: tl.constexpr):
+               cv_ptr, a0s, inmap, scr, p, pm, pj, KS: tl.constexpr, RELU_E: tl.constexpr, CC: tl.constexpr,
+               TM: tl.constexpr, TJ: tl.constexpr, HP: tl.constexpr, HALO: tl.constexpr):
+        P: tl.constexpr = TM * TJ
         y = tl.zeros((HP, P), tl.float32)
         for c0 in range(0, RH, CC):
             cc = c0 + tl.arange(0, CC)
             mc = cc < RH
             we = tl.load(we_ptr + cc[:, None] * H + hh[None, :], mask=mc[:, None] & mh[None, :], other=0.0)
             be = tl.load(be_ptr + cc, mask=mc, other=0.0)
-            x2 = _x2_at(a_ptr, base_a, hoff, row, col, N, mh, ks, we, be, wdw_ptr, cc, mc, KS, RELU_E, CC, P)
+            x2 = _x2(a_ptr, base_a, hoff, row, col, N, mh, ks, we, be, wdw_ptr, cc, mc, a0s, inmap, scr, p, pm, pj,
+                     KS, RELU_E, CC, TM, TJ, HALO)
             a2 = tl.load(cv_ptr + 0 * RHP + cc, mask=mc, other=0.0)
             c2 = tl.load(cv_ptr + 1 * RHP + cc, mask=mc, other=0.0)
             dk = tl.load(cv_ptr + 10 * RHP + cc, mask=mc, other=0.0)
@@ -133,11 +174,12 @@ if triton is not None:
 
     @triton.jit
     def _rt_tile(a_ptr, dr_ptr, y_ptr, we_ptr, be_ptr, wdw_ptr, wp_ptr, cv_ptr, hv_ptr, ks_ptr, part_ptr, pn_ptr,
-                 pwp_ptr, N, H, RH, RHP, NTJ, scale,
+                 pwp_ptr, scr_ptr, N, H, RH, RHP, NTJ, scale,
                  MODE: tl.constexpr, KS: tl.constexpr, RELU_E: tl.constexpr, HP: tl.constexpr,
                  CC: tl.constexpr, TM: tl.constexpr, TJ: tl.constexpr, W: tl.constexpr,
-                 Y_IN: tl.constexpr, Y_OUT: tl.constexpr):
-        """Non-overlapping tile pass. MODE 1: moments of A (F1). 2: BN2 stats of X2 (F2).
+                 Y_IN: tl.constexpr, Y_OUT: tl.constexpr, HALO: tl.constexpr):
+        """Tile pass over non-overlapping tiles, or (HALO) over halo tiles whose owned interiors tile
+        the map, X2 then staged through scr_ptr (_x2_staged). MODE 1: moments of A (F1). 2: BN2 stats of X2 (F2).
         3: BN3 stats of Y3 (F3). 6: BN_a stats of Z (F4). 7: R stored to dr_ptr (F5, and the
         backward's recompute). 4: B1 sums. 5: B2 (dW_p partials, dg2/db2 sums).
         MODE >= 3: Y_OUT stores the tile's Y3 - W_p Dk to y_ptr (fp32, A-sized); Y_IN loads it from
@@ -150,21 +192,35 @@ if triton is not None:
         prog = b * tl.num_programs(1) + pid_t
         pid_i = pid_t // NTJ
         pid_j = pid_t % NTJ
+        PAD: tl.constexpr = KS // 2
         hh = tl.arange(0, HP)
         mh = hh < H
         p = tl.arange(0, P)
-        row = pid_i * TM + p // TJ
-        col = pid_j * TJ + p % TJ
-        valid = (row < N) & (col < N)
+        pm = p // TJ
+        pj = p % TJ
+        if HALO:  # `valid`: the owned positions (every statistic and output); `inmap`: all in the map
+            row = pid_i * (TM - 2 * PAD) - PAD + pm
+            col = pid_j * (TJ - 2 * PAD) - PAD + pj
+            inmap = (row >= 0) & (row < N) & (col >= 0) & (col < N)
+            valid = inmap & (pm >= PAD) & (pm < TM - PAD) & (pj >= PAD) & (pj < TJ - PAD)
+            first = (p == PAD * TJ + PAD)[None, :]  # the first owned position (the moments' shift)
+        else:
+            row = pid_i * TM + pm
+            col = pid_j * TJ + pj
+            inmap = (row < N) & (col < N)
+            valid = inmap
+            first = (p == 0)[None, :]
         vf = tl.where(valid, 1.0, 0.0)
         nt = tl.sum(vf, axis=0)
         tl.store(pn_ptr + prog, nt)
-        first = (p == 0)[None, :]
         base_a = b * H * N * N
         hoff = hh.to(tl.int64)[:, None] * N * N
         ks = tl.load(ks_ptr + hh, mask=mh, other=0.0)  # per-head shift of A in the expansion (0: none)
         m2 = mh[:, None] & valid[None, :]
-        a0 = tl.load(a_ptr + base_a + hoff + (row * N + col)[None, :], mask=m2, other=0.0).to(tl.float32)
+        a0 = tl.load(a_ptr + base_a + hoff + (row * N + col)[None, :], mask=mh[:, None] & inmap[None, :],
+                     other=0.0).to(tl.float32)
+        a0s = tl.where(mh[:, None] & inmap[None, :], a0 - ks[:, None], 0.0)  # the expansion's input (HALO)
+        scr = scr_ptr + prog * (CC * P)
         pbase = part_ptr + prog * 8 * W
         if MODE == 1:
             sh, md, ac = _moments(a0, m2, first)
@@ -178,7 +234,8 @@ if triton is not None:
                 mc = cc < RH
                 we = tl.load(we_ptr + cc[:, None] * H + hh[None, :], mask=mc[:, None] & mh[None, :], other=0.0)
                 be = tl.load(be_ptr + cc, mask=mc, other=0.0)
-                x2 = _x2_at(a_ptr, base_a, hoff, row, col, N, mh, ks, we, be, wdw_ptr, cc, mc, KS, RELU_E, CC, P)
+                x2 = _x2(a_ptr, base_a, hoff, row, col, N, mh, ks, we, be, wdw_ptr, cc, mc, a0s, inmap, scr, p, pm,
+                         pj, KS, RELU_E, CC, TM, TJ, HALO)
                 sh, md, xc = _moments(x2, mc[:, None] & valid[None, :], first)
                 tl.store(pbase + 0 * W + cc, sh, mask=mc)
                 tl.store(pbase + 1 * W + cc, md, mask=mc)
@@ -188,7 +245,7 @@ if triton is not None:
                 y = tl.load(y_ptr + base_a + hoff + (row * N + col)[None, :], mask=m2, other=0.0)
             else:
                 y = _y3_at(a_ptr, base_a, hoff, row, col, N, H, RH, RHP, hh, mh, ks, we_ptr, be_ptr, wdw_ptr, wp_ptr,
-                           cv_ptr, KS, RELU_E, CC, P, HP)
+                           cv_ptr, a0s, inmap, scr, p, pm, pj, KS, RELU_E, CC, TM, TJ, HP, HALO)
                 y = tl.where(m2, y, 0.0)
                 if Y_OUT:
                     tl.store(y_ptr + base_a + hoff + (row * N + col)[None, :], y, mask=m2)
@@ -226,11 +283,12 @@ if triton is not None:
                         mc = cc < RH
                         we = tl.load(we_ptr + cc[:, None] * H + hh[None, :], mask=mc[:, None] & mh[None, :], other=0.0)
                         be = tl.load(be_ptr + cc, mask=mc, other=0.0)
-                        x2 = _x2_at(a_ptr, base_a, hoff, row, col, N, mh, ks, we, be, wdw_ptr, cc, mc, KS, RELU_E, CC, P)
+                        x2 = _x2(a_ptr, base_a, hoff, row, col, N, mh, ks, we, be, wdw_ptr, cc, mc, a0s, inmap, scr, p,
+                                 pm, pj, KS, RELU_E, CC, TM, TJ, HALO)
                         a2 = tl.load(cv_ptr + 0 * RHP + cc, mask=mc, other=0.0)
                         c2 = tl.load(cv_ptr + 1 * RHP + cc, mask=mc, other=0.0)
                         pre = a2[:, None] * x2 + c2[:, None]
-                        d = tl.where(mc[:, None], tl.minimum(tl.maximum(pre, 0.0), 6.0), 0.0)
+                        d = tl.where(mc[:, None] & valid[None, :], tl.minimum(tl.maximum(pre, 0.0), 6.0), 0.0)
                         tl.store(pwp_ptr + prog * HP * RHP + hh[:, None] * RHP + cc[None, :],
                                  tl.dot(dy3, tl.trans(d), input_precision="ieee"))
                         wpt = tl.load(wp_ptr + hh[None, :] * RH + cc[:, None], mask=mh[None, :] & mc[:, None],
@@ -276,8 +334,9 @@ if triton is not None:
         if Y_IN:  # outside the map: 0 instead of a recomputed value; dz and dy3 are masked there
             y = tl.load(y_ptr + base_a + hoff + (row * N + col)[None, :], mask=m2, other=0.0)
         else:
+            # Y3 on the whole tile (the transposed stencil reads dX2 around the owned positions): recomputed
             y = _y3_at(a_ptr, base_a, hoff, row, col, N, H, RH, RHP, hh, mh, ks, we_ptr, be_ptr, wdw_ptr, wp_ptr,
-                       cv_ptr, KS, RELU_E, CC, P, HP)
+                       cv_ptr, a0, inmap, scr_ptr, p, pm, pj, KS, RELU_E, CC, TM, TJ, HP, False)
         _, zhat, yhat = _zhat(a0, y, hv_ptr, hh, mh, HP)
         dz = _hconst(hv_ptr, 6, hh, mh, HP)[:, None] * (
             dr - _hconst(hv_ptr, 7, hh, mh, HP)[:, None] - zhat * _hconst(hv_ptr, 8, hh, mh, HP)[:, None])
@@ -370,25 +429,46 @@ def _pack(rows, width):
     return out.contiguous()
 
 
+def _x2_on_halo_tiles() -> bool:
+    """REFINER_TRITON_TRAIN_X2: "offsets" (default: the passes that need X2 recompute the expansion
+    at each of the k*k stencil offsets, over non-overlapping tiles) or "halo" (those passes run on
+    halo tiles and stage E once per channel chunk, _x2_staged). Both are kept until a GPU round has
+    timed them side by side (benchmarks/gpu_round.sh quick)."""
+    mode = os.environ.get("REFINER_TRITON_TRAIN_X2", "offsets")
+    if mode not in ("offsets", "halo"):
+        raise ValueError(f"REFINER_TRITON_TRAIN_X2: expected 'offsets' or 'halo', got {mode!r}")
+    return mode == "halo"
+
+
 def _launch_tile(mode, attn, dr, we, be, wdw, wp, cv, hv, ks, scale, relu, y3=None, y_out=False):
     """One _rt_tile pass; y3: the Y3 buffer, written (y_out) or read (else) by modes >= 3."""
     B, H, N, _ = attn.shape
     RH, KS = wdw.shape[0], wdw.shape[-1]
-    TM, TJ = _tile_cfg(N)
-    nti, ntj = triton.cdiv(N, TM), triton.cdiv(N, TJ)
-    nprog = nti * ntj * B
+    needs_x2 = mode in (2, 5) or (mode >= 3 and (y3 is None or y_out))
+    halo = needs_x2 and _x2_on_halo_tiles()
+    pad = KS // 2 if halo else 0
+    TM, TJ = _tile_cfg(N, pad)
+    nti, ntj = triton.cdiv(N, TM - 2 * pad), triton.cdiv(N, TJ - 2 * pad)
+    ppi = nti * ntj  # programs per image
     HP = max(16, next_pow2(H))
     RHP = triton.cdiv(RH, CC) * CC
     W = max(HP, RHP)
     dev = attn.device
-    part = torch.zeros(nprog, 8, W, dtype=torch.float32, device=dev)
-    pn = torch.zeros(nprog, dtype=torch.float32, device=dev)
-    pwp = torch.zeros(nprog, HP, HP if mode == 1 else (RHP if mode == 5 else 1), dtype=torch.float32, device=dev)
-    _rt_tile[(B, nti * ntj)](attn, dr if dr is not None else attn, y3 if y3 is not None else attn, we, be, wdw, wp,
-                             cv, hv, ks, part, pn, pwp, N, H, RH, RHP, ntj, float(scale), MODE=mode, KS=KS,
-                             RELU_E=relu, HP=HP, CC=CC, TM=TM, TJ=TJ, W=W,
-                             Y_IN=y3 is not None and not y_out, Y_OUT=y3 is not None and y_out,
-                             num_warps=num_warps_for(HP * TM * TJ))
+    part = torch.zeros(B * ppi, 8, W, dtype=torch.float32, device=dev)
+    pn = torch.zeros(B * ppi, dtype=torch.float32, device=dev)
+    pwp = torch.zeros(B * ppi, HP, HP if mode == 1 else (RHP if mode == 5 else 1), dtype=torch.float32, device=dev)
+    # halo: batch chunks that bound the per-program scratch (one launch otherwise)
+    chunks = list(batch_chunks(B, ppi, CC * TM * TJ * 4)) if halo else [(0, B)]
+    scr = torch.empty(ppi * max(hi - lo for lo, hi in chunks) if halo else 1, CC, TM * TJ, dtype=torch.float32,
+                      device=dev)
+    for lo, hi in chunks:
+        pick = lambda t: t[lo:hi] if t is not None else attn[lo:hi]  # noqa: E731
+        _rt_tile[(hi - lo, ppi)](attn[lo:hi], pick(dr), pick(y3), we, be, wdw, wp, cv, hv, ks, part[lo * ppi:],
+                                 pn[lo * ppi:], pwp[lo * ppi:], scr, N, H, RH, RHP, ntj, float(scale), MODE=mode,
+                                 KS=KS, RELU_E=relu, HP=HP, CC=CC, TM=TM, TJ=TJ, W=W,
+                                 Y_IN=y3 is not None and not y_out, Y_OUT=y3 is not None and y_out, HALO=halo,
+                                 num_warps=num_warps_for(HP * TM * TJ),
+                                 num_stages=1 if halo else 3)  # scratch staging: no pipelining across barriers
     return part.double(), pn.double(), pwp
 
 
