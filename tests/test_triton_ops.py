@@ -382,11 +382,13 @@ def test_availability_flags():
 
 @pytest.mark.parametrize("variant", ["tile", "halo"])
 def test_backward_batch_chunking(monkeypatch, variant):
-    """The halo-tile kernels (the backwards, the "halo" forward) split the batch to bound their
-    scratch: force 1 image per launch (B = 3) and compare eval and train gradients with the reference."""
+    """The halo-tile kernels (the backwards and the candidates) split the batch to bound their
+    scratch: force 1 image per launch (B = 3) and compare eval and train gradients with the reference.
+    "halo": the candidates' halo tiles too (REFINER_TRITON_REFINE_FWD and REFINER_TRITON_TRAIN_X2)."""
     from refiner_kernels import _common
     monkeypatch.setattr(_common, "FORCE_SCRATCH_BUDGET", 1)
     monkeypatch.setenv("REFINER_TRITON_REFINE_FWD", variant)
+    monkeypatch.setenv("REFINER_TRITON_TRAIN_X2", "halo" if variant == "halo" else "offsets")
     B, H, N, d = 3, 4, 9, 16
     dla, bn = random_dla(H, 3, 3)
     dla.eval()
