@@ -112,16 +112,59 @@ if triton is not None:
                      mask=mh[:, None, None] & (ii < N)[None, :, None] & md[None, None, :])
 
     @triton.jit
+    def stencil_staged(e, inmap, wdw_ptr, cc, mc, scr, p, pm, pj,
+                       KS: tl.constexpr, CC: tl.constexpr, TM: tl.constexpr, TJ: tl.constexpr,
+                       TRANSPOSE: tl.constexpr = False):
+        """dw_k(E) of channels cc, exact at a halo tile's owned positions: E (CC x TM*TJ, over the whole
+        tile; zeroed outside the map, the stencil's zero padding) is staged in the program's scratch
+        `scr` and read at the k*k shifts, since an owned position shifted by at most the halo stays in
+        the tile. One expansion per channel chunk instead of one per stencil offset.
+        TRANSPOSE: the transposed stencil (shifts negated), sum_o w[o] E[q - s_o]: dw_k's backward."""
+        PAD: tl.constexpr = KS // 2
+        P: tl.constexpr = TM * TJ
+        tl.debug_barrier()  # the previous chunk's reads of the scratch are done
+        tl.store(scr + tl.arange(0, CC)[:, None] * P + p[None, :], tl.where(inmap[None, :], e, 0.0))
+        tl.debug_barrier()
+        acc = tl.zeros((CC, P), tl.float32)
+        sign: tl.constexpr = -1 if TRANSPOSE else 1
+        for o in range(0, KS * KS):
+            sm = pm + sign * (o // KS - PAD)
+            sj = pj + sign * (o % KS - PAD)
+            okk = (sm >= 0) & (sm < TM) & (sj >= 0) & (sj < TJ)
+            es = tl.load(scr + tl.arange(0, CC)[:, None] * P + (sm * TJ + sj)[None, :], mask=okk[None, :],
+                         other=0.0, cache_modifier=".cg")
+            w = tl.load(wdw_ptr + cc * (KS * KS) + o, mask=mc, other=0.0).to(tl.float32)
+            acc += w[:, None] * es
+        return acc
+
+    @triton.jit
+    def dw_wgrad_staged(e, inmap, g_own, scr, p, pm, pj, out, KS: tl.constexpr, CC: tl.constexpr,
+                        TM: tl.constexpr, TJ: tl.constexpr):
+        """The depthwise weights' gradient partials of channels cc, sum over owned positions q of
+        g(q) E(q + s_o), stored at out + o for each offset o (out: CC pointers). E staged as in
+        stencil_staged (g_own is 0 off the owned positions, where a shift may leave the tile)."""
+        PAD: tl.constexpr = KS // 2
+        P: tl.constexpr = TM * TJ
+        tl.debug_barrier()
+        tl.store(scr + tl.arange(0, CC)[:, None] * P + p[None, :], tl.where(inmap[None, :], e, 0.0))
+        tl.debug_barrier()
+        for o in range(0, KS * KS):
+            sm = pm + (o // KS - PAD)
+            sj = pj + (o % KS - PAD)
+            okk = (sm >= 0) & (sm < TM) & (sj >= 0) & (sj < TJ)
+            es = tl.load(scr + tl.arange(0, CC)[:, None] * P + (sm * TJ + sj)[None, :], mask=okk[None, :],
+                         other=0.0, cache_modifier=".cg")
+            tl.store(out + o, tl.sum(g_own * es, axis=1))
+
+    @triton.jit
     def _re_fwd_halo(a_ptr, we_ptr, be_ptr, wdw_ptr, bdw_ptr, wp_ptr, bp_ptr, al_ptr, bt_ptr, r_ptr, scr_ptr,
                      N, H, RH, NTJ,
                      KS: tl.constexpr, RELU_E: tl.constexpr, PREC: tl.constexpr, HP: tl.constexpr,
                      CC: tl.constexpr, TM: tl.constexpr, TJ: tl.constexpr):
         """R on halo-extended tiles (the "halo" forward, see refine_eval_fwd): E once per channel
-        chunk over the whole tile, staged in the program's scratch, the stencil read shifted from
-        there (one expansion dot per chunk instead of KS*KS). R is stored at the owned positions."""
+        chunk over the whole tile, the stencil by stencil_staged. R is stored at the owned positions."""
         PAD: tl.constexpr = KS // 2
         P: tl.constexpr = TM * TJ
-        KK: tl.constexpr = KS * KS
         pid_t = tl.program_id(1)
         b = tl.program_id(0).to(tl.int64)
         prog = b * tl.num_programs(1) + pid_t
@@ -151,18 +194,7 @@ if triton is not None:
             e = tl.dot(we, a0, input_precision=PREC) + be[:, None]
             if RELU_E:
                 e = tl.minimum(tl.maximum(e, 0.0), 6.0)
-            tl.debug_barrier()  # the previous chunk's stencil reads are done
-            tl.store(scr + tl.arange(0, CC)[:, None] * P + p[None, :], tl.where(inmap[None, :], e, 0.0))
-            tl.debug_barrier()
-            dacc = tl.zeros((CC, P), tl.float32)
-            for o in range(0, KK):  # exact at the owned positions (their shifts stay in the tile)
-                sm = pm + (o // KS - PAD)
-                sj = pj + (o % KS - PAD)
-                okk = (sm >= 0) & (sm < TM) & (sj >= 0) & (sj < TJ)
-                es = tl.load(scr + tl.arange(0, CC)[:, None] * P + (sm * TJ + sj)[None, :], mask=okk[None, :],
-                             other=0.0, cache_modifier=".cg")
-                w = tl.load(wdw_ptr + cc * KK + o, mask=mc, other=0.0).to(tl.float32)
-                dacc += w[:, None] * es
+            dacc = stencil_staged(e, inmap, wdw_ptr, cc, mc, scr, p, pm, pj, KS, CC, TM, TJ)
             bdw = tl.load(bdw_ptr + cc, mask=mc, other=0.0).to(tl.float32)
             dd = tl.where(mc[:, None], tl.minimum(tl.maximum(dacc + bdw[:, None], 0.0), 6.0), 0.0)
             wp = tl.load(wp_ptr + hh[:, None] * RH + cc[None, :], mask=mh[:, None] & mc[None, :],
@@ -247,36 +279,13 @@ if triton is not None:
             g = tl.where((dpre > 0.0) & (dpre < 6.0) & mc[:, None], gd, 0.0)
             g_own = g * ownf[None, :]
             tl.store(pbdw_ptr + prog * RHP + cc, tl.sum(g_own, axis=1))
-            # dW_dw partial: sum over own positions of g * E(shifted). An own position shifted by at
-            # most PAD stays inside the tile, so E is computed once over the tile (the halo is the
-            # tile's border) and read shifted from the scratch buffer, not recomputed per offset.
+            # dW_dw partials from E computed once over the tile (not once per offset)
             epre = tl.dot(we, a0, input_precision="ieee") + be[:, None]
             e0 = tl.minimum(tl.maximum(epre, 0.0), 6.0) if RELU_E else epre
-            tl.debug_barrier()
-            tl.store(scr + tl.arange(0, CC)[:, None] * P + p[None, :], tl.where(inmap[None, :], e0, 0.0))
-            tl.debug_barrier()
-            for o in range(0, KK):
-                sm = pm + (o // KS - PAD)
-                sj = pj + (o % KS - PAD)
-                okk = (sm >= 0) & (sm < TM) & (sj >= 0) & (sj < TJ)
-                e = tl.load(scr + tl.arange(0, CC)[:, None] * P + (sm * TJ + sj)[None, :], mask=okk[None, :],
-                            other=0.0, cache_modifier=".cg")
-                tl.store(pwdw_ptr + prog * RHP * KK + cc * KK + o, tl.sum(g_own * e, axis=1))
-            # transposed stencil through the scratch buffer: dE[q] = sum_o w[o] g[q - s_o]
-            tl.debug_barrier()
-            tl.store(scr + tl.arange(0, CC)[:, None] * P + p[None, :], g)
-            tl.debug_barrier()
-            de = tl.zeros((CC, P), tl.float32)
-            for o in range(0, KK):
-                du = o // KS - PAD
-                dv = o % KS - PAD
-                sm = pm - du
-                sj = pj - dv
-                okk = (sm >= 0) & (sm < TM) & (sj >= 0) & (sj < TJ)
-                gs = tl.load(scr + tl.arange(0, CC)[:, None] * P + (sm * TJ + sj)[None, :],
-                             mask=okk[None, :], other=0.0, cache_modifier=".cg")
-                w = tl.load(wdw_ptr + cc * KK + o, mask=mc, other=0.0).to(tl.float32)
-                de += w[:, None] * gs
+            dw_wgrad_staged(e0, inmap, g_own, scr, p, pm, pj, pwdw_ptr + prog * RHP * KK + cc * KK, KS, CC, TM, TJ)
+            # transposed stencil through the scratch buffer: dE[q] = sum_o w[o] g[q - s_o] (g is 0
+            # outside the map: dy is)
+            de = stencil_staged(g, inmap, wdw_ptr, cc, mc, scr, p, pm, pj, KS, CC, TM, TJ, True)
             if RELU_E:
                 de = tl.where((epre > 0.0) & (epre < 6.0), de, 0.0)
             de = tl.where(mc[:, None] & own[None, :], de, 0.0)

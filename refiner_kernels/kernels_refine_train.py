@@ -63,6 +63,7 @@ NCC = 11
 
 
 if triton is not None:
+    from .kernels_refine_eval import dw_wgrad_staged, stencil_staged
 
     @triton.jit
     def _e_at(a_ptr, base_a, hoff, row, col, du, dv, N, mh, ks, we, be, RELU_E: tl.constexpr):
@@ -90,27 +91,12 @@ if triton is not None:
     @triton.jit
     def _x2_staged(a0s, inmap, we, be, wdw_ptr, cc, mc, scr, p, pm, pj,
                    KS: tl.constexpr, RELU_E: tl.constexpr, CC: tl.constexpr, TM: tl.constexpr, TJ: tl.constexpr):
-        """X2 = dw(E) exact at a halo tile's owned positions: E once over the tile (a0s = A - K, zero
-        outside the map), staged in the program's scratch and read shifted (an owned position shifted
-        by at most the halo stays in the tile) instead of one expansion per stencil offset."""
-        PAD: tl.constexpr = KS // 2
-        P: tl.constexpr = TM * TJ
+        """X2 = dw(E) exact at a halo tile's owned positions, E computed once over the tile from
+        a0s = A - K (kernels_refine_eval.stencil_staged)."""
         e = tl.dot(we, a0s, input_precision="ieee") + be[:, None]
         if RELU_E:
             e = tl.minimum(tl.maximum(e, 0.0), 6.0)
-        tl.debug_barrier()  # the previous chunk's reads of the scratch are done
-        tl.store(scr + tl.arange(0, CC)[:, None] * P + p[None, :], tl.where(inmap[None, :], e, 0.0))
-        tl.debug_barrier()
-        acc = tl.zeros((CC, P), tl.float32)
-        for o in range(0, KS * KS):
-            sm = pm + (o // KS - PAD)
-            sj = pj + (o % KS - PAD)
-            okk = (sm >= 0) & (sm < TM) & (sj >= 0) & (sj < TJ)
-            es = tl.load(scr + tl.arange(0, CC)[:, None] * P + (sm * TJ + sj)[None, :], mask=okk[None, :],
-                         other=0.0, cache_modifier=".cg")
-            w = tl.load(wdw_ptr + cc * (KS * KS) + o, mask=mc, other=0.0).to(tl.float32)
-            acc += w[:, None] * es
-        return acc
+        return stencil_staged(e, inmap, wdw_ptr, cc, mc, scr, p, pm, pj, KS, CC, TM, TJ)
 
     @triton.jit
     def _x2(a_ptr, base_a, hoff, row, col, N, mh, ks, we, be, wdw_ptr, cc, mc, a0s, inmap, scr, p, pm, pj,
@@ -179,8 +165,8 @@ if triton is not None:
                  CC: tl.constexpr, TM: tl.constexpr, TJ: tl.constexpr, W: tl.constexpr,
                  Y_IN: tl.constexpr, Y_OUT: tl.constexpr, HALO: tl.constexpr):
         """Tile pass over non-overlapping tiles, or (HALO) over halo tiles whose owned interiors tile
-        the map, X2 then staged through scr_ptr (_x2_staged). MODE 1: moments of A (F1). 2: BN2 stats of X2 (F2).
-        3: BN3 stats of Y3 (F3). 6: BN_a stats of Z (F4). 7: R stored to dr_ptr (F5, and the
+        the map, X2 then staged through scr_ptr (_x2_staged).
+        MODE 1: moments of A (F1). 2: BN2 stats of X2 (F2). 3: BN3 stats of Y3 (F3). 6: BN_a stats of Z (F4). 7: R stored to dr_ptr (F5, and the
         backward's recompute). 4: B1 sums. 5: B2 (dW_p partials, dg2/db2 sums).
         MODE >= 3: Y_OUT stores the tile's Y3 - W_p Dk to y_ptr (fp32, A-sized); Y_IN loads it from
         there instead of recomputing the expansion, the stencil and the reduction.
@@ -366,33 +352,12 @@ if triton is not None:
                 - x2hat * tl.load(cv_ptr + 6 * RHP + cc, mask=mc, other=0.0)[:, None])
             dx2 = tl.where(mc[:, None] & inmap[None, :], dx2, 0.0)
             dx2_own = dx2 * ownf[None, :]
-            # dW_dw partials: E at own positions shifted by at most PAD lies inside the tile, so E is
-            # computed once over the tile and read shifted from the scratch buffer
+            # dW_dw partials from E computed once over the tile (not once per offset)
             a0s = tl.where(m2, a0 - ks[:, None], 0.0)
             x1pre = tl.dot(we, a0s, input_precision="ieee") + be[:, None]
             e0 = tl.minimum(tl.maximum(x1pre, 0.0), 6.0) if RELU_E else x1pre
-            tl.debug_barrier()
-            tl.store(scr + tl.arange(0, CC)[:, None] * P + p[None, :], tl.where(inmap[None, :], e0, 0.0))
-            tl.debug_barrier()
-            for o in range(0, KK):
-                sm = pm + (o // KS - PAD)
-                sj = pj + (o % KS - PAD)
-                okk = (sm >= 0) & (sm < TM) & (sj >= 0) & (sj < TJ)
-                e = tl.load(scr + tl.arange(0, CC)[:, None] * P + (sm * TJ + sj)[None, :], mask=okk[None, :],
-                            other=0.0, cache_modifier=".cg")
-                tl.store(pwdw_ptr + prog * RHP * KK + cc * KK + o, tl.sum(dx2_own * e, axis=1))
-            tl.debug_barrier()
-            tl.store(scr + tl.arange(0, CC)[:, None] * P + p[None, :], dx2)
-            tl.debug_barrier()
-            de = tl.zeros((CC, P), tl.float32)
-            for o in range(0, KK):
-                sm = pm - (o // KS - PAD)
-                sj = pj - (o % KS - PAD)
-                okk = (sm >= 0) & (sm < TM) & (sj >= 0) & (sj < TJ)
-                gs = tl.load(scr + tl.arange(0, CC)[:, None] * P + (sm * TJ + sj)[None, :], mask=okk[None, :],
-                             other=0.0, cache_modifier=".cg")
-                w = tl.load(wdw_ptr + cc * KK + o, mask=mc, other=0.0)
-                de += w[:, None] * gs
+            dw_wgrad_staged(e0, inmap, dx2_own, scr, p, pm, pj, pwdw_ptr + prog * RHP * KK + cc * KK, KS, CC, TM, TJ)
+            de = stencil_staged(dx2, inmap, wdw_ptr, cc, mc, scr, p, pm, pj, KS, CC, TM, TJ, True)  # dw_k^T
             if RELU_E:
                 de = tl.where((x1pre > 0.0) & (x1pre < 6.0), de, 0.0)
             de = tl.where(mc[:, None] & own[None, :], de, 0.0)
@@ -459,8 +424,8 @@ def _launch_tile(mode, attn, dr, we, be, wdw, wp, cv, hv, ks, scale, relu, y3=No
     pwp = torch.zeros(B * ppi, HP, HP if mode == 1 else (RHP if mode == 5 else 1), dtype=torch.float32, device=dev)
     # halo: batch chunks that bound the per-program scratch (one launch otherwise)
     chunks = list(batch_chunks(B, ppi, CC * TM * TJ * 4)) if halo else [(0, B)]
-    scr = torch.empty(ppi * max(hi - lo for lo, hi in chunks) if halo else 1, CC, TM * TJ, dtype=torch.float32,
-                      device=dev)
+    scr = torch.empty(ppi * max(hi - lo for lo, hi in chunks), CC, TM * TJ, dtype=torch.float32,
+                      device=dev) if halo else part  # (unused without halo tiles)
     for lo, hi in chunks:
         pick = lambda t: t[lo:hi] if t is not None else attn[lo:hi]  # noqa: E731
         _rt_tile[(hi - lo, ppi)](attn[lo:hi], pick(dr), pick(y3), we, be, wdw, wp, cv, hv, ks, part[lo * ppi:],
