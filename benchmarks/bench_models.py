@@ -249,6 +249,9 @@ def parse_args(argv):
     p.add_argument("--no-plots", action="store_true")
     p.add_argument("--out", type=cli.output_dir, default=None, help="results folder (default benchmarks/results)")
     args = p.parse_args(argv)
+    for v in args.env_variants:
+        if v.ops:
+            p.error(f"--env-variants {v}: '@ops' applies to bench_ops only")
     for img in args.img or ():
         cli.check_img_size(img, PATCH, "--img", error=p.error)
     if args.compile_backend not in (None, "skip"):

@@ -329,6 +329,9 @@ def parse_args(argv):
     p.add_argument("--no-plots", action="store_true")
     p.add_argument("--out", type=cli.output_dir, default=None, help="results folder (default benchmarks/results)")
     args = p.parse_args(argv)
+    for v in args.env_variants:
+        if v.ops and not set(v.ops) <= set(OPS):
+            p.error(f"--env-variants {v}: ops after '@' must be among {OPS}")
     args._device = device = C.pick_device(args.device)
     gpu = device.type == "cuda"
     quick = args.quick

@@ -98,8 +98,11 @@ def test_env_variants_rows_beside_the_default(tmp_path, monkeypatch):
                      time_ms=t, vs_sdpa=t) for r, b, t in [(doc["rows"][0], "triton", 2.0),
                                                            (doc["rows"][0], "triton[X=1]", 1.0)]]
     assert "triton," in bench_ops.targets(gpu_like)[0]["detail"]
+    for bad in ("cpu:NOVALUE", "cpu:A=1@refine_evl"):
+        with pytest.raises(SystemExit):
+            bench_ops.main(["--env-variants", bad])
     with pytest.raises(SystemExit):
-        bench_ops.main(["--env-variants", "cpu:NOVALUE"])
+        bench_models.main(["--env-variants", "cpu:A=1@refine_eval"])
 
 
 @needs_mpl
