@@ -112,6 +112,21 @@ if triton is not None:
                      mask=mh[:, None, None] & (ii < N)[None, :, None] & md[None, None, :])
 
     @triton.jit
+    def halo_tile(pid_t, NTJ, N, KS: tl.constexpr, TM: tl.constexpr, TJ: tl.constexpr):
+        """Halo tile pid_t of a map (NTJ tiles per tile row): each TM x TJ tile overlaps its neighbours
+        by the stencil's halo, and the owned interiors tile the N x N map. Returns the flat position
+        p, its tile row pm and column pj, its map row and column, in the map, and owned."""
+        PAD: tl.constexpr = KS // 2
+        p = tl.arange(0, TM * TJ)
+        pm = p // TJ
+        pj = p % TJ
+        row = (pid_t // NTJ) * (TM - 2 * PAD) - PAD + pm
+        col = (pid_t % NTJ) * (TJ - 2 * PAD) - PAD + pj
+        inmap = (row >= 0) & (row < N) & (col >= 0) & (col < N)
+        own = inmap & (pm >= PAD) & (pm < TM - PAD) & (pj >= PAD) & (pj < TJ - PAD)
+        return p, pm, pj, row, col, inmap, own
+
+    @triton.jit
     def stencil_staged(e, inmap, wdw_ptr, cc, mc, scr, p, pm, pj,
                        KS: tl.constexpr, CC: tl.constexpr, TM: tl.constexpr, TJ: tl.constexpr,
                        TRANSPOSE: tl.constexpr = False):
@@ -163,22 +178,13 @@ if triton is not None:
                      CC: tl.constexpr, TM: tl.constexpr, TJ: tl.constexpr):
         """R on halo-extended tiles (the "halo" forward, see refine_eval_fwd): E once per channel
         chunk over the whole tile, the stencil by stencil_staged. R is stored at the owned positions."""
-        PAD: tl.constexpr = KS // 2
         P: tl.constexpr = TM * TJ
         pid_t = tl.program_id(1)
         b = tl.program_id(0).to(tl.int64)
         prog = b * tl.num_programs(1) + pid_t
-        pid_i = pid_t // NTJ
-        pid_j = pid_t % NTJ
         hh = tl.arange(0, HP)
         mh = hh < H
-        p = tl.arange(0, P)
-        pm = p // TJ
-        pj = p % TJ
-        row = pid_i * (TM - 2 * PAD) - PAD + pm
-        col = pid_j * (TJ - 2 * PAD) - PAD + pj
-        inmap = (row >= 0) & (row < N) & (col >= 0) & (col < N)
-        own = inmap & (pm >= PAD) & (pm < TM - PAD) & (pj >= PAD) & (pj < TJ - PAD)
+        p, pm, pj, row, col, inmap, own = halo_tile(pid_t, NTJ, N, KS, TM, TJ)
         base_a = b * H * N * N
         hoff = hh.to(tl.int64)[:, None] * N * N
         m2 = mh[:, None] & inmap[None, :]
@@ -219,17 +225,9 @@ if triton is not None:
         pid_t = tl.program_id(1)
         b = tl.program_id(0).to(tl.int64)
         prog = b * tl.num_programs(1) + pid_t
-        pid_i = pid_t // NTJ
-        pid_j = pid_t % NTJ
         hh = tl.arange(0, HP)
         mh = hh < H
-        p = tl.arange(0, P)
-        pm = p // TJ
-        pj = p % TJ
-        row = pid_i * (TM - 2 * PAD) - PAD + pm
-        col = pid_j * (TJ - 2 * PAD) - PAD + pj
-        inmap = (row >= 0) & (row < N) & (col >= 0) & (col < N)
-        own = inmap & (pm >= PAD) & (pm < TM - PAD) & (pj >= PAD) & (pj < TJ - PAD)
+        p, pm, pj, row, col, inmap, own = halo_tile(pid_t, NTJ, N, KS, TM, TJ)
         ownf = tl.where(own, 1.0, 0.0)
         base_a = b * H * N * N
         hoff = hh.to(tl.int64)[:, None] * N * N

@@ -63,7 +63,7 @@ NCC = 11
 
 
 if triton is not None:
-    from .kernels_refine_eval import dw_wgrad_staged, stencil_staged
+    from .kernels_refine_eval import dw_wgrad_staged, halo_tile, stencil_staged
 
     @triton.jit
     def _e_at(a_ptr, base_a, hoff, row, col, du, dv, N, mh, ks, we, be, RELU_E: tl.constexpr):
@@ -176,23 +176,18 @@ if triton is not None:
         pid_t = tl.program_id(1)
         b = tl.program_id(0).to(tl.int64)
         prog = b * tl.num_programs(1) + pid_t
-        pid_i = pid_t // NTJ
-        pid_j = pid_t % NTJ
         PAD: tl.constexpr = KS // 2
         hh = tl.arange(0, HP)
         mh = hh < H
-        p = tl.arange(0, P)
-        pm = p // TJ
-        pj = p % TJ
         if HALO:  # `valid`: the owned positions (every statistic and output); `inmap`: all in the map
-            row = pid_i * (TM - 2 * PAD) - PAD + pm
-            col = pid_j * (TJ - 2 * PAD) - PAD + pj
-            inmap = (row >= 0) & (row < N) & (col >= 0) & (col < N)
-            valid = inmap & (pm >= PAD) & (pm < TM - PAD) & (pj >= PAD) & (pj < TJ - PAD)
+            p, pm, pj, row, col, inmap, valid = halo_tile(pid_t, NTJ, N, KS, TM, TJ)
             first = (p == PAD * TJ + PAD)[None, :]  # the first owned position (the moments' shift)
         else:
-            row = pid_i * TM + pm
-            col = pid_j * TJ + pj
+            p = tl.arange(0, P)
+            pm = p // TJ
+            pj = p % TJ
+            row = (pid_t // NTJ) * TM + pm
+            col = (pid_t % NTJ) * TJ + pj
             inmap = (row < N) & (col < N)
             valid = inmap
             first = (p == 0)[None, :]
@@ -293,23 +288,14 @@ if triton is not None:
                TM: tl.constexpr, TJ: tl.constexpr, Y_IN: tl.constexpr):
         """Halo-extended tiles: dX2, dW_dw partials, transposed stencil, dX1', dA (partial).
         Y_IN: Y3 loaded from y_ptr (see _rt_tile) instead of recomputed."""
-        PAD: tl.constexpr = KS // 2
         P: tl.constexpr = TM * TJ
         KK: tl.constexpr = KS * KS
         pid_t = tl.program_id(1)
         b = tl.program_id(0).to(tl.int64)
         prog = b * tl.num_programs(1) + pid_t
-        pid_i = pid_t // NTJ
-        pid_j = pid_t % NTJ
         hh = tl.arange(0, HP)
         mh = hh < H
-        p = tl.arange(0, P)
-        pm = p // TJ
-        pj = p % TJ
-        row = pid_i * (TM - 2 * PAD) - PAD + pm
-        col = pid_j * (TJ - 2 * PAD) - PAD + pj
-        inmap = (row >= 0) & (row < N) & (col >= 0) & (col < N)
-        own = inmap & (pm >= PAD) & (pm < TM - PAD) & (pj >= PAD) & (pj < TJ - PAD)
+        p, pm, pj, row, col, inmap, own = halo_tile(pid_t, NTJ, N, KS, TM, TJ)
         ownf = tl.where(own, 1.0, 0.0)
         base_a = b * H * N * N
         hoff = hh.to(tl.int64)[:, None] * N * N
