@@ -7,10 +7,10 @@
 #                                              # CUDA/cross-backend tests, bench_ops (N 197/577,
 #                                              # bf16), bench_models (S and ViT-S, 224 px, no compile), both
 #                                              # with the candidate kernels as extra rows
-#                                              # (--env-variants), then in the time left bench_ops
-#                                              # of the CUDA kernels at 1 row per
-#                                              # block, of refine_train on the ATen chunk passes, and a
-#                                              # profile (Refiner-ViT-S fused[triton] vs reference)
+#                                              # (--env-variants), memcheck of the CUDA tests, then in
+#                                              # the time left bench_ops of refine_train on the ATen
+#                                              # chunk passes, and a profile (Refiner-ViT-S
+#                                              # fused[triton] vs reference)
 #   bash benchmarks/gpu_round.sh verify        # build (sm_90), the tests the last round failed (see
 #                                              # stage_verify), then memcheck and racecheck of the CUDA
 #                                              # tests: a short call (~6 min) for a session with little
@@ -148,20 +148,23 @@ stage_quick() {
     tests/test_extremes.py tests/test_bad_inputs.py tests/test_fused.py tests/test_properties.py
   # with the candidates beside the defaults in the same runs (rows labelled triton[NAME=VALUE]):
   # Triton's refine_train recomputing Y3 in every pass (the schedule before the Y3 buffer) or with
-  # its X2 passes on halo tiles, and the "halo" refine_eval forward (the model: both halo switches,
-  # the forward one acting in inference, the X2 one in training)
-  run_step bench_ops 110 "$PY" benchmarks/bench_ops.py --out "$RES" --rep-ms 25 --n 197 577 --heads 12 \
+  # its X2 passes on halo tiles, and the "halo" and "flat" refine_eval forwards (the model: the flat
+  # forward alone, and both halo switches, the forward one acting in inference, the X2 one in training)
+  run_step bench_ops 120 "$PY" benchmarks/bench_ops.py --out "$RES" --rep-ms 25 --n 197 577 --heads 12 \
     --head-dim 32 --dtypes bf16 --env-variants "triton:REFINER_TRITON_TRAIN_Y3=recompute@refine_train" \
-    "triton:REFINER_TRITON_TRAIN_X2=halo@refine_train" "triton:REFINER_TRITON_REFINE_FWD=halo@refine_eval"
-  run_step bench_models 120 "$PY" benchmarks/bench_models.py --out "$RES" \
+    "triton:REFINER_TRITON_TRAIN_X2=halo@refine_train" "triton:REFINER_TRITON_REFINE_FWD=halo@refine_eval" \
+    "triton:REFINER_TRITON_REFINE_FWD=flat@refine_eval"
+  run_step bench_models 130 "$PY" benchmarks/bench_models.py --out "$RES" \
     --models refiner_vit_s vit_small_patch16_224 --img 224 --batch 256 --compile-backend skip --repeats 5 \
-    --env-variants "triton:REFINER_TRITON_REFINE_FWD=halo,REFINER_TRITON_TRAIN_X2=halo"
-  # then, in what time is left: the CUDA kernels at one query row per block (defaults: 4 refine,
-  # 16 softmax), to see what the tiling buys, and where a Refiner-ViT-S step's time goes
-  REFINER_CUDA_TILE_ROWS=1 REFINER_CUDA_SOFTMAX_ROWS=1 run_step bench_ops_rows1 40 "$PY" benchmarks/bench_ops.py \
-    --out "$RES/rows1" --rep-ms 25 --n 197 577 --heads 12 --head-dim 32 --dtypes bf16 \
-    --ops softmax_block refine_eval --backends cuda reference --no-memory --no-plots
-  # the training refine on the ATen chunk passes (the CUDA path before the streamed tile kernels)
+    --env-variants "triton:REFINER_TRITON_REFINE_FWD=flat" \
+    "triton:REFINER_TRITON_REFINE_FWD=halo,REFINER_TRITON_TRAIN_X2=halo"
+  # memcheck of the CUDA tests (small shapes; racecheck, the slower, is in `verify` / `sanitize`)
+  if command -v compute-sanitizer >/dev/null; then
+    run_step memcheck 70 compute-sanitizer --tool memcheck --error-exitcode 9 --target-processes all \
+      "$PY" -m pytest -q -x tests/test_compiled_cuda.py
+  fi
+  # then, in what time is left: the training refine on the ATen chunk passes (the CUDA path before
+  # the streamed tile kernels), and where a Refiner-ViT-S step's time goes
   REFINER_TRAIN_PATH=chunk run_step bench_ops_train_chunk 40 "$PY" benchmarks/bench_ops.py \
     --out "$RES/train_chunk" --rep-ms 25 --n 197 577 --heads 12 --head-dim 32 --dtypes bf16 \
     --ops refine_train --backends cuda --no-plots

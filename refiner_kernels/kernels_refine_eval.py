@@ -39,12 +39,55 @@ HALF_TF32 = True  # fp16/bf16 inputs: TF32 dots in the forward kernel on the GPU
 if triton is not None:
 
     @triton.jit
+    def refine_r_at(a_ptr, base_a, hoff, hh, mh, row, col, valid, we_ptr, be_ptr, wdw_ptr, bdw_ptr, wp_ptr,
+                    bp_ptr, al_ptr, bt_ptr, N, H, RH, KS: tl.constexpr, RELU_E: tl.constexpr,
+                    PREC: tl.constexpr, HP: tl.constexpr, CC: tl.constexpr, P: tl.constexpr):
+        """R (HP x P, fp32, 0 off `valid`) at the map positions (row, col) of one image: the expansion
+        recomputed at each of the k*k stencil offsets from A loaded there (Triton cannot shift a
+        register tile), E at shifted positions outside the map forced to 0 (zero padding of E, not
+        relu6(b_exp)), then the reduction dot and the affine residual. Any set of positions works:
+        the row tiles of _re_fwd and the flat position ranges of _re_fwd_flat."""
+        PAD: tl.constexpr = KS // 2
+        m2 = mh[:, None] & valid[None, :]
+        a0 = tl.load(a_ptr + base_a + hoff + (row * N + col)[None, :], mask=m2, other=0.0).to(tl.float32)
+        y = tl.zeros((HP, P), tl.float32)
+        for c0 in range(0, RH, CC):
+            cc = c0 + tl.arange(0, CC)
+            mc = cc < RH
+            we = tl.load(we_ptr + cc[:, None] * H + hh[None, :], mask=mc[:, None] & mh[None, :],
+                         other=0.0).to(tl.float32)
+            be = tl.load(be_ptr + cc, mask=mc, other=0.0).to(tl.float32)
+            dacc = tl.zeros((CC, P), tl.float32)
+            for o in range(0, KS * KS):
+                r2 = row + (o // KS - PAD)
+                c2 = col + (o % KS - PAD)
+                ok = valid & (r2 >= 0) & (r2 < N) & (c2 >= 0) & (c2 < N)
+                a_s = tl.load(a_ptr + base_a + hoff + (r2 * N + c2)[None, :],
+                              mask=mh[:, None] & ok[None, :], other=0.0).to(tl.float32)
+                e = tl.dot(we, a_s, input_precision=PREC) + be[:, None]
+                if RELU_E:
+                    e = tl.minimum(tl.maximum(e, 0.0), 6.0)
+                e = tl.where(ok[None, :], e, 0.0)
+                w = tl.load(wdw_ptr + cc * (KS * KS) + o, mask=mc, other=0.0).to(tl.float32)
+                dacc += w[:, None] * e
+            bdw = tl.load(bdw_ptr + cc, mask=mc, other=0.0).to(tl.float32)
+            dd = tl.minimum(tl.maximum(dacc + bdw[:, None], 0.0), 6.0)
+            dd = tl.where(mc[:, None], dd, 0.0)
+            wp = tl.load(wp_ptr + hh[:, None] * RH + cc[None, :], mask=mh[:, None] & mc[None, :],
+                         other=0.0).to(tl.float32)
+            y += tl.dot(wp, dd, input_precision=PREC)
+        alpha = tl.load(al_ptr + hh, mask=mh, other=0.0).to(tl.float32)
+        beta = tl.load(bt_ptr + hh, mask=mh, other=0.0).to(tl.float32)
+        bp = tl.load(bp_ptr + hh, mask=mh, other=0.0).to(tl.float32)
+        r = alpha[:, None] * (a0 + y + bp[:, None]) + beta[:, None]
+        return tl.where(m2, r, 0.0)
+
+    @triton.jit
     def _re_fwd(a_ptr, v_ptr, we_ptr, be_ptr, wdw_ptr, bdw_ptr, wp_ptr, bp_ptr, al_ptr, bt_ptr,
                 out_ptr, r_ptr, N, D, H, RH,
                 KS: tl.constexpr, RELU_E: tl.constexpr, STORE_R: tl.constexpr, PREC: tl.constexpr,
                 HP: tl.constexpr, CC: tl.constexpr, TM: tl.constexpr, TJ: tl.constexpr,
                 BD: tl.constexpr):
-        PAD: tl.constexpr = KS // 2
         P: tl.constexpr = TM * TJ
         pid_i = tl.program_id(1)
         b = tl.program_id(0).to(tl.int64)
@@ -54,49 +97,17 @@ if triton is not None:
         row = pid_i * TM + p // TJ
         base_a = b * H * N * N
         hoff = hh.to(tl.int64)[:, None] * N * N
-        alpha = tl.load(al_ptr + hh, mask=mh, other=0.0).to(tl.float32)
-        beta = tl.load(bt_ptr + hh, mask=mh, other=0.0).to(tl.float32)
-        bp = tl.load(bp_ptr + hh, mask=mh, other=0.0).to(tl.float32)
         offs_d = tl.arange(0, BD)
         md = offs_d < D
         acc = tl.zeros((HP, TM, BD), tl.float32)
         for j0 in range(0, N, TJ):
             col = j0 + p % TJ
             inmap = (row < N) & (col < N)
-            m2 = mh[:, None] & inmap[None, :]
-            a0 = tl.load(a_ptr + base_a + hoff + (row * N + col)[None, :], mask=m2, other=0.0).to(tl.float32)
-            y = tl.zeros((HP, P), tl.float32)
-            for c0 in range(0, RH, CC):
-                cc = c0 + tl.arange(0, CC)
-                mc = cc < RH
-                we = tl.load(we_ptr + cc[:, None] * H + hh[None, :], mask=mc[:, None] & mh[None, :],
-                             other=0.0).to(tl.float32)
-                be = tl.load(be_ptr + cc, mask=mc, other=0.0).to(tl.float32)
-                dacc = tl.zeros((CC, P), tl.float32)
-                for o in range(0, KS * KS):
-                    du = o // KS - PAD
-                    dv = o % KS - PAD
-                    r2 = row + du
-                    c2 = col + dv
-                    ok = (r2 >= 0) & (r2 < N) & (c2 >= 0) & (c2 < N)
-                    a_s = tl.load(a_ptr + base_a + hoff + (r2 * N + c2)[None, :],
-                                  mask=mh[:, None] & ok[None, :], other=0.0).to(tl.float32)
-                    e = tl.dot(we, a_s, input_precision=PREC) + be[:, None]
-                    if RELU_E:
-                        e = tl.minimum(tl.maximum(e, 0.0), 6.0)
-                    e = tl.where(ok[None, :], e, 0.0)
-                    w = tl.load(wdw_ptr + cc * (KS * KS) + o, mask=mc, other=0.0).to(tl.float32)
-                    dacc += w[:, None] * e
-                bdw = tl.load(bdw_ptr + cc, mask=mc, other=0.0).to(tl.float32)
-                dd = tl.minimum(tl.maximum(dacc + bdw[:, None], 0.0), 6.0)
-                dd = tl.where(mc[:, None], dd, 0.0)
-                wp = tl.load(wp_ptr + hh[:, None] * RH + cc[None, :], mask=mh[:, None] & mc[None, :],
-                             other=0.0).to(tl.float32)
-                y += tl.dot(wp, dd, input_precision=PREC)
-            r = alpha[:, None] * (a0 + y + bp[:, None]) + beta[:, None]
-            r = tl.where(m2, r, 0.0)
+            r = refine_r_at(a_ptr, base_a, hoff, hh, mh, row, col, inmap, we_ptr, be_ptr, wdw_ptr, bdw_ptr,
+                            wp_ptr, bp_ptr, al_ptr, bt_ptr, N, H, RH, KS, RELU_E, PREC, HP, CC, P)
             if STORE_R:
-                tl.store(r_ptr + base_a + hoff + (row * N + col)[None, :], r.to(r_ptr.dtype.element_ty), mask=m2)
+                tl.store(r_ptr + base_a + hoff + (row * N + col)[None, :], r.to(r_ptr.dtype.element_ty),
+                         mask=mh[:, None] & inmap[None, :])
             else:
                 r3 = tl.reshape(r, (HP, TM, TJ))
                 jj = j0 + tl.arange(0, TJ)
@@ -110,6 +121,26 @@ if triton is not None:
             tl.store(out_ptr + b * H * N * D + hh.to(tl.int64)[:, None, None] * N * D
                      + ii[None, :, None] * D + offs_d[None, None, :], acc.to(out_ptr.dtype.element_ty),
                      mask=mh[:, None, None] & (ii < N)[None, :, None] & md[None, None, :])
+
+    @triton.jit
+    def _re_fwd_flat(a_ptr, we_ptr, be_ptr, wdw_ptr, bdw_ptr, wp_ptr, bp_ptr, al_ptr, bt_ptr, r_ptr, N, H, RH,
+                     KS: tl.constexpr, RELU_E: tl.constexpr, PREC: tl.constexpr, HP: tl.constexpr,
+                     CC: tl.constexpr, P: tl.constexpr):
+        """R at P consecutive flat positions q = row * N + col of one image's map (the "flat" forward,
+        see refine_eval_fwd): every tile is full but the last (no padding of N to a tile multiple),
+        each shifted load is contiguous, and only (HP x P) tiles are live (no R @ v accumulator)."""
+        b = tl.program_id(1).to(tl.int64)
+        q = tl.program_id(0) * P + tl.arange(0, P)
+        hh = tl.arange(0, HP)
+        mh = hh < H
+        base_a = b * H * N * N
+        hoff = hh.to(tl.int64)[:, None] * N * N
+        valid = q < N * N
+        row = q // N
+        col = q % N
+        r = refine_r_at(a_ptr, base_a, hoff, hh, mh, row, col, valid, we_ptr, be_ptr, wdw_ptr, bdw_ptr,
+                        wp_ptr, bp_ptr, al_ptr, bt_ptr, N, H, RH, KS, RELU_E, PREC, HP, CC, P)
+        tl.store(r_ptr + base_a + hoff + q[None, :], r.to(r_ptr.dtype.element_ty), mask=mh[:, None] & valid[None, :])
 
     @triton.jit
     def halo_tile(pid_t, NTJ, N, KS: tl.constexpr, TM: tl.constexpr, TJ: tl.constexpr):
@@ -310,8 +341,15 @@ if triton is not None:
          for tm, tj, w, s in [(16, 16, 4, 1), (16, 32, 4, 1), (16, 32, 8, 1), (16, 64, 8, 1),
                               (32, 32, 8, 1), (16, 32, 8, 2)]],
         key=["N", "D", "RH", "KS", "H", "STORE_R"])(_re_fwd)
+    # The flat forward: P positions a program, channel chunks of CC (CC >= r H: one chunk, every
+    # shifted A tile loaded once; CC = 16: three chunks at r H = 36, a third less padding work).
+    _re_fwd_flat_tuned = gpu_autotune(
+        [triton.Config({"P": p, "CC": cc}, num_warps=w, num_stages=1)
+         for p, cc, w in [(64, 16, 4), (128, 16, 4), (128, 16, 8), (256, 16, 8), (64, 64, 4), (128, 64, 4),
+                          (128, 64, 8), (256, 64, 8)]],
+        key=["N", "H", "RH", "KS"])(_re_fwd_flat)
 else:
-    _re_fwd_tuned = None
+    _re_fwd_tuned = _re_fwd_flat_tuned = None
 
 
 def _fwd_tiles(N: int):
@@ -328,16 +366,45 @@ def _prep(attn, w_exp, b_exp, expand):
     return eye, torch.zeros(H, dtype=attn.dtype, device=attn.device), False
 
 
+FORWARD_VARIANTS = ("tile", "halo", "flat")
+
+
 def forward_variant() -> str:
     """REFINER_TRITON_REFINE_FWD: "tile" (default: row tiles walking the columns, the expansion
     recomputed at each of the k*k stencil offsets, R @ v accumulated in registers: no map-sized
-    temporary) or "halo" (halo-extended tiles, one expansion per channel chunk staged through a
-    per-program scratch, R stored as an fp32 map and multiplied by v afterwards). Both are kept until
-    a GPU round has timed them side by side (benchmarks/gpu_round.sh quick)."""
+    temporary), "halo" (halo-extended tiles, one expansion per channel chunk staged through a
+    per-program scratch, R stored as an fp32 map and multiplied by v afterwards) or "flat" (the
+    tile kernel's recompute on ranges of consecutive flat positions, R stored in the input dtype
+    and multiplied by v afterwards: no (HP, TM, D) accumulator and no padding of N to a tile).
+    All are kept until a GPU round has timed them side by side (benchmarks/gpu_round.sh quick)."""
     mode = os.environ.get("REFINER_TRITON_REFINE_FWD", "tile")
-    if mode not in ("tile", "halo"):
-        raise ValueError(f"REFINER_TRITON_REFINE_FWD: expected 'tile' or 'halo', got {mode!r}")
+    if mode not in FORWARD_VARIANTS:
+        raise ValueError(f"REFINER_TRITON_REFINE_FWD: expected one of {FORWARD_VARIANTS}, got {mode!r}")
     return mode
+
+
+MAX_GRID_Y = 65535  # CUDA's limit on a grid's second dimension (the flat forward's batch axis)
+
+
+def _flat_r(attn, we, be, w_dw, b_dw, w_pro, b_pro, alpha, beta, relu, prec, r_dtype):
+    """R (r_dtype, A-sized) by _re_fwd_flat; batch chunks keep the grid's batch axis in range."""
+    B, H, N, _ = attn.shape
+    RH, KS = w_dw.shape[0], w_dw.shape[-1]
+    HP = max(16, next_pow2(H))
+    r = torch.empty(B, H, N, N, dtype=r_dtype, device=attn.device)
+    args = (we, be, w_dw.contiguous(), b_dw.contiguous(), w_pro.contiguous(), b_pro.contiguous(),
+            alpha.contiguous(), beta.contiguous())
+    for lo in range(0, B, MAX_GRID_Y):
+        hi = min(B, lo + MAX_GRID_Y)
+        if use_tuned(_re_fwd_flat_tuned, attn):
+            _re_fwd_flat_tuned[lambda META: (triton.cdiv(N * N, META["P"]), hi - lo)](
+                attn[lo:hi], *args, r[lo:hi], N, H, RH, KS=KS, RELU_E=relu, PREC=prec, HP=HP)
+        else:
+            P = 256 if interpreting() else 128
+            _re_fwd_flat[(triton.cdiv(N * N, P), hi - lo)](
+                attn[lo:hi], *args, r[lo:hi], N, H, RH, KS=KS, RELU_E=relu, PREC=prec, HP=HP, CC=CC, P=P,
+                num_warps=num_warps_for(HP * P), num_stages=1)
+    return r
 
 
 def _halo_r(attn, we, be, w_dw, b_dw, w_pro, b_pro, alpha, beta, relu, prec):
@@ -385,9 +452,14 @@ def refine_eval_fwd(attn, v, w_exp, b_exp, w_dw, b_dw, w_pro, b_pro, alpha, beta
     # recompute of R stay IEEE fp32.
     prec = "tf32" if (HALF_TF32 and attn.dtype in (torch.float16, torch.bfloat16) and not store_r
                       and not interpreting()) else "ieee"
-    if forward_variant() == "halo":
+    mode = forward_variant()
+    if mode == "halo":
         r_halo = _halo_r(attn, we, be, w_dw, b_dw, w_pro, b_pro, alpha, beta, relu, prec)
         return r_halo if store_r else bmm(r_halo, v, out_dtype=v.dtype)
+    if mode == "flat":  # R in the input dtype for the product (an fp32 R for the backward)
+        r_flat = _flat_r(attn, we, be, w_dw, b_dw, w_pro, b_pro, alpha, beta, relu, prec,
+                         torch.float32 if store_r else attn.dtype)
+        return r_flat if store_r else bmm(r_flat, v, out_dtype=v.dtype)
     if use_tuned(_re_fwd_tuned, attn):
         _re_fwd_tuned[lambda META: (B, triton.cdiv(N, META["TM"]))](
             *args, KS=KS, RELU_E=relu, STORE_R=store_r, PREC=prec, HP=HP, CC=CC, BD=BD)
