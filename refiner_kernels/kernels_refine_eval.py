@@ -143,6 +143,74 @@ if triton is not None:
         tl.store(r_ptr + base_a + hoff + q[None, :], r.to(r_ptr.dtype.element_ty), mask=mh[:, None] & valid[None, :])
 
     @triton.jit
+    def _re_expand(a_ptr, we_ptr, be_ptr, e_ptr, N, H, RH, RELU_E: tl.constexpr, PREC: tl.constexpr,
+                   HP: tl.constexpr, CC: tl.constexpr, P: tl.constexpr):
+        """The "split" forward's first pass: E = relu6(w_exp A + b_exp) at P flat positions of one
+        image, stored (e_ptr: (images, rH, N, N)) for _re_stencil_reduce, which reads it at the
+        stencil's shifts (from L2: the launcher keeps a chunk's E under SPLIT_E_BYTES)."""
+        b = tl.program_id(1).to(tl.int64)
+        q = tl.program_id(0) * P + tl.arange(0, P)
+        hh = tl.arange(0, HP)
+        mh = hh < H
+        valid = q < N * N
+        a = tl.load(a_ptr + b * H * N * N + hh.to(tl.int64)[:, None] * N * N + q[None, :],
+                    mask=mh[:, None] & valid[None, :], other=0.0).to(tl.float32)
+        for c0 in range(0, RH, CC):
+            cc = c0 + tl.arange(0, CC)
+            mc = cc < RH
+            we = tl.load(we_ptr + cc[:, None] * H + hh[None, :], mask=mc[:, None] & mh[None, :],
+                         other=0.0).to(tl.float32)
+            be = tl.load(be_ptr + cc, mask=mc, other=0.0).to(tl.float32)
+            e = tl.dot(we, a, input_precision=PREC) + be[:, None]
+            if RELU_E:
+                e = tl.minimum(tl.maximum(e, 0.0), 6.0)
+            tl.store(e_ptr + b * RH * N * N + cc.to(tl.int64)[:, None] * N * N + q[None, :],
+                     e.to(e_ptr.dtype.element_ty), mask=mc[:, None] & valid[None, :])
+
+    @triton.jit
+    def _re_stencil_reduce(a_ptr, e_ptr, wdw_ptr, bdw_ptr, wp_ptr, bp_ptr, al_ptr, bt_ptr, r_ptr, N, H, RH,
+                           KS: tl.constexpr, PREC: tl.constexpr, HP: tl.constexpr, CC: tl.constexpr,
+                           P: tl.constexpr):
+        """The "split" forward's second pass: D = relu6(dw_k(E) + b_dw) from the stored E (masked
+        loads outside the map are the stencil's zero padding), then the reduction dot and the
+        affine residual: R at P flat positions of one image."""
+        PAD: tl.constexpr = KS // 2
+        b = tl.program_id(1).to(tl.int64)
+        q = tl.program_id(0) * P + tl.arange(0, P)
+        hh = tl.arange(0, HP)
+        mh = hh < H
+        valid = q < N * N
+        row = q // N
+        col = q % N
+        base_a = b * H * N * N
+        hoff = hh.to(tl.int64)[:, None] * N * N
+        m2 = mh[:, None] & valid[None, :]
+        y = tl.zeros((HP, P), tl.float32)
+        for c0 in range(0, RH, CC):
+            cc = c0 + tl.arange(0, CC)
+            mc = cc < RH
+            ebase = e_ptr + b * RH * N * N + cc.to(tl.int64)[:, None] * N * N
+            dacc = tl.zeros((CC, P), tl.float32)
+            for o in range(0, KS * KS):
+                r2 = row + (o // KS - PAD)
+                c2 = col + (o % KS - PAD)
+                ok = valid & (r2 >= 0) & (r2 < N) & (c2 >= 0) & (c2 < N)
+                es = tl.load(ebase + (r2 * N + c2)[None, :], mask=mc[:, None] & ok[None, :], other=0.0)
+                w = tl.load(wdw_ptr + cc * (KS * KS) + o, mask=mc, other=0.0).to(tl.float32)
+                dacc += w[:, None] * es.to(tl.float32)
+            bdw = tl.load(bdw_ptr + cc, mask=mc, other=0.0).to(tl.float32)
+            dd = tl.where(mc[:, None], tl.minimum(tl.maximum(dacc + bdw[:, None], 0.0), 6.0), 0.0)
+            wp = tl.load(wp_ptr + hh[:, None] * RH + cc[None, :], mask=mh[:, None] & mc[None, :],
+                         other=0.0).to(tl.float32)
+            y += tl.dot(wp, dd, input_precision=PREC)
+        a0 = tl.load(a_ptr + base_a + hoff + q[None, :], mask=m2, other=0.0).to(tl.float32)
+        alpha = tl.load(al_ptr + hh, mask=mh, other=0.0).to(tl.float32)
+        beta = tl.load(bt_ptr + hh, mask=mh, other=0.0).to(tl.float32)
+        bp = tl.load(bp_ptr + hh, mask=mh, other=0.0).to(tl.float32)
+        r = alpha[:, None] * (a0 + y + bp[:, None]) + beta[:, None]
+        tl.store(r_ptr + base_a + hoff + q[None, :], r.to(r_ptr.dtype.element_ty), mask=m2)
+
+    @triton.jit
     def halo_tile(pid_t, NTJ, N, KS: tl.constexpr, TM: tl.constexpr, TJ: tl.constexpr):
         """Halo tile pid_t of a map (NTJ tiles per tile row): each TM x TJ tile overlaps its neighbours
         by the stencil's halo, and the owned interiors tile the N x N map. Returns the flat position
@@ -366,7 +434,7 @@ def _prep(attn, w_exp, b_exp, expand):
     return eye, torch.zeros(H, dtype=attn.dtype, device=attn.device), False
 
 
-FORWARD_VARIANTS = ("tile", "halo", "flat")
+FORWARD_VARIANTS = ("tile", "halo", "flat", "split")
 
 
 def forward_variant() -> str:
@@ -375,7 +443,9 @@ def forward_variant() -> str:
     temporary), "halo" (halo-extended tiles, one expansion per channel chunk staged through a
     per-program scratch, R stored as an fp32 map and multiplied by v afterwards) or "flat" (the
     tile kernel's recompute on ranges of consecutive flat positions, R stored in the input dtype
-    and multiplied by v afterwards: no (HP, TM, D) accumulator and no padding of N to a tile).
+    and multiplied by v afterwards: no (HP, TM, D) accumulator and no padding of N to a tile) or
+    "split" (E computed once and stored in the input dtype, for batch chunks small enough to stay
+    in L2, then the stencil, reduction and residual from it: no recompute of the expansion).
     All are kept until a GPU round has timed them side by side (benchmarks/gpu_round.sh quick)."""
     mode = os.environ.get("REFINER_TRITON_REFINE_FWD", "tile")
     if mode not in FORWARD_VARIANTS:
@@ -430,6 +500,32 @@ def _halo_r(attn, we, be, w_dw, b_dw, w_pro, b_pro, alpha, beta, relu, prec):
     return r
 
 
+SPLIT_E_BYTES = 24 << 20  # the split forward's E per batch chunk: within the H100's 50 MB L2
+
+
+def _split_r(attn, we, be, w_dw, b_dw, w_pro, b_pro, alpha, beta, relu, prec, r_dtype):
+    """R (r_dtype, A-sized) by _re_expand then _re_stencil_reduce over batch chunks whose E (in
+    r_dtype) stays under SPLIT_E_BYTES (at least one image a chunk)."""
+    B, H, N, _ = attn.shape
+    RH, KS = w_dw.shape[0], w_dw.shape[-1]
+    HP = max(16, next_pow2(H))
+    esize = torch.empty((), dtype=r_dtype).element_size()
+    per = max(1, min(MAX_GRID_Y, SPLIT_E_BYTES // (RH * N * N * esize)))
+    r = torch.empty(B, H, N, N, dtype=r_dtype, device=attn.device)
+    e = torch.empty(min(B, per), RH, N, N, dtype=r_dtype, device=attn.device)
+    P = 256 if interpreting() else 128
+    nw = num_warps_for(HP * P)
+    for lo in range(0, B, per):
+        hi = min(B, lo + per)
+        grid = (triton.cdiv(N * N, P), hi - lo)
+        _re_expand[grid](attn[lo:hi], we, be, e, N, H, RH, RELU_E=relu, PREC=prec, HP=HP, CC=CC, P=P,
+                         num_warps=nw, num_stages=1)
+        _re_stencil_reduce[grid](attn[lo:hi], e, w_dw.contiguous(), b_dw.contiguous(), w_pro.contiguous(),
+                                 b_pro.contiguous(), alpha.contiguous(), beta.contiguous(), r[lo:hi], N, H, RH,
+                                 KS=KS, PREC=prec, HP=HP, CC=CC, P=P, num_warps=nw, num_stages=2)
+    return r
+
+
 def refine_eval_fwd(attn, v, w_exp, b_exp, w_dw, b_dw, w_pro, b_pro, alpha, beta, expand,
                     store_r=False):
     check_device(attn, v)
@@ -460,6 +556,10 @@ def refine_eval_fwd(attn, v, w_exp, b_exp, w_dw, b_dw, w_pro, b_pro, alpha, beta
         r_flat = _flat_r(attn, we, be, w_dw, b_dw, w_pro, b_pro, alpha, beta, relu, prec,
                          torch.float32 if store_r else attn.dtype)
         return r_flat if store_r else bmm(r_flat, v, out_dtype=v.dtype)
+    if mode == "split":  # E and R in the input dtype for the product (fp32 for the backward)
+        r_split = _split_r(attn, we, be, w_dw, b_dw, w_pro, b_pro, alpha, beta, relu, prec,
+                           torch.float32 if store_r else attn.dtype)
+        return r_split if store_r else bmm(r_split, v, out_dtype=v.dtype)
     if use_tuned(_re_fwd_tuned, attn):
         _re_fwd_tuned[lambda META: (B, triton.cdiv(N, META["TM"]))](
             *args, KS=KS, RELU_E=relu, STORE_R=store_r, PREC=prec, HP=HP, CC=CC, BD=BD)

@@ -83,7 +83,7 @@ def _folded(H, ratio, ks, d):
     (17, 35, 1, 3, torch.float32),
     (17, 32, 3, 3, torch.float16),
 ])
-@pytest.mark.parametrize("variant", ["tile", "halo", "flat"])
+@pytest.mark.parametrize("variant", ["tile", "halo", "flat", "split"])
 def test_refine_eval(monkeypatch, variant, N, d, ratio, ks, dtype):
     """Both forward kernels (REFINER_TRITON_REFINE_FWD), which the backward also uses for R."""
     monkeypatch.setenv("REFINER_TRITON_REFINE_FWD", variant)
@@ -106,7 +106,7 @@ def test_refine_eval(monkeypatch, variant, N, d, ratio, ks, dtype):
         _close(a, b, dtype, "d" + name)
 
 
-@pytest.mark.parametrize("variant", ["tile", "halo", "flat"])
+@pytest.mark.parametrize("variant", ["tile", "halo", "flat", "split"])
 def test_refine_eval_border_padding(monkeypatch, variant):
     """Padded E is 0 at the border, not relu6(b_exp): a large positive b_exp exposes it."""
     monkeypatch.setenv("REFINER_TRITON_REFINE_FWD", variant)
@@ -121,12 +121,15 @@ def test_refine_eval_border_padding(monkeypatch, variant):
                                rtol=1e-4, atol=1e-5)
 
 
-def test_refine_eval_flat_forward_batch_chunks(monkeypatch):
-    """The flat forward launches in batch chunks of at most MAX_GRID_Y images (CUDA's limit on the
-    grid axis it puts the batch on): force 1 image per launch and compare with the reference."""
+@pytest.mark.parametrize("variant", ["flat", "split"])
+def test_refine_eval_forward_batch_chunks(monkeypatch, variant):
+    """The flat and split forwards launch in batch chunks of at most MAX_GRID_Y images (CUDA's limit
+    on the grid axis they put the batch on; split: also at most SPLIT_E_BYTES of E a chunk): force 1
+    image per launch and compare with the reference."""
     from refiner_kernels import kernels_refine_eval
     monkeypatch.setattr(kernels_refine_eval, "MAX_GRID_Y", 1)
-    monkeypatch.setenv("REFINER_TRITON_REFINE_FWD", "flat")
+    monkeypatch.setattr(kernels_refine_eval, "SPLIT_E_BYTES", 1)
+    monkeypatch.setenv("REFINER_TRITON_REFINE_FWD", variant)
     B, H, N, d = 3, 4, 11, 16
     f = _folded(H, 3, 3, d)
     args = [t.to(DEV) for t in f.args()[:-1]]
