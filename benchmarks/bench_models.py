@@ -237,7 +237,7 @@ def parse_args(argv):
                    help="subset of compiled/Triton backends")
     p.add_argument("--env-variants", nargs="+", type=C.env_variant, default=[], metavar="BACKEND:NAME=VALUE",
                    help="also time the model fused on BACKEND with these environment variables set, e.g. "
-                        "triton:REFINER_TRITON_REFINE_FWD=halo (rows labelled fused[backend[NAME=VALUE]])")
+                        "triton:REFINER_TRITON_REFINE_FWD=tile (rows labelled fused[backend[NAME=VALUE]])")
     p.add_argument("--compile-backend", default=None,
                    help="torch.compile backend for 'reference compiled' (default GPU inductor; CPU skip); "
                         "'skip' leaves the rows out")

@@ -319,7 +319,7 @@ def parse_args(argv):
                    help="subset of backends (default: every usable one)")
     p.add_argument("--env-variants", nargs="+", type=C.env_variant, default=[], metavar="BACKEND:NAME=VALUE[@OPS]",
                    help="also time BACKEND with these environment variables set, e.g. "
-                        "triton:REFINER_TRITON_REFINE_FWD=halo@refine_eval (rows labelled backend[NAME=VALUE])")
+                        "triton:REFINER_TRITON_REFINE_FWD=tile@refine_eval (rows labelled backend[NAME=VALUE])")
     p.add_argument("--repeats", type=cli.positive_int, default=None, help="timed calls (CPU, and GPU without Triton)")
     p.add_argument("--warmup", type=cli.nonnegative_int, default=0,
                    help="extra untimed calls (the first call, for the error check and memory, is one already)")

@@ -111,7 +111,7 @@ def usable_backends(device: torch.device, wanted: Optional[Iterable[str]] = None
 
 class EnvVariant:
     """A backend run with extra environment variables (the refiner's runtime switches are read at
-    each call), e.g. ``triton:REFINER_TRITON_REFINE_FWD=halo@refine_eval``: the candidate beside the
+    each call), e.g. ``triton:REFINER_TRITON_REFINE_FWD=tile@refine_eval``: the candidate beside the
     default in one run. ``@op+op`` limits it to those ops (bench_ops)."""
 
     def __init__(self, spec: str):

@@ -9,14 +9,19 @@ dims >= 16) by P = TM * TJ positions of a TM-row x TJ-column patch of the N x N 
 The expansion is tl.dot(w_exp[chunk] (CC x HP), A (HP x P)) over expanded channels in chunks of
 CC = 16, so no tile ever holds all rH channels.
 
-Forward (one program per (query-row tile, batch); loop over column tiles): Triton cannot shift a
+Forward, "split" (the default, see forward_variant): one pass stores E = relu6(w_exp A + b_exp)
+(input dtype) for a batch chunk small enough to stay in L2, a second loads E at the k*k shifts
+(masked loads outside the map are the zero padding), applies b_dw, relu6, the reduction dot and
+the affine residual and stores R; then out = R @ v by the batched matmul kernel.
+
+Forward, "tile" (one program per (query-row tile, batch); loop over column tiles): Triton cannot shift a
 register tile, so the k x k stencil loads A at each of the k*k shifted offsets and recomputes the
 expansion there (tensor-core work instead of a trip through global memory); E at shifted
 positions outside the map is forced to 0 (zero padding of E, not relu6(b_exp)). Then the
 reduction dot, the affine residual, and R @ v as a batched (per-head) 3-D tl.dot accumulated
 over column tiles. No (B, rH, N, N) tensor is ever written.
 
-Backward: R (B,H,N,N) is recomputed by the same kernel (STORE_R), dv = R^T dO and
+Backward: R (B,H,N,N) is recomputed in fp32 by the forward (IEEE dots), dv = R^T dO and
 dR = dO v^T by a batched matmul kernel, then one kernel per halo-extended tile recomputes E and
 D, forms g = dL/d(dw_k(E)) on the extended tile, stages E (for dW_dw) and then g (for the
 transposed stencil) through a small per-program scratch buffer (CC x P floats, reused across
@@ -45,8 +50,7 @@ if triton is not None:
         """R (HP x P, fp32, 0 off `valid`) at the map positions (row, col) of one image: the expansion
         recomputed at each of the k*k stencil offsets from A loaded there (Triton cannot shift a
         register tile), E at shifted positions outside the map forced to 0 (zero padding of E, not
-        relu6(b_exp)), then the reduction dot and the affine residual. Any set of positions works:
-        the row tiles of _re_fwd and the flat position ranges of _re_fwd_flat."""
+        relu6(b_exp)), then the reduction dot and the affine residual (the "tile" forward's body)."""
         PAD: tl.constexpr = KS // 2
         m2 = mh[:, None] & valid[None, :]
         a0 = tl.load(a_ptr + base_a + hoff + (row * N + col)[None, :], mask=m2, other=0.0).to(tl.float32)
@@ -121,26 +125,6 @@ if triton is not None:
             tl.store(out_ptr + b * H * N * D + hh.to(tl.int64)[:, None, None] * N * D
                      + ii[None, :, None] * D + offs_d[None, None, :], acc.to(out_ptr.dtype.element_ty),
                      mask=mh[:, None, None] & (ii < N)[None, :, None] & md[None, None, :])
-
-    @triton.jit
-    def _re_fwd_flat(a_ptr, we_ptr, be_ptr, wdw_ptr, bdw_ptr, wp_ptr, bp_ptr, al_ptr, bt_ptr, r_ptr, N, H, RH,
-                     KS: tl.constexpr, RELU_E: tl.constexpr, PREC: tl.constexpr, HP: tl.constexpr,
-                     CC: tl.constexpr, P: tl.constexpr):
-        """R at P consecutive flat positions q = row * N + col of one image's map (the "flat" forward,
-        see refine_eval_fwd): every tile is full but the last (no padding of N to a tile multiple),
-        each shifted load is contiguous, and only (HP x P) tiles are live (no R @ v accumulator)."""
-        b = tl.program_id(1).to(tl.int64)
-        q = tl.program_id(0) * P + tl.arange(0, P)
-        hh = tl.arange(0, HP)
-        mh = hh < H
-        base_a = b * H * N * N
-        hoff = hh.to(tl.int64)[:, None] * N * N
-        valid = q < N * N
-        row = q // N
-        col = q % N
-        r = refine_r_at(a_ptr, base_a, hoff, hh, mh, row, col, valid, we_ptr, be_ptr, wdw_ptr, bdw_ptr,
-                        wp_ptr, bp_ptr, al_ptr, bt_ptr, N, H, RH, KS, RELU_E, PREC, HP, CC, P)
-        tl.store(r_ptr + base_a + hoff + q[None, :], r.to(r_ptr.dtype.element_ty), mask=mh[:, None] & valid[None, :])
 
     @triton.jit
     def _re_expand(a_ptr, we_ptr, be_ptr, e_ptr, N, H, RH, RELU_E: tl.constexpr, PREC: tl.constexpr,
@@ -271,48 +255,6 @@ if triton is not None:
             tl.store(out + o, tl.sum(g_own * es, axis=1))
 
     @triton.jit
-    def _re_fwd_halo(a_ptr, we_ptr, be_ptr, wdw_ptr, bdw_ptr, wp_ptr, bp_ptr, al_ptr, bt_ptr, r_ptr, scr_ptr,
-                     N, H, RH, NTJ,
-                     KS: tl.constexpr, RELU_E: tl.constexpr, PREC: tl.constexpr, HP: tl.constexpr,
-                     CC: tl.constexpr, TM: tl.constexpr, TJ: tl.constexpr):
-        """R on halo-extended tiles (the "halo" forward, see refine_eval_fwd): E once per channel
-        chunk over the whole tile, the stencil by stencil_staged. R is stored at the owned positions."""
-        P: tl.constexpr = TM * TJ
-        pid_t = tl.program_id(1)
-        b = tl.program_id(0).to(tl.int64)
-        prog = b * tl.num_programs(1) + pid_t
-        hh = tl.arange(0, HP)
-        mh = hh < H
-        p, pm, pj, row, col, inmap, own = halo_tile(pid_t, NTJ, N, KS, TM, TJ)
-        base_a = b * H * N * N
-        hoff = hh.to(tl.int64)[:, None] * N * N
-        m2 = mh[:, None] & inmap[None, :]
-        a0 = tl.load(a_ptr + base_a + hoff + (row * N + col)[None, :], mask=m2, other=0.0).to(tl.float32)
-        scr = scr_ptr + prog * (CC * P)
-        y = tl.zeros((HP, P), tl.float32)
-        for c0 in range(0, RH, CC):
-            cc = c0 + tl.arange(0, CC)
-            mc = cc < RH
-            we = tl.load(we_ptr + cc[:, None] * H + hh[None, :], mask=mc[:, None] & mh[None, :],
-                         other=0.0).to(tl.float32)
-            be = tl.load(be_ptr + cc, mask=mc, other=0.0).to(tl.float32)
-            e = tl.dot(we, a0, input_precision=PREC) + be[:, None]
-            if RELU_E:
-                e = tl.minimum(tl.maximum(e, 0.0), 6.0)
-            dacc = stencil_staged(e, inmap, wdw_ptr, cc, mc, scr, p, pm, pj, KS, CC, TM, TJ)
-            bdw = tl.load(bdw_ptr + cc, mask=mc, other=0.0).to(tl.float32)
-            dd = tl.where(mc[:, None], tl.minimum(tl.maximum(dacc + bdw[:, None], 0.0), 6.0), 0.0)
-            wp = tl.load(wp_ptr + hh[:, None] * RH + cc[None, :], mask=mh[:, None] & mc[None, :],
-                         other=0.0).to(tl.float32)
-            y += tl.dot(wp, dd, input_precision=PREC)
-        alpha = tl.load(al_ptr + hh, mask=mh, other=0.0).to(tl.float32)
-        beta = tl.load(bt_ptr + hh, mask=mh, other=0.0).to(tl.float32)
-        bp = tl.load(bp_ptr + hh, mask=mh, other=0.0).to(tl.float32)
-        r = alpha[:, None] * (a0 + y + bp[:, None]) + beta[:, None]
-        tl.store(r_ptr + base_a + hoff + (row * N + col)[None, :], r.to(r_ptr.dtype.element_ty),
-                 mask=mh[:, None] & own[None, :])
-
-    @triton.jit
     def _re_bwd(a_ptr, dr_ptr, we_ptr, be_ptr, wdw_ptr, bdw_ptr, wp_ptr, bp_ptr, al_ptr,
                 da_ptr, scr_ptr, pwe_ptr, pbe_ptr, pwdw_ptr, pbdw_ptr, pwp_ptr, pbp_ptr, pal_ptr, pbt_ptr,
                 N, H, RH, RHP, NTJ,
@@ -409,15 +351,8 @@ if triton is not None:
          for tm, tj, w, s in [(16, 16, 4, 1), (16, 32, 4, 1), (16, 32, 8, 1), (16, 64, 8, 1),
                               (32, 32, 8, 1), (16, 32, 8, 2)]],
         key=["N", "D", "RH", "KS", "H", "STORE_R"])(_re_fwd)
-    # The flat forward: P positions a program, channel chunks of CC (CC >= r H: one chunk, every
-    # shifted A tile loaded once; CC = 16: three chunks at r H = 36, a third less padding work).
-    _re_fwd_flat_tuned = gpu_autotune(
-        [triton.Config({"P": p, "CC": cc}, num_warps=w, num_stages=1)
-         for p, cc, w in [(64, 16, 4), (128, 16, 4), (128, 16, 8), (256, 16, 8), (64, 64, 4), (128, 64, 4),
-                          (128, 64, 8), (256, 64, 8)]],
-        key=["N", "H", "RH", "KS"])(_re_fwd_flat)
 else:
-    _re_fwd_tuned = _re_fwd_flat_tuned = None
+    _re_fwd_tuned = None
 
 
 def _fwd_tiles(N: int):
@@ -434,72 +369,25 @@ def _prep(attn, w_exp, b_exp, expand):
     return eye, torch.zeros(H, dtype=attn.dtype, device=attn.device), False
 
 
-FORWARD_VARIANTS = ("tile", "halo", "flat", "split")
+FORWARD_VARIANTS = ("split", "tile")
 
 
 def forward_variant() -> str:
-    """REFINER_TRITON_REFINE_FWD: "tile" (default: row tiles walking the columns, the expansion
-    recomputed at each of the k*k stencil offsets, R @ v accumulated in registers: no map-sized
-    temporary), "halo" (halo-extended tiles, one expansion per channel chunk staged through a
-    per-program scratch, R stored as an fp32 map and multiplied by v afterwards) or "flat" (the
-    tile kernel's recompute on ranges of consecutive flat positions, R stored in the input dtype
-    and multiplied by v afterwards: no (HP, TM, D) accumulator and no padding of N to a tile) or
-    "split" (E computed once and stored in the input dtype, for batch chunks small enough to stay
-    in L2, then the stencil, reduction and residual from it: no recompute of the expansion).
-    All are kept until a GPU round has timed them side by side (benchmarks/gpu_round.sh quick)."""
-    mode = os.environ.get("REFINER_TRITON_REFINE_FWD", "tile")
+    """REFINER_TRITON_REFINE_FWD: "split" (default: E computed once and stored in the input dtype,
+    in batch chunks small enough to stay in L2, then the stencil, reduction and residual from it,
+    R stored and multiplied by v) or "tile" (row tiles walking the columns, the expansion
+    recomputed at each of the k*k stencil offsets, R @ v accumulated in registers: no temporary
+    beyond the output, the lean-memory choice). H100, B=32, H=12, d=32, bf16 (benchmarks/results,
+    2026-11-26): split 0.78 / 6.4 ms at N = 197 / 577, tile 1.00 / 6.8 ms; two other candidates
+    measured slower there and were dropped (halo tiles staged through a scratch: 1.74 / 13.8 ms;
+    the tile recompute on flat position ranges: 0.84 / 7.2 ms)."""
+    mode = os.environ.get("REFINER_TRITON_REFINE_FWD", "split")
     if mode not in FORWARD_VARIANTS:
         raise ValueError(f"REFINER_TRITON_REFINE_FWD: expected one of {FORWARD_VARIANTS}, got {mode!r}")
     return mode
 
 
-MAX_GRID_Y = 65535  # CUDA's limit on a grid's second dimension (the flat forward's batch axis)
-
-
-def _flat_r(attn, we, be, w_dw, b_dw, w_pro, b_pro, alpha, beta, relu, prec, r_dtype):
-    """R (r_dtype, A-sized) by _re_fwd_flat; batch chunks keep the grid's batch axis in range."""
-    B, H, N, _ = attn.shape
-    RH, KS = w_dw.shape[0], w_dw.shape[-1]
-    HP = max(16, next_pow2(H))
-    r = torch.empty(B, H, N, N, dtype=r_dtype, device=attn.device)
-    args = (we, be, w_dw.contiguous(), b_dw.contiguous(), w_pro.contiguous(), b_pro.contiguous(),
-            alpha.contiguous(), beta.contiguous())
-    for lo in range(0, B, MAX_GRID_Y):
-        hi = min(B, lo + MAX_GRID_Y)
-        if use_tuned(_re_fwd_flat_tuned, attn):
-            _re_fwd_flat_tuned[lambda META: (triton.cdiv(N * N, META["P"]), hi - lo)](
-                attn[lo:hi], *args, r[lo:hi], N, H, RH, KS=KS, RELU_E=relu, PREC=prec, HP=HP)
-        else:
-            P = 256 if interpreting() else 128
-            _re_fwd_flat[(triton.cdiv(N * N, P), hi - lo)](
-                attn[lo:hi], *args, r[lo:hi], N, H, RH, KS=KS, RELU_E=relu, PREC=prec, HP=HP, CC=CC, P=P,
-                num_warps=num_warps_for(HP * P), num_stages=1)
-    return r
-
-
-def _halo_r(attn, we, be, w_dw, b_dw, w_pro, b_pro, alpha, beta, relu, prec):
-    """R (fp32, A-sized) by _re_fwd_halo, in batch chunks that bound the scratch."""
-    B, H, N, _ = attn.shape
-    RH, KS = w_dw.shape[0], w_dw.shape[-1]
-    PAD = KS // 2
-    TM, TJ = _bwd_tiles(N, KS)
-    if not interpreting():
-        TJ = 2 * TM  # 16 x 32 on the GPU: 14 x 30 of 512 positions owned at k = 3 (16 x 16: 14 x 14)
-    HP = max(16, next_pow2(H))
-    nti, ntj = triton.cdiv(N, TM - 2 * PAD), triton.cdiv(N, TJ - 2 * PAD)
-    r = torch.empty(B, H, N, N, dtype=torch.float32, device=attn.device)
-    chunks = list(batch_chunks(B, nti * ntj, CC * TM * TJ * 4))
-    scr = torch.empty(nti * ntj * max(hi - lo for lo, hi in chunks), CC, TM * TJ, dtype=torch.float32,
-                      device=attn.device)
-    for lo, hi in chunks:
-        _re_fwd_halo[(hi - lo, nti * ntj)](
-            attn[lo:hi], we, be, w_dw.contiguous(), b_dw.contiguous(), w_pro.contiguous(), b_pro.contiguous(),
-            alpha.contiguous(), beta.contiguous(), r[lo:hi], scr, N, H, RH, ntj, KS=KS, RELU_E=relu, PREC=prec,
-            HP=HP, CC=CC, TM=TM, TJ=TJ, num_warps=num_warps_for(HP * TM * TJ),
-            num_stages=1)  # scratch staging: no software pipelining across barriers
-    return r
-
-
+MAX_GRID_Y = 65535  # CUDA's limit on a grid's second dimension (the split forward's batch axis)
 SPLIT_E_BYTES = 24 << 20  # the split forward's E per batch chunk: within the H100's 50 MB L2
 
 
@@ -535,6 +423,17 @@ def refine_eval_fwd(attn, v, w_exp, b_exp, w_dw, b_dw, w_pro, b_pro, alpha, beta
     we, be, relu = _prep(attn, w_exp, b_exp, expand)
     RH = w_dw.shape[0]
     KS = w_dw.shape[-1]
+    # Half inputs on the GPU: TF32 tensor-core dots in the forward (operands A and v are exact in
+    # TF32; weights and D are rounded to 10 mantissa bits: ~2.4e-4 of max|out| at N=197, k=3,
+    # the size of the fp16 rounding of the output itself); "split" also stores E and R in the input
+    # dtype, as the reference's convolutions do under autocast. fp32 inputs and the backward's
+    # recompute of R stay IEEE fp32.
+    prec = "tf32" if (HALF_TF32 and attn.dtype in (torch.float16, torch.bfloat16) and not store_r
+                      and not interpreting()) else "ieee"
+    if forward_variant() == "split":  # E and R in the input dtype (as under autocast); fp32 for the backward
+        r = _split_r(attn, we, be, w_dw, b_dw, w_pro, b_pro, alpha, beta, relu, prec,
+                     torch.float32 if store_r else attn.dtype)
+        return r if store_r else bmm(r, v, out_dtype=v.dtype)
     TM, TJ = _fwd_tiles(N)
     HP = max(16, next_pow2(H))
     BD = max(16, next_pow2(D))
@@ -542,24 +441,6 @@ def refine_eval_fwd(attn, v, w_exp, b_exp, w_dw, b_dw, w_pro, b_pro, alpha, beta
     r = torch.empty(B, H, N, N, dtype=torch.float32, device=attn.device) if store_r else out
     args = (attn, v, we, be, w_dw.contiguous(), b_dw.contiguous(), w_pro.contiguous(),
             b_pro.contiguous(), alpha.contiguous(), beta.contiguous(), out, r, N, D, H, RH)
-    # Half inputs on the GPU: TF32 tensor-core dots in the forward (operands A and v are exact in
-    # TF32; weights and D are rounded to 10 mantissa bits: ~2.4e-4 of max|out| at N=197, k=3,
-    # the size of the fp16 rounding of the output itself). fp32 inputs and the backward's
-    # recompute of R stay IEEE fp32.
-    prec = "tf32" if (HALF_TF32 and attn.dtype in (torch.float16, torch.bfloat16) and not store_r
-                      and not interpreting()) else "ieee"
-    mode = forward_variant()
-    if mode == "halo":
-        r_halo = _halo_r(attn, we, be, w_dw, b_dw, w_pro, b_pro, alpha, beta, relu, prec)
-        return r_halo if store_r else bmm(r_halo, v, out_dtype=v.dtype)
-    if mode == "flat":  # R in the input dtype for the product (an fp32 R for the backward)
-        r_flat = _flat_r(attn, we, be, w_dw, b_dw, w_pro, b_pro, alpha, beta, relu, prec,
-                         torch.float32 if store_r else attn.dtype)
-        return r_flat if store_r else bmm(r_flat, v, out_dtype=v.dtype)
-    if mode == "split":  # E and R in the input dtype for the product (fp32 for the backward)
-        r_split = _split_r(attn, we, be, w_dw, b_dw, w_pro, b_pro, alpha, beta, relu, prec,
-                           torch.float32 if store_r else attn.dtype)
-        return r_split if store_r else bmm(r_split, v, out_dtype=v.dtype)
     if use_tuned(_re_fwd_tuned, attn):
         _re_fwd_tuned[lambda META: (B, triton.cdiv(N, META["TM"]))](
             *args, KS=KS, RELU_E=relu, STORE_R=store_r, PREC=prec, HP=HP, CC=CC, BD=BD)

@@ -99,16 +99,18 @@ def test_refine_eval_half(dtype, tol):
 def test_refine_eval_backward_many_rows_per_block_deterministic():
     """The backward grid is capped at 8 blocks per SM: with B*N rows well above that, each block
     accumulates parameter-gradient partials over many rows. Gradients match the fp64 reference
-    and two runs agree bit for bit (per-block partials summed on the host, no atomics). At 7.9M map
-    elements a few relu6 masks flip against fp64 (utils.relu6_flips; the H100 run of
-    b7ff105 saw grad attn off by 0.5 on a scale of 87, as the CPU kernels are for some seeds)."""
+    and two runs agree bit for bit (per-block partials summed on the host, no atomics). Dyadic
+    inputs (refine_inputs): at 7.9M map elements random ones flip a few relu6 masks against fp64
+    (the H100 runs of b7ff105 and 174a8f8 saw grad attn off by 0.5 on a scale of 87, then 9
+    elements of grad w_dw off by 0.21 on a scale of 748: one flipped pixel's 3 x 3 kernel), as
+    the CPU kernels do for some seeds; with exact pre-activations the comparison stays tight."""
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     N = 197
     B = max(2, -(-3 * 8 * sms // N))  # ~3 rows per block
-    args, expand = refine_inputs(B, 12, N, 32, 3, 3, torch.float32, device=DEV)
+    args, expand = refine_inputs(B, 12, N, 32, 3, 3, torch.float32, device=DEV, dyadic=True)
     fused = lambda *a: C.refine_eval(*a, expand)  # noqa: E731
     compare(fused, lambda *a: R.refine_eval(*a, expand), args, rtol=1e-4, atol=1e-4,
-            ref_inputs=[t.double() for t in args], names=REFINE_NAMES, flips=True)
+            ref_inputs=[t.double() for t in args], names=REFINE_NAMES)
     g = torch.randn_like(args[1])
     first = grads(fused, args, [g])[1]
     second = grads(fused, args, [g])[1]

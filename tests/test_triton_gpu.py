@@ -83,10 +83,10 @@ def test_refine_eval_gpu(N, d, ratio, ks, dtype):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("N,d,ratio,ks", [(197, 32, 3, 3), (50, 35, 3, 5)])
-@pytest.mark.parametrize("variant", ["halo", "flat", "split"])
-def test_refine_eval_gpu_forward_candidates(monkeypatch, variant, N, d, ratio, ks, dtype):
-    """The candidate forwards (REFINER_TRITON_REFINE_FWD), also the backward's R recompute."""
-    monkeypatch.setenv("REFINER_TRITON_REFINE_FWD", variant)
+def test_refine_eval_gpu_tile_forward(monkeypatch, N, d, ratio, ks, dtype):
+    """The other forward (REFINER_TRITON_REFINE_FWD=tile; the default is split), also the backward's
+    R recompute."""
+    monkeypatch.setenv("REFINER_TRITON_REFINE_FWD", "tile")
     test_refine_eval_gpu(N, d, ratio, ks, dtype)
 
 

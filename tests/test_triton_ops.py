@@ -83,7 +83,7 @@ def _folded(H, ratio, ks, d):
     (17, 35, 1, 3, torch.float32),
     (17, 32, 3, 3, torch.float16),
 ])
-@pytest.mark.parametrize("variant", ["tile", "halo", "flat", "split"])
+@pytest.mark.parametrize("variant", ["split", "tile"])
 def test_refine_eval(monkeypatch, variant, N, d, ratio, ks, dtype):
     """Both forward kernels (REFINER_TRITON_REFINE_FWD), which the backward also uses for R."""
     monkeypatch.setenv("REFINER_TRITON_REFINE_FWD", variant)
@@ -106,7 +106,7 @@ def test_refine_eval(monkeypatch, variant, N, d, ratio, ks, dtype):
         _close(a, b, dtype, "d" + name)
 
 
-@pytest.mark.parametrize("variant", ["tile", "halo", "flat", "split"])
+@pytest.mark.parametrize("variant", ["split", "tile"])
 def test_refine_eval_border_padding(monkeypatch, variant):
     """Padded E is 0 at the border, not relu6(b_exp): a large positive b_exp exposes it."""
     monkeypatch.setenv("REFINER_TRITON_REFINE_FWD", variant)
@@ -121,21 +121,24 @@ def test_refine_eval_border_padding(monkeypatch, variant):
                                rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("variant", ["flat", "split"])
-def test_refine_eval_forward_batch_chunks(monkeypatch, variant):
-    """The flat and split forwards launch in batch chunks of at most MAX_GRID_Y images (CUDA's limit
-    on the grid axis they put the batch on; split: also at most SPLIT_E_BYTES of E a chunk): force 1
-    image per launch and compare with the reference."""
+@pytest.mark.parametrize("limit", ["MAX_GRID_Y", "SPLIT_E_BYTES"])
+def test_refine_eval_split_forward_batch_chunks(monkeypatch, limit):
+    """The split forward launches in batch chunks of at most MAX_GRID_Y images (CUDA's limit on the
+    grid axis it puts the batch on) and at most SPLIT_E_BYTES of E (at least one image): force 1
+    image per launch by either limit and compare output and gradients with the reference."""
     from refiner_kernels import kernels_refine_eval
-    monkeypatch.setattr(kernels_refine_eval, "MAX_GRID_Y", 1)
-    monkeypatch.setattr(kernels_refine_eval, "SPLIT_E_BYTES", 1)
-    monkeypatch.setenv("REFINER_TRITON_REFINE_FWD", variant)
+    monkeypatch.setattr(kernels_refine_eval, limit, 1)
+    monkeypatch.setenv("REFINER_TRITON_REFINE_FWD", "split")
     B, H, N, d = 3, 4, 11, 16
     f = _folded(H, 3, 3, d)
-    args = [t.to(DEV) for t in f.args()[:-1]]
-    attn = random_attn(B, H, N, device=DEV)
-    v = torch.randn(B, H, N, d, device=DEV)
-    _close(rk.refine_eval(attn, v, *args, True), ref.refine_eval(attn, v, *args, True), name="out")
+    ps = [_leaf(t) for t in f.args()[:-1]]
+    attn, v = _leaf(random_attn(B, H, N)), _leaf(torch.randn(B, H, N, d))
+    out, rout = rk.refine_eval(attn, v, *ps, True), ref.refine_eval(attn, v, *ps, True)
+    _close(out, rout, name="out")
+    go = torch.randn_like(rout)
+    names = "attn v w_exp b_exp w_dw b_dw w_pro b_pro alpha beta".split()
+    for name, a, b in zip(names, _grads([out], [attn, v] + ps, [go]), _grads([rout], [attn, v] + ps, [go])):
+        _close(a, b, name="d" + name)
 
 
 def test_refine_eval_forward_variant_is_checked(monkeypatch):
@@ -397,15 +400,14 @@ def test_availability_flags():
     assert rk.AVAILABLE and rk.UNAVAILABLE_REASON == ""
 
 
-@pytest.mark.parametrize("variant", ["tile", "halo"])
-def test_backward_batch_chunking(monkeypatch, variant):
-    """The halo-tile kernels (the backwards and the candidates) split the batch to bound their
-    scratch: force 1 image per launch (B = 3) and compare eval and train gradients with the reference.
-    "halo": the candidates' halo tiles too (REFINER_TRITON_REFINE_FWD and REFINER_TRITON_TRAIN_X2)."""
+@pytest.mark.parametrize("x2", ["offsets", "halo"])
+def test_backward_batch_chunking(monkeypatch, x2):
+    """The halo-tile kernels (the backwards, and the X2 passes of REFINER_TRITON_TRAIN_X2=halo)
+    split the batch to bound their scratch: force 1 image per launch (B = 3) and compare eval and
+    train gradients with the reference."""
     from refiner_kernels import _common
     monkeypatch.setattr(_common, "FORCE_SCRATCH_BUDGET", 1)
-    monkeypatch.setenv("REFINER_TRITON_REFINE_FWD", variant)
-    monkeypatch.setenv("REFINER_TRITON_TRAIN_X2", "halo" if variant == "halo" else "offsets")
+    monkeypatch.setenv("REFINER_TRITON_TRAIN_X2", x2)
     B, H, N, d = 3, 4, 9, 16
     dla, bn = random_dla(H, 3, 3)
     dla.eval()
