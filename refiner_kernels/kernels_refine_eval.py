@@ -152,13 +152,23 @@ if triton is not None:
                      e.to(e_ptr.dtype.element_ty), mask=mc[:, None] & valid[None, :])
 
     @triton.jit
+    def _stencil_term(ebase, row, col, valid, mc, wdw_ptr, cc, o, N, KS: tl.constexpr):
+        """w_dw[:, o] * E at the stencil's shift o of the positions (row, col) (0 outside the map)."""
+        PAD: tl.constexpr = KS // 2
+        r2 = row + (o // KS - PAD)
+        c2 = col + (o % KS - PAD)
+        ok = valid & (r2 >= 0) & (r2 < N) & (c2 >= 0) & (c2 < N)
+        es = tl.load(ebase + (r2 * N + c2)[None, :], mask=mc[:, None] & ok[None, :], other=0.0)
+        w = tl.load(wdw_ptr + cc * (KS * KS) + o, mask=mc, other=0.0).to(tl.float32)
+        return w[:, None] * es.to(tl.float32)
+
+    @triton.jit
     def _re_stencil_reduce(a_ptr, e_ptr, wdw_ptr, bdw_ptr, wp_ptr, bp_ptr, al_ptr, bt_ptr, r_ptr, N, H, RH,
                            KS: tl.constexpr, PREC: tl.constexpr, HP: tl.constexpr, CC: tl.constexpr,
-                           P: tl.constexpr):
+                           P: tl.constexpr, UNROLL: tl.constexpr):
         """The "split" forward's second pass: D = relu6(dw_k(E) + b_dw) from the stored E (masked
         loads outside the map are the stencil's zero padding), then the reduction dot and the
         affine residual: R at P flat positions of one image."""
-        PAD: tl.constexpr = KS // 2
         b = tl.program_id(1).to(tl.int64)
         q = tl.program_id(0) * P + tl.arange(0, P)
         hh = tl.arange(0, HP)
@@ -175,13 +185,12 @@ if triton is not None:
             mc = cc < RH
             ebase = e_ptr + b * RH * N * N + cc.to(tl.int64)[:, None] * N * N
             dacc = tl.zeros((CC, P), tl.float32)
-            for o in range(0, KS * KS):
-                r2 = row + (o // KS - PAD)
-                c2 = col + (o % KS - PAD)
-                ok = valid & (r2 >= 0) & (r2 < N) & (c2 >= 0) & (c2 < N)
-                es = tl.load(ebase + (r2 * N + c2)[None, :], mask=mc[:, None] & ok[None, :], other=0.0)
-                w = tl.load(wdw_ptr + cc * (KS * KS) + o, mask=mc, other=0.0).to(tl.float32)
-                dacc += w[:, None] * es.to(tl.float32)
+            if UNROLL:  # all k*k loads issued up front (latency hiding, more registers)
+                for o in tl.static_range(KS * KS):
+                    dacc += _stencil_term(ebase, row, col, valid, mc, wdw_ptr, cc, o, N, KS)
+            else:
+                for o in range(0, KS * KS):
+                    dacc += _stencil_term(ebase, row, col, valid, mc, wdw_ptr, cc, o, N, KS)
             bdw = tl.load(bdw_ptr + cc, mask=mc, other=0.0).to(tl.float32)
             dd = tl.where(mc[:, None], tl.minimum(tl.maximum(dacc + bdw[:, None], 0.0), 6.0), 0.0)
             wp = tl.load(wp_ptr + hh[:, None] * RH + cc[None, :], mask=mh[:, None] & mc[None, :],
@@ -351,8 +360,19 @@ if triton is not None:
          for tm, tj, w, s in [(16, 16, 4, 1), (16, 32, 4, 1), (16, 32, 8, 1), (16, 64, 8, 1),
                               (32, 32, 8, 1), (16, 32, 8, 2)]],
         key=["N", "D", "RH", "KS", "H", "STORE_R"])(_re_fwd)
+    # The split forward's passes: positions per program and warps, and for the stencil pass whether
+    # the k*k shifted loads are unrolled (ptxas, sm_90, k=3: 143 registers at P=128 / 4 warps rolled,
+    # 255 with spills unrolled; which wins is the GPU's to say).
+    _re_expand_tuned = gpu_autotune(
+        [triton.Config({"P": p}, num_warps=w, num_stages=1) for p, w in [(64, 4), (128, 4), (128, 8), (256, 8)]],
+        key=["N", "H", "RH"])(_re_expand)
+    _re_stencil_reduce_tuned = gpu_autotune(
+        [triton.Config({"P": p, "UNROLL": u}, num_warps=w, num_stages=2)
+         for p, w, u in [(64, 2, False), (64, 4, False), (128, 4, False), (128, 8, False), (256, 8, False),
+                         (64, 4, True), (128, 8, True)]],
+        key=["N", "H", "RH", "KS"])(_re_stencil_reduce)
 else:
-    _re_fwd_tuned = None
+    _re_fwd_tuned = _re_expand_tuned = _re_stencil_reduce_tuned = None
 
 
 def _fwd_tiles(N: int):
@@ -389,6 +409,7 @@ def forward_variant() -> str:
 
 MAX_GRID_Y = 65535  # CUDA's limit on a grid's second dimension (the split forward's batch axis)
 SPLIT_E_BYTES = 24 << 20  # the split forward's E per batch chunk: within the H100's 50 MB L2
+SPLIT_UNROLL = False  # the split stencil pass's loop form without autotuning (tests set both)
 
 
 def _split_r(attn, we, be, w_dw, b_dw, w_pro, b_pro, alpha, beta, relu, prec, r_dtype):
@@ -403,14 +424,22 @@ def _split_r(attn, we, be, w_dw, b_dw, w_pro, b_pro, alpha, beta, relu, prec, r_
     e = torch.empty(min(B, per), RH, N, N, dtype=r_dtype, device=attn.device)
     P = 256 if interpreting() else 128
     nw = num_warps_for(HP * P)
+    params = (w_dw.contiguous(), b_dw.contiguous(), w_pro.contiguous(), b_pro.contiguous(), alpha.contiguous(),
+              beta.contiguous())
     for lo in range(0, B, per):
         hi = min(B, lo + per)
-        grid = (triton.cdiv(N * N, P), hi - lo)
-        _re_expand[grid](attn[lo:hi], we, be, e, N, H, RH, RELU_E=relu, PREC=prec, HP=HP, CC=CC, P=P,
-                         num_warps=nw, num_stages=1)
-        _re_stencil_reduce[grid](attn[lo:hi], e, w_dw.contiguous(), b_dw.contiguous(), w_pro.contiguous(),
-                                 b_pro.contiguous(), alpha.contiguous(), beta.contiguous(), r[lo:hi], N, H, RH,
-                                 KS=KS, PREC=prec, HP=HP, CC=CC, P=P, num_warps=nw, num_stages=2)
+        a, rc = attn[lo:hi], r[lo:hi]
+        if use_tuned(_re_expand_tuned, attn):
+            def grid(META):
+                return triton.cdiv(N * N, META["P"]), hi - lo
+            _re_expand_tuned[grid](a, we, be, e, N, H, RH, RELU_E=relu, PREC=prec, HP=HP, CC=CC)
+            _re_stencil_reduce_tuned[grid](a, e, *params, rc, N, H, RH, KS=KS, PREC=prec, HP=HP, CC=CC)
+        else:
+            grid = (triton.cdiv(N * N, P), hi - lo)
+            _re_expand[grid](a, we, be, e, N, H, RH, RELU_E=relu, PREC=prec, HP=HP, CC=CC, P=P,
+                             num_warps=nw, num_stages=1)
+            _re_stencil_reduce[grid](a, e, *params, rc, N, H, RH, KS=KS, PREC=prec, HP=HP, CC=CC, P=P,
+                                     UNROLL=SPLIT_UNROLL, num_warps=nw, num_stages=2)
     return r
 
 
