@@ -4,13 +4,12 @@
 #
 #   bash benchmarks/gpu_round.sh quick         # everything that fits ONE call of a 15-minute lease:
 #                                              # build (sm_90) while the Triton GPU tests run, then the
-#                                              # CUDA/cross-backend tests, bench_ops (N 197/577,
-#                                              # bf16), bench_models (S and ViT-S, 224 px, no compile), both
-#                                              # with the candidate kernels as extra rows
-#                                              # (--env-variants), memcheck of the CUDA tests, then in
-#                                              # the time left bench_ops of refine_train on the ATen
-#                                              # chunk passes, and a profile (Refiner-ViT-S
-#                                              # fused[triton] vs reference)
+#                                              # CUDA/cross-backend tests, bench_ops of the refine ops
+#                                              # (N 197/577, bf16), bench_models (S and ViT-S, 224 px, no
+#                                              # compile), both with the candidate kernels as extra rows
+#                                              # (--env-variants), then in the time left a profile
+#                                              # (Refiner-ViT-S fused[triton] vs reference); next call:
+#                                              # STAGE_BUDGET=260 bash benchmarks/gpu_round.sh sanitize
 #   bash benchmarks/gpu_round.sh verify        # build (sm_90), the tests the last round failed (see
 #                                              # stage_verify), then memcheck and racecheck of the CUDA
 #                                              # tests: a short call (~6 min) for a session with little
@@ -49,6 +48,10 @@ unset TRITON_INTERPRET                      # real Triton on the GPU
 export PYTHONUNBUFFERED=1
 
 left() { echo $(( BUDGET - ($(date +%s) - START) )); }
+# pytest-xdist workers where installed (the lent machines have it): GPU test files are bound by
+# Triton's and torch's compiling on the CPU
+XDIST=()
+"$PY" -c "import xdist" >/dev/null 2>&1 && XDIST=(-n 4)
 say() { echo "[$(date -u +%H:%M:%S) +$(( $(date +%s) - START ))s] $*" | tee -a "$SUMMARY"; }
 # run_step NAME SECONDS CMD...: run under a time limit, log to $LOGS/NAME.log, note the outcome.
 run_step() {
@@ -108,7 +111,7 @@ build() {
 }
 
 stage_tests() {
-  run_step pytest 300 "$PY" -m pytest -q -ra tests
+  run_step pytest 300 "$PY" -m pytest -q -ra "${XDIST[@]}" tests
   stage_sanitize
 }
 
@@ -138,33 +141,30 @@ bench_models() {
 # and bench_ops prints the configs that won).
 stage_quick() {
   export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
-  build & local build_pid=$!
-  # the build (~90 s) runs beside the Triton GPU tests (bf16 numerics; test_triton_ops.py runs on
-  # the CPU in CI, and memcheck is in `verify` / `sanitize`)
-  REFINER_TRITON_AUTOTUNE=0 run_step pytest_triton_gpu 100 "$PY" -m pytest -q -ra tests/test_triton_gpu.py
+  MAX_JOBS=12 build & local build_pid=$!
+  # the build (~110 s) runs beside the Triton GPU tests (bf16 numerics; test_triton_ops.py runs on
+  # the CPU in CI), in parallel workers where pytest-xdist is installed: the tests are bound by
+  # Triton compiling (the second round's serial run finished 20 of 36 in 100 s)
+  REFINER_TRITON_AUTOTUNE=0 run_step pytest_triton_gpu 150 "$PY" -m pytest -q -ra "${XDIST[@]}" \
+    tests/test_triton_gpu.py
   wait "$build_pid"
   describe_backends
-  REFINER_TRITON_AUTOTUNE=0 run_step pytest_gpu 100 "$PY" -m pytest -q -ra tests/test_compiled_cuda.py \
-    tests/test_extremes.py tests/test_bad_inputs.py tests/test_fused.py tests/test_properties.py
-  # with the candidates beside the defaults in the same runs (rows labelled triton[NAME=VALUE]):
-  # Triton's refine_train recomputing Y3 in every pass (the schedule before the Y3 buffer) or with
-  # its X2 passes on halo tiles, and the "tile" refine_eval forward (the default is "split")
-  run_step bench_ops 120 "$PY" benchmarks/bench_ops.py --out "$RES" --rep-ms 25 --n 197 577 --heads 12 \
-    --head-dim 32 --dtypes bf16 --env-variants "triton:REFINER_TRITON_TRAIN_Y3=recompute@refine_train" \
+  REFINER_TRITON_AUTOTUNE=0 run_step pytest_gpu 110 "$PY" -m pytest -q -ra "${XDIST[@]}" \
+    tests/test_compiled_cuda.py tests/test_extremes.py tests/test_bad_inputs.py tests/test_fused.py \
+    tests/test_properties.py
+  # the refine ops (the softmax block is unchanged since the second round) with the candidates beside
+  # the defaults in the same runs (rows labelled triton[NAME=VALUE]): Triton's refine_train
+  # recomputing Y3 in every pass (the schedule before the Y3 buffer) or with its X2 passes on halo
+  # tiles, and the "tile" refine_eval forward (the default is "split")
+  run_step bench_ops 100 "$PY" benchmarks/bench_ops.py --out "$RES" --rep-ms 25 --n 197 577 --heads 12 \
+    --head-dim 32 --dtypes bf16 --ops refine_eval refine_train \
+    --env-variants "triton:REFINER_TRITON_TRAIN_Y3=recompute@refine_train" \
     "triton:REFINER_TRITON_TRAIN_X2=halo@refine_train" "triton:REFINER_TRITON_REFINE_FWD=tile@refine_eval"
-  run_step bench_models 130 "$PY" benchmarks/bench_models.py --out "$RES" \
+  run_step bench_models 120 "$PY" benchmarks/bench_models.py --out "$RES" \
     --models refiner_vit_s vit_small_patch16_224 --img 224 --batch 256 --compile-backend skip --repeats 5 \
     --env-variants "triton:REFINER_TRITON_REFINE_FWD=tile" "triton:REFINER_TRITON_TRAIN_X2=halo"
-  # memcheck of the CUDA tests (small shapes; racecheck, the slower, is in `verify` / `sanitize`)
-  if command -v compute-sanitizer >/dev/null; then
-    run_step memcheck 70 compute-sanitizer --tool memcheck --error-exitcode 9 --target-processes all \
-      "$PY" -m pytest -q -x tests/test_compiled_cuda.py
-  fi
-  # then, in what time is left: the training refine on the ATen chunk passes (the CUDA path before
-  # the streamed tile kernels), and where a Refiner-ViT-S step's time goes
-  REFINER_TRAIN_PATH=chunk run_step bench_ops_train_chunk 40 "$PY" benchmarks/bench_ops.py \
-    --out "$RES/train_chunk" --rep-ms 25 --n 197 577 --heads 12 --head-dim 32 --dtypes bf16 \
-    --ops refine_train --backends cuda --no-plots
+  # then, in what time is left: where a Refiner-ViT-S step's time goes. memcheck and racecheck are
+  # the next call on the warm machine: STAGE_BUDGET=260 bash benchmarks/gpu_round.sh sanitize
   run_step profile_models $(( $(left) - 20 )) "$PY" benchmarks/profile_models.py --out "$RES" --batch 64 \
     --fused-backends triton
 }
@@ -177,8 +177,8 @@ stage_verify() {
   export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
   build &
   local build_pid=$!
-  REFINER_TRITON_AUTOTUNE=0 run_step verify_triton 100 "$PY" -m pytest -q -ra tests/test_triton_gpu.py \
-    -k "refine_train or blocks or int64"
+  REFINER_TRITON_AUTOTUNE=0 run_step verify_triton 100 "$PY" -m pytest -q -ra "${XDIST[@]}" \
+    tests/test_triton_gpu.py -k "refine_train or blocks or int64"
   wait "$build_pid"
   describe_backends
   run_step verify_cuda 100 "$PY" -m pytest -q -ra tests/test_compiled_cuda.py

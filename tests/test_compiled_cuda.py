@@ -169,17 +169,25 @@ def test_head_size_limit_and_device_mismatch():
 # b7ff105 saw pytest die (SIGSEGV) at the first of these; the child's exit status tells a crash apart
 # from a wrong message.
 _CPP_CHECKS = r"""
-import torch, refiner._compiled  # registers the ops
+import sys, torch, refiner._compiled  # registers the ops
+if hasattr(torch._C, "_set_print_stack_traces_on_fatal_signal"):
+    torch._C._set_print_stack_traces_on_fatal_signal(True)  # a crash prints its C++ stack to stderr
 dev = "cuda"
 q = torch.randn(1, 2, 5, 129, device=dev)
+a = torch.rand(1, 2, 5, 5, device=dev)
+w = [torch.randn(6, 2, device=dev), torch.zeros(6, device=dev), torch.randn(6, 3, 3, device=dev),
+     torch.zeros(6, device=dev), torch.randn(2, 6, device=dev), torch.zeros(2, device=dev),
+     torch.ones(2, device=dev), torch.zeros(2, device=dev)]
 cases = [
-    ("head size must be <= 128", lambda: torch.ops.refiner.softmax_block(q, q, q, None, 0.5)),
     ("prev_attn is on", lambda: torch.ops.refiner.softmax_block(q[..., :8], q[..., :8], q[..., :8],
                                                                 torch.rand(1, 2, 5, 5), 0.5)),
     ("k must have shape", lambda: torch.ops.refiner.softmax_block(q[..., :8], q[:, :1, :, :8], q[..., :8], None,
                                                                   0.5)),
+    ("head size must be <= 128", lambda: torch.ops.refiner.refine_eval(a, q, *w, True)),
+    ("head size must be <= 128", lambda: torch.ops.refiner.softmax_block(q, q, q, None, 0.5)),
 ]
 for want, call in cases:
+    print("calling:", want, flush=True)
     try:
         call()
     except RuntimeError as e:
@@ -195,4 +203,4 @@ def test_cuda_op_check_raises_in_a_subprocess():
     import sys
     r = subprocess.run([sys.executable, "-c", _CPP_CHECKS], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, f"child exited with {r.returncode}:\n{r.stdout}\n{r.stderr[-3000:]}"
-    assert r.stdout.count("raised:") == 3, r.stdout
+    assert r.stdout.count("raised:") == 4, r.stdout
