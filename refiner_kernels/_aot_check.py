@@ -56,12 +56,15 @@ for ks, tm, tj, sr in [(3, 16, 32, False), (5, 16, 16, True), (3, 32, 32, False)
     check(E._re_fwd, dict(a_ptr=P, v_ptr=P, we_ptr=P, be_ptr=P, wdw_ptr=P, bdw_ptr=P, wp_ptr=P, bp_ptr=P, al_ptr=P,
                           bt_ptr=P, out_ptr=P, r_ptr=P, N=N, D=D, H=H, RH=RH, KS=ks, RELU_E=True, STORE_R=sr, PREC='ieee' if sr else 'tf32', HP=16,
                           CC=16, TM=tm, TJ=tj, BD=32), num_warps=8, num_stages=1, ptr_types={"a_ptr": "*fp16", "v_ptr": "*fp16"})
-for prec, t, p, w, u in [("tf32", "*bf16", 128, 4, False), ("ieee", "*fp32", 64, 2, False), ("tf32", "*bf16", 256, 8, False),
-                         ("tf32", "*bf16", 64, 4, True), ("tf32", "*fp16", 128, 8, True)]:
+# the split forward's autotuning space (and the untuned launch: P=128, 4 warps, rolled, 16 channels)
+for prec, t, p, w, u, cc in [("tf32", "*bf16", 128, 4, False, 16), ("ieee", "*fp32", 64, 2, False, 16),
+                             ("tf32", "*bf16", 256, 8, False, 16), ("tf32", "*bf16", 64, 4, True, 16),
+                             ("tf32", "*fp16", 128, 8, True, 16), ("tf32", "*bf16", 256, 4, True, 1),
+                             ("ieee", "*fp32", 128, 4, False, 1)]:
     check(E._re_expand, dict(a_ptr=P, we_ptr=P, be_ptr=P, e_ptr=P, N=N, H=H, RH=RH, RELU_E=True, PREC=prec, HP=16,
                              CC=16, P=p), num_warps=w, num_stages=1, ptr_types={"a_ptr": t, "e_ptr": t})
     check(E._re_stencil_reduce, dict(a_ptr=P, e_ptr=P, wdw_ptr=P, bdw_ptr=P, wp_ptr=P, bp_ptr=P, al_ptr=P, bt_ptr=P,
-                                     r_ptr=P, N=N, H=H, RH=RH, KS=3, PREC=prec, HP=16, CC=16, P=p, UNROLL=u),
+                                     r_ptr=P, N=N, H=H, RH=RH, KS=3, PREC=prec, HP=16, CC=cc, P=p, UNROLL=u),
           num_warps=w, num_stages=2, ptr_types={"a_ptr": t, "e_ptr": t, "r_ptr": t})
 check(E._re_bwd, dict(a_ptr=P, dr_ptr=P, we_ptr=P, be_ptr=P, wdw_ptr=P, bdw_ptr=P, wp_ptr=P, bp_ptr=P, al_ptr=P,
                       da_ptr=P, scr_ptr=P, pwe_ptr=P, pbe_ptr=P, pwdw_ptr=P, pbdw_ptr=P, pwp_ptr=P, pbp_ptr=P, pal_ptr=P,

@@ -168,7 +168,8 @@ if triton is not None:
                            P: tl.constexpr, UNROLL: tl.constexpr):
         """The "split" forward's second pass: D = relu6(dw_k(E) + b_dw) from the stored E (masked
         loads outside the map are the stencil's zero padding), then the reduction dot and the
-        affine residual: R at P flat positions of one image."""
+        affine residual: R at P flat positions of one image. Channels in chunks of CC >= 16 with
+        the reduction as a tl.dot, or CC = 1: one channel at a time, fewer live registers."""
         b = tl.program_id(1).to(tl.int64)
         q = tl.program_id(0) * P + tl.arange(0, P)
         hh = tl.arange(0, HP)
@@ -195,7 +196,10 @@ if triton is not None:
             dd = tl.where(mc[:, None], tl.minimum(tl.maximum(dacc + bdw[:, None], 0.0), 6.0), 0.0)
             wp = tl.load(wp_ptr + hh[:, None] * RH + cc[None, :], mask=mh[:, None] & mc[None, :],
                          other=0.0).to(tl.float32)
-            y += tl.dot(wp, dd, input_precision=PREC)
+            if CC == 1:  # one channel at a time: the reduction as an outer product on CUDA cores
+                y += wp * dd
+            else:
+                y += tl.dot(wp, dd, input_precision=PREC)
         a0 = tl.load(a_ptr + base_a + hoff + q[None, :], mask=m2, other=0.0).to(tl.float32)
         alpha = tl.load(al_ptr + hh, mask=mh, other=0.0).to(tl.float32)
         beta = tl.load(bt_ptr + hh, mask=mh, other=0.0).to(tl.float32)
@@ -361,15 +365,16 @@ if triton is not None:
                               (32, 32, 8, 1), (16, 32, 8, 2)]],
         key=["N", "D", "RH", "KS", "H", "STORE_R"])(_re_fwd)
     # The split forward's passes: positions per program and warps, and for the stencil pass whether
-    # the k*k shifted loads are unrolled (ptxas, sm_90, k=3: 143 registers at P=128 / 4 warps rolled,
-    # 255 with spills unrolled; which wins is the GPU's to say).
+    # the k*k shifted loads are unrolled and how many channels a step takes (ptxas, sm_90, k=3, 4
+    # warps, P=128: 143 registers rolled with 16 channels, 255 with spills unrolled, 107 unrolled
+    # with 1 channel; which wins is the GPU's to say).
     _re_expand_tuned = gpu_autotune(
         [triton.Config({"P": p}, num_warps=w, num_stages=1) for p, w in [(64, 4), (128, 4), (128, 8), (256, 8)]],
         key=["N", "H", "RH"])(_re_expand)
     _re_stencil_reduce_tuned = gpu_autotune(
-        [triton.Config({"P": p, "UNROLL": u}, num_warps=w, num_stages=2)
-         for p, w, u in [(64, 2, False), (64, 4, False), (128, 4, False), (128, 8, False), (256, 8, False),
-                         (64, 4, True), (128, 8, True)]],
+        [triton.Config({"P": p, "UNROLL": u, "CC": cc}, num_warps=w, num_stages=2)
+         for p, w, u, cc in [(64, 4, False, 16), (128, 4, False, 16), (128, 8, False, 16), (256, 8, False, 16),
+                             (128, 8, True, 16), (128, 4, True, 1), (256, 4, True, 1), (128, 4, False, 1)]],
         key=["N", "H", "RH", "KS"])(_re_stencil_reduce)
 else:
     _re_fwd_tuned = _re_expand_tuned = _re_stencil_reduce_tuned = None
@@ -409,7 +414,8 @@ def forward_variant() -> str:
 
 MAX_GRID_Y = 65535  # CUDA's limit on a grid's second dimension (the split forward's batch axis)
 SPLIT_E_BYTES = 24 << 20  # the split forward's E per batch chunk: within the H100's 50 MB L2
-SPLIT_UNROLL = False  # the split stencil pass's loop form without autotuning (tests set both)
+SPLIT_UNROLL = False  # the split stencil pass's loop form and channels a step without autotuning
+SPLIT_CC = CC  # (the tests set each)
 
 
 def _split_r(attn, we, be, w_dw, b_dw, w_pro, b_pro, alpha, beta, relu, prec, r_dtype):
@@ -433,12 +439,12 @@ def _split_r(attn, we, be, w_dw, b_dw, w_pro, b_pro, alpha, beta, relu, prec, r_
             def grid(META):
                 return triton.cdiv(N * N, META["P"]), hi - lo
             _re_expand_tuned[grid](a, we, be, e, N, H, RH, RELU_E=relu, PREC=prec, HP=HP, CC=CC)
-            _re_stencil_reduce_tuned[grid](a, e, *params, rc, N, H, RH, KS=KS, PREC=prec, HP=HP, CC=CC)
+            _re_stencil_reduce_tuned[grid](a, e, *params, rc, N, H, RH, KS=KS, PREC=prec, HP=HP)
         else:
             grid = (triton.cdiv(N * N, P), hi - lo)
             _re_expand[grid](a, we, be, e, N, H, RH, RELU_E=relu, PREC=prec, HP=HP, CC=CC, P=P,
                              num_warps=nw, num_stages=1)
-            _re_stencil_reduce[grid](a, e, *params, rc, N, H, RH, KS=KS, PREC=prec, HP=HP, CC=CC, P=P,
+            _re_stencil_reduce[grid](a, e, *params, rc, N, H, RH, KS=KS, PREC=prec, HP=HP, CC=SPLIT_CC, P=P,
                                      UNROLL=SPLIT_UNROLL, num_warps=nw, num_stages=2)
     return r
 

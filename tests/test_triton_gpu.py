@@ -91,6 +91,17 @@ def test_refine_eval_gpu_tile_forward(monkeypatch, N, d, ratio, ks, dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("unroll,cc", [(True, 16), (True, 1), (False, 1)])
+def test_refine_eval_gpu_split_forms(monkeypatch, unroll, cc, dtype):
+    """The split forward's stencil-pass forms that GPU autotuning may pick (the tests run untuned:
+    rolled, 16 channels a step), at N=197."""
+    from refiner_kernels import kernels_refine_eval
+    monkeypatch.setattr(kernels_refine_eval, "SPLIT_UNROLL", unroll)
+    monkeypatch.setattr(kernels_refine_eval, "SPLIT_CC", cc)
+    test_refine_eval_gpu(197, 32, 3, 3, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("N,d,ratio,ks", [(197, 32, 3, 3), (50, 35, 3, 5), (50, 32, 1, 3)])
 def test_refine_train_gpu(N, d, ratio, ks, dtype):
     B, H = 2, 12

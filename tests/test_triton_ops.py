@@ -121,15 +121,17 @@ def test_refine_eval_border_padding(monkeypatch, variant):
                                rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("limit,unroll", [("MAX_GRID_Y", False), ("SPLIT_E_BYTES", True)])
-def test_refine_eval_split_forward_batch_chunks(monkeypatch, limit, unroll):
+@pytest.mark.parametrize("limit,unroll,cc", [("MAX_GRID_Y", False, 16), ("SPLIT_E_BYTES", True, 16),
+                                             ("SPLIT_E_BYTES", True, 1), ("MAX_GRID_Y", False, 1)])
+def test_refine_eval_split_forward_batch_chunks(monkeypatch, limit, unroll, cc):
     """The split forward launches in batch chunks of at most MAX_GRID_Y images (CUDA's limit on the
     grid axis it puts the batch on) and at most SPLIT_E_BYTES of E (at least one image): force 1
-    image per launch by either limit and compare output and gradients with the reference. unroll:
-    the stencil pass's unrolled loop (an autotuning choice on the GPU)."""
+    image per launch by either limit and compare output and gradients with the reference. unroll,
+    cc: the stencil pass's unrolled loop and one channel a step (autotuning choices on the GPU)."""
     from refiner_kernels import kernels_refine_eval
     monkeypatch.setattr(kernels_refine_eval, limit, 1)
     monkeypatch.setattr(kernels_refine_eval, "SPLIT_UNROLL", unroll)
+    monkeypatch.setattr(kernels_refine_eval, "SPLIT_CC", cc)
     monkeypatch.setenv("REFINER_TRITON_REFINE_FWD", "split")
     B, H, N, d = 3, 4, 11, 16
     f = _folded(H, 3, 3, d)
