@@ -152,13 +152,16 @@ if triton is not None:
                      e.to(e_ptr.dtype.element_ty), mask=mc[:, None] & valid[None, :])
 
     @triton.jit
-    def _stencil_term(ebase, row, col, valid, mc, wdw_ptr, cc, o, N, KS: tl.constexpr):
-        """w_dw[:, o] * E at the stencil's shift o of the positions (row, col) (0 outside the map)."""
+    def _stencil_term(ebase, coff, row, col, valid, mc, wdw_ptr, cc, o, N, KS: tl.constexpr):
+        """w_dw[:, o] * E at the stencil's shift o of the positions (row, col) (0 outside the map).
+        ebase: the image's E (a scalar pointer); coff: the channels' int32 offsets from it (an int32
+        offset tensor instead of a 64-bit pointer tensor: 95 instead of 143 registers at P=128)."""
         PAD: tl.constexpr = KS // 2
         r2 = row + (o // KS - PAD)
         c2 = col + (o % KS - PAD)
         ok = valid & (r2 >= 0) & (r2 < N) & (c2 >= 0) & (c2 < N)
-        es = tl.load(ebase + (r2 * N + c2)[None, :], mask=mc[:, None] & ok[None, :], other=0.0)
+        es = tl.load(ebase + (coff[:, None] + (r2 * N + c2)[None, :]), mask=mc[:, None] & ok[None, :],
+                     other=0.0)
         w = tl.load(wdw_ptr + cc * (KS * KS) + o, mask=mc, other=0.0).to(tl.float32)
         return w[:, None] * es.to(tl.float32)
 
@@ -180,18 +183,19 @@ if triton is not None:
         base_a = b * H * N * N
         hoff = hh.to(tl.int64)[:, None] * N * N
         m2 = mh[:, None] & valid[None, :]
+        ebase = e_ptr + b * RH * N * N
         y = tl.zeros((HP, P), tl.float32)
         for c0 in range(0, RH, CC):
             cc = c0 + tl.arange(0, CC)
             mc = cc < RH
-            ebase = e_ptr + b * RH * N * N + cc.to(tl.int64)[:, None] * N * N
+            coff = cc * (N * N)  # int32: rH N^2 <= SPLIT_MAX_MAP (refine_eval_fwd)
             dacc = tl.zeros((CC, P), tl.float32)
             if UNROLL:  # all k*k loads issued up front (latency hiding, more registers)
                 for o in tl.static_range(KS * KS):
-                    dacc += _stencil_term(ebase, row, col, valid, mc, wdw_ptr, cc, o, N, KS)
+                    dacc += _stencil_term(ebase, coff, row, col, valid, mc, wdw_ptr, cc, o, N, KS)
             else:
                 for o in range(0, KS * KS):
-                    dacc += _stencil_term(ebase, row, col, valid, mc, wdw_ptr, cc, o, N, KS)
+                    dacc += _stencil_term(ebase, coff, row, col, valid, mc, wdw_ptr, cc, o, N, KS)
             bdw = tl.load(bdw_ptr + cc, mask=mc, other=0.0).to(tl.float32)
             dd = tl.where(mc[:, None], tl.minimum(tl.maximum(dacc + bdw[:, None], 0.0), 6.0), 0.0)
             wp = tl.load(wp_ptr + hh[:, None] * RH + cc[None, :], mask=mh[:, None] & mc[None, :],
@@ -365,9 +369,9 @@ if triton is not None:
                               (32, 32, 8, 1), (16, 32, 8, 2)]],
         key=["N", "D", "RH", "KS", "H", "STORE_R"])(_re_fwd)
     # The split forward's passes: positions per program and warps, and for the stencil pass whether
-    # the k*k shifted loads are unrolled and how many channels a step takes (ptxas, sm_90, k=3, 4
-    # warps, P=128: 143 registers rolled with 16 channels, 255 with spills unrolled, 107 unrolled
-    # with 1 channel; which wins is the GPU's to say).
+    # the k*k shifted loads are unrolled and how many channels a step takes (ptxas, sm_90, k=3,
+    # P=128: 95 registers rolled with 16 channels and 4 warps, 172 unrolled with 8 warps, 113
+    # unrolled with 1 channel and 4 warps; which wins is the GPU's to say).
     _re_expand_tuned = gpu_autotune(
         [triton.Config({"P": p}, num_warps=w, num_stages=1) for p, w in [(64, 4), (128, 4), (128, 8), (256, 8)]],
         key=["N", "H", "RH"])(_re_expand)
@@ -414,6 +418,7 @@ def forward_variant() -> str:
 
 MAX_GRID_Y = 65535  # CUDA's limit on a grid's second dimension (the split forward's batch axis)
 SPLIT_E_BYTES = 24 << 20  # the split forward's E per batch chunk: within the H100's 50 MB L2
+SPLIT_MAX_MAP = 2 ** 31 - 1  # the split stencil pass's int32 offsets within an image's E (rH N^2)
 SPLIT_UNROLL = False  # the split stencil pass's loop form and channels a step without autotuning
 SPLIT_CC = CC  # (the tests set each)
 
@@ -465,7 +470,9 @@ def refine_eval_fwd(attn, v, w_exp, b_exp, w_dw, b_dw, w_pro, b_pro, alpha, beta
     # recompute of R stay IEEE fp32.
     prec = "tf32" if (HALF_TF32 and attn.dtype in (torch.float16, torch.bfloat16) and not store_r
                       and not interpreting()) else "ieee"
-    if forward_variant() == "split":  # E and R in the input dtype (as under autocast); fp32 for the backward
+    # split: E and R in the input dtype (as under autocast), fp32 for the backward; "tile" beyond
+    # the int32 offsets of its stencil pass (rH N^2 > 2^31 - 1: N > 7723 at rH = 36)
+    if forward_variant() == "split" and RH * N * N <= SPLIT_MAX_MAP:
         r = _split_r(attn, we, be, w_dw, b_dw, w_pro, b_pro, alpha, beta, relu, prec,
                      torch.float32 if store_r else attn.dtype)
         return r if store_r else bmm(r, v, out_dtype=v.dtype)

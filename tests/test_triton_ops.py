@@ -145,6 +145,21 @@ def test_refine_eval_split_forward_batch_chunks(monkeypatch, limit, unroll, cc):
         _close(a, b, name="d" + name)
 
 
+def test_refine_eval_split_falls_back_to_tile_beyond_int32_offsets(monkeypatch):
+    """Maps whose rH N^2 exceeds the split stencil pass's int32 offsets run the tile forward."""
+    from refiner_kernels import kernels_refine_eval
+    monkeypatch.setenv("REFINER_TRITON_REFINE_FWD", "split")
+    monkeypatch.setattr(kernels_refine_eval, "SPLIT_MAX_MAP", 12 * 9 * 9 - 1)
+
+    def no_split(*a, **k):
+        raise AssertionError("the split forward ran beyond SPLIT_MAX_MAP")
+    monkeypatch.setattr(kernels_refine_eval, "_split_r", no_split)
+    f = _folded(4, 3, 3, 16)
+    args = [t.to(DEV) for t in f.args()[:-1]]
+    attn, v = random_attn(1, 4, 9, device=DEV), torch.randn(1, 4, 9, 16, device=DEV)
+    _close(rk.refine_eval(attn, v, *args, True), ref.refine_eval(attn, v, *args, True), name="out")
+
+
 def test_refine_eval_forward_variant_is_checked(monkeypatch):
     monkeypatch.setenv("REFINER_TRITON_REFINE_FWD", "fast")
     f = _folded(4, 3, 3, 8)
