@@ -169,7 +169,7 @@ def test_head_size_limit_and_device_mismatch():
 # b7ff105 saw pytest die (SIGSEGV) at the first of these; the child's exit status tells a crash apart
 # from a wrong message.
 _CPP_CHECKS = r"""
-import sys, torch, refiner._compiled  # registers the ops
+import torch, refiner._compiled  # registers the ops
 if hasattr(torch._C, "_set_print_stack_traces_on_fatal_signal"):
     torch._C._set_print_stack_traces_on_fatal_signal(True)  # a crash prints its C++ stack to stderr
 dev = "cuda"
