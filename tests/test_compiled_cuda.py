@@ -184,6 +184,8 @@ cases = [
     ("k must have shape", lambda: torch.ops.refiner.softmax_block(q[..., :8], q[:, :1, :, :8], q[..., :8], None,
                                                                   0.5)),
     ("head size must be <= 128", lambda: torch.ops.refiner.refine_eval(a, q, *w, True)),
+    # distinct q, k, v first, then one tensor three times (the call that crashed on the H100)
+    ("head size must be <= 128", lambda: torch.ops.refiner.softmax_block(q, q.clone(), q.clone(), None, 0.5)),
     ("head size must be <= 128", lambda: torch.ops.refiner.softmax_block(q, q, q, None, 0.5)),
 ]
 for want, call in cases:
@@ -203,4 +205,4 @@ def test_cuda_op_check_raises_in_a_subprocess():
     import sys
     r = subprocess.run([sys.executable, "-c", _CPP_CHECKS], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, f"child exited with {r.returncode}:\n{r.stdout}\n{r.stderr[-3000:]}"
-    assert r.stdout.count("raised:") == 4, r.stdout
+    assert r.stdout.count("raised:") == 5, r.stdout
