@@ -44,16 +44,39 @@ HALF_TF32 = True  # fp16/bf16 inputs: TF32 dots in the forward kernel on the GPU
 if triton is not None:
 
     @triton.jit
+    def stencil_recomputed(a_ptr, base_a, hoff, row, col, valid, N, mh, ks, we, be, wdw_ptr, cc, mc,
+                           KS: tl.constexpr, RELU_E: tl.constexpr, PREC: tl.constexpr, CC: tl.constexpr,
+                           P: tl.constexpr):
+        """dw_k(E) of channels cc (CC x P, fp32, 0 off `valid`) at the map positions (row, col) of one
+        image, E = relu6(we (A - ks) + be) recomputed from A loaded at each of the k*k stencil shifts
+        (Triton cannot shift a register tile). E at shifted positions outside the map is 0: the zero
+        padding of E, not relu6(b_exp). ks: a per-head shift of A (the training passes' numerics)."""
+        PAD: tl.constexpr = KS // 2
+        acc = tl.zeros((CC, P), tl.float32)
+        for o in range(0, KS * KS):
+            r2 = row + (o // KS - PAD)
+            c2 = col + (o % KS - PAD)
+            ok = valid & (r2 >= 0) & (r2 < N) & (c2 >= 0) & (c2 < N)
+            a_s = tl.load(a_ptr + base_a + hoff + (r2 * N + c2)[None, :], mask=mh[:, None] & ok[None, :],
+                          other=0.0).to(tl.float32) - ks[:, None]
+            e = tl.dot(we, a_s, input_precision=PREC) + be[:, None]
+            if RELU_E:
+                e = tl.minimum(tl.maximum(e, 0.0), 6.0)
+            e = tl.where(ok[None, :], e, 0.0)
+            w = tl.load(wdw_ptr + cc * (KS * KS) + o, mask=mc, other=0.0).to(tl.float32)
+            acc += w[:, None] * e
+        return acc
+
+    @triton.jit
     def refine_r_at(a_ptr, base_a, hoff, hh, mh, row, col, valid, we_ptr, be_ptr, wdw_ptr, bdw_ptr, wp_ptr,
                     bp_ptr, al_ptr, bt_ptr, N, H, RH, KS: tl.constexpr, RELU_E: tl.constexpr,
                     PREC: tl.constexpr, HP: tl.constexpr, CC: tl.constexpr, P: tl.constexpr):
-        """R (HP x P, fp32, 0 off `valid`) at the map positions (row, col) of one image: the expansion
-        recomputed at each of the k*k stencil offsets from A loaded there (Triton cannot shift a
-        register tile), E at shifted positions outside the map forced to 0 (zero padding of E, not
-        relu6(b_exp)), then the reduction dot and the affine residual (the "tile" forward's body)."""
-        PAD: tl.constexpr = KS // 2
+        """R (HP x P, fp32, 0 off `valid`) at the map positions (row, col) of one image: the stencil on
+        the recomputed expansion (stencil_recomputed), then the reduction dot and the affine residual
+        (the "tile" forward's body)."""
         m2 = mh[:, None] & valid[None, :]
         a0 = tl.load(a_ptr + base_a + hoff + (row * N + col)[None, :], mask=m2, other=0.0).to(tl.float32)
+        no_shift = tl.zeros((HP,), tl.float32)
         y = tl.zeros((HP, P), tl.float32)
         for c0 in range(0, RH, CC):
             cc = c0 + tl.arange(0, CC)
@@ -61,19 +84,8 @@ if triton is not None:
             we = tl.load(we_ptr + cc[:, None] * H + hh[None, :], mask=mc[:, None] & mh[None, :],
                          other=0.0).to(tl.float32)
             be = tl.load(be_ptr + cc, mask=mc, other=0.0).to(tl.float32)
-            dacc = tl.zeros((CC, P), tl.float32)
-            for o in range(0, KS * KS):
-                r2 = row + (o // KS - PAD)
-                c2 = col + (o % KS - PAD)
-                ok = valid & (r2 >= 0) & (r2 < N) & (c2 >= 0) & (c2 < N)
-                a_s = tl.load(a_ptr + base_a + hoff + (r2 * N + c2)[None, :],
-                              mask=mh[:, None] & ok[None, :], other=0.0).to(tl.float32)
-                e = tl.dot(we, a_s, input_precision=PREC) + be[:, None]
-                if RELU_E:
-                    e = tl.minimum(tl.maximum(e, 0.0), 6.0)
-                e = tl.where(ok[None, :], e, 0.0)
-                w = tl.load(wdw_ptr + cc * (KS * KS) + o, mask=mc, other=0.0).to(tl.float32)
-                dacc += w[:, None] * e
+            dacc = stencil_recomputed(a_ptr, base_a, hoff, row, col, valid, N, mh, no_shift, we, be, wdw_ptr, cc,
+                                      mc, KS, RELU_E, PREC, CC, P)
             bdw = tl.load(bdw_ptr + cc, mask=mc, other=0.0).to(tl.float32)
             dd = tl.minimum(tl.maximum(dacc + bdw[:, None], 0.0), 6.0)
             dd = tl.where(mc[:, None], dd, 0.0)
@@ -277,7 +289,6 @@ if triton is not None:
                 N, H, RH, RHP, NTJ,
                 KS: tl.constexpr, RELU_E: tl.constexpr,
                 HP: tl.constexpr, CC: tl.constexpr, TM: tl.constexpr, TJ: tl.constexpr):
-        PAD: tl.constexpr = KS // 2
         P: tl.constexpr = TM * TJ
         KK: tl.constexpr = KS * KS
         pid_t = tl.program_id(1)
@@ -298,6 +309,7 @@ if triton is not None:
         dy_own = dy * ownf[None, :]
         y = tl.zeros((HP, P), tl.float32)
         da = tl.zeros((HP, P), tl.float32)
+        no_shift = tl.zeros((HP,), tl.float32)
         scr = scr_ptr + prog * (CC * P)
         for c0 in range(0, RH, CC):
             cc = c0 + tl.arange(0, CC)
@@ -305,21 +317,8 @@ if triton is not None:
             we = tl.load(we_ptr + cc[:, None] * H + hh[None, :], mask=mc[:, None] & mh[None, :],
                          other=0.0).to(tl.float32)
             be = tl.load(be_ptr + cc, mask=mc, other=0.0).to(tl.float32)
-            dacc = tl.zeros((CC, P), tl.float32)
-            for o in range(0, KK):
-                du = o // KS - PAD
-                dv = o % KS - PAD
-                r2 = row + du
-                c2 = col + dv
-                ok = (r2 >= 0) & (r2 < N) & (c2 >= 0) & (c2 < N)
-                a_s = tl.load(a_ptr + base_a + hoff + (r2 * N + c2)[None, :],
-                              mask=mh[:, None] & ok[None, :], other=0.0).to(tl.float32)
-                e = tl.dot(we, a_s, input_precision="ieee") + be[:, None]
-                if RELU_E:
-                    e = tl.minimum(tl.maximum(e, 0.0), 6.0)
-                e = tl.where(ok[None, :], e, 0.0)
-                w = tl.load(wdw_ptr + cc * KK + o, mask=mc, other=0.0).to(tl.float32)
-                dacc += w[:, None] * e
+            dacc = stencil_recomputed(a_ptr, base_a, hoff, row, col, p >= 0, N, mh, no_shift, we, be, wdw_ptr,
+                                      cc, mc, KS, RELU_E, "ieee", CC, P)
             bdw = tl.load(bdw_ptr + cc, mask=mc, other=0.0).to(tl.float32)
             dpre = dacc + bdw[:, None]
             dd = tl.where(mc[:, None], tl.minimum(tl.maximum(dpre, 0.0), 6.0), 0.0)

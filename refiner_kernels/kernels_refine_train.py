@@ -63,30 +63,7 @@ NCC = 11
 
 
 if triton is not None:
-    from .kernels_refine_eval import dw_wgrad_staged, halo_tile, stencil_staged
-
-    @triton.jit
-    def _e_at(a_ptr, base_a, hoff, row, col, du, dv, N, mh, ks, we, be, RELU_E: tl.constexpr):
-        r2 = row + du
-        c2 = col + dv
-        ok = (r2 >= 0) & (r2 < N) & (c2 >= 0) & (c2 < N)
-        a_s = tl.load(a_ptr + base_a + hoff + (r2 * N + c2)[None, :], mask=mh[:, None] & ok[None, :],
-                      other=0.0).to(tl.float32) - ks[:, None]
-        e = tl.dot(we, a_s, input_precision="ieee") + be[:, None]
-        if RELU_E:
-            e = tl.minimum(tl.maximum(e, 0.0), 6.0)
-        return tl.where(ok[None, :], e, 0.0)
-
-    @triton.jit
-    def _x2_at(a_ptr, base_a, hoff, row, col, N, mh, ks, we, be, wdw_ptr, cc, mc,
-               KS: tl.constexpr, RELU_E: tl.constexpr, CC: tl.constexpr, P: tl.constexpr):
-        PAD: tl.constexpr = KS // 2
-        acc = tl.zeros((CC, P), tl.float32)
-        for o in range(0, KS * KS):
-            e = _e_at(a_ptr, base_a, hoff, row, col, o // KS - PAD, o % KS - PAD, N, mh, ks, we, be, RELU_E)
-            w = tl.load(wdw_ptr + cc * (KS * KS) + o, mask=mc, other=0.0).to(tl.float32)
-            acc += w[:, None] * e
-        return acc
+    from .kernels_refine_eval import dw_wgrad_staged, halo_tile, stencil_recomputed, stencil_staged
 
     @triton.jit
     def _x2_staged(a0s, inmap, we, be, wdw_ptr, cc, mc, scr, p, pm, pj,
@@ -106,7 +83,8 @@ if triton is not None:
         if HALO:
             x2 = _x2_staged(a0s, inmap, we, be, wdw_ptr, cc, mc, scr, p, pm, pj, KS, RELU_E, CC, TM, TJ)
         else:
-            x2 = _x2_at(a_ptr, base_a, hoff, row, col, N, mh, ks, we, be, wdw_ptr, cc, mc, KS, RELU_E, CC, TM * TJ)
+            x2 = stencil_recomputed(a_ptr, base_a, hoff, row, col, p >= 0, N, mh, ks, we, be, wdw_ptr, cc, mc, KS,
+                                    RELU_E, "ieee", CC, TM * TJ)
         return x2
 
     @triton.jit
@@ -324,7 +302,8 @@ if triton is not None:
             mc = cc < RH
             we = tl.load(we_ptr + cc[:, None] * H + hh[None, :], mask=mc[:, None] & mh[None, :], other=0.0)
             be = tl.load(be_ptr + cc, mask=mc, other=0.0)
-            x2 = _x2_at(a_ptr, base_a, hoff, row, col, N, mh, ks, we, be, wdw_ptr, cc, mc, KS, RELU_E, CC, P)
+            x2 = stencil_recomputed(a_ptr, base_a, hoff, row, col, p >= 0, N, mh, ks, we, be, wdw_ptr, cc, mc, KS,
+                                    RELU_E, "ieee", CC, P)
             a2 = tl.load(cv_ptr + 0 * RHP + cc, mask=mc, other=0.0)
             c2 = tl.load(cv_ptr + 1 * RHP + cc, mask=mc, other=0.0)
             pre = a2[:, None] * x2 + c2[:, None]
