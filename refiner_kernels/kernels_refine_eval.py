@@ -44,6 +44,14 @@ HALF_TF32 = True  # fp16/bf16 inputs: TF32 dots in the forward kernel on the GPU
 if triton is not None:
 
     @triton.jit
+    def affine_residual(a0, y, al_ptr, bt_ptr, bp_ptr, hh, mh):
+        """R = alpha (A + W_p D + b_pro) + beta per head, y = W_p D (the folded BN_a and BN3)."""
+        alpha = tl.load(al_ptr + hh, mask=mh, other=0.0).to(tl.float32)
+        beta = tl.load(bt_ptr + hh, mask=mh, other=0.0).to(tl.float32)
+        bp = tl.load(bp_ptr + hh, mask=mh, other=0.0).to(tl.float32)
+        return alpha[:, None] * (a0 + y + bp[:, None]) + beta[:, None]
+
+    @triton.jit
     def stencil_recomputed(a_ptr, base_a, hoff, row, col, valid, N, mh, ks, we, be, wdw_ptr, cc, mc,
                            KS: tl.constexpr, RELU_E: tl.constexpr, PREC: tl.constexpr, CC: tl.constexpr,
                            P: tl.constexpr):
@@ -92,10 +100,7 @@ if triton is not None:
             wp = tl.load(wp_ptr + hh[:, None] * RH + cc[None, :], mask=mh[:, None] & mc[None, :],
                          other=0.0).to(tl.float32)
             y += tl.dot(wp, dd, input_precision=PREC)
-        alpha = tl.load(al_ptr + hh, mask=mh, other=0.0).to(tl.float32)
-        beta = tl.load(bt_ptr + hh, mask=mh, other=0.0).to(tl.float32)
-        bp = tl.load(bp_ptr + hh, mask=mh, other=0.0).to(tl.float32)
-        r = alpha[:, None] * (a0 + y + bp[:, None]) + beta[:, None]
+        r = affine_residual(a0, y, al_ptr, bt_ptr, bp_ptr, hh, mh)
         return tl.where(m2, r, 0.0)
 
     @triton.jit
@@ -217,10 +222,7 @@ if triton is not None:
             else:
                 y += tl.dot(wp, dd, input_precision=PREC)
         a0 = tl.load(a_ptr + base_a + hoff + q[None, :], mask=m2, other=0.0).to(tl.float32)
-        alpha = tl.load(al_ptr + hh, mask=mh, other=0.0).to(tl.float32)
-        beta = tl.load(bt_ptr + hh, mask=mh, other=0.0).to(tl.float32)
-        bp = tl.load(bp_ptr + hh, mask=mh, other=0.0).to(tl.float32)
-        r = alpha[:, None] * (a0 + y + bp[:, None]) + beta[:, None]
+        r = affine_residual(a0, y, al_ptr, bt_ptr, bp_ptr, hh, mh)
         tl.store(r_ptr + base_a + hoff + q[None, :], r.to(r_ptr.dtype.element_ty), mask=m2)
 
     @triton.jit
