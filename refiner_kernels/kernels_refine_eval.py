@@ -44,6 +44,27 @@ HALF_TF32 = True  # fp16/bf16 inputs: TF32 dots in the forward kernel on the GPU
 if triton is not None:
 
     @triton.jit
+    def expansion_chunk(we_ptr, be_ptr, cc, mc, hh, mh, H):
+        """The expansion's weights (CC x HP) and bias (CC) of channels cc, fp32, 0 where masked."""
+        we = tl.load(we_ptr + cc[:, None] * H + hh[None, :], mask=mc[:, None] & mh[None, :], other=0.0)
+        be = tl.load(be_ptr + cc, mask=mc, other=0.0)
+        return we.to(tl.float32), be.to(tl.float32)
+
+    @triton.jit
+    def reduction_chunk(dacc, bdw_ptr, wp_ptr, cc, mc, hh, mh, RH, PREC: tl.constexpr, CC: tl.constexpr):
+        """W_p[:, cc] D of channels cc (HP x P), D = relu6(dw_k(E) + b_dw) from dacc = dw_k(E): a tl.dot,
+        or for CC = 1 (one channel a step) an outer product on CUDA cores."""
+        bdw = tl.load(bdw_ptr + cc, mask=mc, other=0.0).to(tl.float32)
+        dd = tl.where(mc[:, None], tl.minimum(tl.maximum(dacc + bdw[:, None], 0.0), 6.0), 0.0)
+        wp = tl.load(wp_ptr + hh[:, None] * RH + cc[None, :], mask=mh[:, None] & mc[None, :],
+                     other=0.0).to(tl.float32)
+        if CC == 1:
+            y = wp * dd
+        else:
+            y = tl.dot(wp, dd, input_precision=PREC)
+        return y
+
+    @triton.jit
     def affine_residual(a0, y, al_ptr, bt_ptr, bp_ptr, hh, mh):
         """R = alpha (A + W_p D + b_pro) + beta per head, y = W_p D (the folded BN_a and BN3)."""
         alpha = tl.load(al_ptr + hh, mask=mh, other=0.0).to(tl.float32)
@@ -89,17 +110,10 @@ if triton is not None:
         for c0 in range(0, RH, CC):
             cc = c0 + tl.arange(0, CC)
             mc = cc < RH
-            we = tl.load(we_ptr + cc[:, None] * H + hh[None, :], mask=mc[:, None] & mh[None, :],
-                         other=0.0).to(tl.float32)
-            be = tl.load(be_ptr + cc, mask=mc, other=0.0).to(tl.float32)
+            we, be = expansion_chunk(we_ptr, be_ptr, cc, mc, hh, mh, H)
             dacc = stencil_recomputed(a_ptr, base_a, hoff, row, col, valid, N, mh, no_shift, we, be, wdw_ptr, cc,
                                       mc, KS, RELU_E, PREC, CC, P)
-            bdw = tl.load(bdw_ptr + cc, mask=mc, other=0.0).to(tl.float32)
-            dd = tl.minimum(tl.maximum(dacc + bdw[:, None], 0.0), 6.0)
-            dd = tl.where(mc[:, None], dd, 0.0)
-            wp = tl.load(wp_ptr + hh[:, None] * RH + cc[None, :], mask=mh[:, None] & mc[None, :],
-                         other=0.0).to(tl.float32)
-            y += tl.dot(wp, dd, input_precision=PREC)
+            y += reduction_chunk(dacc, bdw_ptr, wp_ptr, cc, mc, hh, mh, RH, PREC, CC)
         r = affine_residual(a0, y, al_ptr, bt_ptr, bp_ptr, hh, mh)
         return tl.where(m2, r, 0.0)
 
@@ -159,9 +173,7 @@ if triton is not None:
         for c0 in range(0, RH, CC):
             cc = c0 + tl.arange(0, CC)
             mc = cc < RH
-            we = tl.load(we_ptr + cc[:, None] * H + hh[None, :], mask=mc[:, None] & mh[None, :],
-                         other=0.0).to(tl.float32)
-            be = tl.load(be_ptr + cc, mask=mc, other=0.0).to(tl.float32)
+            we, be = expansion_chunk(we_ptr, be_ptr, cc, mc, hh, mh, H)
             e = tl.dot(we, a, input_precision=PREC) + be[:, None]
             if RELU_E:
                 e = tl.minimum(tl.maximum(e, 0.0), 6.0)
@@ -213,14 +225,7 @@ if triton is not None:
             else:
                 for o in range(0, KS * KS):
                     dacc += _stencil_term(ebase, coff, row, col, valid, mc, wdw_ptr, cc, o, N, KS)
-            bdw = tl.load(bdw_ptr + cc, mask=mc, other=0.0).to(tl.float32)
-            dd = tl.where(mc[:, None], tl.minimum(tl.maximum(dacc + bdw[:, None], 0.0), 6.0), 0.0)
-            wp = tl.load(wp_ptr + hh[:, None] * RH + cc[None, :], mask=mh[:, None] & mc[None, :],
-                         other=0.0).to(tl.float32)
-            if CC == 1:  # one channel at a time: the reduction as an outer product on CUDA cores
-                y += wp * dd
-            else:
-                y += tl.dot(wp, dd, input_precision=PREC)
+            y += reduction_chunk(dacc, bdw_ptr, wp_ptr, cc, mc, hh, mh, RH, PREC, CC)
         a0 = tl.load(a_ptr + base_a + hoff + q[None, :], mask=m2, other=0.0).to(tl.float32)
         r = affine_residual(a0, y, al_ptr, bt_ptr, bp_ptr, hh, mh)
         tl.store(r_ptr + base_a + hoff + q[None, :], r.to(r_ptr.dtype.element_ty), mask=m2)
@@ -316,9 +321,7 @@ if triton is not None:
         for c0 in range(0, RH, CC):
             cc = c0 + tl.arange(0, CC)
             mc = cc < RH
-            we = tl.load(we_ptr + cc[:, None] * H + hh[None, :], mask=mc[:, None] & mh[None, :],
-                         other=0.0).to(tl.float32)
-            be = tl.load(be_ptr + cc, mask=mc, other=0.0).to(tl.float32)
+            we, be = expansion_chunk(we_ptr, be_ptr, cc, mc, hh, mh, H)
             dacc = stencil_recomputed(a_ptr, base_a, hoff, row, col, p >= 0, N, mh, no_shift, we, be, wdw_ptr,
                                       cc, mc, KS, RELU_E, "ieee", CC, P)
             bdw = tl.load(bdw_ptr + cc, mask=mc, other=0.0).to(tl.float32)
