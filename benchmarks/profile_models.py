@@ -9,7 +9,8 @@ eval forward; train: forward, cross-entropy, backward, AdamW step), after warm-u
 steps are profiled. Op-level accounting: the self time of every operator (on a GPU, the device
 time of the kernels it launched itself; on CPU, its own CPU time), so the shares add up to the
 step. Reported per step: the profiled total, the inclusive time of each refiner op (compiled
-`refiner::*` and Triton `refiner_triton::*`) and their share, and the top operators by self time.
+`refiner::*` and Triton `refiner_triton::*`) and their share, within the Triton refine_train the
+time of each of its passes (profiler ranges), and the top operators by self time.
 Profiling adds overhead: these are shares, not throughput (that is bench_models.py).
 Writes profile_models_<device>_<UTC time>.json under benchmarks/results (and latest_<device>.json).
 """
@@ -33,6 +34,7 @@ from torch.profiler import ProfilerActivity, profile  # noqa: E402
 from refiner import cli  # noqa: E402
 
 REFINER_OPS = ("refiner::", "refiner_triton::")
+PASSES = "refine_train pass "  # the profiler ranges of the Triton refine_train passes (kernels_refine_train)
 
 
 def _self_time(e, on_gpu: bool) -> float:  # microseconds
@@ -54,10 +56,14 @@ def summarize(events, on_gpu: bool, steps: int, top: int) -> Dict:
     total = sum(_self_time(e, on_gpu) for e in ops) / 1e3 / steps
     # inclusive times; no refiner op calls another through the dispatcher, so they add up
     refiner_ops = {e.key: _total_time(e, on_gpu) / 1e3 / steps for e in ops if e.key.startswith(REFINER_OPS)}
+    # inside those ops: the training passes of the Triton backend (inclusive, per step)
+    passes = {e.key[len(PASSES):]: {"calls": e.count / steps, "ms": _total_time(e, on_gpu) / 1e3 / steps}
+              for e in ops if e.key.startswith(PASSES)}
     ranked = sorted(ops, key=lambda e: _self_time(e, on_gpu), reverse=True)[:top]
     return {
         "total_ms": total,
         "refiner_ops_ms": refiner_ops,
+        "refine_train_passes": passes,
         "refiner_share": (sum(refiner_ops.values()) / total) if total else None,
         "top": [{"op": e.key, "calls": e.count / steps, "self_ms": _self_time(e, on_gpu) / 1e3 / steps,
                  "share": (_self_time(e, on_gpu) / 1e3 / steps / total) if total else None} for e in ranked],
@@ -99,6 +105,8 @@ def print_row(row: Dict, device):
     print(f"\n{head}: {row['total_ms']:.2f} ms per profiled step ({where}); refiner ops {share}%")
     for op, ms in sorted(row["refiner_ops_ms"].items(), key=lambda kv: -kv[1]):
         print(f"    {op:<40} {ms:9.3f} ms (inclusive)")
+    for name, p in sorted(row.get("refine_train_passes", {}).items(), key=lambda kv: -kv[1]["ms"]):
+        print(f"      pass {name:<35} {p['ms']:9.3f} ms in {p['calls']:.0f} calls")
     print(C.format_table([[t["op"][:60], C.fmt(t["calls"], ".0f"), C.fmt(t["self_ms"], ".3f"),
                            C.fmt(100 * t["share"], ".1f") if t["share"] is not None else "n/a"] for t in row["top"]],
                          ["operator (by self time)", "calls/step", "self ms/step", "%"]))

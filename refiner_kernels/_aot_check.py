@@ -1,10 +1,15 @@
 """Compile every Triton kernel for sm_90 without a GPU (Triton's bundled ptxas only).
 
 Catches GPU-only compile errors (shapes tl.dot rejects, shared-memory overflow) on machines
-without a GPU:  python -m refiner_kernels._aot_check   (about 2-3 minutes on 2 cores).
+without a GPU:  python -m refiner_kernels._aot_check [kernel names]   (all: about 2-3 minutes on
+2 cores). Prints each kernel's registers and spills from ptxas -v.
 TRITON_INTERPRET must not be set.
 """
 import os
+import re
+import subprocess
+import sys
+import tempfile
 import time
 if os.environ.get("TRITON_INTERPRET") == "1":
     raise SystemExit("unset TRITON_INTERPRET: this compiles for the GPU")
@@ -15,9 +20,30 @@ from triton.backends.compiler import GPUTarget
 from refiner_kernels import kernels_softmax as S, kernels_refine_eval as E, kernels_refine_train as T, blocks as Bl
 
 TARGET = GPUTarget("cuda", 90, 32)
+PTXAS = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+
+
+def ptxas_usage(kernel) -> str:
+    """Registers per thread and spilled bytes of a compiled kernel, by Triton's bundled ptxas -v
+    (what occupancy the H100 can reach: 255 registers at 8 warps is one block an SM)."""
+    if not os.path.exists(PTXAS):
+        return "regs=?"
+    with tempfile.NamedTemporaryFile("w", suffix=".ptx") as f:
+        f.write(kernel.asm["ptx"])
+        f.flush()
+        log = subprocess.run([PTXAS, "-v", "--gpu-name", "sm_90a", f.name, "-o", os.devnull],
+                             capture_output=True, text=True).stderr
+    regs = re.search(r"Used (\d+) registers", log)
+    spill = re.search(r"(\d+) bytes spill stores", log)
+    return f"regs={regs.group(1) if regs else '?'} spill={spill.group(1) if spill else '?'}"
+
+
+ONLY = set(sys.argv[1:])  # kernel names to compile (all when empty)
 
 
 def check(fn, args, num_warps=4, num_stages=2, ptr_types=None, **options):
+    if ONLY and fn.__name__ not in ONLY:
+        return None
     ptr_types = ptr_types or {}
     sig, consts = {}, {}
     for p in fn.params:
@@ -35,7 +61,8 @@ def check(fn, args, num_warps=4, num_stages=2, ptr_types=None, **options):
     k = tcompile(ASTSource(fn, sig, consts), target=TARGET,
                  options={"num_warps": num_warps, "num_stages": num_stages, **options})
     md = k.metadata
-    print(f"{fn.__name__:16s} ok {time.time()-t:5.1f}s shared={md.shared} {dict((k2, v) for k2, v in consts.items() if k2 in ('MODE','TM','TJ','BM','BN','KS','Y_IN','Y_OUT','HALO'))}",
+    print(f"{fn.__name__:16s} ok {time.time()-t:5.1f}s shared={md.shared} warps={num_warps} {ptxas_usage(k)} "
+          f"{dict((k2, v) for k2, v in consts.items() if k2 in ('MODE','TM','TJ','BM','BN','KS','Y_IN','Y_OUT','HALO'))}",
           flush=True)
     return k
 

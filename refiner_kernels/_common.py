@@ -44,6 +44,18 @@ def check_device(*tensors) -> None:
                                "triton); use the 'cpu' or 'reference' backend instead")
 
 
+MAX_IMAGE_MAP = 2 ** 31 - 1  # elements of one image's (H, N, N) maps the refine kernels index in int32
+
+
+def check_image_map(attn) -> None:
+    """The refine kernels address one image's maps with int32 offsets from a 64-bit image base (an
+    int32 offset tensor costs half the registers of a 64-bit pointer tensor): H N^2 must fit."""
+    H, N = attn.shape[1], attn.shape[2]
+    if H * N * N > MAX_IMAGE_MAP:
+        raise ValueError(f"attn: one image's maps hold H*N*N = {H * N * N} elements, more than the Triton "
+                         f"refine kernels' int32 offsets address (2^31 - 1); use backend='reference'")
+
+
 def num_warps_for(elems: int) -> int:
     """A simple warps heuristic by tile size (GPU only; ignored by the interpreter)."""
     if interpreting():

@@ -34,7 +34,7 @@ import os
 
 import torch
 
-from ._common import batch_chunks, check_device, gpu_autotune, interpreting, next_pow2, num_warps_for, triton, tl, use_tuned
+from ._common import batch_chunks, check_device, check_image_map, gpu_autotune, interpreting, next_pow2, num_warps_for, triton, tl, use_tuned
 from .blocks import bmm
 
 CC = 16  # expanded channels per chunk
@@ -86,7 +86,7 @@ if triton is not None:
             r2 = row + (o // KS - PAD)
             c2 = col + (o % KS - PAD)
             ok = valid & (r2 >= 0) & (r2 < N) & (c2 >= 0) & (c2 < N)
-            a_s = tl.load(a_ptr + base_a + hoff + (r2 * N + c2)[None, :], mask=mh[:, None] & ok[None, :],
+            a_s = tl.load(a_ptr + base_a + (hoff + (r2 * N + c2)[None, :]), mask=mh[:, None] & ok[None, :],
                           other=0.0).to(tl.float32) - ks[:, None]
             e = tl.dot(we, a_s, input_precision=PREC) + be[:, None]
             if RELU_E:
@@ -104,7 +104,7 @@ if triton is not None:
         the recomputed expansion (stencil_recomputed), then the reduction dot and the affine residual
         (the "tile" forward's body)."""
         m2 = mh[:, None] & valid[None, :]
-        a0 = tl.load(a_ptr + base_a + hoff + (row * N + col)[None, :], mask=m2, other=0.0).to(tl.float32)
+        a0 = tl.load(a_ptr + base_a + (hoff + (row * N + col)[None, :]), mask=m2, other=0.0).to(tl.float32)
         no_shift = tl.zeros((HP,), tl.float32)
         y = tl.zeros((HP, P), tl.float32)
         for c0 in range(0, RH, CC):
@@ -131,7 +131,7 @@ if triton is not None:
         p = tl.arange(0, P)
         row = pid_i * TM + p // TJ
         base_a = b * H * N * N
-        hoff = hh.to(tl.int64)[:, None] * N * N
+        hoff = hh[:, None] * (N * N)  # int32 offsets off the image base (_common.check_image_map)
         offs_d = tl.arange(0, BD)
         md = offs_d < D
         acc = tl.zeros((HP, TM, BD), tl.float32)
@@ -141,7 +141,7 @@ if triton is not None:
             r = refine_r_at(a_ptr, base_a, hoff, hh, mh, row, col, inmap, we_ptr, be_ptr, wdw_ptr, bdw_ptr,
                             wp_ptr, bp_ptr, al_ptr, bt_ptr, N, H, RH, KS, RELU_E, PREC, HP, CC, P)
             if STORE_R:
-                tl.store(r_ptr + base_a + hoff + (row * N + col)[None, :], r.to(r_ptr.dtype.element_ty),
+                tl.store(r_ptr + base_a + (hoff + (row * N + col)[None, :]), r.to(r_ptr.dtype.element_ty),
                          mask=mh[:, None] & inmap[None, :])
             else:
                 r3 = tl.reshape(r, (HP, TM, TJ))
@@ -210,7 +210,7 @@ if triton is not None:
         row = q // N
         col = q % N
         base_a = b * H * N * N
-        hoff = hh.to(tl.int64)[:, None] * N * N
+        hoff = hh.to(tl.int64)[:, None] * N * N  # (int32 here: 9-30 more registers, ptxas sm_90)
         m2 = mh[:, None] & valid[None, :]
         ebase = e_ptr + b * RH * N * N
         y = tl.zeros((HP, P), tl.float32)
@@ -306,10 +306,10 @@ if triton is not None:
         p, pm, pj, row, col, inmap, own = halo_tile(pid_t, NTJ, N, KS, TM, TJ)
         ownf = tl.where(own, 1.0, 0.0)
         base_a = b * H * N * N
-        hoff = hh.to(tl.int64)[:, None] * N * N
+        hoff = hh[:, None] * (N * N)  # int32 offsets off the image base (_common.check_image_map)
         m2 = mh[:, None] & inmap[None, :]
-        a0 = tl.load(a_ptr + base_a + hoff + (row * N + col)[None, :], mask=m2, other=0.0).to(tl.float32)
-        dr = tl.load(dr_ptr + base_a + hoff + (row * N + col)[None, :], mask=m2, other=0.0).to(tl.float32)
+        a0 = tl.load(a_ptr + base_a + (hoff + (row * N + col)[None, :]), mask=m2, other=0.0).to(tl.float32)
+        dr = tl.load(dr_ptr + base_a + (hoff + (row * N + col)[None, :]), mask=m2, other=0.0).to(tl.float32)
         alpha = tl.load(al_ptr + hh, mask=mh, other=0.0).to(tl.float32)
         bp = tl.load(bp_ptr + hh, mask=mh, other=0.0).to(tl.float32)
         dy = alpha[:, None] * dr
@@ -361,7 +361,7 @@ if triton is not None:
         tl.store(pbt_ptr + prog * HP + hh, tl.sum(dr_own, axis=1))
         tl.store(pbp_ptr + prog * HP + hh, tl.sum(dy_own, axis=1))
         da = da + dy
-        tl.store(da_ptr + base_a + hoff + (row * N + col)[None, :], da.to(da_ptr.dtype.element_ty),
+        tl.store(da_ptr + base_a + (hoff + (row * N + col)[None, :]), da.to(da_ptr.dtype.element_ty),
                  mask=mh[:, None] & own[None, :])
 
 
@@ -461,6 +461,7 @@ def _split_r(attn, we, be, w_dw, b_dw, w_pro, b_pro, alpha, beta, relu, prec, r_
 def refine_eval_fwd(attn, v, w_exp, b_exp, w_dw, b_dw, w_pro, b_pro, alpha, beta, expand,
                     store_r=False):
     check_device(attn, v)
+    check_image_map(attn)
     attn, v = attn.contiguous(), v.contiguous()
     B, H, N, _ = attn.shape
     D = v.shape[-1]
@@ -507,6 +508,7 @@ def _bwd_tiles(N: int, KS: int):
 def refine_eval_dla_bwd(attn, dr, w_exp, b_exp, w_dw, b_dw, w_pro, b_pro, alpha, expand):
     """Gradients of R = alpha (A + DLA(A)) + beta given dR: (dA, dw_exp, db_exp, dw_dw, db_dw,
     dw_pro, db_pro, dalpha, dbeta)."""
+    check_image_map(attn)
     attn, dr = attn.contiguous(), dr.contiguous()
     B, H, N, _ = attn.shape
     we, be, relu = _prep(attn, w_exp, b_exp, expand)

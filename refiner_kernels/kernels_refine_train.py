@@ -48,7 +48,7 @@ import os
 
 import torch
 
-from ._common import batch_chunks, check_device, interpreting, next_pow2, num_warps_for, triton, tl
+from ._common import batch_chunks, check_device, check_image_map, interpreting, next_pow2, num_warps_for, triton, tl
 from .blocks import bmm
 
 CC = 16
@@ -173,10 +173,10 @@ if triton is not None:
         nt = tl.sum(vf, axis=0)
         tl.store(pn_ptr + prog, nt)
         base_a = b * H * N * N
-        hoff = hh.to(tl.int64)[:, None] * N * N
+        hoff = hh[:, None] * (N * N)  # int32 offsets off the image base (_common.check_image_map)
         ks = tl.load(ks_ptr + hh, mask=mh, other=0.0)  # per-head shift of A in the expansion (0: none)
         m2 = mh[:, None] & valid[None, :]
-        a0 = tl.load(a_ptr + base_a + hoff + (row * N + col)[None, :], mask=mh[:, None] & inmap[None, :],
+        a0 = tl.load(a_ptr + base_a + (hoff + (row * N + col)[None, :]), mask=mh[:, None] & inmap[None, :],
                      other=0.0).to(tl.float32)
         a0s = tl.where(mh[:, None] & inmap[None, :], a0 - ks[:, None], 0.0)  # the expansion's input (HALO)
         scr = scr_ptr + prog * (CC * P)
@@ -201,13 +201,13 @@ if triton is not None:
                 tl.store(pbase + 2 * W + cc, tl.sum(xc * xc, axis=1), mask=mc)
         if MODE >= 3:
             if Y_IN:
-                y = tl.load(y_ptr + base_a + hoff + (row * N + col)[None, :], mask=m2, other=0.0)
+                y = tl.load(y_ptr + base_a + (hoff + (row * N + col)[None, :]), mask=m2, other=0.0)
             else:
                 y = _y3_at(a_ptr, base_a, hoff, row, col, N, H, RH, RHP, hh, mh, ks, we_ptr, be_ptr, wdw_ptr, wp_ptr,
                            cv_ptr, a0s, inmap, scr, p, pm, pj, KS, RELU_E, CC, TM, TJ, HP, HALO)
                 y = tl.where(m2, y, 0.0)
                 if Y_OUT:
-                    tl.store(y_ptr + base_a + hoff + (row * N + col)[None, :], y, mask=m2)
+                    tl.store(y_ptr + base_a + (hoff + (row * N + col)[None, :]), y, mask=m2)
             if MODE == 3:
                 sh, md, yc = _moments(y, m2, first)
                 tl.store(pbase + 0 * W + hh, sh)
@@ -223,15 +223,15 @@ if triton is not None:
                 if MODE == 7:
                     r = (zhat * _hconst(hv_ptr, 12, hh, mh, HP)[:, None] + _hconst(hv_ptr, 13, hh, mh, HP)[:, None]) \
                         * scale
-                    tl.store(dr_ptr + base_a + hoff + (row * N + col)[None, :], r, mask=m2)
+                    tl.store(dr_ptr + base_a + (hoff + (row * N + col)[None, :]), r, mask=m2)
                 if MODE == 4:
-                    dr = tl.load(dr_ptr + base_a + hoff + (row * N + col)[None, :], mask=m2, other=0.0) * scale
+                    dr = tl.load(dr_ptr + base_a + (hoff + (row * N + col)[None, :]), mask=m2, other=0.0) * scale
                     tl.store(pbase + 0 * W + hh, tl.sum(dr, axis=1))
                     tl.store(pbase + 1 * W + hh, tl.sum(tl.where(m2, dr * zhat, 0.0), axis=1))
                     tl.store(pbase + 2 * W + hh, tl.sum(tl.where(m2, dr * yhat, 0.0), axis=1))
                     tl.store(pbase + 3 * W + hh, tl.sum(tl.where(m2, zhat * yhat, 0.0), axis=1))
                 if MODE == 5:
-                    dr = tl.load(dr_ptr + base_a + hoff + (row * N + col)[None, :], mask=m2, other=0.0) * scale
+                    dr = tl.load(dr_ptr + base_a + (hoff + (row * N + col)[None, :]), mask=m2, other=0.0) * scale
                     dz = _hconst(hv_ptr, 6, hh, mh, HP)[:, None] * (
                         dr - _hconst(hv_ptr, 7, hh, mh, HP)[:, None] - zhat * _hconst(hv_ptr, 8, hh, mh, HP)[:, None])
                     dy3 = _hconst(hv_ptr, 9, hh, mh, HP)[:, None] * (
@@ -276,13 +276,13 @@ if triton is not None:
         p, pm, pj, row, col, inmap, own = halo_tile(pid_t, NTJ, N, KS, TM, TJ)
         ownf = tl.where(own, 1.0, 0.0)
         base_a = b * H * N * N
-        hoff = hh.to(tl.int64)[:, None] * N * N
+        hoff = hh[:, None] * (N * N)  # int32 offsets off the image base (_common.check_image_map)
         ks = tl.load(ks_ptr + hh, mask=mh, other=0.0)  # per-head shift of A in the expansion (0: none)
         m2 = mh[:, None] & inmap[None, :]
-        a0 = tl.load(a_ptr + base_a + hoff + (row * N + col)[None, :], mask=m2, other=0.0).to(tl.float32)
-        dr = tl.load(dr_ptr + base_a + hoff + (row * N + col)[None, :], mask=m2, other=0.0) * scale
+        a0 = tl.load(a_ptr + base_a + (hoff + (row * N + col)[None, :]), mask=m2, other=0.0).to(tl.float32)
+        dr = tl.load(dr_ptr + base_a + (hoff + (row * N + col)[None, :]), mask=m2, other=0.0) * scale
         if Y_IN:  # outside the map: 0 instead of a recomputed value; dz and dy3 are masked there
-            y = tl.load(y_ptr + base_a + hoff + (row * N + col)[None, :], mask=m2, other=0.0)
+            y = tl.load(y_ptr + base_a + (hoff + (row * N + col)[None, :]), mask=m2, other=0.0)
         else:
             # Y3 on the whole tile (the transposed stencil reads dX2 around the owned positions): recomputed
             y = _y3_at(a_ptr, base_a, hoff, row, col, N, H, RH, RHP, hh, mh, ks, we_ptr, be_ptr, wdw_ptr, wp_ptr,
@@ -337,7 +337,7 @@ if triton is not None:
                          tl.dot(de, tl.trans(a0s), input_precision="ieee"))
             k1 = tl.load(cv_ptr + 9 * RHP + cc, mask=mc, other=0.0)
             da += tl.dot(tl.trans(wer * k1[:, None]), de, input_precision="ieee")
-        tl.store(da_ptr + base_a + hoff + (row * N + col)[None, :], da.to(da_ptr.dtype.element_ty),
+        tl.store(da_ptr + base_a + (hoff + (row * N + col)[None, :]), da.to(da_ptr.dtype.element_ty),
                  mask=mh[:, None] & own[None, :])
 
 
@@ -370,6 +370,15 @@ def _x2_on_halo_tiles() -> bool:
     return mode == "halo"
 
 
+PROFILE_PREFIX = "refine_train pass "  # profiler ranges of the passes (benchmarks/profile_models.py)
+_PASS_NAMES = {1: "F1 moments of A", 2: "F2 BN2 stats (X2)", 3: "F3 Y3 + BN3 stats", 6: "F4 BN_a stats",
+               7: "F5 R", 4: "B1 sums", 5: "B2 dY3 dW_p dD", "b3": "B3 dX2 dW_dw dA"}
+
+
+def _pass_label(mode, y_in=False, halo=False) -> str:
+    return PROFILE_PREFIX + _PASS_NAMES[mode] + (" [Y3 read]" if y_in else "") + (" [halo]" if halo else "")
+
+
 def _launch_tile(mode, attn, dr, we, be, wdw, wp, cv, hv, ks, scale, relu, y3=None, y_out=False):
     """One _rt_tile pass; y3: the Y3 buffer, written (y_out) or read (else) by modes >= 3."""
     B, H, N, _ = attn.shape
@@ -391,14 +400,16 @@ def _launch_tile(mode, attn, dr, we, be, wdw, wp, cv, hv, ks, scale, relu, y3=No
     chunks = list(batch_chunks(B, ppi, CC * TM * TJ * 4)) if halo else [(0, B)]
     scr = torch.empty(ppi * max(hi - lo for lo, hi in chunks), CC, TM * TJ, dtype=torch.float32,
                       device=dev) if halo else part  # (unused without halo tiles)
-    for lo, hi in chunks:
-        pick = lambda t: t[lo:hi] if t is not None else attn[lo:hi]  # noqa: E731
-        _rt_tile[(hi - lo, ppi)](attn[lo:hi], pick(dr), pick(y3), we, be, wdw, wp, cv, hv, ks, part[lo * ppi:],
-                                 pn[lo * ppi:], pwp[lo * ppi:], scr, N, H, RH, RHP, ntj, float(scale), MODE=mode,
-                                 KS=KS, RELU_E=relu, HP=HP, CC=CC, TM=TM, TJ=TJ, W=W,
-                                 Y_IN=y3 is not None and not y_out, Y_OUT=y3 is not None and y_out, HALO=halo,
-                                 num_warps=num_warps_for(HP * TM * TJ),
-                                 num_stages=1 if halo else 3)  # scratch staging: no pipelining across barriers
+    # a profiler range per pass (benchmarks/profile_models.py lists their device times)
+    with torch.profiler.record_function(_pass_label(mode, y3 is not None and not y_out, halo)):
+        for lo, hi in chunks:
+            pick = lambda t: t[lo:hi] if t is not None else attn[lo:hi]  # noqa: E731
+            _rt_tile[(hi - lo, ppi)](attn[lo:hi], pick(dr), pick(y3), we, be, wdw, wp, cv, hv, ks, part[lo * ppi:],
+                                     pn[lo * ppi:], pwp[lo * ppi:], scr, N, H, RH, RHP, ntj, float(scale), MODE=mode,
+                                     KS=KS, RELU_E=relu, HP=HP, CC=CC, TM=TM, TJ=TJ, W=W,
+                                     Y_IN=y3 is not None and not y_out, Y_OUT=y3 is not None and y_out, HALO=halo,
+                                     num_warps=num_warps_for(HP * TM * TJ),
+                                     num_stages=1 if halo else 3)  # scratch staging: no pipelining across barriers
     return part.double(), pn.double(), pwp
 
 
@@ -507,6 +518,7 @@ def _y3_buffer(attn):
 def refine_train_fwd(attn, v, w_exp, w_dw, w_pro, g1, b1, g2, b2, g3, b3, ga, ba, eps, scale, expand):
     """Returns out, the stats dict (float64) and aux (fp32 vector for the backward)."""
     check_device(attn, v)
+    check_image_map(attn)
     attn, v = attn.contiguous(), v.contiguous()
     B, H, N, _ = attn.shape
     RH, KS = w_dw.shape[0], w_dw.shape[-1]
@@ -574,6 +586,7 @@ def refine_train_fwd(attn, v, w_exp, w_dw, w_pro, g1, b1, g2, b2, g3, b3, ga, ba
 
 def refine_train_bwd(dout, attn, v, w_exp, w_dw, w_pro, g1, b1, g2, b2, g3, b3, ga, ba, aux,
                      eps, scale, expand):
+    check_image_map(attn)
     attn, v, dout = attn.contiguous(), v.contiguous(), dout.contiguous()
     B, H, N, _ = attn.shape
     RH, KS = w_dw.shape[0], w_dw.shape[-1]
@@ -633,15 +646,16 @@ def refine_train_bwd(dout, attn, v, w_exp, w_dw, w_pro, g1, b1, g2, b2, g3, b3, 
     parts = (torch.zeros(nprog, 2, RHP, **f32), torch.empty(nprog, RHP, KS * KS, **f32),
              torch.zeros(nprog, RHP, HP, **f32))
     sums = [torch.zeros(t.shape[1:], dtype=torch.float64, device=dev) for t in parts]
-    for lo, hi in chunks:  # bounded scratch: batch chunks run one after another on the stream
-        _rt_b3[(hi - lo, nti * ntj)](attn[lo:hi], dr[lo:hi], y3[lo:hi] if y3 is not None else attn[lo:hi], we_f,
-                                     be_f, wer, wdw, wp, cv, hv, ks, da[lo:hi], scr, *parts, N, H, RH, RHP, ntj,
-                                     float(scale), KS=KS, RELU_E=expand, HP=HP, CC=CC, TM=TM, TJ=TJ,
-                                     Y_IN=y3 is not None, num_warps=num_warps_for(HP * TM * TJ),
-                                     num_stages=1)  # scratch staging: no pipelining across barriers
-        used = nti * ntj * (hi - lo)
-        for acc, t in zip(sums, parts):
-            acc += t[:used].double().sum(0)
+    with torch.profiler.record_function(_pass_label("b3", y3 is not None)):
+        for lo, hi in chunks:  # bounded scratch: batch chunks run one after another on the stream
+            _rt_b3[(hi - lo, nti * ntj)](attn[lo:hi], dr[lo:hi], y3[lo:hi] if y3 is not None else attn[lo:hi], we_f,
+                                         be_f, wer, wdw, wp, cv, hv, ks, da[lo:hi], scr, *parts, N, H, RH, RHP, ntj,
+                                         float(scale), KS=KS, RELU_E=expand, HP=HP, CC=CC, TM=TM, TJ=TJ,
+                                         Y_IN=y3 is not None, num_warps=num_warps_for(HP * TM * TJ),
+                                         num_stages=1)  # scratch staging: no pipelining across barriers
+            used = nti * ntj * (hi - lo)
+            for acc, t in zip(sums, parts):
+                acc += t[:used].double().sum(0)
     part3, pwdw, pm = [t[None] for t in sums]
     dwdw = pwdw.double().sum(0)[:RH].reshape(RH, KS, KS)
     if expand:

@@ -160,6 +160,24 @@ def test_refine_eval_split_falls_back_to_tile_beyond_int32_offsets(monkeypatch):
     _close(rk.refine_eval(attn, v, *args, True), ref.refine_eval(attn, v, *args, True), name="out")
 
 
+def test_refine_launchers_refuse_image_maps_beyond_int32_offsets():
+    """One image's H N^2 > 2^31 - 1 (N = 13378 at H = 12) is refused by every refine launcher with a
+    ValueError naming attn, before any copy or launch (a stride-0 view: nothing large is allocated)."""
+    from refiner_kernels import kernels_refine_eval as E, kernels_refine_train as T
+    H, N, d = 12, 13378, 16
+    attn = torch.zeros((), device=DEV).expand(1, H, N, N)
+    v = torch.zeros((), device=DEV).expand(1, H, N, d)
+    f = _folded(H, 3, 3, d)
+    w = [t.to(DEV) for t in f.args()[:-1]]
+    calls = [lambda: E.refine_eval_fwd(attn, v, *w, True),
+             lambda: E.refine_eval_dla_bwd(attn, attn, *w[:7], True),
+             lambda: T.refine_train_fwd(attn, v, *[None] * 11, 1e-5, 0.25, True),
+             lambda: T.refine_train_bwd(v, attn, v, *[None] * 12, 1e-5, 0.25, True)]
+    for call in calls:
+        with pytest.raises(ValueError, match=r"attn: one image's maps hold H\*N\*N = 2147650608"):
+            call()
+
+
 def test_refine_eval_forward_variant_is_checked(monkeypatch):
     monkeypatch.setenv("REFINER_TRITON_REFINE_FWD", "fast")
     f = _folded(4, 3, 3, 8)
@@ -366,6 +384,29 @@ def test_refine_train_y3_buffer_matches_recompute(monkeypatch, ratio):
     monkeypatch.setenv("REFINER_TRITON_TRAIN_Y3", "sometimes")
     with pytest.raises(ValueError, match="REFINER_TRITON_TRAIN_Y3"):
         rk.refine_train(attn, v, *tp, 1e-5, 0.25, ratio != 1)
+
+
+def test_refine_train_passes_are_profiler_ranges():
+    """Each pass of a training step is a profiler range that benchmarks/profile_models.py reports:
+    forward F1-F5, backward F3 again (the Y3 buffer), F5 (R), B1, B2 and B3, the passes after F3
+    reading Y3."""
+    import sys
+    from pathlib import Path
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from benchmarks import profile_models
+    B, H, N, d = 1, 4, 9, 8
+    dla, bn = random_dla(H, 3, 3)
+    tp = [_leaf(t) for t in train_args(dla, bn)]
+    attn, v = _leaf(random_attn(B, H, N)), _leaf(torch.randn(B, H, N, d, device=DEV))
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        out, _ = rk.refine_train(attn, v, *tp, 1e-5, 0.25, True)
+        out.sum().backward()
+    passes = profile_models.summarize(prof.key_averages(), False, 1, 5)["refine_train_passes"]
+    calls = {name: p["calls"] for name, p in passes.items()}
+    assert calls == {"F1 moments of A": 1, "F2 BN2 stats (X2)": 1, "F3 Y3 + BN3 stats": 2,
+                     "F4 BN_a stats [Y3 read]": 1, "F5 R [Y3 read]": 2, "B1 sums [Y3 read]": 1,
+                     "B2 dY3 dW_p dD [Y3 read]": 1, "B3 dX2 dW_dw dA [Y3 read]": 1}, calls
+    assert all(p["ms"] > 0 for p in passes.values())
 
 
 def test_refine_train_n50_forward_stats():
