@@ -153,13 +153,11 @@ stage_quick() {
     tests/test_compiled_cuda.py tests/test_extremes.py tests/test_bad_inputs.py tests/test_fused.py \
     tests/test_properties.py
   # the refine ops (the softmax block is unchanged since the second round) with the candidates beside
-  # the defaults in the same runs (rows labelled triton[NAME=VALUE]): Triton's refine_train
-  # recomputing Y3 in every pass (the schedule before the Y3 buffer) or with its X2 passes on halo
-  # tiles, and the "tile" refine_eval forward (the default is "split")
+  # the defaults in the same runs (rows labelled triton[NAME=VALUE]): Triton's refine_train with
+  # its X2 passes on halo tiles, and the "tile" refine_eval forward (the default is "split")
   run_step bench_ops 100 "$PY" benchmarks/bench_ops.py --out "$RES" --rep-ms 25 --n 197 577 --heads 12 \
     --head-dim 32 --dtypes bf16 --ops refine_eval refine_train \
-    --env-variants "triton:REFINER_TRITON_TRAIN_Y3=recompute@refine_train" \
-    "triton:REFINER_TRITON_TRAIN_X2=halo@refine_train" "triton:REFINER_TRITON_REFINE_FWD=tile@refine_eval"
+    --env-variants "triton:REFINER_TRITON_TRAIN_X2=halo@refine_train" "triton:REFINER_TRITON_REFINE_FWD=tile@refine_eval"
   run_step bench_models 120 "$PY" benchmarks/bench_models.py --out "$RES" \
     --models refiner_vit_s vit_small_patch16_224 --img 224 --batch 256 --compile-backend skip --repeats 5 \
     --env-variants "triton:REFINER_TRITON_REFINE_FWD=tile" "triton:REFINER_TRITON_TRAIN_X2=halo"

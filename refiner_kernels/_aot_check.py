@@ -62,7 +62,7 @@ def check(fn, args, num_warps=4, num_stages=2, ptr_types=None, **options):
                  options={"num_warps": num_warps, "num_stages": num_stages, **options})
     md = k.metadata
     print(f"{fn.__name__:16s} ok {time.time()-t:5.1f}s shared={md.shared} warps={num_warps} {ptxas_usage(k)} "
-          f"{dict((k2, v) for k2, v in consts.items() if k2 in ('MODE','TM','TJ','BM','BN','KS','Y_IN','Y_OUT','HALO'))}",
+          f"{dict((k2, v) for k2, v in consts.items() if k2 in ('MODE','TM','TJ','BM','BN','KS','HALO'))}",
           flush=True)
     return k
 
@@ -97,22 +97,17 @@ check(E._re_bwd, dict(a_ptr=P, dr_ptr=P, we_ptr=P, be_ptr=P, wdw_ptr=P, bdw_ptr=
                       da_ptr=P, scr_ptr=P, pwe_ptr=P, pbe_ptr=P, pwdw_ptr=P, pbdw_ptr=P, pwp_ptr=P, pbp_ptr=P, pal_ptr=P,
                       pbt_ptr=P, N=N, H=H, RH=RH, RHP=48, NTJ=14, KS=3, RELU_E=True, HP=16, CC=16, TM=16, TJ=16),
       num_warps=8, num_stages=1)
-# the Y3-buffer schedule (mode 3 writes Y3, later modes read it), then modes 3-7 recomputing it, then
-# the X2 passes on halo tiles (REFINER_TRITON_TRAIN_X2=halo)
-for mode, y_in, y_out, halo in [(1, False, False, False), (2, False, False, False), (3, False, True, False),
-                                (4, True, False, False), (5, True, False, False), (6, True, False, False),
-                                (7, True, False, False), (3, False, False, False), (4, False, False, False),
-                                (5, False, False, False), (6, False, False, False), (7, False, False, False),
-                                (2, False, False, True), (3, False, True, True), (5, True, False, True),
-                                (7, False, False, True)]:
+# every pass (mode 3 writes the Y3 buffer, later modes read it), then the X2 passes on halo tiles
+# (REFINER_TRITON_TRAIN_X2=halo)
+for mode, halo in [(1, False), (2, False), (3, False), (4, False), (5, False), (6, False), (7, False),
+                   (2, True), (3, True), (5, True)]:
     check(T._rt_tile, dict(a_ptr=P, dr_ptr=P, y_ptr=P, we_ptr=P, be_ptr=P, wdw_ptr=P, wp_ptr=P, cv_ptr=P, hv_ptr=P,
                            ks_ptr=P, part_ptr=P, pn_ptr=P, pwp_ptr=P, scr_ptr=P, N=N, H=H, RH=RH, RHP=48, NTJ=13,
-                           scale=0.1, MODE=mode, KS=3, RELU_E=True, HP=16, CC=16, TM=16, TJ=16, W=48, Y_IN=y_in,
-                           Y_OUT=y_out, HALO=halo), num_warps=8, num_stages=1)
-for y_in in (True, False):
-    check(T._rt_b3, dict(a_ptr=P, dr_ptr=P, y_ptr=P, we_ptr=P, be_ptr=P, wer_ptr=P, wdw_ptr=P, wp_ptr=P, cv_ptr=P, hv_ptr=P,
-                         ks_ptr=P, da_ptr=P, scr_ptr=P, part_ptr=P, pwdw_ptr=P, pm_ptr=P, N=N, H=H, RH=RH, RHP=48, NTJ=14,
-                         scale=0.1, KS=5, RELU_E=True, HP=16, CC=16, TM=16, TJ=16, Y_IN=y_in), num_warps=8, num_stages=1)
+                           scale=0.1, MODE=mode, KS=3, RELU_E=True, HP=16, CC=16, TM=16, TJ=16, W=48,
+                           HALO=halo), num_warps=8, num_stages=1)
+check(T._rt_b3, dict(a_ptr=P, dr_ptr=P, y_ptr=P, we_ptr=P, be_ptr=P, wer_ptr=P, wdw_ptr=P, wp_ptr=P, cv_ptr=P, hv_ptr=P,
+                     ks_ptr=P, da_ptr=P, scr_ptr=P, part_ptr=P, pwdw_ptr=P, pm_ptr=P, N=N, H=H, RH=RH, RHP=48, NTJ=14,
+                     scale=0.1, KS=5, RELU_E=True, HP=16, CC=16, TM=16, TJ=16), num_warps=8, num_stages=1)
 check(Bl._bmm_kernel, dict(a_ptr=P, b_ptr=P, c_ptr=P, M=N, NN=N, K=N, sab=1, sam=1, sak=1, sbb=1, sbk=1, sbn=1, scb=1,
                            scm=1, scn=1, DOT_T=triton.language.bfloat16, BM=128, BN=128, BK=32), num_warps=8, num_stages=3, ptr_types={"a_ptr": "*bf16"})
 check(Bl._row_softmax_fwd, dict(x_ptr=P, y_ptr=P, R=100, M=N, BR=16, BM=256))

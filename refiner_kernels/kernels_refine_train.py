@@ -29,7 +29,7 @@ spread):
 Backward (recompute; exact gradient through the batch statistics):
   Y3 recomputed into the buffer by F3's pass (bit-identical to the forward's), which R, B1, B2
   and B3 then read: only F2, F3, the backward's Y3 pass, B2 and B3 run the expansion and the
-  stencil (REFINER_TRITON_TRAIN_Y3=recompute: every pass does, as before; see _y3_buffer).
+  stencil (recomputing Y3 in every pass instead measured 26.0 against 18.3 ms on the H100).
   R recomputed (F5's pass) -> dv = R^T dO, dR = dO v^T (A-sized).
   B1  sums of dRn, dRn*Zhat, dRn*Y3hat, Zhat*Y3hat per head -> dga, dba, dg3, db3.
   B2  dY3 per position, dW_p partials, sums of dD', dD'*X2hat per channel -> dg2, db2.
@@ -141,12 +141,12 @@ if triton is not None:
                  pwp_ptr, scr_ptr, N, H, RH, RHP, NTJ, scale,
                  MODE: tl.constexpr, KS: tl.constexpr, RELU_E: tl.constexpr, HP: tl.constexpr,
                  CC: tl.constexpr, TM: tl.constexpr, TJ: tl.constexpr, W: tl.constexpr,
-                 Y_IN: tl.constexpr, Y_OUT: tl.constexpr, HALO: tl.constexpr):
+                 HALO: tl.constexpr):
         """Tile pass over non-overlapping tiles, or (HALO) over halo tiles whose owned interiors tile
         the map, X2 then staged through scr_ptr (_x2_staged).
         MODE 1: moments of A (F1). 2: BN2 stats of X2 (F2). 3: BN3 stats of Y3 (F3). 6: BN_a stats of Z (F4). 7: R stored to dr_ptr (F5, and the
         backward's recompute). 4: B1 sums. 5: B2 (dW_p partials, dg2/db2 sums).
-        MODE >= 3: Y_OUT stores the tile's Y3 - W_p Dk to y_ptr (fp32, A-sized); Y_IN loads it from
+        MODE 3 stores the tile's Y3 - W_p Dk to y_ptr (fp32, A-sized); the later modes load it from
         there instead of recomputing the expansion, the stencil and the reduction.
         Statistics are shifted per-tile moments (`_moments`): rows 0, 1, 2 of the partials hold
         shift, mean - shift and the centred sum of squares (MODE 1: the centred Gram matrix)."""
@@ -200,14 +200,13 @@ if triton is not None:
                 tl.store(pbase + 1 * W + cc, md, mask=mc)
                 tl.store(pbase + 2 * W + cc, tl.sum(xc * xc, axis=1), mask=mc)
         if MODE >= 3:
-            if Y_IN:
-                y = tl.load(y_ptr + base_a + (hoff + (row * N + col)[None, :]), mask=m2, other=0.0)
-            else:
+            if MODE == 3:
                 y = _y3_at(a_ptr, base_a, hoff, row, col, N, H, RH, RHP, hh, mh, ks, we_ptr, be_ptr, wdw_ptr, wp_ptr,
                            cv_ptr, a0s, inmap, scr, p, pm, pj, KS, RELU_E, CC, TM, TJ, HP, HALO)
                 y = tl.where(m2, y, 0.0)
-                if Y_OUT:
-                    tl.store(y_ptr + base_a + (hoff + (row * N + col)[None, :]), y, mask=m2)
+                tl.store(y_ptr + base_a + (hoff + (row * N + col)[None, :]), y, mask=m2)
+            else:
+                y = tl.load(y_ptr + base_a + (hoff + (row * N + col)[None, :]), mask=m2, other=0.0)
             if MODE == 3:
                 sh, md, yc = _moments(y, m2, first)
                 tl.store(pbase + 0 * W + hh, sh)
@@ -263,9 +262,9 @@ if triton is not None:
     def _rt_b3(a_ptr, dr_ptr, y_ptr, we_ptr, be_ptr, wer_ptr, wdw_ptr, wp_ptr, cv_ptr, hv_ptr, ks_ptr,
                da_ptr, scr_ptr, part_ptr, pwdw_ptr, pm_ptr, N, H, RH, RHP, NTJ, scale,
                KS: tl.constexpr, RELU_E: tl.constexpr, HP: tl.constexpr, CC: tl.constexpr,
-               TM: tl.constexpr, TJ: tl.constexpr, Y_IN: tl.constexpr):
+               TM: tl.constexpr, TJ: tl.constexpr):
         """Halo-extended tiles: dX2, dW_dw partials, transposed stencil, dX1', dA (partial).
-        Y_IN: Y3 loaded from y_ptr (see _rt_tile) instead of recomputed."""
+        Y3 loaded from the buffer y_ptr (see _rt_tile)."""
         P: tl.constexpr = TM * TJ
         KK: tl.constexpr = KS * KS
         pid_t = tl.program_id(1)
@@ -281,12 +280,7 @@ if triton is not None:
         m2 = mh[:, None] & inmap[None, :]
         a0 = tl.load(a_ptr + base_a + (hoff + (row * N + col)[None, :]), mask=m2, other=0.0).to(tl.float32)
         dr = tl.load(dr_ptr + base_a + (hoff + (row * N + col)[None, :]), mask=m2, other=0.0) * scale
-        if Y_IN:  # outside the map: 0 instead of a recomputed value; dz and dy3 are masked there
-            y = tl.load(y_ptr + base_a + (hoff + (row * N + col)[None, :]), mask=m2, other=0.0)
-        else:
-            # Y3 on the whole tile (the transposed stencil reads dX2 around the owned positions): recomputed
-            y = _y3_at(a_ptr, base_a, hoff, row, col, N, H, RH, RHP, hh, mh, ks, we_ptr, be_ptr, wdw_ptr, wp_ptr,
-                       cv_ptr, a0, inmap, scr_ptr, p, pm, pj, KS, RELU_E, CC, TM, TJ, HP, False)
+        y = tl.load(y_ptr + base_a + (hoff + (row * N + col)[None, :]), mask=m2, other=0.0)  # 0 off the map (dz, dy3 masked)
         _, zhat, yhat = _zhat(a0, y, hv_ptr, hh, mh, HP)
         dz = _hconst(hv_ptr, 6, hh, mh, HP)[:, None] * (
             dr - _hconst(hv_ptr, 7, hh, mh, HP)[:, None] - zhat * _hconst(hv_ptr, 8, hh, mh, HP)[:, None])
@@ -375,15 +369,15 @@ _PASS_NAMES = {1: "F1 moments of A", 2: "F2 BN2 stats (X2)", 3: "F3 Y3 + BN3 sta
                7: "F5 R", 4: "B1 sums", 5: "B2 dY3 dW_p dD", "b3": "B3 dX2 dW_dw dA"}
 
 
-def _pass_label(mode, y_in=False, halo=False) -> str:
-    return PROFILE_PREFIX + _PASS_NAMES[mode] + (" [Y3 read]" if y_in else "") + (" [halo]" if halo else "")
+def _pass_label(mode, halo=False) -> str:
+    return PROFILE_PREFIX + _PASS_NAMES[mode] + (" [halo]" if halo else "")
 
 
-def _launch_tile(mode, attn, dr, we, be, wdw, wp, cv, hv, ks, scale, relu, y3=None, y_out=False):
-    """One _rt_tile pass; y3: the Y3 buffer, written (y_out) or read (else) by modes >= 3."""
+def _launch_tile(mode, attn, dr, we, be, wdw, wp, cv, hv, ks, scale, relu, y3=None):
+    """One _rt_tile pass; y3: the Y3 buffer (_y3_buffer), written by mode 3, read by the later modes."""
     B, H, N, _ = attn.shape
     RH, KS = wdw.shape[0], wdw.shape[-1]
-    needs_x2 = mode in (2, 5) or (mode >= 3 and (y3 is None or y_out))
+    needs_x2 = mode in (2, 3, 5)
     halo = needs_x2 and _x2_on_halo_tiles()
     pad = KS // 2 if halo else 0
     TM, TJ = _tile_cfg(N, pad)
@@ -401,13 +395,13 @@ def _launch_tile(mode, attn, dr, we, be, wdw, wp, cv, hv, ks, scale, relu, y3=No
     scr = torch.empty(ppi * max(hi - lo for lo, hi in chunks), CC, TM * TJ, dtype=torch.float32,
                       device=dev) if halo else part  # (unused without halo tiles)
     # a profiler range per pass (benchmarks/profile_models.py lists their device times)
-    with torch.profiler.record_function(_pass_label(mode, y3 is not None and not y_out, halo)):
+    with torch.profiler.record_function(_pass_label(mode, halo)):
         for lo, hi in chunks:
             pick = lambda t: t[lo:hi] if t is not None else attn[lo:hi]  # noqa: E731
             _rt_tile[(hi - lo, ppi)](attn[lo:hi], pick(dr), pick(y3), we, be, wdw, wp, cv, hv, ks, part[lo * ppi:],
                                      pn[lo * ppi:], pwp[lo * ppi:], scr, N, H, RH, RHP, ntj, float(scale), MODE=mode,
                                      KS=KS, RELU_E=relu, HP=HP, CC=CC, TM=TM, TJ=TJ, W=W,
-                                     Y_IN=y3 is not None and not y_out, Y_OUT=y3 is not None and y_out, HALO=halo,
+                                     HALO=halo,
                                      num_warps=num_warps_for(HP * TM * TJ),
                                      num_stages=1 if halo else 3)  # scratch staging: no pipelining across barriers
     return part.double(), pn.double(), pwp
@@ -506,13 +500,8 @@ def _r(attn, we_f, be_f, wdw, wp, cv, hv, ks, scale, relu, y3):
 def _y3_buffer(attn):
     """The Y3 buffer (fp32, A-sized) that spares the passes after F3 (and after the backward's Y3
     pass) the recompute of the expansion, the stencil and the reduction: 5 instead of 10 such
-    recomputes per training step, for one transient A-sized buffer. None with
-    REFINER_TRITON_TRAIN_Y3=recompute (every pass recomputes Y3: the previous schedule, kept to
-    compare the two in one benchmark round)."""
-    mode = os.environ.get("REFINER_TRITON_TRAIN_Y3", "buffer")
-    if mode not in ("buffer", "recompute"):
-        raise ValueError(f"REFINER_TRITON_TRAIN_Y3: expected 'buffer' or 'recompute', got {mode!r}")
-    return torch.empty(attn.shape, dtype=torch.float32, device=attn.device) if mode == "buffer" else None
+    recomputes per training step, for one transient A-sized buffer."""
+    return torch.empty(attn.shape, dtype=torch.float32, device=attn.device)
 
 
 def refine_train_fwd(attn, v, w_exp, w_dw, w_pro, g1, b1, g2, b2, g3, b3, ga, ba, eps, scale, expand):
@@ -556,7 +545,7 @@ def refine_train_fwd(attn, v, w_exp, w_dw, w_pro, g1, b1, g2, b2, g3, b3, ga, ba
     cv = _cv(f, RHP)
     # F3: BN3 statistics of Y3 (the kernels see Y3 - W_p Dk), Y3 kept for F4 and F5
     y3 = _y3_buffer(attn)
-    part, pn, _ = _launch_tile(3, attn, None, we_f, be_f, wdw, wp, cv, dummy, ks, scale, expand, y3, y_out=True)
+    part, pn, _ = _launch_tile(3, attn, None, we_f, be_f, wdw, wp, cv, dummy, ks, scale, expand, y3)
     st["mu3s"], m2 = _chan(pn, part, H)
     st["mu3"] = st["mu3s"] + w_pro.detach().double() @ f["dk"]
     st["var3"] = m2 / n
@@ -607,9 +596,9 @@ def refine_train_bwd(dout, attn, v, w_exp, w_dw, w_pro, g1, b1, g2, b2, g3, b3, 
     wdw, wp = _f32(w_dw), _f32(w_pro)
     we_f, be_f, wer = _f32(f["we_f"]), _f32(f["be_f"]), _f32(f["wer"])
     cv = _cv(f, RHP, [st["mu2"], f["rs2"]] + [torch.zeros_like(f["a2"])] * 6)
-    y3 = _y3_buffer(attn)
-    if y3 is not None:  # F3's pass again (same inputs, same values), its moments unused
-        _launch_tile(3, attn, None, we_f, be_f, wdw, wp, cv, torch.zeros(16, dtype=torch.float32, device=dev), ks, scale, expand, y3, y_out=True)
+    y3 = _y3_buffer(attn)  # F3's pass again (same inputs, same values), its moments unused
+    _launch_tile(3, attn, None, we_f, be_f, wdw, wp, cv, torch.zeros(16, dtype=torch.float32, device=dev), ks, scale,
+                 expand, y3)
     r = _r(attn, we_f, be_f, wdw, wp, cv, _hv(f, st, ga, ba, HP), ks, scale, expand, y3)
     dv = bmm(r.transpose(-1, -2), dout, out_dtype=v.dtype)
     del r
@@ -646,12 +635,12 @@ def refine_train_bwd(dout, attn, v, w_exp, w_dw, w_pro, g1, b1, g2, b2, g3, b3, 
     parts = (torch.zeros(nprog, 2, RHP, **f32), torch.empty(nprog, RHP, KS * KS, **f32),
              torch.zeros(nprog, RHP, HP, **f32))
     sums = [torch.zeros(t.shape[1:], dtype=torch.float64, device=dev) for t in parts]
-    with torch.profiler.record_function(_pass_label("b3", y3 is not None)):
+    with torch.profiler.record_function(_pass_label("b3")):
         for lo, hi in chunks:  # bounded scratch: batch chunks run one after another on the stream
-            _rt_b3[(hi - lo, nti * ntj)](attn[lo:hi], dr[lo:hi], y3[lo:hi] if y3 is not None else attn[lo:hi], we_f,
+            _rt_b3[(hi - lo, nti * ntj)](attn[lo:hi], dr[lo:hi], y3[lo:hi], we_f,
                                          be_f, wer, wdw, wp, cv, hv, ks, da[lo:hi], scr, *parts, N, H, RH, RHP, ntj,
                                          float(scale), KS=KS, RELU_E=expand, HP=HP, CC=CC, TM=TM, TJ=TJ,
-                                         Y_IN=y3 is not None, num_warps=num_warps_for(HP * TM * TJ),
+                                         num_warps=num_warps_for(HP * TM * TJ),
                                          num_stages=1)  # scratch staging: no pipelining across barriers
             used = nti * ntj * (hi - lo)
             for acc, t in zip(sums, parts):

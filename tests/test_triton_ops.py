@@ -359,37 +359,9 @@ def test_refine_train_x2_on_halo_tiles(monkeypatch, N, d, ratio, ks, B, dtype):
     _run_train(N, d, ratio, ks, B, dtype)
 
 
-@pytest.mark.parametrize("ratio", [3, 1])
-def test_refine_train_y3_buffer_matches_recompute(monkeypatch, ratio):
-    """The Y3 buffer schedule (default) and REFINER_TRITON_TRAIN_Y3=recompute (every pass recomputes
-    Y3) agree to rounding: the stored Y3 is the value the other passes recompute, up to the summation
-    order of the dots in another tile shape (seen: 5e-8 of the scale in the gradients of attn and of
-    the expansion; 5e-6 with REFINER_TRITON_TRAIN_X2=halo), and out-of-map halo values are masked
-    either way. Bad values are named."""
-    B, H, N, d = 2, 4, 13, 8
-    dla, bn = random_dla(H, ratio, 3)
-    tp = [_leaf(t) for t in train_args(dla, bn)]
-    attn, v = _leaf(random_attn(B, H, N)), _leaf(torch.randn(B, H, N, d, device=DEV))
-    go = torch.randn(B, H, N, d, device=DEV)
-
-    def run(mode):
-        monkeypatch.setenv("REFINER_TRITON_TRAIN_Y3", mode)
-        out, stats = rk.refine_train(attn, v, *tp, 1e-5, 0.25, ratio != 1)
-        return [out, *[t for s in stats if s is not None for t in (s.mean, s.var)],
-                *_grads([out], [attn, v] + tp, [go])]
-
-    for i, (a, b) in enumerate(zip(run("buffer"), run("recompute"))):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5 * max(1.0, b.abs().max().item()),
-                                   msg=lambda m: f"result {i}: {m}")
-    monkeypatch.setenv("REFINER_TRITON_TRAIN_Y3", "sometimes")
-    with pytest.raises(ValueError, match="REFINER_TRITON_TRAIN_Y3"):
-        rk.refine_train(attn, v, *tp, 1e-5, 0.25, ratio != 1)
-
-
 def test_refine_train_passes_are_profiler_ranges():
     """Each pass of a training step is a profiler range that benchmarks/profile_models.py reports:
-    forward F1-F5, backward F3 again (the Y3 buffer), F5 (R), B1, B2 and B3, the passes after F3
-    reading Y3."""
+    forward F1-F5, backward F3 again (the Y3 buffer), F5 (R), B1, B2 and B3."""
     import sys
     from pathlib import Path
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -403,9 +375,8 @@ def test_refine_train_passes_are_profiler_ranges():
         out.sum().backward()
     passes = profile_models.summarize(prof.key_averages(), False, 1, 5)["refine_train_passes"]
     calls = {name: p["calls"] for name, p in passes.items()}
-    assert calls == {"F1 moments of A": 1, "F2 BN2 stats (X2)": 1, "F3 Y3 + BN3 stats": 2,
-                     "F4 BN_a stats [Y3 read]": 1, "F5 R [Y3 read]": 2, "B1 sums [Y3 read]": 1,
-                     "B2 dY3 dW_p dD [Y3 read]": 1, "B3 dX2 dW_dw dA [Y3 read]": 1}, calls
+    assert calls == {"F1 moments of A": 1, "F2 BN2 stats (X2)": 1, "F3 Y3 + BN3 stats": 2, "F4 BN_a stats": 1,
+                     "F5 R": 2, "B1 sums": 1, "B2 dY3 dW_p dD": 1, "B3 dX2 dW_dw dA": 1}, calls
     assert all(p["ms"] > 0 for p in passes.values())
 
 
