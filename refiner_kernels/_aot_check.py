@@ -62,7 +62,7 @@ def check(fn, args, num_warps=4, num_stages=2, ptr_types=None, **options):
                  options={"num_warps": num_warps, "num_stages": num_stages, **options})
     md = k.metadata
     print(f"{fn.__name__:16s} ok {time.time()-t:5.1f}s shared={md.shared} warps={num_warps} {ptxas_usage(k)} "
-          f"{dict((k2, v) for k2, v in consts.items() if k2 in ('MODE','TM','TJ','BM','BN','KS','HALO'))}",
+          f"{dict((k2, v) for k2, v in consts.items() if k2 in ('MODE','TM','TJ','BM','BN','KS','HALO','PREC'))}",
           flush=True)
     return k
 
@@ -99,15 +99,20 @@ check(E._re_bwd, dict(a_ptr=P, dr_ptr=P, we_ptr=P, be_ptr=P, wdw_ptr=P, bdw_ptr=
       num_warps=8, num_stages=1)
 # every pass (mode 3 writes the Y3 buffer, later modes read it), then the X2 passes on halo tiles
 # (REFINER_TRITON_TRAIN_X2=halo)
-for mode, halo in [(1, False), (2, False), (3, False), (4, False), (5, False), (6, False), (7, False),
-                   (2, True), (3, True), (5, True)]:
+# (REFINER_TRITON_TRAIN_DOT=tf32: the stencil passes and B3 with TF32 dots on bf16 maps)
+for mode, halo, prec in [(1, False, "ieee"), (2, False, "ieee"), (3, False, "ieee"), (4, False, "ieee"),
+                         (5, False, "ieee"), (6, False, "ieee"), (7, False, "ieee"), (2, True, "ieee"),
+                         (3, True, "ieee"), (5, True, "ieee"), (2, False, "tf32"), (3, False, "tf32"),
+                         (5, False, "tf32")]:
     check(T._rt_tile, dict(a_ptr=P, dr_ptr=P, y_ptr=P, we_ptr=P, be_ptr=P, wdw_ptr=P, wp_ptr=P, cv_ptr=P, hv_ptr=P,
                            ks_ptr=P, part_ptr=P, pn_ptr=P, pwp_ptr=P, scr_ptr=P, N=N, H=H, RH=RH, RHP=48, NTJ=13,
-                           scale=0.1, MODE=mode, KS=3, RELU_E=True, HP=16, CC=16, TM=16, TJ=16, W=48,
-                           HALO=halo), num_warps=8, num_stages=1)
-check(T._rt_b3, dict(a_ptr=P, dr_ptr=P, y_ptr=P, we_ptr=P, be_ptr=P, wer_ptr=P, wdw_ptr=P, wp_ptr=P, cv_ptr=P, hv_ptr=P,
-                     ks_ptr=P, da_ptr=P, scr_ptr=P, part_ptr=P, pwdw_ptr=P, pm_ptr=P, N=N, H=H, RH=RH, RHP=48, NTJ=14,
-                     scale=0.1, KS=5, RELU_E=True, HP=16, CC=16, TM=16, TJ=16), num_warps=8, num_stages=1)
+                           scale=0.1, MODE=mode, KS=3, RELU_E=True, PREC=prec, HP=16, CC=16, TM=16, TJ=16, W=48,
+                           HALO=halo), num_warps=8, num_stages=1, ptr_types={"a_ptr": "*bf16"} if prec == "tf32" else None)
+for prec in ("ieee", "tf32"):
+    check(T._rt_b3, dict(a_ptr=P, dr_ptr=P, y_ptr=P, we_ptr=P, be_ptr=P, wer_ptr=P, wdw_ptr=P, wp_ptr=P, cv_ptr=P,
+                         hv_ptr=P, ks_ptr=P, da_ptr=P, scr_ptr=P, part_ptr=P, pwdw_ptr=P, pm_ptr=P, N=N, H=H, RH=RH,
+                         RHP=48, NTJ=14, scale=0.1, KS=5, RELU_E=True, PREC=prec, HP=16, CC=16, TM=16, TJ=16),
+          num_warps=8, num_stages=1, ptr_types={"a_ptr": "*bf16", "da_ptr": "*bf16"} if prec == "tf32" else None)
 check(Bl._bmm_kernel, dict(a_ptr=P, b_ptr=P, c_ptr=P, M=N, NN=N, K=N, sab=1, sam=1, sak=1, sbb=1, sbk=1, sbn=1, scb=1,
                            scm=1, scn=1, DOT_T=triton.language.bfloat16, BM=128, BN=128, BK=32), num_warps=8, num_stages=3, ptr_types={"a_ptr": "*bf16"})
 check(Bl._row_softmax_fwd, dict(x_ptr=P, y_ptr=P, R=100, M=N, BR=16, BM=256))

@@ -67,30 +67,31 @@ if triton is not None:
 
     @triton.jit
     def _x2_staged(a0s, inmap, we, be, wdw_ptr, cc, mc, scr, p, pm, pj,
-                   KS: tl.constexpr, RELU_E: tl.constexpr, CC: tl.constexpr, TM: tl.constexpr, TJ: tl.constexpr):
+                   KS: tl.constexpr, RELU_E: tl.constexpr, PREC: tl.constexpr, CC: tl.constexpr, TM: tl.constexpr,
+                   TJ: tl.constexpr):
         """X2 = dw(E) exact at a halo tile's owned positions, E computed once over the tile from
         a0s = A - K (kernels_refine_eval.stencil_staged)."""
-        e = tl.dot(we, a0s, input_precision="ieee") + be[:, None]
+        e = tl.dot(we, a0s, input_precision=PREC) + be[:, None]
         if RELU_E:
             e = tl.minimum(tl.maximum(e, 0.0), 6.0)
         return stencil_staged(e, inmap, wdw_ptr, cc, mc, scr, p, pm, pj, KS, CC, TM, TJ)
 
     @triton.jit
     def _x2(a_ptr, base_a, hoff, row, col, N, mh, ks, we, be, wdw_ptr, cc, mc, a0s, inmap, scr, p, pm, pj,
-            KS: tl.constexpr, RELU_E: tl.constexpr, CC: tl.constexpr, TM: tl.constexpr, TJ: tl.constexpr,
-            HALO: tl.constexpr):
+            KS: tl.constexpr, RELU_E: tl.constexpr, PREC: tl.constexpr, CC: tl.constexpr, TM: tl.constexpr,
+            TJ: tl.constexpr, HALO: tl.constexpr):
         """X2 of channels cc: staged (HALO tiles, exact at owned positions) or recomputed per offset."""
         if HALO:
-            x2 = _x2_staged(a0s, inmap, we, be, wdw_ptr, cc, mc, scr, p, pm, pj, KS, RELU_E, CC, TM, TJ)
+            x2 = _x2_staged(a0s, inmap, we, be, wdw_ptr, cc, mc, scr, p, pm, pj, KS, RELU_E, PREC, CC, TM, TJ)
         else:
             x2 = stencil_recomputed(a_ptr, base_a, hoff, row, col, p >= 0, N, mh, ks, we, be, wdw_ptr, cc, mc, KS,
-                                    RELU_E, "ieee", CC, TM * TJ)
+                                    RELU_E, PREC, CC, TM * TJ)
         return x2
 
     @triton.jit
     def _y3_at(a_ptr, base_a, hoff, row, col, N, H, RH, RHP, hh, mh, ks, we_ptr, be_ptr, wdw_ptr, wp_ptr,
-               cv_ptr, a0s, inmap, scr, p, pm, pj, KS: tl.constexpr, RELU_E: tl.constexpr, CC: tl.constexpr,
-               TM: tl.constexpr, TJ: tl.constexpr, HP: tl.constexpr, HALO: tl.constexpr):
+               cv_ptr, a0s, inmap, scr, p, pm, pj, KS: tl.constexpr, RELU_E: tl.constexpr, PREC: tl.constexpr,
+               CC: tl.constexpr, TM: tl.constexpr, TJ: tl.constexpr, HP: tl.constexpr, HALO: tl.constexpr):
         P: tl.constexpr = TM * TJ
         y = tl.zeros((HP, P), tl.float32)
         for c0 in range(0, RH, CC):
@@ -99,14 +100,14 @@ if triton is not None:
             we = tl.load(we_ptr + cc[:, None] * H + hh[None, :], mask=mc[:, None] & mh[None, :], other=0.0)
             be = tl.load(be_ptr + cc, mask=mc, other=0.0)
             x2 = _x2(a_ptr, base_a, hoff, row, col, N, mh, ks, we, be, wdw_ptr, cc, mc, a0s, inmap, scr, p, pm, pj,
-                     KS, RELU_E, CC, TM, TJ, HALO)
+                     KS, RELU_E, PREC, CC, TM, TJ, HALO)
             a2 = tl.load(cv_ptr + 0 * RHP + cc, mask=mc, other=0.0)
             c2 = tl.load(cv_ptr + 1 * RHP + cc, mask=mc, other=0.0)
             dk = tl.load(cv_ptr + 10 * RHP + cc, mask=mc, other=0.0)
             d = tl.where(mc[:, None], tl.minimum(tl.maximum(a2[:, None] * x2 + c2[:, None], 0.0), 6.0) - dk[:, None],
                          0.0)
             wp = tl.load(wp_ptr + hh[:, None] * RH + cc[None, :], mask=mh[:, None] & mc[None, :], other=0.0)
-            y += tl.dot(wp, d, input_precision="ieee")
+            y += tl.dot(wp, d, input_precision=PREC)
         return y
 
     @triton.jit
@@ -139,9 +140,8 @@ if triton is not None:
     @triton.jit
     def _rt_tile(a_ptr, dr_ptr, y_ptr, we_ptr, be_ptr, wdw_ptr, wp_ptr, cv_ptr, hv_ptr, ks_ptr, part_ptr, pn_ptr,
                  pwp_ptr, scr_ptr, N, H, RH, RHP, NTJ, scale,
-                 MODE: tl.constexpr, KS: tl.constexpr, RELU_E: tl.constexpr, HP: tl.constexpr,
-                 CC: tl.constexpr, TM: tl.constexpr, TJ: tl.constexpr, W: tl.constexpr,
-                 HALO: tl.constexpr):
+                 MODE: tl.constexpr, KS: tl.constexpr, RELU_E: tl.constexpr, PREC: tl.constexpr, HP: tl.constexpr,
+                 CC: tl.constexpr, TM: tl.constexpr, TJ: tl.constexpr, W: tl.constexpr, HALO: tl.constexpr):
         """Tile pass over non-overlapping tiles, or (HALO) over halo tiles whose owned interiors tile
         the map, X2 then staged through scr_ptr (_x2_staged).
         MODE 1: moments of A (F1). 2: BN2 stats of X2 (F2). 3: BN3 stats of Y3 (F3). 6: BN_a stats of Z (F4). 7: R stored to dr_ptr (F5, and the
@@ -194,7 +194,7 @@ if triton is not None:
                 we = tl.load(we_ptr + cc[:, None] * H + hh[None, :], mask=mc[:, None] & mh[None, :], other=0.0)
                 be = tl.load(be_ptr + cc, mask=mc, other=0.0)
                 x2 = _x2(a_ptr, base_a, hoff, row, col, N, mh, ks, we, be, wdw_ptr, cc, mc, a0s, inmap, scr, p, pm,
-                         pj, KS, RELU_E, CC, TM, TJ, HALO)
+                         pj, KS, RELU_E, PREC, CC, TM, TJ, HALO)
                 sh, md, xc = _moments(x2, mc[:, None] & valid[None, :], first)
                 tl.store(pbase + 0 * W + cc, sh, mask=mc)
                 tl.store(pbase + 1 * W + cc, md, mask=mc)
@@ -202,7 +202,7 @@ if triton is not None:
         if MODE >= 3:
             if MODE == 3:
                 y = _y3_at(a_ptr, base_a, hoff, row, col, N, H, RH, RHP, hh, mh, ks, we_ptr, be_ptr, wdw_ptr, wp_ptr,
-                           cv_ptr, a0s, inmap, scr, p, pm, pj, KS, RELU_E, CC, TM, TJ, HP, HALO)
+                           cv_ptr, a0s, inmap, scr, p, pm, pj, KS, RELU_E, PREC, CC, TM, TJ, HP, HALO)
                 y = tl.where(m2, y, 0.0)
                 tl.store(y_ptr + base_a + (hoff + (row * N + col)[None, :]), y, mask=m2)
             else:
@@ -242,16 +242,16 @@ if triton is not None:
                         we = tl.load(we_ptr + cc[:, None] * H + hh[None, :], mask=mc[:, None] & mh[None, :], other=0.0)
                         be = tl.load(be_ptr + cc, mask=mc, other=0.0)
                         x2 = _x2(a_ptr, base_a, hoff, row, col, N, mh, ks, we, be, wdw_ptr, cc, mc, a0s, inmap, scr, p,
-                                 pm, pj, KS, RELU_E, CC, TM, TJ, HALO)
+                                 pm, pj, KS, RELU_E, PREC, CC, TM, TJ, HALO)
                         a2 = tl.load(cv_ptr + 0 * RHP + cc, mask=mc, other=0.0)
                         c2 = tl.load(cv_ptr + 1 * RHP + cc, mask=mc, other=0.0)
                         pre = a2[:, None] * x2 + c2[:, None]
                         d = tl.where(mc[:, None] & valid[None, :], tl.minimum(tl.maximum(pre, 0.0), 6.0), 0.0)
                         tl.store(pwp_ptr + prog * HP * RHP + hh[:, None] * RHP + cc[None, :],
-                                 tl.dot(dy3, tl.trans(d), input_precision="ieee"))
+                                 tl.dot(dy3, tl.trans(d), input_precision=PREC))
                         wpt = tl.load(wp_ptr + hh[None, :] * RH + cc[:, None], mask=mh[None, :] & mc[:, None],
                                       other=0.0)
-                        dd = tl.dot(wpt, dy3, input_precision="ieee")
+                        dd = tl.dot(wpt, dy3, input_precision=PREC)
                         ddp = tl.where((pre > 0.0) & (pre < 6.0) & mc[:, None] & valid[None, :], dd, 0.0)
                         x2hat = (x2 - tl.load(cv_ptr + 2 * RHP + cc, mask=mc, other=0.0)[:, None]) * \
                             tl.load(cv_ptr + 3 * RHP + cc, mask=mc, other=0.0)[:, None]
@@ -261,7 +261,7 @@ if triton is not None:
     @triton.jit
     def _rt_b3(a_ptr, dr_ptr, y_ptr, we_ptr, be_ptr, wer_ptr, wdw_ptr, wp_ptr, cv_ptr, hv_ptr, ks_ptr,
                da_ptr, scr_ptr, part_ptr, pwdw_ptr, pm_ptr, N, H, RH, RHP, NTJ, scale,
-               KS: tl.constexpr, RELU_E: tl.constexpr, HP: tl.constexpr, CC: tl.constexpr,
+               KS: tl.constexpr, RELU_E: tl.constexpr, PREC: tl.constexpr, HP: tl.constexpr, CC: tl.constexpr,
                TM: tl.constexpr, TJ: tl.constexpr):
         """Halo-extended tiles: dX2, dW_dw partials, transposed stencil, dX1', dA (partial).
         Y3 loaded from the buffer y_ptr (see _rt_tile)."""
@@ -297,12 +297,12 @@ if triton is not None:
             we = tl.load(we_ptr + cc[:, None] * H + hh[None, :], mask=mc[:, None] & mh[None, :], other=0.0)
             be = tl.load(be_ptr + cc, mask=mc, other=0.0)
             x2 = stencil_recomputed(a_ptr, base_a, hoff, row, col, p >= 0, N, mh, ks, we, be, wdw_ptr, cc, mc, KS,
-                                    RELU_E, "ieee", CC, P)
+                                    RELU_E, PREC, CC, P)
             a2 = tl.load(cv_ptr + 0 * RHP + cc, mask=mc, other=0.0)
             c2 = tl.load(cv_ptr + 1 * RHP + cc, mask=mc, other=0.0)
             pre = a2[:, None] * x2 + c2[:, None]
             wpt = tl.load(wp_ptr + hh[None, :] * RH + cc[:, None], mask=mh[None, :] & mc[:, None], other=0.0)
-            dd = tl.dot(wpt, dy3, input_precision="ieee")
+            dd = tl.dot(wpt, dy3, input_precision=PREC)
             ddp = tl.where((pre > 0.0) & (pre < 6.0), dd, 0.0)
             x2hat = (x2 - tl.load(cv_ptr + 2 * RHP + cc, mask=mc, other=0.0)[:, None]) * \
                 tl.load(cv_ptr + 3 * RHP + cc, mask=mc, other=0.0)[:, None]
@@ -313,7 +313,7 @@ if triton is not None:
             dx2_own = dx2 * ownf[None, :]
             # dW_dw partials from E computed once over the tile (not once per offset)
             a0s = tl.where(m2, a0 - ks[:, None], 0.0)
-            x1pre = tl.dot(we, a0s, input_precision="ieee") + be[:, None]
+            x1pre = tl.dot(we, a0s, input_precision=PREC) + be[:, None]
             e0 = tl.minimum(tl.maximum(x1pre, 0.0), 6.0) if RELU_E else x1pre
             dw_wgrad_staged(e0, inmap, dx2_own, scr, p, pm, pj, pwdw_ptr + prog * RHP * KK + cc * KK, KS, CC, TM, TJ)
             de = stencil_staged(dx2, inmap, wdw_ptr, cc, mc, scr, p, pm, pj, KS, CC, TM, TJ, True)  # dw_k^T
@@ -322,15 +322,15 @@ if triton is not None:
             de = tl.where(mc[:, None] & own[None, :], de, 0.0)
             wer = tl.load(wer_ptr + cc[:, None] * H + hh[None, :], mask=mc[:, None] & mh[None, :], other=0.0)
             if RELU_E:
-                x1hat = (tl.dot(wer, a0s, input_precision="ieee")
+                x1hat = (tl.dot(wer, a0s, input_precision=PREC)
                          - tl.load(cv_ptr + 7 * RHP + cc, mask=mc, other=0.0)[:, None]) * \
                     tl.load(cv_ptr + 8 * RHP + cc, mask=mc, other=0.0)[:, None]
                 tl.store(pbase + 0 * RHP + cc, tl.sum(de, axis=1))
                 tl.store(pbase + 1 * RHP + cc, tl.sum(de * x1hat, axis=1))
                 tl.store(pm_ptr + prog * RHP * HP + cc[:, None] * HP + hh[None, :],
-                         tl.dot(de, tl.trans(a0s), input_precision="ieee"))
+                         tl.dot(de, tl.trans(a0s), input_precision=PREC))
             k1 = tl.load(cv_ptr + 9 * RHP + cc, mask=mc, other=0.0)
-            da += tl.dot(tl.trans(wer * k1[:, None]), de, input_precision="ieee")
+            da += tl.dot(tl.trans(wer * k1[:, None]), de, input_precision=PREC)
         tl.store(da_ptr + base_a + (hoff + (row * N + col)[None, :]), da.to(da_ptr.dtype.element_ty),
                  mask=mh[:, None] & own[None, :])
 
@@ -373,6 +373,17 @@ def _pass_label(mode, halo=False) -> str:
     return PROFILE_PREFIX + _PASS_NAMES[mode] + (" [halo]" if halo else "")
 
 
+def _dot_precision(attn) -> str:
+    """REFINER_TRITON_TRAIN_DOT: "ieee" (default: fp32 FMA dots) or "tf32" (a candidate for the next GPU
+    round: fp16/bf16 inputs get TF32 tensor-core dots in the expansion, the stencil's recompute, the
+    reduction and the gradient dots; fp32 inputs and the BN1 Gram matrix stay IEEE). TF32 keeps 10
+    mantissa bits, the reference's bf16 convolutions under autocast 8."""
+    mode = os.environ.get("REFINER_TRITON_TRAIN_DOT", "ieee")
+    if mode not in ("ieee", "tf32"):
+        raise ValueError(f"REFINER_TRITON_TRAIN_DOT: expected 'ieee' or 'tf32', got {mode!r}")
+    return "tf32" if mode == "tf32" and attn.dtype in (torch.float16, torch.bfloat16) else "ieee"
+
+
 def _launch_tile(mode, attn, dr, we, be, wdw, wp, cv, hv, ks, scale, relu, y3=None):
     """One _rt_tile pass; y3: the Y3 buffer (_y3_buffer), written by mode 3, read by the later modes."""
     B, H, N, _ = attn.shape
@@ -400,7 +411,7 @@ def _launch_tile(mode, attn, dr, we, be, wdw, wp, cv, hv, ks, scale, relu, y3=No
             pick = lambda t: t[lo:hi] if t is not None else attn[lo:hi]  # noqa: E731
             _rt_tile[(hi - lo, ppi)](attn[lo:hi], pick(dr), pick(y3), we, be, wdw, wp, cv, hv, ks, part[lo * ppi:],
                                      pn[lo * ppi:], pwp[lo * ppi:], scr, N, H, RH, RHP, ntj, float(scale), MODE=mode,
-                                     KS=KS, RELU_E=relu, HP=HP, CC=CC, TM=TM, TJ=TJ, W=W,
+                                     KS=KS, RELU_E=relu, PREC=_dot_precision(attn), HP=HP, CC=CC, TM=TM, TJ=TJ, W=W,
                                      HALO=halo,
                                      num_warps=num_warps_for(HP * TM * TJ),
                                      num_stages=1 if halo else 3)  # scratch staging: no pipelining across barriers
@@ -639,7 +650,7 @@ def refine_train_bwd(dout, attn, v, w_exp, w_dw, w_pro, g1, b1, g2, b2, g3, b3, 
         for lo, hi in chunks:  # bounded scratch: batch chunks run one after another on the stream
             _rt_b3[(hi - lo, nti * ntj)](attn[lo:hi], dr[lo:hi], y3[lo:hi], we_f,
                                          be_f, wer, wdw, wp, cv, hv, ks, da[lo:hi], scr, *parts, N, H, RH, RHP, ntj,
-                                         float(scale), KS=KS, RELU_E=expand, HP=HP, CC=CC, TM=TM, TJ=TJ,
+                                         float(scale), KS=KS, RELU_E=expand, PREC=_dot_precision(attn), HP=HP, CC=CC, TM=TM, TJ=TJ,
                                          num_warps=num_warps_for(HP * TM * TJ),
                                          num_stages=1)  # scratch staging: no pipelining across barriers
             used = nti * ntj * (hi - lo)

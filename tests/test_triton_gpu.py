@@ -118,6 +118,13 @@ def test_refine_train_gpu(N, d, ratio, ks, dtype):
     _check_grads([out], [rout], xs, rs, dtype, "attn v w_exp w_dw w_pro g1 b1 g2 b2 g3 b3 ga ba".split())
 
 
+@pytest.mark.parametrize("N,ks", [(197, 3), (50, 5)])
+def test_refine_train_gpu_tf32_candidate(monkeypatch, N, ks):
+    """REFINER_TRITON_TRAIN_DOT=tf32 (TF32 dots for half inputs) within the bf16 tolerances."""
+    monkeypatch.setenv("REFINER_TRITON_TRAIN_DOT", "tf32")
+    test_refine_train_gpu(N, 32, 3, ks, torch.bfloat16)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_blocks_gpu(dtype):
     x = torch.randn(2, 12, 197, 197)

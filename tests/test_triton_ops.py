@@ -359,6 +359,21 @@ def test_refine_train_x2_on_halo_tiles(monkeypatch, N, d, ratio, ks, B, dtype):
     _run_train(N, d, ratio, ks, B, dtype)
 
 
+def test_refine_train_dot_precision_switch(monkeypatch):
+    """REFINER_TRITON_TRAIN_DOT=tf32 gives TF32 dots to fp16/bf16 maps only (fp32 stays IEEE); the
+    interpreter computes either in fp32, so the training tests under it cover the plumbing, and
+    test_triton_gpu.py the numerics. Other values are refused by name."""
+    from refiner_kernels.kernels_refine_train import _dot_precision
+    half, full = torch.zeros(1, dtype=torch.float16), torch.zeros(1)
+    assert _dot_precision(half) == "ieee"
+    monkeypatch.setenv("REFINER_TRITON_TRAIN_DOT", "tf32")
+    assert (_dot_precision(half), _dot_precision(half.bfloat16()), _dot_precision(full)) == ("tf32", "tf32", "ieee")
+    _run_train(17, 32, 3, 3, 1, torch.float16)
+    monkeypatch.setenv("REFINER_TRITON_TRAIN_DOT", "fast")
+    with pytest.raises(ValueError, match="REFINER_TRITON_TRAIN_DOT"):
+        _dot_precision(half)
+
+
 def test_refine_train_passes_are_profiler_ranges():
     """Each pass of a training step is a profiler range that benchmarks/profile_models.py reports:
     forward F1-F5, backward F3 again (the Y3 buffer), F5 (R), B1, B2 and B3."""
