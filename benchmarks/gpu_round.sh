@@ -180,7 +180,7 @@ stage_verify() {
     tests/test_triton_gpu.py -k "refine_train or blocks or int64"
   wait "$build_pid"
   describe_backends
-  run_step verify_cuda 100 "$PY" -m pytest -q -ra tests/test_compiled_cuda.py
+  run_step verify_cuda 100 "$PY" -m pytest -q -ra tests/test_compiled_cuda.py tests/test_cuda_entry_checks.py
   stage_sanitize
 }
 

@@ -79,11 +79,11 @@ int64_t chunk_images(int64_t B, int64_t H, int64_t rH, bool stream, bool cuda) {
   return std::max<int64_t>(1, B / (4 * r));
 }
 
+// Arguments validated by the caller (validate_refine_train), before any copy or device work.
 TrainArgs prep_train(const Tensor& attn, const Tensor& v, const Tensor& w_exp, const Tensor& w_dw,
                      const Tensor& w_pro, const Tensor& g1, const Tensor& b1, const Tensor& g2, const Tensor& b2,
-                     const Tensor& g3, const Tensor& b3, const Tensor& ga, const Tensor& ba, double eps, bool expand) {
-  const int64_t rH = validate_refine_train(attn, v, w_exp, w_dw, w_pro, g1, b1, g2, b2, g3, b3, ga, ba, eps, expand);
-  const int64_t H = attn.size(1), k = w_dw.size(1);
+                     const Tensor& g3, const Tensor& b3, const Tensor& ga, const Tensor& ba, bool expand) {
+  const int64_t H = attn.size(1), rH = w_dw.size(0), k = w_dw.size(1);
   const auto ct = compute_type(attn);
   auto c = [&](const Tensor& t) { return t.to(ct).contiguous(); };
   const int64_t B = attn.size(0);
@@ -321,7 +321,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tenso
     const Tensor& attn, const Tensor& v, const Tensor& w_exp, const Tensor& w_dw, const Tensor& w_pro,
     const Tensor& g1, const Tensor& b1, const Tensor& g2, const Tensor& b2, const Tensor& g3, const Tensor& b3,
     const Tensor& ga, const Tensor& ba, double eps, double scale, bool expand) {
-  auto a = prep_train(attn, v, w_exp, w_dw, w_pro, g1, b1, g2, b2, g3, b3, ga, ba, eps, expand);
+  validate_refine_train(attn, v, w_exp, w_dw, w_pro, g1, b1, g2, b2, g3, b3, ga, ba, eps, expand);
+  auto a = prep_train(attn, v, w_exp, w_dw, w_pro, g1, b1, g2, b2, g3, b3, ga, ba, expand);
   Folded f;
   auto out = forward_pass(a, f, eps, scale);
   const auto st = attn.scalar_type();
@@ -469,8 +470,16 @@ refine_train_backward_impl(const Tensor& gout, const Tensor& attn, const Tensor&
                            const Tensor& ba, const Tensor& m1, const Tensor& v1, const Tensor& m2, const Tensor& v2,
                            const Tensor& m3, const Tensor& v3, const Tensor& ma, const Tensor& va, double eps,
                            double scale, bool expand) {
-  auto a = prep_train(attn, v, w_exp, w_dw, w_pro, g1, b1, g2, b2, g3, b3, ga, ba, eps, expand);
-  validate_grad("refine_train_backward", "grad_out", gout, v);
+  // the forward's arguments, grad_out and the forward's batch statistics (m1, v1, m2, v2 per expanded
+  // channel; m3, v3, ma, va per head), all before any copy or device work
+  const int64_t rH = validate_refine_train(attn, v, w_exp, w_dw, w_pro, g1, b1, g2, b2, g3, b3, ga, ba, eps, expand);
+  const char* op = "refine_train_backward";
+  validate_grad(op, "grad_out", gout, v);
+  check_vectors(op, {{"m1", &m1}, {"v1", &v1}, {"m2", &m2}, {"v2", &v2}}, rH, "(rH)");
+  check_vectors(op, {{"m3", &m3}, {"v3", &v3}, {"ma", &ma}, {"va", &va}}, attn.size(1), "(H)");
+  check_common(op, {{"attn", &attn}, {"m1", &m1}, {"v1", &v1}, {"m2", &m2}, {"v2", &v2}, {"m3", &m3}, {"v3", &v3},
+                    {"ma", &ma}, {"va", &va}});
+  auto a = prep_train(attn, v, w_exp, w_dw, w_pro, g1, b1, g2, b2, g3, b3, ga, ba, expand);
   Folded f;
   auto c = [&](const Tensor& t) { return t.to(a.ct).contiguous(); };
   f.m1 = c(m1), f.v1 = c(v1), f.m2 = c(m2), f.v2 = c(v2), f.m3 = c(m3), f.v3 = c(v3), f.ma = c(ma), f.va = c(va);

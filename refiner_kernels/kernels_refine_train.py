@@ -48,7 +48,8 @@ import os
 
 import torch
 
-from ._common import batch_chunks, check_device, check_image_map, interpreting, next_pow2, num_warps_for, triton, tl
+from ._common import (batch_chunks, check_device, check_image_map, gpu_autotune, interpreting, next_pow2, num_warps_for,
+                      triton, tl, use_tuned)
 from .blocks import bmm
 
 CC = 16
@@ -335,6 +336,20 @@ if triton is not None:
                  mask=mh[:, None] & own[None, :])
 
 
+if triton is not None:
+    # Warps (and pipelining) of the passes on plain tiles and of B3, tuned on the GPU: ptxas (sm_90) gives
+    # F3 234 registers at 8 warps (one block an SM) and 128 at 16 (two), the TF32 X2 passes fit 16 warps
+    # an SM either way; which wins is the GPU's to say. The halo-tile passes stay untuned (their
+    # scratch staging needs num_stages=1).
+    _rt_tile_tuned = gpu_autotune(
+        [triton.Config({}, num_warps=w, num_stages=s) for w, s in [(8, 3), (16, 3), (16, 1)]],
+        key=["N", "H", "RH", "MODE", "KS", "RELU_E", "PREC"])(_rt_tile)
+    _rt_b3_tuned = gpu_autotune([triton.Config({}, num_warps=w, num_stages=1) for w in (8, 16)],
+                                key=["N", "H", "RH", "KS", "RELU_E", "PREC"])(_rt_b3)
+else:
+    _rt_tile_tuned = _rt_b3_tuned = None
+
+
 def _tile_cfg(N: int, halo: int = 0):
     tm = max(16, next_pow2(2 * halo + 8))  # halo tiles: at least 8 owned rows/columns
     if interpreting():
@@ -406,15 +421,17 @@ def _launch_tile(mode, attn, dr, we, be, wdw, wp, cv, hv, ks, scale, relu, y3=No
     scr = torch.empty(ppi * max(hi - lo for lo, hi in chunks), CC, TM * TJ, dtype=torch.float32,
                       device=dev) if halo else part  # (unused without halo tiles)
     # a profiler range per pass (benchmarks/profile_models.py lists their device times)
+    if use_tuned(_rt_tile_tuned, attn) and not halo:
+        kernel, launch = _rt_tile_tuned, {}
+    else:  # scratch staging (halo): no pipelining across barriers
+        kernel, launch = _rt_tile, dict(num_warps=num_warps_for(HP * TM * TJ), num_stages=1 if halo else 3)
     with torch.profiler.record_function(_pass_label(mode, halo)):
         for lo, hi in chunks:
             pick = lambda t: t[lo:hi] if t is not None else attn[lo:hi]  # noqa: E731
-            _rt_tile[(hi - lo, ppi)](attn[lo:hi], pick(dr), pick(y3), we, be, wdw, wp, cv, hv, ks, part[lo * ppi:],
-                                     pn[lo * ppi:], pwp[lo * ppi:], scr, N, H, RH, RHP, ntj, float(scale), MODE=mode,
-                                     KS=KS, RELU_E=relu, PREC=_dot_precision(attn), HP=HP, CC=CC, TM=TM, TJ=TJ, W=W,
-                                     HALO=halo,
-                                     num_warps=num_warps_for(HP * TM * TJ),
-                                     num_stages=1 if halo else 3)  # scratch staging: no pipelining across barriers
+            kernel[(hi - lo, ppi)](attn[lo:hi], pick(dr), pick(y3), we, be, wdw, wp, cv, hv, ks, part[lo * ppi:],
+                                   pn[lo * ppi:], pwp[lo * ppi:], scr, N, H, RH, RHP, ntj, float(scale), MODE=mode,
+                                   KS=KS, RELU_E=relu, PREC=_dot_precision(attn), HP=HP, CC=CC, TM=TM, TJ=TJ, W=W,
+                                   HALO=halo, **launch)
     return part.double(), pn.double(), pwp
 
 
@@ -646,13 +663,15 @@ def refine_train_bwd(dout, attn, v, w_exp, w_dw, w_pro, g1, b1, g2, b2, g3, b3, 
     parts = (torch.zeros(nprog, 2, RHP, **f32), torch.empty(nprog, RHP, KS * KS, **f32),
              torch.zeros(nprog, RHP, HP, **f32))
     sums = [torch.zeros(t.shape[1:], dtype=torch.float64, device=dev) for t in parts]
+    tuned = use_tuned(_rt_b3_tuned, attn)
+    kernel = _rt_b3_tuned if tuned else _rt_b3
+    launch = {} if tuned else dict(num_warps=num_warps_for(HP * TM * TJ), num_stages=1)  # (scratch: no pipelining)
     with torch.profiler.record_function(_pass_label("b3")):
         for lo, hi in chunks:  # bounded scratch: batch chunks run one after another on the stream
-            _rt_b3[(hi - lo, nti * ntj)](attn[lo:hi], dr[lo:hi], y3[lo:hi], we_f,
-                                         be_f, wer, wdw, wp, cv, hv, ks, da[lo:hi], scr, *parts, N, H, RH, RHP, ntj,
-                                         float(scale), KS=KS, RELU_E=expand, PREC=_dot_precision(attn), HP=HP, CC=CC, TM=TM, TJ=TJ,
-                                         num_warps=num_warps_for(HP * TM * TJ),
-                                         num_stages=1)  # scratch staging: no pipelining across barriers
+            kernel[(hi - lo, nti * ntj)](attn[lo:hi], dr[lo:hi], y3[lo:hi], we_f, be_f, wer, wdw, wp, cv, hv, ks,
+                                         da[lo:hi], scr, *parts, N, H, RH, RHP, ntj, float(scale), KS=KS,
+                                         RELU_E=expand, PREC=_dot_precision(attn), HP=HP, CC=CC, TM=TM, TJ=TJ,
+                                         **launch)
             used = nti * ntj * (hi - lo)
             for acc, t in zip(sums, parts):
                 acc += t[:used].double().sum(0)

@@ -306,10 +306,11 @@ struct RefineCuda {
   }
 };
 
+// The caller validates the arguments first (validate_refine_eval), before its device guard: a bad call
+// raises without touching the device (tests/test_cuda_entry_checks.py runs those checks without a GPU).
 RefineCuda prep_refine_cuda(const Tensor& attn, const Tensor& v, const Tensor& w_exp, const Tensor& b_exp,
                             const Tensor& w_dw, const Tensor& b_dw, const Tensor& w_pro, const Tensor& b_pro,
                             const Tensor& alpha, const Tensor& beta, bool expand) {
-  validate_refine_eval(attn, v, w_exp, b_exp, w_dw, b_dw, w_pro, b_pro, alpha, beta, expand);
   return {attn.contiguous(), v.contiguous(), f32(w_exp), f32(b_exp), f32(w_dw), f32(b_dw), f32(w_pro), f32(b_pro),
           f32(alpha), f32(beta), attn.size(0), attn.size(1), attn.size(2), v.size(3), w_dw.size(0), w_dw.size(1),
           expand};
@@ -331,6 +332,7 @@ void launch_refine_fwd(const RefineCuda& r, Tensor* out, Tensor* Rmap) {
 Tensor refine_eval_cuda(const Tensor& attn, const Tensor& v, const Tensor& w_exp, const Tensor& b_exp,
                         const Tensor& w_dw, const Tensor& b_dw, const Tensor& w_pro, const Tensor& b_pro,
                         const Tensor& alpha, const Tensor& beta, bool expand) {
+  validate_refine_eval(attn, v, w_exp, b_exp, w_dw, b_dw, w_pro, b_pro, alpha, beta, expand);
   c10::cuda::CUDAGuard guard(attn.device());
   auto r = prep_refine_cuda(attn, v, w_exp, b_exp, w_dw, b_dw, w_pro, b_pro, alpha, beta, expand);
   auto out = at::empty_like(r.v);
@@ -449,9 +451,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tenso
     const Tensor& gout, const Tensor& attn, const Tensor& v, const Tensor& w_exp, const Tensor& b_exp,
     const Tensor& w_dw, const Tensor& b_dw, const Tensor& w_pro, const Tensor& b_pro, const Tensor& alpha,
     const Tensor& beta, bool expand) {
+  validate_refine_eval(attn, v, w_exp, b_exp, w_dw, b_dw, w_pro, b_pro, alpha, beta, expand);
+  validate_grad("refine_eval_backward", "grad_out", gout, v);
   c10::cuda::CUDAGuard guard(attn.device());
   auto r = prep_refine_cuda(attn, v, w_exp, b_exp, w_dw, b_dw, w_pro, b_pro, alpha, beta, expand);
-  validate_grad("refine_eval_backward", "grad_out", gout, v);
   const int64_t B = r.B, H = r.H, N = r.N, rH = r.rH, k = r.k;
   auto R = at::empty({B, H, N, N}, r.attn.options().dtype(at::kFloat));
   launch_refine_fwd(r, nullptr, &R);

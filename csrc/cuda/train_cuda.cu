@@ -274,10 +274,10 @@ __global__ void __launch_bounds__(kTrainThreads) train_pass_kernel(const F* __re
 template <class F> const F* ptr(const Tensor& t) { return t.defined() ? t.data_ptr<F>() : nullptr; }
 
 TrainStreamSums train_pass_cuda(TrainPass pass_, const TrainStreamArgs& a) {
-  c10::cuda::CUDAGuard guard(a.A.device());
   const auto ct = a.A.scalar_type();
   TORCH_CHECK(ct == at::kFloat || ct == at::kDouble, "_train_pass: A must be float32 or float64, got ", ct);
   TORCH_CHECK(a.A.dim() == 4 && a.A.is_contiguous(), "_train_pass: A must be a contiguous (B, H, N, N) map");
+  c10::cuda::CUDAGuard guard(a.A.device());
   const int pass = (int)pass_;
   const int64_t B = a.A.size(0), H = a.A.size(1), N = a.A.size(2), rH = a.w_dw.size(0), k = a.w_dw.size(1);
   const TrainSlots sl(pass, (int)H, (int)rH, (int)k);
