@@ -34,7 +34,7 @@ from torch.profiler import ProfilerActivity, profile  # noqa: E402
 from refiner import cli  # noqa: E402
 
 REFINER_OPS = ("refiner::", "refiner_triton::")
-PASSES = "refine_train pass "  # the profiler ranges of the Triton refine_train passes (kernels_refine_train)
+PASSES = "refine_train pass "  # = refiner_kernels.kernels_refine_train.PROFILE_PREFIX (a test reads one with the other)
 
 
 def _self_time(e, on_gpu: bool) -> float:  # microseconds

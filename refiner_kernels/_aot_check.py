@@ -107,7 +107,8 @@ for mode, halo, prec in [(1, False, "ieee"), (2, False, "ieee"), (3, False, "iee
     check(T._rt_tile, dict(a_ptr=P, dr_ptr=P, y_ptr=P, we_ptr=P, be_ptr=P, wdw_ptr=P, wp_ptr=P, cv_ptr=P, hv_ptr=P,
                            ks_ptr=P, part_ptr=P, pn_ptr=P, pwp_ptr=P, scr_ptr=P, N=N, H=H, RH=RH, RHP=48, NTJ=13,
                            scale=0.1, MODE=mode, KS=3, RELU_E=True, PREC=prec, HP=16, CC=16, TM=16, TJ=16, W=48,
-                           HALO=halo), num_warps=8, num_stages=1, ptr_types={"a_ptr": "*bf16"} if prec == "tf32" else None)
+                           HALO=halo), num_warps=8, num_stages=1,
+          ptr_types={"a_ptr": "*bf16"} if prec == "tf32" else None)
 for prec in ("ieee", "tf32"):
     check(T._rt_b3, dict(a_ptr=P, dr_ptr=P, y_ptr=P, we_ptr=P, be_ptr=P, wer_ptr=P, wdw_ptr=P, wp_ptr=P, cv_ptr=P,
                          hv_ptr=P, ks_ptr=P, da_ptr=P, scr_ptr=P, part_ptr=P, pwdw_ptr=P, pm_ptr=P, N=N, H=H, RH=RH,

@@ -34,7 +34,8 @@ import os
 
 import torch
 
-from ._common import batch_chunks, check_device, check_image_map, gpu_autotune, interpreting, next_pow2, num_warps_for, triton, tl, use_tuned
+from ._common import (batch_chunks, check_device, check_image_map, gpu_autotune, interpreting, next_pow2, num_warps_for,
+                      triton, tl, use_tuned)
 from .blocks import bmm
 
 CC = 16  # expanded channels per chunk

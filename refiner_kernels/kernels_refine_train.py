@@ -281,7 +281,8 @@ if triton is not None:
         m2 = mh[:, None] & inmap[None, :]
         a0 = tl.load(a_ptr + base_a + (hoff + (row * N + col)[None, :]), mask=m2, other=0.0).to(tl.float32)
         dr = tl.load(dr_ptr + base_a + (hoff + (row * N + col)[None, :]), mask=m2, other=0.0) * scale
-        y = tl.load(y_ptr + base_a + (hoff + (row * N + col)[None, :]), mask=m2, other=0.0)  # 0 off the map (dz, dy3 masked)
+        # Y3 from the buffer (0 off the map: dz and dy3 are masked there)
+        y = tl.load(y_ptr + base_a + (hoff + (row * N + col)[None, :]), mask=m2, other=0.0)
         _, zhat, yhat = _zhat(a0, y, hv_ptr, hh, mh, HP)
         dz = _hconst(hv_ptr, 6, hh, mh, HP)[:, None] * (
             dr - _hconst(hv_ptr, 7, hh, mh, HP)[:, None] - zhat * _hconst(hv_ptr, 8, hh, mh, HP)[:, None])

@@ -86,8 +86,8 @@ def cases():
         ("refine_train: eps", lambda: ops.refine_train(*targs, float("nan"), 0.5, texpand), "eps must be"),
         ("refine_train_backward: grad_out", lambda: ops.refine_train_backward(v_2, *targs, *stats, 1e-5,
                                                                               0.5, texpand), "grad_out must have shape"),
-        ("refine_train_backward: m3", lambda: ops.refine_train_backward(targs[1], *targs, *stats[:4], stats[0],
-                                                                        *stats[5:], 1e-5, 0.5, texpand),
+        ("refine_train_backward: m3",  # (m3 of rH = 8 values instead of H = 4)
+         lambda: ops.refine_train_backward(targs[1], *targs, *stats[:4], stats[0], *stats[5:], 1e-5, 0.5, texpand),
          "refine_train_backward: m3 must have shape"),
     ]
     return out
