@@ -24,8 +24,9 @@ PTXAS = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bi
 
 
 def ptxas_usage(kernel) -> str:
-    """Registers per thread and spilled bytes of a compiled kernel, by Triton's bundled ptxas -v
-    (what occupancy the H100 can reach: 255 registers at 8 warps is one block an SM)."""
+    """Registers per thread, spilled bytes and stack frame (local memory) of a compiled kernel, by
+    Triton's bundled ptxas -v (what occupancy the H100 can reach: 255 registers at 8 warps is one
+    block an SM; a large stack frame means arrays in local memory)."""
     if not os.path.exists(PTXAS):
         return "regs=?"
     with tempfile.NamedTemporaryFile("w", suffix=".ptx") as f:
@@ -33,9 +34,10 @@ def ptxas_usage(kernel) -> str:
         f.flush()
         log = subprocess.run([PTXAS, "-v", "--gpu-name", "sm_90a", f.name, "-o", os.devnull],
                              capture_output=True, text=True).stderr
-    regs = re.search(r"Used (\d+) registers", log)
-    spill = re.search(r"(\d+) bytes spill stores", log)
-    return f"regs={regs.group(1) if regs else '?'} spill={spill.group(1) if spill else '?'}"
+    found = [re.search(pattern, log) for pattern in
+             (r"Used (\d+) registers", r"(\d+) bytes spill stores", r"(\d+) bytes stack frame")]
+    regs, spill, stack = (m.group(1) if m else "?" for m in found)
+    return f"regs={regs} spill={spill} stack={stack}"
 
 
 ONLY = set(sys.argv[1:])  # kernel names to compile (all when empty)
