@@ -152,16 +152,17 @@ stage_quick() {
   REFINER_TRITON_AUTOTUNE=0 run_step pytest_gpu 110 "$PY" -m pytest -q -ra "${XDIST[@]}" \
     tests/test_compiled_cuda.py tests/test_extremes.py tests/test_bad_inputs.py tests/test_fused.py \
     tests/test_properties.py
-  # the refine ops (the softmax block is unchanged since the second round) with the candidates beside
+  # the refine ops, Triton and reference (the softmax block and the CUDA kernels are unchanged since the
+  # second round; N = 197 rows first, the time limit may cut N = 577) with the candidates beside
   # the defaults in the same runs (rows labelled triton[NAME=VALUE]): Triton's refine_train with
   # its X2 passes on halo tiles or with TF32 dots, and the "tile" refine_eval forward (the default
   # is "split")
   run_step bench_ops 100 "$PY" benchmarks/bench_ops.py --out "$RES" --rep-ms 25 --n 197 577 --heads 12 \
-    --head-dim 32 --dtypes bf16 --ops refine_eval refine_train \
+    --head-dim 32 --dtypes bf16 --ops refine_eval refine_train --backends triton reference \
     --env-variants "triton:REFINER_TRITON_TRAIN_X2=halo@refine_train" "triton:REFINER_TRITON_TRAIN_DOT=tf32@refine_train" "triton:REFINER_TRITON_REFINE_FWD=tile@refine_eval"
   run_step bench_models 120 "$PY" benchmarks/bench_models.py --out "$RES" \
     --models refiner_vit_s vit_small_patch16_224 --img 224 --batch 256 --compile-backend skip --repeats 5 \
-    --env-variants "triton:REFINER_TRITON_TRAIN_DOT=tf32" "triton:REFINER_TRITON_TRAIN_X2=halo"
+    --fused-backends triton --env-variants "triton:REFINER_TRITON_TRAIN_DOT=tf32" "triton:REFINER_TRITON_TRAIN_X2=halo"
   # then, in what time is left: where a Refiner-ViT-S step's time goes. memcheck and racecheck are
   # the next call on the warm machine: STAGE_BUDGET=260 bash benchmarks/gpu_round.sh sanitize
   run_step profile_models $(( $(left) - 20 )) "$PY" benchmarks/profile_models.py --out "$RES" --batch 64 \
