@@ -155,14 +155,18 @@ stage_quick() {
   # the refine ops, Triton and reference (the softmax block and the CUDA kernels are unchanged since the
   # second round; N = 197 rows first, the time limit may cut N = 577) with the candidates beside
   # the defaults in the same runs (rows labelled triton[NAME=VALUE]): Triton's refine_train with
-  # its X2 passes on halo tiles or with TF32 dots, and the "tile" refine_eval forward (the default
-  # is "split")
+  # TF32 dots, with the forward's Y3 kept for the backward, with both, or with its X2 passes on halo
+  # tiles, and the "tile" refine_eval forward (the default is "split"); bench_models: the model
+  # with both refine_train candidates, and with the saved Y3 alone (its peak memory: the cost)
   run_step bench_ops 100 "$PY" benchmarks/bench_ops.py --out "$RES" --rep-ms 25 --n 197 577 --heads 12 \
     --head-dim 32 --dtypes bf16 --ops refine_eval refine_train --backends triton reference \
-    --env-variants "triton:REFINER_TRITON_TRAIN_X2=halo@refine_train" "triton:REFINER_TRITON_TRAIN_DOT=tf32@refine_train" "triton:REFINER_TRITON_REFINE_FWD=tile@refine_eval"
+    --env-variants "triton:REFINER_TRITON_TRAIN_DOT=tf32@refine_train" "triton:REFINER_TRITON_TRAIN_SAVE_Y3=1@refine_train" \
+    "triton:REFINER_TRITON_TRAIN_DOT=tf32,REFINER_TRITON_TRAIN_SAVE_Y3=1@refine_train" \
+    "triton:REFINER_TRITON_TRAIN_X2=halo@refine_train" "triton:REFINER_TRITON_REFINE_FWD=tile@refine_eval"
   run_step bench_models 120 "$PY" benchmarks/bench_models.py --out "$RES" \
     --models refiner_vit_s vit_small_patch16_224 --img 224 --batch 256 --compile-backend skip --repeats 5 \
-    --fused-backends triton --env-variants "triton:REFINER_TRITON_TRAIN_DOT=tf32" "triton:REFINER_TRITON_TRAIN_X2=halo"
+    --fused-backends triton --env-variants "triton:REFINER_TRITON_TRAIN_DOT=tf32,REFINER_TRITON_TRAIN_SAVE_Y3=1" \
+    "triton:REFINER_TRITON_TRAIN_SAVE_Y3=1"
   # then, in what time is left: where a Refiner-ViT-S step's time goes. memcheck and racecheck are
   # the next call on the warm machine: STAGE_BUDGET=260 bash benchmarks/gpu_round.sh sanitize
   run_step profile_models $(( $(left) - 20 )) "$PY" benchmarks/profile_models.py --out "$RES" --batch 64 \

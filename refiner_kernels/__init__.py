@@ -76,6 +76,6 @@ def refine_train(attn: Tensor, v: Tensor, w_exp: Tensor, w_dw: Tensor, w_pro: Te
     from refiner.reference import BNStats
     res = _ops().refine_train_op(attn, v, w_exp, w_dw, w_pro, g1, b1, g2, b2, g3, b3, ga, ba,
                                  float(eps), float(scale), bool(expand))
-    out, m1, v1, m2, v2, m3, v3, ma, va, _ = res
+    out, m1, v1, m2, v2, m3, v3, ma, va = res[:9]
     s1 = BNStats(m1, v1) if expand else None
     return out, (s1, BNStats(m2, v2), BNStats(m3, v3), BNStats(ma, va))

@@ -534,8 +534,20 @@ def _y3_buffer(attn):
     return torch.empty(attn.shape, dtype=torch.float32, device=attn.device)
 
 
+def save_y3() -> bool:
+    """REFINER_TRITON_TRAIN_SAVE_Y3=1 (a candidate for the next GPU round): the forward's Y3 buffer is
+    kept for the backward, which then skips its rerun of F3 (the expansion, the stencil and the
+    reduction once more: one of a step's five stencil passes) for an fp32 A-sized map held from the
+    forward to the backward of each layer. 0 (default): the backward recomputes it."""
+    mode = os.environ.get("REFINER_TRITON_TRAIN_SAVE_Y3", "0")
+    if mode not in ("0", "1"):
+        raise ValueError(f"REFINER_TRITON_TRAIN_SAVE_Y3: expected '0' or '1', got {mode!r}")
+    return mode == "1"
+
+
 def refine_train_fwd(attn, v, w_exp, w_dw, w_pro, g1, b1, g2, b2, g3, b3, ga, ba, eps, scale, expand):
-    """Returns out, the stats dict (float64) and aux (fp32 vector for the backward)."""
+    """Returns out, the stats dict (float64), aux (fp32 vector for the backward) and the Y3 buffer
+    for the backward (save_y3(); else an empty tensor)."""
     check_device(attn, v)
     check_image_map(attn)
     attn, v = attn.contiguous(), v.contiguous()
@@ -592,7 +604,7 @@ def refine_train_fwd(attn, v, w_exp, w_dw, w_pro, g1, b1, g2, b2, g3, b3, ga, ba
     f = _fold(*args, st)
     # F5: R, then R @ v
     r = _r(attn, we_f, be_f, wdw, wp, cv, _hv(f, st, ga, ba, HP), ks, scale, expand, y3)
-    del y3
+    y3 = y3 if save_y3() else y3.new_empty(0)
     out = bmm(r, v, out_dtype=v.dtype)
     if not expand:
         st["mu1"] = torch.zeros(RH, dtype=torch.float64, device=dev)
@@ -600,11 +612,12 @@ def refine_train_fwd(attn, v, w_exp, w_dw, w_pro, g1, b1, g2, b2, g3, b3, ga, ba
     aux = torch.cat([st[k].reshape(-1) for k, _ in _aux_layout(H, RH)]).to(torch.float32)
     for k in ("K", "Kz", "mu3s", "mAs", "muZs"):
         del st[k]
-    return out, st, aux
+    return out, st, aux, y3
 
 
-def refine_train_bwd(dout, attn, v, w_exp, w_dw, w_pro, g1, b1, g2, b2, g3, b3, ga, ba, aux,
+def refine_train_bwd(dout, attn, v, w_exp, w_dw, w_pro, g1, b1, g2, b2, g3, b3, ga, ba, aux, y3,
                      eps, scale, expand):
+    """y3: the forward's Y3 buffer (save_y3()), or an empty tensor: F3's pass runs again."""
     check_image_map(attn)
     attn, v, dout = attn.contiguous(), v.contiguous(), dout.contiguous()
     B, H, N, _ = attn.shape
@@ -626,9 +639,13 @@ def refine_train_bwd(dout, attn, v, w_exp, w_dw, w_pro, g1, b1, g2, b2, g3, b3, 
     wdw, wp = _f32(w_dw), _f32(w_pro)
     we_f, be_f, wer = _f32(f["we_f"]), _f32(f["be_f"]), _f32(f["wer"])
     cv = _cv(f, RHP, [st["mu2"], f["rs2"]] + [torch.zeros_like(f["a2"])] * 6)
-    y3 = _y3_buffer(attn)  # F3's pass again (same inputs, same values), its moments unused
-    _launch_tile(3, attn, None, we_f, be_f, wdw, wp, cv, torch.zeros(16, dtype=torch.float32, device=dev), ks, scale,
-                 expand, y3)
+    if y3.numel() == 0:  # F3's pass again (same inputs, same values), its moments unused
+        y3 = _y3_buffer(attn)
+        _launch_tile(3, attn, None, we_f, be_f, wdw, wp, cv, torch.zeros(16, dtype=torch.float32, device=dev), ks,
+                     scale, expand, y3)
+    elif y3.shape != attn.shape or y3.dtype != torch.float32 or not y3.is_contiguous():
+        raise ValueError(f"y3: expected the forward's contiguous float32 Y3 of shape {tuple(attn.shape)} or an "
+                         f"empty tensor, got {y3.dtype} of shape {tuple(y3.shape)}")
     r = _r(attn, we_f, be_f, wdw, wp, cv, _hv(f, st, ga, ba, HP), ks, scale, expand, y3)
     dv = bmm(r.transpose(-1, -2), dout, out_dtype=v.dtype)
     del r

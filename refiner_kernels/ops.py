@@ -226,14 +226,15 @@ from . import kernels_refine_train as _rt  # noqa: E402
 def refine_train_op(attn: Tensor, v: Tensor, w_exp: Tensor, w_dw: Tensor, w_pro: Tensor,
                     g1: Tensor, b1: Tensor, g2: Tensor, b2: Tensor, g3: Tensor, b3: Tensor,
                     ga: Tensor, ba: Tensor, eps: float, scale: float, expand: bool) -> List[Tensor]:
-    """Returns [out, mean1, var1, mean2, var2, mean3, var3, mean_a, var_a, aux].
+    """Returns [out, mean1, var1, mean2, var2, mean3, var3, mean_a, var_a, aux, y3].
 
     The statistics are the biased batch statistics (non-differentiable; mean1/var1 are zeros when
-    not expand); aux (fp32) carries the moments the backward needs (see kernels_refine_train)."""
-    out, st, aux = _rt.refine_train_fwd(attn, v, w_exp, w_dw, w_pro, g1, b1, g2, b2, g3, b3, ga, ba,
-                                        eps, scale, expand)
+    not expand); aux (fp32) carries the moments the backward needs, y3 the forward's Y3 buffer when
+    kernels_refine_train.save_y3() (else empty; see kernels_refine_train)."""
+    out, st, aux, y3 = _rt.refine_train_fwd(attn, v, w_exp, w_dw, w_pro, g1, b1, g2, b2, g3, b3, ga, ba,
+                                            eps, scale, expand)
     stats = [st[k].to(attn.dtype) for k in ("mu1", "var1", "mu2", "var2", "mu3", "var3", "muZ", "varZ")]
-    return [out] + stats + [aux]
+    return [out] + stats + [aux, y3]
 
 
 @refine_train_op.register_fake
@@ -242,32 +243,33 @@ def _(attn, v, w_exp, w_dw, w_pro, g1, b1, g2, b2, g3, b3, ga, ba, eps, scale, e
     RH = w_dw.shape[0]
     out = v.new_empty(B, H, N, v.shape[-1])
     stats = [attn.new_empty(RH)] * 4 + [attn.new_empty(H)] * 4
-    return [out] + [s.clone() for s in stats] + [attn.new_empty(_rt.aux_size(H, RH), dtype=torch.float32)]
+    y3 = attn.new_empty(attn.shape if _rt.save_y3() else (0,), dtype=torch.float32)
+    return [out] + [s.clone() for s in stats] + [attn.new_empty(_rt.aux_size(H, RH), dtype=torch.float32), y3]
 
 
 @torch.library.custom_op(f"{_lib}::refine_train_bwd", mutates_args=())
 def refine_train_bwd_op(dout: Tensor, attn: Tensor, v: Tensor, w_exp: Tensor, w_dw: Tensor, w_pro: Tensor,
                         g1: Tensor, b1: Tensor, g2: Tensor, b2: Tensor, g3: Tensor, b3: Tensor,
-                        ga: Tensor, ba: Tensor, aux: Tensor, eps: float, scale: float,
+                        ga: Tensor, ba: Tensor, aux: Tensor, y3: Tensor, eps: float, scale: float,
                         expand: bool) -> List[Tensor]:
-    return _rt.refine_train_bwd(dout, attn, v, w_exp, w_dw, w_pro, g1, b1, g2, b2, g3, b3, ga, ba, aux,
+    return _rt.refine_train_bwd(dout, attn, v, w_exp, w_dw, w_pro, g1, b1, g2, b2, g3, b3, ga, ba, aux, y3,
                                 eps, scale, expand)
 
 
 @refine_train_bwd_op.register_fake
-def _(dout, attn, v, w_exp, w_dw, w_pro, g1, b1, g2, b2, g3, b3, ga, ba, aux, eps, scale, expand):
+def _(dout, attn, v, w_exp, w_dw, w_pro, g1, b1, g2, b2, g3, b3, ga, ba, aux, y3, eps, scale, expand):
     return [torch.empty_like(t) for t in (attn, v, w_exp, w_dw, w_pro, g1, b1, g2, b2, g3, b3, ga, ba)]
 
 
 def _rt_setup(ctx, inputs, output):
     ctx.eps, ctx.scale, ctx.expand = inputs[13], inputs[14], inputs[15]
     ctx.mark_non_differentiable(*output[1:])
-    ctx.save_for_backward(*inputs[:13], output[-1])
+    ctx.save_for_backward(*inputs[:13], output[-2], output[-1])
 
 
 def _rt_backward(ctx, grads):
-    *ins, aux = ctx.saved_tensors
-    g = refine_train_bwd_op(grads[0], *ins, aux, ctx.eps, ctx.scale, ctx.expand)
+    *ins, aux, y3 = ctx.saved_tensors
+    g = refine_train_bwd_op(grads[0], *ins, aux, y3, ctx.eps, ctx.scale, ctx.expand)
     return (*g, None, None, None)
 
 

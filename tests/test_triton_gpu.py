@@ -119,9 +119,11 @@ def test_refine_train_gpu(N, d, ratio, ks, dtype):
 
 
 @pytest.mark.parametrize("N,ks", [(197, 3), (50, 5)])
-def test_refine_train_gpu_tf32_candidate(monkeypatch, N, ks):
-    """REFINER_TRITON_TRAIN_DOT=tf32 (TF32 dots for half inputs) within the bf16 tolerances."""
-    monkeypatch.setenv("REFINER_TRITON_TRAIN_DOT", "tf32")
+@pytest.mark.parametrize("var,value", [("REFINER_TRITON_TRAIN_DOT", "tf32"), ("REFINER_TRITON_TRAIN_SAVE_Y3", "1")])
+def test_refine_train_gpu_candidates(monkeypatch, N, ks, var, value):
+    """The refine_train candidates within the bf16 tolerances: TF32 dots for half inputs, the
+    forward's Y3 kept for the backward."""
+    monkeypatch.setenv(var, value)
     test_refine_train_gpu(N, 32, 3, ks, torch.bfloat16)
 
 

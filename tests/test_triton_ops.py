@@ -172,7 +172,7 @@ def test_refine_launchers_refuse_image_maps_beyond_int32_offsets():
     calls = [lambda: E.refine_eval_fwd(attn, v, *w, True),
              lambda: E.refine_eval_dla_bwd(attn, attn, *w[:7], True),
              lambda: T.refine_train_fwd(attn, v, *[None] * 11, 1e-5, 0.25, True),
-             lambda: T.refine_train_bwd(v, attn, v, *[None] * 12, 1e-5, 0.25, True)]
+             lambda: T.refine_train_bwd(v, attn, v, *[None] * 13, 1e-5, 0.25, True)]
     for call in calls:
         with pytest.raises(ValueError, match=r"attn: one image's maps hold H\*N\*N = 2147650608"):
             call()
@@ -374,9 +374,41 @@ def test_refine_train_dot_precision_switch(monkeypatch):
         _dot_precision(half)
 
 
-def test_refine_train_passes_are_profiler_ranges():
+@pytest.mark.parametrize("ratio", [3, 1])
+def test_refine_train_saved_y3_matches_the_rerun(monkeypatch, ratio):
+    """REFINER_TRITON_TRAIN_SAVE_Y3=1 (the forward's Y3 kept for the backward) gives bit-identical
+    outputs, statistics and gradients to the default (the backward reruns F3: same inputs, same
+    values); the backward refuses a Y3 of the wrong shape by name; other values of the switch too."""
+    from refiner_kernels import kernels_refine_train as T
+    B, H, N, d = 2, 4, 13, 8
+    dla, bn = random_dla(H, ratio, 3)
+    tp = [_leaf(t) for t in train_args(dla, bn)]
+    attn, v = _leaf(random_attn(B, H, N)), _leaf(torch.randn(B, H, N, d, device=DEV))
+    go = torch.randn(B, H, N, d, device=DEV)
+
+    def run(save):
+        monkeypatch.setenv("REFINER_TRITON_TRAIN_SAVE_Y3", save)
+        out, stats = rk.refine_train(attn, v, *tp, 1e-5, 0.25, ratio != 1)
+        return [out, *[t for s in stats if s is not None for t in (s.mean, s.var)],
+                *_grads([out], [attn, v] + tp, [go])]
+
+    for i, (a, b) in enumerate(zip(run("1"), run("0"))):
+        assert torch.equal(a, b), f"result {i} differs: {(a - b).abs().max().item()}"
+    args = [attn.detach(), v.detach()] + [t.detach() for t in tp]
+    monkeypatch.setenv("REFINER_TRITON_TRAIN_SAVE_Y3", "1")
+    _, _, aux, y3 = T.refine_train_fwd(*args, 1e-5, 0.25, ratio != 1)
+    assert y3.shape == attn.shape and y3.dtype == torch.float32
+    with pytest.raises(ValueError, match="y3: expected the forward's contiguous float32 Y3"):
+        T.refine_train_bwd(go, *args, aux, y3[:1], 1e-5, 0.25, ratio != 1)
+    monkeypatch.setenv("REFINER_TRITON_TRAIN_SAVE_Y3", "yes")
+    with pytest.raises(ValueError, match="REFINER_TRITON_TRAIN_SAVE_Y3"):
+        rk.refine_train(attn, v, *tp, 1e-5, 0.25, ratio != 1)
+
+
+def test_refine_train_passes_are_profiler_ranges(monkeypatch):
     """Each pass of a training step is a profiler range that benchmarks/profile_models.py reports:
-    forward F1-F5, backward F3 again (the Y3 buffer), F5 (R), B1, B2 and B3."""
+    forward F1-F5, backward F3 again (the Y3 buffer, not saved by default), F5 (R), B1, B2 and B3."""
+    monkeypatch.setenv("REFINER_TRITON_TRAIN_SAVE_Y3", "0")
     import sys
     from pathlib import Path
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
