@@ -155,14 +155,16 @@ stage_quick() {
   # the refine ops, Triton and reference (the softmax block and the CUDA kernels are unchanged since the
   # second round; N = 197 rows first, the time limit may cut N = 577) with the candidates beside
   # the defaults in the same runs (rows labelled triton[NAME=VALUE]): Triton's refine_train with
-  # TF32 dots, with the forward's Y3 kept for the backward, with both, or with its X2 passes on halo
-  # tiles, and the "tile" refine_eval forward (the default is "split"); bench_models: the model
+  # TF32 dots, with the forward's Y3 kept for the backward, with both, and with both and its X2 passes
+  # on halo tiles (alone: 19.8 against 18.3 ms in round 2; with TF32 ptxas gives its B2 pass 212
+  # registers without spills instead of 255 with), and the "tile" refine_eval forward (the default is "split"); bench_models: the model
   # with both refine_train candidates, and with the saved Y3 alone (its peak memory: the cost)
   run_step bench_ops 100 "$PY" benchmarks/bench_ops.py --out "$RES" --rep-ms 25 --n 197 577 --heads 12 \
     --head-dim 32 --dtypes bf16 --ops refine_eval refine_train --backends triton reference \
     --env-variants "triton:REFINER_TRITON_TRAIN_DOT=tf32@refine_train" "triton:REFINER_TRITON_TRAIN_SAVE_Y3=1@refine_train" \
     "triton:REFINER_TRITON_TRAIN_DOT=tf32,REFINER_TRITON_TRAIN_SAVE_Y3=1@refine_train" \
-    "triton:REFINER_TRITON_TRAIN_X2=halo@refine_train" "triton:REFINER_TRITON_REFINE_FWD=tile@refine_eval"
+    "triton:REFINER_TRITON_TRAIN_DOT=tf32,REFINER_TRITON_TRAIN_SAVE_Y3=1,REFINER_TRITON_TRAIN_X2=halo@refine_train" \
+    "triton:REFINER_TRITON_REFINE_FWD=tile@refine_eval"
   run_step bench_models 120 "$PY" benchmarks/bench_models.py --out "$RES" \
     --models refiner_vit_s vit_small_patch16_224 --img 224 --batch 256 --compile-backend skip --repeats 5 \
     --fused-backends triton --env-variants "triton:REFINER_TRITON_TRAIN_DOT=tf32,REFINER_TRITON_TRAIN_SAVE_Y3=1" \

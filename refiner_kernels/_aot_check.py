@@ -105,7 +105,7 @@ check(E._re_bwd, dict(a_ptr=P, dr_ptr=P, we_ptr=P, be_ptr=P, wdw_ptr=P, bdw_ptr=
 for mode, halo, prec in [(1, False, "ieee"), (2, False, "ieee"), (3, False, "ieee"), (4, False, "ieee"),
                          (5, False, "ieee"), (6, False, "ieee"), (7, False, "ieee"), (2, True, "ieee"),
                          (3, True, "ieee"), (5, True, "ieee"), (2, False, "tf32"), (3, False, "tf32"),
-                         (5, False, "tf32")]:
+                         (5, False, "tf32"), (3, True, "tf32"), (5, True, "tf32")]:
     check(T._rt_tile, dict(a_ptr=P, dr_ptr=P, y_ptr=P, we_ptr=P, be_ptr=P, wdw_ptr=P, wp_ptr=P, cv_ptr=P, hv_ptr=P,
                            ks_ptr=P, part_ptr=P, pn_ptr=P, pwp_ptr=P, scr_ptr=P, N=N, H=H, RH=RH, RHP=48, NTJ=13,
                            scale=0.1, MODE=mode, KS=3, RELU_E=True, PREC=prec, HP=16, CC=16, TM=16, TJ=16, W=48,
