@@ -119,11 +119,13 @@ def test_refine_train_gpu(N, d, ratio, ks, dtype):
 
 
 @pytest.mark.parametrize("N,ks", [(197, 3), (50, 5)])
-@pytest.mark.parametrize("var,value", [("REFINER_TRITON_TRAIN_DOT", "tf32"), ("REFINER_TRITON_TRAIN_SAVE_Y3", "1")])
-def test_refine_train_gpu_candidates(monkeypatch, N, ks, var, value):
+@pytest.mark.parametrize("env", ["REFINER_TRITON_TRAIN_DOT=tf32", "REFINER_TRITON_TRAIN_SAVE_Y3=1",
+                                 "REFINER_TRITON_TRAIN_DOT=tf32,REFINER_TRITON_TRAIN_SAVE_Y3=1,REFINER_TRITON_TRAIN_X2=halo"])
+def test_refine_train_gpu_candidates(monkeypatch, N, ks, env):
     """The refine_train candidates within the bf16 tolerances: TF32 dots for half inputs, the
-    forward's Y3 kept for the backward."""
-    monkeypatch.setenv(var, value)
+    forward's Y3 kept for the backward, both with the X2 passes on halo tiles."""
+    for assign in env.split(","):
+        monkeypatch.setenv(*assign.split("="))
     test_refine_train_gpu(N, 32, 3, ks, torch.bfloat16)
 
 
