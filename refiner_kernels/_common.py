@@ -78,6 +78,7 @@ def gpu_autotune(configs, key):
     with REFINER_TRITON_AUTOTUNE=0), where callers launch the plain kernel with one fixed
     configuration. Decided from the environment only: no driver call at import."""
     def deco(fn):
+        AUTOTUNE_SPECS[fn.__name__] = (fn, configs, key)
         if triton is None or interpreting() or not autotuning():
             return None
         tuned = triton.autotune(configs=configs, key=key)(fn)
@@ -87,6 +88,9 @@ def gpu_autotune(configs, key):
 
 
 _TUNED = {}  # kernel name -> its autotuner (GPU only)
+# kernel name -> (kernel, configs, key), also where nothing is tuned: a typo in a key would only
+# make the GPU's tuning cache coarser, silently (tests/test_triton_ops.py checks every name)
+AUTOTUNE_SPECS = {}
 
 
 def tuned_configs() -> dict:

@@ -405,6 +405,23 @@ def test_refine_train_saved_y3_matches_the_rerun(monkeypatch, ratio):
         rk.refine_train(attn, v, *tp, 1e-5, 0.25, ratio != 1)
 
 
+def test_autotune_specs_name_real_kernel_arguments():
+    """Every GPU autotuner's key names arguments of its kernel and its configs set only constexpr
+    parameters the launchers leave to it (Triton ignores an unknown key name: the tuning cache
+    would silently mix shapes or passes)."""
+    from refiner_kernels import _common, blocks, kernels_refine_eval, kernels_refine_train, kernels_softmax  # noqa: F401
+    specs = _common.AUTOTUNE_SPECS
+    tuned = {"_rt_tile", "_rt_b3", "_re_fwd", "_re_expand", "_re_stencil_reduce", "_bmm_kernel", "_sb_fwd"}
+    assert tuned <= set(specs), tuned - set(specs)
+    import inspect
+    for name, (fn, configs, key) in specs.items():
+        params = inspect.signature(fn.fn).parameters  # (a JITFunction or, here, an InterpretedFunction)
+        constexpr = {n for n, p in params.items() if "constexpr" in str(p.annotation)}
+        assert set(key) <= set(params), (name, set(key) - set(params))
+        for cfg in configs:
+            assert set(cfg.kwargs) <= constexpr, (name, cfg.kwargs)
+
+
 def test_refine_train_passes_are_profiler_ranges(monkeypatch):
     """Each pass of a training step is a profiler range that benchmarks/profile_models.py reports:
     forward F1-F5, backward F3 again (the Y3 buffer, not saved by default), F5 (R), B1, B2 and B3."""
