@@ -409,7 +409,8 @@ def test_autotune_specs_name_real_kernel_arguments():
     """Every GPU autotuner's key names arguments of its kernel and its configs set only constexpr
     parameters the launchers leave to it (Triton ignores an unknown key name: the tuning cache
     would silently mix shapes or passes)."""
-    from refiner_kernels import _common, blocks, kernels_refine_eval, kernels_refine_train, kernels_softmax  # noqa: F401
+    from refiner_kernels import _common
+    from refiner_kernels import blocks, kernels_refine_eval, kernels_refine_train, kernels_softmax  # noqa: F401
     specs = _common.AUTOTUNE_SPECS
     tuned = {"_rt_tile", "_rt_b3", "_re_fwd", "_re_expand", "_re_stencil_reduce", "_bmm_kernel", "_sb_fwd"}
     assert tuned <= set(specs), tuned - set(specs)
