@@ -2,7 +2,7 @@
 
 Catches GPU-only compile errors (shapes tl.dot rejects, shared-memory overflow) on machines
 without a GPU:  python -m refiner_kernels._aot_check [kernel names]   (all: about 2-3 minutes on
-2 cores). Prints each kernel's registers and spills from ptxas -v.
+2 cores). Prints each kernel's registers, spills and stack frame from ptxas -v.
 TRITON_INTERPRET must not be set.
 """
 import os

@@ -372,8 +372,9 @@ def _pack(rows, width):
 def _x2_on_halo_tiles() -> bool:
     """REFINER_TRITON_TRAIN_X2: "offsets" (default: the passes that need X2 recompute the expansion
     at each of the k*k stencil offsets, over non-overlapping tiles) or "halo" (those passes run on
-    halo tiles and stage E once per channel chunk, _x2_staged). Both are kept until a GPU round has
-    timed them side by side (benchmarks/gpu_round.sh quick)."""
+    halo tiles and stage E once per channel chunk, _x2_staged). Alone, halo measured slower on the
+    H100 (forward+backward 19.8 against 18.3 ms); it is kept to time with TF32 dots, which take its B2
+    pass from 255 registers with spills to 212 without (benchmarks/gpu_round.sh quick)."""
     mode = os.environ.get("REFINER_TRITON_TRAIN_X2", "offsets")
     if mode not in ("offsets", "halo"):
         raise ValueError(f"REFINER_TRITON_TRAIN_X2: expected 'offsets' or 'halo', got {mode!r}")
@@ -422,17 +423,18 @@ def _launch_tile(mode, attn, dr, we, be, wdw, wp, cv, hv, ks, scale, relu, y3=No
     chunks = list(batch_chunks(B, ppi, CC * TM * TJ * 4)) if halo else [(0, B)]
     scr = torch.empty(ppi * max(hi - lo for lo, hi in chunks), CC, TM * TJ, dtype=torch.float32,
                       device=dev) if halo else part  # (unused without halo tiles)
-    # a profiler range per pass (benchmarks/profile_models.py lists their device times)
     if use_tuned(_rt_tile_tuned, attn) and not halo:
         kernel, launch = _rt_tile_tuned, {}
     else:  # scratch staging (halo): no pipelining across barriers
         kernel, launch = _rt_tile, dict(num_warps=num_warps_for(HP * TM * TJ), num_stages=1 if halo else 3)
+    prec = _dot_precision(attn)
+    # a profiler range per pass (benchmarks/profile_models.py lists their device times)
     with torch.profiler.record_function(_pass_label(mode, halo)):
         for lo, hi in chunks:
             pick = lambda t: t[lo:hi] if t is not None else attn[lo:hi]  # noqa: E731
             kernel[(hi - lo, ppi)](attn[lo:hi], pick(dr), pick(y3), we, be, wdw, wp, cv, hv, ks, part[lo * ppi:],
                                    pn[lo * ppi:], pwp[lo * ppi:], scr, N, H, RH, RHP, ntj, float(scale), MODE=mode,
-                                   KS=KS, RELU_E=relu, PREC=_dot_precision(attn), HP=HP, CC=CC, TM=TM, TJ=TJ, W=W,
+                                   KS=KS, RELU_E=relu, PREC=prec, HP=HP, CC=CC, TM=TM, TJ=TJ, W=W,
                                    HALO=halo, **launch)
     return part.double(), pn.double(), pwp
 
@@ -685,11 +687,12 @@ def refine_train_bwd(dout, attn, v, w_exp, w_dw, w_pro, g1, b1, g2, b2, g3, b3, 
     tuned = use_tuned(_rt_b3_tuned, attn)
     kernel = _rt_b3_tuned if tuned else _rt_b3
     launch = {} if tuned else dict(num_warps=num_warps_for(HP * TM * TJ), num_stages=1)  # (scratch: no pipelining)
+    prec = _dot_precision(attn)
     with torch.profiler.record_function(_pass_label("b3")):
         for lo, hi in chunks:  # bounded scratch: batch chunks run one after another on the stream
             kernel[(hi - lo, nti * ntj)](attn[lo:hi], dr[lo:hi], y3[lo:hi], we_f, be_f, wer, wdw, wp, cv, hv, ks,
                                          da[lo:hi], scr, *parts, N, H, RH, RHP, ntj, float(scale), KS=KS,
-                                         RELU_E=expand, PREC=_dot_precision(attn), HP=HP, CC=CC, TM=TM, TJ=TJ,
+                                         RELU_E=expand, PREC=prec, HP=HP, CC=CC, TM=TM, TJ=TJ,
                                          **launch)
             used = nti * ntj * (hi - lo)
             for acc, t in zip(sums, parts):
