@@ -57,6 +57,28 @@ sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
 # -ffp-contract=fast: a*b+c becomes one FMA in the CPU micro-kernels (as nvcc does by default)
 cxx_flags = ["-O3", "-DNDEBUG", "-ffp-contract=fast"] + (["-fopenmp"] if sys.platform.startswith("linux") else [])
 link_flags = ["-fopenmp"] if sys.platform.startswith("linux") else []
+
+
+def _torch_libstdcxx():
+    """The libstdc++ shared library this process (which imported torch) has mapped, or None.
+
+    Linked by path, it is the extension's libstdc++ whatever the compiler's default: a g++ that
+    links libstdc++ statically (the one on the lent H100 machines does) gives the extension a second
+    copy of the library whose std::locale facet ids differ from torch's, and the first integer
+    streamed into an error message built by c10 (TORCH_CHECK) then crashed the process."""
+    try:
+        with open("/proc/self/maps") as maps:
+            for line in maps:
+                path = line.split()[-1]
+                if os.path.basename(path).startswith("libstdc++.so") and os.path.isfile(path):
+                    return path
+    except OSError:
+        pass
+    return None
+
+
+if sys.platform.startswith("linux") and _torch_libstdcxx():
+    link_flags.append(_torch_libstdcxx())
 if WITH_CUDA:
     sources += sorted(glob.glob("csrc/cuda/*.cu") + glob.glob("csrc/cuda/*.cpp"))
     ext = CUDAExtension(

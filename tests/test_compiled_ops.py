@@ -597,6 +597,45 @@ def test_building_block_bad_inputs():
         C.row_softmax(torch.tensor(1))
 
 
+def _elf_needed(path):
+    """The DT_NEEDED entries (shared libraries) of an ELF64 little-endian file."""
+    import struct
+    data = open(path, "rb").read()
+    assert data[:4] == b"\x7fELF" and data[4] == 2 and data[5] == 1, f"{path}: not an ELF64 LE file"
+    shoff, = struct.unpack_from("<Q", data, 0x28)
+    shentsize, shnum = struct.unpack_from("<HH", data, 0x3A)
+    sections = [struct.unpack_from("<IIQQQQIIQQ", data, shoff + i * shentsize) for i in range(shnum)]
+    needed = []
+    for _, sh_type, _, _, off, size, link, _, _, _ in sections:
+        if sh_type == 6:  # SHT_DYNAMIC: (tag, value) pairs; its sh_link is the string table
+            stroff = sections[link][4]
+            for tag, val in struct.iter_unpack("<qQ", data[off:off + size]):
+                if tag == 1:  # DT_NEEDED
+                    needed.append(data[stroff + val:data.index(b"\0", stroff + val)].decode())
+    return needed
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="ELF check: Linux only")
+def test_extension_shares_the_shared_libstdcxx():
+    """refiner._C links libstdc++ as a shared library (setup.py passes the one torch loaded): a
+    static copy (a g++ that links it statically, as on the lent H100 machines) crashed the first
+    TORCH_CHECK message that streamed an integer."""
+    import refiner._C
+    assert any(n.startswith("libstdc++.so") for n in _elf_needed(refiner._C.__file__)), \
+        _elf_needed(refiner._C.__file__)
+
+
+def test_integer_in_an_error_message_in_a_subprocess():
+    """A check whose message streams an int64 raises (the static libstdc++ build died of SIGSEGV)."""
+    code = ("import torch, refiner._compiled as C\n"
+            "q = torch.randn(1, 2, 5, 0)\n"
+            "try:\n    C.softmax_block(q, q, q, None, 0.5)\n"
+            "except RuntimeError as e:\n    print(e)\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, f"child exited with {r.returncode}:\n{r.stderr[-3000:]}"
+    assert "head size must be >= 1, got 0" in r.stdout, r.stdout
+
+
 # ----------------------------------------------------------------------------- refine train
 TRAIN_NAMES = ["attn", "v", "w_exp", "w_dw", "w_pro", "g1", "b1", "g2", "b2", "g3", "b3", "ga", "ba"]
 

@@ -62,9 +62,13 @@ __device__ float block_reduce(float v, float* scratch) {
   __syncthreads();
   if (lane == 0) scratch[warp] = v;
   __syncthreads();
-  v = lane < nw ? scratch[lane] : (kMax ? -INFINITY : 0.f);
-  if (warp == 0) v = kMax ? warp_max(v) : warp_sum(v);
-  if (threadIdx.x == 0) scratch[0] = v;
+  // Only warp 0 reads the partials: another warp reading scratch[0] while thread 0 writes the total
+  // there is a (harmless, discarded) race that compute-sanitizer's racecheck reports.
+  if (warp == 0) {
+    v = lane < nw ? scratch[lane] : (kMax ? -INFINITY : 0.f);
+    v = kMax ? warp_max(v) : warp_sum(v);
+    if (lane == 0) scratch[0] = v;
+  }
   __syncthreads();
   const float r = scratch[0];
   __syncthreads();
