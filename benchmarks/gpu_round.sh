@@ -153,41 +153,41 @@ stage_quick() {
     tests/test_compiled_cuda.py tests/test_extremes.py tests/test_bad_inputs.py tests/test_fused.py \
     tests/test_properties.py
   # the refine ops, Triton and reference (the softmax block and the CUDA kernels are unchanged since the
-  # second round; N = 197 rows first, the time limit may cut N = 577) with the candidates beside
-  # the defaults in the same runs (rows labelled triton[NAME=VALUE]): Triton's refine_train with
-  # TF32 dots, with the forward's Y3 kept for the backward, with both, and with both and its X2 passes
-  # on halo tiles (alone: 19.8 against 18.3 ms in round 2; with TF32 ptxas gives its B2 pass 212
-  # registers without spills instead of 255 with), and the "tile" refine_eval forward (the default is "split"); bench_models: the model
-  # with both refine_train candidates, and with the saved Y3 alone (its peak memory: the cost)
+  # second round; N = 197 rows first, the time limit may cut N = 577) with the other settings beside
+  # the defaults (TF32 dots for bf16, the forward's Y3 kept) in the same runs (rows labelled
+  # triton[NAME=VALUE]): refine_train with IEEE dots and Y3 recomputed (the round-2 defaults), with IEEE
+  # dots alone, with Y3 recomputed alone, with its X2 passes on halo tiles; refine_eval's "tile"
+  # forward (the default is "split"). bench_models: the round-2 defaults and the memory-lean setting.
   run_step bench_ops 100 "$PY" benchmarks/bench_ops.py --out "$RES" --rep-ms 25 --n 197 577 --heads 12 \
     --head-dim 32 --dtypes bf16 --ops refine_eval refine_train --backends triton reference \
-    --env-variants "triton:REFINER_TRITON_TRAIN_DOT=tf32@refine_train" "triton:REFINER_TRITON_TRAIN_SAVE_Y3=1@refine_train" \
-    "triton:REFINER_TRITON_TRAIN_DOT=tf32,REFINER_TRITON_TRAIN_SAVE_Y3=1@refine_train" \
-    "triton:REFINER_TRITON_TRAIN_DOT=tf32,REFINER_TRITON_TRAIN_SAVE_Y3=1,REFINER_TRITON_TRAIN_X2=halo@refine_train" \
-    "triton:REFINER_TRITON_REFINE_FWD=tile@refine_eval"
+    --env-variants "triton:REFINER_TRITON_TRAIN_DOT=ieee,REFINER_TRITON_TRAIN_SAVE_Y3=0@refine_train" \
+    "triton:REFINER_TRITON_TRAIN_DOT=ieee@refine_train" "triton:REFINER_TRITON_TRAIN_SAVE_Y3=0@refine_train" \
+    "triton:REFINER_TRITON_TRAIN_X2=halo@refine_train" "triton:REFINER_TRITON_REFINE_FWD=tile@refine_eval"
   run_step bench_models 120 "$PY" benchmarks/bench_models.py --out "$RES" \
     --models refiner_vit_s vit_small_patch16_224 --img 224 --batch 256 --compile-backend skip --repeats 5 \
-    --fused-backends triton --env-variants "triton:REFINER_TRITON_TRAIN_DOT=tf32,REFINER_TRITON_TRAIN_SAVE_Y3=1" \
-    "triton:REFINER_TRITON_TRAIN_SAVE_Y3=1"
+    --fused-backends triton --env-variants "triton:REFINER_TRITON_TRAIN_DOT=ieee,REFINER_TRITON_TRAIN_SAVE_Y3=0" \
+    "triton:REFINER_TRITON_TRAIN_SAVE_Y3=0"
   # then, in what time is left: where a Refiner-ViT-S step's time goes. memcheck and racecheck are
   # the next call on the warm machine: STAGE_BUDGET=260 bash benchmarks/gpu_round.sh sanitize
   run_step profile_models $(( $(left) - 20 )) "$PY" benchmarks/profile_models.py --out "$RES" --batch 64 \
     --fused-backends triton
 }
 
-# What the H100 rounds of 2026-11-26 left: test_compiled_cuda.py (its many-rows test now on dyadic
-# inputs; the raw C++ op at head size 129 crashed the child process), the test_triton_gpu.py tests
-# the quick stage's time limit cut off (refine_train, blocks, int64 grid offsets), then memcheck
-# and racecheck of the CUDA tests. Each file in its own process so a crash names its file.
+# What round 3 (2026-11-26) left: the Triton refine tests with the TF32 operands rounded to nearest
+# and refine_train's new defaults (TF32 dots for bf16, the saved Y3), the CUDA files with the
+# extension on torch's shared libstdc++ (the head-size child process died of a static copy), the
+# libstdc++ checks of test_compiled_ops.py, then memcheck and racecheck (block_reduce's scratch
+# race fixed). Each file in its own process so a crash names its file.
 stage_verify() {
   export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
   build &
   local build_pid=$!
-  REFINER_TRITON_AUTOTUNE=0 run_step verify_triton 100 "$PY" -m pytest -q -ra "${XDIST[@]}" \
-    tests/test_triton_gpu.py -k "refine_train or blocks or int64"
+  REFINER_TRITON_AUTOTUNE=0 run_step verify_triton 120 "$PY" -m pytest -q -ra "${XDIST[@]}" \
+    tests/test_triton_gpu.py -k "refine"
   wait "$build_pid"
   describe_backends
   run_step verify_cuda 100 "$PY" -m pytest -q -ra tests/test_compiled_cuda.py tests/test_cuda_entry_checks.py
+  run_step verify_libstdcxx 40 "$PY" -m pytest -q -ra tests/test_compiled_ops.py -k "libstdcxx or integer_in"
   stage_sanitize
 }
 

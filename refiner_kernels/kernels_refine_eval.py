@@ -52,6 +52,23 @@ if triton is not None:
         return we.to(tl.float32), be.to(tl.float32)
 
     @triton.jit
+    def tf32_round(x):
+        """fp32 x rounded to TF32 (10 mantissa bits) to nearest, ties away from zero (as cvt.rna):
+        the tensor cores would truncate an fp32 operand, a bias that sums over a map collect (a BN
+        bias gradient: 2x the bf16 reference's error under the CPU emulation). NaN stays NaN."""
+        u = x.to(tl.int32, bitcast=True)
+        r = ((u + 0x1000) & -8192).to(tl.float32, bitcast=True)  # -8192: the mask 0xFFFFE000
+        return tl.where(x == x, r, x)
+
+    @triton.jit
+    def dot(a, b, PREC: tl.constexpr):
+        """tl.dot at PREC ("ieee" or "tf32"), TF32 operands rounded first (tf32_round)."""
+        if PREC == "tf32":
+            return tl.dot(tf32_round(a), tf32_round(b), input_precision="tf32")
+        else:
+            return tl.dot(a, b, input_precision=PREC)
+
+    @triton.jit
     def reduction_chunk(dacc, bdw_ptr, wp_ptr, cc, mc, hh, mh, RH, PREC: tl.constexpr, CC: tl.constexpr):
         """W_p[:, cc] D of channels cc (HP x P), D = relu6(dw_k(E) + b_dw) from dacc = dw_k(E): a tl.dot,
         or for CC = 1 (one channel a step) an outer product on CUDA cores."""
@@ -62,7 +79,7 @@ if triton is not None:
         if CC == 1:
             y = wp * dd
         else:
-            y = tl.dot(wp, dd, input_precision=PREC)
+            y = dot(wp, dd, PREC)
         return y
 
     @triton.jit
@@ -89,7 +106,7 @@ if triton is not None:
             ok = valid & (r2 >= 0) & (r2 < N) & (c2 >= 0) & (c2 < N)
             a_s = tl.load(a_ptr + base_a + (hoff + (r2 * N + c2)[None, :]), mask=mh[:, None] & ok[None, :],
                           other=0.0).to(tl.float32) - ks[:, None]
-            e = tl.dot(we, a_s, input_precision=PREC) + be[:, None]
+            e = dot(we, a_s, PREC) + be[:, None]
             if RELU_E:
                 e = tl.minimum(tl.maximum(e, 0.0), 6.0)
             e = tl.where(ok[None, :], e, 0.0)
@@ -151,7 +168,7 @@ if triton is not None:
                              + jj[None, :, None] * D + offs_d[None, None, :],
                              mask=mh[:, None, None] & (jj < N)[None, :, None] & md[None, None, :],
                              other=0.0).to(tl.float32)
-                acc += tl.dot(r3, vv, input_precision=PREC)
+                acc += dot(r3, vv, PREC)
         if not STORE_R:
             ii = pid_i * TM + tl.arange(0, TM)
             tl.store(out_ptr + b * H * N * D + hh.to(tl.int64)[:, None, None] * N * D
@@ -175,7 +192,7 @@ if triton is not None:
             cc = c0 + tl.arange(0, CC)
             mc = cc < RH
             we, be = expansion_chunk(we_ptr, be_ptr, cc, mc, hh, mh, H)
-            e = tl.dot(we, a, input_precision=PREC) + be[:, None]
+            e = dot(we, a, PREC) + be[:, None]
             if RELU_E:
                 e = tl.minimum(tl.maximum(e, 0.0), 6.0)
             tl.store(e_ptr + b * RH * N * N + cc.to(tl.int64)[:, None] * N * N + q[None, :],
@@ -469,13 +486,12 @@ def refine_eval_fwd(attn, v, w_exp, b_exp, w_dw, b_dw, w_pro, b_pro, alpha, beta
     we, be, relu = _prep(attn, w_exp, b_exp, expand)
     RH = w_dw.shape[0]
     KS = w_dw.shape[-1]
-    # Half inputs on the GPU: TF32 tensor-core dots in the forward (operands A and v are exact in
-    # TF32; weights and D are rounded to 10 mantissa bits: ~2.4e-4 of max|out| at N=197, k=3,
-    # the size of the fp16 rounding of the output itself); "split" also stores E and R in the input
-    # dtype, as the reference's convolutions do under autocast. fp32 inputs and the backward's
-    # recompute of R stay IEEE fp32.
-    prec = "tf32" if (HALF_TF32 and attn.dtype in (torch.float16, torch.bfloat16) and not store_r
-                      and not interpreting()) else "ieee"
+    # Half inputs: TF32 tensor-core dots in the forward (operands A and v are exact in TF32;
+    # weights and D are rounded to 10 mantissa bits: ~2.4e-4 of max|out| at N=197, k=3, the size of
+    # the fp16 rounding of the output itself; emulated under the interpreter by the tests); "split"
+    # also stores E and R in the input dtype, as the reference's convolutions do under autocast.
+    # fp32 inputs and the backward's recompute of R stay IEEE fp32.
+    prec = "tf32" if (HALF_TF32 and attn.dtype in (torch.float16, torch.bfloat16) and not store_r) else "ieee"
     # split: E and R in the input dtype (as under autocast), fp32 for the backward; "tile" beyond
     # the int32 offsets of its stencil pass (rH N^2 > 2^31 - 1: N > 7723 at rH = 36)
     if forward_variant() == "split" and RH * N * N <= SPLIT_MAX_MAP:

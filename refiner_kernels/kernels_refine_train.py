@@ -27,9 +27,10 @@ spread):
   - Z (and Zhat, Y3hat) is one expression (`_zhat`) in every pass, with the statistics rounded to
     fp32 as the backward receives them, so forward, statistics and backward see the same values.
 Backward (recompute; exact gradient through the batch statistics):
-  Y3 recomputed into the buffer by F3's pass (bit-identical to the forward's), which R, B1, B2
-  and B3 then read: only F2, F3, the backward's Y3 pass, B2 and B3 run the expansion and the
-  stencil (recomputing Y3 in every pass instead measured 26.0 against 18.3 ms on the H100).
+  Y3: the forward's buffer, kept (save_y3(), the default), or recomputed into a new one by F3's
+  pass (bit-identical); R, B1, B2 and B3 read it: only F2, F3, B2 and B3 (and the backward's Y3
+  pass when not kept) run the expansion and the stencil (recomputing Y3 in every pass instead
+  measured 26.0 against 18.3 ms on the H100). fp16/bf16 maps: TF32 dots (_dot_precision).
   R recomputed (F5's pass) -> dv = R^T dO, dR = dO v^T (A-sized).
   B1  sums of dRn, dRn*Zhat, dRn*Y3hat, Zhat*Y3hat per head -> dga, dba, dg3, db3.
   B2  dY3 per position, dW_p partials, sums of dD', dD'*X2hat per channel -> dg2, db2.
@@ -64,7 +65,7 @@ NCC = 11
 
 
 if triton is not None:
-    from .kernels_refine_eval import dw_wgrad_staged, halo_tile, stencil_recomputed, stencil_staged
+    from .kernels_refine_eval import dot, dw_wgrad_staged, halo_tile, stencil_recomputed, stencil_staged
 
     @triton.jit
     def _x2_staged(a0s, inmap, we, be, wdw_ptr, cc, mc, scr, p, pm, pj,
@@ -72,7 +73,7 @@ if triton is not None:
                    TJ: tl.constexpr):
         """X2 = dw(E) exact at a halo tile's owned positions, E computed once over the tile from
         a0s = A - K (kernels_refine_eval.stencil_staged)."""
-        e = tl.dot(we, a0s, input_precision=PREC) + be[:, None]
+        e = dot(we, a0s, PREC) + be[:, None]
         if RELU_E:
             e = tl.minimum(tl.maximum(e, 0.0), 6.0)
         return stencil_staged(e, inmap, wdw_ptr, cc, mc, scr, p, pm, pj, KS, CC, TM, TJ)
@@ -108,7 +109,7 @@ if triton is not None:
             d = tl.where(mc[:, None], tl.minimum(tl.maximum(a2[:, None] * x2 + c2[:, None], 0.0), 6.0) - dk[:, None],
                          0.0)
             wp = tl.load(wp_ptr + hh[:, None] * RH + cc[None, :], mask=mh[:, None] & mc[None, :], other=0.0)
-            y += tl.dot(wp, d, input_precision=PREC)
+            y += dot(wp, d, PREC)
         return y
 
     @triton.jit
@@ -249,10 +250,10 @@ if triton is not None:
                         pre = a2[:, None] * x2 + c2[:, None]
                         d = tl.where(mc[:, None] & valid[None, :], tl.minimum(tl.maximum(pre, 0.0), 6.0), 0.0)
                         tl.store(pwp_ptr + prog * HP * RHP + hh[:, None] * RHP + cc[None, :],
-                                 tl.dot(dy3, tl.trans(d), input_precision=PREC))
+                                 dot(dy3, tl.trans(d), PREC))
                         wpt = tl.load(wp_ptr + hh[None, :] * RH + cc[:, None], mask=mh[None, :] & mc[:, None],
                                       other=0.0)
-                        dd = tl.dot(wpt, dy3, input_precision=PREC)
+                        dd = dot(wpt, dy3, PREC)
                         ddp = tl.where((pre > 0.0) & (pre < 6.0) & mc[:, None] & valid[None, :], dd, 0.0)
                         x2hat = (x2 - tl.load(cv_ptr + 2 * RHP + cc, mask=mc, other=0.0)[:, None]) * \
                             tl.load(cv_ptr + 3 * RHP + cc, mask=mc, other=0.0)[:, None]
@@ -304,7 +305,7 @@ if triton is not None:
             c2 = tl.load(cv_ptr + 1 * RHP + cc, mask=mc, other=0.0)
             pre = a2[:, None] * x2 + c2[:, None]
             wpt = tl.load(wp_ptr + hh[None, :] * RH + cc[:, None], mask=mh[None, :] & mc[:, None], other=0.0)
-            dd = tl.dot(wpt, dy3, input_precision=PREC)
+            dd = dot(wpt, dy3, PREC)
             ddp = tl.where((pre > 0.0) & (pre < 6.0), dd, 0.0)
             x2hat = (x2 - tl.load(cv_ptr + 2 * RHP + cc, mask=mc, other=0.0)[:, None]) * \
                 tl.load(cv_ptr + 3 * RHP + cc, mask=mc, other=0.0)[:, None]
@@ -315,7 +316,7 @@ if triton is not None:
             dx2_own = dx2 * ownf[None, :]
             # dW_dw partials from E computed once over the tile (not once per offset)
             a0s = tl.where(m2, a0 - ks[:, None], 0.0)
-            x1pre = tl.dot(we, a0s, input_precision=PREC) + be[:, None]
+            x1pre = dot(we, a0s, PREC) + be[:, None]
             e0 = tl.minimum(tl.maximum(x1pre, 0.0), 6.0) if RELU_E else x1pre
             dw_wgrad_staged(e0, inmap, dx2_own, scr, p, pm, pj, pwdw_ptr + prog * RHP * KK + cc * KK, KS, CC, TM, TJ)
             de = stencil_staged(dx2, inmap, wdw_ptr, cc, mc, scr, p, pm, pj, KS, CC, TM, TJ, True)  # dw_k^T
@@ -324,15 +325,15 @@ if triton is not None:
             de = tl.where(mc[:, None] & own[None, :], de, 0.0)
             wer = tl.load(wer_ptr + cc[:, None] * H + hh[None, :], mask=mc[:, None] & mh[None, :], other=0.0)
             if RELU_E:
-                x1hat = (tl.dot(wer, a0s, input_precision=PREC)
+                x1hat = (dot(wer, a0s, PREC)
                          - tl.load(cv_ptr + 7 * RHP + cc, mask=mc, other=0.0)[:, None]) * \
                     tl.load(cv_ptr + 8 * RHP + cc, mask=mc, other=0.0)[:, None]
                 tl.store(pbase + 0 * RHP + cc, tl.sum(de, axis=1))
                 tl.store(pbase + 1 * RHP + cc, tl.sum(de * x1hat, axis=1))
                 tl.store(pm_ptr + prog * RHP * HP + cc[:, None] * HP + hh[None, :],
-                         tl.dot(de, tl.trans(a0s), input_precision=PREC))
+                         dot(de, tl.trans(a0s), PREC))
             k1 = tl.load(cv_ptr + 9 * RHP + cc, mask=mc, other=0.0)
-            da += tl.dot(tl.trans(wer * k1[:, None]), de, input_precision=PREC)
+            da += dot(tl.trans(wer * k1[:, None]), de, PREC)
         tl.store(da_ptr + base_a + (hoff + (row * N + col)[None, :]), da.to(da_ptr.dtype.element_ty),
                  mask=mh[:, None] & own[None, :])
 
@@ -391,15 +392,24 @@ def _pass_label(mode, halo=False) -> str:
 
 
 def _dot_precision(attn) -> str:
-    """REFINER_TRITON_TRAIN_DOT: "ieee" (default: fp32 FMA dots) or "tf32" (a candidate for the next GPU
-    round: fp16/bf16 inputs get TF32 tensor-core dots in the expansion, the stencil's recompute, the
-    reduction and the gradient dots; fp32 inputs and the BN1 Gram matrix stay IEEE). TF32 keeps 10
-    mantissa bits, the reference's bf16 convolutions under autocast 8. (refine_eval's backward kernel
-    stays IEEE: with TF32 dots ptxas gives it 32 registers and a 7 KB stack frame, sm_90.)"""
-    mode = os.environ.get("REFINER_TRITON_TRAIN_DOT", "ieee")
-    if mode not in ("ieee", "tf32"):
-        raise ValueError(f"REFINER_TRITON_TRAIN_DOT: expected 'ieee' or 'tf32', got {mode!r}")
-    return "tf32" if mode == "tf32" and attn.dtype in (torch.float16, torch.bfloat16) else "ieee"
+    """REFINER_TRITON_TRAIN_DOT: "auto" (default: TF32 for bf16 maps, IEEE otherwise), "tf32" (TF32
+    for fp16 and bf16 maps) or "ieee" (fp32 FMA dots). TF32 goes to the dots of the expansion, the
+    stencil's recompute, the reduction and the gradients; fp32 maps and the BN1 Gram matrix are
+    always IEEE.
+    H100, bf16, B=32 N=197 fwd+bwd: 14.9 ms against 18.1 (IEEE); Refiner-ViT-S training 1.36x the
+    images/s with the saved Y3 (benchmarks/results, round 3).
+    Accuracy: TF32 keeps 10 mantissa bits, bf16 8: every gradient is closer to the fp32 reference
+    than the reference's own gradients computed in bf16 (test_refine_train_half_tf32 with emulated
+    TF32 on the CPU, test_refine_train_gpu); fp16 keeps 10 bits too, so fp16 maps stay IEEE unless
+    asked. Elementwise, a few gradient entries move more than a bf16 ulp: a ReLU6 whose input lies
+    within TF32 rounding of 0 or 6 gates its gradient the other way (tests/utils.assert_no_worse_than).
+    (refine_eval's backward stays IEEE: with TF32 dots ptxas gives it 32 registers and a 7 KB stack
+    frame, sm_90.)"""
+    mode = os.environ.get("REFINER_TRITON_TRAIN_DOT", "auto")
+    if mode not in ("auto", "ieee", "tf32"):
+        raise ValueError(f"REFINER_TRITON_TRAIN_DOT: expected 'auto', 'ieee' or 'tf32', got {mode!r}")
+    half = (torch.bfloat16,) if mode == "auto" else (torch.float16, torch.bfloat16) if mode == "tf32" else ()
+    return "tf32" if attn.dtype in half else "ieee"
 
 
 def _launch_tile(mode, attn, dr, we, be, wdw, wp, cv, hv, ks, scale, relu, y3=None):
@@ -537,11 +547,13 @@ def _y3_buffer(attn):
 
 
 def save_y3() -> bool:
-    """REFINER_TRITON_TRAIN_SAVE_Y3=1 (a candidate for the next GPU round): the forward's Y3 buffer is
-    kept for the backward, which then skips its rerun of F3 (the expansion, the stencil and the
-    reduction once more: one of a step's five stencil passes) for an fp32 A-sized map held from the
-    forward to the backward of each layer. 0 (default): the backward recomputes it."""
-    mode = os.environ.get("REFINER_TRITON_TRAIN_SAVE_Y3", "0")
+    """REFINER_TRITON_TRAIN_SAVE_Y3=1 (default): the forward's Y3 buffer is kept for the backward,
+    which then skips its rerun of F3 (the expansion, the stencil and the reduction once more: one of
+    a step's five stencil passes), for an fp32 A-sized map held from the forward to the backward of
+    each layer; bit-identical results. 0: the backward recomputes it (the memory-lean choice).
+    H100, bf16: fwd+bwd 16.5 against 18.1 ms (B=32 N=197); Refiner-ViT-S batch 256 training
+    226 against 208 images/s, peak memory 21.2 against 17.5 GB (the reference: 60.9)."""
+    mode = os.environ.get("REFINER_TRITON_TRAIN_SAVE_Y3", "1")
     if mode not in ("0", "1"):
         raise ValueError(f"REFINER_TRITON_TRAIN_SAVE_Y3: expected '0' or '1', got {mode!r}")
     return mode == "1"

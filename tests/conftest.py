@@ -1,4 +1,5 @@
-"""Test set-up: without a GPU, run Triton kernels under the interpreter; hypothesis profiles.
+"""Test set-up: without a GPU, run Triton kernels under the interpreter (with TF32 dots emulated);
+hypothesis profiles.
 
 TRITON_INTERPRET must be set before triton (or refiner_kernels) is imported,
 which is why this happens at conftest import time.
@@ -19,6 +20,13 @@ def _gpu_present() -> bool:
 
 if not _gpu_present():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+if os.environ.get("TRITON_INTERPRET") == "1":
+    try:  # TF32 dots round their operands as on the GPU (tests/tf32_emulation.py)
+        import tf32_emulation
+        tf32_emulation.install()
+    except ImportError:  # no Triton: its tests skip
+        pass
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

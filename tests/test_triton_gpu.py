@@ -11,12 +11,13 @@ import pytest
 import torch
 
 from conftest import requires_cuda
-from utils import random_attn, random_dla, train_args
+from utils import assert_no_worse_than, random_attn, random_dla, train_args
 
 pytestmark = requires_cuda
 
 import refiner_kernels as rk  # noqa: E402
 from refiner import reference as ref  # noqa: E402
+from refiner_kernels.kernels_refine_train import _dot_precision  # noqa: E402
 
 TOL = {torch.float32: 1e-4, torch.float16: 2e-3, torch.bfloat16: 1e-2}
 
@@ -115,15 +116,31 @@ def test_refine_train_gpu(N, d, ratio, ks, dtype):
         if r is not None:
             _close(s.mean, r.mean, dtype, "mean")
             _close(s.var, r.var, dtype, "var")
-    _check_grads([out], [rout], xs, rs, dtype, "attn v w_exp w_dw w_pro g1 b1 g2 b2 g3 b3 ga ba".split())
+    names = "attn v w_exp w_dw w_pro g1 b1 g2 b2 g3 b3 ga ba".split()
+    if _dot_precision(xs[0]) == "ieee":
+        _check_grads([out], [rout], xs, rs, dtype, names)
+        return
+    # TF32 dots (bf16 maps by default): no worse than the reference's own gradients in bf16
+    hs = [None if x is None else x.detach().bfloat16().requires_grad_(True) for x in xs]
+    hout, _ = ref.refine_train(*hs, 1e-5, d ** -0.5, expand)
+    go = torch.randn_like(rout)
+    keep = [i for i, x in enumerate(xs) if x is not None]
+
+    def grads(o, ins, g):
+        ins = [ins[i] for i in keep]
+        gs = torch.autograd.grad([o], ins, [g], allow_unused=True)
+        return [torch.zeros_like(x) if gx is None else gx for gx, x in zip(gs, ins)]
+
+    assert_no_worse_than(grads(out, xs, go.to(dtype)), grads(rout, rs, go.to(dtype).float()),
+                         grads(hout, hs, go.bfloat16()), [names[i] for i in keep])
 
 
 @pytest.mark.parametrize("N,ks", [(197, 3), (50, 5)])
-@pytest.mark.parametrize("env", ["REFINER_TRITON_TRAIN_DOT=tf32", "REFINER_TRITON_TRAIN_SAVE_Y3=1",
-                                 "REFINER_TRITON_TRAIN_DOT=tf32,REFINER_TRITON_TRAIN_SAVE_Y3=1,REFINER_TRITON_TRAIN_X2=halo"])
+@pytest.mark.parametrize("env", ["REFINER_TRITON_TRAIN_DOT=ieee", "REFINER_TRITON_TRAIN_DOT=tf32",
+                                 "REFINER_TRITON_TRAIN_SAVE_Y3=0", "REFINER_TRITON_TRAIN_X2=halo"])
 def test_refine_train_gpu_candidates(monkeypatch, N, ks, env):
-    """The refine_train candidates within the bf16 tolerances: TF32 dots for half inputs, the
-    forward's Y3 kept for the backward, both with the X2 passes on halo tiles."""
+    """refine_train's other settings on bf16 maps: IEEE dots (elementwise bf16 tolerances), TF32
+    dots asked for explicitly, Y3 recomputed in the backward, the X2 passes on halo tiles."""
     for assign in env.split(","):
         monkeypatch.setenv(*assign.split("="))
     test_refine_train_gpu(N, 32, 3, ks, torch.bfloat16)

@@ -13,10 +13,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from utils import random_attn, random_dla, train_args
+from utils import assert_no_worse_than, random_attn, random_dla, train_args
 
 import refiner_kernels as rk
 from refiner import reference as ref
+from refiner_kernels.kernels_refine_train import _dot_precision
 
 pytestmark = pytest.mark.skipif(not rk.AVAILABLE, reason=f"triton backend unavailable: {rk.UNAVAILABLE_REASON}")
 
@@ -325,6 +326,12 @@ def _run_train(N, d, ratio, ks, B, dtype, device=DEV):
     go = torch.randn_like(rout).to(dtype)
     g = _grads([out], [attn, v] + params, [go])
     gr = _grads([rout], [rattn, rv] + rparams, [go.float()])
+    if _dot_precision(attn) == "tf32":
+        # the reference itself in bf16 (the type TF32 is the default for), on the same inputs
+        hs = [t.detach().bfloat16().requires_grad_(True) for t in [attn, v] + params]
+        hout, _ = ref.refine_train(*hs, 1e-5, scale, expand)
+        assert_no_worse_than(g, gr, _grads([hout], hs, [go.bfloat16()]), TRAIN_NAMES)
+        return
     # Gradients through batch statistics amplify fp32 rounding; db3 is exactly 0 in exact arithmetic
     # (BN_a's backward removes the mean of dZ), so compare it on the scale of dba.
     floor = gr[-1].abs().max().item()
@@ -360,18 +367,54 @@ def test_refine_train_x2_on_halo_tiles(monkeypatch, N, d, ratio, ks, B, dtype):
 
 
 def test_refine_train_dot_precision_switch(monkeypatch):
-    """REFINER_TRITON_TRAIN_DOT=tf32 gives TF32 dots to fp16/bf16 maps only (fp32 stays IEEE); the
-    interpreter computes either in fp32, so the training tests under it cover the plumbing, and
-    test_triton_gpu.py the numerics. Other values are refused by name."""
-    from refiner_kernels.kernels_refine_train import _dot_precision
-    half, full = torch.zeros(1, dtype=torch.float16), torch.zeros(1)
-    assert _dot_precision(half) == "ieee"
-    monkeypatch.setenv("REFINER_TRITON_TRAIN_DOT", "tf32")
-    assert (_dot_precision(half), _dot_precision(half.bfloat16()), _dot_precision(full)) == ("tf32", "tf32", "ieee")
-    _run_train(17, 32, 3, 3, 1, torch.float16)
+    """REFINER_TRITON_TRAIN_DOT: "auto" (default) gives TF32 dots to bf16 maps only, "tf32" to fp16
+    and bf16 maps, "ieee" to none; fp32 maps never. Other values are refused by name."""
+    half, bf16, full = torch.zeros(1, dtype=torch.float16), torch.zeros(1, dtype=torch.bfloat16), torch.zeros(1)
+    for mode, want in [(None, "ieee tf32 ieee"), ("auto", "ieee tf32 ieee"), ("tf32", "tf32 tf32 ieee"),
+                       ("ieee", "ieee ieee ieee")]:
+        if mode is None:
+            monkeypatch.delenv("REFINER_TRITON_TRAIN_DOT", raising=False)
+        else:
+            monkeypatch.setenv("REFINER_TRITON_TRAIN_DOT", mode)
+        assert " ".join(_dot_precision(t) for t in (half, bf16, full)) == want, mode
     monkeypatch.setenv("REFINER_TRITON_TRAIN_DOT", "fast")
     with pytest.raises(ValueError, match="REFINER_TRITON_TRAIN_DOT"):
         _dot_precision(half)
+
+
+@pytest.mark.parametrize("N,ks,B", [(20, 5, 2), (33, 7, 1)])
+def test_refine_train_half_tf32(monkeypatch, N, ks, B):
+    """TF32 dots (the default for bf16 maps; bf16 is wrong under the interpreter, so fp16 maps with
+    REFINER_TRITON_TRAIN_DOT=tf32, TF32 emulated: tests/tf32_emulation.py): outputs and statistics
+    within the fp16 tolerances, every gradient at least as close to the fp32 reference as the
+    reference's own gradients in bf16 (utils.assert_no_worse_than)."""
+    monkeypatch.setenv("REFINER_TRITON_TRAIN_DOT", "tf32")
+    _run_train(N, 32, 3, ks, B, torch.float16)
+
+
+@pytest.mark.skipif(DEV != "cpu", reason="checks the interpreter's TF32 emulation (CPU only)")
+def test_interpreter_emulates_tf32_dots():
+    """Under the interpreter a tf32 dot drops its operands' 13 low mantissa bits (as the GPU's
+    tensor cores read them) and an ieee dot does not."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def dots(a_ptr, b_ptr, o_ptr):
+        i = tl.arange(0, 16)
+        a = tl.load(a_ptr + i[:, None] * 16 + i[None, :])
+        b = tl.load(b_ptr + i[:, None] * 16 + i[None, :])
+        tl.store(o_ptr + i[:, None] * 16 + i[None, :], tl.dot(a, b, input_precision="tf32"))
+        tl.store(o_ptr + 256 + i[:, None] * 16 + i[None, :], tl.dot(a, b, input_precision="ieee"))
+
+    a = 1 + torch.rand(16, 16)
+    b = 1 + torch.rand(16, 16)
+    out = torch.empty(2, 16, 16)
+    dots[(1,)](a, b, out)
+    trunc = lambda t: (t.view(torch.int32) & -8192).view(torch.float32)  # noqa: E731 (0xFFFFE000)
+    torch.testing.assert_close(out[0], trunc(a) @ trunc(b), rtol=1e-6, atol=0)
+    torch.testing.assert_close(out[1], a @ b, rtol=1e-6, atol=0)
+    assert (out[0] - out[1]).abs().max() > 1e-3
 
 
 @pytest.mark.parametrize("ratio", [3, 1])
