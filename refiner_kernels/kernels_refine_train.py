@@ -45,6 +45,7 @@ per channel chunk through a per-program scratch instead of recomputed at every s
 """
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -384,11 +385,24 @@ def _x2_on_halo_tiles() -> bool:
 
 PROFILE_PREFIX = "refine_train pass "  # profiler ranges of the passes (benchmarks/profile_models.py)
 _PASS_NAMES = {1: "F1 moments of A", 2: "F2 BN2 stats (X2)", 3: "F3 Y3 + BN3 stats", 6: "F4 BN_a stats",
-               7: "F5 R", 4: "B1 sums", 5: "B2 dY3 dW_p dD", "b3": "B3 dX2 dW_dw dA"}
+               7: "F5 R", 4: "B1 sums", 5: "B2 dY3 dW_p dD", "b3": "B3 dX2 dW_dw dA", "rv": "F6 out = R v",
+               "dvdr": "B0 dv = R^T dO, dR = dO v^T", "mix": "B4 BN1 terms of dA"}
 
 
 def _pass_label(mode, halo=False) -> str:
     return PROFILE_PREFIX + _PASS_NAMES[mode] + (" [halo]" if halo else "")
+
+
+# None, or a callable(label) returning a context manager that times one pass's kernels
+# (benchmarks/bench_train_passes.py: CUDA events around them; no device-side profiler attribution)
+PASS_TIMER = None
+
+
+@contextlib.contextmanager
+def _pass(label):
+    """One training pass's launches: a profiler range, timed when PASS_TIMER is set."""
+    with torch.profiler.record_function(label), (PASS_TIMER(label) if PASS_TIMER else contextlib.nullcontext()):
+        yield
 
 
 def _dot_precision(attn) -> str:
@@ -439,7 +453,7 @@ def _launch_tile(mode, attn, dr, we, be, wdw, wp, cv, hv, ks, scale, relu, y3=No
         kernel, launch = _rt_tile, dict(num_warps=num_warps_for(HP * TM * TJ), num_stages=1 if halo else 3)
     prec = _dot_precision(attn)
     # a profiler range per pass (benchmarks/profile_models.py lists their device times)
-    with torch.profiler.record_function(_pass_label(mode, halo)):
+    with _pass(_pass_label(mode, halo)):
         for lo, hi in chunks:
             pick = lambda t: t[lo:hi] if t is not None else attn[lo:hi]  # noqa: E731
             kernel[(hi - lo, ppi)](attn[lo:hi], pick(dr), pick(y3), we, be, wdw, wp, cv, hv, ks, part[lo * ppi:],
@@ -619,7 +633,8 @@ def refine_train_fwd(attn, v, w_exp, w_dw, w_pro, g1, b1, g2, b2, g3, b3, ga, ba
     # F5: R, then R @ v
     r = _r(attn, we_f, be_f, wdw, wp, cv, _hv(f, st, ga, ba, HP), ks, scale, expand, y3)
     y3 = y3 if save_y3() else y3.new_empty(0)
-    out = bmm(r, v, out_dtype=v.dtype)
+    with _pass(_pass_label("rv")):
+        out = bmm(r, v, out_dtype=v.dtype)
     if not expand:
         st["mu1"] = torch.zeros(RH, dtype=torch.float64, device=dev)
         st["var1"] = torch.zeros(RH, dtype=torch.float64, device=dev)
@@ -661,9 +676,10 @@ def refine_train_bwd(dout, attn, v, w_exp, w_dw, w_pro, g1, b1, g2, b2, g3, b3, 
         raise ValueError(f"y3: expected the forward's contiguous float32 Y3 of shape {tuple(attn.shape)} or an "
                          f"empty tensor, got {y3.dtype} of shape {tuple(y3.shape)}")
     r = _r(attn, we_f, be_f, wdw, wp, cv, _hv(f, st, ga, ba, HP), ks, scale, expand, y3)
-    dv = bmm(r.transpose(-1, -2), dout, out_dtype=v.dtype)
-    del r
-    dr = bmm(dout, v.transpose(-1, -2), out_dtype=torch.float32)
+    with _pass(_pass_label("dvdr")):
+        dv = bmm(r.transpose(-1, -2), dout, out_dtype=v.dtype)
+        del r
+        dr = bmm(dout, v.transpose(-1, -2), out_dtype=torch.float32)
     # B1
     part, pn, _ = _launch_tile(4, attn, dr, we_f, be_f, wdw, wp, cv, _hv(f, st, ga, ba, HP), ks, scale, expand,
                                y3)
@@ -700,7 +716,7 @@ def refine_train_bwd(dout, attn, v, w_exp, w_dw, w_pro, g1, b1, g2, b2, g3, b3, 
     kernel = _rt_b3_tuned if tuned else _rt_b3
     launch = {} if tuned else dict(num_warps=num_warps_for(HP * TM * TJ), num_stages=1)  # (scratch: no pipelining)
     prec = _dot_precision(attn)
-    with torch.profiler.record_function(_pass_label("b3")):
+    with _pass(_pass_label("b3")):
         for lo, hi in chunks:  # bounded scratch: batch chunks run one after another on the stream
             kernel[(hi - lo, nti * ntj)](attn[lo:hi], dr[lo:hi], y3[lo:hi], we_f, be_f, wer, wdw, wp, cv, hv, ks,
                                          da[lo:hi], scr, *parts, N, H, RH, RHP, ntj, float(scale), KS=KS,
@@ -724,9 +740,10 @@ def refine_train_bwd(dout, attn, v, w_exp, w_dw, w_pro, g1, b1, g2, b2, g3, b3, 
         # BN1 mean/variance terms of dA: an H x H mix of A plus a per-head bias
         mx = -(We.t() * (k1 * dg1 * rs1 / n)[None, :]) @ We
         bx = We.t() @ (k1 * (dg1 * rs1 * mu1s - db1) / n)  # applied to A - K
-        a_s = attn.to(torch.float32) - _f32(st["K"])[None, :, None, None]
-        da = da + bmm(_f32(mx).expand(B, H, H), a_s.reshape(B, H, N * N), out_dtype=torch.float32
-                      ).reshape(B, H, N, N) + _f32(bx)[None, :, None, None]
+        with _pass(_pass_label("mix")):
+            a_s = attn.to(torch.float32) - _f32(st["K"])[None, :, None, None]
+            da = da + bmm(_f32(mx).expand(B, H, H), a_s.reshape(B, H, N * N), out_dtype=torch.float32
+                          ).reshape(B, H, N, N) + _f32(bx)[None, :, None, None]
     else:
         dwe = torch.zeros_like(w_exp, dtype=torch.float64)
         dg1 = torch.zeros_like(g1, dtype=torch.float64)

@@ -12,7 +12,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from benchmarks import bench_models, bench_ops, common, plot, profile_models  # noqa: E402
+from benchmarks import bench_models, bench_ops, bench_train_passes, common, plot, profile_models  # noqa: E402
 
 try:
     import matplotlib  # noqa: F401
@@ -142,6 +142,23 @@ def test_profile_models_cpu(tmp_path):
         assert abs(sum(t["share"] for t in r["top"]) - sum(t["self_ms"] for t in r["top"]) / r["total_ms"]) < 1e-9
     assert rows[("reference eager", "infer")]["refiner_ops_ms"] == {}
     assert list(tmp_path.glob("profile_models_cpu_*.json")) and (tmp_path / "latest_cpu.json").exists()
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="the CPU smoke run needs the Triton interpreter")
+def test_bench_train_passes_cpu(tmp_path, monkeypatch):
+    """Every pass of Triton's refine_train gets a row; passes and host time add up to the step."""
+    from refiner_kernels import kernels_refine_train as T
+    monkeypatch.setenv("REFINER_TRITON_TRAIN_SAVE_Y3", "0")  # the F3 rerun in the backward: two F3 calls
+    doc = bench_train_passes.main(["--device", "cpu", "--n", "9", "--heads", "3", "--head-dim", "4",
+                                   "--out", str(tmp_path)])
+    ms = {r["part"]: r["ms"] for r in doc["rows"]}
+    names = set(T._PASS_NAMES.values())
+    assert set(ms) == names | {bench_train_passes.TOTAL, bench_train_passes.HOST}, set(ms) ^ names
+    assert all(v > 0 for k, v in ms.items() if k != bench_train_passes.HOST)
+    total = ms.pop(bench_train_passes.TOTAL)
+    assert sum(ms.values()) == pytest.approx(total, rel=1e-6)
+    assert T.PASS_TIMER is None  # restored
+    assert list(tmp_path.glob("bench_train_passes_cpu_*.json")) and (tmp_path / "latest_cpu.json").exists()
 
 
 def test_flop_and_byte_formulas():
