@@ -25,7 +25,8 @@ torch.backends.cuda.matmul.allow_tf32 = False
 torch.backends.cudnn.allow_tf32 = False
 
 
-@pytest.mark.parametrize("B,H,N,d,prev", [(2, 12, 17, 32, True), (1, 16, 50, 35, False), (2, 12, 197, 32, True),
+@pytest.mark.parametrize("B,H,N,d,prev", [(2, 12, 17, 32, True), (1, 16, 50, 35, False),
+                                          pytest.param(2, 12, 197, 32, True, marks=pytest.mark.large),
                                           (1, 2, 33, 128, True)])
 def test_softmax_block_fp32(B, H, N, d, prev):
     q, k, v, p = softmax_inputs(B, H, N, d, prev, torch.float32, device=DEV)
@@ -34,6 +35,7 @@ def test_softmax_block_fp32(B, H, N, d, prev):
             [q, k, v, p], rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.large
 def test_softmax_block_backward_memory():
     """The CUDA backward holds two fp32 (B, H, N, N) maps at a time (the grad of attn; the scores, then
     P, then their gradient, in one buffer) besides the returned bf16 grad of attn: its peak allocation
@@ -52,6 +54,7 @@ def test_softmax_block_backward_memory():
     del grads
 
 
+@pytest.mark.large
 def test_softmax_block_forward_n577():
     q, k, v, p = softmax_inputs(1, 2, 577, 32, True, torch.float32, device=DEV)
     o1, a1 = C.softmax_block(q, k, v, p, 0.2)
@@ -67,6 +70,7 @@ def test_softmax_block_half(dtype, tol):
             [q, k, v, p], rtol=tol, atol=tol, ref_inputs=[t.float() for t in (q, k, v, p)])
 
 
+@pytest.mark.large
 def test_softmax_block_many_heads_grid():
     """B*H > 65535 rows of blocks."""
     q, k, v, p = softmax_inputs(5462, 12, 5, 4, True, torch.float32, device=DEV)
@@ -83,6 +87,7 @@ def test_refine_eval_fp32(B, H, N, d, ratio, k):
             rtol=1e-4, atol=1e-4, names=REFINE_NAMES)
 
 
+@pytest.mark.large
 def test_refine_eval_forward_n577():
     args, expand = refine_inputs(1, 12, 577, 32, 3, 3, torch.float32, device=DEV)
     with torch.no_grad():
@@ -96,6 +101,7 @@ def test_refine_eval_half(dtype, tol):
             rtol=tol, atol=tol, ref_inputs=[t.float() for t in args], names=REFINE_NAMES)
 
 
+@pytest.mark.large
 def test_refine_eval_backward_many_rows_per_block_deterministic():
     """The backward grid is capped at 8 blocks per SM: with B*N rows well above that, each block
     accumulates parameter-gradient partials over many rows. Gradients match the fp64 reference
@@ -118,6 +124,7 @@ def test_refine_eval_backward_many_rows_per_block_deterministic():
         assert torch.equal(a, b), f"grad {name} differs between two identical runs"
 
 
+@pytest.mark.large
 def test_refine_eval_large_batch_grid():
     args, expand = refine_inputs(70000, 2, 3, 4, 2, 3, torch.float32, device=DEV)
     with torch.no_grad():
