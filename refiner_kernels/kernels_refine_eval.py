@@ -53,9 +53,10 @@ if triton is not None:
 
     @triton.jit
     def tf32_round(x):
-        """fp32 x rounded to TF32 (10 mantissa bits) to nearest, ties away from zero (as cvt.rna):
-        the tensor cores would truncate an fp32 operand, a bias that sums over a map collect (a BN
-        bias gradient: 2x the bf16 reference's error under the CPU emulation). NaN stays NaN."""
+        """fp32 x rounded to TF32 (10 mantissa bits) to nearest, ties away from zero (as cvt.rna).
+        Left to the tensor cores, an fp32 operand's 13 low bits are the implementation's to handle
+        (truncation, in effect): a bias that sums over a map collect (a BN bias gradient: twice the
+        bf16 reference's error under the CPU emulation, which truncates). NaN stays NaN."""
         u = x.to(tl.int32, bitcast=True)
         r = ((u + 0x1000) & -8192).to(tl.float32, bitcast=True)  # -8192: the mask 0xFFFFE000
         return tl.where(x == x, r, x)

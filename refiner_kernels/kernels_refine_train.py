@@ -410,7 +410,7 @@ def _dot_precision(attn) -> str:
     for fp16 and bf16 maps) or "ieee" (fp32 FMA dots). TF32 goes to the dots of the expansion, the
     stencil's recompute, the reduction and the gradients; fp32 maps and the BN1 Gram matrix are
     always IEEE.
-    H100, bf16, B=32 N=197 fwd+bwd: 14.9 ms against 18.1 (IEEE); Refiner-ViT-S training 1.36x the
+    H100, bf16, B=32 N=197 fwd+bwd: 14.9 ms against 18.1 (IEEE); Refiner-ViT-S training 1.35x the
     images/s with the saved Y3 (benchmarks/results, round 3).
     Accuracy: TF32 keeps 10 mantissa bits, bf16 8: every gradient is closer to the fp32 reference
     than the reference's own gradients computed in bf16 (test_refine_train_half_tf32 with emulated
