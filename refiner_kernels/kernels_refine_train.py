@@ -365,10 +365,10 @@ def _f32(t):
 
 
 def _pack(rows, width):
-    out = torch.zeros(len(rows), width, dtype=torch.float32, device=rows[0].device)
-    for i, r in enumerate(rows):
-        out[i, :r.numel()] = r.to(torch.float32)
-    return out.contiguous()
+    """Equal-length vectors as the rows of an fp32 (rows, width) table, zero-padded: a few kernels
+    for the whole table (a copy per row was most of the ~500 small launches of a layer's step)."""
+    packed = torch.stack(rows).to(torch.float32)
+    return torch.nn.functional.pad(packed, (0, width - packed.shape[1])).contiguous()
 
 
 def _x2_on_halo_tiles() -> bool:
@@ -520,8 +520,13 @@ def aux_size(H, RH):
 
 def _as_aux(st):
     """Statistics rounded as the backward sees them (aux is fp32): forward and backward fold the
-    same values, so Z is bit-identical in every pass."""
-    return {k: t.float().double() for k, t in st.items()}
+    same values, so Z is bit-identical in every pass. (One round trip for all of them: views of it.)"""
+    flat = torch.cat([t.reshape(-1) for t in st.values()]).float().double()
+    out, i = {}, 0
+    for k, t in st.items():
+        out[k] = flat[i:i + t.numel()].view(t.shape)
+        i += t.numel()
+    return out
 
 
 def _hv(f, st, ga, ba, HP, rest=None):

@@ -468,7 +468,7 @@ def test_autotune_specs_name_real_kernel_arguments():
 
 def test_refine_train_passes_are_profiler_ranges(monkeypatch):
     """Each pass of a training step is a profiler range that benchmarks/profile_models.py reports:
-    forward F1-F5, backward F3 again (the Y3 buffer, not saved by default), F5 (R), B1, B2 and B3."""
+    forward F1-F6, backward B0, F3 again (the Y3 buffer, not saved here), F5 (R), B1-B4."""
     monkeypatch.setenv("REFINER_TRITON_TRAIN_SAVE_Y3", "0")
     import sys
     from pathlib import Path
@@ -484,7 +484,8 @@ def test_refine_train_passes_are_profiler_ranges(monkeypatch):
     passes = profile_models.summarize(prof.key_averages(), False, 1, 5)["refine_train_passes"]
     calls = {name: p["calls"] for name, p in passes.items()}
     assert calls == {"F1 moments of A": 1, "F2 BN2 stats (X2)": 1, "F3 Y3 + BN3 stats": 2, "F4 BN_a stats": 1,
-                     "F5 R": 2, "B1 sums": 1, "B2 dY3 dW_p dD": 1, "B3 dX2 dW_dw dA": 1}, calls
+                     "F5 R": 2, "F6 out = R v": 1, "B0 dv = R^T dO, dR = dO v^T": 1, "B1 sums": 1,
+                     "B2 dY3 dW_p dD": 1, "B3 dX2 dW_dw dA": 1, "B4 BN1 terms of dA": 1}, calls
     assert all(p["ms"] > 0 for p in passes.values())
 
 
