@@ -5,8 +5,9 @@
 #   bash benchmarks/gpu_round.sh quick         # everything that fits ONE call of a 15-minute lease:
 #                                              # build (sm_90) while the Triton GPU tests run, then the
 #                                              # CUDA/cross-backend tests, bench_ops of the refine ops
-#                                              # (N 197/577, bf16), bench_models (S and ViT-S, 224 px, no
-#                                              # compile), both with the candidate kernels as extra rows
+#                                              # (N 197/577, bf16), refine_train by pass
+#                                              # (bench_train_passes), bench_models (S and ViT-S, 224 px,
+#                                              # no compile), with the other settings as extra rows
 #                                              # (--env-variants), then in the time left a profile
 #                                              # (Refiner-ViT-S fused[triton] vs reference); next call:
 #                                              # STAGE_BUDGET=260 bash benchmarks/gpu_round.sh sanitize
@@ -153,7 +154,9 @@ stage_quick() {
   describe_backends
   REFINER_TRITON_AUTOTUNE=0 run_step pytest_gpu 110 "$PY" -m pytest -q -ra "${XDIST[@]}" \
     tests/test_compiled_cuda.py tests/test_extremes.py tests/test_bad_inputs.py tests/test_fused.py \
-    tests/test_properties.py
+    tests/test_properties.py tests/test_cuda_entry_checks.py \
+    tests/test_compiled_ops.py::test_extension_shares_the_shared_libstdcxx \
+    tests/test_compiled_ops.py::test_integer_in_an_error_message_in_a_subprocess
   # the refine ops, Triton and reference (the softmax block and the CUDA kernels are unchanged since the
   # second round; N = 197 rows first, the time limit may cut N = 577) with the other settings beside
   # the defaults (TF32 dots for bf16, the forward's Y3 kept) in the same runs (rows labelled

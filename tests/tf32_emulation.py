@@ -1,10 +1,11 @@
 """TF32 tensor-core dots under the Triton interpreter, so that the CPU tests see the GPU's numerics.
 
 The interpreter computes every `tl.dot` on fp32 operands in full fp32, whatever its
-input_precision. On the GPU, input_precision="tf32" feeds the tensor cores only the top 19 bits of
-each fp32 operand (sign, exponent, 10 mantissa bits) and accumulates in fp32. `install()` makes the
-interpreter drop those 13 low mantissa bits (truncation: the coarser of truncation and rounding, so
-the emulated error bounds the GPU's) before its fp32 matmul; "tf32x3" and "ieee" dots are untouched.
+input_precision. On the GPU, input_precision="tf32" gives the tensor cores TF32 operands (sign,
+exponent, 10 mantissa bits) and accumulates in fp32. `install()` makes the interpreter drop each
+fp32 operand's 13 low mantissa bits before its fp32 matmul (truncation, the coarser of truncation
+and rounding); "tf32x3" and "ieee" dots are untouched. The kernels round their TF32 operands to
+nearest first (refiner_kernels.kernels_refine_eval.tf32_round), so for them the emulation is exact.
 """
 from __future__ import annotations
 
