@@ -77,8 +77,9 @@ def _torch_libstdcxx():
     return None
 
 
-if sys.platform.startswith("linux") and _torch_libstdcxx():
-    link_flags.append(_torch_libstdcxx())
+_LIBSTDCXX = _torch_libstdcxx() if sys.platform.startswith("linux") else None
+if _LIBSTDCXX:
+    link_flags.append(_LIBSTDCXX)
 if WITH_CUDA:
     sources += sorted(glob.glob("csrc/cuda/*.cu") + glob.glob("csrc/cuda/*.cpp"))
     ext = CUDAExtension(

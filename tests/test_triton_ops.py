@@ -394,8 +394,8 @@ def test_refine_train_half_tf32(monkeypatch, N, ks, B):
 
 @pytest.mark.skipif(DEV != "cpu", reason="checks the interpreter's TF32 emulation (CPU only)")
 def test_interpreter_emulates_tf32_dots():
-    """Under the interpreter a tf32 dot drops its operands' 13 low mantissa bits (as the GPU's
-    tensor cores read them) and an ieee dot does not."""
+    """Under the interpreter a tf32 dot drops its operands' 13 low mantissa bits (TF32 operands, as
+    on the GPU) and an ieee dot does not."""
     import triton
     import triton.language as tl
 
