@@ -128,6 +128,19 @@ def test_softmax_block_fp32(B, H, N, d, prev):
             [q, k, v, p], rtol=1e-5, atol=2e-5, names=["q", "k", "v", "prev"])
 
 
+@pytest.mark.parametrize("small_gemm", ["1", "0"])
+@pytest.mark.parametrize("B,H,N,d", [(1, 2, 1, 1), (1, 3, 13, 35), (2, 2, 30, 70), (1, 2, 61, 16)])
+def test_softmax_block_gemm_paths(monkeypatch, small_gemm, B, H, N, d):
+    """fp32 per-head GEMMs: the AVX-512 kernels (cpu/small_gemm.h, where the CPU has AVX-512F) and
+    BLAS (REFINER_CPU_SMALL_GEMM=0), forward and backward, against the fp64 reference. Shapes cut
+    every tail: rows in blocks of 12, 4 and 1 (N = 1, 13, 30, 61), 32-column blocks and their
+    remainders (d = 1, 16, 35, 70; N columns for q k^T), transposed operands in the backward."""
+    monkeypatch.setenv("REFINER_CPU_SMALL_GEMM", small_gemm)
+    q, k, v, p = softmax_inputs(B, H, N, d, True, torch.float32)
+    compare(lambda q, k, v, p: C.softmax_block(q, k, v, p, 0.3), lambda q, k, v, p: R.softmax_block(q, k, v, p, 0.3),
+            [q, k, v, p], rtol=1e-5, atol=2e-5, ref_inputs=[t.double() for t in (q, k, v, p)])
+
+
 @pytest.mark.parametrize("prev", [True, False])
 def test_softmax_block_portable_path(monkeypatch, prev):
     """REFINER_CPU_PORTABLE=1: the CPU forward uses the element-wise math of the CUDA kernel."""

@@ -14,6 +14,7 @@
 #include "common/refine_tile.h"
 #include "cpu/micro_kernels.h"
 #include "cpu/portable.h"
+#include "cpu/small_gemm.h"
 #include "validate.h"
 
 namespace refiner {
@@ -71,9 +72,31 @@ struct BlasSerialGuard {
 
 // Row-major C(m x n) = alpha op(A) op(B) (+ C when accumulate), op(B) = B (k x n, ld ldb) or,
 // with transB, B^T for B (n x k, ld ldb); likewise op(A) = A (m x k) or, with transA, A^T (k x m). Single-threaded (called per tile / per head).
+// fp32 on a CPU with AVX-512: cpu/small_gemm.h instead of BLAS (REFINER_CPU_SMALL_GEMM=0: BLAS).
+inline bool small_gemm_on() {
+  static const bool supported = cpu::small_gemm_supported();
+  const char* e = std::getenv("REFINER_CPU_SMALL_GEMM");
+  return supported && !(e && e[0] == '0');
+}
+
 template <class F>
 void gemm_rm(int64_t m, int64_t n, int64_t k, const F* A, int64_t lda, const F* B, int64_t ldb, F* C, int64_t ldc,
              bool accumulate = false, bool transB = false, F alpha = F(1), bool transA = false) {
+#ifdef RF_HAVE_SMALL_GEMM
+  if constexpr (std::is_same<F, float>::value) {
+    if (small_gemm_on()) {
+      thread_local std::vector<float> bt;  // op(B) row-major when B comes transposed
+      if (transB) {
+        bt.resize((size_t)(k * n));
+        for (int64_t j = 0; j < n; ++j)
+          for (int64_t kk = 0; kk < k; ++kk) bt[kk * n + j] = B[j * ldb + kk];
+      }
+      cpu::small_gemm(m, n, k, A, transA ? 1 : lda, transA ? lda : 1, transB ? bt.data() : B, transB ? n : ldb, C, ldc,
+                      alpha, accumulate);
+      return;
+    }
+  }
+#endif
   if (has_blas<F>()) {
     // column-major view: C^T (n x m) = op(B)^T (n x k) A^T (k x m)
     const int im = (int)n, in = (int)m, ik = (int)k, ila = (int)ldb, ilb = (int)lda, ilc = (int)ldc;
