@@ -70,15 +70,16 @@ struct BlasSerialGuard {
   }
 };
 
-// Row-major C(m x n) = alpha op(A) op(B) (+ C when accumulate), op(B) = B (k x n, ld ldb) or,
-// with transB, B^T for B (n x k, ld ldb); likewise op(A) = A (m x k) or, with transA, A^T (k x m). Single-threaded (called per tile / per head).
 // fp32 on a CPU with AVX-512: cpu/small_gemm.h instead of BLAS (REFINER_CPU_SMALL_GEMM=0: BLAS).
+// Read at every call, as the other switches are (a refine forward at B=8 makes ~700 calls).
 inline bool small_gemm_on() {
   static const bool supported = cpu::small_gemm_supported();
   const char* e = std::getenv("REFINER_CPU_SMALL_GEMM");
   return supported && !(e && e[0] == '0');
 }
 
+// Row-major C(m x n) = alpha op(A) op(B) (+ C when accumulate), op(B) = B (k x n, ld ldb) or,
+// with transB, B^T for B (n x k, ld ldb); likewise op(A) = A (m x k) or, with transA, A^T (k x m). Single-threaded (called per tile / per head).
 template <class F>
 void gemm_rm(int64_t m, int64_t n, int64_t k, const F* A, int64_t lda, const F* B, int64_t ldb, F* C, int64_t ldc,
              bool accumulate = false, bool transB = false, F alpha = F(1), bool transA = false) {

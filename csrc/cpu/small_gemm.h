@@ -1,9 +1,9 @@
 // An AVX-512 fp32 GEMM for the per-head products of the CPU drivers (ops_cpu.cpp's gemm_rm): the
 // softmax block's S = scale q k^T (N x N, K = d) and attn v (N x d, K = N), their backward's, and the
-// refine forward's R v. At these shapes (N ~ 200, d ~ 32) BLAS runs at half of the core's FMA rate
-// (q k^T at N = 197, d = 32 on one core of the 2-core AMD EPYC dev VM: MKL 39 GFMA/s, this 73):
-// register blocks of 12 rows x 32 columns (24 zmm accumulators), the row operand broadcast, no
-// packing but op(B)'s transpose. Used when the CPU has AVX-512F (checked at run time; the
+// refine forward's R v. At these shapes (N ~ 200, d ~ 32) BLAS runs far below the core's FMA rate
+// (one core of the 2-core AMD EPYC dev VM, N = 197, d = 32: q k^T MKL 41 GFMA/s, this 97; attn v
+// 41 against 117): register blocks of 12 rows x 32 columns (24 zmm accumulators), the row operand
+// broadcast, no packing but op(B)'s transpose. Used when the CPU has AVX-512F (checked at run time; the
 // functions are compiled for it by target attributes).
 #pragma once
 
