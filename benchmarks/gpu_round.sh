@@ -168,6 +168,10 @@ stage_quick() {
     --env-variants "triton:REFINER_TRITON_TRAIN_DOT=ieee,REFINER_TRITON_TRAIN_SAVE_Y3=0@refine_train" \
     "triton:REFINER_TRITON_TRAIN_DOT=ieee@refine_train" "triton:REFINER_TRITON_TRAIN_SAVE_Y3=0@refine_train" \
     "triton:REFINER_TRITON_TRAIN_X2=halo@refine_train" "triton:REFINER_TRITON_REFINE_FWD=tile@refine_eval"
+  # the CUDA backend's tensor-core forwards (new after round 3) beside its fp32 kernels
+  run_step bench_ops_cuda 60 "$PY" benchmarks/bench_ops.py --out "$RES" --rep-ms 25 --n 197 577 --heads 12 \
+    --head-dim 32 --dtypes bf16 --ops softmax_block refine_eval --backends cuda reference \
+    --env-variants "cuda:REFINER_CUDA_TENSOR_CORES=0"
   # refine_train's time by pass (CUDA events around each pass's launches), defaults and IEEE dots
   run_step bench_train_passes 30 "$PY" benchmarks/bench_train_passes.py --out "$RES"
   run_step bench_train_passes_ieee 25 "$PY" benchmarks/bench_train_passes.py --out "$RES" --n 197 \

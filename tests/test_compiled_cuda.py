@@ -12,6 +12,7 @@ from refiner import _compiled as C
 from refiner import reference as R
 from test_compiled_ops import (REFINE_CASES, REFINE_NAMES, TRAIN_CASES, TRAIN_NAMES, _opcheck_cases, assert_close, check_train,
                                compare, grads, refine_inputs, softmax_inputs, train_inputs)
+from utils import check_tensor_core_refine, check_tensor_core_softmax
 
 pytestmark = [
     requires_cuda,
@@ -33,6 +34,16 @@ def test_softmax_block_fp32(B, H, N, d, prev):
     s = d ** -0.5
     compare(lambda q, k, v, p: C.softmax_block(q, k, v, p, s), lambda q, k, v, p: R.softmax_block(q, k, v, p, s),
             [q, k, v, p], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("B,H,N,d,prev", [(2, 12, 197, 32, True), (1, 16, 50, 35, False), (1, 2, 33, 128, True),
+                                          (3, 1, 1, 1, True), pytest.param(1, 12, 577, 64, True, marks=pytest.mark.large)])
+def test_softmax_block_tensor_cores(monkeypatch, B, H, N, d, prev, dtype):
+    """The tensor-core forward (mma.sync TF32) against fp64 and the fp32 kernel (utils.check_tensor_core_softmax)."""
+    args = softmax_inputs(B, H, N, d, prev, dtype, device=DEV)
+    with torch.no_grad():
+        check_tensor_core_softmax(lambda a, s: C.softmax_block(*a, s), monkeypatch, args, d ** -0.5)
 
 
 @pytest.mark.large
@@ -99,6 +110,23 @@ def test_refine_eval_half(dtype, tol):
     args, expand = refine_inputs(2, 12, 17, 32, 3, 3, dtype, device=DEV)
     compare(lambda *a: C.refine_eval(*a, expand), lambda *a: R.refine_eval(*a, expand), args,
             rtol=tol, atol=tol, ref_inputs=[t.float() for t in args], names=REFINE_NAMES)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("B,H,N,d,ratio,k", [(2, 12, 197, 32, 3, 3), (1, 16, 50, 35, 6, 5), (1, 3, 17, 128, 2, 7),
+                                             (3, 2, 9, 4, 1, 1), pytest.param(1, 12, 577, 32, 3, 3, marks=pytest.mark.large)])
+def test_refine_eval_tensor_cores(monkeypatch, B, H, N, d, ratio, k, dtype):
+    """The tensor-core forward (mma.sync TF32) against fp64 and the fp32 kernel (utils.check_tensor_core_refine)."""
+    args, expand = refine_inputs(B, H, N, d, ratio, k, dtype, device=DEV)
+    with torch.no_grad():
+        check_tensor_core_refine(lambda a: C.refine_eval(*a, expand), monkeypatch, args, expand)
+
+
+@pytest.mark.large
+def test_refine_eval_tensor_cores_large_batch_grid():
+    args, expand = refine_inputs(70000, 2, 3, 4, 2, 3, torch.bfloat16, device=DEV)
+    with torch.no_grad():
+        assert_close(C.refine_eval(*args, expand), R.refine_eval(*[t.float() for t in args], expand), 3e-2, 3e-2)
 
 
 @pytest.mark.large

@@ -25,6 +25,7 @@ from hypothesis import strategies as st
 import cuda_emu
 from refiner import reference as R
 from test_compiled_ops import assert_close, grads, refine_inputs, softmax_inputs
+from utils import check_tensor_core_refine, check_tensor_core_softmax
 
 pytestmark = pytest.mark.skipif(cuda_emu.UNSUPPORTED is not None, reason=str(cuda_emu.UNSUPPORTED))
 # Under `python tests/cuda_emu.py --asan`, ASan's C++ throw interceptor aborts once fibers have switched
@@ -78,9 +79,20 @@ def test_emulator_shuffle_sum(E):
     assert torch.equal(out[:4], x.sum(1))
 
 
+def test_emulator_mma(E):
+    """The emulated mma.sync m16n8k8 (TF32) with the fragment layouts of csrc/cuda/mma.cuh is A B + C."""
+    i = torch.arange(128)
+    a = ((i * 7) % 13 - 6).float().mul(0.25).view(16, 8)  # as mma_inputs() in ops_cuda_emu.cpp
+    b = ((i[:64] * 5) % 11 - 5).float().mul(0.5).view(8, 8)
+    out = E.selftest("mma", 32)
+    assert torch.equal(out.view(16, 8), a @ b + 1)
+
+
 @pytest.mark.parametrize("case,message", [
     ("divergent_sync", "__syncthreads reached by 64 of the 128 threads"),
     ("divergent_shfl", "__shfl_xor_sync reached by 16 of the 32 lanes"),
+    ("mma_divergent", "mma_tf32 reached by 16 of the 32 lanes"),
+    ("mma_unrounded", "lane 5 passed an operand that is not a TF32 value"),
     ("smem_overflow", "wrote past its 512 bytes of dynamic shared memory"),
     ("big_smem", "need cudaFuncSetAttribute"),
 ])
@@ -162,6 +174,27 @@ def test_softmax_block_half(E, dtype, tol):
     assert_close(out, r_out, tol, tol, "out")
 
 
+def check_softmax_block_tc(E, monkeypatch, B, H, N, d, prev, dtype):
+    args = softmax_inputs(B, H, N, d, prev, dtype)
+    check_tensor_core_softmax(lambda a, s: on_schedules(E, lambda: E.softmax_block(*map(fenced, a), s)),
+                              monkeypatch, args, d ** -0.5)
+
+
+# N = 17: a partial 16-row tile; 65, 300: partial key tiles; d = 35: padded to 40; d = 128: 2 items a warp
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("B,H,N,d,prev", [(1, 1, 1, 1, True), (2, 3, 17, 35, True), (1, 2, 65, 32, False),
+                                          (1, 1, 300, 8, True), (1, 1, 33, 128, False)])
+def test_softmax_block_tensor_cores(E, monkeypatch, B, H, N, d, prev, dtype):
+    check_softmax_block_tc(E, monkeypatch, B, H, N, d, prev, dtype)
+
+
+@given(B=st.integers(1, 2), H=st.integers(1, 3), N=st.integers(1, 80), d=st.integers(1, 64), prev=st.booleans(),
+       dtype=st.sampled_from([torch.float16, torch.bfloat16]))
+def test_softmax_block_tensor_cores_property(E, B, H, N, d, prev, dtype):
+    with pytest.MonkeyPatch.context() as mp:
+        check_softmax_block_tc(E, mp, B, H, N, d, prev, dtype)
+
+
 # ----------------------------------------------------------------------------- refine (eval)
 REFINE_NAMES = ["attn", "v", "w_exp", "b_exp", "w_dw", "b_dw", "w_pro", "b_pro", "alpha", "beta"]
 # N = 1 (map smaller than the kernel); N = 70 crosses the forward's 64-column tiles and N = 33, 40
@@ -231,6 +264,50 @@ def test_refine_eval_half(E, dtype, tol):
         assert_close(a, e, tol, tol, f"grad {name}")
 
 
+# The tensor-core forward (fp16/bf16, H <= 16; criteria in utils.check_tensor_core_refine). N = 40 and
+# 70 cross the 32-column tiles, N = 17 the 8-row ones; d = 128 gives a warp 5 (head, 16 rows of d) items.
+TC_CASES = [c for c in EMU_REFINE_CASES if c[1] <= 16] + [(1, 5, 40, 128, 2, 3)]
+
+
+def check_refine_eval_tc(E, monkeypatch, B, H, N, d, ratio, k, dtype, seed=0):
+    args, expand = refine_inputs(B, H, N, d, ratio, k, dtype, seed=seed)
+    return check_tensor_core_refine(lambda a: on_schedules(E, lambda: E.refine_eval(*map(fenced, a), expand))[0],
+                                    monkeypatch, args, expand)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("B,H,N,d,ratio,k", TC_CASES)
+def test_refine_eval_tensor_cores(E, monkeypatch, B, H, N, d, ratio, k, dtype):
+    out, fp32 = check_refine_eval_tc(E, monkeypatch, B, H, N, d, ratio, k, dtype)
+    if dtype == torch.float16 and N > 8 and ratio > 1:  # TF32 rounding shows in fp16's last bits: the path ran
+        assert not torch.equal(out, fp32)
+
+
+@given(B=st.integers(1, 2), H=st.integers(1, 16), N=st.integers(1, 40), d=st.integers(1, 40),
+       ratio=st.integers(1, 6), k=st.sampled_from([1, 3, 5, 7]), seed=st.integers(0, 2 ** 16),
+       dtype=st.sampled_from([torch.float16, torch.bfloat16]))
+def test_refine_eval_tensor_cores_property(E, B, H, N, d, ratio, k, seed, dtype):
+    with pytest.MonkeyPatch.context() as mp:
+        check_refine_eval_tc(E, mp, B, H, N, d, ratio, k, dtype, seed)
+
+
+def test_refine_eval_tensor_cores_fallback(E, monkeypatch):
+    """H > 16 and the backward's R recompute run on the fp32 kernel: bitwise the switch-off result."""
+    args, expand = refine_inputs(1, 17, 9, 4, 2, 3, torch.float16)
+    monkeypatch.setenv("REFINER_CUDA_TENSOR_CORES", "0")
+    off = E.refine_eval(*args, expand)
+    monkeypatch.setenv("REFINER_CUDA_TENSOR_CORES", "1")
+    assert torch.equal(E.refine_eval(*args, expand), off)
+
+
+@raises_in_launcher
+def test_refine_eval_tensor_cores_switch_invalid(E, monkeypatch):
+    monkeypatch.setenv("REFINER_CUDA_TENSOR_CORES", "yes")
+    args, expand = refine_inputs(1, 2, 5, 4, 2, 3, torch.float16)
+    with pytest.raises(RuntimeError, match="REFINER_CUDA_TENSOR_CORES must be 0 or 1, got 'yes'"):
+        E.refine_eval(*args, expand)
+
+
 @raises_in_launcher
 def test_refine_eval_shared_memory_limit(E):
     """More shared memory than an H100 block has: a clear error naming the op, not a failed launch."""
@@ -273,9 +350,20 @@ def test_no_shared_memory_write_conflicts(E, monkeypatch, write_check, rows):
     check_refine_eval(E, 1, 2, 7, 3, 1, 5)
 
 
+def test_no_shared_memory_write_conflicts_tensor_cores(E, monkeypatch, write_check):
+    check_softmax_block_tc(E, monkeypatch, 1, 1, 20, 9, True, torch.float16)
+    check_refine_eval_tc(E, monkeypatch, 1, 3, 10, 5, 3, 3, torch.float16)
+    check_refine_eval_tc(E, monkeypatch, 1, 2, 9, 3, 1, 5, torch.bfloat16)
+
+
 # ----------------------------------------------------------------------------- a model's shapes
 def test_refiner_vit_s_shapes(E):
     """One image of Refiner-ViT-S at 224 px (H=12, N=197, d=32, ratio 3, k=3): partial last tiles in
     rows (197 = 49 * 4 + 1), forward columns (3 * 64 + 5), backward columns (6 * 32 + 5) and keys."""
     check_refine_eval(E, 1, 12, 197, 32, 3, 3)
     check_softmax_block(E, 1, 12, 197, 32, True)
+
+
+def test_refiner_vit_s_shapes_tensor_cores(E, monkeypatch):
+    """The same image in bf16 on the tensor-core forward: 197 = 24 * 8 + 5 rows, 6 * 32 + 5 columns."""
+    check_refine_eval_tc(E, monkeypatch, 1, 12, 197, 32, 3, 3, torch.bfloat16)

@@ -25,3 +25,52 @@ def assert_no_worse_than(got, want, half, names, slack=1e-3):
         err, base = (a.double() - b).norm().item(), (h.double() - b).norm().item()
         assert err <= base + slack * b.norm().item(), \
             f"d{n}: |kernel - ref| = {err:.3e} > |half-type ref - ref| = {base:.3e} (|ref| = {b.norm().item():.3e})"
+
+
+def check_tensor_core_refine(run, monkeypatch, args, expand):
+    """The compiled refine_eval's tensor-core forward (csrc/cuda/refine_eval_tc.cuh: fp16/bf16 maps,
+    H <= 16) against fp64 and next to the fp32 kernel (REFINER_CUDA_TENSOR_CORES=0); `run(args)`
+    calls the op. Its extra error is TF32's rounding (2^-11 relative, as fp16's own) of the weights,
+    E, D and R: elements must stay within 4e-3 of the output's scale for fp16 maps (the fp32
+    kernel's half tolerance) and 3e-2 for bf16, whose output rounding (2^-8) dominates; the 2-norm
+    error may exceed the fp32 kernel's by at most 3x (measured on the emulator: up to 1.8x).
+    Returns (tensor-core output, fp32-kernel output)."""
+    import torch
+    from refiner import reference as R
+    from test_compiled_ops import assert_close
+    r_out = R.refine_eval(*[t.double() for t in args], expand)
+    monkeypatch.setenv("REFINER_CUDA_TENSOR_CORES", "0")
+    fp32 = run(args)
+    monkeypatch.setenv("REFINER_CUDA_TENSOR_CORES", "1")
+    out = run(args)
+    assert out.dtype == args[0].dtype
+    tol = 4e-3 if out.dtype == torch.float16 else 3e-2
+    assert_close(out, r_out, tol, tol, "out")
+    err, err32 = (out.double() - r_out).norm().item(), (fp32.double() - r_out).norm().item()
+    assert err <= 3 * err32 + 1e-6 * r_out.norm().item(), \
+        f"tensor-core 2-norm error {err:.3e} vs the fp32 kernel's {err32:.3e}"
+    return out, fp32
+
+
+def check_tensor_core_softmax(run, monkeypatch, args, s):
+    """The compiled softmax block's tensor-core forward (csrc/cuda/softmax_block_tc.cuh: fp16/bf16)
+    against fp64 and next to the fp32 kernel (REFINER_CUDA_TENSOR_CORES=0); `run(args, s)` calls the
+    op on args = (q, k, v, prev or None). Its operands (the inputs, the stored attn) are exact in
+    TF32 and it accumulates in fp32, so only the summation order differs from the fp32 kernel: attn
+    and out may differ from it by one rounding of the half type (2^-10 / 2^-7 relative to the
+    scale), and stay within the half tolerance of fp64."""
+    import torch
+    from refiner import reference as R
+    from test_compiled_ops import assert_close
+    monkeypatch.setenv("REFINER_CUDA_TENSOR_CORES", "0")
+    out32, attn32 = run(args, s)
+    monkeypatch.setenv("REFINER_CUDA_TENSOR_CORES", "1")
+    out, attn = run(args, s)
+    r_out, r_attn = R.softmax_block(*(t.double() if t is not None else None for t in args), s)
+    dtype = args[0].dtype
+    tol, ulp = (4e-3, 2 ** -10) if dtype == torch.float16 else (3e-2, 2 ** -7)
+    assert out.dtype == attn.dtype == dtype
+    assert_close(attn, r_attn, tol, tol, "attn")
+    assert_close(out, r_out, tol, tol, "out")
+    assert_close(attn, attn32, ulp, 0, "attn vs the fp32 kernel")
+    assert_close(out, out32, ulp, ulp, "out vs the fp32 kernel")

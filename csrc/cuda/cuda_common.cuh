@@ -22,8 +22,14 @@
 #define RF_CUDA_LIB refiner
 #define RF_CUDA_KEY CUDA
 #endif
+#ifdef REFINER_CUDA_EMU
+#define RF_UNROLL
+#else
+#define RF_UNROLL _Pragma("unroll")
+#endif
 
 #include "common/refine_tile.h"
+#include "cuda/mma.cuh"
 #include "validate.h"
 
 namespace refiner {
@@ -103,6 +109,18 @@ int tile_rows(const char* env, int dflt, SmemOf smem_of) {
   const size_t mx = (size_t)device_attr(cudaDevAttrMaxSharedMemoryPerBlockOptin);
   while (tr > 1 && smem_of(tr) > mx) --tr;
   return tr;
+}
+
+// The tensor-core kernels (softmax block and refine forwards) serve fp16/bf16 inputs on sm_80+;
+// REFINER_CUDA_TENSOR_CORES=0 keeps those on the fp32 CUDA-core kernels (for comparisons).
+inline bool tensor_cores_for(at::ScalarType st) {
+  if (st != at::kHalf && st != at::kBFloat16) return false;
+  if (const char* e = std::getenv("REFINER_CUDA_TENSOR_CORES")) {
+    const std::string v(e);
+    TORCH_CHECK(v == "0" || v == "1", "REFINER_CUDA_TENSOR_CORES must be 0 or 1, got '", v, "'");
+    if (v == "0") return false;
+  }
+  return device_attr(cudaDevAttrComputeCapabilityMajor) >= 8;
 }
 
 inline Tensor f32(const Tensor& t) { return t.to(at::kFloat).contiguous(); }

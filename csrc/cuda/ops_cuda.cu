@@ -31,6 +31,8 @@ __device__ void stage_keys(float* kv, const T* src, int64_t j0, int nk, int d, i
   __syncthreads();
 }
 
+#include "cuda/softmax_block_tc.cuh"
+
 template <class T>
 __global__ void softmax_block_fwd_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
                                          const T* __restrict__ prev, T* __restrict__ out, T* __restrict__ attn,
@@ -107,9 +109,23 @@ std::tuple<Tensor, Tensor> softmax_block_cuda(const Tensor& q_, const Tensor& k_
   const int64_t B = q.size(0), H = q.size(1), N = q.size(2), d = q.size(3);
   auto out = at::empty_like(q);
   auto attn = at::empty({B, H, N, N}, q.options());
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  const size_t tc_smem = softmax_block_tc_smem(N, d);
+  if (tensor_cores_for(q.scalar_type()) &&
+      tc_smem <= (size_t)device_attr(cudaDevAttrMaxSharedMemoryPerBlockOptin)) {
+    AT_DISPATCH_REDUCED_FLOATING_TYPES(q.scalar_type(), "softmax_block_cuda_tc", [&] {
+      set_smem(softmax_block_fwd_tc_kernel<scalar_t>, tc_smem, "softmax_block");
+      RF_LAUNCH(softmax_block_fwd_tc_kernel<scalar_t>, grid_for(B * H * ((N + kSbTcRows - 1) / kSbTcRows)),
+                32 * kSbTcWarps, tc_smem, stream)(q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(),
+                                                  has_prev ? prev.data_ptr<scalar_t>() : nullptr,
+                                                  out.data_ptr<scalar_t>(), attn.data_ptr<scalar_t>(), B * H, N, (int)d,
+                                                  (float)scale);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+    return {out, attn};
+  }
   const int TQ = tile_rows("REFINER_CUDA_SOFTMAX_ROWS", 16, [&](int tq) { return softmax_block_smem(N, d, tq); });
   const size_t smem = softmax_block_smem(N, d, TQ);
-  auto stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "softmax_block_cuda", [&] {
     set_smem(softmax_block_fwd_kernel<scalar_t>, smem, "softmax_block");
     RF_LAUNCH(softmax_block_fwd_kernel<scalar_t>, grid_for(B * H * ((N + TQ - 1) / TQ)), kSoftmaxThreads, smem,
@@ -226,6 +242,8 @@ struct RefineWF {
   const float *w_exp, *b_exp, *w_dw, *b_dw, *w_pro, *b_pro, *alpha, *beta;
 };
 
+#include "cuda/refine_eval_tc.cuh"
+
 constexpr int kTC = 64;
 static_assert(kThreads % kTC == 0, "whole thread-rows");
 
@@ -316,7 +334,35 @@ RefineCuda prep_refine_cuda(const Tensor& attn, const Tensor& v, const Tensor& w
           expand};
 }
 
+// The tensor-core refine forward (refine_eval_tc.cuh) serves fp16/bf16 outputs for H <= 16.
+bool use_refine_tc(const RefineCuda& r, bool rmap) {
+  return !rmap && refine_tc_eligible(r.H) && tensor_cores_for(r.attn.scalar_type());
+}
+
+template <class T, int K>
+void launch_refine_fwd_tc_k(const RefineCuda& r, Tensor& out) {
+  const size_t smem = refine_fwd_tc_smem(r.H, r.d, K);
+  auto* kernel = refine_fwd_tc_kernel<T, K>;
+  set_smem(kernel, smem, "refine_eval");
+  RF_LAUNCH(kernel, grid_for(r.B * ((r.N + kTcRows - 1) / kTcRows)), kTcThreads, smem,
+            c10::cuda::getCurrentCUDAStream())(r.attn.data_ptr<T>(), r.v.data_ptr<T>(), r.wf(), r.B, (int)r.H, r.N,
+                                               (int)r.d, (int)r.rH, r.expand, out.data_ptr<T>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+void launch_refine_fwd_tc(const RefineCuda& r, Tensor& out) {
+  AT_DISPATCH_REDUCED_FLOATING_TYPES(r.attn.scalar_type(), "refine_eval_cuda_tc", [&] {
+    switch (r.k) {  // validated: odd, 1..7
+      case 1: return launch_refine_fwd_tc_k<scalar_t, 1>(r, out);
+      case 3: return launch_refine_fwd_tc_k<scalar_t, 3>(r, out);
+      case 5: return launch_refine_fwd_tc_k<scalar_t, 5>(r, out);
+      default: return launch_refine_fwd_tc_k<scalar_t, 7>(r, out);
+    }
+  });
+}
+
 void launch_refine_fwd(const RefineCuda& r, Tensor* out, Tensor* Rmap) {
+  if (out && use_refine_tc(r, Rmap != nullptr)) return launch_refine_fwd_tc(r, *out);
   const int TR = tile_rows("REFINER_CUDA_TILE_ROWS", 4, [&](int tr) { return refine_fwd_smem(r.H, r.d, (int)r.k, tr); });
   const size_t smem = refine_fwd_smem(r.H, r.d, (int)r.k, TR);
   auto stream = c10::cuda::getCurrentCUDAStream();

@@ -4,12 +4,13 @@
 //
 // Model: the blocks of a grid run one after another; the threads of a block are fibers
 // (ucontext) on one OS thread, each with its own stack. A fiber runs until it reaches a
-// collective point (__syncthreads, __shfl_xor_sync) or exits; the scheduler then releases
-// what CUDA would release: a warp whose 32 lanes all wait at a shuffle, or the block when
-// every thread waits at __syncthreads. So a kernel's code runs with CUDA's
+// collective point (__syncthreads, __shfl_xor_sync, a tensor-core mma) or exits; the scheduler
+// then releases what CUDA would release: a warp whose 32 lanes all wait at the same warp
+// collective, or the block when every thread waits at __syncthreads. So a kernel's code runs with CUDA's
 // synchronisation semantics, and what a GPU would not forgive is an error here:
 //   * __syncthreads not reached by every thread of the block (divergent barrier);
-//   * a shuffle not reached by all 32 lanes of its warp, or with a partial mask;
+//   * a shuffle or mma not reached by all 32 lanes of its warp, or a shuffle with a partial mask;
+//   * an mma operand that is not a TF32 value (the kernel forgot to round it: tf32_rna);
 //   * writes past the dynamic shared memory (a canary after it), more than 48 KiB of it
 //     without cudaFuncSetAttribute, more than an H100 block may have;
 //   * block sizes over 1024.
@@ -61,7 +62,7 @@ struct Dim3 {
   unsigned x = 1, y = 1, z = 1;
 };
 
-enum class St { Run, Sync, Shfl, Done };
+enum class St { Run, Sync, Shfl, Mma, Done };
 
 struct Fiber {
   ucontext_t ctx;   // for the first entry only; then switches are __builtin_setjmp/longjmp
@@ -72,6 +73,8 @@ struct Fiber {
   St st = St::Run;
   double sval = 0, sout = 0;  // shuffle: value given, value received
   int src = 0;                // shuffle: source lane
+  float* md = nullptr;        // mma: this lane's accumulator fragment (4) and operands (4, 2)
+  const float *ma = nullptr, *mb = nullptr;
 };
 
 struct Block {
@@ -166,6 +169,50 @@ T shfl_xor(unsigned mask, T v, int lane_mask) {
   return static_cast<T>(self().sout);
 }
 
+// mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 as a warp collective: every lane gives its
+// fragments (layouts in csrc/cuda/mma.cuh) and gets D = A B + C back.
+inline void mma_tf32(float* d, const float* a, const float* b) {
+  Fiber& f = self();
+  f.md = d;
+  f.ma = a;
+  f.mb = b;
+  f.st = St::Mma;
+  yield();
+}
+
+inline bool is_tf32(float x) {
+  uint32_t u;
+  std::memcpy(&u, &x, 4);
+  return x != x || (u & 0x1FFFu) == 0;
+}
+
+// The warp's product, once its 32 lanes wait at mma_tf32 (fibers[lo, lo + 32)).
+inline std::string run_mma(std::vector<Fiber>& fs, unsigned lo) {
+  float A[16][8], B[8][8], C[16][8];
+  for (int l = 0; l < kWarp; ++l) {
+    const Fiber& f = fs[lo + l];
+    const int g = l / 4, t = l % 4;
+    for (int r = 0; r < 4; ++r) {
+      A[g + 8 * (r % 2)][t + 4 * (r / 2)] = f.ma[r];
+      C[g + 8 * (r / 2)][2 * t + r % 2] = f.md[r];
+    }
+    for (int r = 0; r < 2; ++r) B[t + 4 * r][g] = f.mb[r];
+    for (int r = 0; r < 4; ++r)
+      if (!is_tf32(f.ma[r]) || (r < 2 && !is_tf32(f.mb[r])))
+        return "mma_tf32: lane " + std::to_string(l) + " passed an operand that is not a TF32 value (round it first)";
+  }
+  for (int l = 0; l < kWarp; ++l) {
+    const int g = l / 4, t = l % 4;
+    for (int r = 0; r < 4; ++r) {
+      const int m = g + 8 * (r / 2), n = 2 * t + r % 2;
+      float acc = C[m][n];
+      for (int kk = 0; kk < 8; ++kk) acc += A[m][kk] * B[kk][n];
+      fs[lo + l].md[r] = acc;
+    }
+  }
+  return "";
+}
+
 inline std::map<const void*, int>& smem_optin() {  // cudaFuncSetAttribute(MaxDynamicSharedMemorySize)
   static std::map<const void*, int> m;
   return m;
@@ -229,15 +276,24 @@ inline std::string run_block(Block& b, unsigned nthreads) {
     bool released = false;
     for (unsigned w = 0; w < nwarps; ++w) {
       const unsigned lo = w * kWarp, hi = std::min(nthreads, lo + kWarp);
-      unsigned at = 0;
-      for (unsigned t = lo; t < hi; ++t) at += fs[t].st == St::Shfl;
-      if (at == 0) continue;
+      unsigned shfl = 0, mma = 0;
+      for (unsigned t = lo; t < hi; ++t) {
+        shfl += fs[t].st == St::Shfl;
+        mma += fs[t].st == St::Mma;
+      }
+      if (shfl == 0 && mma == 0) continue;
+      const char* what = shfl ? "__shfl_xor_sync" : "mma_tf32";
       if (hi - lo != (unsigned)kWarp)
-        return "__shfl_xor_sync in a partial warp (block size " + std::to_string(nthreads) + ")";
-      if (at != (unsigned)kWarp)
-        return "__shfl_xor_sync reached by " + std::to_string(at) + " of the 32 lanes of warp " + std::to_string(w) +
-               " (divergent shuffle: the others wait at a barrier or exited)";
-      for (unsigned t = lo; t < hi; ++t) fs[t].sout = fs[lo + fs[t].src].sval;
+        return std::string(what) + " in a partial warp (block size " + std::to_string(nthreads) + ")";
+      if (shfl + mma != (unsigned)kWarp || (shfl && mma))
+        return std::string(what) + " reached by " + std::to_string(shfl ? shfl : mma) + " of the 32 lanes of warp " +
+               std::to_string(w) + " (divergent warp collective: the others wait elsewhere or exited)";
+      if (shfl) {
+        for (unsigned t = lo; t < hi; ++t) fs[t].sout = fs[lo + fs[t].src].sval;
+      } else {
+        std::string err = run_mma(fs, lo);
+        if (!err.empty()) return err;
+      }
       for (unsigned t = lo; t < hi; ++t) fs[t].st = St::Run;
       released = true;
     }
@@ -342,14 +398,16 @@ inline T min(T a, T b) {
   return b < a ? b : a;
 }
 
-enum cudaDeviceAttr { cudaDevAttrMaxSharedMemoryPerBlockOptin, cudaDevAttrMultiProcessorCount };
+enum cudaDeviceAttr { cudaDevAttrMaxSharedMemoryPerBlockOptin, cudaDevAttrMultiProcessorCount, cudaDevAttrComputeCapabilityMajor };
 enum cudaFuncAttribute { cudaFuncAttributeMaxDynamicSharedMemorySize };
 inline int cudaGetDevice(int* dev) {
   *dev = 0;
   return 0;
 }
 inline int cudaDeviceGetAttribute(int* v, cudaDeviceAttr attr, int) {
-  *v = attr == cudaDevAttrMaxSharedMemoryPerBlockOptin ? emu::kSmemOptin : emu::sm_count();
+  *v = attr == cudaDevAttrMaxSharedMemoryPerBlockOptin ? emu::kSmemOptin
+      : attr == cudaDevAttrComputeCapabilityMajor    ? 9  // an H100's
+                                                     : emu::sm_count();
   return 0;
 }
 template <class K>

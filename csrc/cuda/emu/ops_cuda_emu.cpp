@@ -47,6 +47,26 @@ __global__ void uninit_kernel(float* out) {  // reads shared memory nobody wrote
   out[threadIdx.x] = sm[threadIdx.x];
 }
 
+// One m16n8k8 product, fragments loaded by the layouts of mma.cuh: A (16, 8) and B (8, 8) row-major
+// from mma_inputs(), C = 1. mode 0: a correct call; 1: an operand left unrounded; 2: half the warp.
+__global__ void mma_kernel(const float* a, const float* b, float* out, int mode) {
+  const int l = threadIdx.x % 32, g = l / 4, t = l % 4;
+  float af[4], bf[2], acc[4] = {1.f, 1.f, 1.f, 1.f};
+  for (int r = 0; r < 4; ++r) af[r] = refiner::tf32_rna(a[(g + 8 * (r % 2)) * 8 + t + 4 * (r / 2)]);
+  for (int r = 0; r < 2; ++r) bf[r] = refiner::tf32_rna(b[(t + 4 * r) * 8 + g]);
+  if (mode == 1 && l == 5) af[2] = 1.f + 1.f / (1 << 20);
+  if (mode != 2 || l < 16) refiner::mma_tf32(acc, af, bf);
+  for (int r = 0; r < 4; ++r) out[(g + 8 * (r / 2)) * 8 + 2 * t + r % 2] = acc[r];
+}
+
+// The selftest's mma operands: exact small multiples of 1/4 and 1/2 (TF32 values).
+std::pair<at::Tensor, at::Tensor> mma_inputs() {
+  auto i = at::arange(128, at::kLong);
+  auto a = ((i * 7) % 13 - 6).to(at::kFloat).mul_(0.25f).view({16, 8});
+  auto b = ((i.slice(0, 0, 64) * 5) % 11 - 5).to(at::kFloat).mul_(0.5f).view({8, 8});
+  return {a, b};
+}
+
 at::Tensor run(const std::string& which, int64_t threads) {
   auto out = at::zeros({4 * threads}, at::kFloat);
   float* o = out.data_ptr<float>();
@@ -69,6 +89,10 @@ at::Tensor run(const std::string& which, int64_t threads) {
     RF_LAUNCH(uninit_kernel, 1, t, smem, 0)(o);
   } else if (which == "big_smem") {  // > 48 KiB without cudaFuncSetAttribute
     RF_LAUNCH(race_kernel, 1, t, 64 * 1024, 0)(o);
+  } else if (which == "mma" || which == "mma_unrounded" || which == "mma_divergent") {
+    auto ab = mma_inputs();
+    const int mode = which == "mma" ? 0 : which == "mma_unrounded" ? 1 : 2;
+    RF_LAUNCH(mma_kernel, 1, t, 0, 0)(ab.first.data_ptr<float>(), ab.second.data_ptr<float>(), o, mode);
   } else {
     TORCH_CHECK(false, "emu_selftest: unknown case ", which);
   }

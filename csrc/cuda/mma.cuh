@@ -1,0 +1,63 @@
+// TF32 tensor-core products for the CUDA kernels: one warp-wide mma.sync m16n8k8 (D = A B + D,
+// fp32 accumulate) and the rounding of its operands. The CPU emulator (emu/cuda_emu.h) runs the
+// same calls as a warp collective with these fragment layouts, so the kernels' index math is
+// tested without a GPU.
+//
+// Fragments (PTX ISA, "Matrix Fragments for mma.m16n8k8", .tf32), lane l, g = l / 4, t = l % 4:
+//   A (16 x 8, row major):  a[r] = A[g + 8 (r % 2)][t + 4 (r / 2)]
+//   B (8 x 8, column major): b[r] = B[t + 4 r][g]
+//   C, D (16 x 8):           c[r] = C[g + 8 (r / 2)][2 t + r % 2]
+#pragma once
+
+#include <cstdint>
+#include <cstring>
+
+namespace refiner {
+
+struct MmaLane {  // this lane's coordinates in the fragments above
+  int g, t;
+};
+
+// Row strides (in floats) of shared-memory tiles read as fragments, free of bank conflicts: odd4
+// (y % 8 == 4) where the 8 g-lanes walk rows and the 4 t-lanes columns (A fragments; a B fragment
+// stored n-major), odd8 (y % 16 == 8) where the 4 t-lanes walk rows and the g-lanes columns.
+__host__ __device__ inline int odd4(int64_t x) { return (int)((x + 3) / 8 * 8 + 4); }
+__host__ __device__ inline int odd8(int64_t x) { return (int)((x + 7) / 16 * 16 + 8); }
+
+// fp32 rounded to TF32 (10 mantissa bits) to nearest, ties away from zero (cvt.rna); NaN stays NaN.
+// Operands go through it: left to the tensor cores, the 13 low bits are dropped (truncation).
+__host__ __device__ __forceinline__ float tf32_rna(float x) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  uint32_t r;
+  asm("cvt.rna.tf32.f32 %0, %1;" : "=r"(r) : "f"(x));
+  return __uint_as_float(r);
+#else
+  if (x != x) return x;
+  uint32_t u;
+  std::memcpy(&u, &x, 4);
+  u = (u + 0x1000u) & 0xFFFFE000u;
+  float r;
+  std::memcpy(&r, &u, 4);
+  return r;
+#endif
+}
+
+#ifdef REFINER_CUDA_EMU
+__device__ __forceinline__ void mma_tf32(float (&d)[4], const float (&a)[4], const float (&b)[2]) {
+  ::emu::mma_tf32(d, a, b);
+}
+#else
+__device__ __forceinline__ void mma_tf32(float (&d)[4], const float (&a)[4], const float (&b)[2]) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile(
+      "mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(__float_as_uint(a[0])), "r"(__float_as_uint(a[1])), "r"(__float_as_uint(a[2])),
+        "r"(__float_as_uint(a[3])), "r"(__float_as_uint(b[0])), "r"(__float_as_uint(b[1])));
+#else
+  __trap();  // the host launches tensor-core kernels only on sm_80 and newer (tensor_cores_usable)
+#endif
+}
+#endif
+
+}  // namespace refiner

@@ -1,0 +1,202 @@
+// refine (eval), forward on the tensor cores (fp16/bf16 maps, H <= 16, sm_80+): the head mixes and
+// R v as TF32 mma.sync products (mma.cuh), the k x k stencil on the CUDA cores. Included by
+// ops_cuda.cu after RefineWF; the fp32 path and the backward's R recompute keep refine_fwd_kernel
+// (IEEE fp32). TF32 loses nothing on the inputs: fp16 and bf16 values are TF32 values; the
+// weights, E, D and R are rounded to nearest (tf32_rna).
+//
+// A block (8 warps) owns a tile of kTcRows query rows x kTcCols key columns of one image's maps,
+// walking the key columns; a tile's maps with their stencil halo ("halo plane": (kTcRows + 2p) x
+// (kTcCols + 2p) pixels, flattened, padded to PLP) sit in shared memory. Per column tile:
+//  1. A's halo planes, fp32, heads padded with zero planes to 16;
+//  2. per chunk of 16 expanded channels: E = relu6(W_exp A + b_exp) on the halo planes (M = 16
+//     channels, N = 8 pixels, K = heads), 0 outside the map (the stencil's zero padding);
+//  3. D = relu6(dw_k(E) + b_dw) computed by each lane straight into its B fragments (channels
+//     t, t + 4 of 8 at pixel g of a group of 8 columns; a lane's 4 groups are 4 consecutive rows of
+//     one column, so their K x K stencils share (K + 3) K loads), and P += W_pro D (M = 16 heads)
+//     into accumulators that live across the chunks;
+//  4. R = alpha (A + P + b_pro) + beta -> shared memory (H x rows x cols, rows kTcLdr apart);
+//  5. out^T += V^T R^T per head (M = 16 rows of d, N = the tile's 8 rows, K = columns), added to
+//     an fp32 (H, rows, d) accumulator in shared memory that lives across the column tiles.
+// No (B, rH, N, N) map exists anywhere; E of one chunk is the only expanded state (shared memory).
+constexpr int kTcWarps = 8, kTcThreads = 32 * kTcWarps;
+constexpr int kTcRows = 8;   // = the n of an m16n8k8 product: R v's N dimension
+constexpr int kTcCols = 32;
+constexpr int kTcGroups = 4;  // pixel groups (8 columns of a row) per warp, on 4 consecutive rows
+constexpr int kTcMaxHeads = 16;  // one m16 tile of heads
+constexpr int kTcLdr = kTcCols + 4;  // = odd4(kTcCols): R's rows, read as B fragments in step 5
+static_assert(kTcWarps / (kTcCols / 8) * kTcGroups == kTcRows, "the warps' row bands cover the tile");
+
+struct TcPlane {  // the halo plane's geometry, and the output accumulator's row stride
+  int p, ld, PL, PLP, ldo;
+  __host__ __device__ TcPlane(int k, int d) : p(k / 2), ld(kTcCols + 2 * (k / 2)) {
+    PL = (kTcRows + 2 * p) * ld;
+    PLP = (PL + 7) / 8 * 8;
+    // planes 8 or 24 words apart mod 32: a B fragment's 4 t-lanes read 4 planes in distinct banks
+    if (PLP % 32 == 0 || PLP % 32 == 16) PLP += 8;
+    ldo = (d + 15) / 16 * 16 + 4;  // rows 2t apart land 8t banks apart
+  }
+};
+
+inline bool refine_tc_eligible(int64_t H) { return H <= kTcMaxHeads; }
+
+size_t refine_fwd_tc_smem(int64_t H, int64_t d, int k) {
+  const TcPlane pl(k, (int)d);
+  return sizeof(float) * (2 * kTcMaxHeads * pl.PLP + H * kTcRows * (kTcLdr + pl.ldo));  // A, E; R, out
+}
+
+__device__ __forceinline__ bool tc_inmap(int64_t N, int64_t gy, int64_t gx) { return gy >= 0 && gy < N && gx >= 0 && gx < N; }
+
+template <class T, int K>
+__global__ void __launch_bounds__(kTcThreads)
+    refine_fwd_tc_kernel(const T* __restrict__ A, const T* __restrict__ V, RefineWF w, int64_t B, int H, int64_t N,
+                         int d, int rH, bool expand, T* __restrict__ out) {
+  RF_DYN_SHARED(float, sm);
+  constexpr int p = K / 2;
+  const TcPlane pl(K, d);
+  const int ld = pl.ld, PLP = pl.PLP, ldo = pl.ldo;
+  float* ab = sm;                             // (16, PLP)
+  float* eb = ab + kTcMaxHeads * PLP;         // (16, PLP): one chunk of E
+  float* rb = eb + kTcMaxHeads * PLP;         // (H, kTcRows, kTcLdr)
+  float* ob = rb + H * kTcRows * kTcLdr;      // (H, kTcRows, ldo)
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const MmaLane L{lane >> 2, lane & 3};
+  // this lane's pixels in steps 3-4: rows y0 + i (i < kTcGroups), column group xb
+  const int y0 = warp / (kTcCols / 8) * kTcGroups, xb = warp % (kTcCols / 8) * 8;
+  const int ks_heads = (H + 7) / 8;  // K steps of the expansion
+  const int mtiles = (d + 15) / 16, nout = H * mtiles;
+  const int64_t rtiles = (N + kTcRows - 1) / kTcRows;
+  for (int64_t blk = blockIdx.x; blk < B * rtiles; blk += gridDim.x) {
+    const int64_t b = blk / rtiles, r0 = blk % rtiles * kTcRows;
+    for (int j = threadIdx.x; j < H * kTcRows * ldo; j += blockDim.x) ob[j] = 0.f;
+    for (int64_t c0 = 0; c0 < N; c0 += kTcCols) {
+      // 1. A's halo planes (0 outside the map, in padded heads and past PL)
+      for (int j = threadIdx.x; j < kTcMaxHeads * PLP; j += blockDim.x) {
+        const int h = j / PLP, q = j % PLP;
+        const int64_t gy = r0 + q / ld - p, gx = c0 + q % ld - p;
+        float a = 0.f;
+        if (h < H && q < pl.PL && tc_inmap(N, gy, gx)) a = static_cast<float>(A[((b * H + h) * N + gy) * N + gx]);
+        ab[j] = a;
+      }
+      __syncthreads();
+      float pacc[kTcGroups][4] = {};
+      for (int cb = 0; cb < rH; cb += 16) {
+        const float* src = ab;  // the stencil's input planes (no expansion: E = A, rH = H <= 16)
+        if (expand) {
+          // 2. E of channels cb .. cb + 15 on the halo planes
+          float wa[2][4], be[2];
+          RF_UNROLL
+          for (int ks = 0; ks < 2; ++ks)
+            RF_UNROLL
+            for (int r = 0; r < 4; ++r) {
+              const int c = cb + L.g + 8 * (r % 2), h = ks * 8 + L.t + 4 * (r / 2);
+              wa[ks][r] = c < rH && h < H ? tf32_rna(w.w_exp[c * H + h]) : 0.f;
+            }
+          RF_UNROLL
+          for (int r = 0; r < 2; ++r) be[r] = cb + L.g + 8 * r < rH ? w.b_exp[cb + L.g + 8 * r] : 0.f;
+          for (int n0 = warp * 8; n0 < PLP; n0 += 8 * kTcWarps) {
+            float acc[4] = {be[0], be[0], be[1], be[1]};
+            RF_UNROLL
+            for (int ks = 0; ks < 2; ++ks) {
+              if (ks >= ks_heads) break;  // warp-uniform; constant bounds keep wa in registers
+              const float bf[2] = {tf32_rna(ab[(ks * 8 + L.t) * PLP + n0 + L.g]),
+                                   tf32_rna(ab[(ks * 8 + L.t + 4) * PLP + n0 + L.g])};
+              mma_tf32(acc, wa[ks], bf);
+            }
+            RF_UNROLL
+            for (int r = 0; r < 4; ++r) {
+              const int q = n0 + 2 * L.t + r % 2;
+              const bool in = q < pl.PL && tc_inmap(N, r0 + q / ld - p, c0 + q % ld - p);
+              eb[(L.g + 8 * (r / 2)) * PLP + q] = in ? relu6(acc[r]) : 0.f;
+            }
+          }
+          __syncthreads();
+          src = eb;
+        }
+        // 3. D of channel cb + ks 8 + t + 4 r at pixel (y0 + i, xb + g): B fragment r of step (i, ks)
+        float dfrag[kTcGroups][2][2];
+        RF_UNROLL
+        for (int ks = 0; ks < 2; ++ks)
+          RF_UNROLL
+          for (int r = 0; r < 2; ++r) {
+            const int cl = ks * 8 + L.t + 4 * r, c = cb + cl;
+            float dv[kTcGroups] = {};
+            if (c < rH) {
+              const float* wk = w.w_dw + (int64_t)c * K * K;
+              const float* e = src + cl * PLP + y0 * ld + xb + L.g;  // top-left tap of row y0's stencil
+              RF_UNROLL
+              for (int j2 = 0; j2 < K; ++j2) {
+                float col[kTcGroups + K - 1];  // tap column j2 of the 4 stencils
+                RF_UNROLL
+                for (int u = 0; u < kTcGroups + K - 1; ++u) col[u] = e[u * ld + j2];
+                RF_UNROLL
+                for (int i2 = 0; i2 < K; ++i2) {
+                  const float wij = wk[i2 * K + j2];
+                  RF_UNROLL
+                  for (int i = 0; i < kTcGroups; ++i) dv[i] += wij * col[i + i2];
+                }
+              }
+              const float bias = w.b_dw[c];
+              RF_UNROLL
+              for (int i = 0; i < kTcGroups; ++i)
+                dv[i] = tc_inmap(N, r0 + y0 + i, c0 + xb + L.g) ? tf32_rna(relu6(dv[i] + bias)) : 0.f;
+            }
+            RF_UNROLL
+            for (int i = 0; i < kTcGroups; ++i) dfrag[i][ks][r] = dv[i];
+          }
+        float wp[2][4];
+        RF_UNROLL
+        for (int ks = 0; ks < 2; ++ks)
+          RF_UNROLL
+          for (int r = 0; r < 4; ++r) {
+            const int h = L.g + 8 * (r % 2), c = cb + ks * 8 + L.t + 4 * (r / 2);
+            wp[ks][r] = h < H && c < rH ? tf32_rna(w.w_pro[h * rH + c]) : 0.f;
+          }
+        RF_UNROLL
+        for (int i = 0; i < kTcGroups; ++i)
+          RF_UNROLL
+          for (int ks = 0; ks < 2; ++ks) mma_tf32(pacc[i], wp[ks], dfrag[i][ks]);
+        __syncthreads();  // the next chunk overwrites eb
+      }
+      // 4. R on the centre (0 outside the map): accumulator r of group i is head g + 8 (r / 2), pixel
+      // (y0 + i, xb + 2 t + r % 2)
+      RF_UNROLL
+      for (int i = 0; i < kTcGroups; ++i)
+        RF_UNROLL
+        for (int r = 0; r < 4; ++r) {
+          const int h = L.g + 8 * (r / 2), y = y0 + i, x = xb + 2 * L.t + r % 2;
+          if (h >= H) continue;
+          const float a = ab[h * PLP + (y + p) * ld + x + p];
+          rb[(h * kTcRows + y) * kTcLdr + x] =
+              tc_inmap(N, r0 + y, c0 + x) ? w.alpha[h] * (a + pacc[i][r] + w.b_pro[h]) + w.beta[h] : 0.f;
+        }
+      __syncthreads();
+      // 5. out^T (16 rows of d x 8 query rows) += V^T (.. x 32 columns) R^T, per (head, 16 rows of d);
+      // accumulator r: row m0 + g + 8 (r / 2) of d, query row 2 t + r % 2 (one lane owns each ob word)
+      for (int item = warp; item < nout; item += kTcWarps) {
+        const int h = item / mtiles, m0 = item % mtiles * 16;
+        const T* vb = V + ((b * H + h) * N + c0) * d;
+        float acc[4] = {};
+        RF_UNROLL
+        for (int ks = 0; ks < kTcCols / 8; ++ks) {
+          float af[4], bf[2];
+          RF_UNROLL
+          for (int r = 0; r < 4; ++r) {
+            const int dd = m0 + L.g + 8 * (r % 2), x = ks * 8 + L.t + 4 * (r / 2);
+            af[r] = dd < d && c0 + x < N ? tf32_rna(static_cast<float>(vb[(int64_t)x * d + dd])) : 0.f;
+          }
+          RF_UNROLL
+          for (int r = 0; r < 2; ++r) bf[r] = tf32_rna(rb[(h * kTcRows + L.g) * kTcLdr + ks * 8 + L.t + 4 * r]);
+          mma_tf32(acc, af, bf);
+        }
+        RF_UNROLL
+        for (int r = 0; r < 4; ++r) ob[(h * kTcRows + 2 * L.t + r % 2) * ldo + m0 + L.g + 8 * (r / 2)] += acc[r];
+      }
+      __syncthreads();  // the next column tile overwrites ab and rb
+    }
+    for (int j = threadIdx.x; j < H * kTcRows * d; j += blockDim.x) {
+      const int h = j / (kTcRows * d), y = j / d % kTcRows, dd = j % d;
+      if (r0 + y < N) out[((b * H + h) * N + r0 + y) * d + dd] = static_cast<T>(ob[(h * kTcRows + y) * ldo + dd]);
+    }
+    __syncthreads();  // ob is cleared for the next row tile
+  }
+}
