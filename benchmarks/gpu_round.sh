@@ -180,6 +180,10 @@ stage_quick() {
     --models refiner_vit_s vit_small_patch16_224 --img 224 --batch 256 --compile-backend skip --repeats 5 \
     --fused-backends triton --env-variants "triton:REFINER_TRITON_TRAIN_DOT=ieee,REFINER_TRITON_TRAIN_SAVE_Y3=0" \
     "triton:REFINER_TRITON_TRAIN_SAVE_Y3=0"
+  # Refiner-ViT-S inference on the CUDA backend: tensor-core forwards against the fp32 kernels
+  run_step bench_models_cuda 50 "$PY" benchmarks/bench_models.py --out "$RES" --models refiner_vit_s --img 224 \
+    --batch 256 --modes infer --compile-backend skip --repeats 5 --fused-backends cuda \
+    --env-variants "cuda:REFINER_CUDA_TENSOR_CORES=0"
   # then, in what time is left: where a Refiner-ViT-S step's time goes. memcheck and racecheck are
   # the next call on the warm machine: STAGE_BUDGET=260 bash benchmarks/gpu_round.sh sanitize
   run_step profile_models $(( $(left) - 20 )) "$PY" benchmarks/profile_models.py --out "$RES" --batch 64 \
