@@ -36,7 +36,7 @@ def test_softmax_block_fp32(B, H, N, d, prev):
             [q, k, v, p], rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("B,H,N,d,prev", [(2, 12, 197, 32, True), (1, 16, 50, 35, False), (1, 2, 33, 128, True),
                                           (3, 1, 1, 1, True), pytest.param(1, 12, 577, 64, True, marks=pytest.mark.large)])
 def test_softmax_block_tensor_cores(monkeypatch, B, H, N, d, prev, dtype):
@@ -112,7 +112,7 @@ def test_refine_eval_half(dtype, tol):
             rtol=tol, atol=tol, ref_inputs=[t.float() for t in args], names=REFINE_NAMES)
 
 
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("B,H,N,d,ratio,k", [(2, 12, 197, 32, 3, 3), (1, 16, 50, 35, 6, 5), (1, 3, 17, 128, 2, 7),
                                              (3, 2, 9, 4, 1, 1), pytest.param(1, 12, 577, 32, 3, 3, marks=pytest.mark.large)])
 def test_refine_eval_tensor_cores(monkeypatch, B, H, N, d, ratio, k, dtype):

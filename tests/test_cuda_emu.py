@@ -17,6 +17,9 @@ model, registers and occupancy; compute-sanitizer on a GPU round covers those.
 """
 from __future__ import annotations
 
+import contextlib
+import os
+
 import pytest
 import torch
 from hypothesis import given
@@ -62,6 +65,29 @@ def on_schedules(E, fn):
         for i, (a, b) in enumerate(zip(results[0], res)):
             assert torch.equal(a, b), f"output {i} differs between fiber orders 0 and {order}: a data race"
     return results[0]
+
+
+@contextlib.contextmanager
+def tensor_cores(on):
+    """REFINER_CUDA_TENSOR_CORES for the block: the forwards' tensor-core kernels or CUDA-core kernels."""
+    before = os.environ.get("REFINER_CUDA_TENSOR_CORES")
+    os.environ["REFINER_CUDA_TENSOR_CORES"] = "1" if on else "0"
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ["REFINER_CUDA_TENSOR_CORES"]
+        else:
+            os.environ["REFINER_CUDA_TENSOR_CORES"] = before
+
+
+def both_forwards(E, fn):
+    """fn() (a forward, on_schedules) on the tensor-core kernel (the default) and on the CUDA-core kernel."""
+    with tensor_cores(True):
+        tc = fn()
+    with tensor_cores(False):
+        cc = fn()
+    return tc, cc
 
 
 def check_grads(names, got, ref, rtol, atol):
@@ -131,14 +157,16 @@ def test_emulator_write_check(E, write_check):
 def check_softmax_block(E, B, H, N, d, prev):
     q, k, v, p = softmax_inputs(B, H, N, d, prev, torch.float32)
     s = d ** -0.5
-    out, attn = on_schedules(E, lambda: E.softmax_block(*map(fenced, (q, k, v, p)), s))
+    tc, cc = both_forwards(E, lambda: on_schedules(E, lambda: E.softmax_block(*map(fenced, (q, k, v, p)), s)))
+    out, attn = cc
     gout, gattn = torch.randn_like(out), torch.randn_like(attn)
     gq, gk, gv, ga = on_schedules(E, lambda: E.softmax_block_backward(*map(fenced, (gout, gattn, q, k, v, attn)), s))
     ins = [t.double() for t in (q, k, v)] + ([p.double()] if prev else [])
     (r_out, r_attn), r_g = grads(lambda q, k, v, p=None: R.softmax_block(q, k, v, p, s), ins,
                                  [gout.double(), gattn.double()])
-    assert_close(attn, r_attn, 1e-5, 1e-6, "attn")
-    assert_close(out, r_out, 1e-5, 1e-5, "out")
+    for (o, a), name in zip((tc, cc), (" (tensor cores, 3xTF32)", " (CUDA cores)")):
+        assert_close(a, r_attn, 1e-5, 1e-6, "attn" + name)
+        assert_close(o, r_out, 1e-5, 1e-5, "out" + name)
     got = [gq, gk, gv] + ([ga * s] if prev else [])
     check_grads(["q", "k", "v", "prev_attn"], got, r_g, 1e-4, 2e-5)
 
@@ -181,7 +209,7 @@ def check_softmax_block_tc(E, monkeypatch, B, H, N, d, prev, dtype):
 
 
 # N = 17: a partial 16-row tile; 65, 300: partial key tiles; d = 35: padded to 40; d = 128: 2 items a warp
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("B,H,N,d,prev", [(1, 1, 1, 1, True), (2, 3, 17, 35, True), (1, 2, 65, 32, False),
                                           (1, 1, 300, 8, True), (1, 1, 33, 128, False)])
 def test_softmax_block_tensor_cores(E, monkeypatch, B, H, N, d, prev, dtype):
@@ -189,7 +217,7 @@ def test_softmax_block_tensor_cores(E, monkeypatch, B, H, N, d, prev, dtype):
 
 
 @given(B=st.integers(1, 2), H=st.integers(1, 3), N=st.integers(1, 80), d=st.integers(1, 64), prev=st.booleans(),
-       dtype=st.sampled_from([torch.float16, torch.bfloat16]))
+       dtype=st.sampled_from([torch.float32, torch.float16, torch.bfloat16]))
 def test_softmax_block_tensor_cores_property(E, B, H, N, d, prev, dtype):
     with pytest.MonkeyPatch.context() as mp:
         check_softmax_block_tc(E, mp, B, H, N, d, prev, dtype)
@@ -206,11 +234,12 @@ EMU_REFINE_CASES = [(1, 1, 1, 1, 3, 3), (2, 3, 17, 35, 3, 3), (1, 2, 70, 8, 2, 5
 
 def check_refine_eval(E, B, H, N, d, ratio, k, seed=0):
     args, expand = refine_inputs(B, H, N, d, ratio, k, torch.float32, seed=seed)
-    out = on_schedules(E, lambda: E.refine_eval(*map(fenced, args), expand))[0]
-    gout = torch.randn_like(out)
+    outs = both_forwards(E, lambda: on_schedules(E, lambda: E.refine_eval(*map(fenced, args), expand))[0])
+    gout = torch.randn_like(outs[0])
     got = on_schedules(E, lambda: E.refine_eval_backward(fenced(gout), *map(fenced, args), expand))
     (r_out,), r_g = grads(lambda *a: R.refine_eval(*a, expand), [t.double() for t in args], [gout.double()])
-    assert_close(out, r_out, 1e-5, 2e-5, "out")
+    for out, name in zip(outs, ("out (tensor cores, 3xTF32)", "out (CUDA cores)")):
+        assert_close(out, r_out, 1e-5, 2e-5, name)
     if not expand:  # w_exp, b_exp unused: their gradients are zero
         assert got[2].abs().max() == 0 and got[3].abs().max() == 0
         got, r_g, names = got[:2] + got[4:], r_g[:2] + r_g[4:], REFINE_NAMES[:2] + REFINE_NAMES[4:]
@@ -242,6 +271,7 @@ def test_refine_eval_tile_rows(E, monkeypatch, rows):
 @raises_in_launcher
 def test_refine_eval_tile_rows_invalid(E, monkeypatch, value):
     monkeypatch.setenv("REFINER_CUDA_TILE_ROWS", value)
+    monkeypatch.setenv("REFINER_CUDA_TENSOR_CORES", "0")  # the tensor-core kernel has fixed tiles
     args, expand = refine_inputs(1, 2, 5, 4, 2, 3, torch.float32)
     with pytest.raises(RuntimeError, match="REFINER_CUDA_TILE_ROWS must be an integer in"):
         E.refine_eval(*args, expand)
@@ -275,25 +305,26 @@ def check_refine_eval_tc(E, monkeypatch, B, H, N, d, ratio, k, dtype, seed=0):
                                     monkeypatch, args, expand)
 
 
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("B,H,N,d,ratio,k", TC_CASES)
 def test_refine_eval_tensor_cores(E, monkeypatch, B, H, N, d, ratio, k, dtype):
     out, fp32 = check_refine_eval_tc(E, monkeypatch, B, H, N, d, ratio, k, dtype)
-    if dtype == torch.float16 and N > 8 and ratio > 1:  # TF32 rounding shows in fp16's last bits: the path ran
+    if dtype != torch.bfloat16 and N > 8 and ratio > 1:  # the rounding differs in the last bits: the path ran
         assert not torch.equal(out, fp32)
 
 
 @given(B=st.integers(1, 2), H=st.integers(1, 16), N=st.integers(1, 40), d=st.integers(1, 40),
        ratio=st.integers(1, 6), k=st.sampled_from([1, 3, 5, 7]), seed=st.integers(0, 2 ** 16),
-       dtype=st.sampled_from([torch.float16, torch.bfloat16]))
+       dtype=st.sampled_from([torch.float32, torch.float16, torch.bfloat16]))
 def test_refine_eval_tensor_cores_property(E, B, H, N, d, ratio, k, seed, dtype):
     with pytest.MonkeyPatch.context() as mp:
         check_refine_eval_tc(E, mp, B, H, N, d, ratio, k, dtype, seed)
 
 
-def test_refine_eval_tensor_cores_fallback(E, monkeypatch):
-    """H > 16 and the backward's R recompute run on the fp32 kernel: bitwise the switch-off result."""
-    args, expand = refine_inputs(1, 17, 9, 4, 2, 3, torch.float16)
+@pytest.mark.parametrize("H,dtype", [(17, torch.float16), (3, torch.float64)])
+def test_refine_eval_tensor_cores_fallback(E, monkeypatch, H, dtype):
+    """H > 16 and fp64 run on the CUDA-core kernel: bitwise the switch-off result."""
+    args, expand = refine_inputs(1, H, 9, 4, 2, 3, dtype)
     monkeypatch.setenv("REFINER_CUDA_TENSOR_CORES", "0")
     off = E.refine_eval(*args, expand)
     monkeypatch.setenv("REFINER_CUDA_TENSOR_CORES", "1")

@@ -111,10 +111,10 @@ int tile_rows(const char* env, int dflt, SmemOf smem_of) {
   return tr;
 }
 
-// The tensor-core kernels (softmax block and refine forwards) serve fp16/bf16 inputs on sm_80+;
-// REFINER_CUDA_TENSOR_CORES=0 keeps those on the fp32 CUDA-core kernels (for comparisons).
+// The tensor-core kernels (softmax block and refine forwards) serve fp32/fp16/bf16 inputs on sm_80+;
+// REFINER_CUDA_TENSOR_CORES=0 keeps those on the CUDA-core kernels (which fp64 always uses).
 inline bool tensor_cores_for(at::ScalarType st) {
-  if (st != at::kHalf && st != at::kBFloat16) return false;
+  if (st != at::kFloat && st != at::kHalf && st != at::kBFloat16) return false;
   if (const char* e = std::getenv("REFINER_CUDA_TENSOR_CORES")) {
     const std::string v(e);
     TORCH_CHECK(v == "0" || v == "1", "REFINER_CUDA_TENSOR_CORES must be 0 or 1, got '", v, "'");
@@ -122,6 +122,12 @@ inline bool tensor_cores_for(at::ScalarType st) {
   }
   return device_attr(cudaDevAttrComputeCapabilityMajor) >= 8;
 }
+
+// AT_DISPATCH over the tensor-core kernels' input types (fp64 has none)
+#define RF_DISPATCH_TC(TYPE, NAME, ...)                                                              \
+  AT_DISPATCH_SWITCH(TYPE, NAME, AT_DISPATCH_CASE(at::kFloat, __VA_ARGS__)                          \
+                                     AT_DISPATCH_CASE(at::kHalf, __VA_ARGS__)                       \
+                                         AT_DISPATCH_CASE(at::kBFloat16, __VA_ARGS__))
 
 inline Tensor f32(const Tensor& t) { return t.to(at::kFloat).contiguous(); }
 

@@ -11,6 +11,7 @@
 
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 
 namespace refiner {
 
@@ -42,6 +43,13 @@ __host__ __device__ __forceinline__ float tf32_rna(float x) {
 #endif
 }
 
+// x = hi + lo, both TF32 values (lo: the rounded remainder; 0 for a non-finite x, whose remainder
+// would be NaN). hi alone is x to 2^-11, hi + lo to about 2^-22 (relative).
+__host__ __device__ __forceinline__ void tf32_split(float x, float& hi, float& lo) {
+  hi = tf32_rna(x);
+  lo = x - hi == x - hi ? tf32_rna(x - hi) : 0.f;
+}
+
 #ifdef REFINER_CUDA_EMU
 __device__ __forceinline__ void mma_tf32(float (&d)[4], const float (&a)[4], const float (&b)[2]) {
   ::emu::mma_tf32(d, a, b);
@@ -59,5 +67,29 @@ __device__ __forceinline__ void mma_tf32(float (&d)[4], const float (&a)[4], con
 #endif
 }
 #endif
+
+// An operand fragment of N values, to TF32 (kSplit false: hi only) or split hi + lo (kSplit: 3xTF32,
+// about fp32's accuracy, for fp32 inputs), and the product of two.
+template <bool kSplit, int N>
+struct TfFrag {
+  float hi[N], lo[kSplit ? N : 1];
+  __device__ __forceinline__ void set(int r, float x) {
+    if constexpr (kSplit) {
+      tf32_split(x, hi[r], lo[r]);
+    } else {
+      hi[r] = tf32_rna(x);
+    }
+  }
+};
+
+// d += a b: one TF32 product, or three (a_lo b_hi + a_hi b_lo + a_hi b_hi; a_lo b_lo, ~2^-22, dropped)
+template <bool kSplit>
+__device__ __forceinline__ void mma_frag(float (&d)[4], const TfFrag<kSplit, 4>& a, const TfFrag<kSplit, 2>& b) {
+  if constexpr (kSplit) {
+    mma_tf32(d, a.lo, b.hi);
+    mma_tf32(d, a.hi, b.lo);
+  }
+  mma_tf32(d, a.hi, b.hi);
+}
 
 }  // namespace refiner

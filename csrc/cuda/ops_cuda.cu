@@ -113,7 +113,7 @@ std::tuple<Tensor, Tensor> softmax_block_cuda(const Tensor& q_, const Tensor& k_
   const size_t tc_smem = softmax_block_tc_smem(N, d);
   if (tensor_cores_for(q.scalar_type()) &&
       tc_smem <= (size_t)device_attr(cudaDevAttrMaxSharedMemoryPerBlockOptin)) {
-    AT_DISPATCH_REDUCED_FLOATING_TYPES(q.scalar_type(), "softmax_block_cuda_tc", [&] {
+    RF_DISPATCH_TC(q.scalar_type(), "softmax_block_cuda_tc", [&] {
       set_smem(softmax_block_fwd_tc_kernel<scalar_t>, tc_smem, "softmax_block");
       RF_LAUNCH(softmax_block_fwd_tc_kernel<scalar_t>, grid_for(B * H * ((N + kSbTcRows - 1) / kSbTcRows)),
                 32 * kSbTcWarps, tc_smem, stream)(q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(),
@@ -334,7 +334,7 @@ RefineCuda prep_refine_cuda(const Tensor& attn, const Tensor& v, const Tensor& w
           expand};
 }
 
-// The tensor-core refine forward (refine_eval_tc.cuh) serves fp16/bf16 outputs for H <= 16.
+// The tensor-core refine forward (refine_eval_tc.cuh) serves the outputs of H <= 16 maps.
 bool use_refine_tc(const RefineCuda& r, bool rmap) {
   return !rmap && refine_tc_eligible(r.H) && tensor_cores_for(r.attn.scalar_type());
 }
@@ -351,7 +351,7 @@ void launch_refine_fwd_tc_k(const RefineCuda& r, Tensor& out) {
 }
 
 void launch_refine_fwd_tc(const RefineCuda& r, Tensor& out) {
-  AT_DISPATCH_REDUCED_FLOATING_TYPES(r.attn.scalar_type(), "refine_eval_cuda_tc", [&] {
+  RF_DISPATCH_TC(r.attn.scalar_type(), "refine_eval_cuda_tc", [&] {
     switch (r.k) {  // validated: odd, 1..7
       case 1: return launch_refine_fwd_tc_k<scalar_t, 1>(r, out);
       case 3: return launch_refine_fwd_tc_k<scalar_t, 3>(r, out);

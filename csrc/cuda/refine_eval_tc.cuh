@@ -1,8 +1,9 @@
-// refine (eval), forward on the tensor cores (fp16/bf16 maps, H <= 16, sm_80+): the head mixes and
-// R v as TF32 mma.sync products (mma.cuh), the k x k stencil on the CUDA cores. Included by
-// ops_cuda.cu after RefineWF; the fp32 path and the backward's R recompute keep refine_fwd_kernel
-// (IEEE fp32). TF32 loses nothing on the inputs: fp16 and bf16 values are TF32 values; the
-// weights, E, D and R are rounded to nearest (tf32_rna).
+// refine (eval), forward on the tensor cores (H <= 16, sm_80+): the head mixes and R v as TF32
+// mma.sync products (mma.cuh), the k x k stencil on the CUDA cores. Included by ops_cuda.cu after
+// RefineWF; fp64 maps and the backward's R recompute keep refine_fwd_kernel (IEEE).
+// fp16/bf16 maps: one TF32 product per step. It loses nothing on the inputs (fp16 and bf16 values
+// are TF32 values); the weights, E, D and R are rounded to nearest (tf32_rna).
+// fp32 maps: 3xTF32 (every operand split hi + lo, TfFrag), about fp32's accuracy.
 //
 // A block (8 warps) owns a tile of kTcRows query rows x kTcCols key columns of one image's maps,
 // walking the key columns; a tile's maps with their stencil halo ("halo plane": (kTcRows + 2p) x
@@ -51,6 +52,9 @@ __global__ void __launch_bounds__(kTcThreads)
     refine_fwd_tc_kernel(const T* __restrict__ A, const T* __restrict__ V, RefineWF w, int64_t B, int H, int64_t N,
                          int d, int rH, bool expand, T* __restrict__ out) {
   RF_DYN_SHARED(float, sm);
+  constexpr bool kSplit = std::is_same<T, float>::value;
+  using Frag4 = TfFrag<kSplit, 4>;
+  using Frag2 = TfFrag<kSplit, 2>;
   constexpr int p = K / 2;
   const TcPlane pl(K, d);
   const int ld = pl.ld, PLP = pl.PLP, ldo = pl.ldo;
@@ -83,13 +87,14 @@ __global__ void __launch_bounds__(kTcThreads)
         const float* src = ab;  // the stencil's input planes (no expansion: E = A, rH = H <= 16)
         if (expand) {
           // 2. E of channels cb .. cb + 15 on the halo planes
-          float wa[2][4], be[2];
+          Frag4 wa[2];
+          float be[2];
           RF_UNROLL
           for (int ks = 0; ks < 2; ++ks)
             RF_UNROLL
             for (int r = 0; r < 4; ++r) {
               const int c = cb + L.g + 8 * (r % 2), h = ks * 8 + L.t + 4 * (r / 2);
-              wa[ks][r] = c < rH && h < H ? tf32_rna(w.w_exp[c * H + h]) : 0.f;
+              wa[ks].set(r, c < rH && h < H ? w.w_exp[c * H + h] : 0.f);
             }
           RF_UNROLL
           for (int r = 0; r < 2; ++r) be[r] = cb + L.g + 8 * r < rH ? w.b_exp[cb + L.g + 8 * r] : 0.f;
@@ -98,9 +103,10 @@ __global__ void __launch_bounds__(kTcThreads)
             RF_UNROLL
             for (int ks = 0; ks < 2; ++ks) {
               if (ks >= ks_heads) break;  // warp-uniform; constant bounds keep wa in registers
-              const float bf[2] = {tf32_rna(ab[(ks * 8 + L.t) * PLP + n0 + L.g]),
-                                   tf32_rna(ab[(ks * 8 + L.t + 4) * PLP + n0 + L.g])};
-              mma_tf32(acc, wa[ks], bf);
+              Frag2 bf;
+              bf.set(0, ab[(ks * 8 + L.t) * PLP + n0 + L.g]);
+              bf.set(1, ab[(ks * 8 + L.t + 4) * PLP + n0 + L.g]);
+              mma_frag(acc, wa[ks], bf);
             }
             RF_UNROLL
             for (int r = 0; r < 4; ++r) {
@@ -113,7 +119,7 @@ __global__ void __launch_bounds__(kTcThreads)
           src = eb;
         }
         // 3. D of channel cb + ks 8 + t + 4 r at pixel (y0 + i, xb + g): B fragment r of step (i, ks)
-        float dfrag[kTcGroups][2][2];
+        Frag2 dfrag[kTcGroups][2];
         RF_UNROLL
         for (int ks = 0; ks < 2; ++ks)
           RF_UNROLL
@@ -138,23 +144,23 @@ __global__ void __launch_bounds__(kTcThreads)
               const float bias = w.b_dw[c];
               RF_UNROLL
               for (int i = 0; i < kTcGroups; ++i)
-                dv[i] = tc_inmap(N, r0 + y0 + i, c0 + xb + L.g) ? tf32_rna(relu6(dv[i] + bias)) : 0.f;
+                dv[i] = tc_inmap(N, r0 + y0 + i, c0 + xb + L.g) ? relu6(dv[i] + bias) : 0.f;
             }
             RF_UNROLL
-            for (int i = 0; i < kTcGroups; ++i) dfrag[i][ks][r] = dv[i];
+            for (int i = 0; i < kTcGroups; ++i) dfrag[i][ks].set(r, dv[i]);
           }
-        float wp[2][4];
+        Frag4 wp[2];
         RF_UNROLL
         for (int ks = 0; ks < 2; ++ks)
           RF_UNROLL
           for (int r = 0; r < 4; ++r) {
             const int h = L.g + 8 * (r % 2), c = cb + ks * 8 + L.t + 4 * (r / 2);
-            wp[ks][r] = h < H && c < rH ? tf32_rna(w.w_pro[h * rH + c]) : 0.f;
+            wp[ks].set(r, h < H && c < rH ? w.w_pro[h * rH + c] : 0.f);
           }
         RF_UNROLL
         for (int i = 0; i < kTcGroups; ++i)
           RF_UNROLL
-          for (int ks = 0; ks < 2; ++ks) mma_tf32(pacc[i], wp[ks], dfrag[i][ks]);
+          for (int ks = 0; ks < 2; ++ks) mma_frag(pacc[i], wp[ks], dfrag[i][ks]);
         __syncthreads();  // the next chunk overwrites eb
       }
       // 4. R on the centre (0 outside the map): accumulator r of group i is head g + 8 (r / 2), pixel
@@ -178,15 +184,16 @@ __global__ void __launch_bounds__(kTcThreads)
         float acc[4] = {};
         RF_UNROLL
         for (int ks = 0; ks < kTcCols / 8; ++ks) {
-          float af[4], bf[2];
+          Frag4 af;
+          Frag2 bf;
           RF_UNROLL
           for (int r = 0; r < 4; ++r) {
             const int dd = m0 + L.g + 8 * (r % 2), x = ks * 8 + L.t + 4 * (r / 2);
-            af[r] = dd < d && c0 + x < N ? tf32_rna(static_cast<float>(vb[(int64_t)x * d + dd])) : 0.f;
+            af.set(r, dd < d && c0 + x < N ? static_cast<float>(vb[(int64_t)x * d + dd]) : 0.f);
           }
           RF_UNROLL
-          for (int r = 0; r < 2; ++r) bf[r] = tf32_rna(rb[(h * kTcRows + L.g) * kTcLdr + ks * 8 + L.t + 4 * r]);
-          mma_tf32(acc, af, bf);
+          for (int r = 0; r < 2; ++r) bf.set(r, rb[(h * kTcRows + L.g) * kTcLdr + ks * 8 + L.t + 4 * r]);
+          mma_frag(acc, af, bf);
         }
         RF_UNROLL
         for (int r = 0; r < 4; ++r) ob[(h * kTcRows + 2 * L.t + r % 2) * ldo + m0 + L.g + 8 * (r / 2)] += acc[r];

@@ -1,7 +1,8 @@
-// softmax block, forward on the tensor cores (fp16/bf16 q, k, v; sm_80+): q k^T and attn @ v as
-// TF32 mma.sync products (mma.cuh), the softmax as in softmax_block_fwd_kernel. Included by
-// ops_cuda.cu after stage_keys. TF32 loses nothing here: the inputs and the stored (rounded) attn
-// are fp16/bf16 values, exact in TF32, and the products accumulate in fp32.
+// softmax block, forward on the tensor cores (sm_80+): q k^T and attn @ v as TF32 mma.sync products
+// (mma.cuh), the softmax as in softmax_block_fwd_kernel. Included by ops_cuda.cu after stage_keys.
+// fp16/bf16: one TF32 product per step, which loses nothing (the inputs and the stored, rounded
+// attn are fp16/bf16 values, exact in TF32; fp32 accumulation). fp32: 3xTF32 (TfFrag), about
+// fp32's accuracy.
 //
 // A block (8 warps) owns 16 query rows (the m of every product) of one (batch, head):
 //  1. Q (16 x d, zero-padded to a multiple of 8 columns) into shared memory;
@@ -42,6 +43,7 @@ __global__ void __launch_bounds__(32 * kSbTcWarps)
                                 const T* __restrict__ prev, T* __restrict__ out, T* __restrict__ attn, int64_t BH,
                                 int64_t N, int d, float scale) {
   RF_DYN_SHARED(float, sm);
+  constexpr bool kSplit = std::is_same<T, float>::value;
   const SbTcGeom geo(d, N);
   const int dp = geo.dp;
   float* qs = sm;                            // (16, ldq)
@@ -63,12 +65,13 @@ __global__ void __launch_bounds__(32 * kSbTcWarps)
       stage_keys_padded(kv, k + bh * N * d, j0, nk, d, dp, geo.ldq);
       float acc[4] = {};
       for (int ks = 0; ks < dp / 8; ++ks) {
-        float af[4], bf[2];
+        TfFrag<kSplit, 4> af;
+        TfFrag<kSplit, 2> bf;
         RF_UNROLL
-        for (int r = 0; r < 4; ++r) af[r] = qs[(L.g + 8 * (r % 2)) * geo.ldq + ks * 8 + L.t + 4 * (r / 2)];
+        for (int r = 0; r < 4; ++r) af.set(r, qs[(L.g + 8 * (r % 2)) * geo.ldq + ks * 8 + L.t + 4 * (r / 2)]);
         RF_UNROLL
-        for (int r = 0; r < 2; ++r) bf[r] = kv[(8 * warp + L.g) * geo.ldq + ks * 8 + L.t + 4 * r];
-        mma_tf32(acc, af, bf);
+        for (int r = 0; r < 2; ++r) bf.set(r, kv[(8 * warp + L.g) * geo.ldq + ks * 8 + L.t + 4 * r]);
+        mma_frag(acc, af, bf);
       }
       RF_UNROLL
       for (int r = 0; r < 4; ++r) {
@@ -105,15 +108,16 @@ __global__ void __launch_bounds__(32 * kSbTcWarps)
         const int n0 = 8 * (warp + kSbTcWarps * it);
         if (n0 >= dp) continue;  // warp-uniform
         for (int ks = 0; ks * 8 < nk; ++ks) {
-          float af[4], bf[2];
+          TfFrag<kSplit, 4> af;
+          TfFrag<kSplit, 2> bf;
           RF_UNROLL
           for (int r = 0; r < 4; ++r) {
             const int key = ks * 8 + L.t + 4 * (r / 2);
-            af[r] = key < nk ? sc[(L.g + 8 * (r % 2)) * geo.lds + j0 + key] : 0.f;
+            af.set(r, key < nk ? sc[(L.g + 8 * (r % 2)) * geo.lds + j0 + key] : 0.f);
           }
           RF_UNROLL
-          for (int r = 0; r < 2; ++r) bf[r] = kv[(ks * 8 + L.t + 4 * r) * geo.ldv + n0 + L.g];
-          mma_tf32(oacc[it], af, bf);
+          for (int r = 0; r < 2; ++r) bf.set(r, kv[(ks * 8 + L.t + 4 * r) * geo.ldv + n0 + L.g]);
+          mma_frag(oacc[it], af, bf);
         }
       }
     }
