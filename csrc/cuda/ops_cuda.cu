@@ -334,35 +334,35 @@ RefineCuda prep_refine_cuda(const Tensor& attn, const Tensor& v, const Tensor& w
           expand};
 }
 
-// The tensor-core refine forward (refine_eval_tc.cuh) serves the outputs of H <= 16 maps.
-bool use_refine_tc(const RefineCuda& r, bool rmap) {
-  return !rmap && refine_tc_eligible(r.H) && tensor_cores_for(r.attn.scalar_type());
-}
-
+// The tensor-core refine forward (refine_eval_tc.cuh) serves H <= 16: the output, 3xTF32 for fp32,
+// or the fp32 R map the backward recomputes, 3xTF32 for every input type.
 template <class T, int K>
-void launch_refine_fwd_tc_k(const RefineCuda& r, Tensor& out) {
+void launch_refine_fwd_tc_k(const RefineCuda& r, Tensor* out, Tensor* Rmap) {
   const size_t smem = refine_fwd_tc_smem(r.H, r.d, K);
-  auto* kernel = refine_fwd_tc_kernel<T, K>;
+  auto* kernel = refine_fwd_tc_kernel<T, K, true>;
+  if constexpr (!std::is_same<T, float>::value)
+    if (!Rmap) kernel = refine_fwd_tc_kernel<T, K, false>;
   set_smem(kernel, smem, "refine_eval");
   RF_LAUNCH(kernel, grid_for(r.B * ((r.N + kTcRows - 1) / kTcRows)), kTcThreads, smem,
             c10::cuda::getCurrentCUDAStream())(r.attn.data_ptr<T>(), r.v.data_ptr<T>(), r.wf(), r.B, (int)r.H, r.N,
-                                               (int)r.d, (int)r.rH, r.expand, out.data_ptr<T>());
+                                               (int)r.d, (int)r.rH, r.expand, out ? out->data_ptr<T>() : nullptr,
+                                               Rmap ? Rmap->data_ptr<float>() : nullptr);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-void launch_refine_fwd_tc(const RefineCuda& r, Tensor& out) {
+void launch_refine_fwd_tc(const RefineCuda& r, Tensor* out, Tensor* Rmap) {
   RF_DISPATCH_TC(r.attn.scalar_type(), "refine_eval_cuda_tc", [&] {
     switch (r.k) {  // validated: odd, 1..7
-      case 1: return launch_refine_fwd_tc_k<scalar_t, 1>(r, out);
-      case 3: return launch_refine_fwd_tc_k<scalar_t, 3>(r, out);
-      case 5: return launch_refine_fwd_tc_k<scalar_t, 5>(r, out);
-      default: return launch_refine_fwd_tc_k<scalar_t, 7>(r, out);
+      case 1: return launch_refine_fwd_tc_k<scalar_t, 1>(r, out, Rmap);
+      case 3: return launch_refine_fwd_tc_k<scalar_t, 3>(r, out, Rmap);
+      case 5: return launch_refine_fwd_tc_k<scalar_t, 5>(r, out, Rmap);
+      default: return launch_refine_fwd_tc_k<scalar_t, 7>(r, out, Rmap);
     }
   });
 }
 
 void launch_refine_fwd(const RefineCuda& r, Tensor* out, Tensor* Rmap) {
-  if (out && use_refine_tc(r, Rmap != nullptr)) return launch_refine_fwd_tc(r, *out);
+  if (refine_tc_eligible(r.H) && tensor_cores_for(r.attn.scalar_type())) return launch_refine_fwd_tc(r, out, Rmap);
   const int TR = tile_rows("REFINER_CUDA_TILE_ROWS", 4, [&](int tr) { return refine_fwd_smem(r.H, r.d, (int)r.k, tr); });
   const size_t smem = refine_fwd_smem(r.H, r.d, (int)r.k, TR);
   auto stream = c10::cuda::getCurrentCUDAStream();

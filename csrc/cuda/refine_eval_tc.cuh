@@ -1,9 +1,10 @@
 // refine (eval), forward on the tensor cores (H <= 16, sm_80+): the head mixes and R v as TF32
 // mma.sync products (mma.cuh), the k x k stencil on the CUDA cores. Included by ops_cuda.cu after
-// RefineWF; fp64 maps and the backward's R recompute keep refine_fwd_kernel (IEEE).
-// fp16/bf16 maps: one TF32 product per step. It loses nothing on the inputs (fp16 and bf16 values
-// are TF32 values); the weights, E, D and R are rounded to nearest (tf32_rna).
-// fp32 maps: 3xTF32 (every operand split hi + lo, TfFrag), about fp32's accuracy.
+// RefineWF; fp64 maps keep refine_fwd_kernel (IEEE).
+// fp16/bf16 outputs: one TF32 product per step. It loses nothing on the inputs (fp16 and bf16
+// values are TF32 values); the weights, E, D and R are rounded to nearest (tf32_rna).
+// fp32 outputs, and the fp32 R map the backward recomputes (Rmap): 3xTF32 (kSplit: every operand
+// split hi + lo, TfFrag), about fp32's accuracy.
 //
 // A block (8 warps) owns a tile of kTcRows query rows x kTcCols key columns of one image's maps,
 // walking the key columns; a tile's maps with their stencil halo ("halo plane": (kTcRows + 2p) x
@@ -15,7 +16,8 @@
 //     t, t + 4 of 8 at pixel g of a group of 8 columns; a lane's 4 groups are 4 consecutive rows of
 //     one column, so their K x K stencils share (K + 3) K loads), and P += W_pro D (M = 16 heads)
 //     into accumulators that live across the chunks;
-//  4. R = alpha (A + P + b_pro) + beta -> shared memory (H x rows x cols, rows kTcLdr apart);
+//  4. R = alpha (A + P + b_pro) + beta -> shared memory (H x rows x cols, rows kTcLdr apart), and
+//     to the R map when one is asked for (then without steps 5 and out);
 //  5. out^T += V^T R^T per head (M = 16 rows of d, N = the tile's 8 rows, K = columns), added to
 //     an fp32 (H, rows, d) accumulator in shared memory that lives across the column tiles.
 // No (B, rH, N, N) map exists anywhere; E of one chunk is the only expanded state (shared memory).
@@ -47,12 +49,11 @@ size_t refine_fwd_tc_smem(int64_t H, int64_t d, int k) {
 
 __device__ __forceinline__ bool tc_inmap(int64_t N, int64_t gy, int64_t gx) { return gy >= 0 && gy < N && gx >= 0 && gx < N; }
 
-template <class T, int K>
+template <class T, int K, bool kSplit>
 __global__ void __launch_bounds__(kTcThreads)
     refine_fwd_tc_kernel(const T* __restrict__ A, const T* __restrict__ V, RefineWF w, int64_t B, int H, int64_t N,
-                         int d, int rH, bool expand, T* __restrict__ out) {
+                         int d, int rH, bool expand, T* __restrict__ out, float* __restrict__ Rmap) {
   RF_DYN_SHARED(float, sm);
-  constexpr bool kSplit = std::is_same<T, float>::value;
   using Frag4 = TfFrag<kSplit, 4>;
   using Frag2 = TfFrag<kSplit, 2>;
   constexpr int p = K / 2;
@@ -71,7 +72,8 @@ __global__ void __launch_bounds__(kTcThreads)
   const int64_t rtiles = (N + kTcRows - 1) / kTcRows;
   for (int64_t blk = blockIdx.x; blk < B * rtiles; blk += gridDim.x) {
     const int64_t b = blk / rtiles, r0 = blk % rtiles * kTcRows;
-    for (int j = threadIdx.x; j < H * kTcRows * ldo; j += blockDim.x) ob[j] = 0.f;
+    if (out)
+      for (int j = threadIdx.x; j < H * kTcRows * ldo; j += blockDim.x) ob[j] = 0.f;
     for (int64_t c0 = 0; c0 < N; c0 += kTcCols) {
       // 1. A's halo planes (0 outside the map, in padded heads and past PL)
       for (int j = threadIdx.x; j < kTcMaxHeads * PLP; j += blockDim.x) {
@@ -176,9 +178,15 @@ __global__ void __launch_bounds__(kTcThreads)
               tc_inmap(N, r0 + y, c0 + x) ? w.alpha[h] * (a + pacc[i][r] + w.b_pro[h]) + w.beta[h] : 0.f;
         }
       __syncthreads();
+      if (Rmap)
+        for (int j = threadIdx.x; j < H * kTcRows * kTcCols; j += blockDim.x) {
+          const int h = j / (kTcRows * kTcCols), y = j / kTcCols % kTcRows, x = j % kTcCols;
+          if (tc_inmap(N, r0 + y, c0 + x))
+            Rmap[((b * H + h) * N + r0 + y) * N + c0 + x] = rb[(h * kTcRows + y) * kTcLdr + x];
+        }
       // 5. out^T (16 rows of d x 8 query rows) += V^T (.. x 32 columns) R^T, per (head, 16 rows of d);
       // accumulator r: row m0 + g + 8 (r / 2) of d, query row 2 t + r % 2 (one lane owns each ob word)
-      for (int item = warp; item < nout; item += kTcWarps) {
+      for (int item = warp; out && item < nout; item += kTcWarps) {
         const int h = item / mtiles, m0 = item % mtiles * 16;
         const T* vb = V + ((b * H + h) * N + c0) * d;
         float acc[4] = {};
@@ -200,7 +208,7 @@ __global__ void __launch_bounds__(kTcThreads)
       }
       __syncthreads();  // the next column tile overwrites ab and rb
     }
-    for (int j = threadIdx.x; j < H * kTcRows * d; j += blockDim.x) {
+    for (int j = threadIdx.x; out && j < H * kTcRows * d; j += blockDim.x) {
       const int h = j / (kTcRows * d), y = j / d % kTcRows, dd = j % d;
       if (r0 + y < N) out[((b * H + h) * N + r0 + y) * d + dd] = static_cast<T>(ob[(h * kTcRows + y) * ldo + dd]);
     }
