@@ -333,6 +333,29 @@ def test_refine_eval_tensor_cores_fallback(E, monkeypatch, H, dtype):
     assert torch.equal(E.refine_eval(*args, expand), off)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_tensor_cores_propagate_nan_and_inf_like_the_reference(E, dtype):
+    """An Inf in the map: the stencil's relu6 clamps it for the neighbours (finite there), the residual
+    keeps it at its pixel. 3xTF32 must not turn it into NaN through its correction terms (a remainder
+    of 0 or of the other sign times Inf). A NaN in q: NaN rows of attn and out, as the reference."""
+    args, expand = refine_inputs(1, 3, 20, 5, 3, 3, dtype)
+    args[0][0, 1, 6, 7] = float("inf")
+    args[0][0, 2, 12, 3] = float("-inf")
+    got = E.refine_eval(*args, expand)
+    want = R.refine_eval(*[t.double() for t in args], expand)
+    assert torch.equal(got.isfinite(), want.isfinite()) and torch.equal(got.isnan(), want.isnan())
+    assert want.isfinite().any() and not want.isfinite().all()
+    fin = want.isfinite()
+    assert_close(got[fin], want[fin], 3e-2, 3e-2, "finite part")
+    q, k, v, _ = softmax_inputs(1, 2, 20, 8, False, dtype)
+    q[0, 1, 4, 2] = float("nan")
+    k[0, 0, 7, 1] = float("inf")
+    out, attn = E.softmax_block(q, k, v, None, 0.5)
+    w_out, w_attn = R.softmax_block(q.double(), k.double(), v.double(), None, 0.5)
+    for a, b in ((attn, w_attn), (out, w_out)):
+        assert torch.equal(a.isnan(), b.isnan()) and torch.equal(a.isinf(), b.isinf())
+
+
 @raises_in_launcher
 def test_refine_eval_tensor_cores_switch_invalid(E, monkeypatch):
     monkeypatch.setenv("REFINER_CUDA_TENSOR_CORES", "yes")

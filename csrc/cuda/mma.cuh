@@ -10,6 +10,7 @@
 #pragma once
 
 #include <cstdint>
+#include <cmath>
 #include <cstring>
 #include <type_traits>
 
@@ -82,12 +83,20 @@ struct TfFrag {
   }
 };
 
-// d += a b: one TF32 product, or three (a_lo b_hi + a_hi b_lo + a_hi b_hi; a_lo b_lo, ~2^-22, dropped)
+__host__ __device__ __forceinline__ float finite_or_zero(float x) { return fabsf(x) <= 3.402823466e38f ? x : 0.f; }
+
+// d += a b: one TF32 product, or three (a_lo b_hi + a_hi b_lo + a_hi b_hi; a_lo b_lo, ~2^-22, dropped).
+// Non-finite values enter only a_hi b_hi, so Inf and NaN propagate as in one fp32 product: the
+// correction terms take them as 0 (a remainder of either sign, or 0, times Inf would give NaN or
+// flip an Inf's sign).
 template <bool kSplit>
 __device__ __forceinline__ void mma_frag(float (&d)[4], const TfFrag<kSplit, 4>& a, const TfFrag<kSplit, 2>& b) {
   if constexpr (kSplit) {
-    mma_tf32(d, a.lo, b.hi);
-    mma_tf32(d, a.hi, b.lo);
+    float af[4], bf[2];
+    for (int r = 0; r < 4; ++r) af[r] = finite_or_zero(a.hi[r]);
+    for (int r = 0; r < 2; ++r) bf[r] = finite_or_zero(b.hi[r]);
+    mma_tf32(d, a.lo, bf);
+    mma_tf32(d, af, b.lo);
   }
   mma_tf32(d, a.hi, b.hi);
 }
