@@ -8,7 +8,9 @@
 #                                              # (N 197/577, bf16), refine_train by pass
 #                                              # (bench_train_passes), bench_models (S and ViT-S, 224 px,
 #                                              # no compile), with the other settings as extra rows
-#                                              # (--env-variants), then in the time left a profile
+#                                              # (--env-variants), the CUDA backend's tensor-core
+#                                              # forwards against its CUDA-core kernels (ops, and S
+#                                              # inference), then in the time left a profile
 #                                              # (Refiner-ViT-S fused[triton] vs reference); next call:
 #                                              # STAGE_BUDGET=260 bash benchmarks/gpu_round.sh sanitize
 #   bash benchmarks/gpu_round.sh verify        # build (sm_90), the tests the last round failed (see
