@@ -6,6 +6,7 @@
 // exceed 65535). A tile is walked in column (key) tiles staged in shared memory.
 // Inputs fp32/fp16/bf16, all arithmetic and accumulation in fp32.
 #include "cuda/cuda_common.cuh"
+#include "cuda/refine_eval_tc.cuh"  // RefineWF, and the tensor-core refine forward
 
 namespace refiner {
 namespace {
@@ -238,11 +239,6 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> softmax_block_backward_cuda(const Ten
 // of kTC. A tile needs E on TR + 2p rows, so TR > 1 divides the recomputed halo rows of the
 // expansion ((TR + 2p) / TR of the work instead of 1 + 2p).
 // ----------------------------------------------------------------------------
-struct RefineWF {
-  const float *w_exp, *b_exp, *w_dw, *b_dw, *w_pro, *b_pro, *alpha, *beta;
-};
-
-#include "cuda/refine_eval_tc.cuh"
 
 constexpr int kTC = 64;
 static_assert(kThreads % kTC == 0, "whole thread-rows");
@@ -334,35 +330,9 @@ RefineCuda prep_refine_cuda(const Tensor& attn, const Tensor& v, const Tensor& w
           expand};
 }
 
-// The tensor-core refine forward (refine_eval_tc.cuh) serves H <= 16: the output, 3xTF32 for fp32,
-// or the fp32 R map the backward recomputes, 3xTF32 for every input type.
-template <class T, int K>
-void launch_refine_fwd_tc_k(const RefineCuda& r, Tensor* out, Tensor* Rmap) {
-  const size_t smem = refine_fwd_tc_smem(r.H, r.d, K);
-  auto* kernel = refine_fwd_tc_kernel<T, K, true>;
-  if constexpr (!std::is_same<T, float>::value)
-    if (!Rmap) kernel = refine_fwd_tc_kernel<T, K, false>;
-  set_smem(kernel, smem, "refine_eval");
-  RF_LAUNCH(kernel, grid_for(r.B * ((r.N + kTcRows - 1) / kTcRows)), kTcThreads, smem,
-            c10::cuda::getCurrentCUDAStream())(r.attn.data_ptr<T>(), r.v.data_ptr<T>(), r.wf(), r.B, (int)r.H, r.N,
-                                               (int)r.d, (int)r.rH, r.expand, out ? out->data_ptr<T>() : nullptr,
-                                               Rmap ? Rmap->data_ptr<float>() : nullptr);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-}
-
-void launch_refine_fwd_tc(const RefineCuda& r, Tensor* out, Tensor* Rmap) {
-  RF_DISPATCH_TC(r.attn.scalar_type(), "refine_eval_cuda_tc", [&] {
-    switch (r.k) {  // validated: odd, 1..7
-      case 1: return launch_refine_fwd_tc_k<scalar_t, 1>(r, out, Rmap);
-      case 3: return launch_refine_fwd_tc_k<scalar_t, 3>(r, out, Rmap);
-      case 5: return launch_refine_fwd_tc_k<scalar_t, 5>(r, out, Rmap);
-      default: return launch_refine_fwd_tc_k<scalar_t, 7>(r, out, Rmap);
-    }
-  });
-}
-
 void launch_refine_fwd(const RefineCuda& r, Tensor* out, Tensor* Rmap) {
-  if (refine_tc_eligible(r.H) && tensor_cores_for(r.attn.scalar_type())) return launch_refine_fwd_tc(r, out, Rmap);
+  if (refine_tc_eligible(r.H) && tensor_cores_for(r.attn.scalar_type()))
+    return launch_refine_tc(r.attn, r.v, r.wf(), r.H, r.d, r.rH, r.k, r.expand, out, Rmap);
   const int TR = tile_rows("REFINER_CUDA_TILE_ROWS", 4, [&](int tr) { return refine_fwd_smem(r.H, r.d, (int)r.k, tr); });
   const size_t smem = refine_fwd_smem(r.H, r.d, (int)r.k, TR);
   auto stream = c10::cuda::getCurrentCUDAStream();

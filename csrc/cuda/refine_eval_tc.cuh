@@ -1,6 +1,6 @@
 // refine (eval), forward on the tensor cores (H <= 16, sm_80+): the head mixes and R v as TF32
-// mma.sync products (mma.cuh), the k x k stencil on the CUDA cores. Included by ops_cuda.cu after
-// RefineWF; fp64 maps keep refine_fwd_kernel (IEEE).
+// mma.sync products (mma.cuh), the k x k stencil on the CUDA cores. Used by ops_cuda.cu (fp64 maps
+// keep its refine_fwd_kernel, IEEE).
 // fp16/bf16 outputs: one TF32 product per step. It loses nothing on the inputs (fp16 and bf16
 // values are TF32 values); the weights, E, D and R are rounded to nearest (tf32_rna).
 // fp32 outputs, and the fp32 R map the backward recomputes (Rmap): 3xTF32 (kSplit: every operand
@@ -21,6 +21,17 @@
 //  5. out^T += V^T R^T per head (M = 16 rows of d, N = the tile's 8 rows, K = columns), added to
 //     an fp32 (H, rows, d) accumulator in shared memory that lives across the column tiles.
 // No (B, rH, N, N) map exists anywhere; E of one chunk is the only expanded state (shared memory).
+#pragma once
+
+#include "cuda/cuda_common.cuh"
+
+namespace refiner {
+namespace {
+
+struct RefineWF {  // folded refine weights, fp32 device pointers
+  const float *w_exp, *b_exp, *w_dw, *b_dw, *w_pro, *b_pro, *alpha, *beta;
+};
+
 constexpr int kTcWarps = 8, kTcThreads = 32 * kTcWarps;
 constexpr int kTcRows = 8;   // = the n of an m16n8k8 product: R v's N dimension
 constexpr int kTcCols = 32;
@@ -215,3 +226,36 @@ __global__ void __launch_bounds__(kTcThreads)
     __syncthreads();  // ob is cleared for the next row tile
   }
 }
+
+template <class T, int K>
+void launch_refine_tc_k(const Tensor& A, const Tensor& V, const RefineWF& w, int64_t H, int64_t d, int64_t rH,
+                        bool expand, Tensor* out, Tensor* Rmap) {
+  const int64_t B = A.size(0), N = A.size(2);
+  const size_t smem = refine_fwd_tc_smem(H, d, K);
+  auto* kernel = refine_fwd_tc_kernel<T, K, true>;
+  if constexpr (!std::is_same<T, float>::value)
+    if (!Rmap) kernel = refine_fwd_tc_kernel<T, K, false>;
+  set_smem(kernel, smem, "refine_eval");
+  RF_LAUNCH(kernel, grid_for(B * ((N + kTcRows - 1) / kTcRows)), kTcThreads, smem, c10::cuda::getCurrentCUDAStream())(
+      A.data_ptr<T>(), V.data_ptr<T>(), w, B, (int)H, N, (int)d, (int)rH, expand,
+      out ? out->data_ptr<T>() : nullptr, Rmap ? Rmap->data_ptr<float>() : nullptr);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// The tensor-core refine forward: the output (3xTF32 for fp32) or the fp32 R map (3xTF32 for every
+// input type). A (B, H, N, N) and V (B, H, N, d) contiguous; the caller checks refine_tc_eligible
+// and tensor_cores_for.
+void launch_refine_tc(const Tensor& A, const Tensor& V, const RefineWF& w, int64_t H, int64_t d, int64_t rH,
+                      int64_t k, bool expand, Tensor* out, Tensor* Rmap) {
+  RF_DISPATCH_TC(A.scalar_type(), "refine_tc", [&] {
+    switch (k) {  // validated: odd, 1..7
+      case 1: return launch_refine_tc_k<scalar_t, 1>(A, V, w, H, d, rH, expand, out, Rmap);
+      case 3: return launch_refine_tc_k<scalar_t, 3>(A, V, w, H, d, rH, expand, out, Rmap);
+      case 5: return launch_refine_tc_k<scalar_t, 5>(A, V, w, H, d, rH, expand, out, Rmap);
+      default: return launch_refine_tc_k<scalar_t, 7>(A, V, w, H, d, rH, expand, out, Rmap);
+    }
+  });
+}
+
+}  // namespace
+}  // namespace refiner
