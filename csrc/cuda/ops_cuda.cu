@@ -4,9 +4,13 @@
 // Layout: one block per (batch, head, tile of query rows) for the softmax block and per (batch,
 // tile of query rows) for the refine kernels, on grid.x (64-bit index math; B*H and B*N may
 // exceed 65535). A tile is walked in column (key) tiles staged in shared memory.
-// Inputs fp32/fp16/bf16, all arithmetic and accumulation in fp32.
+// Inputs fp32/fp16/bf16, all arithmetic and accumulation in fp32. On sm_80+ the forwards of the
+// softmax block and of refine_eval run on the tensor cores instead (softmax_block_tc.cuh,
+// refine_eval_tc.cuh; docs/cuda_kernels.md); the kernels below serve fp64, the rest, and
+// REFINER_CUDA_TENSOR_CORES=0.
 #include "cuda/cuda_common.cuh"
 #include "cuda/refine_eval_tc.cuh"  // RefineWF, and the tensor-core refine forward
+#include "cuda/softmax_block_tc.cuh"
 
 namespace refiner {
 namespace {
@@ -31,8 +35,6 @@ __device__ void stage_keys(float* kv, const T* src, int64_t j0, int nk, int d, i
   for (int j = threadIdx.x; j < nk * d; j += blockDim.x) kv[j / d * ld + j % d] = static_cast<float>(src[j0 * d + j]);
   __syncthreads();
 }
-
-#include "cuda/softmax_block_tc.cuh"
 
 template <class T>
 __global__ void softmax_block_fwd_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,

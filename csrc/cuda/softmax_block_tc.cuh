@@ -1,17 +1,24 @@
 // softmax block, forward on the tensor cores (sm_80+): q k^T and attn @ v as TF32 mma.sync products
-// (mma.cuh), the softmax as in softmax_block_fwd_kernel. Included by ops_cuda.cu after stage_keys.
+// (mma.cuh), the softmax as in ops_cuda.cu's softmax_block_fwd_kernel, which serves fp64.
 // fp16/bf16: one TF32 product per step, which loses nothing (the inputs and the stored, rounded
 // attn are fp16/bf16 values, exact in TF32; fp32 accumulation). fp32: 3xTF32 (TfFrag), about
 // fp32's accuracy.
 //
 // A block (8 warps) owns 16 query rows (the m of every product) of one (batch, head):
 //  1. Q (16 x d, zero-padded to a multiple of 8 columns) into shared memory;
-//  2. per tile of kKeyTile keys: S = Q K^T * scale, warp w taking keys 8w .. 8w + 7 (K = d);
+//  2. per tile of kSbTcKeys keys: S = Q K^T * scale, warp w taking keys 8w .. 8w + 7 (K = d);
 //  3. softmax (+ scale * prev) of each row by one warp; attn stored, and its rounded values kept;
 //  4. per key tile: out += attn V (N = 8 columns of d per warp item, K = the tile's keys).
+#pragma once
+
+#include "cuda/cuda_common.cuh"
+
+namespace refiner {
+namespace {
+
 constexpr int kSbTcRows = 16;
 constexpr int kSbTcWarps = 8;
-static_assert(kSbTcWarps * 8 == kKeyTile, "a warp per 8 keys of a key tile");
+constexpr int kSbTcKeys = 8 * kSbTcWarps;  // keys per tile: a warp per 8 keys in q k^T
 constexpr int kSbTcMaxItems = 2;  // 8-column groups of d per warp: 128 / 8 / 8
 
 struct SbTcGeom {
@@ -22,15 +29,15 @@ struct SbTcGeom {
 
 size_t softmax_block_tc_smem(int64_t N, int64_t d) {  // Q, a K/V tile, the scores
   const SbTcGeom g((int)d, N);
-  return sizeof(float) * ((size_t)kSbTcRows * g.ldq + (size_t)kKeyTile * g.kv_stride() + (size_t)kSbTcRows * g.lds);
+  return sizeof(float) * ((size_t)kSbTcRows * g.ldq + (size_t)kSbTcKeys * g.kv_stride() + (size_t)kSbTcRows * g.lds);
 }
 
 // Keys [j0, j0 + nk) of one head's (N, d) K or V into kv (rows ld apart), zero in the padding
-// (rows nk .. kKeyTile, columns d .. dp), between two barriers.
+// (rows nk .. kSbTcKeys, columns d .. dp), between two barriers.
 template <class T>
 __device__ void stage_keys_padded(float* kv, const T* src, int64_t j0, int nk, int d, int dp, int ld) {
   __syncthreads();
-  for (int j = threadIdx.x; j < kKeyTile * dp; j += blockDim.x) {
+  for (int j = threadIdx.x; j < kSbTcKeys * dp; j += blockDim.x) {
     const int key = j / dp, c = j % dp;
     kv[key * ld + c] = key < nk && c < d ? static_cast<float>(src[(j0 + key) * d + c]) : 0.f;
   }
@@ -47,8 +54,8 @@ __global__ void __launch_bounds__(32 * kSbTcWarps)
   const SbTcGeom geo(d, N);
   const int dp = geo.dp;
   float* qs = sm;                            // (16, ldq)
-  float* kv = qs + kSbTcRows * geo.ldq;      // (kKeyTile, ldq or ldv)
-  float* sc = kv + kKeyTile * geo.kv_stride();  // (16, lds): scores, then the stored attn values
+  float* kv = qs + kSbTcRows * geo.ldq;      // (kSbTcKeys, ldq or ldv)
+  float* sc = kv + kSbTcKeys * geo.kv_stride();  // (16, lds): scores, then the stored attn values
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const MmaLane L{lane >> 2, lane & 3};
   const int64_t ntiles = (N + kSbTcRows - 1) / kSbTcRows;
@@ -60,8 +67,8 @@ __global__ void __launch_bounds__(32 * kSbTcWarps)
       qs[r * geo.ldq + c] = r < nq && c < d ? static_cast<float>(q[(bh * N + r0 + r) * d + c]) : 0.f;
     }
     // 2. scores; accumulator r: row g + 8 (r / 2), key 8 warp + 2 t + r % 2
-    for (int64_t j0 = 0; j0 < N; j0 += kKeyTile) {
-      const int nk = (int)min((int64_t)kKeyTile, N - j0);
+    for (int64_t j0 = 0; j0 < N; j0 += kSbTcKeys) {
+      const int nk = (int)min((int64_t)kSbTcKeys, N - j0);
       stage_keys_padded(kv, k + bh * N * d, j0, nk, d, dp, geo.ldq);
       float acc[4] = {};
       for (int ks = 0; ks < dp / 8; ++ks) {
@@ -100,8 +107,8 @@ __global__ void __launch_bounds__(32 * kSbTcWarps)
     // 4. out = attn @ v; item it of a warp: columns 8 (warp + 8 it) .. + 7 of d; accumulator r: row
     // g + 8 (r / 2), column 2 t + r % 2 of the group
     float oacc[kSbTcMaxItems][4] = {};
-    for (int64_t j0 = 0; j0 < N; j0 += kKeyTile) {
-      const int nk = (int)min((int64_t)kKeyTile, N - j0);
+    for (int64_t j0 = 0; j0 < N; j0 += kSbTcKeys) {
+      const int nk = (int)min((int64_t)kSbTcKeys, N - j0);
       stage_keys_padded(kv, v + bh * N * d, j0, nk, d, dp, geo.ldv);  // its first barrier orders step 3
       RF_UNROLL
       for (int it = 0; it < kSbTcMaxItems; ++it) {
@@ -131,3 +138,6 @@ __global__ void __launch_bounds__(32 * kSbTcWarps)
     __syncthreads();  // qs, kv and sc are rewritten for the next tile
   }
 }
+
+}  // namespace
+}  // namespace refiner
