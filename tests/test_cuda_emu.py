@@ -216,6 +216,19 @@ def test_softmax_block_tensor_cores(E, monkeypatch, B, H, N, d, prev, dtype):
     check_softmax_block_tc(E, monkeypatch, B, H, N, d, prev, dtype)
 
 
+def test_softmax_block_tensor_cores_fallback_for_long_rows(E, monkeypatch):
+    """N = 3600: 16 rows of scores need more shared memory than a block has; the CUDA-core kernel
+    (fewer rows per block) runs instead: bitwise the switch-off result, and right."""
+    q, k, v, p = softmax_inputs(1, 1, 3600, 8, True, torch.float16)
+    out, attn = E.softmax_block(q, k, v, p, 0.3)
+    monkeypatch.setenv("REFINER_CUDA_TENSOR_CORES", "0")
+    out0, attn0 = E.softmax_block(q, k, v, p, 0.3)
+    assert torch.equal(out, out0) and torch.equal(attn, attn0)
+    r_out, r_attn = R.softmax_block(q.double(), k.double(), v.double(), p.double(), 0.3)
+    assert_close(attn, r_attn, 4e-3, 4e-3, "attn")
+    assert_close(out, r_out, 4e-3, 4e-3, "out")
+
+
 @given(B=st.integers(1, 2), H=st.integers(1, 3), N=st.integers(1, 80), d=st.integers(1, 64), prev=st.booleans(),
        dtype=st.sampled_from([torch.float32, torch.float16, torch.bfloat16]))
 def test_softmax_block_tensor_cores_property(E, B, H, N, d, prev, dtype):

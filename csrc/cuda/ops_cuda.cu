@@ -112,21 +112,9 @@ std::tuple<Tensor, Tensor> softmax_block_cuda(const Tensor& q_, const Tensor& k_
   const int64_t B = q.size(0), H = q.size(1), N = q.size(2), d = q.size(3);
   auto out = at::empty_like(q);
   auto attn = at::empty({B, H, N, N}, q.options());
-  auto stream = c10::cuda::getCurrentCUDAStream();
-  const size_t tc_smem = softmax_block_tc_smem(N, d);
-  if (tensor_cores_for(q.scalar_type()) &&
-      tc_smem <= (size_t)device_attr(cudaDevAttrMaxSharedMemoryPerBlockOptin)) {
-    RF_DISPATCH_TC(q.scalar_type(), "softmax_block_cuda_tc", [&] {
-      set_smem(softmax_block_fwd_tc_kernel<scalar_t>, tc_smem, "softmax_block");
-      RF_LAUNCH(softmax_block_fwd_tc_kernel<scalar_t>, grid_for(B * H * ((N + kSbTcRows - 1) / kSbTcRows)),
-                32 * kSbTcWarps, tc_smem, stream)(q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(),
-                                                  has_prev ? prev.data_ptr<scalar_t>() : nullptr,
-                                                  out.data_ptr<scalar_t>(), attn.data_ptr<scalar_t>(), B * H, N, (int)d,
-                                                  (float)scale);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-    });
+  if (tensor_cores_for(q.scalar_type()) && launch_softmax_block_tc(q, k, v, has_prev ? &prev : nullptr, out, attn, scale))
     return {out, attn};
-  }
+  auto stream = c10::cuda::getCurrentCUDAStream();
   const int TQ = tile_rows("REFINER_CUDA_SOFTMAX_ROWS", 16, [&](int tq) { return softmax_block_smem(N, d, tq); });
   const size_t smem = softmax_block_smem(N, d, TQ);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "softmax_block_cuda", [&] {

@@ -139,5 +139,24 @@ __global__ void __launch_bounds__(32 * kSbTcWarps)
   }
 }
 
+// The tensor-core forward on contiguous q, k, v (and prev); false, with nothing launched, where 16
+// rows of scores do not fit in a block's shared memory (N past ~3,500: the CUDA-core kernel then).
+bool launch_softmax_block_tc(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor* prev, Tensor& out,
+                             Tensor& attn, double scale) {
+  const int64_t BH = q.size(0) * q.size(1), N = q.size(2), d = q.size(3);
+  const size_t smem = softmax_block_tc_smem(N, d);
+  if (smem > (size_t)device_attr(cudaDevAttrMaxSharedMemoryPerBlockOptin)) return false;
+  RF_DISPATCH_TC(q.scalar_type(), "softmax_block_cuda_tc", [&] {
+    auto* kernel = softmax_block_fwd_tc_kernel<scalar_t>;
+    set_smem(kernel, smem, "softmax_block");
+    RF_LAUNCH(kernel, grid_for(BH * ((N + kSbTcRows - 1) / kSbTcRows)), 32 * kSbTcWarps, smem,
+              c10::cuda::getCurrentCUDAStream())(q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(),
+                                                 prev ? prev->data_ptr<scalar_t>() : nullptr, out.data_ptr<scalar_t>(),
+                                                 attn.data_ptr<scalar_t>(), BH, N, (int)d, (float)scale);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return true;
+}
+
 }  // namespace
 }  // namespace refiner
