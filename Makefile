@@ -12,7 +12,7 @@ export CUDA_HOME ?= /usr/local/cuda
 
 SOURCES := $(shell find csrc -type f 2>/dev/null) $(wildcard setup.py)
 
-.PHONY: demo test build deps clean bench cmake-build emu-asan triton-aot
+.PHONY: demo test build deps clean bench cmake-build emu-asan triton-aot cuda-ptxas
 
 deps: $(VENV)/.deps
 $(VENV)/.deps: requirements.txt
@@ -41,6 +41,11 @@ emu-asan: build
 # compile errors the interpreter cannot see (~2 min).
 triton-aot: deps
 	env -u TRITON_INTERPRET $(PY) -m refiner_kernels._aot_check
+
+# Every CUDA kernel compiled for sm_90 by nvcc (no GPU needed): registers and spills per kernel;
+# fails if a tensor-core kernel spills (~2 min).
+cuda-ptxas: deps
+	$(PY) tests/cuda_ptxas.py --no-spills _tc_kernel
 
 bench: build
 	$(PY) benchmarks/bench_ops.py
