@@ -1,6 +1,6 @@
 """Registers and spills of every CUDA kernel, compiled for sm_90 by nvcc without a GPU.
 
-    python tests/cuda_ptxas.py [--arch 90] [--no-spills PATTERN]
+    python tests/cuda_ptxas.py [--arch 90] [--no-spills PATTERN] [FILE.cu ...]
 
 Compiles csrc/cuda/*.cu with `-Xptxas -v` (as setup.py's flags, one file at a time, ~1-2 min on
 2 cores) and prints one row per kernel: registers, stack frame, spill stores and loads. With
@@ -58,9 +58,10 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--arch", default="90")
     p.add_argument("--no-spills", metavar="PATTERN", help="fail if a kernel whose name contains PATTERN spills")
+    p.add_argument("files", nargs="*", help="sources (default: csrc/cuda/*.cu)")
     args = p.parse_args()
     bad = []
-    for src in sorted(glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cu"))):
+    for src in args.files or sorted(glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cu"))):
         print(f"{os.path.relpath(src, ROOT)} (sm_{args.arch})")
         print(f"  {'regs':>4} {'stack':>5} {'spill st/ld':>11}  kernel")
         for r in compile_report(src, args.arch):
