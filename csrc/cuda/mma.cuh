@@ -44,11 +44,20 @@ __host__ __device__ __forceinline__ float tf32_rna(float x) {
 #endif
 }
 
+__host__ __device__ __forceinline__ float finite_or_zero(float x) { return fabsf(x) <= 3.402823466e38f ? x : 0.f; }
+
 // x = hi + lo, both TF32 values (lo: the rounded remainder; 0 for a non-finite x, whose remainder
-// would be NaN). hi alone is x to 2^-11, hi + lo to about 2^-22 (relative).
+// would be NaN). hi alone is x to 2^-11, hi + lo to about 2^-22 (relative). A finite x that rounds
+// past the largest TF32 value keeps a finite hi (its 13 low bits cut instead).
 __host__ __device__ __forceinline__ void tf32_split(float x, float& hi, float& lo) {
   hi = tf32_rna(x);
-  lo = x - hi == x - hi ? tf32_rna(x - hi) : 0.f;
+  if (finite_or_zero(hi) != hi && finite_or_zero(x) == x) {
+    uint32_t u;
+    std::memcpy(&u, &x, 4);
+    u &= 0xFFFFE000u;
+    std::memcpy(&hi, &u, 4);
+  }
+  lo = finite_or_zero(x) == x ? tf32_rna(x - hi) : 0.f;
 }
 
 #ifdef REFINER_CUDA_EMU
@@ -64,7 +73,7 @@ __device__ __forceinline__ void mma_tf32(float (&d)[4], const float (&a)[4], con
       : "r"(__float_as_uint(a[0])), "r"(__float_as_uint(a[1])), "r"(__float_as_uint(a[2])),
         "r"(__float_as_uint(a[3])), "r"(__float_as_uint(b[0])), "r"(__float_as_uint(b[1])));
 #else
-  __trap();  // the host launches tensor-core kernels only on sm_80 and newer (tensor_cores_usable)
+  __trap();  // the host launches tensor-core kernels only on sm_80 and newer (tensor_cores_for)
 #endif
 }
 #endif
@@ -82,8 +91,6 @@ struct TfFrag {
     }
   }
 };
-
-__host__ __device__ __forceinline__ float finite_or_zero(float x) { return fabsf(x) <= 3.402823466e38f ? x : 0.f; }
 
 // d += a b: one TF32 product, or three (a_lo b_hi + a_hi b_lo + a_hi b_hi; a_lo b_lo, ~2^-22, dropped).
 // Non-finite values enter only a_hi b_hi, so Inf and NaN propagate as in one fp32 product: the
