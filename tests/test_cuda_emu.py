@@ -262,8 +262,8 @@ EMU_REFINE_CASES = [(1, 1, 1, 1, 3, 3), (2, 3, 17, 35, 3, 3), (1, 2, 70, 8, 2, 5
 
 
 @seeded
-def check_refine_eval(E, B, H, N, d, ratio, k, seed=0):
-    args, expand = refine_inputs(B, H, N, d, ratio, k, torch.float32, seed=seed)
+def check_refine_eval(E, B, H, N, d, ratio, k, seed=0, dyadic=False):
+    args, expand = refine_inputs(B, H, N, d, ratio, k, torch.float32, seed=seed, dyadic=dyadic)
     outs = both_forwards(E, lambda: on_schedules(E, lambda: E.refine_eval(*map(fenced, args), expand))[0])
     gout = torch.randn_like(outs[0])
     # the backward recomputes R by the forward kernel: 3xTF32 (tensor cores) or IEEE (CUDA cores)
@@ -288,7 +288,11 @@ def test_refine_eval(E, B, H, N, d, ratio, k):
 @given(B=st.integers(1, 2), H=st.integers(1, 5), N=st.integers(1, 40), d=st.integers(1, 40),
        ratio=st.integers(1, 6), k=st.sampled_from([1, 3, 5, 7]), seed=st.integers(0, 2 ** 16))
 def test_refine_eval_property(E, B, H, N, d, ratio, k, seed):
-    check_refine_eval(E, B, H, N, d, ratio, k, seed)
+    # Dyadic maps and expansion/stencil weights (exact pre-activations): over the long profile's
+    # examples, a random pre-activation within fp32 rounding of 0 or 6 flips a relu6 gate against
+    # fp64 now and then (one failed gradient in ~1,400 examples, not reproduced), as in
+    # test_compiled_cuda's large cases.
+    check_refine_eval(E, B, H, N, d, ratio, k, seed, dyadic=True)
 
 
 @pytest.mark.parametrize("rows", [1, 3, 32])
