@@ -81,6 +81,26 @@ __device__ float block_reduce(float v, float* scratch) {
   return r;
 }
 
+// One attention row by one warp (the softmax block forwards): row (n scaled scores in shared
+// memory) -> attn = softmax(row) + sprev * prev (prev may be null), stored at attn_row, and the
+// stored (rounded) values back into row for attn @ v.
+template <class T>
+__device__ void softmax_row_store(float* row, int64_t n, const T* prev_row, T* attn_row, float sprev) {
+  const int lane = threadIdx.x & 31;
+  float mx = -INFINITY;
+  for (int64_t j = lane; j < n; j += 32) mx = fmaxf(mx, row[j]);
+  mx = warp_max(mx);
+  float sum = 0.f;
+  for (int64_t j = lane; j < n; j += 32) sum += rf_exp(row[j] - mx);
+  const float inv = 1.f / warp_sum(sum);
+  for (int64_t j = lane; j < n; j += 32) {
+    const float pv = prev_row ? static_cast<float>(prev_row[j]) : 0.f;
+    const T a = static_cast<T>(softmax_residual(row[j], mx, inv, pv, prev_row ? sprev : 0.f));
+    attn_row[j] = a;
+    row[j] = static_cast<float>(a);
+  }
+}
+
 int device_attr(cudaDeviceAttr attr) {  // of the current device
   int dev = 0, v = 0;
   C10_CUDA_CHECK(cudaGetDevice(&dev));

@@ -46,7 +46,7 @@ __global__ void softmax_block_fwd_kernel(const T* __restrict__ q, const T* __res
   float* oacc = qs + TQ * d;          // (TQ, d), each slot owned by one thread
   float* kv = oacc + TQ * d;          // (kKeyTile, ld)
   float* sc = kv + kKeyTile * ld;     // (TQ, N): scores, then the stored attn values
-  const int tid = threadIdx.x, nt = blockDim.x, lane = tid & 31, warp = tid >> 5, nw = nt >> 5;
+  const int tid = threadIdx.x, nt = blockDim.x, warp = tid >> 5, nw = nt >> 5;
   const int64_t ntiles = (N + TQ - 1) / TQ;
   for (int64_t blk = blockIdx.x; blk < BH * ntiles; blk += gridDim.x) {
     const int64_t bh = blk / ntiles, r0 = blk % ntiles * TQ;
@@ -71,20 +71,8 @@ __global__ void softmax_block_fwd_kernel(const T* __restrict__ q, const T* __res
     }
     __syncthreads();
     for (int r = warp; r < nq; r += nw) {  // softmax (+ scale * prev) of row r by warp r % nw
-      float* row = sc + r * N;
       const int64_t grow = (bh * N + r0 + r) * N;
-      float mx = -INFINITY;
-      for (int64_t j = lane; j < N; j += 32) mx = fmaxf(mx, row[j]);
-      mx = warp_max(mx);
-      float sum = 0.f;
-      for (int64_t j = lane; j < N; j += 32) sum += rf_exp(row[j] - mx);
-      const float inv = 1.f / warp_sum(sum);
-      for (int64_t j = lane; j < N; j += 32) {
-        const float pv = prev ? static_cast<float>(prev[grow + j]) : 0.f;
-        const T a = static_cast<T>(softmax_residual(row[j], mx, inv, pv, prev ? scale : 0.f));
-        attn[grow + j] = a;
-        row[j] = static_cast<float>(a);  // attn @ v uses the stored (rounded) attn
-      }
+      softmax_row_store(sc + r * N, N, prev ? prev + grow : nullptr, attn + grow, scale);
     }
     for (int64_t j0 = 0; j0 < N; j0 += kKeyTile) {  // out = attn @ v
       const int nk = (int)min((int64_t)kKeyTile, N - j0);

@@ -89,20 +89,8 @@ __global__ void __launch_bounds__(32 * kSbTcWarps)
     __syncthreads();
     // 3. softmax (+ scale * prev) of row r by warp r % 8
     for (int r = warp; r < nq; r += kSbTcWarps) {
-      float* row = sc + r * geo.lds;
       const int64_t grow = (bh * N + r0 + r) * N;
-      float mx = -INFINITY;
-      for (int64_t j = lane; j < N; j += 32) mx = fmaxf(mx, row[j]);
-      mx = warp_max(mx);
-      float sum = 0.f;
-      for (int64_t j = lane; j < N; j += 32) sum += rf_exp(row[j] - mx);
-      const float inv = 1.f / warp_sum(sum);
-      for (int64_t j = lane; j < N; j += 32) {
-        const float pv = prev ? static_cast<float>(prev[grow + j]) : 0.f;
-        const T a = static_cast<T>(softmax_residual(row[j], mx, inv, pv, prev ? scale : 0.f));
-        attn[grow + j] = a;
-        row[j] = static_cast<float>(a);  // attn @ v uses the stored (rounded) attn
-      }
+      softmax_row_store(sc + r * geo.lds, N, prev ? prev + grow : nullptr, attn + grow, scale);
     }
     // 4. out = attn @ v; item it of a warp: columns 8 (warp + 8 it) .. + 7 of d; accumulator r: row
     // g + 8 (r / 2), column 2 t + r % 2 of the group
