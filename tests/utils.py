@@ -1,4 +1,7 @@
 """Test helpers (the input makers live in refiner.testing so benchmarks share them)."""
+import torch
+
+from refiner import reference as R
 from refiner.testing import random_attn, random_dla, train_args  # noqa: F401
 
 
@@ -27,6 +30,14 @@ def assert_no_worse_than(got, want, half, names, slack=1e-3):
             f"d{n}: |kernel - ref| = {err:.3e} > |half-type ref - ref| = {base:.3e} (|ref| = {b.norm().item():.3e})"
 
 
+def _switch_off_then_on(run, monkeypatch, *args):
+    """run(*args) with REFINER_CUDA_TENSOR_CORES=0 (CUDA-core kernels), then =1 (tensor cores)."""
+    monkeypatch.setenv("REFINER_CUDA_TENSOR_CORES", "0")
+    off = run(*args)
+    monkeypatch.setenv("REFINER_CUDA_TENSOR_CORES", "1")
+    return off, run(*args)
+
+
 def check_tensor_core_refine(run, monkeypatch, args, expand):
     """The compiled refine_eval's tensor-core forward (csrc/cuda/refine_eval_tc.cuh, H <= 16) against
     fp64 and next to the CUDA-core kernel (REFINER_CUDA_TENSOR_CORES=0); `run(args)` calls the op.
@@ -38,14 +49,9 @@ def check_tensor_core_refine(run, monkeypatch, args, expand):
     for bf16 (two of its own), 2e-6 for fp32; the worst of 300 random shapes on the emulator:
     8.1e-4, 2.1e-3 and 6.2e-7 (up to 4.6x the CUDA-core kernel's error, which rounds less).
     Returns (tensor-core output, CUDA-core output)."""
-    import torch
-    from refiner import reference as R
-    from test_compiled_ops import assert_close
+    from test_compiled_ops import assert_close  # here: test_compiled_ops imports this module
     r_out = R.refine_eval(*[t.double() for t in args], expand)
-    monkeypatch.setenv("REFINER_CUDA_TENSOR_CORES", "0")
-    fp32 = run(args)
-    monkeypatch.setenv("REFINER_CUDA_TENSOR_CORES", "1")
-    out = run(args)
+    fp32, out = _switch_off_then_on(run, monkeypatch, args)
     assert out.dtype == args[0].dtype
     rtol, atol = {torch.float16: (4e-3, 4e-3), torch.bfloat16: (3e-2, 3e-2)}.get(out.dtype, (1e-5, 2e-5))
     assert_close(out, r_out, rtol, atol, "out")
@@ -64,13 +70,8 @@ def check_tensor_core_softmax(run, monkeypatch, args, s):
     2^-7 relative to the scale) and stay within the half tolerance of fp64. fp32 (3xTF32): within
     1e-5 of fp64 and 4e-6 of the CUDA-core kernel, relative to the scale (measured: up to 1.2e-6
     from fp64, 1.6x the CUDA-core kernel's error in 2-norm)."""
-    import torch
-    from refiner import reference as R
-    from test_compiled_ops import assert_close
-    monkeypatch.setenv("REFINER_CUDA_TENSOR_CORES", "0")
-    out32, attn32 = run(args, s)
-    monkeypatch.setenv("REFINER_CUDA_TENSOR_CORES", "1")
-    out, attn = run(args, s)
+    from test_compiled_ops import assert_close  # here: test_compiled_ops imports this module
+    (out32, attn32), (out, attn) = _switch_off_then_on(run, monkeypatch, args, s)
     r_out, r_attn = R.softmax_block(*(t.double() if t is not None else None for t in args), s)
     dtype = args[0].dtype
     tol, near = {torch.float16: (4e-3, 2 ** -10), torch.bfloat16: (3e-2, 2 ** -7)}.get(dtype, (1e-5, 4e-6))
