@@ -12,7 +12,7 @@ from refiner import _compiled as C
 from refiner import reference as R
 from test_compiled_ops import (REFINE_CASES, REFINE_NAMES, TRAIN_CASES, TRAIN_NAMES, _opcheck_cases, assert_close, check_train,
                                compare, grads, refine_inputs, softmax_inputs, train_inputs)
-from utils import check_tensor_core_refine, check_tensor_core_softmax
+from utils import check_tensor_core_refine, check_tensor_core_refine_backward, check_tensor_core_softmax
 
 pytestmark = [
     requires_cuda,
@@ -120,6 +120,18 @@ def test_refine_eval_tensor_cores(monkeypatch, B, H, N, d, ratio, k, dtype):
     args, expand = refine_inputs(B, H, N, d, ratio, k, dtype, device=DEV)
     with torch.no_grad():
         check_tensor_core_refine(lambda a: C.refine_eval(*a, expand), monkeypatch, args, expand)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("B,H,N,d,ratio,k", [(2, 12, 197, 32, 3, 3), (1, 16, 50, 35, 6, 5), (1, 3, 17, 128, 2, 7),
+                                             (3, 2, 9, 4, 1, 1), (1, 4, 40, 16, 1, 3)])
+def test_refine_eval_backward_tensor_cores(monkeypatch, B, H, N, d, ratio, k, dtype):
+    """The backward's tensor-core gradient kernel (3xTF32) against fp64 and the CUDA-core kernel
+    (utils.check_tensor_core_refine_backward); dyadic inputs: no relu6 gate flips between the two."""
+    args, expand = refine_inputs(B, H, N, d, ratio, k, dtype, device=DEV, dyadic=True)
+    gout = torch.randn_like(args[1])
+    check_tensor_core_refine_backward(lambda g, a: torch.ops.refiner.refine_eval_backward(g, *a, expand), monkeypatch,
+                                      args, gout, expand)
 
 
 @pytest.mark.large

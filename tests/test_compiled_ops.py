@@ -16,7 +16,7 @@ import torch
 
 from refiner import _compiled as C
 from refiner import reference as R
-from utils import random_attn, random_dla
+from utils import REFINE_NAMES, random_attn, random_dla
 
 pytestmark = pytest.mark.skipif(not C.AVAILABLE, reason=f"refiner._C not available: {C.UNAVAILABLE_REASON}")
 
@@ -100,8 +100,6 @@ def softmax_inputs(B, H, N, d, prev, dtype=torch.float64, device=DEVICE):
     ts = [q, k, v, p]
     return [t.to(device=device, dtype=dtype) if t is not None else None for t in ts]
 
-
-REFINE_NAMES = ["attn", "v", "w_exp", "b_exp", "w_dw", "b_dw", "w_pro", "b_pro", "alpha", "beta"]
 
 # ----------------------------------------------------------------------------- basic facts
 def test_flags():

@@ -30,7 +30,7 @@ from hypothesis import strategies as st
 import cuda_emu
 from refiner import reference as R
 from test_compiled_ops import assert_close, grads, refine_inputs, softmax_inputs
-from utils import check_tensor_core_refine, check_tensor_core_softmax
+from utils import REFINE_NAMES, check_tensor_core_refine, check_tensor_core_refine_backward, check_tensor_core_softmax
 
 pytestmark = pytest.mark.skipif(cuda_emu.UNSUPPORTED is not None, reason=str(cuda_emu.UNSUPPORTED))
 # Under `python tests/cuda_emu.py --asan`, ASan's C++ throw interceptor aborts once fibers have switched
@@ -145,6 +145,8 @@ def test_emulator_reports_faults(E, case, message):
 def test_emulator_exposes_races_and_uninitialised_shared_memory(E):
     with pytest.raises(AssertionError, match="data race"):
         on_schedules(E, lambda: E.selftest("race", 64))
+    with pytest.raises(AssertionError, match="data race"):  # across warp collectives (warp skew)
+        on_schedules(E, lambda: E.selftest("skew_race", 64))
     assert E.selftest("uninit", 64)[:64].isnan().all()
 
 
@@ -253,7 +255,6 @@ def test_softmax_block_tensor_cores_property(E, B, H, N, d, prev, dtype):
 
 
 # ----------------------------------------------------------------------------- refine (eval)
-REFINE_NAMES = ["attn", "v", "w_exp", "b_exp", "w_dw", "b_dw", "w_pro", "b_pro", "alpha", "beta"]
 # N = 1 (map smaller than the kernel); N = 70 crosses the forward's 64-column tiles and N = 33, 40
 # the backward's 32-column ones; ratio 1 (no expansion) with k = 7; H = 12 r = 3 (Refiner-ViT-S);
 # H = 16 r = 6 k = 7 needs more than 48 KiB of shared memory in the backward (the opt-in path).
@@ -358,14 +359,44 @@ def test_refine_eval_tensor_cores_property(E, B, H, N, d, ratio, k, seed, dtype)
         check_refine_eval_tc(E, mp, B, H, N, d, ratio, k, dtype, seed)
 
 
+@seeded
+def check_refine_eval_backward_tc(E, monkeypatch, B, H, N, d, ratio, k, dtype, seed=0, dyadic=False):
+    args, expand = refine_inputs(B, H, N, d, ratio, k, dtype, seed=seed, dyadic=dyadic)
+    gout = torch.randn_like(args[1])
+    return check_tensor_core_refine_backward(
+        lambda g, a: on_schedules(E, lambda: E.refine_eval_backward(fenced(g), *map(fenced, a), expand)),
+        monkeypatch, args, gout, expand)
+
+
+# The backward's gradient kernel (csrc/cuda/refine_eval_bwd_tc.cuh; criteria in
+# utils.check_tensor_core_refine_backward). fp32 also runs through test_refine_eval (both switches).
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("B,H,N,d,ratio,k", TC_CASES)
+def test_refine_eval_backward_tensor_cores(E, monkeypatch, B, H, N, d, ratio, k, dtype):
+    on, off = check_refine_eval_backward_tc(E, monkeypatch, B, H, N, d, ratio, k, dtype)
+    if dtype == torch.float32 and N > 8:  # the rounding differs in the last bits: the path ran
+        assert not torch.equal(on[0], off[0])
+
+
+@given(B=st.integers(1, 2), H=st.integers(1, 16), N=st.integers(1, 40), d=st.integers(1, 40),
+       ratio=st.integers(1, 6), k=st.sampled_from([1, 3, 5, 7]), seed=st.integers(0, 2 ** 16),
+       dtype=st.sampled_from([torch.float32, torch.float16, torch.bfloat16]))
+def test_refine_eval_backward_tensor_cores_property(E, B, H, N, d, ratio, k, seed, dtype):
+    with pytest.MonkeyPatch.context() as mp:  # dyadic: see test_refine_eval_property
+        check_refine_eval_backward_tc(E, mp, B, H, N, d, ratio, k, dtype, seed, dyadic=True)
+
+
 @pytest.mark.parametrize("H,dtype", [(17, torch.float16), (3, torch.float64)])
 def test_refine_eval_tensor_cores_fallback(E, monkeypatch, H, dtype):
-    """H > 16 and fp64 run on the CUDA-core kernel: bitwise the switch-off result."""
+    """H > 16 and fp64 run on the CUDA-core kernels (forward and backward): bitwise the switch-off result."""
     args, expand = refine_inputs(1, H, 9, 4, 2, 3, dtype)
+    gout = torch.randn_like(args[1])
+    run = lambda: [E.refine_eval(*args, expand), *E.refine_eval_backward(gout, *args, expand)]  # noqa: E731
     monkeypatch.setenv("REFINER_CUDA_TENSOR_CORES", "0")
-    off = E.refine_eval(*args, expand)
+    off = run()
     monkeypatch.setenv("REFINER_CUDA_TENSOR_CORES", "1")
-    assert torch.equal(E.refine_eval(*args, expand), off)
+    for a, b in zip(run(), off):
+        assert torch.equal(a, b)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
@@ -383,6 +414,14 @@ def test_tensor_cores_propagate_nan_and_inf_like_the_reference(E, dtype):
     assert want.isfinite().any() and not want.isfinite().all()
     fin = want.isfinite()
     assert_close(got[fin], want[fin], 3e-2, 3e-2, "finite part")
+    # the backward's gradient kernel (3xTF32 for every dtype), with that Inf and a NaN in grad_out
+    gout = torch.randn_like(args[1])
+    gout[0, 0, 3, 2] = float("nan")
+    a64 = [t.double().requires_grad_() for t in args]
+    R.refine_eval(*a64, expand).backward(gout.double())
+    for name, g, t in zip(REFINE_NAMES, E.refine_eval_backward(gout, *args, expand), a64):
+        w = t.grad.to(dtype)
+        assert torch.equal(g.isnan(), w.isnan()) and torch.equal(g.isinf(), w.isinf()), f"grad {name}"
     q, k, v, _ = softmax_inputs(1, 2, 20, 8, False, dtype)
     q[0, 1, 4, 2] = float("nan")
     k[0, 0, 7, 1] = float("inf")
@@ -448,6 +487,8 @@ def test_no_shared_memory_write_conflicts_tensor_cores(E, monkeypatch, write_che
     check_softmax_block_tc(E, monkeypatch, 1, 1, 20, 9, True, torch.float16)
     check_refine_eval_tc(E, monkeypatch, 1, 3, 10, 5, 3, 3, torch.float16)
     check_refine_eval_tc(E, monkeypatch, 1, 2, 9, 3, 1, 5, torch.bfloat16)
+    check_refine_eval_backward_tc(E, monkeypatch, 1, 3, 10, 5, 3, 3, torch.float16)
+    check_refine_eval_backward_tc(E, monkeypatch, 1, 2, 9, 3, 1, 5, torch.float32)
 
 
 # ----------------------------------------------------------------------------- a model's shapes
@@ -459,5 +500,6 @@ def test_refiner_vit_s_shapes(E):
 
 
 def test_refiner_vit_s_shapes_tensor_cores(E, monkeypatch):
-    """The same image in bf16 on the tensor-core forward: 197 = 24 * 8 + 5 rows, 6 * 32 + 5 columns."""
+    """The same image in bf16 on the tensor cores: 197 = 24 * 8 + 5 rows, 6 * 32 + 5 columns."""
     check_refine_eval_tc(E, monkeypatch, 1, 12, 197, 32, 3, 3, torch.bfloat16)
+    check_refine_eval_backward_tc(E, monkeypatch, 1, 12, 197, 32, 3, 3, torch.bfloat16, dyadic=True)

@@ -61,6 +61,37 @@ def check_tensor_core_refine(run, monkeypatch, args, expand):
     return out, fp32
 
 
+REFINE_NAMES = ["attn", "v", "w_exp", "b_exp", "w_dw", "b_dw", "w_pro", "b_pro", "alpha", "beta"]
+
+
+def check_tensor_core_refine_backward(run, monkeypatch, args, gout, expand):
+    """The compiled refine_eval backward's tensor-core gradient kernel (csrc/cuda/refine_eval_bwd_tc.cuh,
+    H <= 16) against fp64 and next to the CUDA-core kernel (REFINER_CUDA_TENSOR_CORES=0);
+    `run(gout, args)` calls refine_eval_backward. Every product is 3xTF32 and every accumulation fp32
+    whatever the input type, as in the CUDA-core kernel: fp32 gradients within the fp32 tolerance of
+    fp64 (1e-4 relative, 5e-5 of the scale; the relative 2-norm error was 1e-7 - 6e-7 against the
+    CUDA-core kernel's 1e-7 - 7e-7 on the emulator cases) and within 2e-5 of the scale of the
+    CUDA-core kernel's; fp16/bf16 gradients within the half tolerance of fp64 and one rounding of the
+    half type (2^-10 / 2^-7 of the scale) of the CUDA-core kernel's. Use relu6-safe (dyadic) inputs
+    where shapes are random: both kernels gate on fp32 pre-activations computed in different orders.
+    Returns (tensor-core gradients, CUDA-core gradients)."""
+    from test_compiled_ops import assert_close  # here: test_compiled_ops imports this module
+    a64 = [t.double().requires_grad_() for t in args]
+    R.refine_eval(*a64, expand).backward(gout.double())
+    off, on = _switch_off_then_on(run, monkeypatch, gout, args)
+    dtype = args[0].dtype
+    tol, near = {torch.float16: ((4e-3, 4e-3), 2 ** -10), torch.bfloat16: ((3e-2, 3e-2), 2 ** -7)}.get(
+        dtype, ((1e-4, 5e-5), 2e-5))
+    for name, g_on, g_off, t in zip(REFINE_NAMES, on, off, a64):
+        assert g_on.dtype == dtype and g_on.shape == t.shape, name
+        if t.grad is None:  # w_exp, b_exp without expansion: zero
+            assert g_on.abs().max() == 0 and g_off.abs().max() == 0, name
+            continue
+        assert_close(g_on, t.grad, *tol, f"grad {name}")
+        assert_close(g_on, g_off, near, near, f"grad {name} vs the CUDA-core kernel")
+    return on, off
+
+
 def check_tensor_core_softmax(run, monkeypatch, args, s):
     """The compiled softmax block's tensor-core forward (csrc/cuda/softmax_block_tc.cuh) against fp64
     and next to the CUDA-core kernel (REFINER_CUDA_TENSOR_CORES=0); `run(args, s)` calls the op on

@@ -10,6 +10,7 @@
 // REFINER_CUDA_TENSOR_CORES=0.
 #include "cuda/cuda_common.cuh"
 #include "cuda/refine_eval_tc.cuh"  // RefineWF, and the tensor-core refine forward
+#include "cuda/refine_eval_bwd_tc.cuh"
 #include "cuda/softmax_block_tc.cuh"
 
 namespace refiner {
@@ -441,6 +442,39 @@ __global__ void refine_bwd_kernel(const T* __restrict__ A, const float* __restri
   for (int64_t j = threadIdx.x; j < sl.n; j += blockDim.x) gpart[blockIdx.x * sl.n + j] = gacc[j];
 }
 
+// The CUDA-core gradient kernel: gA, and the weight gradients laid out by sl.
+Tensor refine_bwd_cuda_cores(const RefineCuda& r, const Tensor& gR, const GradSlots& sl, Tensor& gA) {
+  const int64_t B = r.B, H = r.H, N = r.N, rH = r.rH, k = r.k;
+  const bool expand = r.expand;
+  const int TR =
+      tile_rows("REFINER_CUDA_TILE_ROWS", 4, [&](int tr) { return refine_bwd_smem(H, (int)k, expand, sl, tr); });
+  const size_t smem = refine_bwd_smem(H, (int)k, expand, sl, TR);
+  const int64_t blocks = std::min<int64_t>(B * ((N + TR - 1) / TR), 8LL * device_attr(cudaDevAttrMultiProcessorCount));
+  auto gpart = at::empty({blocks, sl.n}, gR.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, r.attn.scalar_type(), "refine_eval_backward_cuda", [&] {
+    set_smem(refine_bwd_kernel<scalar_t>, smem, "refine_eval_backward");
+    RF_LAUNCH(refine_bwd_kernel<scalar_t>, (unsigned)blocks, kThreads, smem, c10::cuda::getCurrentCUDAStream())(
+        r.attn.data_ptr<scalar_t>(), gR.data_ptr<float>(), r.wf(), B, (int)H, N, (int)rH, (int)k, TR, expand, sl,
+        gA.data_ptr<float>(), gpart.data_ptr<float>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return gpart.sum(0);
+}
+
+// The tensor-core kernel's sums (TcGradSlots) in sl's layout: gw_pro = alpha S, galpha = sum gR A +
+// sum_c w_pro S + b_pro sum gR (= sum gR (A + P + b_pro), P = w_pro D), gbeta = sum gR.
+Tensor grads_from_tc(const RefineCuda& r, const Tensor& t, const GradSlots& sl) {
+  const int64_t H = r.H, rH = r.rH, kk = r.k * r.k;
+  const TcGradSlots tl(H, rH, (int)r.k);
+  auto S = t.narrow(0, tl.S, H * rH).view({H, rH});
+  auto sum_gr = t.narrow(0, tl.gr, H);
+  auto galpha = t.narrow(0, tl.ga, H) + (r.w_pro * S).sum(1) + r.b_pro * sum_gr;
+  auto g = at::cat({t.narrow(0, tl.wdw, rH * kk), t.narrow(0, tl.bdw, rH), (r.alpha.unsqueeze(1) * S).flatten(),
+                    t.narrow(0, tl.gexp, rH * H), t.narrow(0, tl.bexp, rH), galpha, sum_gr});
+  TORCH_INTERNAL_ASSERT(g.numel() == sl.n && sl.wdw == 0 && sl.bdw == rH * kk && sl.beta == sl.n - H);
+  return g;
+}
+
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> refine_eval_backward_cuda(
     const Tensor& gout, const Tensor& attn, const Tensor& v, const Tensor& w_exp, const Tensor& b_exp,
     const Tensor& w_dw, const Tensor& b_dw, const Tensor& w_pro, const Tensor& b_pro, const Tensor& alpha,
@@ -466,19 +500,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tenso
   sl.beta = sl.alpha + H;
   sl.n = sl.beta + H;
   auto gA = at::empty({B, H, N, N}, go.options());
-  const int TR =
-      tile_rows("REFINER_CUDA_TILE_ROWS", 4, [&](int tr) { return refine_bwd_smem(H, (int)k, expand, sl, tr); });
-  const size_t smem = refine_bwd_smem(H, (int)k, expand, sl, TR);
-  const int64_t blocks = std::min<int64_t>(B * ((N + TR - 1) / TR), 8LL * device_attr(cudaDevAttrMultiProcessorCount));
-  auto gpart = at::empty({blocks, sl.n}, go.options());
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, r.attn.scalar_type(), "refine_eval_backward_cuda", [&] {
-    set_smem(refine_bwd_kernel<scalar_t>, smem, "refine_eval_backward");
-    RF_LAUNCH(refine_bwd_kernel<scalar_t>, (unsigned)blocks, kThreads, smem, c10::cuda::getCurrentCUDAStream())(
-        r.attn.data_ptr<scalar_t>(), gR.data_ptr<float>(), r.wf(), B, (int)H, N, (int)rH, (int)k, TR, expand, sl,
-        gA.data_ptr<float>(), gpart.data_ptr<float>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  });
-  auto gpar = gpart.sum(0);
+  const Tensor gpar = refine_tc_eligible(H) && tensor_cores_for(r.attn.scalar_type())
+                          ? grads_from_tc(r, launch_refine_bwd_tc(r.attn, gR, r.wf(), H, rH, k, expand, gA), sl)
+                          : refine_bwd_cuda_cores(r, gR, sl, gA);
   const auto st = attn.scalar_type();
   auto gbeta = gpar.narrow(0, sl.beta, H);
   auto own = [&](const Tensor& t) { return t.to(st).clone(at::MemoryFormat::Contiguous); };  // outputs must not alias

@@ -9,7 +9,7 @@
 // A block (8 warps) owns a tile of kTcRows query rows x kTcCols key columns of one image's maps,
 // walking the key columns; a tile's maps with their stencil halo ("halo plane": (kTcRows + 2p) x
 // (kTcCols + 2p) pixels, flattened, padded to PLP) sit in shared memory. Per column tile:
-//  1. A's halo planes, fp32, heads padded with zero planes to 16;
+//  1. A's halo planes, fp32 (H of them; the fragments read 0 for the padded heads);
 //  2. per chunk of 16 expanded channels: E = relu6(W_exp A + b_exp) on the halo planes (M = 16
 //     channels, N = 8 pixels, K = heads), 0 outside the map (the stencil's zero padding);
 //  3. D = relu6(dw_k(E) + b_dw) computed by each lane straight into its B fragments (channels
@@ -40,13 +40,18 @@ constexpr int kTcMaxHeads = 16;  // one m16 tile of heads
 constexpr int kTcLdr = kTcCols + 4;  // = odd4(kTcCols): R's rows, read as B fragments in step 5
 static_assert(kTcWarps / (kTcCols / 8) * kTcGroups == kTcRows, "the warps' row bands cover the tile");
 
-struct TcPlane {  // the halo plane's geometry, and the output accumulator's row stride
+// A plane of PL floats padded to whole 8-pixel fragment columns, planes 8 or 24 words apart mod 32:
+// a B fragment's 4 t-lanes read 4 planes in distinct banks.
+__host__ __device__ inline int tc_plane_pad(int PL) {
+  const int PLP = (PL + 7) / 8 * 8;
+  return PLP % 32 == 0 || PLP % 32 == 16 ? PLP + 8 : PLP;
+}
+
+struct TcPlane {  // the halo plane's geometry (halo `halo` around the tile), and the output accumulator's row stride
   int p, ld, PL, PLP, ldo;
-  __host__ __device__ TcPlane(int k, int d) : p(k / 2), ld(kTcCols + 2 * (k / 2)) {
-    PL = (kTcRows + 2 * p) * ld;
-    PLP = (PL + 7) / 8 * 8;
-    // planes 8 or 24 words apart mod 32: a B fragment's 4 t-lanes read 4 planes in distinct banks
-    if (PLP % 32 == 0 || PLP % 32 == 16) PLP += 8;
+  __host__ __device__ TcPlane(int k, int d, int halo) : p(k / 2), ld(kTcCols + 2 * halo) {
+    PL = (kTcRows + 2 * halo) * ld;
+    PLP = tc_plane_pad(PL);
     ldo = (d + 15) / 16 * 16 + 4;  // rows 2t apart land 8t banks apart
   }
 };
@@ -54,11 +59,66 @@ struct TcPlane {  // the halo plane's geometry, and the output accumulator's row
 inline bool refine_tc_eligible(int64_t H) { return H <= kTcMaxHeads; }
 
 size_t refine_fwd_tc_smem(int64_t H, int64_t d, int k) {
-  const TcPlane pl(k, (int)d);
-  return sizeof(float) * (2 * kTcMaxHeads * pl.PLP + H * kTcRows * (kTcLdr + pl.ldo));  // A, E; R, out
+  const TcPlane pl(k, (int)d, k / 2);
+  return sizeof(float) * ((H + kTcMaxHeads) * pl.PLP + H * kTcRows * (kTcLdr + pl.ldo));  // A, E; R, out
 }
 
 __device__ __forceinline__ bool tc_inmap(int64_t N, int64_t gy, int64_t gx) { return gy >= 0 && gy < N && gx >= 0 && gx < N; }
+
+// C planes of a (C, N, N) map (one image) into halo planes (PLP floats apart, ld wide) whose first
+// pixel is the map's (y0, x0): fp32, 0 outside the map and past PL.
+template <class T>
+__device__ void tc_load_planes(float* dst, const T* src, int C, int64_t N, int64_t y0, int64_t x0, int ld, int PL,
+                               int PLP) {
+  for (int j = threadIdx.x; j < C * PLP; j += blockDim.x) {
+    const int c = j / PLP, q = j % PLP;
+    const int64_t gy = y0 + q / ld, gx = x0 + q % ld;
+    dst[j] = q < PL && tc_inmap(N, gy, gx) ? static_cast<float>(src[(c * N + gy) * N + gx]) : 0.f;
+  }
+}
+
+// E = relu6(W_exp A + b_exp) of channels cb .. cb + 15 (M = 16 channels, N = 8 pixels, K = heads) on
+// halo planes of `halo` pixels: ab holds H planes of A, eb gets 16 planes of E, both PLP apart and ld
+// wide; 0 outside the map and past PL (the stencil pads E with zeros). Shared by the forward and the
+// backward (halo p and 2p).
+template <bool kSplit>
+__device__ void tc_expand_chunk(const float* ab, float* eb, int PL, int PLP, int ld, int halo, const RefineWF& w,
+                                int cb, int H, int rH, int64_t N, int64_t r0, int64_t c0) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const MmaLane L{lane >> 2, lane & 3};
+  const int ks_heads = (H + 7) / 8;
+  TfFrag<kSplit, 4> wa[2];
+  float be[2];
+  RF_UNROLL
+  for (int ks = 0; ks < 2; ++ks)
+    RF_UNROLL
+    for (int r = 0; r < 4; ++r) {
+      const int c = cb + L.g + 8 * (r % 2), h = ks * 8 + L.t + 4 * (r / 2);
+      wa[ks].set(r, c < rH && h < H ? w.w_exp[c * H + h] : 0.f);
+    }
+  RF_UNROLL
+  for (int r = 0; r < 2; ++r) be[r] = cb + L.g + 8 * r < rH ? w.b_exp[cb + L.g + 8 * r] : 0.f;
+  for (int n0 = warp * 8; n0 < PLP; n0 += 8 * kTcWarps) {
+    float acc[4] = {be[0], be[0], be[1], be[1]};
+    RF_UNROLL
+    for (int ks = 0; ks < 2; ++ks) {
+      if (ks >= ks_heads) break;  // warp-uniform; constant bounds keep wa in registers
+      TfFrag<kSplit, 2> bf;
+      RF_UNROLL
+      for (int r = 0; r < 2; ++r) {
+        const int h = ks * 8 + L.t + 4 * r;
+        bf.set(r, h < H ? ab[h * PLP + n0 + L.g] : 0.f);
+      }
+      mma_frag(acc, wa[ks], bf);
+    }
+    RF_UNROLL
+    for (int r = 0; r < 4; ++r) {
+      const int q = n0 + 2 * L.t + r % 2;
+      const bool in = q < PL && tc_inmap(N, r0 + q / ld - halo, c0 + q % ld - halo);
+      eb[(L.g + 8 * (r / 2)) * PLP + q] = in ? relu6(acc[r]) : 0.f;
+    }
+  }
+}
 
 template <class T, int K, bool kSplit>
 __global__ void __launch_bounds__(kTcThreads)
@@ -68,17 +128,16 @@ __global__ void __launch_bounds__(kTcThreads)
   using Frag4 = TfFrag<kSplit, 4>;
   using Frag2 = TfFrag<kSplit, 2>;
   constexpr int p = K / 2;
-  const TcPlane pl(K, d);
+  const TcPlane pl(K, d, K / 2);
   const int ld = pl.ld, PLP = pl.PLP, ldo = pl.ldo;
-  float* ab = sm;                             // (16, PLP)
-  float* eb = ab + kTcMaxHeads * PLP;         // (16, PLP): one chunk of E
+  float* ab = sm;                             // (H, PLP)
+  float* eb = ab + H * PLP;                   // (16, PLP): one chunk of E
   float* rb = eb + kTcMaxHeads * PLP;         // (H, kTcRows, kTcLdr)
   float* ob = rb + H * kTcRows * kTcLdr;      // (H, kTcRows, ldo)
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const MmaLane L{lane >> 2, lane & 3};
   // this lane's pixels in steps 3-4: rows y0 + i (i < kTcGroups), column group xb
   const int y0 = warp / (kTcCols / 8) * kTcGroups, xb = warp % (kTcCols / 8) * 8;
-  const int ks_heads = (H + 7) / 8;  // K steps of the expansion
   const int mtiles = (d + 15) / 16, nout = H * mtiles;
   const int64_t rtiles = (N + kTcRows - 1) / kTcRows;
   for (int64_t blk = blockIdx.x; blk < B * rtiles; blk += gridDim.x) {
@@ -86,48 +145,14 @@ __global__ void __launch_bounds__(kTcThreads)
     if (out)
       for (int j = threadIdx.x; j < H * kTcRows * ldo; j += blockDim.x) ob[j] = 0.f;
     for (int64_t c0 = 0; c0 < N; c0 += kTcCols) {
-      // 1. A's halo planes (0 outside the map, in padded heads and past PL)
-      for (int j = threadIdx.x; j < kTcMaxHeads * PLP; j += blockDim.x) {
-        const int h = j / PLP, q = j % PLP;
-        const int64_t gy = r0 + q / ld - p, gx = c0 + q % ld - p;
-        float a = 0.f;
-        if (h < H && q < pl.PL && tc_inmap(N, gy, gx)) a = static_cast<float>(A[((b * H + h) * N + gy) * N + gx]);
-        ab[j] = a;
-      }
+      // 1. A's halo planes (0 outside the map and past PL)
+      tc_load_planes(ab, A + b * H * N * N, H, N, r0 - p, c0 - p, ld, pl.PL, PLP);
       __syncthreads();
       float pacc[kTcGroups][4] = {};
       for (int cb = 0; cb < rH; cb += 16) {
         const float* src = ab;  // the stencil's input planes (no expansion: E = A, rH = H <= 16)
-        if (expand) {
-          // 2. E of channels cb .. cb + 15 on the halo planes
-          Frag4 wa[2];
-          float be[2];
-          RF_UNROLL
-          for (int ks = 0; ks < 2; ++ks)
-            RF_UNROLL
-            for (int r = 0; r < 4; ++r) {
-              const int c = cb + L.g + 8 * (r % 2), h = ks * 8 + L.t + 4 * (r / 2);
-              wa[ks].set(r, c < rH && h < H ? w.w_exp[c * H + h] : 0.f);
-            }
-          RF_UNROLL
-          for (int r = 0; r < 2; ++r) be[r] = cb + L.g + 8 * r < rH ? w.b_exp[cb + L.g + 8 * r] : 0.f;
-          for (int n0 = warp * 8; n0 < PLP; n0 += 8 * kTcWarps) {
-            float acc[4] = {be[0], be[0], be[1], be[1]};
-            RF_UNROLL
-            for (int ks = 0; ks < 2; ++ks) {
-              if (ks >= ks_heads) break;  // warp-uniform; constant bounds keep wa in registers
-              Frag2 bf;
-              bf.set(0, ab[(ks * 8 + L.t) * PLP + n0 + L.g]);
-              bf.set(1, ab[(ks * 8 + L.t + 4) * PLP + n0 + L.g]);
-              mma_frag(acc, wa[ks], bf);
-            }
-            RF_UNROLL
-            for (int r = 0; r < 4; ++r) {
-              const int q = n0 + 2 * L.t + r % 2;
-              const bool in = q < pl.PL && tc_inmap(N, r0 + q / ld - p, c0 + q % ld - p);
-              eb[(L.g + 8 * (r / 2)) * PLP + q] = in ? relu6(acc[r]) : 0.f;
-            }
-          }
+        if (expand) {  // 2. E of channels cb .. cb + 15 on the halo planes
+          tc_expand_chunk<kSplit>(ab, eb, pl.PL, PLP, ld, p, w, cb, H, rH, N, r0, c0);
           __syncthreads();
           src = eb;
         }

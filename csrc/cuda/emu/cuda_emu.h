@@ -17,7 +17,8 @@
 // Dynamic shared memory starts as NaN, so a read of a word nobody wrote poisons the results.
 // Data races between barriers: a thread reading what another writes in the same phase shows up
 // as results that change with the order in which the fibers of a phase run (emu::set_schedule:
-// forward, reverse, shuffled). Fibers do not interleave within a phase, so two threads that
+// forward, reverse, shuffled; under the last two, one warp at a time passes its warp collectives,
+// so warps also skew across their mma and shuffle steps). Fibers do not interleave within a phase, so two threads that
 // each write then read the same word would go unseen: emu::set_write_check makes the scheduler
 // diff the dynamic shared memory around every fiber run and report a word changed by two
 // threads between two barriers (slow: for small shapes).
@@ -272,9 +273,17 @@ inline std::string run_block(Block& b, unsigned nthreads) {
     }
     cur_fiber = nullptr;
     if (!pending_error.empty()) return pending_error;
-    // Every fiber now waits (Sync / Shfl) or is done. First the warps whose lanes all shuffle.
+    // Every fiber now waits (Sync / Shfl) or is done. First the warps whose lanes all shuffle: all
+    // of them at once (schedule 0: the warps in lockstep), or one warp, the last (1) or a random one
+    // (2), which then runs on alone to its next collective: a warp runs ahead of the others through
+    // its collectives, as on a GPU, and a missing barrier between a warp's reads and another warp's
+    // writes changes the results.
     bool released = false;
-    for (unsigned w = 0; w < nwarps; ++w) {
+    std::vector<unsigned> warps(nwarps);
+    for (unsigned w = 0; w < nwarps; ++w) warps[w] = schedule() == 1 ? nwarps - 1 - w : w;
+    if (schedule() == 2) std::shuffle(warps.begin(), warps.end(), rng);
+    for (unsigned w : warps) {
+      if (released && schedule() != 0) break;
       const unsigned lo = w * kWarp, hi = std::min(nthreads, lo + kWarp);
       unsigned shfl = 0, mma = 0;
       for (unsigned t = lo; t < hi; ++t) {

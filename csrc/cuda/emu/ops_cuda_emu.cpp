@@ -42,6 +42,18 @@ __global__ void write_race_kernel(float* out) {  // two threads use one scratch 
   sm[threadIdx.x / 2] = (float)threadIdx.x;
   out[threadIdx.x] = sm[threadIdx.x / 2];
 }
+// Warp 0 reads a word after one shuffle, warp 1 writes it after two, with no barrier between: in
+// lockstep every warp passes the first shuffle before any passes the second (the read always wins);
+// a GPU may run warp 1 ahead, as schedules 1 and 2 do.
+__global__ void skew_race_kernel(float* out) {
+  RF_DYN_SHARED(float, sm);
+  if (threadIdx.x == 0) sm[0] = 1.f;
+  __syncthreads();
+  float v = __shfl_xor_sync(0xffffffffu, 1.f, 1);
+  if (threadIdx.x < 32) out[threadIdx.x] = sm[0] * v;
+  v = __shfl_xor_sync(0xffffffffu, v, 1);
+  if (threadIdx.x == 32) sm[0] = 5.f * v;
+}
 __global__ void uninit_kernel(float* out) {  // reads shared memory nobody wrote
   RF_DYN_SHARED(float, sm);
   out[threadIdx.x] = sm[threadIdx.x];
@@ -85,6 +97,8 @@ at::Tensor run(const std::string& which, int64_t threads) {
     RF_LAUNCH(race_kernel, 1, t, smem, 0)(o);
   } else if (which == "write_race") {
     RF_LAUNCH(write_race_kernel, 1, t, smem, 0)(o);
+  } else if (which == "skew_race") {
+    RF_LAUNCH(skew_race_kernel, 1, t, smem, 0)(o);
   } else if (which == "uninit") {
     RF_LAUNCH(uninit_kernel, 1, t, smem, 0)(o);
   } else if (which == "big_smem") {  // > 48 KiB without cudaFuncSetAttribute

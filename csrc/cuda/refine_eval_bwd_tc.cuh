@@ -1,0 +1,356 @@
+// refine (eval), the backward's gradient kernel on the tensor cores (H <= 16, sm_80+): from gR (the
+// gradient of R, fp32) and A, the gradient of the map and the per-block partial sums of the weight
+// gradients. Every product is 3xTF32 (about fp32's accuracy, whatever the input type: these are
+// gradients). Used by ops_cuda.cu (fp64 and H > 16 keep its refine_bwd_kernel).
+//
+// Same tiles as the forward (refine_eval_tc.cuh): a block of 8 warps owns 8 query rows x 32 key
+// columns of one image and walks the key columns. In shared memory: A on halo planes of 2p (the
+// stencil of D needs E around every pixel of GY's halo), gR on halo planes of p, and per chunk of
+// 16 expanded channels E (halo 2p), GY (halo p), 16 centre planes (D, then GU) and the warps' partial
+// products over pixels (tc_stash). Per chunk:
+//  a. E = relu6(W_exp A + b_exp)                               tensor cores (tc_expand_chunk)
+//  b. GY's ungated value (alpha W_pro)^T gR on the halo-p planes   tensor cores, M = channels
+//  c. pre = dw_k(E) + b_dw there: GY = 0 where relu6 is flat or off the map; D = relu6(pre)
+//                                                              CUDA cores
+//  d. S[h, c] += sum_pix gR_h D_c                              tensor cores, K = pixels (split by warp)
+//  e. GU = dw_k^T(GY), gated by relu6' of E (no expansion: gE itself)    CUDA cores
+//  f. gA += W_exp^T GU (the identity without expansion), Gexp[c, h] += sum_pix GU_c A_h
+//                                                              tensor cores
+//  g. gw_dw[c, tap] += sum_pix GY_c E_c(shifted), gb_dw += sum GY_c, gb_exp += sum GU_c
+//                                                              CUDA cores, fp64 slices
+// and per column tile gA = alpha gR + the accumulated expansion path, sum gR_h A_h and sum gR_h.
+// The host forms gw_pro = alpha S, galpha = sum gR A + sum_c w_pro S + b_pro sum gR, gbeta = sum gR.
+// The partial sums of a block go to its own row of gpart (zeroed by the host; each slot added by
+// one fixed thread, between barriers): deterministic, no atomics.
+#pragma once
+
+#include "cuda/refine_eval_tc.cuh"
+
+namespace refiner {
+namespace {
+
+constexpr int kTcPix = kTcRows * kTcCols;     // a tile's centre pixels
+constexpr int kTcLdc = kTcPix + 8;            // centre planes 8 words apart mod 32 (tc_plane_pad)
+constexpr int kTcSumSteps = 2 * kTcCols / 8;  // K steps of a warp's share of the products over pixels (2 rows)
+static_assert(kTcWarps / 2 * 2 == kTcRows, "two warps' row pairs cover the tile for each 8 of the 16 columns");
+
+struct TcGradSlots {  // offsets in a block's row of partial sums (floats)
+  int64_t S, gexp, bexp, wdw, bdw, ga, gr, n;
+  __host__ __device__ TcGradSlots(int64_t H, int64_t rH, int k)
+      : S(0), gexp(H * rH), bexp(gexp + rH * H), wdw(bexp + rH), bdw(wdw + rH * k * k), ga(bdw + rH), gr(ga + H),
+        n(gr + H) {}
+};
+
+// Items of a chunk's CUDA-core sums (step g): k^2 taps and b_dw per channel, b_exp per channel.
+__host__ __device__ inline int tc_bwd_chunk_items(int k, bool expand) { return 16 * (k * k + 1) + (expand ? 16 : 0); }
+// fp64 slots of the sliced sums: items x slices <= max(items, threads)
+__host__ __device__ inline int tc_bwd_ipart(int k, bool expand) {
+  return tc_bwd_chunk_items(k, expand) > kTcThreads ? tc_bwd_chunk_items(k, expand) : kTcThreads;
+}
+
+size_t refine_bwd_tc_smem(int64_t H, int k, bool expand) {
+  const TcPlane P2(k, 0, 2 * (k / 2)), P1(k, 0, k / 2);
+  return sizeof(double) * tc_bwd_ipart(k, expand) +
+         sizeof(float) * ((H + (expand ? 16 : 0)) * P2.PLP + (H + 16) * P1.PLP + 16 * kTcLdc + kTcWarps * 128);
+}
+
+// nitems sums over the tile's centre pixels, each split into slices over the block's threads (every
+// thread busy when there are fewer items than threads): sum_of(item, q0, q1) sums pixels [q0, q1) in
+// fp64; add(item, total) gets the slices' total, added in order (deterministic). Ends with a barrier.
+template <class Sum, class Add>
+__device__ void tc_sliced_sums(double* ipart, int nitems, Sum sum_of, Add add) {
+  const int S = nitems < kTcThreads ? kTcThreads / nitems : 1, slice = (kTcPix + S - 1) / S;
+  for (int j = threadIdx.x; j < nitems * S; j += blockDim.x) {
+    const int q0 = j % S * slice;
+    ipart[j] = sum_of(j / S, q0, min(kTcPix, q0 + slice));
+  }
+  __syncthreads();
+  for (int it = threadIdx.x; it < nitems; it += blockDim.x) {
+    double s = 0;
+    for (int k = 0; k < S; ++k) s += ipart[it * S + k];
+    add(it, s);
+  }
+  __syncthreads();
+}
+
+// The products over pixels (S, Gexp: 16 x 16) split over the warps: warp w owns columns 8 (w / 4) ..
+// + 7 and tile rows 2 (w % 4), + 1. tc_stash puts its 16 x 8 accumulator (r: row g + 8 (r / 2), column
+// 2 t + r % 2) in its slot of the scratch; after a barrier, tc_unstash hands add(m, n, sum) each element
+// of the 16 x 16 sum, its four partials added in warp order.
+__device__ __forceinline__ void tc_stash(float* scr, const float (&acc)[4]) {
+  const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+  RF_UNROLL
+  for (int r = 0; r < 4; ++r) scr[(threadIdx.x >> 5) * 128 + (g + 8 * (r / 2)) * 8 + 2 * t + r % 2] = acc[r];
+}
+template <class Add>
+__device__ void tc_unstash(const float* scr, Add add) {
+  for (int j = threadIdx.x; j < 256; j += blockDim.x) {
+    const int m = j / 16, n = j % 16;
+    float s = 0.f;
+    for (int q = 0; q < kTcWarps / 2; ++q) s += scr[(n / 8 * (kTcWarps / 2) + q) * 128 + m * 8 + n % 8];
+    add(m, n, s);
+  }
+}
+
+template <class T, int K>
+__global__ void __launch_bounds__(kTcThreads)
+    refine_bwd_tc_kernel(const T* __restrict__ A, const float* __restrict__ GR, RefineWF w, int64_t B, int H,
+                         int64_t N, int rH, bool expand, TcGradSlots sl, float* __restrict__ gA,
+                         float* __restrict__ gpart) {
+  RF_DYN_SHARED(float, sm);
+  using Frag4 = TfFrag<true, 4>;
+  using Frag2 = TfFrag<true, 2>;
+  constexpr int p = K / 2, KK = K * K;
+  const TcPlane P2(K, 0, 2 * p), P1(K, 0, p);
+  const int ld2 = P2.ld, PLP2 = P2.PLP, ld1 = P1.ld, PLP1 = P1.PLP;
+  double* ipart = reinterpret_cast<double*>(sm);
+  float* ab = sm + 2 * tc_bwd_ipart(K, expand);  // (H, PLP2): A, halo 2p
+  float* eb = ab + H * PLP2;                      // (16, PLP2): E of a chunk (expand only)
+  float* grb = eb + (expand ? 16 * PLP2 : 0);     // (H, PLP1): gR, halo p
+  float* gyb = grb + H * PLP1;                    // (16, PLP1): GY of a chunk
+  float* cen = gyb + 16 * PLP1;                   // (16, kTcLdc): D of a chunk (centre), then GU
+  float* scr = cen + 16 * kTcLdc;                 // (kTcWarps, 128): the warps' S or Gexp partials
+  const float* src = expand ? eb : ab;            // the stencil's input planes
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const MmaLane L{lane >> 2, lane & 3};
+  // this lane's centre pixels in the products over pixels: rows y0 + i (i < kTcGroups), columns xb ..
+  const int y0 = warp / (kTcCols / 8) * kTcGroups, xb = warp % (kTcCols / 8) * 8;
+  const int ks_heads = (H + 7) / 8;
+  // the products over pixels (S, Gexp; tc_stash): this warp's 8 columns of the 16 and its 2 rows of the tile
+  const int sum_n0 = warp / (kTcWarps / 2) * 8, sum_row0 = warp % (kTcWarps / 2) * 2;
+  float* gp = gpart + blockIdx.x * sl.n;
+  const int64_t rtiles = (N + kTcRows - 1) / kTcRows;
+  for (int64_t blk = blockIdx.x; blk < B * rtiles; blk += gridDim.x) {
+    const int64_t b = blk / rtiles, r0 = blk % rtiles * kTcRows;
+    for (int64_t c0 = 0; c0 < N; c0 += kTcCols) {
+      tc_load_planes(ab, A + b * H * N * N, H, N, r0 - 2 * p, c0 - 2 * p, ld2, P2.PL, PLP2);
+      tc_load_planes(grb, GR + b * H * N * N, H, N, r0 - p, c0 - p, ld1, P1.PL, PLP1);
+      __syncthreads();
+      float gacc[kTcGroups][4] = {};  // gA's expansion path: head g + 8 (r / 2), pixel (y0 + i, xb + 2 t + r % 2)
+      for (int cb = 0; cb < rH; cb += 16) {
+        // a. E of channels cb .. cb + 15
+        if (expand) tc_expand_chunk<true>(ab, eb, P2.PL, PLP2, ld2, 2 * p, w, cb, H, rH, N, r0, c0);
+        // b. (alpha W_pro)^T gR on the halo-p planes: channel g + 8 (r / 2), pixel n0 + 2 t + r % 2
+        {
+          Frag4 wa[2];
+          RF_UNROLL
+          for (int ks = 0; ks < 2; ++ks)
+            RF_UNROLL
+            for (int r = 0; r < 4; ++r) {
+              const int c = cb + L.g + 8 * (r % 2), h = ks * 8 + L.t + 4 * (r / 2);
+              wa[ks].set(r, c < rH && h < H ? w.w_pro[h * rH + c] * w.alpha[h] : 0.f);
+            }
+          for (int n0 = warp * 8; n0 < PLP1; n0 += 8 * kTcWarps) {
+            float acc[4] = {};
+            RF_UNROLL
+            for (int ks = 0; ks < 2; ++ks) {
+              if (ks >= ks_heads) break;
+              Frag2 bf;
+              RF_UNROLL
+              for (int r = 0; r < 2; ++r) {
+                const int h = ks * 8 + L.t + 4 * r;
+                bf.set(r, h < H ? grb[h * PLP1 + n0 + L.g] : 0.f);
+              }
+              mma_frag(acc, wa[ks], bf);
+            }
+            RF_UNROLL
+            for (int r = 0; r < 4; ++r) gyb[(L.g + 8 * (r / 2)) * PLP1 + n0 + 2 * L.t + r % 2] = acc[r];
+          }
+        }
+        __syncthreads();
+        // c. pre = dw_k(E) + b_dw on the halo-p planes: GY gated, D on the centre
+        for (int j = threadIdx.x; j < 16 * P1.PL; j += blockDim.x) {
+          const int cl = j / P1.PL, q = j % P1.PL, y1 = q / ld1, x1 = q % ld1, c = cb + cl;
+          float gy = 0.f, dv = 0.f;
+          if (c < rH) {
+            const float* wk = w.w_dw + c * KK;
+            const float* e = src + (expand ? cl : c) * PLP2 + y1 * ld2 + x1;  // the stencil's top-left tap
+            float pre = 0.f;
+            RF_UNROLL
+            for (int i = 0; i < K; ++i)
+              RF_UNROLL
+              for (int j2 = 0; j2 < K; ++j2) pre += wk[i * K + j2] * e[i * ld2 + j2];
+            pre += w.b_dw[c];
+            if (tc_inmap(N, r0 + y1 - p, c0 + x1 - p)) {
+              gy = relu6_pass(pre) ? gyb[cl * PLP1 + q] : 0.f;
+              dv = relu6(pre);
+            }
+          }
+          gyb[cl * PLP1 + q] = gy;
+          const int y = y1 - p, x = x1 - p;
+          if (y >= 0 && y < kTcRows && x >= 0 && x < kTcCols) cen[cl * kTcLdc + y * kTcCols + x] = dv;
+        }
+        __syncthreads();
+        // d. S (16 heads x 16 channels) over the tile's pixels: warp w takes channels 8 (w / 4) .. + 7 and
+        // rows 2 (w % 4), + 1 (K steps: 8 pixels of one row); tc_unstash sums the four partials
+        float sacc[4] = {};
+        for (int ks = 0; ks < kTcSumSteps; ++ks) {  // (not unrolled: 128 registers, no spills)
+          const int y = sum_row0 + ks / 4, x0 = ks % 4 * 8;
+          Frag4 af;
+          Frag2 bf;
+          RF_UNROLL
+          for (int r = 0; r < 4; ++r) {
+            const int h = L.g + 8 * (r % 2), x = x0 + L.t + 4 * (r / 2);
+            af.set(r, h < H ? grb[h * PLP1 + (y + p) * ld1 + x + p] : 0.f);
+          }
+          RF_UNROLL
+          for (int r = 0; r < 2; ++r) bf.set(r, cen[(sum_n0 + L.g) * kTcLdc + y * kTcCols + x0 + L.t + 4 * r]);
+          mma_frag(sacc, af, bf);
+        }
+        tc_stash(scr, sacc);
+        __syncthreads();  // e overwrites D
+        tc_unstash(scr, [&](int m, int n, float v) {  // S[h = m, c = cb + n]
+          if (m < H && cb + n < rH) gp[sl.S + m * rH + cb + n] += v;
+        });
+        // e. GU = dw_k^T(GY) on the centre (GY at (y - (i - p), x - (j - p))), gated by 0 < E < 6
+        for (int j = threadIdx.x; j < 16 * kTcPix; j += blockDim.x) {
+          const int cl = j / kTcPix, q = j % kTcPix, y = q / kTcCols, x = q % kTcCols, c = cb + cl;
+          float gu = 0.f;
+          if (c < rH && tc_inmap(N, r0 + y, c0 + x)) {
+            const float* wk = w.w_dw + c * KK;
+            const float* g = gyb + cl * PLP1 + (y + 2 * p) * ld1 + x + 2 * p;
+            RF_UNROLL
+            for (int i = 0; i < K; ++i)
+              RF_UNROLL
+              for (int j2 = 0; j2 < K; ++j2) gu += wk[i * K + j2] * g[-i * ld1 - j2];
+            if (expand) {
+              const float e = eb[cl * PLP2 + (y + 2 * p) * ld2 + x + 2 * p];
+              if (!(e > 0.f && e < 6.f)) gu = 0.f;
+            }
+          }
+          cen[cl * kTcLdc + q] = gu;
+        }
+        __syncthreads();
+        // f. gA's accumulators += W_exp^T GU (M = 16 heads, K = 16 channels), and Gexp over the warp's pixels
+        {
+          Frag4 wt[2];
+          RF_UNROLL
+          for (int ks = 0; ks < 2; ++ks)
+            RF_UNROLL
+            for (int r = 0; r < 4; ++r) {
+              const int h = L.g + 8 * (r % 2), c = cb + ks * 8 + L.t + 4 * (r / 2);
+              wt[ks].set(r, expand ? (c < rH && h < H ? w.w_exp[c * H + h] : 0.f) : (c == h ? 1.f : 0.f));
+            }
+          RF_UNROLL
+          for (int i = 0; i < kTcGroups; ++i)
+            RF_UNROLL
+            for (int ks = 0; ks < 2; ++ks) {
+              Frag2 bf;
+              RF_UNROLL
+              for (int r = 0; r < 2; ++r)
+                bf.set(r, cen[(ks * 8 + L.t + 4 * r) * kTcLdc + (y0 + i) * kTcCols + xb + L.g]);
+              mma_frag(gacc[i], wt[ks], bf);
+            }
+        }
+        if (expand) {  // Gexp (16 channels x 16 heads): warp w takes heads 8 (w / 4) .. + 7, pixels as in d
+          float eacc[4] = {};
+          for (int ks = 0; ks < kTcSumSteps; ++ks) {
+            const int y = sum_row0 + ks / 4, x0 = ks % 4 * 8, h = sum_n0 + L.g;
+            Frag4 af;
+            Frag2 bf;
+            RF_UNROLL
+            for (int r = 0; r < 4; ++r) af.set(r, cen[(L.g + 8 * (r % 2)) * kTcLdc + y * kTcCols + x0 + L.t + 4 * (r / 2)]);
+            RF_UNROLL
+            for (int r = 0; r < 2; ++r)
+              bf.set(r, h < H ? ab[h * PLP2 + (y + 2 * p) * ld2 + x0 + L.t + 4 * r + 2 * p] : 0.f);
+            mma_frag(eacc, af, bf);
+          }
+          tc_stash(scr, eacc);
+        }
+        // g. per channel: the k^2 taps of gw_dw, gb_dw and gb_exp (items in that order)
+        tc_sliced_sums(
+            ipart, tc_bwd_chunk_items(K, expand),
+            [&](int it, int q0, int q1) {
+              const int cl = it < 16 * KK ? it / KK : (it - 16 * KK) % 16, tap = it % KK;
+              const int di = tap / K, dj = tap % K;  // E at (y + di - p, x + dj - p): plane (y + di + p, x + dj + p)
+              if (cb + cl >= rH) return 0.0;
+              const float* gy = gyb + cl * PLP1;
+              const float* e = src + (expand ? cl : cb + cl) * PLP2;
+              double acc = 0;
+              for (int q = q0; q < q1; ++q) {
+                const int y = q / kTcCols, x = q % kTcCols;
+                if (it < 16 * KK)
+                  acc += double(gy[(y + p) * ld1 + x + p]) * e[(y + di + p) * ld2 + x + dj + p];
+                else if (it < 16 * (KK + 1))
+                  acc += gy[(y + p) * ld1 + x + p];
+                else
+                  acc += cen[cl * kTcLdc + q];
+              }
+              return acc;
+            },
+            [&](int it, double v) {
+              const int cl = it < 16 * KK ? it / KK : (it - 16 * KK) % 16, c = cb + cl;
+              if (c >= rH) return;
+              const int64_t o = it < 16 * KK ? sl.wdw + c * KK + it % KK : it < 16 * (KK + 1) ? sl.bdw + c : sl.bexp + c;
+              gp[o] += (float)v;
+            });
+        if (expand)  // Gexp[c = cb + m, h = n] (the sliced sums' barriers have passed)
+          tc_unstash(scr, [&](int m, int n, float v) {
+            if (cb + m < rH && n < H) gp[sl.gexp + (cb + m) * H + n] += v;
+          });
+        __syncthreads();  // the next chunk overwrites E, GY, the centre planes and the scratch
+      }
+      // gA = alpha gR + the expansion path, on the centre
+      RF_UNROLL
+      for (int i = 0; i < kTcGroups; ++i)
+        RF_UNROLL
+        for (int r = 0; r < 4; ++r) {
+          const int h = L.g + 8 * (r / 2), y = y0 + i, x = xb + 2 * L.t + r % 2;
+          if (h < H && tc_inmap(N, r0 + y, c0 + x))
+            gA[((b * H + h) * N + r0 + y) * N + c0 + x] = w.alpha[h] * grb[h * PLP1 + (y + p) * ld1 + x + p] + gacc[i][r];
+        }
+      // per head: sum gR_h A_h (items [0, H)) and sum gR_h ([H, 2H)); the barrier at its end lets the
+      // next column tile overwrite A and gR
+      tc_sliced_sums(
+          ipart, 2 * H,
+          [&](int it, int q0, int q1) {
+            const int h = it % H;
+            double acc = 0;
+            for (int q = q0; q < q1; ++q) {
+              const int y = q / kTcCols, x = q % kTcCols;
+              const float g = grb[h * PLP1 + (y + p) * ld1 + x + p];
+              acc += it < H ? double(g) * ab[h * PLP2 + (y + 2 * p) * ld2 + x + 2 * p] : double(g);
+            }
+            return acc;
+          },
+          [&](int it, double v) { gp[(it < H ? sl.ga : sl.gr) + it % H] += (float)v; });
+    }
+  }
+}
+
+template <class T, int K>
+void launch_refine_bwd_tc_k(const Tensor& A, const Tensor& GR, const RefineWF& w, int64_t H, int64_t rH, bool expand,
+                            const TcGradSlots& sl, Tensor& gA, Tensor& gpart) {
+  const int64_t B = A.size(0), N = A.size(2);
+  const size_t smem = refine_bwd_tc_smem(H, K, expand);
+  auto* kernel = refine_bwd_tc_kernel<T, K>;  // (a macro argument cannot hold the template's comma)
+  set_smem(kernel, smem, "refine_eval_backward");
+  RF_LAUNCH(kernel, (unsigned)gpart.size(0), kTcThreads, smem, c10::cuda::getCurrentCUDAStream())(
+      A.data_ptr<T>(), GR.data_ptr<float>(), w, B, (int)H, N, (int)rH, expand, sl, gA.data_ptr<float>(),
+      gpart.data_ptr<float>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// The tensor-core gradient kernel: gA (B, H, N, N) fp32 and the per-block partial sums (laid out by
+// TcGradSlots), summed over the blocks. A (B, H, N, N) contiguous, GR the same in fp32; the caller
+// checks refine_tc_eligible and tensor_cores_for.
+Tensor launch_refine_bwd_tc(const Tensor& A, const Tensor& GR, const RefineWF& w, int64_t H, int64_t rH, int64_t k,
+                            bool expand, Tensor& gA) {
+  const TcGradSlots sl(H, rH, (int)k);
+  const int64_t B = A.size(0), N = A.size(2);
+  const int64_t blocks =
+      std::min<int64_t>(B * ((N + kTcRows - 1) / kTcRows), 4LL * device_attr(cudaDevAttrMultiProcessorCount));
+  auto gpart = at::zeros({blocks, sl.n}, GR.options());
+  RF_DISPATCH_TC(A.scalar_type(), "refine_bwd_tc", [&] {
+    switch (k) {  // validated: odd, 1..7
+      case 1: return launch_refine_bwd_tc_k<scalar_t, 1>(A, GR, w, H, rH, expand, sl, gA, gpart);
+      case 3: return launch_refine_bwd_tc_k<scalar_t, 3>(A, GR, w, H, rH, expand, sl, gA, gpart);
+      case 5: return launch_refine_bwd_tc_k<scalar_t, 5>(A, GR, w, H, rH, expand, sl, gA, gpart);
+      default: return launch_refine_bwd_tc_k<scalar_t, 7>(A, GR, w, H, rH, expand, sl, gA, gpart);
+    }
+  });
+  return gpart.sum(0);
+}
+
+}  // namespace
+}  // namespace refiner
