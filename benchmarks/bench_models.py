@@ -58,6 +58,10 @@ def variants(name: str, device, args) -> List[tuple]:
         # candidates beside the default (--env-variants; a backend not usable here is left out)
         out += [(f"fused[{v.label}]", ("fused", v.backend, v)) for v in getattr(args, "env_variants", ())
                 if v.backend in fused_backends]
+        # per-op backend choices (--mixed-backends), where every backend they name is usable here
+        usable = set(C.usable_backends(device)[0]) | {"auto"}
+        out += [(f"fused[{spec}]", ("fused", spec)) for spec in getattr(args, "mixed_backends", ())
+                if set(C.backends_named(spec)) <= usable]
     else:
         out.append((f"fused[auto->{C.auto_backend(device)}]", ("fused", "auto")))
     out.append(("reference eager", "reference"))
@@ -238,6 +242,9 @@ def parse_args(argv):
     p.add_argument("--env-variants", nargs="+", type=C.env_variant, default=[], metavar="BACKEND:NAME=VALUE",
                    help="also time the model fused on BACKEND with these environment variables set, e.g. "
                         "triton:REFINER_TRITON_REFINE_FWD=tile (rows labelled fused[backend[NAME=VALUE]])")
+    p.add_argument("--mixed-backends", nargs="+", type=C.backend_spec, default=[], metavar="DEFAULT,OP=NAME",
+                   help="also time the model fused with a backend per op, e.g. triton,refine_eval=cuda "
+                        "(refiner.ops.parse_backend; candidates: rows labelled fused[spec], not counted for targets)")
     p.add_argument("--compile-backend", default=None,
                    help="torch.compile backend for 'reference compiled' (default GPU inductor; CPU skip); "
                         "'skip' leaves the rows out")

@@ -155,6 +155,22 @@ def env_variant(spec: str) -> EnvVariant:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
+def backend_spec(spec: str) -> str:
+    """argparse type of a backend with per-op choices ("triton,refine_eval=cuda"; refiner.ops.parse_backend)."""
+    import argparse
+    try:
+        ops.parse_backend(spec)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return spec
+
+
+def backends_named(spec: str) -> List[str]:
+    """The backends a spec names (its default and per-op choices)."""
+    default, per_op = ops.parse_backend(spec)
+    return [default] + [name for _, name in per_op]
+
+
 def auto_backend(device: torch.device) -> str:
     """The backend name `backend="auto"` resolves to on `device`."""
     mod = ops.resolve_backend("auto", device)

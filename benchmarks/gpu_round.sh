@@ -4,13 +4,13 @@
 #
 #   bash benchmarks/gpu_round.sh quick         # everything that fits ONE call of a 15-minute lease:
 #                                              # build (sm_90) while the Triton GPU tests run, then the
-#                                              # CUDA/cross-backend tests, bench_ops of the refine ops
-#                                              # (N 197/577, bf16), refine_train by pass
+#                                              # CUDA/cross-backend tests, the CUDA backend's tensor-core
+#                                              # kernels against its CUDA-core kernels and Triton (ops,
+#                                              # and S inference with per-op mixes), bench_ops of the
+#                                              # refine ops (N 197/577, bf16), refine_train by pass
 #                                              # (bench_train_passes), bench_models (S and ViT-S, 224 px,
 #                                              # no compile), with the other settings as extra rows
-#                                              # (--env-variants), the CUDA backend's tensor-core
-#                                              # forwards against its CUDA-core kernels (ops, and S
-#                                              # inference), then in the time left a profile
+#                                              # (--env-variants), then in the time left a profile
 #                                              # (Refiner-ViT-S fused[triton] vs reference); next call:
 #                                              # STAGE_BUDGET=260 bash benchmarks/gpu_round.sh sanitize
 #   bash benchmarks/gpu_round.sh verify        # build (sm_90), the tests the last round failed (see
@@ -159,6 +159,16 @@ stage_quick() {
     tests/test_properties.py tests/test_cuda_entry_checks.py \
     tests/test_compiled_ops.py::test_extension_shares_the_shared_libstdcxx \
     tests/test_compiled_ops.py::test_integer_in_an_error_message_in_a_subprocess
+  # First what no GPU has run yet: the CUDA backend's tensor-core kernels (forwards after round 3, refine_eval's
+  # backward gradient kernel after that; fwd and fwd+bwd rows) beside its fp32 kernels and Triton, in one run
+  run_step bench_ops_cuda 80 "$PY" benchmarks/bench_ops.py --out "$RES" --rep-ms 25 --n 197 577 --heads 12 \
+    --head-dim 32 --dtypes bf16 --ops refine_eval softmax_block --backends cuda triton reference \
+    --env-variants "cuda:REFINER_CUDA_TENSOR_CORES=0"
+  # Refiner-ViT-S inference: CUDA (tensor cores, then fp32 kernels), Triton, and per-op mixes of the two
+  run_step bench_models_cuda 90 "$PY" benchmarks/bench_models.py --out "$RES" --models refiner_vit_s --img 224 \
+    --batch 256 --modes infer --compile-backend skip --repeats 5 --fused-backends cuda triton \
+    --env-variants "cuda:REFINER_CUDA_TENSOR_CORES=0" --mixed-backends "triton,refine_eval=cuda" \
+    "cuda,refine_eval=triton"
   # the refine ops, Triton and reference (the softmax block and the CUDA kernels are unchanged since the
   # second round; N = 197 rows first, the time limit may cut N = 577) with the other settings beside
   # the defaults (TF32 dots for bf16, the forward's Y3 kept) in the same runs (rows labelled
@@ -170,10 +180,6 @@ stage_quick() {
     --env-variants "triton:REFINER_TRITON_TRAIN_DOT=ieee,REFINER_TRITON_TRAIN_SAVE_Y3=0@refine_train" \
     "triton:REFINER_TRITON_TRAIN_DOT=ieee@refine_train" "triton:REFINER_TRITON_TRAIN_SAVE_Y3=0@refine_train" \
     "triton:REFINER_TRITON_TRAIN_X2=halo@refine_train" "triton:REFINER_TRITON_REFINE_FWD=tile@refine_eval"
-  # the CUDA backend's tensor-core forwards (new after round 3) beside its fp32 kernels
-  run_step bench_ops_cuda 60 "$PY" benchmarks/bench_ops.py --out "$RES" --rep-ms 25 --n 197 577 --heads 12 \
-    --head-dim 32 --dtypes bf16 --ops softmax_block refine_eval --backends cuda reference \
-    --env-variants "cuda:REFINER_CUDA_TENSOR_CORES=0"
   # refine_train's time by pass (CUDA events around each pass's launches), defaults and IEEE dots
   run_step bench_train_passes 30 "$PY" benchmarks/bench_train_passes.py --out "$RES"
   run_step bench_train_passes_ieee 25 "$PY" benchmarks/bench_train_passes.py --out "$RES" --n 197 \
@@ -182,10 +188,6 @@ stage_quick() {
     --models refiner_vit_s vit_small_patch16_224 --img 224 --batch 256 --compile-backend skip --repeats 5 \
     --fused-backends triton --env-variants "triton:REFINER_TRITON_TRAIN_DOT=ieee,REFINER_TRITON_TRAIN_SAVE_Y3=0" \
     "triton:REFINER_TRITON_TRAIN_SAVE_Y3=0"
-  # Refiner-ViT-S inference on the CUDA backend: tensor-core forwards against the fp32 kernels
-  run_step bench_models_cuda 50 "$PY" benchmarks/bench_models.py --out "$RES" --models refiner_vit_s --img 224 \
-    --batch 256 --modes infer --compile-backend skip --repeats 5 --fused-backends cuda \
-    --env-variants "cuda:REFINER_CUDA_TENSOR_CORES=0"
   # then, in what time is left: where a Refiner-ViT-S step's time goes. memcheck and racecheck are
   # the next call on the warm machine: STAGE_BUDGET=260 bash benchmarks/gpu_round.sh sanitize
   run_step profile_models $(( $(left) - 20 )) "$PY" benchmarks/profile_models.py --out "$RES" --batch 64 \

@@ -38,8 +38,7 @@ class RefinerAttention(reference.RefinerAttention):
 
     def __init__(self, *args, backend: str = "auto", **kwargs):
         super().__init__(*args, **kwargs)
-        if backend != "auto" and backend not in ops.BACKENDS:
-            raise ValueError(f"backend: expected 'auto' or one of {ops.BACKENDS}, got {backend!r}")
+        ops.parse_backend(backend)  # a clear error now, not at the first forward
         self.backend = backend
         self._fold_key = None
         self._fold = None
@@ -130,6 +129,7 @@ def convert(model: nn.Module, backend: str = "auto") -> nn.Module:
         if type(m) is reference.RefinerAttention:
             return RefinerAttention.from_reference(m, backend)
         if isinstance(m, RefinerAttention):
+            ops.parse_backend(backend)
             m.backend = backend
             return m
         return None

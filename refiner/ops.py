@@ -7,6 +7,8 @@ Backends (all with the signatures of the functional reference in `refiner.refere
   "reference" plain PyTorch
 "auto" takes the fastest one usable for the tensors' device; when it has to fall back
 it says so at debug level, and `available_backends()` tells why a backend is missing.
+A backend may also be chosen per op: "triton,refine_eval=cuda" runs refine_eval on the CUDA
+kernels and every other op on Triton (names from OPS; see `parse_backend`).
 """
 from __future__ import annotations
 
@@ -22,12 +24,13 @@ from torch import Tensor
 
 from . import reference
 
-__all__ = ["BACKENDS", "available_backends", "describe_backends", "resolve_backend",
+__all__ = ["BACKENDS", "OPS", "available_backends", "describe_backends", "parse_backend", "resolve_backend",
            "softmax_block", "refine_eval", "refine_train", "refine_block",
            "head_mix", "attn_dwconv", "row_softmax", "attn_value"]
 
 log = logging.getLogger(__name__)
 BACKENDS = ("cuda", "triton", "cpu", "reference")
+OPS = ("softmax_block", "refine_eval", "refine_train", "head_mix", "attn_dwconv", "row_softmax", "attn_value")
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
@@ -93,8 +96,34 @@ def describe_backends() -> str:
 _AUTO_ORDER = {"cuda": ("triton", "cuda", "reference"), "cpu": ("cpu", "reference")}
 
 
-def resolve_backend(backend: str, device: torch.device) -> ModuleType:
-    """The backend module for `backend` ("auto" or one of BACKENDS) and a device."""
+def parse_backend(backend: str) -> Tuple[str, Tuple[Tuple[str, str], ...]]:
+    """"auto", one of BACKENDS, or that followed by per-op choices, "DEFAULT,OP=NAME,...":
+    (default, ((op, name), ...)). Raises ValueError naming `backend` for anything else."""
+    if not isinstance(backend, str):
+        raise TypeError(f"backend: expected a string, got {type(backend).__name__}")
+    names = ("auto",) + BACKENDS
+    if backend in names:  # the common case, on every op call
+        return backend, ()
+    default, *rest = [part.strip() for part in backend.split(",")]
+    if default not in names:
+        raise ValueError(f"backend: expected 'auto' or one of {BACKENDS}, optionally followed by ',OP=NAME' "
+                         f"per-op choices, got {backend!r}")
+    per_op = {}
+    for part in rest:
+        op, eq, name = (x.strip() for x in part.partition("="))
+        if not eq or op not in OPS or name not in names:
+            raise ValueError(f"backend: per-op choice {part!r} in {backend!r} must be OP=NAME with OP one of {OPS} "
+                             f"and NAME 'auto' or one of {BACKENDS}")
+        if op in per_op:
+            raise ValueError(f"backend: {op!r} is chosen twice in {backend!r}")
+        per_op[op] = name
+    return default, tuple(per_op.items())
+
+
+def resolve_backend(backend: str, device: torch.device, op: Optional[str] = None) -> ModuleType:
+    """The backend module for `backend` (see `parse_backend`), a device and, for per-op choices, the op."""
+    default, per_op = parse_backend(backend)
+    backend = dict(per_op).get(op, default)
     if backend == "auto":
         for name in _AUTO_ORDER.get(device.type, ("reference",)):
             mod, why = _usable(name, device)
@@ -102,8 +131,6 @@ def resolve_backend(backend: str, device: torch.device) -> ModuleType:
                 return mod
             log.debug("refiner: backend %r skipped for %s: %s", name, device, why)
         return reference
-    if backend not in BACKENDS:
-        raise ValueError(f"backend: expected 'auto' or one of {BACKENDS}, got {backend!r}")
     mod, why = _usable(backend, device)
     if mod is None:
         raise RuntimeError(f"backend: {backend!r} is not usable for {device} tensors: {why}")
@@ -182,7 +209,7 @@ def softmax_block(q: Tensor, k: Tensor, v: Tensor, prev_attn: Optional[Tensor] =
     if not math.isfinite(scale):
         raise ValueError(f"scale: must be finite, got {scale}")
     q, k, v, prev_attn = _dense(q, k, v, prev_attn)
-    return resolve_backend(backend, q.device).softmax_block(q, k, v, prev_attn, scale)
+    return resolve_backend(backend, q.device, "softmax_block").softmax_block(q, k, v, prev_attn, scale)
 
 
 def refine_eval(attn: Tensor, v: Tensor, folded: reference.FoldedRefine, backend: str = "auto") -> Tensor:
@@ -190,7 +217,7 @@ def refine_eval(attn: Tensor, v: Tensor, folded: reference.FoldedRefine, backend
     _check_map_and_v(attn, v)
     _check_weights(attn.shape[1], folded.w_exp, folded.w_dw, folded.w_pro)
     attn, v = _dense(attn, v)
-    return resolve_backend(backend, attn.device).refine_eval(attn, v, *folded.args())
+    return resolve_backend(backend, attn.device, "refine_eval").refine_eval(attn, v, *folded.args())
 
 
 def refine_train(attn: Tensor, v: Tensor, *params: Tensor, eps: float, scale: float, expand: bool,
@@ -199,7 +226,8 @@ def refine_train(attn: Tensor, v: Tensor, *params: Tensor, eps: float, scale: fl
     _check_map_and_v(attn, v)
     _check_weights(attn.shape[1], *params[:3])
     attn, v, *params = _dense(attn, v, *params)
-    return resolve_backend(backend, attn.device).refine_train(attn, v, *params, eps, scale, expand)
+    mod = resolve_backend(backend, attn.device, "refine_train")
+    return mod.refine_train(attn, v, *params, eps, scale, expand)
 
 
 def _bn_check(bn: nn.BatchNorm2d, name: str):
@@ -263,7 +291,7 @@ def head_mix(x: Tensor, w: Tensor, backend: str = "auto") -> Tensor:
     _check_tensor("w", w, 2, x)
     if w.shape[1] != x.shape[1]:
         raise ValueError(f"w: expected (C2, {x.shape[1]}) to match x's channels, got {tuple(w.shape)}")
-    return resolve_backend(backend, x.device).head_mix(*_dense(x, w))
+    return resolve_backend(backend, x.device, "head_mix").head_mix(*_dense(x, w))
 
 
 def attn_dwconv(x: Tensor, w: Tensor, backend: str = "auto") -> Tensor:
@@ -272,13 +300,13 @@ def attn_dwconv(x: Tensor, w: Tensor, backend: str = "auto") -> Tensor:
     _check_tensor("w", w, 3, x)
     if w.shape[0] != x.shape[1] or w.shape[1] != w.shape[2] or w.shape[1] % 2 == 0:
         raise ValueError(f"w: expected ({x.shape[1]}, k, k) with odd k, got {tuple(w.shape)}")
-    return resolve_backend(backend, x.device).attn_dwconv(*_dense(x, w))
+    return resolve_backend(backend, x.device, "attn_dwconv").attn_dwconv(*_dense(x, w))
 
 
 def row_softmax(x: Tensor, backend: str = "auto") -> Tensor:
     """Softmax over the last dim of a (B, H, N, M) map."""
     _check_tensor("x", x, 4)
-    return resolve_backend(backend, x.device).row_softmax(x.contiguous())
+    return resolve_backend(backend, x.device, "row_softmax").row_softmax(x.contiguous())
 
 
 def attn_value(a: Tensor, v: Tensor, backend: str = "auto") -> Tensor:
@@ -287,4 +315,4 @@ def attn_value(a: Tensor, v: Tensor, backend: str = "auto") -> Tensor:
     _check_tensor("v", v, 4, a)
     if tuple(v.shape[:2]) != tuple(a.shape[:2]) or v.shape[2] != a.shape[3]:
         raise ValueError(f"v: expected shape ({a.shape[0]}, {a.shape[1]}, {a.shape[3]}, d), got {tuple(v.shape)}")
-    return resolve_backend(backend, a.device).attn_value(*_dense(a, v))
+    return resolve_backend(backend, a.device, "attn_value").attn_value(*_dense(a, v))

@@ -103,20 +103,26 @@ def test_env_variants_rows_beside_the_default(tmp_path, monkeypatch):
             bench_ops.main(["--env-variants", bad])
     with pytest.raises(SystemExit):
         bench_models.main(["--env-variants", "cpu:A=1@refine_eval"])
+    with pytest.raises(SystemExit):
+        bench_models.main(["--mixed-backends", "triton,refine=cuda"])
 
 
 @needs_mpl
 def test_bench_models_quick(tmp_path):
     # The --quick preset (Refiner-ViT-S, batch 2, no compile) at 64 px (N=17) to keep CI fast, with an
     # env variant (the fused model on the CPU's portable code) beside the default.
+    # Also a per-op backend choice (--mixed-backends), and one naming a backend not usable here (left out).
     doc = bench_models.main(["--quick", "--device", "cpu", "--threads", "1", "--img", "64", "--out", str(tmp_path),
-                             "--env-variants", "cpu:REFINER_CPU_PORTABLE=1"])
+                             "--env-variants", "cpu:REFINER_CPU_PORTABLE=1",
+                             "--mixed-backends", "reference,refine_eval=cpu", "cpu,softmax_block=cuda"])
     rows = _check_outputs(doc, tmp_path, "bench_models", ["_throughput.png", "_memory.png"])["rows"]
     assert doc["targets"] == []
     variants = {(r["variant"], r["mode"]) for r in rows}
     assert ("reference eager", "infer") in variants and ("reference eager", "train") in variants
     assert any(v.startswith("fused[") for v, _ in variants)
     assert ("fused[cpu[REFINER_CPU_PORTABLE=1]]", "infer") in variants
+    assert ("fused[reference,refine_eval=cpu]", "train") in variants
+    assert not any("softmax_block=cuda" in v for v, _ in variants)
     assert bench_models._find(rows, "refiner_vit_s", "fused", 64, "infer")["variant"] == "fused[cpu]"
     for r in rows:
         r.setdefault("backend", None)

@@ -168,3 +168,41 @@ def test_refiner_vit_s_fused_matches_reference(backend):
     # Norm-relative: some gradients are zero in exact arithmetic (BN3's bias, cancelled by
     # adapt_bn's batch mean), so only the whole gradient has a meaningful relative error.
     assert ((g_fm - g_ref).norm() / g_ref.norm()).item() < 1e-4
+
+
+def test_per_op_backend_choice(monkeypatch):
+    """"DEFAULT,OP=NAME": the named op runs on its own backend, every other op on the default."""
+    mod = ops.resolve_backend("auto", torch.device("cpu"))
+    if mod is reference:
+        pytest.skip("needs a compiled CPU backend (refiner._C) beside the reference")
+    spec = "reference, refine_eval = cpu"
+    assert ops.parse_backend(spec) == ("reference", (("refine_eval", "cpu"),))
+    assert ops.resolve_backend(spec, torch.device("cpu"), "refine_eval") is mod
+    assert ops.resolve_backend(spec, torch.device("cpu"), "softmax_block") is reference
+    calls = []
+    for name in ("refine_eval", "softmax_block"):
+        def spy(*a, _f=getattr(mod, name), _n=name):
+            calls.append(_n)
+            return _f(*a)
+        monkeypatch.setattr(mod, name, spy)
+    ref, fm = _pair(spec)
+    ref, fm = ref.cpu().eval(), fm.cpu().eval()
+    x = torch.randn(2, 3, 48, 48)
+    with torch.no_grad():
+        torch.testing.assert_close(fm(x), ref(x), rtol=1e-4, atol=1e-5)
+    assert calls and set(calls) == {"refine_eval"}  # softmax_block stayed on the reference
+
+
+@pytest.mark.parametrize("spec,error,message", [
+    ("triton,refine=cuda", ValueError, "per-op choice 'refine=cuda'"),
+    ("triton,refine_eval", ValueError, "must be OP=NAME"),
+    ("triton,refine_eval=gpu", ValueError, "NAME 'auto' or one of"),
+    ("cpu,refine_eval=cuda,refine_eval=triton", ValueError, "'refine_eval' is chosen twice"),
+    ("fastest,refine_eval=cuda", ValueError, "expected 'auto' or one of"),
+    (["cuda"], TypeError, "backend: expected a string"),
+])
+def test_bad_backend_specs_are_named(spec, error, message):
+    with pytest.raises(error, match=message):
+        ops.parse_backend(spec)
+    with pytest.raises(error, match="backend"):
+        fused.RefinerAttention(64, 4, backend=spec)
