@@ -179,15 +179,16 @@ stage_quick() {
     --head-dim 32 --dtypes bf16 --ops refine_eval refine_train --backends triton reference \
     --env-variants "triton:REFINER_TRITON_TRAIN_DOT=ieee,REFINER_TRITON_TRAIN_SAVE_Y3=0@refine_train" \
     "triton:REFINER_TRITON_TRAIN_DOT=ieee@refine_train" "triton:REFINER_TRITON_TRAIN_SAVE_Y3=0@refine_train" \
-    "triton:REFINER_TRITON_TRAIN_X2=halo@refine_train" "triton:REFINER_TRITON_REFINE_FWD=tile@refine_eval"
+    "triton:REFINER_TRITON_TRAIN_X2=halo@refine_train" "triton:REFINER_TRITON_REFINE_FWD=tile@refine_eval" \
+    "triton:REFINER_TRITON_TRAIN_DOT=tf32x3@refine_train"
   # refine_train's time by pass (CUDA events around each pass's launches), defaults and IEEE dots
   run_step bench_train_passes 30 "$PY" benchmarks/bench_train_passes.py --out "$RES"
   run_step bench_train_passes_ieee 25 "$PY" benchmarks/bench_train_passes.py --out "$RES" --n 197 \
     --env REFINER_TRITON_TRAIN_DOT=ieee
-  run_step bench_models 120 "$PY" benchmarks/bench_models.py --out "$RES" \
+  run_step bench_models 140 "$PY" benchmarks/bench_models.py --out "$RES" \
     --models refiner_vit_s vit_small_patch16_224 --img 224 --batch 256 --compile-backend skip --repeats 5 \
     --fused-backends triton --env-variants "triton:REFINER_TRITON_TRAIN_DOT=ieee,REFINER_TRITON_TRAIN_SAVE_Y3=0" \
-    "triton:REFINER_TRITON_TRAIN_SAVE_Y3=0"
+    "triton:REFINER_TRITON_TRAIN_SAVE_Y3=0" "triton:REFINER_TRITON_TRAIN_DOT=tf32x3"
   # then, in what time is left: where a Refiner-ViT-S step's time goes. memcheck and racecheck are
   # the next call on the warm machine: STAGE_BUDGET=260 bash benchmarks/gpu_round.sh sanitize
   run_step profile_models $(( $(left) - 20 )) "$PY" benchmarks/profile_models.py --out "$RES" --batch 64 \

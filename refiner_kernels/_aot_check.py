@@ -101,17 +101,18 @@ check(E._re_bwd, dict(a_ptr=P, dr_ptr=P, we_ptr=P, be_ptr=P, wdw_ptr=P, bdw_ptr=
       num_warps=8, num_stages=1)
 # every pass (mode 3 writes the Y3 buffer, later modes read it), then the X2 passes on halo tiles
 # (REFINER_TRITON_TRAIN_X2=halo)
-# (REFINER_TRITON_TRAIN_DOT=tf32: the stencil passes and B3 with TF32 dots on bf16 maps)
+# (REFINER_TRITON_TRAIN_DOT=tf32: the stencil passes and B3 with TF32 dots on bf16 maps; =tf32x3: 3xTF32)
 for mode, halo, prec in [(1, False, "ieee"), (2, False, "ieee"), (3, False, "ieee"), (4, False, "ieee"),
                          (5, False, "ieee"), (6, False, "ieee"), (7, False, "ieee"), (2, True, "ieee"),
                          (3, True, "ieee"), (5, True, "ieee"), (2, False, "tf32"), (3, False, "tf32"),
-                         (5, False, "tf32"), (3, True, "tf32"), (5, True, "tf32")]:
+                         (5, False, "tf32"), (3, True, "tf32"), (5, True, "tf32"), (3, False, "tf32x3"),
+                         (5, False, "tf32x3")]:
     check(T._rt_tile, dict(a_ptr=P, dr_ptr=P, y_ptr=P, we_ptr=P, be_ptr=P, wdw_ptr=P, wp_ptr=P, cv_ptr=P, hv_ptr=P,
                            ks_ptr=P, part_ptr=P, pn_ptr=P, pwp_ptr=P, scr_ptr=P, N=N, H=H, RH=RH, RHP=48, NTJ=13,
                            scale=0.1, MODE=mode, KS=3, RELU_E=True, PREC=prec, HP=16, CC=16, TM=16, TJ=16, W=48,
                            HALO=halo), num_warps=8, num_stages=1,
           ptr_types={"a_ptr": "*bf16"} if prec == "tf32" else None)
-for prec in ("ieee", "tf32"):
+for prec in ("ieee", "tf32", "tf32x3"):
     check(T._rt_b3, dict(a_ptr=P, dr_ptr=P, y_ptr=P, we_ptr=P, be_ptr=P, wer_ptr=P, wdw_ptr=P, wp_ptr=P, cv_ptr=P,
                          hv_ptr=P, ks_ptr=P, da_ptr=P, scr_ptr=P, part_ptr=P, pwdw_ptr=P, pm_ptr=P, N=N, H=H, RH=RH,
                          RHP=48, NTJ=14, scale=0.1, KS=5, RELU_E=True, PREC=prec, HP=16, CC=16, TM=16, TJ=16),

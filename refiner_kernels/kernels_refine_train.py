@@ -407,9 +407,10 @@ def _pass(label):
 
 def _dot_precision(attn) -> str:
     """REFINER_TRITON_TRAIN_DOT: "auto" (default: TF32 for bf16 maps, IEEE otherwise), "tf32" (TF32
-    for fp16 and bf16 maps) or "ieee" (fp32 FMA dots). TF32 goes to the dots of the expansion, the
-    stencil's recompute, the reduction and the gradients; fp32 maps and the BN1 Gram matrix are
-    always IEEE.
+    for fp16 and bf16 maps), "ieee" (fp32 FMA dots) or "tf32x3" (every map dtype: three TF32 dots on
+    the tensor cores, about fp32's accuracy; a candidate not yet timed on a GPU). The choice goes to
+    the dots of the expansion, the stencil's recompute, the reduction and the gradients; the BN1
+    Gram matrix is always IEEE, and "tf32" leaves fp32 maps IEEE.
     H100, bf16, B=32 N=197 fwd+bwd: 14.9 ms against 18.1 (IEEE); Refiner-ViT-S training 1.35x the
     images/s with the saved Y3 (benchmarks/results, round 3).
     Accuracy: TF32 keeps 10 mantissa bits, bf16 8: every gradient is closer to the fp32 reference
@@ -418,10 +419,14 @@ def _dot_precision(attn) -> str:
     asked. Elementwise, a few gradient entries move more than a bf16 ulp: a ReLU6 whose input lies
     within TF32 rounding of 0 or 6 gates its gradient the other way (tests/utils.assert_no_worse_than).
     (refine_eval's backward stays IEEE: with TF32 dots ptxas gives it 32 registers and a 7 KB stack
-    frame, sm_90.)"""
+    frame, sm_90, and with 3xTF32 32 registers, 41 KB of spills and a 13 KB stack frame. Here,
+    3xTF32: B3 255 registers and 240 bytes of spills (IEEE: 255 and 128), the stencil passes 163-255
+    registers and at most 40 bytes; `python -m refiner_kernels._aot_check _rt_tile _rt_b3`.)"""
     mode = os.environ.get("REFINER_TRITON_TRAIN_DOT", "auto")
-    if mode not in ("auto", "ieee", "tf32"):
-        raise ValueError(f"REFINER_TRITON_TRAIN_DOT: expected 'auto', 'ieee' or 'tf32', got {mode!r}")
+    if mode not in ("auto", "ieee", "tf32", "tf32x3"):
+        raise ValueError(f"REFINER_TRITON_TRAIN_DOT: expected 'auto', 'ieee', 'tf32' or 'tf32x3', got {mode!r}")
+    if mode == "tf32x3":
+        return mode
     half = (torch.bfloat16,) if mode == "auto" else (torch.float16, torch.bfloat16) if mode == "tf32" else ()
     return "tf32" if attn.dtype in half else "ieee"
 

@@ -368,10 +368,11 @@ def test_refine_train_x2_on_halo_tiles(monkeypatch, N, d, ratio, ks, B, dtype):
 
 def test_refine_train_dot_precision_switch(monkeypatch):
     """REFINER_TRITON_TRAIN_DOT: "auto" (default) gives TF32 dots to bf16 maps only, "tf32" to fp16
-    and bf16 maps, "ieee" to none; fp32 maps never. Other values are refused by name."""
+    and bf16 maps, "ieee" to none (fp32 maps never get one TF32 dot), "tf32x3" 3xTF32 to every map.
+    Other values are refused by name."""
     half, bf16, full = torch.zeros(1, dtype=torch.float16), torch.zeros(1, dtype=torch.bfloat16), torch.zeros(1)
     for mode, want in [(None, "ieee tf32 ieee"), ("auto", "ieee tf32 ieee"), ("tf32", "tf32 tf32 ieee"),
-                       ("ieee", "ieee ieee ieee")]:
+                       ("ieee", "ieee ieee ieee"), ("tf32x3", "tf32x3 tf32x3 tf32x3")]:
         if mode is None:
             monkeypatch.delenv("REFINER_TRITON_TRAIN_DOT", raising=False)
         else:
@@ -392,10 +393,19 @@ def test_refine_train_half_tf32(monkeypatch, N, ks, B):
     _run_train(N, 32, 3, ks, B, torch.float16)
 
 
+@pytest.mark.parametrize("N,d,ratio,ks,B", [(17, 35, 3, 3, 1), (12, 32, 3, 5, 2)])
+def test_refine_train_tf32x3(monkeypatch, N, d, ratio, ks, B):
+    """The 3xTF32 candidate (REFINER_TRITON_TRAIN_DOT=tf32x3; emulated as Triton compiles it,
+    tests/tf32_emulation.py) on fp32 maps: the fp32 tolerances."""
+    monkeypatch.setenv("REFINER_TRITON_TRAIN_DOT", "tf32x3")
+    _run_train(N, d, ratio, ks, B, torch.float32)
+
+
 @pytest.mark.skipif(DEV != "cpu", reason="checks the interpreter's TF32 emulation (CPU only)")
 def test_interpreter_emulates_tf32_dots():
     """Under the interpreter a tf32 dot drops its operands' 13 low mantissa bits (TF32 operands, as
-    on the GPU) and an ieee dot does not."""
+    on the GPU), an ieee dot does not, and a tf32x3 dot (three TF32 dots) is within fp32's error of
+    the ieee one, an Inf operand giving Inf (not the NaN of Inf - Inf in its small parts)."""
     import triton
     import triton.language as tl
 
@@ -406,15 +416,21 @@ def test_interpreter_emulates_tf32_dots():
         b = tl.load(b_ptr + i[:, None] * 16 + i[None, :])
         tl.store(o_ptr + i[:, None] * 16 + i[None, :], tl.dot(a, b, input_precision="tf32"))
         tl.store(o_ptr + 256 + i[:, None] * 16 + i[None, :], tl.dot(a, b, input_precision="ieee"))
+        tl.store(o_ptr + 512 + i[:, None] * 16 + i[None, :], tl.dot(a, b, input_precision="tf32x3"))
 
     a = 1 + torch.rand(16, 16)
     b = 1 + torch.rand(16, 16)
-    out = torch.empty(2, 16, 16)
+    a[3, 5] = float("inf")
+    out = torch.empty(3, 16, 16)
     dots[(1,)](a, b, out)
     trunc = lambda t: (t.view(torch.int32) & -8192).view(torch.float32)  # noqa: E731 (0xFFFFE000)
     torch.testing.assert_close(out[0], trunc(a) @ trunc(b), rtol=1e-6, atol=0)
     torch.testing.assert_close(out[1], a @ b, rtol=1e-6, atol=0)
-    assert (out[0] - out[1]).abs().max() > 1e-3
+    fin = out[1].isfinite()
+    assert (out[0] - out[1])[fin].abs().max() > 1e-3
+    assert torch.equal(out[2].isinf(), out[1].isinf()) and out[2].isinf().any() and not out[2].isnan().any()
+    exact = a.double() @ b.double()
+    assert ((out[2] - exact).abs()[fin] / exact[fin]).max() < 2e-6  # the TF32 dot alone: ~1e-3
 
 
 @pytest.mark.parametrize("ratio", [3, 1])

@@ -4,8 +4,12 @@ The interpreter computes every `tl.dot` on fp32 operands in full fp32, whatever 
 input_precision. On the GPU, input_precision="tf32" gives the tensor cores TF32 operands (sign,
 exponent, 10 mantissa bits) and accumulates in fp32. `install()` makes the interpreter drop each
 fp32 operand's 13 low mantissa bits before its fp32 matmul (truncation, the coarser of truncation
-and rounding); "tf32x3" and "ieee" dots are untouched. The kernels round their TF32 operands to
-nearest first (refiner_kernels.kernels_refine_eval.tf32_round), so for them the emulation is exact.
+and rounding); "ieee" dots are untouched. The kernels round their TF32 operands to nearest first
+(refiner_kernels.kernels_refine_eval.tf32_round), so for them the emulation is exact.
+"tf32x3" dots run as Triton compiles them (its F32DotTC pass, "3xTF32"): x = big + small with big
+= x rounded to nearest TF32 (cvt.rna) and small = x - big in fp32, then three TF32 dots, small(a)
+big(b) + big(a) small(b) + big(a) big(b) (the small operands truncated as above); a NaN in the sum
+of the first two is taken as 0, as newer Triton versions do.
 """
 from __future__ import annotations
 
@@ -21,6 +25,13 @@ def tf32(x: np.ndarray) -> np.ndarray:
     return (np.ascontiguousarray(x).view(np.uint32) & np.uint32(0xFFFFE000)).view(np.float32)
 
 
+def tf32_rna(x: np.ndarray) -> np.ndarray:
+    """x (float32) rounded to the nearest TF32 value, ties away from zero (cvt.rna); NaN stays NaN."""
+    u = np.ascontiguousarray(x).view(np.uint32)
+    r = ((u + np.uint32(0x1000)) & np.uint32(0xFFFFE000)).view(np.float32)
+    return np.where(np.isnan(x), x, r)
+
+
 def install() -> None:
     global _installed
     if _installed:
@@ -31,7 +42,20 @@ def install() -> None:
     plain = builder.create_dot
 
     def create_dot(self, a, b, d, input_precision, max_num_imprecise_acc):
-        if str(input_precision).upper().endswith("TF32"):  # the enum prints as InputPrecision.TF32
+        mode = str(input_precision).upper()  # the enum prints as InputPrecision.TF32 / .TF32x3
+        if mode.endswith("TF32X3") and a.data.dtype == np.float32 and b.data.dtype == np.float32:
+            def dot(x, y, acc):
+                return plain(self, interpreter.TensorHandle(tf32(x), a.dtype), interpreter.TensorHandle(tf32(y), b.dtype),
+                             acc, input_precision, max_num_imprecise_acc)
+            with np.errstate(invalid="ignore", over="ignore"):
+                a_big, b_big = tf32_rna(a.data), tf32_rna(b.data)
+                a_small, b_small = a.data - a_big, b.data - b_big
+            zero = interpreter.TensorHandle(np.zeros_like(d.data), d.dtype)
+            corr = dot(a_big, b_small, dot(a_small, b_big, zero))
+            corr = interpreter.TensorHandle(np.where(np.isnan(corr.data), np.float32(0), corr.data), corr.dtype)
+            big = dot(a_big, b_big, corr)
+            return interpreter.TensorHandle((big.data + d.data).astype(d.data.dtype), d.dtype)
+        if mode.endswith("TF32"):
             a = interpreter.TensorHandle(tf32(a.data), a.dtype)
             b = interpreter.TensorHandle(tf32(b.data), b.dtype)
         return plain(self, a, b, d, input_precision, max_num_imprecise_acc)
