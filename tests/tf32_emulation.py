@@ -44,9 +44,9 @@ def install() -> None:
     def create_dot(self, a, b, d, input_precision, max_num_imprecise_acc):
         mode = str(input_precision).upper()  # the enum prints as InputPrecision.TF32 / .TF32x3
         if mode.endswith("TF32X3") and a.data.dtype == np.float32 and b.data.dtype == np.float32:
-            def dot(x, y, acc):
-                return plain(self, interpreter.TensorHandle(tf32(x), a.dtype), interpreter.TensorHandle(tf32(y), b.dtype),
-                             acc, input_precision, max_num_imprecise_acc)
+            def dot(x, y, acc):  # one TF32 dot (operands truncated) accumulating onto acc
+                x, y = interpreter.TensorHandle(tf32(x), a.dtype), interpreter.TensorHandle(tf32(y), b.dtype)
+                return plain(self, x, y, acc, input_precision, max_num_imprecise_acc)
             with np.errstate(invalid="ignore", over="ignore"):
                 a_big, b_big = tf32_rna(a.data), tf32_rna(b.data)
                 a_small, b_small = a.data - a_big, b.data - b_big
