@@ -94,6 +94,10 @@ def describe_backends() -> str:
 # Triton first: the first H100 round (2026-11-26, benchmarks/results) measured Refiner-ViT-S bf16
 # inference at 3034 img/s with Triton against 700 with the CUDA kernels (fp32 CUDA-core code).
 _AUTO_ORDER = {"cuda": ("triton", "cuda", "reference"), "cpu": ("cpu", "reference")}
+# Per-op exceptions to _AUTO_ORDER, {op: {device type: order}}, for an op whose fastest backend
+# differs from the rest's: none measured yet (the CUDA backend's tensor-core refine_eval, forward and
+# backward, awaits its first GPU timing: gpu_round.sh quick, bench_ops_cuda and bench_models_cuda).
+_AUTO_ORDER_BY_OP: Dict[str, Dict[str, Tuple[str, ...]]] = {}
 
 
 def parse_backend(backend: str) -> Tuple[str, Tuple[Tuple[str, str], ...]]:
@@ -125,7 +129,8 @@ def resolve_backend(backend: str, device: torch.device, op: Optional[str] = None
     default, per_op = parse_backend(backend)
     backend = dict(per_op).get(op, default)
     if backend == "auto":
-        for name in _AUTO_ORDER.get(device.type, ("reference",)):
+        order = _AUTO_ORDER_BY_OP.get(op, {}).get(device.type) or _AUTO_ORDER.get(device.type, ("reference",))
+        for name in order:
             mod, why = _usable(name, device)
             if mod is not None:
                 return mod

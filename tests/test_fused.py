@@ -193,6 +193,16 @@ def test_per_op_backend_choice(monkeypatch):
     assert calls and set(calls) == {"refine_eval"}  # softmax_block stayed on the reference
 
 
+def test_auto_order_per_op(monkeypatch):
+    """ops._AUTO_ORDER_BY_OP: "auto" for one op follows its own order, the other ops the device's."""
+    cpu = torch.device("cpu")
+    default = ops.resolve_backend("auto", cpu, "softmax_block")
+    monkeypatch.setitem(ops._AUTO_ORDER_BY_OP, "refine_eval", {"cpu": ("reference",)})
+    assert ops.resolve_backend("auto", cpu, "refine_eval") is reference
+    assert ops.resolve_backend("auto", cpu, "softmax_block") is default
+    assert ops.resolve_backend("auto", cpu, "refine_train") is default
+
+
 @pytest.mark.parametrize("spec,error,message", [
     ("triton,refine=cuda", ValueError, "per-op choice 'refine=cuda'"),
     ("triton,refine_eval", ValueError, "must be OP=NAME"),
