@@ -499,10 +499,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tenso
   sl.alpha = sl.bexp + rH;
   sl.beta = sl.alpha + H;
   sl.n = sl.beta + H;
-  auto gA = at::empty({B, H, N, N}, go.options());
-  const Tensor gpar = refine_tc_eligible(H) && tensor_cores_for(r.attn.scalar_type())
-                          ? grads_from_tc(r, launch_refine_bwd_tc(r.attn, gR, r.wf(), H, rH, k, expand, gA), sl)
-                          : refine_bwd_cuda_cores(r, gR, sl, gA);
+  const bool tc = refine_tc_eligible(H) && tensor_cores_for(r.attn.scalar_type());
+  auto gA = at::empty({B, H, N, N}, tc ? r.attn.options() : go.options());  // the CUDA-core kernel's: fp32
+  const Tensor gpar = tc ? grads_from_tc(r, launch_refine_bwd_tc(r.attn, gR, r.wf(), H, rH, k, expand, gA), sl)
+                         : refine_bwd_cuda_cores(r, gR, sl, gA);
   const auto st = attn.scalar_type();
   auto gbeta = gpar.narrow(0, sl.beta, H);
   auto own = [&](const Tensor& t) { return t.to(st).clone(at::MemoryFormat::Contiguous); };  // outputs must not alias

@@ -1,6 +1,6 @@
 // refine (eval), the backward's gradient kernel on the tensor cores (H <= 16, sm_80+): from gR (the
-// gradient of R, fp32) and A, the gradient of the map and the per-block partial sums of the weight
-// gradients. Every product is 3xTF32 (about fp32's accuracy, whatever the input type: these are
+// gradient of R, fp32) and A, the gradient of the map (in A's dtype, from fp32) and the per-block
+// partial sums of the weight gradients. Every product is 3xTF32 (about fp32's accuracy, whatever the input type: these are
 // gradients). Used by ops_cuda.cu (fp64 and H > 16 keep its refine_bwd_kernel).
 //
 // Same tiles as the forward (refine_eval_tc.cuh): a block of 8 warps owns 8 query rows x 32 key
@@ -95,7 +95,7 @@ __device__ void tc_unstash(const float* scr, Add add) {
 template <class T, int K>
 __global__ void __launch_bounds__(kTcThreads)
     refine_bwd_tc_kernel(const T* __restrict__ A, const float* __restrict__ GR, RefineWF w, int64_t B, int H,
-                         int64_t N, int rH, bool expand, TcGradSlots sl, float* __restrict__ gA,
+                         int64_t N, int rH, bool expand, TcGradSlots sl, T* __restrict__ gA,
                          float* __restrict__ gpart) {
   RF_DYN_SHARED(float, sm);
   using Frag4 = TfFrag<true, 4>;
@@ -297,7 +297,8 @@ __global__ void __launch_bounds__(kTcThreads)
         for (int r = 0; r < 4; ++r) {
           const int h = L.g + 8 * (r / 2), y = y0 + i, x = xb + 2 * L.t + r % 2;
           if (h < H && tc_inmap(N, r0 + y, c0 + x))
-            gA[((b * H + h) * N + r0 + y) * N + c0 + x] = w.alpha[h] * grb[h * PLP1 + (y + p) * ld1 + x + p] + gacc[i][r];
+            gA[((b * H + h) * N + r0 + y) * N + c0 + x] =
+                static_cast<T>(w.alpha[h] * grb[h * PLP1 + (y + p) * ld1 + x + p] + gacc[i][r]);
         }
       // per head: sum gR_h A_h (items [0, H)) and sum gR_h ([H, 2H)); the barrier at its end lets the
       // next column tile overwrite A and gR
@@ -326,14 +327,14 @@ void launch_refine_bwd_tc_k(const Tensor& A, const Tensor& GR, const RefineWF& w
   auto* kernel = refine_bwd_tc_kernel<T, K>;  // (a macro argument cannot hold the template's comma)
   set_smem(kernel, smem, "refine_eval_backward");
   RF_LAUNCH(kernel, (unsigned)gpart.size(0), kTcThreads, smem, c10::cuda::getCurrentCUDAStream())(
-      A.data_ptr<T>(), GR.data_ptr<float>(), w, B, (int)H, N, (int)rH, expand, sl, gA.data_ptr<float>(),
+      A.data_ptr<T>(), GR.data_ptr<float>(), w, B, (int)H, N, (int)rH, expand, sl, gA.data_ptr<T>(),
       gpart.data_ptr<float>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-// The tensor-core gradient kernel: gA (B, H, N, N) fp32 and the per-block partial sums (laid out by
-// TcGradSlots), summed over the blocks. A (B, H, N, N) contiguous, GR the same in fp32; the caller
-// checks refine_tc_eligible and tensor_cores_for.
+// The tensor-core gradient kernel: gA (B, H, N, N, A's dtype: no fp32 copy to convert) and the
+// per-block partial sums (laid out by TcGradSlots), summed over the blocks. A (B, H, N, N) contiguous,
+// GR the same in fp32; the caller checks refine_tc_eligible and tensor_cores_for.
 Tensor launch_refine_bwd_tc(const Tensor& A, const Tensor& GR, const RefineWF& w, int64_t H, int64_t rH, int64_t k,
                             bool expand, Tensor& gA) {
   const TcGradSlots sl(H, rH, (int)k);
