@@ -5,12 +5,13 @@
 #   bash benchmarks/gpu_round.sh quick         # everything that fits ONE call of a 15-minute lease:
 #                                              # build (sm_90) while the Triton GPU tests run, then the
 #                                              # CUDA/cross-backend tests, the CUDA backend's tensor-core
-#                                              # kernels against its CUDA-core kernels and Triton (ops,
-#                                              # and S inference with per-op mixes), bench_ops of the
-#                                              # refine ops (N 197/577, bf16), refine_train by pass
-#                                              # (bench_train_passes), bench_models (S and ViT-S, 224 px,
-#                                              # no compile), with the other settings as extra rows
-#                                              # (--env-variants), then in the time left a profile
+#                                              # kernels against its CUDA-core kernels and Triton
+#                                              # (bench_ops), inference (S on CUDA, Triton and per-op
+#                                              # mixes, ViT-S; 224 px, no compile), a training step (S,
+#                                              # Triton settings), bench_ops of the Triton refine ops
+#                                              # (N 197/577, bf16) with the other settings as extra rows
+#                                              # (--env-variants), refine_train by pass
+#                                              # (bench_train_passes), then in the time left a profile
 #                                              # (Refiner-ViT-S fused[triton] vs reference); next call:
 #                                              # STAGE_BUDGET=260 bash benchmarks/gpu_round.sh sanitize
 #   bash benchmarks/gpu_round.sh verify        # build (sm_90), the tests the last round failed (see
@@ -164,17 +165,24 @@ stage_quick() {
   run_step bench_ops_cuda 80 "$PY" benchmarks/bench_ops.py --out "$RES" --rep-ms 25 --n 197 577 --heads 12 \
     --head-dim 32 --dtypes bf16 --ops refine_eval softmax_block --backends cuda triton reference \
     --env-variants "cuda:REFINER_CUDA_TENSOR_CORES=0"
-  # Refiner-ViT-S inference: CUDA (tensor cores, then fp32 kernels), Triton, and per-op mixes of the two
-  run_step bench_models_cuda 90 "$PY" benchmarks/bench_models.py --out "$RES" --models refiner_vit_s --img 224 \
-    --batch 256 --modes infer --compile-backend skip --repeats 5 --fused-backends cuda triton \
-    --env-variants "cuda:REFINER_CUDA_TENSOR_CORES=0" --mixed-backends "triton,refine_eval=cuda" \
-    "cuda,refine_eval=triton"
-  # the refine ops, Triton and reference (the softmax block and the CUDA kernels are unchanged since the
-  # second round; N = 197 rows first, the time limit may cut N = 577) with the other settings beside
-  # the defaults (TF32 dots for bf16, the forward's Y3 kept) in the same runs (rows labelled
-  # triton[NAME=VALUE]): refine_train with IEEE dots and Y3 recomputed (the round-2 defaults), with IEEE
-  # dots alone, with Y3 recomputed alone, with its X2 passes on halo tiles; refine_eval's "tile"
-  # forward (the default is "split"). bench_models: the round-2 defaults and the memory-lean setting.
+  # Inference in one run: Refiner-ViT-S on CUDA (tensor cores, then fp32 kernels), Triton and per-op
+  # mixes of the two (candidates), the reference, and timm ViT-S (the inference targets' rows)
+  run_step bench_models_infer 110 "$PY" benchmarks/bench_models.py --out "$RES" \
+    --models refiner_vit_s vit_small_patch16_224 --img 224 --batch 256 --modes infer --compile-backend skip \
+    --repeats 5 --fused-backends cuda triton --env-variants "cuda:REFINER_CUDA_TENSOR_CORES=0" \
+    --mixed-backends "triton,refine_eval=cuda" "cuda,refine_eval=triton"
+  # A training step (the training targets: speed and peak memory against the reference): Triton with its
+  # defaults (TF32 dots for bf16, the forward's Y3 kept), the round-2 defaults, the memory-lean setting
+  # and the 3xTF32 candidate
+  run_step bench_models_train 120 "$PY" benchmarks/bench_models.py --out "$RES" --models refiner_vit_s \
+    --img 224 --batch 256 --modes train --compile-backend skip --repeats 5 --fused-backends triton \
+    --env-variants "triton:REFINER_TRITON_TRAIN_DOT=ieee,REFINER_TRITON_TRAIN_SAVE_Y3=0" \
+    "triton:REFINER_TRITON_TRAIN_SAVE_Y3=0" "triton:REFINER_TRITON_TRAIN_DOT=tf32x3"
+  # the refine ops on Triton and the reference (N = 197 rows first, the time limit may cut N = 577)
+  # with the other settings beside the defaults in the same runs (rows labelled triton[NAME=VALUE]):
+  # refine_train with IEEE dots and Y3 recomputed (the round-2 defaults), with IEEE dots alone, with
+  # Y3 recomputed alone, with its X2 passes on halo tiles, with 3xTF32 dots; refine_eval's "tile"
+  # forward (the default is "split")
   run_step bench_ops 100 "$PY" benchmarks/bench_ops.py --out "$RES" --rep-ms 25 --n 197 577 --heads 12 \
     --head-dim 32 --dtypes bf16 --ops refine_eval refine_train --backends triton reference \
     --env-variants "triton:REFINER_TRITON_TRAIN_DOT=ieee,REFINER_TRITON_TRAIN_SAVE_Y3=0@refine_train" \
@@ -185,10 +193,6 @@ stage_quick() {
   run_step bench_train_passes 30 "$PY" benchmarks/bench_train_passes.py --out "$RES"
   run_step bench_train_passes_ieee 25 "$PY" benchmarks/bench_train_passes.py --out "$RES" --n 197 \
     --env REFINER_TRITON_TRAIN_DOT=ieee
-  run_step bench_models 140 "$PY" benchmarks/bench_models.py --out "$RES" \
-    --models refiner_vit_s vit_small_patch16_224 --img 224 --batch 256 --compile-backend skip --repeats 5 \
-    --fused-backends triton --env-variants "triton:REFINER_TRITON_TRAIN_DOT=ieee,REFINER_TRITON_TRAIN_SAVE_Y3=0" \
-    "triton:REFINER_TRITON_TRAIN_SAVE_Y3=0" "triton:REFINER_TRITON_TRAIN_DOT=tf32x3"
   # then, in what time is left: where a Refiner-ViT-S step's time goes. memcheck and racecheck are
   # the next call on the warm machine: STAGE_BUDGET=260 bash benchmarks/gpu_round.sh sanitize
   run_step profile_models $(( $(left) - 20 )) "$PY" benchmarks/profile_models.py --out "$RES" --batch 64 \
