@@ -96,7 +96,7 @@ def describe_backends() -> str:
 _AUTO_ORDER = {"cuda": ("triton", "cuda", "reference"), "cpu": ("cpu", "reference")}
 # Per-op exceptions to _AUTO_ORDER, {op: {device type: order}}, for an op whose fastest backend
 # differs from the rest's: none measured yet (the CUDA backend's tensor-core refine_eval, forward and
-# backward, awaits its first GPU timing: gpu_round.sh quick, bench_ops_cuda and bench_models_cuda).
+# backward, awaits its first GPU timing: gpu_round.sh quick, bench_ops_cuda and bench_models_infer).
 _AUTO_ORDER_BY_OP: Dict[str, Dict[str, Tuple[str, ...]]] = {}
 
 
