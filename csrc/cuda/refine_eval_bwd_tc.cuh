@@ -115,7 +115,6 @@ __global__ void __launch_bounds__(kTcThreads)
   const MmaLane L{lane >> 2, lane & 3};
   // this lane's centre pixels in the products over pixels: rows y0 + i (i < kTcGroups), columns xb ..
   const int y0 = warp / (kTcCols / 8) * kTcGroups, xb = warp % (kTcCols / 8) * 8;
-  const int ks_heads = (H + 7) / 8;
   // the products over pixels (S, Gexp; tc_stash): this warp's 8 columns of the 16 and its 2 rows of the tile
   const int sum_n0 = warp / (kTcWarps / 2) * 8, sum_row0 = warp % (kTcWarps / 2) * 2;
   float* gp = gpart + blockIdx.x * sl.n;
@@ -133,26 +132,12 @@ __global__ void __launch_bounds__(kTcThreads)
         // b. (alpha W_pro)^T gR on the halo-p planes: channel g + 8 (r / 2), pixel n0 + 2 t + r % 2
         {
           Frag4 wa[2];
-          RF_UNROLL
-          for (int ks = 0; ks < 2; ++ks)
-            RF_UNROLL
-            for (int r = 0; r < 4; ++r) {
-              const int c = cb + L.g + 8 * (r % 2), h = ks * 8 + L.t + 4 * (r / 2);
-              wa[ks].set(r, c < rH && h < H ? w.w_pro[h * rH + c] * w.alpha[h] : 0.f);
-            }
+          tc_mix_weights(wa, L, [&](int m, int h) {
+            return cb + m < rH && h < H ? w.w_pro[h * rH + cb + m] * w.alpha[h] : 0.f;
+          });
           for (int n0 = warp * 8; n0 < PLP1; n0 += 8 * kTcWarps) {
             float acc[4] = {};
-            RF_UNROLL
-            for (int ks = 0; ks < 2; ++ks) {
-              if (ks >= ks_heads) break;
-              Frag2 bf;
-              RF_UNROLL
-              for (int r = 0; r < 2; ++r) {
-                const int h = ks * 8 + L.t + 4 * r;
-                bf.set(r, h < H ? grb[h * PLP1 + n0 + L.g] : 0.f);
-              }
-              mma_frag(acc, wa[ks], bf);
-            }
+            tc_mix_planes(acc, wa, grb, H, PLP1, n0, L);
             RF_UNROLL
             for (int r = 0; r < 4; ++r) gyb[(L.g + 8 * (r / 2)) * PLP1 + n0 + 2 * L.t + r % 2] = acc[r];
           }

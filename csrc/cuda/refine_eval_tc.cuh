@@ -77,6 +77,32 @@ __device__ void tc_load_planes(float* dst, const T* src, int C, int64_t N, int64
   }
 }
 
+// A head mix over halo planes, as mma steps: wa = a 16-row weight (16 x 16, two K steps of 8; weight(m, k)
+// gives row m, column k, 0 past the heads), and acc (16 rows x the 8 pixels n0 .. n0 + 7) += wa x planes,
+// planes = H planes PLP apart (K = the planes; steps past H skipped, warp-uniformly).
+template <bool kSplit, class Weight>
+__device__ __forceinline__ void tc_mix_weights(TfFrag<kSplit, 4> (&wa)[2], MmaLane L, Weight weight) {
+  RF_UNROLL
+  for (int ks = 0; ks < 2; ++ks)
+    RF_UNROLL
+    for (int r = 0; r < 4; ++r) wa[ks].set(r, weight(L.g + 8 * (r % 2), ks * 8 + L.t + 4 * (r / 2)));
+}
+template <bool kSplit>
+__device__ __forceinline__ void tc_mix_planes(float (&acc)[4], const TfFrag<kSplit, 4> (&wa)[2], const float* planes,
+                                              int H, int PLP, int n0, MmaLane L) {
+  RF_UNROLL
+  for (int ks = 0; ks < 2; ++ks) {
+    if (ks * 8 >= H) break;  // warp-uniform; constant bounds keep wa in registers
+    TfFrag<kSplit, 2> bf;
+    RF_UNROLL
+    for (int r = 0; r < 2; ++r) {
+      const int h = ks * 8 + L.t + 4 * r;
+      bf.set(r, h < H ? planes[h * PLP + n0 + L.g] : 0.f);
+    }
+    mma_frag(acc, wa[ks], bf);
+  }
+}
+
 // E = relu6(W_exp A + b_exp) of channels cb .. cb + 15 (M = 16 channels, N = 8 pixels, K = heads) on
 // halo planes of `halo` pixels: ab holds H planes of A, eb gets 16 planes of E, both PLP apart and ld
 // wide; 0 outside the map and past PL (the stencil pads E with zeros). Shared by the forward and the
@@ -86,31 +112,14 @@ __device__ void tc_expand_chunk(const float* ab, float* eb, int PL, int PLP, int
                                 int cb, int H, int rH, int64_t N, int64_t r0, int64_t c0) {
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const MmaLane L{lane >> 2, lane & 3};
-  const int ks_heads = (H + 7) / 8;
   TfFrag<kSplit, 4> wa[2];
+  tc_mix_weights(wa, L, [&](int m, int h) { return cb + m < rH && h < H ? w.w_exp[(cb + m) * H + h] : 0.f; });
   float be[2];
-  RF_UNROLL
-  for (int ks = 0; ks < 2; ++ks)
-    RF_UNROLL
-    for (int r = 0; r < 4; ++r) {
-      const int c = cb + L.g + 8 * (r % 2), h = ks * 8 + L.t + 4 * (r / 2);
-      wa[ks].set(r, c < rH && h < H ? w.w_exp[c * H + h] : 0.f);
-    }
   RF_UNROLL
   for (int r = 0; r < 2; ++r) be[r] = cb + L.g + 8 * r < rH ? w.b_exp[cb + L.g + 8 * r] : 0.f;
   for (int n0 = warp * 8; n0 < PLP; n0 += 8 * kTcWarps) {
     float acc[4] = {be[0], be[0], be[1], be[1]};
-    RF_UNROLL
-    for (int ks = 0; ks < 2; ++ks) {
-      if (ks >= ks_heads) break;  // warp-uniform; constant bounds keep wa in registers
-      TfFrag<kSplit, 2> bf;
-      RF_UNROLL
-      for (int r = 0; r < 2; ++r) {
-        const int h = ks * 8 + L.t + 4 * r;
-        bf.set(r, h < H ? ab[h * PLP + n0 + L.g] : 0.f);
-      }
-      mma_frag(acc, wa[ks], bf);
-    }
+    tc_mix_planes(acc, wa, ab, H, PLP, n0, L);
     RF_UNROLL
     for (int r = 0; r < 4; ++r) {
       const int q = n0 + 2 * L.t + r % 2;
