@@ -1,7 +1,7 @@
 // refine (eval), the backward's gradient kernel on the tensor cores (H <= 16, sm_80+): from gR (the
 // gradient of R, fp32) and A, the gradient of the map (in A's dtype, from fp32) and the per-block
-// partial sums of the weight gradients. Every product is 3xTF32 (about fp32's accuracy, whatever the input type: these are
-// gradients). Used by ops_cuda.cu (fp64 and H > 16 keep its refine_bwd_kernel).
+// partial sums of the weight gradients. Every product is 3xTF32 (about fp32's accuracy, whatever the
+// input type: these are gradients). Used by ops_cuda.cu (fp64 and H > 16 keep its refine_bwd_kernel).
 //
 // Same tiles as the forward (refine_eval_tc.cuh): a block of 8 warps owns 8 query rows x 32 key
 // columns of one image and walks the key columns. In shared memory: A on halo planes of 2p (the
@@ -209,13 +209,10 @@ __global__ void __launch_bounds__(kTcThreads)
         // f. gA's accumulators += W_exp^T GU (M = 16 heads, K = 16 channels), and Gexp over the warp's pixels
         {
           Frag4 wt[2];
-          RF_UNROLL
-          for (int ks = 0; ks < 2; ++ks)
-            RF_UNROLL
-            for (int r = 0; r < 4; ++r) {
-              const int h = L.g + 8 * (r % 2), c = cb + ks * 8 + L.t + 4 * (r / 2);
-              wt[ks].set(r, expand ? (c < rH && h < H ? w.w_exp[c * H + h] : 0.f) : (c == h ? 1.f : 0.f));
-            }
+          tc_mix_weights(wt, L, [&](int h, int k) {
+            const int c = cb + k;
+            return expand ? (c < rH && h < H ? w.w_exp[c * H + h] : 0.f) : (c == h ? 1.f : 0.f);
+          });
           RF_UNROLL
           for (int i = 0; i < kTcGroups; ++i)
             RF_UNROLL
@@ -234,7 +231,8 @@ __global__ void __launch_bounds__(kTcThreads)
             Frag4 af;
             Frag2 bf;
             RF_UNROLL
-            for (int r = 0; r < 4; ++r) af.set(r, cen[(L.g + 8 * (r % 2)) * kTcLdc + y * kTcCols + x0 + L.t + 4 * (r / 2)]);
+            for (int r = 0; r < 4; ++r)
+              af.set(r, cen[(L.g + 8 * (r % 2)) * kTcLdc + y * kTcCols + x0 + L.t + 4 * (r / 2)]);
             RF_UNROLL
             for (int r = 0; r < 2; ++r)
               bf.set(r, h < H ? ab[h * PLP2 + (y + 2 * p) * ld2 + x0 + L.t + 4 * r + 2 * p] : 0.f);
@@ -266,7 +264,9 @@ __global__ void __launch_bounds__(kTcThreads)
             [&](int it, double v) {
               const int cl = it < 16 * KK ? it / KK : (it - 16 * KK) % 16, c = cb + cl;
               if (c >= rH) return;
-              const int64_t o = it < 16 * KK ? sl.wdw + c * KK + it % KK : it < 16 * (KK + 1) ? sl.bdw + c : sl.bexp + c;
+              const int64_t o = it < 16 * KK         ? sl.wdw + c * KK + it % KK
+                                : it < 16 * (KK + 1) ? sl.bdw + c
+                                                     : sl.bexp + c;
               gp[o] += (float)v;
             });
         if (expand)  // Gexp[c = cb + m, h = n] (the sliced sums' barriers have passed)
@@ -328,12 +328,9 @@ Tensor launch_refine_bwd_tc(const Tensor& A, const Tensor& GR, const RefineWF& w
       std::min<int64_t>(B * ((N + kTcRows - 1) / kTcRows), 4LL * device_attr(cudaDevAttrMultiProcessorCount));
   auto gpart = at::zeros({blocks, sl.n}, GR.options());
   RF_DISPATCH_TC(A.scalar_type(), "refine_bwd_tc", [&] {
-    switch (k) {  // validated: odd, 1..7
-      case 1: return launch_refine_bwd_tc_k<scalar_t, 1>(A, GR, w, H, rH, expand, sl, gA, gpart);
-      case 3: return launch_refine_bwd_tc_k<scalar_t, 3>(A, GR, w, H, rH, expand, sl, gA, gpart);
-      case 5: return launch_refine_bwd_tc_k<scalar_t, 5>(A, GR, w, H, rH, expand, sl, gA, gpart);
-      default: return launch_refine_bwd_tc_k<scalar_t, 7>(A, GR, w, H, rH, expand, sl, gA, gpart);
-    }
+    with_kernel_size(k, [&](auto K) {
+      launch_refine_bwd_tc_k<scalar_t, K.value>(A, GR, w, H, rH, expand, sl, gA, gpart);
+    });
   });
   return gpart.sum(0);
 }

@@ -77,9 +77,10 @@ __device__ void tc_load_planes(float* dst, const T* src, int C, int64_t N, int64
   }
 }
 
-// A head mix over halo planes, as mma steps: wa = a 16-row weight (16 x 16, two K steps of 8; weight(m, k)
-// gives row m, column k, 0 past the heads), and acc (16 rows x the 8 pixels n0 .. n0 + 7) += wa x planes,
-// planes = H planes PLP apart (K = the planes; steps past H skipped, warp-uniformly).
+// Head mixes as mma steps. tc_mix_weights: a 16 x 16 weight as A fragments of two K steps of 8
+// (weight(m, k): row m, column k; 0 past the heads or channels). tc_mix_planes: acc (16 rows x the 8
+// pixels n0 .. n0 + 7) += wa x planes, planes = H planes PLP apart (K = the planes; steps past H
+// skipped, warp-uniformly).
 template <bool kSplit, class Weight>
 __device__ __forceinline__ void tc_mix_weights(TfFrag<kSplit, 4> (&wa)[2], MmaLane L, Weight weight) {
   RF_UNROLL
@@ -261,6 +262,18 @@ __global__ void __launch_bounds__(kTcThreads)
   }
 }
 
+// f(std::integral_constant<int, K>) for the kernel size k (validated: odd, 1..7): the tensor-core
+// kernels' instances
+template <class F>
+void with_kernel_size(int64_t k, F f) {
+  switch (k) {
+    case 1: return f(std::integral_constant<int, 1>{});
+    case 3: return f(std::integral_constant<int, 3>{});
+    case 5: return f(std::integral_constant<int, 5>{});
+    default: return f(std::integral_constant<int, 7>{});
+  }
+}
+
 template <class T, int K>
 void launch_refine_tc_k(const Tensor& A, const Tensor& V, const RefineWF& w, int64_t H, int64_t d, int64_t rH,
                         bool expand, Tensor* out, Tensor* Rmap) {
@@ -282,12 +295,7 @@ void launch_refine_tc_k(const Tensor& A, const Tensor& V, const RefineWF& w, int
 void launch_refine_tc(const Tensor& A, const Tensor& V, const RefineWF& w, int64_t H, int64_t d, int64_t rH,
                       int64_t k, bool expand, Tensor* out, Tensor* Rmap) {
   RF_DISPATCH_TC(A.scalar_type(), "refine_tc", [&] {
-    switch (k) {  // validated: odd, 1..7
-      case 1: return launch_refine_tc_k<scalar_t, 1>(A, V, w, H, d, rH, expand, out, Rmap);
-      case 3: return launch_refine_tc_k<scalar_t, 3>(A, V, w, H, d, rH, expand, out, Rmap);
-      case 5: return launch_refine_tc_k<scalar_t, 5>(A, V, w, H, d, rH, expand, out, Rmap);
-      default: return launch_refine_tc_k<scalar_t, 7>(A, V, w, H, d, rH, expand, out, Rmap);
-    }
+    with_kernel_size(k, [&](auto K) { launch_refine_tc_k<scalar_t, K.value>(A, V, w, H, d, rH, expand, out, Rmap); });
   });
 }
 
