@@ -32,7 +32,7 @@ namespace {
 constexpr int kTcPix = kTcRows * kTcCols;     // a tile's centre pixels
 constexpr int kTcLdc = kTcPix + 8;            // centre planes 8 words apart mod 32 (tc_plane_pad)
 constexpr int kTcSumSteps = 2 * kTcCols / 8;  // K steps of a warp's share of the products over pixels (2 rows)
-static_assert(kTcWarps / 2 * 2 == kTcRows, "two warps' row pairs cover the tile for each 8 of the 16 columns");
+static_assert(kTcWarps / 2 * 2 == kTcRows, "each half of the warps, two tile rows a warp, covers the tile");
 
 struct TcGradSlots {  // offsets in a block's row of partial sums (floats)
   int64_t S, gexp, bexp, wdw, bdw, ga, gr, n;
