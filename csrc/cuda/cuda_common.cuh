@@ -131,7 +131,8 @@ int tile_rows(const char* env, int dflt, SmemOf smem_of) {
   return tr;
 }
 
-// The tensor-core kernels (softmax block and refine forwards) serve fp32/fp16/bf16 inputs on sm_80+;
+// The tensor-core kernels (softmax block forward, refine_eval forward and backward) serve
+// fp32/fp16/bf16 inputs on sm_80+;
 // REFINER_CUDA_TENSOR_CORES=0 keeps those on the CUDA-core kernels (which fp64 always uses).
 inline bool tensor_cores_for(at::ScalarType st) {
   if (st != at::kFloat && st != at::kHalf && st != at::kBFloat16) return false;

@@ -4,10 +4,10 @@
 // Layout: one block per (batch, head, tile of query rows) for the softmax block and per (batch,
 // tile of query rows) for the refine kernels, on grid.x (64-bit index math; B*H and B*N may
 // exceed 65535). A tile is walked in column (key) tiles staged in shared memory.
-// Inputs fp32/fp16/bf16, all arithmetic and accumulation in fp32. On sm_80+ the forwards of the
-// softmax block and of refine_eval run on the tensor cores instead (softmax_block_tc.cuh,
-// refine_eval_tc.cuh; docs/cuda_kernels.md); the kernels below serve fp64, the rest, and
-// REFINER_CUDA_TENSOR_CORES=0.
+// Inputs fp32/fp16/bf16, all arithmetic and accumulation in fp32. On sm_80+ the softmax block's
+// forward and refine_eval's forward and backward gradient kernel run on the tensor cores instead
+// (softmax_block_tc.cuh, refine_eval_tc.cuh, refine_eval_bwd_tc.cuh; docs/cuda_kernels.md); the
+// kernels below serve fp64, H > 16, the rest, and REFINER_CUDA_TENSOR_CORES=0.
 #include "cuda/cuda_common.cuh"
 #include "cuda/refine_eval_tc.cuh"  // RefineWF, and the tensor-core refine forward
 #include "cuda/refine_eval_bwd_tc.cuh"
@@ -297,6 +297,8 @@ struct RefineCuda {
     return {w_exp.data_ptr<float>(), b_exp.data_ptr<float>(), w_dw.data_ptr<float>(), b_dw.data_ptr<float>(),
             w_pro.data_ptr<float>(), b_pro.data_ptr<float>(), alpha.data_ptr<float>(), beta.data_ptr<float>()};
   }
+  // the tensor-core kernels (refine_eval_tc.cuh, refine_eval_bwd_tc.cuh) serve this call
+  bool tensor_cores() const { return refine_tc_eligible(H) && tensor_cores_for(attn.scalar_type()); }
 };
 
 // The caller validates the arguments first (validate_refine_eval), before its device guard: a bad call
@@ -310,7 +312,7 @@ RefineCuda prep_refine_cuda(const Tensor& attn, const Tensor& v, const Tensor& w
 }
 
 void launch_refine_fwd(const RefineCuda& r, Tensor* out, Tensor* Rmap) {
-  if (refine_tc_eligible(r.H) && tensor_cores_for(r.attn.scalar_type()))
+  if (r.tensor_cores())
     return launch_refine_tc(r.attn, r.v, r.wf(), r.H, r.d, r.rH, r.k, r.expand, out, Rmap);
   const int TR = tile_rows("REFINER_CUDA_TILE_ROWS", 4, [&](int tr) { return refine_fwd_smem(r.H, r.d, (int)r.k, tr); });
   const size_t smem = refine_fwd_smem(r.H, r.d, (int)r.k, TR);
@@ -345,8 +347,11 @@ Tensor refine_eval_cuda(const Tensor& attn, const Tensor& v, const Tensor& w_exp
 // ----------------------------------------------------------------------------
 constexpr int kTCB = 32;
 
-struct GradSlots {
+struct GradSlots {  // offsets of the weight gradients in a block's partial sums (and the host's total)
   int64_t wdw, bdw, wpro, wexp, bexp, alpha, beta, n;
+  __host__ __device__ GradSlots(int64_t H, int64_t rH, int64_t k)
+      : wdw(0), bdw(rH * k * k), wpro(bdw + rH), wexp(wpro + H * rH), bexp(wexp + rH * H), alpha(bexp + rH),
+        beta(alpha + H), n(beta + H) {}
 };
 
 static_assert(kThreads % kTCB == 0, "whole thread-rows");
@@ -471,7 +476,7 @@ Tensor grads_from_tc(const RefineCuda& r, const Tensor& t, const GradSlots& sl) 
   auto galpha = t.narrow(0, tl.ga, H) + (r.w_pro * S).sum(1) + r.b_pro * sum_gr;
   auto g = at::cat({t.narrow(0, tl.wdw, rH * kk), t.narrow(0, tl.bdw, rH), (r.alpha.unsqueeze(1) * S).flatten(),
                     t.narrow(0, tl.gexp, rH * H), t.narrow(0, tl.bexp, rH), galpha, sum_gr});
-  TORCH_INTERNAL_ASSERT(g.numel() == sl.n && sl.wdw == 0 && sl.bdw == rH * kk && sl.beta == sl.n - H);
+  TORCH_INTERNAL_ASSERT(g.numel() == sl.n);  // the pieces above in sl's order: wdw, bdw, wpro, wexp, bexp, alpha, beta
   return g;
 }
 
@@ -490,16 +495,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tenso
   auto gR = at::matmul(go, vf.transpose(-2, -1)).contiguous();
   auto gv = at::matmul(R.transpose(-2, -1), go);
   R.reset();
-  GradSlots sl;
-  sl.wdw = 0;
-  sl.bdw = rH * k * k;
-  sl.wpro = sl.bdw + rH;
-  sl.wexp = sl.wpro + H * rH;
-  sl.bexp = sl.wexp + rH * H;
-  sl.alpha = sl.bexp + rH;
-  sl.beta = sl.alpha + H;
-  sl.n = sl.beta + H;
-  const bool tc = refine_tc_eligible(H) && tensor_cores_for(r.attn.scalar_type());
+  const GradSlots sl(H, rH, k);
+  const bool tc = r.tensor_cores();
   auto gA = at::empty({B, H, N, N}, tc ? r.attn.options() : go.options());  // the CUDA-core kernel's: fp32
   const Tensor gpar = tc ? grads_from_tc(r, launch_refine_bwd_tc(r.attn, gR, r.wf(), H, rH, k, expand, gA), sl)
                          : refine_bwd_cuda_cores(r, gR, sl, gA);

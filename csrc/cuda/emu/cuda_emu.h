@@ -18,10 +18,10 @@
 // Data races between barriers: a thread reading what another writes in the same phase shows up
 // as results that change with the order in which the fibers of a phase run (emu::set_schedule:
 // forward, reverse, shuffled; under the last two, one warp at a time passes its warp collectives,
-// so warps also skew across their mma and shuffle steps). Fibers do not interleave within a phase, so two threads that
-// each write then read the same word would go unseen: emu::set_write_check makes the scheduler
-// diff the dynamic shared memory around every fiber run and report a word changed by two
-// threads between two barriers (slow: for small shapes).
+// so warps also skew across their mma and shuffle steps). Fibers do not interleave within a phase,
+// so two threads that each write then read the same word would go unseen: emu::set_write_check
+// makes the scheduler diff the dynamic shared memory around every fiber run and report a word
+// changed by two threads between two barriers (slow: for small shapes).
 // Device properties are an H100's, except the SM count (2), so grid-stride loops loop.
 #pragma once
 
