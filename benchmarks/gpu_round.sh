@@ -172,27 +172,28 @@ stage_quick() {
     --repeats 5 --fused-backends cuda triton --env-variants "cuda:REFINER_CUDA_TENSOR_CORES=0" \
     --mixed-backends "triton,refine_eval=cuda" "cuda,refine_eval=triton"
   # A training step (the training targets: speed and peak memory against the reference): Triton with its
-  # defaults (TF32 dots for bf16, the forward's Y3 kept), the round-2 defaults, the memory-lean setting
-  # and the 3xTF32 candidate
+  # defaults (TF32 dots for bf16, the forward's Y3 kept), the candidates (E stored per L2-sized batch
+  # chunk; 3xTF32 dots) and the memory-lean setting. (Round 2's defaults, IEEE dots and Y3 recomputed:
+  # 208 images/s in round 3, no longer timed here.)
   run_step bench_models_train 120 "$PY" benchmarks/bench_models.py --out "$RES" --models refiner_vit_s \
     --img 224 --batch 256 --modes train --compile-backend skip --repeats 5 --fused-backends triton \
-    --env-variants "triton:REFINER_TRITON_TRAIN_DOT=ieee,REFINER_TRITON_TRAIN_SAVE_Y3=0" \
-    "triton:REFINER_TRITON_TRAIN_SAVE_Y3=0" "triton:REFINER_TRITON_TRAIN_DOT=tf32x3"
+    --env-variants "triton:REFINER_TRITON_TRAIN_X2=split" "triton:REFINER_TRITON_TRAIN_DOT=tf32x3" \
+    "triton:REFINER_TRITON_TRAIN_SAVE_Y3=0"
   # the refine ops on Triton and the reference (N = 197 rows first, the time limit may cut N = 577)
   # with the other settings beside the defaults in the same runs (rows labelled triton[NAME=VALUE]):
-  # refine_train with IEEE dots and Y3 recomputed (the round-2 defaults), with IEEE dots alone, with
-  # Y3 recomputed alone, with its X2 passes on halo tiles, with 3xTF32 dots; refine_eval's "tile"
-  # forward (the default is "split")
+  # refine_train with its X2 passes from a stored E, with IEEE dots, with Y3 recomputed, with its X2
+  # passes on halo tiles, with 3xTF32 dots; refine_eval's backward from a stored E, its "tile" forward
   run_step bench_ops 100 "$PY" benchmarks/bench_ops.py --out "$RES" --rep-ms 25 --n 197 577 --heads 12 \
     --head-dim 32 --dtypes bf16 --ops refine_eval refine_train --backends triton reference \
-    --env-variants "triton:REFINER_TRITON_TRAIN_DOT=ieee,REFINER_TRITON_TRAIN_SAVE_Y3=0@refine_train" \
+    --env-variants "triton:REFINER_TRITON_TRAIN_X2=split@refine_train" \
     "triton:REFINER_TRITON_TRAIN_DOT=ieee@refine_train" "triton:REFINER_TRITON_TRAIN_SAVE_Y3=0@refine_train" \
-    "triton:REFINER_TRITON_TRAIN_X2=halo@refine_train" "triton:REFINER_TRITON_REFINE_FWD=tile@refine_eval" \
+    "triton:REFINER_TRITON_TRAIN_X2=halo@refine_train" "triton:REFINER_TRITON_REFINE_BWD=split@refine_eval" \
+    "triton:REFINER_TRITON_REFINE_FWD=tile@refine_eval" \
     "triton:REFINER_TRITON_TRAIN_DOT=tf32x3@refine_train"
-  # refine_train's time by pass (CUDA events around each pass's launches), defaults and IEEE dots
+  # refine_train's time by pass (CUDA events around each pass's launches), defaults and E stored
   run_step bench_train_passes 30 "$PY" benchmarks/bench_train_passes.py --out "$RES"
-  run_step bench_train_passes_ieee 25 "$PY" benchmarks/bench_train_passes.py --out "$RES" --n 197 \
-    --env REFINER_TRITON_TRAIN_DOT=ieee
+  run_step bench_train_passes_split 25 "$PY" benchmarks/bench_train_passes.py --out "$RES" --n 197 \
+    --env REFINER_TRITON_TRAIN_X2=split
   # then, in what time is left: where a Refiner-ViT-S step's time goes. memcheck and racecheck are
   # the next call on the warm machine: STAGE_BUDGET=260 bash benchmarks/gpu_round.sh sanitize
   run_step profile_models $(( $(left) - 20 )) "$PY" benchmarks/profile_models.py --out "$RES" --batch 64 \

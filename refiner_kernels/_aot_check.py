@@ -64,7 +64,7 @@ def check(fn, args, num_warps=4, num_stages=2, ptr_types=None, **options):
                  options={"num_warps": num_warps, "num_stages": num_stages, **options})
     md = k.metadata
     print(f"{fn.__name__:16s} ok {time.time()-t:5.1f}s shared={md.shared} warps={num_warps} {ptxas_usage(k)} "
-          f"{dict((k2, v) for k2, v in consts.items() if k2 in ('MODE','TM','TJ','BM','BN','KS','HALO','PREC'))}",
+          f"{dict((k2, v) for k2, v in consts.items() if k2 in ('MODE','TM','TJ','BM','BN','KS','HALO','SPLIT','SHIFT','PREC','P'))}",
           flush=True)
     return k
 
@@ -90,32 +90,45 @@ for prec, t, p, w, u, cc in [("tf32", "*bf16", 128, 4, False, 16), ("ieee", "*fp
                              ("tf32", "*bf16", 256, 8, False, 16), ("tf32", "*bf16", 64, 4, True, 16),
                              ("tf32", "*fp16", 128, 8, True, 16), ("tf32", "*bf16", 256, 4, True, 1),
                              ("ieee", "*fp32", 128, 4, False, 1)]:
-    check(E._re_expand, dict(a_ptr=P, we_ptr=P, be_ptr=P, e_ptr=P, N=N, H=H, RH=RH, RELU_E=True, PREC=prec, HP=16,
-                             CC=16, P=p), num_warps=w, num_stages=1, ptr_types={"a_ptr": t, "e_ptr": t})
+    check(E._re_expand, dict(a_ptr=P, we_ptr=P, be_ptr=P, ks_ptr=P, e_ptr=P, N=N, H=H, RH=RH, RELU_E=True, SHIFT=False,
+                             PREC=prec, HP=16, CC=16, P=p), num_warps=w, num_stages=1, ptr_types={"a_ptr": t, "e_ptr": t})
     check(E._re_stencil_reduce, dict(a_ptr=P, e_ptr=P, wdw_ptr=P, bdw_ptr=P, wp_ptr=P, bp_ptr=P, al_ptr=P, bt_ptr=P,
                                      r_ptr=P, N=N, H=H, RH=RH, KS=3, PREC=prec, HP=16, CC=cc, P=p, UNROLL=u),
           num_warps=w, num_stages=2, ptr_types={"a_ptr": t, "e_ptr": t, "r_ptr": t})
+# REFINER_TRITON_TRAIN_X2=split: the training passes' expansion (shifted A, fp32 E)
+check(E._re_expand, dict(a_ptr=P, we_ptr=P, be_ptr=P, ks_ptr=P, e_ptr=P, N=N, H=H, RH=RH, RELU_E=True, SHIFT=True,
+                         PREC="tf32", HP=16, CC=16, P=128), num_warps=4, num_stages=1, ptr_types={"a_ptr": "*bf16"})
 check(E._re_bwd, dict(a_ptr=P, dr_ptr=P, we_ptr=P, be_ptr=P, wdw_ptr=P, bdw_ptr=P, wp_ptr=P, bp_ptr=P, al_ptr=P,
                       da_ptr=P, scr_ptr=P, pwe_ptr=P, pbe_ptr=P, pwdw_ptr=P, pbdw_ptr=P, pwp_ptr=P, pbp_ptr=P, pal_ptr=P,
                       pbt_ptr=P, N=N, H=H, RH=RH, RHP=48, NTJ=14, KS=3, RELU_E=True, HP=16, CC=16, TM=16, TJ=16),
       num_warps=8, num_stages=1)
+# REFINER_TRITON_REFINE_BWD=split: its two passes (the launch: P=128, 4 warps; and other sizes)
+for p, w in [(128, 4), (64, 2), (256, 8)]:
+    check(E._re_bwd_g, dict(a_ptr=P, dr_ptr=P, e_ptr=P, g_ptr=P, wdw_ptr=P, bdw_ptr=P, wp_ptr=P, al_ptr=P, ps_ptr=P,
+                            pbdw_ptr=P, ph_ptr=P, N=N, H=H, RH=RH, RHP=48, KS=3, HP=16, CC=16, P=p),
+          num_warps=w, num_stages=2, ptr_types={"a_ptr": "*bf16"})
+    check(E._re_bwd_a, dict(a_ptr=P, dr_ptr=P, e_ptr=P, g_ptr=P, we_ptr=P, wdw_ptr=P, al_ptr=P, da_ptr=P, pwe_ptr=P,
+                            pbe_ptr=P, pwdw_ptr=P, N=N, H=H, RH=RH, RHP=48, RELU_E=True, KS=3, HP=16, CC=16, P=p),
+          num_warps=w, num_stages=2, ptr_types={"a_ptr": "*bf16", "da_ptr": "*bf16"})
 # every pass (mode 3 writes the Y3 buffer, later modes read it), then the X2 passes on halo tiles
-# (REFINER_TRITON_TRAIN_X2=halo)
+# (REFINER_TRITON_TRAIN_X2=halo) and from a stored E (=split)
 # (REFINER_TRITON_TRAIN_DOT=tf32: the stencil passes and B3 with TF32 dots on bf16 maps; =tf32x3: 3xTF32)
-for mode, halo, prec in [(1, False, "ieee"), (2, False, "ieee"), (3, False, "ieee"), (4, False, "ieee"),
-                         (5, False, "ieee"), (6, False, "ieee"), (7, False, "ieee"), (2, True, "ieee"),
-                         (3, True, "ieee"), (5, True, "ieee"), (2, False, "tf32"), (3, False, "tf32"),
-                         (5, False, "tf32"), (3, True, "tf32"), (5, True, "tf32"), (3, False, "tf32x3"),
-                         (5, False, "tf32x3")]:
+for mode, x2, prec in [(1, "offsets", "ieee"), (2, "offsets", "ieee"), (3, "offsets", "ieee"), (4, "offsets", "ieee"),
+                       (5, "offsets", "ieee"), (6, "offsets", "ieee"), (7, "offsets", "ieee"), (2, "halo", "ieee"),
+                       (3, "halo", "ieee"), (5, "halo", "ieee"), (2, "offsets", "tf32"), (3, "offsets", "tf32"),
+                       (5, "offsets", "tf32"), (3, "halo", "tf32"), (5, "halo", "tf32"), (3, "offsets", "tf32x3"),
+                       (5, "offsets", "tf32x3"), (2, "split", "ieee"), (3, "split", "ieee"), (5, "split", "ieee"),
+                       (3, "split", "tf32"), (5, "split", "tf32")]:
     check(T._rt_tile, dict(a_ptr=P, dr_ptr=P, y_ptr=P, we_ptr=P, be_ptr=P, wdw_ptr=P, wp_ptr=P, cv_ptr=P, hv_ptr=P,
-                           ks_ptr=P, part_ptr=P, pn_ptr=P, pwp_ptr=P, scr_ptr=P, N=N, H=H, RH=RH, RHP=48, NTJ=13,
-                           scale=0.1, MODE=mode, KS=3, RELU_E=True, PREC=prec, HP=16, CC=16, TM=16, TJ=16, W=48,
-                           HALO=halo), num_warps=8, num_stages=1,
+                           ks_ptr=P, part_ptr=P, pn_ptr=P, pwp_ptr=P, scr_ptr=P, e_ptr=P, N=N, H=H, RH=RH, RHP=48,
+                           NTJ=13, scale=0.1, MODE=mode, KS=3, RELU_E=True, PREC=prec, HP=16, CC=16, TM=16, TJ=16,
+                           W=48, HALO=x2 == "halo", SPLIT=x2 == "split"), num_warps=8, num_stages=1,
           ptr_types={"a_ptr": "*bf16"} if prec == "tf32" else None)
-for prec in ("ieee", "tf32", "tf32x3"):
+for prec, split in [("ieee", False), ("tf32", False), ("tf32x3", False), ("ieee", True), ("tf32", True)]:
     check(T._rt_b3, dict(a_ptr=P, dr_ptr=P, y_ptr=P, we_ptr=P, be_ptr=P, wer_ptr=P, wdw_ptr=P, wp_ptr=P, cv_ptr=P,
-                         hv_ptr=P, ks_ptr=P, da_ptr=P, scr_ptr=P, part_ptr=P, pwdw_ptr=P, pm_ptr=P, N=N, H=H, RH=RH,
-                         RHP=48, NTJ=14, scale=0.1, KS=5, RELU_E=True, PREC=prec, HP=16, CC=16, TM=16, TJ=16),
+                         hv_ptr=P, ks_ptr=P, da_ptr=P, scr_ptr=P, part_ptr=P, pwdw_ptr=P, pm_ptr=P, e_ptr=P, N=N, H=H,
+                         RH=RH, RHP=48, NTJ=14, scale=0.1, KS=5, RELU_E=True, PREC=prec, HP=16, CC=16, TM=16, TJ=16,
+                         SPLIT=split),
           num_warps=8, num_stages=1, ptr_types={"a_ptr": "*bf16", "da_ptr": "*bf16"} if prec == "tf32" else None)
 check(Bl._bmm_kernel, dict(a_ptr=P, b_ptr=P, c_ptr=P, M=N, NN=N, K=N, sab=1, sam=1, sak=1, sbb=1, sbk=1, sbn=1, scb=1,
                            scm=1, scn=1, DOT_T=triton.language.bfloat16, BM=128, BN=128, BK=32), num_warps=8, num_stages=3, ptr_types={"a_ptr": "*bf16"})

@@ -26,7 +26,8 @@ dR = dO v^T by a batched matmul kernel, then one kernel per halo-extended tile r
 D, forms g = dL/d(dw_k(E)) on the extended tile, stages E (for dW_dw) and then g (for the
 transposed stencil) through a small per-program scratch buffer (CC x P floats, reused across
 channel chunks), and produces dA plus per-program partial weight gradients (summed afterwards;
-deterministic).
+deterministic). Candidate REFINER_TRITON_REFINE_BWD=split (backward_variant): E stored per
+L2-sized batch chunk and two passes over flat position blocks instead.
 """
 from __future__ import annotations
 
@@ -177,11 +178,12 @@ if triton is not None:
                      mask=mh[:, None, None] & (ii < N)[None, :, None] & md[None, None, :])
 
     @triton.jit
-    def _re_expand(a_ptr, we_ptr, be_ptr, e_ptr, N, H, RH, RELU_E: tl.constexpr, PREC: tl.constexpr,
-                   HP: tl.constexpr, CC: tl.constexpr, P: tl.constexpr):
-        """The "split" forward's first pass: E = relu6(w_exp A + b_exp) at P flat positions of one
-        image, stored (e_ptr: (images, rH, N, N)) for _re_stencil_reduce, which reads it at the
-        stencil's shifts (from L2: the launcher keeps a chunk's E under SPLIT_E_BYTES)."""
+    def _re_expand(a_ptr, we_ptr, be_ptr, ks_ptr, e_ptr, N, H, RH, RELU_E: tl.constexpr, SHIFT: tl.constexpr,
+                   PREC: tl.constexpr, HP: tl.constexpr, CC: tl.constexpr, P: tl.constexpr):
+        """The "split" passes' expansion: E = relu6(w_exp (A - ks) + b_exp) at P flat positions of
+        one image, stored (e_ptr: (images, rH, N, N)) for a stencil that reads it at the k*k shifts
+        (from L2: the launchers keep a chunk's E under SPLIT_E_BYTES). ks: a per-head shift of A
+        (SHIFT; the training passes' numerics), else none."""
         b = tl.program_id(1).to(tl.int64)
         q = tl.program_id(0) * P + tl.arange(0, P)
         hh = tl.arange(0, HP)
@@ -189,6 +191,8 @@ if triton is not None:
         valid = q < N * N
         a = tl.load(a_ptr + b * H * N * N + hh.to(tl.int64)[:, None] * N * N + q[None, :],
                     mask=mh[:, None] & valid[None, :], other=0.0).to(tl.float32)
+        if SHIFT:
+            a = a - tl.load(ks_ptr + hh, mask=mh, other=0.0)[:, None]
         for c0 in range(0, RH, CC):
             cc = c0 + tl.arange(0, CC)
             mc = cc < RH
@@ -200,18 +204,70 @@ if triton is not None:
                      e.to(e_ptr.dtype.element_ty), mask=mc[:, None] & valid[None, :])
 
     @triton.jit
-    def _stencil_term(ebase, coff, row, col, valid, mc, wdw_ptr, cc, o, N, KS: tl.constexpr):
-        """w_dw[:, o] * E at the stencil's shift o of the positions (row, col) (0 outside the map).
-        ebase: the image's E (a scalar pointer); coff: the channels' int32 offsets from it (an int32
-        offset tensor instead of a 64-bit pointer tensor: 95 instead of 143 registers at P=128)."""
+    def shifted_load(ebase, coff, row, col, valid, mc, o, N, KS: tl.constexpr, SIGN: tl.constexpr = 1):
+        """A stored (rH, N, N) map (ebase: one image's, a scalar pointer; coff: the channels' int32
+        offsets from it, an int32 offset tensor instead of a 64-bit pointer tensor: 95 instead of 143
+        registers at P=128) at the positions (row, col) shifted by SIGN times the stencil's offset o;
+        0 outside the map (the zero padding) and off `valid`. fp32."""
         PAD: tl.constexpr = KS // 2
-        r2 = row + (o // KS - PAD)
-        c2 = col + (o % KS - PAD)
+        r2 = row + SIGN * (o // KS - PAD)
+        c2 = col + SIGN * (o % KS - PAD)
         ok = valid & (r2 >= 0) & (r2 < N) & (c2 >= 0) & (c2 < N)
-        es = tl.load(ebase + (coff[:, None] + (r2 * N + c2)[None, :]), mask=mc[:, None] & ok[None, :],
-                     other=0.0)
+        return tl.load(ebase + (coff[:, None] + (r2 * N + c2)[None, :]), mask=mc[:, None] & ok[None, :],
+                       other=0.0).to(tl.float32)
+
+    @triton.jit
+    def _stencil_term(ebase, coff, row, col, valid, mc, wdw_ptr, cc, o, N, KS: tl.constexpr, SIGN: tl.constexpr):
+        """w_dw[:, o] * E at the stencil's shift o (SIGN -1: the transposed stencil's) of (row, col)."""
         w = tl.load(wdw_ptr + cc * (KS * KS) + o, mask=mc, other=0.0).to(tl.float32)
-        return w[:, None] * es.to(tl.float32)
+        return w[:, None] * shifted_load(ebase, coff, row, col, valid, mc, o, N, KS, SIGN)
+
+    @triton.jit
+    def stencil_loaded(ebase, row, col, valid, mc, wdw_ptr, cc, N, KS: tl.constexpr, CC: tl.constexpr,
+                       P: tl.constexpr, UNROLL: tl.constexpr = False, SIGN: tl.constexpr = 1):
+        """dw_k(E) of channels cc (CC x P, fp32) at the positions (row, col) from a stored E (ebase:
+        the image's (rH, N, N) E; masked loads outside the map are the zero padding). UNROLL: all
+        k*k loads issued up front (latency hiding, more registers). SIGN -1: the transposed stencil
+        sum_o w[o] E(q - s_o), dw_k's backward."""
+        coff = cc * (N * N)  # int32: rH N^2 <= SPLIT_MAX_MAP (the launchers check)
+        dacc = tl.zeros((CC, P), tl.float32)
+        if UNROLL:
+            for o in tl.static_range(KS * KS):
+                dacc += _stencil_term(ebase, coff, row, col, valid, mc, wdw_ptr, cc, o, N, KS, SIGN)
+        else:
+            for o in range(0, KS * KS):
+                dacc += _stencil_term(ebase, coff, row, col, valid, mc, wdw_ptr, cc, o, N, KS, SIGN)
+        return dacc
+
+    @triton.jit
+    def stencil_at(ebase, a_ptr, base_a, hoff, row, col, valid, N, mh, ks, we, be, wdw_ptr, cc, mc,
+                   KS: tl.constexpr, RELU_E: tl.constexpr, PREC: tl.constexpr, CC: tl.constexpr, P: tl.constexpr,
+                   SPLIT: tl.constexpr):
+        """dw_k(E) of channels cc at the positions (row, col) of a tile (0 off `valid`): from the
+        launch's stored E (SPLIT; ebase: the image's E) or with the expansion recomputed at each
+        shift (stencil_recomputed)."""
+        if SPLIT:
+            x = stencil_loaded(ebase, row, col, valid, mc, wdw_ptr, cc, N, KS, CC, P)
+        else:
+            x = stencil_recomputed(a_ptr, base_a, hoff, row, col, valid, N, mh, ks, we, be, wdw_ptr, cc, mc, KS,
+                                   RELU_E, PREC, CC, P)
+        return x
+
+    @triton.jit
+    def expansion_at(ebase, we, a0s, be, cc, mc, row, col, inmap, N, RELU_E: tl.constexpr, PREC: tl.constexpr,
+                     SPLIT: tl.constexpr):
+        """E of channels cc at a tile's own positions, and where relu6 passes a gradient (E strictly
+        inside (0, 6), the same test on its input): loaded from the launch's stored E (SPLIT: the
+        values the stencil saw; 0 off the map) or the dot of we and a0s (A, shifted when asked)."""
+        if SPLIT:
+            e = tl.load(ebase + (cc[:, None] * (N * N) + (row * N + col)[None, :]),
+                        mask=mc[:, None] & inmap[None, :], other=0.0).to(tl.float32)
+            gate = (e > 0.0) & (e < 6.0)
+        else:
+            pre = dot(we, a0s, PREC) + be[:, None]
+            e = tl.minimum(tl.maximum(pre, 0.0), 6.0) if RELU_E else pre
+            gate = (pre > 0.0) & (pre < 6.0)
+        return e, gate
 
     @triton.jit
     def _re_stencil_reduce(a_ptr, e_ptr, wdw_ptr, bdw_ptr, wp_ptr, bp_ptr, al_ptr, bt_ptr, r_ptr, N, H, RH,
@@ -236,14 +292,7 @@ if triton is not None:
         for c0 in range(0, RH, CC):
             cc = c0 + tl.arange(0, CC)
             mc = cc < RH
-            coff = cc * (N * N)  # int32: rH N^2 <= SPLIT_MAX_MAP (refine_eval_fwd)
-            dacc = tl.zeros((CC, P), tl.float32)
-            if UNROLL:  # all k*k loads issued up front (latency hiding, more registers)
-                for o in tl.static_range(KS * KS):
-                    dacc += _stencil_term(ebase, coff, row, col, valid, mc, wdw_ptr, cc, o, N, KS)
-            else:
-                for o in range(0, KS * KS):
-                    dacc += _stencil_term(ebase, coff, row, col, valid, mc, wdw_ptr, cc, o, N, KS)
+            dacc = stencil_loaded(ebase, row, col, valid, mc, wdw_ptr, cc, N, KS, CC, P, UNROLL)
             y += reduction_chunk(dacc, bdw_ptr, wp_ptr, cc, mc, hh, mh, RH, PREC, CC)
         a0 = tl.load(a_ptr + base_a + hoff + q[None, :], mask=m2, other=0.0).to(tl.float32)
         r = affine_residual(a0, y, al_ptr, bt_ptr, bp_ptr, hh, mh)
@@ -341,8 +390,8 @@ if triton is not None:
             cc = c0 + tl.arange(0, CC)
             mc = cc < RH
             we, be = expansion_chunk(we_ptr, be_ptr, cc, mc, hh, mh, H)
-            dacc = stencil_recomputed(a_ptr, base_a, hoff, row, col, p >= 0, N, mh, no_shift, we, be, wdw_ptr,
-                                      cc, mc, KS, RELU_E, "ieee", CC, P)
+            dacc = stencil_recomputed(a_ptr, base_a, hoff, row, col, p >= 0, N, mh, no_shift, we, be, wdw_ptr, cc, mc,
+                                      KS, RELU_E, "ieee", CC, P)
             bdw = tl.load(bdw_ptr + cc, mask=mc, other=0.0).to(tl.float32)
             dpre = dacc + bdw[:, None]
             dd = tl.where(mc[:, None], tl.minimum(tl.maximum(dpre, 0.0), 6.0), 0.0)
@@ -358,15 +407,14 @@ if triton is not None:
             g = tl.where((dpre > 0.0) & (dpre < 6.0) & mc[:, None], gd, 0.0)
             g_own = g * ownf[None, :]
             tl.store(pbdw_ptr + prog * RHP + cc, tl.sum(g_own, axis=1))
-            # dW_dw partials from E computed once over the tile (not once per offset)
-            epre = tl.dot(we, a0, input_precision="ieee") + be[:, None]
-            e0 = tl.minimum(tl.maximum(epre, 0.0), 6.0) if RELU_E else epre
+            # dW_dw partials from E computed once over the tile (not once per offset; a_ptr: no stored E)
+            e0, gate = expansion_at(a_ptr, we, a0, be, cc, mc, row, col, inmap, N, RELU_E, "ieee", False)
             dw_wgrad_staged(e0, inmap, g_own, scr, p, pm, pj, pwdw_ptr + prog * RHP * KK + cc * KK, KS, CC, TM, TJ)
             # transposed stencil through the scratch buffer: dE[q] = sum_o w[o] g[q - s_o] (g is 0
             # outside the map: dy is)
             de = stencil_staged(g, inmap, wdw_ptr, cc, mc, scr, p, pm, pj, KS, CC, TM, TJ, True)
             if RELU_E:
-                de = tl.where((epre > 0.0) & (epre < 6.0), de, 0.0)
+                de = tl.where(gate, de, 0.0)
             de = tl.where(mc[:, None] & own[None, :], de, 0.0)
             wet = tl.load(we_ptr + cc[None, :] * H + hh[:, None], mask=mc[None, :] & mh[:, None],
                           other=0.0).to(tl.float32)
@@ -382,6 +430,93 @@ if triton is not None:
         da = da + dy
         tl.store(da_ptr + base_a + (hoff + (row * N + col)[None, :]), da.to(da_ptr.dtype.element_ty),
                  mask=mh[:, None] & own[None, :])
+
+
+    @triton.jit
+    def _re_bwd_g(a_ptr, dr_ptr, e_ptr, g_ptr, wdw_ptr, bdw_ptr, wp_ptr, al_ptr, ps_ptr, pbdw_ptr, ph_ptr,
+                  N, H, RH, RHP, KS: tl.constexpr, HP: tl.constexpr, CC: tl.constexpr, P: tl.constexpr):
+        """The split backward's first pass, at P flat positions of one image: X = dw_k(E) + b_dw from
+        the stored E, D = relu6(X), and G = dL/dX = [0 < X < 6] (alpha W_p)^T dR, stored (g_ptr,
+        laid out as E) for the second pass; per-program partial sums of S = dR D^T, db_dw = sum G
+        and per head sum dR A and sum dR. The host forms dW_p = alpha S, dalpha = sum dR A + b_p
+        sum dR + sum_c W_p S (Y = W_p D never formed) and db_p = alpha sum dR. IEEE dots."""
+        b = tl.program_id(1).to(tl.int64)
+        prog = b * tl.num_programs(0) + tl.program_id(0)
+        q = tl.program_id(0) * P + tl.arange(0, P)
+        hh = tl.arange(0, HP)
+        mh = hh < H
+        valid = q < N * N
+        row = q // N
+        col = q % N
+        m2 = mh[:, None] & valid[None, :]
+        hq = b * H * N * N + hh.to(tl.int64)[:, None] * N * N + q[None, :]
+        dr = tl.load(dr_ptr + hq, mask=m2, other=0.0).to(tl.float32)
+        alpha = tl.load(al_ptr + hh, mask=mh, other=0.0).to(tl.float32)
+        ebase = e_ptr + b * RH * N * N
+        gbase = g_ptr + b * RH * N * N
+        for c0 in range(0, RH, CC):
+            cc = c0 + tl.arange(0, CC)
+            mc = cc < RH
+            mcq = mc[:, None] & valid[None, :]
+            bdw = tl.load(bdw_ptr + cc, mask=mc, other=0.0).to(tl.float32)
+            x = stencil_loaded(ebase, row, col, valid, mc, wdw_ptr, cc, N, KS, CC, P) + bdw[:, None]
+            d = tl.where(mcq, tl.minimum(tl.maximum(x, 0.0), 6.0), 0.0)
+            tl.store(ps_ptr + prog * HP * RHP + hh[:, None] * RHP + cc[None, :],
+                     tl.dot(dr, tl.trans(d), input_precision="ieee"))
+            awpt = tl.load(wp_ptr + hh[None, :] * RH + cc[:, None], mask=mh[None, :] & mc[:, None],
+                           other=0.0).to(tl.float32) * alpha[None, :]
+            g = tl.where(mcq & (x > 0.0) & (x < 6.0), tl.dot(awpt, dr, input_precision="ieee"), 0.0)
+            tl.store(gbase + (cc[:, None] * (N * N) + q[None, :]), g, mask=mcq)
+            tl.store(pbdw_ptr + prog * RHP + cc, tl.sum(g, axis=1))
+        a0 = tl.load(a_ptr + hq, mask=m2, other=0.0).to(tl.float32)
+        tl.store(ph_ptr + prog * 2 * HP + hh, tl.sum(dr * a0, axis=1))
+        tl.store(ph_ptr + prog * 2 * HP + HP + hh, tl.sum(dr, axis=1))
+
+    @triton.jit
+    def _re_bwd_a(a_ptr, dr_ptr, e_ptr, g_ptr, we_ptr, wdw_ptr, al_ptr, da_ptr, pwe_ptr, pbe_ptr, pwdw_ptr,
+                  N, H, RH, RHP, RELU_E: tl.constexpr, KS: tl.constexpr, HP: tl.constexpr, CC: tl.constexpr,
+                  P: tl.constexpr):
+        """The split backward's second pass, at P flat positions of one image: dE = dw_k^T(G) (G loaded
+        at the negated shifts, 0 outside the map), dX1 = [0 < E < 6] dE, dA = alpha dR + W_e^T dX1
+        (stored in A's dtype); per-program partial sums of dW_e = sum dX1 A^T, db_e = sum dX1 and
+        dW_dw[c, o] = sum_q G(q) E(q + s_o)."""
+        KK: tl.constexpr = KS * KS
+        b = tl.program_id(1).to(tl.int64)
+        prog = b * tl.num_programs(0) + tl.program_id(0)
+        q = tl.program_id(0) * P + tl.arange(0, P)
+        hh = tl.arange(0, HP)
+        mh = hh < H
+        valid = q < N * N
+        row = q // N
+        col = q % N
+        m2 = mh[:, None] & valid[None, :]
+        hq = b * H * N * N + hh.to(tl.int64)[:, None] * N * N + q[None, :]
+        a0 = tl.load(a_ptr + hq, mask=m2, other=0.0).to(tl.float32)
+        alpha = tl.load(al_ptr + hh, mask=mh, other=0.0).to(tl.float32)
+        da = alpha[:, None] * tl.load(dr_ptr + hq, mask=m2, other=0.0).to(tl.float32)
+        ebase = e_ptr + b * RH * N * N
+        gbase = g_ptr + b * RH * N * N
+        for c0 in range(0, RH, CC):
+            cc = c0 + tl.arange(0, CC)
+            mc = cc < RH
+            mcq = mc[:, None] & valid[None, :]
+            coff = cc * (N * N)
+            g0 = tl.load(gbase + (coff[:, None] + q[None, :]), mask=mcq, other=0.0)
+            for o in range(0, KK):
+                es = shifted_load(ebase, coff, row, col, valid, mc, o, N, KS)
+                tl.store(pwdw_ptr + prog * RHP * KK + cc * KK + o, tl.sum(g0 * es, axis=1))
+            de = stencil_loaded(gbase, row, col, valid, mc, wdw_ptr, cc, N, KS, CC, P, False, -1)
+            if RELU_E:
+                e0 = tl.load(ebase + (coff[:, None] + q[None, :]), mask=mcq, other=0.0)
+                de = tl.where((e0 > 0.0) & (e0 < 6.0), de, 0.0)
+            de = tl.where(mcq, de, 0.0)
+            we = tl.load(we_ptr + cc[:, None] * H + hh[None, :], mask=mc[:, None] & mh[None, :],
+                         other=0.0).to(tl.float32)
+            da += tl.dot(tl.trans(we), de, input_precision="ieee")
+            tl.store(pwe_ptr + prog * RHP * HP + cc[:, None] * HP + hh[None, :],
+                     tl.dot(de, tl.trans(a0), input_precision="ieee"))
+            tl.store(pbe_ptr + prog * RHP + cc, tl.sum(de, axis=1))
+        tl.store(da_ptr + hq, da.to(da_ptr.dtype.element_ty), mask=m2)
 
 
 if triton is not None:
@@ -439,6 +574,22 @@ def forward_variant() -> str:
     return mode
 
 
+def backward_variant() -> str:
+    """REFINER_TRITON_REFINE_BWD, the backward's gradient kernels: "offsets" (default: one kernel
+    over halo tiles, _re_bwd, the expansion recomputed at each of the k*k shifts, E and the
+    stencil's gradient staged through a per-program scratch) or "split" (a candidate, not yet timed
+    on a GPU; _dla_bwd_split: per batch chunk, E stored in fp32 by one expansion, then two passes
+    over flat position blocks as the split forward's, the first storing G = dL/d dw_k(E), the
+    second reading E and G at the shifts: no halo tiles, no scratch, no barriers; an L2-sized
+    workspace). The backward was 20x its forward's time on the H100 (B=32, N=197, bf16: 10.4 ms
+    fwd+bwd against 0.50 fwd, round 3); its kernel runs at 255 registers with ~780 bytes of spills
+    (sm_90), and the k*k recomputed expansions are most of its dots."""
+    mode = os.environ.get("REFINER_TRITON_REFINE_BWD", "offsets")
+    if mode not in ("offsets", "split"):
+        raise ValueError(f"REFINER_TRITON_REFINE_BWD: expected 'offsets' or 'split', got {mode!r}")
+    return mode
+
+
 MAX_GRID_Y = 65535  # CUDA's limit on a grid's second dimension (the split forward's batch axis)
 SPLIT_E_BYTES = 24 << 20  # the split forward's E per batch chunk: within the H100's 50 MB L2
 SPLIT_MAX_MAP = 2 ** 31 - 1  # the split stencil pass's int32 offsets within an image's E (rH N^2)
@@ -446,34 +597,80 @@ SPLIT_UNROLL = False  # the split stencil pass's loop form and channels a step w
 SPLIT_CC = CC  # (the tests set each)
 
 
+def split_images(B: int, RH: int, N: int, esize: int) -> int:
+    """Images per batch chunk of the split passes: their E (RH N^2 elements of esize bytes each)
+    stays under SPLIT_E_BYTES, at least one image and at most a grid's batch axis."""
+    return max(1, min(MAX_GRID_Y, SPLIT_E_BYTES // (RH * N * N * esize)))
+
+
+def split_p() -> int:
+    """Flat positions per program of the split passes without autotuning."""
+    return 256 if interpreting() else 128
+
+
+def expand_into(e, a, we, be, relu, prec, ks=None):
+    """E = relu6(we (A - ks) + be) of the images of `a` into e[:images] ((images, RH, N, N), its
+    dtype), by _re_expand; ks: a per-head shift (HP floats) or None."""
+    n_img, H, N, _ = a.shape
+    RH = we.shape[0]
+    HP = max(16, next_pow2(H))
+    consts = dict(RELU_E=relu, SHIFT=ks is not None, PREC=prec, HP=HP, CC=CC)
+    args = (a, we, be, we if ks is None else ks, e, N, H, RH)
+    if use_tuned(_re_expand_tuned, a):
+        _re_expand_tuned[lambda META: (triton.cdiv(N * N, META["P"]), n_img)](*args, **consts)
+    else:
+        P = split_p()
+        _re_expand[(triton.cdiv(N * N, P), n_img)](*args, **consts, P=P, num_warps=num_warps_for(HP * P),
+                                                    num_stages=1)
+
+
+class StoredE:
+    """The split passes' E workspace (fp32, rH N^2 per image, SPLIT_E_BYTES at most): chunks() cuts
+    batch chunks to the images it holds, expand(lo, hi) stores E of images lo:hi and returns it as
+    the kernels' e_ptr. Off (on=False), the map stands in for e_ptr, unused."""
+
+    def __init__(self, attn, we, be, relu, on, ks=None):
+        B, _, N, _ = attn.shape
+        RH = we.shape[0]
+        self.attn, self.we, self.be, self.ks, self.relu, self.on = attn, we, be, ks, relu, on
+        self.per = split_images(B, RH, N, 4) if on else B
+        self.buf = torch.empty(min(B, self.per), RH, N, N, dtype=torch.float32, device=attn.device) if on else None
+
+    def chunks(self, chunks):
+        for lo, hi in chunks:
+            for b0 in range(lo, hi, self.per):
+                yield b0, min(hi, b0 + self.per)
+
+    def expand(self, lo, hi, prec):
+        if not self.on:
+            return self.attn
+        expand_into(self.buf, self.attn[lo:hi], self.we, self.be, self.relu, prec, self.ks)
+        return self.buf
+
+
 def _split_r(attn, we, be, w_dw, b_dw, w_pro, b_pro, alpha, beta, relu, prec, r_dtype):
     """R (r_dtype, A-sized) by _re_expand then _re_stencil_reduce over batch chunks whose E (in
-    r_dtype) stays under SPLIT_E_BYTES (at least one image a chunk)."""
+    r_dtype) stays under SPLIT_E_BYTES (split_images)."""
     B, H, N, _ = attn.shape
     RH, KS = w_dw.shape[0], w_dw.shape[-1]
     HP = max(16, next_pow2(H))
-    esize = torch.empty((), dtype=r_dtype).element_size()
-    per = max(1, min(MAX_GRID_Y, SPLIT_E_BYTES // (RH * N * N * esize)))
+    per = split_images(B, RH, N, torch.empty((), dtype=r_dtype).element_size())
     r = torch.empty(B, H, N, N, dtype=r_dtype, device=attn.device)
     e = torch.empty(min(B, per), RH, N, N, dtype=r_dtype, device=attn.device)
-    P = 256 if interpreting() else 128
-    nw = num_warps_for(HP * P)
     params = (w_dw.contiguous(), b_dw.contiguous(), w_pro.contiguous(), b_pro.contiguous(), alpha.contiguous(),
               beta.contiguous())
     for lo in range(0, B, per):
         hi = min(B, lo + per)
         a, rc = attn[lo:hi], r[lo:hi]
-        if use_tuned(_re_expand_tuned, attn):
-            def grid(META):
-                return triton.cdiv(N * N, META["P"]), hi - lo
-            _re_expand_tuned[grid](a, we, be, e, N, H, RH, RELU_E=relu, PREC=prec, HP=HP, CC=CC)
-            _re_stencil_reduce_tuned[grid](a, e, *params, rc, N, H, RH, KS=KS, PREC=prec, HP=HP)
+        expand_into(e, a, we, be, relu, prec)
+        if use_tuned(_re_stencil_reduce_tuned, attn):
+            _re_stencil_reduce_tuned[lambda META: (triton.cdiv(N * N, META["P"]), hi - lo)](
+                a, e, *params, rc, N, H, RH, KS=KS, PREC=prec, HP=HP)
         else:
-            grid = (triton.cdiv(N * N, P), hi - lo)
-            _re_expand[grid](a, we, be, e, N, H, RH, RELU_E=relu, PREC=prec, HP=HP, CC=CC, P=P,
-                             num_warps=nw, num_stages=1)
-            _re_stencil_reduce[grid](a, e, *params, rc, N, H, RH, KS=KS, PREC=prec, HP=HP, CC=SPLIT_CC, P=P,
-                                     UNROLL=SPLIT_UNROLL, num_warps=nw, num_stages=2)
+            P = split_p()
+            _re_stencil_reduce[(triton.cdiv(N * N, P), hi - lo)](
+                a, e, *params, rc, N, H, RH, KS=KS, PREC=prec, HP=HP, CC=SPLIT_CC, P=P, UNROLL=SPLIT_UNROLL,
+                num_warps=num_warps_for(HP * P), num_stages=2)
     return r
 
 
@@ -523,6 +720,49 @@ def _bwd_tiles(N: int, KS: int):
     return tm, tm  # (HP x 256) fp32 tiles for k <= 7; the backward keeps ~10 of them live
 
 
+def _dla_bwd_split(attn, dr, we, be, w_dw, b_dw, w_pro, b_pro, alpha, relu):
+    """REFINER_TRITON_REFINE_BWD=split: per batch chunk whose E and G (fp32) stay in L2, E stored by
+    _re_expand, then _re_bwd_g (G stored) and _re_bwd_a over flat position blocks, no halo tiles and
+    no scratch. Returns the gradients as refine_eval_dla_bwd does (per-program partial sums added
+    up here: deterministic)."""
+    B, H, N, _ = attn.shape
+    RH, KS = w_dw.shape[0], w_dw.shape[-1]
+    HP = max(16, next_pow2(H))
+    RHP = triton.cdiv(RH, CC) * CC
+    P = split_p()
+    nb = triton.cdiv(N * N, P)
+    per = split_images(B, RH, N, 8)  # E and G, fp32
+    f32 = dict(dtype=torch.float32, device=attn.device)
+    e = torch.empty(min(B, per), RH, N, N, **f32)
+    g = torch.empty_like(e)
+    da = torch.empty(B, H, N, N, dtype=attn.dtype, device=attn.device)
+    nprog = nb * min(B, per)
+    ps, pbdw, ph = torch.empty(nprog, HP, RHP, **f32), torch.empty(nprog, RHP, **f32), torch.empty(nprog, 2, HP, **f32)
+    pwe, pbe, pwdw = (torch.empty(nprog, RHP, HP, **f32), torch.empty(nprog, RHP, **f32),
+                      torch.empty(nprog, RHP, KS * KS, **f32))
+    parts = (pwe, pbe, pwdw, pbdw, ps, ph)
+    sums = [torch.zeros(t.shape[1:], **f32) for t in parts]
+    wdw, bdw, wp = w_dw.contiguous(), b_dw.contiguous(), w_pro.contiguous()
+    launch = dict(KS=KS, HP=HP, CC=CC, P=P, num_warps=num_warps_for(HP * P), num_stages=2)
+    for lo in range(0, B, per):
+        hi = min(B, lo + per)
+        a, d = attn[lo:hi], dr[lo:hi]
+        expand_into(e, a, we, be, relu, "ieee")
+        _re_bwd_g[(nb, hi - lo)](a, d, e, g, wdw, bdw, wp, alpha.contiguous(), ps, pbdw, ph, N, H, RH, RHP,
+                                 **launch)
+        _re_bwd_a[(nb, hi - lo)](a, d, e, g, we, wdw, alpha.contiguous(), da[lo:hi], pwe, pbe, pwdw, N, H, RH, RHP,
+                                 RELU_E=relu, **launch)
+        used = nb * (hi - lo)
+        for acc, t in zip(sums, parts):
+            acc += t[:used].sum(0)
+    pwe, pbe, pwdw, pbdw, ps, ph = sums
+    S, sum_dra, dbeta = ps[:H, :RH], ph[0, :H], ph[1, :H]
+    al = alpha.float()
+    dalpha = sum_dra + b_pro.float() * dbeta + (w_pro.float() * S).sum(1)
+    return (da, pwe[:RH, :H], pbe[:RH], pwdw[:RH].reshape(RH, KS, KS), pbdw[:RH], al[:, None] * S, al * dbeta,
+            dalpha, dbeta.clone())  # (a custom op's outputs may not alias: dbeta is a view of ph's sum)
+
+
 def refine_eval_dla_bwd(attn, dr, w_exp, b_exp, w_dw, b_dw, w_pro, b_pro, alpha, expand):
     """Gradients of R = alpha (A + DLA(A)) + beta given dR: (dA, dw_exp, db_exp, dw_dw, db_dw,
     dw_pro, db_pro, dalpha, dbeta)."""
@@ -532,6 +772,12 @@ def refine_eval_dla_bwd(attn, dr, w_exp, b_exp, w_dw, b_dw, w_pro, b_pro, alpha,
     we, be, relu = _prep(attn, w_exp, b_exp, expand)
     RH = w_dw.shape[0]
     KS = w_dw.shape[-1]
+    if backward_variant() == "split" and RH * N * N <= SPLIT_MAX_MAP:
+        da, dwe, dbe, *rest = _dla_bwd_split(attn, dr, we, be, w_dw, b_dw, w_pro, b_pro, alpha, relu)
+        if not expand:
+            dwe = torch.zeros_like(w_exp, dtype=torch.float32)
+            dbe = torch.zeros_like(b_exp, dtype=torch.float32)
+        return (da, dwe, dbe, *rest)
     PAD = KS // 2
     TM, TJ = _bwd_tiles(N, KS)
     HP = max(16, next_pow2(H))

@@ -39,9 +39,10 @@ Backward (recompute; exact gradient through the batch statistics):
       for dg1, db1, dW_e and dA except the BN1 mean/variance terms, which are an H x H mix of
       A - K plus a bias, added last.
 Memory: a few A-sized (B,H,N,N) tensors and O(programs * channels) partials; no (B,rH,N,N).
-Candidate (REFINER_TRITON_TRAIN_X2=halo, see _x2_on_halo_tiles): the passes that form X2 (F2, F3,
-the backward's Y3, B2) run on halo tiles whose owned interiors tile the map, and E is staged once
-per channel chunk through a per-program scratch instead of recomputed at every stencil offset.
+Candidates (REFINER_TRITON_TRAIN_X2, see _x2_mode): "halo", the passes that form X2 (F2, F3, the
+backward's Y3, B2) run on halo tiles whose owned interiors tile the map, and E is staged once per
+channel chunk through a per-program scratch instead of recomputed at every stencil offset; "split",
+each of those passes and B3 stores E for an L2-sized batch chunk first and loads it at the shifts.
 """
 from __future__ import annotations
 
@@ -53,6 +54,7 @@ import torch
 from ._common import (batch_chunks, check_device, check_image_map, gpu_autotune, interpreting, next_pow2, num_warps_for,
                       triton, tl, use_tuned)
 from .blocks import bmm
+from .kernels_refine_eval import SPLIT_MAX_MAP, StoredE
 
 CC = 16
 # rows of the per-head constant pack
@@ -66,7 +68,7 @@ NCC = 11
 
 
 if triton is not None:
-    from .kernels_refine_eval import dot, dw_wgrad_staged, halo_tile, stencil_recomputed, stencil_staged
+    from .kernels_refine_eval import dot, dw_wgrad_staged, expansion_at, halo_tile, stencil_at, stencil_staged
 
     @triton.jit
     def _x2_staged(a0s, inmap, we, be, wdw_ptr, cc, mc, scr, p, pm, pj,
@@ -80,21 +82,23 @@ if triton is not None:
         return stencil_staged(e, inmap, wdw_ptr, cc, mc, scr, p, pm, pj, KS, CC, TM, TJ)
 
     @triton.jit
-    def _x2(a_ptr, base_a, hoff, row, col, N, mh, ks, we, be, wdw_ptr, cc, mc, a0s, inmap, scr, p, pm, pj,
+    def _x2(a_ptr, base_a, hoff, row, col, N, mh, ks, we, be, wdw_ptr, cc, mc, a0s, inmap, scr, p, pm, pj, ebase,
             KS: tl.constexpr, RELU_E: tl.constexpr, PREC: tl.constexpr, CC: tl.constexpr, TM: tl.constexpr,
-            TJ: tl.constexpr, HALO: tl.constexpr):
-        """X2 of channels cc: staged (HALO tiles, exact at owned positions) or recomputed per offset."""
+            TJ: tl.constexpr, HALO: tl.constexpr, SPLIT: tl.constexpr):
+        """X2 of channels cc: loaded from the chunk's stored E (SPLIT; ebase: the image's E), staged
+        (HALO tiles, exact at owned positions) or recomputed per offset."""
         if HALO:
             x2 = _x2_staged(a0s, inmap, we, be, wdw_ptr, cc, mc, scr, p, pm, pj, KS, RELU_E, PREC, CC, TM, TJ)
         else:
-            x2 = stencil_recomputed(a_ptr, base_a, hoff, row, col, p >= 0, N, mh, ks, we, be, wdw_ptr, cc, mc, KS,
-                                    RELU_E, PREC, CC, TM * TJ)
+            x2 = stencil_at(ebase, a_ptr, base_a, hoff, row, col, p >= 0, N, mh, ks, we, be, wdw_ptr, cc, mc, KS,
+                            RELU_E, PREC, CC, TM * TJ, SPLIT)
         return x2
 
     @triton.jit
     def _y3_at(a_ptr, base_a, hoff, row, col, N, H, RH, RHP, hh, mh, ks, we_ptr, be_ptr, wdw_ptr, wp_ptr,
-               cv_ptr, a0s, inmap, scr, p, pm, pj, KS: tl.constexpr, RELU_E: tl.constexpr, PREC: tl.constexpr,
-               CC: tl.constexpr, TM: tl.constexpr, TJ: tl.constexpr, HP: tl.constexpr, HALO: tl.constexpr):
+               cv_ptr, a0s, inmap, scr, p, pm, pj, ebase, KS: tl.constexpr, RELU_E: tl.constexpr,
+               PREC: tl.constexpr, CC: tl.constexpr, TM: tl.constexpr, TJ: tl.constexpr, HP: tl.constexpr,
+               HALO: tl.constexpr, SPLIT: tl.constexpr):
         P: tl.constexpr = TM * TJ
         y = tl.zeros((HP, P), tl.float32)
         for c0 in range(0, RH, CC):
@@ -103,7 +107,7 @@ if triton is not None:
             we = tl.load(we_ptr + cc[:, None] * H + hh[None, :], mask=mc[:, None] & mh[None, :], other=0.0)
             be = tl.load(be_ptr + cc, mask=mc, other=0.0)
             x2 = _x2(a_ptr, base_a, hoff, row, col, N, mh, ks, we, be, wdw_ptr, cc, mc, a0s, inmap, scr, p, pm, pj,
-                     KS, RELU_E, PREC, CC, TM, TJ, HALO)
+                     ebase, KS, RELU_E, PREC, CC, TM, TJ, HALO, SPLIT)
             a2 = tl.load(cv_ptr + 0 * RHP + cc, mask=mc, other=0.0)
             c2 = tl.load(cv_ptr + 1 * RHP + cc, mask=mc, other=0.0)
             dk = tl.load(cv_ptr + 10 * RHP + cc, mask=mc, other=0.0)
@@ -142,11 +146,13 @@ if triton is not None:
 
     @triton.jit
     def _rt_tile(a_ptr, dr_ptr, y_ptr, we_ptr, be_ptr, wdw_ptr, wp_ptr, cv_ptr, hv_ptr, ks_ptr, part_ptr, pn_ptr,
-                 pwp_ptr, scr_ptr, N, H, RH, RHP, NTJ, scale,
+                 pwp_ptr, scr_ptr, e_ptr, N, H, RH, RHP, NTJ, scale,
                  MODE: tl.constexpr, KS: tl.constexpr, RELU_E: tl.constexpr, PREC: tl.constexpr, HP: tl.constexpr,
-                 CC: tl.constexpr, TM: tl.constexpr, TJ: tl.constexpr, W: tl.constexpr, HALO: tl.constexpr):
+                 CC: tl.constexpr, TM: tl.constexpr, TJ: tl.constexpr, W: tl.constexpr, HALO: tl.constexpr,
+                 SPLIT: tl.constexpr):
         """Tile pass over non-overlapping tiles, or (HALO) over halo tiles whose owned interiors tile
-        the map, X2 then staged through scr_ptr (_x2_staged).
+        the map, X2 then staged through scr_ptr (_x2_staged); SPLIT: X2 from the launch's stored E
+        (e_ptr: (images, rH, N, N), written by _re_expand for the same images).
         MODE 1: moments of A (F1). 2: BN2 stats of X2 (F2). 3: BN3 stats of Y3 (F3). 6: BN_a stats of Z (F4). 7: R stored to dr_ptr (F5, and the
         backward's recompute). 4: B1 sums. 5: B2 (dW_p partials, dg2/db2 sums).
         MODE 3 stores the tile's Y3 - W_p Dk to y_ptr (fp32, A-sized); the later modes load it from
@@ -183,6 +189,7 @@ if triton is not None:
                      other=0.0).to(tl.float32)
         a0s = tl.where(mh[:, None] & inmap[None, :], a0 - ks[:, None], 0.0)  # the expansion's input (HALO)
         scr = scr_ptr + prog * (CC * P)
+        ebase = e_ptr + b * RH * N * N
         pbase = part_ptr + prog * 8 * W
         if MODE == 1:
             sh, md, ac = _moments(a0, m2, first)
@@ -197,7 +204,7 @@ if triton is not None:
                 we = tl.load(we_ptr + cc[:, None] * H + hh[None, :], mask=mc[:, None] & mh[None, :], other=0.0)
                 be = tl.load(be_ptr + cc, mask=mc, other=0.0)
                 x2 = _x2(a_ptr, base_a, hoff, row, col, N, mh, ks, we, be, wdw_ptr, cc, mc, a0s, inmap, scr, p, pm,
-                         pj, KS, RELU_E, PREC, CC, TM, TJ, HALO)
+                         pj, ebase, KS, RELU_E, PREC, CC, TM, TJ, HALO, SPLIT)
                 sh, md, xc = _moments(x2, mc[:, None] & valid[None, :], first)
                 tl.store(pbase + 0 * W + cc, sh, mask=mc)
                 tl.store(pbase + 1 * W + cc, md, mask=mc)
@@ -205,7 +212,7 @@ if triton is not None:
         if MODE >= 3:
             if MODE == 3:
                 y = _y3_at(a_ptr, base_a, hoff, row, col, N, H, RH, RHP, hh, mh, ks, we_ptr, be_ptr, wdw_ptr, wp_ptr,
-                           cv_ptr, a0s, inmap, scr, p, pm, pj, KS, RELU_E, PREC, CC, TM, TJ, HP, HALO)
+                           cv_ptr, a0s, inmap, scr, p, pm, pj, ebase, KS, RELU_E, PREC, CC, TM, TJ, HP, HALO, SPLIT)
                 y = tl.where(m2, y, 0.0)
                 tl.store(y_ptr + base_a + (hoff + (row * N + col)[None, :]), y, mask=m2)
             else:
@@ -245,7 +252,7 @@ if triton is not None:
                         we = tl.load(we_ptr + cc[:, None] * H + hh[None, :], mask=mc[:, None] & mh[None, :], other=0.0)
                         be = tl.load(be_ptr + cc, mask=mc, other=0.0)
                         x2 = _x2(a_ptr, base_a, hoff, row, col, N, mh, ks, we, be, wdw_ptr, cc, mc, a0s, inmap, scr, p,
-                                 pm, pj, KS, RELU_E, PREC, CC, TM, TJ, HALO)
+                                 pm, pj, ebase, KS, RELU_E, PREC, CC, TM, TJ, HALO, SPLIT)
                         a2 = tl.load(cv_ptr + 0 * RHP + cc, mask=mc, other=0.0)
                         c2 = tl.load(cv_ptr + 1 * RHP + cc, mask=mc, other=0.0)
                         pre = a2[:, None] * x2 + c2[:, None]
@@ -263,11 +270,12 @@ if triton is not None:
 
     @triton.jit
     def _rt_b3(a_ptr, dr_ptr, y_ptr, we_ptr, be_ptr, wer_ptr, wdw_ptr, wp_ptr, cv_ptr, hv_ptr, ks_ptr,
-               da_ptr, scr_ptr, part_ptr, pwdw_ptr, pm_ptr, N, H, RH, RHP, NTJ, scale,
+               da_ptr, scr_ptr, part_ptr, pwdw_ptr, pm_ptr, e_ptr, N, H, RH, RHP, NTJ, scale,
                KS: tl.constexpr, RELU_E: tl.constexpr, PREC: tl.constexpr, HP: tl.constexpr, CC: tl.constexpr,
-               TM: tl.constexpr, TJ: tl.constexpr):
+               TM: tl.constexpr, TJ: tl.constexpr, SPLIT: tl.constexpr):
         """Halo-extended tiles: dX2, dW_dw partials, transposed stencil, dX1', dA (partial).
-        Y3 loaded from the buffer y_ptr (see _rt_tile)."""
+        Y3 loaded from the buffer y_ptr (see _rt_tile). SPLIT: E (for X2, dW_dw and BN1's ReLU6
+        gate) loaded from the launch's stored E (e_ptr, as in _rt_tile), not recomputed."""
         P: tl.constexpr = TM * TJ
         KK: tl.constexpr = KS * KS
         pid_t = tl.program_id(1)
@@ -294,14 +302,15 @@ if triton is not None:
         dy3 = tl.where(m2, dy3, 0.0)
         da = dz
         scr = scr_ptr + prog * (CC * P)
+        ebase = e_ptr + b * RH * N * N
         pbase = part_ptr + prog * 2 * RHP
         for c0 in range(0, RH, CC):
             cc = c0 + tl.arange(0, CC)
             mc = cc < RH
             we = tl.load(we_ptr + cc[:, None] * H + hh[None, :], mask=mc[:, None] & mh[None, :], other=0.0)
             be = tl.load(be_ptr + cc, mask=mc, other=0.0)
-            x2 = stencil_recomputed(a_ptr, base_a, hoff, row, col, p >= 0, N, mh, ks, we, be, wdw_ptr, cc, mc, KS,
-                                    RELU_E, PREC, CC, P)
+            x2 = stencil_at(ebase, a_ptr, base_a, hoff, row, col, p >= 0, N, mh, ks, we, be, wdw_ptr, cc, mc, KS,
+                            RELU_E, PREC, CC, P, SPLIT)
             a2 = tl.load(cv_ptr + 0 * RHP + cc, mask=mc, other=0.0)
             c2 = tl.load(cv_ptr + 1 * RHP + cc, mask=mc, other=0.0)
             pre = a2[:, None] * x2 + c2[:, None]
@@ -317,12 +326,11 @@ if triton is not None:
             dx2_own = dx2 * ownf[None, :]
             # dW_dw partials from E computed once over the tile (not once per offset)
             a0s = tl.where(m2, a0 - ks[:, None], 0.0)
-            x1pre = dot(we, a0s, PREC) + be[:, None]
-            e0 = tl.minimum(tl.maximum(x1pre, 0.0), 6.0) if RELU_E else x1pre
+            e0, gate = expansion_at(ebase, we, a0s, be, cc, mc, row, col, inmap, N, RELU_E, PREC, SPLIT)
             dw_wgrad_staged(e0, inmap, dx2_own, scr, p, pm, pj, pwdw_ptr + prog * RHP * KK + cc * KK, KS, CC, TM, TJ)
             de = stencil_staged(dx2, inmap, wdw_ptr, cc, mc, scr, p, pm, pj, KS, CC, TM, TJ, True)  # dw_k^T
             if RELU_E:
-                de = tl.where((x1pre > 0.0) & (x1pre < 6.0), de, 0.0)
+                de = tl.where(gate, de, 0.0)
             de = tl.where(mc[:, None] & own[None, :], de, 0.0)
             wer = tl.load(wer_ptr + cc[:, None] * H + hh[None, :], mask=mc[:, None] & mh[None, :], other=0.0)
             if RELU_E:
@@ -346,9 +354,9 @@ if triton is not None:
     # and precision). The halo-tile passes stay untuned (their scratch staging needs num_stages=1).
     _rt_tile_tuned = gpu_autotune(
         [triton.Config({}, num_warps=w, num_stages=s) for w, s in [(8, 3), (16, 1)]],
-        key=["N", "H", "RH", "MODE", "KS", "RELU_E", "PREC"])(_rt_tile)
+        key=["N", "H", "RH", "MODE", "KS", "RELU_E", "PREC", "SPLIT"])(_rt_tile)
     _rt_b3_tuned = gpu_autotune([triton.Config({}, num_warps=w, num_stages=1) for w in (8, 16)],
-                                key=["N", "H", "RH", "KS", "RELU_E", "PREC"])(_rt_b3)
+                                key=["N", "H", "RH", "KS", "RELU_E", "PREC", "SPLIT"])(_rt_b3)
 else:
     _rt_tile_tuned = _rt_b3_tuned = None
 
@@ -371,16 +379,28 @@ def _pack(rows, width):
     return torch.nn.functional.pad(packed, (0, width - packed.shape[1])).contiguous()
 
 
-def _x2_on_halo_tiles() -> bool:
-    """REFINER_TRITON_TRAIN_X2: "offsets" (default: the passes that need X2 recompute the expansion
-    at each of the k*k stencil offsets, over non-overlapping tiles) or "halo" (those passes run on
-    halo tiles and stage E once per channel chunk, _x2_staged). Alone, halo measured slower on the
-    H100 (forward+backward 19.8 against 18.3 ms); it is kept to time with TF32 dots, which take its B2
-    pass from 255 registers with spills to 212 without (benchmarks/gpu_round.sh quick)."""
+X2_MODES = ("offsets", "halo", "split")
+
+
+def _x2_mode(RH: int, N: int) -> str:
+    """REFINER_TRITON_TRAIN_X2, how the passes that need X2 = dw_k(E) (F2, F3, B2, B3) get E:
+    "offsets" (default): the expansion recomputed at each of the k*k stencil offsets, over
+      non-overlapping tiles (B3: halo tiles);
+    "halo": those passes (but B3) on halo tiles, E computed once per channel chunk and staged through a
+      per-program scratch (_x2_staged). H100, round 2: forward+backward 19.8 against 18.3 ms;
+      round 3 with TF32 dots: 16.8 against 13.9 ms (B=32, N=197, bf16). Kept as a candidate;
+    "split": the refine_eval "split" forward's scheme. Each pass first stores E (fp32, every pass
+      the same values) for a batch chunk small enough to stay in L2 (kernels_refine_eval.
+      split_images), then loads it at the k*k shifts: one expansion a pass instead of k*k, for an
+      L2-sized workspace. The eval forward gained 2.3x from it (0.50 against 1.14 ms, round 3).
+      A candidate, not yet timed on a GPU. Beyond int32 offsets within an image's E (rH N^2 >
+      2^31 - 1) it falls back to "offsets"."""
     mode = os.environ.get("REFINER_TRITON_TRAIN_X2", "offsets")
-    if mode not in ("offsets", "halo"):
-        raise ValueError(f"REFINER_TRITON_TRAIN_X2: expected 'offsets' or 'halo', got {mode!r}")
-    return mode == "halo"
+    if mode not in X2_MODES:
+        raise ValueError(f"REFINER_TRITON_TRAIN_X2: expected one of {X2_MODES}, got {mode!r}")
+    if mode == "split" and RH * N * N > SPLIT_MAX_MAP:
+        return "offsets"
+    return mode
 
 
 PROFILE_PREFIX = "refine_train pass "  # profiler ranges of the passes (benchmarks/profile_models.py)
@@ -389,8 +409,8 @@ _PASS_NAMES = {1: "F1 moments of A", 2: "F2 BN2 stats (X2)", 3: "F3 Y3 + BN3 sta
                "dvdr": "B0 dv = R^T dO, dR = dO v^T", "mix": "B4 BN1 terms of dA"}
 
 
-def _pass_label(mode, halo=False) -> str:
-    return PROFILE_PREFIX + _PASS_NAMES[mode] + (" [halo]" if halo else "")
+def _pass_label(mode, x2="offsets") -> str:
+    return PROFILE_PREFIX + _PASS_NAMES[mode] + ("" if x2 == "offsets" else f" [{x2}]")
 
 
 # None, or a callable(label) returning a context manager that times one pass's kernels
@@ -436,7 +456,8 @@ def _launch_tile(mode, attn, dr, we, be, wdw, wp, cv, hv, ks, scale, relu, y3=No
     B, H, N, _ = attn.shape
     RH, KS = wdw.shape[0], wdw.shape[-1]
     needs_x2 = mode in (2, 3, 5)
-    halo = needs_x2 and _x2_on_halo_tiles()
+    x2 = _x2_mode(RH, N) if needs_x2 else "offsets"
+    halo, split = x2 == "halo", x2 == "split"
     pad = KS // 2 if halo else 0
     TM, TJ = _tile_cfg(N, pad)
     nti, ntj = triton.cdiv(N, TM - 2 * pad), triton.cdiv(N, TJ - 2 * pad)
@@ -448,23 +469,26 @@ def _launch_tile(mode, attn, dr, we, be, wdw, wp, cv, hv, ks, scale, relu, y3=No
     part = torch.zeros(B * ppi, 8, W, dtype=torch.float32, device=dev)
     pn = torch.zeros(B * ppi, dtype=torch.float32, device=dev)
     pwp = torch.zeros(B * ppi, HP, HP if mode == 1 else (RHP if mode == 5 else 1), dtype=torch.float32, device=dev)
-    # halo: batch chunks that bound the per-program scratch (one launch otherwise)
+    # halo: batch chunks that bound the per-program scratch; split: chunks whose E stays in L2 (one
+    # launch otherwise)
     chunks = list(batch_chunks(B, ppi, CC * TM * TJ * 4)) if halo else [(0, B)]
     scr = torch.empty(ppi * max(hi - lo for lo, hi in chunks), CC, TM * TJ, dtype=torch.float32,
                       device=dev) if halo else part  # (unused without halo tiles)
+    stored = StoredE(attn, we, be, relu, split, ks)
     if use_tuned(_rt_tile_tuned, attn) and not halo:
         kernel, launch = _rt_tile_tuned, {}
     else:  # scratch staging (halo): no pipelining across barriers
         kernel, launch = _rt_tile, dict(num_warps=num_warps_for(HP * TM * TJ), num_stages=1 if halo else 3)
     prec = _dot_precision(attn)
     # a profiler range per pass (benchmarks/profile_models.py lists their device times)
-    with _pass(_pass_label(mode, halo)):
-        for lo, hi in chunks:
+    with _pass(_pass_label(mode, x2)):
+        for lo, hi in stored.chunks(chunks):
             pick = lambda t: t[lo:hi] if t is not None else attn[lo:hi]  # noqa: E731
+            e = stored.expand(lo, hi, prec)
             kernel[(hi - lo, ppi)](attn[lo:hi], pick(dr), pick(y3), we, be, wdw, wp, cv, hv, ks, part[lo * ppi:],
-                                   pn[lo * ppi:], pwp[lo * ppi:], scr, N, H, RH, RHP, ntj, float(scale), MODE=mode,
-                                   KS=KS, RELU_E=relu, PREC=prec, HP=HP, CC=CC, TM=TM, TJ=TJ, W=W,
-                                   HALO=halo, **launch)
+                                   pn[lo * ppi:], pwp[lo * ppi:], scr, e, N, H, RH, RHP, ntj, float(scale),
+                                   MODE=mode, KS=KS, RELU_E=relu, PREC=prec, HP=HP, CC=CC, TM=TM, TJ=TJ, W=W,
+                                   HALO=halo, SPLIT=split, **launch)
     return part.double(), pn.double(), pwp
 
 
@@ -726,12 +750,16 @@ def refine_train_bwd(dout, attn, v, w_exp, w_dw, w_pro, g1, b1, g2, b2, g3, b3, 
     kernel = _rt_b3_tuned if tuned else _rt_b3
     launch = {} if tuned else dict(num_warps=num_warps_for(HP * TM * TJ), num_stages=1)  # (scratch: no pipelining)
     prec = _dot_precision(attn)
-    with _pass(_pass_label("b3")):
-        for lo, hi in chunks:  # bounded scratch: batch chunks run one after another on the stream
+    x2 = _x2_mode(RH, N)
+    stored = StoredE(attn, we_f, be_f, expand, x2 == "split", ks)
+    with _pass(_pass_label("b3", "split" if stored.on else "offsets")):
+        # bounded scratch (and split: E in L2): batch chunks run one after another on the stream
+        for lo, hi in stored.chunks(chunks):
+            e = stored.expand(lo, hi, prec)
             kernel[(hi - lo, nti * ntj)](attn[lo:hi], dr[lo:hi], y3[lo:hi], we_f, be_f, wer, wdw, wp, cv, hv, ks,
-                                         da[lo:hi], scr, *parts, N, H, RH, RHP, ntj, float(scale), KS=KS,
+                                         da[lo:hi], scr, *parts, e, N, H, RH, RHP, ntj, float(scale), KS=KS,
                                          RELU_E=expand, PREC=prec, HP=HP, CC=CC, TM=TM, TJ=TJ,
-                                         **launch)
+                                         SPLIT=stored.on, **launch)
             used = nti * ntj * (hi - lo)
             for acc, t in zip(sums, parts):
                 acc += t[:used].double().sum(0)

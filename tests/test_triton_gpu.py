@@ -92,6 +92,14 @@ def test_refine_eval_gpu_tile_forward(monkeypatch, N, d, ratio, ks, dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("N,d,ratio,ks", [(197, 32, 3, 3), (50, 35, 3, 5)])
+def test_refine_eval_gpu_split_backward(monkeypatch, N, d, ratio, ks, dtype):
+    """The backward's candidate REFINER_TRITON_REFINE_BWD=split (E stored per batch chunk)."""
+    monkeypatch.setenv("REFINER_TRITON_REFINE_BWD", "split")
+    test_refine_eval_gpu(N, d, ratio, ks, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("unroll,cc", [(True, 16), (True, 1), (False, 1)])
 def test_refine_eval_gpu_split_forms(monkeypatch, unroll, cc, dtype):
     """The split forward's stencil-pass forms that GPU autotuning may pick (the tests run untuned:
@@ -138,10 +146,11 @@ def test_refine_train_gpu(N, d, ratio, ks, dtype):
 @pytest.mark.parametrize("N,ks", [(197, 3), (50, 5)])
 @pytest.mark.parametrize("env", ["REFINER_TRITON_TRAIN_DOT=ieee", "REFINER_TRITON_TRAIN_DOT=tf32",
                                  "REFINER_TRITON_TRAIN_DOT=tf32x3", "REFINER_TRITON_TRAIN_SAVE_Y3=0",
-                                 "REFINER_TRITON_TRAIN_X2=halo"])
+                                 "REFINER_TRITON_TRAIN_X2=halo", "REFINER_TRITON_TRAIN_X2=split"])
 def test_refine_train_gpu_candidates(monkeypatch, N, ks, env):
     """refine_train's other settings on bf16 maps: IEEE dots (elementwise bf16 tolerances), TF32
-    dots asked for explicitly, 3xTF32 dots, Y3 recomputed in the backward, the X2 passes on halo tiles."""
+    dots asked for explicitly, 3xTF32 dots, Y3 recomputed in the backward, the X2 passes on halo tiles
+    or from a stored E."""
     for assign in env.split(","):
         monkeypatch.setenv(*assign.split("="))
     test_refine_train_gpu(N, 32, 3, ks, torch.bfloat16)

@@ -84,10 +84,12 @@ def _folded(H, ratio, ks, d):
     (17, 35, 1, 3, torch.float32),
     (17, 32, 3, 3, torch.float16),
 ])
-@pytest.mark.parametrize("variant", ["split", "tile"])
-def test_refine_eval(monkeypatch, variant, N, d, ratio, ks, dtype):
-    """Both forward kernels (REFINER_TRITON_REFINE_FWD), which the backward also uses for R."""
-    monkeypatch.setenv("REFINER_TRITON_REFINE_FWD", variant)
+@pytest.mark.parametrize("fwd,bwd", [("split", "offsets"), ("tile", "offsets"), ("split", "split")])
+def test_refine_eval(monkeypatch, fwd, bwd, N, d, ratio, ks, dtype):
+    """Both forward kernels (REFINER_TRITON_REFINE_FWD), which the backward also uses for R, and both
+    ways of the backward to get E (REFINER_TRITON_REFINE_BWD)."""
+    monkeypatch.setenv("REFINER_TRITON_REFINE_FWD", fwd)
+    monkeypatch.setenv("REFINER_TRITON_REFINE_BWD", bwd)
     B, H = 1, 12
     f = _folded(H, ratio, ks, d)
     params = [_leaf(t, dtype) for t in f.args()[:-1]]
@@ -159,6 +161,43 @@ def test_refine_eval_split_falls_back_to_tile_beyond_int32_offsets(monkeypatch):
     args = [t.to(DEV) for t in f.args()[:-1]]
     attn, v = random_attn(1, 4, 9, device=DEV), torch.randn(1, 4, 9, 16, device=DEV)
     _close(rk.refine_eval(attn, v, *args, True), ref.refine_eval(attn, v, *args, True), name="out")
+
+
+def test_refine_eval_backward_split_border_and_fallback(monkeypatch):
+    """REFINER_TRITON_REFINE_BWD=split: E stored is 0 off the map in the stencil (a large positive
+    b_exp, whose relu6 would leak in as padding, exposes it in the gradients); beyond int32 offsets
+    (rH N^2 > SPLIT_MAX_MAP) the backward recomputes E instead; a bad value is named."""
+    from refiner_kernels import kernels_refine_eval
+    monkeypatch.setenv("REFINER_TRITON_REFINE_BWD", "split")
+    B, H, N, d = 2, 4, 13, 16
+    f = _folded(H, 3, 3, d)
+    ps = [_leaf(t) for t in f.args()[:-1]]
+    with torch.no_grad():
+        ps[1].fill_(3.0)
+    attn, v = _leaf(random_attn(B, H, N)), _leaf(torch.randn(B, H, N, d))
+    go = torch.randn(B, H, N, d, device=DEV)
+    names = "attn v w_exp b_exp w_dw b_dw w_pro b_pro alpha beta".split()
+    gr = _grads([ref.refine_eval(attn, v, *ps, True)], [attn, v] + ps, [go])
+    expand_into, stored = kernels_refine_eval.expand_into, []
+
+    def counted(e, *args, **kwargs):
+        stored.append(e.dtype)
+        expand_into(e, *args, **kwargs)
+    monkeypatch.setattr(kernels_refine_eval, "expand_into", counted)
+    for name, a, b in zip(names, _grads([rk.refine_eval(attn, v, *ps, True)], [attn, v] + ps, [go]), gr):
+        _close(a, b, name="d" + name)
+    # the split forward's E (the map's dtype) and the backward's R recompute (fp32), then the backward's E
+    assert stored == [torch.float32] * 3, stored
+    monkeypatch.setattr(kernels_refine_eval, "SPLIT_MAX_MAP", 12 * N * N - 1)
+
+    def no_split(*args, **kwargs):
+        raise AssertionError("the split expansion ran beyond SPLIT_MAX_MAP")
+    monkeypatch.setattr(kernels_refine_eval, "expand_into", no_split)
+    for name, a, b in zip(names, _grads([rk.refine_eval(attn, v, *ps, True)], [attn, v] + ps, [go]), gr):
+        _close(a, b, name="d" + name)
+    monkeypatch.setenv("REFINER_TRITON_REFINE_BWD", "always")
+    with pytest.raises(ValueError, match="REFINER_TRITON_REFINE_BWD"):
+        _grads([rk.refine_eval(attn, v, *ps, True)], [attn, v] + ps, [go])
 
 
 def test_refine_launchers_refuse_image_maps_beyond_int32_offsets():
@@ -354,16 +393,43 @@ def test_refine_train(N, d, ratio, ks, B, dtype):
     _run_train(N, d, ratio, ks, B, dtype)
 
 
+@pytest.mark.parametrize("x2", ["halo", "split"])
 @pytest.mark.parametrize("N,d,ratio,ks,B,dtype", [
     (17, 35, 3, 3, 1, torch.float32),
     (12, 32, 3, 5, 2, torch.float32),
     (17, 32, 1, 3, 2, torch.float32),
 ])
-def test_refine_train_x2_on_halo_tiles(monkeypatch, N, d, ratio, ks, B, dtype):
-    """The candidate REFINER_TRITON_TRAIN_X2=halo (the X2 passes on halo tiles, E staged); its
-    numerics at zero variance and large means: test_refine_train_x2_halo_robustness."""
-    monkeypatch.setenv("REFINER_TRITON_TRAIN_X2", "halo")
+def test_refine_train_x2_candidates(monkeypatch, x2, N, d, ratio, ks, B, dtype):
+    """The candidates REFINER_TRITON_TRAIN_X2=halo (the X2 passes on halo tiles, E staged) and
+    =split (E stored for a batch chunk and loaded at the shifts, B3 included); their numerics at
+    zero variance and large means: test_refine_train_x2_robustness."""
+    monkeypatch.setenv("REFINER_TRITON_TRAIN_X2", x2)
     _run_train(N, d, ratio, ks, B, dtype)
+
+
+def test_refine_train_x2_split_fp16(monkeypatch):
+    """REFINER_TRITON_TRAIN_X2=split on an fp16 map (E stays fp32 whatever the map's dtype)."""
+    monkeypatch.setenv("REFINER_TRITON_TRAIN_X2", "split")
+    _run_train(17, 32, 3, 3, 1, torch.float16)
+
+
+def test_refine_train_x2_split_fallback(monkeypatch):
+    """Beyond int32 offsets within an image's E (rH N^2 > SPLIT_MAX_MAP) "split" falls back to
+    "offsets", and the passes it would have run are not: the split expansion never runs."""
+    from refiner_kernels import kernels_refine_eval as E, kernels_refine_train as T
+    monkeypatch.setenv("REFINER_TRITON_TRAIN_X2", "split")
+    assert T._x2_mode(36, 197) == "split"
+    monkeypatch.setattr(T, "SPLIT_MAX_MAP", 36 * 197 * 197 - 1)
+    assert T._x2_mode(36, 197) == "offsets"
+    monkeypatch.setattr(T, "SPLIT_MAX_MAP", 12 * 9 * 9 - 1)
+
+    def no_split(*args, **kwargs):
+        raise AssertionError("the split expansion ran past SPLIT_MAX_MAP")
+    monkeypatch.setattr(E, "expand_into", no_split)
+    _run_train(9, 8, 3, 3, 1, torch.float32)
+    monkeypatch.setattr(T, "SPLIT_MAX_MAP", E.SPLIT_MAX_MAP)
+    with pytest.raises(AssertionError, match="split expansion ran"):
+        _run_train(9, 8, 3, 3, 1, torch.float32)
 
 
 def test_refine_train_dot_precision_switch(monkeypatch):
@@ -556,14 +622,16 @@ def test_availability_flags():
     assert rk.AVAILABLE and rk.UNAVAILABLE_REASON == ""
 
 
-@pytest.mark.parametrize("x2", ["offsets", "halo"])
+@pytest.mark.parametrize("x2", ["offsets", "halo", "split"])
 def test_backward_batch_chunking(monkeypatch, x2):
     """The halo-tile kernels (the backwards, and the X2 passes of REFINER_TRITON_TRAIN_X2=halo)
-    split the batch to bound their scratch: force 1 image per launch (B = 3) and compare eval and
-    train gradients with the reference."""
-    from refiner_kernels import _common
+    split the batch to bound their scratch, and the passes of =split to keep E in L2: force 1 image
+    per launch (B = 3) and compare eval and train gradients with the reference."""
+    from refiner_kernels import _common, kernels_refine_eval
     monkeypatch.setattr(_common, "FORCE_SCRATCH_BUDGET", 1)
+    monkeypatch.setattr(kernels_refine_eval, "SPLIT_E_BYTES", 1)
     monkeypatch.setenv("REFINER_TRITON_TRAIN_X2", x2)
+    monkeypatch.setenv("REFINER_TRITON_REFINE_BWD", "split" if x2 == "split" else "offsets")
     B, H, N, d = 3, 4, 9, 16
     dla, bn = random_dla(H, 3, 3)
     dla.eval()
@@ -667,10 +735,12 @@ def test_autotune_switch(monkeypatch):
     assert _common.gpu_autotune([], key=[])(lambda: None) is None
 
 
-def test_refine_train_x2_halo_robustness(monkeypatch):
-    """REFINER_TRITON_TRAIN_X2=halo keeps the constant-map and large-mean guarantees (the shifted
-    moments' shift is the first owned position of a halo tile), and a bad value is named."""
-    monkeypatch.setenv("REFINER_TRITON_TRAIN_X2", "halo")
+@pytest.mark.parametrize("x2", ["halo", "split"])
+def test_refine_train_x2_robustness(monkeypatch, x2):
+    """REFINER_TRITON_TRAIN_X2=halo and =split keep the constant-map and large-mean guarantees
+    (halo: the shifted moments' shift is the first owned position of a halo tile; split: E stored
+    from the shifted A), and a bad value is named."""
+    monkeypatch.setenv("REFINER_TRITON_TRAIN_X2", x2)
     test_refine_train_zero_variance(3, 3)
     test_refine_train_zero_variance(1, 1)
     test_refine_train_large_mean_small_spread(3)
