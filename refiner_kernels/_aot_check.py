@@ -124,12 +124,19 @@ for mode, x2, prec in [(1, "offsets", "ieee"), (2, "offsets", "ieee"), (3, "offs
                            NTJ=13, scale=0.1, MODE=mode, KS=3, RELU_E=True, PREC=prec, HP=16, CC=16, TM=16, TJ=16,
                            W=48, HALO=x2 == "halo", SPLIT=x2 == "split"), num_warps=8, num_stages=1,
           ptr_types={"a_ptr": "*bf16"} if prec == "tf32" else None)
-for prec, split in [("ieee", False), ("tf32", False), ("tf32x3", False), ("ieee", True), ("tf32", True)]:
+for prec in ("ieee", "tf32", "tf32x3"):
     check(T._rt_b3, dict(a_ptr=P, dr_ptr=P, y_ptr=P, we_ptr=P, be_ptr=P, wer_ptr=P, wdw_ptr=P, wp_ptr=P, cv_ptr=P,
-                         hv_ptr=P, ks_ptr=P, da_ptr=P, scr_ptr=P, part_ptr=P, pwdw_ptr=P, pm_ptr=P, e_ptr=P, N=N, H=H,
-                         RH=RH, RHP=48, NTJ=14, scale=0.1, KS=5, RELU_E=True, PREC=prec, HP=16, CC=16, TM=16, TJ=16,
-                         SPLIT=split),
+                         hv_ptr=P, ks_ptr=P, da_ptr=P, scr_ptr=P, part_ptr=P, pwdw_ptr=P, pm_ptr=P, N=N, H=H, RH=RH,
+                         RHP=48, NTJ=14, scale=0.1, KS=5, RELU_E=True, PREC=prec, HP=16, CC=16, TM=16, TJ=16),
           num_warps=8, num_stages=1, ptr_types={"a_ptr": "*bf16", "da_ptr": "*bf16"} if prec == "tf32" else None)
+# REFINER_TRITON_TRAIN_X2=split: B3's two flat passes (the launch: P=128, 4 warps)
+for prec in ("ieee", "tf32"):
+    check(T._rt_b3_g, dict(a_ptr=P, dr_ptr=P, y_ptr=P, e_ptr=P, g_ptr=P, wdw_ptr=P, wp_ptr=P, cv_ptr=P, hv_ptr=P,
+                           da_ptr=P, N=N, H=H, RH=RH, RHP=48, scale=0.1, KS=3, PREC=prec, HP=16, CC=16, P=128),
+          num_warps=4, num_stages=2, ptr_types={"a_ptr": "*bf16"})
+    check(T._rt_b3_a, dict(a_ptr=P, e_ptr=P, g_ptr=P, wer_ptr=P, wdw_ptr=P, cv_ptr=P, ks_ptr=P, da_ptr=P, part_ptr=P,
+                           pwdw_ptr=P, pm_ptr=P, N=N, H=H, RH=RH, RHP=48, KS=3, RELU_E=True, PREC=prec, HP=16, CC=16,
+                           P=128), num_warps=4, num_stages=2, ptr_types={"a_ptr": "*bf16"})
 check(Bl._bmm_kernel, dict(a_ptr=P, b_ptr=P, c_ptr=P, M=N, NN=N, K=N, sab=1, sam=1, sak=1, sbb=1, sbk=1, sbn=1, scb=1,
                            scm=1, scn=1, DOT_T=triton.language.bfloat16, BM=128, BN=128, BK=32), num_warps=8, num_stages=3, ptr_types={"a_ptr": "*bf16"})
 check(Bl._row_softmax_fwd, dict(x_ptr=P, y_ptr=P, R=100, M=N, BR=16, BM=256))

@@ -240,34 +240,24 @@ if triton is not None:
         return dacc
 
     @triton.jit
-    def stencil_at(ebase, a_ptr, base_a, hoff, row, col, valid, N, mh, ks, we, be, wdw_ptr, cc, mc,
-                   KS: tl.constexpr, RELU_E: tl.constexpr, PREC: tl.constexpr, CC: tl.constexpr, P: tl.constexpr,
-                   SPLIT: tl.constexpr):
-        """dw_k(E) of channels cc at the positions (row, col) of a tile (0 off `valid`): from the
-        launch's stored E (SPLIT; ebase: the image's E) or with the expansion recomputed at each
-        shift (stencil_recomputed)."""
-        if SPLIT:
-            x = stencil_loaded(ebase, row, col, valid, mc, wdw_ptr, cc, N, KS, CC, P)
-        else:
-            x = stencil_recomputed(a_ptr, base_a, hoff, row, col, valid, N, mh, ks, we, be, wdw_ptr, cc, mc, KS,
-                                   RELU_E, PREC, CC, P)
-        return x
-
-    @triton.jit
-    def expansion_at(ebase, we, a0s, be, cc, mc, row, col, inmap, N, RELU_E: tl.constexpr, PREC: tl.constexpr,
-                     SPLIT: tl.constexpr):
-        """E of channels cc at a tile's own positions, and where relu6 passes a gradient (E strictly
-        inside (0, 6), the same test on its input): loaded from the launch's stored E (SPLIT: the
-        values the stencil saw; 0 off the map) or the dot of we and a0s (A, shifted when asked)."""
-        if SPLIT:
-            e = tl.load(ebase + (cc[:, None] * (N * N) + (row * N + col)[None, :]),
-                        mask=mc[:, None] & inmap[None, :], other=0.0).to(tl.float32)
-            gate = (e > 0.0) & (e < 6.0)
-        else:
-            pre = dot(we, a0s, PREC) + be[:, None]
-            e = tl.minimum(tl.maximum(pre, 0.0), 6.0) if RELU_E else pre
-            gate = (pre > 0.0) & (pre < 6.0)
-        return e, gate
+    def stencil_grads(ebase, gbase, row, col, valid, mc, wdw_ptr, cc, N, pwdw, KS: tl.constexpr, CC: tl.constexpr,
+                      P: tl.constexpr, RELU_E: tl.constexpr):
+        """The depthwise stencil's backward at P flat positions from a stored E and a stored G =
+        dL/d dw_k(E) (both (rH, N, N) an image; ebase, gbase: the image's): stores the weights'
+        partial sums sum_q G(q) E(q + s_o) at pwdw + cc * k^2 + o, and returns dL/dE = the transposed
+        stencil of G (0 outside the map), through relu6 (E strictly inside (0, 6)) when RELU_E,
+        0 off channels cc < rH and `valid` (CC x P, fp32)."""
+        coff = cc * (N * N)
+        mcq = mc[:, None] & valid[None, :]
+        g0 = tl.load(gbase + (coff[:, None] + (row * N + col)[None, :]), mask=mcq, other=0.0)
+        for o in range(0, KS * KS):
+            es = shifted_load(ebase, coff, row, col, valid, mc, o, N, KS)
+            tl.store(pwdw + cc * (KS * KS) + o, tl.sum(g0 * es, axis=1))
+        de = stencil_loaded(gbase, row, col, valid, mc, wdw_ptr, cc, N, KS, CC, P, False, -1)
+        if RELU_E:
+            e0 = tl.load(ebase + (coff[:, None] + (row * N + col)[None, :]), mask=mcq, other=0.0)
+            de = tl.where((e0 > 0.0) & (e0 < 6.0), de, 0.0)
+        return tl.where(mcq, de, 0.0)
 
     @triton.jit
     def _re_stencil_reduce(a_ptr, e_ptr, wdw_ptr, bdw_ptr, wp_ptr, bp_ptr, al_ptr, bt_ptr, r_ptr, N, H, RH,
@@ -407,14 +397,15 @@ if triton is not None:
             g = tl.where((dpre > 0.0) & (dpre < 6.0) & mc[:, None], gd, 0.0)
             g_own = g * ownf[None, :]
             tl.store(pbdw_ptr + prog * RHP + cc, tl.sum(g_own, axis=1))
-            # dW_dw partials from E computed once over the tile (not once per offset; a_ptr: no stored E)
-            e0, gate = expansion_at(a_ptr, we, a0, be, cc, mc, row, col, inmap, N, RELU_E, "ieee", False)
+            # dW_dw partials from E computed once over the tile (not once per offset)
+            epre = tl.dot(we, a0, input_precision="ieee") + be[:, None]
+            e0 = tl.minimum(tl.maximum(epre, 0.0), 6.0) if RELU_E else epre
             dw_wgrad_staged(e0, inmap, g_own, scr, p, pm, pj, pwdw_ptr + prog * RHP * KK + cc * KK, KS, CC, TM, TJ)
             # transposed stencil through the scratch buffer: dE[q] = sum_o w[o] g[q - s_o] (g is 0
             # outside the map: dy is)
             de = stencil_staged(g, inmap, wdw_ptr, cc, mc, scr, p, pm, pj, KS, CC, TM, TJ, True)
             if RELU_E:
-                de = tl.where(gate, de, 0.0)
+                de = tl.where((epre > 0.0) & (epre < 6.0), de, 0.0)
             de = tl.where(mc[:, None] & own[None, :], de, 0.0)
             wet = tl.load(we_ptr + cc[None, :] * H + hh[:, None], mask=mc[None, :] & mh[:, None],
                           other=0.0).to(tl.float32)
@@ -433,6 +424,20 @@ if triton is not None:
 
 
     @triton.jit
+    def flat_block(N, H, HP: tl.constexpr, P: tl.constexpr):
+        """A program's block of P flat positions q of image b = program_id(1) (block program_id(0)):
+        (b, the program's index, q, head rows hh and their mask mh, q < N^2, both, and the int64
+        offsets of the (HP, P) block in a (B, H, N, N) map)."""
+        b = tl.program_id(1).to(tl.int64)
+        prog = b * tl.num_programs(0) + tl.program_id(0)
+        q = tl.program_id(0) * P + tl.arange(0, P)
+        hh = tl.arange(0, HP)
+        mh = hh < H
+        valid = q < N * N
+        return b, prog, q, hh, mh, valid, mh[:, None] & valid[None, :], \
+            b * H * N * N + hh.to(tl.int64)[:, None] * N * N + q[None, :]
+
+    @triton.jit
     def _re_bwd_g(a_ptr, dr_ptr, e_ptr, g_ptr, wdw_ptr, bdw_ptr, wp_ptr, al_ptr, ps_ptr, pbdw_ptr, ph_ptr,
                   N, H, RH, RHP, KS: tl.constexpr, HP: tl.constexpr, CC: tl.constexpr, P: tl.constexpr):
         """The split backward's first pass, at P flat positions of one image: X = dw_k(E) + b_dw from
@@ -440,16 +445,9 @@ if triton is not None:
         laid out as E) for the second pass; per-program partial sums of S = dR D^T, db_dw = sum G
         and per head sum dR A and sum dR. The host forms dW_p = alpha S, dalpha = sum dR A + b_p
         sum dR + sum_c W_p S (Y = W_p D never formed) and db_p = alpha sum dR. IEEE dots."""
-        b = tl.program_id(1).to(tl.int64)
-        prog = b * tl.num_programs(0) + tl.program_id(0)
-        q = tl.program_id(0) * P + tl.arange(0, P)
-        hh = tl.arange(0, HP)
-        mh = hh < H
-        valid = q < N * N
+        b, prog, q, hh, mh, valid, m2, hq = flat_block(N, H, HP, P)
         row = q // N
         col = q % N
-        m2 = mh[:, None] & valid[None, :]
-        hq = b * H * N * N + hh.to(tl.int64)[:, None] * N * N + q[None, :]
         dr = tl.load(dr_ptr + hq, mask=m2, other=0.0).to(tl.float32)
         alpha = tl.load(al_ptr + hh, mask=mh, other=0.0).to(tl.float32)
         ebase = e_ptr + b * RH * N * N
@@ -481,16 +479,9 @@ if triton is not None:
         (stored in A's dtype); per-program partial sums of dW_e = sum dX1 A^T, db_e = sum dX1 and
         dW_dw[c, o] = sum_q G(q) E(q + s_o)."""
         KK: tl.constexpr = KS * KS
-        b = tl.program_id(1).to(tl.int64)
-        prog = b * tl.num_programs(0) + tl.program_id(0)
-        q = tl.program_id(0) * P + tl.arange(0, P)
-        hh = tl.arange(0, HP)
-        mh = hh < H
-        valid = q < N * N
+        b, prog, q, hh, mh, valid, m2, hq = flat_block(N, H, HP, P)
         row = q // N
         col = q % N
-        m2 = mh[:, None] & valid[None, :]
-        hq = b * H * N * N + hh.to(tl.int64)[:, None] * N * N + q[None, :]
         a0 = tl.load(a_ptr + hq, mask=m2, other=0.0).to(tl.float32)
         alpha = tl.load(al_ptr + hh, mask=mh, other=0.0).to(tl.float32)
         da = alpha[:, None] * tl.load(dr_ptr + hq, mask=m2, other=0.0).to(tl.float32)
@@ -499,17 +490,8 @@ if triton is not None:
         for c0 in range(0, RH, CC):
             cc = c0 + tl.arange(0, CC)
             mc = cc < RH
-            mcq = mc[:, None] & valid[None, :]
-            coff = cc * (N * N)
-            g0 = tl.load(gbase + (coff[:, None] + q[None, :]), mask=mcq, other=0.0)
-            for o in range(0, KK):
-                es = shifted_load(ebase, coff, row, col, valid, mc, o, N, KS)
-                tl.store(pwdw_ptr + prog * RHP * KK + cc * KK + o, tl.sum(g0 * es, axis=1))
-            de = stencil_loaded(gbase, row, col, valid, mc, wdw_ptr, cc, N, KS, CC, P, False, -1)
-            if RELU_E:
-                e0 = tl.load(ebase + (coff[:, None] + q[None, :]), mask=mcq, other=0.0)
-                de = tl.where((e0 > 0.0) & (e0 < 6.0), de, 0.0)
-            de = tl.where(mcq, de, 0.0)
+            de = stencil_grads(ebase, gbase, row, col, valid, mc, wdw_ptr, cc, N, pwdw_ptr + prog * RHP * KK, KS, CC,
+                               P, RELU_E)
             we = tl.load(we_ptr + cc[:, None] * H + hh[None, :], mask=mc[:, None] & mh[None, :],
                          other=0.0).to(tl.float32)
             da += tl.dot(tl.trans(we), de, input_precision="ieee")

@@ -42,7 +42,8 @@ Memory: a few A-sized (B,H,N,N) tensors and O(programs * channels) partials; no 
 Candidates (REFINER_TRITON_TRAIN_X2, see _x2_mode): "halo", the passes that form X2 (F2, F3, the
 backward's Y3, B2) run on halo tiles whose owned interiors tile the map, and E is staged once per
 channel chunk through a per-program scratch instead of recomputed at every stencil offset; "split",
-each of those passes and B3 stores E for an L2-sized batch chunk first and loads it at the shifts.
+each of those passes stores E for an L2-sized batch chunk first and loads it at the shifts, and B3
+runs as two passes over flat position blocks (_rt_b3_g stores dX2, _rt_b3_a reads E and dX2).
 """
 from __future__ import annotations
 
@@ -54,7 +55,8 @@ import torch
 from ._common import (batch_chunks, check_device, check_image_map, gpu_autotune, interpreting, next_pow2, num_warps_for,
                       triton, tl, use_tuned)
 from .blocks import bmm
-from .kernels_refine_eval import SPLIT_MAX_MAP, StoredE
+from . import kernels_refine_eval as _eval
+from .kernels_refine_eval import SPLIT_MAX_MAP, StoredE, split_images, split_p
 
 CC = 16
 # rows of the per-head constant pack
@@ -68,7 +70,8 @@ NCC = 11
 
 
 if triton is not None:
-    from .kernels_refine_eval import dot, dw_wgrad_staged, expansion_at, halo_tile, stencil_at, stencil_staged
+    from .kernels_refine_eval import (dot, dw_wgrad_staged, flat_block, halo_tile, stencil_grads, stencil_loaded,
+                                      stencil_recomputed, stencil_staged)
 
     @triton.jit
     def _x2_staged(a0s, inmap, we, be, wdw_ptr, cc, mc, scr, p, pm, pj,
@@ -87,11 +90,13 @@ if triton is not None:
             TJ: tl.constexpr, HALO: tl.constexpr, SPLIT: tl.constexpr):
         """X2 of channels cc: loaded from the chunk's stored E (SPLIT; ebase: the image's E), staged
         (HALO tiles, exact at owned positions) or recomputed per offset."""
-        if HALO:
+        if SPLIT:
+            x2 = stencil_loaded(ebase, row, col, p >= 0, mc, wdw_ptr, cc, N, KS, CC, TM * TJ)
+        elif HALO:
             x2 = _x2_staged(a0s, inmap, we, be, wdw_ptr, cc, mc, scr, p, pm, pj, KS, RELU_E, PREC, CC, TM, TJ)
         else:
-            x2 = stencil_at(ebase, a_ptr, base_a, hoff, row, col, p >= 0, N, mh, ks, we, be, wdw_ptr, cc, mc, KS,
-                            RELU_E, PREC, CC, TM * TJ, SPLIT)
+            x2 = stencil_recomputed(a_ptr, base_a, hoff, row, col, p >= 0, N, mh, ks, we, be, wdw_ptr, cc, mc, KS,
+                                    RELU_E, PREC, CC, TM * TJ)
         return x2
 
     @triton.jit
@@ -143,6 +148,47 @@ if triton is not None:
         zhat = (z - _hconst(hv_ptr, 2, hh, mh, HP)[:, None]) * _hconst(hv_ptr, 3, hh, mh, HP)[:, None]
         yhat = yc * _hconst(hv_ptr, 5, hh, mh, HP)[:, None]
         return z, zhat, yhat
+
+    @triton.jit
+    def _dz_dy3(dr, zhat, yhat, hv_ptr, hh, mh, m2, HP: tl.constexpr):
+        """dZ and dY3 (0 off m2) from dR (scale applied) through BN_a's and BN3's backward."""
+        dz = _hconst(hv_ptr, 6, hh, mh, HP)[:, None] * (
+            dr - _hconst(hv_ptr, 7, hh, mh, HP)[:, None] - zhat * _hconst(hv_ptr, 8, hh, mh, HP)[:, None])
+        dz = tl.where(m2, dz, 0.0)
+        dy3 = _hconst(hv_ptr, 9, hh, mh, HP)[:, None] * (
+            dz - _hconst(hv_ptr, 10, hh, mh, HP)[:, None] - yhat * _hconst(hv_ptr, 11, hh, mh, HP)[:, None])
+        return dz, tl.where(m2, dy3, 0.0)
+
+    @triton.jit
+    def _dx2(x2, dy3, wp_ptr, cv_ptr, cc, mc, hh, mh, RH, RHP, PREC: tl.constexpr):
+        """dX2 of channels cc: W_p^T dY3 through relu6 and BN2's backward (rows 4-6 of the channel
+        constants: k2, db2/n, dg2/n)."""
+        pre = tl.load(cv_ptr + 0 * RHP + cc, mask=mc, other=0.0)[:, None] * x2 + \
+            tl.load(cv_ptr + 1 * RHP + cc, mask=mc, other=0.0)[:, None]
+        wpt = tl.load(wp_ptr + hh[None, :] * RH + cc[:, None], mask=mh[None, :] & mc[:, None], other=0.0)
+        ddp = tl.where((pre > 0.0) & (pre < 6.0), dot(wpt, dy3, PREC), 0.0)
+        x2hat = (x2 - tl.load(cv_ptr + 2 * RHP + cc, mask=mc, other=0.0)[:, None]) * \
+            tl.load(cv_ptr + 3 * RHP + cc, mask=mc, other=0.0)[:, None]
+        return tl.load(cv_ptr + 4 * RHP + cc, mask=mc, other=0.0)[:, None] * (
+            ddp - tl.load(cv_ptr + 5 * RHP + cc, mask=mc, other=0.0)[:, None]
+            - x2hat * tl.load(cv_ptr + 6 * RHP + cc, mask=mc, other=0.0)[:, None])
+
+    @triton.jit
+    def _dx1(de, a0s, wer_ptr, cv_ptr, cc, mc, hh, mh, H, RHP, pbase, pm_row, RELU_E: tl.constexpr,
+             PREC: tl.constexpr, HP: tl.constexpr):
+        """BN1's backward for channels cc given dE (0 off the positions summed over): stores the
+        partial sums of db1 and dg1 (pbase rows 0, 1) and M = sum dX1' (A - K)^T (pm_row: the
+        program's (RHP, HP) block) when expand, and returns dA's term (k1 W_e)^T dE."""
+        wer = tl.load(wer_ptr + cc[:, None] * H + hh[None, :], mask=mc[:, None] & mh[None, :], other=0.0)
+        if RELU_E:
+            x1hat = (dot(wer, a0s, PREC)
+                     - tl.load(cv_ptr + 7 * RHP + cc, mask=mc, other=0.0)[:, None]) * \
+                tl.load(cv_ptr + 8 * RHP + cc, mask=mc, other=0.0)[:, None]
+            tl.store(pbase + 0 * RHP + cc, tl.sum(de, axis=1))
+            tl.store(pbase + 1 * RHP + cc, tl.sum(de * x1hat, axis=1))
+            tl.store(pm_row + cc[:, None] * HP + hh[None, :], dot(de, tl.trans(a0s), PREC))
+        k1 = tl.load(cv_ptr + 9 * RHP + cc, mask=mc, other=0.0)
+        return dot(tl.trans(wer * k1[:, None]), de, PREC)
 
     @triton.jit
     def _rt_tile(a_ptr, dr_ptr, y_ptr, we_ptr, be_ptr, wdw_ptr, wp_ptr, cv_ptr, hv_ptr, ks_ptr, part_ptr, pn_ptr,
@@ -241,11 +287,7 @@ if triton is not None:
                     tl.store(pbase + 3 * W + hh, tl.sum(tl.where(m2, zhat * yhat, 0.0), axis=1))
                 if MODE == 5:
                     dr = tl.load(dr_ptr + base_a + (hoff + (row * N + col)[None, :]), mask=m2, other=0.0) * scale
-                    dz = _hconst(hv_ptr, 6, hh, mh, HP)[:, None] * (
-                        dr - _hconst(hv_ptr, 7, hh, mh, HP)[:, None] - zhat * _hconst(hv_ptr, 8, hh, mh, HP)[:, None])
-                    dy3 = _hconst(hv_ptr, 9, hh, mh, HP)[:, None] * (
-                        dz - _hconst(hv_ptr, 10, hh, mh, HP)[:, None] - yhat * _hconst(hv_ptr, 11, hh, mh, HP)[:, None])
-                    dy3 = tl.where(m2, dy3, 0.0)
+                    _, dy3 = _dz_dy3(dr, zhat, yhat, hv_ptr, hh, mh, m2, HP)
                     for c0 in range(0, RH, CC):
                         cc = c0 + tl.arange(0, CC)
                         mc = cc < RH
@@ -270,12 +312,11 @@ if triton is not None:
 
     @triton.jit
     def _rt_b3(a_ptr, dr_ptr, y_ptr, we_ptr, be_ptr, wer_ptr, wdw_ptr, wp_ptr, cv_ptr, hv_ptr, ks_ptr,
-               da_ptr, scr_ptr, part_ptr, pwdw_ptr, pm_ptr, e_ptr, N, H, RH, RHP, NTJ, scale,
+               da_ptr, scr_ptr, part_ptr, pwdw_ptr, pm_ptr, N, H, RH, RHP, NTJ, scale,
                KS: tl.constexpr, RELU_E: tl.constexpr, PREC: tl.constexpr, HP: tl.constexpr, CC: tl.constexpr,
-               TM: tl.constexpr, TJ: tl.constexpr, SPLIT: tl.constexpr):
+               TM: tl.constexpr, TJ: tl.constexpr):
         """Halo-extended tiles: dX2, dW_dw partials, transposed stencil, dX1', dA (partial).
-        Y3 loaded from the buffer y_ptr (see _rt_tile). SPLIT: E (for X2, dW_dw and BN1's ReLU6
-        gate) loaded from the launch's stored E (e_ptr, as in _rt_tile), not recomputed."""
+        Y3 loaded from the buffer y_ptr (see _rt_tile)."""
         P: tl.constexpr = TM * TJ
         KK: tl.constexpr = KS * KS
         pid_t = tl.program_id(1)
@@ -290,61 +331,81 @@ if triton is not None:
         ks = tl.load(ks_ptr + hh, mask=mh, other=0.0)  # per-head shift of A in the expansion (0: none)
         m2 = mh[:, None] & inmap[None, :]
         a0 = tl.load(a_ptr + base_a + (hoff + (row * N + col)[None, :]), mask=m2, other=0.0).to(tl.float32)
+        a0s = tl.where(m2, a0 - ks[:, None], 0.0)
         dr = tl.load(dr_ptr + base_a + (hoff + (row * N + col)[None, :]), mask=m2, other=0.0) * scale
         # Y3 from the buffer (0 off the map: dz and dy3 are masked there)
         y = tl.load(y_ptr + base_a + (hoff + (row * N + col)[None, :]), mask=m2, other=0.0)
         _, zhat, yhat = _zhat(a0, y, hv_ptr, hh, mh, HP)
-        dz = _hconst(hv_ptr, 6, hh, mh, HP)[:, None] * (
-            dr - _hconst(hv_ptr, 7, hh, mh, HP)[:, None] - zhat * _hconst(hv_ptr, 8, hh, mh, HP)[:, None])
-        dz = tl.where(m2, dz, 0.0)
-        dy3 = _hconst(hv_ptr, 9, hh, mh, HP)[:, None] * (
-            dz - _hconst(hv_ptr, 10, hh, mh, HP)[:, None] - yhat * _hconst(hv_ptr, 11, hh, mh, HP)[:, None])
-        dy3 = tl.where(m2, dy3, 0.0)
-        da = dz
+        da, dy3 = _dz_dy3(dr, zhat, yhat, hv_ptr, hh, mh, m2, HP)
         scr = scr_ptr + prog * (CC * P)
-        ebase = e_ptr + b * RH * N * N
         pbase = part_ptr + prog * 2 * RHP
         for c0 in range(0, RH, CC):
             cc = c0 + tl.arange(0, CC)
             mc = cc < RH
             we = tl.load(we_ptr + cc[:, None] * H + hh[None, :], mask=mc[:, None] & mh[None, :], other=0.0)
             be = tl.load(be_ptr + cc, mask=mc, other=0.0)
-            x2 = stencil_at(ebase, a_ptr, base_a, hoff, row, col, p >= 0, N, mh, ks, we, be, wdw_ptr, cc, mc, KS,
-                            RELU_E, PREC, CC, P, SPLIT)
-            a2 = tl.load(cv_ptr + 0 * RHP + cc, mask=mc, other=0.0)
-            c2 = tl.load(cv_ptr + 1 * RHP + cc, mask=mc, other=0.0)
-            pre = a2[:, None] * x2 + c2[:, None]
-            wpt = tl.load(wp_ptr + hh[None, :] * RH + cc[:, None], mask=mh[None, :] & mc[:, None], other=0.0)
-            dd = dot(wpt, dy3, PREC)
-            ddp = tl.where((pre > 0.0) & (pre < 6.0), dd, 0.0)
-            x2hat = (x2 - tl.load(cv_ptr + 2 * RHP + cc, mask=mc, other=0.0)[:, None]) * \
-                tl.load(cv_ptr + 3 * RHP + cc, mask=mc, other=0.0)[:, None]
-            dx2 = tl.load(cv_ptr + 4 * RHP + cc, mask=mc, other=0.0)[:, None] * (
-                ddp - tl.load(cv_ptr + 5 * RHP + cc, mask=mc, other=0.0)[:, None]
-                - x2hat * tl.load(cv_ptr + 6 * RHP + cc, mask=mc, other=0.0)[:, None])
-            dx2 = tl.where(mc[:, None] & inmap[None, :], dx2, 0.0)
+            x2 = stencil_recomputed(a_ptr, base_a, hoff, row, col, p >= 0, N, mh, ks, we, be, wdw_ptr, cc, mc, KS,
+                                    RELU_E, PREC, CC, P)
+            dx2 = tl.where(mc[:, None] & inmap[None, :], _dx2(x2, dy3, wp_ptr, cv_ptr, cc, mc, hh, mh, RH, RHP, PREC),
+                           0.0)
             dx2_own = dx2 * ownf[None, :]
             # dW_dw partials from E computed once over the tile (not once per offset)
-            a0s = tl.where(m2, a0 - ks[:, None], 0.0)
-            e0, gate = expansion_at(ebase, we, a0s, be, cc, mc, row, col, inmap, N, RELU_E, PREC, SPLIT)
+            x1pre = dot(we, a0s, PREC) + be[:, None]
+            e0 = tl.minimum(tl.maximum(x1pre, 0.0), 6.0) if RELU_E else x1pre
             dw_wgrad_staged(e0, inmap, dx2_own, scr, p, pm, pj, pwdw_ptr + prog * RHP * KK + cc * KK, KS, CC, TM, TJ)
             de = stencil_staged(dx2, inmap, wdw_ptr, cc, mc, scr, p, pm, pj, KS, CC, TM, TJ, True)  # dw_k^T
             if RELU_E:
-                de = tl.where(gate, de, 0.0)
+                de = tl.where((x1pre > 0.0) & (x1pre < 6.0), de, 0.0)
             de = tl.where(mc[:, None] & own[None, :], de, 0.0)
-            wer = tl.load(wer_ptr + cc[:, None] * H + hh[None, :], mask=mc[:, None] & mh[None, :], other=0.0)
-            if RELU_E:
-                x1hat = (dot(wer, a0s, PREC)
-                         - tl.load(cv_ptr + 7 * RHP + cc, mask=mc, other=0.0)[:, None]) * \
-                    tl.load(cv_ptr + 8 * RHP + cc, mask=mc, other=0.0)[:, None]
-                tl.store(pbase + 0 * RHP + cc, tl.sum(de, axis=1))
-                tl.store(pbase + 1 * RHP + cc, tl.sum(de * x1hat, axis=1))
-                tl.store(pm_ptr + prog * RHP * HP + cc[:, None] * HP + hh[None, :],
-                         dot(de, tl.trans(a0s), PREC))
-            k1 = tl.load(cv_ptr + 9 * RHP + cc, mask=mc, other=0.0)
-            da += dot(tl.trans(wer * k1[:, None]), de, PREC)
+            da += _dx1(de, a0s, wer_ptr, cv_ptr, cc, mc, hh, mh, H, RHP, pbase, pm_ptr + prog * RHP * HP, RELU_E,
+                       PREC, HP)
         tl.store(da_ptr + base_a + (hoff + (row * N + col)[None, :]), da.to(da_ptr.dtype.element_ty),
                  mask=mh[:, None] & own[None, :])
+
+    @triton.jit
+    def _rt_b3_g(a_ptr, dr_ptr, y_ptr, e_ptr, g_ptr, wdw_ptr, wp_ptr, cv_ptr, hv_ptr, da_ptr, N, H, RH, RHP, scale,
+                 KS: tl.constexpr, PREC: tl.constexpr, HP: tl.constexpr, CC: tl.constexpr, P: tl.constexpr):
+        """REFINER_TRITON_TRAIN_X2=split, B3's first pass at P flat positions of one image: dZ (the
+        start of dA, stored to da_ptr, fp32) and dY3 from the Y3 buffer, X2 from the stored E, and
+        dX2 through relu6's and BN2's backward, stored (g_ptr, laid out as E) for _rt_b3_a."""
+        b, _, q, hh, mh, valid, m2, hq = flat_block(N, H, HP, P)
+        a0 = tl.load(a_ptr + hq, mask=m2, other=0.0).to(tl.float32)
+        dr = tl.load(dr_ptr + hq, mask=m2, other=0.0) * scale
+        _, zhat, yhat = _zhat(a0, tl.load(y_ptr + hq, mask=m2, other=0.0), hv_ptr, hh, mh, HP)
+        dz, dy3 = _dz_dy3(dr, zhat, yhat, hv_ptr, hh, mh, m2, HP)
+        tl.store(da_ptr + hq, dz, mask=m2)
+        ebase = e_ptr + b * RH * N * N
+        gbase = g_ptr + b * RH * N * N
+        for c0 in range(0, RH, CC):
+            cc = c0 + tl.arange(0, CC)
+            mc = cc < RH
+            x2 = stencil_loaded(ebase, q // N, q % N, valid, mc, wdw_ptr, cc, N, KS, CC, P)
+            dx2 = _dx2(x2, dy3, wp_ptr, cv_ptr, cc, mc, hh, mh, RH, RHP, PREC)
+            tl.store(gbase + (cc[:, None] * (N * N) + q[None, :]), dx2, mask=mc[:, None] & valid[None, :])
+
+    @triton.jit
+    def _rt_b3_a(a_ptr, e_ptr, g_ptr, wer_ptr, wdw_ptr, cv_ptr, ks_ptr, da_ptr, part_ptr, pwdw_ptr, pm_ptr,
+                 N, H, RH, RHP, KS: tl.constexpr, RELU_E: tl.constexpr, PREC: tl.constexpr, HP: tl.constexpr,
+                 CC: tl.constexpr, P: tl.constexpr):
+        """REFINER_TRITON_TRAIN_X2=split, B3's second pass at P flat positions of one image: the
+        stencil's backward from the stored E and dX2 (stencil_grads: dW_dw partials, dE), BN1's
+        (partials of db1, dg1, M) and dA += (k1 W_e)^T dE (da_ptr: _rt_b3_g's dZ, fp32)."""
+        KK: tl.constexpr = KS * KS
+        b, prog, q, hh, mh, valid, m2, hq = flat_block(N, H, HP, P)
+        ks = tl.load(ks_ptr + hh, mask=mh, other=0.0)
+        a0s = tl.where(m2, tl.load(a_ptr + hq, mask=m2, other=0.0).to(tl.float32) - ks[:, None], 0.0)
+        da = tl.load(da_ptr + hq, mask=m2, other=0.0)
+        ebase = e_ptr + b * RH * N * N
+        gbase = g_ptr + b * RH * N * N
+        pbase = part_ptr + prog * 2 * RHP
+        for c0 in range(0, RH, CC):
+            cc = c0 + tl.arange(0, CC)
+            mc = cc < RH
+            de = stencil_grads(ebase, gbase, q // N, q % N, valid, mc, wdw_ptr, cc, N, pwdw_ptr + prog * RHP * KK, KS,
+                               CC, P, RELU_E)
+            da += _dx1(de, a0s, wer_ptr, cv_ptr, cc, mc, hh, mh, H, RHP, pbase, pm_ptr + prog * RHP * HP, RELU_E,
+                       PREC, HP)
+        tl.store(da_ptr + hq, da, mask=m2)
 
 
 if triton is not None:
@@ -356,7 +417,7 @@ if triton is not None:
         [triton.Config({}, num_warps=w, num_stages=s) for w, s in [(8, 3), (16, 1)]],
         key=["N", "H", "RH", "MODE", "KS", "RELU_E", "PREC", "SPLIT"])(_rt_tile)
     _rt_b3_tuned = gpu_autotune([triton.Config({}, num_warps=w, num_stages=1) for w in (8, 16)],
-                                key=["N", "H", "RH", "KS", "RELU_E", "PREC", "SPLIT"])(_rt_b3)
+                                key=["N", "H", "RH", "KS", "RELU_E", "PREC"])(_rt_b3)
 else:
     _rt_tile_tuned = _rt_b3_tuned = None
 
@@ -392,9 +453,11 @@ def _x2_mode(RH: int, N: int) -> str:
     "split": the refine_eval "split" forward's scheme. Each pass first stores E (fp32, every pass
       the same values) for a batch chunk small enough to stay in L2 (kernels_refine_eval.
       split_images), then loads it at the k*k shifts: one expansion a pass instead of k*k, for an
-      L2-sized workspace. The eval forward gained 2.3x from it (0.50 against 1.14 ms, round 3).
-      A candidate, not yet timed on a GPU. Beyond int32 offsets within an image's E (rH N^2 >
-      2^31 - 1) it falls back to "offsets"."""
+      L2-sized workspace; B3 becomes two passes over flat position blocks (_b3_split: dX2 stored
+      beside E, no halo tiles, no scratch; 149-199 registers and no spills against B3's 255 and
+      128 bytes, ptxas sm_90). The eval forward gained 2.3x from the scheme (0.50 against 1.14 ms,
+      round 3). A candidate, not yet timed on a GPU. Beyond int32 offsets within an image's E
+      (rH N^2 > 2^31 - 1) it falls back to "offsets"."""
     mode = os.environ.get("REFINER_TRITON_TRAIN_X2", "offsets")
     if mode not in X2_MODES:
         raise ValueError(f"REFINER_TRITON_TRAIN_X2: expected one of {X2_MODES}, got {mode!r}")
@@ -678,6 +741,68 @@ def refine_train_fwd(attn, v, w_exp, w_dw, w_pro, g1, b1, g2, b2, g3, b3, ga, ba
     return out, st, aux, y3
 
 
+def _b3_parts(nprog, RH, KS, HP, dev):
+    """B3's per-program partial sums: (db1, dg1) rows, dW_dw, M; and their float64 totals."""
+    RHP = triton.cdiv(RH, CC) * CC
+    f32 = dict(dtype=torch.float32, device=dev)
+    parts = (torch.zeros(nprog, 2, RHP, **f32), torch.empty(nprog, RHP, KS * KS, **f32),
+             torch.zeros(nprog, RHP, HP, **f32))
+    return parts, [torch.zeros(t.shape[1:], dtype=torch.float64, device=dev) for t in parts]
+
+
+def _b3_halo(attn, dr, y3, we_f, be_f, wer, wdw, wp, cv, hv, ks, scale, expand, prec):
+    """B3 on halo tiles (_rt_b3), E recomputed: dA without BN1's mean/variance terms (fp32) and the
+    summed partials of _b3_parts."""
+    B, H, N, _ = attn.shape
+    RH, KS = wdw.shape[0], wdw.shape[-1]
+    HP, RHP, PAD = max(16, next_pow2(H)), triton.cdiv(RH, CC) * CC, KS // 2
+    TM, TJ = _tile_cfg(N, PAD)
+    nti, ntj = triton.cdiv(N, TM - 2 * PAD), triton.cdiv(N, TJ - 2 * PAD)
+    da = torch.empty(B, H, N, N, dtype=torch.float32, device=attn.device)
+    chunks = list(batch_chunks(B, nti * ntj, CC * TM * TJ * 4))
+    nprog = nti * ntj * max(hi - lo for lo, hi in chunks)
+    scr = torch.empty(nprog, CC, TM * TJ, dtype=torch.float32, device=attn.device)
+    parts, sums = _b3_parts(nprog, RH, KS, HP, attn.device)
+    tuned = use_tuned(_rt_b3_tuned, attn)
+    kernel = _rt_b3_tuned if tuned else _rt_b3
+    launch = {} if tuned else dict(num_warps=num_warps_for(HP * TM * TJ), num_stages=1)  # (scratch: no pipelining)
+    for lo, hi in chunks:  # bounded scratch: batch chunks run one after another on the stream
+        kernel[(hi - lo, nti * ntj)](attn[lo:hi], dr[lo:hi], y3[lo:hi], we_f, be_f, wer, wdw, wp, cv, hv, ks,
+                                     da[lo:hi], scr, *parts, N, H, RH, RHP, ntj, float(scale), KS=KS,
+                                     RELU_E=expand, PREC=prec, HP=HP, CC=CC, TM=TM, TJ=TJ, **launch)
+        used = nti * ntj * (hi - lo)
+        for acc, t in zip(sums, parts):
+            acc += t[:used].double().sum(0)
+    return da, sums
+
+
+def _b3_split(attn, dr, y3, we_f, be_f, wer, wdw, wp, cv, hv, ks, scale, expand, prec):
+    """B3 as two passes over flat position blocks (REFINER_TRITON_TRAIN_X2=split): per batch chunk
+    whose E and dX2 (fp32) stay in L2, E stored (_re_expand), then _rt_b3_g (dZ into dA, dX2 stored)
+    and _rt_b3_a (the stencil's and BN1's backward). Returns as _b3_halo."""
+    B, H, N, _ = attn.shape
+    RH, KS = wdw.shape[0], wdw.shape[-1]
+    HP, RHP = max(16, next_pow2(H)), triton.cdiv(RH, CC) * CC
+    P = split_p()
+    nb = triton.cdiv(N * N, P)
+    per = split_images(B, RH, N, 8)  # E and dX2, fp32
+    e = torch.empty(min(B, per), RH, N, N, dtype=torch.float32, device=attn.device)
+    g = torch.empty_like(e)
+    da = torch.empty(B, H, N, N, dtype=torch.float32, device=attn.device)
+    parts, sums = _b3_parts(nb * min(B, per), RH, KS, HP, attn.device)
+    launch = dict(KS=KS, PREC=prec, HP=HP, CC=CC, P=P, num_warps=num_warps_for(HP * P), num_stages=2)
+    for lo in range(0, B, per):
+        hi = min(B, lo + per)
+        a = attn[lo:hi]
+        _eval.expand_into(e, a, we_f, be_f, expand, prec, ks)
+        _rt_b3_g[(nb, hi - lo)](a, dr[lo:hi], y3[lo:hi], e, g, wdw, wp, cv, hv, da[lo:hi], N, H, RH, RHP, float(scale),
+                                **launch)
+        _rt_b3_a[(nb, hi - lo)](a, e, g, wer, wdw, cv, ks, da[lo:hi], *parts, N, H, RH, RHP, RELU_E=expand, **launch)
+        for acc, t in zip(sums, parts):
+            acc += t[:nb * (hi - lo)].double().sum(0)
+    return da, sums
+
+
 def refine_train_bwd(dout, attn, v, w_exp, w_dw, w_pro, g1, b1, g2, b2, g3, b3, ga, ba, aux, y3,
                      eps, scale, expand):
     """y3: the forward's Y3 buffer (save_y3()), or an empty tensor: F3's pass runs again."""
@@ -735,34 +860,9 @@ def refine_train_bwd(dout, attn, v, w_exp, w_dw, w_pro, g1, b1, g2, b2, g3, b3, 
     mu1s = f["mu1s"] if expand else torch.zeros(RH, dtype=torch.float64, device=dev)
     cv = _cv(f, RHP, [st["mu2"], f["rs2"], k2, db2 / n, dg2 / n, mu1s, f["rs1"], f["k1"]])
     # B3
-    PAD = KS // 2
-    TM, TJ = _tile_cfg(N, PAD)
-    nti, ntj = triton.cdiv(N, TM - 2 * PAD), triton.cdiv(N, TJ - 2 * PAD)
-    f32 = dict(dtype=torch.float32, device=dev)
-    da = torch.empty(B, H, N, N, **f32)
-    chunks = list(batch_chunks(B, nti * ntj, CC * TM * TJ * 4))
-    nprog = nti * ntj * max(hi - lo for lo, hi in chunks)
-    scr = torch.empty(nprog, CC, TM * TJ, **f32)
-    parts = (torch.zeros(nprog, 2, RHP, **f32), torch.empty(nprog, RHP, KS * KS, **f32),
-             torch.zeros(nprog, RHP, HP, **f32))
-    sums = [torch.zeros(t.shape[1:], dtype=torch.float64, device=dev) for t in parts]
-    tuned = use_tuned(_rt_b3_tuned, attn)
-    kernel = _rt_b3_tuned if tuned else _rt_b3
-    launch = {} if tuned else dict(num_warps=num_warps_for(HP * TM * TJ), num_stages=1)  # (scratch: no pipelining)
-    prec = _dot_precision(attn)
-    x2 = _x2_mode(RH, N)
-    stored = StoredE(attn, we_f, be_f, expand, x2 == "split", ks)
-    with _pass(_pass_label("b3", "split" if stored.on else "offsets")):
-        # bounded scratch (and split: E in L2): batch chunks run one after another on the stream
-        for lo, hi in stored.chunks(chunks):
-            e = stored.expand(lo, hi, prec)
-            kernel[(hi - lo, nti * ntj)](attn[lo:hi], dr[lo:hi], y3[lo:hi], we_f, be_f, wer, wdw, wp, cv, hv, ks,
-                                         da[lo:hi], scr, *parts, e, N, H, RH, RHP, ntj, float(scale), KS=KS,
-                                         RELU_E=expand, PREC=prec, HP=HP, CC=CC, TM=TM, TJ=TJ,
-                                         SPLIT=stored.on, **launch)
-            used = nti * ntj * (hi - lo)
-            for acc, t in zip(sums, parts):
-                acc += t[:used].double().sum(0)
+    b3_pass = _b3_split if _x2_mode(RH, N) == "split" else _b3_halo
+    with _pass(_pass_label("b3", "split" if b3_pass is _b3_split else "offsets")):
+        da, sums = b3_pass(attn, dr, y3, we_f, be_f, wer, wdw, wp, cv, hv, ks, scale, expand, _dot_precision(attn))
     part3, pwdw, pm = [t[None] for t in sums]
     dwdw = pwdw.double().sum(0)[:RH].reshape(RH, KS, KS)
     if expand:

@@ -449,13 +449,15 @@ def test_refine_train_dot_precision_switch(monkeypatch):
         _dot_precision(half)
 
 
-@pytest.mark.parametrize("N,ks,B", [(20, 5, 2), (33, 7, 1)])
-def test_refine_train_half_tf32(monkeypatch, N, ks, B):
+@pytest.mark.parametrize("N,ks,B,x2", [(20, 5, 2, "offsets"), (33, 7, 1, "offsets"), (20, 5, 2, "split")])
+def test_refine_train_half_tf32(monkeypatch, N, ks, B, x2):
     """TF32 dots (the default for bf16 maps; bf16 is wrong under the interpreter, so fp16 maps with
     REFINER_TRITON_TRAIN_DOT=tf32, TF32 emulated: tests/tf32_emulation.py): outputs and statistics
     within the fp16 tolerances, every gradient at least as close to the fp32 reference as the
-    reference's own gradients in bf16 (utils.assert_no_worse_than)."""
+    reference's own gradients in bf16 (utils.assert_no_worse_than). Also with the candidate
+    REFINER_TRITON_TRAIN_X2=split (its expansion pass and flat B3 passes take TF32 dots too)."""
     monkeypatch.setenv("REFINER_TRITON_TRAIN_DOT", "tf32")
+    monkeypatch.setenv("REFINER_TRITON_TRAIN_X2", x2)
     _run_train(N, 32, 3, ks, B, torch.float16)
 
 
