@@ -749,3 +749,33 @@ def test_refine_train_x2_robustness(monkeypatch, x2):
     monkeypatch.setenv("REFINER_TRITON_TRAIN_X2", "sometimes")
     with pytest.raises(ValueError, match="REFINER_TRITON_TRAIN_X2"):
         _run_train(9, 8, 3, 3, 1, torch.float32)
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # Inf in the interpreter's matmul
+def test_split_candidates_non_finite_and_deterministic(monkeypatch):
+    """REFINER_TRITON_REFINE_BWD=split and REFINER_TRITON_TRAIN_X2=split: an Inf in the map gives the
+    reference's pattern of non-finite gradients in eval, and both give bit-identical results when
+    run twice (per-program partial sums, no atomics)."""
+    monkeypatch.setenv("REFINER_TRITON_REFINE_BWD", "split")
+    monkeypatch.setenv("REFINER_TRITON_TRAIN_X2", "split")
+    B, H, N, d = 2, 4, 11, 8
+    f = _folded(H, 3, 3, d)
+    ps = [_leaf(t) for t in f.args()[:-1]]
+    a = random_attn(B, H, N)
+    a[1, 2, 5, 6] = float("inf")
+    attn, v = _leaf(a), _leaf(torch.randn(B, H, N, d))
+    go = torch.randn(B, H, N, d, device=DEV)
+    names = "attn v w_exp b_exp w_dw b_dw w_pro b_pro alpha beta".split()
+    got = _grads([rk.refine_eval(attn, v, *ps, True)], [attn, v] + ps, [go])
+    want = _grads([ref.refine_eval(attn, v, *ps, True)], [attn, v] + ps, [go])
+    for name, x, y in zip(names, got, want):
+        assert torch.equal(torch.isfinite(x), torch.isfinite(y)), f"d{name}"
+    dla, bn = random_dla(H, 3, 3)
+    tp = [_leaf(t) for t in train_args(dla, bn)]
+    attn = _leaf(random_attn(B, H, N))
+    runs = []
+    for _ in range(2):
+        out = rk.refine_train(attn, v, *tp, 1e-5, 0.25, True)[0]
+        runs.append([out] + _grads([out], [attn, v] + tp, [go]))
+    for name, x, y in zip(["out"] + TRAIN_NAMES, *runs):
+        assert torch.equal(x, y), name
