@@ -102,14 +102,14 @@ check(E._re_bwd, dict(a_ptr=P, dr_ptr=P, we_ptr=P, be_ptr=P, wdw_ptr=P, bdw_ptr=
                       da_ptr=P, scr_ptr=P, pwe_ptr=P, pbe_ptr=P, pwdw_ptr=P, pbdw_ptr=P, pwp_ptr=P, pbp_ptr=P, pal_ptr=P,
                       pbt_ptr=P, N=N, H=H, RH=RH, RHP=48, NTJ=14, KS=3, RELU_E=True, HP=16, CC=16, TM=16, TJ=16),
       num_warps=8, num_stages=1)
-# REFINER_TRITON_REFINE_BWD=split: its two passes (the launch: P=128, 4 warps; and other sizes)
-for p, w in [(128, 4), (64, 2), (256, 8)]:
+# REFINER_TRITON_REFINE_BWD=split: its two passes (the launch: P=128, 4 warps; and other sizes; TF32 for bf16)
+for p, w, prec in [(128, 4, "ieee"), (64, 2, "ieee"), (256, 8, "ieee"), (128, 4, "tf32")]:
     check(E._re_bwd_g, dict(a_ptr=P, dr_ptr=P, e_ptr=P, g_ptr=P, wdw_ptr=P, bdw_ptr=P, wp_ptr=P, al_ptr=P, ps_ptr=P,
-                            pbdw_ptr=P, ph_ptr=P, N=N, H=H, RH=RH, RHP=48, KS=3, HP=16, CC=16, P=p),
+                            pbdw_ptr=P, ph_ptr=P, N=N, H=H, RH=RH, RHP=48, KS=3, PREC=prec, HP=16, CC=16, P=p),
           num_warps=w, num_stages=2, ptr_types={"a_ptr": "*bf16"})
     check(E._re_bwd_a, dict(a_ptr=P, dr_ptr=P, e_ptr=P, g_ptr=P, we_ptr=P, wdw_ptr=P, al_ptr=P, da_ptr=P, pwe_ptr=P,
-                            pbe_ptr=P, pwdw_ptr=P, N=N, H=H, RH=RH, RHP=48, RELU_E=True, KS=3, HP=16, CC=16, P=p),
-          num_warps=w, num_stages=2, ptr_types={"a_ptr": "*bf16", "da_ptr": "*bf16"})
+                            pbe_ptr=P, pwdw_ptr=P, N=N, H=H, RH=RH, RHP=48, RELU_E=True, KS=3, PREC=prec, HP=16, CC=16,
+                            P=p), num_warps=w, num_stages=2, ptr_types={"a_ptr": "*bf16", "da_ptr": "*bf16"})
 # every pass (mode 3 writes the Y3 buffer, later modes read it), then the X2 passes on halo tiles
 # (REFINER_TRITON_TRAIN_X2=halo) and from a stored E (=split)
 # (REFINER_TRITON_TRAIN_DOT=tf32: the stencil passes and B3 with TF32 dots on bf16 maps; =tf32x3: 3xTF32)

@@ -439,12 +439,14 @@ if triton is not None:
 
     @triton.jit
     def _re_bwd_g(a_ptr, dr_ptr, e_ptr, g_ptr, wdw_ptr, bdw_ptr, wp_ptr, al_ptr, ps_ptr, pbdw_ptr, ph_ptr,
-                  N, H, RH, RHP, KS: tl.constexpr, HP: tl.constexpr, CC: tl.constexpr, P: tl.constexpr):
+                  N, H, RH, RHP, KS: tl.constexpr, PREC: tl.constexpr, HP: tl.constexpr, CC: tl.constexpr,
+                  P: tl.constexpr):
         """The split backward's first pass, at P flat positions of one image: X = dw_k(E) + b_dw from
         the stored E, D = relu6(X), and G = dL/dX = [0 < X < 6] (alpha W_p)^T dR, stored (g_ptr,
         laid out as E) for the second pass; per-program partial sums of S = dR D^T, db_dw = sum G
         and per head sum dR A and sum dR. The host forms dW_p = alpha S, dalpha = sum dR A + b_p
-        sum dR + sum_c W_p S (Y = W_p D never formed) and db_p = alpha sum dR. IEEE dots."""
+        sum dR + sum_c W_p S (Y = W_p D never formed) and db_p = alpha sum dR. Dots at PREC
+        (backward_precision)."""
         b, prog, q, hh, mh, valid, m2, hq = flat_block(N, H, HP, P)
         row = q // N
         col = q % N
@@ -460,10 +462,10 @@ if triton is not None:
             x = stencil_loaded(ebase, row, col, valid, mc, wdw_ptr, cc, N, KS, CC, P) + bdw[:, None]
             d = tl.where(mcq, tl.minimum(tl.maximum(x, 0.0), 6.0), 0.0)
             tl.store(ps_ptr + prog * HP * RHP + hh[:, None] * RHP + cc[None, :],
-                     tl.dot(dr, tl.trans(d), input_precision="ieee"))
+                     dot(dr, tl.trans(d), PREC))
             awpt = tl.load(wp_ptr + hh[None, :] * RH + cc[:, None], mask=mh[None, :] & mc[:, None],
                            other=0.0).to(tl.float32) * alpha[None, :]
-            g = tl.where(mcq & (x > 0.0) & (x < 6.0), tl.dot(awpt, dr, input_precision="ieee"), 0.0)
+            g = tl.where(mcq & (x > 0.0) & (x < 6.0), dot(awpt, dr, PREC), 0.0)
             tl.store(gbase + (cc[:, None] * (N * N) + q[None, :]), g, mask=mcq)
             tl.store(pbdw_ptr + prog * RHP + cc, tl.sum(g, axis=1))
         a0 = tl.load(a_ptr + hq, mask=m2, other=0.0).to(tl.float32)
@@ -472,8 +474,8 @@ if triton is not None:
 
     @triton.jit
     def _re_bwd_a(a_ptr, dr_ptr, e_ptr, g_ptr, we_ptr, wdw_ptr, al_ptr, da_ptr, pwe_ptr, pbe_ptr, pwdw_ptr,
-                  N, H, RH, RHP, RELU_E: tl.constexpr, KS: tl.constexpr, HP: tl.constexpr, CC: tl.constexpr,
-                  P: tl.constexpr):
+                  N, H, RH, RHP, RELU_E: tl.constexpr, KS: tl.constexpr, PREC: tl.constexpr, HP: tl.constexpr,
+                  CC: tl.constexpr, P: tl.constexpr):
         """The split backward's second pass, at P flat positions of one image: dE = dw_k^T(G) (G loaded
         at the negated shifts, 0 outside the map), dX1 = [0 < E < 6] dE, dA = alpha dR + W_e^T dX1
         (stored in A's dtype); per-program partial sums of dW_e = sum dX1 A^T, db_e = sum dX1 and
@@ -494,9 +496,9 @@ if triton is not None:
                                P, RELU_E)
             we = tl.load(we_ptr + cc[:, None] * H + hh[None, :], mask=mc[:, None] & mh[None, :],
                          other=0.0).to(tl.float32)
-            da += tl.dot(tl.trans(we), de, input_precision="ieee")
+            da += dot(tl.trans(we), de, PREC)
             tl.store(pwe_ptr + prog * RHP * HP + cc[:, None] * HP + hh[None, :],
-                     tl.dot(de, tl.trans(a0), input_precision="ieee"))
+                     dot(de, tl.trans(a0), PREC))
             tl.store(pbe_ptr + prog * RHP + cc, tl.sum(de, axis=1))
         tl.store(da_ptr + hq, da.to(da_ptr.dtype.element_ty), mask=m2)
 
@@ -570,6 +572,13 @@ def backward_variant() -> str:
     if mode not in ("offsets", "split"):
         raise ValueError(f"REFINER_TRITON_REFINE_BWD: expected 'offsets' or 'split', got {mode!r}")
     return mode
+
+
+def backward_precision(attn) -> str:
+    """The dots of REFINER_TRITON_REFINE_BWD=split: TF32 for bf16 maps (as refine_train's default,
+    see kernels_refine_train._dot_precision: TF32's 10 mantissa bits against bf16's 8), IEEE fp32
+    otherwise. The recompute of R for dv stays IEEE."""
+    return "tf32" if attn.dtype == torch.bfloat16 else "ieee"
 
 
 MAX_GRID_Y = 65535  # CUDA's limit on a grid's second dimension (the split forward's batch axis)
@@ -725,11 +734,12 @@ def _dla_bwd_split(attn, dr, we, be, w_dw, b_dw, w_pro, b_pro, alpha, relu):
     parts = (pwe, pbe, pwdw, pbdw, ps, ph)
     sums = [torch.zeros(t.shape[1:], **f32) for t in parts]
     wdw, bdw, wp = w_dw.contiguous(), b_dw.contiguous(), w_pro.contiguous()
-    launch = dict(KS=KS, HP=HP, CC=CC, P=P, num_warps=num_warps_for(HP * P), num_stages=2)
+    prec = backward_precision(attn)
+    launch = dict(KS=KS, PREC=prec, HP=HP, CC=CC, P=P, num_warps=num_warps_for(HP * P), num_stages=2)
     for lo in range(0, B, per):
         hi = min(B, lo + per)
         a, d = attn[lo:hi], dr[lo:hi]
-        expand_into(e, a, we, be, relu, "ieee")
+        expand_into(e, a, we, be, relu, prec)
         _re_bwd_g[(nb, hi - lo)](a, d, e, g, wdw, bdw, wp, alpha.contiguous(), ps, pbdw, ph, N, H, RH, RHP,
                                  **launch)
         _re_bwd_a[(nb, hi - lo)](a, d, e, g, we, wdw, alpha.contiguous(), da[lo:hi], pwe, pbe, pwdw, N, H, RH, RHP,

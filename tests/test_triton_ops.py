@@ -109,6 +109,27 @@ def test_refine_eval(monkeypatch, fwd, bwd, N, d, ratio, ks, dtype):
         _close(a, b, dtype, "d" + name)
 
 
+@pytest.mark.parametrize("N,d,ratio,ks", [(17, 35, 3, 3), (20, 32, 3, 5)])
+def test_refine_eval_split_backward_tf32(monkeypatch, N, d, ratio, ks):
+    """REFINER_TRITON_REFINE_BWD=split takes TF32 dots for bf16 maps (backward_precision); bf16 is
+    wrong under the interpreter, so an fp16 map with TF32 forced (emulated: tests/tf32_emulation.py)
+    must pass the fp16 tolerances of test_refine_eval, and the dots must have been TF32 ones."""
+    from refiner_kernels import kernels_refine_eval
+    monkeypatch.setenv("REFINER_TRITON_REFINE_BWD", "split")
+    asked = []
+
+    def tf32(attn):
+        asked.append(attn.dtype)
+        return "tf32"
+    monkeypatch.setattr(kernels_refine_eval, "backward_precision", tf32)
+    test_refine_eval(monkeypatch, "split", "split", N, d, ratio, ks, torch.float16)
+    assert asked == [torch.float16]
+    assert kernels_refine_eval.backward_precision is tf32
+    monkeypatch.undo()
+    assert [kernels_refine_eval.backward_precision(torch.zeros(1, dtype=t)) for t in
+            (torch.bfloat16, torch.float16, torch.float32)] == ["tf32", "ieee", "ieee"]
+
+
 @pytest.mark.parametrize("variant", ["split", "tile"])
 def test_refine_eval_border_padding(monkeypatch, variant):
     """Padded E is 0 at the border, not relu6(b_exp): a large positive b_exp exposes it."""
