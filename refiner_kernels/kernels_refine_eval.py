@@ -422,7 +422,6 @@ if triton is not None:
         tl.store(da_ptr + base_a + (hoff + (row * N + col)[None, :]), da.to(da_ptr.dtype.element_ty),
                  mask=mh[:, None] & own[None, :])
 
-
     @triton.jit
     def flat_block(N, H, HP: tl.constexpr, P: tl.constexpr):
         """A program's block of P flat positions q of image b = program_id(1) (block program_id(0)):
