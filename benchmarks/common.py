@@ -19,6 +19,7 @@ import sys
 import time
 from pathlib import Path
 from typing import Callable, Dict, Iterable, List, Optional, Tuple
+from unittest import mock
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
@@ -132,18 +133,9 @@ class EnvVariant:
     def applies(self, op: str) -> bool:
         return self.ops is None or op in self.ops
 
-    @contextlib.contextmanager
     def active(self):
-        saved = {k: os.environ.get(k) for k in self.env}
-        os.environ.update(self.env)
-        try:
-            yield
-        finally:
-            for k, v in saved.items():
-                if v is None:
-                    os.environ.pop(k, None)
-                else:
-                    os.environ[k] = v
+        """A context with the variant's environment set (restored after)."""
+        return mock.patch.dict(os.environ, self.env)
 
 
 def env_variant(spec: str) -> EnvVariant:

@@ -4,8 +4,8 @@ Forward outputs and every gradient. Profiles (conftest.py): "ci" (default, few e
 (REFINER_HYPOTHESIS_PROFILE=long, for GPU rounds; REFINER_CPU_PORTABLE=1 picks the CPU path with
 the CUDA kernels' arithmetic).
 """
-import contextlib
 import os
+from unittest import mock
 
 import pytest
 import torch
@@ -23,22 +23,6 @@ SPLIT = {"REFINER_TRITON_REFINE_BWD": "split", "REFINER_TRITON_TRAIN_X2": "split
 GRAD_VARIANTS = [pytest.param(p.values[0], {}, marks=p.marks, id=p.values[0]) for p in BACKENDS] + [
     pytest.param(p.values[0], SPLIT, marks=p.marks, id=p.values[0] + "-split") for p in BACKENDS
     if p.values[0] == "triton"]
-
-
-@contextlib.contextmanager
-def _env(values):
-    """os.environ with `values` set, restored after (hypothesis runs many examples per test call,
-    so no function-scoped monkeypatch)."""
-    old = {k: os.environ.get(k) for k in values}
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 # Half-precision tolerances: inputs are rounded first, so the only differences are the
 # kernels' own roundings (fp32 accumulation) vs the reference's, a few ulps of the output.
 TOL = {torch.float32: (1e-4, 1e-5), torch.float16: (2e-2, 2e-3), torch.bfloat16: (5e-2, 2e-2)}
@@ -127,7 +111,7 @@ def test_refine_eval_grad_property(backend, env, B, H, N, d, ratio, kernel, seed
         return torch.autograd.grad(out, ts, gout.to(out.dtype))
 
     ref = lambda a, v, fd: reference.refine_eval(a, v, *fd.args()[:-1], fd.expand)  # noqa: E731
-    with _env(env):
+    with mock.patch.dict(os.environ, env):  # (hypothesis: no function-scoped monkeypatch)
         got = run(leaves, lambda a, v, fd: ops.refine_eval(a, v, fd, backend=backend))
     ref32 = run(leaves, ref)
     want = run([t.double() for t in leaves], ref)
@@ -157,7 +141,7 @@ def test_refine_train_grad_property(backend, env, B, H, N, d, ratio, kernel, see
         return torch.autograd.grad(out, [ts[i] for i in used], gout.to(out.dtype))
 
     ref = lambda a, v, *p: reference.refine_train(a, v, *p, 1e-5, 0.3, expand)  # noqa: E731
-    with _env(env):
+    with mock.patch.dict(os.environ, env):  # (hypothesis: no function-scoped monkeypatch)
         got = run(leaves, lambda a, v, *p: ops.refine_train(a, v, *p, eps=1e-5, scale=0.3, expand=expand,
                                                             backend=backend))
     ref32 = run(leaves, ref)
