@@ -26,8 +26,8 @@ dR = dO v^T by a batched matmul kernel, then one kernel per halo-extended tile r
 D, forms g = dL/d(dw_k(E)) on the extended tile, stages E (for dW_dw) and then g (for the
 transposed stencil) through a small per-program scratch buffer (CC x P floats, reused across
 channel chunks), and produces dA plus per-program partial weight gradients (summed afterwards;
-deterministic). Candidate REFINER_TRITON_REFINE_BWD=split (backward_variant): E stored per
-L2-sized batch chunk and two passes over flat position blocks instead.
+deterministic). Candidate REFINER_TRITON_REFINE_BWD=split (backward_variant): per L2-sized batch
+chunk, E stored once for R's recompute and two gradient passes over flat position blocks instead.
 """
 from __future__ import annotations
 
@@ -558,15 +558,17 @@ def forward_variant() -> str:
 
 
 def backward_variant() -> str:
-    """REFINER_TRITON_REFINE_BWD, the backward's gradient kernels: "offsets" (default: one kernel
-    over halo tiles, _re_bwd, the expansion recomputed at each of the k*k shifts, E and the
-    stencil's gradient staged through a per-program scratch) or "split" (a candidate, not yet timed
-    on a GPU; _dla_bwd_split: per batch chunk, E stored in fp32 by one expansion, then two passes
-    over flat position blocks as the split forward's, the first storing G = dL/d dw_k(E), the
-    second reading E and G at the shifts: no halo tiles, no scratch, no barriers; an L2-sized
-    workspace). The backward was 20x its forward's time on the H100 (B=32, N=197, bf16: 10.4 ms
-    fwd+bwd against 0.50 fwd, round 3); its kernel runs at 255 registers with ~780 bytes of spills
-    (sm_90), and the k*k recomputed expansions are most of its dots."""
+    """REFINER_TRITON_REFINE_BWD: "offsets" (default: R recomputed by the forward into an fp32
+    map, dv and dR by batched matmuls, then one gradient kernel over halo tiles, _re_bwd, that
+    recomputes the expansion at each of the k*k shifts and stages E and the stencil's gradient
+    through a per-program scratch) or "split" (a candidate, not yet timed on a GPU; _bwd_split:
+    per batch chunk, E stored in fp32 by one expansion serves R's recompute, dv and dR of the
+    chunk, then two passes over flat position blocks, the first storing G = dL/d dw_k(E), the
+    second reading E and G at the shifts: no halo tiles, no scratch, no barriers, no map-sized
+    temporaries; an L2-sized workspace). The backward was 20x its forward's time on the H100
+    (B=32, N=197, bf16: 10.4 ms fwd+bwd against 0.50 fwd, round 3); its kernel runs at 255
+    registers with ~780 bytes of spills (sm_90), and the k*k recomputed expansions are most of its
+    dots."""
     mode = os.environ.get("REFINER_TRITON_REFINE_BWD", "offsets")
     if mode not in ("offsets", "split"):
         raise ValueError(f"REFINER_TRITON_REFINE_BWD: expected 'offsets' or 'split', got {mode!r}")
@@ -574,9 +576,9 @@ def backward_variant() -> str:
 
 
 def backward_precision(attn) -> str:
-    """The dots of REFINER_TRITON_REFINE_BWD=split: TF32 for bf16 maps (as refine_train's default,
-    see kernels_refine_train._dot_precision: TF32's 10 mantissa bits against bf16's 8), IEEE fp32
-    otherwise. The recompute of R for dv stays IEEE."""
+    """The gradient passes' dots of REFINER_TRITON_REFINE_BWD=split: TF32 for bf16 maps (as
+    refine_train's default, see kernels_refine_train._dot_precision: TF32's 10 mantissa bits
+    against bf16's 8), IEEE fp32 otherwise. E's expansion and R's recompute (for dv) stay IEEE."""
     return "tf32" if attn.dtype == torch.bfloat16 else "ieee"
 
 
@@ -643,7 +645,6 @@ def _split_r(attn, we, be, w_dw, b_dw, w_pro, b_pro, alpha, beta, relu, prec, r_
     r_dtype) stays under SPLIT_E_BYTES (split_images)."""
     B, H, N, _ = attn.shape
     RH, KS = w_dw.shape[0], w_dw.shape[-1]
-    HP = max(16, next_pow2(H))
     per = split_images(B, RH, N, torch.empty((), dtype=r_dtype).element_size())
     r = torch.empty(B, H, N, N, dtype=r_dtype, device=attn.device)
     e = torch.empty(min(B, per), RH, N, N, dtype=r_dtype, device=attn.device)
@@ -651,17 +652,24 @@ def _split_r(attn, we, be, w_dw, b_dw, w_pro, b_pro, alpha, beta, relu, prec, r_
               beta.contiguous())
     for lo in range(0, B, per):
         hi = min(B, lo + per)
-        a, rc = attn[lo:hi], r[lo:hi]
-        expand_into(e, a, we, be, relu, prec)
-        if use_tuned(_re_stencil_reduce_tuned, attn):
-            _re_stencil_reduce_tuned[lambda META: (triton.cdiv(N * N, META["P"]), hi - lo)](
-                a, e, *params, rc, N, H, RH, KS=KS, PREC=prec, HP=HP)
-        else:
-            P = split_p()
-            _re_stencil_reduce[(triton.cdiv(N * N, P), hi - lo)](
-                a, e, *params, rc, N, H, RH, KS=KS, PREC=prec, HP=HP, CC=SPLIT_CC, P=P, UNROLL=SPLIT_UNROLL,
-                num_warps=num_warps_for(HP * P), num_stages=2)
+        expand_into(e, attn[lo:hi], we, be, relu, prec)
+        stencil_reduce_into(r[lo:hi], attn[lo:hi], e, params, KS, prec)
     return r
+
+
+def stencil_reduce_into(r, a, e, params, KS, prec):
+    """R of the images of `a` into r (their E stored in e by expand_into) by _re_stencil_reduce;
+    params: w_dw, b_dw, w_pro, b_pro, alpha, beta (contiguous)."""
+    n_img, H, N, _ = a.shape
+    RH, HP = e.shape[1], max(16, next_pow2(H))
+    if use_tuned(_re_stencil_reduce_tuned, a):
+        _re_stencil_reduce_tuned[lambda META: (triton.cdiv(N * N, META["P"]), n_img)](
+            a, e, *params, r, N, H, RH, KS=KS, PREC=prec, HP=HP)
+    else:
+        P = split_p()
+        _re_stencil_reduce[(triton.cdiv(N * N, P), n_img)](
+            a, e, *params, r, N, H, RH, KS=KS, PREC=prec, HP=HP, CC=SPLIT_CC, P=P, UNROLL=SPLIT_UNROLL,
+            num_warps=num_warps_for(HP * P), num_stages=2)
 
 
 def refine_eval_fwd(attn, v, w_exp, b_exp, w_dw, b_dw, w_pro, b_pro, alpha, beta, expand,
@@ -710,11 +718,13 @@ def _bwd_tiles(N: int, KS: int):
     return tm, tm  # (HP x 256) fp32 tiles for k <= 7; the backward keeps ~10 of them live
 
 
-def _dla_bwd_split(attn, dr, we, be, w_dw, b_dw, w_pro, b_pro, alpha, relu):
-    """REFINER_TRITON_REFINE_BWD=split: per batch chunk whose E and G (fp32) stay in L2, E stored by
-    _re_expand, then _re_bwd_g (G stored) and _re_bwd_a over flat position blocks, no halo tiles and
-    no scratch. Returns the gradients as refine_eval_dla_bwd does (per-program partial sums added
-    up here: deterministic)."""
+def _bwd_split(dout, attn, v, we, be, w_dw, b_dw, w_pro, b_pro, alpha, beta, relu):
+    """REFINER_TRITON_REFINE_BWD=split, the whole backward per batch chunk whose E and G (fp32) stay
+    in L2: E stored once (IEEE dots) serves R's recompute (_re_stencil_reduce; then dv = R^T dO and
+    dR = dO v^T of the chunk) and the gradient passes over flat position blocks, _re_bwd_g (G
+    stored) and _re_bwd_a: no halo tiles, no scratch, no map-sized temporaries. Returns dA, dv and
+    the weight gradients as refine_eval_dla_bwd's (per-program partial sums added up here:
+    deterministic)."""
     B, H, N, _ = attn.shape
     RH, KS = w_dw.shape[0], w_dw.shape[-1]
     HP = max(16, next_pow2(H))
@@ -725,33 +735,38 @@ def _dla_bwd_split(attn, dr, we, be, w_dw, b_dw, w_pro, b_pro, alpha, relu):
     f32 = dict(dtype=torch.float32, device=attn.device)
     e = torch.empty(min(B, per), RH, N, N, **f32)
     g = torch.empty_like(e)
+    r = torch.empty(min(B, per), H, N, N, **f32)
     da = torch.empty(B, H, N, N, dtype=attn.dtype, device=attn.device)
+    dv = torch.empty_like(v)
     nprog = nb * min(B, per)
     ps, pbdw, ph = torch.empty(nprog, HP, RHP, **f32), torch.empty(nprog, RHP, **f32), torch.empty(nprog, 2, HP, **f32)
     pwe, pbe, pwdw = (torch.empty(nprog, RHP, HP, **f32), torch.empty(nprog, RHP, **f32),
                       torch.empty(nprog, RHP, KS * KS, **f32))
     parts = (pwe, pbe, pwdw, pbdw, ps, ph)
     sums = [torch.zeros(t.shape[1:], **f32) for t in parts]
-    wdw, bdw, wp = w_dw.contiguous(), b_dw.contiguous(), w_pro.contiguous()
+    params = [t.contiguous() for t in (w_dw, b_dw, w_pro, b_pro, alpha, beta)]
+    wdw, bdw, wp, al = params[0], params[1], params[2], params[4]
     prec = backward_precision(attn)
     launch = dict(KS=KS, PREC=prec, HP=HP, CC=CC, P=P, num_warps=num_warps_for(HP * P), num_stages=2)
     for lo in range(0, B, per):
         hi = min(B, lo + per)
-        a, d = attn[lo:hi], dr[lo:hi]
-        expand_into(e, a, we, be, relu, prec)
-        _re_bwd_g[(nb, hi - lo)](a, d, e, g, wdw, bdw, wp, alpha.contiguous(), ps, pbdw, ph, N, H, RH, RHP,
-                                 **launch)
-        _re_bwd_a[(nb, hi - lo)](a, d, e, g, we, wdw, alpha.contiguous(), da[lo:hi], pwe, pbe, pwdw, N, H, RH, RHP,
+        a, do, rc = attn[lo:hi], dout[lo:hi], r[:hi - lo]
+        expand_into(e, a, we, be, relu, "ieee")
+        stencil_reduce_into(rc, a, e, params, KS, "ieee")  # R in fp32 (IEEE) for dv, as the default's
+        dv[lo:hi] = bmm(rc.transpose(-1, -2), do, out_dtype=v.dtype)
+        d = bmm(do, v[lo:hi].transpose(-1, -2), out_dtype=torch.float32)
+        _re_bwd_g[(nb, hi - lo)](a, d, e, g, wdw, bdw, wp, al, ps, pbdw, ph, N, H, RH, RHP, **launch)
+        _re_bwd_a[(nb, hi - lo)](a, d, e, g, we, wdw, al, da[lo:hi], pwe, pbe, pwdw, N, H, RH, RHP,
                                  RELU_E=relu, **launch)
         used = nb * (hi - lo)
         for acc, t in zip(sums, parts):
             acc += t[:used].sum(0)
     pwe, pbe, pwdw, pbdw, ps, ph = sums
     S, sum_dra, dbeta = ps[:H, :RH], ph[0, :H], ph[1, :H]
-    al = alpha.float()
+    alf = alpha.float()
     dalpha = sum_dra + b_pro.float() * dbeta + (w_pro.float() * S).sum(1)
-    return (da, pwe[:RH, :H], pbe[:RH], pwdw[:RH].reshape(RH, KS, KS), pbdw[:RH], al[:, None] * S, al * dbeta,
-            dalpha, dbeta.clone())  # (a custom op's outputs may not alias: dbeta is a view of ph's sum)
+    return (da, dv, pwe[:RH, :H], pbe[:RH], pwdw[:RH].reshape(RH, KS, KS), pbdw[:RH], alf[:, None] * S,
+            alf * dbeta, dalpha, dbeta.clone())  # (a custom op's outputs may not alias: dbeta is a view)
 
 
 def refine_eval_dla_bwd(attn, dr, w_exp, b_exp, w_dw, b_dw, w_pro, b_pro, alpha, expand):
@@ -763,12 +778,6 @@ def refine_eval_dla_bwd(attn, dr, w_exp, b_exp, w_dw, b_dw, w_pro, b_pro, alpha,
     we, be, relu = _prep(attn, w_exp, b_exp, expand)
     RH = w_dw.shape[0]
     KS = w_dw.shape[-1]
-    if backward_variant() == "split" and RH * N * N <= SPLIT_MAX_MAP:
-        da, dwe, dbe, *rest = _dla_bwd_split(attn, dr, we, be, w_dw, b_dw, w_pro, b_pro, alpha, relu)
-        if not expand:
-            dwe = torch.zeros_like(w_exp, dtype=torch.float32)
-            dbe = torch.zeros_like(b_exp, dtype=torch.float32)
-        return (da, dwe, dbe, *rest)
     PAD = KS // 2
     TM, TJ = _bwd_tiles(N, KS)
     HP = max(16, next_pow2(H))
@@ -811,12 +820,21 @@ def refine_eval_dla_bwd(attn, dr, w_exp, b_exp, w_dw, b_dw, w_pro, b_pro, alpha,
 
 
 def refine_eval_bwd(dout, attn, v, w_exp, b_exp, w_dw, b_dw, w_pro, b_pro, alpha, beta, expand):
-    r = refine_eval_fwd(attn, v, w_exp, b_exp, w_dw, b_dw, w_pro, b_pro, alpha, beta, expand,
-                        store_r=True)
     dout = dout.contiguous()
-    dv = bmm(r.transpose(-1, -2), dout, out_dtype=v.dtype)
-    dr = bmm(dout, v.transpose(-1, -2), out_dtype=torch.float32)
-    grads = refine_eval_dla_bwd(attn, dr, w_exp, b_exp, w_dw, b_dw, w_pro, b_pro, alpha, expand)
-    da = grads[0]
-    ws = [g.to(w.dtype) for g, w in zip(grads[1:], (w_exp, b_exp, w_dw, b_dw, w_pro, b_pro, alpha, beta))]
+    RH, N = w_dw.shape[0], attn.shape[-1]
+    if backward_variant() == "split" and RH * N * N <= SPLIT_MAX_MAP:
+        check_device(attn, v)
+        check_image_map(attn)
+        attn, v = attn.contiguous(), v.contiguous()
+        we, be, relu = _prep(attn, w_exp, b_exp, expand)
+        da, dv, *grads = _bwd_split(dout, attn, v, we, be, w_dw, b_dw, w_pro, b_pro, alpha, beta, relu)
+        if not expand:
+            grads[:2] = [torch.zeros_like(w_exp, dtype=torch.float32), torch.zeros_like(b_exp, dtype=torch.float32)]
+    else:
+        r = refine_eval_fwd(attn, v, w_exp, b_exp, w_dw, b_dw, w_pro, b_pro, alpha, beta, expand,
+                            store_r=True)
+        dv = bmm(r.transpose(-1, -2), dout, out_dtype=v.dtype)
+        dr = bmm(dout, v.transpose(-1, -2), out_dtype=torch.float32)
+        da, *grads = refine_eval_dla_bwd(attn, dr, w_exp, b_exp, w_dw, b_dw, w_pro, b_pro, alpha, expand)
+    ws = [g.to(w.dtype) for g, w in zip(grads, (w_exp, b_exp, w_dw, b_dw, w_pro, b_pro, alpha, beta))]
     return (da, dv, *ws)
