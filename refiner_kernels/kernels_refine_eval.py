@@ -616,30 +616,6 @@ def expand_into(e, a, we, be, relu, prec, ks=None):
                                                     num_stages=1)
 
 
-class StoredE:
-    """The split passes' E workspace (fp32, rH N^2 per image, SPLIT_E_BYTES at most): chunks() cuts
-    batch chunks to the images it holds, expand(lo, hi) stores E of images lo:hi and returns it as
-    the kernels' e_ptr. Off (on=False), the map stands in for e_ptr, unused."""
-
-    def __init__(self, attn, we, be, relu, on, ks=None):
-        B, _, N, _ = attn.shape
-        RH = we.shape[0]
-        self.attn, self.we, self.be, self.ks, self.relu, self.on = attn, we, be, ks, relu, on
-        self.per = split_images(B, RH, N, 4) if on else B
-        self.buf = torch.empty(min(B, self.per), RH, N, N, dtype=torch.float32, device=attn.device) if on else None
-
-    def chunks(self, chunks):
-        for lo, hi in chunks:
-            for b0 in range(lo, hi, self.per):
-                yield b0, min(hi, b0 + self.per)
-
-    def expand(self, lo, hi, prec):
-        if not self.on:
-            return self.attn
-        expand_into(self.buf, self.attn[lo:hi], self.we, self.be, self.relu, prec, self.ks)
-        return self.buf
-
-
 def _split_r(attn, we, be, w_dw, b_dw, w_pro, b_pro, alpha, beta, relu, prec, r_dtype):
     """R (r_dtype, A-sized) by _re_expand then _re_stencil_reduce over batch chunks whose E (in
     r_dtype) stays under SPLIT_E_BYTES (split_images)."""

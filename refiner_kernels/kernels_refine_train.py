@@ -56,7 +56,7 @@ from ._common import (batch_chunks, check_device, check_image_map, gpu_autotune,
                       triton, tl, use_tuned)
 from .blocks import bmm
 from . import kernels_refine_eval as _eval
-from .kernels_refine_eval import SPLIT_MAX_MAP, StoredE, split_images, split_p
+from .kernels_refine_eval import SPLIT_MAX_MAP, split_images, split_p
 
 CC = 16
 # rows of the per-head constant pack
@@ -466,6 +466,30 @@ def _x2_mode(RH: int, N: int) -> str:
     return mode
 
 
+class _StoredE:
+    """The split X2 passes' E workspace (fp32, rH N^2 per image, SPLIT_E_BYTES at most): chunks()
+    cuts batch chunks to the images it holds, expand(lo, hi) stores E of images lo:hi and returns it
+    as the kernels' e_ptr. Off (on=False), the map stands in for e_ptr, unused."""
+
+    def __init__(self, attn, we, be, relu, on, ks=None):
+        B, _, N, _ = attn.shape
+        RH = we.shape[0]
+        self.attn, self.we, self.be, self.ks, self.relu, self.on = attn, we, be, ks, relu, on
+        self.per = split_images(B, RH, N, 4) if on else B
+        self.buf = torch.empty(min(B, self.per), RH, N, N, dtype=torch.float32, device=attn.device) if on else None
+
+    def chunks(self, chunks):
+        for lo, hi in chunks:
+            for b0 in range(lo, hi, self.per):
+                yield b0, min(hi, b0 + self.per)
+
+    def expand(self, lo, hi, prec):
+        if not self.on:
+            return self.attn
+        _eval.expand_into(self.buf, self.attn[lo:hi], self.we, self.be, self.relu, prec, self.ks)
+        return self.buf
+
+
 PROFILE_PREFIX = "refine_train pass "  # profiler ranges of the passes (benchmarks/profile_models.py)
 _PASS_NAMES = {1: "F1 moments of A", 2: "F2 BN2 stats (X2)", 3: "F3 Y3 + BN3 stats", 6: "F4 BN_a stats",
                7: "F5 R", 4: "B1 sums", 5: "B2 dY3 dW_p dD", "b3": "B3 dX2 dW_dw dA", "rv": "F6 out = R v",
@@ -537,7 +561,7 @@ def _launch_tile(mode, attn, dr, we, be, wdw, wp, cv, hv, ks, scale, relu, y3=No
     chunks = list(batch_chunks(B, ppi, CC * TM * TJ * 4)) if halo else [(0, B)]
     scr = torch.empty(ppi * max(hi - lo for lo, hi in chunks), CC, TM * TJ, dtype=torch.float32,
                       device=dev) if halo else part  # (unused without halo tiles)
-    stored = StoredE(attn, we, be, relu, split, ks)
+    stored = _StoredE(attn, we, be, relu, split, ks)
     if use_tuned(_rt_tile_tuned, attn) and not halo:
         kernel, launch = _rt_tile_tuned, {}
     else:  # scratch staging (halo): no pipelining across barriers
