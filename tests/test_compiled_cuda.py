@@ -10,8 +10,8 @@ import torch
 from conftest import requires_cuda
 from refiner import _compiled as C
 from refiner import reference as R
-from test_compiled_ops import (REFINE_CASES, REFINE_NAMES, TRAIN_CASES, TRAIN_NAMES, _opcheck_cases, assert_close, check_train,
-                               compare, grads, refine_inputs, softmax_inputs, train_inputs)
+from test_compiled_ops import (REFINE_CASES, REFINE_NAMES, TRAIN_CASES, TRAIN_NAMES, _opcheck_cases, _train_fns, assert_close,
+                               check_train, compare, grads, refine_inputs, softmax_inputs, train_inputs)
 from utils import check_tensor_core_refine, check_tensor_core_refine_backward, check_tensor_core_softmax
 
 pytestmark = [
@@ -171,14 +171,31 @@ def test_refine_eval_large_batch_grid():
         assert_close(C.refine_eval(*args, expand), R.refine_eval(*args, expand), 1e-4, 1e-5)
 
 
-@pytest.mark.parametrize("path", ["stream", "chunk"])
+@pytest.mark.parametrize("path", ["stream", "stream-cuda-cores", "chunk"])
 @pytest.mark.parametrize("B,H,N,d,ratio,k", TRAIN_CASES)
 def test_refine_train_fp32(monkeypatch, path, B, H, N, d, ratio, k):
-    """Both CUDA training paths: the streamed tile kernels (cuda/train_cuda.cu) and the ATen chunk passes."""
-    monkeypatch.setenv("REFINER_TRAIN_PATH", path)
+    """The CUDA training paths: the streamed passes on the tensor cores (cuda/train_tc.cuh, H <= 16) and
+    on the CUDA cores (cuda/train_cuda.cu), and the ATen chunk passes."""
+    monkeypatch.setenv("REFINER_TRAIN_PATH", path.split("-")[0])
+    monkeypatch.setenv("REFINER_CUDA_TENSOR_CORES", "0" if path.endswith("cores") else "1")
     args, expand = train_inputs(B, H, N, d, ratio, k, torch.float32, device=DEV)
     check_train(lambda *a: C.refine_train(*a, 1e-5, 0.2, expand)[0],
                 lambda *a: R.refine_train(*a, 1e-5, 0.2, expand)[0], args)
+
+
+@pytest.mark.large
+def test_refine_train_tensor_cores_vit_s(monkeypatch):
+    """Refiner-ViT-S's refine (H = 12, ratio 3, k = 3, N = 197) in training: the tensor-core passes'
+    output and gradients against fp64 (check_train's fp32 tolerances) and bit for bit the same over
+    two runs (per-block fp64 partials summed on the host, no atomics)."""
+    monkeypatch.setenv("REFINER_CUDA_TENSOR_CORES", "1")
+    args, expand = train_inputs(4, 12, 197, 32, 3, 3, torch.float32, device=DEV)
+    fused, ref = _train_fns(expand, 0.2)
+    check_train(fused, ref, args)
+    g = torch.randn(4, 12, 197, 32, device=DEV)
+    first, second = grads(fused, args, [g])[1], grads(fused, args, [g])[1]
+    for name, a, b in zip(TRAIN_NAMES, first, second):
+        assert torch.equal(a, b), f"grad {name} differs between two identical runs"
 
 
 def test_building_blocks():

@@ -113,6 +113,7 @@ def check_pass(op, which, B, H, N, ratio, k, dtype, seed=0, schedules=None):
     for n, a, e in zip(names, got, ref):
         assert not a.isnan().any(), n
         assert_close(a, e, tol, tol, f"{which} {n}")
+    return got
 
 
 PASS_CASES = [  # B, H, N, ratio, k: N = 1 (smaller than the kernel), 33 and 40 (partial 32-column and
@@ -173,6 +174,61 @@ def test_cuda_train_pass_missing_tensor(E):
     p["k2"] = None
     with pytest.raises(RuntimeError, match="pass 3 needs k2"):
         run_pass(E._train_pass, "dw_grad", A, p, gy3, gz, True)
+
+
+# ----------------------------------------------------------------------------- the tensor-core passes
+# fp32 maps with H <= 16 and k <= 7 run on csrc/cuda/train_tc.cuh (3xTF32) unless
+# REFINER_CUDA_TENSOR_CORES=0. N = 17 and 40 cross the 8-row and 32-column tiles; (12, ratio 3) is
+# Refiner-ViT-S's shape (36 channels: a partial last 16-channel chunk), (16, ratio 6) six chunks of
+# a full m16 tile of heads; N = 1 is smaller than the kernel.
+TC_PASS_CASES = [(2, 12, 17, 3, 3), (1, 16, 40, 6, 5), (1, 4, 33, 1, 3), (2, 3, 9, 2, 7), (1, 5, 20, 3, 1),
+                 (1, 1, 1, 3, 3), (1, 16, 12, 1, 7)]
+
+
+@pytest.mark.parametrize("which", PASSES)
+@pytest.mark.parametrize("B,H,N,ratio,k", TC_PASS_CASES)
+def test_cuda_train_pass_tensor_cores(E, monkeypatch, which, B, H, N, ratio, k):
+    """fp32 against fp64 with the CUDA-core kernel's tolerance, three fiber orders bitwise equal (no
+    missing barrier between the warps' mma steps), beside the CUDA-core kernel's result."""
+    if which == "exp_grad" and ratio == 1:
+        pytest.skip("no expansion: the pass does not exist")
+    monkeypatch.setenv("REFINER_CUDA_TENSOR_CORES", "1")
+    tc = check_pass(E._train_pass, which, B, H, N, ratio, k, torch.float32, schedules=lambda f: on_schedules(E, f))
+    monkeypatch.setenv("REFINER_CUDA_TENSOR_CORES", "0")
+    core = check_pass(E._train_pass, which, B, H, N, ratio, k, torch.float32)
+    if N > 8:  # the rounding differs in the last bits: the tensor-core path ran
+        assert any(not torch.equal(a, b) for a, b in zip(tc, core))
+
+
+@given(which=st.sampled_from(PASSES), B=st.integers(1, 2), H=st.integers(1, 16), N=st.integers(1, 40),
+       ratio=st.integers(1, 6), k=st.sampled_from([1, 3, 5, 7]), seed=st.integers(0, 2 ** 16))
+def test_cuda_train_pass_tensor_cores_property(E, which, B, H, N, ratio, k, seed):
+    if which == "exp_grad" and ratio == 1:
+        which = "dw_grad"
+    check_pass(E._train_pass, which, B, H, N, ratio, k, torch.float32, seed)
+
+
+def test_cuda_train_pass_tensor_cores_write_conflicts(E):
+    """No shared-memory word written by two threads between two barriers, in any tensor-core pass."""
+    E.set_write_check(True)
+    try:
+        for which in PASSES:
+            check_pass(E._train_pass, which, 1, 2, 7, 2, 3, torch.float32)
+        check_pass(E._train_pass, "dw_grad", 1, 2, 7, 1, 5, torch.float32)
+    finally:
+        E.set_write_check(False)
+
+
+@pytest.mark.parametrize("H,k", [(17, 3), (2, 9)])
+def test_cuda_train_pass_tensor_cores_fallback(E, monkeypatch, H, k):
+    """H > 16 and kernel sizes past 7 run on the CUDA-core kernel: bitwise the switch-off result."""
+    A, p, gy3, gz = pass_inputs(1, H, 9, 2, k, torch.float32)
+    for which in PASSES:
+        monkeypatch.setenv("REFINER_CUDA_TENSOR_CORES", "0")
+        off = run_pass(E._train_pass, which, A, p, gy3, gz, True)
+        monkeypatch.setenv("REFINER_CUDA_TENSOR_CORES", "1")
+        for a, b in zip(run_pass(E._train_pass, which, A, p, gy3, gz, True), off):
+            assert (a is None and b is None) or torch.equal(a, b), which
 
 
 # ----------------------------------------------------------------------------- refine_train end to end

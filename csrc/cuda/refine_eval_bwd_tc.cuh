@@ -29,11 +29,6 @@
 namespace refiner {
 namespace {
 
-constexpr int kTcPix = kTcRows * kTcCols;     // a tile's centre pixels
-constexpr int kTcLdc = kTcPix + 8;            // centre planes 8 words apart mod 32 (tc_plane_pad)
-constexpr int kTcSumSteps = 2 * kTcCols / 8;  // K steps of a warp's share of the products over pixels (2 rows)
-static_assert(kTcWarps / 2 * 2 == kTcRows, "each half of the warps, two tile rows a warp, covers the tile");
-
 struct TcGradSlots {  // offsets in a block's row of partial sums (floats)
   int64_t S, gexp, bexp, wdw, bdw, ga, gr, n;
   __host__ __device__ TcGradSlots(int64_t H, int64_t rH, int k)
@@ -52,44 +47,6 @@ size_t refine_bwd_tc_smem(int64_t H, int k, bool expand) {
   const TcPlane P2(k, 0, 2 * (k / 2)), P1(k, 0, k / 2);
   return sizeof(double) * tc_bwd_ipart(k, expand) +
          sizeof(float) * ((H + (expand ? 16 : 0)) * P2.PLP + (H + 16) * P1.PLP + 16 * kTcLdc + kTcWarps * 128);
-}
-
-// nitems sums over the tile's centre pixels, each split into slices over the block's threads (every
-// thread busy when there are fewer items than threads): sum_of(item, q0, q1) sums pixels [q0, q1) in
-// fp64; add(item, total) gets the slices' total, added in order (deterministic). Ends with a barrier.
-template <class Sum, class Add>
-__device__ void tc_sliced_sums(double* ipart, int nitems, Sum sum_of, Add add) {
-  const int S = nitems < kTcThreads ? kTcThreads / nitems : 1, slice = (kTcPix + S - 1) / S;
-  for (int j = threadIdx.x; j < nitems * S; j += blockDim.x) {
-    const int q0 = j % S * slice;
-    ipart[j] = sum_of(j / S, q0, min(kTcPix, q0 + slice));
-  }
-  __syncthreads();
-  for (int it = threadIdx.x; it < nitems; it += blockDim.x) {
-    double s = 0;
-    for (int k = 0; k < S; ++k) s += ipart[it * S + k];
-    add(it, s);
-  }
-  __syncthreads();
-}
-
-// The products over pixels (S, Gexp: 16 x 16) split over the warps: warp w owns columns 8 (w / 4) ..
-// + 7 and tile rows 2 (w % 4), + 1. tc_stash puts its 16 x 8 accumulator (r: row g + 8 (r / 2), column
-// 2 t + r % 2) in its slot of the scratch; after a barrier, tc_unstash hands add(m, n, sum) each element
-// of the 16 x 16 sum, its four partials added in warp order.
-__device__ __forceinline__ void tc_stash(float* scr, const float (&acc)[4]) {
-  const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
-  RF_UNROLL
-  for (int r = 0; r < 4; ++r) scr[(threadIdx.x >> 5) * 128 + (g + 8 * (r / 2)) * 8 + 2 * t + r % 2] = acc[r];
-}
-template <class Add>
-__device__ void tc_unstash(const float* scr, Add add) {
-  for (int j = threadIdx.x; j < 256; j += blockDim.x) {
-    const int m = j / 16, n = j % 16;
-    float s = 0.f;
-    for (int q = 0; q < kTcWarps / 2; ++q) s += scr[(n / 8 * (kTcWarps / 2) + q) * 128 + m * 8 + n % 8];
-    add(m, n, s);
-  }
 }
 
 template <class T, int K>
@@ -130,18 +87,10 @@ __global__ void __launch_bounds__(kTcThreads)
         // a. E of channels cb .. cb + 15
         if (expand) tc_expand_chunk<true>(ab, eb, P2.PL, PLP2, ld2, 2 * p, w, cb, H, rH, N, r0, c0);
         // b. (alpha W_pro)^T gR on the halo-p planes: channel g + 8 (r / 2), pixel n0 + 2 t + r % 2
-        {
-          Frag4 wa[2];
-          tc_mix_weights(wa, L, [&](int m, int h) {
-            return cb + m < rH && h < H ? w.w_pro[h * rH + cb + m] * w.alpha[h] : 0.f;
-          });
-          for (int n0 = warp * 8; n0 < PLP1; n0 += 8 * kTcWarps) {
-            float acc[4] = {};
-            tc_mix_planes(acc, wa, grb, H, PLP1, n0, L);
-            RF_UNROLL
-            for (int r = 0; r < 4; ++r) gyb[(L.g + 8 * (r / 2)) * PLP1 + n0 + 2 * L.t + r % 2] = acc[r];
-          }
-        }
+        tc_mix_chunk<true>(
+            grb, H, PLP1,
+            [&](int m, int h) { return cb + m < rH && h < H ? w.w_pro[h * rH + cb + m] * w.alpha[h] : 0.f; },
+            [&](int m, int q, float v) { gyb[m * PLP1 + q] = v; });
         __syncthreads();
         // c. pre = dw_k(E) + b_dw on the halo-p planes: GY gated, D on the centre
         for (int j = threadIdx.x; j < 16 * P1.PL; j += blockDim.x) {

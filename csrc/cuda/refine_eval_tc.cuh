@@ -23,7 +23,7 @@
 // No (B, rH, N, N) map exists anywhere; E of one chunk is the only expanded state (shared memory).
 #pragma once
 
-#include "cuda/cuda_common.cuh"
+#include "cuda/tc_tiles.cuh"
 
 namespace refiner {
 namespace {
@@ -32,76 +32,13 @@ struct RefineWF {  // folded refine weights, fp32 device pointers
   const float *w_exp, *b_exp, *w_dw, *b_dw, *w_pro, *b_pro, *alpha, *beta;
 };
 
-constexpr int kTcWarps = 8, kTcThreads = 32 * kTcWarps;
-constexpr int kTcRows = 8;   // = the n of an m16n8k8 product: R v's N dimension
-constexpr int kTcCols = 32;
-constexpr int kTcGroups = 4;  // pixel groups (8 columns of a row) per warp, on 4 consecutive rows
-constexpr int kTcMaxHeads = 16;  // one m16 tile of heads
 constexpr int kTcLdr = kTcCols + 4;  // = odd4(kTcCols): R's rows, read as B fragments in step 5
-static_assert(kTcWarps / (kTcCols / 8) * kTcGroups == kTcRows, "the warps' row bands cover the tile");
-
-// A plane of PL floats padded to whole 8-pixel fragment columns, planes 8 or 24 words apart mod 32:
-// a B fragment's 4 t-lanes read 4 planes in distinct banks.
-__host__ __device__ inline int tc_plane_pad(int PL) {
-  const int PLP = (PL + 7) / 8 * 8;
-  return PLP % 32 == 0 || PLP % 32 == 16 ? PLP + 8 : PLP;
-}
-
-struct TcPlane {  // the halo plane's geometry (halo `halo` around the tile), and the output accumulator's row stride
-  int p, ld, PL, PLP, ldo;
-  __host__ __device__ TcPlane(int k, int d, int halo) : p(k / 2), ld(kTcCols + 2 * halo) {
-    PL = (kTcRows + 2 * halo) * ld;
-    PLP = tc_plane_pad(PL);
-    ldo = (d + 15) / 16 * 16 + 4;  // rows 2t apart land 8t banks apart
-  }
-};
 
 inline bool refine_tc_eligible(int64_t H) { return H <= kTcMaxHeads; }
 
 size_t refine_fwd_tc_smem(int64_t H, int64_t d, int k) {
   const TcPlane pl(k, (int)d, k / 2);
   return sizeof(float) * ((H + kTcMaxHeads) * pl.PLP + H * kTcRows * (kTcLdr + pl.ldo));  // A, E; R, out
-}
-
-__device__ __forceinline__ bool tc_inmap(int64_t N, int64_t gy, int64_t gx) { return gy >= 0 && gy < N && gx >= 0 && gx < N; }
-
-// C planes of a (C, N, N) map (one image) into halo planes (PLP floats apart, ld wide) whose first
-// pixel is the map's (y0, x0): fp32, 0 outside the map and past PL.
-template <class T>
-__device__ void tc_load_planes(float* dst, const T* src, int C, int64_t N, int64_t y0, int64_t x0, int ld, int PL,
-                               int PLP) {
-  for (int j = threadIdx.x; j < C * PLP; j += blockDim.x) {
-    const int c = j / PLP, q = j % PLP;
-    const int64_t gy = y0 + q / ld, gx = x0 + q % ld;
-    dst[j] = q < PL && tc_inmap(N, gy, gx) ? static_cast<float>(src[(c * N + gy) * N + gx]) : 0.f;
-  }
-}
-
-// Head mixes as mma steps. tc_mix_weights: a 16 x 16 weight as A fragments of two K steps of 8
-// (weight(m, k): row m, column k; 0 past the heads or channels). tc_mix_planes: acc (16 rows x the 8
-// pixels n0 .. n0 + 7) += wa x planes, planes = H planes PLP apart (K = the planes; steps past H
-// skipped, warp-uniformly).
-template <bool kSplit, class Weight>
-__device__ __forceinline__ void tc_mix_weights(TfFrag<kSplit, 4> (&wa)[2], MmaLane L, Weight weight) {
-  RF_UNROLL
-  for (int ks = 0; ks < 2; ++ks)
-    RF_UNROLL
-    for (int r = 0; r < 4; ++r) wa[ks].set(r, weight(L.g + 8 * (r % 2), ks * 8 + L.t + 4 * (r / 2)));
-}
-template <bool kSplit>
-__device__ __forceinline__ void tc_mix_planes(float (&acc)[4], const TfFrag<kSplit, 4> (&wa)[2], const float* planes,
-                                              int H, int PLP, int n0, MmaLane L) {
-  RF_UNROLL
-  for (int ks = 0; ks < 2; ++ks) {
-    if (ks * 8 >= H) break;  // warp-uniform; constant bounds keep wa in registers
-    TfFrag<kSplit, 2> bf;
-    RF_UNROLL
-    for (int r = 0; r < 2; ++r) {
-      const int h = ks * 8 + L.t + 4 * r;
-      bf.set(r, h < H ? planes[h * PLP + n0 + L.g] : 0.f);
-    }
-    mma_frag(acc, wa[ks], bf);
-  }
 }
 
 // E = relu6(W_exp A + b_exp) of channels cb .. cb + 15 (M = 16 channels, N = 8 pixels, K = heads) on
@@ -111,23 +48,12 @@ __device__ __forceinline__ void tc_mix_planes(float (&acc)[4], const TfFrag<kSpl
 template <bool kSplit>
 __device__ void tc_expand_chunk(const float* ab, float* eb, int PL, int PLP, int ld, int halo, const RefineWF& w,
                                 int cb, int H, int rH, int64_t N, int64_t r0, int64_t c0) {
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  const MmaLane L{lane >> 2, lane & 3};
-  TfFrag<kSplit, 4> wa[2];
-  tc_mix_weights(wa, L, [&](int m, int h) { return cb + m < rH && h < H ? w.w_exp[(cb + m) * H + h] : 0.f; });
-  float be[2];
-  RF_UNROLL
-  for (int r = 0; r < 2; ++r) be[r] = cb + L.g + 8 * r < rH ? w.b_exp[cb + L.g + 8 * r] : 0.f;
-  for (int n0 = warp * 8; n0 < PLP; n0 += 8 * kTcWarps) {
-    float acc[4] = {be[0], be[0], be[1], be[1]};
-    tc_mix_planes(acc, wa, ab, H, PLP, n0, L);
-    RF_UNROLL
-    for (int r = 0; r < 4; ++r) {
-      const int q = n0 + 2 * L.t + r % 2;
-      const bool in = q < PL && tc_inmap(N, r0 + q / ld - halo, c0 + q % ld - halo);
-      eb[(L.g + 8 * (r / 2)) * PLP + q] = in ? relu6(acc[r]) : 0.f;
-    }
-  }
+  tc_mix_chunk<kSplit>(
+      ab, H, PLP, [&](int m, int h) { return cb + m < rH && h < H ? w.w_exp[(cb + m) * H + h] : 0.f; },
+      [&](int m, int q, float u) {
+        const bool in = cb + m < rH && q < PL && tc_inmap(N, r0 + q / ld - halo, c0 + q % ld - halo);
+        eb[m * PLP + q] = in ? relu6(u + w.b_exp[cb + m]) : 0.f;
+      });
 }
 
 template <class T, int K, bool kSplit>
@@ -259,18 +185,6 @@ __global__ void __launch_bounds__(kTcThreads)
       if (r0 + y < N) out[((b * H + h) * N + r0 + y) * d + dd] = static_cast<T>(ob[(h * kTcRows + y) * ldo + dd]);
     }
     __syncthreads();  // ob is cleared for the next row tile
-  }
-}
-
-// f(std::integral_constant<int, K>) for the kernel size k (validated: odd, 1..7): the tensor-core
-// kernels' instances
-template <class F>
-void with_kernel_size(int64_t k, F f) {
-  switch (k) {
-    case 1: return f(std::integral_constant<int, 1>{});
-    case 3: return f(std::integral_constant<int, 3>{});
-    case 5: return f(std::integral_constant<int, 5>{});
-    default: return f(std::integral_constant<int, 7>{});
   }
 }
 

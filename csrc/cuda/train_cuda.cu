@@ -10,8 +10,7 @@
 // fp64 slots owned by one lane; the host sums the blocks' slots in fp64: deterministic.
 // Moments of Y2 per tile (mean, then centred squares) are merged by Chan's update, in the block
 // and then over the blocks. The pixels of the centre outside the map are skipped by every sum.
-#include "cuda/cuda_common.cuh"
-#include "train_pass.h"
+#include "cuda/train_tc.cuh"
 
 namespace refiner {
 namespace {
@@ -19,28 +18,6 @@ namespace {
 constexpr int kTrainTC = 32;  // tile columns: one warp spans a tile row
 constexpr int kTrainThreads = 128;
 static_assert(kTrainThreads % kTrainTC == 0, "whole thread-rows");
-
-template <class F> struct TrainW {  // device pointers; null where the pass does not use them
-  const F *w_exp, *w_dw, *w_pro, *s1, *m1, *b1, *s2, *m2, *b2, *k2, *c12, *c22, *k1, *c11, *c21;
-};
-
-__host__ __device__ inline bool grad_pass(int pass) { return pass >= (int)TrainPass::ProGrad; }
-__host__ __device__ inline bool dw_t_pass(int pass) {  // needs gY2 around the centre: dw's transpose
-  return pass == (int)TrainPass::DwGrad || pass == (int)TrainPass::ExpGrad;
-}
-// Per-block fp64 slots of a pass: Y2Moments (n, mean, m2) per channel; otherwise the weight
-// gradient (gw) then BN's sum g (sg) and sum g (x - m) (sgx) per channel.
-struct TrainSlots {
-  int64_t gw, sg, sgx, n;
-  __host__ __device__ TrainSlots(int pass, int H, int rH, int k) {
-    const int64_t ngw = pass == (int)TrainPass::ProGrad  ? (int64_t)H * rH
-                        : pass == (int)TrainPass::DwGrad ? (int64_t)rH * k * k
-                        : pass == (int)TrainPass::ExpGrad ? (int64_t)rH * H
-                                                          : 0;
-    gw = 0, sg = ngw, sgx = ngw + rH;
-    n = pass == (int)TrainPass::Y2Moments ? 3 * (int64_t)rH : pass == (int)TrainPass::Y3 ? 0 : ngw + 2 * rH;
-  }
-};
 
 // Shared memory of a block, in elements of F after the slots: offsets of every buffer.
 struct TrainLayout {
@@ -273,13 +250,78 @@ __global__ void __launch_bounds__(kTrainThreads) train_pass_kernel(const F* __re
 
 template <class F> const F* ptr(const Tensor& t) { return t.defined() ? t.data_ptr<F>() : nullptr; }
 
+// The CUDA-core kernel: a block per tile of TR rows (as many as fit in shared memory); its partial
+// sums, a row per block.
+template <class F>
+Tensor launch_train_pass(int pass, const TrainStreamArgs& a, const TrainW<F>& w, const TrainSlots& sl) {
+  const int64_t B = a.A.size(0), H = a.A.size(1), N = a.A.size(2), rH = a.w_dw.size(0), k = a.w_dw.size(1);
+  const auto smem_of = [&](int tr) { return train_smem<F>(pass, a.expand, (int)H, (int)rH, (int)k, tr); };
+  const int TR = tile_rows("REFINER_CUDA_TILE_ROWS", 4, smem_of);
+  const size_t smem = smem_of(TR);
+  auto kernel = pass == 0   ? train_pass_kernel<F, 0>
+                : pass == 1 ? train_pass_kernel<F, 1>
+                : pass == 2 ? train_pass_kernel<F, 2>
+                : pass == 3 ? train_pass_kernel<F, 3>
+                            : train_pass_kernel<F, 4>;
+  set_smem(kernel, smem, "refine_train (or REFINER_TRAIN_PATH=chunk)");
+  const int64_t tiles = B * ((N + TR - 1) / TR) * ((N + kTrainTC - 1) / kTrainTC);
+  const int64_t blocks = std::max<int64_t>(1, std::min<int64_t>(tiles, 8LL * device_attr(cudaDevAttrMultiProcessorCount)));
+  auto gpart = at::empty({blocks, std::max<int64_t>(sl.n, 1)}, a.A.options().dtype(at::kDouble));
+  RF_LAUNCH(kernel, (unsigned)blocks, kTrainThreads, smem, c10::cuda::getCurrentCUDAStream())(
+      a.A.data_ptr<F>(), a.map.defined() ? a.map.data_ptr<F>() : nullptr, a.gA.defined() ? a.gA.data_ptr<F>() : nullptr,
+      w, a.expand, B, (int)H, N, (int)rH, (int)k, TR, gpart.data_ptr<double>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return gpart;
+}
+
+// The tensor-core kernel (train_tc.cuh) serves fp32 maps with H <= 16 and kernel sizes 1-7 on
+// sm_80+ when its planes fit in shared memory (REFINER_CUDA_TENSOR_CORES=0: the CUDA-core kernel).
+bool train_tc_usable(int pass, bool expand, int64_t H, int64_t k) {
+  return H <= kTcMaxHeads && (k == 1 || k == 3 || k == 5 || k == 7) && tensor_cores_for(at::kFloat) &&
+         train_tc_smem(pass, expand, H, (int)k) <= (size_t)device_attr(cudaDevAttrMaxSharedMemoryPerBlockOptin);
+}
+
+template <int K, int kPass>
+Tensor launch_train_tc_k(const TrainStreamArgs& a, const TrainW<float>& w, const TrainSlots& sl) {
+  const int64_t B = a.A.size(0), H = a.A.size(1), N = a.A.size(2), rH = a.w_dw.size(0);
+  const size_t smem = train_tc_smem(kPass, a.expand, H, K);
+  auto* kernel = train_pass_tc_kernel<K, kPass>;  // (a macro argument cannot hold the template's comma)
+  set_smem(kernel, smem, "refine_train");
+  const int64_t tiles = B * ((N + kTcRows - 1) / kTcRows) * ((N + kTcCols - 1) / kTcCols);
+  const int64_t blocks = std::min<int64_t>(tiles, 4LL * device_attr(cudaDevAttrMultiProcessorCount));
+  auto gpart = at::zeros({blocks, std::max<int64_t>(sl.n, 1)}, a.A.options().dtype(at::kDouble));
+  RF_LAUNCH(kernel, (unsigned)blocks, kTcThreads, smem, c10::cuda::getCurrentCUDAStream())(
+      a.A.data_ptr<float>(), a.map.defined() ? a.map.data_ptr<float>() : nullptr,
+      a.gA.defined() ? a.gA.data_ptr<float>() : nullptr, w, a.expand, B, (int)H, N, (int)rH, sl,
+      gpart.data_ptr<double>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return gpart;
+}
+
+// The tensor-core kernel's partial sums, or an undefined tensor where it does not serve (fp64 among others).
+Tensor launch_train_tc(int, const TrainStreamArgs&, const TrainW<double>&, const TrainSlots&) { return Tensor(); }
+Tensor launch_train_tc(int pass, const TrainStreamArgs& a, const TrainW<float>& w, const TrainSlots& sl) {
+  if (!train_tc_usable(pass, a.expand, a.A.size(1), a.w_dw.size(1))) return Tensor();
+  Tensor gpart;
+  with_kernel_size(a.w_dw.size(1), [&](auto K) {
+    switch (pass) {
+      case 0: gpart = launch_train_tc_k<K, 0>(a, w, sl); break;
+      case 1: gpart = launch_train_tc_k<K, 1>(a, w, sl); break;
+      case 2: gpart = launch_train_tc_k<K, 2>(a, w, sl); break;
+      case 3: gpart = launch_train_tc_k<K, 3>(a, w, sl); break;
+      default: gpart = launch_train_tc_k<K, 4>(a, w, sl);
+    }
+  });
+  return gpart;
+}
+
 TrainStreamSums train_pass_cuda(TrainPass pass_, const TrainStreamArgs& a) {
   const auto ct = a.A.scalar_type();
   TORCH_CHECK(ct == at::kFloat || ct == at::kDouble, "_train_pass: A must be float32 or float64, got ", ct);
   TORCH_CHECK(a.A.dim() == 4 && a.A.is_contiguous(), "_train_pass: A must be a contiguous (B, H, N, N) map");
   c10::cuda::CUDAGuard guard(a.A.device());
   const int pass = (int)pass_;
-  const int64_t B = a.A.size(0), H = a.A.size(1), N = a.A.size(2), rH = a.w_dw.size(0), k = a.w_dw.size(1);
+  const int64_t H = a.A.size(1), rH = a.w_dw.size(0), k = a.w_dw.size(1);
   const TrainSlots sl(pass, (int)H, (int)rH, (int)k);
   TrainStreamSums out;
   AT_DISPATCH_FLOATING_TYPES(ct, "_train_pass", [&] {
@@ -293,26 +335,11 @@ TrainStreamSums train_pass_cuda(TrainPass pass_, const TrainStreamArgs& a) {
     for (const Tensor* m : {&a.map, &a.gA})
       TORCH_CHECK(!m->defined() || (m->is_contiguous() && m->sizes() == a.A.sizes() && m->scalar_type() == ct),
                   "_train_pass: map and gA must be contiguous and shaped and typed as A");
-    const auto smem_of = [&](int tr) { return train_smem<F>(pass, a.expand, (int)H, (int)rH, (int)k, tr); };
-    const int TR = tile_rows("REFINER_CUDA_TILE_ROWS", 4, smem_of);
-    const size_t smem = smem_of(TR);
-    auto kernel = pass == 0   ? train_pass_kernel<F, 0>
-                  : pass == 1 ? train_pass_kernel<F, 1>
-                  : pass == 2 ? train_pass_kernel<F, 2>
-                  : pass == 3 ? train_pass_kernel<F, 3>
-                              : train_pass_kernel<F, 4>;
-    set_smem(kernel, smem, "refine_train (or REFINER_TRAIN_PATH=chunk)");
-    const int64_t tiles = B * ((N + TR - 1) / TR) * ((N + kTrainTC - 1) / kTrainTC);
-    const int64_t blocks = std::max<int64_t>(1, std::min<int64_t>(tiles, 8LL * device_attr(cudaDevAttrMultiProcessorCount)));
-    auto gpart = at::empty({blocks, std::max<int64_t>(sl.n, 1)}, a.A.options().dtype(at::kDouble));
-    RF_LAUNCH(kernel, (unsigned)blocks, kTrainThreads, smem, c10::cuda::getCurrentCUDAStream())(
-        a.A.data_ptr<F>(), a.map.defined() ? a.map.data_ptr<F>() : nullptr,
-        a.gA.defined() ? a.gA.data_ptr<F>() : nullptr, w, a.expand, B, (int)H, N, (int)rH, (int)k, TR,
-        gpart.data_ptr<double>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    Tensor gpart = launch_train_tc(pass, a, w, sl);
+    if (!gpart.defined()) gpart = launch_train_pass(pass, a, w, sl);
     if (pass_ == TrainPass::Y3) return;
     if (pass_ == TrainPass::Y2Moments) {  // Chan's merge of the blocks' (n, mean, m2), in fp64
-      auto s = gpart.view({blocks, rH, 3});
+      auto s = gpart.view({gpart.size(0), rH, 3});
       auto n = s.select(2, 0), mean = s.select(2, 1), m2 = s.select(2, 2);
       auto ntot = n.sum(0);
       out.mean = (n * mean).sum(0) / ntot;
