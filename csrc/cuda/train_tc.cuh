@@ -11,7 +11,8 @@
 // 0) and, in the gradient passes, gY3's (halo hY) sit in shared memory. Per chunk of 16 expanded
 // channels:
 //  a. U = W_exp A (tensor cores) and E = relu6(s1 (U - m1) + b1) on the halo-hE planes, 0 off the
-//     map (without expansion E = A); U on the centre kept for BN1's backward. Gradient passes:
+//     map (without expansion E = A); U on the centre kept for BN1's backward (in the centre planes,
+//     which gE1 or gU then replaces pixel by pixel). Gradient passes:
 //     W_pro^T gY3 on the halo-hY planes (tensor cores, M = channels).
 //  b. Y2 = dw_k(E) (CUDA cores): Y2Moments and ProGrad keep it on the centre, Y3 and ProGrad keep
 //     D = relu6(s2 (Y2 - m2) + b2) there; ProGrad gates gD2 by relu6'(D); DwGrad and ExpGrad form
@@ -36,18 +37,22 @@ namespace {
 // Shared memory of a block: fp64 scratch of the sliced sums, then float buffers (offsets in floats).
 struct TrainTcLayout {
   TcPlane PE, PY;  // the halo-hE planes (A, E) and the halo-hY planes (gY3, gD2, gY2)
-  int nd;          // doubles: the sliced sums' scratch (tc_sliced_sums), then 16 per-channel means
-  int64_t ab, eb, ub, g3b, gyb, y2c, cen, scr, total;
+  int nsl, nd;     // doubles: the sliced sums' scratch (nsl, tc_sliced_sums), then the pass's own
+                   // (Y2Moments: 16 per-channel means; DwGrad: the warps' partial BN1 sums)
+  int64_t ab, eb, g3b, gyb, y2c, cen, scr, total;
   __host__ __device__ TrainTcLayout(int pass, bool expand, int H, int k)
       : PE(k, 0, (pass >= (int)TrainPass::DwGrad ? k / 2 : 0) + k / 2), PY(k, 0, pass >= (int)TrainPass::DwGrad ? k / 2 : 0) {
     const bool grad = pass >= (int)TrainPass::ProGrad, dw_t = pass >= (int)TrainPass::DwGrad;
-    const int items = pass == (int)TrainPass::Y2Moments ? 16 : pass == (int)TrainPass::ProGrad ? 32 : pass == (int)TrainPass::DwGrad ? 16 * k * k + (expand ? 32 : 0) : 0;
-    nd = (items > kTcThreads ? items : kTcThreads) + 16;
+    const int items = pass == (int)TrainPass::Y2Moments ? 16
+                      : pass == (int)TrainPass::ProGrad ? 32
+                      : pass == (int)TrainPass::DwGrad  ? 16 * k * k
+                                                        : 0;
+    nsl = items > kTcThreads ? items : kTcThreads;
+    nd = nsl + (pass == (int)TrainPass::Y2Moments ? 16 : pass == (int)TrainPass::DwGrad && expand ? 32 * kTcWarps : 0);
     int64_t o = 2 * nd;
     auto take = [&](int64_t n) { const int64_t at = o; o += n; return at; };
     ab = take(H * PE.PLP);
     eb = take(expand ? 16 * PE.PLP : 0);
-    ub = take(expand && dw_t ? 16 * kTcLdc : 0);
     g3b = take(grad ? H * PY.PLP : 0);
     gyb = take(grad ? 16 * PY.PLP : 0);
     y2c = take(pass == (int)TrainPass::Y2Moments || pass == (int)TrainPass::ProGrad ? 16 * kTcLdc : 0);
@@ -126,8 +131,9 @@ __global__ void __launch_bounds__(kTcThreads, 2)
   const TrainTcLayout Ly(kPass, expand, H, K);
   const int ldE = Ly.PE.ld, PLE = Ly.PE.PL, PLPE = Ly.PE.PLP, ldY = Ly.PY.ld, PLY = Ly.PY.PL, PLPY = Ly.PY.PLP;
   double* ipart = reinterpret_cast<double*>(sm);
-  double* cmean = ipart + Ly.nd - 16;  // Y2Moments: the tile's per-channel means
-  float *ab = sm + Ly.ab, *eb = sm + Ly.eb, *ub = sm + Ly.ub, *g3b = sm + Ly.g3b, *gyb = sm + Ly.gyb,
+  double* cmean = ipart + Ly.nsl;  // Y2Moments: the tile's per-channel means
+  double* bn1w = ipart + Ly.nsl;   // DwGrad: sum gE1 and sum gE1 (U - m1) of channel cl, warp w at 2 (cl kTcWarps + w)
+  float *ab = sm + Ly.ab, *eb = sm + Ly.eb, *g3b = sm + Ly.g3b, *gyb = sm + Ly.gyb,
         *y2c = sm + Ly.y2c, *cen = sm + Ly.cen, *scr = sm + Ly.scr;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const MmaLane L{lane >> 2, lane & 3};
@@ -152,7 +158,7 @@ __global__ void __launch_bounds__(kTcThreads, 2)
               const int c = cb + m, y = q / ldE - hE, x = q % ldE - hE;
               const bool in = c < rH && q < PLE && inmap(y, x);
               eb[m * PLPE + q] = in ? relu6(w.s1[c] * (u - w.m1[c]) + w.b1[c]) : 0.f;
-              if (dw_t && y >= 0 && y < kTcRows && x >= 0 && x < kTcCols) ub[m * kTcLdc + y * kTcCols + x] = u;
+              if (dw_t && y >= 0 && y < kTcRows && x >= 0 && x < kTcCols) cen[m * kTcLdc + y * kTcCols + x] = u;
             });
       if (grad)
         tc_mix_chunk<true>(
@@ -238,9 +244,13 @@ __global__ void __launch_bounds__(kTcThreads, 2)
           if (h < H && cb + cl < rH) gp[sl.gw + h * rH + cb + cl] += v;
         });
       } else {  // DwGrad, ExpGrad: gE = dw_k^T(gY2) on the centre (gY2 at (y - (i - p), x - (j - p)))
-        for (int j = threadIdx.x; j < 16 * kTcPix; j += blockDim.x) {
-          const int cl = j / kTcPix, q = j % kTcPix, y = q / kTcCols, x = q % kTcCols, c = cb + cl;
-          float g = 0.f;
+        // Thread q owns pixel q of every channel: U (cen, from step a) is read where gE1 or gU goes,
+        // and DwGrad's BN1 sums are warp sums (fp64 shuffles), not planes
+        static_assert(kTcThreads == kTcPix, "a thread per centre pixel");
+        const int q = threadIdx.x, y = q / kTcCols, x = q % kTcCols;
+        for (int cl = 0; cl < 16; ++cl) {
+          const int c = cb + cl;
+          float g = 0.f, gxu = 0.f;  // gE (gE1, gU) and gE1 (U - m1)
           if (c < rH && inmap(y, x)) {
             const float* wk = w.w_dw + c * KK;
             const float* gy = gyb + cl * PLPY + (y + 2 * p) * ldY + x + 2 * p;
@@ -249,41 +259,45 @@ __global__ void __launch_bounds__(kTcThreads, 2)
               RF_UNROLL
               for (int j2 = 0; j2 < K; ++j2) g += wk[i * K + j2] * gy[-i * ldY - j2];
             if (expand) {
+              const float um = cen[cl * kTcLdc + q] - w.m1[c];
               if (!relu6_pass(eb[cl * PLPE + (y + hE) * ldE + x + hE])) g = 0.f;
-              if (expg) g = w.k1[c] * ((g - w.c21[c] * (ub[cl * kTcLdc + q] - w.m1[c])) - w.c11[c]);
+              gxu = g * um;
+              if (expg) g = w.k1[c] * ((g - w.c21[c] * um) - w.c11[c]);
             } else {  // no expansion (DwGrad): gA += gE, this thread's pixel of head c
               float& dst = gA[((b * H + c) * N + r0 + y) * N + c0 + x];
               dst += g;
             }
           }
           cen[cl * kTcLdc + q] = g;
+          if (dwg && expand) {
+            const double sg = warp_sum(double(g)), sgx = warp_sum(double(gxu));
+            if (lane == 0) bn1w[2 * (cl * kTcWarps + warp)] = sg, bn1w[2 * (cl * kTcWarps + warp) + 1] = sgx;
+          }
         }
         __syncthreads();
-        if constexpr (dwg) {  // per channel: gw_dw's k^2 taps (gY2 against E shifted), BN1's two sums
+        if constexpr (dwg) {  // per channel: BN1's two sums (the warps' partials in order), gw_dw's k^2 taps
+          if (expand && threadIdx.x < 32) {
+            const int cl = threadIdx.x % 16, c = cb + cl;
+            double s = 0;
+            for (int v = 0; v < kTcWarps; ++v) s += bn1w[2 * (cl * kTcWarps + v) + threadIdx.x / 16];
+            if (c < rH) gp[(threadIdx.x < 16 ? sl.sg : sl.sgx) + c] += s;
+          }
           tc_sliced_sums(
-              ipart, 16 * KK + (expand ? 32 : 0),
+              ipart, 16 * KK,
               [&](int it, int q0, int q1) {
-                const int cl = it < 16 * KK ? it / KK : (it - 16 * KK) % 16, tap = it % KK;
+                const int cl = it / KK, tap = it % KK;
                 if (cb + cl >= rH) return 0.0;
                 const float* gy = gyb + cl * PLPY;
                 const float* e = src + cl * PLPE;  // E at (y + di - p, x + dj - p): plane (y + di + hY, x + dj + hY)
-                const float m1 = expand ? w.m1[cb + cl] : 0.f;
                 double s = 0;
                 for (int q = q0; q < q1; ++q) {
                   const int y = q / kTcCols, x = q % kTcCols;
-                  if (it < 16 * KK)
-                    s += double(gy[(y + hY) * ldY + x + hY]) * e[(y + tap / K + hY) * ldE + x + tap % K + hY];
-                  else if (it < 16 * KK + 16)
-                    s += cen[cl * kTcLdc + q];
-                  else
-                    s += double(cen[cl * kTcLdc + q]) * (ub[cl * kTcLdc + q] - m1);
+                  s += double(gy[(y + hY) * ldY + x + hY]) * e[(y + tap / K + hY) * ldE + x + tap % K + hY];
                 }
                 return s;
               },
               [&](int it, double s) {
-                const int cl = it < 16 * KK ? it / KK : (it - 16 * KK) % 16, c = cb + cl;
-                if (c >= rH) return;
-                gp[it < 16 * KK ? sl.gw + c * KK + it % KK : (it < 16 * KK + 16 ? sl.sg : sl.sgx) + c] += s;
+                if (cb + it / KK < rH) gp[sl.gw + (cb + it / KK) * KK + it % KK] += s;
               });
         } else {  // ExpGrad: gA's expansion path += W_exp^T gU; gw_exp[c, h] += sum_pix gU_c A_h
           tc_mix_centre(acc, cen, y0, xb,
@@ -297,8 +311,8 @@ __global__ void __launch_bounds__(kTcThreads, 2)
           });
         }
       }
-      // (no barrier: each stage c ends with one, the sliced sums' or unstash's, or reads only the
-      // centre planes, which the next chunk writes after its step a's barrier)
+      // (no barrier: each stage c ends with one, the sliced sums' or unstash's, but Y3's, which reads
+      // only the centre planes; the next chunk writes those after its step a's barrier)
     }
     if (y3 || expg)  // Y3 = the accumulators; gA (holding gZ) += them
       RF_UNROLL
