@@ -178,12 +178,12 @@ stage_quick() {
     --mixed-backends "triton,refine_eval=cuda" "cuda,refine_eval=triton"
   # A training step (the training targets: speed and peak memory against the reference): Triton with its
   # defaults (TF32 dots for bf16, the forward's Y3 kept), the candidates (E stored per L2-sized batch
-  # chunk; 3xTF32 dots) and the memory-lean setting. (Round 2's defaults, IEEE dots and Y3 recomputed:
+  # chunk; 3xTF32 dots; refine_train on the CUDA backend's tensor-core passes) and the memory-lean setting. (Round 2's defaults, IEEE dots and Y3 recomputed:
   # 208 images/s in round 3, no longer timed here.)
   run_step bench_models_train 120 "$PY" benchmarks/bench_models.py --out "$RES" --models refiner_vit_s \
     --img 224 --batch 256 --modes train --compile-backend skip --repeats 5 --fused-backends triton \
     --env-variants "triton:REFINER_TRITON_TRAIN_X2=split" "triton:REFINER_TRITON_TRAIN_DOT=tf32x3" \
-    "triton:REFINER_TRITON_TRAIN_SAVE_Y3=0"
+    "triton:REFINER_TRITON_TRAIN_SAVE_Y3=0" --mixed-backends "triton,refine_train=cuda"
   # the refine ops on Triton and the reference (N = 197 rows first, the time limit may cut N = 577)
   # with the other settings beside the defaults in the same runs (rows labelled triton[NAME=VALUE]):
   # refine_train with its X2 passes from a stored E, with Y3 recomputed, with 3xTF32 dots; refine_eval's
