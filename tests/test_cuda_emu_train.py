@@ -140,12 +140,14 @@ def test_cpu_train_pass(which, B, H, N, ratio, k):
         check_pass(torch.ops.refiner._train_pass, which, B, H, N, ratio, k, dtype)
 
 
-@given(which=st.sampled_from(PASSES), B=st.integers(1, 2), H=st.integers(1, 4), N=st.integers(1, 36),
-       ratio=st.integers(1, 4), k=st.sampled_from([1, 3, 5, 7]), seed=st.integers(0, 2 ** 16))
-def test_cuda_train_pass_property(E, which, B, H, N, ratio, k, seed):
+@given(which=st.sampled_from(PASSES), B=st.integers(1, 2), H=st.integers(1, 16), N=st.integers(1, 40),
+       ratio=st.integers(1, 6), k=st.sampled_from([1, 3, 5, 7]), seed=st.integers(0, 2 ** 16),
+       dtype=st.sampled_from([torch.float64, torch.float32]))
+def test_cuda_train_pass_property(E, which, B, H, N, ratio, k, seed, dtype):
+    """fp64: the CUDA-core kernel; fp32: the tensor-core kernel (H <= 16)."""
     if which == "exp_grad" and ratio == 1:
         which = "dw_grad"
-    check_pass(E._train_pass, which, B, H, N, ratio, k, torch.float64, seed)
+    check_pass(E._train_pass, which, B, H, N, ratio, k, dtype, seed)
 
 
 @pytest.mark.parametrize("rows", [1, 3, 32])
@@ -155,15 +157,16 @@ def test_cuda_train_pass_tile_rows(E, monkeypatch, rows):
         check_pass(E._train_pass, which, 2, 2, 11, 2, 3, torch.float64)
 
 
-@pytest.mark.parametrize("rows", [1, 3])
-def test_cuda_train_pass_write_conflicts(E, monkeypatch, rows):
-    """No shared-memory word written by two threads between two barriers, in any pass."""
+@pytest.mark.parametrize("rows,dtype", [(1, torch.float64), (3, torch.float64), (4, torch.float32)])
+def test_cuda_train_pass_write_conflicts(E, monkeypatch, rows, dtype):
+    """No shared-memory word written by two threads between two barriers, in any pass: the CUDA-core
+    kernel (fp64; tiles of 1 and 3 rows) and the tensor-core kernel (fp32)."""
     monkeypatch.setenv("REFINER_CUDA_TILE_ROWS", str(rows))
     E.set_write_check(True)
     try:
         for which in PASSES:
-            check_pass(E._train_pass, which, 1, 2, 7, 2, 3, torch.float64)
-        check_pass(E._train_pass, "dw_grad", 1, 2, 7, 1, 5, torch.float64)
+            check_pass(E._train_pass, which, 1, 2, 7, 2, 3, dtype)
+        check_pass(E._train_pass, "dw_grad", 1, 2, 7, 1, 5, dtype)
     finally:
         E.set_write_check(False)
 
@@ -198,25 +201,6 @@ def test_cuda_train_pass_tensor_cores(E, monkeypatch, which, B, H, N, ratio, k):
     core = check_pass(E._train_pass, which, B, H, N, ratio, k, torch.float32)
     if N > 8:  # the rounding differs in the last bits: the tensor-core path ran
         assert any(not torch.equal(a, b) for a, b in zip(tc, core))
-
-
-@given(which=st.sampled_from(PASSES), B=st.integers(1, 2), H=st.integers(1, 16), N=st.integers(1, 40),
-       ratio=st.integers(1, 6), k=st.sampled_from([1, 3, 5, 7]), seed=st.integers(0, 2 ** 16))
-def test_cuda_train_pass_tensor_cores_property(E, which, B, H, N, ratio, k, seed):
-    if which == "exp_grad" and ratio == 1:
-        which = "dw_grad"
-    check_pass(E._train_pass, which, B, H, N, ratio, k, torch.float32, seed)
-
-
-def test_cuda_train_pass_tensor_cores_write_conflicts(E):
-    """No shared-memory word written by two threads between two barriers, in any tensor-core pass."""
-    E.set_write_check(True)
-    try:
-        for which in PASSES:
-            check_pass(E._train_pass, which, 1, 2, 7, 2, 3, torch.float32)
-        check_pass(E._train_pass, "dw_grad", 1, 2, 7, 1, 5, torch.float32)
-    finally:
-        E.set_write_check(False)
 
 
 @pytest.mark.parametrize("H,k", [(17, 3), (2, 9)])

@@ -97,14 +97,8 @@ __global__ void __launch_bounds__(kTcThreads)
           const int cl = j / P1.PL, q = j % P1.PL, y1 = q / ld1, x1 = q % ld1, c = cb + cl;
           float gy = 0.f, dv = 0.f;
           if (c < rH) {
-            const float* wk = w.w_dw + c * KK;
-            const float* e = src + (expand ? cl : c) * PLP2 + y1 * ld2 + x1;  // the stencil's top-left tap
-            float pre = 0.f;
-            RF_UNROLL
-            for (int i = 0; i < K; ++i)
-              RF_UNROLL
-              for (int j2 = 0; j2 < K; ++j2) pre += wk[i * K + j2] * e[i * ld2 + j2];
-            pre += w.b_dw[c];
+            // the stencil's top-left tap: (y1, x1) of the halo-2p plane
+            const float pre = tc_stencil<K>(src + (expand ? cl : c) * PLP2, ld2, w.w_dw + c * KK, y1, x1) + w.b_dw[c];
             if (tc_inmap(N, r0 + y1 - p, c0 + x1 - p)) {
               gy = relu6_pass(pre) ? gyb[cl * PLP1 + q] : 0.f;
               dv = relu6(pre);
@@ -141,12 +135,7 @@ __global__ void __launch_bounds__(kTcThreads)
           const int cl = j / kTcPix, q = j % kTcPix, y = q / kTcCols, x = q % kTcCols, c = cb + cl;
           float gu = 0.f;
           if (c < rH && tc_inmap(N, r0 + y, c0 + x)) {
-            const float* wk = w.w_dw + c * KK;
-            const float* g = gyb + cl * PLP1 + (y + 2 * p) * ld1 + x + 2 * p;
-            RF_UNROLL
-            for (int i = 0; i < K; ++i)
-              RF_UNROLL
-              for (int j2 = 0; j2 < K; ++j2) gu += wk[i * K + j2] * g[-i * ld1 - j2];
+            gu = tc_stencil<K, -1>(gyb + cl * PLP1, ld1, w.w_dw + c * KK, y + 2 * p, x + 2 * p);
             if (expand) {
               const float e = eb[cl * PLP2 + (y + 2 * p) * ld2 + x + 2 * p];
               if (!(e > 0.f && e < 6.f)) gu = 0.f;

@@ -35,6 +35,20 @@ struct TcPlane {  // the halo plane's geometry (halo `halo` around the tile), an
 
 __device__ __forceinline__ bool tc_inmap(int64_t N, int64_t gy, int64_t gx) { return gy >= 0 && gy < N && gx >= 0 && gx < N; }
 
+// The k x k stencil at one pixel of a plane: kDir 1, dw_k whose top-left tap is the plane pixel
+// (y, x), sum_{i,j < K} wk[i K + j] plane[(y + i) ld + x + j]; kDir -1, its transpose at (y, x),
+// sum wk[i K + j] plane[(y - i) ld + x - j].
+template <int K, int kDir = 1>
+__device__ __forceinline__ float tc_stencil(const float* plane, int ld, const float* wk, int y, int x) {
+  const float* e = plane + y * ld + x;
+  float s = 0.f;
+  RF_UNROLL
+  for (int i = 0; i < K; ++i)
+    RF_UNROLL
+    for (int j = 0; j < K; ++j) s += wk[i * K + j] * e[kDir * (i * ld + j)];
+  return s;
+}
+
 // C planes of a (C, N, N) map (one image) into halo planes (PLP floats apart, ld wide) whose first
 // pixel is the map's (y0, x0): fp32, 0 outside the map and past PL.
 template <class T>

@@ -66,18 +66,6 @@ inline size_t train_tc_smem(int pass, bool expand, int64_t H, int k) {
   return sizeof(float) * TrainTcLayout(pass, expand, (int)H, k).total;
 }
 
-// sum_{i,j < K} wk[i K + j] plane[(y + i) ld + x + j]: the stencil whose top-left tap is (y, x)
-template <int K>
-__device__ __forceinline__ float tc_stencil(const float* plane, int ld, const float* wk, int y, int x) {
-  const float* e = plane + y * ld + x;
-  float s = 0.f;
-  RF_UNROLL
-  for (int i = 0; i < K; ++i)
-    RF_UNROLL
-    for (int j = 0; j < K; ++j) s += wk[i * K + j] * e[i * ld + j];
-  return s;
-}
-
 // acc (16 heads x this warp's pixels: rows y0 + i, columns xb .. xb + 7) += weight(h, cl) cen_cl over
 // the 16 channels cl of a chunk (K = channels; cen: 16 centre planes kTcLdc apart).
 template <class Weight>
@@ -252,12 +240,7 @@ __global__ void __launch_bounds__(kTcThreads, 2)
           const int c = cb + cl;
           float g = 0.f, gxu = 0.f;  // gE (gE1, gU) and gE1 (U - m1)
           if (c < rH && inmap(y, x)) {
-            const float* wk = w.w_dw + c * KK;
-            const float* gy = gyb + cl * PLPY + (y + 2 * p) * ldY + x + 2 * p;
-            RF_UNROLL
-            for (int i = 0; i < K; ++i)
-              RF_UNROLL
-              for (int j2 = 0; j2 < K; ++j2) g += wk[i * K + j2] * gy[-i * ldY - j2];
+            g = tc_stencil<K, -1>(gyb + cl * PLPY, ldY, w.w_dw + c * KK, y + 2 * p, x + 2 * p);
             if (expand) {
               const float um = cen[cl * kTcLdc + q] - w.m1[c];
               if (!relu6_pass(eb[cl * PLPE + (y + hE) * ldE + x + hE])) g = 0.f;
