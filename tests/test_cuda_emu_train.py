@@ -32,8 +32,11 @@ def relu6_mask(x):
     return (x > 0) & (x < 6)
 
 
-def pass_inputs(B, H, N, ratio, k, dtype=torch.float64, seed=0):
-    """A, the 15 parameters of train_pass.h (BN in centred form, relu6 clipping on both sides), gY3, gZ."""
+def pass_inputs(B, H, N, ratio, k, dtype=torch.float64, seed=0, dyadic=False):
+    """A, the 15 parameters of train_pass.h (BN in centred form, relu6 clipping on both sides), gY3, gZ.
+    dyadic: A and what feeds the pre-activations of E and D on coarse binary grids (A, m1: multiples of
+    2^-5; w_exp, s1, b1, s2, b2: 2^-2; w_dw, m2: 2^-4), so that those are exact in fp32 (at most 24
+    significant bits for H <= 16, k <= 7) and every kernel takes the fp64 statement's relu6 branches."""
     g = torch.Generator().manual_seed(seed)
     rH = H * ratio
     r = lambda *s, lo=-1.0, hi=1.0: (torch.rand(*s, generator=g, dtype=torch.float64) * (hi - lo) + lo)  # noqa: E731
@@ -45,18 +48,26 @@ def pass_inputs(B, H, N, ratio, k, dtype=torch.float64, seed=0):
         for n in ("w_exp", "s1", "m1", "b1", "k1", "c1_1", "c2_1"):
             p[n] = None
     A = torch.rand(B, H, N, N, generator=g, dtype=torch.float64)
+    if dyadic:
+        grid = lambda t, step: None if t is None else (t / step).round() * step  # noqa: E731
+        A = grid(A, 2 ** -5)
+        for n, step in (("w_exp", 2 ** -2), ("w_dw", 2 ** -4), ("s1", 2 ** -2), ("m1", 2 ** -5), ("b1", 2 ** -2),
+                        ("s2", 2 ** -2), ("m2", 2 ** -4), ("b2", 2 ** -2)):
+            p[n] = grid(p[n], step)
     gy3, gz = torch.randn(B, H, N, N, generator=g, dtype=torch.float64), torch.randn(B, H, N, N, generator=g, dtype=torch.float64)
     cast = lambda t: None if t is None else t.to(dtype)  # noqa: E731
     return cast(A), {n: cast(t) for n, t in p.items()}, cast(gy3), cast(gz)
 
 
-def pass_ref(which, A, p, gy3, gz, expand):
-    """The pass in plain fp64 PyTorch: (mean, m2, gw, sum_g, sum_gx, map, gA) with None for what it leaves."""
+def pass_ref(which, A, p, gy3, gz, expand, magnitude=False):
+    """The pass in plain fp64 PyTorch: (mean, m2, gw, sum_g, sum_gx, map, gA) with None for what it leaves.
+    magnitude: gw as the sums of the |terms| instead (the scale of its rounding error)."""
     A, gy3, gz = A.double(), gy3.double(), gz.double()
     p = {n: None if t is None else t.double() for n, t in p.items()}
     col = lambda t: t.view(1, -1, 1, 1)  # noqa: E731
     mix = lambda w, x: torch.einsum("oc,bcyx->boyx", w, x)  # noqa: E731
-    wsum = lambda g, x: torch.einsum("bcyx,bdyx->cd", g, x)  # noqa: E731
+    mag = (lambda t: t.abs()) if magnitude else (lambda t: t)  # noqa: E731
+    wsum = lambda g, x: torch.einsum("bcyx,bdyx->cd", mag(g), mag(x))  # noqa: E731
     k = p["w_dw"].shape[-1]
     U = mix(p["w_exp"], A) if expand else None
     Ein = (col(p["s1"]) * (U - col(p["m1"])) + col(p["b1"])).clamp(0, 6) if expand else A
@@ -73,7 +84,7 @@ def pass_ref(which, A, p, gy3, gz, expand):
         return None, None, wsum(gy3, D), gd2.sum((0, 2, 3)), (gd2 * (Y2 - col(p["m2"]))).sum((0, 2, 3)), None, None
     gy2 = col(p["k2"]) * ((gd2 - col(p["c2_2"]) * (Y2 - col(p["m2"]))) - col(p["c1_2"]))
     ge = torch.nn.grad.conv2d_input(Ein.shape, p["w_dw"].unsqueeze(1), gy2, padding=k // 2, groups=Ein.shape[1])
-    gw_dw = torch.nn.grad.conv2d_weight(Ein, p["w_dw"].unsqueeze(1).shape, gy2, padding=k // 2,
+    gw_dw = torch.nn.grad.conv2d_weight(mag(Ein), p["w_dw"].unsqueeze(1).shape, mag(gy2), padding=k // 2,
                                         groups=Ein.shape[1]).squeeze(1)
     if which == "dw_grad" and not expand:
         return None, None, gw_dw, None, None, None, gz + ge
@@ -99,21 +110,26 @@ def run_pass(op, which, A, p, gy3, gz, expand, fence=False):
 NAMES = ["mean", "m2", "gw", "sum_g", "sum_gx", "map", "gA"]
 
 
-def check_pass(op, which, B, H, N, ratio, k, dtype, seed=0, schedules=None):
+def check_pass(op, which, B, H, N, ratio, k, dtype, seed=0, schedules=None, dyadic=False):
     expand = ratio != 1
-    A, p, gy3, gz = pass_inputs(B, H, N, ratio, k, dtype, seed)
+    A, p, gy3, gz = pass_inputs(B, H, N, ratio, k, dtype, seed, dyadic)
     run = lambda: tuple(t for t in run_pass(op, which, A, p, gy3, gz, expand, fence=schedules is not None)  # noqa: E731
                         if t is not None)
     got = schedules(run) if schedules else run()
     ref = [t for t in pass_ref(which, A, p, gy3, gz, expand) if t is not None]
     names = [n for n, t in zip(NAMES, pass_ref(which, A, p, gy3, gz, expand)) if t is not None]
     # fp64: rounding only. fp32: maps from sums of H (+ k^2) products, sums over B N^2 pixels in fp64 of
-    # fp32 products, and relu6 masks that may flip where a pre-activation rounds across 0 or 6.
+    # fp32 products, and relu6 masks that may flip where a pre-activation rounds across 0 or 6. gw sums
+    # products over every pixel, on the tensor cores in fp32 over a tile's 256 pixels: its rounding
+    # scales with the sum of the |terms|, which cancellation can leave far above the result (the long
+    # profile found gw_pro = 0.009 from terms of ~1, off by 8e-7): a floor of 4e-6 of it (~4 sqrt(256) 2^-24).
     tol = 1e-10 if dtype == torch.float64 else 2e-5
+    gw_mag = pass_ref(which, A, p, gy3, gz, expand, magnitude=True)[2]
+    floor = 0.0 if dtype == torch.float64 or gw_mag is None else 4e-6 * gw_mag
     assert len(got) == len(ref)
     for n, a, e in zip(names, got, ref):
         assert not a.isnan().any(), n
-        assert_close(a, e, tol, tol, f"{which} {n}")
+        assert_close(a, e, tol, tol, f"{which} {n}", abs_tol=floor if n == "gw" else 0.0)
     return got
 
 
@@ -145,10 +161,12 @@ def test_cpu_train_pass(which, B, H, N, ratio, k):
        ratio=st.integers(1, 6), k=st.sampled_from([1, 3, 5, 7]), seed=st.integers(0, 2 ** 16),
        dtype=st.sampled_from([torch.float64, torch.float32]))
 def test_cuda_train_pass_property(E, which, B, H, N, ratio, k, seed, dtype):
-    """fp64: the CUDA-core kernel; fp32: the tensor-core kernel (H <= 16)."""
+    """fp64: the CUDA-core kernel; fp32: the tensor-core kernel (H <= 16), on dyadic inputs (random ones
+    flip a relu6 gate against fp64 now and then: a gE1 off by one pixel's value in ~1 of 1,000 long-profile
+    examples, on all three kernels alike)."""
     if which == "exp_grad" and ratio == 1:
         which = "dw_grad"
-    check_pass(E._train_pass, which, B, H, N, ratio, k, dtype, seed)
+    check_pass(E._train_pass, which, B, H, N, ratio, k, dtype, seed, dyadic=dtype == torch.float32)
 
 
 @pytest.mark.parametrize("rows", [1, 3, 32])

@@ -1,5 +1,6 @@
 """Test helpers (the input makers live in refiner.testing so benchmarks share them)."""
 import torch
+import torch.nn.functional as F
 
 from refiner import reference as R
 from refiner.testing import random_attn, random_dla, train_args  # noqa: F401
@@ -62,6 +63,36 @@ def check_tensor_core_refine(run, monkeypatch, args, expand):
 
 
 REFINE_NAMES = ["attn", "v", "w_exp", "b_exp", "w_dw", "b_dw", "w_pro", "b_pro", "alpha", "beta"]
+
+
+def refine_eval_weight_sum_scales(args, gout, expand):
+    """{name: the sums of the |terms| (fp64)} of refine_eval's parameter gradients, each a sum over every
+    pixel of (a gradient map) x (a map): the scale of their rounding in fp32, which cancellation can
+    leave far above the gradient itself (the long profile found a grad w_pro of 0.014 from terms of
+    ~1, 2.4e-6 off, and a grad w_dw of 4e-4, 7e-7 off)."""
+    attn, v, w_exp, b_exp, w_dw, b_dw, w_pro, b_pro, alpha, beta = [t.double() for t in args]
+    col = lambda t: t[:, None, None]  # noqa: E731
+    u = R.head_mix(attn, w_exp) + col(b_exp) if expand else None
+    e = F.relu6(u) if expand else attn
+    pre_d = R.attn_dwconv(e.detach().requires_grad_(), w_dw) + col(b_dw)
+    d = F.relu6(pre_d)
+    x = attn + R.head_mix(d, w_pro) + col(b_pro)
+    r = col(alpha) * x + col(beta)
+    g_r, g_pre = torch.autograd.grad(r @ v, (r, pre_d), gout.double(), retain_graph=True)
+    pix = (0, 2, 3)
+    g_x = col(alpha) * g_r
+    scales = {"w_pro": torch.einsum("bhyx,bcyx->hc", g_x.abs(), d.abs()), "b_pro": g_x.abs().sum(pix),
+              "alpha": (g_r * x).abs().sum(pix), "beta": g_r.abs().sum(pix),
+              "w_dw": torch.nn.grad.conv2d_weight(e.abs(), w_dw.unsqueeze(1).shape, g_pre.abs(),
+                                                  padding=w_dw.shape[-1] // 2, groups=e.shape[1]).squeeze(1),
+              "b_dw": g_pre.abs().sum(pix)}
+    if expand:  # the gradient of u = w_exp A + b_exp: dw's transpose of g_pre, gated by relu6'(u)
+        g_e = torch.nn.grad.conv2d_input(e.shape, w_dw.unsqueeze(1), g_pre, padding=w_dw.shape[-1] // 2,
+                                         groups=e.shape[1])
+        g_u = torch.where((u > 0) & (u < 6), g_e, 0.0)
+        scales["w_exp"] = torch.einsum("bcyx,bhyx->ch", g_u.abs(), attn.abs())
+        scales["b_exp"] = g_u.abs().sum(pix)
+    return {n: t.detach() for n, t in scales.items()}
 
 
 def check_tensor_core_refine_backward(run, monkeypatch, args, gout, expand):
