@@ -185,15 +185,22 @@ def test_refine_train_fp32(monkeypatch, path, B, H, N, d, ratio, k):
 
 @pytest.mark.large
 def test_refine_train_tensor_cores_vit_s(monkeypatch):
-    """Refiner-ViT-S's refine (H = 12, ratio 3, k = 3, N = 197) in training: the tensor-core passes'
-    output and gradients against fp64 (check_train's fp32 tolerances) and bit for bit the same over
-    two runs (per-block fp64 partials summed on the host, no atomics)."""
+    """Refiner-ViT-S's refine (H = 12, ratio 3, k = 3, N = 197) in training on the tensor-core passes:
+    the output and every gradient within 1e-4 (relative 2-norm) of fp64, and bit for bit the same over
+    two runs (per-block fp64 partials summed on the host, no atomics). Normwise: at 5.6M expanded
+    pixels a relu6 gate may flip against fp64 (utils.relu6_flips), moving one element of dA by ~10%
+    of its scale, ~7e-5 of its norm; a wrong tile or chunk moves whole blocks."""
     monkeypatch.setenv("REFINER_CUDA_TENSOR_CORES", "1")
     args, expand = train_inputs(4, 12, 197, 32, 3, 3, torch.float32, device=DEV)
     fused, ref = _train_fns(expand, 0.2)
-    check_train(fused, ref, args)
     g = torch.randn(4, 12, 197, 32, device=DEV)
-    first, second = grads(fused, args, [g])[1], grads(fused, args, [g])[1]
+    (out,), first = grads(fused, args, [g])
+    (r_out,), r_g = grads(ref, [t.double() for t in args], [g.double()])
+    for name, a, e in zip(["out"] + TRAIN_NAMES, [out] + first, [r_out] + r_g):
+        if name != "b3":  # analytically zero: cancellation noise (check_train)
+            rel = ((a.double() - e).norm() / e.norm().clamp_min(1e-30)).item()
+            assert rel <= 1e-4, f"{name}: relative 2-norm error {rel:.2e}"
+    second = grads(fused, args, [g])[1]
     for name, a, b in zip(TRAIN_NAMES, first, second):
         assert torch.equal(a, b), f"grad {name} differs between two identical runs"
 

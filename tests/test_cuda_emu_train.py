@@ -116,8 +116,8 @@ def check_pass(op, which, B, H, N, ratio, k, dtype, seed=0, schedules=None, dyad
     run = lambda: tuple(t for t in run_pass(op, which, A, p, gy3, gz, expand, fence=schedules is not None)  # noqa: E731
                         if t is not None)
     got = schedules(run) if schedules else run()
-    ref = [t for t in pass_ref(which, A, p, gy3, gz, expand) if t is not None]
-    names = [n for n, t in zip(NAMES, pass_ref(which, A, p, gy3, gz, expand)) if t is not None]
+    full = pass_ref(which, A, p, gy3, gz, expand)
+    ref, names = [t for t in full if t is not None], [n for n, t in zip(NAMES, full) if t is not None]
     # fp64: rounding only. fp32: maps from sums of H (+ k^2) products, sums over B N^2 pixels in fp64 of
     # fp32 products, and relu6 masks that may flip where a pre-activation rounds across 0 or 6. gw sums
     # products over every pixel, on the tensor cores in fp32 over a tile's 256 pixels: its rounding

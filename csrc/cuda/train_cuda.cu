@@ -10,6 +10,8 @@
 // fp64 slots owned by one lane; the host sums the blocks' slots in fp64: deterministic.
 // Moments of Y2 per tile (mean, then centred squares) are merged by Chan's update, in the block
 // and then over the blocks. The pixels of the centre outside the map are skipped by every sum.
+// fp32 maps with H <= 16 run on train_tc.cuh's tensor-core kernel instead (launch_train_tc), which
+// fills the same slots; this kernel serves fp64, H > 16 and REFINER_CUDA_TENSOR_CORES=0.
 #include "cuda/train_tc.cuh"
 
 namespace refiner {
@@ -18,6 +20,11 @@ namespace {
 constexpr int kTrainTC = 32;  // tile columns: one warp spans a tile row
 constexpr int kTrainThreads = 128;
 static_assert(kTrainThreads % kTrainTC == 0, "whole thread-rows");
+
+__host__ __device__ inline bool grad_pass(int pass) { return pass >= (int)TrainPass::ProGrad; }
+__host__ __device__ inline bool dw_t_pass(int pass) {  // needs gY2 around the centre: dw's transpose
+  return pass == (int)TrainPass::DwGrad || pass == (int)TrainPass::ExpGrad;
+}
 
 // Shared memory of a block, in elements of F after the slots: offsets of every buffer.
 struct TrainLayout {

@@ -13,10 +13,6 @@ template <class F> struct TrainW {  // device pointers; null where the pass does
   const F *w_exp, *w_dw, *w_pro, *s1, *m1, *b1, *s2, *m2, *b2, *k2, *c12, *c22, *k1, *c11, *c21;
 };
 
-__host__ __device__ inline bool grad_pass(int pass) { return pass >= (int)TrainPass::ProGrad; }
-__host__ __device__ inline bool dw_t_pass(int pass) {  // needs gY2 around the centre: dw's transpose
-  return pass == (int)TrainPass::DwGrad || pass == (int)TrainPass::ExpGrad;
-}
 // Per-block fp64 slots of a pass: Y2Moments (n, mean, m2) per channel; otherwise the weight
 // gradient (gw) then BN's sum g (sg) and sum g (x - m) (sgx) per channel.
 struct TrainSlots {

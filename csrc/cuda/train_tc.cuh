@@ -24,7 +24,7 @@
 //     DwGrad     gE = dw_k^T(gY2), gE1 = gE where 0 < E < 6; gw_dw's k^2 taps, BN1's sum gE1 and
 //                sum gE1 (U - m1); without expansion gA += gE
 //     ExpGrad    gU = BN1's backward of gE1; gA += W_exp^T gU (tensor cores), gw_exp += sum_pix gU A
-// Every sum over pixels goes to its slot (TrainSlots, train_cuda.cu) in the block's own fp64 row of
+// Every sum over pixels goes to its slot (TrainSlots, train_slots.cuh) in the block's own fp64 row of
 // gpart (zeroed by the host), added by one fixed thread between barriers: deterministic, no atomics.
 #pragma once
 
@@ -41,7 +41,8 @@ struct TrainTcLayout {
                    // (Y2Moments: 16 per-channel means; DwGrad: the warps' partial BN1 sums)
   int64_t ab, eb, g3b, gyb, y2c, cen, scr, total;
   __host__ __device__ TrainTcLayout(int pass, bool expand, int H, int k)
-      : PE(k, 0, (pass >= (int)TrainPass::DwGrad ? k / 2 : 0) + k / 2), PY(k, 0, pass >= (int)TrainPass::DwGrad ? k / 2 : 0) {
+      : PE(k, 0, (pass >= (int)TrainPass::DwGrad ? k / 2 : 0) + k / 2),
+        PY(k, 0, pass >= (int)TrainPass::DwGrad ? k / 2 : 0) {
     const bool grad = pass >= (int)TrainPass::ProGrad, dw_t = pass >= (int)TrainPass::DwGrad;
     const int items = pass == (int)TrainPass::Y2Moments ? 16
                       : pass == (int)TrainPass::ProGrad ? 32
@@ -112,8 +113,9 @@ __global__ void __launch_bounds__(kTcThreads, 2)
     train_pass_tc_kernel(const float* __restrict__ A, float* __restrict__ map, float* __restrict__ gA,
                          TrainW<float> w, bool expand, int64_t B, int H, int64_t N, int rH, TrainSlots sl,
                          double* __restrict__ gpart) {
-  constexpr bool moments = kPass == (int)TrainPass::Y2Moments, y3 = kPass == (int)TrainPass::Y3, pro = kPass == (int)TrainPass::ProGrad, dwg = kPass == (int)TrainPass::DwGrad,
-                 expg = kPass == (int)TrainPass::ExpGrad, dw_t = dwg || expg, grad = kPass >= (int)TrainPass::ProGrad;
+  constexpr bool moments = kPass == (int)TrainPass::Y2Moments, y3 = kPass == (int)TrainPass::Y3,
+                 pro = kPass == (int)TrainPass::ProGrad, dwg = kPass == (int)TrainPass::DwGrad,
+                 expg = kPass == (int)TrainPass::ExpGrad, dw_t = dwg || expg, grad = pro || dw_t;
   constexpr int p = K / 2, KK = K * K, hY = dw_t ? p : 0, hE = hY + p;
   RF_DYN_SHARED(float, sm);
   const TrainTcLayout Ly(kPass, expand, H, K);
@@ -207,7 +209,8 @@ __global__ void __launch_bounds__(kTcThreads, 2)
               if (c < rH) chan_merge(gp[3 * c], gp[3 * c + 1], gp[3 * c + 2], n, cmean[cl], m2);
             });
       } else if constexpr (y3) {
-        tc_mix_centre(acc, cen, y0, xb, [&](int h, int k) { return cb + k < rH && h < H ? w.w_pro[h * rH + cb + k] : 0.f; });
+        tc_mix_centre(acc, cen, y0, xb,
+                      [&](int h, int k) { return cb + k < rH && h < H ? w.w_pro[h * rH + cb + k] : 0.f; });
       } else if constexpr (pro) {  // gw_pro[h, c] (tensor cores), BN2's sums (CUDA cores)
         tc_pixel_product(
             scr, sum_n0, sum_row0, [&](int h, int y, int x) { return h < H ? g3b[h * PLPY + y * kTcCols + x] : 0.f; },
@@ -294,8 +297,9 @@ __global__ void __launch_bounds__(kTcThreads, 2)
           });
         }
       }
-      // (no barrier: each stage c ends with one, the sliced sums' or unstash's, but Y3's, which reads
-      // only the centre planes; the next chunk writes those after its step a's barrier)
+      // (no barrier: each stage c reads the planes before a barrier of its own, the sliced sums' or the
+      // one before ExpGrad's unstash, after which only the scratch is read; Y3's reads only the centre
+      // planes, which the next chunk writes after its step a's barrier)
     }
     if (y3 || expg)  // Y3 = the accumulators; gA (holding gZ) += them
       RF_UNROLL
