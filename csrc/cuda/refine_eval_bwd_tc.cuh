@@ -55,8 +55,6 @@ __global__ void __launch_bounds__(kTcThreads)
                          int64_t N, int rH, bool expand, TcGradSlots sl, T* __restrict__ gA,
                          float* __restrict__ gpart) {
   RF_DYN_SHARED(float, sm);
-  using Frag4 = TfFrag<true, 4>;
-  using Frag2 = TfFrag<true, 2>;
   constexpr int p = K / 2, KK = K * K;
   const TcPlane P2(K, 0, 2 * p), P1(K, 0, p);
   const int ld2 = P2.ld, PLP2 = P2.PLP, ld1 = P1.ld, PLP1 = P1.PLP;
@@ -111,21 +109,10 @@ __global__ void __launch_bounds__(kTcThreads)
         __syncthreads();
         // d. S (16 heads x 16 channels) over the tile's pixels: warp w takes channels 8 (w / 4) .. + 7 and
         // rows 2 (w % 4), + 1 (K steps: 8 pixels of one row); tc_unstash sums the four partials
-        float sacc[4] = {};
-        for (int ks = 0; ks < kTcSumSteps; ++ks) {  // (not unrolled: 128 registers, no spills)
-          const int y = sum_row0 + ks / 4, x0 = ks % 4 * 8;
-          Frag4 af;
-          Frag2 bf;
-          RF_UNROLL
-          for (int r = 0; r < 4; ++r) {
-            const int h = L.g + 8 * (r % 2), x = x0 + L.t + 4 * (r / 2);
-            af.set(r, h < H ? grb[h * PLP1 + (y + p) * ld1 + x + p] : 0.f);
-          }
-          RF_UNROLL
-          for (int r = 0; r < 2; ++r) bf.set(r, cen[(sum_n0 + L.g) * kTcLdc + y * kTcCols + x0 + L.t + 4 * r]);
-          mma_frag(sacc, af, bf);
-        }
-        tc_stash(scr, sacc);
+        tc_pixel_product(
+            scr, sum_n0, sum_row0,
+            [&](int h, int y, int x) { return h < H ? grb[h * PLP1 + (y + p) * ld1 + x + p] : 0.f; },
+            [&](int cl, int y, int x) { return cen[cl * kTcLdc + y * kTcCols + x]; });
         __syncthreads();  // e overwrites D
         tc_unstash(scr, [&](int m, int n, float v) {  // S[h = m, c = cb + n]
           if (m < H && cb + n < rH) gp[sl.S + m * rH + cb + n] += v;
@@ -145,38 +132,14 @@ __global__ void __launch_bounds__(kTcThreads)
         }
         __syncthreads();
         // f. gA's accumulators += W_exp^T GU (M = 16 heads, K = 16 channels), and Gexp over the warp's pixels
-        {
-          Frag4 wt[2];
-          tc_mix_weights(wt, L, [&](int h, int k) {
-            const int c = cb + k;
-            return expand ? (c < rH && h < H ? w.w_exp[c * H + h] : 0.f) : (c == h ? 1.f : 0.f);
-          });
-          RF_UNROLL
-          for (int i = 0; i < kTcGroups; ++i)
-            RF_UNROLL
-            for (int ks = 0; ks < 2; ++ks) {
-              Frag2 bf;
-              RF_UNROLL
-              for (int r = 0; r < 2; ++r)
-                bf.set(r, cen[(ks * 8 + L.t + 4 * r) * kTcLdc + (y0 + i) * kTcCols + xb + L.g]);
-              mma_frag(gacc[i], wt[ks], bf);
-            }
-        }
+        tc_mix_centre(gacc, cen, y0, xb, [&](int h, int k) {
+          const int c = cb + k;
+          return expand ? (c < rH && h < H ? w.w_exp[c * H + h] : 0.f) : (c == h ? 1.f : 0.f);
+        });
         if (expand) {  // Gexp (16 channels x 16 heads): warp w takes heads 8 (w / 4) .. + 7, pixels as in d
-          float eacc[4] = {};
-          for (int ks = 0; ks < kTcSumSteps; ++ks) {
-            const int y = sum_row0 + ks / 4, x0 = ks % 4 * 8, h = sum_n0 + L.g;
-            Frag4 af;
-            Frag2 bf;
-            RF_UNROLL
-            for (int r = 0; r < 4; ++r)
-              af.set(r, cen[(L.g + 8 * (r % 2)) * kTcLdc + y * kTcCols + x0 + L.t + 4 * (r / 2)]);
-            RF_UNROLL
-            for (int r = 0; r < 2; ++r)
-              bf.set(r, h < H ? ab[h * PLP2 + (y + 2 * p) * ld2 + x0 + L.t + 4 * r + 2 * p] : 0.f);
-            mma_frag(eacc, af, bf);
-          }
-          tc_stash(scr, eacc);
+          tc_pixel_product(
+              scr, sum_n0, sum_row0, [&](int cl, int y, int x) { return cen[cl * kTcLdc + y * kTcCols + x]; },
+              [&](int h, int y, int x) { return h < H ? ab[h * PLP2 + (y + 2 * p) * ld2 + x + 2 * p] : 0.f; });
         }
         // g. per channel: the k^2 taps of gw_dw, gb_dw and gb_exp (items in that order)
         tc_sliced_sums(

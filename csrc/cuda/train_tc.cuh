@@ -67,47 +67,6 @@ inline size_t train_tc_smem(int pass, bool expand, int64_t H, int k) {
   return sizeof(float) * TrainTcLayout(pass, expand, (int)H, k).total;
 }
 
-// acc (16 heads x this warp's pixels: rows y0 + i, columns xb .. xb + 7) += weight(h, cl) cen_cl over
-// the 16 channels cl of a chunk (K = channels; cen: 16 centre planes kTcLdc apart).
-template <class Weight>
-__device__ __forceinline__ void tc_mix_centre(float (&acc)[kTcGroups][4], const float* cen, int y0, int xb,
-                                              Weight weight) {
-  const int lane = threadIdx.x & 31;
-  const MmaLane L{lane >> 2, lane & 3};
-  TfFrag<true, 4> wt[2];
-  tc_mix_weights(wt, L, weight);
-  RF_UNROLL
-  for (int i = 0; i < kTcGroups; ++i)
-    RF_UNROLL
-    for (int ks = 0; ks < 2; ++ks) {
-      TfFrag<true, 2> bf;
-      RF_UNROLL
-      for (int r = 0; r < 2; ++r) bf.set(r, cen[(ks * 8 + L.t + 4 * r) * kTcLdc + (y0 + i) * kTcCols + xb + L.g]);
-      mma_frag(acc[i], wt[ks], bf);
-    }
-}
-
-// The warp's share of a 16 x 16 product over the tile's pixels, sum_pix a(m, pix) b(n, pix)
-// (tc_stash's split: this warp's columns n0 .. n0 + 7 of the 16, tile rows row0, row0 + 1), into
-// its scratch slot; a(m, y, x) and b(n, y, x) read the centre pixel (y, x).
-template <class AOf, class BOf>
-__device__ __forceinline__ void tc_pixel_product(float* scr, int n0, int row0, AOf a, BOf b) {
-  const int lane = threadIdx.x & 31;
-  const MmaLane L{lane >> 2, lane & 3};
-  float acc[4] = {};
-  for (int ks = 0; ks < kTcSumSteps; ++ks) {  // (rolled: registers)
-    const int y = row0 + ks / 4, x0 = ks % 4 * 8;
-    TfFrag<true, 4> af;
-    TfFrag<true, 2> bf;
-    RF_UNROLL
-    for (int r = 0; r < 4; ++r) af.set(r, a(L.g + 8 * (r % 2), y, x0 + L.t + 4 * (r / 2)));
-    RF_UNROLL
-    for (int r = 0; r < 2; ++r) bf.set(r, b(n0 + L.g, y, x0 + L.t + 4 * r));
-    mma_frag(acc, af, bf);
-  }
-  tc_stash(scr, acc);
-}
-
 template <int K, int kPass>
 __global__ void __launch_bounds__(kTcThreads, 2)
     train_pass_tc_kernel(const float* __restrict__ A, float* __restrict__ map, float* __restrict__ gA,
