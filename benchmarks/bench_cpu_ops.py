@@ -3,8 +3,9 @@
     python benchmarks/bench_cpu_ops.py [--repeats 15] [--threads 2]
 
 Prints median wall time (ms) per op at B=8, H=12, N=197, d=32, fp32. Baseline and fused runs are
-interleaved so that both see the same background load. The last row compares refine_train's two
-paths: the ATen chunk passes (REFINER_TRAIN_PATH=chunk) against the default streamed passes.
+interleaved so that both see the same background load. The last rows compare refine_train's
+default (streamed passes, Y3 kept for the backward) with the ATen chunk passes
+(REFINER_TRAIN_PATH=chunk) and with the backward's own Y3 pass (REFINER_TRAIN_SAVE_Y3=0).
 """
 import argparse
 import math
@@ -111,6 +112,8 @@ def main(argv=None):
                      *paired_ms(fb(lambda: R.refine_train(A, V, *W, 1e-5, s, True), [A, V] + W), fused_train, nb)))
         rows.append(("refine train fwd+bwd", "fused, REFINER_TRAIN_PATH=chunk",
                      *paired_ms(with_env("REFINER_TRAIN_PATH", "chunk", fused_train), fused_train, nb)))
+        rows.append(("refine train fwd+bwd", "fused, REFINER_TRAIN_SAVE_Y3=0",
+                     *paired_ms(with_env("REFINER_TRAIN_SAVE_Y3", "0", fused_train), fused_train, nb)))
 
     print(f"CPU, torch {torch.__version__}, threads={torch.get_num_threads()}, B={B} H={H} N={N} d={d} fp32, "
           f"median of {a.repeats} (fwd) / {nb} (fwd+bwd) interleaved runs, malloc {cli.malloc_mode()}")

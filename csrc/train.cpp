@@ -9,23 +9,26 @@
 // implementation, kept as a second one to compare with). Order of stages:
 //   forward : BN1 from the moments of A (mean vector + H x H Gram matrix: U = W_e A is linear),
 //             pass 1 sums of Y2 = dw(E) (BN2), pass 2 Y3 = W_p D (BN3), kept in a buffer the
-//             size of A, then Z = A + BN3(Y3) in that buffer, BN_a from the actual Z values, and
-//             out = (BN_a(Z) * scale) @ v from the same Z.
+//             size of A (and returned for the backward), then Z = A + BN3(Y3) chunk by chunk,
+//             BN_a from the actual Z values, and out = (BN_a(Z) * scale) @ v from the same Z
+//             (made again).
 //             Numerics: means and variances by Welford per chunk, merged in fp64 (Moments);
 //             every BN is applied in centred form s (x - mean) + b. A zero-variance channel
 //             (s ~ 1/sqrt(eps)) then only amplifies fp32 rounding of the values themselves,
 //             not the cancellation of E[x^2] - E[x]^2 or of a folded offset.
 //   backward: one reduction (sum gy, sum gy*xhat) per BN backward: BN_a, BN3, BN2, BN1, then the
-//             final input/weight gradients. Streamed: Y3 once into a buffer the size of A, BN_a
-//             and BN3 on H-channel maps, then three passes for BN2, BN1 and the final gradients.
+//             final input/weight gradients. Streamed: Y3 from the forward (keep_y3) or once more
+//             into a buffer the size of A, BN_a and BN3 on H-channel maps, then three passes for
+//             BN2, BN1 and the final gradients.
 //             Chunk path: five recompute passes of every map.
 // Chunk size (chunk_images): the widest map of a chunk stays below a quarter of A: on the chunk
 // path the expanded (c, rH, N, N) maps, so the ~10 of them alive at once in the backward cost
 // ~2.5x A, while a large batch on a GPU needs only ~4r chunks per pass instead of B (launch bound
 // otherwise); beside the streamed passes on a GPU (H-channel maps only) 4 chunks.
-// Peak extra memory, streamed: the forward's Z buffer; in the backward Y3 (then gY3) and gA, plus
-// H-channel chunk temporaries; a copy of A in the compute dtype for fp16/bf16 inputs. Chunk
-// path: one buffer the size of A plus the chunk's maps.
+// Peak extra memory, streamed: the forward's Y3 buffer (kept for the backward with keep_y3); in
+// the backward gY3 (in place of a recomputed Y3 without keep_y3) and gA, plus H-channel chunk
+// temporaries; a copy of A in the compute dtype for fp16/bf16 inputs. Chunk path: one buffer the
+// size of A plus the chunk's maps.
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
@@ -251,11 +254,13 @@ TrainStreamArgs stream_args(const TrainArgs& a, const Folded& f, const Tensor& m
 // Forward: batch statistics and the output.
 //   BN1: mean + covariance of A (centred Gram matrix) through the linear W_e.
 //   pass 1: moments of Y2 (BN2).
-//   pass 2: Y3 per chunk, kept in a buffer of the size of A, its moments (BN3).
-//   then Z = make_z(A, Y3) in place of the buffer, BN_a statistics from those actual Z values
-//   (not derived algebraically from moments of A and Y3), and out = (BN_a(Z) * scale) @ v from
-//   the same Z: every consumer sees the same rounded Z, so a zero-variance channel stays ~0.
-Tensor forward_pass(const TrainArgs& a, Folded& f, double eps, double scale) {
+//   pass 2: Y3 per chunk, kept in a buffer of the size of A (returned: the backward may keep it),
+//   its moments (BN3).
+//   then Z = make_z(A, Y3) per chunk, BN_a statistics from those actual Z values (not derived
+//   algebraically from moments of A and Y3), and out = (BN_a(Z) * scale) @ v from Z made again
+//   by the same expression: every consumer sees the same rounded Z, so a zero-variance channel
+//   stays ~0.
+std::pair<Tensor, Tensor> forward_pass(const TrainArgs& a, Folded& f, double eps, double scale) {
   const auto st = at::kDouble;
   const double M = double(a.B) * a.N * a.N;
   const auto opt = a.v.options().dtype(st);
@@ -302,32 +307,35 @@ Tensor forward_pass(const TrainArgs& a, Folded& f, double eps, double scale) {
   for_chunks(a, [&](int64_t b0, int64_t n) { mo3.add(buf.narrow(0, b0, n)); });
   mo3.finish(a.ct, f.m3, f.v3);
   f.s3 = a.g3 / at::sqrt(f.v3 + eps);
+  auto z_of = [&](int64_t b0, int64_t n) { return make_z(a, f, attn_chunk(a, b0, n), buf.narrow(0, b0, n)); };
   Moments moa;
-  for_chunks(a, [&](int64_t b0, int64_t n) {
-    auto Yb = buf.narrow(0, b0, n);
-    Yb.copy_(make_z(a, f, attn_chunk(a, b0, n), Yb));
-    moa.add(Yb);
-  });
+  for_chunks(a, [&](int64_t b0, int64_t n) { moa.add(z_of(b0, n)); });
   moa.finish(a.ct, f.ma, f.va);
   fold(a, f, eps);
   auto out = at::empty_like(a.v);
   for_chunks(a, [&](int64_t b0, int64_t n) {
-    out.narrow(0, b0, n).copy_(at::matmul(r_of(a, f, buf.narrow(0, b0, n), scale), a.v.narrow(0, b0, n)));
+    out.narrow(0, b0, n).copy_(at::matmul(r_of(a, f, z_of(b0, n), scale), a.v.narrow(0, b0, n)));
   });
-  return out;
+  return {out, buf};
 }
 
-std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> refine_train_impl(
+// Returns out, the batch statistics (m1, v1, m2, v2, m3, v3, ma, va) and y3: with keep_y3 the
+// forward's Y3 in the compute dtype, for the backward to skip its Y3 pass (one of a step's six
+// streamed passes; the same values, the pass being deterministic), else an empty tensor (the
+// memory-lean choice: the backward recomputes it). The Python side picks keep_y3
+// (REFINER_TRAIN_SAVE_Y3); the chunk path's backward recomputes Y3 either way.
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> refine_train_impl(
     const Tensor& attn, const Tensor& v, const Tensor& w_exp, const Tensor& w_dw, const Tensor& w_pro,
     const Tensor& g1, const Tensor& b1, const Tensor& g2, const Tensor& b2, const Tensor& g3, const Tensor& b3,
-    const Tensor& ga, const Tensor& ba, double eps, double scale, bool expand) {
+    const Tensor& ga, const Tensor& ba, double eps, double scale, bool expand, bool keep_y3) {
   validate_refine_train(attn, v, w_exp, w_dw, w_pro, g1, b1, g2, b2, g3, b3, ga, ba, eps, expand);
   auto a = prep_train(attn, v, w_exp, w_dw, w_pro, g1, b1, g2, b2, g3, b3, ga, ba, expand);
   Folded f;
-  auto out = forward_pass(a, f, eps, scale);
+  auto [out, y3] = forward_pass(a, f, eps, scale);
+  if (!keep_y3) y3 = at::empty({0}, y3.options());
   const auto st = attn.scalar_type();
   return {out.to(st), f.m1.to(st), f.v1.to(st), f.m2.to(st), f.v2.to(st), f.m3.to(st), f.v3.to(st), f.ma.to(st),
-          f.va.to(st)};
+          f.va.to(st), y3};
 }
 
 // go: the gradient of out in the compute dtype; f: folded (fold).
@@ -413,18 +421,22 @@ std::vector<Tensor> refine_train_backward_chunked(const Tensor& go, const TrainA
   return {gA, gv, gw_exp, gw_dw, gw_pro, gg1, gb1, S22, S21, S32, S31, Sa2, Sa1};
 }
 
-// Backward, streamed: Y3 by a pass into a buffer the size of A; the BN_a and BN3 stages on
-// H-channel maps per chunk (gZ kept in gA's buffer, gY3 in place of Y3); then three streamed
-// passes for BN2's sums with gw_pro, BN1's sums with gw_dw, and gw_exp with gA (without the
-// expansion the second pass finishes gA).
+// Backward, streamed: Y3 kept from the forward (saved_y3), or else by a pass into a buffer the
+// size of A; the BN_a and BN3 stages on H-channel maps per chunk (gZ kept in gA's buffer, gY3 in
+// a buffer of its own, or in place of a recomputed Y3); then three streamed passes for BN2's sums
+// with gw_pro, BN1's sums with gw_dw, and gw_exp with gA (without the expansion the second pass
+// finishes gA).
 std::vector<Tensor> refine_train_backward_streamed(const Tensor& go, const TrainArgs& a, const Folded& f,
-                                                   double scale) {
+                                                   double scale, const Tensor& saved_y3) {
   const double M = double(a.B) * a.N * a.N;
   const auto opt = a.v.options();
   const Tensor &sd_a = f.sda, &sd3 = f.sd3, &sd2 = f.sd2, &sd1 = f.sd1;
-  auto y3 = at::empty(a.attn.sizes(), opt), gA = at::empty(a.attn.sizes(), opt), gv = at::empty_like(a.v);
+  auto gA = at::empty(a.attn.sizes(), opt), gv = at::empty_like(a.v);
+  const bool kept = saved_y3.numel() > 0;
+  auto y3 = kept ? saved_y3 : at::empty(a.attn.sizes(), opt);
+  auto gy3 = kept ? at::empty(a.attn.sizes(), opt) : y3;  // autograd's saved Y3 stays as it is
   auto sa = stream_args(a, f, y3);
-  train_pass(TrainPass::Y3, sa);
+  if (!kept) train_pass(TrainPass::Y3, sa);
   auto go_s = go * scale;
   auto gr_of = [&](int64_t b0, int64_t n) {  // gradient of r, out = r @ v
     return at::matmul(go_s.narrow(0, b0, n), a.v.narrow(0, b0, n).transpose(-2, -1));
@@ -446,10 +458,11 @@ std::vector<Tensor> refine_train_backward_streamed(const Tensor& go, const Train
     S31 += sums(gz);
     S32 += sum_g_xhat(gz, y3.narrow(0, b0, n), f.m3, sd3);
   });
-  for_chunks(a, [&](int64_t b0, int64_t n) {  // gY3, in place of Y3
-    auto y3c = y3.narrow(0, b0, n);
-    y3c.copy_(bn_backward(gA.narrow(0, b0, n), y3c, f.m3, sd3, a.g3 / sd3, S31, S32, M));
+  for_chunks(a, [&](int64_t b0, int64_t n) {  // gY3
+    gy3.narrow(0, b0, n).copy_(bn_backward(gA.narrow(0, b0, n), y3.narrow(0, b0, n), f.m3, sd3, a.g3 / sd3, S31,
+                                           S32, M));
   });
+  sa.map = gy3;
   auto pro = train_pass(TrainPass::ProGrad, sa);
   auto S21 = pro.sum_g.to(a.ct), S22 = pro.sum_gx.to(a.ct) / sd2;
   sa.k2 = a.g2 / sd2, sa.c1_2 = S21 / M, sa.c2_2 = S22 / (sd2 * M), sa.gA = gA;
@@ -468,8 +481,8 @@ refine_train_backward_impl(const Tensor& gout, const Tensor& attn, const Tensor&
                            const Tensor& w_dw, const Tensor& w_pro, const Tensor& g1, const Tensor& b1,
                            const Tensor& g2, const Tensor& b2, const Tensor& g3, const Tensor& b3, const Tensor& ga,
                            const Tensor& ba, const Tensor& m1, const Tensor& v1, const Tensor& m2, const Tensor& v2,
-                           const Tensor& m3, const Tensor& v3, const Tensor& ma, const Tensor& va, double eps,
-                           double scale, bool expand) {
+                           const Tensor& m3, const Tensor& v3, const Tensor& ma, const Tensor& va,
+                           const Tensor& y3, double eps, double scale, bool expand) {
   // the forward's arguments, grad_out and the forward's batch statistics (m1, v1, m2, v2 per expanded
   // channel; m3, v3, ma, va per head), all before any copy or device work
   const int64_t rH = validate_refine_train(attn, v, w_exp, w_dw, w_pro, g1, b1, g2, b2, g3, b3, ga, ba, eps, expand);
@@ -479,13 +492,15 @@ refine_train_backward_impl(const Tensor& gout, const Tensor& attn, const Tensor&
   check_vectors(op, {{"m3", &m3}, {"v3", &v3}, {"ma", &ma}, {"va", &va}}, attn.size(1), "(H)");
   check_common(op, {{"attn", &attn}, {"m1", &m1}, {"v1", &v1}, {"m2", &m2}, {"v2", &v2}, {"m3", &m3}, {"v3", &v3},
                     {"ma", &ma}, {"va", &va}});
+  check_saved_y3(op, y3, attn);
   auto a = prep_train(attn, v, w_exp, w_dw, w_pro, g1, b1, g2, b2, g3, b3, ga, ba, expand);
   Folded f;
   auto c = [&](const Tensor& t) { return t.to(a.ct).contiguous(); };
   f.m1 = c(m1), f.v1 = c(v1), f.m2 = c(m2), f.v2 = c(v2), f.m3 = c(m3), f.v3 = c(v3), f.ma = c(ma), f.va = c(va);
   fold(a, f, eps);
   auto go = gout.to(a.ct).contiguous();
-  auto g = a.stream ? refine_train_backward_streamed(go, a, f, scale) : refine_train_backward_chunked(go, a, f, scale);
+  auto g = a.stream ? refine_train_backward_streamed(go, a, f, scale, y3)
+                    : refine_train_backward_chunked(go, a, f, scale);
   const auto st = attn.scalar_type();
   for (auto& t : g) t = t.to(st).contiguous();  // each is its own fresh tensor: no aliasing
   return {g[0], g[1], g[2], g[3], g[4], g[5], g[6], g[7], g[8], g[9], g[10], g[11], g[12]};
@@ -510,11 +525,11 @@ TrainStreamSums train_pass(TrainPass pass, const TrainStreamArgs& a) {
 
 TORCH_LIBRARY_FRAGMENT(refiner, m) {
   m.def("refine_train(Tensor attn, Tensor v, Tensor w_exp, Tensor w_dw, Tensor w_pro, Tensor g1, Tensor b1, "
-        "Tensor g2, Tensor b2, Tensor g3, Tensor b3, Tensor ga, Tensor ba, float eps, float scale, bool expand) "
-        "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+        "Tensor g2, Tensor b2, Tensor g3, Tensor b3, Tensor ga, Tensor ba, float eps, float scale, bool expand, "
+        "bool keep_y3=True) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def("refine_train_backward(Tensor grad_out, Tensor attn, Tensor v, Tensor w_exp, Tensor w_dw, Tensor w_pro, "
         "Tensor g1, Tensor b1, Tensor g2, Tensor b2, Tensor g3, Tensor b3, Tensor ga, Tensor ba, "
-        "Tensor m1, Tensor v1, Tensor m2, Tensor v2, Tensor m3, Tensor v3, Tensor ma, Tensor va, "
+        "Tensor m1, Tensor v1, Tensor m2, Tensor v2, Tensor m3, Tensor v3, Tensor ma, Tensor va, Tensor y3, "
         "float eps, float scale, bool expand) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, "
         "Tensor, Tensor, Tensor, Tensor, Tensor)");
 }

@@ -62,6 +62,24 @@ inline int64_t validate_refine_train(const at::Tensor& attn, const at::Tensor& v
   return rH;
 }
 
+// Compute dtype of the drivers: fp64 stays fp64 (CPU gradcheck), everything else runs in fp32.
+inline at::ScalarType compute_type(const at::Tensor& t) {
+  return t.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+// refine_train_backward's y3: the forward's Y3 (B, H, N, N) in the compute dtype (float32, float64
+// for float64 maps), or an empty tensor (the backward recomputes it).
+inline void check_saved_y3(const char* op, const at::Tensor& y3, const at::Tensor& attn) {
+  if (y3.numel() == 0) return;
+  TORCH_CHECK(y3.sizes() == attn.sizes(), op, ": y3 must be empty or have attn's shape ", shape_str(attn), ", got ",
+              shape_str(y3));
+  const auto ct = compute_type(attn);
+  TORCH_CHECK(y3.scalar_type() == ct, op, ": y3 must have dtype ", ct, " (attn's compute dtype), got ",
+              y3.scalar_type());
+  TORCH_CHECK(y3.device() == attn.device(), op, ": y3 is on ", y3.device(), " but attn is on ", attn.device());
+  TORCH_CHECK(y3.is_contiguous(), op, ": y3 must be contiguous");
+}
+
 inline void validate_grad(const char* op, const char* name, const at::Tensor& g, const at::Tensor& like) {
   TORCH_CHECK(g.sizes() == like.sizes(), op, ": ", name, " must have shape ", shape_str(like),
               ", got ", shape_str(g));
@@ -106,11 +124,6 @@ inline void validate_attn_value(const at::Tensor& a, const at::Tensor& v) {
 inline void validate_row_softmax(const at::Tensor& x) {
   TORCH_CHECK(x.dim() >= 1, "row_softmax: x must have at least 1 dim, got a 0-D tensor");
   check_common("row_softmax", {{"x", &x}});
-}
-
-// Compute dtype of the drivers: fp64 stays fp64 (CPU gradcheck), everything else runs in fp32.
-inline at::ScalarType compute_type(const at::Tensor& t) {
-  return t.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
 }
 
 }  // namespace refiner

@@ -8,6 +8,7 @@ contiguous tensors. Inputs must share one dtype (fp32, fp16, bf16; fp64 on CPU) 
 """
 from __future__ import annotations
 
+import os
 from typing import Optional, Tuple
 
 import torch
@@ -110,13 +111,15 @@ def _register():
         return a.new_empty(a.shape), v.new_empty(v.shape)
 
     @_fake("refine_train")
-    def _(attn, v, w_exp, w_dw, w_pro, g1, b1, g2, b2, g3, b3, ga, ba, eps, scale, expand):
+    def _(attn, v, w_exp, w_dw, w_pro, g1, b1, g2, b2, g3, b3, ga, ba, eps, scale, expand, keep_y3=True):
         rH, H = w_dw.shape[0], attn.shape[1]
-        return (v.new_empty(v.shape), *(attn.new_empty((c,)) for c in (rH, rH, rH, rH, H, H, H, H)))
+        y3_dtype = torch.float64 if attn.dtype == torch.float64 else torch.float32  # the compute dtype
+        y3 = attn.new_empty(attn.shape if keep_y3 else (0,), dtype=y3_dtype)
+        return (v.new_empty(v.shape), *(attn.new_empty((c,)) for c in (rH, rH, rH, rH, H, H, H, H)), y3)
 
     @_fake("refine_train_backward")
     def _(grad_out, attn, v, w_exp, w_dw, w_pro, g1, b1, g2, b2, g3, b3, ga, ba, m1, v1, m2, v2, m3, v3, ma, va,
-          eps, scale, expand):
+          y3, eps, scale, expand):
         return tuple(t.new_empty(t.shape) for t in (attn, v, w_exp, w_dw, w_pro, g1, b1, g2, b2, g3, b3, ga, ba))
 
     # ------------------------------------------------------------------ autograd
@@ -148,10 +151,11 @@ def _register():
 
     torch.library.register_autograd(_lib + "refine_eval", _re_backward, setup_context=_re_setup)
 
-    def _rt_setup(ctx, inputs, output):
-        ctx.eps, ctx.scale, ctx.expand = inputs[-3:]
+    def _rt_setup(ctx, inputs, output):  # output: out, 8 batch statistics, y3 (empty without keep_y3)
+        *tensors, ctx.eps, ctx.scale, ctx.expand, _keep_y3 = inputs
         ctx.mark_non_differentiable(*output[1:])
-        ctx.save_for_backward(*inputs[:-3], *output[1:])
+        ctx.set_materialize_grads(False)  # else the backward gets an A-sized zero gradient of y3
+        ctx.save_for_backward(*tensors, *output[1:])
 
     def _rt_backward(ctx, g, *_stat_grads):
         saved = ctx.saved_tensors
@@ -160,7 +164,7 @@ def _register():
         grads = list(torch.ops.refiner.refine_train_backward(g, *saved, ctx.eps, ctx.scale, ctx.expand))
         if not ctx.expand:  # w_exp, g1, b1 are unused
             grads[2] = grads[5] = grads[6] = None
-        return (*grads, None, None, None)
+        return (*grads, None, None, None, None)
 
     torch.library.register_autograd(_lib + "refine_train", _rt_backward, setup_context=_rt_setup)
 
@@ -219,6 +223,18 @@ def refine_eval(attn: Tensor, v: Tensor, w_exp: Tensor, b_exp: Tensor, w_dw: Ten
                                          bool(expand))
 
 
+def train_keeps_y3() -> bool:
+    """REFINER_TRAIN_SAVE_Y3=1 (the default): refine_train's forward returns its Y3 map (an fp32
+    A-sized tensor; fp64 for fp64 maps) and autograd keeps it for the backward, which then skips one
+    of a training step's six streamed passes over the expanded maps, with the same results. 0: the
+    backward recomputes Y3 (the memory-lean choice). The Triton backend's switch is
+    REFINER_TRITON_TRAIN_SAVE_Y3."""
+    mode = os.environ.get("REFINER_TRAIN_SAVE_Y3", "1")
+    if mode not in ("0", "1"):
+        raise ValueError(f"REFINER_TRAIN_SAVE_Y3: expected '0' or '1', got {mode!r}")
+    return mode == "1"
+
+
 def refine_train(attn: Tensor, v: Tensor, w_exp: Tensor, w_dw: Tensor, w_pro: Tensor,
                  g1: Tensor, b1: Tensor, g2: Tensor, b2: Tensor, g3: Tensor, b3: Tensor,
                  ga: Tensor, ba: Tensor, eps: float, scale: float, expand: bool
@@ -227,8 +243,8 @@ def refine_train(attn: Tensor, v: Tensor, w_exp: Tensor, w_dw: Tensor, w_pro: Te
     _require()
     _check_cuda_head_size("v", v)
     res = torch.ops.refiner.refine_train(attn, v, w_exp, w_dw, w_pro, g1, b1, g2, b2, g3, b3, ga, ba,
-                                         float(eps), float(scale), bool(expand))
-    out, m1, v1, m2, v2, m3, v3, ma, va = res
+                                         float(eps), float(scale), bool(expand), train_keeps_y3())
+    out, m1, v1, m2, v2, m3, v3, ma, va, _y3 = res  # y3: autograd's, for the backward
     s1 = BNStats(m1, v1) if expand else None
     return out, (s1, BNStats(m2, v2), BNStats(m3, v3), BNStats(ma, va))
 

@@ -746,13 +746,17 @@ def test_refine_train_chunked(monkeypatch, path, chunk, ratio):
     check_train_stats(args, expand, 0.2)
 
 
+@pytest.mark.parametrize("save_y3", ["1", "0"])
 @pytest.mark.parametrize("path,bound", [("fast", 4), ("portable", 7), ("chunk", 7)])
-def test_refine_train_memory_is_a_few_maps_not_the_expanded_ones(monkeypatch, path, bound):
+def test_refine_train_memory_is_a_few_maps_not_the_expanded_ones(monkeypatch, path, bound, save_y3):
     """fwd+bwd peak CPU allocation (temporaries inside the op included): the reference holds the
     (B, rH, N, N) maps for its backward (~43x A at r=3); the fused op recomputes them (streamed
     passes: no expanded map at all; chunk path: chunk by chunk) and stays near the size of A (the
-    returned grad of attn alone is 1x A)."""
+    returned grad of attn alone is 1x A). The kept Y3 (REFINER_TRAIN_SAVE_Y3=1) adds its own size,
+    1x A, and no more (autograd must not hand the backward a materialized zero gradient of it)."""
     set_train_path(monkeypatch, path)
+    monkeypatch.setenv("REFINER_TRAIN_SAVE_Y3", save_y3)
+    bound += int(save_y3)
     from benchmarks.common import peak_memory
     args, expand = train_inputs(8, 12, 33, 16, 3, 3, torch.float32)
     A = args[0].nbytes
@@ -767,12 +771,52 @@ def test_refine_train_memory_is_a_few_maps_not_the_expanded_ones(monkeypatch, pa
     assert fused < bound * A, f"fused peak {fused / A:.1f}x A"
 
 
-@pytest.mark.parametrize("var,value", [("REFINER_TRAIN_CHUNK", "0"), ("REFINER_TRAIN_PATH", "rows")])
+@pytest.mark.parametrize("var,value", [("REFINER_TRAIN_CHUNK", "0"), ("REFINER_TRAIN_PATH", "rows"),
+                                       ("REFINER_TRAIN_SAVE_Y3", "yes")])
 def test_refine_train_env_is_checked(monkeypatch, var, value):
     monkeypatch.setenv(var, value)
     args, expand = train_inputs(2, 12, 17, 32, 3, 3, torch.float32)
-    with pytest.raises(RuntimeError, match=var):
+    with pytest.raises((RuntimeError, ValueError), match=var):
         C.refine_train(*args, 1e-5, 0.2, expand)
+
+
+def _reference_y3(args, eps):
+    """Y3 = W_p relu6(BN2(dw(E))) with batch statistics, E = relu6(BN1(W_e A)) (an expanding block),
+    from the reference's building blocks (fp64)."""
+    attn, _, w_exp, w_dw, w_pro, g1, b1, g2, b2 = [t.double() for t in args[:9]]
+
+    def bn(x, g, b):
+        return torch.nn.functional.batch_norm(x, None, None, g, b, training=True, eps=eps)
+    e = torch.nn.functional.relu6(bn(R.head_mix(attn, w_exp), g1, b1))
+    d = torch.nn.functional.relu6(bn(R.attn_dwconv(e, w_dw), g2, b2))
+    return R.head_mix(d, w_pro)
+
+
+@pytest.mark.parametrize("path", TRAIN_PATHS)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_refine_train_saved_y3(monkeypatch, path, dtype):
+    """REFINER_TRAIN_SAVE_Y3: the forward returns Y3 (the compute dtype; empty with 0) and the
+    backward that uses it in place of its own Y3 pass gives the same output and gradients, bit for
+    bit (the pass is deterministic). The returned Y3 is the reference's to fp64/fp32 accuracy."""
+    set_train_path(monkeypatch, path)
+    args, expand = train_inputs(2, 4, 17, 8, 3, 3, dtype)
+    eps, scale = 1e-5, 0.3
+    results = {}
+    for save in ("1", "0"):
+        monkeypatch.setenv("REFINER_TRAIN_SAVE_Y3", save)
+        ins = [t.detach().clone().requires_grad_() for t in args]
+        res = torch.ops.refiner.refine_train(*ins, eps, scale, expand, C.train_keeps_y3())
+        y3 = res[-1]
+        assert y3.dtype == dtype and y3.shape == (args[0].shape if save == "1" else (0,))
+        grads = torch.autograd.grad(res[0], ins, torch.ones_like(res[0]), allow_unused=True)
+        results[save] = (res[0], grads, y3)
+    out1, g1, y3 = results["1"]
+    out0, g0, _ = results["0"]
+    assert torch.equal(out1, out0)
+    for name, a, b in zip(TRAIN_NAMES, g1, g0):
+        assert (a is None) == (b is None) and (a is None or torch.equal(a, b)), name
+    tol = 1e-10 if dtype == torch.float64 else 1e-5
+    assert_close(y3, _reference_y3(args, eps).to(dtype), tol, tol, "y3")
 
 
 @pytest.mark.parametrize("ratio", [3, 1])
@@ -874,10 +918,11 @@ def test_refine_train_half():
         assert_close(fused(*args), ref(*[t.float() for t in args]), 1e-2, 1e-2)
 
 
-def test_refine_train_opcheck():
+@pytest.mark.parametrize("keep_y3", [True, False])
+def test_refine_train_opcheck(keep_y3):
     args, expand = train_inputs(2, 2, 5, 3, 2, 3, torch.float32)
     torch.library.opcheck(torch.ops.refiner.refine_train.default,
-                          (*[t.requires_grad_() for t in args], 1e-5, 0.5, expand))
+                          (*[t.requires_grad_() for t in args], 1e-5, 0.5, expand, keep_y3))
 
 
 def test_refine_train_bad_inputs():
@@ -888,3 +933,9 @@ def test_refine_train_bad_inputs():
         C.refine_train(*bad, 1e-5, 0.5, expand)
     with pytest.raises(RuntimeError, match="eps must be"):
         C.refine_train(*args, float("nan"), 0.5, expand)
+    res = torch.ops.refiner.refine_train(*args, 1e-5, 0.5, expand)
+    for y3, msg in [(res[-1][..., :-1], "y3 must be empty or have attn's shape"),
+                    (res[-1].half(), "y3 must have dtype Float"),
+                    (res[-1].transpose(2, 3), "y3 must be contiguous")]:
+        with pytest.raises(RuntimeError, match=msg):
+            torch.ops.refiner.refine_train_backward(res[0], *args, *res[1:9], y3, 1e-5, 0.5, expand)

@@ -80,15 +80,20 @@ def cases():
     v_2 = F(targs[1][..., :2])
     targs = fake(targs)
     stats = fake([torch.zeros(8)] * 4 + [torch.zeros(4)] * 4)  # rH = 8, H = 4
+    no_y3, y3_bad = F(torch.zeros(0)), F(torch.zeros(1, 4, 6, 5))  # (attn is (1, 4, 6, 6))
     bad_g3 = targs[:9] + [F(torch.ones(2))] + targs[10:]
     out += [
         ("refine_train: g3", lambda: ops.refine_train(*bad_g3, 1e-5, 0.5, texpand), "g3 must have shape"),
         ("refine_train: eps", lambda: ops.refine_train(*targs, float("nan"), 0.5, texpand), "eps must be"),
-        ("refine_train_backward: grad_out", lambda: ops.refine_train_backward(v_2, *targs, *stats, 1e-5,
+        ("refine_train_backward: grad_out", lambda: ops.refine_train_backward(v_2, *targs, *stats, no_y3, 1e-5,
                                                                               0.5, texpand), "grad_out must have shape"),
         ("refine_train_backward: m3",  # (m3 of rH = 8 values instead of H = 4)
-         lambda: ops.refine_train_backward(targs[1], *targs, *stats[:4], stats[0], *stats[5:], 1e-5, 0.5, texpand),
+         lambda: ops.refine_train_backward(targs[1], *targs, *stats[:4], stats[0], *stats[5:], no_y3, 1e-5, 0.5,
+                                           texpand),
          "refine_train_backward: m3 must have shape"),
+        ("refine_train_backward: y3", lambda: ops.refine_train_backward(targs[1], *targs, *stats, y3_bad, 1e-5,
+                                                                        0.5, texpand),
+         "refine_train_backward: y3 must be empty or have attn's shape"),
     ]
     return out
 

@@ -553,6 +553,28 @@ def test_refine_train_saved_y3_matches_the_rerun(monkeypatch, ratio):
         rk.refine_train(attn, v, *tp, 1e-5, 0.25, ratio != 1)
 
 
+def test_refine_train_saved_y3_costs_no_peak_memory(monkeypatch):
+    """Keeping Y3 for the backward moves an A-sized fp32 buffer from the backward's own allocation
+    to the forward's: the fwd+bwd peak does not grow. It did by 1x A while autograd handed the
+    backward a materialized zero gradient of the non-differentiable y3 output."""
+    from benchmarks.common import peak_memory
+    B, H, N, d, ratio = 2, 4, 33, 8, 3
+    dla, bn = random_dla(H, ratio, 3)
+    args = [t.detach().to(DEV) for t in [random_attn(B, H, N), torch.randn(B, H, N, d)] + list(train_args(dla, bn))]
+    A = args[0].numel() * 4  # fp32 bytes
+
+    def step():
+        ins = [t.clone().requires_grad_() for t in args]
+        rk.refine_train(*ins, 1e-5, 0.25, True)[0].sum().backward()
+
+    peaks = {}
+    for save in ("0", "1"):
+        monkeypatch.setenv("REFINER_TRITON_TRAIN_SAVE_Y3", save)
+        step()  # warm-up (autotuning, caches)
+        peaks[save] = peak_memory(step, args[0].device)[0]
+    assert peaks["1"] < peaks["0"] + 0.5 * A, f"peaks {peaks}, A = {A}"
+
+
 def test_autotune_specs_name_real_kernel_arguments():
     """Every GPU autotuner's key names arguments of its kernel and its configs set only constexpr
     parameters the launchers leave to it (Triton ignores an unknown key name: the tuning cache
