@@ -132,6 +132,14 @@ def test_bench_models_quick(tmp_path):
         assert r["images_per_s"] > 0 and r["peak_mem_mib"] > 0
 
 
+def test_profile_models_names_the_autograd_function_range_as_forward():
+    """torch names a custom op's autograd.Function range in the forward like its backward node."""
+    assert profile_models.op_label("GeneratedBackwardFor_refiner_triton_refine_train_default") == \
+        "fwd of refiner_triton_refine_train_default (Function)"
+    for key in ("GeneratedBackwardFor_refiner_triton_refine_train_defaultBackward", "aten::mm"):
+        assert profile_models.op_label(key) == key
+
+
 def test_profile_models_cpu(tmp_path):
     """Shares of the profiled step: the fused model's refiner ops are found and take part of it."""
     doc = profile_models.main(["--device", "cpu", "--threads", "1", "--img", "32", "--batch", "1", "--warmup", "1",
