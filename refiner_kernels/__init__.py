@@ -74,8 +74,10 @@ def refine_train(attn: Tensor, v: Tensor, w_exp: Tensor, w_dw: Tensor, w_pro: Te
 
     Returns (out, (BNStats | None, BNStats, BNStats, BNStats)); the statistics are detached."""
     from refiner.reference import BNStats
+
+    from .kernels_refine_train import save_y3
     res = _ops().refine_train_op(attn, v, w_exp, w_dw, w_pro, g1, b1, g2, b2, g3, b3, ga, ba,
-                                 float(eps), float(scale), bool(expand))
+                                 float(eps), float(scale), bool(expand), save_y3())
     out, m1, v1, m2, v2, m3, v3, ma, va = res[:9]
     s1 = BNStats(m1, v1) if expand else None
     return out, (s1, BNStats(m2, v2), BNStats(m3, v3), BNStats(ma, va))

@@ -694,9 +694,10 @@ def save_y3() -> bool:
     return mode == "1"
 
 
-def refine_train_fwd(attn, v, w_exp, w_dw, w_pro, g1, b1, g2, b2, g3, b3, ga, ba, eps, scale, expand):
+def refine_train_fwd(attn, v, w_exp, w_dw, w_pro, g1, b1, g2, b2, g3, b3, ga, ba, eps, scale, expand,
+                     keep_y3=True):
     """Returns out, the stats dict (float64), aux (fp32 vector for the backward) and the Y3 buffer
-    for the backward (save_y3(); else an empty tensor)."""
+    for the backward (keep_y3, the caller's save_y3(); else an empty tensor)."""
     check_device(attn, v)
     check_image_map(attn)
     attn, v = attn.contiguous(), v.contiguous()
@@ -753,7 +754,7 @@ def refine_train_fwd(attn, v, w_exp, w_dw, w_pro, g1, b1, g2, b2, g3, b3, ga, ba
     f = _fold(*args, st)
     # F5: R, then R @ v
     r = _r(attn, we_f, be_f, wdw, wp, cv, _hv(f, st, ga, ba, HP), ks, scale, expand, y3)
-    y3 = y3 if save_y3() else y3.new_empty(0)
+    y3 = y3 if keep_y3 else y3.new_empty(0)
     with _pass(_pass_label("rv")):
         out = bmm(r, v, out_dtype=v.dtype)
     if not expand:

@@ -225,25 +225,27 @@ from . import kernels_refine_train as _rt  # noqa: E402
 @torch.library.custom_op(f"{_lib}::refine_train", mutates_args=())
 def refine_train_op(attn: Tensor, v: Tensor, w_exp: Tensor, w_dw: Tensor, w_pro: Tensor,
                     g1: Tensor, b1: Tensor, g2: Tensor, b2: Tensor, g3: Tensor, b3: Tensor,
-                    ga: Tensor, ba: Tensor, eps: float, scale: float, expand: bool) -> List[Tensor]:
+                    ga: Tensor, ba: Tensor, eps: float, scale: float, expand: bool,
+                    keep_y3: bool = True) -> List[Tensor]:
     """Returns [out, mean1, var1, mean2, var2, mean3, var3, mean_a, var_a, aux, y3].
 
     The statistics are the biased batch statistics (non-differentiable; mean1/var1 are zeros when
     not expand); aux (fp32) carries the moments the backward needs, y3 the forward's Y3 buffer when
-    kernels_refine_train.save_y3() (else empty; see kernels_refine_train)."""
+    keep_y3 (refiner_kernels.refine_train passes kernels_refine_train.save_y3()), else empty; the
+    output shapes then follow the arguments alone, as torch.compile's fake tensors need."""
     out, st, aux, y3 = _rt.refine_train_fwd(attn, v, w_exp, w_dw, w_pro, g1, b1, g2, b2, g3, b3, ga, ba,
-                                            eps, scale, expand)
+                                            eps, scale, expand, keep_y3)
     stats = [st[k].to(attn.dtype) for k in ("mu1", "var1", "mu2", "var2", "mu3", "var3", "muZ", "varZ")]
     return [out] + stats + [aux, y3]
 
 
 @refine_train_op.register_fake
-def _(attn, v, w_exp, w_dw, w_pro, g1, b1, g2, b2, g3, b3, ga, ba, eps, scale, expand):
+def _(attn, v, w_exp, w_dw, w_pro, g1, b1, g2, b2, g3, b3, ga, ba, eps, scale, expand, keep_y3=True):
     B, H, N, _ = attn.shape
     RH = w_dw.shape[0]
     out = v.new_empty(B, H, N, v.shape[-1])
     stats = [attn.new_empty(RH)] * 4 + [attn.new_empty(H)] * 4
-    y3 = attn.new_empty(attn.shape if _rt.save_y3() else (0,), dtype=torch.float32)
+    y3 = attn.new_empty(attn.shape if keep_y3 else (0,), dtype=torch.float32)
     return [out] + [s.clone() for s in stats] + [attn.new_empty(_rt.aux_size(H, RH), dtype=torch.float32), y3]
 
 
@@ -272,7 +274,7 @@ def _rt_backward(ctx, grads):
     *ins, aux, y3 = ctx.saved_tensors
     dout = grads[0] if grads[0] is not None else torch.zeros_like(ins[1])  # (out unused)
     g = refine_train_bwd_op(dout, *ins, aux, y3, ctx.eps, ctx.scale, ctx.expand)
-    return (*g, None, None, None)
+    return (*g, None, None, None, None)
 
 
 refine_train_op.register_autograd(_rt_backward, setup_context=_rt_setup)

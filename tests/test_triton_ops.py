@@ -651,15 +651,15 @@ def test_refine_train_matches_module_running_stats():
         torch.testing.assert_close(m.running_var, src.running_var, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("expand", [True, False])
-def test_opcheck_refine_train(expand):
+@pytest.mark.parametrize("expand,keep_y3", [(True, True), (False, True), (True, False)])
+def test_opcheck_refine_train(expand, keep_y3):
     from refiner_kernels import ops
     B, H, N, d = 1, 4, 7, 16
     dla, bn = random_dla(H, 3 if expand else 1, 3)
     params = [t.detach().to(DEV).requires_grad_(True) for t in train_args(dla, bn)]
     attn = random_attn(B, H, N, device=DEV).requires_grad_(True)
     v = torch.randn(B, H, N, d, device=DEV, requires_grad=True)
-    _opcheck(ops.refine_train_op, (attn, v, *params, 1e-5, 0.25, expand))
+    _opcheck(ops.refine_train_op, (attn, v, *params, 1e-5, 0.25, expand, keep_y3))
 
 
 def test_availability_flags():
