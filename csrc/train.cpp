@@ -154,12 +154,14 @@ Tensor bn_apply(const Tensor& x, const Tensor& s, const Tensor& m, const Tensor&
   return relu6 ? y.clamp_(0, 6) : y;
 }
 // Through a batch-statistics BN over M values per channel: k (g - S1/M - xhat S2/M), xhat =
-// (x - m)/sd, with S1 = sum g and S2 = sum g xhat (one temporary).
+// (x - m)/sd, with S1 = sum g and S2 = sum g xhat (one temporary). Written into `out` when given
+// (a contiguous slice of a buffer, which may be x itself): no copy of a map-sized result.
 Tensor bn_backward(const Tensor& g, const Tensor& x, const Tensor& m, const Tensor& sd, const Tensor& k,
-                   const Tensor& S1, const Tensor& S2, double M) {
-  if (cpu_kernels(x)) return cpu::channel_bn_grad(g, x, m, S2 / (sd * M), S1 / M, k);
+                   const Tensor& S1, const Tensor& S2, double M, Tensor out = Tensor()) {
+  if (cpu_kernels(x)) return cpu::channel_bn_grad(g, x, m, S2 / (sd * M), S1 / M, k, out);
   auto t = (x - col(m)).mul_(col(S2 / (sd * M)));
-  return t.neg_().add_(g).sub_(col(S1 / M)).mul_(col(k));
+  if (!out.defined()) return t.neg_().add_(g).sub_(col(S1 / M)).mul_(col(k));
+  return at::sub_out(out, g, t).sub_(col(S1 / M)).mul_(col(k));  // g - t = -t + g exactly
 }
 // Per channel sum g xhat = sum g (x - m) / sd.
 Tensor sum_g_xhat(const Tensor& g, const Tensor& x, const Tensor& m, const Tensor& sd) {
@@ -167,9 +169,11 @@ Tensor sum_g_xhat(const Tensor& g, const Tensor& x, const Tensor& m, const Tenso
   return sums((x - col(m)).mul_(g)) / sd;
 }
 // Z = A + BN3(Y3): the one expression used by the BN_a statistics, the output and the backward.
-Tensor make_z(const TrainArgs& a, const Folded& f, const Tensor& A, const Tensor& Y3) {
-  if (cpu_kernels(Y3)) return cpu::channel_affine(Y3, f.s3, f.m3, a.b3, A);
-  return A + bn_apply(Y3, f.s3, f.m3, a.b3);
+// Into `out` when given (as bn_backward).
+Tensor make_z(const TrainArgs& a, const Folded& f, const Tensor& A, const Tensor& Y3, Tensor out = Tensor()) {
+  if (cpu_kernels(Y3)) return cpu::channel_affine(Y3, f.s3, f.m3, a.b3, A, out);
+  if (!out.defined()) return A + bn_apply(Y3, f.s3, f.m3, a.b3);
+  return at::add_out(out, A, bn_apply(Y3, f.s3, f.m3, a.b3));
 }
 // r = BN_a(Z) * scale (out = r @ v), in centred form; the forward and both backwards use it.
 Tensor r_of(const TrainArgs& a, const Folded& f, const Tensor& Z, double scale) {
@@ -444,8 +448,7 @@ std::vector<Tensor> refine_train_backward_streamed(const Tensor& go, const Train
   auto Sa1 = at::zeros({a.H}, opt), Sa2 = at::zeros({a.H}, opt), S31 = at::zeros({a.H}, opt),
        S32 = at::zeros({a.H}, opt);
   for_chunks(a, [&](int64_t b0, int64_t n) {  // Z (kept in gA's buffer), BN_a's sums, gv
-    auto z = make_z(a, f, sa.A.narrow(0, b0, n), y3.narrow(0, b0, n));
-    gA.narrow(0, b0, n).copy_(z);
+    auto z = make_z(a, f, sa.A.narrow(0, b0, n), y3.narrow(0, b0, n), gA.narrow(0, b0, n));
     gv.narrow(0, b0, n).copy_(at::matmul(r_of(a, f, z, scale).transpose(-2, -1), go.narrow(0, b0, n)));
     auto gr = gr_of(b0, n);
     Sa1 += sums(gr);
@@ -453,14 +456,12 @@ std::vector<Tensor> refine_train_backward_streamed(const Tensor& go, const Train
   });
   for_chunks(a, [&](int64_t b0, int64_t n) {  // gZ (the part of gA that skips the DLA) over Z, BN3's sums
     auto gAc = gA.narrow(0, b0, n);
-    auto gz = bn_backward(gr_of(b0, n), gAc, f.ma, sd_a, f.sa, Sa1, Sa2, M);
-    gAc.copy_(gz);
+    auto gz = bn_backward(gr_of(b0, n), gAc, f.ma, sd_a, f.sa, Sa1, Sa2, M, gAc);
     S31 += sums(gz);
     S32 += sum_g_xhat(gz, y3.narrow(0, b0, n), f.m3, sd3);
   });
   for_chunks(a, [&](int64_t b0, int64_t n) {  // gY3
-    gy3.narrow(0, b0, n).copy_(bn_backward(gA.narrow(0, b0, n), y3.narrow(0, b0, n), f.m3, sd3, a.g3 / sd3, S31,
-                                           S32, M));
+    bn_backward(gA.narrow(0, b0, n), y3.narrow(0, b0, n), f.m3, sd3, a.g3 / sd3, S31, S32, M, gy3.narrow(0, b0, n));
   });
   sa.map = gy3;
   auto pro = train_pass(TrainPass::ProGrad, sa);
