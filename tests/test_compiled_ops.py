@@ -918,6 +918,20 @@ def test_refine_train_half():
         assert_close(fused(*args), ref(*[t.float() for t in args]), 1e-2, 1e-2)
 
 
+@pytest.mark.parametrize("path", ["fast", "portable"])
+def test_refine_train_backward_twice(monkeypatch, path):
+    """A second backward through the same graph (retain_graph) gives the same gradients: the
+    backward leaves the kept Y3 as the forward saved it."""
+    set_train_path(monkeypatch, path)
+    args, expand = train_inputs(2, 4, 13, 8, 3, 3, torch.float32)
+    ins = [t.detach().clone().requires_grad_() for t in args]
+    out = C.refine_train(*ins, 1e-5, 0.25, expand)[0]
+    go = torch.randn_like(out)
+    first = torch.autograd.grad(out, ins, go, retain_graph=True)
+    for name, a, b in zip(TRAIN_NAMES, first, torch.autograd.grad(out, ins, go)):
+        assert torch.equal(a, b), name
+
+
 @pytest.mark.parametrize("keep_y3", [True, False])
 def test_refine_train_opcheck(keep_y3):
     args, expand = train_inputs(2, 2, 5, 3, 2, 3, torch.float32)

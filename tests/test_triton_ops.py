@@ -553,6 +553,19 @@ def test_refine_train_saved_y3_matches_the_rerun(monkeypatch, ratio):
         rk.refine_train(attn, v, *tp, 1e-5, 0.25, ratio != 1)
 
 
+def test_refine_train_backward_twice():
+    """A second backward through the same graph (retain_graph) gives the same gradients: the
+    backward leaves the kept Y3 as the forward saved it."""
+    B, H, N, d, ratio = 2, 4, 13, 8, 3
+    dla, bn = random_dla(H, ratio, 3)
+    ins = [_leaf(t) for t in [random_attn(B, H, N), torch.randn(B, H, N, d)] + list(train_args(dla, bn))]
+    out = rk.refine_train(*ins, 1e-5, 0.25, True)[0]
+    go = torch.randn_like(out)
+    first = torch.autograd.grad(out, ins, go, retain_graph=True)
+    for i, (a, b) in enumerate(zip(first, torch.autograd.grad(out, ins, go))):
+        assert torch.equal(a, b), f"gradient {i}"
+
+
 def test_refine_train_saved_y3_costs_no_peak_memory(monkeypatch):
     """Keeping Y3 for the backward moves an A-sized fp32 buffer from the backward's own allocation
     to the forward's: the fwd+bwd peak does not grow. It did by 1x A while autograd handed the
