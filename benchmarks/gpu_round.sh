@@ -166,10 +166,11 @@ stage_quick() {
     --head-dim 32 --dtypes bf16 --ops refine_eval softmax_block --backends cuda triton reference \
     --env-variants "cuda:REFINER_CUDA_TENSOR_CORES=0"
   # refine_train's CUDA passes on the tensor cores (train_tc.cuh, never run on a GPU) beside its CUDA-core
-  # passes and Triton, N = 197 (B = 32, bf16: the CUDA passes run on an fp32 copy of the map)
-  run_step bench_ops_cuda_train 50 "$PY" benchmarks/bench_ops.py --out "$RES" --rep-ms 25 --n 197 --heads 12 \
+  # passes, its backward's own Y3 pass (REFINER_TRAIN_SAVE_Y3=0; the default keeps the forward's) and
+  # Triton, N = 197 (B = 32, bf16: the CUDA passes run on an fp32 copy of the map)
+  run_step bench_ops_cuda_train 60 "$PY" benchmarks/bench_ops.py --out "$RES" --rep-ms 25 --n 197 --heads 12 \
     --head-dim 32 --dtypes bf16 --ops refine_train --backends cuda triton \
-    --env-variants "cuda:REFINER_CUDA_TENSOR_CORES=0"
+    --env-variants "cuda:REFINER_CUDA_TENSOR_CORES=0" "cuda:REFINER_TRAIN_SAVE_Y3=0"
   # Inference in one run: Refiner-ViT-S on CUDA (tensor cores, then fp32 kernels), Triton and per-op
   # mixes of the two (candidates), the reference, and timm ViT-S (the inference targets' rows)
   run_step bench_models_infer 110 "$PY" benchmarks/bench_models.py --out "$RES" \
