@@ -27,22 +27,22 @@ void for_planes(const at::Tensor& x, Fn&& fn) {
   });
 }
 
-// The result's tensor: `out` when given (contiguous, x's shape; it may be x itself, each element
-// being read before it is written), else a new one.
-inline at::Tensor result_like(const at::Tensor& x, const at::Tensor& out, const char* op) {
-  if (!out.defined()) return at::empty_like(x);
-  TORCH_CHECK(out.is_contiguous() && out.sizes() == x.sizes() && out.scalar_type() == x.scalar_type(), op,
-              ": bad out");
-  return out;
+// The result's tensor: `into` when given (contiguous, x's shape and dtype; it may be x itself,
+// each element being read before it is written), else a new one.
+inline at::Tensor result_like(const at::Tensor& x, const at::Tensor& into, const char* op) {
+  if (!into.defined()) return at::empty_like(x);
+  TORCH_CHECK(into.is_contiguous() && into.sizes() == x.sizes() && into.scalar_type() == x.scalar_type(), op,
+              ": bad `into` tensor");
+  return into;
 }
 
-// s_c (x - m_c) + b_c; with `add` (same shape as x), add + (s_c (x - m_c) + b_c). Into `out` if given.
+// s_c (x - m_c) + b_c; with `add` (same shape as x), add + (s_c (x - m_c) + b_c). Into `into` if given.
 inline at::Tensor channel_affine(const at::Tensor& x, const at::Tensor& s, const at::Tensor& m, const at::Tensor& b,
-                                 const at::Tensor& add = at::Tensor(), const at::Tensor& out = at::Tensor()) {
+                                 const at::Tensor& add = at::Tensor(), const at::Tensor& into = at::Tensor()) {
   const auto xc = x.contiguous();
   const auto ac = add.defined() ? add.to(x.scalar_type()).contiguous() : add;
   TORCH_CHECK(!ac.defined() || ac.sizes() == xc.sizes(), "channel_affine: bad residual");
-  auto y = result_like(xc, out, "channel_affine");
+  auto y = result_like(xc, into, "channel_affine");
   const int64_t P = plane_size(xc);
   AT_DISPATCH_FLOATING_TYPES(xc.scalar_type(), "channel_affine", [&] {
     const scalar_t *xp = xc.data_ptr<scalar_t>(), *sp = s.data_ptr<scalar_t>(), *mp = m.data_ptr<scalar_t>(),
