@@ -18,6 +18,7 @@ import triton
 from triton.compiler import ASTSource, compile as tcompile
 from triton.backends.compiler import GPUTarget
 from refiner_kernels import kernels_softmax as S, kernels_refine_eval as E, kernels_refine_train as T, blocks as Bl
+from refiner_kernels._common import AUTOTUNE_SPECS
 
 TARGET = GPUTarget("cuda", 90, 32)
 PTXAS = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
@@ -81,6 +82,14 @@ check(S._sb_bwd_dq, dict(q_ptr=P, k_ptr=P, v_ptr=P, lse_ptr=P, do_ptr=P, da_ptr=
 check(S._sb_bwd_dkdv, dict(q_ptr=P, k_ptr=P, v_ptr=P, p_ptr=P, lse_ptr=P, delta_ptr=P, do_ptr=P, da_ptr=P, dk_ptr=P,
                            dv_ptr=P, N=N, D=D, scale=0.1, HAS_PREV=True, DOT_T=triton.language.float16, BM=64, BN=64, BD=64),
       ptr_types={n: '*fp16' for n in ['q_ptr', 'k_ptr', 'v_ptr', 'do_ptr', 'da_ptr', 'p_ptr']}, enable_fp_fusion=False)
+# the backward's autotune configurations at Refiner-ViT-S's shape (bf16, head size 32)
+for fn in (S._sb_bwd_dq, S._sb_bwd_dkdv):
+    args = dict(q_ptr=P, k_ptr=P, v_ptr=P, p_ptr=P, lse_ptr=P, delta_ptr=P, do_ptr=P, da_ptr=P, dq_ptr=P, dp_ptr=P,
+                dk_ptr=P, dv_ptr=P, N=N, D=D, scale=0.1, HAS_PREV=True, DOT_T=triton.language.bfloat16, BD=32)
+    for cfg in AUTOTUNE_SPECS[fn.__name__][1]:
+        check(fn, {p.name: {**args, **cfg.kwargs}[p.name] for p in fn.params}, num_warps=cfg.num_warps,
+              ptr_types={n: '*bf16' for n in ['q_ptr', 'k_ptr', 'v_ptr', 'do_ptr', 'da_ptr', 'p_ptr']},
+              enable_fp_fusion=False)
 for ks, tm, tj, sr in [(3, 16, 32, False), (5, 16, 16, True), (3, 32, 32, False), (3, 16, 64, False)]:
     check(E._re_fwd, dict(a_ptr=P, v_ptr=P, we_ptr=P, be_ptr=P, wdw_ptr=P, bdw_ptr=P, wp_ptr=P, bp_ptr=P, al_ptr=P,
                           bt_ptr=P, out_ptr=P, r_ptr=P, N=N, D=D, H=H, RH=RH, KS=ks, RELU_E=True, STORE_R=sr, PREC='ieee' if sr else 'tf32', HP=16,

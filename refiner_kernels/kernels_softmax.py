@@ -183,8 +183,20 @@ if triton is not None:
          for bm, bn, w, s in [(64, 64, 4, 2), (64, 32, 4, 2), (128, 64, 8, 2), (32, 64, 4, 1),
                               (64, 128, 8, 2)]],
         key=["N", "D", "HAS_PREV"])(_sb_fwd)
+    # The backward's kernels (BM: the rows a program owns in dq, the query rows a step in dk/dv; BN the
+    # other way round). ptxas (sm_90, bf16, head size 32, 8 warps) spills 364 bytes a thread in
+    # _sb_bwd_dkdv at 64 x 64 (the fixed tiles before), 16 at 64 x 32 and none at 32 x 64; dq at 64 x 64
+    # spills none (380 for head size 64). Which is fastest is the GPU's to say.
+    _sb_bwd_dq_tuned = gpu_autotune(
+        [triton.Config({"BM": bm, "BN": bn}, num_warps=w) for bm, bn, w in [(64, 64, 8), (64, 32, 8), (32, 64, 8),
+                                                                             (32, 64, 4)]],
+        key=["N", "D", "HAS_PREV"])(_sb_bwd_dq)
+    _sb_bwd_dkdv_tuned = gpu_autotune(
+        [triton.Config({"BM": bm, "BN": bn}, num_warps=w) for bm, bn, w in [(64, 64, 8), (32, 64, 8), (64, 32, 8),
+                                                                             (32, 64, 4)]],
+        key=["N", "D", "HAS_PREV"])(_sb_bwd_dkdv)
 else:
-    _sb_fwd_tuned = None
+    _sb_fwd_tuned = _sb_bwd_dq_tuned = _sb_bwd_dkdv_tuned = None
 
 
 def _dot_dtype(dtype):
@@ -242,13 +254,14 @@ def softmax_block_bwd(dout, dattn, q, k, v, prev_attn, lse, scale: float):
     delta = torch.empty(B, H, N, dtype=torch.float32, device=q.device)
     BM, BN, BD = _tiles(N, D)
     nw = num_warps_for(BM * BN)
-    _sb_bwd_dq[(B * H, triton.cdiv(N, BM))](
-        q, k, v, lse, dout, dattn, dq, dprev if has_prev else dq, delta, N, D, float(scale),
-        HAS_PREV=has_prev, DOT_T=_dot_dtype(q.dtype), BM=BM, BN=BN, BD=BD, num_warps=nw,
-        enable_fp_fusion=False)
-    # dk/dv: key tiles of BM rows, loop over query tiles of BN rows.
-    _sb_bwd_dkdv[(B * H, triton.cdiv(N, BM))](
-        q, k, v, prev, lse, delta, dout, dattn, dk, dv, N, D, float(scale),
-        HAS_PREV=has_prev, DOT_T=_dot_dtype(q.dtype), BM=BN, BN=BM, BD=BD, num_warps=nw,
-        enable_fp_fusion=False)
+    dq_args = (q, k, v, lse, dout, dattn, dq, dprev if has_prev else dq, delta, N, D, float(scale))
+    # dk/dv: programs own key tiles of BN rows and loop over query tiles of BM rows.
+    dkdv_args = (q, k, v, prev, lse, delta, dout, dattn, dk, dv, N, D, float(scale))
+    consts = dict(HAS_PREV=has_prev, DOT_T=_dot_dtype(q.dtype), BD=BD, enable_fp_fusion=False)
+    if use_tuned(_sb_bwd_dq_tuned, q):
+        _sb_bwd_dq_tuned[lambda META: (B * H, triton.cdiv(N, META["BM"]))](*dq_args, **consts)
+        _sb_bwd_dkdv_tuned[lambda META: (B * H, triton.cdiv(N, META["BN"]))](*dkdv_args, **consts)
+    else:
+        _sb_bwd_dq[(B * H, triton.cdiv(N, BM))](*dq_args, BM=BM, BN=BN, num_warps=nw, **consts)
+        _sb_bwd_dkdv[(B * H, triton.cdiv(N, BM))](*dkdv_args, BM=BN, BN=BM, num_warps=nw, **consts)
     return dq, dk, dv, dprev

@@ -68,6 +68,33 @@ def test_softmax_block(N, d, has_prev, dtype):
         _close(a, b, dtype, name)
 
 
+@pytest.mark.parametrize("bm,bn", [(16, 32), (32, 16)])
+def test_softmax_block_tuned_launches(monkeypatch, bm, bn):
+    """The GPU's autotuned launches (grids from the chosen tiles; the backward's two kernels each
+    with their own) run here as single-config autotuners under the interpreter: the same results as
+    the reference for tiles that do not divide N, and q-tile and key-tile sizes that differ."""
+    import triton
+
+    from refiner_kernels import kernels_softmax as S
+    if S._sb_fwd_tuned is not None:
+        pytest.skip("a GPU run: the real autotuners are in place")
+    for name in ("_sb_fwd", "_sb_bwd_dq", "_sb_bwd_dkdv"):
+        one = triton.autotune([triton.Config({"BM": bm, "BN": bn})], key=["N", "D", "HAS_PREV"])(getattr(S, name))
+        monkeypatch.setattr(S, name + "_tuned", one)
+    monkeypatch.setattr(S, "use_tuned", lambda tuned, *ts: tuned is not None)
+    B, H, N, d = 1, 2, 37, 32
+    xs = [_leaf(torch.randn(B, H, N, d)) for _ in range(3)] + [_leaf(random_attn(B, H, N))]
+    rs = [_leaf(t.detach()) for t in xs]
+    out, attn = rk.softmax_block(*xs, d ** -0.5)
+    rout, rattn = ref.softmax_block(*rs, d ** -0.5)
+    _close(out, rout, name="out")
+    _close(attn, rattn, name="attn")
+    go, ga = torch.randn_like(rout), torch.randn_like(rattn)
+    for name, a, b in zip(["dq", "dk", "dv", "dprev"], _grads((out, attn), xs, (go, ga)),
+                          _grads((rout, rattn), rs, (go, ga))):
+        _close(a, b, name=name)
+
+
 # ----------------------------------------------------------------------------- refine_eval
 
 def _folded(H, ratio, ks, d):
@@ -595,7 +622,8 @@ def test_autotune_specs_name_real_kernel_arguments():
     from refiner_kernels import _common
     from refiner_kernels import blocks, kernels_refine_eval, kernels_refine_train, kernels_softmax  # noqa: F401
     specs = _common.AUTOTUNE_SPECS
-    tuned = {"_rt_tile", "_rt_b3", "_re_fwd", "_re_expand", "_re_stencil_reduce", "_bmm_kernel", "_sb_fwd"}
+    tuned = {"_rt_tile", "_rt_b3", "_re_fwd", "_re_expand", "_re_stencil_reduce", "_bmm_kernel", "_sb_fwd",
+             "_sb_bwd_dq", "_sb_bwd_dkdv"}
     assert tuned <= set(specs), tuned - set(specs)
     import inspect
     for name, (fn, configs, key) in specs.items():
