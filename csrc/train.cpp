@@ -258,13 +258,13 @@ TrainStreamArgs stream_args(const TrainArgs& a, const Folded& f, const Tensor& m
 // Forward: batch statistics and the output.
 //   BN1: mean + covariance of A (centred Gram matrix) through the linear W_e.
 //   pass 1: moments of Y2 (BN2).
-//   pass 2: Y3 per chunk, kept in a buffer of the size of A (returned: the backward may keep it),
-//   its moments (BN3).
+//   pass 2: Y3 per chunk, kept in a buffer of the size of A (returned with keep_y3: the backward
+//   keeps it), its moments (BN3).
 //   then Z = make_z(A, Y3) per chunk, BN_a statistics from those actual Z values (not derived
-//   algebraically from moments of A and Y3), and out = (BN_a(Z) * scale) @ v from Z made again
-//   by the same expression: every consumer sees the same rounded Z, so a zero-variance channel
-//   stays ~0.
-std::pair<Tensor, Tensor> forward_pass(const TrainArgs& a, Folded& f, double eps, double scale) {
+//   algebraically from moments of A and Y3), and out = (BN_a(Z) * scale) @ v from the same Z:
+//   every consumer sees the same rounded Z, so a zero-variance channel stays ~0. Without keep_y3
+//   Z replaces Y3 in the buffer; with it, Z is made again (the same expression) for the output.
+std::pair<Tensor, Tensor> forward_pass(const TrainArgs& a, Folded& f, double eps, double scale, bool keep_y3) {
   const auto st = at::kDouble;
   const double M = double(a.B) * a.N * a.N;
   const auto opt = a.v.options().dtype(st);
@@ -311,16 +311,20 @@ std::pair<Tensor, Tensor> forward_pass(const TrainArgs& a, Folded& f, double eps
   for_chunks(a, [&](int64_t b0, int64_t n) { mo3.add(buf.narrow(0, b0, n)); });
   mo3.finish(a.ct, f.m3, f.v3);
   f.s3 = a.g3 / at::sqrt(f.v3 + eps);
-  auto z_of = [&](int64_t b0, int64_t n) { return make_z(a, f, attn_chunk(a, b0, n), buf.narrow(0, b0, n)); };
+  auto z_of = [&](int64_t b0, int64_t n, bool again) {
+    auto y = buf.narrow(0, b0, n);
+    if (again && !keep_y3) return y;  // Z is already there
+    return make_z(a, f, attn_chunk(a, b0, n), y, keep_y3 ? Tensor() : y);
+  };
   Moments moa;
-  for_chunks(a, [&](int64_t b0, int64_t n) { moa.add(z_of(b0, n)); });
+  for_chunks(a, [&](int64_t b0, int64_t n) { moa.add(z_of(b0, n, false)); });
   moa.finish(a.ct, f.ma, f.va);
   fold(a, f, eps);
   auto out = at::empty_like(a.v);
   for_chunks(a, [&](int64_t b0, int64_t n) {
-    out.narrow(0, b0, n).copy_(at::matmul(r_of(a, f, z_of(b0, n), scale), a.v.narrow(0, b0, n)));
+    out.narrow(0, b0, n).copy_(at::matmul(r_of(a, f, z_of(b0, n, true), scale), a.v.narrow(0, b0, n)));
   });
-  return {out, buf};
+  return {out, keep_y3 ? buf : at::empty({0}, buf.options())};
 }
 
 // Returns out, the batch statistics (m1, v1, m2, v2, m3, v3, ma, va) and y3: with keep_y3 the
@@ -335,8 +339,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tenso
   validate_refine_train(attn, v, w_exp, w_dw, w_pro, g1, b1, g2, b2, g3, b3, ga, ba, eps, expand);
   auto a = prep_train(attn, v, w_exp, w_dw, w_pro, g1, b1, g2, b2, g3, b3, ga, ba, expand);
   Folded f;
-  auto [out, y3] = forward_pass(a, f, eps, scale);
-  if (!keep_y3) y3 = at::empty({0}, y3.options());
+  auto [out, y3] = forward_pass(a, f, eps, scale, keep_y3);
   const auto st = attn.scalar_type();
   return {out.to(st), f.m1.to(st), f.v1.to(st), f.m2.to(st), f.v2.to(st), f.m3.to(st), f.v3.to(st), f.ma.to(st),
           f.va.to(st), y3};
