@@ -593,26 +593,24 @@ def test_refine_train_backward_twice():
         assert torch.equal(a, b), f"gradient {i}"
 
 
-def test_refine_train_saved_y3_costs_no_peak_memory(monkeypatch):
-    """Keeping Y3 for the backward moves an A-sized fp32 buffer from the backward's own allocation
-    to the forward's: the fwd+bwd peak does not grow. It did by 1x A while autograd handed the
-    backward a materialized zero gradient of the non-differentiable y3 output."""
-    from benchmarks.common import peak_memory
-    B, H, N, d, ratio = 2, 4, 33, 8, 3
-    dla, bn = random_dla(H, ratio, 3)
-    args = [t.detach().to(DEV) for t in [random_attn(B, H, N), torch.randn(B, H, N, d)] + list(train_args(dla, bn))]
-    A = args[0].numel() * 4  # fp32 bytes
+def test_refine_train_backward_gets_no_zero_map_for_y3():
+    """The non-differentiable outputs (statistics, aux, the kept Y3) get no materialized zero
+    gradients: torch would otherwise hand every layer's backward an A-sized fp32 zeros map for y3.
+    (A peak-memory comparison proved order-dependent in CI: the backward's workspaces are cached.)"""
+    from refiner_kernels import ops
 
-    def step():
-        ins = [t.clone().requires_grad_() for t in args]
-        rk.refine_train(*ins, 1e-5, 0.25, True)[0].sum().backward()
+    class Ctx:
+        def mark_non_differentiable(self, *ts):
+            self.non_diff = len(ts)
 
-    peaks = {}
-    for save in ("0", "1"):
-        monkeypatch.setenv("REFINER_TRITON_TRAIN_SAVE_Y3", save)
-        step()  # warm-up (autotuning, caches)
-        peaks[save] = peak_memory(step, args[0].device)[0]
-    assert peaks["1"] < peaks["0"] + 0.5 * A, f"peaks {peaks}, A = {A}"
+        def set_materialize_grads(self, value):
+            self.materialize = value
+
+        def save_for_backward(self, *ts):
+            self.saved = ts
+    ctx = Ctx()
+    ops._rt_setup(ctx, [torch.empty(1)] * 13 + [1e-5, 0.25, True, True], [torch.empty(1)] * 11)
+    assert ctx.materialize is False and ctx.non_diff == 10
 
 
 def test_autotune_specs_name_real_kernel_arguments():
