@@ -14,6 +14,10 @@
 #                                              # (bench_train_passes), then in the time left a profile
 #                                              # (Refiner-ViT-S fused[triton] vs reference); next call:
 #                                              # STAGE_BUDGET=260 bash benchmarks/gpu_round.sh sanitize
+#   bash benchmarks/gpu_round.sh compiled      # torch.compile (inductor) of Refiner-ViT-S fused on Triton and
+#                                              # of the reference, beside their eager rows and ViT-S: the
+#                                              # "reference compiled" target and the fused model compiled
+#                                              # (inference, then a training step; ~5-8 min, no build)
 #   bash benchmarks/gpu_round.sh verify        # build (sm_90), the tests the last round failed (see
 #                                              # stage_verify), then memcheck and racecheck of the CUDA
 #                                              # tests: a short call (~6 min) for a session with little
@@ -222,11 +226,24 @@ stage_verify() {
   stage_sanitize
 }
 
+# torch.compile rows (bench_models --compile-backend inductor): the fused model compiled (the compiler
+# fuses the blocks' element-wise work, LayerNorm and casts around the fused ops) and the reference
+# compiled (a target's denominator), each beside the eager rows of the same run; inference first.
+# Triton only: no build needed.
+stage_compiled() {
+  local common=(--out "$RES" --img 224 --batch 256 --compile-backend inductor --repeats 5 --fused-backends triton)
+  run_step bench_models_compiled_infer $(( $(left) / 2 )) "$PY" benchmarks/bench_models.py "${common[@]}" \
+    --models refiner_vit_s vit_small_patch16_224 --modes infer
+  run_step bench_models_compiled_train $(( $(left) - 20 )) "$PY" benchmarks/bench_models.py "${common[@]}" \
+    --models refiner_vit_s --modes train
+}
+
 env_info
-if [ "$STAGE" = quick ] || [ "$STAGE" = verify ]; then BUDGET=${STAGE_BUDGET:-480}; else build; describe_backends; fi
+if [ "$STAGE" = quick ] || [ "$STAGE" = verify ] || [ "$STAGE" = compiled ]; then BUDGET=${STAGE_BUDGET:-480}; else build; describe_backends; fi
 case "$STAGE" in
   quick) stage_quick ;;
   verify) stage_verify ;;
+  compiled) stage_compiled ;;
   tests) stage_tests ;;
   sanitize) stage_sanitize ;;
   props) REFINER_HYPOTHESIS_PROFILE=long run_step properties_long $(( $(left) - 20 )) "$PY" -m pytest -q -ra \
@@ -235,7 +252,7 @@ case "$STAGE" in
          bench_models $(( $(left) - 20 )) ;;
   bench-ops) bench_ops $(( $(left) - 20 )) ;;
   bench-models) bench_models $(( $(left) - 20 )) ;;
-  *) say "unknown stage '$STAGE' (quick | verify | tests | sanitize | props | bench | bench-ops | bench-models)"; exit 2 ;;
+  *) say "unknown stage '$STAGE' (quick | compiled | verify | tests | sanitize | props | bench | bench-ops | bench-models)"; exit 2 ;;
 esac
 # Tables and targets into the summary (the JSON/PNGs are in the results tarball).
 for f in "$LOGS"/bench_*.log "$LOGS"/profile_*.log; do

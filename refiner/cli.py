@@ -17,7 +17,7 @@ import torch
 
 __all__ = ["positive_int", "nonnegative_int", "float_in", "positive_float", "nonnegative_float", "probability",
            "existing_file", "existing_dir", "output_dir", "device", "device_or_auto", "model_name", "auto_augment",
-           "check_img_size"]
+           "compile_backend", "check_img_size"]
 
 
 def _int(s) -> int:
@@ -152,6 +152,15 @@ def auto_augment(s: str) -> str:
             f"{s!r} is not a timm auto-augment policy ({str(e) or type(e).__name__}); expected '' for none, "
             f"RandAugment (e.g. rand-m9-mstd0.5-inc1), AugMix (e.g. augmix-m5-w4-d2) or AutoAugment "
             f"(v0, v0r, original, originalr or 3a, e.g. original-mstd0.5)") from None
+    return s
+
+
+def compile_backend(s: str) -> str:
+    """A torch.compile backend name (torch._dynamo.list_backends: inductor, aot_eager, eager, ...)."""
+    import torch._dynamo  # imported on use: a second or two
+    known = torch._dynamo.list_backends(exclude_tags=())
+    if s not in known:
+        raise argparse.ArgumentTypeError(f"unknown torch.compile backend {s!r} (one of {', '.join(known)})")
     return s
 
 

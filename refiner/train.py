@@ -357,6 +357,8 @@ def main(argv: Optional[Sequence[str]] = None):
     wrapper = TrainWrapper(model, want_maps=args.cos_reg > 0)
     if world > 1:
         wrapper = nn.parallel.DistributedDataParallel(wrapper, device_ids=[device] if device.type == "cuda" else None)
+    if args.torchcompile:  # not fullgraph: MixToken draws its box on the host, a graph break
+        wrapper = torch.compile(wrapper, backend=args.torchcompile)
 
     for epoch in range(start_epoch, num_epochs):
         if world > 1 and hasattr(loader_train, "sampler") and hasattr(loader_train.sampler, "set_epoch"):

@@ -12,8 +12,8 @@ from typing import Optional, Sequence, Tuple
 import yaml
 from timm.utils import ParseKwargs
 
-from .cli import (auto_augment, device, existing_dir, existing_file, float_in, model_name, nonnegative_float,
-                  nonnegative_int, output_dir, positive_float, positive_int, probability)
+from .cli import (auto_augment, compile_backend, device, existing_dir, existing_file, float_in, model_name,
+                  nonnegative_float, nonnegative_int, output_dir, positive_float, positive_int, probability)
 
 __all__ = ["build_parser", "parse_args"]
 
@@ -136,6 +136,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--output", default="", type=output_dir, help="output dir (default output/<model>-<time>)")
     g.add_argument("--resume", default="", type=existing_file,
                    help="checkpoint to resume model, optimiser, EMA, scaler, epoch")
+    g.add_argument("--torchcompile", nargs="?", const="inductor", default=None, type=compile_backend,
+                   help="torch.compile the training step's forward and backward with this backend (inductor when "
+                        "given bare); with --fused the compiler keeps the fused ops whole and fuses the work "
+                        "between them. Validation runs eager")
     g.add_argument("--amp", action=B, default=True, help="bf16 autocast on CPU, fp16 + GradScaler on CUDA")
     g.add_argument("--amp-dtype", default=None, choices=[None, "float16", "bfloat16"])
     g.add_argument("--device", default=None, type=device, help="default: cuda if available else cpu")

@@ -132,6 +132,22 @@ def test_bench_models_quick(tmp_path):
         assert r["images_per_s"] > 0 and r["peak_mem_mib"] > 0
 
 
+def test_bench_models_fused_compiled_rows(tmp_path):
+    # torch.compile of the fused model (fullgraph, a training step through AOTAutograd: the fused ops'
+    # fake implementations and registered backward) times like any other row, memory n/a on the CPU.
+    from refiner import ops
+    if ops.available_backends("cpu")["cpu"] != "ok":
+        pytest.skip(f"cpu backend: {ops.available_backends('cpu')['cpu']}")
+    doc = bench_models.main(["--quick", "--device", "cpu", "--threads", "1", "--img", "64", "--out", str(tmp_path),
+                             "--fused-backends", "cpu", "--modes", "train", "--compile-backend", "aot_eager",
+                             "--compile-variants", "fused", "--no-plots"])
+    rows = {r["variant"]: r for r in doc["rows"]}
+    assert set(rows) == {"fused[cpu]", "reference eager", "fused compiled[cpu]"}
+    r = rows["fused compiled[cpu]"]
+    assert r["status"] == "ok" and r["images_per_s"] > 0 and r["peak_mem_mib"] is None and "n/a" in r["mem_note"]
+    assert bench_models._find(doc["rows"], "refiner_vit_s", "fused[", 64, "train")["variant"] == "fused[cpu]"
+
+
 def test_profile_models_names_the_autograd_function_range_as_forward():
     """torch names a custom op's autograd.Function range in the forward like its backward node."""
     assert profile_models.op_label("GeneratedBackwardFor_refiner_triton_refine_train_default") == \
@@ -233,12 +249,21 @@ def test_targets_from_gpu_like_rows():
             row("vit_small_patch16_224", "timm (SDPA)", "infer", 5000),
             row(s, "fused[cuda]", "train", 900, mem=20000), row(s, "reference eager", "train", None, status="OOM")]
     got = {x["target"]: x for x in bench_models.targets(rows)}
+    assert not any("fused eager" in t for t in got)  # no compiled fused row: the eager one is "fused"
     assert got["S infer: fused / reference eager img/s"]["measured"] == 3.0
     assert got["S infer: fused / reference eager img/s"]["verdict"] == "PASS"
     assert got["S infer: fused / reference compiled img/s"]["verdict"] == "MISS"  # 1.2 < 1.5
     assert got["S infer: fused / timm ViT-S img/s"]["measured"] == pytest.approx(0.6)
     train = got["S train: fused / reference eager img/s"]
     assert train["verdict"] == "n/a" and "OOM" in train["detail"]
+    # a faster compiled fused row counts for "fused" (its label in the detail); the eager one is kept
+    # on record as "fused eager" for inference (training has no compiled row: not repeated)
+    got = {x["target"]: x for x in bench_models.targets(rows + [row(s, "fused compiled[cuda]", "infer", 4000)])}
+    assert got["S infer: fused / reference eager img/s"]["measured"] == 4.0
+    assert "fused compiled[cuda]" in got["S infer: fused / reference eager img/s"]["detail"]
+    assert got["S infer: fused eager / reference eager img/s"]["measured"] == 3.0
+    assert got["S infer: fused eager / reference compiled img/s"]["verdict"] == "MISS"
+    assert "S train: fused eager / reference eager img/s" not in got
 
 
 @needs_mpl

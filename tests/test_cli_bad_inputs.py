@@ -56,6 +56,7 @@ def files(tmp_path_factory):
              "aa_section.yaml": "aa: rand-m9-xyz\n", "betas_n.yaml": "opt_betas: [0.9]\n",
              "remode.yaml": "remode: random\n", "interp.yaml": "train_interpolation: cubic\n",
              "mixup_mode.yaml": "mixup_mode: half\n", "recount.yaml": "recount: 0\n", "seed.yaml": "seed: -1\n",
+             "compile.yaml": "torchcompile: inductr\n",
              "bad.json": "{not json", "list.json": "[1, 2]", "norows.json": '{"meta": {}}',
              "file.txt": "a file, not a folder"}
     for name, text in texts.items():
@@ -104,6 +105,7 @@ CASES = [
     ("train", ["-c", "{tmp}/mixup_mode.yaml"], USAGE, ["mixup_mode (--mixup-mode)", "'half'"]),
     ("train", ["-c", "{tmp}/recount.yaml"], USAGE, ["recount (--recount)", "positive"]),
     ("train", ["-c", "{tmp}/seed.yaml"], USAGE, ["seed (--seed)", ">= 0"]),
+    ("train", ["-c", "{tmp}/compile.yaml"], USAGE, ["torchcompile (--torchcompile)", "'inductr'", "inductor"]),
     # ---- train: flags
     ("train", ["--batch-size", "0"], USAGE, ["--batch-size", "positive"]),
     ("train", ["-b", "-2"], USAGE, ["--batch-size", "positive"]),
@@ -128,6 +130,7 @@ CASES = [
     ("train", ["--mixup-mode", "pair", "--token-labels", "{labels}", "--return-dense"], USAGE,
      ["--mixup-mode pair", "--token-labels"]),
     ("train", ["--recount", "0"], USAGE, ["--recount", "positive"]),
+    ("train", ["--torchcompile", "nope"], USAGE, ["--torchcompile", "'nope'", "torch.compile backend"]),
     ("train", ["--seed", "-1"], USAGE, ["--seed", ">= 0"]),
     ("train", ["--seed", str(2 ** 32)], USAGE, ["--seed", "2**32"]),
     ("train", ["--train-split", ""], USAGE, ["--train-split", "''"]),
@@ -358,6 +361,9 @@ def test_args_yaml_of_a_run_is_a_valid_config(tmp_path):
     (["--remode", "const", "--mixup-mode", "elem", "--train-interpolation", "lanczos"],
      {"remode": "const", "mixup_mode": "elem", "train_interpolation": "lanczos"}),
     (["--recount", "3", "--seed", "0"], {"recount": 3, "seed": 0}),
+    (["--torchcompile"], {"torchcompile": "inductor"}),  # bare: inductor
+    (["--torchcompile", "aot_eager"], {"torchcompile": "aot_eager"}),
+    ([], {"torchcompile": None}),
 ], ids=lambda v: " ".join(v) if isinstance(v, list) else "")
 def test_edge_values_still_parse(argv, expect):
     args, _ = parse_args(argv)
