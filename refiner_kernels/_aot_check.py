@@ -146,6 +146,10 @@ for prec in ("ieee", "tf32"):
     check(T._rt_b3_a, dict(a_ptr=P, e_ptr=P, g_ptr=P, wer_ptr=P, wdw_ptr=P, cv_ptr=P, ks_ptr=P, da_ptr=P, part_ptr=P,
                            pwdw_ptr=P, pm_ptr=P, N=N, H=H, RH=RH, RHP=48, KS=3, RELU_E=True, PREC=prec, HP=16, CC=16,
                            P=128), num_warps=4, num_stages=2, ptr_types={"a_ptr": "*bf16"})
+# the backward's last pass over dA (the launch: P=256, 8 warps; bf16 and fp32 maps)
+for t in ("*bf16", "*fp32"):
+    check(T._rt_mix, dict(a_ptr=P, da_ptr=P, out_ptr=P, mx_ptr=P, ks_ptr=P, bx_ptr=P, N=N, H=H, HP=16, P=256),
+          num_warps=8, num_stages=2, ptr_types={"a_ptr": t, "out_ptr": t})
 check(Bl._bmm_kernel, dict(a_ptr=P, b_ptr=P, c_ptr=P, M=N, NN=N, K=N, sab=1, sam=1, sak=1, sbb=1, sbk=1, sbn=1, scb=1,
                            scm=1, scn=1, DOT_T=triton.language.bfloat16, BM=128, BN=128, BK=32), num_warps=8, num_stages=3, ptr_types={"a_ptr": "*bf16"})
 check(Bl._row_softmax_fwd, dict(x_ptr=P, y_ptr=P, R=100, M=N, BR=16, BM=256))

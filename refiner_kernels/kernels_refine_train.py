@@ -37,7 +37,7 @@ Backward (recompute; exact gradient through the batch statistics):
   B3  halo-extended tiles: dX2, dW_dw partials (E staged over the tile in a small per-program
       scratch buffer), transposed stencil of dX2 staged the same way -> dE -> dX1' ; partial sums
       for dg1, db1, dW_e and dA except the BN1 mean/variance terms, which are an H x H mix of
-      A - K plus a bias, added last.
+      A - K plus a bias, added last by one pass over dA and A (_rt_mix) that writes dA in A's dtype.
 Memory: a few A-sized (B,H,N,N) tensors and O(programs * channels) partials; no (B,rH,N,N).
 Candidates (REFINER_TRITON_TRAIN_X2, see _x2_mode): "halo", the passes that form X2 (F2, F3, the
 backward's Y3, B2) run on halo tiles whose owned interiors tile the map, and E is staged once per
@@ -407,6 +407,26 @@ if triton is not None:
                        PREC, HP)
         tl.store(da_ptr + hq, da, mask=m2)
 
+    @triton.jit
+    def _rt_mix(a_ptr, da_ptr, out_ptr, mx_ptr, ks_ptr, bx_ptr, N, H, HP: tl.constexpr, P: tl.constexpr):
+        """dA's last terms at P flat positions of one image, in one pass: out = (dA + mx (A - K)) + bx
+        in A's dtype (dA: B3's fp32 partial; mx, bx: BN1's mean/variance terms, an H x H mix and a
+        per-head bias; K: the expansion's per-head shift of A, as the forward subtracted it). The mix
+        is H outer products on CUDA cores (an fp32 tl.dot held ~200 registers a thread here)."""
+        base = tl.program_id(1).to(tl.int64) * H * N * N  # int32 offsets within the image
+        q = tl.program_id(0) * P + tl.arange(0, P)
+        hh = tl.arange(0, HP)
+        mh = hh < H
+        valid = q < N * N
+        m2 = mh[:, None] & valid[None, :]
+        off = hh[:, None] * (N * N) + q[None, :]
+        acc = tl.load(da_ptr + base + off, mask=m2, other=0.0)
+        for j in range(0, H):
+            a_j = tl.load(a_ptr + base + j * N * N + q, mask=valid, other=0.0).to(tl.float32) - tl.load(ks_ptr + j)
+            acc += tl.load(mx_ptr + hh * H + j, mask=mh, other=0.0)[:, None] * a_j[None, :]
+        acc += tl.load(bx_ptr + hh, mask=mh, other=0.0)[:, None]
+        tl.store(out_ptr + base + off, acc.to(out_ptr.dtype.element_ty), mask=m2)
+
 
 if triton is not None:
     # Warps (and pipelining) of the passes on plain tiles and of B3, tuned on the GPU: ptxas (sm_90) gives
@@ -718,7 +738,7 @@ def refine_train_fwd(attn, v, w_exp, w_dw, w_pro, g1, b1, g2, b2, g3, b3, ga, ba
         mA, _ = _chan(pn, part, H)
         st["mAs"] = mA - st["K"]  # aux is fp32: keep the mean of A as its (small) offset from K
         dm = part[:, 0, :H] + part[:, 1, :H] - mA
-        st["Gc"] = gram[:, :H, :H].double().sum(0) + torch.einsum("p,pi,pj->ij", pn, dm, dm)
+        st["Gc"] = gram[:, :H, :H].sum(0, dtype=torch.float64) + torch.einsum("p,pi,pj->ij", pn, dm, dm)
         We = w_exp.detach().double()
         st["mu1"] = We @ mA
         st["var1"] = ((We @ st["Gc"]) * We).sum(1) / n
@@ -797,7 +817,7 @@ def _b3_halo(attn, dr, y3, we_f, be_f, wer, wdw, wp, cv, hv, ks, scale, expand, 
                                      RELU_E=expand, PREC=prec, HP=HP, CC=CC, TM=TM, TJ=TJ, **launch)
         used = nti * ntj * (hi - lo)
         for acc, t in zip(sums, parts):
-            acc += t[:used].double().sum(0)
+            acc += t[:used].sum(0, dtype=torch.float64)  # no float64 copy of the table
     return da, sums
 
 
@@ -824,7 +844,7 @@ def _b3_split(attn, dr, y3, we_f, be_f, wer, wdw, wp, cv, hv, ks, scale, expand,
                                 **launch)
         _rt_b3_a[(nb, hi - lo)](a, e, g, wer, wdw, cv, ks, da[lo:hi], *parts, N, H, RH, RHP, RELU_E=expand, **launch)
         for acc, t in zip(sums, parts):
-            acc += t[:nb * (hi - lo)].double().sum(0)
+            acc += t[:nb * (hi - lo)].sum(0, dtype=torch.float64)
     return da, sums
 
 
@@ -878,7 +898,7 @@ def refine_train_bwd(dout, attn, v, w_exp, w_dw, w_pro, g1, b1, g2, b2, g3, b3, 
     hv = _hv(f, st, ga, ba, HP, [ka, dba / n, dga / n, k3, db3 / n, dg3 / n])
     # B2
     part, pn, pwp = _launch_tile(5, attn, dr, we_f, be_f, wdw, wp, cv, hv, ks, scale, expand, y3)
-    dwp = pwp.double().sum(0)[:H, :RH]
+    dwp = pwp.sum(0, dtype=torch.float64)[:H, :RH]
     db2 = part[:, 0, :RH].sum(0)
     dg2 = part[:, 1, :RH].sum(0)
     k2 = g2.detach().double() * f["rs2"]
@@ -888,13 +908,12 @@ def refine_train_bwd(dout, attn, v, w_exp, w_dw, w_pro, g1, b1, g2, b2, g3, b3, 
     b3_pass = _b3_split if _x2_mode(RH, N) == "split" else _b3_halo
     with _pass(_pass_label("b3", "split" if b3_pass is _b3_split else "offsets")):
         da, sums = b3_pass(attn, dr, y3, we_f, be_f, wer, wdw, wp, cv, hv, ks, scale, expand, _dot_precision(attn))
-    part3, pwdw, pm = [t[None] for t in sums]
-    dwdw = pwdw.double().sum(0)[:RH].reshape(RH, KS, KS)
+    part3, pwdw, pm = sums  # float64, summed over the programs
+    dwdw = pwdw[:RH].reshape(RH, KS, KS)
     if expand:
-        part3 = part3.double()
-        db1 = part3[:, 0, :RH].sum(0)
-        dg1 = part3[:, 1, :RH].sum(0)
-        M = pm.double().sum(0)[:RH, :H]
+        db1 = part3[0, :RH]
+        dg1 = part3[1, :RH]
+        M = pm[:RH, :H]
         We = w_exp.detach().double()
         k1, rs1 = f["k1"], f["rs1"]
         # M = sum dX1' (A - K)^T: the shift keeps a large mean of A out of the fp32 partial sums
@@ -904,9 +923,7 @@ def refine_train_bwd(dout, attn, v, w_exp, w_dw, w_pro, g1, b1, g2, b2, g3, b3, 
         mx = -(We.t() * (k1 * dg1 * rs1 / n)[None, :]) @ We
         bx = We.t() @ (k1 * (dg1 * rs1 * mu1s - db1) / n)  # applied to A - K
         with _pass(_pass_label("mix")):
-            a_s = attn.to(torch.float32) - _f32(st["K"])[None, :, None, None]
-            da = da + bmm(_f32(mx).expand(B, H, H), a_s.reshape(B, H, N * N), out_dtype=torch.float32
-                          ).reshape(B, H, N, N) + _f32(bx)[None, :, None, None]
+            da = _mix_into(da, attn, _f32(mx), ks, _f32(bx))
     else:
         dwe = torch.zeros_like(w_exp, dtype=torch.float64)
         dg1 = torch.zeros_like(g1, dtype=torch.float64)
@@ -914,3 +931,18 @@ def refine_train_bwd(dout, attn, v, w_exp, w_dw, w_pro, g1, b1, g2, b2, g3, b3, 
     grads = [dwe, dwdw, dwp, dg1, db1, dg2, db2, dg3, db3, dga, dba]
     refs = [w_exp, w_dw, w_pro, g1, b1, g2, b2, g3, b3, ga, ba]
     return [da.to(attn.dtype), dv] + [g.to(t.dtype) for g, t in zip(grads, refs)]
+
+
+def _mix_into(da, attn, mx, ks, bx):
+    """(dA + mx (A - K)) + bx in A's dtype by _rt_mix: one pass over dA and A (in place of A's fp32
+    copy, its shift, a batched matmul and two additions, each a map-sized pass)."""
+    B, H, N, _ = attn.shape
+    HP = max(16, next_pow2(H))
+    # memory-bound; ptxas (sm_90): 73 registers a thread at 256 positions and 8 warps (3 blocks an SM)
+    P = min(4096, next_pow2(N * N)) if interpreting() else 256
+    out = torch.empty_like(attn)
+    for lo in range(0, B, _eval.MAX_GRID_Y):  # the grid's batch axis
+        hi = min(B, lo + _eval.MAX_GRID_Y)
+        _rt_mix[(triton.cdiv(N * N, P), hi - lo)](attn[lo:hi], da[lo:hi], out[lo:hi], mx, ks, bx, N, H, HP=HP, P=P,
+                                                   num_warps=8)
+    return out
