@@ -6,19 +6,22 @@
     timm.create_model("refiner_vit_s", fused=True)
 
 The fused layer has the reference layer's constructor, state dict and call signature
-`(x, prev_attn) -> (out, attn_to_pass_on)`; only the arithmetic runs in fused ops.
+`(x, prev_attn) -> (out, attn_to_pass_on)`; only the arithmetic runs in fused ops. `convert`
+also gives each Refiner-ViT block the bit-identical forward of `Block` (fewer element-wise passes).
 """
 from __future__ import annotations
 
+import math
 from typing import Optional, Tuple
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from torch import Tensor
 
-from . import ops, reference
+from . import models, ops, reference
 
-__all__ = ["RefinerAttention", "convert", "revert"]
+__all__ = ["RefinerAttention", "Block", "convert", "revert"]
 
 
 def _autocast_dtype(t: Tensor) -> Optional[torch.dtype]:
@@ -109,6 +112,28 @@ class RefinerAttention(reference.RefinerAttention):
         return self.proj_drop(self.proj(x)), attn_next
 
 
+class Block(models.Block):
+    """The released block with its 0.5 scalings folded away: LN(a x; eps) == LN(x; eps / a^2) and
+    x + y / a == x + (1/a) y hold bit for bit when a is a power of two (every scaling is then exact,
+    and LayerNorm's mean, variance and rsqrt scale with it), so the four passes over the tokens that
+    scale them (x * a twice, y / a twice) go, in the forward and in the backward. `convert` swaps
+    the class of a block in place (same parameters and state dict); other ratios run the original."""
+
+    def forward(self, x: Tensor, attn: Optional[Tensor] = None):
+        a = self.adjust_ratio
+        if math.frexp(a)[0] != 0.5:  # not a power of two: the rewrite would round differently
+            return super().forward(x, attn)
+        x_new, attn = self.attn(_layer_norm(self.norm1, x, a), attn)
+        x = torch.add(x, self.drop_path(x_new), alpha=1 / a)
+        x = torch.add(x, self.drop_path(self.mlp(_layer_norm(self.norm2, x, a))), alpha=1 / a)
+        return x, attn
+
+
+def _layer_norm(norm: nn.LayerNorm, x: Tensor, a: float) -> Tensor:
+    """norm(x * a) without the product: LayerNorm is scale-equivariant up to its eps."""
+    return F.layer_norm(x, norm.normalized_shape, norm.weight, norm.bias, norm.eps / (a * a))
+
+
 def _cast(f: reference.FoldedRefine, dtype: torch.dtype) -> reference.FoldedRefine:
     return reference.FoldedRefine(*(t.to(dtype) for t in f.args()[:-1]), expand=f.expand)
 
@@ -124,7 +149,8 @@ def _swap(model: nn.Module, make) -> nn.Module:
 
 
 def convert(model: nn.Module, backend: str = "auto") -> nn.Module:
-    """Replace every reference RefinerAttention in `model` by the fused one, in place, keeping weights."""
+    """Replace every reference RefinerAttention in `model` by the fused one, in place, keeping weights,
+    and give every Refiner-ViT block the forward of `Block` (its class swapped, nothing else)."""
     def make(m):
         if type(m) is reference.RefinerAttention:
             return RefinerAttention.from_reference(m, backend)
@@ -132,6 +158,8 @@ def convert(model: nn.Module, backend: str = "auto") -> nn.Module:
             ops.parse_backend(backend)
             m.backend = backend
             return m
+        if type(m) is models.Block:
+            m.__class__ = Block  # then on into its children
         return None
     return _swap(model, make)
 
@@ -148,5 +176,7 @@ def revert(model: nn.Module) -> nn.Module:
             ref.to(device=p.device, dtype=p.dtype).train(m.training)
             ref.load_state_dict(m.state_dict())
             return ref
+        if type(m) is Block:
+            m.__class__ = models.Block
         return None
     return _swap(model, make)

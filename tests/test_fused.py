@@ -6,7 +6,7 @@ import timm
 import torch
 
 import refiner  # noqa: F401
-from refiner import fused, ops, reference
+from refiner import fused, models, ops, reference
 from refiner.models import RefinerViT
 from backends import DEVICE, backend_params
 from utils import random_dla
@@ -65,6 +65,42 @@ def test_convert_and_revert_give_bit_identical_state_dicts():
     assert list(back) == list(sd)
     assert all(torch.equal(back[k], sd[k]) for k in sd)
     assert all(type(b.attn) is reference.RefinerAttention for b in fused.revert(fused.convert(tiny())).blocks)
+    assert all(type(b) is fused.Block for b in fused.convert(tiny()).blocks)
+    assert all(type(b) is models.Block for b in fused.revert(fused.convert(tiny())).blocks)
+
+
+@pytest.mark.parametrize("mode", ["train", "eval", "bf16"])
+@pytest.mark.parametrize("ratio", [0.5, 0.3])
+def test_fused_block_is_the_released_block_bit_for_bit(mode, ratio):
+    # fused.Block folds the 0.5 scalings into LayerNorm's eps and the residual adds' alpha: exact
+    # for a power-of-two ratio (outputs and gradients equal on the CPU; the GPU's LayerNorm kernels
+    # may round its rsqrt differently, so there a tolerance of a few fp32 ulps); other ratios run the
+    # original forward. Train mode with drop path (same random draws) on reference attention.
+    torch.manual_seed(0)
+    blk = models.Block(32, 4, drop_path=0.3 if mode == "train" else 0.0, share_atten=True).to(DEVICE)
+    with torch.no_grad():
+        blk.mlp.scale_channel.fill_(0.5)
+    new = copy.deepcopy(blk)
+    new.__class__ = fused.Block
+    for m in (blk, new):
+        m.adjust_ratio = ratio
+        m.train(mode == "train")
+    x = torch.randn(3, 10, 32, device=DEVICE, requires_grad=True)
+    prev = torch.rand(3, 4, 10, 10, device=DEVICE).softmax(-1)
+    outs, grads = [], []
+    for m in (blk, new):
+        torch.manual_seed(1)
+        with torch.autocast(DEVICE, dtype=torch.bfloat16, enabled=mode == "bf16"):
+            y, _ = m(x, prev)
+        g = torch.autograd.grad(y.float().square().sum(), [x] + list(m.parameters()))
+        outs.append(y)
+        grads.append(g)
+    exact = DEVICE == "cpu"
+    close = dict(rtol=0, atol=0) if exact else dict(rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(outs[1], outs[0], **close)
+    for (name, _), a, b in zip(blk.named_parameters(), grads[1][1:], grads[0][1:]):
+        torch.testing.assert_close(a, b, **close, msg=lambda m: f"{name}: {m}")
+    torch.testing.assert_close(grads[1][0], grads[0][0], **close)
 
 
 def test_fold_is_refreshed_after_load_state_dict_and_training():
