@@ -219,6 +219,21 @@ def test_torch_compile_training_steps(backend):
     assert len(counts) > 4 and set(counts) == {2}  # every BN (stem, DLA, adapt_bn) took both steps
 
 
+@pytest.mark.skipif(DEVICE != "cuda", reason="CUDA graphs need a CUDA GPU (none visible)")
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_torch_compile_reduce_overhead_cuda_graphs(backend):
+    # mode="reduce-overhead" replays the compiled step as a CUDA graph: the fused ops must not sync
+    # with the host, allocate outside torch's allocator or keep host state between calls. Three
+    # inference calls (warm-up, record, replay) on fresh inputs give the eager fused model's outputs.
+    _, fm = _pair(backend)
+    fm.eval()
+    run = torch.compile(fm, mode="reduce-overhead", fullgraph=True)
+    with torch.no_grad():
+        for _ in range(3):
+            x = torch.randn(2, 3, 48, 48, device=DEVICE)
+            torch.testing.assert_close(run(x).clone(), fm(x), rtol=1e-4, atol=1e-5)
+
+
 def test_available_backends_reports_reasons():
     status = ops.available_backends("cpu")
     assert set(status) == set(ops.BACKENDS) and status["reference"] == "ok"
