@@ -101,14 +101,14 @@ class RefinerAttention(reference.RefinerAttention):
                 out = ops.refine_eval(a, v, self._folded(dtype), backend=self.backend)
             attn_next = prev_attn
         else:
+            # views of qkv: ops.softmax_block copies them for backends that need dense inputs
             q, k, v = qkv.reshape(B, N, 3, H, d).permute(2, 0, 3, 1, 4).to(dtype)
-            prev = prev_attn.to(dtype).contiguous() if prev_attn is not None else None
-            out, attn_next = ops.softmax_block(q.contiguous(), k.contiguous(), v.contiguous(), prev,
-                                               self.scale, backend=self.backend)
+            prev = prev_attn.to(dtype) if prev_attn is not None else None
+            out, attn_next = ops.softmax_block(q, k, v, prev, self.scale, backend=self.backend)
             if self.apply_transform:  # eval, general mode: refine the block's own map and pass it on
                 attn_next = self.adapt_bn(self.DLA(attn_next))
                 out = attn_next @ v.to(attn_next.dtype)
-        x = out.transpose(1, 2).reshape(B, N, C)
+        x = out.transpose(1, 2).reshape(B, N, C)  # a view where out is token-major (Triton's softmax_block)
         return self.proj_drop(self.proj(x)), attn_next
 
 

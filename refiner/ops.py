@@ -213,8 +213,11 @@ def softmax_block(q: Tensor, k: Tensor, v: Tensor, prev_attn: Optional[Tensor] =
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     if not math.isfinite(scale):
         raise ValueError(f"scale: must be finite, got {scale}")
-    q, k, v, prev_attn = _dense(q, k, v, prev_attn)
-    return resolve_backend(backend, q.device, "softmax_block").softmax_block(q, k, v, prev_attn, scale)
+    mod = resolve_backend(backend, q.device, "softmax_block")
+    if not getattr(mod, "SOFTMAX_BLOCK_TAKES_VIEWS", False):  # Triton reads strided q, k, v itself
+        q, k, v = _dense(q, k, v)
+    (prev_attn,) = _dense(prev_attn)
+    return mod.softmax_block(q, k, v, prev_attn, scale)
 
 
 def refine_eval(attn: Tensor, v: Tensor, folded: reference.FoldedRefine, backend: str = "auto") -> Tensor:

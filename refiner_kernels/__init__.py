@@ -33,9 +33,14 @@ def _ops():
     return ops
 
 
+# softmax_block reads q, k, v through their strides (unit-stride head dim; others are copied) and
+# returns out in (B, N, H, d) memory: refiner.ops passes the fused layer's qkv views as they are.
+SOFTMAX_BLOCK_TAKES_VIEWS = True
+
+
 def softmax_block(q: Tensor, k: Tensor, v: Tensor, prev_attn: Optional[Tensor],
                   scale: float) -> Tuple[Tensor, Tensor]:
-    """(B,H,N,d) x3 [, (B,H,N,N)] -> out (B,H,N,d), attn (B,H,N,N)."""
+    """(B,H,N,d) x3 [, (B,H,N,N)] -> out (B,H,N,d) laid out as (B,N,H,d), attn (B,H,N,N)."""
     out, attn, _ = _ops().softmax_block_op(q, k, v, prev_attn, float(scale))
     return out, attn
 

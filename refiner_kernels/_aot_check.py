@@ -73,7 +73,8 @@ def check(fn, args, num_warps=4, num_stages=2, ptr_types=None, **options):
 P = "ptr"
 N, D, H, RH = 197, 32, 12, 36
 for hp in (True, False):
-    check(S._sb_fwd, dict(q_ptr=P, k_ptr=P, v_ptr=P, p_ptr=P, out_ptr=P, a_ptr=P, lse_ptr=P, N=N, D=D, scale=0.1,
+    check(S._sb_fwd, dict(q_ptr=P, k_ptr=P, v_ptr=P, p_ptr=P, out_ptr=P, a_ptr=P, lse_ptr=P, N=N, D=D, H=H, scale=0.1,
+                          sqb=1, sqh=1, sqn=1, skb=1, skh=1, skn=1, svb=1, svh=1, svn=1, sob=1, soh=1, son=1,
                           HAS_PREV=hp, DOT_T=triton.language.bfloat16, BM=64, BN=64, BD=32), ptr_types={n: "*bf16" for n in ["q_ptr", "k_ptr", "v_ptr", "out_ptr", "a_ptr", "p_ptr"]},
           enable_fp_fusion=False)
 check(S._sb_bwd_dq, dict(q_ptr=P, k_ptr=P, v_ptr=P, lse_ptr=P, do_ptr=P, da_ptr=P, dq_ptr=P, dp_ptr=P, delta_ptr=P,

@@ -30,24 +30,32 @@ from ._common import check_device, gpu_autotune, interpreting, next_pow2, num_wa
 if triton is not None:
 
     @triton.jit
-    def _sb_fwd(q_ptr, k_ptr, v_ptr, p_ptr, out_ptr, a_ptr, lse_ptr, N, D, scale,
+    def _sb_fwd(q_ptr, k_ptr, v_ptr, p_ptr, out_ptr, a_ptr, lse_ptr, N, D, H, scale,
+                sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sob, soh, son,
                 HAS_PREV: tl.constexpr, DOT_T: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr):
+        """q, k, v and out: (B, H, N, D) with any batch, head and token strides (the head dim's is 1),
+        so the fused layer passes views of its qkv projection and gets out in (B, N, H, D) memory."""
         pid_m = tl.program_id(1)
         bh = tl.program_id(0).to(tl.int64)
+        b = bh // H
+        h = bh % H
         offs_m = pid_m * BM + tl.arange(0, BM)
         offs_d = tl.arange(0, BD)
         mrow = offs_m < N
         mcol_d = offs_d < D
-        base_qd = bh * N * D
+        q_ptr += b * sqb + h * sqh
+        k_ptr += b * skb + h * skh
+        v_ptr += b * svb + h * svh
+        out_ptr += b * sob + h * soh
         base_nn = bh * N * N
-        q = tl.load(q_ptr + base_qd + offs_m[:, None] * D + offs_d[None, :],
+        q = tl.load(q_ptr + offs_m[:, None] * sqn + offs_d[None, :],
                     mask=mrow[:, None] & mcol_d[None, :], other=0.0).to(DOT_T)
         m_i = tl.full((BM,), float("-inf"), tl.float32)
         l_i = tl.zeros((BM,), tl.float32)
         for n0 in range(0, N, BN):
             offs_n = n0 + tl.arange(0, BN)
             mn = offs_n < N
-            kt = tl.load(k_ptr + base_qd + offs_n[None, :] * D + offs_d[:, None],
+            kt = tl.load(k_ptr + offs_n[None, :] * skn + offs_d[:, None],
                          mask=mn[None, :] & mcol_d[:, None], other=0.0).to(DOT_T)
             s = tl.dot(q, kt, input_precision="ieee") * scale
             s = tl.where(mn[None, :], s, float("-inf"))
@@ -59,7 +67,7 @@ if triton is not None:
         for n0 in range(0, N, BN):
             offs_n = n0 + tl.arange(0, BN)
             mn = offs_n < N
-            kt = tl.load(k_ptr + base_qd + offs_n[None, :] * D + offs_d[:, None],
+            kt = tl.load(k_ptr + offs_n[None, :] * skn + offs_d[:, None],
                          mask=mn[None, :] & mcol_d[:, None], other=0.0).to(DOT_T)
             s = tl.dot(q, kt, input_precision="ieee") * scale
             p = tl.exp(s - m_i[:, None]) * inv_l[:, None]
@@ -71,10 +79,10 @@ if triton is not None:
                 p = p + prev * scale
             tl.store(a_ptr + base_nn + offs_m[:, None] * N + offs_n[None, :],
                      p.to(a_ptr.dtype.element_ty), mask=mask2)
-            vv = tl.load(v_ptr + base_qd + offs_n[:, None] * D + offs_d[None, :],
+            vv = tl.load(v_ptr + offs_n[:, None] * svn + offs_d[None, :],
                          mask=mn[:, None] & mcol_d[None, :], other=0.0).to(DOT_T)
             acc += tl.dot(p.to(DOT_T), vv, input_precision="ieee")
-        tl.store(out_ptr + base_qd + offs_m[:, None] * D + offs_d[None, :],
+        tl.store(out_ptr + offs_m[:, None] * son + offs_d[None, :],
                  acc.to(out_ptr.dtype.element_ty), mask=mrow[:, None] & mcol_d[None, :])
         tl.store(lse_ptr + bh * N + offs_m, m_i + tl.log(l_i), mask=mrow)
 
@@ -220,24 +228,37 @@ def _tiles(N: int, D: int):
     return bm, 64, BD
 
 
+def token_major(B: int, H: int, N: int, D: int, like: torch.Tensor) -> torch.Tensor:
+    """A (B, H, N, D) tensor laid out as (B, N, H, D): the forward's `out`, whose transpose to
+    (B, N, H * D) tokens is then a view (the fused layer's projection input, no copy)."""
+    return like.new_empty(B, N, H, D).transpose(1, 2)
+
+
+def _bhn_strides(t):
+    """(batch, head, token) strides of a (B, H, N, D) tensor whose head dim is unit-stride."""
+    return t.stride(0), t.stride(1), t.stride(2)
+
+
 def softmax_block_fwd(q, k, v, prev_attn, scale: float):
+    """q, k, v: any strides with a unit-stride head dim (others are copied), e.g. views of a qkv
+    projection; out: token-major (token_major)."""
     check_device(q, k, v, prev_attn)
-    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     B, H, N, D = q.shape
-    out = torch.empty_like(q)
+    out = token_major(B, H, N, D, q)
     attn = torch.empty(B, H, N, N, dtype=q.dtype, device=q.device)
     lse = torch.empty(B, H, N, dtype=torch.float32, device=q.device)
     has_prev = prev_attn is not None
     prev = prev_attn.contiguous() if has_prev else attn  # dummy pointer when absent
     BM, BN, BD = _tiles(N, D)
+    args = (q, k, v, prev, out, attn, lse, N, D, H, float(scale),
+            *_bhn_strides(q), *_bhn_strides(k), *_bhn_strides(v), *_bhn_strides(out))
     if use_tuned(_sb_fwd_tuned, q):
         _sb_fwd_tuned[lambda META: (B * H, triton.cdiv(N, META["BM"]))](
-            q, k, v, prev, out, attn, lse, N, D, float(scale), HAS_PREV=has_prev, DOT_T=_dot_dtype(q.dtype), BD=BD,
-            enable_fp_fusion=False)
+            *args, HAS_PREV=has_prev, DOT_T=_dot_dtype(q.dtype), BD=BD, enable_fp_fusion=False)
     else:
-        _sb_fwd[(B * H, triton.cdiv(N, BM))](q, k, v, prev, out, attn, lse, N, D, float(scale),
-                                             HAS_PREV=has_prev, DOT_T=_dot_dtype(q.dtype), BM=BM, BN=BN, BD=BD,
-                                             num_warps=num_warps_for(BM * BN), enable_fp_fusion=False)
+        _sb_fwd[(B * H, triton.cdiv(N, BM))](*args, HAS_PREV=has_prev, DOT_T=_dot_dtype(q.dtype), BM=BM, BN=BN,
+                                             BD=BD, num_warps=num_warps_for(BM * BN), enable_fp_fusion=False)
     return out, attn, lse
 
 

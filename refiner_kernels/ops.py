@@ -28,7 +28,7 @@ def softmax_block_op(q: Tensor, k: Tensor, v: Tensor, prev_attn: Optional[Tensor
 @softmax_block_op.register_fake
 def _(q, k, v, prev_attn, scale):
     B, H, N, D = q.shape
-    return (torch.empty_like(q), q.new_empty(B, H, N, N),
+    return (_sb.token_major(B, H, N, D, q), q.new_empty(B, H, N, N),
             q.new_empty(B, H, N, dtype=torch.float32))
 
 
@@ -44,8 +44,9 @@ def softmax_block_bwd_op(dout: Tensor, dattn: Tensor, q: Tensor, k: Tensor, v: T
 
 @softmax_block_bwd_op.register_fake
 def _(dout, dattn, q, k, v, prev_attn, lse, scale):
-    dprev = torch.empty_like(prev_attn) if prev_attn is not None else q.new_empty(0)
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), dprev
+    # contiguous gradients whatever q, k, v's strides (the kernels run on contiguous copies)
+    dprev = prev_attn.new_empty(prev_attn.shape) if prev_attn is not None else q.new_empty(0)
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), dprev
 
 
 def _sb_setup(ctx, inputs, output):

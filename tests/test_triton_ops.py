@@ -289,6 +289,77 @@ def test_opcheck_softmax_block():
     _opcheck(ops.softmax_block_op, (q, k, v, None, 0.25))
 
 
+def _qkv_views(B, H, N, d, dense):
+    """q, k, v as the fused layer takes them from its projection: (B, H, N, d) views of a (B, N, 3, H, d)
+    tensor (not dense: each token's row holds all three), or dense permutations of (B, N, H, d) tensors."""
+    if dense:
+        return [torch.randn(B, N, H, d, device=DEV).transpose(1, 2).requires_grad_(True) for _ in range(3)]
+    qkv = torch.randn(B, N, 3, H, d, device=DEV, requires_grad=True)
+    return list(qkv.permute(2, 0, 3, 1, 4).unbind(0))
+
+
+@pytest.mark.parametrize("dense", [False, True])
+def test_softmax_block_reads_views_and_returns_token_major(dense):
+    """q, k, v read through their strides (no copies), out laid out as (B, N, H, d) so the layer's
+    transpose to tokens is a view; values and gradients as with contiguous inputs; opcheck (the fake
+    impl's strides) with such views."""
+    from refiner_kernels import ops
+    B, H, N, d = 2, 3, 17, 35
+    xs = _qkv_views(B, H, N, d, dense)
+    assert not any(t.is_contiguous() for t in xs)
+    prev = random_attn(B, H, N, device=DEV).requires_grad_(True)
+    out, attn = rk.softmax_block(*xs, prev, d ** -0.5)
+    assert out.transpose(1, 2).is_contiguous()  # (B, N, H, d) memory
+    assert out.transpose(1, 2).reshape(B, N, H * d).data_ptr() == out.data_ptr()  # the view, no copy
+    rs = [_leaf(t.detach().contiguous()) for t in xs] + [_leaf(prev.detach())]
+    rout, rattn = ref.softmax_block(*rs, d ** -0.5)
+    _close(out, rout, name="out")
+    _close(attn, rattn, name="attn")
+    go, ga = torch.randn_like(rout), torch.randn_like(rattn)
+    for name, a, b in zip(["dq", "dk", "dv", "dprev"], _grads((out, attn), xs + [prev], (go, ga)),
+                          _grads((rout, rattn), rs, (go, ga))):
+        _close(a, b, name=name)
+    _opcheck(ops.softmax_block_op, (*_qkv_views(1, 2, 9, 16, dense), None, 0.25))
+
+
+def test_fused_softmax_layer_makes_no_copies_on_triton():
+    """The fused layer's softmax block on Triton: q, k, v go to the op as views of the projection and
+    its token-major out becomes the projection's input as a view: no clone or copy around the op."""
+    from collections import Counter
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from refiner import fused
+
+    class Count(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.calls = Counter()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.calls[func.__name__.split(".")[0]] += 1
+            return func(*args, **(kwargs or {}))
+
+    layer = fused.RefinerAttention(64, 4, qkv_bias=True, share_atten=False, backend="triton").to(DEV).eval()
+    ref_layer = ref.RefinerAttention(64, 4, qkv_bias=True, share_atten=False).to(DEV).eval()
+    ref_layer.load_state_dict(layer.state_dict())
+    x = torch.randn(2, 10, 64, device=DEV)
+    with torch.no_grad(), Count() as c:
+        out, attn = layer(x, None)
+    assert c.calls["softmax_block"] == 1 and not {"clone", "copy_", "_to_copy", "contiguous"} & set(c.calls), c.calls
+    with torch.no_grad():
+        rout, rattn = ref_layer(x, None)
+    _close(out, rout, name="out")
+    _close(attn, rattn, name="attn")
+
+
+def test_softmax_block_copies_a_head_dim_that_is_not_unit_stride():
+    B, H, N, d = 1, 2, 9, 16
+    q, k, v = (torch.randn(B, H, d, N, device=DEV).transpose(-1, -2) for _ in range(3))  # head dim stride N
+    out, attn = rk.softmax_block(q, k, v, None, 0.25)
+    rout, rattn = ref.softmax_block(q, k, v, None, 0.25)
+    _close(out, rout, name="out")
+    _close(attn, rattn, name="attn")
+
+
 def test_opcheck_refine_eval():
     from refiner_kernels import ops
     B, H, N, d = 1, 4, 7, 16
