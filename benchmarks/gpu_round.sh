@@ -12,8 +12,11 @@
 #                                              # (N 197/577, bf16) with the other settings as extra rows
 #                                              # (--env-variants), refine_train by pass
 #                                              # (bench_train_passes), then in the time left a profile
-#                                              # (Refiner-ViT-S fused[triton] vs reference); next call:
-#                                              # STAGE_BUDGET=260 bash benchmarks/gpu_round.sh sanitize
+#                                              # (Refiner-ViT-S fused[triton] vs reference); next call on
+#                                              # the warm machine: STAGE_BUDGET=260 bash
+#                                              # benchmarks/gpu_round.sh compiled (the torch.compile rows,
+#                                              # never measured on a GPU) or, where the CUDA tests failed,
+#                                              # sanitize
 #   bash benchmarks/gpu_round.sh compiled      # torch.compile (inductor) of Refiner-ViT-S fused on Triton and
 #                                              # of the reference, beside their eager rows and ViT-S: the
 #                                              # "reference compiled" target and the fused model compiled
@@ -203,7 +206,7 @@ stage_quick() {
   run_step bench_train_passes_split 25 "$PY" benchmarks/bench_train_passes.py --out "$RES" --n 197 \
     --env REFINER_TRITON_TRAIN_X2=split
   # then, in what time is left: where a Refiner-ViT-S step's time goes. memcheck and racecheck are
-  # the next call on the warm machine: STAGE_BUDGET=260 bash benchmarks/gpu_round.sh sanitize
+  # the next call on the warm machine: STAGE_BUDGET=260 bash benchmarks/gpu_round.sh compiled (or sanitize)
   run_step profile_models $(( $(left) - 20 )) "$PY" benchmarks/profile_models.py --out "$RES" --batch 64 \
     --fused-backends triton
 }
