@@ -235,8 +235,8 @@ stage_verify() {
 # Triton only: no build needed.
 stage_compiled() {
   local common=(--out "$RES" --img 224 --batch 256 --compile-backend inductor --repeats 5 --fused-backends triton)
-  run_step bench_models_compiled_infer $(( $(left) / 2 )) "$PY" benchmarks/bench_models.py "${common[@]}" \
-    --models refiner_vit_s vit_small_patch16_224 --modes infer
+  run_step bench_models_compiled_infer $(( $(left) * 2 / 3 )) "$PY" benchmarks/bench_models.py "${common[@]}" \
+    --models vit_small_patch16_224 refiner_vit_s --modes infer
   run_step bench_models_compiled_train $(( $(left) - 20 )) "$PY" benchmarks/bench_models.py "${common[@]}" \
     --models refiner_vit_s --modes train
 }
