@@ -37,12 +37,24 @@ def _dtypes(backend):
 shapes = st.tuples(st.integers(1, 3), st.integers(1, 6), st.integers(1, 40), st.integers(1, 40))
 
 
+def _laid_out(q, k, v, layout):
+    """The same values with other strides: views of one (B, N, 3, H, d) projection as the fused layer
+    passes them ("qkv"), or (B, N, H, d) memory ("tokens")."""
+    if layout == "qkv":
+        qkv = torch.stack([q, k, v]).permute(1, 3, 0, 2, 4).contiguous()
+        return qkv.permute(2, 0, 3, 1, 4).unbind(0)
+    if layout == "tokens":
+        return [t.transpose(1, 2).contiguous().transpose(1, 2) for t in (q, k, v)]
+    return q, k, v
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
-@given(shape=shapes, dt=st.integers(0, 2), with_prev=st.booleans())
-def test_softmax_block_property(backend, shape, dt, with_prev):
+@given(shape=shapes, dt=st.integers(0, 2), with_prev=st.booleans(),
+       layout=st.sampled_from(["contiguous", "qkv", "tokens"]))
+def test_softmax_block_property(backend, shape, dt, with_prev, layout):
     dtype = _dtypes(backend)[dt % len(_dtypes(backend))]
     B, H, N, d = shape
-    q, k, v = (torch.randn(3, B, H, N, d, device=DEVICE)).to(dtype).unbind(0)
+    q, k, v = _laid_out(*(torch.randn(3, B, H, N, d, device=DEVICE)).to(dtype).unbind(0), layout)
     prev = random_attn(B, H, N, dtype, DEVICE) if with_prev else None
     out, attn = ops.softmax_block(q, k, v, prev, d ** -0.5, backend=backend)
     f32 = lambda t: t.float() if t is not None else None  # noqa: E731
