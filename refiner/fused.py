@@ -93,8 +93,9 @@ class RefinerAttention(reference.RefinerAttention):
             if prev_attn is None:
                 raise ValueError("prev_attn: a refine block (share_atten=True) needs the previous "
                                  "block's attention map, got None")
-            v = qkv.reshape(B, N, H, d).permute(0, 2, 1, 3).to(dtype).contiguous()
-            a = prev_attn.to(dtype).contiguous()
+            # a view of qkv: refiner.ops copies it for the backends that need dense inputs
+            v = qkv.reshape(B, N, H, d).permute(0, 2, 1, 3).to(dtype)
+            a = prev_attn.to(dtype)
             if self.adapt_bn.training:
                 out = ops.refine_block(a, v, self.DLA, self.adapt_bn, self.scale, backend=self.backend)
             else:
@@ -108,7 +109,7 @@ class RefinerAttention(reference.RefinerAttention):
             if self.apply_transform:  # eval, general mode: refine the block's own map and pass it on
                 attn_next = self.adapt_bn(self.DLA(attn_next))
                 out = attn_next @ v.to(attn_next.dtype)
-        x = out.transpose(1, 2).reshape(B, N, C)  # a view where out is token-major (Triton's softmax_block)
+        x = out.transpose(1, 2).reshape(B, N, C)  # a view where out is token-major (the Triton ops')
         return self.proj_drop(self.proj(x)), attn_next
 
 

@@ -202,6 +202,13 @@ def _dense(*ts):
     return tuple(t.contiguous() if t is not None else None for t in ts)
 
 
+def _dense_unless_views(mod, *ts):
+    """q, k, v (softmax_block) or v (refine ops) as they are for a backend that reads them through
+    their strides (TAKES_VIEWS: Triton), so the fused layer's views of its projections are not
+    copied; dense copies for the others."""
+    return ts if getattr(mod, "TAKES_VIEWS", False) else _dense(*ts)
+
+
 # ----------------------------------------------------------------------------
 # Ops
 # ----------------------------------------------------------------------------
@@ -214,8 +221,7 @@ def softmax_block(q: Tensor, k: Tensor, v: Tensor, prev_attn: Optional[Tensor] =
     if not math.isfinite(scale):
         raise ValueError(f"scale: must be finite, got {scale}")
     mod = resolve_backend(backend, q.device, "softmax_block")
-    if not getattr(mod, "SOFTMAX_BLOCK_TAKES_VIEWS", False):  # Triton reads strided q, k, v itself
-        q, k, v = _dense(q, k, v)
+    q, k, v = _dense_unless_views(mod, q, k, v)
     (prev_attn,) = _dense(prev_attn)
     return mod.softmax_block(q, k, v, prev_attn, scale)
 
@@ -224,8 +230,9 @@ def refine_eval(attn: Tensor, v: Tensor, folded: reference.FoldedRefine, backend
     """Eval-mode refine block with folded BatchNorms (see `reference.fold_refine`)."""
     _check_map_and_v(attn, v)
     _check_weights(attn.shape[1], folded.w_exp, folded.w_dw, folded.w_pro)
-    attn, v = _dense(attn, v)
-    return resolve_backend(backend, attn.device, "refine_eval").refine_eval(attn, v, *folded.args())
+    mod = resolve_backend(backend, attn.device, "refine_eval")
+    (attn,), (v,) = _dense(attn), _dense_unless_views(mod, v)
+    return mod.refine_eval(attn, v, *folded.args())
 
 
 def refine_train(attn: Tensor, v: Tensor, *params: Tensor, eps: float, scale: float, expand: bool,
@@ -233,8 +240,9 @@ def refine_train(attn: Tensor, v: Tensor, *params: Tensor, eps: float, scale: fl
     """Training-mode refine block: (out, batch statistics); see `reference.refine_train`."""
     _check_map_and_v(attn, v)
     _check_weights(attn.shape[1], *params[:3])
-    attn, v, *params = _dense(attn, v, *params)
     mod = resolve_backend(backend, attn.device, "refine_train")
+    attn, *params = _dense(attn, *params)
+    (v,) = _dense_unless_views(mod, v)
     return mod.refine_train(attn, v, *params, eps, scale, expand)
 
 

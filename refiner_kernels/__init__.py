@@ -33,9 +33,10 @@ def _ops():
     return ops
 
 
-# softmax_block reads q, k, v through their strides (unit-stride head dim; others are copied) and
-# returns out in (B, N, H, d) memory: refiner.ops passes the fused layer's qkv views as they are.
-SOFTMAX_BLOCK_TAKES_VIEWS = True
+# softmax_block reads q, k, v, and the refine ops read v, through their strides (unit-stride head
+# dim; others are copied), and all three return out in (B, N, H, d) memory: refiner.ops passes the
+# fused layer's views of its projections as they are.
+TAKES_VIEWS = True
 
 
 def softmax_block(q: Tensor, k: Tensor, v: Tensor, prev_attn: Optional[Tensor],

@@ -93,7 +93,8 @@ for fn in (S._sb_bwd_dq, S._sb_bwd_dkdv):
               enable_fp_fusion=False)
 for ks, tm, tj, sr in [(3, 16, 32, False), (5, 16, 16, True), (3, 32, 32, False), (3, 16, 64, False)]:
     check(E._re_fwd, dict(a_ptr=P, v_ptr=P, we_ptr=P, be_ptr=P, wdw_ptr=P, bdw_ptr=P, wp_ptr=P, bp_ptr=P, al_ptr=P,
-                          bt_ptr=P, out_ptr=P, r_ptr=P, N=N, D=D, H=H, RH=RH, KS=ks, RELU_E=True, STORE_R=sr, PREC='ieee' if sr else 'tf32', HP=16,
+                          bt_ptr=P, out_ptr=P, r_ptr=P, N=N, D=D, H=H, RH=RH, svb=1, svh=1, svn=1, sob=1, soh=1,
+                          son=1, KS=ks, RELU_E=True, STORE_R=sr, PREC='ieee' if sr else 'tf32', HP=16,
                           CC=16, TM=tm, TJ=tj, BD=32), num_warps=8, num_stages=1, ptr_types={"a_ptr": "*fp16", "v_ptr": "*fp16"})
 # the split forward's autotuning space (and the untuned launch: P=128, 4 warps, rolled, 16 channels)
 for prec, t, p, w, u, cc in [("tf32", "*bf16", 128, 4, False, 16), ("ieee", "*fp32", 64, 2, False, 16),
@@ -151,8 +152,8 @@ for prec in ("ieee", "tf32"):
 for t in ("*bf16", "*fp32"):
     check(T._rt_mix, dict(a_ptr=P, da_ptr=P, out_ptr=P, mx_ptr=P, ks_ptr=P, bx_ptr=P, N=N, H=H, HP=16, P=256),
           num_warps=8, num_stages=2, ptr_types={"a_ptr": t, "out_ptr": t})
-check(Bl._bmm_kernel, dict(a_ptr=P, b_ptr=P, c_ptr=P, M=N, NN=N, K=N, sab=1, sam=1, sak=1, sbb=1, sbk=1, sbn=1, scb=1,
-                           scm=1, scn=1, DOT_T=triton.language.bfloat16, BM=128, BN=128, BK=32), num_warps=8, num_stages=3, ptr_types={"a_ptr": "*bf16"})
+check(Bl._bmm_kernel, dict(a_ptr=P, b_ptr=P, c_ptr=P, M=N, NN=N, K=N, Z2=12, sab=1, sab2=1, sam=1, sak=1, sbb=1,
+                           sbb2=1, sbk=1, sbn=1, scb=1, scb2=1, scm=1, scn=1, DOT_T=triton.language.bfloat16, BM=128, BN=128, BK=32), num_warps=8, num_stages=3, ptr_types={"a_ptr": "*bf16"})
 check(Bl._row_softmax_fwd, dict(x_ptr=P, y_ptr=P, R=100, M=N, BR=16, BM=256))
 check(Bl._row_softmax_bwd, dict(y_ptr=P, dy_ptr=P, dx_ptr=P, R=100, M=N, BR=16, BM=256))
 check(Bl._dwconv_fwd, dict(x_ptr=P, w_ptr=P, y_ptr=P, C=12, N=N, M=N, KS=3, TM=16, TJ=64))

@@ -117,3 +117,16 @@ def batch_chunks(B: int, progs_per_image: int, scratch_bytes_per_prog: int):
     per = max(1, budget // max(1, progs_per_image * scratch_bytes_per_prog))
     for b0 in range(0, B, per):
         yield b0, min(B, b0 + per)
+
+
+def token_major(B: int, H: int, N: int, D: int, like: torch.Tensor) -> torch.Tensor:
+    """A (B, H, N, D) tensor laid out as (B, N, H, D): the attention outputs of softmax_block and
+    the refine ops, whose transpose to (B, N, H * D) tokens is then a view (the fused layer's
+    projection input, no copy)."""
+    return like.new_empty(B, N, H, D).transpose(1, 2)
+
+
+def unit_head_stride(t: torch.Tensor) -> torch.Tensor:
+    """q, k or v as the kernels read them: any batch, head and token strides, a unit-stride head
+    dim (copied otherwise)."""
+    return t if t.stride(-1) == 1 else t.contiguous()

@@ -14,28 +14,34 @@ from ._common import check_device, gpu_autotune, interpreting, next_pow2, num_wa
 if triton is not None:
 
     @triton.jit
-    def _bmm_kernel(a_ptr, b_ptr, c_ptr, M, NN, K,
-                    sab, sam, sak, sbb, sbk, sbn, scb, scm, scn,
+    def _bmm_kernel(a_ptr, b_ptr, c_ptr, M, NN, K, Z2,
+                    sab, sab2, sam, sak, sbb, sbb2, sbk, sbn, scb, scb2, scm, scn,
                     DOT_T: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
-        """c[z] = a[z] @ b[z] for arbitrary strides (transposes are free); fp32 accumulation,
-        operands in DOT_T (the common half type of a and b: exact, tensor cores; else fp32)."""
+        """c[z] = a[z] @ b[z] for arbitrary strides (transposes are free) over two batch dims
+        (z = z1 * Z2 + z2; strides s*b, s*b2), so (B, H, ., .) views need no copy; fp32
+        accumulation, operands in DOT_T (the common half type of a and b: exact, tensor cores;
+        else fp32)."""
         z = tl.program_id(0).to(tl.int64)
+        z1 = z // Z2
+        z2 = z % Z2
         pid_m = tl.program_id(1)
         pid_n = tl.program_id(2)
         offs_m = (pid_m * BM + tl.arange(0, BM)).to(tl.int64)
         offs_n = (pid_n * BN + tl.arange(0, BN)).to(tl.int64)
         mm = offs_m < M
         mn = offs_n < NN
+        a_ptr += z1 * sab + z2 * sab2
+        b_ptr += z1 * sbb + z2 * sbb2
         acc = tl.zeros((BM, BN), tl.float32)
         for k0 in range(0, K, BK):
             offs_k = (k0 + tl.arange(0, BK)).to(tl.int64)
             mk = offs_k < K
-            a = tl.load(a_ptr + z * sab + offs_m[:, None] * sam + offs_k[None, :] * sak,
+            a = tl.load(a_ptr + offs_m[:, None] * sam + offs_k[None, :] * sak,
                         mask=mm[:, None] & mk[None, :], other=0.0).to(DOT_T)
-            b = tl.load(b_ptr + z * sbb + offs_k[:, None] * sbk + offs_n[None, :] * sbn,
+            b = tl.load(b_ptr + offs_k[:, None] * sbk + offs_n[None, :] * sbn,
                         mask=mk[:, None] & mn[None, :], other=0.0).to(DOT_T)
             acc += tl.dot(a, b, input_precision="ieee")
-        tl.store(c_ptr + z * scb + offs_m[:, None] * scm + offs_n[None, :] * scn,
+        tl.store(c_ptr + z1 * scb + z2 * scb2 + offs_m[:, None] * scm + offs_n[None, :] * scn,
                  acc.to(c_ptr.dtype.element_ty), mask=mm[:, None] & mn[None, :])
 
 
@@ -49,33 +55,46 @@ else:
     _bmm_tuned = None
 
 
-def bmm(a: torch.Tensor, b: torch.Tensor, out_dtype=None) -> torch.Tensor:
-    """Batched a @ b over leading dims (any strides in the last two dims)."""
+def _batched(t: torch.Tensor) -> torch.Tensor:
+    """t as (Z1, Z2, rows, cols): a view for 4-D tensors (any strides) and 3-D; else reshaped."""
+    if t.ndim == 4:
+        return t
+    if t.ndim == 3:
+        return t.unsqueeze(1)
+    return t.reshape(-1, 1, *t.shape[-2:])
+
+
+def bmm(a: torch.Tensor, b: torch.Tensor, out_dtype=None, out=None) -> torch.Tensor:
+    """Batched a @ b over leading dims (any strides: (B, H, ., .) views and transposes are read in
+    place). out: a preallocated result of any strides (e.g. token-major), else a new contiguous one."""
     check_device(a, b)
     lead = a.shape[:-2]
     M, K = a.shape[-2:]
     NN = b.shape[-1]
-    a3 = a.reshape(-1, M, K)
-    b3 = b.reshape(-1, K, NN)
-    Z = a3.shape[0]
-    c = torch.empty(Z, M, NN, dtype=out_dtype or a.dtype, device=a.device)
+    if out is None:
+        out = torch.empty(*lead, M, NN, dtype=out_dtype or a.dtype, device=a.device)
+    a4, b4, c4 = _batched(a), _batched(b), _batched(out)
+    if c4.data_ptr() != out.data_ptr() or (out.ndim > 4 and not out.is_contiguous()):
+        raise ValueError("out: expected a tensor whose leading dims can be viewed as (Z1, Z2)")
+    Z1, Z2 = a4.shape[:2]
     if interpreting():
         BM, BN, BK = max(16, min(64, next_pow2(M))), max(16, min(64, next_pow2(NN))), max(16, min(256, next_pow2(K)))
     else:
         BM, BN, BK = 64, 64, 32
-    args = (a3, b3, c, M, NN, K, a3.stride(0), a3.stride(1), a3.stride(2),
-            b3.stride(0), b3.stride(1), b3.stride(2), c.stride(0), c.stride(1), c.stride(2))
+    args = (a4, b4, c4, M, NN, K, Z2, a4.stride(0), a4.stride(1), a4.stride(2), a4.stride(3),
+            b4.stride(0), b4.stride(1), b4.stride(2), b4.stride(3), c4.stride(0), c4.stride(1), c4.stride(2),
+            c4.stride(3))
     dot_t = tl.float32
     if a.dtype == b.dtype == torch.float16:
         dot_t = tl.float16
     elif a.dtype == b.dtype == torch.bfloat16 and not interpreting():
         dot_t = tl.bfloat16
     if use_tuned(_bmm_tuned, a):
-        _bmm_tuned[lambda META: (Z, triton.cdiv(M, META["BM"]), triton.cdiv(NN, META["BN"]))](*args, DOT_T=dot_t)
+        _bmm_tuned[lambda META: (Z1 * Z2, triton.cdiv(M, META["BM"]), triton.cdiv(NN, META["BN"]))](*args, DOT_T=dot_t)
     else:
-        _bmm_kernel[(Z, triton.cdiv(M, BM), triton.cdiv(NN, BN))](*args, DOT_T=dot_t, BM=BM, BN=BN, BK=BK,
-                                                                 num_warps=num_warps_for(BM * BN))
-    return c.reshape(*lead, M, NN)
+        _bmm_kernel[(Z1 * Z2, triton.cdiv(M, BM), triton.cdiv(NN, BN))](*args, DOT_T=dot_t, BM=BM, BN=BN, BK=BK,
+                                                                       num_warps=num_warps_for(BM * BN))
+    return out
 
 
 if triton is not None:

@@ -36,7 +36,7 @@ import os
 import torch
 
 from ._common import (batch_chunks, check_device, check_image_map, gpu_autotune, interpreting, next_pow2, num_warps_for,
-                      triton, tl, use_tuned)
+                      token_major, triton, tl, unit_head_stride, use_tuned)
 from .blocks import bmm
 
 CC = 16  # expanded channels per chunk
@@ -139,7 +139,7 @@ if triton is not None:
 
     @triton.jit
     def _re_fwd(a_ptr, v_ptr, we_ptr, be_ptr, wdw_ptr, bdw_ptr, wp_ptr, bp_ptr, al_ptr, bt_ptr,
-                out_ptr, r_ptr, N, D, H, RH,
+                out_ptr, r_ptr, N, D, H, RH, svb, svh, svn, sob, soh, son,
                 KS: tl.constexpr, RELU_E: tl.constexpr, STORE_R: tl.constexpr, PREC: tl.constexpr,
                 HP: tl.constexpr, CC: tl.constexpr, TM: tl.constexpr, TJ: tl.constexpr,
                 BD: tl.constexpr):
@@ -166,15 +166,15 @@ if triton is not None:
             else:
                 r3 = tl.reshape(r, (HP, TM, TJ))
                 jj = j0 + tl.arange(0, TJ)
-                vv = tl.load(v_ptr + b * H * N * D + hh.to(tl.int64)[:, None, None] * N * D
-                             + jj[None, :, None] * D + offs_d[None, None, :],
+                vv = tl.load(v_ptr + b * svb + hh.to(tl.int64)[:, None, None] * svh
+                             + jj[None, :, None] * svn + offs_d[None, None, :],
                              mask=mh[:, None, None] & (jj < N)[None, :, None] & md[None, None, :],
                              other=0.0).to(tl.float32)
                 acc += dot(r3, vv, PREC)
         if not STORE_R:
             ii = pid_i * TM + tl.arange(0, TM)
-            tl.store(out_ptr + b * H * N * D + hh.to(tl.int64)[:, None, None] * N * D
-                     + ii[None, :, None] * D + offs_d[None, None, :], acc.to(out_ptr.dtype.element_ty),
+            tl.store(out_ptr + b * sob + hh.to(tl.int64)[:, None, None] * soh
+                     + ii[None, :, None] * son + offs_d[None, None, :], acc.to(out_ptr.dtype.element_ty),
                      mask=mh[:, None, None] & (ii < N)[None, :, None] & md[None, None, :])
 
     @triton.jit
@@ -652,7 +652,7 @@ def refine_eval_fwd(attn, v, w_exp, b_exp, w_dw, b_dw, w_pro, b_pro, alpha, beta
                     store_r=False):
     check_device(attn, v)
     check_image_map(attn)
-    attn, v = attn.contiguous(), v.contiguous()
+    attn, v = attn.contiguous(), unit_head_stride(v)  # v: read through its strides
     B, H, N, _ = attn.shape
     D = v.shape[-1]
     we, be, relu = _prep(attn, w_exp, b_exp, expand)
@@ -669,14 +669,15 @@ def refine_eval_fwd(attn, v, w_exp, b_exp, w_dw, b_dw, w_pro, b_pro, alpha, beta
     if forward_variant() == "split" and RH * N * N <= SPLIT_MAX_MAP:
         r = _split_r(attn, we, be, w_dw, b_dw, w_pro, b_pro, alpha, beta, relu, prec,
                      torch.float32 if store_r else attn.dtype)
-        return r if store_r else bmm(r, v, out_dtype=v.dtype)
+        return r if store_r else bmm(r, v, out=token_major(B, H, N, D, v))
     TM, TJ = _fwd_tiles(N)
     HP = max(16, next_pow2(H))
     BD = max(16, next_pow2(D))
-    out = torch.empty(B, H, N, D, dtype=v.dtype, device=v.device)
+    out = token_major(B, H, N, D, v)
     r = torch.empty(B, H, N, N, dtype=torch.float32, device=attn.device) if store_r else out
     args = (attn, v, we, be, w_dw.contiguous(), b_dw.contiguous(), w_pro.contiguous(),
-            b_pro.contiguous(), alpha.contiguous(), beta.contiguous(), out, r, N, D, H, RH)
+            b_pro.contiguous(), alpha.contiguous(), beta.contiguous(), out, r, N, D, H, RH,
+            v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2))
     if use_tuned(_re_fwd_tuned, attn):
         _re_fwd_tuned[lambda META: (B, triton.cdiv(N, META["TM"]))](
             *args, KS=KS, RELU_E=relu, STORE_R=store_r, PREC=prec, HP=HP, CC=CC, BD=BD)

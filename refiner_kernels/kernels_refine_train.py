@@ -53,7 +53,7 @@ import os
 import torch
 
 from ._common import (batch_chunks, check_device, check_image_map, gpu_autotune, interpreting, next_pow2, num_warps_for,
-                      triton, tl, use_tuned)
+                      token_major, triton, tl, unit_head_stride, use_tuned)
 from .blocks import bmm
 from . import kernels_refine_eval as _eval
 from .kernels_refine_eval import SPLIT_MAX_MAP, split_images, split_p
@@ -720,7 +720,7 @@ def refine_train_fwd(attn, v, w_exp, w_dw, w_pro, g1, b1, g2, b2, g3, b3, ga, ba
     for the backward (keep_y3, the caller's save_y3(); else an empty tensor)."""
     check_device(attn, v)
     check_image_map(attn)
-    attn, v = attn.contiguous(), v.contiguous()
+    attn, v = attn.contiguous(), unit_head_stride(v)  # v: read through its strides by F5's matmul
     B, H, N, _ = attn.shape
     RH, KS = w_dw.shape[0], w_dw.shape[-1]
     n = float(B * N * N)
@@ -776,7 +776,7 @@ def refine_train_fwd(attn, v, w_exp, w_dw, w_pro, g1, b1, g2, b2, g3, b3, ga, ba
     r = _r(attn, we_f, be_f, wdw, wp, cv, _hv(f, st, ga, ba, HP), ks, scale, expand, y3)
     y3 = y3 if keep_y3 else y3.new_empty(0)
     with _pass(_pass_label("rv")):
-        out = bmm(r, v, out_dtype=v.dtype)
+        out = bmm(r, v, out=token_major(B, H, N, v.shape[-1], v))
     if not expand:
         st["mu1"] = torch.zeros(RH, dtype=torch.float64, device=dev)
         st["var1"] = torch.zeros(RH, dtype=torch.float64, device=dev)

@@ -24,7 +24,8 @@ from __future__ import annotations
 
 import torch
 
-from ._common import check_device, gpu_autotune, interpreting, next_pow2, num_warps_for, triton, tl, use_tuned
+from ._common import (check_device, gpu_autotune, interpreting, next_pow2, num_warps_for, token_major, triton, tl,
+                      use_tuned, unit_head_stride)
 
 
 if triton is not None:
@@ -228,12 +229,6 @@ def _tiles(N: int, D: int):
     return bm, 64, BD
 
 
-def token_major(B: int, H: int, N: int, D: int, like: torch.Tensor) -> torch.Tensor:
-    """A (B, H, N, D) tensor laid out as (B, N, H, D): the forward's `out`, whose transpose to
-    (B, N, H * D) tokens is then a view (the fused layer's projection input, no copy)."""
-    return like.new_empty(B, N, H, D).transpose(1, 2)
-
-
 def _bhn_strides(t):
     """(batch, head, token) strides of a (B, H, N, D) tensor whose head dim is unit-stride."""
     return t.stride(0), t.stride(1), t.stride(2)
@@ -243,7 +238,7 @@ def softmax_block_fwd(q, k, v, prev_attn, scale: float):
     """q, k, v: any strides with a unit-stride head dim (others are copied), e.g. views of a qkv
     projection; out: token-major (token_major)."""
     check_device(q, k, v, prev_attn)
-    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+    q, k, v = (unit_head_stride(t) for t in (q, k, v))
     B, H, N, D = q.shape
     out = token_major(B, H, N, D, q)
     attn = torch.empty(B, H, N, N, dtype=q.dtype, device=q.device)

@@ -12,6 +12,7 @@ import torch
 from torch import Tensor
 
 from . import kernels_softmax as _sb
+from ._common import token_major
 
 _lib = "refiner_triton"
 
@@ -28,7 +29,7 @@ def softmax_block_op(q: Tensor, k: Tensor, v: Tensor, prev_attn: Optional[Tensor
 @softmax_block_op.register_fake
 def _(q, k, v, prev_attn, scale):
     B, H, N, D = q.shape
-    return (_sb.token_major(B, H, N, D, q), q.new_empty(B, H, N, N),
+    return (token_major(B, H, N, D, q), q.new_empty(B, H, N, N),
             q.new_empty(B, H, N, dtype=torch.float32))
 
 
@@ -80,7 +81,7 @@ def refine_eval_op(attn: Tensor, v: Tensor, w_exp: Tensor, b_exp: Tensor, w_dw: 
 @refine_eval_op.register_fake
 def _(attn, v, w_exp, b_exp, w_dw, b_dw, w_pro, b_pro, alpha, beta, expand):
     B, H, N, _ = attn.shape
-    return v.new_empty(B, H, N, v.shape[-1])
+    return token_major(B, H, N, v.shape[-1], v)
 
 
 @torch.library.custom_op(f"{_lib}::refine_eval_bwd", mutates_args=())
@@ -93,7 +94,8 @@ def refine_eval_bwd_op(dout: Tensor, attn: Tensor, v: Tensor, w_exp: Tensor, b_e
 
 @refine_eval_bwd_op.register_fake
 def _(dout, attn, v, w_exp, b_exp, w_dw, b_dw, w_pro, b_pro, alpha, beta, expand):
-    return [torch.empty_like(t) for t in (attn, v, w_exp, b_exp, w_dw, b_dw, w_pro, b_pro, alpha, beta)]
+    # contiguous gradients whatever the inputs' strides
+    return [t.new_empty(t.shape) for t in (attn, v, w_exp, b_exp, w_dw, b_dw, w_pro, b_pro, alpha, beta)]
 
 
 def _re_setup(ctx, inputs, output):
@@ -244,7 +246,7 @@ def refine_train_op(attn: Tensor, v: Tensor, w_exp: Tensor, w_dw: Tensor, w_pro:
 def _(attn, v, w_exp, w_dw, w_pro, g1, b1, g2, b2, g3, b3, ga, ba, eps, scale, expand, keep_y3=True):
     B, H, N, _ = attn.shape
     RH = w_dw.shape[0]
-    out = v.new_empty(B, H, N, v.shape[-1])
+    out = token_major(B, H, N, v.shape[-1], v)
     stats = [attn.new_empty(RH)] * 4 + [attn.new_empty(H)] * 4
     y3 = attn.new_empty(attn.shape if keep_y3 else (0,), dtype=torch.float32)
     return [out] + [s.clone() for s in stats] + [attn.new_empty(_rt.aux_size(H, RH), dtype=torch.float32), y3]
@@ -261,7 +263,8 @@ def refine_train_bwd_op(dout: Tensor, attn: Tensor, v: Tensor, w_exp: Tensor, w_
 
 @refine_train_bwd_op.register_fake
 def _(dout, attn, v, w_exp, w_dw, w_pro, g1, b1, g2, b2, g3, b3, ga, ba, aux, y3, eps, scale, expand):
-    return [torch.empty_like(t) for t in (attn, v, w_exp, w_dw, w_pro, g1, b1, g2, b2, g3, b3, ga, ba)]
+    # contiguous gradients whatever the inputs' strides
+    return [t.new_empty(t.shape) for t in (attn, v, w_exp, w_dw, w_pro, g1, b1, g2, b2, g3, b3, ga, ba)]
 
 
 def _rt_setup(ctx, inputs, output):

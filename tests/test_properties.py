@@ -67,12 +67,14 @@ def test_softmax_block_property(backend, shape, dt, with_prev, layout):
 @pytest.mark.parametrize("backend", BACKENDS)
 @given(B=st.integers(1, 2), H=st.integers(1, 5), N=st.integers(1, 30), d=st.integers(1, 36),
        ratio=st.integers(1, 6), kernel=st.sampled_from([1, 3, 5, 7]), dt=st.integers(0, 2),
-       training=st.booleans())
-def test_refine_property(backend, B, H, N, d, ratio, kernel, dt, training):
+       training=st.booleans(), v_tokens=st.booleans())
+def test_refine_property(backend, B, H, N, d, ratio, kernel, dt, training, v_tokens):
     dtype = _dtypes(backend)[dt % len(_dtypes(backend))]
     dla, abn = random_dla(H, ratio, kernel, device=DEVICE)
     a = random_attn(B, H, N, dtype, DEVICE)
     v = torch.randn(B, H, N, d, device=DEVICE).to(dtype)
+    if v_tokens:  # v in (B, N, H, d) memory, as the fused layer's view of its projection
+        v = v.transpose(1, 2).contiguous().transpose(1, 2)
     rtol, atol = TOL[dtype]
     if training:
         if B * N * N < 2:

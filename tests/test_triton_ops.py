@@ -322,9 +322,11 @@ def test_softmax_block_reads_views_and_returns_token_major(dense):
     _opcheck(ops.softmax_block_op, (*_qkv_views(1, 2, 9, 16, dense), None, 0.25))
 
 
-def test_fused_softmax_layer_makes_no_copies_on_triton():
-    """The fused layer's softmax block on Triton: q, k, v go to the op as views of the projection and
-    its token-major out becomes the projection's input as a view: no clone or copy around the op."""
+@pytest.mark.parametrize("share_atten,training", [(False, False), (True, False), (True, True)])
+def test_fused_layer_makes_no_copies_on_triton(share_atten, training):
+    """The fused layer on Triton (softmax block; refine block in eval and training): q, k, v or v go to
+    the op as views of the projection and its token-major out becomes the projection's input as a
+    view: no clone or copy around the op (the forward; the backward reads contiguous copies)."""
     from collections import Counter
     from torch.utils._python_dispatch import TorchDispatchMode
     from refiner import fused
@@ -338,17 +340,68 @@ def test_fused_softmax_layer_makes_no_copies_on_triton():
             self.calls[func.__name__.split(".")[0]] += 1
             return func(*args, **(kwargs or {}))
 
-    layer = fused.RefinerAttention(64, 4, qkv_bias=True, share_atten=False, backend="triton").to(DEV).eval()
-    ref_layer = ref.RefinerAttention(64, 4, qkv_bias=True, share_atten=False).to(DEV).eval()
+    kw = dict(qkv_bias=True, share_atten=share_atten)
+    layer = fused.RefinerAttention(64, 4, backend="triton", **kw).to(DEV).train(training)
+    ref_layer = ref.RefinerAttention(64, 4, **kw).to(DEV).train(training)
     ref_layer.load_state_dict(layer.state_dict())
     x = torch.randn(2, 10, 64, device=DEV)
+    prev = random_attn(2, 4, 10, device=DEV) if share_atten else None
     with torch.no_grad(), Count() as c:
-        out, attn = layer(x, None)
-    assert c.calls["softmax_block"] == 1 and not {"clone", "copy_", "_to_copy", "contiguous"} & set(c.calls), c.calls
+        out, attn = layer(x, prev)
+    op = "refine_train" if training else "refine_eval" if share_atten else "softmax_block"
+    assert c.calls[op] == 1 and not {"clone", "copy_", "_to_copy", "contiguous"} & set(c.calls), c.calls
     with torch.no_grad():
-        rout, rattn = ref_layer(x, None)
+        rout, rattn = ref_layer(x, prev)
     _close(out, rout, name="out")
     _close(attn, rattn, name="attn")
+
+
+@pytest.mark.parametrize("training,fwd", [(False, "split"), (False, "tile"), (True, "split")])
+def test_refine_ops_read_v_views_and_return_token_major(monkeypatch, training, fwd):
+    """refine_eval (both forwards) and refine_train read v as a view of a (B, N, H, d) projection and
+    return out in (B, N, H, d) memory; values and gradients as with a contiguous v; opcheck with
+    such a view."""
+    from refiner_kernels import ops
+    monkeypatch.setenv("REFINER_TRITON_REFINE_FWD", fwd)
+    B, H, N, d = 2, 4, 9, 35
+    dla, bn = random_dla(H, 3, 3, seed=2)
+    attn = random_attn(B, H, N, device=DEV).requires_grad_(True)
+    v = torch.randn(B, N, H, d, device=DEV).transpose(1, 2).requires_grad_(True)
+    if training:
+        params = [t.detach().to(DEV).requires_grad_(True) for t in train_args(dla, bn)]
+        run = lambda a, vv, *p: rk.refine_train(a, vv, *p, 1e-5, 0.25, True)[0]  # noqa: E731
+        want_fn = lambda a, vv, *p: ref.refine_train(a, vv, *p, 1e-5, 0.25, True)[0]  # noqa: E731
+    else:
+        params = [t.to(DEV).requires_grad_(True) for t in _folded(H, 3, 3, d).args()[:-1]]
+        run = lambda a, vv, *p: rk.refine_eval(a, vv, *p, True)  # noqa: E731
+        want_fn = lambda a, vv, *p: ref.refine_eval(a, vv, *p, True)  # noqa: E731
+    out = run(attn, v, *params)
+    assert out.transpose(1, 2).is_contiguous()
+    xs = [attn, v] + params
+    rs = [_leaf(t.detach().contiguous()) for t in xs]
+    want = want_fn(*rs)
+    _close(out, want, name="out")
+    go = torch.randn_like(want)
+    for i, (a, b) in enumerate(zip(_grads([out], xs, [go]), _grads([want], rs, [go]))):
+        _close(a, b, name=f"grad {i}")
+    v9 = torch.randn(1, 7, H, 16, device=DEV).transpose(1, 2).requires_grad_(True)
+    a9 = random_attn(1, H, 7, device=DEV).requires_grad_(True)
+    if training:
+        _opcheck(ops.refine_train_op, (a9, v9, *params, 1e-5, 0.25, True, True))
+    else:
+        p16 = [t.to(DEV).requires_grad_(True) for t in _folded(H, 3, 3, 16).args()[:-1]]
+        _opcheck(ops.refine_eval_op, (a9, v9, *p16, True))
+
+
+def test_bmm_reads_two_batch_dims_of_any_strides():
+    from refiner_kernels.blocks import bmm
+    a = torch.randn(2, 9, 3, 7, device=DEV).transpose(1, 2)  # (2, 3, 9, 7), not dense in (B, H)
+    b = torch.randn(2, 5, 3, 7, device=DEV).permute(0, 2, 3, 1)  # (2, 3, 7, 5)
+    out = torch.empty(2, 9, 3, 5, device=DEV).transpose(1, 2)
+    got = bmm(a, b, out=out)
+    assert got is out
+    _close(out, a @ b, name="out")
+    _close(bmm(a.reshape(6, 9, 7), b.reshape(6, 7, 5)), (a @ b).reshape(6, 9, 5), name="3-D")
 
 
 def test_softmax_block_copies_a_head_dim_that_is_not_unit_stride():
