@@ -41,6 +41,8 @@ def build_parser():
     p.add_argument("--workers", type=cli.nonnegative_int, default=4)
     p.add_argument("--use-ema", action="store_true", help="evaluate the EMA weights of a training checkpoint")
     p.add_argument("--fused", action="store_true", help="convert to the fused kernels (refiner.fused)")
+    p.add_argument("--torchcompile", nargs="?", const="inductor", default=None, type=cli.compile_backend,
+                   help="torch.compile the model with this backend (inductor when given bare)")
     p.add_argument("--device", default=None, type=cli.device)
     p.add_argument("--amp", action="store_true")
     return p
@@ -110,10 +112,11 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     top1, top5 = AverageMeter(), AverageMeter()
     ac = torch.autocast(device.type, dtype=torch.float16 if device.type == "cuda" else torch.bfloat16) \
         if args.amp else torch.autocast(device.type, enabled=False)
+    run = torch.compile(model, backend=args.torchcompile) if args.torchcompile else model
     with torch.no_grad(), ac:
         for x, y in tqdm(loader, desc="validate"):
             x, y = x.to(device), y.to(device)
-            out = model(x).float()
+            out = run(x).float()
             a1, a5 = accuracy(out, y, topk=(1, min(5, out.shape[-1])))
             top1.update(a1.item(), x.size(0))
             top5.update(a5.item(), x.size(0))

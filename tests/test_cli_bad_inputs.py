@@ -213,6 +213,7 @@ CASES = [
     ("validate", ["--checkpoint", "{tmp}/ck.pth"], USAGE, ["--data"]),
     ("validate", V + ["--checkpoint", "{tmp}/nope.pth"], USAGE, ["--checkpoint", "no such file"]),
     ("validate", V + ["--data", "{tmp}/nope"], USAGE, ["--data", "no such directory"]),
+    ("validate", V + ["--torchcompile", "nope"], USAGE, ["--torchcompile", "'nope'"]),
     ("validate", V + ["--model", "nope_vit"], USAGE, ["--model", "nope_vit"]),
     ("validate", V + ["--batch-size", "0"], USAGE, ["--batch-size"]),
     ("validate", V + ["--workers", "-1"], USAGE, ["--workers"]),

@@ -102,3 +102,11 @@ def test_train_fused_torchcompile(tmp_path):
     torch._dynamo.reset()
     assert len(rows) == 1 and math.isfinite(rows[0]["train_loss"]) and "val_top1" in rows[0]
     assert counters["stats"]["unique_graphs"] >= 1  # something was compiled
+    # validate --fused --torchcompile gives the eager accuracy on the same checkpoint
+    ck = os.path.join(tmp_path, "out", "last.pth")
+    args = ["--data", os.path.join(data, "val"), "--checkpoint", ck, "--workers", "0", "--device", "cpu", "--fused"]
+    counters.clear()
+    compiled = validate.main(args + ["--torchcompile", "aot_eager_decomp_partition"])
+    torch._dynamo.reset()
+    assert counters["stats"]["unique_graphs"] >= 1
+    assert compiled == validate.main(args)
