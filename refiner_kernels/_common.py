@@ -130,3 +130,8 @@ def unit_head_stride(t: torch.Tensor) -> torch.Tensor:
     """q, k or v as the kernels read them: any batch, head and token strides, a unit-stride head
     dim (copied otherwise)."""
     return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def bhn_strides(t: torch.Tensor):
+    """(batch, head, token) strides of a (B, H, N, D) tensor with a unit-stride head dim."""
+    return t.stride(0), t.stride(1), t.stride(2)

@@ -36,7 +36,7 @@ import os
 import torch
 
 from ._common import (batch_chunks, check_device, check_image_map, gpu_autotune, interpreting, next_pow2, num_warps_for,
-                      token_major, triton, tl, unit_head_stride, use_tuned)
+                      bhn_strides, token_major, triton, tl, unit_head_stride, use_tuned)
 from .blocks import bmm
 
 CC = 16  # expanded channels per chunk
@@ -677,7 +677,7 @@ def refine_eval_fwd(attn, v, w_exp, b_exp, w_dw, b_dw, w_pro, b_pro, alpha, beta
     r = torch.empty(B, H, N, N, dtype=torch.float32, device=attn.device) if store_r else out
     args = (attn, v, we, be, w_dw.contiguous(), b_dw.contiguous(), w_pro.contiguous(),
             b_pro.contiguous(), alpha.contiguous(), beta.contiguous(), out, r, N, D, H, RH,
-            v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2))
+            *bhn_strides(v), *bhn_strides(out))
     if use_tuned(_re_fwd_tuned, attn):
         _re_fwd_tuned[lambda META: (B, triton.cdiv(N, META["TM"]))](
             *args, KS=KS, RELU_E=relu, STORE_R=store_r, PREC=prec, HP=HP, CC=CC, BD=BD)
@@ -797,12 +797,12 @@ def refine_eval_dla_bwd(attn, dr, w_exp, b_exp, w_dw, b_dw, w_pro, b_pro, alpha,
 
 
 def refine_eval_bwd(dout, attn, v, w_exp, b_exp, w_dw, b_dw, w_pro, b_pro, alpha, beta, expand):
-    dout = dout.contiguous()
+    # dout and v only meet bmm, which reads them through their strides (no copies)
     RH, N = w_dw.shape[0], attn.shape[-1]
     if backward_variant() == "split" and RH * N * N <= SPLIT_MAX_MAP:
         check_device(attn, v)
         check_image_map(attn)
-        attn, v = attn.contiguous(), v.contiguous()
+        attn = attn.contiguous()
         we, be, relu = _prep(attn, w_exp, b_exp, expand)
         da, dv, *grads = _bwd_split(dout, attn, v, we, be, w_dw, b_dw, w_pro, b_pro, alpha, beta, relu)
         if not expand:

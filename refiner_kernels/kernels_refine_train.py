@@ -852,7 +852,7 @@ def refine_train_bwd(dout, attn, v, w_exp, w_dw, w_pro, g1, b1, g2, b2, g3, b3, 
                      eps, scale, expand):
     """y3: the forward's Y3 buffer (save_y3()), or an empty tensor: F3's pass runs again."""
     check_image_map(attn)
-    attn, v, dout = attn.contiguous(), v.contiguous(), dout.contiguous()
+    attn = attn.contiguous()  # dout and v only meet bmm, which reads them through their strides
     B, H, N, _ = attn.shape
     RH, KS = w_dw.shape[0], w_dw.shape[-1]
     n = float(B * N * N)

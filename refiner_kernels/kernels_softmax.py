@@ -24,8 +24,8 @@ from __future__ import annotations
 
 import torch
 
-from ._common import (check_device, gpu_autotune, interpreting, next_pow2, num_warps_for, token_major, triton, tl,
-                      use_tuned, unit_head_stride)
+from ._common import (bhn_strides, check_device, gpu_autotune, interpreting, next_pow2, num_warps_for, token_major,
+                      triton, tl, use_tuned, unit_head_stride)
 
 
 if triton is not None:
@@ -229,11 +229,6 @@ def _tiles(N: int, D: int):
     return bm, 64, BD
 
 
-def _bhn_strides(t):
-    """(batch, head, token) strides of a (B, H, N, D) tensor whose head dim is unit-stride."""
-    return t.stride(0), t.stride(1), t.stride(2)
-
-
 def softmax_block_fwd(q, k, v, prev_attn, scale: float):
     """q, k, v: any strides with a unit-stride head dim (others are copied), e.g. views of a qkv
     projection; out: token-major (token_major)."""
@@ -247,7 +242,7 @@ def softmax_block_fwd(q, k, v, prev_attn, scale: float):
     prev = prev_attn.contiguous() if has_prev else attn  # dummy pointer when absent
     BM, BN, BD = _tiles(N, D)
     args = (q, k, v, prev, out, attn, lse, N, D, H, float(scale),
-            *_bhn_strides(q), *_bhn_strides(k), *_bhn_strides(v), *_bhn_strides(out))
+            *bhn_strides(q), *bhn_strides(k), *bhn_strides(v), *bhn_strides(out))
     if use_tuned(_sb_fwd_tuned, q):
         _sb_fwd_tuned[lambda META: (B * H, triton.cdiv(N, META["BM"]))](
             *args, HAS_PREV=has_prev, DOT_T=_dot_dtype(q.dtype), BD=BD, enable_fp_fusion=False)
