@@ -194,13 +194,14 @@ stage_quick() {
     "triton:REFINER_TRITON_TRAIN_SAVE_Y3=0" --mixed-backends "triton,refine_train=cuda"
   # the refine ops on Triton and the reference (N = 197 rows first, the time limit may cut N = 577)
   # with the other settings beside the defaults in the same runs (rows labelled triton[NAME=VALUE]):
-  # refine_train with its X2 passes from a stored E, with Y3 recomputed, with 3xTF32 dots; refine_eval's
+  # refine_train with its X2 passes from a stored E, with Y3 recomputed, with 3xTF32 or bf16 dots; refine_eval's
   # backward from a stored E, its "tile" forward. (Round 3 measured IEEE dots and the halo X2 passes: slower.)
   run_step bench_ops 100 "$PY" benchmarks/bench_ops.py --out "$RES" --rep-ms 25 --n 197 577 --heads 12 \
     --head-dim 32 --dtypes bf16 --ops refine_eval refine_train --backends triton reference \
     --env-variants "triton:REFINER_TRITON_TRAIN_X2=split@refine_train" \
     "triton:REFINER_TRITON_REFINE_BWD=split@refine_eval" "triton:REFINER_TRITON_TRAIN_SAVE_Y3=0@refine_train" \
-    "triton:REFINER_TRITON_TRAIN_DOT=tf32x3@refine_train" "triton:REFINER_TRITON_REFINE_FWD=tile@refine_eval"
+    "triton:REFINER_TRITON_TRAIN_DOT=tf32x3@refine_train" "triton:REFINER_TRITON_TRAIN_DOT=bf16@refine_train" \
+    "triton:REFINER_TRITON_REFINE_FWD=tile@refine_eval"
   # refine_train's time by pass (CUDA events around each pass's launches), defaults and E stored
   run_step bench_train_passes 30 "$PY" benchmarks/bench_train_passes.py --out "$RES"
   run_step bench_train_passes_split 25 "$PY" benchmarks/bench_train_passes.py --out "$RES" --n 197 \

@@ -63,10 +63,22 @@ if triton is not None:
         return tl.where(x == x, r, x)
 
     @triton.jit
+    def bf16_round(x):
+        """fp32 x rounded to the nearest bf16 value, ties to even (as cvt.rn.bf16.f32), kept in fp32;
+        NaN stays NaN. The cast of the result to bf16 is then exact on the GPU and under the
+        interpreter alike (whose own fp32 -> bf16 cast truncates)."""
+        u = x.to(tl.int32, bitcast=True)
+        r = ((u + 0x7FFF + ((u >> 16) & 1)) & -65536).to(tl.float32, bitcast=True)  # -65536: 0xFFFF0000
+        return tl.where(x == x, r, x)
+
+    @triton.jit
     def dot(a, b, PREC: tl.constexpr):
-        """tl.dot at PREC ("ieee" or "tf32"), TF32 operands rounded first (tf32_round)."""
+        """tl.dot at PREC: "ieee", "tf32x3", "tf32" (operands rounded to nearest first, tf32_round)
+        or "bf16" (bf16 operands rounded to nearest, fp32 accumulation)."""
         if PREC == "tf32":
             return tl.dot(tf32_round(a), tf32_round(b), input_precision="tf32")
+        elif PREC == "bf16":
+            return tl.dot(bf16_round(a).to(tl.bfloat16), bf16_round(b).to(tl.bfloat16), out_dtype=tl.float32)
         else:
             return tl.dot(a, b, input_precision=PREC)
 

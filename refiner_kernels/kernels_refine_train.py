@@ -534,8 +534,11 @@ def _pass(label):
 
 def _dot_precision(attn) -> str:
     """REFINER_TRITON_TRAIN_DOT: "auto" (default: TF32 for bf16 maps, IEEE otherwise), "tf32" (TF32
-    for fp16 and bf16 maps), "ieee" (fp32 FMA dots) or "tf32x3" (every map dtype: three TF32 dots on
-    the tensor cores, about fp32's accuracy; a candidate not yet timed on a GPU). The choice goes to
+    for fp16 and bf16 maps), "bf16" (bf16 operands, fp32 accumulation, for fp16 and bf16 maps: the
+    precision of the reference's own convolutions under bf16 autocast, with fp32 outputs; twice
+    TF32's tensor-core rate and half its operand registers; a candidate not yet timed on a GPU),
+    "ieee" (fp32 FMA dots) or "tf32x3" (every map dtype: three TF32 dots on the tensor cores, about
+    fp32's accuracy; a candidate not yet timed on a GPU). The choice goes to
     the dots of the expansion, the stencil's recompute, the reduction and the gradients; the BN1
     Gram matrix is always IEEE, and "tf32" leaves fp32 maps IEEE.
     H100, bf16, B=32 N=197 fwd+bwd: 14.9 ms against 18.1 (IEEE); Refiner-ViT-S training 1.35x the
@@ -550,12 +553,14 @@ def _dot_precision(attn) -> str:
     3xTF32: B3 255 registers and 240 bytes of spills (IEEE: 255 and 128), the stencil passes 163-255
     registers and at most 40 bytes; `python -m refiner_kernels._aot_check _rt_tile _rt_b3`.)"""
     mode = os.environ.get("REFINER_TRITON_TRAIN_DOT", "auto")
-    if mode not in ("auto", "ieee", "tf32", "tf32x3"):
-        raise ValueError(f"REFINER_TRITON_TRAIN_DOT: expected 'auto', 'ieee', 'tf32' or 'tf32x3', got {mode!r}")
+    if mode not in ("auto", "ieee", "tf32", "bf16", "tf32x3"):
+        raise ValueError(f"REFINER_TRITON_TRAIN_DOT: expected 'auto', 'ieee', 'tf32', 'bf16' or 'tf32x3', "
+                         f"got {mode!r}")
     if mode == "tf32x3":
         return mode
-    half = (torch.bfloat16,) if mode == "auto" else (torch.float16, torch.bfloat16) if mode == "tf32" else ()
-    return "tf32" if attn.dtype in half else "ieee"
+    if mode in ("tf32", "bf16"):
+        return mode if attn.dtype in (torch.float16, torch.bfloat16) else "ieee"
+    return "tf32" if mode == "auto" and attn.dtype == torch.bfloat16 else "ieee"
 
 
 def _launch_tile(mode, attn, dr, we, be, wdw, wp, cv, hv, ks, scale, relu, y3=None):

@@ -17,6 +17,7 @@ from utils import assert_no_worse_than, random_attn, random_dla, train_args
 
 import refiner_kernels as rk
 from refiner import reference as ref
+from refiner_kernels import kernels_refine_eval as KE  # (module level: the kernels below call its helpers)
 from refiner_kernels.kernels_refine_train import _dot_precision
 
 pytestmark = pytest.mark.skipif(not rk.AVAILABLE, reason=f"triton backend unavailable: {rk.UNAVAILABLE_REASON}")
@@ -525,23 +526,30 @@ def _run_train(N, d, ratio, ks, B, dtype, device=DEV):
     scale = d ** -0.5
     out, stats = rk.refine_train(attn, v, *params, 1e-5, scale, expand)
     rout, rstats = ref.refine_train(rattn, rv, *rparams, 1e-5, scale, expand)
+    prec = _dot_precision(attn)
+    if prec in ("tf32", "bf16"):
+        # the reference itself in bf16 (the type TF32 is the default for), on the same inputs
+        hs = [t.detach().bfloat16().requires_grad_(True) for t in [attn, v] + params]
+        hout, hstats = ref.refine_train(*hs, 1e-5, scale, expand)
     assert out.dtype == dtype
-    _close(out, rout, dtype, "out")
     assert (stats[0] is None) == (rstats[0] is None)
-    for i, (s, r) in enumerate(zip(stats, rstats)):
-        if r is None:
-            continue
-        assert not s.mean.requires_grad and not s.var.requires_grad
-        _close(s.mean, r.mean, dtype, f"mean{i}")
-        _close(s.var, r.var, dtype, f"var{i}")
+    assert not any(t.requires_grad for s in stats if s is not None for t in (s.mean, s.var))
+    if prec == "bf16":  # bf16 operands: the bf16 reference's accuracy, not fp16's
+        names, got, want, half = zip(*[(f"{m}{i}", getattr(s, m), getattr(r, m), getattr(h, m))
+                                       for i, (s, r, h) in enumerate(zip(stats, rstats, hstats)) if r is not None
+                                       for m in ("mean", "var")])
+        assert_no_worse_than((out,) + got, (rout,) + want, (hout,) + half, ("out",) + names)
+    else:
+        _close(out, rout, dtype, "out")
+        for i, (s, r) in enumerate(zip(stats, rstats)):
+            if r is not None:
+                _close(s.mean, r.mean, dtype, f"mean{i}")
+                _close(s.var, r.var, dtype, f"var{i}")
     go = torch.randn_like(rout).to(dtype)
     g = _grads([out], [attn, v] + params, [go])
     gr = _grads([rout], [rattn, rv] + rparams, [go.float()])
-    if _dot_precision(attn) == "tf32":
-        # the reference itself in bf16 (the type TF32 is the default for), on the same inputs
-        hs = [t.detach().bfloat16().requires_grad_(True) for t in [attn, v] + params]
-        hout, _ = ref.refine_train(*hs, 1e-5, scale, expand)
-        assert_no_worse_than(g, gr, _grads([hout], hs, [go.bfloat16()]), TRAIN_NAMES)
+    if prec in ("tf32", "bf16"):
+        assert_no_worse_than(g, gr, _grads([hout], hs, [go.bfloat16()]), [f"d{n}" for n in TRAIN_NAMES])
         return
     # Gradients through batch statistics amplify fp32 rounding; db3 is exactly 0 in exact arithmetic
     # (BN_a's backward removes the mean of dZ), so compare it on the scale of dba.
@@ -606,11 +614,12 @@ def test_refine_train_x2_split_fallback(monkeypatch):
 
 def test_refine_train_dot_precision_switch(monkeypatch):
     """REFINER_TRITON_TRAIN_DOT: "auto" (default) gives TF32 dots to bf16 maps only, "tf32" to fp16
-    and bf16 maps, "ieee" to none (fp32 maps never get one TF32 dot), "tf32x3" 3xTF32 to every map.
+    and bf16 maps, "bf16" bf16 dots to the same, "ieee" to none (fp32 maps never get a reduced
+    precision dot), "tf32x3" 3xTF32 to every map.
     Other values are refused by name."""
     half, bf16, full = torch.zeros(1, dtype=torch.float16), torch.zeros(1, dtype=torch.bfloat16), torch.zeros(1)
     for mode, want in [(None, "ieee tf32 ieee"), ("auto", "ieee tf32 ieee"), ("tf32", "tf32 tf32 ieee"),
-                       ("ieee", "ieee ieee ieee"), ("tf32x3", "tf32x3 tf32x3 tf32x3")]:
+                       ("ieee", "ieee ieee ieee"), ("bf16", "bf16 bf16 ieee"), ("tf32x3", "tf32x3 tf32x3 tf32x3")]:
         if mode is None:
             monkeypatch.delenv("REFINER_TRITON_TRAIN_DOT", raising=False)
         else:
@@ -629,6 +638,18 @@ def test_refine_train_half_tf32(monkeypatch, N, ks, B, x2):
     reference's own gradients in bf16 (utils.assert_no_worse_than). Also with the candidate
     REFINER_TRITON_TRAIN_X2=split (its expansion pass and flat B3 passes take TF32 dots too)."""
     monkeypatch.setenv("REFINER_TRITON_TRAIN_DOT", "tf32")
+    monkeypatch.setenv("REFINER_TRITON_TRAIN_X2", x2)
+    _run_train(N, 32, 3, ks, B, torch.float16)
+
+
+@pytest.mark.parametrize("N,ks,B,x2", [(20, 5, 2, "offsets"), (17, 3, 1, "split")])
+def test_refine_train_half_bf16_dots(monkeypatch, N, ks, B, x2):
+    """The candidate REFINER_TRITON_TRAIN_DOT=bf16 (bf16 operands rounded to nearest, fp32
+    accumulation; emulated: tests/tf32_emulation.py) on fp16 maps (bf16 maps are wrong under the
+    interpreter): outputs and statistics within the fp16 tolerances, every gradient at least as close
+    to the fp32 reference as the reference's own gradients in bf16, whose convolutions round the
+    same operands and their outputs too."""
+    monkeypatch.setenv("REFINER_TRITON_TRAIN_DOT", "bf16")
     monkeypatch.setenv("REFINER_TRITON_TRAIN_X2", x2)
     _run_train(N, 32, 3, ks, B, torch.float16)
 
@@ -671,6 +692,40 @@ def test_interpreter_emulates_tf32_dots():
     assert torch.equal(out[2].isinf(), out[1].isinf()) and out[2].isinf().any() and not out[2].isnan().any()
     exact = a.double() @ b.double()
     assert ((out[2] - exact).abs()[fin] / exact[fin]).max() < 2e-6  # the TF32 dot alone: ~1e-3
+
+
+@pytest.mark.skipif(DEV != "cpu", reason="checks the interpreter's bf16 dot emulation (CPU only)")
+def test_interpreter_emulates_bf16_dots():
+    """The kernels' "bf16" dot (kernels_refine_eval.dot): operands rounded to the nearest bf16, ties
+    to even, as torch rounds (NaN and Inf kept), then multiplied exactly and summed in fp32; the
+    interpreter's own bf16 dot would multiply the raw bits as integers (tests/tf32_emulation.py)."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def kern(a_ptr, b_ptr, o_ptr, r_ptr):
+        i = tl.arange(0, 16)
+        a = tl.load(a_ptr + i[:, None] * 16 + i[None, :])
+        b = tl.load(b_ptr + i[:, None] * 16 + i[None, :])
+        tl.store(o_ptr + i[:, None] * 16 + i[None, :], KE.dot(a, b, "bf16"))
+        tl.store(r_ptr + i[:, None] * 16 + i[None, :], KE.bf16_round(a))
+
+    a, b = torch.randn(16, 16) * 10, torch.randn(16, 16)
+    ties = torch.tensor([0x3F808000, 0x3F818000, 0xBF808000, 0x7F7FFFFF], dtype=torch.int64)
+    a.view(-1)[:4] = ties.to(torch.int32).view(torch.float32)  # halfway cases (even, odd), max float
+    a[1, 0], a[1, 1], a[1, 2] = float("nan"), float("inf"), -float("inf")
+    out, rounded = torch.empty(16, 16), torch.empty(16, 16)
+    kern[(1,)](a, b, out, rounded)
+    want = a.bfloat16().float()
+    assert torch.equal(rounded.isnan(), want.isnan())
+    fin = ~want.isnan()
+    assert torch.equal(rounded[fin], want[fin])
+    a[1, :3] = 1.0  # the dot on finite operands: bf16 products, fp32 sums
+    kern[(1,)](a, b, out, rounded)
+    exact = a.bfloat16().double() @ b.bfloat16().double()
+    fin = exact.isfinite()
+    torch.testing.assert_close(out[fin].double(), exact[fin], rtol=1e-6, atol=1e-6 * exact[fin].abs().max().item())
+    assert (out.double() - a.double() @ b.double())[fin].abs().max() > 1e-3  # the operands were rounded
 
 
 @pytest.mark.parametrize("ratio", [3, 1])

@@ -10,6 +10,9 @@ and rounding); "ieee" dots are untouched. The kernels round their TF32 operands 
 = x rounded to nearest TF32 (cvt.rna) and small = x - big in fp32, then three TF32 dots, small(a)
 big(b) + big(a) small(b) + big(a) big(b) (the small operands truncated as above); a NaN in the sum
 of the first two is taken as 0, as newer Triton versions do.
+bf16 operands (which the interpreter holds as raw uint16 bits, and would multiply as integers) are
+widened to fp32 exactly; the products of two bf16 values are exact in fp32, so the fp32 matmul is
+the tensor cores' bf16 dot with fp32 accumulation (up to the order of the sums).
 """
 from __future__ import annotations
 
@@ -32,10 +35,16 @@ def tf32_rna(x: np.ndarray) -> np.ndarray:
     return np.where(np.isnan(x), x, r)
 
 
+def bf16_to_f32(bits: np.ndarray) -> np.ndarray:
+    """bf16 values held as uint16 bit patterns -> the same values in float32."""
+    return (bits.astype(np.uint32) << np.uint32(16)).view(np.float32)
+
+
 def install() -> None:
     global _installed
     if _installed:
         return
+    import triton.language as tl
     from triton.runtime import interpreter
 
     builder = interpreter.InterpreterBuilder
@@ -43,6 +52,10 @@ def install() -> None:
 
     def create_dot(self, a, b, d, input_precision, max_num_imprecise_acc):
         mode = str(input_precision).upper()  # the enum prints as InputPrecision.TF32 / .TF32x3
+        if a.data.dtype == np.uint16 and b.data.dtype == np.uint16:  # bf16 x bf16
+            a = interpreter.TensorHandle(bf16_to_f32(a.data), tl.float32)
+            b = interpreter.TensorHandle(bf16_to_f32(b.data), tl.float32)
+            return plain(self, a, b, d, "ieee", max_num_imprecise_acc)
         if mode.endswith("TF32X3") and a.data.dtype == np.float32 and b.data.dtype == np.float32:
             def dot(x, y, acc):  # one TF32 dot (operands truncated) accumulating onto acc
                 x, y = interpreter.TensorHandle(tf32(x), a.dtype), interpreter.TensorHandle(tf32(y), b.dtype)

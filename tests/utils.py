@@ -17,7 +17,7 @@ def relu6_flips(numel: int) -> int:
 
 
 def assert_no_worse_than(got, want, half, names, slack=1e-3):
-    """Gradients of a kernel with TF32 dots: each is at least as close (2-norm) to the fp32/fp64
+    """Gradients (or outputs) of a kernel with TF32 or bf16 dots: each is at least as close (2-norm) to the fp32/fp64
     reference `want` as the reference's own gradients computed in the half type (`half`), up to
     `slack` of the reference's norm. Elementwise tolerances do not fit: a relu6 whose input lies
     within TF32 rounding of 0 or 6 gates its gradient the other way, and under training-mode
@@ -28,7 +28,7 @@ def assert_no_worse_than(got, want, half, names, slack=1e-3):
         b = b.double()
         err, base = (a.double() - b).norm().item(), (h.double() - b).norm().item()
         assert err <= base + slack * b.norm().item(), \
-            f"d{n}: |kernel - ref| = {err:.3e} > |half-type ref - ref| = {base:.3e} (|ref| = {b.norm().item():.3e})"
+            f"{n}: |kernel - ref| = {err:.3e} > |half-type ref - ref| = {base:.3e} (|ref| = {b.norm().item():.3e})"
 
 
 def _switch_off_then_on(run, monkeypatch, *args):
