@@ -28,6 +28,7 @@ if str(ROOT) not in sys.path:
 import torch  # noqa: E402
 
 from refiner import cli, ops  # noqa: E402
+from refiner_kernels import settings  # noqa: E402
 from refiner.demo import format_table  # noqa: E402,F401  (one table printer for demo and benchmarks)
 
 RESULTS_DIR = ROOT / "benchmarks" / "results"
@@ -226,7 +227,15 @@ def run_metadata(device: torch.device, script: str, args: dict) -> dict:
                    else "CPU: median wall-clock of repeated calls after a warm-up"),
         "memory": MEMORY_METHOD[device.type],
         "malloc": cli.malloc_mode(),  # see refiner.cli.STEADY_MALLOC
+        "triton_settings": triton_settings(device),
     }
+
+
+def triton_settings(device: torch.device) -> dict:
+    """What the plain "triton" rows ran with: the switches' values tuned for this GPU model
+    (refiner_kernels/tuned_settings.json) and those set in the environment (which win)."""
+    return {"tuned": settings.tuned_for(device),
+            "env": {k: os.environ[k] for k in settings.SWITCHES if k in os.environ}}
 
 
 # ----------------------------------------------------------------------------

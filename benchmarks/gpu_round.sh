@@ -10,7 +10,9 @@
 #                                              # mixes, ViT-S; 224 px, no compile), a training step (S,
 #                                              # Triton settings), bench_ops of the Triton refine ops
 #                                              # (N 197/577, bf16) with the other settings as extra rows
-#                                              # (--env-variants), refine_train by pass
+#                                              # (--env-variants), the values faster than the
+#                                              # defaults that passed their GPU tests (decide_settings:
+#                                              # results/tuned_settings.json, to commit), refine_train by pass
 #                                              # (bench_train_passes), then in the time left a profile
 #                                              # (Refiner-ViT-S fused[triton] vs reference); next call on
 #                                              # the warm machine: STAGE_BUDGET=260 bash
@@ -159,7 +161,7 @@ stage_quick() {
   # the CPU in CI), in parallel workers where pytest-xdist is installed: the tests are bound by
   # Triton compiling (the second round's serial run finished 20 of 36 in 100 s)
   REFINER_TRITON_AUTOTUNE=0 run_step pytest_triton_gpu 150 "$PY" -m pytest -q -ra "${XDIST[@]}" \
-    tests/test_triton_gpu.py
+    --junitxml "$RES/pytest_triton_gpu.xml" tests/test_triton_gpu.py
   wait "$build_pid"
   describe_backends
   REFINER_TRITON_AUTOTUNE=0 run_step pytest_gpu 110 "$PY" -m pytest -q -ra "${XDIST[@]}" \
@@ -202,6 +204,11 @@ stage_quick() {
     "triton:REFINER_TRITON_REFINE_BWD=split@refine_eval" "triton:REFINER_TRITON_TRAIN_SAVE_Y3=0@refine_train" \
     "triton:REFINER_TRITON_TRAIN_DOT=tf32x3@refine_train" "triton:REFINER_TRITON_TRAIN_DOT=bf16@refine_train" \
     "triton:REFINER_TRITON_REFINE_FWD=tile@refine_eval"
+  # the switch values that were faster than the defaults and passed their GPU tests, recorded for this
+  # GPU model in results/tuned_settings.json: copy it over refiner_kernels/tuned_settings.json and commit
+  cp refiner_kernels/tuned_settings.json "$RES/tuned_settings.json"
+  run_step decide_settings 20 "$PY" benchmarks/decide_settings.py "$RES" --junit "$RES/pytest_triton_gpu.xml" \
+    --write "$RES/tuned_settings.json"
   # refine_train's time by pass (CUDA events around each pass's launches), defaults and E stored
   run_step bench_train_passes 30 "$PY" benchmarks/bench_train_passes.py --out "$RES"
   run_step bench_train_passes_split 25 "$PY" benchmarks/bench_train_passes.py --out "$RES" --n 197 \

@@ -31,13 +31,12 @@ chunk, E stored once for R's recompute and two gradient passes over flat positio
 """
 from __future__ import annotations
 
-import os
-
 import torch
 
 from ._common import (batch_chunks, check_device, check_image_map, gpu_autotune, interpreting, next_pow2, num_warps_for,
                       bhn_strides, token_major, triton, tl, unit_head_stride, use_tuned)
 from .blocks import bmm
+from .settings import switch
 
 CC = 16  # expanded channels per chunk
 HALF_TF32 = True  # fp16/bf16 inputs: TF32 dots in the forward kernel on the GPU (see refine_eval_fwd)
@@ -551,10 +550,7 @@ def _prep(attn, w_exp, b_exp, expand):
     return eye, torch.zeros(H, dtype=attn.dtype, device=attn.device), False
 
 
-FORWARD_VARIANTS = ("split", "tile")
-
-
-def forward_variant() -> str:
+def forward_variant(device=None) -> str:
     """REFINER_TRITON_REFINE_FWD: "split" (default: E computed once and stored in the input dtype,
     in batch chunks small enough to stay in L2, then the stencil, reduction and residual from it,
     R stored and multiplied by v) or "tile" (row tiles walking the columns, the expansion
@@ -562,14 +558,12 @@ def forward_variant() -> str:
     beyond the output, the lean-memory choice). H100, B=32, H=12, d=32, bf16 (benchmarks/results,
     2026-11-26): split 0.78 / 6.4 ms at N = 197 / 577, tile 1.00 / 6.8 ms; two other candidates
     measured slower there and were dropped (halo tiles staged through a scratch: 1.74 / 13.8 ms;
-    the tile recompute on flat position ranges: 0.84 / 7.2 ms)."""
-    mode = os.environ.get("REFINER_TRITON_REFINE_FWD", "split")
-    if mode not in FORWARD_VARIANTS:
-        raise ValueError(f"REFINER_TRITON_REFINE_FWD: expected one of {FORWARD_VARIANTS}, got {mode!r}")
-    return mode
+    the tile recompute on flat position ranges: 0.84 / 7.2 ms).
+    The default applies unless the variable is set or a value is tuned for the GPU model (settings.py)."""
+    return switch("REFINER_TRITON_REFINE_FWD", device)
 
 
-def backward_variant() -> str:
+def backward_variant(device=None) -> str:
     """REFINER_TRITON_REFINE_BWD: "offsets" (default: R recomputed by the forward into an fp32
     map, dv and dR by batched matmuls, then one gradient kernel over halo tiles, _re_bwd, that
     recomputes the expansion at each of the k*k shifts and stages E and the stencil's gradient
@@ -580,11 +574,9 @@ def backward_variant() -> str:
     temporaries; an L2-sized workspace). The backward was 20x its forward's time on the H100
     (B=32, N=197, bf16: 10.4 ms fwd+bwd against 0.50 fwd, round 3); its kernel runs at 255
     registers with ~780 bytes of spills (sm_90), and the k*k recomputed expansions are most of its
-    dots."""
-    mode = os.environ.get("REFINER_TRITON_REFINE_BWD", "offsets")
-    if mode not in ("offsets", "split"):
-        raise ValueError(f"REFINER_TRITON_REFINE_BWD: expected 'offsets' or 'split', got {mode!r}")
-    return mode
+    dots.
+    The default applies unless the variable is set or a value is tuned for the GPU model (settings.py)."""
+    return switch("REFINER_TRITON_REFINE_BWD", device)
 
 
 def backward_precision(attn) -> str:
@@ -678,7 +670,7 @@ def refine_eval_fwd(attn, v, w_exp, b_exp, w_dw, b_dw, w_pro, b_pro, alpha, beta
     prec = "tf32" if (HALF_TF32 and attn.dtype in (torch.float16, torch.bfloat16) and not store_r) else "ieee"
     # split: E and R in the input dtype (as under autocast), fp32 for the backward; "tile" beyond
     # the int32 offsets of its stencil pass (rH N^2 > 2^31 - 1: N > 7723 at rH = 36)
-    if forward_variant() == "split" and RH * N * N <= SPLIT_MAX_MAP:
+    if forward_variant(attn.device) == "split" and RH * N * N <= SPLIT_MAX_MAP:
         r = _split_r(attn, we, be, w_dw, b_dw, w_pro, b_pro, alpha, beta, relu, prec,
                      torch.float32 if store_r else attn.dtype)
         return r if store_r else bmm(r, v, out=token_major(B, H, N, D, v))
@@ -811,7 +803,7 @@ def refine_eval_dla_bwd(attn, dr, w_exp, b_exp, w_dw, b_dw, w_pro, b_pro, alpha,
 def refine_eval_bwd(dout, attn, v, w_exp, b_exp, w_dw, b_dw, w_pro, b_pro, alpha, beta, expand):
     # dout and v only meet bmm, which reads them through their strides (no copies)
     RH, N = w_dw.shape[0], attn.shape[-1]
-    if backward_variant() == "split" and RH * N * N <= SPLIT_MAX_MAP:
+    if backward_variant(attn.device) == "split" and RH * N * N <= SPLIT_MAX_MAP:
         check_device(attn, v)
         check_image_map(attn)
         attn = attn.contiguous()

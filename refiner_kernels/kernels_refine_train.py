@@ -55,6 +55,7 @@ import torch
 from ._common import (batch_chunks, check_device, check_image_map, gpu_autotune, interpreting, next_pow2, num_warps_for,
                       token_major, triton, tl, unit_head_stride, use_tuned)
 from .blocks import bmm
+from .settings import switch
 from . import kernels_refine_eval as _eval
 from .kernels_refine_eval import SPLIT_MAX_MAP, split_images, split_p
 
@@ -460,10 +461,7 @@ def _pack(rows, width):
     return torch.nn.functional.pad(packed, (0, width - packed.shape[1])).contiguous()
 
 
-X2_MODES = ("offsets", "halo", "split")
-
-
-def _x2_mode(RH: int, N: int) -> str:
+def _x2_mode(RH: int, N: int, device=None) -> str:
     """REFINER_TRITON_TRAIN_X2, how the passes that need X2 = dw_k(E) (F2, F3, B2, B3) get E:
     "offsets" (default): the expansion recomputed at each of the k*k stencil offsets, over
       non-overlapping tiles (B3: halo tiles);
@@ -477,10 +475,9 @@ def _x2_mode(RH: int, N: int) -> str:
       beside E, no halo tiles, no scratch; 149-199 registers and no spills against B3's 255 and
       128 bytes, ptxas sm_90). The eval forward gained 2.3x from the scheme (0.50 against 1.14 ms,
       round 3). A candidate, not yet timed on a GPU. Beyond int32 offsets within an image's E
-      (rH N^2 > 2^31 - 1) it falls back to "offsets"."""
-    mode = os.environ.get("REFINER_TRITON_TRAIN_X2", "offsets")
-    if mode not in X2_MODES:
-        raise ValueError(f"REFINER_TRITON_TRAIN_X2: expected one of {X2_MODES}, got {mode!r}")
+      (rH N^2 > 2^31 - 1) it falls back to "offsets".
+    The default applies unless the variable is set or a value is tuned for the GPU model (settings.py)."""
+    mode = switch("REFINER_TRITON_TRAIN_X2", device)
     if mode == "split" and RH * N * N > SPLIT_MAX_MAP:
         return "offsets"
     return mode
@@ -551,11 +548,9 @@ def _dot_precision(attn) -> str:
     (refine_eval's backward stays IEEE: with TF32 dots ptxas gives it 32 registers and a 7 KB stack
     frame, sm_90, and with 3xTF32 32 registers, 41 KB of spills and a 13 KB stack frame. Here,
     3xTF32: B3 255 registers and 240 bytes of spills (IEEE: 255 and 128), the stencil passes 163-255
-    registers and at most 40 bytes; `python -m refiner_kernels._aot_check _rt_tile _rt_b3`.)"""
-    mode = os.environ.get("REFINER_TRITON_TRAIN_DOT", "auto")
-    if mode not in ("auto", "ieee", "tf32", "bf16", "tf32x3"):
-        raise ValueError(f"REFINER_TRITON_TRAIN_DOT: expected 'auto', 'ieee', 'tf32', 'bf16' or 'tf32x3', "
-                         f"got {mode!r}")
+    registers and at most 40 bytes; `python -m refiner_kernels._aot_check _rt_tile _rt_b3`.)
+    The default applies unless the variable is set or a value is tuned for the GPU model (settings.py)."""
+    mode = switch("REFINER_TRITON_TRAIN_DOT", attn.device)
     if mode == "tf32x3":
         return mode
     if mode in ("tf32", "bf16"):
@@ -568,7 +563,7 @@ def _launch_tile(mode, attn, dr, we, be, wdw, wp, cv, hv, ks, scale, relu, y3=No
     B, H, N, _ = attn.shape
     RH, KS = wdw.shape[0], wdw.shape[-1]
     needs_x2 = mode in (2, 3, 5)
-    x2 = _x2_mode(RH, N) if needs_x2 else "offsets"
+    x2 = _x2_mode(RH, N, attn.device) if needs_x2 else "offsets"
     halo, split = x2 == "halo", x2 == "split"
     pad = KS // 2 if halo else 0
     TM, TJ = _tile_cfg(N, pad)
@@ -910,7 +905,7 @@ def refine_train_bwd(dout, attn, v, w_exp, w_dw, w_pro, g1, b1, g2, b2, g3, b3, 
     mu1s = f["mu1s"] if expand else torch.zeros(RH, dtype=torch.float64, device=dev)
     cv = _cv(f, RHP, [st["mu2"], f["rs2"], k2, db2 / n, dg2 / n, mu1s, f["rs1"], f["k1"]])
     # B3
-    b3_pass = _b3_split if _x2_mode(RH, N) == "split" else _b3_halo
+    b3_pass = _b3_split if _x2_mode(RH, N, attn.device) == "split" else _b3_halo
     with _pass(_pass_label("b3", "split" if b3_pass is _b3_split else "offsets")):
         da, sums = b3_pass(attn, dr, y3, we_f, be_f, wer, wdw, wp, cv, hv, ks, scale, expand, _dot_precision(attn))
     part3, pwdw, pm = sums  # float64, summed over the programs

@@ -302,3 +302,91 @@ def test_benchmark_processes_reexec_with_steady_malloc(opt_out, want):
                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     assert res.returncode == 0, res.stderr
     assert res.stdout.strip() == want
+
+
+# ----------------------------------------------------------------------------- decide_settings
+
+def _round_files(tmp_path, rows, tuned=None, device="cuda", name="Fake GPU"):
+    """A bench_ops JSON of a GPU round: rows (backend, op, mode, N, time_ms); plain rows are "triton"."""
+    meta = {"device": device, "device_name": name, "git_commit": "abc1234", "timestamp": "2026-11-28T10:00:00Z",
+            "triton_settings": {"tuned": tuned or {}, "env": {}}}
+    full = [dict(op=op, mode=mode, backend=backend, dtype="bf16", B=32, H=12, N=N, d=32, time_ms=t, status="ok")
+            for backend, op, mode, N, t in rows]
+    path = tmp_path / "bench_ops_fake_20261128T100000Z.json"
+    path.write_text(json.dumps({"meta": meta, "rows": full}))
+    return path
+
+
+def _junit(tmp_path, cases):
+    """junit XML with {test name: "pass" | "fail" | "skip"}."""
+    body = {"pass": "", "fail": "<failure message='x'/>", "skip": "<skipped message='x'/>"}
+    xml = "<testsuites><testsuite>" + "".join(
+        f'<testcase classname="tests.test_triton_gpu" name="{n}">{body[s]}</testcase>' for n, s in cases.items()
+    ) + "</testsuite></testsuites>"
+    path = tmp_path / "junit.xml"
+    path.write_text(xml)
+    return path
+
+
+def test_decide_settings_chooses_faster_tested_values(tmp_path, capsys):
+    from benchmarks import decide_settings as D
+    from refiner_kernels import settings
+    X2, DOT = "REFINER_TRITON_TRAIN_X2", "REFINER_TRITON_TRAIN_DOT"
+    rows = []
+    for N, base in ((197, 10.0), (577, 80.0)):
+        rows += [("triton", "refine_train", "fwd+bwd", N, base), ("triton", "refine_train", "fwd", N, base / 3),
+                 (f"triton[{X2}=split]", "refine_train", "fwd+bwd", N, base * 0.6),
+                 (f"triton[{X2}=split]", "refine_train", "fwd", N, base),  # fwd rows don't count for X2
+                 (f"triton[{DOT}=tf32x3]", "refine_train", "fwd+bwd", N, base * 0.5),  # faster, its test failed
+                 (f"triton[{DOT}=bf16]", "refine_train", "fwd+bwd", N, base * 0.98),  # within min_gain
+                 ("triton", "refine_eval", "fwd", N, base / 5),
+                 ("triton[REFINER_TRITON_REFINE_FWD=tile]", "refine_eval", "fwd", N, base / 5 * 0.9),  # test skipped
+                 (f"triton[{DOT}=bf16,{X2}=split]", "refine_train", "fwd+bwd", N, base * 0.3)]  # a combination
+    files = [_round_files(tmp_path, rows)]
+    tests = D.junit_results([_junit(tmp_path, {
+        f"test_refine_train_gpu_candidates[{X2}=split-197-3]": "pass",
+        f"test_refine_train_gpu_candidates[{DOT}=bf16,{X2}=split-197-3]": "pass",
+        f"test_refine_train_gpu_candidates[{DOT}=tf32x3-197-3]": "fail",
+        f"test_refine_train_gpu_candidates[{DOT}=tf32-197-3]": "pass",  # must not count for tf32x3
+        f"test_refine_train_gpu_candidates[{DOT}=bf16-197-3]": "pass",
+        "test_refine_eval_gpu_tile_forward[197-32-3-3-bf16]": "skip"})])
+    assert set(D.covering_tests(DOT, "tf32x3", tests)) == {f"test_refine_train_gpu_candidates[{DOT}=tf32x3-197-3]"}
+    assert len(D.covering_tests(X2, "split", tests)) == 2
+    found, combos = D.ratios(files)
+    assert combos == [f"triton[{DOT}=bf16,{X2}=split]"]
+    chosen, table = D.decide(found, tests, min_gain=0.05)
+    assert list(chosen) == ["Fake GPU"] and list(chosen["Fake GPU"]) == [X2]
+    entry = chosen["Fake GPU"][X2]
+    assert entry["value"] == "split" and entry["replaces"] == "offsets" and entry["cases"] == 2
+    assert entry["speedup"] == pytest.approx(1 / 0.6, rel=1e-3) and entry["commit"] == "abc1234"
+    verdicts = {(r[1], r[2]): r[-1] for r in table}
+    assert verdicts[(DOT, "tf32x3")] == "faster, tests not all passed"
+    assert verdicts[(DOT, "bf16")] == "not faster"
+    assert verdicts[("REFINER_TRITON_REFINE_FWD", "tile")] == "faster, tests not all passed"  # its only case skipped
+    # without any covering test case: "missing"
+    chosen2, table2 = D.decide(found, {}, min_gain=0.05)
+    assert chosen2 == {} and {r[-1] for r in table2} >= {"faster, tests missing"}
+    # written next to another GPU model's entries, which stay; what was written reads back
+    out = tmp_path / "tuned.json"
+    out.write_text(json.dumps({"Other GPU": {DOT: {"value": "bf16"}}}))
+    assert D.main([str(tmp_path), "--junit", str(tmp_path / "junit.xml"), "--write", str(out)]) == 0
+    table = settings.tuned_table(out)
+    assert table["Other GPU"] == {DOT: {"value": "bf16"}}
+    assert table["Fake GPU"][X2]["value"] == "split"
+    printed = capsys.readouterr().out
+    assert f"choose {X2}=split on Fake GPU" in printed and "not decided (a combination)" in printed
+
+
+def test_decide_settings_compares_with_what_the_plain_rows_ran(tmp_path):
+    """Where the plain rows already ran a tuned value, a variant of that same value is no change,
+    and CPU runs are not decided from."""
+    from benchmarks import decide_settings as D
+    X2 = "REFINER_TRITON_TRAIN_X2"
+    rows = [("triton", "refine_train", "fwd+bwd", 197, 6.0), (f"triton[{X2}=split]", "refine_train", "fwd+bwd", 197, 5.0),
+            (f"triton[{X2}=offsets]", "refine_train", "fwd+bwd", 197, 10.0)]
+    found, _ = D.ratios([_round_files(tmp_path, rows, tuned={X2: "split"})])
+    assert {k[2]: v["current"] for k, v in found.items()} == {"split": "split", "offsets": "split"}
+    assert D.decide(found, None, 0.05)[0] == {}
+    assert D.ratios([_round_files(tmp_path, rows, device="cpu")])[0] == {}
+    with pytest.raises(SystemExit):  # timings alone need --no-test-check
+        D.main([str(tmp_path)])
