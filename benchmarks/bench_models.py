@@ -77,6 +77,12 @@ def variants(name: str, device, args) -> List[tuple]:
     return out
 
 
+def _candidate(how) -> bool:
+    """A candidate row: fused under --env-variants (("fused", backend, EnvVariant)) or a per-op mix."""
+    return (isinstance(how, tuple) and how[0] == "fused"
+            and ((len(how) == 3 and isinstance(how[2], C.EnvVariant)) or "," in how[1]))
+
+
 def _compiled(how) -> bool:
     """A torch.compile row: reference compiled, or fused compiled (("fused", backend, "compiled"))."""
     return how == "compiled" or (isinstance(how, tuple) and how[-1] == "compiled")
@@ -159,13 +165,17 @@ def measure(name: str, label: str, how, img: int, batch: int, mode: str, device,
     return row
 
 
+def plan(args, device) -> List[tuple]:
+    """The rows to measure, (model, label, how, img, batch, mode): those every target needs first
+    (fused defaults, reference, compiled, timm), the candidates after them, so that a time limit
+    (SIGINT: the rows so far are written) cuts candidates rather than a target's rows."""
+    jobs = [(name, label, how, img, batch, mode) for img, batch in zip(args.img, args.batch)
+            for name in args.models for label, how in variants(name, device, args) for mode in args.modes]
+    return sorted(jobs, key=lambda job: _candidate(job[2]))  # stable
+
+
 def run(args, device) -> List[dict]:
-    jobs = []
-    for img, batch in zip(args.img, args.batch):
-        for name in args.models:
-            for label, how in variants(name, device, args):
-                for mode in args.modes:
-                    jobs.append((name, label, how, img, batch, mode))
+    jobs = plan(args, device)
     skipped_fused = C.usable_backends(device, FUSED_BACKENDS)[1]
     for b, why in skipped_fused.items():
         print(f"fused backend {b!r} not benchmarked: {why}")

@@ -7,7 +7,8 @@ RESULTS: bench_ops JSON files, or folders (their bench_ops_*.json). For each swi
 refiner_kernels.settings.SWITCHES and each value a run measured beside the defaults (rows labelled
 triton[NAME=VALUE], one assignment; combinations are listed, not decided), the time ratio to the
 plain "triton" rows of the same run and case (op, mode, dtype, B, H, N, d), as a geometric mean over
-the cases of the mode the switch acts in: fwd for REFINER_TRITON_REFINE_FWD, fwd+bwd for the others.
+the cases of the mode the switch acts in: fwd for refine_eval's forward switches
+(REFINER_TRITON_REFINE_FWD, REFINER_TRITON_REFINE_DOT), fwd+bwd for the others.
 
 A value is chosen for the GPU model (the device name in the runs' metadata) when it is the fastest
 measured, at least --min-gain faster than what the plain rows ran, and its GPU tests passed: in the
@@ -31,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from refiner.demo import format_table  # noqa: E402
 from refiner_kernels import settings  # noqa: E402
 
-MODE_OF = {"REFINER_TRITON_REFINE_FWD": "fwd"}  # the rest act in the backward too: fwd+bwd rows
+MODE_OF = {"REFINER_TRITON_REFINE_FWD": "fwd", "REFINER_TRITON_REFINE_DOT": "fwd"}  # the rest: fwd+bwd rows
 # tests that run a value without naming NAME=VALUE in their id
 TESTS_OF = {("REFINER_TRITON_REFINE_FWD", "tile"): "test_refine_eval_gpu_tile_forward",
             ("REFINER_TRITON_REFINE_BWD", "split"): "test_refine_eval_gpu_split_backward"}

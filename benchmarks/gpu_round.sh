@@ -180,12 +180,13 @@ stage_quick() {
   run_step bench_ops_cuda_train 60 "$PY" benchmarks/bench_ops.py --out "$RES" --rep-ms 25 --n 197 --heads 12 \
     --head-dim 32 --dtypes bf16 --ops refine_train --backends cuda triton \
     --env-variants "cuda:REFINER_CUDA_TENSOR_CORES=0" "cuda:REFINER_TRAIN_SAVE_Y3=0"
-  # Inference in one run: Refiner-ViT-S on CUDA (tensor cores, then fp32 kernels), Triton and per-op
-  # mixes of the two (candidates), the reference, and timm ViT-S (the inference targets' rows)
+  # Inference in one run: Refiner-ViT-S on CUDA (tensor cores, then fp32 kernels), Triton (and with its
+  # refine_eval forward on bf16 dots) and per-op mixes of the two (candidates), the reference, and timm
+  # ViT-S (the inference targets' rows)
   run_step bench_models_infer 110 "$PY" benchmarks/bench_models.py --out "$RES" \
     --models refiner_vit_s vit_small_patch16_224 --img 224 --batch 256 --modes infer --compile-backend skip \
     --repeats 5 --fused-backends cuda triton --env-variants "cuda:REFINER_CUDA_TENSOR_CORES=0" \
-    --mixed-backends "triton,refine_eval=cuda" "cuda,refine_eval=triton"
+    "triton:REFINER_TRITON_REFINE_DOT=bf16" --mixed-backends "triton,refine_eval=cuda" "cuda,refine_eval=triton"
   # A training step (the training targets: speed and peak memory against the reference): Triton with its
   # defaults (TF32 dots for bf16, the forward's Y3 kept), the candidates (E stored per L2-sized batch
   # chunk; 3xTF32 dots; refine_train on the CUDA backend's tensor-core passes) and the memory-lean setting. (Round 2's defaults, IEEE dots and Y3 recomputed:
@@ -197,13 +198,13 @@ stage_quick() {
   # the refine ops on Triton and the reference (N = 197 rows first, the time limit may cut N = 577)
   # with the other settings beside the defaults in the same runs (rows labelled triton[NAME=VALUE]):
   # refine_train with its X2 passes from a stored E, with Y3 recomputed, with 3xTF32 or bf16 dots; refine_eval's
-  # backward from a stored E, its "tile" forward. (Round 3 measured IEEE dots and the halo X2 passes: slower.)
+  # backward from a stored E, its "tile" forward, its forward on bf16 dots. (Round 3 measured IEEE dots and the halo X2 passes: slower.)
   run_step bench_ops 100 "$PY" benchmarks/bench_ops.py --out "$RES" --rep-ms 25 --n 197 577 --heads 12 \
     --head-dim 32 --dtypes bf16 --ops refine_eval refine_train --backends triton reference \
     --env-variants "triton:REFINER_TRITON_TRAIN_X2=split@refine_train" \
     "triton:REFINER_TRITON_REFINE_BWD=split@refine_eval" "triton:REFINER_TRITON_TRAIN_SAVE_Y3=0@refine_train" \
     "triton:REFINER_TRITON_TRAIN_DOT=tf32x3@refine_train" "triton:REFINER_TRITON_TRAIN_DOT=bf16@refine_train" \
-    "triton:REFINER_TRITON_REFINE_FWD=tile@refine_eval"
+    "triton:REFINER_TRITON_REFINE_FWD=tile@refine_eval" "triton:REFINER_TRITON_REFINE_DOT=bf16@refine_eval"
   # the switch values that were faster than the defaults and passed their GPU tests, recorded for this
   # GPU model in results/tuned_settings.json: copy it over refiner_kernels/tuned_settings.json and commit
   cp refiner_kernels/tuned_settings.json "$RES/tuned_settings.json"

@@ -91,16 +91,19 @@ for fn in (S._sb_bwd_dq, S._sb_bwd_dkdv):
         check(fn, {p.name: {**args, **cfg.kwargs}[p.name] for p in fn.params}, num_warps=cfg.num_warps,
               ptr_types={n: '*bf16' for n in ['q_ptr', 'k_ptr', 'v_ptr', 'do_ptr', 'da_ptr', 'p_ptr']},
               enable_fp_fusion=False)
-for ks, tm, tj, sr in [(3, 16, 32, False), (5, 16, 16, True), (3, 32, 32, False), (3, 16, 64, False)]:
+# (the "tile" forward; REFINER_TRITON_REFINE_DOT=bf16: bf16 dots)
+for ks, tm, tj, sr, prec in [(3, 16, 32, False, "tf32"), (5, 16, 16, True, "ieee"), (3, 32, 32, False, "tf32"),
+                             (3, 16, 64, False, "tf32"), (3, 16, 32, False, "bf16")]:
     check(E._re_fwd, dict(a_ptr=P, v_ptr=P, we_ptr=P, be_ptr=P, wdw_ptr=P, bdw_ptr=P, wp_ptr=P, bp_ptr=P, al_ptr=P,
                           bt_ptr=P, out_ptr=P, r_ptr=P, N=N, D=D, H=H, RH=RH, svb=1, svh=1, svn=1, sob=1, soh=1,
-                          son=1, KS=ks, RELU_E=True, STORE_R=sr, PREC='ieee' if sr else 'tf32', HP=16,
+                          son=1, KS=ks, RELU_E=True, STORE_R=sr, PREC=prec, HP=16,
                           CC=16, TM=tm, TJ=tj, BD=32), num_warps=8, num_stages=1, ptr_types={"a_ptr": "*fp16", "v_ptr": "*fp16"})
 # the split forward's autotuning space (and the untuned launch: P=128, 4 warps, rolled, 16 channels)
 for prec, t, p, w, u, cc in [("tf32", "*bf16", 128, 4, False, 16), ("ieee", "*fp32", 64, 2, False, 16),
                              ("tf32", "*bf16", 256, 8, False, 16), ("tf32", "*bf16", 64, 4, True, 16),
                              ("tf32", "*fp16", 128, 8, True, 16), ("tf32", "*bf16", 256, 4, True, 1),
-                             ("ieee", "*fp32", 128, 4, False, 1)]:
+                             ("ieee", "*fp32", 128, 4, False, 1), ("bf16", "*bf16", 128, 4, False, 16),
+                             ("bf16", "*bf16", 256, 8, True, 16)]:
     check(E._re_expand, dict(a_ptr=P, we_ptr=P, be_ptr=P, ks_ptr=P, e_ptr=P, N=N, H=H, RH=RH, RELU_E=True, SHIFT=False,
                              PREC=prec, HP=16, CC=16, P=p), num_warps=w, num_stages=1, ptr_types={"a_ptr": t, "e_ptr": t})
     check(E._re_stencil_reduce, dict(a_ptr=P, e_ptr=P, wdw_ptr=P, bdw_ptr=P, wp_ptr=P, bp_ptr=P, al_ptr=P, bt_ptr=P,

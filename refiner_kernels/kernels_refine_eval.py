@@ -39,7 +39,7 @@ from .blocks import bmm
 from .settings import switch
 
 CC = 16  # expanded channels per chunk
-HALF_TF32 = True  # fp16/bf16 inputs: TF32 dots in the forward kernel on the GPU (see refine_eval_fwd)
+HALF_TF32 = True  # fp16/bf16 inputs: TF32 dots in the forward kernels on the GPU (see forward_precision)
 
 
 if triton is not None:
@@ -579,6 +579,22 @@ def backward_variant(device=None) -> str:
     return switch("REFINER_TRITON_REFINE_BWD", device)
 
 
+def forward_precision(attn) -> str:
+    """The refine_eval forward's dots, REFINER_TRITON_REFINE_DOT: "auto" (default): for fp16/bf16
+    maps TF32 tensor-core dots (HALF_TF32; A and v are exact in TF32, weights and D are rounded to
+    10 mantissa bits: ~2.4e-4 of max|out| at N=197, k=3, the size of the fp16 rounding of the output
+    itself); "bf16" (a candidate, not yet timed on a GPU): bf16 operands rounded to nearest
+    (bf16_round) and fp32 accumulation for fp16/bf16 maps, twice TF32's tensor-core rate and A
+    used as loaded: the precision of the reference's convolutions and matmuls under bf16 autocast.
+    fp32 maps: IEEE always. Emulated under the interpreter by the tests (tests/tf32_emulation.py).
+    The default applies unless the variable is set or a value is tuned for the GPU model (settings.py)."""
+    if attn.dtype not in (torch.float16, torch.bfloat16):
+        return "ieee"
+    if switch("REFINER_TRITON_REFINE_DOT", attn.device) == "bf16":
+        return "bf16"
+    return "tf32" if HALF_TF32 else "ieee"
+
+
 def backward_precision(attn) -> str:
     """The gradient passes' dots of REFINER_TRITON_REFINE_BWD=split: TF32 for bf16 maps (as
     refine_train's default, see kernels_refine_train._dot_precision: TF32's 10 mantissa bits
@@ -662,12 +678,9 @@ def refine_eval_fwd(attn, v, w_exp, b_exp, w_dw, b_dw, w_pro, b_pro, alpha, beta
     we, be, relu = _prep(attn, w_exp, b_exp, expand)
     RH = w_dw.shape[0]
     KS = w_dw.shape[-1]
-    # Half inputs: TF32 tensor-core dots in the forward (operands A and v are exact in TF32;
-    # weights and D are rounded to 10 mantissa bits: ~2.4e-4 of max|out| at N=197, k=3, the size of
-    # the fp16 rounding of the output itself; emulated under the interpreter by the tests); "split"
-    # also stores E and R in the input dtype, as the reference's convolutions do under autocast.
-    # fp32 inputs and the backward's recompute of R stay IEEE fp32.
-    prec = "tf32" if (HALF_TF32 and attn.dtype in (torch.float16, torch.bfloat16) and not store_r) else "ieee"
+    # "split" stores E and R in the input dtype, as the reference's convolutions do under autocast;
+    # the backward's recompute of R stays IEEE fp32
+    prec = "ieee" if store_r else forward_precision(attn)
     # split: E and R in the input dtype (as under autocast), fp32 for the backward; "tile" beyond
     # the int32 offsets of its stencil pass (rH N^2 > 2^31 - 1: N > 7723 at rH = 36)
     if forward_variant(attn.device) == "split" and RH * N * N <= SPLIT_MAX_MAP:

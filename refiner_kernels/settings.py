@@ -24,6 +24,7 @@ TUNED_FILE = Path(__file__).with_name("tuned_settings.json")
 SWITCHES = {
     "REFINER_TRITON_REFINE_FWD": ("split", "tile"),
     "REFINER_TRITON_REFINE_BWD": ("offsets", "split"),
+    "REFINER_TRITON_REFINE_DOT": ("auto", "bf16"),
     "REFINER_TRITON_TRAIN_X2": ("offsets", "halo", "split"),
     "REFINER_TRITON_TRAIN_DOT": ("auto", "ieee", "tf32", "bf16", "tf32x3"),
 }

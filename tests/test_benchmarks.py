@@ -132,6 +132,23 @@ def test_bench_models_quick(tmp_path):
         assert r["images_per_s"] > 0 and r["peak_mem_mib"] > 0
 
 
+def test_bench_models_measures_target_rows_before_candidates():
+    """plan(): the fused defaults, the reference, the compiled rows and timm's model come before the
+    candidates (--env-variants, --mixed-backends), so a time limit cuts candidates first."""
+    if "cpu" not in common.usable_backends(torch.device("cpu"))[0]:
+        pytest.skip("needs the compiled CPU backend (refiner._C) for its candidate rows")
+    args = bench_models.parse_args(["--device", "cpu", "--models", "refiner_vit_s", "vit_small_patch16_224",
+                                    "--modes", "infer", "--img", "64", "--compile-backend", "eager",
+                                    "--fused-backends", "cpu", "--env-variants", "cpu:REFINER_CPU_PORTABLE=1",
+                                    "--mixed-backends", "cpu,refine_eval=reference"])
+    labels = [job[1] for job in bench_models.plan(args, args._device)]
+    cand = [i for i, label in enumerate(labels) if "[" in label and ("=" in label)]
+    rest = [i for i in range(len(labels)) if i not in cand]
+    assert cand and rest and max(rest) < min(cand), labels
+    assert {"reference eager", "timm (SDPA)"} <= {labels[i] for i in rest}
+    assert any(label.startswith("reference compiled") for label in labels[:len(rest)])
+
+
 def test_bench_models_fused_compiled_rows(tmp_path):
     # torch.compile of the fused model (fullgraph, a training step through AOTAutograd: the fused ops'
     # fake implementations and registered backward) times like any other row, memory n/a on the CPU.

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from conftest import requires_cuda
-from utils import assert_no_worse_than, random_attn, random_dla, train_args
+from utils import assert_no_worse_than, assert_train_no_worse_than, random_attn, random_dla, train_args
 
 pytestmark = requires_cuda
 
@@ -91,6 +91,29 @@ def test_refine_eval_gpu(N, d, ratio, ks, dtype):
                  "attn v w_exp b_exp w_dw b_dw w_pro b_pro alpha beta".split())
 
 
+@pytest.mark.parametrize("N,d,ratio,ks", [(197, 32, 3, 3), (50, 35, 3, 5)])
+@pytest.mark.parametrize("env", ["REFINER_TRITON_REFINE_DOT=bf16",
+                                 "REFINER_TRITON_REFINE_DOT=bf16,REFINER_TRITON_REFINE_FWD=tile"])
+def test_refine_eval_gpu_bf16_dots(monkeypatch, env, N, d, ratio, ks):
+    """The forward's candidate bf16 dots on bf16 maps (both forwards): the output no worse (2-norm)
+    than the reference's own computed in bf16; the gradients as test_refine_eval_gpu's (the backward
+    recomputes R in IEEE fp32)."""
+    for assign in env.split(","):
+        monkeypatch.setenv(*assign.split("="))
+    B, H = 2, 12
+    dla, bn = random_dla(H, ratio, ks)
+    dla.eval()
+    bn.eval()
+    f = ref.fold_refine(dla, bn, d ** -0.5)
+    xs, rs = _pair([random_attn(B, H, N), torch.randn(B, H, N, d)] + list(f.args()[:-1]), torch.bfloat16)
+    out = rk.refine_eval(*xs, f.expand)
+    rout = ref.refine_eval(*rs, f.expand)
+    with torch.no_grad():
+        hout = ref.refine_eval(*[x.detach() for x in xs], f.expand)
+    assert_no_worse_than([out.detach()], [rout.detach()], [hout], ["out"])
+    _check_grads([out], [rout], xs, rs, torch.bfloat16, "attn v w_exp b_exp w_dw b_dw w_pro b_pro alpha beta".split())
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("N,d,ratio,ks", [(197, 32, 3, 3), (50, 35, 3, 5)])
 def test_refine_eval_gpu_tile_forward(monkeypatch, N, d, ratio, ks, dtype):
@@ -133,10 +156,7 @@ def test_refine_train_gpu(N, d, ratio, ks, dtype):
     hs = [None if x is None else x.detach().bfloat16().requires_grad_(True) for x in xs]
     hout, hstats = ref.refine_train(*hs, 1e-5, d ** -0.5, expand)
     if prec == "bf16":  # bf16 operands: outputs and statistics no worse than the bf16 reference's
-        names, got, want, half = zip(*[(f"{m}{i}", getattr(s, m), getattr(r, m), getattr(h, m))
-                                       for i, (s, r, h) in enumerate(zip(stats, rstats, hstats)) if r is not None
-                                       for m in ("mean", "var")])
-        assert_no_worse_than((out,) + got, (rout,) + want, (hout,) + half, ("out",) + names)
+        assert_train_no_worse_than(out, stats, rout, rstats, hout, hstats)
     else:
         _close(out, rout, dtype, "out")
         for s, r in zip(stats, rstats):

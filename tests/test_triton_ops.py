@@ -13,7 +13,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from utils import assert_no_worse_than, random_attn, random_dla, train_args
+from utils import assert_no_worse_than, assert_train_no_worse_than, random_attn, random_dla, train_args
 
 import refiner_kernels as rk
 from refiner import reference as ref
@@ -135,6 +135,38 @@ def test_refine_eval(monkeypatch, fwd, bwd, N, d, ratio, ks, dtype):
     names = "attn v w_exp b_exp w_dw b_dw w_pro b_pro alpha beta".split()
     for name, a, b in zip(names, g, gr):
         _close(a, b, dtype, "d" + name)
+
+
+@pytest.mark.parametrize("fwd", ["split", "tile"])
+@pytest.mark.parametrize("N,d,ratio,ks", [(17, 35, 3, 3), (20, 32, 3, 5), (17, 32, 1, 3)])
+def test_refine_eval_bf16_dots(monkeypatch, fwd, N, d, ratio, ks):
+    """The forward's candidate REFINER_TRITON_REFINE_DOT=bf16 (bf16 operands rounded to nearest,
+    fp32 accumulation; emulated) on fp16 maps (bf16 maps are wrong under the interpreter): the
+    output no worse (2-norm) than the reference's own in bf16, not the same as the default's TF32
+    one (the switch reached the dots), and the gradients as with the default (the backward
+    recomputes R in IEEE fp32). fp32 maps keep IEEE dots: bit-identical to the default."""
+    monkeypatch.setenv("REFINER_TRITON_REFINE_FWD", fwd)
+    B, H = 2, 12
+    f = _folded(H, ratio, ks, d)
+    for dtype in (torch.float16, torch.float32):
+        params = [_leaf(t, dtype) for t in f.args()[:-1]]
+        attn, v = _leaf(random_attn(B, H, N), dtype), _leaf(torch.randn(B, H, N, d), dtype)
+        go = torch.randn(B, H, N, d).to(dtype)
+
+        def run(dot):
+            monkeypatch.setenv("REFINER_TRITON_REFINE_DOT", dot)
+            out = rk.refine_eval(attn, v, *params, f.expand)
+            return out, _grads([out], [attn, v] + params, [go])
+        (out, g), (out0, g0) = run("bf16"), run("auto")
+        if dtype == torch.float32:
+            assert torch.equal(out, out0) and all(torch.equal(a, b) for a, b in zip(g, g0))
+            continue
+        assert not torch.equal(out, out0)
+        rs = [_leaf(t.detach().float()) for t in [attn, v] + params]
+        hs = [t.detach().bfloat16() for t in [attn, v] + params]
+        assert_no_worse_than([out], [ref.refine_eval(*rs, f.expand)], [ref.refine_eval(*hs, f.expand)], ["out"])
+        for name, a, b in zip("attn v w_exp b_exp w_dw b_dw w_pro b_pro alpha beta".split(), g, g0):
+            torch.testing.assert_close(a, b, rtol=0, atol=0, msg=lambda m: f"d{name}: {m}")
 
 
 @pytest.mark.parametrize("N,d,ratio,ks", [(17, 35, 3, 3), (20, 32, 3, 5)])
@@ -535,10 +567,7 @@ def _run_train(N, d, ratio, ks, B, dtype, device=DEV):
     assert (stats[0] is None) == (rstats[0] is None)
     assert not any(t.requires_grad for s in stats if s is not None for t in (s.mean, s.var))
     if prec == "bf16":  # bf16 operands: the bf16 reference's accuracy, not fp16's
-        names, got, want, half = zip(*[(f"{m}{i}", getattr(s, m), getattr(r, m), getattr(h, m))
-                                       for i, (s, r, h) in enumerate(zip(stats, rstats, hstats)) if r is not None
-                                       for m in ("mean", "var")])
-        assert_no_worse_than((out,) + got, (rout,) + want, (hout,) + half, ("out",) + names)
+        assert_train_no_worse_than(out, stats, rout, rstats, hout, hstats)
     else:
         _close(out, rout, dtype, "out")
         for i, (s, r) in enumerate(zip(stats, rstats)):

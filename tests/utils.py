@@ -31,6 +31,15 @@ def assert_no_worse_than(got, want, half, names, slack=1e-3):
             f"{n}: |kernel - ref| = {err:.3e} > |half-type ref - ref| = {base:.3e} (|ref| = {b.norm().item():.3e})"
 
 
+def assert_train_no_worse_than(out, stats, rout, rstats, hout, hstats):
+    """refine_train's output and BN batch statistics (mean, var of each BN), each no worse (2-norm)
+    than the reference's own computed in bf16 (hout, hstats): the bar for bf16 dots."""
+    names, got, want, half = zip(*[(f"{m}{i}", getattr(s, m), getattr(r, m), getattr(h, m))
+                                   for i, (s, r, h) in enumerate(zip(stats, rstats, hstats)) if r is not None
+                                   for m in ("mean", "var")])
+    assert_no_worse_than((out,) + got, (rout,) + want, (hout,) + half, ("out",) + names)
+
+
 def _switch_off_then_on(run, monkeypatch, *args):
     """run(*args) with REFINER_CUDA_TENSOR_CORES=0 (CUDA-core kernels), then =1 (tensor cores)."""
     monkeypatch.setenv("REFINER_CUDA_TENSOR_CORES", "0")
