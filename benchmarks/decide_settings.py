@@ -63,6 +63,10 @@ def covering_tests(name: str, value: str, results: dict[str, bool]) -> dict[str,
             if pattern.search(t) or (prefix is not None and (t == prefix or t.startswith(prefix + "[")))}
 
 
+def _case(row: dict) -> tuple:
+    return row["op"], row["mode"], row["dtype"], row["B"], row["H"], row["N"], row["d"]
+
+
 def _ran_with(meta: dict, name: str) -> str:
     """The value the plain "triton" rows of a run had for a switch."""
     used = meta.get("triton_settings") or {}
@@ -78,8 +82,7 @@ def ratios(files) -> tuple[dict, list]:
         meta = data["meta"]
         if meta.get("device") != "cuda":
             continue
-        case = lambda r: (r["op"], r["mode"], r["dtype"], r["B"], r["H"], r["N"], r["d"])  # noqa: E731
-        plain = {case(r): r["time_ms"] for r in data["rows"]
+        plain = {_case(r): r["time_ms"] for r in data["rows"]
                  if r["backend"] == "triton" and r["status"] == "ok" and r["time_ms"]}
         for r in data["rows"]:
             m = _VARIANT.match(r["backend"])
@@ -90,36 +93,35 @@ def ratios(files) -> tuple[dict, list]:
                 combos.append(r["backend"])
                 continue
             name, _, value = assigns[0].partition("=")
-            if name not in settings.SWITCHES or r["mode"] != MODE_OF.get(name, "fwd+bwd") or case(r) not in plain:
+            if name not in settings.SWITCHES or r["mode"] != MODE_OF.get(name, "fwd+bwd") or _case(r) not in plain:
                 continue
             entry = found.setdefault((meta["device_name"], name, value),
                                      {"ratios": [], "current": _ran_with(meta, name), "files": set(), "meta": meta})
-            entry["ratios"].append(r["time_ms"] / plain[case(r)])
+            entry["ratios"].append(r["time_ms"] / plain[_case(r)])
             entry["files"].add(Path(f).name)
     return found, sorted(set(combos))
 
 
 def decide(found: dict, tests: dict[str, bool] | None, min_gain: float) -> tuple[dict, list]:
     """({device: {switch: entry}} chosen, table rows)."""
-    chosen, rows = defaultdict(dict), []
+    best, rows = {}, []  # (device, switch) -> (geomean ratio, value, evidence)
     for (device, name, value), e in sorted(found.items()):
         g = math.exp(sum(map(math.log, e["ratios"])) / len(e["ratios"]))
         cover = None if tests is None else covering_tests(name, value, tests)
-        tests_ok = tests is None or (bool(cover) and all(cover.values()))
         fast = g <= 1 - min_gain and value != e["current"]
         verdict = "faster" if fast else "not faster"
-        if fast and not tests_ok:
+        if fast and tests is not None and not (cover and all(cover.values())):
             verdict = "faster, tests " + ("missing" if not cover else "not all passed")
-        elif fast:
-            best = chosen[device].get(name)
-            if best is None or g < 1 / best["speedup"]:
-                meta = e["meta"]
-                chosen[device][name] = {"value": value, "speedup": round(1 / g, 3), "cases": len(e["ratios"]),
-                                        "mode": MODE_OF.get(name, "fwd+bwd"), "replaces": e["current"],
-                                        "from": sorted(e["files"]), "commit": meta.get("git_commit"),
-                                        "measured": meta.get("timestamp")}
+        elif fast and g < best.get((device, name), (1.0,))[0]:
+            best[(device, name)] = (g, value, e)
         tests_col = "-" if tests is None else f"{sum(cover.values())}/{len(cover)}"
         rows.append([device, name, value, e["current"], str(len(e["ratios"])), f"{g:.3f}", tests_col, verdict])
+    chosen = defaultdict(dict)
+    for (device, name), (g, value, e) in best.items():
+        chosen[device][name] = {"value": value, "speedup": round(1 / g, 3), "cases": len(e["ratios"]),
+                                "mode": MODE_OF.get(name, "fwd+bwd"), "replaces": e["current"],
+                                "from": sorted(e["files"]), "commit": e["meta"].get("git_commit"),
+                                "measured": e["meta"].get("timestamp")}
     return dict(chosen), rows
 
 

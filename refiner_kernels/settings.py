@@ -62,9 +62,9 @@ def _device_name(index: int) -> str:
 def tuned_for(device) -> dict:
     """{switch: value} tuned for the GPU model of `device` (a CUDA torch.device); {} for other
     devices, for GPU models no round measured, and under REFINER_TUNED_SETTINGS=0."""
-    if device is None or torch.device(device).type != "cuda" or os.environ.get("REFINER_TUNED_SETTINGS", "1") == "0":
+    device = None if device is None else torch.device(device)
+    if device is None or device.type != "cuda" or os.environ.get("REFINER_TUNED_SETTINGS", "1") == "0":
         return {}
-    device = torch.device(device)
     index = device.index if device.index is not None else torch.cuda.current_device()
     entries = _cached_table().get(_device_name(index), {})
     return {name: entry["value"] for name, entry in entries.items()}
