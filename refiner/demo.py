@@ -119,6 +119,9 @@ def main(argv=None):
     name = torch.cuda.get_device_name() if gpu else "CPU (no GPU visible)"
     print(f"device: {name}; torch {torch.__version__}; timm {timm.__version__}")
     print(ops.describe_backends())
+    if gpu:  # the Triton switches a GPU round measured fastest on this GPU model (refiner_kernels/settings.py)
+        from refiner_kernels import settings
+        print(f"triton settings tuned for this GPU: {settings.tuned_for(torch.device(device)) or 'none (defaults)'}")
     print()
     print(format_table(model_check(args.model, batch, args.img, device, repeats),
                  ["model", "max |fused - ref|", "ref img/s", "fused img/s", "speed-up"]))
