@@ -17,6 +17,9 @@ Variants, side by side in one run, same batch and resolution:
                        scalings, LayerNorm, residual adds, casts); with the reference compiled rows
                        (--compile-variants)
   timm (SDPA)          vit_small_patch16_224 / vit_base_patch16_224 (F.scaled_dot_product_attention)
+  <variant> grad_checkpointing=on   with --grad-checkpointing, training rows of the fused defaults and
+                       the reference eager model with model.set_grad_checkpointing(): the memory saved
+                       and the recompute's cost (candidates: not counted for the targets)
 Modes: "infer" (eval, no_grad) and "train" (one step: forward, cross-entropy, backward,
 AdamW step), both under torch.autocast(bf16) on GPU (--amp none for fp32); CPU runs are fp32.
 """
@@ -69,6 +72,9 @@ def variants(name: str, device, args) -> List[tuple]:
     else:
         out.append((f"fused[auto->{C.auto_backend(device)}]", ("fused", "auto")))
     out.append(("reference eager", "reference"))
+    if getattr(args, "grad_checkpointing", False):
+        out += [(f"{label} {CKPT}", ("ckpt", how)) for label, how in list(out)
+                if not _candidate(how) and (label.startswith("fused[") or label == "reference eager")]
     if args.compile_backend != "skip" and (args.compile_models == ["all"] or name in args.compile_models):
         if "fused" in args.compile_variants:
             out += [(f"fused compiled[{b}]", ("fused", b, "compiled")) for b in fused_backends]
@@ -77,10 +83,18 @@ def variants(name: str, device, args) -> List[tuple]:
     return out
 
 
+CKPT = "grad_checkpointing=on"  # label suffix ('=': never a target's row, see _find)
+
+
 def _candidate(how) -> bool:
-    """A candidate row: fused under --env-variants (("fused", backend, EnvVariant)) or a per-op mix."""
-    return (isinstance(how, tuple) and how[0] == "fused"
-            and ((len(how) == 3 and isinstance(how[2], C.EnvVariant)) or "," in how[1]))
+    """A candidate row: fused under --env-variants (("fused", backend, EnvVariant)), a per-op mix, or
+    a gradient-checkpointed model (("ckpt", how))."""
+    return _checkpointed(how) or (isinstance(how, tuple) and how[0] == "fused"
+                                  and ((len(how) == 3 and isinstance(how[2], C.EnvVariant)) or "," in how[1]))
+
+
+def _checkpointed(how) -> bool:
+    return isinstance(how, tuple) and how[0] == "ckpt"
 
 
 def _compiled(how) -> bool:
@@ -89,6 +103,10 @@ def _compiled(how) -> bool:
 
 
 def build(name: str, how, img: int, device):
+    if _checkpointed(how):
+        model = build(name, how[1], img, device)
+        model.set_grad_checkpointing()
+        return model
     torch.manual_seed(0)
     kw = dict(img_size=img, num_classes=1000)
     if how == "timm" or how == "reference" or how == "compiled":
@@ -170,7 +188,8 @@ def plan(args, device) -> List[tuple]:
     (fused defaults, reference, compiled, timm), the candidates after them, so that a time limit
     (SIGINT: the rows so far are written) cuts candidates rather than a target's rows."""
     jobs = [(name, label, how, img, batch, mode) for img, batch in zip(args.img, args.batch)
-            for name in args.models for label, how in variants(name, device, args) for mode in args.modes]
+            for name in args.models for label, how in variants(name, device, args) for mode in args.modes
+            if mode == "train" or not _checkpointed(how)]  # (infer: no graph, nothing to recompute)
     return sorted(jobs, key=lambda job: _candidate(job[2]))  # stable
 
 
@@ -274,6 +293,8 @@ def parse_args(argv):
     p.add_argument("--mixed-backends", nargs="+", type=C.backend_spec, default=[], metavar="DEFAULT,OP=NAME",
                    help="also time the model fused with a backend per op, e.g. triton,refine_eval=cuda "
                         "(refiner.ops.parse_backend; candidates: rows labelled fused[spec], not counted for targets)")
+    p.add_argument("--grad-checkpointing", action="store_true",
+                   help="also time training with model.set_grad_checkpointing() (fused defaults, reference eager)")
     p.add_argument("--compile-backend", default=None,
                    help="torch.compile backend for 'reference compiled' (default GPU inductor; CPU skip); "
                         "'skip' leaves the rows out")

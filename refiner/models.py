@@ -8,12 +8,14 @@ are those of the released checkpoints.
 """
 from __future__ import annotations
 
+from contextlib import nullcontext
 from functools import partial
 from typing import Optional, Tuple
 
 import numpy as np
 import torch
 import torch.nn as nn
+from torch.utils.checkpoint import checkpoint
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import DropPath, resample_abs_pos_embed, trunc_normal_
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
@@ -91,6 +93,36 @@ class Block(nn.Module):
         return x, attn
 
 
+class _BuffersRestored:
+    """Context of a checkpointed block's recomputation in the backward: it puts the block's buffers
+    (BatchNorm running statistics and counts) back as they were before, so that a training step
+    updates them once, as it does without checkpointing. The outputs are unaffected: the recompute
+    normalises by the batch statistics, and the random state is replayed by `checkpoint`."""
+
+    def __init__(self, module: nn.Module):
+        self.module = module
+
+    def __enter__(self):
+        self.kept = [(b, b.clone()) for b in self.module.buffers()]
+
+    def __exit__(self, *exc):  # also when the recompute stops early (checkpoint's early stop)
+        with torch.no_grad():
+            for b, old in self.kept:
+                b.copy_(old)
+        self.kept = []
+        return False
+
+
+def _checkpointed(block: nn.Module, x: torch.Tensor, attn: Optional[torch.Tensor]):
+    """block(x, attn), its activations recomputed in the backward. Under torch.compile the compiled
+    backward recomputes from the functionalized graph, whose buffer updates run once, in the forward
+    (and Dynamo takes no custom context_fn)."""
+    if torch.compiler.is_compiling():
+        return checkpoint(block, x, attn, use_reentrant=False)
+    return checkpoint(block, x, attn, use_reentrant=False,
+                      context_fn=lambda: (nullcontext(), _BuffersRestored(block)))
+
+
 def mixtoken_box(h: int, w: int, lam: float, rng: np.random.Generator) -> Tuple[int, int, int, int]:
     """CutMix box on an h x w patch grid: (x1, y1, x2, y2), rows x1:x2, columns y1:y2.
 
@@ -133,6 +165,7 @@ class RefinerViT(nn.Module):
         self.mix_token = mix_token
         self.mixtoken_beta = mixtoken_beta
         self.dynamic_img_size = dynamic_img_size
+        self.grad_checkpointing = False
         self._rng = np.random.default_rng()
 
         self.patch_embed = PatchEmbedStem(img_size, patch_size, in_chans, embed_dim)
@@ -167,6 +200,20 @@ class RefinerViT(nn.Module):
     @torch.jit.ignore
     def no_weight_decay(self):
         return {"pos_embed", "cls_token"}
+
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> dict:
+        """Parameter groups in depth order, as timm's ViT: timm's layer-wise lr decay
+        (`create_optimizer_v2(..., layer_decay=)`) then gives each block its own rate."""
+        return dict(stem=r"^cls_token|pos_embed|patch_embed",
+                    blocks=[(r"^blocks\.(\d+)", None), (r"^norm", (99999,))])
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute each block's activations in the backward instead of keeping them (timm's
+        switch): training memory falls to the blocks' inputs, for one more forward of the blocks.
+        Outputs, gradients and BatchNorm running statistics are those of a step without it."""
+        self.grad_checkpointing = enable
 
     def get_classifier(self) -> nn.Module:
         return self.head
@@ -211,8 +258,12 @@ class RefinerViT(nn.Module):
             x = mixed
         x = self._pos_embed(x)
         attn, maps = None, []
+        ckpt = self.grad_checkpointing and torch.is_grad_enabled() and not torch.jit.is_scripting()
         for blk in self.blocks:
-            x, attn = blk(x, attn)
+            if ckpt:
+                x, attn = _checkpointed(blk, x, attn)
+            else:
+                x, attn = blk(x, attn)
             if return_attn:
                 maps.append(attn)
         x = self.norm(x)

@@ -90,6 +90,7 @@ def build_model(args, num_classes: int):
         except ImportError as e:
             raise SystemExit(f"--fused: refiner.fused is not available ({e}); build the kernels or drop --fused")
         fused.convert(model)
+    model.set_grad_checkpointing(args.grad_checkpointing)
     return model
 
 
@@ -294,7 +295,7 @@ def main(argv: Optional[Sequence[str]] = None):
     if args.opt_betas is not None:
         opt_kw["betas"] = tuple(args.opt_betas)
     optimizer = create_optimizer_v2(model, opt=args.opt, lr=lr, weight_decay=args.weight_decay,
-                                    momentum=args.momentum, **opt_kw)
+                                    momentum=args.momentum, layer_decay=args.layer_decay, **opt_kw)
     if len(loader_train) == 0:
         raise SystemExit(f"{len(ds_train)} training images is fewer than one batch (--batch-size {args.batch_size})")
     steps = len(loader_train) if args.steps_per_epoch is None else min(args.steps_per_epoch, len(loader_train))

@@ -86,6 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--cos-reg", type=nonnegative_float, default=0.0,
                    help="weight of the attention-map cosine regulariser")
     g.add_argument("--fused", action=B, default=False, help="convert to the fused kernels (refiner.fused)")
+    g.add_argument("--grad-checkpointing", action=B, default=False,
+                   help="recompute the blocks' activations in the backward (less memory, ~1 more forward)")
     g.add_argument("--initial-checkpoint", default="", type=existing_file,
                    help="load model weights (not training state)")
     g = p.add_argument_group("optimiser and schedule")
@@ -95,6 +97,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--lr-base", type=positive_float, default=5e-4)
     g.add_argument("--lr-base-size", type=positive_int, default=1024)
     g.add_argument("--weight-decay", type=nonnegative_float, default=0.05)
+    g.add_argument("--layer-decay", type=float_in(0, 1, lo_open=True), default=None,
+                   help="layer-wise lr decay per block (fine-tuning; None: off)")
     g.add_argument("--opt-eps", type=positive_float, default=None)
     g.add_argument("--opt-betas", type=beta, nargs="+", default=None, help="as many as --opt takes (Adam: 2)")
     g.add_argument("--momentum", type=float_in(0, 1), default=0.9)

@@ -149,6 +149,26 @@ def test_bench_models_measures_target_rows_before_candidates():
     assert any(label.startswith("reference compiled") for label in labels[:len(rest)])
 
 
+def test_bench_models_grad_checkpointing_rows():
+    """--grad-checkpointing adds training rows (fused defaults, reference eager) of checkpointed models,
+    after the target rows, never taken for a target."""
+    args = bench_models.parse_args(["--device", "cpu", "--models", "refiner_vit_s", "vit_small_patch16_224",
+                                    "--img", "64", "--grad-checkpointing"])
+    jobs = bench_models.plan(args, args._device)
+    ckpt = [(label, mode) for _, label, how, _, _, mode in jobs if bench_models._checkpointed(how)]
+    fused = [label for _, label, how, _, _, _ in jobs if label.startswith("fused[") and not bench_models._candidate(how)]
+    assert fused and {label for label, _ in ckpt} == {f"{f} {bench_models.CKPT}" for f in fused} | \
+        {f"reference eager {bench_models.CKPT}"}
+    assert {mode for _, mode in ckpt} == {"train"}
+    first = min(i for i, job in enumerate(jobs) if bench_models._checkpointed(job[2]))
+    assert not any(bench_models._checkpointed(job[2]) or bench_models._candidate(job[2]) for job in jobs[:first])
+    assert bench_models.build("refiner_vit_s", ("ckpt", "reference"), 64, args._device).grad_checkpointing
+    rows = [dict(model="refiner_vit_s", variant=f"fused[cpu] {bench_models.CKPT}", img=64, mode="train",
+                 status="ok", images_per_s=9.0),
+            dict(model="refiner_vit_s", variant="fused[cpu]", img=64, mode="train", status="ok", images_per_s=1.0)]
+    assert bench_models._find(rows, "refiner_vit_s", "fused", 64, "train")["variant"] == "fused[cpu]"
+
+
 def test_bench_models_fused_compiled_rows(tmp_path):
     # torch.compile of the fused model (fullgraph, a training step through AOTAutograd: the fused ops'
     # fake implementations and registered backward) times like any other row, memory n/a on the CPU.

@@ -156,6 +156,8 @@ CASES = [
     ("train", ["--lr", "fast"], USAGE, ["--lr", "expected a number"]),
     ("train", ["--lr-base", "-0.0005"], USAGE, ["--lr-base", "> 0"]),
     ("train", ["--weight-decay", "-0.05"], USAGE, ["--weight-decay", ">= 0"]),
+    ("train", ["--layer-decay", "0"], USAGE, ["--layer-decay", "(0, 1]"]),
+    ("train", ["--layer-decay", "1.5"], USAGE, ["--layer-decay", "(0, 1]"]),
     ("train", ["--opt-eps", "0"], USAGE, ["--opt-eps", "> 0"]),
     ("train", ["--opt-betas", "0.9", "1.0"], USAGE, ["--opt-betas", "[0, 1)"]),
     ("train", ["--opt-betas", "-0.1", "0.999"], USAGE, ["--opt-betas", "[0, 1)"]),
@@ -358,6 +360,7 @@ def test_args_yaml_of_a_run_is_a_valid_config(tmp_path):
     (["--aa", "rand-n3-p0.7-mmax12-mstd101-tweights"], {"aa": "rand-n3-p0.7-mmax12-mstd101-tweights"}),
     (["--aa", "augmix-m5-w4-d2-a1-b1-mstd0.5"], {"aa": "augmix-m5-w4-d2-a1-b1-mstd0.5"}),
     (["--crop-pct", "1.0"], {"crop_pct": 1.0}),
+    (["--layer-decay", "1", "--grad-checkpointing"], {"layer_decay": 1.0, "grad_checkpointing": True}),
     (["--crop-pct", "1.13"], {"crop_pct": 1.13}),  # refiner_vit_l's own (timm's volo: 1.15)
     (["--remode", "const", "--mixup-mode", "elem", "--train-interpolation", "lanczos"],
      {"remode": "const", "mixup_mode": "elem", "train_interpolation": "lanczos"}),

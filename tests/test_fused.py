@@ -175,18 +175,21 @@ def test_torch_compile_fullgraph(backend):
         torch.testing.assert_close(compiled(x), ref.eval()(x), rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("ckpt", [False, True], ids=["", "grad_checkpointing"])
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_torch_compile_training_steps(backend):
+def test_torch_compile_training_steps(backend, ckpt):
     # Two SGD steps of the whole fused model compiled with fullgraph=True (a graph break would raise):
     # outputs, gradients, BN running statistics (the ops' in-place buffer updates under AOTAutograd)
     # and the updated weights match the eager fused model's. CPU: aot_eager_decomp_partition traces the
     # graph inductor would (fake impls, registered autograd, decompositions, partitioner) without its
-    # minute of C++ compiling. (Plain aot_eager fails the reference backend's backward with "view size
+    # minute of C++ compiling. With ckpt the compiled model checkpoints its blocks (the compiled
+    # backward recomputes them) and must still match the plain eager steps, buffers updated once a step. (Plain aot_eager fails the reference backend's backward with "view size
     # is not compatible": torch's stride bug after einsum -> relu6, pytorch/pytorch#120035.)
     if backend == "triton" and DEVICE == "cpu":
         pytest.skip("Triton under the interpreter is covered by refiner_kernels' own compile test")
     _, eager = _pair(backend)
     comp = copy.deepcopy(eager)
+    comp.set_grad_checkpointing(ckpt)
     eager.train(), comp.train()
     run = torch.compile(comp, fullgraph=True, backend="aot_eager_decomp_partition" if DEVICE == "cpu" else "inductor")
     # SGD: an update linear in the gradient (Adam's first step, lr * sign(g) in effect, would turn
@@ -311,3 +314,28 @@ def test_bad_backend_specs_are_named(spec, error, message):
         ops.parse_backend(spec)
     with pytest.raises(error, match="backend"):
         fused.RefinerAttention(64, 4, backend=spec)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_grad_checkpointing_step_is_the_plain_step(backend):
+    # The fused ops update the running statistics themselves (refine_block); under checkpointing the
+    # recompute in the backward runs them again, and the model puts the buffers back. Two steps:
+    # outputs, gradients and buffers equal the plain fused step's, bit for bit (same kernels, same order).
+    _, plain = _pair(backend, drop_path_rate=0.1)
+    ckpt = copy.deepcopy(plain)
+    ckpt.set_grad_checkpointing()
+    plain.train(), ckpt.train()
+    for step in range(2):
+        x = torch.randn(2, 3, 48, 48, device=DEVICE)
+        outs = []
+        for m in (plain, ckpt):
+            torch.manual_seed(step)
+            m.zero_grad(set_to_none=True)
+            out = m(x)
+            out.square().sum().backward()
+            outs.append(out.detach())
+        torch.testing.assert_close(outs[1], outs[0], rtol=0, atol=0)
+        for (name, p), q in zip(plain.named_parameters(), ckpt.parameters()):
+            torch.testing.assert_close(q.grad, p.grad, rtol=0, atol=0, msg=lambda m: f"step {step}, {name}: {m}")
+    for (name, b), c in zip(plain.named_buffers(), ckpt.buffers()):
+        torch.testing.assert_close(c, b, rtol=0, atol=0, msg=lambda m: f"{name}: {m}")

@@ -1,10 +1,15 @@
-"""Refiner-ViT models: sizes, state-dict layout, timm registration, MixToken, resolutions."""
+"""Refiner-ViT models: sizes, state-dict layout, timm registration, MixToken, resolutions,
+gradient checkpointing, layer-wise lr decay."""
+import copy
+from unittest import mock
+
 import numpy as np
 import pytest
 import timm
 import torch
 
 import refiner  # noqa: F401  (registers the models with timm)
+from refiner import models
 from refiner.models import RefinerViT, mixtoken_box
 
 
@@ -128,3 +133,80 @@ def test_attention_maps_passed_on_alternate_between_kinds():
         _, _, _, maps = m.forward_features(torch.randn(1, 3, 32, 32), return_attn=True)
     assert len(maps) == 4 and maps[1] is maps[0] and maps[3] is maps[2]
     assert maps[0].shape == (1, 4, 5, 5)
+
+
+def _grad_step(model, x, seed=1):
+    """Forward (same random draws: drop path, MixToken) and backward of a loss on every output."""
+    torch.manual_seed(seed)
+    model.seed_mixtoken(seed)
+    out = model(x)
+    out = out if isinstance(out, torch.Tensor) else out[0] + out[1].mean(1)
+    out.square().sum().backward()
+    return out.detach()
+
+
+@pytest.mark.parametrize("kw", [dict(drop_path_rate=0.2), dict(return_dense=True, mix_token=True, drop_rate=0.1)],
+                         ids=["drop_path", "mixtoken_dropout"])
+def test_grad_checkpointing_step_is_the_plain_step(kw):
+    # Recomputing the blocks in the backward must change nothing a step produces: outputs, every
+    # gradient, and the BatchNorm running statistics (the recompute runs the blocks' BNs in training
+    # mode a second time; their buffers are put back) -- bit for bit, over two steps.
+    torch.manual_seed(0)
+    plain = tiny(**kw).train()
+    ckpt = copy.deepcopy(plain)
+    ckpt.set_grad_checkpointing()
+    assert ckpt.grad_checkpointing and not plain.grad_checkpointing
+    x = torch.randn(3, 3, 32, 32)
+    for step in range(2):
+        for m in (plain, ckpt):
+            m.zero_grad(set_to_none=True)
+        torch.testing.assert_close(_grad_step(ckpt, x, step), _grad_step(plain, x, step), rtol=0, atol=0)
+        for (name, p), q in zip(plain.named_parameters(), ckpt.parameters()):
+            torch.testing.assert_close(q.grad, p.grad, rtol=0, atol=0, msg=lambda m: f"step {step}, {name}: {m}")
+    for (name, b), c in zip(plain.named_buffers(), ckpt.buffers()):
+        torch.testing.assert_close(c, b, rtol=0, atol=0, msg=lambda m: f"{name}: {m}")
+    counts = {n: b.item() for n, b in ckpt.named_buffers() if n.endswith("num_batches_tracked")}
+    assert any(".attn." in n for n in counts) and set(counts.values()) == {2}, counts
+
+
+def test_grad_checkpointing_lowers_training_memory():
+    # What the switch is for: the blocks' activations are not kept for the backward. Peak CPU
+    # allocator bytes of a forward + backward (profiler memory events), depth 8 at N = 65.
+    from benchmarks.common import peak_memory
+    torch.manual_seed(0)
+    plain = tiny(img_size=64, patch_size=8, depth=8, embed_dim=48).train()
+    ckpt = copy.deepcopy(plain)
+    ckpt.set_grad_checkpointing()
+    x = torch.randn(4, 3, 64, 64)
+    peaks = [peak_memory(lambda m=m: _grad_step(m, x), torch.device("cpu"))[0] for m in (plain, ckpt)]
+    assert peaks[1] < 0.6 * peaks[0], peaks
+
+
+def test_grad_checkpointing_is_off_without_gradients():
+    # No autograd graph, nothing to recompute: inference takes the plain loop (no checkpoint call).
+    model = tiny().eval()
+    model.set_grad_checkpointing()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad(), mock.patch.object(models, "checkpoint", side_effect=AssertionError("checkpointed")):
+        out = model(x)
+    model.set_grad_checkpointing(False)
+    with torch.no_grad():
+        torch.testing.assert_close(out, model(x), rtol=0, atol=0)
+
+
+def test_layer_decay_gives_each_block_its_own_rate():
+    # timm's layer-wise lr decay reads group_matcher: stem < block 0 < ... < block depth-1 < head, the
+    # final norm with the last block (as timm's ViT). Without it, timm falls back to one rate per child.
+    from timm.optim import create_optimizer_v2
+    model = tiny(depth=4)
+    opt = create_optimizer_v2(model, "adamw", lr=1.0, weight_decay=0.05, layer_decay=0.5)
+    scale_of = {}
+    for g in opt.param_groups:
+        for p in g["params"]:
+            scale_of[p] = g["lr_scale"]
+    named = dict(model.named_parameters())
+    assert scale_of[named["pos_embed"]] == scale_of[named["patch_embed.conv1.weight"]] == 0.5 ** 5
+    for i in range(4):
+        assert scale_of[named[f"blocks.{i}.attn.proj.weight"]] == 0.5 ** (4 - i)
+    assert scale_of[named["blocks.1.attn.DLA.conv_exp.weight"]] == 0.5 ** 3
+    assert scale_of[named["norm.weight"]] == 0.5 and scale_of[named["head.weight"]] == 1.0

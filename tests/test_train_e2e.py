@@ -55,13 +55,14 @@ def test_train_resume_validate(tmp_path, capsys):
 
 
 def test_token_labelling_train_validate(tmp_path, capsys):
-    """The *_tl config with generated label maps: dense head, MixToken, Mixup, cos-reg."""
+    """The *_tl config with generated label maps: dense head, MixToken, Mixup, cos-reg (the maps come out
+    of checkpointed blocks), layer-wise lr decay."""
     data = make_image_folder(str(tmp_path / "data"), classes=3, per_class=4, size=40,
                              labels_root=str(tmp_path / "labels"))
     out = str(tmp_path / "out")
     rows = train.main(["-c", os.path.join(ROOT, "configs", "refiner_s_tl.yaml"), "--data", data, "--output", out,
                        "--epochs", "1", "--token-labels", str(tmp_path / "labels"), "--cos-reg", "0.1",
-                       "--no-plot"] + TINY)
+                       "--grad-checkpointing", "--layer-decay", "0.75", "--no-plot"] + TINY)
     assert len(rows) == 1 and math.isfinite(rows[0]["train_loss"])
     ck = torch.load(os.path.join(out, "last.pth"), weights_only=False)
     assert "aux_head.weight" in ck["state_dict"]
