@@ -12,7 +12,7 @@ export CUDA_HOME ?= /usr/local/cuda
 
 SOURCES := $(shell find csrc -type f 2>/dev/null) $(wildcard setup.py)
 
-.PHONY: demo test build deps clean bench cmake-build emu-asan triton-aot cuda-ptxas
+.PHONY: demo test build deps clean bench cmake-build emu-asan cpu-asan triton-aot cuda-ptxas
 
 deps: $(VENV)/.deps
 $(VENV)/.deps: requirements.txt
@@ -36,6 +36,10 @@ test: build
 # The CUDA kernels on the CPU emulator again, built under AddressSanitizer (out-of-bounds accesses).
 emu-asan: build
 	$(PY) tests/cuda_emu.py --asan
+
+# The CPU backend's C++ kernels built under AddressSanitizer and UBSan, its tests run on that build (~6 min).
+cpu-asan: build
+	$(PY) tests/cpu_asan.py
 
 # Every Triton kernel compiled for sm_90 without a GPU (Triton's bundled ptxas): the GPU-only
 # compile errors the interpreter cannot see (~2 min).

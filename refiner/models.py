@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from contextlib import nullcontext
 from functools import partial
-from typing import Optional, Tuple
+from typing import Iterator, List, Optional, Tuple, Union
 
 import numpy as np
 import torch
@@ -19,6 +19,7 @@ from torch.utils.checkpoint import checkpoint
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import DropPath, resample_abs_pos_embed, trunc_normal_
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models._features import feature_take_indices
 
 from .reference import RefinerAttention
 
@@ -178,6 +179,7 @@ class RefinerViT(nn.Module):
                   drop_path=dpr[i], share_atten=(i % 2 == 1), apply_transform=apply_transform,
                   expand_ratio=expand_ratio if i % 2 == 1 else head_expand, kernel_size=kernel_size)
             for i in range(depth)])
+        self.feature_info = [dict(module=f"blocks.{i}", num_chs=embed_dim, reduction=patch_size) for i in range(depth)]
         self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
         self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
         if return_dense:
@@ -257,17 +259,60 @@ class RefinerViT(nn.Module):
             mixed[:, :, x1:x2, y1:y2] = x.flip(0)[:, :, x1:x2, y1:y2]
             x = mixed
         x = self._pos_embed(x)
-        attn, maps = None, []
-        ckpt = self.grad_checkpointing and torch.is_grad_enabled() and not torch.jit.is_scripting()
-        for blk in self.blocks:
-            if ckpt:
-                x, attn = _checkpointed(blk, x, attn)
-            else:
-                x, attn = blk(x, attn)
+        maps = []
+        for x, attn in self._run_blocks(x, self.blocks):
             if return_attn:
                 maps.append(attn)
         x = self.norm(x)
         return (x, (h, w), box, maps) if return_attn else (x, (h, w), box)
+
+    def _run_blocks(self, x: torch.Tensor, blocks) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
+        """Each block's output tokens and the attention map it passes on, in order."""
+        ckpt = self.grad_checkpointing and torch.is_grad_enabled() and not torch.jit.is_scripting()
+        attn = None
+        for blk in blocks:
+            x, attn = _checkpointed(blk, x, attn) if ckpt else blk(x, attn)
+            yield x, attn
+
+    def forward_intermediates(self, x: torch.Tensor, indices: Optional[Union[int, List[int]]] = None,
+                              return_prefix_tokens: bool = False, norm: bool = False, stop_early: bool = False,
+                              output_fmt: str = "NCHW", intermediates_only: bool = False):
+        """timm's feature API (`features_only=True` builds on it): the tokens after the blocks `indices`
+        (the last n when an int, all when None), as (B, C, h, w) maps ("NCHW") or (B, h*w, C) ("NLC"),
+        with the class token beside each when return_prefix_tokens, through the final norm when norm.
+        Returns (normed final tokens, intermediates), or the intermediates alone. No MixToken here:
+        features for a downstream task see the images as given."""
+        if output_fmt not in ("NCHW", "NLC"):
+            raise ValueError(f"output_fmt: expected 'NCHW' or 'NLC', got {output_fmt!r}")
+        if x.ndim != 4:
+            raise ValueError(f"x: expected an image batch (B, C, H, W), got shape {tuple(x.shape)}")
+        take, last = feature_take_indices(len(self.blocks), indices)
+        x = self.patch_embed(x)
+        B, _, h, w = x.shape
+        x = self._pos_embed(x)
+        blocks = self.blocks[:last + 1] if stop_early and not torch.jit.is_scripting() else self.blocks
+        inter = []
+        for i, (x, _) in enumerate(self._run_blocks(x, blocks)):
+            if i in take:
+                inter.append(self.norm(x) if norm else x)
+        prefix = [y[:, :self.num_prefix_tokens] for y in inter]
+        inter = [y[:, self.num_prefix_tokens:] for y in inter]
+        if output_fmt == "NCHW":
+            inter = [y.reshape(B, h, w, -1).permute(0, 3, 1, 2).contiguous() for y in inter]
+        if return_prefix_tokens:
+            inter = list(zip(inter, prefix))
+        return inter if intermediates_only else (self.norm(x), inter)
+
+    def prune_intermediate_layers(self, indices: Union[int, List[int]] = 1, prune_norm: bool = False,
+                                  prune_head: bool = True) -> List[int]:
+        """Drop the blocks after the last of `indices` (and the norm, the heads); the indices kept."""
+        take, last = feature_take_indices(len(self.blocks), indices)
+        self.blocks = self.blocks[:last + 1]
+        if prune_norm:
+            self.norm = nn.Identity()
+        if prune_head:
+            self.reset_classifier(0)
+        return take
 
     def forward_head(self, x: torch.Tensor, grid: Tuple[int, int], box):
         x_cls = self.head(x[:, 0])
@@ -323,8 +368,9 @@ MODEL_ARGS = {
 
 def _create(variant: str, pretrained: bool = False, fused=False, **kwargs) -> RefinerViT:
     args = dict(MODEL_ARGS[variant], **kwargs)
+    out_indices = args.pop("out_indices", 3)  # features_only: the last 3 blocks' maps by default
     model = build_model_with_cfg(RefinerViT, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn,
-                                 **args)
+                                 feature_cfg=dict(out_indices=out_indices, feature_cls="getter"), **args)
     if fused:
         from .fused import convert
         convert(model, backend=fused if isinstance(fused, str) else "auto")

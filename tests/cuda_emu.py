@@ -14,7 +14,6 @@ REFINER_EMU_SMS=132 to launch the H100's grids instead (e.g. to replay a GPU-onl
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 
 import torch
@@ -41,17 +40,8 @@ def load():
 
 
 def _run_under_asan() -> int:
-    libasan = subprocess.run(["gcc", "-print-file-name=libasan.so"], capture_output=True, text=True).stdout.strip()
-    if not os.path.isabs(libasan):
-        print("cuda_emu --asan: gcc has no libasan.so", file=sys.stderr)
-        return 2
-    # Triton's native module aborts under ASan at import; these tests never use it, so it is hidden.
-    files = [os.path.join(ROOT, "tests", f) for f in ("test_cuda_emu.py", "test_cuda_emu_train.py")]
-    code = ("import sys; sys.modules['triton'] = None; import pytest; "
-            f"sys.exit(pytest.main(['-q', '-p', 'no:cacheprovider', *{files!r}]))")
-    env = dict(os.environ, REFINER_EMU_ASAN="1", LD_PRELOAD=libasan,
-               ASAN_OPTIONS="detect_leaks=0:detect_stack_use_after_return=0:abort_on_error=1")
-    return subprocess.run([sys.executable, "-c", code], cwd=os.path.join(ROOT, "tests"), env=env).returncode
+    from asan import run_pytest
+    return run_pytest(["test_cuda_emu.py", "test_cuda_emu_train.py"], env={"REFINER_EMU_ASAN": "1"})
 
 
 if __name__ == "__main__":

@@ -210,3 +210,51 @@ def test_layer_decay_gives_each_block_its_own_rate():
         assert scale_of[named[f"blocks.{i}.attn.proj.weight"]] == 0.5 ** (4 - i)
     assert scale_of[named["blocks.1.attn.DLA.conv_exp.weight"]] == 0.5 ** 3
     assert scale_of[named["norm.weight"]] == 0.5 and scale_of[named["head.weight"]] == 1.0
+
+
+def test_forward_intermediates_are_the_blocks_outputs():
+    # timm's feature API: the tokens after the chosen blocks, as maps or token lists, prefix apart
+    torch.manual_seed(0)
+    model = tiny(img_size=64, depth=4).eval()
+    x = torch.randn(2, 3, 64, 64)
+    tokens, grid = [], None
+    with torch.no_grad():
+        hooks = [blk.register_forward_hook(lambda m, i, o: tokens.append(o[0])) for blk in model.blocks]
+        feats, grid, _ = model.forward_features(x)
+        for hk in hooks:
+            hk.remove()
+        final, nlc = model.forward_intermediates(x, output_fmt="NLC")
+        nchw = model.forward_intermediates(x, indices=[0, 2], intermediates_only=True)
+        early = model.forward_intermediates(x, indices=2, stop_early=True, intermediates_only=True,
+                                            return_prefix_tokens=True, norm=True)
+    assert grid == (4, 4) and len(nlc) == 4
+    torch.testing.assert_close(final, feats, rtol=0, atol=0)
+    for i in range(4):
+        torch.testing.assert_close(nlc[i], tokens[i][:, 1:], rtol=0, atol=0)
+    assert [t.shape for t in nchw] == [(2, 24, 4, 4)] * 2
+    for t, i in zip(nchw, [0, 2]):  # (B, C, h, w): row-major patch order, as the tokens
+        torch.testing.assert_close(t.flatten(2).transpose(1, 2), nlc[i], rtol=0, atol=0)
+    (m2, cls2), (m3, cls3) = early  # the last two blocks, normed, with their class tokens
+    torch.testing.assert_close(cls3, model.norm(tokens[3])[:, :1], rtol=0, atol=0)
+    torch.testing.assert_close(m2.flatten(2).transpose(1, 2), model.norm(tokens[2])[:, 1:], rtol=0, atol=0)
+    with pytest.raises(ValueError, match="output_fmt"):
+        model.forward_intermediates(x, output_fmt="NHWC")
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_features_only_backbone(fused):
+    # timm.create_model(..., features_only=True): the chosen blocks' maps, the blocks after them pruned
+    kw = dict(img_size=64, depth=6, pretrained=False)
+    torch.manual_seed(0)
+    backbone = timm.create_model("refiner_vit_s", features_only=True, out_indices=(1, 3), fused=fused, **kw).eval()
+    assert backbone.feature_info.channels() == [384, 384] and backbone.feature_info.reduction() == [16, 16]
+    full = timm.create_model("refiner_vit_s", **kw).eval()
+    full.load_state_dict(backbone.model.state_dict(), strict=False)  # the pruned model's weights
+    assert len(backbone.model.blocks) == 4
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        maps = backbone(x)
+        want = full.forward_intermediates(x, indices=[1, 3], intermediates_only=True)
+    assert [m.shape for m in maps] == [(1, 384, 4, 4)] * 2
+    for m, w in zip(maps, want):
+        torch.testing.assert_close(m, w, rtol=1e-4, atol=1e-5)
