@@ -19,7 +19,6 @@ from torch.utils.checkpoint import checkpoint
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import DropPath, resample_abs_pos_embed, trunc_normal_
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
-from timm.models._features import feature_take_indices
 
 from .reference import RefinerAttention
 
@@ -122,6 +121,21 @@ def _checkpointed(block: nn.Module, x: torch.Tensor, attn: Optional[torch.Tensor
         return checkpoint(block, x, attn, use_reentrant=False)
     return checkpoint(block, x, attn, use_reentrant=False,
                       context_fn=lambda: (nullcontext(), _BuffersRestored(block)))
+
+
+def _take_indices(depth: int, indices: Optional[Union[int, List[int]]]) -> Tuple[List[int], int]:
+    """(the blocks asked for, the last of them): all when None, the last n for an int n, else the list
+    (negative counted from the end), as timm's forward_intermediates reads `indices`."""
+    if indices is None:
+        indices = depth
+    if isinstance(indices, int):
+        ok, take = 0 < indices <= depth, list(range(depth - indices, depth))
+    else:
+        ok, take = len(indices) > 0 and all(-depth <= i < depth for i in indices), [i % depth for i in indices]
+    if not ok:
+        raise ValueError(f"indices: expected 1 to {depth} blocks, or block indices in [-{depth}, {depth}), "
+                         f"got {indices!r}")
+    return take, max(take)
 
 
 def mixtoken_box(h: int, w: int, lam: float, rng: np.random.Generator) -> Tuple[int, int, int, int]:
@@ -286,7 +300,7 @@ class RefinerViT(nn.Module):
             raise ValueError(f"output_fmt: expected 'NCHW' or 'NLC', got {output_fmt!r}")
         if x.ndim != 4:
             raise ValueError(f"x: expected an image batch (B, C, H, W), got shape {tuple(x.shape)}")
-        take, last = feature_take_indices(len(self.blocks), indices)
+        take, last = _take_indices(len(self.blocks), indices)
         x = self.patch_embed(x)
         B, _, h, w = x.shape
         x = self._pos_embed(x)
@@ -306,7 +320,7 @@ class RefinerViT(nn.Module):
     def prune_intermediate_layers(self, indices: Union[int, List[int]] = 1, prune_norm: bool = False,
                                   prune_head: bool = True) -> List[int]:
         """Drop the blocks after the last of `indices` (and the norm, the heads); the indices kept."""
-        take, last = feature_take_indices(len(self.blocks), indices)
+        take, last = _take_indices(len(self.blocks), indices)
         self.blocks = self.blocks[:last + 1]
         if prune_norm:
             self.norm = nn.Identity()

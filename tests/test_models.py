@@ -239,6 +239,11 @@ def test_forward_intermediates_are_the_blocks_outputs():
     torch.testing.assert_close(m2.flatten(2).transpose(1, 2), model.norm(tokens[2])[:, 1:], rtol=0, atol=0)
     with pytest.raises(ValueError, match="output_fmt"):
         model.forward_intermediates(x, output_fmt="NHWC")
+    last = model.forward_intermediates(x, indices=[-1], intermediates_only=True, output_fmt="NLC")
+    torch.testing.assert_close(last[0], nlc[3], rtol=0, atol=0)
+    for bad in (0, 5, [4], [-5], []):
+        with pytest.raises(ValueError, match="indices"):
+            model.forward_intermediates(x, indices=bad)
 
 
 @pytest.mark.parametrize("fused", [False, True])
