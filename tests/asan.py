@@ -8,14 +8,14 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from typing import Dict, List
+from typing import Dict, List, Sequence
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Triton's native module aborts under ASan at import: the child hides it (its tests then skip).
 HIDE_TRITON = "import sys; sys.modules['triton'] = None\n"
 
 
-def run_pytest(files: List[str], env: Dict[str, str], prelude: str = "", pytest_args: List[str] = ()) -> int:
+def run_pytest(files: List[str], env: Dict[str, str], prelude: str = "", pytest_args: Sequence[str] = ()) -> int:
     """pytest on `files` (names under tests/) in a child with libasan preloaded; its exit status."""
     libs = [subprocess.run(["gcc", f"-print-file-name={lib}"], capture_output=True, text=True).stdout.strip()
             for lib in ("libasan.so", "libstdc++.so")]
