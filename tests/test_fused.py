@@ -182,9 +182,10 @@ def test_torch_compile_training_steps(backend, ckpt):
     # outputs, gradients, BN running statistics (the ops' in-place buffer updates under AOTAutograd)
     # and the updated weights match the eager fused model's. CPU: aot_eager_decomp_partition traces the
     # graph inductor would (fake impls, registered autograd, decompositions, partitioner) without its
-    # minute of C++ compiling. With ckpt the compiled model checkpoints its blocks (the compiled
-    # backward recomputes them) and must still match the plain eager steps, buffers updated once a step. (Plain aot_eager fails the reference backend's backward with "view size
+    # minute of C++ compiling. (Plain aot_eager fails the reference backend's backward with "view size
     # is not compatible": torch's stride bug after einsum -> relu6, pytorch/pytorch#120035.)
+    # With ckpt the compiled model checkpoints its blocks (the compiled backward recomputes them) and
+    # must still match the plain eager steps, its buffers updated once a step.
     if backend == "triton" and DEVICE == "cpu":
         pytest.skip("Triton under the interpreter is covered by refiner_kernels' own compile test")
     _, eager = _pair(backend)

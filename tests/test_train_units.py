@@ -376,9 +376,7 @@ def test_fused_flag_without_fused_module_exits_clearly(monkeypatch):
 @pytest.mark.parametrize("fused", [False, True])
 def test_grad_checkpointing_flag_reaches_the_model(fused):
     from refiner.train import build_model
-    extra = ["--fused"] if fused else []
-    args, _ = parse_args(extra + ["--grad-checkpointing", "--img-size", "32", "--model-kwargs"] +
-                         [f"{k}={v}" for k, v in TINY_KWARGS.items()])
-    assert build_model(args, 3).grad_checkpointing
-    args, _ = parse_args(extra + ["--img-size", "32", "--model-kwargs"] + [f"{k}={v}" for k, v in TINY_KWARGS.items()])
-    assert not build_model(args, 3).grad_checkpointing
+    argv = (["--fused"] if fused else []) + ["--img-size", "32", "--model-kwargs"] + \
+        [f"{k}={v}" for k, v in TINY_KWARGS.items()]
+    assert build_model(parse_args(["--grad-checkpointing"] + argv)[0], 3).grad_checkpointing
+    assert not build_model(parse_args(argv)[0], 3).grad_checkpointing
