@@ -161,6 +161,8 @@ class RefinerViT(nn.Module):
     Outputs: eval -> logits (B, num_classes) (with the dense head: head(cls) +
     0.5 * max_tokens aux_head(patches)); training with `return_dense` ->
     (cls_logits, dense_logits (B, h*w, num_classes), mixtoken box (x1, y1, x2, y2)).
+    timm's interface: forward_features -> tokens, forward_head(tokens, pre_logits),
+    forward_intermediates, num_classes=0 / reset_classifier(0) for the class token's features.
     """
 
     def __init__(self, img_size: int = 224, patch_size: int = 16, in_chans: int = 3, num_classes: int = 1000,
@@ -235,6 +237,10 @@ class RefinerViT(nn.Module):
         return self.head
 
     def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
+        """A new head (and dense head) for `num_classes`; 0 makes forward return the class token's
+        features. Pooling is the class token's, as the released model ("token")."""
+        if global_pool not in (None, "token"):
+            raise ValueError(f"global_pool: only 'token' (the class token) is supported, got {global_pool!r}")
         self.num_classes = num_classes
         self.head = nn.Linear(self.embed_dim, num_classes) if num_classes > 0 else nn.Identity()
         if self.return_dense:
@@ -257,28 +263,41 @@ class RefinerViT(nn.Module):
         x = torch.cat((self.cls_token.expand(B, -1, -1), x), dim=1)
         return self.pos_drop(x + pos)
 
-    def forward_features(self, x: torch.Tensor, return_attn: bool = False):
-        """Returns normed tokens (B, 1 + h*w, C), the patch grid (h, w), the MixToken box
-        (all zeros when off) and, with return_attn, the maps each block passed on."""
+    def _dense(self) -> bool:
+        """Whether the dense head is on (with no classes, as after reset_classifier(0), it is not)."""
+        return self.return_dense and self.num_classes > 0
+
+    def _embed(self, x: torch.Tensor, mix: bool) -> Tuple[torch.Tensor, Tuple[int, int], Tuple[int, int, int, int]]:
+        """Stem, MixToken when `mix`, class token and position embedding: the tokens entering
+        the blocks, the patch grid (h, w) and the MixToken box (all zeros when none)."""
         if x.ndim != 4:
             raise ValueError(f"x: expected an image batch (B, C, H, W), got shape {tuple(x.shape)}")
         x = self.patch_embed(x)
         h, w = x.shape[-2:]
         box = (0, 0, 0, 0)
-        if self.mix_token and self.training:
+        if mix:
             lam = self._rng.beta(self.mixtoken_beta, self.mixtoken_beta)
             box = mixtoken_box(h, w, lam, self._rng)
             x1, y1, x2, y2 = box
             mixed = x.clone()
             mixed[:, :, x1:x2, y1:y2] = x.flip(0)[:, :, x1:x2, y1:y2]
             x = mixed
-        x = self._pos_embed(x)
+        return self._pos_embed(x), (h, w), box
+
+    def _encode(self, x: torch.Tensor, return_attn: bool) -> Tuple[torch.Tensor, List[torch.Tensor]]:
+        """The blocks and the final norm; the maps each block passed on when return_attn."""
         maps = []
         for x, attn in self._run_blocks(x, self.blocks):
             if return_attn:
                 maps.append(attn)
-        x = self.norm(x)
-        return (x, (h, w), box, maps) if return_attn else (x, (h, w), box)
+        return self.norm(x), maps
+
+    def forward_features(self, x: torch.Tensor, return_attn: bool = False):
+        """timm's: the normed tokens (B, 1 + h*w, C) of the images as given (no MixToken, as the
+        released forward_features); with return_attn also the maps each block passed on."""
+        x, _, _ = self._embed(x, mix=False)
+        x, maps = self._encode(x, return_attn)
+        return (x, maps) if return_attn else x
 
     def _run_blocks(self, x: torch.Tensor, blocks) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
         """Each block's output tokens and the attention map it passes on, in order."""
@@ -298,12 +317,9 @@ class RefinerViT(nn.Module):
         features for a downstream task see the images as given."""
         if output_fmt not in ("NCHW", "NLC"):
             raise ValueError(f"output_fmt: expected 'NCHW' or 'NLC', got {output_fmt!r}")
-        if x.ndim != 4:
-            raise ValueError(f"x: expected an image batch (B, C, H, W), got shape {tuple(x.shape)}")
         take, last = _take_indices(len(self.blocks), indices)
-        x = self.patch_embed(x)
-        B, _, h, w = x.shape
-        x = self._pos_embed(x)
+        x, (h, w), _ = self._embed(x, mix=False)
+        B = x.shape[0]
         blocks = self.blocks[:last + 1] if stop_early and not torch.jit.is_scripting() else self.blocks
         inter = []
         for i, (x, _) in enumerate(self._run_blocks(x, blocks)):
@@ -328,26 +344,38 @@ class RefinerViT(nn.Module):
             self.reset_classifier(0)
         return take
 
-    def forward_head(self, x: torch.Tensor, grid: Tuple[int, int], box):
-        x_cls = self.head(x[:, 0])
-        if not self.return_dense:
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False):
+        """timm's: from forward_features' tokens, the class token's features (pre_logits) or the
+        logits. With the dense head: head(cls) + 0.5 * max over tokens of aux_head(patches) in
+        eval, the pair (class logits, dense logits (B, h*w, classes)) in training."""
+        x_cls = x[:, 0]
+        if pre_logits:
+            return x_cls
+        x_cls = self.head(x_cls)
+        if not self._dense():
             return x_cls
         x_aux = self.aux_head(x[:, 1:])
-        if not self.training:
-            return x_cls + 0.5 * x_aux.max(1)[0]
-        if self.mix_token:
-            # Undo the token mix on the dense logits so each location's label stays its own.
-            h, w = grid
-            x1, y1, x2, y2 = box
-            x_aux = x_aux.reshape(x_aux.shape[0], h, w, -1)
-            unmixed = x_aux.clone()
-            unmixed[:, x1:x2, y1:y2, :] = x_aux.flip(0)[:, x1:x2, y1:y2, :]
-            x_aux = unmixed.reshape(x_aux.shape[0], h * w, -1)
-        return x_cls, x_aux, box
+        return (x_cls, x_aux) if self.training else x_cls + 0.5 * x_aux.max(1)[0]
 
-    def forward(self, x: torch.Tensor):
-        x, grid, box = self.forward_features(x)
-        return self.forward_head(x, grid, box)
+    def forward(self, x: torch.Tensor, return_attn: bool = False):
+        """Logits; in training with the dense head (class logits, dense logits, MixToken box), the
+        images token-mixed when mix_token and the dense logits unmixed. With return_attn,
+        (that, the maps each block passed on) (for the attention-map regulariser)."""
+        train_dense = self.training and self._dense()
+        x, (h, w), box = self._embed(x, mix=train_dense and self.mix_token)
+        x, maps = self._encode(x, return_attn)
+        out = self.forward_head(x)
+        if train_dense:
+            x_cls, x_aux = out
+            if box != (0, 0, 0, 0):
+                # Undo the token mix on the dense logits so each location's label stays its own.
+                x1, y1, x2, y2 = box
+                x_aux = x_aux.reshape(x_aux.shape[0], h, w, -1)
+                unmixed = x_aux.clone()
+                unmixed[:, x1:x2, y1:y2, :] = x_aux.flip(0)[:, x1:x2, y1:y2, :]
+                x_aux = unmixed.reshape(x_aux.shape[0], h * w, -1)
+            out = (x_cls, x_aux, box)
+        return (out, maps) if return_attn else out
 
 
 def checkpoint_filter_fn(state_dict: dict, model: RefinerViT) -> dict:

@@ -104,8 +104,7 @@ class TrainWrapper(nn.Module):
     def forward(self, x):
         if not self.want_maps:
             return self.model(x), []
-        feats, grid, box, maps = self.model.forward_features(x, return_attn=True)
-        return self.model.forward_head(feats, grid, box), maps
+        return self.model(x, return_attn=True)
 
 
 def _autocast(device: torch.device, args):

@@ -1,5 +1,5 @@
-"""Refiner-ViT models: sizes, state-dict layout, timm registration, MixToken, resolutions,
-gradient checkpointing, layer-wise lr decay."""
+"""Refiner-ViT models: sizes, state-dict layout, timm registration and interface, MixToken,
+resolutions, gradient checkpointing, layer-wise lr decay."""
 import copy
 from unittest import mock
 
@@ -92,8 +92,7 @@ def test_mixtoken_keeps_shapes_and_is_off_in_eval():
     out = m(x)
     assert isinstance(out, torch.Tensor) and out.shape == (4, 5)
     # Eval logits: class head + 0.5 * max over tokens of the dense head, no mixing.
-    feats, _, ebox = m.forward_features(x)
-    assert ebox == (0, 0, 0, 0)
+    feats = m.forward_features(x)
     torch.testing.assert_close(out, m.head(feats[:, 0]) + 0.5 * m.aux_head(feats[:, 1:]).max(1)[0])
 
 
@@ -130,9 +129,66 @@ def test_mix_token_needs_dense_head():
 def test_attention_maps_passed_on_alternate_between_kinds():
     m = tiny().eval()
     with torch.no_grad():
-        _, _, _, maps = m.forward_features(torch.randn(1, 3, 32, 32), return_attn=True)
+        _, maps = m.forward_features(torch.randn(1, 3, 32, 32), return_attn=True)
     assert len(maps) == 4 and maps[1] is maps[0] and maps[3] is maps[2]
     assert maps[0].shape == (1, 4, 5, 5)
+
+
+@pytest.mark.parametrize("dense", [False, True])
+def test_timm_forward_features_then_head_is_forward(dense):
+    # timm's generic code (feature extraction, pre-logits embeddings) calls these two in a row
+    torch.manual_seed(0)
+    m = tiny(return_dense=dense, mix_token=dense).eval()
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        out, feats = m(x), m.forward_features(x)
+        torch.testing.assert_close(m.forward_head(feats), out, rtol=0, atol=0)
+        pre = m.forward_head(feats, pre_logits=True)
+    assert feats.shape == (3, 5, 24)
+    torch.testing.assert_close(pre, feats[:, 0], rtol=0, atol=0)
+    torch.testing.assert_close(m.head(pre), m.forward_head(feats) if not dense else m.head(feats[:, 0]))
+    if dense:  # training: the pair of heads, no MixToken in forward_features
+        m.train()
+        cls, aux = m.forward_head(feats)
+        assert cls.shape == (3, 5) and aux.shape == (3, 4, 5)
+
+
+@pytest.mark.parametrize("dense", [False, True])
+def test_no_classes_gives_the_class_token_features(dense):
+    # timm's num_classes=0 / reset_classifier(0): forward returns the pooled (class-token) features
+    torch.manual_seed(0)
+    m = tiny(return_dense=dense).eval()
+    x = torch.randn(2, 3, 32, 32)
+    m.reset_classifier(0)
+    with torch.no_grad():
+        torch.testing.assert_close(m(x), m.forward_features(x)[:, 0], rtol=0, atol=0)
+    assert m(x).shape == (2, 24) and isinstance(m.get_classifier(), torch.nn.Identity)
+    m.train()
+    assert m(x).shape == (2, 24)  # no dense head without classes, in training too
+    m.reset_classifier(7, global_pool="token")
+    assert m.eval()(x).shape == (2, 7)
+    with pytest.raises(ValueError, match="global_pool"):
+        m.reset_classifier(7, global_pool="avg")
+    backbone = timm.create_model("refiner_vit_s", img_size=32, depth=2, num_classes=0).eval()
+    with torch.no_grad():
+        assert backbone(x).shape == (2, 384)
+
+
+def test_forward_returns_the_maps_it_used():
+    # forward(x, return_attn=True) (the training loop's --cos-reg): the same outputs, MixToken
+    # included, and the maps of that very pass
+    torch.manual_seed(0)
+    m = tiny(return_dense=True, mix_token=True).train()
+    x = torch.randn(4, 3, 32, 32)
+    m.seed_mixtoken(5)
+    torch.manual_seed(1)
+    cls, aux, box = m(x)
+    m.seed_mixtoken(5)
+    torch.manual_seed(1)
+    (cls2, aux2, box2), maps = m(x, return_attn=True)
+    assert box2 == box and len(maps) == 4 and maps[0].shape == (4, 4, 5, 5)
+    torch.testing.assert_close(cls2, cls, rtol=0, atol=0)
+    torch.testing.assert_close(aux2, aux, rtol=0, atol=0)
 
 
 def _grad_step(model, x, seed=1):
@@ -217,17 +273,17 @@ def test_forward_intermediates_are_the_blocks_outputs():
     torch.manual_seed(0)
     model = tiny(img_size=64, depth=4).eval()
     x = torch.randn(2, 3, 64, 64)
-    tokens, grid = [], None
+    tokens = []
     with torch.no_grad():
         hooks = [blk.register_forward_hook(lambda m, i, o: tokens.append(o[0])) for blk in model.blocks]
-        feats, grid, _ = model.forward_features(x)
+        feats = model.forward_features(x)
         for hk in hooks:
             hk.remove()
         final, nlc = model.forward_intermediates(x, output_fmt="NLC")
         nchw = model.forward_intermediates(x, indices=[0, 2], intermediates_only=True)
         early = model.forward_intermediates(x, indices=2, stop_early=True, intermediates_only=True,
                                             return_prefix_tokens=True, norm=True)
-    assert grid == (4, 4) and len(nlc) == 4
+    assert len(nlc) == 4
     torch.testing.assert_close(final, feats, rtol=0, atol=0)
     for i in range(4):
         torch.testing.assert_close(nlc[i], tokens[i][:, 1:], rtol=0, atol=0)

@@ -284,7 +284,7 @@ def test_cos_reg_hand():
 
 def test_cos_reg_on_model_maps_has_gradient():
     model = RefinerViT(img_size=32, num_classes=5, **TINY_KWARGS)
-    feats, grid, box, maps = model.forward_features(torch.randn(2, 3, 32, 32), return_attn=True)
+    _, maps = model.forward_features(torch.randn(2, 3, 32, 32), return_attn=True)
     assert len(maps) == 4 and len(distinct_maps(maps)) == 2
     loss = cos_reg_loss(maps, 0.1)
     loss.backward()
