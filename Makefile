@@ -30,8 +30,10 @@ $(VENV)/.built: $(VENV)/.deps $(SOURCES) pyproject.toml
 demo: build
 	$(PY) -m refiner.demo
 
+# Test processes (pytest-xdist); tests/conftest.py splits the cores' threads between them.
+TEST_WORKERS ?= 2
 test: build
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n $(TEST_WORKERS) tests
 
 # The CUDA kernels on the CPU emulator again, built under AddressSanitizer (out-of-bounds accesses).
 emu-asan: build

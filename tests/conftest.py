@@ -39,6 +39,10 @@ settings.register_profile("long", max_examples=200, deadline=None,
                           suppress_health_check=[HealthCheck.function_scoped_fixture])
 settings.load_profile(os.environ.get("REFINER_HYPOTHESIS_PROFILE", "ci"))
 
+# Under pytest-xdist each worker takes its share of the cores (no oversubscription of 2 cores).
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
+
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (none visible)")
 
 

@@ -6,7 +6,8 @@ the tests of a machine without a GPU. Built once into build/cuda_emu (ninja, ~30
 
 `python tests/cuda_emu.py --asan` runs tests/test_cuda_emu*.py again with the emulated kernels built
 under AddressSanitizer: an out-of-bounds read or write of global memory (the tensors) stops it with
-a report naming the kernel line, the CPU stand-in for compute-sanitizer's memcheck (~3 min).
+a report naming the kernel line, the CPU stand-in for compute-sanitizer's memcheck (~8 min on 2 cores;
+one fiber order per case, see test_cuda_emu.on_schedules).
 
 The emulated device has 2 SMs, so grid-stride launchers give each block many tiles; set
 REFINER_EMU_SMS=132 to launch the H100's grids instead (e.g. to replay a GPU-only failure).

@@ -54,11 +54,12 @@ def fenced(t):
     return buf[pad:pad + t.numel()].view(t.shape)
 
 
-def on_schedules(E, fn):
-    """fn() with the fibers of each barrier phase run forward, reversed and shuffled: bitwise equal results."""
+def on_schedules(E, fn, orders=None):
+    """fn() with the fibers of each barrier phase run forward, reversed and shuffled: bitwise equal results.
+    Under ASan one order: the orders change no address (the plain run compares them), and the run is 3x shorter."""
     results = []
     try:
-        for order in (0, 1, 2):
+        for order in orders or ((0,) if cuda_emu.ASAN else (0, 1, 2)):
             E.set_schedule(order)
             out = fn()
             results.append(out if isinstance(out, (tuple, list)) else (out,))
@@ -148,9 +149,9 @@ def test_emulator_reports_faults(E, case, message):
 
 def test_emulator_exposes_races_and_uninitialised_shared_memory(E):
     with pytest.raises(AssertionError, match="data race"):
-        on_schedules(E, lambda: E.selftest("race", 64))
+        on_schedules(E, lambda: E.selftest("race", 64), orders=(0, 1, 2))
     with pytest.raises(AssertionError, match="data race"):  # across warp collectives (warp skew)
-        on_schedules(E, lambda: E.selftest("skew_race", 64))
+        on_schedules(E, lambda: E.selftest("skew_race", 64), orders=(0, 1, 2))
     assert E.selftest("uninit", 64)[:64].isnan().all()
 
 
