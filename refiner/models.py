@@ -138,6 +138,13 @@ def _take_indices(depth: int, indices: Optional[Union[int, List[int]]]) -> Tuple
     return take, max(take)
 
 
+def _check_pool(global_pool: str) -> str:
+    if global_pool not in ("token", "avg"):
+        raise ValueError(f"global_pool: expected 'token' (the class token, as released) or 'avg' "
+                         f"(the mean patch token), got {global_pool!r}")
+    return global_pool
+
+
 def mixtoken_box(h: int, w: int, lam: float, rng: np.random.Generator) -> Tuple[int, int, int, int]:
     """CutMix box on an h x w patch grid: (x1, y1, x2, y2), rows x1:x2, columns y1:y2.
 
@@ -162,7 +169,9 @@ class RefinerViT(nn.Module):
     0.5 * max_tokens aux_head(patches)); training with `return_dense` ->
     (cls_logits, dense_logits (B, h*w, num_classes), mixtoken box (x1, y1, x2, y2)).
     timm's interface: forward_features -> tokens, forward_head(tokens, pre_logits),
-    forward_intermediates, num_classes=0 / reset_classifier(0) for the class token's features.
+    forward_intermediates, num_classes=0 / reset_classifier(0) for the pooled features.
+    `global_pool`: what the class head sees, the class token ("token", as released) or
+    the mean of the patch tokens ("avg", for fine-tuning as timm's ViTs allow).
     """
 
     def __init__(self, img_size: int = 224, patch_size: int = 16, in_chans: int = 3, num_classes: int = 1000,
@@ -171,7 +180,7 @@ class RefinerViT(nn.Module):
                  drop_path_rate: float = 0., apply_transform: bool = False, head_expand: int = 3,
                  expand_ratio: int = 3, kernel_size: int = 3,
                  return_dense: bool = False, mix_token: bool = False, mixtoken_beta: float = 1.0,
-                 dynamic_img_size: bool = True):
+                 dynamic_img_size: bool = True, global_pool: str = "token"):
         super().__init__()
         if mix_token and not return_dense:
             raise ValueError("mix_token=True needs return_dense=True (MixToken is undone on the dense logits)")
@@ -182,6 +191,7 @@ class RefinerViT(nn.Module):
         self.mix_token = mix_token
         self.mixtoken_beta = mixtoken_beta
         self.dynamic_img_size = dynamic_img_size
+        self.global_pool = _check_pool(global_pool)
         self.grad_checkpointing = False
         self._rng = np.random.default_rng()
 
@@ -237,10 +247,10 @@ class RefinerViT(nn.Module):
         return self.head
 
     def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
-        """A new head (and dense head) for `num_classes`; 0 makes forward return the class token's
-        features. Pooling is the class token's, as the released model ("token")."""
-        if global_pool not in (None, "token"):
-            raise ValueError(f"global_pool: only 'token' (the class token) is supported, got {global_pool!r}")
+        """A new head (and dense head) for `num_classes`; 0 makes forward return the pooled features.
+        `global_pool`, when given, changes the pooling ("token" or "avg", see __init__)."""
+        if global_pool is not None:
+            self.global_pool = _check_pool(global_pool)
         self.num_classes = num_classes
         self.head = nn.Linear(self.embed_dim, num_classes) if num_classes > 0 else nn.Identity()
         if self.return_dense:
@@ -345,10 +355,10 @@ class RefinerViT(nn.Module):
         return take
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False):
-        """timm's: from forward_features' tokens, the class token's features (pre_logits) or the
+        """timm's: from forward_features' tokens, the pooled features (pre_logits) or the
         logits. With the dense head: head(cls) + 0.5 * max over tokens of aux_head(patches) in
         eval, the pair (class logits, dense logits (B, h*w, classes)) in training."""
-        x_cls = x[:, 0]
+        x_cls = x[:, 0] if self.global_pool == "token" else x[:, self.num_prefix_tokens:].mean(1)
         if pre_logits:
             return x_cls
         x_cls = self.head(x_cls)

@@ -168,10 +168,25 @@ def test_no_classes_gives_the_class_token_features(dense):
     m.reset_classifier(7, global_pool="token")
     assert m.eval()(x).shape == (2, 7)
     with pytest.raises(ValueError, match="global_pool"):
-        m.reset_classifier(7, global_pool="avg")
+        m.reset_classifier(7, global_pool="max")
+    with pytest.raises(ValueError, match="global_pool"):
+        tiny(global_pool="")
     backbone = timm.create_model("refiner_vit_s", img_size=32, depth=2, num_classes=0).eval()
     with torch.no_grad():
         assert backbone(x).shape == (2, 384)
+
+
+def test_average_pooling_feeds_the_mean_patch_token():
+    # global_pool="avg" (timm's ViT option): the class head sees the mean of the patch tokens
+    torch.manual_seed(0)
+    m = timm.create_model("refiner_vit_s", img_size=32, depth=2, num_classes=6, global_pool="avg").eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        feats = m.forward_features(x)
+        torch.testing.assert_close(m.forward_head(feats, pre_logits=True), feats[:, 1:].mean(1), rtol=0, atol=0)
+        torch.testing.assert_close(m(x), m.head(feats[:, 1:].mean(1)), rtol=0, atol=0)
+        m.reset_classifier(0, global_pool="token")
+        torch.testing.assert_close(m(x), feats[:, 0], rtol=0, atol=0)
 
 
 def test_forward_returns_the_maps_it_used():
