@@ -124,5 +124,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    cli.reexec_with_steady_malloc()
-    main()
+    cli.run_benchmark(main)

@@ -360,8 +360,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    cli.reexec_with_steady_malloc()
-    try:
-        main()
-    except KeyboardInterrupt:
-        sys.exit(130)
+    cli.run_benchmark(main)

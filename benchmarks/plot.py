@@ -38,6 +38,16 @@ def _title(run: dict, what: str) -> str:
     return f"{what} [{dev}] torch {m['torch']}, {m['timestamp'][:10]}, {m['git_commit'][:8]}"
 
 
+def _save(plt, fig, run: dict, what: str, stem: Path, suffix: str) -> Path:
+    """Title, lay out, write `<stem>_<suffix>.png` and close the figure."""
+    fig.suptitle(_title(run, what), fontsize=10)
+    fig.tight_layout()
+    path = Path(f"{stem}_{suffix}.png")
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def plot_ops(run: dict, stem: Path) -> List[Path]:
     plt = _plt()
     if plt is None:
@@ -72,12 +82,7 @@ def plot_ops(run: dict, stem: Path) -> List[Path]:
             ax.legend(fontsize=7)
         for ax in list(axes.flat)[n:]:
             ax.axis("off")
-        fig.suptitle(_title(run, "Refiner ops"), fontsize=10)
-        fig.tight_layout()
-        path = Path(f"{stem}_{suffix}.png")
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        out.append(path)
+        out.append(_save(plt, fig, run, "Refiner ops", stem, suffix))
     return out
 
 
@@ -106,12 +111,7 @@ def plot_models(run: dict, stem: Path) -> List[Path]:
             ax.set_title(f"{mode}, {img} px, batch {sel[0]['batch']}", fontsize=9)
             ax.set_ylabel(ylabel)
             ax.grid(True, axis="y", alpha=0.3)
-        fig.suptitle(_title(run, "Models"), fontsize=10)
-        fig.tight_layout()
-        path = Path(f"{stem}_{suffix}.png")
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        out.append(path)
+        out.append(_save(plt, fig, run, "Models", stem, suffix))
     return out
 
 

@@ -203,3 +203,14 @@ def reexec_with_steady_malloc() -> None:
     sys.stdout.flush()
     # orig_argv keeps `-m module` / `-c code` as given (sys.argv has lost them)
     os.execve(sys.executable, [sys.executable] + sys.orig_argv[1:], env)
+
+
+def run_benchmark(main: Callable[[], object]) -> None:
+    """A benchmark script's `if __name__ == "__main__"`: the steady allocator, then main();
+    Ctrl-C exits with status 130 without a traceback."""
+    import sys
+    reexec_with_steady_malloc()
+    try:
+        main()
+    except KeyboardInterrupt:
+        sys.exit(130)
