@@ -364,7 +364,7 @@ class RefinerViT(nn.Module):
         x_cls = self.head(x_cls)
         if not self._dense():
             return x_cls
-        x_aux = self.aux_head(x[:, 1:])
+        x_aux = self.aux_head(x[:, self.num_prefix_tokens:])
         return (x_cls, x_aux) if self.training else x_cls + 0.5 * x_aux.max(1)[0]
 
     def forward(self, x: torch.Tensor, return_attn: bool = False):

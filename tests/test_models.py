@@ -146,8 +146,9 @@ def test_timm_forward_features_then_head_is_forward(dense):
         pre = m.forward_head(feats, pre_logits=True)
     assert feats.shape == (3, 5, 24)
     torch.testing.assert_close(pre, feats[:, 0], rtol=0, atol=0)
-    torch.testing.assert_close(m.head(pre), m.forward_head(feats) if not dense else m.head(feats[:, 0]))
-    if dense:  # training: the pair of heads, no MixToken in forward_features
+    if not dense:  # the logits are the head of the pre-logits features
+        torch.testing.assert_close(m.head(pre), out, rtol=0, atol=0)
+    else:  # training: the pair of heads, no MixToken in forward_features
         m.train()
         cls, aux = m.forward_head(feats)
         assert cls.shape == (3, 5) and aux.shape == (3, 4, 5)
