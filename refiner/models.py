@@ -29,12 +29,11 @@ __all__ = ["RefinerViT", "PatchEmbedStem", "Block", "Mlp", "mixtoken_box",
 class PatchEmbedStem(nn.Module):
     """Three convs (7x7/2, 3x3, 3x3) with BN + ReLU, then a (p/2)x(p/2) patchify conv."""
 
-    def __init__(self, img_size: int = 224, patch_size: int = 16, in_chans: int = 3, embed_dim: int = 384):
+    def __init__(self, img_size: Union[int, Tuple[int, int]] = 224, patch_size: int = 16, in_chans: int = 3,
+                 embed_dim: int = 384):
         super().__init__()
-        self.img_size = img_size
         self.patch_size = patch_size
-        self.grid_size = (img_size // patch_size, img_size // patch_size)
-        self.num_patches = self.grid_size[0] * self.grid_size[1]
+        self.set_img_size(img_size)
         self.conv1 = nn.Conv2d(in_chans, 32, kernel_size=7, stride=2, padding=3, bias=False)
         self.bn1 = nn.BatchNorm2d(32)
         self.conv2 = nn.Conv2d(32, 64, kernel_size=3, stride=1, padding=1, bias=False)
@@ -43,6 +42,17 @@ class PatchEmbedStem(nn.Module):
         self.bn3 = nn.BatchNorm2d(128)
         self.relu = nn.ReLU(inplace=True)
         self.proj = nn.Conv2d(128, embed_dim, kernel_size=patch_size // 2, stride=patch_size // 2)
+
+    def set_img_size(self, img_size: Union[int, Tuple[int, int]]) -> None:
+        """The resolution (a side, or (height, width)) and its patch grid."""
+        hw = (img_size, img_size) if isinstance(img_size, int) else (
+            tuple(img_size) if isinstance(img_size, (tuple, list)) else ())
+        if len(hw) != 2 or not all(isinstance(v, int) and v >= self.patch_size for v in hw):
+            raise ValueError(f"img_size: expected a side or (height, width) of at least the patch size "
+                             f"{self.patch_size}, got {img_size!r}")
+        self.img_size = img_size
+        self.grid_size = (hw[0] // self.patch_size, hw[1] // self.patch_size)
+        self.num_patches = self.grid_size[0] * self.grid_size[1]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.relu(self.bn1(self.conv1(x)))
@@ -174,7 +184,8 @@ class RefinerViT(nn.Module):
     the mean of the patch tokens ("avg", for fine-tuning as timm's ViTs allow).
     """
 
-    def __init__(self, img_size: int = 224, patch_size: int = 16, in_chans: int = 3, num_classes: int = 1000,
+    def __init__(self, img_size: Union[int, Tuple[int, int]] = 224, patch_size: int = 16, in_chans: int = 3,
+                 num_classes: int = 1000,
                  embed_dim: int = 384, depth: int = 16, num_heads: int = 12, mlp_ratio: float = 3.,
                  qkv_bias: bool = True, drop_rate: float = 0., attn_drop_rate: float = 0.,
                  drop_path_rate: float = 0., apply_transform: bool = False, head_expand: int = 3,
@@ -255,6 +266,25 @@ class RefinerViT(nn.Module):
         self.head = nn.Linear(self.embed_dim, num_classes) if num_classes > 0 else nn.Identity()
         if self.return_dense:
             self.aux_head = nn.Linear(self.embed_dim, num_classes) if num_classes > 0 else nn.Identity()
+
+    @torch.jit.ignore
+    def set_input_size(self, img_size: Optional[Union[int, Tuple[int, int]]] = None,
+                       patch_size: Optional[int] = None) -> None:
+        """timm's: make `img_size` the model's resolution, the position embedding resampled to its
+        grid once (as forward would at every call; bilinear, aligned corners, as released). Call it
+        before building the optimizer (pos_embed is a new parameter). The stem fixes the patch size."""
+        if patch_size is not None and patch_size != self.patch_embed.patch_size:
+            raise ValueError(f"patch_size: the stem's convolutions fix it at {self.patch_embed.patch_size}, "
+                             f"got {patch_size!r}")
+        if img_size is None:
+            return
+        old = self.patch_embed.grid_size
+        self.patch_embed.set_img_size(img_size)
+        if self.patch_embed.grid_size != old:
+            with torch.no_grad():
+                pos = resample_abs_pos_embed(self.pos_embed, self.patch_embed.grid_size, old_size=old,
+                                             interpolation="bilinear", align_corners=True, antialias=False)
+            self.pos_embed = nn.Parameter(pos, requires_grad=self.pos_embed.requires_grad)
 
     def seed_mixtoken(self, seed: int) -> None:
         """Make the MixToken boxes reproducible."""

@@ -190,6 +190,33 @@ def test_average_pooling_feeds_the_mean_patch_token():
         torch.testing.assert_close(m(x), feats[:, 0], rtol=0, atol=0)
 
 
+def test_set_input_size_resamples_the_position_embedding_once():
+    # timm's set_input_size: the model's own resolution, the same numbers as resampling per call
+    torch.manual_seed(0)
+    m = tiny(depth=2, dynamic_img_size=False).eval()
+    dyn = copy.deepcopy(m)
+    dyn.dynamic_img_size = True
+    x = torch.randn(2, 3, 64, 48)
+    with pytest.raises(ValueError, match="px image"):
+        m(x)
+    m.set_input_size((64, 48))
+    assert m.pos_embed.shape == (1, 1 + 4 * 3, 24) and m.patch_embed.grid_size == (4, 3)
+    with torch.no_grad():
+        torch.testing.assert_close(m(x), dyn(x), rtol=0, atol=0)
+    again = tiny(depth=2, img_size=(64, 48))
+    again.load_state_dict(m.state_dict())  # the layout of a model built at that size
+    m.set_input_size(32)  # and back: the class token's row is kept, the grid resampled
+    torch.testing.assert_close(m.pos_embed[:, 0], dyn.pos_embed[:, 0], rtol=0, atol=0)
+    assert m.pos_embed.shape == dyn.pos_embed.shape and m.pos_embed.requires_grad
+    for bad in (0, 8, (64,), 64.0, "64", (64, 48, 3)):
+        with pytest.raises(ValueError, match="img_size"):
+            m.set_input_size(bad)
+    with pytest.raises(ValueError, match="patch_size"):
+        m.set_input_size(64, patch_size=8)
+    with pytest.raises(ValueError, match="img_size"):
+        tiny(img_size=8)
+
+
 def test_forward_returns_the_maps_it_used():
     # forward(x, return_attn=True) (the training loop's --cos-reg): the same outputs, MixToken
     # included, and the maps of that very pass
