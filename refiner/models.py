@@ -148,6 +148,14 @@ def _take_indices(depth: int, indices: Optional[Union[int, List[int]]]) -> Tuple
     return take, max(take)
 
 
+def resample_pos_embed(pos: torch.Tensor, new_size: Tuple[int, int],
+                       old_size: Optional[Tuple[int, int]] = None) -> torch.Tensor:
+    """A (1, 1 + h*w, C) position embedding (class token first) on another patch grid: bilinear with
+    aligned corners, as the released interpolation (old_size: the grid, square when not given)."""
+    return resample_abs_pos_embed(pos, new_size, old_size=old_size, num_prefix_tokens=1,
+                                  interpolation="bilinear", align_corners=True, antialias=False)
+
+
 def _check_pool(global_pool: str) -> str:
     if global_pool not in ("token", "avg"):
         raise ValueError(f"global_pool: expected 'token' (the class token, as released) or 'avg' "
@@ -282,8 +290,7 @@ class RefinerViT(nn.Module):
         self.patch_embed.set_img_size(img_size)
         if self.patch_embed.grid_size != old:
             with torch.no_grad():
-                pos = resample_abs_pos_embed(self.pos_embed, self.patch_embed.grid_size, old_size=old,
-                                             interpolation="bilinear", align_corners=True, antialias=False)
+                pos = resample_pos_embed(self.pos_embed, self.patch_embed.grid_size, old)
             self.pos_embed = nn.Parameter(pos, requires_grad=self.pos_embed.requires_grad)
 
     def seed_mixtoken(self, seed: int) -> None:
@@ -296,9 +303,7 @@ class RefinerViT(nn.Module):
         if (h, w) != self.patch_embed.grid_size:
             if not self.dynamic_img_size:
                 raise ValueError(f"x: expected a {self.patch_embed.img_size} px image, got a {h}x{w} patch grid")
-            # Bilinear with aligned corners, as the released position-embedding interpolation.
-            pos = resample_abs_pos_embed(pos, (h, w), old_size=self.patch_embed.grid_size,
-                                         interpolation="bilinear", align_corners=True, antialias=False)
+            pos = resample_pos_embed(pos, (h, w), self.patch_embed.grid_size)
         x = x.flatten(2).transpose(1, 2)
         x = torch.cat((self.cls_token.expand(B, -1, -1), x), dim=1)
         return self.pos_drop(x + pos)
@@ -423,8 +428,7 @@ def checkpoint_filter_fn(state_dict: dict, model: RefinerViT) -> dict:
     out = dict(state_dict)
     pe = out.get("pos_embed")
     if pe is not None and pe.shape != model.pos_embed.shape:
-        out["pos_embed"] = resample_abs_pos_embed(pe, model.patch_embed.grid_size, num_prefix_tokens=1,
-                                                  interpolation="bilinear", align_corners=True, antialias=False)
+        out["pos_embed"] = resample_pos_embed(pe, model.patch_embed.grid_size)
     return out
 
 
