@@ -206,6 +206,7 @@ CASES = [
     ("train", T + ["--train-split", "nope"], EXIT, ["--train-split", "nope"]),
     ("train", T + ["--val-split", "nope"], EXIT, ["--val-split", "nope"]),
     ("train", T + ["--model-kwargs", "bogus=1"], EXIT, ["--model-kwargs", "bogus"]),
+    ("train", T + ["--model-kwargs", "global_pool=max"], EXIT, ["--model-kwargs", "global_pool", "'max'"]),
     ("train", T + ["--initial-checkpoint", "{tmp}/garbage.pth"], EXIT, ["--initial-checkpoint", "garbage.pth"]),
     ("train", T + ["--initial-checkpoint", "{tmp}/ck2.pth"], EXIT, ["--initial-checkpoint", "shape mismatch"]),
     ("train", T + ["--resume", "{tmp}/garbage.pth"], EXIT, ["--resume", "garbage.pth"]),
