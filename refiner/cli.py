@@ -11,6 +11,7 @@ import argparse
 import math
 import os
 import re
+import sys
 from typing import Callable, Optional
 
 import torch
@@ -195,7 +196,6 @@ def reexec_with_steady_malloc() -> None:
     """Call first thing under ``if __name__ == "__main__"`` of a benchmark script (never from a
     library or test: it replaces the process). No-op off Linux, when already set, or when
     REFINER_BENCH_MALLOC=default."""
-    import sys
     if (not sys.platform.startswith("linux") or os.environ.get("REFINER_BENCH_MALLOC") == "default"
             or "GLIBC_TUNABLES" in os.environ):
         return
@@ -208,7 +208,6 @@ def reexec_with_steady_malloc() -> None:
 def run_benchmark(main: Callable[[], object]) -> None:
     """A benchmark script's `if __name__ == "__main__"`: the steady allocator, then main();
     Ctrl-C exits with status 130 without a traceback."""
-    import sys
     reexec_with_steady_malloc()
     try:
         main()

@@ -156,6 +156,17 @@ def resample_pos_embed(pos: torch.Tensor, new_size: Tuple[int, int],
                                   interpolation="bilinear", align_corners=True, antialias=False)
 
 
+def _from_flipped(t: torch.Tensor, box: Tuple[int, int, int, int], row_dim: int) -> torch.Tensor:
+    """A copy of t whose MixToken box (rows x1:x2 on dim row_dim, columns y1:y2 on the next) is
+    taken from the batch flipped: applying it twice gives t back (MixToken, then its undoing)."""
+    x1, y1, x2, y2 = box
+    idx = [slice(None)] * t.ndim
+    idx[row_dim], idx[row_dim + 1] = slice(x1, x2), slice(y1, y2)
+    out = t.clone()
+    out[tuple(idx)] = t.flip(0)[tuple(idx)]
+    return out
+
+
 def _check_pool(global_pool: str) -> str:
     if global_pool not in ("token", "avg"):
         raise ValueError(f"global_pool: expected 'token' (the class token, as released) or 'avg' "
@@ -323,10 +334,7 @@ class RefinerViT(nn.Module):
         if mix:
             lam = self._rng.beta(self.mixtoken_beta, self.mixtoken_beta)
             box = mixtoken_box(h, w, lam, self._rng)
-            x1, y1, x2, y2 = box
-            mixed = x.clone()
-            mixed[:, :, x1:x2, y1:y2] = x.flip(0)[:, :, x1:x2, y1:y2]
-            x = mixed
+            x = _from_flipped(x, box, row_dim=2)  # (B, C, h, w)
         return self._pos_embed(x), (h, w), box
 
     def _encode(self, x: torch.Tensor, return_attn: bool) -> Tuple[torch.Tensor, List[torch.Tensor]]:
@@ -414,11 +422,8 @@ class RefinerViT(nn.Module):
             x_cls, x_aux = out
             if box != (0, 0, 0, 0):
                 # Undo the token mix on the dense logits so each location's label stays its own.
-                x1, y1, x2, y2 = box
-                x_aux = x_aux.reshape(x_aux.shape[0], h, w, -1)
-                unmixed = x_aux.clone()
-                unmixed[:, x1:x2, y1:y2, :] = x_aux.flip(0)[:, x1:x2, y1:y2, :]
-                x_aux = unmixed.reshape(x_aux.shape[0], h * w, -1)
+                x_aux = _from_flipped(x_aux.reshape(x_aux.shape[0], h, w, -1), box, row_dim=1)
+                x_aux = x_aux.reshape(x_aux.shape[0], h * w, -1)
             out = (x_cls, x_aux, box)
         return (out, maps) if return_attn else out
 
