@@ -58,6 +58,10 @@ export PATH="$CUDA_HOME/bin:$PATH"
 export MAX_JOBS=${MAX_JOBS:-16}
 export REFINER_CUDA=${REFINER_CUDA:-1}
 unset TRITON_INTERPRET                      # real Triton on the GPU
+# Autotuning results on disk (Triton's own knob): the benchmark steps run the same kernels and shapes
+# in separate processes, and each would time every config again. The tuning keys hold every switch
+# that changes a kernel (refiner_kernels/_common.py tuning_key); the machine is fresh each round.
+export TRITON_CACHE_AUTOTUNING=${TRITON_CACHE_AUTOTUNING:-1}
 export PYTHONUNBUFFERED=1
 
 left() { echo $(( BUDGET - ($(date +%s) - START) )); }

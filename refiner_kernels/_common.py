@@ -1,6 +1,7 @@
 """Shared helpers of the Triton backend: availability, launch configuration."""
 from __future__ import annotations
 
+import inspect
 import os
 
 import torch
@@ -73,15 +74,30 @@ def autotuning() -> bool:
     return os.environ.get("REFINER_TRITON_AUTOTUNE", "1") != "0"
 
 
+def tuning_key(fn, configs, key) -> list:
+    """key, then every constexpr parameter of fn that no config sets: a switch such as the dot
+    precision (PREC) changes what the kernel does, so its timings must not share a tuning-cache
+    entry (in memory, and on disk with Triton's TRITON_CACHE_AUTOTUNING=1) with another value's.
+    Constexprs that follow from the key (HP from H) add nothing, but nothing has to be remembered.
+    Triton adds the tensors' dtypes itself."""
+    jit = getattr(fn, "fn", fn)  # JITFunction / InterpretedFunction -> the Python function
+    by_config = set().union(*(cfg.kwargs for cfg in configs))
+    switches = [n for n, p in inspect.signature(jit).parameters.items()
+                if "constexpr" in str(p.annotation) and n not in by_config and n not in key]
+    return list(key) + switches
+
+
 def gpu_autotune(configs, key):
     """``triton.autotune`` for the GPU; returns None under the interpreter (or without Triton, or
     with REFINER_TRITON_AUTOTUNE=0), where callers launch the plain kernel with one fixed
-    configuration. Decided from the environment only: no driver call at import."""
+    configuration. Decided from the environment only: no driver call at import. key: the shape
+    arguments; the constexpr switches are added (tuning_key)."""
     def deco(fn):
-        AUTOTUNE_SPECS[fn.__name__] = (fn, configs, key)
+        full_key = tuning_key(fn, configs, key)
+        AUTOTUNE_SPECS[fn.__name__] = (fn, configs, full_key)
         if triton is None or interpreting() or not autotuning():
             return None
-        tuned = triton.autotune(configs=configs, key=key)(fn)
+        tuned = triton.autotune(configs=configs, key=full_key)(fn)
         _TUNED[fn.__name__] = tuned
         return tuned
     return deco

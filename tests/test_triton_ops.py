@@ -836,8 +836,13 @@ def test_autotune_specs_name_real_kernel_arguments():
         params = inspect.signature(fn.fn).parameters  # (a JITFunction or, here, an InterpretedFunction)
         constexpr = {n for n, p in params.items() if "constexpr" in str(p.annotation)}
         assert set(key) <= set(params), (name, set(key) - set(params))
+        by_config = set()
         for cfg in configs:
             assert set(cfg.kwargs) <= constexpr, (name, cfg.kwargs)
+            by_config |= set(cfg.kwargs)
+        # a switch (dot precision, mode) outside the key would let one value's timings pick
+        # another's config, also through Triton's on-disk tuning cache
+        assert constexpr - by_config <= set(key), (name, constexpr - by_config - set(key))
 
 
 def test_refine_train_passes_are_profiler_ranges(monkeypatch):
