@@ -23,7 +23,9 @@ HAS_CUDA = False
 try:
     from . import _C  # noqa: F401  (loading the library registers torch.ops.refiner.*)
     AVAILABLE = True
-    HAS_CUDA = bool(torch.ops.refiner.has_cuda())
+    # Asked of the dispatcher's table, not by calling the has_cuda op: this import may first run
+    # inside a trace (torch.export, torch.compile), which would record the call in the graph.
+    HAS_CUDA = torch._C._dispatch_has_kernel_for_dispatch_key("refiner::softmax_block", "CUDA")
 except Exception as _e:  # ImportError, OSError (undefined symbols: built against another torch), ...
     UNAVAILABLE_REASON = (f"refiner._C could not be loaded ({type(_e).__name__}: {_e}); build it with "
                           "`pip install --no-build-isolation .` or `python setup.py build_ext --inplace`")

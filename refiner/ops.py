@@ -24,7 +24,8 @@ from torch import Tensor
 
 from . import reference
 
-__all__ = ["BACKENDS", "OPS", "available_backends", "describe_backends", "parse_backend", "resolve_backend",
+__all__ = ["BACKENDS", "OPS", "available_backends", "describe_backends", "load_backends", "parse_backend",
+           "resolve_backend",
            "softmax_block", "refine_eval", "refine_train", "refine_block",
            "head_mix", "attn_dwconv", "row_softmax", "attn_value"]
 
@@ -80,6 +81,20 @@ def available_backends(device: Optional[torch.device | str] = None) -> Dict[str,
         device = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(device)
     return {name: (why or "ok") for name in BACKENDS for _, why in [_usable(name, device)]}
+
+
+def load_backends() -> Dict[str, str]:
+    """Register every installed backend's torch ops now; op namespace -> "ok" or why not.
+    `import refiner` loads a backend on its first use only, but `torch.export.load` of a program
+    exported from a fused model needs its ops (refiner::*, refiner_triton::*) registered first."""
+    compiled, why = _load("cpu")  # refiner._C holds the CPU and the CUDA kernels of refiner::*
+    status = {"refiner": "ok" if compiled is not None else why}
+    try:  # refiner_triton::* registers on import, GPU or not
+        import refiner_kernels.ops  # noqa: F401
+        status["refiner_triton"] = "ok"
+    except Exception as e:
+        status["refiner_triton"] = f"import failed: {type(e).__name__}: {e}"
+    return status
 
 
 def describe_backends() -> str:

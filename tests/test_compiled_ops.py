@@ -104,6 +104,7 @@ def softmax_inputs(B, H, N, d, prev, dtype=torch.float64, device=DEVICE):
 # ----------------------------------------------------------------------------- basic facts
 def test_flags():
     assert C.AVAILABLE is True and isinstance(C.HAS_CUDA, bool) and C.UNAVAILABLE_REASON == ""
+    assert C.HAS_CUDA == torch.ops.refiner.has_cuda()  # the dispatcher-table query and the op agree
 
 
 def test_import_without_extension_never_raises():

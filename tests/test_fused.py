@@ -175,6 +175,51 @@ def test_torch_compile_fullgraph(backend):
         torch.testing.assert_close(compiled(x), ref.eval()(x), rtol=1e-4, atol=1e-5)
 
 
+# argv: mode (a backend: export; "load"), device, state-dict file, program file. Nothing but refiner is
+# imported before the export's trace: the backend's first use happens inside it.
+_EXPORT_SCRIPT = """
+import sys, torch
+import refiner
+mode, device, weights, program = sys.argv[1:]
+model = refiner.RefinerViT(**ARGS).to(device).eval()
+model.load_state_dict(torch.load(weights))
+x = [torch.randn(b, 3, 48, 48, device=device) for b in (3, 1, 5)]
+if mode == "load":  # only `import refiner` and its load_backends() register the ops
+    print(refiner.ops.load_backends())
+    loaded = torch.export.load(program).module()
+    with torch.no_grad():
+        for xb in x:
+            torch.testing.assert_close(loaded(xb), model(xb), rtol=1e-4, atol=1e-5)
+else:
+    fm = refiner.fused.convert(model, backend=mode)
+    ep = torch.export.export(fm, (x[0],), dynamic_shapes={"x": {0: torch.export.Dim("batch", min=1, max=64)}})
+    torch.export.save(ep, program)
+    print(sorted({str(n.target) for n in ep.graph.nodes if n.op == "call_function" and "refiner" in str(n.target)}))
+"""
+
+
+@pytest.mark.parametrize("backend", backend_params(include_reference=False))
+def test_torch_export(backend, tmp_path):
+    # torch.export of the fused model with a dynamic batch, saved, then loaded and run in another
+    # process (a deployment's path), both fresh: the backend's first use (its lazy import) happens
+    # inside the trace and must leave only the fused ops in the graph (the CUDA probe once left
+    # refiner.has_cuda there), and the loading process registers the ops with ops.load_backends().
+    import subprocess
+    import sys
+    args = dict(img_size=48, patch_size=16, embed_dim=32, depth=2, num_heads=4, num_classes=5)
+    weights, program = str(tmp_path / "weights.pt"), str(tmp_path / "model.pt2")
+    torch.save(tiny(**args).state_dict(), weights)
+    script = _EXPORT_SCRIPT.replace("ARGS", repr(args))
+    outs = []
+    for mode in (backend, "load"):
+        run = subprocess.run([sys.executable, "-c", script, mode, DEVICE, weights, program],
+                             capture_output=True, text=True, timeout=600)
+        assert run.returncode == 0, run.stderr[-3000:]
+        outs.append(run.stdout.strip().splitlines()[-1])
+    ns = "refiner_triton" if backend == "triton" else "refiner"
+    assert outs[0] == f"['{ns}.refine_eval.default', '{ns}.softmax_block.default']"
+
+
 @pytest.mark.parametrize("ckpt", [False, True], ids=["", "grad_checkpointing"])
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_torch_compile_training_steps(backend, ckpt):
