@@ -427,3 +427,19 @@ def test_decide_settings_compares_with_what_the_plain_rows_ran(tmp_path):
     assert D.ratios([_round_files(tmp_path, rows, device="cpu")])[0] == {}
     with pytest.raises(SystemExit):  # timings alone need --no-test-check
         D.main([str(tmp_path)])
+
+
+def test_demo_runs_and_its_checks_hold(capsys):
+    # `make demo`'s program at a small size: the fused model matches the reference in eval, its
+    # training-step gradients are about as close to float64 as the reference's own fp32 ones, and
+    # every compiled op usable here agrees with the reference op.
+    import re
+    from refiner import demo
+    demo.main(["--img", "32", "--batch", "2", "--repeats", "1"])
+    text = capsys.readouterr().out
+    eval_err = float(re.search(r"refiner_vit_s eval\s+(\S+)", text).group(1))
+    fused, ref = map(float, re.search(r"train step\s+grads (\S+) \(ref: (\S+)\)", text).groups())
+    assert eval_err < 1e-5
+    assert fused <= 5 * ref + 1e-6, text
+    op_errs = [float(e) for e in re.findall(r"^(?:softmax_block|refine eval)\s+\w+\s+(\S+)", text, re.M)]
+    assert op_errs and max(op_errs) < 1e-5, text
