@@ -233,7 +233,7 @@ def softmax_block(q: Tensor, k: Tensor, v: Tensor, prev_attn: Optional[Tensor] =
     """Kind-1 block core: attn = softmax(s q k^T) [+ s * prev_attn]; returns (attn @ v, attn)."""
     _check_qkv(q, k, v, prev_attn)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    if not math.isfinite(scale):
+    if not abs(scale) < math.inf:  # (not math.isfinite: torch.compile(dynamic=True) makes scale a SymFloat)
         raise ValueError(f"scale: must be finite, got {scale}")
     mod = resolve_backend(backend, q.device, "softmax_block")
     q, k, v = _dense_unless_views(mod, q, k, v)

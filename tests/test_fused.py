@@ -175,6 +175,42 @@ def test_torch_compile_fullgraph(backend):
         torch.testing.assert_close(compiled(x), ref.eval()(x), rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("backend", backend_params(include_reference=False))
+def test_torch_compile_dynamic_shapes(backend):
+    # torch.compile(dynamic=True): batch and image size symbolic, so the layer's float arguments
+    # (scale) reach refiner.ops as SymFloats (math.isfinite on one once broke the trace). Eval, then
+    # training steps, each over batches and image sizes the first call did not have. Gradients: about
+    # as close to a float64 step as the eager reference's own (train-mode BatchNorm over two images
+    # can be ill-conditioned: at 2 x 48 px the eager reference's stem gradients were 5e-4 off float64,
+    # the compiled fused model's 1e-5, so no elementwise tolerance against the eager one fits).
+    ref, fm = _pair(backend, depth=2)
+    sizes = [(2, 48), (1, 64)]
+    for train in (False, True):
+        torch._dynamo.reset()  # a fresh compile each phase (the recompile limit counts per code object)
+        ref.train(train), fm.train(train)
+        ref64 = copy.deepcopy(ref).double()
+        run = torch.compile(fm, dynamic=True, fullgraph=True,
+                            backend=("aot_eager_decomp_partition" if train else "aot_eager") if DEVICE == "cpu"
+                            else "inductor")
+        for b, s in sizes:
+            x = torch.randn(b, 3, s, s, device=DEVICE)
+            with torch.set_grad_enabled(train):
+                got, want = run(x), ref(x)
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5, msg=lambda m: f"{b}x{s}px: {m}")
+            if train:
+                for out, m in ((got, fm), (want, ref), (ref64(x.double()), ref64)):
+                    out.square().sum().backward()
+                # per parameter, with a floor of 1e-6 of all gradients' norm: some are ~0 in exact
+                # arithmetic (BN3's weight and bias, cancelled by adapt_bn), their error all rounding
+                total = torch.cat([p.grad.flatten() for p in ref64.parameters()]).norm().item()
+                for (n, p), q, r in zip(ref.named_parameters(), fm.parameters(), ref64.parameters()):
+                    err, base = (q.grad.double() - r.grad).norm().item(), (p.grad.double() - r.grad).norm().item()
+                    assert err <= 2 * base + 1e-4 * r.grad.norm().item() + 1e-6 * total, \
+                        f"{b}x{s}px {n}: |fused - f64| = {err:.3e}, |ref - f64| = {base:.3e}"
+                for m in (fm, ref, ref64):
+                    m.zero_grad()
+
+
 # argv: mode (a backend: export; "load"), device, state-dict file, program file. Nothing but refiner is
 # imported before the export's trace: the backend's first use happens inside it.
 _EXPORT_SCRIPT = """
