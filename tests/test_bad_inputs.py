@@ -29,8 +29,9 @@ def test_softmax_block_bad_shapes_dtypes_and_devices(backend):
     for args, name, exc in cases:
         with pytest.raises(exc, match=name):
             ops.softmax_block(*args, backend=backend)
-    with pytest.raises(ValueError, match="scale"):
-        ops.softmax_block(q, k, v, None, float("nan"), backend=backend)
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        with pytest.raises(ValueError, match="scale"):
+            ops.softmax_block(q, k, v, None, bad, backend=backend)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="device-mix check needs a CUDA device")
