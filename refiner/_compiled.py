@@ -195,6 +195,19 @@ def _register():
 
     torch.library.register_autograd(_lib + "row_softmax", _rs_backward, setup_context=_rs_setup)
 
+    # The backward ops have no derivative of their own. Unregistered, torch's autograd fallback would
+    # only warn and give a gradient of a gradient (create_graph=True, e.g. a gradient penalty) of zero.
+    def _no_double_backward(name):
+        def backward(ctx, *grads):
+            raise RuntimeError(f"refiner::{name}: the fused kernels have no double backward (a gradient of "
+                               "a gradient through them); use backend='reference' for higher-order gradients")
+
+        torch.library.register_autograd(_lib + name, backward, setup_context=lambda ctx, inputs, output: None)
+
+    for name in ("softmax_block", "refine_eval", "refine_train", "head_mix", "attn_dwconv", "row_softmax",
+                 "attn_value"):
+        _no_double_backward(name + "_backward")
+
 
 if AVAILABLE:
     try:

@@ -96,7 +96,7 @@ class RefinerAttention(reference.RefinerAttention):
             # a view of qkv: refiner.ops copies it for the backends that need dense inputs
             v = qkv.reshape(B, N, H, d).permute(0, 2, 1, 3).to(dtype)
             a = prev_attn.to(dtype)
-            if self.adapt_bn.training:
+            if ops.uses_batch_stats(self.DLA, self.adapt_bn):
                 out = ops.refine_block(a, v, self.DLA, self.adapt_bn, self.scale, backend=self.backend)
             else:
                 out = ops.refine_eval(a, v, self._folded(dtype), backend=self.backend)
@@ -140,18 +140,22 @@ def _cast(f: reference.FoldedRefine, dtype: torch.dtype) -> reference.FoldedRefi
 
 
 def _swap(model: nn.Module, make) -> nn.Module:
+    """make(m) for the model, then for its children where it returned None (recursively); a module
+    it returns replaces m. Returns the model, or its replacement (a bare layer given)."""
+    new = make(model)
+    if new is not None:
+        return new
     for name, child in list(model.named_children()):
-        new = make(child)
-        if new is not None:
+        new = _swap(child, make)
+        if new is not child:
             setattr(model, name, new)
-        else:
-            _swap(child, make)
     return model
 
 
 def convert(model: nn.Module, backend: str = "auto") -> nn.Module:
     """Replace every reference RefinerAttention in `model` by the fused one, in place, keeping weights,
-    and give every Refiner-ViT block the forward of `Block` (its class swapped, nothing else)."""
+    and give every Refiner-ViT block the forward of `Block` (its class swapped, nothing else). Returns
+    the model; given a bare RefinerAttention, its fused replacement (use the return value)."""
     def make(m):
         if type(m) is reference.RefinerAttention:
             return RefinerAttention.from_reference(m, backend)
@@ -166,7 +170,8 @@ def convert(model: nn.Module, backend: str = "auto") -> nn.Module:
 
 
 def revert(model: nn.Module) -> nn.Module:
-    """Inverse of `convert`: back to reference attention layers with the same weights."""
+    """Inverse of `convert`: back to reference attention layers with the same weights (returns the model,
+    or a bare layer's reference replacement)."""
     def make(m):
         if isinstance(m, RefinerAttention):
             ref = reference.RefinerAttention(

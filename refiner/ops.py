@@ -62,10 +62,12 @@ def _import_backend(name: str) -> Tuple[Optional[ModuleType], str]:
     return mod, ""
 
 
-def _usable(name: str, device: torch.device) -> Tuple[Optional[ModuleType], str]:
+def _usable(name: str, device: torch.device, dtype: Optional[torch.dtype] = None) -> Tuple[Optional[ModuleType], str]:
     mod, why = _load(name)
     if mod is None:
         return None, why
+    if dtype is not None and dtype not in getattr(mod, "DTYPES", (dtype,)):
+        return None, f"its kernels do not take {dtype} tensors (they compute in float32)"
     if name == "cuda" and device.type != "cuda":
         return None, "tensors are not on a CUDA device"
     if name == "cpu" and device.type != "cpu":
@@ -139,21 +141,24 @@ def parse_backend(backend: str) -> Tuple[str, Tuple[Tuple[str, str], ...]]:
     return default, tuple(per_op.items())
 
 
-def resolve_backend(backend: str, device: torch.device, op: Optional[str] = None) -> ModuleType:
-    """The backend module for `backend` (see `parse_backend`), a device and, for per-op choices, the op."""
+def resolve_backend(backend: str, device: torch.device, op: Optional[str] = None,
+                    dtype: Optional[torch.dtype] = None) -> ModuleType:
+    """The backend module for `backend` (see `parse_backend`), a device and, for per-op choices, the op;
+    with a dtype, "auto" passes over backends that can't compute in it (Triton for float64)."""
     default, per_op = parse_backend(backend)
     backend = dict(per_op).get(op, default)
     if backend == "auto":
         order = _AUTO_ORDER_BY_OP.get(op, {}).get(device.type) or _AUTO_ORDER.get(device.type, ("reference",))
         for name in order:
-            mod, why = _usable(name, device)
+            mod, why = _usable(name, device, dtype)
             if mod is not None:
                 return mod
             log.debug("refiner: backend %r skipped for %s: %s", name, device, why)
         return reference
-    mod, why = _usable(backend, device)
+    mod, why = _usable(backend, device, dtype)
     if mod is None:
-        raise RuntimeError(f"backend: {backend!r} is not usable for {device} tensors: {why}")
+        raise RuntimeError(f"backend: {backend!r} is not usable for {device} {'' if dtype is None else str(dtype) + ' '}"
+                           f"tensors: {why}")
     return mod
 
 
@@ -235,7 +240,7 @@ def softmax_block(q: Tensor, k: Tensor, v: Tensor, prev_attn: Optional[Tensor] =
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     if not abs(scale) < math.inf:  # (not math.isfinite: torch.compile(dynamic=True) makes scale a SymFloat)
         raise ValueError(f"scale: must be finite, got {scale}")
-    mod = resolve_backend(backend, q.device, "softmax_block")
+    mod = resolve_backend(backend, q.device, "softmax_block", q.dtype)
     q, k, v = _dense_unless_views(mod, q, k, v)
     (prev_attn,) = _dense(prev_attn)
     return mod.softmax_block(q, k, v, prev_attn, scale)
@@ -245,7 +250,7 @@ def refine_eval(attn: Tensor, v: Tensor, folded: reference.FoldedRefine, backend
     """Eval-mode refine block with folded BatchNorms (see `reference.fold_refine`)."""
     _check_map_and_v(attn, v)
     _check_weights(attn.shape[1], folded.w_exp, folded.w_dw, folded.w_pro)
-    mod = resolve_backend(backend, attn.device, "refine_eval")
+    mod = resolve_backend(backend, attn.device, "refine_eval", attn.dtype)
     (attn,), (v,) = _dense(attn), _dense_unless_views(mod, v)
     return mod.refine_eval(attn, v, *folded.args())
 
@@ -255,15 +260,49 @@ def refine_train(attn: Tensor, v: Tensor, *params: Tensor, eps: float, scale: fl
     """Training-mode refine block: (out, batch statistics); see `reference.refine_train`."""
     _check_map_and_v(attn, v)
     _check_weights(attn.shape[1], *params[:3])
-    mod = resolve_backend(backend, attn.device, "refine_train")
+    mod = resolve_backend(backend, attn.device, "refine_train", attn.dtype)
     attn, *params = _dense(attn, *params)
     (v,) = _dense_unless_views(mod, v)
     return mod.refine_train(attn, v, *params, eps, scale, expand)
 
 
-def _bn_check(bn: nn.BatchNorm2d, name: str):
-    if not bn.affine or not bn.track_running_stats:
-        raise ValueError(f"{name}: fused refine ops need affine BatchNorms with running statistics")
+def _bns(dla: reference.DLA, adapt_bn: nn.Module):
+    """(name, module) of the refine block's BatchNorms (no BN1 without expansion)."""
+    named = [("DLA.bn1", getattr(dla, "bn1", None)), ("DLA.bn2", dla.bn2), ("DLA.bn3", dla.bn3),
+             ("adapt_bn", adapt_bn)]
+    return [(name, bn) for name, bn in named if bn is not None]
+
+
+def _bn_check(bn: nn.Module, name: str):
+    if isinstance(bn, nn.modules.batchnorm._BatchNorm):
+        if not bn.affine or not bn.track_running_stats:
+            raise ValueError(f"{name}: fused refine ops need affine BatchNorms with running statistics")
+    elif not all(hasattr(bn, a) for a in ("weight", "bias", "running_mean", "running_var", "eps")):
+        raise TypeError(f"{name}: expected an nn.BatchNorm2d or a frozen one (weight, bias, running "
+                        f"statistics, eps), got {type(bn).__name__}")
+
+
+def uses_batch_stats(dla: reference.DLA, adapt_bn: nn.Module) -> bool:
+    """Whether the refine block's BatchNorms normalise with batch statistics (training mode) or with
+    their running ones (eval mode, or frozen, e.g. timm's FrozenBatchNorm2d). The fused ops run all
+    of them one way, and in training with adapt_bn's eps: a mix raises instead of being run wrong."""
+    named = _bns(dla, adapt_bn)
+    for name, bn in named:
+        _bn_check(bn, name)
+    batch = {name: isinstance(bn, nn.modules.batchnorm._BatchNorm) and bn.training for name, bn in named}
+    if len(set(batch.values())) > 1:
+        raise ValueError("; ".join(f"{n}: {'batch' if b else 'running'} statistics" for n, b in batch.items())
+                         + ": the fused refine ops normalise with one kind for all four BatchNorms (set their "
+                         "modes alike, or use backend='reference')")
+    if batch["adapt_bn"]:
+        for name, bn in named:
+            if isinstance(bn, nn.SyncBatchNorm):
+                raise ValueError(f"{name}: a SyncBatchNorm in training; the fused refine ops compute this "
+                                 "process's batch statistics only (use nn.BatchNorm2d, or backend='reference')")
+            if bn.eps != adapt_bn.eps:
+                raise ValueError(f"{name}: eps {bn.eps} differs from adapt_bn's {adapt_bn.eps}; the fused "
+                                 "training step uses one eps for the four BatchNorms")
+    return batch["adapt_bn"]
 
 
 def check_foldable(dla: reference.DLA, adapt_bn: nn.BatchNorm2d) -> None:
@@ -271,9 +310,7 @@ def check_foldable(dla: reference.DLA, adapt_bn: nn.BatchNorm2d) -> None:
 
     Called once per fold, not per forward: the check syncs with the device.
     """
-    named = ([("DLA.bn1", dla.bn1)] if dla.expand_ratio != 1 else []) + \
-        [("DLA.bn2", dla.bn2), ("DLA.bn3", dla.bn3), ("adapt_bn", adapt_bn)]
-    for name, bn in named:
+    for name, bn in _bns(dla, adapt_bn):
         _bn_check(bn, name)
         for attr in ("weight", "bias", "running_mean", "running_var"):
             t = getattr(bn, attr)
@@ -290,15 +327,11 @@ def refine_block(attn: Tensor, v: Tensor, dla: reference.DLA, adapt_bn: nn.Batch
     Training mode uses batch statistics and updates the running statistics exactly like
     nn.BatchNorm2d; eval mode folds every BatchNorm (pass `folded` to reuse a fold).
     """
-    if not adapt_bn.training:
+    if not uses_batch_stats(dla, adapt_bn):
         if folded is None:
             check_foldable(dla, adapt_bn)
             folded = reference.fold_refine(dla, adapt_bn, scale)
         return refine_eval(attn, v, folded, backend)
-    for name, bn in [("DLA.bn1", getattr(dla, "bn1", None)), ("DLA.bn2", dla.bn2), ("DLA.bn3", dla.bn3),
-                     ("adapt_bn", adapt_bn)]:
-        if bn is not None:
-            _bn_check(bn, name)
     expand = dla.expand_ratio != 1
     ref = dla.depth_sep_conv.weight
     hidden = ref.shape[0]
@@ -322,7 +355,7 @@ def head_mix(x: Tensor, w: Tensor, backend: str = "auto") -> Tensor:
     _check_tensor("w", w, 2, x)
     if w.shape[1] != x.shape[1]:
         raise ValueError(f"w: expected (C2, {x.shape[1]}) to match x's channels, got {tuple(w.shape)}")
-    return resolve_backend(backend, x.device, "head_mix").head_mix(*_dense(x, w))
+    return resolve_backend(backend, x.device, "head_mix", x.dtype).head_mix(*_dense(x, w))
 
 
 def attn_dwconv(x: Tensor, w: Tensor, backend: str = "auto") -> Tensor:
@@ -331,13 +364,13 @@ def attn_dwconv(x: Tensor, w: Tensor, backend: str = "auto") -> Tensor:
     _check_tensor("w", w, 3, x)
     if w.shape[0] != x.shape[1] or w.shape[1] != w.shape[2] or w.shape[1] % 2 == 0:
         raise ValueError(f"w: expected ({x.shape[1]}, k, k) with odd k, got {tuple(w.shape)}")
-    return resolve_backend(backend, x.device, "attn_dwconv").attn_dwconv(*_dense(x, w))
+    return resolve_backend(backend, x.device, "attn_dwconv", x.dtype).attn_dwconv(*_dense(x, w))
 
 
 def row_softmax(x: Tensor, backend: str = "auto") -> Tensor:
     """Softmax over the last dim of a (B, H, N, M) map."""
     _check_tensor("x", x, 4)
-    return resolve_backend(backend, x.device, "row_softmax").row_softmax(x.contiguous())
+    return resolve_backend(backend, x.device, "row_softmax", x.dtype).row_softmax(x.contiguous())
 
 
 def attn_value(a: Tensor, v: Tensor, backend: str = "auto") -> Tensor:
@@ -346,4 +379,4 @@ def attn_value(a: Tensor, v: Tensor, backend: str = "auto") -> Tensor:
     _check_tensor("v", v, 4, a)
     if tuple(v.shape[:2]) != tuple(a.shape[:2]) or v.shape[2] != a.shape[3]:
         raise ValueError(f"v: expected shape ({a.shape[0]}, {a.shape[1]}, {a.shape[3]}, d), got {tuple(v.shape)}")
-    return resolve_backend(backend, a.device, "attn_value").attn_value(*_dense(a, v))
+    return resolve_backend(backend, a.device, "attn_value", a.dtype).attn_value(*_dense(a, v))

@@ -15,9 +15,9 @@ from typing import Optional, Tuple
 
 from torch import Tensor
 
-from ._common import availability
+from ._common import DTYPES, availability  # noqa: F401  (DTYPES: what refiner.ops may hand it)
 
-__all__ = ["AVAILABLE", "UNAVAILABLE_REASON", "softmax_block", "refine_eval", "refine_train",
+__all__ = ["AVAILABLE", "UNAVAILABLE_REASON", "DTYPES", "softmax_block", "refine_eval", "refine_train",
            "head_mix", "attn_dwconv", "row_softmax", "attn_value"]
 
 

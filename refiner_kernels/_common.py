@@ -36,13 +36,22 @@ def next_pow2(n: int) -> int:
     return 1 << max(0, (int(n) - 1).bit_length())
 
 
-def check_device(*tensors) -> None:
+# What the kernels compute in: fp32 accumulation of fp32/fp16/bf16 inputs. float64 would come back
+# with float32's accuracy, so it is refused (refiner.ops' "auto" picks another backend for it).
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def check_inputs(*tensors) -> None:
+    """Device and dtype of the tensors a kernel is given (None skipped)."""
     for t in tensors:
         if t is None:
             continue
         if t.device.type == "cpu" and not interpreting():
             raise RuntimeError("refiner_triton: CPU tensors need TRITON_INTERPRET=1 (set before importing "
                                "triton); use the 'cpu' or 'reference' backend instead")
+        if t.dtype not in DTYPES:
+            raise TypeError(f"refiner_triton: {t.dtype} tensors are not supported (the Triton kernels compute "
+                            "in float32); use the 'cuda', 'cpu' or 'reference' backend for float64")
 
 
 MAX_IMAGE_MAP = 2 ** 31 - 1  # elements of one image's (H, N, N) maps the refine kernels index in int32

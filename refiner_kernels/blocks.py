@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from ._common import check_device, gpu_autotune, interpreting, next_pow2, num_warps_for, triton, tl, use_tuned
+from ._common import check_inputs, gpu_autotune, interpreting, next_pow2, num_warps_for, triton, tl, use_tuned
 
 
 if triton is not None:
@@ -67,7 +67,7 @@ def _batched(t: torch.Tensor) -> torch.Tensor:
 def bmm(a: torch.Tensor, b: torch.Tensor, out_dtype=None, out=None) -> torch.Tensor:
     """Batched a @ b over leading dims (any strides: (B, H, ., .) views and transposes are read in
     place). out: a preallocated result of any strides (e.g. token-major), else a new contiguous one."""
-    check_device(a, b)
+    check_inputs(a, b)
     lead = a.shape[:-2]
     M, K = a.shape[-2:]
     NN = b.shape[-1]
@@ -170,7 +170,7 @@ if triton is not None:
 
 
 def head_mix_fwd(x, w):
-    check_device(x, w)
+    check_inputs(x, w)
     B, C, N, M = x.shape
     C2 = w.shape[0]
     y = bmm(w.expand(B, C2, C), x.reshape(B, C, N * M), out_dtype=x.dtype)
@@ -187,7 +187,7 @@ def head_mix_bwd(dy, x, w):
 
 
 def attn_value_fwd(a, v):
-    check_device(a, v)
+    check_inputs(a, v)
     return bmm(a, v, out_dtype=torch.result_type(a, v))
 
 
@@ -204,7 +204,7 @@ def _rows_cfg(M):
 
 
 def row_softmax_fwd(x):
-    check_device(x)
+    check_inputs(x)
     x = x.contiguous()
     M = x.shape[-1]
     R = x.numel() // max(M, 1)
@@ -231,7 +231,7 @@ def _dw_tiles(N, M):
 
 
 def attn_dwconv_fwd(x, w):
-    check_device(x, w)
+    check_inputs(x, w)
     x, w = x.contiguous(), w.contiguous()
     B, C, N, M = x.shape
     KS = w.shape[-1]

@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import torch
 
-from ._common import (batch_chunks, check_device, check_image_map, gpu_autotune, interpreting, next_pow2, num_warps_for,
+from ._common import (batch_chunks, check_inputs, check_image_map, gpu_autotune, interpreting, next_pow2, num_warps_for,
                       bhn_strides, token_major, triton, tl, unit_head_stride, use_tuned)
 from .blocks import bmm
 from .settings import switch
@@ -670,7 +670,7 @@ def stencil_reduce_into(r, a, e, params, KS, prec):
 
 def refine_eval_fwd(attn, v, w_exp, b_exp, w_dw, b_dw, w_pro, b_pro, alpha, beta, expand,
                     store_r=False):
-    check_device(attn, v)
+    check_inputs(attn, v)
     check_image_map(attn)
     attn, v = attn.contiguous(), unit_head_stride(v)  # v: read through its strides
     B, H, N, _ = attn.shape
@@ -817,7 +817,7 @@ def refine_eval_bwd(dout, attn, v, w_exp, b_exp, w_dw, b_dw, w_pro, b_pro, alpha
     # dout and v only meet bmm, which reads them through their strides (no copies)
     RH, N = w_dw.shape[0], attn.shape[-1]
     if backward_variant(attn.device) == "split" and RH * N * N <= SPLIT_MAX_MAP:
-        check_device(attn, v)
+        check_inputs(attn, v)
         check_image_map(attn)
         attn = attn.contiguous()
         we, be, relu = _prep(attn, w_exp, b_exp, expand)

@@ -52,7 +52,7 @@ import os
 
 import torch
 
-from ._common import (batch_chunks, check_device, check_image_map, gpu_autotune, interpreting, next_pow2, num_warps_for,
+from ._common import (batch_chunks, check_inputs, check_image_map, gpu_autotune, interpreting, next_pow2, num_warps_for,
                       token_major, triton, tl, unit_head_stride, use_tuned)
 from .blocks import bmm
 from .settings import switch
@@ -718,7 +718,7 @@ def refine_train_fwd(attn, v, w_exp, w_dw, w_pro, g1, b1, g2, b2, g3, b3, ga, ba
                      keep_y3=True):
     """Returns out, the stats dict (float64), aux (fp32 vector for the backward) and the Y3 buffer
     for the backward (keep_y3, the caller's save_y3(); else an empty tensor)."""
-    check_device(attn, v)
+    check_inputs(attn, v)
     check_image_map(attn)
     attn, v = attn.contiguous(), unit_head_stride(v)  # v: read through its strides by F5's matmul
     B, H, N, _ = attn.shape

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import torch
 
-from ._common import (bhn_strides, check_device, gpu_autotune, interpreting, next_pow2, num_warps_for, token_major,
+from ._common import (bhn_strides, check_inputs, gpu_autotune, interpreting, next_pow2, num_warps_for, token_major,
                       triton, tl, use_tuned, unit_head_stride)
 
 
@@ -232,7 +232,7 @@ def _tiles(N: int, D: int):
 def softmax_block_fwd(q, k, v, prev_attn, scale: float):
     """q, k, v: any strides with a unit-stride head dim (others are copied), e.g. views of a qkv
     projection; out: token-major (token_major)."""
-    check_device(q, k, v, prev_attn)
+    check_inputs(q, k, v, prev_attn)
     q, k, v = (unit_head_stride(t) for t in (q, k, v))
     B, H, N, D = q.shape
     out = token_major(B, H, N, D, q)

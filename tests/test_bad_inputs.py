@@ -1,4 +1,6 @@
 """Bad input gets a clear Python exception naming the argument, on every backend."""
+import copy
+
 import pytest
 import torch
 
@@ -101,8 +103,94 @@ def test_unusable_backend_says_why():
     assert status["cuda"] != "ok"
 
 
+@pytest.mark.skipif(ops.available_backends(DEVICE)["triton"] != "ok", reason="triton backend not usable here")
+def test_float64_is_never_computed_in_float32_by_triton():
+    # The Triton kernels compute in float32: asked for float64 by name they refuse, and "auto" passes
+    # over them (CUDA: the CUDA kernels' float64 instances, or the reference). Called directly, the
+    # kernel package refuses too.
+    import refiner_kernels
+    q, k, v = [t.double() for t in qkv()]
+    with pytest.raises(RuntimeError, match="backend: 'triton'.*float64"):
+        ops.softmax_block(q, k, v, backend="triton")
+    assert ops.resolve_backend("auto", q.device, "softmax_block", torch.float64) is not refiner_kernels
+    out, attn = ops.softmax_block(q, k, v)
+    assert out.dtype == attn.dtype == torch.float64
+    torch.testing.assert_close(out, reference.softmax_block(q, k, v, None, 8 ** -0.5)[0], rtol=1e-12, atol=1e-12)
+    with pytest.raises(TypeError, match="refiner_triton: torch.float64"):
+        refiner_kernels.softmax_block(q, k, v, None, 0.5)
+
+
 def test_model_bad_images():
     from refiner.models import RefinerViT
     m = RefinerViT(img_size=32, embed_dim=16, depth=2, num_heads=2, num_classes=3)
     with pytest.raises(ValueError, match="x"):
         m(torch.randn(3, 32, 32))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_double_backward_raises_or_is_right(backend):
+    # A gradient of a gradient (create_graph=True, e.g. a gradient penalty): the fused ops have none,
+    # and must raise rather than hand back zeros (torch's fallback for an op without a derivative
+    # only warns); the reference differentiates twice, as torch does.
+    torch.manual_seed(0)
+    H, N = 2, 6
+    dla, abn = random_dla(H)
+    dla, abn = dla.to(DEVICE), abn.to(DEVICE)
+    q, k, v = [t.requires_grad_() for t in qkv(1, H, N, 4)]
+    attn = random_attn(1, H, N, device=DEVICE).requires_grad_()
+    x = torch.randn(1, H, N, N, device=DEVICE, requires_grad=True)
+    w, w3 = (torch.randn(s, device=DEVICE) for s in ((3, H), (H, 3, 3)))
+    cases = {
+        "softmax_block": lambda be: ops.softmax_block(q, k, v, None, 0.5, backend=be)[0],
+        "refine_eval": lambda be: ops.refine_block(attn, v, dla.eval(), abn.eval(), 0.5, backend=be),
+        "refine_train": lambda be: ops.refine_block(attn, v, dla.train(), abn.train(), 0.5, backend=be),
+        "head_mix": lambda be: ops.head_mix(x, w, backend=be),
+        "attn_dwconv": lambda be: ops.attn_dwconv(x, w3, backend=be),
+        "row_softmax": lambda be: ops.row_softmax(x, backend=be),
+        "attn_value": lambda be: ops.attn_value(x, v, backend=be),
+    }
+    for name, fn in cases.items():
+        inputs = [t for t in (q, k, v, attn, x) if t.grad_fn is None]
+        first = torch.autograd.grad(fn(backend).square().sum(), inputs, create_graph=True, allow_unused=True)
+        penalty = sum(g.square().sum() for g in first if g is not None)
+        if backend == "reference":
+            assert penalty.requires_grad, name
+            continue
+        with pytest.raises(RuntimeError, match="backward|autograd"):
+            torch.autograd.grad(penalty, inputs, allow_unused=True)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_refine_batchnorm_modes(backend):
+    # The fused refine ops normalise all four BatchNorms one way. Frozen BatchNorms (timm's
+    # freeze_batch_norm_2d: FrozenBatchNorm2d, running statistics in training too) run the folded path
+    # in a training step and match the reference; a mix of batch- and running-statistics BNs, another
+    # eps in training, or a SyncBatchNorm in training (statistics across processes) raises naming the
+    # module instead of running one wrong.
+    from timm.layers import freeze_batch_norm_2d
+    torch.manual_seed(0)
+    H, N = 4, 7
+    ref = reference.RefinerAttention(16, H, share_atten=True).to(DEVICE)
+    dla, abn = random_dla(H)
+    ref.DLA.load_state_dict(dla.state_dict()), ref.adapt_bn.load_state_dict(abn.state_dict())
+    x = torch.randn(2, N, 16, device=DEVICE)
+    prev = random_attn(2, H, N, device=DEVICE)
+    frozen = freeze_batch_norm_2d(fused.convert(copy.deepcopy(ref), backend=backend)).train()
+    ref_frozen = freeze_batch_norm_2d(copy.deepcopy(ref)).train()
+    torch.testing.assert_close(frozen(x, prev)[0], ref_frozen(x, prev)[0], rtol=1e-4, atol=1e-5)
+    layer = fused.convert(copy.deepcopy(ref), backend=backend).train()
+    layer.DLA.bn2.eval()
+    with pytest.raises(ValueError, match="DLA.bn2: running statistics"):
+        layer(x, prev)
+    layer.eval()
+    layer.DLA.bn3.train()
+    with pytest.raises(ValueError, match="DLA.bn3: batch statistics"):
+        layer(x, prev)
+    layer.train()
+    layer.DLA.bn1.eps = 1e-3
+    with pytest.raises(ValueError, match="DLA.bn1: eps"):
+        layer(x, prev)
+    layer.DLA.bn1.eps = 1e-5
+    synced = torch.nn.SyncBatchNorm.convert_sync_batchnorm(layer)  # DDP's cross-process statistics
+    with pytest.raises(ValueError, match="DLA.bn1: a SyncBatchNorm"):
+        synced(x, prev)

@@ -69,6 +69,20 @@ def test_convert_and_revert_give_bit_identical_state_dicts():
     assert all(type(b) is models.Block for b in fused.revert(fused.convert(tiny())).blocks)
 
 
+def test_convert_a_bare_layer_returns_its_replacement():
+    # convert/revert of a RefinerAttention itself (not inside a model) return the swapped layer: it
+    # once came back unconverted, silently, as only children were swapped.
+    layer = reference.RefinerAttention(32, 4, share_atten=True).to(DEVICE).eval()
+    fused_layer = fused.convert(layer, backend="reference")
+    assert type(fused_layer) is fused.RefinerAttention and fused_layer.backend == "reference"
+    back = fused.revert(fused_layer)
+    assert type(back) is reference.RefinerAttention
+    x, prev = torch.randn(2, 5, 32, device=DEVICE), torch.randn(2, 4, 5, 5, device=DEVICE).softmax(-1)
+    with torch.no_grad():
+        torch.testing.assert_close(fused_layer(x, prev), layer(x, prev), rtol=1e-5, atol=1e-6)
+        assert all(torch.equal(a, b) for a, b in zip(back(x, prev), layer(x, prev)))
+
+
 @pytest.mark.parametrize("mode", ["train", "eval", "bf16"])
 @pytest.mark.parametrize("ratio", [0.5, 0.3])
 def test_fused_block_is_the_released_block_bit_for_bit(mode, ratio):
