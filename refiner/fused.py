@@ -36,7 +36,9 @@ class RefinerAttention(reference.RefinerAttention):
 
     Eval mode folds the BatchNorms into the refine kernel's weights; the fold is cached
     and recomputed whenever a parameter or running statistic changes (tracked by the
-    tensors' version counters), so it is never stale after `load_state_dict` or a step.
+    tensors' version counters and storage), so it is never stale after `load_state_dict`,
+    a step or `p.data = ...`. In-place edits through `p.data` bypass the version counter:
+    `train()`/`eval()` drop the cache, so call `model.eval()` after such edits.
     """
 
     def __init__(self, *args, backend: str = "auto", **kwargs):
@@ -57,6 +59,10 @@ class RefinerAttention(reference.RefinerAttention):
         new.load_state_dict(ref.state_dict())
         return new
 
+    def train(self, mode: bool = True):
+        self._fold_key = None  # refold at the next eval forward (see the class docstring)
+        return super().train(mode)
+
     def extra_repr(self) -> str:
         return f"backend={self.backend!r}"
 
@@ -67,7 +73,7 @@ class RefinerAttention(reference.RefinerAttention):
         out_scale = self.scale if self.share_atten else 1.0
         if torch.compiler.is_compiling():  # version counters are not traceable; folding is cheap
             return _cast(reference.fold_refine(self.DLA, self.adapt_bn, out_scale), dtype)
-        key = (dtype,) + tuple((id(t), t._version, t.device) for t in tensors)
+        key = (dtype,) + tuple((id(t), t._version, t.data_ptr(), t.device) for t in tensors)
         if key != self._fold_key:
             ops.check_foldable(self.DLA, self.adapt_bn)
             self._fold = _cast(reference.fold_refine(self.DLA, self.adapt_bn, out_scale), dtype)

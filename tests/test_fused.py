@@ -117,7 +117,7 @@ def test_fused_block_is_the_released_block_bit_for_bit(mode, ratio):
     torch.testing.assert_close(grads[1][0], grads[0][0], **close)
 
 
-def test_fold_is_refreshed_after_load_state_dict_and_training():
+def test_fold_is_refreshed_after_load_state_dict_training_and_data_edits():
     ref, fm = _pair("reference")
     x = torch.randn(2, 3, 48, 48, device=DEVICE)
     fm.eval()(x)  # builds the folds
@@ -133,6 +133,17 @@ def test_fold_is_refreshed_after_load_state_dict_and_training():
     other.train()(x)
     with torch.no_grad():
         torch.testing.assert_close(fm.eval()(x), other.eval()(x), rtol=1e-4, atol=1e-5)
+    # Storage swapped under the parameter (p.data = ...; its version counter stays): seen by the key
+    bn, bn_ref = fm.blocks[1].attn.adapt_bn, other.blocks[1].attn.adapt_bn
+    for b in (bn, bn_ref):
+        b.weight.data = b.weight.data * 1.5
+    with torch.no_grad():
+        torch.testing.assert_close(fm(x), other(x), rtol=1e-4, atol=1e-5)
+    # in place through .data (no version bump at all): eval() drops the cached folds
+    for b in (bn, bn_ref):
+        b.running_var.data.mul_(2.0)
+    with torch.no_grad():
+        torch.testing.assert_close(fm.eval()(x), other(x), rtol=1e-4, atol=1e-5)
 
 
 def test_timm_create_model_fused():
