@@ -25,7 +25,7 @@ from torch import Tensor
 from . import reference
 
 __all__ = ["BACKENDS", "OPS", "available_backends", "describe_backends", "load_backends", "parse_backend",
-           "resolve_backend",
+           "resolve_backend", "uses_batch_stats",
            "softmax_block", "refine_eval", "refine_train", "refine_block",
            "head_mix", "attn_dwconv", "row_softmax", "attn_value"]
 
@@ -66,8 +66,8 @@ def _usable(name: str, device: torch.device, dtype: Optional[torch.dtype] = None
     mod, why = _load(name)
     if mod is None:
         return None, why
-    if dtype is not None and dtype not in getattr(mod, "DTYPES", (dtype,)):
-        return None, f"its kernels do not take {dtype} tensors (they compute in float32)"
+    if dtype is not None and dtype not in getattr(mod, "DTYPES", (dtype,)):  # Triton: no float64
+        return None, f"its kernels take {', '.join(map(str, mod.DTYPES))} tensors, not {dtype}"
     if name == "cuda" and device.type != "cuda":
         return None, "tensors are not on a CUDA device"
     if name == "cpu" and device.type != "cpu":
@@ -157,8 +157,8 @@ def resolve_backend(backend: str, device: torch.device, op: Optional[str] = None
         return reference
     mod, why = _usable(backend, device, dtype)
     if mod is None:
-        raise RuntimeError(f"backend: {backend!r} is not usable for {device} {'' if dtype is None else str(dtype) + ' '}"
-                           f"tensors: {why}")
+        what = f"{device} tensors" if dtype is None else f"{dtype} tensors on {device}"
+        raise RuntimeError(f"backend: {backend!r} is not usable for {what}: {why}")
     return mod
 
 
@@ -325,7 +325,8 @@ def refine_block(attn: Tensor, v: Tensor, dla: reference.DLA, adapt_bn: nn.Batch
     """`(adapt_bn(dla(attn)) * scale) @ v` with the modules' own BatchNorm semantics.
 
     Training mode uses batch statistics and updates the running statistics exactly like
-    nn.BatchNorm2d; eval mode folds every BatchNorm (pass `folded` to reuse a fold).
+    nn.BatchNorm2d; eval mode (or frozen BatchNorms) folds every BatchNorm (pass `folded` to reuse
+    a fold). The four BatchNorms must agree on the mode (`uses_batch_stats`).
     """
     if not uses_batch_stats(dla, adapt_bn):
         if folded is None:
