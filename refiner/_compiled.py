@@ -40,6 +40,8 @@ def _require():
 
 
 CUDA_MAX_HEAD_SIZE = 128  # the CUDA kernels' limit (kMaxHeadDimCuda in csrc/checks.h)
+# The CUDA kernels' dtypes (check_common in csrc/checks.h: float64 on the CPU only)
+CUDA_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def _check_cuda_head_size(name: str, t: Tensor):
@@ -154,7 +156,8 @@ def _register():
     torch.library.register_autograd(_lib + "refine_eval", _re_backward, setup_context=_re_setup)
 
     def _rt_setup(ctx, inputs, output):  # output: out, 8 batch statistics, y3 (empty without keep_y3)
-        *tensors, ctx.eps, ctx.scale, ctx.expand, _keep_y3 = inputs
+        tensors = inputs[:13]  # setup_context sees every argument, defaults filled in
+        ctx.eps, ctx.scale, ctx.expand = inputs[13:16]
         ctx.mark_non_differentiable(*output[1:])
         ctx.set_materialize_grads(False)  # else the backward gets an A-sized zero gradient of y3
         ctx.save_for_backward(*tensors, *output[1:])
@@ -166,7 +169,9 @@ def _register():
         grads = list(torch.ops.refiner.refine_train_backward(g, *saved, ctx.eps, ctx.scale, ctx.expand))
         if not ctx.expand:  # w_exp, g1, b1 are unused
             grads[2] = grads[5] = grads[6] = None
-        return (*grads, None, None, None, None)
+        # the dispatcher drops keep_y3 when it equals its default; torch <= 2.13 wants exactly one
+        # gradient per input it saw
+        return (*grads, *[None] * (len(ctx.needs_input_grad) - len(grads)))
 
     torch.library.register_autograd(_lib + "refine_train", _rt_backward, setup_context=_rt_setup)
 

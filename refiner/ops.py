@@ -66,8 +66,9 @@ def _usable(name: str, device: torch.device, dtype: Optional[torch.dtype] = None
     mod, why = _load(name)
     if mod is None:
         return None, why
-    if dtype is not None and dtype not in getattr(mod, "DTYPES", (dtype,)):  # Triton: no float64
-        return None, f"its kernels take {', '.join(map(str, mod.DTYPES))} tensors, not {dtype}"
+    dtypes = getattr(mod, "CUDA_DTYPES" if name == "cuda" else "DTYPES", None)  # Triton, CUDA: no float64
+    if dtype is not None and dtypes is not None and dtype not in dtypes:
+        return None, f"its kernels take {', '.join(map(str, dtypes))} tensors, not {dtype}"
     if name == "cuda" and device.type != "cuda":
         return None, "tensors are not on a CUDA device"
     if name == "cpu" and device.type != "cpu":

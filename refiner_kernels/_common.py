@@ -83,16 +83,24 @@ def autotuning() -> bool:
     return os.environ.get("REFINER_TRITON_AUTOTUNE", "1") != "0"
 
 
+# Constexprs that the launchers derive from the tensors' dtypes, which Triton keys on itself. They
+# hold a tl.dtype, which Triton's on-disk tuning cache (TRITON_CACHE_AUTOTUNING=1) cannot write:
+# json.dumps of the key raised "Object of type dtype is not JSON serializable" at every launch
+# (H200, Triton 3.6).
+FROM_DTYPES = ("DOT_T",)
+
+
 def tuning_key(fn, configs, key) -> list:
     """key, then every constexpr parameter of fn that no config sets: a switch such as the dot
     precision (PREC) changes what the kernel does, so its timings must not share a tuning-cache
     entry (in memory, and on disk with Triton's TRITON_CACHE_AUTOTUNING=1) with another value's.
     Constexprs that follow from the key (HP from H) add nothing, but nothing has to be remembered.
-    Triton adds the tensors' dtypes itself."""
+    Triton adds the tensors' dtypes itself (FROM_DTYPES stay out)."""
     jit = getattr(fn, "fn", fn)  # JITFunction / InterpretedFunction -> the Python function
     by_config = set().union(*(cfg.kwargs for cfg in configs))
     switches = [n for n, p in inspect.signature(jit).parameters.items()
-                if "constexpr" in str(p.annotation) and n not in by_config and n not in key]
+                if "constexpr" in str(p.annotation) and n not in by_config and n not in key
+                and n not in FROM_DTYPES]
     return list(key) + switches
 
 

@@ -267,6 +267,13 @@ def _(dout, attn, v, w_exp, w_dw, w_pro, g1, b1, g2, b2, g3, b3, ga, ba, aux, y3
     return [t.new_empty(t.shape) for t in (attn, v, w_exp, w_dw, w_pro, g1, b1, g2, b2, g3, b3, ga, ba)]
 
 
+def _one_per_input(ctx, grads):
+    """grads, then None for each other input the op was called with: torch's dispatcher drops an
+    argument equal to its default (keep_y3=True) before autograd sees it, and torch <= 2.13 wants
+    exactly one gradient per input it saw (newer releases trim the extras)."""
+    return (*grads, *[None] * (len(ctx.needs_input_grad) - len(grads)))
+
+
 def _rt_setup(ctx, inputs, output):
     ctx.eps, ctx.scale, ctx.expand = inputs[13], inputs[14], inputs[15]
     ctx.mark_non_differentiable(*output[1:])
@@ -278,7 +285,7 @@ def _rt_backward(ctx, grads):
     *ins, aux, y3 = ctx.saved_tensors
     dout = grads[0] if grads[0] is not None else torch.zeros_like(ins[1])  # (out unused)
     g = refine_train_bwd_op(dout, *ins, aux, y3, ctx.eps, ctx.scale, ctx.expand)
-    return (*g, None, None, None, None)
+    return _one_per_input(ctx, g)
 
 
 refine_train_op.register_autograd(_rt_backward, setup_context=_rt_setup)

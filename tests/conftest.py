@@ -43,6 +43,11 @@ settings.load_profile(os.environ.get("REFINER_HYPOTHESIS_PROFILE", "ci"))
 if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
 
+# On a GPU, torch's own convolutions (the stems, the reference's DLA convs) run in full fp32:
+# cuDNN defaults to TF32 for them, and rounding two nearly equal inputs to TF32 can split them by
+# 2^-11: eager against compiled models differed by 1e-3 of a gradient's scale (H200, torch 2.11).
+torch.backends.cudnn.allow_tf32 = False
+
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (none visible)")
 
 

@@ -106,12 +106,16 @@ def test_unusable_backend_says_why():
 @pytest.mark.skipif(ops.available_backends(DEVICE)["triton"] != "ok", reason="triton backend not usable here")
 def test_float64_is_never_computed_in_float32_by_triton():
     # The Triton kernels compute in float32: asked for float64 by name they refuse, and "auto" passes
-    # over them (CUDA: the CUDA kernels' float64 instances, or the reference). Called directly, the
-    # kernel package refuses too.
+    # over them (CPU: the CPU kernels' float64 instances; GPU: the reference, as the CUDA kernels take
+    # no float64). Called directly, the kernel package refuses too.
     import refiner_kernels
     q, k, v = [t.double() for t in qkv()]
     with pytest.raises(RuntimeError, match="backend: 'triton'.*float64"):
         ops.softmax_block(q, k, v, backend="triton")
+    if ops.available_backends("cuda")["cuda"] == "ok":  # an extension built with CUDA: no GPU needed
+        with pytest.raises(RuntimeError, match="backend: 'cuda' is not usable for torch.float64"):
+            ops.resolve_backend("cuda", torch.device("cuda"), "softmax_block", torch.float64)
+        assert ops.resolve_backend("auto", torch.device("cuda"), "softmax_block", torch.float64) is reference
     assert ops.resolve_backend("auto", q.device, "softmax_block", torch.float64) is not refiner_kernels
     out, attn = ops.softmax_block(q, k, v)
     assert out.dtype == attn.dtype == torch.float64

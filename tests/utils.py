@@ -155,8 +155,10 @@ def check_tensor_core_softmax(run, monkeypatch, args, s):
     and next to the CUDA-core kernel (REFINER_CUDA_TENSOR_CORES=0); `run(args, s)` calls the op on
     args = (q, k, v, prev or None). fp16/bf16: the operands (the inputs, the stored attn) are exact
     in TF32 and the products accumulate in fp32, so only the summation order differs from the
-    CUDA-core kernel: attn and out may differ from it by one rounding of the half type (2^-10 /
-    2^-7 relative to the scale) and stay within the half tolerance of fp64. fp32 (3xTF32): within
+    CUDA-core kernel: attn and out may differ from it by one unit in the last place of the half type,
+    which is up to 2^-10 / 2^-7 of the larger of the two values: held to twice that of the CUDA-core
+    kernel's value (an element of attn rounded up across a power of two failed the single bound,
+    H200) and to the half tolerance of fp64. fp32 (3xTF32): within
     1e-5 of fp64 and 4e-6 of the CUDA-core kernel, relative to the scale (measured: up to 1.2e-6
     from fp64, 1.6x the CUDA-core kernel's error in 2-norm)."""
     from test_compiled_ops import assert_close  # here: test_compiled_ops imports this module
@@ -167,5 +169,6 @@ def check_tensor_core_softmax(run, monkeypatch, args, s):
     assert out.dtype == attn.dtype == dtype
     assert_close(attn, r_attn, tol, tol, "attn")
     assert_close(out, r_out, tol, tol, "out")
-    assert_close(attn, attn32, near, near if dtype == torch.float32 else 0, "attn vs the CUDA-core kernel")
-    assert_close(out, out32, near, near, "out vs the CUDA-core kernel")
+    ulp = near if dtype == torch.float32 else 2 * near
+    assert_close(attn, attn32, ulp, near if dtype == torch.float32 else 0, "attn vs the CUDA-core kernel")
+    assert_close(out, out32, ulp, near, "out vs the CUDA-core kernel")
