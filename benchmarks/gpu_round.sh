@@ -4,21 +4,20 @@
 #
 #   bash benchmarks/gpu_round.sh quick         # everything that fits ONE call of a 15-minute lease:
 #                                              # build (sm_90) while the Triton GPU tests run, then the
-#                                              # CUDA/cross-backend tests, the CUDA backend's tensor-core
-#                                              # kernels against its CUDA-core kernels and Triton
-#                                              # (bench_ops), inference (S on CUDA, Triton and per-op
-#                                              # mixes, ViT-S; 224 px, no compile), a training step (S,
-#                                              # Triton settings), bench_ops of the Triton refine ops
-#                                              # (N 197/577, bf16) with the other settings as extra rows
-#                                              # (--env-variants), the values faster than the
-#                                              # defaults that passed their GPU tests (decide_settings:
-#                                              # results/tuned_settings.json, to commit), refine_train by pass
-#                                              # (bench_train_passes), then in the time left a profile
-#                                              # (Refiner-ViT-S fused[triton] vs reference); next call on
-#                                              # the warm machine: STAGE_BUDGET=260 bash
-#                                              # benchmarks/gpu_round.sh compiled (the torch.compile rows,
-#                                              # never measured on a GPU) or, where the CUDA tests failed,
-#                                              # sanitize
+#                                              # CUDA/cross-backend tests, a training step (S, Triton
+#                                              # settings and refine_train on CUDA), inference (S on
+#                                              # Triton, CUDA and per-op mixes, ViT-S; 224 px, no
+#                                              # compile), bench_ops of the refine and softmax ops
+#                                              # (Triton, CUDA, reference; N 197/577, bf16) with the
+#                                              # other settings as extra rows (--env-variants), the
+#                                              # values faster than the defaults that passed their GPU
+#                                              # tests (decide_settings: results/tuned_settings.json,
+#                                              # to commit), refine_train by pass (bench_train_passes),
+#                                              # then in the time left a profile (Refiner-ViT-S
+#                                              # fused[triton] vs reference); next call on the warm
+#                                              # machine: STAGE_BUDGET=260 bash benchmarks/gpu_round.sh
+#                                              # compiled (the torch.compile rows, never measured on a
+#                                              # GPU) or, where the CUDA tests failed, sanitize
 #   bash benchmarks/gpu_round.sh compiled      # torch.compile (inductor) of Refiner-ViT-S fused on Triton and
 #                                              # of the reference, beside their eager rows and ViT-S: the
 #                                              # "reference compiled" target and the fused model compiled
@@ -158,57 +157,47 @@ bench_models() {  # the checkpointed training rows are candidates: the time limi
 # The tests run with REFINER_TRITON_AUTOTUNE=0 (one fixed config per kernel): autotuned, the
 # first round's test_triton_gpu.py compiled every config of every test shape and finished 9 tests
 # in its 150 s. The benchmarks keep autotuning (their rows record max|err| against the reference,
-# and bench_ops prints the configs that won).
+# and bench_ops prints the configs that won). Round 4 (H200) timed the CUDA backend's tensor-core
+# kernels (bench_ops_nvidia-h200_20261128T061823Z/T061928Z); its Triton rows were lost (the disk
+# cache) and its time ran out before the training rows: those come first now.
 stage_quick() {
   export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
   MAX_JOBS=12 build & local build_pid=$!
-  # the build (~110 s) runs beside the Triton GPU tests (bf16 numerics; test_triton_ops.py runs on
-  # the CPU in CI), in parallel workers where pytest-xdist is installed: the tests are bound by
-  # Triton compiling (the second round's serial run finished 20 of 36 in 100 s)
+  # the build (~130 s) runs beside the Triton GPU tests (bf16 numerics; test_triton_ops.py runs on
+  # the CPU in CI), in parallel workers: the tests are bound by Triton compiling on the CPU
   REFINER_TRITON_AUTOTUNE=0 run_step pytest_triton_gpu 150 "$PY" -m pytest -q -ra "${XDIST[@]}" \
     --junitxml "$RES/pytest_triton_gpu.xml" tests/test_triton_gpu.py
   wait "$build_pid"
   describe_backends
   # (torch.export and dynamic-shape compiling trace the same fake impls as on the CPU, where CI runs
-  # them: left to the "tests" stage, they would cost this step ~30 s of the GPU's time)
-  REFINER_TRITON_AUTOTUNE=0 run_step pytest_gpu 110 "$PY" -m pytest -q -ra "${XDIST[@]}" \
+  # them: left to the "tests" stage, they would cost this step ~30 s of the GPU's time. Round 4 ran
+  # these files and test_extremes.py in 59 s with 8 workers.)
+  REFINER_TRITON_AUTOTUNE=0 run_step pytest_gpu 120 "$PY" -m pytest -q -ra -n 8 \
     -k "not torch_export and not dynamic_shapes" \
     tests/test_compiled_cuda.py tests/test_extremes.py tests/test_bad_inputs.py tests/test_fused.py \
     tests/test_properties.py tests/test_cuda_entry_checks.py \
     tests/test_compiled_ops.py::test_extension_shares_the_shared_libstdcxx \
     tests/test_compiled_ops.py::test_integer_in_an_error_message_in_a_subprocess
-  # First what no GPU has run yet: the CUDA backend's tensor-core kernels (forwards after round 3, refine_eval's
-  # backward gradient kernel after that; fwd and fwd+bwd rows) beside its fp32 kernels and Triton, in one run
-  run_step bench_ops_cuda 80 "$PY" benchmarks/bench_ops.py --out "$RES" --rep-ms 25 --n 197 577 --heads 12 \
-    --head-dim 32 --dtypes bf16 --ops refine_eval softmax_block --backends cuda triton reference \
-    --env-variants "cuda:REFINER_CUDA_TENSOR_CORES=0"
-  # refine_train's CUDA passes on the tensor cores (train_tc.cuh, never run on a GPU) beside its CUDA-core
-  # passes, its backward's own Y3 pass (REFINER_TRAIN_SAVE_Y3=0; the default keeps the forward's) and
-  # Triton, N = 197 (B = 32, bf16: the CUDA passes run on an fp32 copy of the map)
-  run_step bench_ops_cuda_train 60 "$PY" benchmarks/bench_ops.py --out "$RES" --rep-ms 25 --n 197 --heads 12 \
-    --head-dim 32 --dtypes bf16 --ops refine_train --backends cuda triton \
-    --env-variants "cuda:REFINER_CUDA_TENSOR_CORES=0" "cuda:REFINER_TRAIN_SAVE_Y3=0"
-  # Inference in one run: Refiner-ViT-S on CUDA (tensor cores, then fp32 kernels), Triton (and with its
-  # refine_eval forward on bf16 dots) and per-op mixes of the two (candidates), the reference, and timm
-  # ViT-S (the inference targets' rows)
-  run_step bench_models_infer 110 "$PY" benchmarks/bench_models.py --out "$RES" \
-    --models refiner_vit_s vit_small_patch16_224 --img 224 --batch 256 --modes infer --compile-backend skip \
-    --repeats 5 --fused-backends cuda triton --env-variants "cuda:REFINER_CUDA_TENSOR_CORES=0" \
-    "triton:REFINER_TRITON_REFINE_DOT=bf16" --mixed-backends "triton,refine_eval=cuda" "cuda,refine_eval=triton"
   # A training step (the training targets: speed and peak memory against the reference): Triton with its
-  # defaults (TF32 dots for bf16, the forward's Y3 kept), the candidates (E stored per L2-sized batch
-  # chunk; 3xTF32 dots; refine_train on the CUDA backend's tensor-core passes) and the memory-lean setting. (Round 2's defaults, IEEE dots and Y3 recomputed:
-  # 208 images/s in round 3, no longer timed here.)
-  run_step bench_models_train 120 "$PY" benchmarks/bench_models.py --out "$RES" --models refiner_vit_s \
+  # defaults (TF32 dots for bf16, the forward's Y3 kept), refine_train on the CUDA backend's tensor-core
+  # passes, E stored per L2-sized batch chunk, and the memory-lean setting. (Round 4, H200, before the
+  # fix of the defaults' backward: Y3 recomputed 1.24x the reference, the CUDA passes 1.36x.)
+  run_step bench_models_train 100 "$PY" benchmarks/bench_models.py --out "$RES" --models refiner_vit_s \
     --img 224 --batch 256 --modes train --compile-backend skip --repeats 5 --fused-backends triton \
-    --env-variants "triton:REFINER_TRITON_TRAIN_X2=split" "triton:REFINER_TRITON_TRAIN_DOT=tf32x3" \
-    "triton:REFINER_TRITON_TRAIN_SAVE_Y3=0" --mixed-backends "triton,refine_train=cuda"
-  # the refine ops on Triton and the reference (N = 197 rows first, the time limit may cut N = 577)
+    --env-variants "triton:REFINER_TRITON_TRAIN_X2=split" "triton:REFINER_TRITON_TRAIN_SAVE_Y3=0" \
+    --mixed-backends "triton,refine_train=cuda"
+  # Inference in one run: Refiner-ViT-S on Triton, on CUDA (tensor cores) and the two per-op mixes, the
+  # reference and timm ViT-S (the inference targets' rows)
+  run_step bench_models_infer 90 "$PY" benchmarks/bench_models.py --out "$RES" \
+    --models refiner_vit_s vit_small_patch16_224 --img 224 --batch 256 --modes infer --compile-backend skip \
+    --repeats 5 --fused-backends triton cuda --env-variants "triton:REFINER_TRITON_REFINE_DOT=bf16" \
+    --mixed-backends "triton,refine_eval=cuda" "cuda,refine_eval=triton"
+  # the refine ops on Triton, CUDA and the reference (N = 197 rows first, the time limit may cut N = 577)
   # with the other settings beside the defaults in the same runs (rows labelled triton[NAME=VALUE]):
   # refine_train with its X2 passes from a stored E, with Y3 recomputed, with 3xTF32 or bf16 dots; refine_eval's
   # backward from a stored E, its "tile" forward, its forward on bf16 dots. (Round 3 measured IEEE dots and the halo X2 passes: slower.)
   run_step bench_ops 100 "$PY" benchmarks/bench_ops.py --out "$RES" --rep-ms 25 --n 197 577 --heads 12 \
-    --head-dim 32 --dtypes bf16 --ops refine_eval refine_train --backends triton reference \
+    --head-dim 32 --dtypes bf16 --ops refine_eval refine_train softmax_block --backends triton cuda reference \
     --env-variants "triton:REFINER_TRITON_TRAIN_X2=split@refine_train" \
     "triton:REFINER_TRITON_REFINE_BWD=split@refine_eval" "triton:REFINER_TRITON_TRAIN_SAVE_Y3=0@refine_train" \
     "triton:REFINER_TRITON_TRAIN_DOT=tf32x3@refine_train" "triton:REFINER_TRITON_TRAIN_DOT=bf16@refine_train" \
