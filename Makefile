@@ -12,7 +12,7 @@ export CUDA_HOME ?= /usr/local/cuda
 
 SOURCES := $(shell find csrc -type f 2>/dev/null) $(wildcard setup.py)
 
-.PHONY: demo test build deps clean bench cmake-build emu-asan cpu-asan triton-aot cuda-ptxas
+.PHONY: demo test build deps clean bench cmake-build emu-asan cpu-asan triton-aot cuda-ptxas old-torch
 
 deps: $(VENV)/.deps
 $(VENV)/.deps: requirements.txt
@@ -52,6 +52,26 @@ triton-aot: deps
 # fails if a tensor-core kernel spills (~2 min).
 cuda-ptxas: deps
 	$(PY) tests/cuda_ptxas.py --no-spills _tc_kernel
+
+# The Triton, fused-layer, reference and model tests (torch.library registrations, autograd,
+# torch.compile, torch.export) under torch 2.13, the oldest release pip offers here: the GPU
+# machines run torch 2.11, and releases before 2.14 refuse what 2.14 forgives (a backward returning
+# a gradient for an argument the dispatcher dropped as its default failed every Triton training
+# step on the H200). The compiled extension, built for the pinned torch, is left out (its tests
+# skip). timm's torchvision imports get stand-ins (tests/torchvision_standin: this torch's
+# torchvision wheel does not load here); the test of timm's frozen BatchNorm, which needs the real
+# one, is deselected (~6 min).
+OLD_TORCH_VENV ?= .venv-torch2.13
+old-torch:
+	test -x $(OLD_TORCH_VENV)/bin/python || $(PYTHON) -m venv $(OLD_TORCH_VENV)
+	$(OLD_TORCH_VENV)/bin/python -m pip install -q torch==2.13.0 triton==3.9.0 numpy==2.4.6 pyyaml==6.0.4 \
+	  safetensors==0.8.0 tqdm==4.70.1 huggingface_hub==2.4.0 pillow==13.0.0 pytest==9.2.0 pytest-xdist==3.8.0 \
+	  hypothesis==6.170.17
+	$(OLD_TORCH_VENV)/bin/python -m pip install -q --no-deps timm==1.0.31
+	PYTHONPATH=tests/torchvision_standin TRITON_INTERPRET=1 $(OLD_TORCH_VENV)/bin/python -m pytest -q \
+	  -n $(TEST_WORKERS) -p no:cacheprovider -k "not test_refine_batchnorm_modes" tests/test_triton_ops.py \
+	  tests/test_fused.py tests/test_bad_inputs.py tests/test_reference.py tests/test_models.py \
+	  tests/test_extremes.py tests/test_properties.py
 
 bench: build
 	$(PY) benchmarks/bench_ops.py
