@@ -22,6 +22,11 @@
 #                                              # of the reference, beside their eager rows and ViT-S: the
 #                                              # "reference compiled" target and the fused model compiled
 #                                              # (inference, then a training step; ~5-8 min, no build)
+#   bash benchmarks/gpu_round.sh ncu           # Nsight Compute on the refine and softmax ops' kernels (one
+#                                              # process per op/mode/backend, benchmarks/ncu_kernels.py):
+#                                              # occupancy, registers, throughput against the peaks, warp
+#                                              # stalls; the logs tarball holds one report per target
+#                                              # (~4 min, no build unless the CUDA targets need one)
 #   bash benchmarks/gpu_round.sh verify        # build (sm_90), the tests the last round failed (see
 #                                              # stage_verify), then memcheck and racecheck of the CUDA
 #                                              # tests: a short call (~6 min) for a session with little
@@ -247,12 +252,31 @@ stage_compiled() {
     --models refiner_vit_s --modes train
 }
 
+# Why the refine kernels run 10-20x above what their arithmetic and traffic need (round 4: refine_eval's
+# forward 0.51 ms at B=32 N=197 bf16 for ~3 GFLOP): one ncu report per target, Triton first. The
+# sections name the limiter (SpeedOfLight), the launch's registers and shared memory (LaunchStats,
+# Occupancy) and where warps wait (WarpStateStats). torch's own kernels are filtered out by name.
+stage_ncu() {
+  local ncu; ncu=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | tail -n 1)
+  if [ -z "$ncu" ]; then say "ncu not found: skipped"; return 0; fi
+  local t sections=(--section SpeedOfLight --section LaunchStats --section Occupancy --section WarpStateStats
+                    --section MemoryWorkloadAnalysis --section ComputeWorkloadAnalysis --section SchedulerStats)
+  for t in refine_eval:fwd:triton refine_train:fwd+bwd:triton refine_eval:fwd:cuda refine_eval:fwd+bwd:triton \
+           softmax_block:fwd:triton refine_train:fwd+bwd:cuda; do
+    [[ $t == *:cuda ]] && build
+    run_step "ncu_${t//[:+]/_}" 70 "$ncu" --clock-control none --profile-from-start off --kernel-name-base function \
+      -k "regex:^(_|refine|softmax|train|tc_|row_softmax|dwconv)" --launch-count 60 "${sections[@]}" \
+      "$PY" benchmarks/ncu_kernels.py --target "$t"
+  done
+}
+
 env_info
-if [ "$STAGE" = quick ] || [ "$STAGE" = verify ] || [ "$STAGE" = compiled ]; then BUDGET=${STAGE_BUDGET:-480}; else build; describe_backends; fi
+if [ "$STAGE" = quick ] || [ "$STAGE" = verify ] || [ "$STAGE" = compiled ] || [ "$STAGE" = ncu ]; then BUDGET=${STAGE_BUDGET:-480}; else build; describe_backends; fi
 case "$STAGE" in
   quick) stage_quick ;;
   verify) stage_verify ;;
   compiled) stage_compiled ;;
+  ncu) stage_ncu ;;
   tests) stage_tests ;;
   sanitize) stage_sanitize ;;
   props) REFINER_HYPOTHESIS_PROFILE=long run_step properties_long $(( $(left) - 20 )) "$PY" -m pytest -q -ra \
@@ -261,7 +285,7 @@ case "$STAGE" in
          bench_models $(( $(left) - 20 )) ;;
   bench-ops) bench_ops $(( $(left) - 20 )) ;;
   bench-models) bench_models $(( $(left) - 20 )) ;;
-  *) say "unknown stage '$STAGE' (quick | compiled | verify | tests | sanitize | props | bench | bench-ops | bench-models)"; exit 2 ;;
+  *) say "unknown stage '$STAGE' (quick | compiled | ncu | verify | tests | sanitize | props | bench | bench-ops | bench-models)"; exit 2 ;;
 esac
 # Tables and targets into the summary (the JSON/PNGs are in the results tarball).
 for f in "$LOGS"/bench_*.log "$LOGS"/profile_*.log; do

@@ -12,7 +12,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from benchmarks import bench_models, bench_ops, bench_train_passes, common, plot, profile_models  # noqa: E402
+from benchmarks import bench_models, bench_ops, bench_train_passes, common, ncu_kernels, plot, profile_models  # noqa: E402
 
 try:
     import matplotlib  # noqa: F401
@@ -226,6 +226,24 @@ def test_bench_train_passes_cpu(tmp_path, monkeypatch):
     assert sum(ms.values()) == pytest.approx(total, rel=1e-6)
     assert T.PASS_TIMER is None  # restored
     assert list(tmp_path.glob("bench_train_passes_cpu_*.json")) and (tmp_path / "latest_cpu.json").exists()
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="the CPU smoke run needs the Triton interpreter")
+def test_ncu_kernels_runs_its_target_warmup_plus_one_times(monkeypatch):
+    """The ncu driver calls the named op on the named backend: its warm-up calls, then the profiled one."""
+    calls = []
+    real = bench_ops.ops.refine_eval
+
+    def counted(*args, **kwargs):
+        calls.append(kwargs["backend"])
+        return real(*args, **kwargs)
+    monkeypatch.setattr(bench_ops.ops, "refine_eval", counted)
+    label = ncu_kernels.main(["--device", "cpu", "--target", "refine_eval:fwd+bwd:triton", "--n", "9", "--heads", "3",
+                              "--head-dim", "4", "--warmup", "2"])
+    assert calls == ["triton"] * 3 and label.startswith("refine_eval fwd+bwd triton (B=1, H=3, N=9, d=4")
+    for bad in ("refine_eval:fwd", "refine:fwd:triton", "refine_eval:bwd:triton", "refine_eval:fwd:tpu"):
+        with pytest.raises(SystemExit):
+            ncu_kernels.parse_args(["--target", bad])
 
 
 def test_flop_and_byte_formulas():
