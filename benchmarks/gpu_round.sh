@@ -72,8 +72,8 @@ export PYTHONUNBUFFERED=1
 left() { echo $(( BUDGET - ($(date +%s) - START) )); }
 # pytest-xdist workers where installed (the lent machines have it): GPU test files are bound by
 # Triton's and torch's compiling on the CPU
-XDIST=()
-"$PY" -c "import xdist" >/dev/null 2>&1 && XDIST=(-n 4)
+XDIST=() XDIST_WIDE=()  # (the build runs beside the first; the second has the 16 cores to itself)
+"$PY" -c "import xdist" >/dev/null 2>&1 && XDIST=(-n 4) XDIST_WIDE=(-n 8)
 say() { echo "[$(date -u +%H:%M:%S) +$(( $(date +%s) - START ))s] $*" | tee -a "$SUMMARY"; }
 # run_step NAME SECONDS CMD...: run under a time limit, log to $LOGS/NAME.log, note the outcome.
 run_step() {
@@ -177,7 +177,7 @@ stage_quick() {
   # (torch.export and dynamic-shape compiling trace the same fake impls as on the CPU, where CI runs
   # them: left to the "tests" stage, they would cost this step ~30 s of the GPU's time. Round 4 ran
   # these files and test_extremes.py in 59 s with 8 workers.)
-  REFINER_TRITON_AUTOTUNE=0 run_step pytest_gpu 120 "$PY" -m pytest -q -ra -n 8 \
+  REFINER_TRITON_AUTOTUNE=0 run_step pytest_gpu 120 "$PY" -m pytest -q -ra "${XDIST_WIDE[@]}" \
     -k "not torch_export and not dynamic_shapes" \
     tests/test_compiled_cuda.py tests/test_extremes.py tests/test_bad_inputs.py tests/test_fused.py \
     tests/test_properties.py tests/test_cuda_entry_checks.py \
