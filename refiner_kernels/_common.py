@@ -51,7 +51,7 @@ def check_inputs(*tensors) -> None:
                                "triton); use the 'cpu' or 'reference' backend instead")
         if t.dtype not in DTYPES:
             raise TypeError(f"refiner_triton: {t.dtype} tensors are not supported (the Triton kernels compute "
-                            "in float32); use the 'cuda', 'cpu' or 'reference' backend for float64")
+                            "in float32); for float64 use the 'cpu' backend (CPU) or 'reference'")
 
 
 MAX_IMAGE_MAP = 2 ** 31 - 1  # elements of one image's (H, N, N) maps the refine kernels index in int32

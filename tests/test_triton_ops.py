@@ -873,7 +873,8 @@ def test_autotune_specs_name_real_kernel_arguments():
         # a switch (dot precision, mode) outside the key would let one value's timings pick
         # another's config, also through Triton's on-disk tuning cache; the dot dtype follows from
         # the tensors' dtypes (in Triton's key) and, a tl.dtype, would break the cache's JSON
-        assert constexpr - by_config - set(_common.FROM_DTYPES) <= set(key), (name, constexpr - by_config - set(key))
+        switches = constexpr - by_config - set(_common.FROM_DTYPES)
+        assert switches <= set(key), (name, switches - set(key))
         assert not set(_common.FROM_DTYPES) & set(key), name
 
 
