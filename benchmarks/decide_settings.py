@@ -35,6 +35,7 @@ from refiner_kernels import settings  # noqa: E402
 MODE_OF = {"REFINER_TRITON_REFINE_FWD": "fwd", "REFINER_TRITON_REFINE_DOT": "fwd"}  # the rest: fwd+bwd rows
 # tests that run a value without naming NAME=VALUE in their id
 TESTS_OF = {("REFINER_TRITON_REFINE_FWD", "tile"): "test_refine_eval_gpu_tile_forward",
+            ("REFINER_TRITON_REFINE_FWD", "padded"): "test_refine_eval_gpu_padded_forward",
             ("REFINER_TRITON_REFINE_BWD", "split"): "test_refine_eval_gpu_split_backward"}
 _VARIANT = re.compile(r"^triton\[(.+)\]$")
 

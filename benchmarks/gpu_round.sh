@@ -196,6 +196,7 @@ stage_quick() {
   run_step bench_models_infer 90 "$PY" benchmarks/bench_models.py --out "$RES" \
     --models refiner_vit_s vit_small_patch16_224 --img 224 --batch 256 --modes infer --compile-backend skip \
     --repeats 5 --fused-backends triton cuda --env-variants "triton:REFINER_TRITON_REFINE_DOT=bf16" \
+    "triton:REFINER_TRITON_REFINE_FWD=padded" \
     --mixed-backends "triton,refine_eval=cuda" "cuda,refine_eval=triton"
   # the refine ops on Triton, CUDA and the reference (N = 197 rows first, the time limit may cut N = 577)
   # with the other settings beside the defaults in the same runs (rows labelled triton[NAME=VALUE]):
@@ -206,7 +207,8 @@ stage_quick() {
     --env-variants "triton:REFINER_TRITON_TRAIN_X2=split@refine_train" \
     "triton:REFINER_TRITON_REFINE_BWD=split@refine_eval" "triton:REFINER_TRITON_TRAIN_SAVE_Y3=0@refine_train" \
     "triton:REFINER_TRITON_TRAIN_DOT=tf32x3@refine_train" "triton:REFINER_TRITON_TRAIN_DOT=bf16@refine_train" \
-    "triton:REFINER_TRITON_REFINE_FWD=tile@refine_eval" "triton:REFINER_TRITON_REFINE_DOT=bf16@refine_eval"
+    "triton:REFINER_TRITON_REFINE_FWD=tile@refine_eval" "triton:REFINER_TRITON_REFINE_DOT=bf16@refine_eval" \
+    "triton:REFINER_TRITON_REFINE_FWD=padded@refine_eval"
   # the switch values that were faster than the defaults and passed their GPU tests, recorded for this
   # GPU model in results/tuned_settings.json: copy it over refiner_kernels/tuned_settings.json and commit
   cp refiner_kernels/tuned_settings.json "$RES/tuned_settings.json"

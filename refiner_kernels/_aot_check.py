@@ -18,6 +18,7 @@ import triton
 from triton.compiler import ASTSource, compile as tcompile
 from triton.backends.compiler import GPUTarget
 from refiner_kernels import kernels_softmax as S, kernels_refine_eval as E, kernels_refine_train as T, blocks as Bl
+from refiner_kernels import padded_e as PE
 from refiner_kernels._common import AUTOTUNE_SPECS
 
 TARGET = GPUTarget("cuda", 90, 32)
@@ -108,6 +109,18 @@ for prec, t, p, w, u, cc in [("tf32", "*bf16", 128, 4, False, 16), ("ieee", "*fp
                              PREC=prec, HP=16, CC=16, P=p), num_warps=w, num_stages=1, ptr_types={"a_ptr": t, "e_ptr": t})
     check(E._re_stencil_reduce, dict(a_ptr=P, e_ptr=P, wdw_ptr=P, bdw_ptr=P, wp_ptr=P, bp_ptr=P, al_ptr=P, bt_ptr=P,
                                      r_ptr=P, N=N, H=H, RH=RH, KS=3, PREC=prec, HP=16, CC=cc, P=p, UNROLL=u),
+          num_warps=w, num_stages=2, ptr_types={"a_ptr": t, "e_ptr": t, "r_ptr": t})
+# REFINER_TRITON_REFINE_FWD=padded: its autotuning space, fp32 maps (the backward's R), a 7 x 7 stencil
+for prec, t, p, w, u, ks in [("tf32", "*bf16", 128, 4, False, 3), ("tf32", "*bf16", 64, 4, False, 3),
+                             ("tf32", "*bf16", 256, 8, False, 3), ("tf32", "*bf16", 128, 4, True, 3),
+                             ("tf32", "*bf16", 128, 8, True, 3), ("ieee", "*fp32", 128, 4, False, 3),
+                             ("bf16", "*bf16", 128, 4, False, 3), ("tf32", "*fp16", 128, 4, True, 7), ("tf32", "*fp16", 128, 4, True, 5),
+                             ("tf32", "*bf16", 256, 4, False, 3), ("tf32", "*bf16", 512, 8, False, 3)]:
+    check(PE._pe_expand, dict(a_ptr=P, we_ptr=P, be_ptr=P, e_ptr=P, N=N, H=H, RH=RH, RHP=48, KS=ks, RELU_E=True,
+                              PREC=prec, HP=16, CC=16, P=p), num_warps=w, num_stages=1,
+          ptr_types={"a_ptr": t, "e_ptr": t})
+    check(PE._pe_stencil_reduce, dict(a_ptr=P, e_ptr=P, wdw_ptr=P, bdw_ptr=P, wp_ptr=P, bp_ptr=P, al_ptr=P, bt_ptr=P,
+                                      r_ptr=P, N=N, H=H, RH=RH, RHP=48, KS=ks, PREC=prec, HP=16, CC=16, P=p, UNROLL=u),
           num_warps=w, num_stages=2, ptr_types={"a_ptr": t, "e_ptr": t, "r_ptr": t})
 # REFINER_TRITON_TRAIN_X2=split: the training passes' expansion (shifted A, fp32 E)
 for prec in ("tf32", "bf16"):

@@ -558,7 +558,10 @@ def forward_variant(device=None) -> str:
     beyond the output, the lean-memory choice). H100, B=32, H=12, d=32, bf16 (benchmarks/results,
     2026-11-26): split 0.78 / 6.4 ms at N = 197 / 577, tile 1.00 / 6.8 ms; two other candidates
     measured slower there and were dropped (halo tiles staged through a scratch: 1.74 / 13.8 ms;
-    the tile recompute on flat position ranges: 0.84 / 7.2 ms).
+    the tile recompute on flat position ranges: 0.84 / 7.2 ms). "padded" (a candidate, not yet timed
+    on a GPU; padded_e.py): split with E stored on a zero-bordered grid, so that the stencil's
+    shifted loads need no bounds tests or masks; bit-identical to split. Beyond its int32 offsets
+    (16-padded rH (N + k - 1)^2 > 2^31 - 1) it runs split.
     The default applies unless the variable is set or a value is tuned for the GPU model (settings.py)."""
     return switch("REFINER_TRITON_REFINE_FWD", device)
 
@@ -683,9 +686,13 @@ def refine_eval_fwd(attn, v, w_exp, b_exp, w_dw, b_dw, w_pro, b_pro, alpha, beta
     prec = "ieee" if store_r else forward_precision(attn)
     # split: E and R in the input dtype (as under autocast), fp32 for the backward; "tile" beyond
     # the int32 offsets of its stencil pass (rH N^2 > 2^31 - 1: N > 7723 at rH = 36)
-    if forward_variant(attn.device) == "split" and RH * N * N <= SPLIT_MAX_MAP:
-        r = _split_r(attn, we, be, w_dw, b_dw, w_pro, b_pro, alpha, beta, relu, prec,
-                     torch.float32 if store_r else attn.dtype)
+    variant = forward_variant(attn.device)
+    if variant in ("split", "padded") and RH * N * N <= SPLIT_MAX_MAP:
+        r_dtype = torch.float32 if store_r else attn.dtype
+        if variant == "padded" and padded_e.fits(RH, N, KS):
+            r = padded_e.padded_r(attn, we, be, w_dw, b_dw, w_pro, b_pro, alpha, beta, relu, prec, r_dtype)
+        else:
+            r = _split_r(attn, we, be, w_dw, b_dw, w_pro, b_pro, alpha, beta, relu, prec, r_dtype)
         return r if store_r else bmm(r, v, out=token_major(B, H, N, D, v))
     TM, TJ = _fwd_tiles(N)
     HP = max(16, next_pow2(H))
@@ -832,3 +839,6 @@ def refine_eval_bwd(dout, attn, v, w_exp, b_exp, w_dw, b_dw, w_pro, b_pro, alpha
         da, *grads = refine_eval_dla_bwd(attn, dr, w_exp, b_exp, w_dw, b_dw, w_pro, b_pro, alpha, expand)
     ws = [g.to(w.dtype) for g, w in zip(grads, (w_exp, b_exp, w_dw, b_dw, w_pro, b_pro, alpha, beta))]
     return (da, dv, *ws)
+
+
+from . import padded_e  # noqa: E402  (the "padded" forward builds on this module's jit helpers)

@@ -124,6 +124,26 @@ def test_refine_eval_gpu_tile_forward(monkeypatch, N, d, ratio, ks, dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("N,d,ratio,ks", [(197, 32, 3, 3), (50, 35, 3, 5), (1, 32, 3, 7)])
+def test_refine_eval_gpu_padded_forward(monkeypatch, N, d, ratio, ks, dtype):
+    """The forward candidate REFINER_TRITON_REFINE_FWD=padded (E on a zero-bordered grid, unmasked
+    stencil loads; also the backward's R recompute), and bit for bit the split forward's output."""
+    monkeypatch.setenv("REFINER_TRITON_REFINE_FWD", "padded")
+    test_refine_eval_gpu(N, d, ratio, ks, dtype)
+    B, H = 2, 12
+    dla, bn = random_dla(H, ratio, ks)
+    dla.eval()
+    bn.eval()
+    f = ref.fold_refine(dla, bn, d ** -0.5)
+    xs, _ = _pair([random_attn(B, H, N), torch.randn(B, H, N, d)] + list(f.args()[:-1]), dtype)
+    with torch.no_grad():
+        padded = rk.refine_eval(*xs, f.expand)
+        monkeypatch.setenv("REFINER_TRITON_REFINE_FWD", "split")
+        split = rk.refine_eval(*xs, f.expand)
+    torch.testing.assert_close(padded, split, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("N,d,ratio,ks", [(197, 32, 3, 3), (50, 35, 3, 5)])
 def test_refine_eval_gpu_split_backward(monkeypatch, N, d, ratio, ks, dtype):
     """The backward's candidate REFINER_TRITON_REFINE_BWD=split (E stored per batch chunk)."""

@@ -112,7 +112,7 @@ def _folded(H, ratio, ks, d):
     (17, 35, 1, 3, torch.float32),
     (17, 32, 3, 3, torch.float16),
 ])
-@pytest.mark.parametrize("fwd,bwd", [("split", "offsets"), ("tile", "offsets"), ("split", "split")])
+@pytest.mark.parametrize("fwd,bwd", [("split", "offsets"), ("tile", "offsets"), ("split", "split"), ("padded", "offsets")])
 def test_refine_eval(monkeypatch, fwd, bwd, N, d, ratio, ks, dtype):
     """Both forward kernels (REFINER_TRITON_REFINE_FWD), which the backward also uses for R, and both
     ways of the backward to get E (REFINER_TRITON_REFINE_BWD)."""
@@ -137,7 +137,7 @@ def test_refine_eval(monkeypatch, fwd, bwd, N, d, ratio, ks, dtype):
         _close(a, b, dtype, "d" + name)
 
 
-@pytest.mark.parametrize("fwd", ["split", "tile"])
+@pytest.mark.parametrize("fwd", ["split", "tile", "padded"])
 @pytest.mark.parametrize("N,d,ratio,ks", [(17, 35, 3, 3), (20, 32, 3, 5), (17, 32, 1, 3)])
 def test_refine_eval_bf16_dots(monkeypatch, fwd, N, d, ratio, ks):
     """The forward's candidate REFINER_TRITON_REFINE_DOT=bf16 (bf16 operands rounded to nearest,
@@ -189,7 +189,7 @@ def test_refine_eval_split_backward_tf32(monkeypatch, N, d, ratio, ks):
             (torch.bfloat16, torch.float16, torch.float32)] == ["tf32", "ieee", "ieee"]
 
 
-@pytest.mark.parametrize("variant", ["split", "tile"])
+@pytest.mark.parametrize("variant", ["split", "tile", "padded"])
 def test_refine_eval_border_padding(monkeypatch, variant):
     """Padded E is 0 at the border, not relu6(b_exp): a large positive b_exp exposes it."""
     monkeypatch.setenv("REFINER_TRITON_REFINE_FWD", variant)
@@ -240,6 +240,94 @@ def test_refine_eval_split_falls_back_to_tile_beyond_int32_offsets(monkeypatch):
     f = _folded(4, 3, 3, 16)
     args = [t.to(DEV) for t in f.args()[:-1]]
     attn, v = random_attn(1, 4, 9, device=DEV), torch.randn(1, 4, 9, 16, device=DEV)
+    _close(rk.refine_eval(attn, v, *args, True), ref.refine_eval(attn, v, *args, True), name="out")
+
+
+@pytest.mark.parametrize("B,H,N,ratio,ks,expand,dtype", [
+    (2, 12, 17, 3, 3, True, torch.bfloat16),   # Refiner-ViT-S's heads and ratio: rH = 36, a partial chunk
+    (1, 4, 1, 3, 3, True, torch.float32),      # N = 1: the whole map is border-adjacent
+    (1, 4, 2, 3, 5, True, torch.float16),      # N = 2 under a 5 x 5 stencil
+    (3, 3, 10, 2, 7, True, torch.float32),     # a 7 x 7 stencil: the widest guard
+    (2, 4, 11, 1, 3, False, torch.float32),    # no expansion: E = A
+])
+def test_refine_eval_padded_matches_split_bit_for_bit(monkeypatch, B, H, N, ratio, ks, expand, dtype):
+    """REFINER_TRITON_REFINE_FWD=padded computes every value as split does (same dots, same order of
+    the stencil's terms), only from a zero-bordered E with unmasked loads: out and the backward's
+    fp32 R are identical to split's, NaN included (a NaN in A spreads through the stencil the same
+    way), and nothing is read from outside the map (the border test above, the guards here)."""
+    f = _folded(H, ratio, ks, 16)
+    args = [t.to(DEV, dtype) for t in f.args()[:-1]]
+    if not expand:
+        args[0] = torch.eye(H, device=DEV, dtype=dtype)
+        args[1] = torch.zeros(H, device=DEV, dtype=dtype)
+    attn = random_attn(B, H, N, device=DEV).to(dtype)
+    attn[0, 0, N // 2, N // 2] = float("nan")
+    v = torch.randn(B, H, N, 16, device=DEV, dtype=dtype)
+    got = {}
+    for fwd in ("split", "padded"):
+        monkeypatch.setenv("REFINER_TRITON_REFINE_FWD", fwd)
+        got[fwd] = (KE.refine_eval_fwd(attn, v, *args, expand), KE.refine_eval_fwd(attn, v, *args, expand, store_r=True))
+    for a, b in zip(got["split"], got["padded"]):
+        torch.testing.assert_close(b, a, rtol=0, atol=0, equal_nan=True)
+    assert got["padded"][1].isnan().any() and not got["padded"][1][1:].isnan().any()
+
+
+def test_refine_eval_padded_guards_feed_no_kept_value(monkeypatch):
+    """Shifted loads past a plane reach the neighbouring plane or the guards only from positions
+    that are dropped: NaN in the guards changes nothing (bit for bit against split); the guards are
+    sized for the widest program of the autotuning space (MAX_P). (A read past the allocation is
+    not visible under the interpreter: the GPU round's sanitizer stage is what would see it.)"""
+    from refiner_kernels import padded_e
+    from refiner_kernels._common import AUTOTUNE_SPECS
+    assert all(cfg.kwargs["P"] <= padded_e.MAX_P for name in ("_pe_expand", "_pe_stencil_reduce")
+               for cfg in AUTOTUNE_SPECS[name][1])
+    assert KE.split_p() <= padded_e.MAX_P
+    monkeypatch.setattr(padded_e, "GUARD_VALUE", float("nan"))
+    f = _folded(4, 3, 5, 16)
+    args = [t.to(DEV) for t in f.args()[:-1]]
+    attn, v = random_attn(2, 4, 7, device=DEV), torch.randn(2, 4, 7, 16, device=DEV)
+    got = {}
+    for fwd in ("split", "padded"):
+        monkeypatch.setenv("REFINER_TRITON_REFINE_FWD", fwd)
+        got[fwd] = KE.refine_eval_fwd(attn, v, *args, True, store_r=True)
+    torch.testing.assert_close(got["padded"], got["split"], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("limit,unroll", [("MAX_GRID_Y", False), ("SPLIT_E_BYTES", True)])
+def test_refine_eval_padded_forward_batch_chunks(monkeypatch, limit, unroll):
+    """The padded forward in batch chunks of one image (either limit): the guards and the chunk's
+    planes are reused across launches; output and gradients against the reference."""
+    from refiner_kernels import kernels_refine_eval
+    monkeypatch.setattr(kernels_refine_eval, limit, 1)
+    monkeypatch.setattr(kernels_refine_eval, "SPLIT_UNROLL", unroll)
+    monkeypatch.setenv("REFINER_TRITON_REFINE_FWD", "padded")
+    B, H, N, d = 3, 4, 11, 16
+    f = _folded(H, 3, 5, d)
+    ps = [_leaf(t) for t in f.args()[:-1]]
+    attn, v = _leaf(random_attn(B, H, N)), _leaf(torch.randn(B, H, N, d))
+    out, rout = rk.refine_eval(attn, v, *ps, True), ref.refine_eval(attn, v, *ps, True)
+    _close(out, rout, name="out")
+    go = torch.randn_like(rout)
+    names = "attn v w_exp b_exp w_dw b_dw w_pro b_pro alpha beta".split()
+    for name, a, b in zip(names, _grads([out], [attn, v] + ps, [go]), _grads([rout], [attn, v] + ps, [go])):
+        _close(a, b, name="d" + name)
+
+
+def test_refine_eval_padded_falls_back_beyond_int32_offsets(monkeypatch):
+    """An image whose padded E (RHP (N + 2p)^2) exceeds int32 offsets while rH N^2 fits runs the
+    split forward; beyond that, the tile forward (as split does)."""
+    from refiner_kernels import kernels_refine_eval, padded_e
+    monkeypatch.setenv("REFINER_TRITON_REFINE_FWD", "padded")
+    H, N = 4, 9
+    monkeypatch.setattr(kernels_refine_eval, "SPLIT_MAX_MAP", 12 * N * N)  # rH N^2 fits, 16 (N + 2)^2 not
+    assert not padded_e.fits(12, N, 3)
+
+    def no_padded(*a, **k):
+        raise AssertionError("the padded forward ran beyond its int32 offsets")
+    monkeypatch.setattr(padded_e, "padded_r", no_padded)
+    f = _folded(H, 3, 3, 16)
+    args = [t.to(DEV) for t in f.args()[:-1]]
+    attn, v = random_attn(1, H, N, device=DEV), torch.randn(1, H, N, 16, device=DEV)
     _close(rk.refine_eval(attn, v, *args, True), ref.refine_eval(attn, v, *args, True), name="out")
 
 
@@ -389,7 +477,7 @@ def test_fused_layer_makes_no_copies_on_triton(share_atten, training):
     _close(attn, rattn, name="attn")
 
 
-@pytest.mark.parametrize("training,fwd", [(False, "split"), (False, "tile"), (True, "split")])
+@pytest.mark.parametrize("training,fwd", [(False, "split"), (False, "tile"), (False, "padded"), (True, "split")])
 def test_refine_ops_read_v_views_and_return_token_major(monkeypatch, training, fwd):
     """refine_eval (both forwards) and refine_train read v as a view of a (B, N, H, d) projection and
     return out in (B, N, H, d) memory; values and gradients as with a contiguous v; opcheck with
