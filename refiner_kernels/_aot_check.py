@@ -2,7 +2,8 @@
 
 Catches GPU-only compile errors (shapes tl.dot rejects, shared-memory overflow) on machines
 without a GPU:  python -m refiner_kernels._aot_check [kernel names]   (all: about 2-3 minutes on
-2 cores). Prints each kernel's registers, spills and stack frame from ptxas -v.
+2 cores). Prints each kernel's registers, spills and stack frame from ptxas -v, and the SASS
+instructions of each loop body (loop_sizes: what a change to a hot loop saves, without a GPU).
 TRITON_INTERPRET must not be set.
 """
 import os
@@ -42,6 +43,29 @@ def ptxas_usage(kernel) -> str:
     return f"regs={regs} spill={spill} stack={stack}"
 
 
+def loop_sizes(kernel) -> str:
+    """SASS instructions (nvdisasm of the cubin) between each label and the backward branch to it,
+    outermost last: an inner loop is counted once inside its outer loop's body."""
+    nvdisasm = os.path.join(os.path.dirname(PTXAS), "nvdisasm")
+    if not os.path.exists(nvdisasm):
+        return "loops=?"
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(kernel.asm["cubin"])
+        f.flush()
+        sass = subprocess.run([nvdisasm, "-c", f.name], capture_output=True, text=True).stdout
+    labels, count, sizes = {}, 0, []
+    for line in sass.splitlines():
+        label = re.match(r"^(\.L_x_\d+):", line)
+        if label:
+            labels[label.group(1)] = count
+        elif re.match(r"^\s+/\*[0-9a-f]+\*/", line):
+            count += 1
+            target = re.search(r"BRA `\((\.L_x_\d+)\)", line)
+            if target and target.group(1) in labels and count - labels[target.group(1)] > 1:  # (not the end's trap)
+                sizes.append(count - labels[target.group(1)])
+    return "loops=" + ",".join(map(str, sorted(sizes))) if sizes else "loops=-"
+
+
 ONLY = set(sys.argv[1:])  # kernel names to compile (all when empty)
 
 
@@ -65,7 +89,7 @@ def check(fn, args, num_warps=4, num_stages=2, ptr_types=None, **options):
     k = tcompile(ASTSource(fn, sig, consts), target=TARGET,
                  options={"num_warps": num_warps, "num_stages": num_stages, **options})
     md = k.metadata
-    print(f"{fn.__name__:16s} ok {time.time()-t:5.1f}s shared={md.shared} warps={num_warps} {ptxas_usage(k)} "
+    print(f"{fn.__name__:16s} ok {time.time()-t:5.1f}s shared={md.shared} warps={num_warps} {ptxas_usage(k)} {loop_sizes(k)} "
           f"{dict((k2, v) for k2, v in consts.items() if k2 in ('MODE','TM','TJ','BM','BN','KS','HALO','SPLIT','SHIFT','PREC','P'))}",
           flush=True)
     return k
@@ -115,7 +139,8 @@ for prec, t, p, w, u, ks in [("tf32", "*bf16", 128, 4, False, 3), ("tf32", "*bf1
                              ("tf32", "*bf16", 256, 8, False, 3), ("tf32", "*bf16", 128, 4, True, 3),
                              ("tf32", "*bf16", 128, 8, True, 3), ("ieee", "*fp32", 128, 4, False, 3),
                              ("bf16", "*bf16", 128, 4, False, 3), ("tf32", "*fp16", 128, 4, True, 7), ("tf32", "*fp16", 128, 4, True, 5),
-                             ("tf32", "*bf16", 256, 4, False, 3), ("tf32", "*bf16", 512, 8, False, 3)]:
+                             ("tf32", "*bf16", 256, 4, False, 3), ("tf32", "*bf16", 512, 8, False, 3),
+                             ("tf32", "*bf16", 256, 4, True, 3)]:
     check(PE._pe_expand, dict(a_ptr=P, we_ptr=P, be_ptr=P, e_ptr=P, N=N, H=H, RH=RH, RHP=48, KS=ks, RELU_E=True,
                               PREC=prec, HP=16, CC=16, P=p), num_warps=w, num_stages=1,
           ptr_types={"a_ptr": t, "e_ptr": t})

@@ -298,8 +298,9 @@ def test_refine_eval_padded_forward_batch_chunks(monkeypatch, limit, unroll):
     """The padded forward in batch chunks of one image (either limit): the guards and the chunk's
     planes are reused across launches; output and gradients against the reference."""
     from refiner_kernels import kernels_refine_eval
+    from refiner_kernels import padded_e
     monkeypatch.setattr(kernels_refine_eval, limit, 1)
-    monkeypatch.setattr(kernels_refine_eval, "SPLIT_UNROLL", unroll)
+    monkeypatch.setattr(padded_e, "UNROLL", unroll)
     monkeypatch.setenv("REFINER_TRITON_REFINE_FWD", "padded")
     B, H, N, d = 3, 4, 11, 16
     f = _folded(H, 3, 5, d)
