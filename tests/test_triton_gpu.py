@@ -21,6 +21,7 @@ pytestmark = requires_cuda
 
 import refiner_kernels as rk  # noqa: E402
 from refiner import reference as ref  # noqa: E402
+from refiner_kernels._common import autotuning  # noqa: E402
 from refiner_kernels.kernels_refine_train import _dot_precision  # noqa: E402
 
 TOL = {torch.float32: 1e-4, torch.float16: 2e-3, torch.bfloat16: 1e-2}
@@ -75,15 +76,20 @@ def test_softmax_block_gpu(N, d, dtype):
     _check_grads([out, attn], [rout, rattn], xs, rs, dtype, ["q", "k", "v", "prev"])
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("N,d,ratio,ks", [(197, 32, 3, 3), (50, 35, 3, 5), (50, 32, 1, 3)])
-def test_refine_eval_gpu(N, d, ratio, ks, dtype):
-    B, H = 2, 12
+def _eval_case(N, d, ratio, ks, dtype, B=2, H=12):
+    """A folded refine block (eval BatchNorms) and its inputs: (fold, GPU tensors in dtype, fp32 leaves)."""
     dla, bn = random_dla(H, ratio, ks)
     dla.eval()
     bn.eval()
     f = ref.fold_refine(dla, bn, d ** -0.5)
     xs, rs = _pair([random_attn(B, H, N), torch.randn(B, H, N, d)] + list(f.args()[:-1]), dtype)
+    return f, xs, rs
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("N,d,ratio,ks", [(197, 32, 3, 3), (50, 35, 3, 5), (50, 32, 1, 3)])
+def test_refine_eval_gpu(N, d, ratio, ks, dtype):
+    f, xs, rs = _eval_case(N, d, ratio, ks, dtype)
     out = rk.refine_eval(*xs, f.expand)
     rout = ref.refine_eval(*rs, f.expand)
     _close(out, rout, dtype, "out")
@@ -100,12 +106,7 @@ def test_refine_eval_gpu_bf16_dots(monkeypatch, env, N, d, ratio, ks):
     recomputes R in IEEE fp32)."""
     for assign in env.split(","):
         monkeypatch.setenv(*assign.split("="))
-    B, H = 2, 12
-    dla, bn = random_dla(H, ratio, ks)
-    dla.eval()
-    bn.eval()
-    f = ref.fold_refine(dla, bn, d ** -0.5)
-    xs, rs = _pair([random_attn(B, H, N), torch.randn(B, H, N, d)] + list(f.args()[:-1]), torch.bfloat16)
+    f, xs, rs = _eval_case(N, d, ratio, ks, torch.bfloat16)
     out = rk.refine_eval(*xs, f.expand)
     rout = ref.refine_eval(*rs, f.expand)
     with torch.no_grad():
@@ -127,20 +128,19 @@ def test_refine_eval_gpu_tile_forward(monkeypatch, N, d, ratio, ks, dtype):
 @pytest.mark.parametrize("N,d,ratio,ks", [(197, 32, 3, 3), (50, 35, 3, 5), (1, 32, 3, 7)])
 def test_refine_eval_gpu_padded_forward(monkeypatch, N, d, ratio, ks, dtype):
     """The forward candidate REFINER_TRITON_REFINE_FWD=padded (E on a zero-bordered grid, unmasked
-    stencil loads; also the backward's R recompute), and bit for bit the split forward's output."""
+    stencil loads; also the backward's R recompute), and bit for bit the split forward's output
+    with one fixed configuration per kernel (REFINER_TRITON_AUTOTUNE=0, as gpu_round's tests)."""
     monkeypatch.setenv("REFINER_TRITON_REFINE_FWD", "padded")
     test_refine_eval_gpu(N, d, ratio, ks, dtype)
-    B, H = 2, 12
-    dla, bn = random_dla(H, ratio, ks)
-    dla.eval()
-    bn.eval()
-    f = ref.fold_refine(dla, bn, d ** -0.5)
-    xs, _ = _pair([random_attn(B, H, N), torch.randn(B, H, N, d)] + list(f.args()[:-1]), dtype)
+    f, xs, _ = _eval_case(N, d, ratio, ks, dtype)
     with torch.no_grad():
         padded = rk.refine_eval(*xs, f.expand)
         monkeypatch.setenv("REFINER_TRITON_REFINE_FWD", "split")
         split = rk.refine_eval(*xs, f.expand)
-    torch.testing.assert_close(padded, split, rtol=0, atol=0)
+    if autotuning():  # split's tuner may take one channel a step (an outer-product reduction, not a dot)
+        _close(padded, split, dtype, "padded against split")
+    else:
+        torch.testing.assert_close(padded, split, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -204,20 +204,23 @@ def test_refine_eval_border_padding(monkeypatch, variant):
                                rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("limit,unroll,cc", [("MAX_GRID_Y", False, 16), ("SPLIT_E_BYTES", True, 16),
-                                             ("SPLIT_E_BYTES", True, 1), ("MAX_GRID_Y", False, 1)])
-def test_refine_eval_split_forward_batch_chunks(monkeypatch, limit, unroll, cc):
-    """The split forward launches in batch chunks of at most MAX_GRID_Y images (CUDA's limit on the
-    grid axis it puts the batch on) and at most SPLIT_E_BYTES of E (at least one image): force 1
-    image per launch by either limit and compare output and gradients with the reference. unroll,
-    cc: the stencil pass's unrolled loop and one channel a step (autotuning choices on the GPU)."""
-    from refiner_kernels import kernels_refine_eval
+@pytest.mark.parametrize("fwd,limit,unroll,cc,ks", [
+    ("split", "MAX_GRID_Y", False, 16, 3), ("split", "SPLIT_E_BYTES", True, 16, 3), ("split", "SPLIT_E_BYTES", True, 1, 3),
+    ("split", "MAX_GRID_Y", False, 1, 3), ("padded", "MAX_GRID_Y", False, 16, 5), ("padded", "SPLIT_E_BYTES", True, 16, 5)])
+def test_refine_eval_split_forward_batch_chunks(monkeypatch, fwd, limit, unroll, cc, ks):
+    """The split (and padded) forward launches in batch chunks of at most MAX_GRID_Y images (CUDA's
+    limit on the grid axis it puts the batch on) and at most SPLIT_E_BYTES of E (at least one
+    image): force 1 image per launch by either limit and compare output and gradients with the
+    reference (padded: its guards and planes reused across launches). unroll, cc: the stencil
+    pass's unrolled loop and one channel a step (autotuning choices on the GPU)."""
+    from refiner_kernels import kernels_refine_eval, padded_e
     monkeypatch.setattr(kernels_refine_eval, limit, 1)
     monkeypatch.setattr(kernels_refine_eval, "SPLIT_UNROLL", unroll)
+    monkeypatch.setattr(padded_e, "UNROLL", unroll)
     monkeypatch.setattr(kernels_refine_eval, "SPLIT_CC", cc)
-    monkeypatch.setenv("REFINER_TRITON_REFINE_FWD", "split")
+    monkeypatch.setenv("REFINER_TRITON_REFINE_FWD", fwd)
     B, H, N, d = 3, 4, 11, 16
-    f = _folded(H, 3, 3, d)
+    f = _folded(H, 3, ks, d)
     ps = [_leaf(t) for t in f.args()[:-1]]
     attn, v = _leaf(random_attn(B, H, N)), _leaf(torch.randn(B, H, N, d))
     out, rout = rk.refine_eval(attn, v, *ps, True), ref.refine_eval(attn, v, *ps, True)
@@ -291,27 +294,6 @@ def test_refine_eval_padded_guards_feed_no_kept_value(monkeypatch):
         monkeypatch.setenv("REFINER_TRITON_REFINE_FWD", fwd)
         got[fwd] = KE.refine_eval_fwd(attn, v, *args, True, store_r=True)
     torch.testing.assert_close(got["padded"], got["split"], rtol=0, atol=0)
-
-
-@pytest.mark.parametrize("limit,unroll", [("MAX_GRID_Y", False), ("SPLIT_E_BYTES", True)])
-def test_refine_eval_padded_forward_batch_chunks(monkeypatch, limit, unroll):
-    """The padded forward in batch chunks of one image (either limit): the guards and the chunk's
-    planes are reused across launches; output and gradients against the reference."""
-    from refiner_kernels import kernels_refine_eval
-    from refiner_kernels import padded_e
-    monkeypatch.setattr(kernels_refine_eval, limit, 1)
-    monkeypatch.setattr(padded_e, "UNROLL", unroll)
-    monkeypatch.setenv("REFINER_TRITON_REFINE_FWD", "padded")
-    B, H, N, d = 3, 4, 11, 16
-    f = _folded(H, 3, 5, d)
-    ps = [_leaf(t) for t in f.args()[:-1]]
-    attn, v = _leaf(random_attn(B, H, N)), _leaf(torch.randn(B, H, N, d))
-    out, rout = rk.refine_eval(attn, v, *ps, True), ref.refine_eval(attn, v, *ps, True)
-    _close(out, rout, name="out")
-    go = torch.randn_like(rout)
-    names = "attn v w_exp b_exp w_dw b_dw w_pro b_pro alpha beta".split()
-    for name, a, b in zip(names, _grads([out], [attn, v] + ps, [go]), _grads([rout], [attn, v] + ps, [go])):
-        _close(a, b, name="d" + name)
 
 
 def test_refine_eval_padded_falls_back_beyond_int32_offsets(monkeypatch):
