@@ -12,7 +12,7 @@ for all RHP = 16-padded channels (padded channels: zero weights). A program take
 positions q of that grid, and tap o reads E at q + (o // k - p) W + (o % k - p): the same pointer
 tensor plus a scalar, unmasked. Positions of the border are computed and dropped (2% at N = 197).
 Loads that leave a plane land in the neighbouring plane or in the zeroed guards before the first
-and after the last (GUARD): only dropped positions read them.
+and after the last (guard()): only dropped positions read them.
 
 Every value is computed as the split forward computes it (the same dots, the same order of the
 k*k terms): R matches it bit for bit (tests/test_triton_ops.py).
