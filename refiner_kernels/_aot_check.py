@@ -129,7 +129,7 @@ for prec, t, p, w, u, cc in [("tf32", "*bf16", 128, 4, False, 16), ("ieee", "*fp
                              ("tf32", "*fp16", 128, 8, True, 16), ("tf32", "*bf16", 256, 4, True, 1),
                              ("ieee", "*fp32", 128, 4, False, 1), ("bf16", "*bf16", 128, 4, False, 16),
                              ("bf16", "*bf16", 256, 8, True, 16)]:
-    check(E._re_expand, dict(a_ptr=P, we_ptr=P, be_ptr=P, ks_ptr=P, e_ptr=P, N=N, H=H, RH=RH, RELU_E=True, SHIFT=False,
+    check(E._re_expand, dict(a_ptr=P, we_ptr=P, be_ptr=P, e_ptr=P, N=N, H=H, RH=RH, RELU_E=True,
                              PREC=prec, HP=16, CC=16, P=p), num_warps=w, num_stages=1, ptr_types={"a_ptr": t, "e_ptr": t})
     check(E._re_stencil_reduce, dict(a_ptr=P, e_ptr=P, wdw_ptr=P, bdw_ptr=P, wp_ptr=P, bp_ptr=P, al_ptr=P, bt_ptr=P,
                                      r_ptr=P, N=N, H=H, RH=RH, KS=3, PREC=prec, HP=16, CC=cc, P=p, UNROLL=u),
@@ -141,16 +141,16 @@ for prec, t, p, w, u, ks in [("tf32", "*bf16", 128, 4, False, 3), ("tf32", "*bf1
                              ("bf16", "*bf16", 128, 4, False, 3), ("tf32", "*fp16", 128, 4, True, 7), ("tf32", "*fp16", 128, 4, True, 5),
                              ("tf32", "*bf16", 256, 4, False, 3), ("tf32", "*bf16", 512, 8, False, 3),
                              ("tf32", "*bf16", 256, 4, True, 3)]:
-    check(PE._pe_expand, dict(a_ptr=P, we_ptr=P, be_ptr=P, e_ptr=P, N=N, H=H, RH=RH, RHP=48, KS=ks, RELU_E=True,
+    check(PE._pe_expand, dict(a_ptr=P, we_ptr=P, be_ptr=P, ks_ptr=P, e_ptr=P, N=N, H=H, RH=RH, RHP=48, KS=ks, RELU_E=True, SHIFT=False,
                               PREC=prec, HP=16, CC=16, P=p), num_warps=w, num_stages=1,
           ptr_types={"a_ptr": t, "e_ptr": t})
     check(PE._pe_stencil_reduce, dict(a_ptr=P, e_ptr=P, wdw_ptr=P, bdw_ptr=P, wp_ptr=P, bp_ptr=P, al_ptr=P, bt_ptr=P,
                                       r_ptr=P, N=N, H=H, RH=RH, RHP=48, KS=ks, PREC=prec, HP=16, CC=16, P=p, UNROLL=u),
           num_warps=w, num_stages=2, ptr_types={"a_ptr": t, "e_ptr": t, "r_ptr": t})
-# REFINER_TRITON_TRAIN_X2=split: the training passes' expansion (shifted A, fp32 E)
+# REFINER_TRITON_TRAIN_X2=split: the training passes' expansion (shifted A, fp32 padded E)
 for prec in ("tf32", "bf16"):
-    check(E._re_expand, dict(a_ptr=P, we_ptr=P, be_ptr=P, ks_ptr=P, e_ptr=P, N=N, H=H, RH=RH, RELU_E=True,
-                             SHIFT=True, PREC=prec, HP=16, CC=16, P=128), num_warps=4, num_stages=1,
+    check(PE._pe_expand, dict(a_ptr=P, we_ptr=P, be_ptr=P, ks_ptr=P, e_ptr=P, N=N, H=H, RH=RH, RHP=48, KS=3,
+                              RELU_E=True, SHIFT=True, PREC=prec, HP=16, CC=16, P=128), num_warps=4, num_stages=1,
           ptr_types={"a_ptr": "*bf16"})
 check(E._re_bwd, dict(a_ptr=P, dr_ptr=P, we_ptr=P, be_ptr=P, wdw_ptr=P, bdw_ptr=P, wp_ptr=P, bp_ptr=P, al_ptr=P,
                       da_ptr=P, scr_ptr=P, pwe_ptr=P, pbe_ptr=P, pwdw_ptr=P, pbdw_ptr=P, pwp_ptr=P, pbp_ptr=P, pal_ptr=P,

@@ -189,12 +189,12 @@ if triton is not None:
                      mask=mh[:, None, None] & (ii < N)[None, :, None] & md[None, None, :])
 
     @triton.jit
-    def _re_expand(a_ptr, we_ptr, be_ptr, ks_ptr, e_ptr, N, H, RH, RELU_E: tl.constexpr, SHIFT: tl.constexpr,
-                   PREC: tl.constexpr, HP: tl.constexpr, CC: tl.constexpr, P: tl.constexpr):
-        """The "split" passes' expansion: E = relu6(w_exp (A - ks) + b_exp) at P flat positions of
-        one image, stored (e_ptr: (images, rH, N, N)) for a stencil that reads it at the k*k shifts
-        (from L2: the launchers keep a chunk's E under SPLIT_E_BYTES). ks: a per-head shift of A
-        (SHIFT; the training passes' numerics), else none."""
+    def _re_expand(a_ptr, we_ptr, be_ptr, e_ptr, N, H, RH, RELU_E: tl.constexpr, PREC: tl.constexpr,
+                   HP: tl.constexpr, CC: tl.constexpr, P: tl.constexpr):
+        """The "split" passes' expansion: E = relu6(w_exp A + b_exp) at P flat positions of one
+        image, stored (e_ptr: (images, rH, N, N)) for a stencil that reads it at the k*k shifts
+        (from L2: the launchers keep a chunk's E under SPLIT_E_BYTES). (The training passes' E,
+        with a per-head shift of A, is padded_e's.)"""
         b = tl.program_id(1).to(tl.int64)
         q = tl.program_id(0) * P + tl.arange(0, P)
         hh = tl.arange(0, HP)
@@ -202,8 +202,6 @@ if triton is not None:
         valid = q < N * N
         a = tl.load(a_ptr + b * H * N * N + hh.to(tl.int64)[:, None] * N * N + q[None, :],
                     mask=mh[:, None] & valid[None, :], other=0.0).to(tl.float32)
-        if SHIFT:
-            a = a - tl.load(ks_ptr + hh, mask=mh, other=0.0)[:, None]
         for c0 in range(0, RH, CC):
             cc = c0 + tl.arange(0, CC)
             mc = cc < RH
@@ -623,14 +621,14 @@ def split_p() -> int:
     return 256 if interpreting() else 128
 
 
-def expand_into(e, a, we, be, relu, prec, ks=None):
-    """E = relu6(we (A - ks) + be) of the images of `a` into e[:images] ((images, RH, N, N), its
-    dtype), by _re_expand; ks: a per-head shift (HP floats) or None."""
+def expand_into(e, a, we, be, relu, prec):
+    """E = relu6(we A + be) of the images of `a` into e[:images] ((images, RH, N, N), its dtype),
+    by _re_expand."""
     n_img, H, N, _ = a.shape
     RH = we.shape[0]
     HP = max(16, next_pow2(H))
-    consts = dict(RELU_E=relu, SHIFT=ks is not None, PREC=prec, HP=HP, CC=CC)
-    args = (a, we, be, we if ks is None else ks, e, N, H, RH)
+    consts = dict(RELU_E=relu, PREC=prec, HP=HP, CC=CC)
+    args = (a, we, be, e, N, H, RH)
     if use_tuned(_re_expand_tuned, a):
         _re_expand_tuned[lambda META: (triton.cdiv(N * N, META["P"]), n_img)](*args, **consts)
     else:

@@ -43,7 +43,8 @@ Candidates (REFINER_TRITON_TRAIN_X2, see _x2_mode): "halo", the passes that form
 backward's Y3, B2) run on halo tiles whose owned interiors tile the map, and E is staged once per
 channel chunk through a per-program scratch instead of recomputed at every stencil offset; "split",
 each of those passes stores E for an L2-sized batch chunk first and loads it at the shifts, and B3
-runs as two passes over flat position blocks (_rt_b3_g stores dX2, _rt_b3_a reads E and dX2).
+runs as two passes over flat position blocks (_rt_b3_g stores dX2, _rt_b3_a reads E and dX2); E and
+dX2 on padded_e's zero-bordered planes, so the shifted loads need no bounds tests.
 """
 from __future__ import annotations
 
@@ -57,7 +58,8 @@ from ._common import (batch_chunks, check_inputs, check_image_map, gpu_autotune,
 from .blocks import bmm
 from .settings import switch
 from . import kernels_refine_eval as _eval
-from .kernels_refine_eval import SPLIT_MAX_MAP, split_images, split_p
+from . import padded_e
+from .kernels_refine_eval import split_p
 
 CC = 16
 # rows of the per-head constant pack
@@ -71,8 +73,9 @@ NCC = 11
 
 
 if triton is not None:
-    from .kernels_refine_eval import (dot, dw_wgrad_staged, flat_block, halo_tile, stencil_grads, stencil_loaded,
-                                      stencil_recomputed, stencil_staged)
+    from .kernels_refine_eval import (dot, dw_wgrad_staged, flat_block, halo_tile, stencil_recomputed,
+                                      stencil_staged)
+    from .padded_e import plane_pos, stencil_grads_padded, stencil_padded
 
     @triton.jit
     def _x2_staged(a0s, inmap, we, be, wdw_ptr, cc, mc, scr, p, pm, pj,
@@ -89,10 +92,11 @@ if triton is not None:
     def _x2(a_ptr, base_a, hoff, row, col, N, mh, ks, we, be, wdw_ptr, cc, mc, a0s, inmap, scr, p, pm, pj, ebase,
             KS: tl.constexpr, RELU_E: tl.constexpr, PREC: tl.constexpr, CC: tl.constexpr, TM: tl.constexpr,
             TJ: tl.constexpr, HALO: tl.constexpr, SPLIT: tl.constexpr):
-        """X2 of channels cc: loaded from the chunk's stored E (SPLIT; ebase: the image's E), staged
-        (HALO tiles, exact at owned positions) or recomputed per offset."""
+        """X2 of channels cc: loaded from the chunk's stored E (SPLIT; ebase: the image's padded E,
+        wdw_ptr the padded weights, padded_e; garbage off the map), staged (HALO tiles, exact at
+        owned positions) or recomputed per offset."""
         if SPLIT:
-            x2 = stencil_loaded(ebase, row, col, p >= 0, mc, wdw_ptr, cc, N, KS, CC, TM * TJ)
+            x2 = stencil_padded(ebase, plane_pos(row, col, inmap, N, KS), cc, wdw_ptr, N, KS, CC, TM * TJ, False)
         elif HALO:
             x2 = _x2_staged(a0s, inmap, we, be, wdw_ptr, cc, mc, scr, p, pm, pj, KS, RELU_E, PREC, CC, TM, TJ)
         else:
@@ -236,7 +240,7 @@ if triton is not None:
                      other=0.0).to(tl.float32)
         a0s = tl.where(mh[:, None] & inmap[None, :], a0 - ks[:, None], 0.0)  # the expansion's input (HALO)
         scr = scr_ptr + prog * (CC * P)
-        ebase = e_ptr + b * RH * N * N
+        ebase = e_ptr + b * RHP * (N + 2 * PAD) * (N + 2 * PAD)  # (SPLIT: padded_e's planes)
         pbase = part_ptr + prog * 8 * W
         if MODE == 1:
             sh, md, ac = _moments(a0, m2, first)
@@ -368,21 +372,25 @@ if triton is not None:
                  KS: tl.constexpr, PREC: tl.constexpr, HP: tl.constexpr, CC: tl.constexpr, P: tl.constexpr):
         """REFINER_TRITON_TRAIN_X2=split, B3's first pass at P flat positions of one image: dZ (the
         start of dA, stored to da_ptr, fp32) and dY3 from the Y3 buffer, X2 from the stored E, and
-        dX2 through relu6's and BN2's backward, stored (g_ptr, laid out as E) for _rt_b3_a."""
+        dX2 through relu6's and BN2's backward, stored (g_ptr, padded planes as E, their border
+        zeroed by the host) for _rt_b3_a."""
         b, _, q, hh, mh, valid, m2, hq = flat_block(N, H, HP, P)
         a0 = tl.load(a_ptr + hq, mask=m2, other=0.0).to(tl.float32)
         dr = tl.load(dr_ptr + hq, mask=m2, other=0.0) * scale
         _, zhat, yhat = _zhat(a0, tl.load(y_ptr + hq, mask=m2, other=0.0), hv_ptr, hh, mh, HP)
         dz, dy3 = _dz_dy3(dr, zhat, yhat, hv_ptr, hh, mh, m2, HP)
         tl.store(da_ptr + hq, dz, mask=m2)
-        ebase = e_ptr + b * RH * N * N
-        gbase = g_ptr + b * RH * N * N
+        PAD: tl.constexpr = KS // 2
+        plane = (N + 2 * PAD) * (N + 2 * PAD)
+        ebase = e_ptr + b * RHP * plane
+        gbase = g_ptr + b * RHP * plane
+        pos = plane_pos(q // N, q % N, valid, N, KS)
         for c0 in range(0, RH, CC):
             cc = c0 + tl.arange(0, CC)
             mc = cc < RH
-            x2 = stencil_loaded(ebase, q // N, q % N, valid, mc, wdw_ptr, cc, N, KS, CC, P)
+            x2 = stencil_padded(ebase, pos, cc, wdw_ptr, N, KS, CC, P, False)
             dx2 = _dx2(x2, dy3, wp_ptr, cv_ptr, cc, mc, hh, mh, RH, RHP, PREC)
-            tl.store(gbase + (cc[:, None] * (N * N) + q[None, :]), dx2, mask=mc[:, None] & valid[None, :])
+            tl.store(gbase + (cc[:, None] * plane + pos[None, :]), dx2, mask=mc[:, None] & valid[None, :])
 
     @triton.jit
     def _rt_b3_a(a_ptr, e_ptr, g_ptr, wer_ptr, wdw_ptr, cv_ptr, ks_ptr, da_ptr, part_ptr, pwdw_ptr, pm_ptr,
@@ -396,14 +404,17 @@ if triton is not None:
         ks = tl.load(ks_ptr + hh, mask=mh, other=0.0)
         a0s = tl.where(m2, tl.load(a_ptr + hq, mask=m2, other=0.0).to(tl.float32) - ks[:, None], 0.0)
         da = tl.load(da_ptr + hq, mask=m2, other=0.0)
-        ebase = e_ptr + b * RH * N * N
-        gbase = g_ptr + b * RH * N * N
+        PAD: tl.constexpr = KS // 2
+        plane = (N + 2 * PAD) * (N + 2 * PAD)
+        ebase = e_ptr + b * RHP * plane
+        gbase = g_ptr + b * RHP * plane
+        pos = plane_pos(q // N, q % N, valid, N, KS)
         pbase = part_ptr + prog * 2 * RHP
         for c0 in range(0, RH, CC):
             cc = c0 + tl.arange(0, CC)
             mc = cc < RH
-            de = stencil_grads(ebase, gbase, q // N, q % N, valid, mc, wdw_ptr, cc, N, pwdw_ptr + prog * RHP * KK, KS,
-                               CC, P, RELU_E)
+            de = stencil_grads_padded(ebase, gbase, pos, valid, mc, wdw_ptr, cc, N, pwdw_ptr + prog * RHP * KK, KS,
+                                      CC, P, RELU_E)
             da += _dx1(de, a0s, wer_ptr, cv_ptr, cc, mc, hh, mh, H, RHP, pbase, pm_ptr + prog * RHP * HP, RELU_E,
                        PREC, HP)
         tl.store(da_ptr + hq, da, mask=m2)
@@ -461,7 +472,7 @@ def _pack(rows, width):
     return torch.nn.functional.pad(packed, (0, width - packed.shape[1])).contiguous()
 
 
-def _x2_mode(RH: int, N: int, device=None) -> str:
+def _x2_mode(RH: int, N: int, KS: int, device=None) -> str:
     """REFINER_TRITON_TRAIN_X2, how the passes that need X2 = dw_k(E) (F2, F3, B2, B3) get E:
     "offsets" (default): the expansion recomputed at each of the k*k stencil offsets, over
       non-overlapping tiles (B3: halo tiles);
@@ -469,31 +480,37 @@ def _x2_mode(RH: int, N: int, device=None) -> str:
       per-program scratch (_x2_staged). H100, round 2: forward+backward 19.8 against 18.3 ms;
       round 3 with TF32 dots: 16.8 against 13.9 ms (B=32, N=197, bf16). Kept as a candidate;
     "split": the refine_eval "split" forward's scheme. Each pass first stores E (fp32, every pass
-      the same values) for a batch chunk small enough to stay in L2 (kernels_refine_eval.
-      split_images), then loads it at the k*k shifts: one expansion a pass instead of k*k, for an
-      L2-sized workspace; B3 becomes two passes over flat position blocks (_b3_split: dX2 stored
-      beside E, no halo tiles, no scratch; 149-199 registers and no spills against B3's 255 and
-      128 bytes, ptxas sm_90). The eval forward gained 2.3x from the scheme (0.50 against 1.14 ms,
-      round 3). A candidate, not yet timed on a GPU. Beyond int32 offsets within an image's E
-      (rH N^2 > 2^31 - 1) it falls back to "offsets".
+      the same values) for a batch chunk small enough to stay in L2 (padded_e.images_per_chunk),
+      then loads it at the k*k shifts: one expansion a pass instead of k*k, for an L2-sized
+      workspace; B3 becomes two passes over flat position blocks (_b3_split: dX2 stored beside E,
+      no halo tiles, no scratch; 146-236 registers and no spills against B3's 255 and 128 bytes,
+      ptxas sm_90). E and dX2 live on padded_e's zero-bordered planes (as refine_eval's "padded"
+      forward), so the stencils' shifted loads need no bounds tests or masks: bit-identical to the
+      masked form it replaced, with 30-55% fewer SASS instructions per 16-channel chunk (TF32: F3
+      908 against 1,982, B2 1,745 against 2,891, B3's two passes 1,286 and 4,430 against 2,600 and
+      6,382; _aot_check's loop sizes). The eval forward gained 2.3x from the scheme (0.50 against
+      1.14 ms, round 3). A candidate, not yet timed on a GPU. Beyond int32 offsets within an image's
+      padded E (16-padded rH (N + k - 1)^2 > 2^31 - 1) it falls back to "offsets".
     The default applies unless the variable is set or a value is tuned for the GPU model (settings.py)."""
     mode = switch("REFINER_TRITON_TRAIN_X2", device)
-    if mode == "split" and RH * N * N > SPLIT_MAX_MAP:
+    if mode == "split" and not padded_e.fits(RH, N, KS):
         return "offsets"
     return mode
 
 
 class _StoredE:
-    """The split X2 passes' E workspace (fp32, rH N^2 per image, SPLIT_E_BYTES at most): chunks()
-    cuts batch chunks to the images it holds, expand(lo, hi) stores E of images lo:hi and returns it
-    as the kernels' e_ptr. Off (on=False), the map stands in for e_ptr, unused."""
+    """The split X2 passes' E workspace (fp32 padded planes, padded_e.workspace, SPLIT_E_BYTES at
+    most): chunks() cuts batch chunks to the images it holds, expand(lo, hi) stores E of images
+    lo:hi and returns it as the kernels' e_ptr; wdw: the weights as the padded stencil reads them.
+    Off (on=False), the map stands in for e_ptr, unused, and wdw is the kernels' own."""
 
-    def __init__(self, attn, we, be, relu, on, ks=None):
+    def __init__(self, attn, we, be, wdw, relu, on, ks=None):
         B, _, N, _ = attn.shape
-        RH = we.shape[0]
+        RH, self.KS = we.shape[0], wdw.shape[-1]
         self.attn, self.we, self.be, self.ks, self.relu, self.on = attn, we, be, ks, relu, on
-        self.per = split_images(B, RH, N, 4) if on else B
-        self.buf = torch.empty(min(B, self.per), RH, N, N, dtype=torch.float32, device=attn.device) if on else None
+        self.per = padded_e.images_per_chunk(B, RH, N, self.KS, 4) if on else B
+        self.buf = padded_e.workspace(min(B, self.per), RH, N, self.KS, torch.float32, attn.device) if on else None
+        self.wdw = padded_e.weights(wdw) if on else wdw
 
     def chunks(self, chunks):
         for lo, hi in chunks:
@@ -503,7 +520,7 @@ class _StoredE:
     def expand(self, lo, hi, prec):
         if not self.on:
             return self.attn
-        _eval.expand_into(self.buf, self.attn[lo:hi], self.we, self.be, self.relu, prec, self.ks)
+        padded_e.expand_padded(self.buf, self.attn[lo:hi], self.we, self.be, self.relu, prec, self.KS, self.ks)
         return self.buf
 
 
@@ -563,7 +580,7 @@ def _launch_tile(mode, attn, dr, we, be, wdw, wp, cv, hv, ks, scale, relu, y3=No
     B, H, N, _ = attn.shape
     RH, KS = wdw.shape[0], wdw.shape[-1]
     needs_x2 = mode in (2, 3, 5)
-    x2 = _x2_mode(RH, N, attn.device) if needs_x2 else "offsets"
+    x2 = _x2_mode(RH, N, KS, attn.device) if needs_x2 else "offsets"
     halo, split = x2 == "halo", x2 == "split"
     pad = KS // 2 if halo else 0
     TM, TJ = _tile_cfg(N, pad)
@@ -581,7 +598,7 @@ def _launch_tile(mode, attn, dr, we, be, wdw, wp, cv, hv, ks, scale, relu, y3=No
     chunks = list(batch_chunks(B, ppi, CC * TM * TJ * 4)) if halo else [(0, B)]
     scr = torch.empty(ppi * max(hi - lo for lo, hi in chunks), CC, TM * TJ, dtype=torch.float32,
                       device=dev) if halo else part  # (unused without halo tiles)
-    stored = _StoredE(attn, we, be, relu, split, ks)
+    stored = _StoredE(attn, we, be, wdw, relu, split, ks)
     if use_tuned(_rt_tile_tuned, attn) and not halo:
         kernel, launch = _rt_tile_tuned, {}
     else:  # scratch staging (halo): no pipelining across barriers
@@ -592,7 +609,7 @@ def _launch_tile(mode, attn, dr, we, be, wdw, wp, cv, hv, ks, scale, relu, y3=No
         for lo, hi in stored.chunks(chunks):
             pick = lambda t: t[lo:hi] if t is not None else attn[lo:hi]  # noqa: E731
             e = stored.expand(lo, hi, prec)
-            kernel[(hi - lo, ppi)](attn[lo:hi], pick(dr), pick(y3), we, be, wdw, wp, cv, hv, ks, part[lo * ppi:],
+            kernel[(hi - lo, ppi)](attn[lo:hi], pick(dr), pick(y3), we, be, stored.wdw, wp, cv, hv, ks, part[lo * ppi:],
                                    pn[lo * ppi:], pwp[lo * ppi:], scr, e, N, H, RH, RHP, ntj, float(scale),
                                    MODE=mode, KS=KS, RELU_E=relu, PREC=prec, HP=HP, CC=CC, TM=TM, TJ=TJ, W=W,
                                    HALO=halo, SPLIT=split, **launch)
@@ -823,23 +840,24 @@ def _b3_halo(attn, dr, y3, we_f, be_f, wer, wdw, wp, cv, hv, ks, scale, expand, 
 
 def _b3_split(attn, dr, y3, we_f, be_f, wer, wdw, wp, cv, hv, ks, scale, expand, prec):
     """B3 as two passes over flat position blocks (REFINER_TRITON_TRAIN_X2=split): per batch chunk
-    whose E and dX2 (fp32) stay in L2, E stored (_re_expand), then _rt_b3_g (dZ into dA, dX2 stored)
-    and _rt_b3_a (the stencil's and BN1's backward). Returns as _b3_halo."""
+    whose E and dX2 (fp32 padded planes, padded_e) stay in L2, E stored (_pe_expand), then _rt_b3_g
+    (dZ into dA, dX2 stored) and _rt_b3_a (the stencil's and BN1's backward). Returns as _b3_halo."""
     B, H, N, _ = attn.shape
     RH, KS = wdw.shape[0], wdw.shape[-1]
     HP, RHP = max(16, next_pow2(H)), triton.cdiv(RH, CC) * CC
     P = split_p()
     nb = triton.cdiv(N * N, P)
-    per = split_images(B, RH, N, 8)  # E and dX2, fp32
-    e = torch.empty(min(B, per), RH, N, N, dtype=torch.float32, device=attn.device)
-    g = torch.empty_like(e)
+    per = padded_e.images_per_chunk(B, RH, N, KS, 8)  # E and dX2, fp32
+    e = padded_e.workspace(min(B, per), RH, N, KS, torch.float32, attn.device)
+    g = padded_e.workspace(min(B, per), RH, N, KS, torch.float32, attn.device, zero=True)  # (border: 0)
+    wdw = padded_e.weights(wdw)
     da = torch.empty(B, H, N, N, dtype=torch.float32, device=attn.device)
     parts, sums = _b3_parts(nb * min(B, per), RH, KS, HP, attn.device)
     launch = dict(KS=KS, PREC=prec, HP=HP, CC=CC, P=P, num_warps=num_warps_for(HP * P), num_stages=2)
     for lo in range(0, B, per):
         hi = min(B, lo + per)
         a = attn[lo:hi]
-        _eval.expand_into(e, a, we_f, be_f, expand, prec, ks)
+        padded_e.expand_padded(e, a, we_f, be_f, expand, prec, KS, ks)
         _rt_b3_g[(nb, hi - lo)](a, dr[lo:hi], y3[lo:hi], e, g, wdw, wp, cv, hv, da[lo:hi], N, H, RH, RHP, float(scale),
                                 **launch)
         _rt_b3_a[(nb, hi - lo)](a, e, g, wer, wdw, cv, ks, da[lo:hi], *parts, N, H, RH, RHP, RELU_E=expand, **launch)
@@ -905,7 +923,7 @@ def refine_train_bwd(dout, attn, v, w_exp, w_dw, w_pro, g1, b1, g2, b2, g3, b3, 
     mu1s = f["mu1s"] if expand else torch.zeros(RH, dtype=torch.float64, device=dev)
     cv = _cv(f, RHP, [st["mu2"], f["rs2"], k2, db2 / n, dg2 / n, mu1s, f["rs1"], f["k1"]])
     # B3
-    b3_pass = _b3_split if _x2_mode(RH, N, attn.device) == "split" else _b3_halo
+    b3_pass = _b3_split if _x2_mode(RH, N, KS, attn.device) == "split" else _b3_halo
     with _pass(_pass_label("b3", "split" if b3_pass is _b3_split else "offsets")):
         da, sums = b3_pass(attn, dr, y3, we_f, be_f, wer, wdw, wp, cv, hv, ks, scale, expand, _dot_precision(attn))
     part3, pwdw, pm = sums  # float64, summed over the programs

@@ -46,16 +46,75 @@ if triton is not None:
         return q, row, col, inmap, W, W * W
 
     @triton.jit
-    def _pe_expand(a_ptr, we_ptr, be_ptr, e_ptr, N, H, RH, RHP, KS: tl.constexpr, RELU_E: tl.constexpr,
-                   PREC: tl.constexpr, HP: tl.constexpr, CC: tl.constexpr, P: tl.constexpr):
-        """E = relu6(w_exp A + b_exp) at P positions of image program_id(1)'s padded grid, 0 on its
-        border and in the padded channels; e_ptr: the first image's plane 0 (after the guard)."""
+    def plane_pos(row, col, ok, N, KS: tl.constexpr):
+        """The positions (row, col) of the map in a padded plane, where `ok`; elsewhere 0, whose
+        shifts stay within the guard. (Position 0 is border only for k > 1: with k = 1 it is the
+        map's first element, so callers mask whatever they sum over positions off `ok`.)"""
+        PAD: tl.constexpr = KS // 2
+        return tl.where(ok, (row + PAD) * (N + 2 * PAD) + (col + PAD), 0)
+
+    @triton.jit
+    def stencil_padded(ebase, pos, cc, wdw_ptr, N, KS: tl.constexpr, CC: tl.constexpr, P: tl.constexpr,
+                       UNROLL: tl.constexpr, SIGN: tl.constexpr = 1):
+        """dw_k(E) of channels cc (CC x P, fp32) at the plane positions pos of a padded E (ebase: the
+        image's RHP planes): sum_o w[cc, o] E[cc, pos + SIGN s_o] by unmasked loads, in the order of
+        kernels_refine_eval.stencil_loaded (so the same values). wdw_ptr: the (RHP, k*k) weights,
+        zero rows for padded channels. SIGN -1: the transposed stencil (dw_k's backward). Where pos
+        is not a map position the result is garbage, for the caller to drop. UNROLL (k <= 5; 49
+        unrolled taps of 16 channels spill ~13 KB, ptxas sm_90): with N a constexpr of the caller,
+        the taps' offsets become load immediates."""
+        PAD: tl.constexpr = KS // 2
+        KK: tl.constexpr = KS * KS
+        W = N + 2 * PAD
+        eptr = ebase + (cc[:, None] * (W * W) + pos[None, :])
+        acc = tl.zeros((CC, P), tl.float32)
+        if UNROLL and KS <= 5:
+            for o in tl.static_range(KK):
+                w = tl.load(wdw_ptr + cc * KK + o)
+                acc += w[:, None] * tl.load(eptr + SIGN * ((o // KS - PAD) * W + (o % KS - PAD))).to(tl.float32)
+        else:
+            for o in range(0, KK):
+                w = tl.load(wdw_ptr + cc * KK + o)
+                acc += w[:, None] * tl.load(eptr + SIGN * ((o // KS - PAD) * W + (o % KS - PAD))).to(tl.float32)
+        return acc
+
+    @triton.jit
+    def stencil_grads_padded(ebase, gbase, pos, valid, mc, wdw_ptr, cc, N, pwdw, KS: tl.constexpr, CC: tl.constexpr,
+                             P: tl.constexpr, RELU_E: tl.constexpr):
+        """The depthwise stencil's backward at plane positions pos (plane_pos) from a padded E and a
+        padded G = dL/d dw_k(E) whose border and padded channels are 0 (ebase, gbase: the image's):
+        stores the weights' partial sums sum_q G(q) E(q + s_o) at pwdw + cc * k^2 + o, and returns
+        dL/dE = the transposed stencil of G, through relu6 (E strictly inside (0, 6)) when RELU_E,
+        0 off channels cc < rH and `valid` (CC x P, fp32). kernels_refine_eval.stencil_grads on
+        padded planes: unmasked loads of E and of G's shifts, G itself 0 off `valid` (by a select:
+        with k = 1, pos 0 is a map position)."""
+        PAD: tl.constexpr = KS // 2
+        W = N + 2 * PAD
+        off = cc[:, None] * (W * W) + pos[None, :]
+        g0 = tl.where(valid[None, :], tl.load(gbase + off), 0.0)
+        for o in range(0, KS * KS):
+            es = tl.load(ebase + off + ((o // KS - PAD) * W + (o % KS - PAD)))
+            tl.store(pwdw + cc * (KS * KS) + o, tl.sum(g0 * es, axis=1))
+        de = stencil_padded(gbase, pos, cc, wdw_ptr, N, KS, CC, P, False, -1)
+        if RELU_E:
+            e0 = tl.load(ebase + off)
+            de = tl.where((e0 > 0.0) & (e0 < 6.0), de, 0.0)
+        return tl.where(mc[:, None] & valid[None, :], de, 0.0)
+
+    @triton.jit
+    def _pe_expand(a_ptr, we_ptr, be_ptr, ks_ptr, e_ptr, N, H, RH, RHP, KS: tl.constexpr, RELU_E: tl.constexpr,
+                   SHIFT: tl.constexpr, PREC: tl.constexpr, HP: tl.constexpr, CC: tl.constexpr, P: tl.constexpr):
+        """E = relu6(w_exp (A - ks) + b_exp) at P positions of image program_id(1)'s padded grid, 0 on
+        its border and in the padded channels; e_ptr: the first image's plane 0 (after the guard).
+        ks: a per-head shift of A (SHIFT; the training passes' numerics), else none."""
         b = tl.program_id(1).to(tl.int64)
         q, row, col, inmap, W, plane = padded_grid(N, KS, P)
         hh = tl.arange(0, HP)
         mh = hh < H
         a = tl.load(a_ptr + b * H * N * N + (hh[:, None] * (N * N) + (row * N + col)[None, :]),
                     mask=mh[:, None] & inmap[None, :], other=0.0).to(tl.float32)
+        if SHIFT:
+            a = a - tl.load(ks_ptr + hh, mask=mh, other=0.0)[:, None]
         ebase = e_ptr + b * RHP * plane
         for c0 in range(0, RHP, CC):
             cc = c0 + tl.arange(0, CC)
@@ -77,8 +136,6 @@ if triton is not None:
         N is a constexpr (a kernel per map size, as a model has one): the unrolled taps' offsets are
         then immediates of the loads (ptxas sm_90, bf16, P = 128: 837 instructions per 16-channel
         chunk of 144 multiply-adds, against 1053 with N a runtime value and 1259 rolled)."""
-        PAD: tl.constexpr = KS // 2
-        KK: tl.constexpr = KS * KS
         b = tl.program_id(1).to(tl.int64)
         q, row, col, inmap, W, plane = padded_grid(N, KS, P)
         hh = tl.arange(0, HP)
@@ -87,16 +144,7 @@ if triton is not None:
         y = tl.zeros((HP, P), tl.float32)
         for c0 in range(0, RHP, CC):
             cc = c0 + tl.arange(0, CC)
-            eptr = ebase + (cc[:, None] * plane + q[None, :])
-            dacc = tl.zeros((CC, P), tl.float32)
-            if UNROLL and KS <= 5:  # 49 unrolled taps of 16 channels spill ~13 KB (ptxas, sm_90)
-                for o in tl.static_range(KK):
-                    w = tl.load(wdw_ptr + cc * KK + o)
-                    dacc += w[:, None] * tl.load(eptr + ((o // KS - PAD) * W + (o % KS - PAD))).to(tl.float32)
-            else:
-                for o in range(0, KK):
-                    w = tl.load(wdw_ptr + cc * KK + o)
-                    dacc += w[:, None] * tl.load(eptr + ((o // KS - PAD) * W + (o % KS - PAD))).to(tl.float32)
+            dacc = stencil_padded(ebase, q, cc, wdw_ptr, N, KS, CC, P, UNROLL)
             y += reduction_chunk(dacc, bdw_ptr, wp_ptr, cc, cc < RH, hh, mh, RH, PREC, CC)
         m2 = mh[:, None] & inmap[None, :]
         off = b * H * N * N + (hh[:, None] * (N * N) + (row * N + col)[None, :])
@@ -108,7 +156,7 @@ if triton is not None:
     # two positions a thread (P = 256 on 4 warps, 512 on 8), which share each weight load of a tap
     _pe_expand_tuned = gpu_autotune(
         [triton.Config({"P": p}, num_warps=w, num_stages=1) for p, w in [(64, 4), (128, 4), (128, 8), (256, 8)]],
-        key=["N", "H", "RH", "KS"])(_pe_expand)
+        key=["N", "H", "RH", "KS"])(_pe_expand)  # (+ SHIFT, PREC...: _common.tuning_key)
     _pe_stencil_reduce_tuned = gpu_autotune(
         [triton.Config({"P": p, "UNROLL": u}, num_warps=w, num_stages=2)
          for p, w, u in [(64, 4, False), (128, 4, False), (128, 8, False), (256, 8, False), (256, 4, False),
@@ -131,39 +179,70 @@ def guard(N: int, KS: int, P: int) -> int:
     return -(-(pad * (N + 2 * pad + 1) + P) // 16) * 16
 
 
+def weights(w_dw):
+    """The depthwise weights as the padded kernels read them: (RHP, k*k) fp32, zero rows for the
+    padded channels (unmasked loads)."""
+    RH, KS = w_dw.shape[0], w_dw.shape[-1]
+    table = torch.zeros(triton.cdiv(RH, CC) * CC, KS * KS, dtype=torch.float32, device=w_dw.device)
+    table[:RH] = w_dw.reshape(RH, KS * KS)
+    return table
+
+
+def workspace(n_img, RH, N, KS, dtype, device, zero=False):
+    """Padded planes (RHP of (N + 2p)^2 elements an image) for n_img images, between two guards
+    (GUARD_VALUE): the view past the front guard, the kernels' e_ptr. zero: the planes zeroed too
+    (a buffer whose kernels write only the map positions, so that its border stays 0)."""
+    RHP, W, g = triton.cdiv(RH, CC) * CC, N + 2 * (KS // 2), guard(N, KS, MAX_P)
+    buf = (torch.zeros if zero else torch.empty)(2 * g + n_img * RHP * W * W, dtype=dtype, device=device)
+    if GUARD_VALUE != 0.0 or not zero:
+        buf[:g].fill_(GUARD_VALUE)
+        buf[-g:].fill_(GUARD_VALUE)
+    return buf[g:-g]
+
+
+def images_per_chunk(B, RH, N, KS, esize):
+    """Images per batch chunk whose padded planes stay under SPLIT_E_BYTES (kernels_refine_eval)."""
+    return _eval.split_images(B, triton.cdiv(RH, CC) * CC, N + 2 * (KS // 2), esize)
+
+
+def expand_padded(e, a, we, be, relu, prec, KS, ks=None):
+    """E = relu6(we (A - ks) + be) of the images of `a` into the padded planes e (workspace; its
+    dtype), border and padded channels 0, by _pe_expand; ks: a per-head shift (HP floats) or None."""
+    n_img, H, N, _ = a.shape
+    RH = we.shape[0]
+    HP, RHP, W = max(16, next_pow2(H)), triton.cdiv(RH, CC) * CC, N + 2 * (KS // 2)
+    args = (a, we, be, we if ks is None else ks, e, N, H, RH, RHP)
+    consts = dict(KS=KS, RELU_E=relu, SHIFT=ks is not None, PREC=prec, HP=HP, CC=CC)
+    if use_tuned(_pe_expand_tuned, a):
+        _pe_expand_tuned[lambda META: (triton.cdiv(W * W, META["P"]), n_img)](*args, **consts)
+    else:
+        P = _eval.split_p()
+        _pe_expand[(triton.cdiv(W * W, P), n_img)](*args, **consts, P=P, num_warps=num_warps_for(HP * P), num_stages=1)
+
+
 def padded_r(attn, we, be, w_dw, b_dw, w_pro, b_pro, alpha, beta, relu, prec, r_dtype):
     """R (r_dtype, A-sized) from the padded E (r_dtype) of batch chunks under SPLIT_E_BYTES, by
     _pe_expand then _pe_stencil_reduce."""
     B, H, N, _ = attn.shape
     RH, KS = w_dw.shape[0], w_dw.shape[-1]
     HP, RHP, W = max(16, next_pow2(H)), triton.cdiv(RH, CC) * CC, N + 2 * (KS // 2)
-    esize = torch.empty((), dtype=r_dtype).element_size()
-    per = _eval.split_images(B, RHP, W, esize)
-    g = guard(N, KS, MAX_P)
-    buf = torch.empty(2 * g + min(B, per) * RHP * W * W, dtype=r_dtype, device=attn.device)
-    buf[:g].fill_(GUARD_VALUE)
-    buf[-g:].fill_(GUARD_VALUE)
-    e = buf[g:-g]
-    wdw = torch.zeros(RHP, KS * KS, dtype=torch.float32, device=attn.device)
-    wdw[:RH] = w_dw.reshape(RH, KS * KS)
-    params = (wdw, b_dw.contiguous(), w_pro.contiguous(), b_pro.contiguous(), alpha.contiguous(),
+    per = images_per_chunk(B, RH, N, KS, torch.empty((), dtype=r_dtype).element_size())
+    e = workspace(min(B, per), RH, N, KS, r_dtype, attn.device)
+    params = (weights(w_dw), b_dw.contiguous(), w_pro.contiguous(), b_pro.contiguous(), alpha.contiguous(),
               beta.contiguous())
     r = torch.empty(B, H, N, N, dtype=r_dtype, device=attn.device)
-    consts = dict(KS=KS, PREC=prec, HP=HP)
+    consts = dict(KS=KS, PREC=prec, HP=HP, CC=CC)
     tuned = use_tuned(_pe_stencil_reduce_tuned, attn)
     P = _eval.split_p()
     for lo in range(0, B, per):
         hi = min(B, lo + per)
         a = attn[lo:hi]
+        expand_padded(e, a, we, be, relu, prec, KS)
         if tuned:
-            _pe_expand_tuned[lambda META: (triton.cdiv(W * W, META["P"]), hi - lo)](
-                a, we, be, e, N, H, RH, RHP, RELU_E=relu, CC=CC, **consts)
             _pe_stencil_reduce_tuned[lambda META: (triton.cdiv(W * W, META["P"]), hi - lo)](
-                a, e, *params, r[lo:hi], N, H, RH, RHP, CC=CC, **consts)
+                a, e, *params, r[lo:hi], N, H, RH, RHP, **consts)
         else:
-            _pe_expand[(triton.cdiv(W * W, P), hi - lo)](a, we, be, e, N, H, RH, RHP, RELU_E=relu, CC=CC, P=P,
-                                                         num_warps=num_warps_for(HP * P), num_stages=1, **consts)
             _pe_stencil_reduce[(triton.cdiv(W * W, P), hi - lo)](
-                a, e, *params, r[lo:hi], N, H, RH, RHP, CC=CC, P=P, UNROLL=UNROLL,
+                a, e, *params, r[lo:hi], N, H, RH, RHP, P=P, UNROLL=UNROLL,
                 num_warps=num_warps_for(HP * P), num_stages=2, **consts)
     return r

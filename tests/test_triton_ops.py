@@ -252,6 +252,7 @@ def test_refine_eval_split_falls_back_to_tile_beyond_int32_offsets(monkeypatch):
     (1, 4, 2, 3, 5, True, torch.float16),      # N = 2 under a 5 x 5 stencil
     (3, 3, 10, 2, 7, True, torch.float32),     # a 7 x 7 stencil: the widest guard
     (2, 4, 11, 1, 3, False, torch.float32),    # no expansion: E = A
+    (2, 4, 9, 3, 1, True, torch.float32),      # k = 1: no border at all
 ])
 def test_refine_eval_padded_matches_split_bit_for_bit(monkeypatch, B, H, N, ratio, ks, expand, dtype):
     """REFINER_TRITON_REFINE_FWD=padded computes every value as split does (same dots, same order of
@@ -694,20 +695,22 @@ def test_refine_train_x2_split_fp16(monkeypatch):
 
 
 def test_refine_train_x2_split_fallback(monkeypatch):
-    """Beyond int32 offsets within an image's E (rH N^2 > SPLIT_MAX_MAP) "split" falls back to
-    "offsets", and the passes it would have run are not: the split expansion never runs."""
-    from refiner_kernels import kernels_refine_eval as E, kernels_refine_train as T
+    """Beyond int32 offsets within an image's padded E (16-padded rH (N + k - 1)^2 > SPLIT_MAX_MAP)
+    "split" falls back to "offsets", and the passes it would have run are not: the split expansion
+    never runs."""
+    from refiner_kernels import kernels_refine_eval as E, kernels_refine_train as T, padded_e
     monkeypatch.setenv("REFINER_TRITON_TRAIN_X2", "split")
-    assert T._x2_mode(36, 197) == "split"
-    monkeypatch.setattr(T, "SPLIT_MAX_MAP", 36 * 197 * 197 - 1)
-    assert T._x2_mode(36, 197) == "offsets"
-    monkeypatch.setattr(T, "SPLIT_MAX_MAP", 12 * 9 * 9 - 1)
+    assert T._x2_mode(36, 197, 3) == "split"
+    monkeypatch.setattr(E, "SPLIT_MAX_MAP", 48 * 199 * 199 - 1)
+    assert T._x2_mode(36, 197, 3) == "offsets" and T._x2_mode(36, 196, 3) == "split"
+    limit = E.SPLIT_MAX_MAP
+    monkeypatch.setattr(E, "SPLIT_MAX_MAP", 16 * 11 * 11 - 1)
 
     def no_split(*args, **kwargs):
         raise AssertionError("the split expansion ran past SPLIT_MAX_MAP")
-    monkeypatch.setattr(E, "expand_into", no_split)
+    monkeypatch.setattr(padded_e, "expand_padded", no_split)
     _run_train(9, 8, 3, 3, 1, torch.float32)
-    monkeypatch.setattr(T, "SPLIT_MAX_MAP", E.SPLIT_MAX_MAP)
+    monkeypatch.setattr(E, "SPLIT_MAX_MAP", limit)
     with pytest.raises(AssertionError, match="split expansion ran"):
         _run_train(9, 8, 3, 3, 1, torch.float32)
 
