@@ -249,26 +249,6 @@ if triton is not None:
         return dacc
 
     @triton.jit
-    def stencil_grads(ebase, gbase, row, col, valid, mc, wdw_ptr, cc, N, pwdw, KS: tl.constexpr, CC: tl.constexpr,
-                      P: tl.constexpr, RELU_E: tl.constexpr):
-        """The depthwise stencil's backward at P flat positions from a stored E and a stored G =
-        dL/d dw_k(E) (both (rH, N, N) an image; ebase, gbase: the image's): stores the weights'
-        partial sums sum_q G(q) E(q + s_o) at pwdw + cc * k^2 + o, and returns dL/dE = the transposed
-        stencil of G (0 outside the map), through relu6 (E strictly inside (0, 6)) when RELU_E,
-        0 off channels cc < rH and `valid` (CC x P, fp32)."""
-        coff = cc * (N * N)
-        mcq = mc[:, None] & valid[None, :]
-        g0 = tl.load(gbase + (coff[:, None] + (row * N + col)[None, :]), mask=mcq, other=0.0)
-        for o in range(0, KS * KS):
-            es = shifted_load(ebase, coff, row, col, valid, mc, o, N, KS)
-            tl.store(pwdw + cc * (KS * KS) + o, tl.sum(g0 * es, axis=1))
-        de = stencil_loaded(gbase, row, col, valid, mc, wdw_ptr, cc, N, KS, CC, P, False, -1)
-        if RELU_E:
-            e0 = tl.load(ebase + (coff[:, None] + (row * N + col)[None, :]), mask=mcq, other=0.0)
-            de = tl.where((e0 > 0.0) & (e0 < 6.0), de, 0.0)
-        return tl.where(mcq, de, 0.0)
-
-    @triton.jit
     def _re_stencil_reduce(a_ptr, e_ptr, wdw_ptr, bdw_ptr, wp_ptr, bp_ptr, al_ptr, bt_ptr, r_ptr, N, H, RH,
                            KS: tl.constexpr, PREC: tl.constexpr, HP: tl.constexpr, CC: tl.constexpr,
                            P: tl.constexpr, UNROLL: tl.constexpr):
@@ -451,30 +431,31 @@ if triton is not None:
                   P: tl.constexpr):
         """The split backward's first pass, at P flat positions of one image: X = dw_k(E) + b_dw from
         the stored E, D = relu6(X), and G = dL/dX = [0 < X < 6] (alpha W_p)^T dR, stored (g_ptr,
-        laid out as E) for the second pass; per-program partial sums of S = dR D^T, db_dw = sum G
+        padded_e's planes as E, their border zeroed by the host) for the second pass; per-program partial sums of S = dR D^T, db_dw = sum G
         and per head sum dR A and sum dR. The host forms dW_p = alpha S, dalpha = sum dR A + b_p
         sum dR + sum_c W_p S (Y = W_p D never formed) and db_p = alpha sum dR. Dots at PREC
         (backward_precision)."""
         b, prog, q, hh, mh, valid, m2, hq = flat_block(N, H, HP, P)
-        row = q // N
-        col = q % N
         dr = tl.load(dr_ptr + hq, mask=m2, other=0.0).to(tl.float32)
         alpha = tl.load(al_ptr + hh, mask=mh, other=0.0).to(tl.float32)
-        ebase = e_ptr + b * RH * N * N
-        gbase = g_ptr + b * RH * N * N
+        PAD: tl.constexpr = KS // 2
+        plane = (N + 2 * PAD) * (N + 2 * PAD)
+        ebase = e_ptr + b * RHP * plane
+        gbase = g_ptr + b * RHP * plane
+        pos = plane_pos(q // N, q % N, valid, N, KS)
         for c0 in range(0, RH, CC):
             cc = c0 + tl.arange(0, CC)
             mc = cc < RH
             mcq = mc[:, None] & valid[None, :]
             bdw = tl.load(bdw_ptr + cc, mask=mc, other=0.0).to(tl.float32)
-            x = stencil_loaded(ebase, row, col, valid, mc, wdw_ptr, cc, N, KS, CC, P) + bdw[:, None]
+            x = stencil_padded(ebase, pos, cc, wdw_ptr, N, KS, CC, P, False) + bdw[:, None]
             d = tl.where(mcq, tl.minimum(tl.maximum(x, 0.0), 6.0), 0.0)
             tl.store(ps_ptr + prog * HP * RHP + hh[:, None] * RHP + cc[None, :],
                      dot(dr, tl.trans(d), PREC))
             awpt = tl.load(wp_ptr + hh[None, :] * RH + cc[:, None], mask=mh[None, :] & mc[:, None],
                            other=0.0).to(tl.float32) * alpha[None, :]
             g = tl.where(mcq & (x > 0.0) & (x < 6.0), dot(awpt, dr, PREC), 0.0)
-            tl.store(gbase + (cc[:, None] * (N * N) + q[None, :]), g, mask=mcq)
+            tl.store(gbase + (cc[:, None] * plane + pos[None, :]), g, mask=mcq)
             tl.store(pbdw_ptr + prog * RHP + cc, tl.sum(g, axis=1))
         a0 = tl.load(a_ptr + hq, mask=m2, other=0.0).to(tl.float32)
         tl.store(ph_ptr + prog * 2 * HP + hh, tl.sum(dr * a0, axis=1))
@@ -485,23 +466,24 @@ if triton is not None:
                   N, H, RH, RHP, RELU_E: tl.constexpr, KS: tl.constexpr, PREC: tl.constexpr, HP: tl.constexpr,
                   CC: tl.constexpr, P: tl.constexpr):
         """The split backward's second pass, at P flat positions of one image: dE = dw_k^T(G) (G loaded
-        at the negated shifts, 0 outside the map), dX1 = [0 < E < 6] dE, dA = alpha dR + W_e^T dX1
+        at the negated shifts from padded_e's planes, 0 outside the map), dX1 = [0 < E < 6] dE, dA = alpha dR + W_e^T dX1
         (stored in A's dtype); per-program partial sums of dW_e = sum dX1 A^T, db_e = sum dX1 and
         dW_dw[c, o] = sum_q G(q) E(q + s_o)."""
         KK: tl.constexpr = KS * KS
+        PAD: tl.constexpr = KS // 2
         b, prog, q, hh, mh, valid, m2, hq = flat_block(N, H, HP, P)
-        row = q // N
-        col = q % N
         a0 = tl.load(a_ptr + hq, mask=m2, other=0.0).to(tl.float32)
         alpha = tl.load(al_ptr + hh, mask=mh, other=0.0).to(tl.float32)
         da = alpha[:, None] * tl.load(dr_ptr + hq, mask=m2, other=0.0).to(tl.float32)
-        ebase = e_ptr + b * RH * N * N
-        gbase = g_ptr + b * RH * N * N
+        plane = (N + 2 * PAD) * (N + 2 * PAD)
+        ebase = e_ptr + b * RHP * plane
+        gbase = g_ptr + b * RHP * plane
+        pos = plane_pos(q // N, q % N, valid, N, KS)
         for c0 in range(0, RH, CC):
             cc = c0 + tl.arange(0, CC)
             mc = cc < RH
-            de = stencil_grads(ebase, gbase, row, col, valid, mc, wdw_ptr, cc, N, pwdw_ptr + prog * RHP * KK, KS, CC,
-                               P, RELU_E)
+            de = stencil_grads_padded(ebase, gbase, pos, valid, mc, wdw_ptr, cc, N, pwdw_ptr + prog * RHP * KK, KS,
+                                      CC, P, RELU_E)
             we = tl.load(we_ptr + cc[:, None] * H + hh[None, :], mask=mc[:, None] & mh[None, :],
                          other=0.0).to(tl.float32)
             da += dot(tl.trans(we), de, PREC)
@@ -718,7 +700,8 @@ def _bwd_tiles(N: int, KS: int):
 
 
 def _bwd_split(dout, attn, v, we, be, w_dw, b_dw, w_pro, b_pro, alpha, beta, relu):
-    """REFINER_TRITON_REFINE_BWD=split, the whole backward per batch chunk whose E and G (fp32) stay
+    """REFINER_TRITON_REFINE_BWD=split, the whole backward per batch chunk whose E and G (fp32, on
+    padded_e's zero-bordered planes: the stencils' shifted loads need no bounds tests) stay
     in L2: E stored once (IEEE dots) serves R's recompute (_re_stencil_reduce; then dv = R^T dO and
     dR = dO v^T of the chunk) and the gradient passes over flat position blocks, _re_bwd_g (G
     stored) and _re_bwd_a: no halo tiles, no scratch, no map-sized temporaries. Returns dA, dv and
@@ -730,10 +713,10 @@ def _bwd_split(dout, attn, v, we, be, w_dw, b_dw, w_pro, b_pro, alpha, beta, rel
     RHP = triton.cdiv(RH, CC) * CC
     P = split_p()
     nb = triton.cdiv(N * N, P)
-    per = split_images(B, RH, N, 8)  # E and G, fp32
+    per = padded_e.images_per_chunk(B, RH, N, KS, 8)  # E and G, fp32
     f32 = dict(dtype=torch.float32, device=attn.device)
-    e = torch.empty(min(B, per), RH, N, N, **f32)
-    g = torch.empty_like(e)
+    e = padded_e.workspace(min(B, per), RH, N, KS, torch.float32, attn.device)
+    g = padded_e.workspace(min(B, per), RH, N, KS, torch.float32, attn.device, zero=True)  # (border: 0)
     r = torch.empty(min(B, per), H, N, N, **f32)
     da = torch.empty(B, H, N, N, dtype=attn.dtype, device=attn.device)
     dv = torch.empty_like(v)
@@ -743,15 +726,15 @@ def _bwd_split(dout, attn, v, we, be, w_dw, b_dw, w_pro, b_pro, alpha, beta, rel
                       torch.empty(nprog, RHP, KS * KS, **f32))
     parts = (pwe, pbe, pwdw, pbdw, ps, ph)
     sums = [torch.zeros(t.shape[1:], **f32) for t in parts]
-    params = [t.contiguous() for t in (w_dw, b_dw, w_pro, b_pro, alpha, beta)]
+    params = [padded_e.weights(w_dw)] + [t.contiguous() for t in (b_dw, w_pro, b_pro, alpha, beta)]
     wdw, bdw, wp, al = params[0], params[1], params[2], params[4]
     prec = backward_precision(attn)
     launch = dict(KS=KS, PREC=prec, HP=HP, CC=CC, P=P, num_warps=num_warps_for(HP * P), num_stages=2)
     for lo in range(0, B, per):
         hi = min(B, lo + per)
         a, do, rc = attn[lo:hi], dout[lo:hi], r[:hi - lo]
-        expand_into(e, a, we, be, relu, "ieee")
-        stencil_reduce_into(rc, a, e, params, KS, "ieee")  # R in fp32 (IEEE) for dv, as the default's
+        padded_e.expand_padded(e, a, we, be, relu, "ieee", KS)
+        padded_e.stencil_reduce_into(rc, a, e, params, KS, "ieee")  # R in fp32 (IEEE) for dv, as the default's
         dv[lo:hi] = bmm(rc.transpose(-1, -2), do, out_dtype=v.dtype)
         d = bmm(do, v[lo:hi].transpose(-1, -2), out_dtype=torch.float32)
         _re_bwd_g[(nb, hi - lo)](a, d, e, g, wdw, bdw, wp, al, ps, pbdw, ph, N, H, RH, RHP, **launch)
@@ -821,7 +804,7 @@ def refine_eval_dla_bwd(attn, dr, w_exp, b_exp, w_dw, b_dw, w_pro, b_pro, alpha,
 def refine_eval_bwd(dout, attn, v, w_exp, b_exp, w_dw, b_dw, w_pro, b_pro, alpha, beta, expand):
     # dout and v only meet bmm, which reads them through their strides (no copies)
     RH, N = w_dw.shape[0], attn.shape[-1]
-    if backward_variant(attn.device) == "split" and RH * N * N <= SPLIT_MAX_MAP:
+    if backward_variant(attn.device) == "split" and padded_e.fits(RH, N, w_dw.shape[-1]):
         check_inputs(attn, v)
         check_image_map(attn)
         attn = attn.contiguous()
@@ -839,4 +822,7 @@ def refine_eval_bwd(dout, attn, v, w_exp, b_exp, w_dw, b_dw, w_pro, b_pro, alpha
     return (da, dv, *ws)
 
 
-from . import padded_e  # noqa: E402  (the "padded" forward builds on this module's jit helpers)
+# the "padded" forward builds on this module's jit helpers, and the split backward's kernels above
+# on its padded-plane stencils (names resolved when the kernels first compile)
+from . import padded_e  # noqa: E402
+from .padded_e import plane_pos, stencil_grads_padded, stencil_padded  # noqa: E402,F401

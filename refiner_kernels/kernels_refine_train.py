@@ -397,7 +397,7 @@ if triton is not None:
                  N, H, RH, RHP, KS: tl.constexpr, RELU_E: tl.constexpr, PREC: tl.constexpr, HP: tl.constexpr,
                  CC: tl.constexpr, P: tl.constexpr):
         """REFINER_TRITON_TRAIN_X2=split, B3's second pass at P flat positions of one image: the
-        stencil's backward from the stored E and dX2 (stencil_grads: dW_dw partials, dE), BN1's
+        stencil's backward from the stored E and dX2 (stencil_grads_padded: dW_dw partials, dE), BN1's
         (partials of db1, dg1, M) and dA += (k1 W_e)^T dE (da_ptr: _rt_b3_g's dZ, fp32)."""
         KK: tl.constexpr = KS * KS
         b, prog, q, hh, mh, valid, m2, hq = flat_block(N, H, HP, P)

@@ -85,9 +85,8 @@ if triton is not None:
         padded G = dL/d dw_k(E) whose border and padded channels are 0 (ebase, gbase: the image's):
         stores the weights' partial sums sum_q G(q) E(q + s_o) at pwdw + cc * k^2 + o, and returns
         dL/dE = the transposed stencil of G, through relu6 (E strictly inside (0, 6)) when RELU_E,
-        0 off channels cc < rH and `valid` (CC x P, fp32). kernels_refine_eval.stencil_grads on
-        padded planes: unmasked loads of E and of G's shifts, G itself 0 off `valid` (by a select:
-        with k = 1, pos 0 is a map position)."""
+        0 off channels cc < rH and `valid` (CC x P, fp32). Unmasked loads of E and of G's shifts,
+        G itself 0 off `valid` (by a select: with k = 1, pos 0 is a map position)."""
         PAD: tl.constexpr = KS // 2
         W = N + 2 * PAD
         off = cc[:, None] * (W * W) + pos[None, :]
@@ -225,24 +224,30 @@ def padded_r(attn, we, be, w_dw, b_dw, w_pro, b_pro, alpha, beta, relu, prec, r_
     _pe_expand then _pe_stencil_reduce."""
     B, H, N, _ = attn.shape
     RH, KS = w_dw.shape[0], w_dw.shape[-1]
-    HP, RHP, W = max(16, next_pow2(H)), triton.cdiv(RH, CC) * CC, N + 2 * (KS // 2)
     per = images_per_chunk(B, RH, N, KS, torch.empty((), dtype=r_dtype).element_size())
     e = workspace(min(B, per), RH, N, KS, r_dtype, attn.device)
     params = (weights(w_dw), b_dw.contiguous(), w_pro.contiguous(), b_pro.contiguous(), alpha.contiguous(),
               beta.contiguous())
     r = torch.empty(B, H, N, N, dtype=r_dtype, device=attn.device)
-    consts = dict(KS=KS, PREC=prec, HP=HP, CC=CC)
-    tuned = use_tuned(_pe_stencil_reduce_tuned, attn)
-    P = _eval.split_p()
     for lo in range(0, B, per):
         hi = min(B, lo + per)
-        a = attn[lo:hi]
-        expand_padded(e, a, we, be, relu, prec, KS)
-        if tuned:
-            _pe_stencil_reduce_tuned[lambda META: (triton.cdiv(W * W, META["P"]), hi - lo)](
-                a, e, *params, r[lo:hi], N, H, RH, RHP, **consts)
-        else:
-            _pe_stencil_reduce[(triton.cdiv(W * W, P), hi - lo)](
-                a, e, *params, r[lo:hi], N, H, RH, RHP, P=P, UNROLL=UNROLL,
-                num_warps=num_warps_for(HP * P), num_stages=2, **consts)
+        expand_padded(e, attn[lo:hi], we, be, relu, prec, KS)
+        stencil_reduce_into(r[lo:hi], attn[lo:hi], e, params, KS, prec)
     return r
+
+
+def stencil_reduce_into(r, a, e, params, KS, prec):
+    """R of the images of `a` into r from their padded E (expand_padded) by _pe_stencil_reduce;
+    params: the padded weights (weights()), b_dw, w_pro, b_pro, alpha, beta (contiguous)."""
+    n_img, H, N, _ = a.shape
+    RH = params[1].shape[0]
+    HP, RHP, W = max(16, next_pow2(H)), triton.cdiv(RH, CC) * CC, N + 2 * (KS // 2)
+    consts = dict(KS=KS, PREC=prec, HP=HP, CC=CC)
+    if use_tuned(_pe_stencil_reduce_tuned, a):
+        _pe_stencil_reduce_tuned[lambda META: (triton.cdiv(W * W, META["P"]), n_img)](
+            a, e, *params, r, N, H, RH, RHP, **consts)
+    else:
+        P = _eval.split_p()
+        _pe_stencil_reduce[(triton.cdiv(W * W, P), n_img)](
+            a, e, *params, r, N, H, RH, RHP, P=P, UNROLL=UNROLL, num_warps=num_warps_for(HP * P), num_stages=2,
+            **consts)

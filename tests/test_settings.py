@@ -35,13 +35,13 @@ def test_defaults_are_the_first_values(fake_gpu):
     assert KE.forward_variant() == "split" and KE.backward_variant() == "offsets"
     cpu_half = SimpleNamespace(device=torch.device("cpu"), dtype=torch.float16)
     assert KE.forward_precision(cpu_half) == "tf32"
-    assert KT._x2_mode(36, 197, torch.device("cpu")) == "offsets"
+    assert KT._x2_mode(36, 197, 3, torch.device("cpu")) == "offsets"
 
 
 def test_tuned_values_apply_on_their_gpu_model(fake_gpu, monkeypatch):
     assert settings.tuned_for(GPU) == {"REFINER_TRITON_TRAIN_X2": "split", "REFINER_TRITON_TRAIN_DOT": "bf16",
                                        "REFINER_TRITON_REFINE_BWD": "split", "REFINER_TRITON_REFINE_DOT": "bf16"}
-    assert KT._x2_mode(36, 197, GPU) == "split"
+    assert KT._x2_mode(36, 197, 3, GPU) == "split"
     assert KE.backward_variant(GPU) == "split"
     assert KE.forward_variant(GPU) == "split"  # not tuned: the default
     bf16_map = SimpleNamespace(device=GPU, dtype=torch.bfloat16)
@@ -51,24 +51,25 @@ def test_tuned_values_apply_on_their_gpu_model(fake_gpu, monkeypatch):
     assert KE.forward_precision(bf16_map) == "bf16" and KE.forward_precision(fp32_map) == "ieee"
     # a GPU model that no round measured
     monkeypatch.setattr(settings, "_device_name", lambda index: "Other GPU")
-    assert settings.tuned_for(GPU) == {} and KT._x2_mode(36, 197, GPU) == "offsets"
+    assert settings.tuned_for(GPU) == {} and KT._x2_mode(36, 197, 3, GPU) == "offsets"
 
 
 def test_environment_wins_and_tuning_can_be_switched_off(fake_gpu, monkeypatch):
     monkeypatch.setenv("REFINER_TRITON_TRAIN_X2", "halo")
-    assert KT._x2_mode(36, 197, GPU) == "halo"
+    assert KT._x2_mode(36, 197, 3, GPU) == "halo"
     monkeypatch.delenv("REFINER_TRITON_TRAIN_X2")
     monkeypatch.setenv("REFINER_TUNED_SETTINGS", "0")
-    assert KT._x2_mode(36, 197, GPU) == "offsets" and settings.tuned_for(GPU) == {}
+    assert KT._x2_mode(36, 197, 3, GPU) == "offsets" and settings.tuned_for(GPU) == {}
     monkeypatch.setenv("REFINER_TRITON_TRAIN_X2", "fast")
     with pytest.raises(ValueError, match="REFINER_TRITON_TRAIN_X2: expected one of"):
-        KT._x2_mode(36, 197, GPU)
+        KT._x2_mode(36, 197, 3, GPU)
 
 
 def test_tuned_split_still_falls_back_beyond_int32(fake_gpu, monkeypatch):
-    """A tuned "split" obeys the same limit as an explicit one (rH N^2 within int32 offsets)."""
-    monkeypatch.setattr(KT, "SPLIT_MAX_MAP", 36 * 197 * 197 - 1)
-    assert KT._x2_mode(36, 197, GPU) == "offsets"
+    """A tuned "split" obeys the same limit as an explicit one (an image's padded E, 16-padded
+    rH (N + k - 1)^2, within int32 offsets)."""
+    monkeypatch.setattr(KE, "SPLIT_MAX_MAP", 48 * 199 * 199 - 1)
+    assert KT._x2_mode(36, 197, 3, GPU) == "offsets" and KT._x2_mode(36, 196, 3, GPU) == "split"
 
 
 def test_tuned_table_file_checks(tmp_path):

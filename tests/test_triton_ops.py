@@ -318,8 +318,9 @@ def test_refine_eval_padded_falls_back_beyond_int32_offsets(monkeypatch):
 def test_refine_eval_backward_split_border_and_fallback(monkeypatch):
     """REFINER_TRITON_REFINE_BWD=split: E stored is 0 off the map in the stencil (a large positive
     b_exp, whose relu6 would leak in as padding, exposes it in the gradients); beyond int32 offsets
-    (rH N^2 > SPLIT_MAX_MAP) the backward recomputes E instead; a bad value is named."""
-    from refiner_kernels import kernels_refine_eval
+    (16-padded rH (N + k - 1)^2 > SPLIT_MAX_MAP) the backward recomputes E instead; a bad value is
+    named."""
+    from refiner_kernels import kernels_refine_eval, padded_e
     monkeypatch.setenv("REFINER_TRITON_REFINE_BWD", "split")
     B, H, N, d = 2, 4, 13, 16
     f = _folded(H, 3, 3, d)
@@ -330,22 +331,28 @@ def test_refine_eval_backward_split_border_and_fallback(monkeypatch):
     go = torch.randn(B, H, N, d, device=DEV)
     names = "attn v w_exp b_exp w_dw b_dw w_pro b_pro alpha beta".split()
     gr = _grads([ref.refine_eval(attn, v, *ps, True)], [attn, v] + ps, [go])
-    expand_into, stored = kernels_refine_eval.expand_into, []
+    stored = []
 
-    def counted(e, *args, **kwargs):
-        stored.append(e.dtype)
-        expand_into(e, *args, **kwargs)
-    monkeypatch.setattr(kernels_refine_eval, "expand_into", counted)
+    def counted(module, name):
+        expand = getattr(module, name)
+
+        def run(e, *args, **kwargs):
+            stored.append((name, e.dtype))
+            expand(e, *args, **kwargs)
+        monkeypatch.setattr(module, name, run)
+    counted(kernels_refine_eval, "expand_into")
+    counted(padded_e, "expand_padded")
     for name, a, b in zip(names, _grads([rk.refine_eval(attn, v, *ps, True)], [attn, v] + ps, [go]), gr):
         _close(a, b, name="d" + name)
-    # the split forward's E (the map's dtype: fp32 here), then the backward's one E (fp32) for both R's
-    # recompute and the gradient passes
-    assert stored == [torch.float32] * 2, stored
+    # the split forward's E (the map's dtype: fp32 here), then the backward's one padded E (fp32) for
+    # both R's recompute and the gradient passes
+    assert stored == [("expand_into", torch.float32), ("expand_padded", torch.float32)], stored
     monkeypatch.setattr(kernels_refine_eval, "SPLIT_MAX_MAP", 12 * N * N - 1)
 
     def no_split(*args, **kwargs):
         raise AssertionError("the split expansion ran beyond SPLIT_MAX_MAP")
     monkeypatch.setattr(kernels_refine_eval, "expand_into", no_split)
+    monkeypatch.setattr(padded_e, "expand_padded", no_split)
     for name, a, b in zip(names, _grads([rk.refine_eval(attn, v, *ps, True)], [attn, v] + ps, [go]), gr):
         _close(a, b, name="d" + name)
     monkeypatch.setenv("REFINER_TRITON_REFINE_BWD", "always")
