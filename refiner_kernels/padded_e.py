@@ -1,6 +1,11 @@
-"""The refine_eval forward's "padded" candidate (REFINER_TRITON_REFINE_FWD=padded): the "split"
-scheme (E stored once per L2-sized batch chunk, then the stencil, reduction and residual from it),
-with E stored on a zero-bordered grid so that the stencil's k*k shifted loads need no bounds.
+"""E on zero-bordered planes, so that the depthwise stencil's k*k shifted loads need no bounds.
+
+Used by the refine_eval forward's "padded" candidate (REFINER_TRITON_REFINE_FWD=padded: the
+"split" scheme, E stored once per L2-sized batch chunk, then the stencil, reduction and residual
+from it), and by the split candidates' passes that read a stored E (and a stored stencil gradient
+G) at the shifts: refine_eval's backward (REFINER_TRITON_REFINE_BWD=split) and refine_train's F2,
+F3, B2 and B3 (REFINER_TRITON_TRAIN_X2=split), through plane_pos, stencil_padded and
+stencil_grads_padded.
 
 Why: in the split stencil pass (kernels_refine_eval._re_stencil_reduce) every shifted load of E
 computes its row and column, four bounds tests, a mask per element and a masked weight load:
@@ -14,8 +19,9 @@ tensor plus a scalar, unmasked. Positions of the border are computed and dropped
 Loads that leave a plane land in the neighbouring plane or in the zeroed guards before the first
 and after the last (guard()): only dropped positions read them.
 
-Every value is computed as the split forward computes it (the same dots, the same order of the
-k*k terms): R matches it bit for bit (tests/test_triton_ops.py).
+Every value is computed as the masked forms compute it (the same dots, the same order of the k*k
+terms): the padded forward matches split bit for bit (tests/test_triton_ops.py), and the split
+backward and training passes matched their former masked loads bit for bit (7 shapes, k = 1 to 7).
 """
 from __future__ import annotations
 
