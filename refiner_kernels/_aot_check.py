@@ -90,7 +90,7 @@ def check(fn, args, num_warps=4, num_stages=2, ptr_types=None, **options):
                  options={"num_warps": num_warps, "num_stages": num_stages, **options})
     md = k.metadata
     print(f"{fn.__name__:16s} ok {time.time()-t:5.1f}s shared={md.shared} warps={num_warps} {ptxas_usage(k)} {loop_sizes(k)} "
-          f"{dict((k2, v) for k2, v in consts.items() if k2 in ('MODE','TM','TJ','BM','BN','KS','HALO','SPLIT','SHIFT','PREC','P'))}",
+          f"{dict((k2, v) for k2, v in consts.items() if k2 in ('MODE','TM','TJ','BM','BN','KS','HALO','SPLIT','SHIFT','PREC','P','BLOCKS'))}",
           flush=True)
     return k
 
@@ -147,6 +147,11 @@ for prec, t, p, w, u, ks in [("tf32", "*bf16", 128, 4, False, 3), ("tf32", "*bf1
     check(PE._pe_stencil_reduce, dict(a_ptr=P, e_ptr=P, wdw_ptr=P, bdw_ptr=P, wp_ptr=P, bp_ptr=P, al_ptr=P, bt_ptr=P,
                                       r_ptr=P, N=N, H=H, RH=RH, RHP=48, KS=ks, PREC=prec, HP=16, CC=16, P=p, UNROLL=u),
           num_warps=w, num_stages=2, ptr_types={"a_ptr": t, "e_ptr": t, "r_ptr": t})
+# the split backwards' depthwise weight gradient (k = 3, 5, 7)
+for ks in (3, 5, 7):
+    kkp = PE.next_pow2(ks * ks)
+    check(PE._pe_dw_wgrad, dict(e_ptr=P, g_ptr=P, part_ptr=P, N=N, RHP=48, KS=ks, KKP=kkp, P=4096 // kkp,
+                                BLOCKS=kkp), num_warps=4, num_stages=2)
 # REFINER_TRITON_TRAIN_X2=split: the training passes' expansion (shifted A, fp32 padded E)
 for prec in ("tf32", "bf16"):
     check(PE._pe_expand, dict(a_ptr=P, we_ptr=P, be_ptr=P, ks_ptr=P, e_ptr=P, N=N, H=H, RH=RH, RHP=48, KS=3,

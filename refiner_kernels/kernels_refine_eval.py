@@ -462,14 +462,13 @@ if triton is not None:
         tl.store(ph_ptr + prog * 2 * HP + HP + hh, tl.sum(dr, axis=1))
 
     @triton.jit
-    def _re_bwd_a(a_ptr, dr_ptr, e_ptr, g_ptr, we_ptr, wdw_ptr, al_ptr, da_ptr, pwe_ptr, pbe_ptr, pwdw_ptr,
+    def _re_bwd_a(a_ptr, dr_ptr, e_ptr, g_ptr, we_ptr, wdw_ptr, al_ptr, da_ptr, pwe_ptr, pbe_ptr,
                   N, H, RH, RHP, RELU_E: tl.constexpr, KS: tl.constexpr, PREC: tl.constexpr, HP: tl.constexpr,
                   CC: tl.constexpr, P: tl.constexpr):
         """The split backward's second pass, at P flat positions of one image: dE = dw_k^T(G) (G loaded
-        at the negated shifts from padded_e's planes, 0 outside the map), dX1 = [0 < E < 6] dE, dA = alpha dR + W_e^T dX1
-        (stored in A's dtype); per-program partial sums of dW_e = sum dX1 A^T, db_e = sum dX1 and
-        dW_dw[c, o] = sum_q G(q) E(q + s_o)."""
-        KK: tl.constexpr = KS * KS
+        at the negated shifts from padded_e's planes, 0 outside the map), dX1 = [0 < E < 6] dE,
+        dA = alpha dR + W_e^T dX1 (stored in A's dtype); per-program partial sums of dW_e = sum dX1 A^T
+        and db_e = sum dX1. (dW_dw: padded_e.dw_weight_grad.)"""
         PAD: tl.constexpr = KS // 2
         b, prog, q, hh, mh, valid, m2, hq = flat_block(N, H, HP, P)
         a0 = tl.load(a_ptr + hq, mask=m2, other=0.0).to(tl.float32)
@@ -482,8 +481,7 @@ if triton is not None:
         for c0 in range(0, RH, CC):
             cc = c0 + tl.arange(0, CC)
             mc = cc < RH
-            de = stencil_grads_padded(ebase, gbase, pos, valid, mc, wdw_ptr, cc, N, pwdw_ptr + prog * RHP * KK, KS,
-                                      CC, P, RELU_E)
+            de = stencil_input_grad(ebase, gbase, pos, valid, mc, wdw_ptr, cc, N, KS, CC, P, RELU_E)
             we = tl.load(we_ptr + cc[:, None] * H + hh[None, :], mask=mc[:, None] & mh[None, :],
                          other=0.0).to(tl.float32)
             da += dot(tl.trans(we), de, PREC)
@@ -722,10 +720,10 @@ def _bwd_split(dout, attn, v, we, be, w_dw, b_dw, w_pro, b_pro, alpha, beta, rel
     dv = torch.empty_like(v)
     nprog = nb * min(B, per)
     ps, pbdw, ph = torch.empty(nprog, HP, RHP, **f32), torch.empty(nprog, RHP, **f32), torch.empty(nprog, 2, HP, **f32)
-    pwe, pbe, pwdw = (torch.empty(nprog, RHP, HP, **f32), torch.empty(nprog, RHP, **f32),
-                      torch.empty(nprog, RHP, KS * KS, **f32))
-    parts = (pwe, pbe, pwdw, pbdw, ps, ph)
+    pwe, pbe = torch.empty(nprog, RHP, HP, **f32), torch.empty(nprog, RHP, **f32)
+    parts = (pwe, pbe, pbdw, ps, ph)
     sums = [torch.zeros(t.shape[1:], **f32) for t in parts]
+    pwdw = torch.zeros(RHP, KS * KS, dtype=torch.float64, device=attn.device)
     params = [padded_e.weights(w_dw)] + [t.contiguous() for t in (b_dw, w_pro, b_pro, alpha, beta)]
     wdw, bdw, wp, al = params[0], params[1], params[2], params[4]
     prec = backward_precision(attn)
@@ -738,12 +736,14 @@ def _bwd_split(dout, attn, v, we, be, w_dw, b_dw, w_pro, b_pro, alpha, beta, rel
         dv[lo:hi] = bmm(rc.transpose(-1, -2), do, out_dtype=v.dtype)
         d = bmm(do, v[lo:hi].transpose(-1, -2), out_dtype=torch.float32)
         _re_bwd_g[(nb, hi - lo)](a, d, e, g, wdw, bdw, wp, al, ps, pbdw, ph, N, H, RH, RHP, **launch)
-        _re_bwd_a[(nb, hi - lo)](a, d, e, g, we, wdw, al, da[lo:hi], pwe, pbe, pwdw, N, H, RH, RHP,
+        _re_bwd_a[(nb, hi - lo)](a, d, e, g, we, wdw, al, da[lo:hi], pwe, pbe, N, H, RH, RHP,
                                  RELU_E=relu, **launch)
+        pwdw += padded_e.dw_weight_grad(e, g, hi - lo, RH, N, KS)
         used = nb * (hi - lo)
         for acc, t in zip(sums, parts):
             acc += t[:used].sum(0)
-    pwe, pbe, pwdw, pbdw, ps, ph = sums
+    pwe, pbe, pbdw, ps, ph = sums
+    pwdw = pwdw.float()
     S, sum_dra, dbeta = ps[:H, :RH], ph[0, :H], ph[1, :H]
     alf = alpha.float()
     dalpha = sum_dra + b_pro.float() * dbeta + (w_pro.float() * S).sum(1)
@@ -825,4 +825,4 @@ def refine_eval_bwd(dout, attn, v, w_exp, b_exp, w_dw, b_dw, w_pro, b_pro, alpha
 # the "padded" forward builds on this module's jit helpers, and the split backward's kernels above
 # on its padded-plane stencils (names resolved when the kernels first compile)
 from . import padded_e  # noqa: E402
-from .padded_e import plane_pos, stencil_grads_padded, stencil_padded  # noqa: E402,F401
+from .padded_e import plane_pos, stencil_input_grad, stencil_padded  # noqa: E402,F401

@@ -75,7 +75,7 @@ NCC = 11
 if triton is not None:
     from .kernels_refine_eval import (dot, dw_wgrad_staged, flat_block, halo_tile, stencil_recomputed,
                                       stencil_staged)
-    from .padded_e import plane_pos, stencil_grads_padded, stencil_padded
+    from .padded_e import plane_pos, stencil_input_grad, stencil_padded
 
     @triton.jit
     def _x2_staged(a0s, inmap, we, be, wdw_ptr, cc, mc, scr, p, pm, pj,
@@ -393,13 +393,12 @@ if triton is not None:
             tl.store(gbase + (cc[:, None] * plane + pos[None, :]), dx2, mask=mc[:, None] & valid[None, :])
 
     @triton.jit
-    def _rt_b3_a(a_ptr, e_ptr, g_ptr, wer_ptr, wdw_ptr, cv_ptr, ks_ptr, da_ptr, part_ptr, pwdw_ptr, pm_ptr,
+    def _rt_b3_a(a_ptr, e_ptr, g_ptr, wer_ptr, wdw_ptr, cv_ptr, ks_ptr, da_ptr, part_ptr, pm_ptr,
                  N, H, RH, RHP, KS: tl.constexpr, RELU_E: tl.constexpr, PREC: tl.constexpr, HP: tl.constexpr,
                  CC: tl.constexpr, P: tl.constexpr):
-        """REFINER_TRITON_TRAIN_X2=split, B3's second pass at P flat positions of one image: the
-        stencil's backward from the stored E and dX2 (stencil_grads_padded: dW_dw partials, dE), BN1's
+        """REFINER_TRITON_TRAIN_X2=split, B3's second pass at P flat positions of one image: dE from the
+        stored E and dX2 (padded_e.stencil_input_grad; dW_dw: padded_e.dw_weight_grad), BN1's backward
         (partials of db1, dg1, M) and dA += (k1 W_e)^T dE (da_ptr: _rt_b3_g's dZ, fp32)."""
-        KK: tl.constexpr = KS * KS
         b, prog, q, hh, mh, valid, m2, hq = flat_block(N, H, HP, P)
         ks = tl.load(ks_ptr + hh, mask=mh, other=0.0)
         a0s = tl.where(m2, tl.load(a_ptr + hq, mask=m2, other=0.0).to(tl.float32) - ks[:, None], 0.0)
@@ -413,8 +412,7 @@ if triton is not None:
         for c0 in range(0, RH, CC):
             cc = c0 + tl.arange(0, CC)
             mc = cc < RH
-            de = stencil_grads_padded(ebase, gbase, pos, valid, mc, wdw_ptr, cc, N, pwdw_ptr + prog * RHP * KK, KS,
-                                      CC, P, RELU_E)
+            de = stencil_input_grad(ebase, gbase, pos, valid, mc, wdw_ptr, cc, N, KS, CC, P, RELU_E)
             da += _dx1(de, a0s, wer_ptr, cv_ptr, cc, mc, hh, mh, H, RHP, pbase, pm_ptr + prog * RHP * HP, RELU_E,
                        PREC, HP)
         tl.store(da_ptr + hq, da, mask=m2)
@@ -486,9 +484,9 @@ def _x2_mode(RH: int, N: int, KS: int, device=None) -> str:
       no halo tiles, no scratch; 146-236 registers and no spills against B3's 255 and 128 bytes,
       ptxas sm_90). E and dX2 live on padded_e's zero-bordered planes (as refine_eval's "padded"
       forward), so the stencils' shifted loads need no bounds tests or masks: bit-identical to the
-      masked form it replaced, with 30-55% fewer SASS instructions per 16-channel chunk (TF32: F3
-      908 against 1,982, B2 1,745 against 2,891, B3's two passes 1,286 and 4,430 against 2,600 and
-      6,382; _aot_check's loop sizes). The eval forward gained 2.3x from the scheme (0.50 against
+      masked form it replaced, with 30-60% fewer SASS instructions per 16-channel chunk (TF32: F3
+      908 against 1,982, B2 1,745 against 2,891, B3's two passes 1,286 and 1,582 + ~1,120 for the
+      weight gradient's own kernel against 2,600 and 6,382; _aot_check's loop sizes). The eval forward gained 2.3x from the scheme (0.50 against
       1.14 ms, round 3). A candidate, not yet timed on a GPU. Beyond int32 offsets within an image's
       padded E (16-padded rH (N + k - 1)^2 > 2^31 - 1) it falls back to "offsets".
     The default applies unless the variable is set or a value is tuned for the GPU model (settings.py)."""
@@ -860,9 +858,11 @@ def _b3_split(attn, dr, y3, we_f, be_f, wer, wdw, wp, cv, hv, ks, scale, expand,
         padded_e.expand_padded(e, a, we_f, be_f, expand, prec, KS, ks)
         _rt_b3_g[(nb, hi - lo)](a, dr[lo:hi], y3[lo:hi], e, g, wdw, wp, cv, hv, da[lo:hi], N, H, RH, RHP, float(scale),
                                 **launch)
-        _rt_b3_a[(nb, hi - lo)](a, e, g, wer, wdw, cv, ks, da[lo:hi], *parts, N, H, RH, RHP, RELU_E=expand, **launch)
-        for acc, t in zip(sums, parts):
-            acc += t[:nb * (hi - lo)].sum(0, dtype=torch.float64)
+        _rt_b3_a[(nb, hi - lo)](a, e, g, wer, wdw, cv, ks, da[lo:hi], parts[0], parts[2], N, H, RH, RHP,
+                                RELU_E=expand, **launch)
+        sums[1] += padded_e.dw_weight_grad(e, g, hi - lo, RH, N, KS)  # (parts[1], the halo kernel's, unused)
+        for i in (0, 2):
+            sums[i] += parts[i][:nb * (hi - lo)].sum(0, dtype=torch.float64)
     return da, sums
 
 

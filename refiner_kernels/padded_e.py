@@ -4,8 +4,8 @@ Used by the refine_eval forward's "padded" candidate (REFINER_TRITON_REFINE_FWD=
 "split" scheme, E stored once per L2-sized batch chunk, then the stencil, reduction and residual
 from it), and by the split candidates' passes that read a stored E (and a stored stencil gradient
 G) at the shifts: refine_eval's backward (REFINER_TRITON_REFINE_BWD=split) and refine_train's F2,
-F3, B2 and B3 (REFINER_TRITON_TRAIN_X2=split), through plane_pos, stencil_padded and
-stencil_grads_padded.
+F3, B2 and B3 (REFINER_TRITON_TRAIN_X2=split), through plane_pos, stencil_padded,
+stencil_input_grad and _pe_dw_wgrad (dw_weight_grad).
 
 Why: in the split stencil pass (kernels_refine_eval._re_stencil_reduce) every shifted load of E
 computes its row and column, four bounds tests, a mask per element and a masked weight load:
@@ -27,12 +27,14 @@ from __future__ import annotations
 
 import torch
 
+from . import _common
 from ._common import gpu_autotune, next_pow2, num_warps_for, triton, tl, use_tuned
 from . import kernels_refine_eval as _eval
 
 CC = _eval.CC
 MAX_P = 512  # the most positions a program takes (autotuning configs; the guards reach past them)
 UNROLL = True  # the stencil's k*k taps unrolled (k <= 5) without autotuning
+WGRAD_BLOCKS = None  # position blocks a _pe_dw_wgrad program sums (None: 4096 positions; the interpreter: all)
 GUARD_VALUE = 0.0  # what the guards hold (only dropped positions read them; the tests put NaN there)
 
 
@@ -85,26 +87,48 @@ if triton is not None:
         return acc
 
     @triton.jit
-    def stencil_grads_padded(ebase, gbase, pos, valid, mc, wdw_ptr, cc, N, pwdw, KS: tl.constexpr, CC: tl.constexpr,
-                             P: tl.constexpr, RELU_E: tl.constexpr):
-        """The depthwise stencil's backward at plane positions pos (plane_pos) from a padded E and a
-        padded G = dL/d dw_k(E) whose border and padded channels are 0 (ebase, gbase: the image's):
-        stores the weights' partial sums sum_q G(q) E(q + s_o) at pwdw + cc * k^2 + o, and returns
-        dL/dE = the transposed stencil of G, through relu6 (E strictly inside (0, 6)) when RELU_E,
-        0 off channels cc < rH and `valid` (CC x P, fp32). Unmasked loads of E and of G's shifts,
-        G itself 0 off `valid` (by a select: with k = 1, pos 0 is a map position)."""
+    def stencil_input_grad(ebase, gbase, pos, valid, mc, wdw_ptr, cc, N, KS: tl.constexpr, CC: tl.constexpr,
+                           P: tl.constexpr, RELU_E: tl.constexpr):
+        """dL/dE at plane positions pos (plane_pos) from a padded G = dL/d dw_k(E) whose border and
+        padded channels are 0 (gbase, and ebase for E: the image's planes): the transposed stencil
+        of G, through relu6 (E strictly inside (0, 6)) when RELU_E, 0 off channels cc < rH and
+        `valid` (CC x P, fp32). (The weights' gradient: _pe_dw_wgrad.)"""
         PAD: tl.constexpr = KS // 2
         W = N + 2 * PAD
-        off = cc[:, None] * (W * W) + pos[None, :]
-        g0 = tl.where(valid[None, :], tl.load(gbase + off), 0.0)
-        for o in range(0, KS * KS):
-            es = tl.load(ebase + off + ((o // KS - PAD) * W + (o % KS - PAD)))
-            tl.store(pwdw + cc * (KS * KS) + o, tl.sum(g0 * es, axis=1))
         de = stencil_padded(gbase, pos, cc, wdw_ptr, N, KS, CC, P, False, -1)
         if RELU_E:
-            e0 = tl.load(ebase + off)
+            e0 = tl.load(ebase + (cc[:, None] * (W * W) + pos[None, :]))
             de = tl.where((e0 > 0.0) & (e0 < 6.0), de, 0.0)
         return tl.where(mc[:, None] & valid[None, :], de, 0.0)
+
+    @triton.jit
+    def _pe_dw_wgrad(e_ptr, g_ptr, part_ptr, N, RHP, KS: tl.constexpr, KKP: tl.constexpr, P: tl.constexpr,
+                     BLOCKS: tl.constexpr):
+        """The depthwise weights' gradient from a padded E and a padded G = dL/d dw_k(E) (0 on the
+        border): for channel program_id(0) of image program_id(1), over BLOCKS blocks of P plane
+        positions from block program_id(2) * BLOCKS on, sum_q G(q) E(q + s_o) for every tap o, the
+        taps the rows of one (KKP, P) accumulator summed across the program once at the end, not
+        once per tap and block (a cross-warp reduction of 16 channels per tap was most of the
+        instructions of the backward passes that did it inline). Stored at part_ptr + (program's
+        slot * RHP + c) * k^2 + o, slot = program_id(1) * num_programs(2) + program_id(2)."""
+        PAD: tl.constexpr = KS // 2
+        KK: tl.constexpr = KS * KS
+        W = N + 2 * PAD
+        plane = W * W
+        c = tl.program_id(0)
+        o = tl.arange(0, KKP)
+        mo = o < KK
+        shift = (o // KS - PAD) * W + (o % KS - PAD)
+        base = (tl.program_id(1).to(tl.int64) * RHP + c) * plane
+        acc = tl.zeros((KKP, P), tl.float32)
+        for i in range(0, BLOCKS):
+            q = (tl.program_id(2) * BLOCKS + i) * P + tl.arange(0, P)
+            inplane = q < plane
+            g = tl.load(g_ptr + base + q, mask=inplane, other=0.0)
+            es = tl.load(e_ptr + base + (q[None, :] + shift[:, None]), mask=mo[:, None] & inplane[None, :], other=0.0)
+            acc += g[None, :] * es
+        slot = tl.program_id(1) * tl.num_programs(2) + tl.program_id(2)
+        tl.store(part_ptr + (slot * RHP + c) * KK + o, tl.sum(acc, axis=1), mask=mo)
 
     @triton.jit
     def _pe_expand(a_ptr, we_ptr, be_ptr, ks_ptr, e_ptr, N, H, RH, RHP, KS: tl.constexpr, RELU_E: tl.constexpr,
@@ -223,6 +247,19 @@ def expand_padded(e, a, we, be, relu, prec, KS, ks=None):
     else:
         P = _eval.split_p()
         _pe_expand[(triton.cdiv(W * W, P), n_img)](*args, **consts, P=P, num_warps=num_warps_for(HP * P), num_stages=1)
+
+
+def dw_weight_grad(e, g, n_img, RH, N, KS):
+    """sum over the images' map positions q of G(q) E(q + s_o), per channel and tap, from padded E
+    and G (workspace; G zero on the border) by _pe_dw_wgrad: (RHP, k*k) float64, rows past rH 0.
+    Per-program partial sums added up here (deterministic)."""
+    RHP, W, KKP = triton.cdiv(RH, CC) * CC, N + 2 * (KS // 2), next_pow2(KS * KS)
+    P = 4096 // KKP  # 32 accumulators a thread on 4 warps (ptxas sm_90, k = 3: 48 registers)
+    blocks = WGRAD_BLOCKS or (triton.cdiv(W * W, P) if _common.interpreting() else 4096 // P)
+    splits = triton.cdiv(W * W, P * blocks)
+    part = torch.zeros(n_img * splits, RHP, KS * KS, dtype=torch.float32, device=e.device)
+    _pe_dw_wgrad[(RH, n_img, splits)](e, g, part, N, RHP, KS=KS, KKP=KKP, P=P, BLOCKS=blocks, num_warps=4)
+    return part.sum(0, dtype=torch.float64)
 
 
 def padded_r(attn, we, be, w_dw, b_dw, w_pro, b_pro, alpha, beta, relu, prec, r_dtype):

@@ -315,6 +315,33 @@ def test_refine_eval_padded_falls_back_beyond_int32_offsets(monkeypatch):
     _close(rk.refine_eval(attn, v, *args, True), ref.refine_eval(attn, v, *args, True), name="out")
 
 
+@pytest.mark.parametrize("n_img,RH,N,ks,blocks", [(2, 20, 13, 3, 1), (1, 16, 9, 5, 1), (3, 4, 7, 3, None),
+                                                   (1, 5, 6, 1, 1)])
+def test_dw_weight_grad_sums_every_map_position_once(monkeypatch, n_img, RH, N, ks, blocks):
+    """padded_e.dw_weight_grad: sum over images and map positions q of G(q) E(q + s_o) per channel and
+    tap, from padded planes whose border is 0 in G (and E: the stencil's zero padding), against the
+    same sums in float64 by torch; blocks = 1 splits each plane over many programs (as on the GPU),
+    with a partial last block (the plane is not a multiple of 256)."""
+    from refiner_kernels import padded_e
+    monkeypatch.setattr(padded_e, "WGRAD_BLOCKS", blocks)
+    p, W, RHP = ks // 2, N + 2 * (ks // 2), -(-RH // 16) * 16
+    torch.manual_seed(0)
+    planes = []
+    for _ in range(2):
+        t = padded_e.workspace(n_img, RH, N, ks, torch.float32, DEV, zero=True)
+        view = t.view(n_img, RHP, W, W)
+        view[:, :RH, p:p + N, p:p + N] = torch.randn(n_img, RH, N, N, device=DEV)
+        planes.append((t, view))
+    (e, ev), (g, gv) = planes
+    got = padded_e.dw_weight_grad(e, g, n_img, RH, N, ks)
+    want = torch.zeros(RHP, ks * ks, dtype=torch.float64)
+    for o in range(ks * ks):
+        dr, dc = o // ks, o % ks
+        want[:RH, o] = (gv[:, :RH, p:p + N, p:p + N].double().cpu()
+                        * ev[:, :RH, dr:dr + N, dc:dc + N].double().cpu()).sum((0, 2, 3))
+    torch.testing.assert_close(got.cpu(), want, rtol=1e-5, atol=1e-5)
+
+
 def test_refine_eval_backward_split_border_and_fallback(monkeypatch):
     """REFINER_TRITON_REFINE_BWD=split: E stored is 0 off the map in the stencil (a large positive
     b_exp, whose relu6 would leak in as padding, exposes it in the gradients); beyond int32 offsets
