@@ -213,39 +213,38 @@ if triton is not None:
                      e.to(e_ptr.dtype.element_ty), mask=mc[:, None] & valid[None, :])
 
     @triton.jit
-    def shifted_load(ebase, coff, row, col, valid, mc, o, N, KS: tl.constexpr, SIGN: tl.constexpr = 1):
+    def shifted_load(ebase, coff, row, col, valid, mc, o, N, KS: tl.constexpr):
         """A stored (rH, N, N) map (ebase: one image's, a scalar pointer; coff: the channels' int32
         offsets from it, an int32 offset tensor instead of a 64-bit pointer tensor: 95 instead of 143
-        registers at P=128) at the positions (row, col) shifted by SIGN times the stencil's offset o;
-        0 outside the map (the zero padding) and off `valid`. fp32."""
+        registers at P=128) at the positions (row, col) shifted by the stencil's offset o; 0 outside
+        the map (the zero padding) and off `valid`. fp32. (padded_e's planes need no such tests.)"""
         PAD: tl.constexpr = KS // 2
-        r2 = row + SIGN * (o // KS - PAD)
-        c2 = col + SIGN * (o % KS - PAD)
+        r2 = row + (o // KS - PAD)
+        c2 = col + (o % KS - PAD)
         ok = valid & (r2 >= 0) & (r2 < N) & (c2 >= 0) & (c2 < N)
         return tl.load(ebase + (coff[:, None] + (r2 * N + c2)[None, :]), mask=mc[:, None] & ok[None, :],
                        other=0.0).to(tl.float32)
 
     @triton.jit
-    def _stencil_term(ebase, coff, row, col, valid, mc, wdw_ptr, cc, o, N, KS: tl.constexpr, SIGN: tl.constexpr):
-        """w_dw[:, o] * E at the stencil's shift o (SIGN -1: the transposed stencil's) of (row, col)."""
+    def _stencil_term(ebase, coff, row, col, valid, mc, wdw_ptr, cc, o, N, KS: tl.constexpr):
+        """w_dw[:, o] * E at the stencil's shift o of (row, col)."""
         w = tl.load(wdw_ptr + cc * (KS * KS) + o, mask=mc, other=0.0).to(tl.float32)
-        return w[:, None] * shifted_load(ebase, coff, row, col, valid, mc, o, N, KS, SIGN)
+        return w[:, None] * shifted_load(ebase, coff, row, col, valid, mc, o, N, KS)
 
     @triton.jit
     def stencil_loaded(ebase, row, col, valid, mc, wdw_ptr, cc, N, KS: tl.constexpr, CC: tl.constexpr,
-                       P: tl.constexpr, UNROLL: tl.constexpr = False, SIGN: tl.constexpr = 1):
+                       P: tl.constexpr, UNROLL: tl.constexpr = False):
         """dw_k(E) of channels cc (CC x P, fp32) at the positions (row, col) from a stored E (ebase:
-        the image's (rH, N, N) E; masked loads outside the map are the zero padding). UNROLL: all
-        k*k loads issued up front (latency hiding, more registers). SIGN -1: the transposed stencil
-        sum_o w[o] E(q - s_o), dw_k's backward."""
+        the image's (rH, N, N) E; masked loads outside the map are the zero padding): the split
+        forward's stencil. UNROLL: all k*k loads issued up front (latency hiding, more registers)."""
         coff = cc * (N * N)  # int32: rH N^2 <= SPLIT_MAX_MAP (the launchers check)
         dacc = tl.zeros((CC, P), tl.float32)
         if UNROLL:
             for o in tl.static_range(KS * KS):
-                dacc += _stencil_term(ebase, coff, row, col, valid, mc, wdw_ptr, cc, o, N, KS, SIGN)
+                dacc += _stencil_term(ebase, coff, row, col, valid, mc, wdw_ptr, cc, o, N, KS)
         else:
             for o in range(0, KS * KS):
-                dacc += _stencil_term(ebase, coff, row, col, valid, mc, wdw_ptr, cc, o, N, KS, SIGN)
+                dacc += _stencil_term(ebase, coff, row, col, valid, mc, wdw_ptr, cc, o, N, KS)
         return dacc
 
     @triton.jit
@@ -431,8 +430,8 @@ if triton is not None:
                   P: tl.constexpr):
         """The split backward's first pass, at P flat positions of one image: X = dw_k(E) + b_dw from
         the stored E, D = relu6(X), and G = dL/dX = [0 < X < 6] (alpha W_p)^T dR, stored (g_ptr,
-        padded_e's planes as E, their border zeroed by the host) for the second pass; per-program partial sums of S = dR D^T, db_dw = sum G
-        and per head sum dR A and sum dR. The host forms dW_p = alpha S, dalpha = sum dR A + b_p
+        padded_e's planes as E, their border zeroed by the host) for the second pass; per-program
+        partial sums of S = dR D^T, db_dw = sum G and per head sum dR A and sum dR. The host forms dW_p = alpha S, dalpha = sum dR A + b_p
         sum dR + sum_c W_p S (Y = W_p D never formed) and db_p = alpha sum dR. Dots at PREC
         (backward_precision)."""
         b, prog, q, hh, mh, valid, m2, hq = flat_block(N, H, HP, P)
@@ -700,9 +699,9 @@ def _bwd_tiles(N: int, KS: int):
 def _bwd_split(dout, attn, v, we, be, w_dw, b_dw, w_pro, b_pro, alpha, beta, relu):
     """REFINER_TRITON_REFINE_BWD=split, the whole backward per batch chunk whose E and G (fp32, on
     padded_e's zero-bordered planes: the stencils' shifted loads need no bounds tests) stay
-    in L2: E stored once (IEEE dots) serves R's recompute (_re_stencil_reduce; then dv = R^T dO and
-    dR = dO v^T of the chunk) and the gradient passes over flat position blocks, _re_bwd_g (G
-    stored) and _re_bwd_a: no halo tiles, no scratch, no map-sized temporaries. Returns dA, dv and
+    in L2: E stored once (IEEE dots) serves R's recompute (padded_e's stencil pass; then dv = R^T dO
+    and dR = dO v^T of the chunk) and the gradient passes over flat position blocks, _re_bwd_g (G
+    stored), _re_bwd_a and padded_e.dw_weight_grad: no halo tiles, no scratch, no map-sized temporaries. Returns dA, dv and
     the weight gradients as refine_eval_dla_bwd's (per-program partial sums added up here:
     deterministic)."""
     B, H, N, _ = attn.shape
