@@ -431,9 +431,9 @@ if triton is not None:
         """The split backward's first pass, at P flat positions of one image: X = dw_k(E) + b_dw from
         the stored E, D = relu6(X), and G = dL/dX = [0 < X < 6] (alpha W_p)^T dR, stored (g_ptr,
         padded_e's planes as E, their border zeroed by the host) for the second pass; per-program
-        partial sums of S = dR D^T, db_dw = sum G and per head sum dR A and sum dR. The host forms dW_p = alpha S, dalpha = sum dR A + b_p
-        sum dR + sum_c W_p S (Y = W_p D never formed) and db_p = alpha sum dR. Dots at PREC
-        (backward_precision)."""
+        partial sums of S = dR D^T, db_dw = sum G and per head sum dR A and sum dR. The host forms
+        dW_p = alpha S, dalpha = sum dR A + b_p sum dR + sum_c W_p S (Y = W_p D never formed) and
+        db_p = alpha sum dR. Dots at PREC (backward_precision)."""
         b, prog, q, hh, mh, valid, m2, hq = flat_block(N, H, HP, P)
         dr = tl.load(dr_ptr + hq, mask=m2, other=0.0).to(tl.float32)
         alpha = tl.load(al_ptr + hh, mask=mh, other=0.0).to(tl.float32)
@@ -698,12 +698,12 @@ def _bwd_tiles(N: int, KS: int):
 
 def _bwd_split(dout, attn, v, we, be, w_dw, b_dw, w_pro, b_pro, alpha, beta, relu):
     """REFINER_TRITON_REFINE_BWD=split, the whole backward per batch chunk whose E and G (fp32, on
-    padded_e's zero-bordered planes: the stencils' shifted loads need no bounds tests) stay
-    in L2: E stored once (IEEE dots) serves R's recompute (padded_e's stencil pass; then dv = R^T dO
-    and dR = dO v^T of the chunk) and the gradient passes over flat position blocks, _re_bwd_g (G
-    stored), _re_bwd_a and padded_e.dw_weight_grad: no halo tiles, no scratch, no map-sized temporaries. Returns dA, dv and
-    the weight gradients as refine_eval_dla_bwd's (per-program partial sums added up here:
-    deterministic)."""
+    padded_e's zero-bordered planes: the stencils' shifted loads need no bounds tests) stay in L2:
+    E stored once (IEEE dots) serves R's recompute (padded_e's stencil pass; then dv = R^T dO and
+    dR = dO v^T of the chunk) and the gradient passes over flat position blocks, _re_bwd_g (G
+    stored), _re_bwd_a and padded_e.dw_weight_grad: no halo tiles, no scratch, no map-sized
+    temporaries. Returns dA, dv and the weight gradients as refine_eval_dla_bwd's (per-program
+    partial sums added up here: deterministic)."""
     B, H, N, _ = attn.shape
     RH, KS = w_dw.shape[0], w_dw.shape[-1]
     HP = max(16, next_pow2(H))

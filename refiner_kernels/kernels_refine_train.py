@@ -486,8 +486,8 @@ def _x2_mode(RH: int, N: int, KS: int, device=None) -> str:
       forward), so the stencils' shifted loads need no bounds tests or masks: bit-identical to the
       masked form it replaced, with 30-60% fewer SASS instructions per 16-channel chunk (TF32: F3
       908 against 1,982, B2 1,745 against 2,891, B3's two passes 1,286 and 1,582 + ~1,120 for the
-      weight gradient's own kernel against 2,600 and 6,382; _aot_check's loop sizes). The eval forward gained 2.3x from the scheme (0.50 against
-      1.14 ms, round 3). A candidate, not yet timed on a GPU. Beyond int32 offsets within an image's
+      weight gradient's own kernel against 2,600 and 6,382; _aot_check's loop sizes). The eval
+      forward gained 2.3x from the scheme (0.50 against 1.14 ms, round 3). A candidate, not yet timed on a GPU. Beyond int32 offsets within an image's
       padded E (16-padded rH (N + k - 1)^2 > 2^31 - 1) it falls back to "offsets".
     The default applies unless the variable is set or a value is tuned for the GPU model (settings.py)."""
     mode = switch("REFINER_TRITON_TRAIN_X2", device)
@@ -801,11 +801,12 @@ def refine_train_fwd(attn, v, w_exp, w_dw, w_pro, g1, b1, g2, b2, g3, b3, ga, ba
     return out, st, aux, y3
 
 
-def _b3_parts(nprog, RH, KS, HP, dev):
-    """B3's per-program partial sums: (db1, dg1) rows, dW_dw, M; and their float64 totals."""
+def _b3_parts(nprog, RH, KS, HP, dev, dwdw_rows=True):
+    """B3's per-program partial sums: (db1, dg1) rows, dW_dw, M; and their float64 totals.
+    dwdw_rows=False: no per-program dW_dw rows (the split B3 sums dW_dw in its own kernel)."""
     RHP = triton.cdiv(RH, CC) * CC
     f32 = dict(dtype=torch.float32, device=dev)
-    parts = (torch.zeros(nprog, 2, RHP, **f32), torch.empty(nprog, RHP, KS * KS, **f32),
+    parts = (torch.zeros(nprog, 2, RHP, **f32), torch.empty(nprog if dwdw_rows else 0, RHP, KS * KS, **f32),
              torch.zeros(nprog, RHP, HP, **f32))
     return parts, [torch.zeros(t.shape[1:], dtype=torch.float64, device=dev) for t in parts]
 
@@ -850,7 +851,7 @@ def _b3_split(attn, dr, y3, we_f, be_f, wer, wdw, wp, cv, hv, ks, scale, expand,
     g = padded_e.workspace(min(B, per), RH, N, KS, torch.float32, attn.device, zero=True)  # (border: 0)
     wdw = padded_e.weights(wdw)
     da = torch.empty(B, H, N, N, dtype=torch.float32, device=attn.device)
-    parts, sums = _b3_parts(nb * min(B, per), RH, KS, HP, attn.device)
+    parts, sums = _b3_parts(nb * min(B, per), RH, KS, HP, attn.device, dwdw_rows=False)
     launch = dict(KS=KS, PREC=prec, HP=HP, CC=CC, P=P, num_warps=num_warps_for(HP * P), num_stages=2)
     for lo in range(0, B, per):
         hi = min(B, lo + per)
@@ -860,7 +861,7 @@ def _b3_split(attn, dr, y3, we_f, be_f, wer, wdw, wp, cv, hv, ks, scale, expand,
                                 **launch)
         _rt_b3_a[(nb, hi - lo)](a, e, g, wer, wdw, cv, ks, da[lo:hi], parts[0], parts[2], N, H, RH, RHP,
                                 RELU_E=expand, **launch)
-        sums[1] += padded_e.dw_weight_grad(e, g, hi - lo, RH, N, KS)  # (parts[1], the halo kernel's, unused)
+        sums[1] += padded_e.dw_weight_grad(e, g, hi - lo, RH, N, KS)
         for i in (0, 2):
             sums[i] += parts[i][:nb * (hi - lo)].sum(0, dtype=torch.float64)
     return da, sums

@@ -20,7 +20,8 @@ BACKENDS = backend_params(include_reference=False)
 # The gradient properties also run the Triton backend with its "split" candidates (E stored per
 # L2-sized batch chunk, on zero-bordered planes; docs/triton_kernels.md): the flat backward passes
 # and the padded forward on random shapes.
-SPLIT = {"REFINER_TRITON_REFINE_BWD": "split", "REFINER_TRITON_TRAIN_X2": "split", "REFINER_TRITON_REFINE_FWD": "padded"}
+SPLIT = {"REFINER_TRITON_REFINE_BWD": "split", "REFINER_TRITON_TRAIN_X2": "split",
+         "REFINER_TRITON_REFINE_FWD": "padded"}
 GRAD_VARIANTS = [pytest.param(p.values[0], {}, marks=p.marks, id=p.values[0]) for p in BACKENDS] + [
     pytest.param(p.values[0], SPLIT, marks=p.marks, id=p.values[0] + "-split") for p in BACKENDS
     if p.values[0] == "triton"]
