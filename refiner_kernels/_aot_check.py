@@ -172,8 +172,8 @@ check(E._re_bwd, dict(a_ptr=P, dr_ptr=P, we_ptr=P, be_ptr=P, wdw_ptr=P, bdw_ptr=
                       da_ptr=P, scr_ptr=P, pwe_ptr=P, pbe_ptr=P, pwdw_ptr=P, pbdw_ptr=P, pwp_ptr=P, pbp_ptr=P, pal_ptr=P,
                       pbt_ptr=P, N=N, H=H, RH=RH, RHP=48, NTJ=14, KS=3, RELU_E=True, HP=16, CC=16, TM=16, TJ=16),
       num_warps=8, num_stages=1)
-# REFINER_TRITON_REFINE_BWD=split: its two passes (the launch: P=128, 4 warps; and other sizes; TF32 for bf16)
-for p, w, prec in [(128, 4, "ieee"), (64, 2, "ieee"), (256, 8, "ieee"), (128, 4, "tf32")]:
+# REFINER_TRITON_REFINE_BWD=split: its two passes (autotuned over E.FLAT_CONFIGS; TF32 for bf16)
+for (p, w), prec in [(cfg, prec) for cfg in E.FLAT_CONFIGS for prec in ("ieee", "tf32")]:
     check(E._re_bwd_g, dict(a_ptr=P, dr_ptr=P, e_ptr=P, g_ptr=P, wdw_ptr=P, bdw_ptr=P, wp_ptr=P, al_ptr=P, ps_ptr=P,
                             pbdw_ptr=P, ph_ptr=P, N=N, H=H, RH=RH, RHP=48, KS=3, PREC=prec, HP=16, CC=16, P=p),
           num_warps=w, num_stages=2, ptr_types={"a_ptr": "*bf16"})
@@ -202,14 +202,14 @@ for prec in ("ieee", "tf32", "tf32x3", "bf16"):
                          RHP=48, NTJ=14, scale=0.1, KS=5, RELU_E=True, PREC=prec, HP=16, CC=16, TM=16, TJ=16),
           num_warps=8, num_stages=1,
           ptr_types={"a_ptr": "*bf16", "da_ptr": "*bf16"} if prec in ("tf32", "bf16") else None)
-# REFINER_TRITON_TRAIN_X2=split: B3's two flat passes (the launch: P=128, 4 warps)
-for prec in ("ieee", "tf32", "bf16"):
+# REFINER_TRITON_TRAIN_X2=split: B3's two flat passes (autotuned over E.FLAT_CONFIGS)
+for (p, w), prec in [(cfg, prec) for cfg in E.FLAT_CONFIGS for prec in ("ieee", "tf32", "bf16")]:
     check(T._rt_b3_g, dict(a_ptr=P, dr_ptr=P, y_ptr=P, e_ptr=P, g_ptr=P, wdw_ptr=P, wp_ptr=P, cv_ptr=P, hv_ptr=P,
-                           da_ptr=P, N=N, H=H, RH=RH, RHP=48, scale=0.1, KS=3, PREC=prec, HP=16, CC=16, P=128),
-          num_warps=4, num_stages=2, ptr_types={"a_ptr": "*bf16"})
+                           da_ptr=P, N=N, H=H, RH=RH, RHP=48, scale=0.1, KS=3, PREC=prec, HP=16, CC=16, P=p),
+          num_warps=w, num_stages=2, ptr_types={"a_ptr": "*bf16"})
     check(T._rt_b3_a, dict(a_ptr=P, e_ptr=P, g_ptr=P, wer_ptr=P, wdw_ptr=P, cv_ptr=P, ks_ptr=P, da_ptr=P, part_ptr=P,
                            pwdw_ptr=P, pm_ptr=P, N=N, H=H, RH=RH, RHP=48, KS=3, RELU_E=True, PREC=prec, HP=16, CC=16,
-                           P=128), num_warps=4, num_stages=2, ptr_types={"a_ptr": "*bf16"})
+                           P=p), num_warps=w, num_stages=2, ptr_types={"a_ptr": "*bf16"})
 # the backward's last pass over dA (the launch: P=256, 8 warps; bf16 and fp32 maps)
 for t in ("*bf16", "*fp32"):
     check(T._rt_mix, dict(a_ptr=P, da_ptr=P, out_ptr=P, mx_ptr=P, ks_ptr=P, bx_ptr=P, N=N, H=H, HP=16, P=256),

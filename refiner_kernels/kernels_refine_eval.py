@@ -490,6 +490,13 @@ if triton is not None:
         tl.store(da_ptr + hq, da.to(da_ptr.dtype.element_ty), mask=m2)
 
 
+FLAT_CONFIGS = [(128, 4), (128, 8), (64, 4)]  # (positions, warps) of the autotuned flat-block passes
+
+
+def flat_configs():
+    return [triton.Config({"P": p}, num_warps=w, num_stages=2) for p, w in FLAT_CONFIGS]
+
+
 if triton is not None:
     # H100 configurations, keyed on (N, head size, expanded channels, kernel size, heads).
     _re_fwd_tuned = gpu_autotune(
@@ -509,8 +516,13 @@ if triton is not None:
          for p, w, u, cc in [(64, 4, False, 16), (128, 4, False, 16), (128, 8, False, 16), (256, 8, False, 16),
                              (128, 8, True, 16), (128, 4, True, 1), (256, 4, True, 1), (128, 4, False, 1)]],
         key=["N", "H", "RH", "KS"])(_re_stencil_reduce)
+    # The split backward's passes (and refine_train's split B3, kernels_refine_train): positions a
+    # program and warps. ptxas sm_90, TF32, k = 3: 128 positions on 4 warps 168-255 registers (28
+    # bytes of spills in _re_bwd_a), on 8 warps 148-190 and no spills, 64 on 4 warps 148-184.
+    _re_bwd_g_tuned = gpu_autotune(flat_configs(), key=["N", "H", "RH", "KS"])(_re_bwd_g)
+    _re_bwd_a_tuned = gpu_autotune(flat_configs(), key=["N", "H", "RH", "KS"])(_re_bwd_a)
 else:
-    _re_fwd_tuned = _re_expand_tuned = _re_stencil_reduce_tuned = None
+    _re_fwd_tuned = _re_expand_tuned = _re_stencil_reduce_tuned = _re_bwd_g_tuned = _re_bwd_a_tuned = None
 
 
 def _fwd_tiles(N: int):
@@ -598,6 +610,30 @@ def split_images(B: int, RH: int, N: int, esize: int) -> int:
 def split_p() -> int:
     """Flat positions per program of the split passes without autotuning."""
     return 256 if interpreting() else 128
+
+
+class FlatPass:
+    """A pass over blocks of P flat positions of each image (the split backwards' passes, whose
+    programs write per-program partial sums): autotuned on the GPU over FLAT_CONFIGS, else P =
+    split_p(). max_programs(): the programs an image may take (partials' rows to allocate);
+    programs(): how many the last launch took (rows to sum)."""
+
+    def __init__(self, kernel, tuned, like, N, HP):
+        self.kernel, self.tuned, self.N, self.HP = kernel, tuned if use_tuned(tuned, like) else None, N, HP
+
+    def max_programs(self) -> int:
+        return triton.cdiv(self.N * self.N, min(p for p, _ in FLAT_CONFIGS) if self.tuned else split_p())
+
+    def programs(self) -> int:
+        return triton.cdiv(self.N * self.N, self.tuned.best_config.kwargs["P"] if self.tuned else split_p())
+
+    def __call__(self, n_img, *args, **consts):
+        if self.tuned:
+            self.tuned[lambda META: (triton.cdiv(self.N * self.N, META["P"]), n_img)](*args, **consts)
+        else:
+            P = split_p()
+            self.kernel[(triton.cdiv(self.N * self.N, P), n_img)](
+                *args, **consts, P=P, num_warps=num_warps_for(self.HP * P), num_stages=2)
 
 
 def expand_into(e, a, we, be, relu, prec):
@@ -708,8 +744,8 @@ def _bwd_split(dout, attn, v, we, be, w_dw, b_dw, w_pro, b_pro, alpha, beta, rel
     RH, KS = w_dw.shape[0], w_dw.shape[-1]
     HP = max(16, next_pow2(H))
     RHP = triton.cdiv(RH, CC) * CC
-    P = split_p()
-    nb = triton.cdiv(N * N, P)
+    pass_g = FlatPass(_re_bwd_g, _re_bwd_g_tuned, attn, N, HP)
+    pass_a = FlatPass(_re_bwd_a, _re_bwd_a_tuned, attn, N, HP)
     per = padded_e.images_per_chunk(B, RH, N, KS, 8)  # E and G, fp32
     f32 = dict(dtype=torch.float32, device=attn.device)
     e = padded_e.workspace(min(B, per), RH, N, KS, torch.float32, attn.device)
@@ -717,16 +753,16 @@ def _bwd_split(dout, attn, v, we, be, w_dw, b_dw, w_pro, b_pro, alpha, beta, rel
     r = torch.empty(min(B, per), H, N, N, **f32)
     da = torch.empty(B, H, N, N, dtype=attn.dtype, device=attn.device)
     dv = torch.empty_like(v)
-    nprog = nb * min(B, per)
+    nprog = pass_g.max_programs() * min(B, per)
     ps, pbdw, ph = torch.empty(nprog, HP, RHP, **f32), torch.empty(nprog, RHP, **f32), torch.empty(nprog, 2, HP, **f32)
     pwe, pbe = torch.empty(nprog, RHP, HP, **f32), torch.empty(nprog, RHP, **f32)
-    parts = (pwe, pbe, pbdw, ps, ph)
+    parts = (pwe, pbe, pbdw, ps, ph)  # (pwe, pbe: pass_a's; the others pass_g's)
     sums = [torch.zeros(t.shape[1:], **f32) for t in parts]
     pwdw = torch.zeros(RHP, KS * KS, dtype=torch.float64, device=attn.device)
     params = [padded_e.weights(w_dw)] + [t.contiguous() for t in (b_dw, w_pro, b_pro, alpha, beta)]
     wdw, bdw, wp, al = params[0], params[1], params[2], params[4]
     prec = backward_precision(attn)
-    launch = dict(KS=KS, PREC=prec, HP=HP, CC=CC, P=P, num_warps=num_warps_for(HP * P), num_stages=2)
+    consts = dict(KS=KS, PREC=prec, HP=HP, CC=CC)
     for lo in range(0, B, per):
         hi = min(B, lo + per)
         a, do, rc = attn[lo:hi], dout[lo:hi], r[:hi - lo]
@@ -734,13 +770,11 @@ def _bwd_split(dout, attn, v, we, be, w_dw, b_dw, w_pro, b_pro, alpha, beta, rel
         padded_e.stencil_reduce_into(rc, a, e, params, KS, "ieee")  # R in fp32 (IEEE) for dv, as the default's
         dv[lo:hi] = bmm(rc.transpose(-1, -2), do, out_dtype=v.dtype)
         d = bmm(do, v[lo:hi].transpose(-1, -2), out_dtype=torch.float32)
-        _re_bwd_g[(nb, hi - lo)](a, d, e, g, wdw, bdw, wp, al, ps, pbdw, ph, N, H, RH, RHP, **launch)
-        _re_bwd_a[(nb, hi - lo)](a, d, e, g, we, wdw, al, da[lo:hi], pwe, pbe, N, H, RH, RHP,
-                                 RELU_E=relu, **launch)
+        pass_g(hi - lo, a, d, e, g, wdw, bdw, wp, al, ps, pbdw, ph, N, H, RH, RHP, **consts)
+        pass_a(hi - lo, a, d, e, g, we, wdw, al, da[lo:hi], pwe, pbe, N, H, RH, RHP, RELU_E=relu, **consts)
         pwdw += padded_e.dw_weight_grad(e, g, hi - lo, RH, N, KS)
-        used = nb * (hi - lo)
-        for acc, t in zip(sums, parts):
-            acc += t[:used].sum(0)
+        for acc, t, fp in zip(sums, parts, (pass_a, pass_a, pass_g, pass_g, pass_g)):
+            acc += t[:fp.programs() * (hi - lo)].sum(0)
     pwe, pbe, pbdw, ps, ph = sums
     pwdw = pwdw.float()
     S, sum_dra, dbeta = ps[:H, :RH], ph[0, :H], ph[1, :H]

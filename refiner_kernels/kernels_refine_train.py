@@ -59,7 +59,7 @@ from .blocks import bmm
 from .settings import switch
 from . import kernels_refine_eval as _eval
 from . import padded_e
-from .kernels_refine_eval import split_p
+from .kernels_refine_eval import FlatPass, flat_configs
 
 CC = 16
 # rows of the per-head constant pack
@@ -448,8 +448,12 @@ if triton is not None:
         key=["N", "H", "RH", "MODE", "KS", "RELU_E", "PREC", "SPLIT"])(_rt_tile)
     _rt_b3_tuned = gpu_autotune([triton.Config({}, num_warps=w, num_stages=1) for w in (8, 16)],
                                 key=["N", "H", "RH", "KS", "RELU_E", "PREC"])(_rt_b3)
+    # the split B3's two flat passes, as refine_eval's split backward (kernels_refine_eval.FlatPass);
+    # the second adds to dA, which each timed run must find as the first pass left it
+    _rt_b3_g_tuned = gpu_autotune(flat_configs(), key=["N", "H", "RH", "KS"])(_rt_b3_g)
+    _rt_b3_a_tuned = gpu_autotune(flat_configs(), key=["N", "H", "RH", "KS"], restore=["da_ptr"])(_rt_b3_a)
 else:
-    _rt_tile_tuned = _rt_b3_tuned = None
+    _rt_tile_tuned = _rt_b3_tuned = _rt_b3_g_tuned = _rt_b3_a_tuned = None
 
 
 def _tile_cfg(N: int, halo: int = 0):
@@ -844,26 +848,25 @@ def _b3_split(attn, dr, y3, we_f, be_f, wer, wdw, wp, cv, hv, ks, scale, expand,
     B, H, N, _ = attn.shape
     RH, KS = wdw.shape[0], wdw.shape[-1]
     HP, RHP = max(16, next_pow2(H)), triton.cdiv(RH, CC) * CC
-    P = split_p()
-    nb = triton.cdiv(N * N, P)
+    pass_g = FlatPass(_rt_b3_g, _rt_b3_g_tuned, attn, N, HP)
+    pass_a = FlatPass(_rt_b3_a, _rt_b3_a_tuned, attn, N, HP)
     per = padded_e.images_per_chunk(B, RH, N, KS, 8)  # E and dX2, fp32
     e = padded_e.workspace(min(B, per), RH, N, KS, torch.float32, attn.device)
     g = padded_e.workspace(min(B, per), RH, N, KS, torch.float32, attn.device, zero=True)  # (border: 0)
     wdw = padded_e.weights(wdw)
     da = torch.empty(B, H, N, N, dtype=torch.float32, device=attn.device)
-    parts, sums = _b3_parts(nb * min(B, per), RH, KS, HP, attn.device, dwdw_rows=False)
-    launch = dict(KS=KS, PREC=prec, HP=HP, CC=CC, P=P, num_warps=num_warps_for(HP * P), num_stages=2)
+    parts, sums = _b3_parts(pass_a.max_programs() * min(B, per), RH, KS, HP, attn.device, dwdw_rows=False)
+    consts = dict(KS=KS, PREC=prec, HP=HP, CC=CC)
     for lo in range(0, B, per):
         hi = min(B, lo + per)
         a = attn[lo:hi]
         padded_e.expand_padded(e, a, we_f, be_f, expand, prec, KS, ks)
-        _rt_b3_g[(nb, hi - lo)](a, dr[lo:hi], y3[lo:hi], e, g, wdw, wp, cv, hv, da[lo:hi], N, H, RH, RHP, float(scale),
-                                **launch)
-        _rt_b3_a[(nb, hi - lo)](a, e, g, wer, wdw, cv, ks, da[lo:hi], parts[0], parts[2], N, H, RH, RHP,
-                                RELU_E=expand, **launch)
+        pass_g(hi - lo, a, dr[lo:hi], y3[lo:hi], e, g, wdw, wp, cv, hv, da[lo:hi], N, H, RH, RHP, float(scale), **consts)
+        pass_a(hi - lo, a, e, g, wer, wdw, cv, ks, da[lo:hi], parts[0], parts[2], N, H, RH, RHP, RELU_E=expand,
+               **consts)
         sums[1] += padded_e.dw_weight_grad(e, g, hi - lo, RH, N, KS)
         for i in (0, 2):
-            sums[i] += parts[i][:nb * (hi - lo)].sum(0, dtype=torch.float64)
+            sums[i] += parts[i][:pass_a.programs() * (hi - lo)].sum(0, dtype=torch.float64)
     return da, sums
 
 

@@ -49,13 +49,15 @@ def serial_tail(P: int, num_warps: int) -> bool:
 
 def tail_channels(RH: int) -> int:
     """The channels _pe_stencil_reduce takes one at a time after its CC-channel chunks: rH % CC
-    where that is at most CC / 2, else 0 (a last chunk then, its padded rows computed and
+    where that is at most CC / 4, else 0 (a last chunk then, its padded rows computed and
     dropped). A tail channel costs its k*k stencil multiply-adds and HP for the reduction on CUDA
-    cores; a chunk, CC channels' stencils and one tensor-core dot (ptxas sm_90, bf16, P = 128 on 4
-    warps, taps unrolled: ~350 instructions for 4 channels against 815 for a chunk; IEEE fp32 dots,
-    the backward's R: 3,415 instructions a program against 4,558)."""
+    cores; a chunk, CC channels' stencils and one tensor-core dot. ptxas sm_90, bf16, k = 3, per
+    program of 128 positions on 4 warps: rH = 36 (a tail of 4) 2,501 instructions against 2,918
+    with the taps unrolled, 3,719 against 4,612 rolled; IEEE fp32 dots (the backward's R) 3,415
+    against 4,558. rH = 72 (Refiner-ViT-S's even blocks; a tail of 8) would gain 1-5%, not worth a
+    second compiled variant of every configuration."""
     rest = RH % CC
-    return rest if rest <= CC // 2 else 0
+    return rest if rest <= CC // 4 else 0
 
 
 if triton is not None:
