@@ -135,7 +135,7 @@ def write(chosen: dict, path: Path) -> dict:
     return table
 
 
-def main(argv=None) -> int:
+def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("results", nargs="+", help="bench_ops JSON files or folders holding them")
     p.add_argument("--junit", nargs="+", default=None, help="junit XML of pytest tests/test_triton_gpu.py")
@@ -146,9 +146,15 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if args.junit is None and not args.no_test_check:
         p.error("--junit FILE (the GPU tests' results) or --no-test-check is required")
+    args._error = p.error
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
     files = bench_files(args.results)
     if not files:
-        p.error(f"no bench_ops JSON in {args.results}")
+        args._error(f"no bench_ops JSON in {args.results}")
     found, combos = ratios(files)
     chosen, rows = decide(found, None if args.junit is None else junit_results(args.junit), args.min_gain)
     print(format_table(rows, ["device", "switch", "value", "plain rows ran", "cases", "time ratio", "tests", "verdict"]))

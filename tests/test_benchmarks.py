@@ -465,3 +465,60 @@ def test_demo_runs_and_its_checks_hold(capsys):
     assert fused <= 5 * ref + 1e-6, text
     op_errs = [float(e) for e in re.findall(r"^(?:softmax_block|refine eval)\s+\w+\s+(\S+)", text, re.M)]
     assert op_errs and max(op_errs) < 1e-5, text
+
+
+# ----------------------------------------------------------------------------- gpu_round.sh
+
+def _gpu_round_commands(tmp: Path):
+    """(script or "pytest", argv) of each `"$PY" benchmarks/<script>.py ...` and `"$PY" -m pytest ...`
+    command in gpu_round.sh, its shell variables replaced by what they stand for there."""
+    import re
+    import shlex
+    text = re.sub(r"\\\n\s*", " ", (ROOT / "benchmarks" / "gpu_round.sh").read_text())  # continued lines
+    arrays = dict(re.findall(r"local (\w+)=\(([^)]*)\)", text))
+    subs = {**{f'"${{{k}[@]}}"': v for k, v in arrays.items()},  # (arrays first: they hold "$RES")
+            '"$RES"': str(tmp), '"$RES/': f'"{tmp}/', '"$t"': "refine_eval:fwd:triton", '"${XDIST[@]}"': "",
+            '"${XDIST_WIDE[@]}"': ""}
+    found = []
+    for line in text.splitlines():
+        m = re.search(r'"\$PY" (benchmarks/(\w+)\.py|-m pytest)(.*)$', line.split(" # ")[0])
+        if not m or line.lstrip().startswith("#"):
+            continue
+        rest = m.group(3)
+        for k, v in subs.items():
+            rest = rest.replace(k, v)
+        argv = shlex.split(rest)
+        assert not any("$" in a for a in argv), f"gpu_round.sh: unknown shell value in {line.strip()!r}"
+        found.append((m.group(2) or "pytest", argv))
+    return found
+
+
+def test_gpu_round_commands_parse(tmp_path):
+    """gpu_round.sh is valid bash, and every benchmark command in it parses with its script's own
+    argument parser, every test file and test it names exists and every -k word selects something
+    there: a renamed option or test would otherwise cost a step of a GPU round (15 minutes a
+    session, when one is lent)."""
+    import importlib
+    import re
+    subprocess.run(["bash", "-n", str(ROOT / "benchmarks" / "gpu_round.sh")], check=True)
+    commands = _gpu_round_commands(tmp_path)
+    scripts = {name for name, _ in commands if name != "pytest"}
+    assert {"bench_ops", "bench_models", "decide_settings", "bench_train_passes", "profile_models",
+            "ncu_kernels"} <= scripts, scripts
+    for name, argv in commands:
+        if name != "pytest":
+            importlib.import_module(f"benchmarks.{name}").parse_args(argv)  # SystemExit(2) on a bad option
+            continue
+        paths = [a for a in argv if a.startswith("tests")]
+        assert paths, argv
+        names = set()
+        for path in paths:
+            file, _, test = path.partition("::")
+            files = sorted((ROOT / file).glob("test_*.py")) if (ROOT / file).is_dir() else [ROOT / file]
+            source = "".join(f.read_text() for f in files)
+            assert not test or f"def {test}(" in source, path
+            names |= set(re.findall(r"^def (test_\w+)", source, re.M))
+        if "-k" in argv:
+            words = set(re.findall(r"\w+", argv[argv.index("-k") + 1])) - {"and", "or", "not"}
+            for word in words:
+                assert any(word in n for n in names), f"-k {word!r} selects nothing in {paths}"
