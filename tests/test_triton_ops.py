@@ -335,12 +335,13 @@ def test_refine_eval_padded_falls_back_beyond_int32_offsets(monkeypatch):
 
 
 @pytest.mark.parametrize("n_img,RH,N,ks,blocks", [(2, 20, 13, 3, 1), (1, 16, 9, 5, 1), (3, 4, 7, 3, None),
-                                                   (1, 5, 6, 1, 1)])
+                                                   (1, 5, 6, 1, 1), (1, 3, 8, 7, 1), (1, 2, 5, 11, None)])
 def test_dw_weight_grad_sums_every_map_position_once(monkeypatch, n_img, RH, N, ks, blocks):
     """padded_e.dw_weight_grad: sum over images and map positions q of G(q) E(q + s_o) per channel and
     tap, from padded planes whose border is 0 in G (and E: the stencil's zero padding), against the
     same sums in float64 by torch; blocks = 1 splits each plane over many programs (as on the GPU),
-    with a partial last block (the plane is not a multiple of 256)."""
+    with a partial last block (the plane is not a multiple of 256); k = 1 to 11 (its 121 taps the
+    rows of a 128-row accumulator, the last 7 masked)."""
     from refiner_kernels import padded_e
     monkeypatch.setattr(padded_e, "WGRAD_BLOCKS", blocks)
     p, W, RHP = ks // 2, N + 2 * (ks // 2), -(-RH // 16) * 16
