@@ -208,14 +208,15 @@ stage_quick() {
   # the refine ops on Triton, CUDA and the reference (N = 197 rows first, the time limit may cut N = 577)
   # with the other settings beside the defaults in the same runs (rows labelled triton[NAME=VALUE]):
   # refine_train with its X2 passes from a stored E, with Y3 recomputed, with 3xTF32 or bf16 dots; refine_eval's
-  # backward from a stored E, its "tile" forward, its forward on bf16 dots. (Round 3 measured IEEE dots and the halo X2 passes: slower.)
+  # backward from a stored E, its "tile" forward, its forward on bf16 dots; the softmax block's backward on
+  # bf16 dots. (Round 3 measured IEEE dots and the halo X2 passes: slower.)
   run_step bench_ops 100 "$PY" benchmarks/bench_ops.py --out "$RES" --rep-ms 25 --n 197 577 --heads 12 \
     --head-dim 32 --dtypes bf16 --ops refine_eval refine_train softmax_block --backends triton cuda reference \
     --env-variants "triton:REFINER_TRITON_TRAIN_X2=split@refine_train" \
     "triton:REFINER_TRITON_REFINE_BWD=split@refine_eval" "triton:REFINER_TRITON_TRAIN_SAVE_Y3=0@refine_train" \
     "triton:REFINER_TRITON_TRAIN_DOT=tf32x3@refine_train" "triton:REFINER_TRITON_TRAIN_DOT=bf16@refine_train" \
     "triton:REFINER_TRITON_REFINE_FWD=tile@refine_eval" "triton:REFINER_TRITON_REFINE_DOT=bf16@refine_eval" \
-    "triton:REFINER_TRITON_REFINE_FWD=padded@refine_eval"
+    "triton:REFINER_TRITON_REFINE_FWD=padded@refine_eval" "triton:REFINER_TRITON_SOFTMAX_BWD_DOT=bf16@softmax_block"
   # the switch values that were faster than the defaults and passed their GPU tests, recorded for this
   # GPU model in results/tuned_settings.json: copy it over refiner_kernels/tuned_settings.json and commit
   cp refiner_kernels/tuned_settings.json "$RES/tuned_settings.json"

@@ -90,7 +90,7 @@ def check(fn, args, num_warps=4, num_stages=2, ptr_types=None, **options):
                  options={"num_warps": num_warps, "num_stages": num_stages, **options})
     md = k.metadata
     print(f"{fn.__name__:16s} ok {time.time()-t:5.1f}s shared={md.shared} warps={num_warps} {ptxas_usage(k)} {loop_sizes(k)} "
-          f"{dict((k2, v) for k2, v in consts.items() if k2 in ('MODE','TM','TJ','BM','BN','KS','HALO','SPLIT','SHIFT','PREC','P','BLOCKS','TAIL'))}",
+          f"{dict((k2, v) for k2, v in consts.items() if k2 in ('MODE','TM','TJ','BM','BN','KS','HALO','SPLIT','SHIFT','PREC','P','BLOCKS','TAIL','DS_PREC'))}",
           flush=True)
     return k
 
@@ -108,10 +108,12 @@ check(S._sb_bwd_dq, dict(q_ptr=P, k_ptr=P, v_ptr=P, lse_ptr=P, do_ptr=P, da_ptr=
 check(S._sb_bwd_dkdv, dict(q_ptr=P, k_ptr=P, v_ptr=P, p_ptr=P, lse_ptr=P, delta_ptr=P, do_ptr=P, da_ptr=P, dk_ptr=P,
                            dv_ptr=P, N=N, D=D, scale=0.1, HAS_PREV=True, DOT_T=triton.language.float16, BM=64, BN=64, BD=64),
       ptr_types={n: '*fp16' for n in ['q_ptr', 'k_ptr', 'v_ptr', 'do_ptr', 'da_ptr', 'p_ptr']}, enable_fp_fusion=False)
-# the backward's autotune configurations at Refiner-ViT-S's shape (bf16, head size 32)
-for fn in (S._sb_bwd_dq, S._sb_bwd_dkdv):
+# the backward's autotune configurations at Refiner-ViT-S's shape (bf16, head size 32; dq's and dk's dots
+# fp32 on CUDA cores, and bf16: REFINER_TRITON_SOFTMAX_BWD_DOT=bf16)
+for fn, ds_prec in [(fn, prec) for prec in ("ieee", "bf16") for fn in (S._sb_bwd_dq, S._sb_bwd_dkdv)]:
     args = dict(q_ptr=P, k_ptr=P, v_ptr=P, p_ptr=P, lse_ptr=P, delta_ptr=P, do_ptr=P, da_ptr=P, dq_ptr=P, dp_ptr=P,
-                dk_ptr=P, dv_ptr=P, N=N, D=D, scale=0.1, HAS_PREV=True, DOT_T=triton.language.bfloat16, BD=32)
+                dk_ptr=P, dv_ptr=P, N=N, D=D, scale=0.1, HAS_PREV=True, DOT_T=triton.language.bfloat16, BD=32,
+                DS_PREC=ds_prec)
     for cfg in AUTOTUNE_SPECS[fn.__name__][1]:
         check(fn, {p.name: {**args, **cfg.kwargs}[p.name] for p in fn.params}, num_warps=cfg.num_warps,
               ptr_types={n: '*bf16' for n in ['q_ptr', 'k_ptr', 'v_ptr', 'do_ptr', 'da_ptr', 'p_ptr']},

@@ -62,22 +62,13 @@ if triton is not None:
         return tl.where(x == x, r, x)
 
     @triton.jit
-    def bf16_round(x):
-        """fp32 x rounded to the nearest bf16 value, ties to even (as cvt.rn.bf16.f32), kept in fp32;
-        NaN stays NaN. The cast of the result to bf16 is then exact on the GPU and under the
-        interpreter alike (whose own fp32 -> bf16 cast truncates)."""
-        u = x.to(tl.int32, bitcast=True)
-        r = ((u + 0x7FFF + ((u >> 16) & 1)) & -65536).to(tl.float32, bitcast=True)  # -65536: 0xFFFF0000
-        return tl.where(x == x, r, x)
-
-    @triton.jit
     def dot(a, b, PREC: tl.constexpr):
         """tl.dot at PREC: "ieee", "tf32x3", "tf32" (operands rounded to nearest first, tf32_round)
-        or "bf16" (bf16 operands rounded to nearest, fp32 accumulation)."""
+        or "bf16" (operands cast to bf16, which rounds to nearest, ties to even; fp32 accumulation)."""
         if PREC == "tf32":
             return tl.dot(tf32_round(a), tf32_round(b), input_precision="tf32")
         elif PREC == "bf16":
-            return tl.dot(bf16_round(a).to(tl.bfloat16), bf16_round(b).to(tl.bfloat16), out_dtype=tl.float32)
+            return tl.dot(a.to(tl.bfloat16), b.to(tl.bfloat16), out_dtype=tl.float32)
         else:
             return tl.dot(a, b, input_precision=PREC)
 
@@ -576,7 +567,7 @@ def forward_precision(attn) -> str:
     maps TF32 tensor-core dots (HALF_TF32; A and v are exact in TF32, weights and D are rounded to
     10 mantissa bits: ~2.4e-4 of max|out| at N=197, k=3, the size of the fp16 rounding of the output
     itself); "bf16" (a candidate, not yet timed on a GPU): bf16 operands rounded to nearest
-    (bf16_round) and fp32 accumulation for fp16/bf16 maps, twice TF32's tensor-core rate and A
+    and fp32 accumulation for fp16/bf16 maps, twice TF32's tensor-core rate and A
     used as loaded: the precision of the reference's convolutions and matmuls under bf16 autocast.
     fp32 maps: IEEE always. Emulated under the interpreter by the tests (tests/tf32_emulation.py).
     The default applies unless the variable is set or a value is tuned for the GPU model (settings.py)."""

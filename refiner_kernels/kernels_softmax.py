@@ -10,7 +10,8 @@ Backward (FlashAttention-2 style, two kernels):
            dS = P (dA_tot - delta), dq = s dS k.
   _bwd_dkdv: per key tile, loop over query tiles: dv += A^T dO, dk += s dS^T q.
 All arithmetic in fp32 (half inputs are cast right after loading), dots with
-input_precision="ieee" so fp32 inputs are not rounded to TF32 on the GPU.
+input_precision="ieee" so fp32 inputs are not rounded to TF32 on the GPU; the candidate
+REFINER_TRITON_SOFTMAX_BWD_DOT=bf16 gives dq's and dk's dots bf16 operands (ds_precision).
 
 Every kernel recomputes the scores s = (q k^T) * scale and subtracts a row statistic found from
 an earlier evaluation (the pass-1 max, the lse). They are launched with enable_fp_fusion=False:
@@ -26,9 +27,11 @@ import torch
 
 from ._common import (bhn_strides, check_inputs, gpu_autotune, interpreting, next_pow2, num_warps_for, token_major,
                       triton, tl, use_tuned, unit_head_stride)
+from .settings import switch
 
 
 if triton is not None:
+    from .kernels_refine_eval import dot
 
     @triton.jit
     def _sb_fwd(q_ptr, k_ptr, v_ptr, p_ptr, out_ptr, a_ptr, lse_ptr, N, D, H, scale,
@@ -90,7 +93,7 @@ if triton is not None:
     @triton.jit
     def _sb_bwd_dq(q_ptr, k_ptr, v_ptr, lse_ptr, do_ptr, da_ptr, dq_ptr, dp_ptr, delta_ptr,
                    N, D, scale, HAS_PREV: tl.constexpr, DOT_T: tl.constexpr,
-                   BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr):
+                   BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, DS_PREC: tl.constexpr = "ieee"):
         pid_m = tl.program_id(1)
         bh = tl.program_id(0).to(tl.int64)
         offs_m = pid_m * BM + tl.arange(0, BM)
@@ -136,7 +139,7 @@ if triton is not None:
                          other=0.0).to(tl.float32)
             da = da + tl.dot(do, vt, input_precision="ieee")
             ds = p * (da - delta[:, None])
-            dq += tl.dot(ds, tl.trans(kt).to(tl.float32), input_precision="ieee")
+            dq += dot(ds, tl.trans(kt).to(tl.float32), DS_PREC)
         tl.store(dq_ptr + base_qd + offs_m[:, None] * D + offs_d[None, :],
                  (dq * scale).to(dq_ptr.dtype.element_ty), mask=mqd)
         tl.store(delta_ptr + bh * N + offs_m, delta, mask=mrow)
@@ -144,7 +147,7 @@ if triton is not None:
     @triton.jit
     def _sb_bwd_dkdv(q_ptr, k_ptr, v_ptr, p_ptr, lse_ptr, delta_ptr, do_ptr, da_ptr, dk_ptr, dv_ptr,
                      N, D, scale, HAS_PREV: tl.constexpr, DOT_T: tl.constexpr,
-                     BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr):
+                     BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, DS_PREC: tl.constexpr = "ieee"):
         pid_n = tl.program_id(1)
         bh = tl.program_id(0).to(tl.int64)
         offs_n = pid_n * BN + tl.arange(0, BN)
@@ -179,7 +182,7 @@ if triton is not None:
                          other=0.0).to(tl.float32)
             da = da + tl.dot(do, tl.trans(v), input_precision="ieee")
             ds = p * (da - delta[:, None])
-            dk += tl.dot(tl.trans(ds), q.to(tl.float32), input_precision="ieee")
+            dk += dot(tl.trans(ds), q.to(tl.float32), DS_PREC)
         tl.store(dk_ptr + base_qd + offs_n[:, None] * D + offs_d[None, :],
                  (dk * scale).to(dk_ptr.dtype.element_ty), mask=mkd)
         tl.store(dv_ptr + base_qd + offs_n[:, None] * D + offs_d[None, :],
@@ -252,6 +255,23 @@ def softmax_block_fwd(q, k, v, prev_attn, scale: float):
     return out, attn, lse
 
 
+BF16_DS_DTYPES = (torch.bfloat16,)  # inputs whose backward may take bf16 dots (the tests add fp16)
+
+
+def ds_precision(q) -> str:
+    """REFINER_TRITON_SOFTMAX_BWD_DOT, the backward's dq = dS k and dk = dS^T q dots: "ieee" (default:
+    fp32 dS and operands, multiply-adds on CUDA cores) or, for bf16 inputs, "bf16" (dS and the
+    other operand rounded to nearest bf16, fp32 accumulation on the tensor cores: the precision of
+    the reference's own backward under bf16 autocast; fp16 inputs keep IEEE, their own 10 bits
+    being finer than bf16's 8; a candidate not yet timed on a GPU). ptxas sm_90, bf16, head size 32,
+    8 warps, per step of the loops: dq 1,379 -> 705 instructions and dk/dv 1,854 -> 993 (its 364
+    bytes of spills gone) at 64 x 64 tiles; dk/dv 779 -> 409 at 32 x 64.
+    The default applies unless the variable is set or a value is tuned for the GPU model (settings.py)."""
+    if q.dtype in BF16_DS_DTYPES and switch("REFINER_TRITON_SOFTMAX_BWD_DOT", q.device) == "bf16":
+        return "bf16"
+    return "ieee"
+
+
 def softmax_block_bwd(dout, dattn, q, k, v, prev_attn, lse, scale: float):
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     dout, dattn = dout.contiguous(), dattn.contiguous()
@@ -268,7 +288,8 @@ def softmax_block_bwd(dout, dattn, q, k, v, prev_attn, lse, scale: float):
     dq_args = (q, k, v, lse, dout, dattn, dq, dprev if has_prev else dq, delta, N, D, float(scale))
     # dk/dv: programs own key tiles of BN rows and loop over query tiles of BM rows.
     dkdv_args = (q, k, v, prev, lse, delta, dout, dattn, dk, dv, N, D, float(scale))
-    consts = dict(HAS_PREV=has_prev, DOT_T=_dot_dtype(q.dtype), BD=BD, enable_fp_fusion=False)
+    consts = dict(HAS_PREV=has_prev, DOT_T=_dot_dtype(q.dtype), BD=BD, DS_PREC=ds_precision(q),
+                  enable_fp_fusion=False)
     if use_tuned(_sb_bwd_dq_tuned, q):
         _sb_bwd_dq_tuned[lambda META: (B * H, triton.cdiv(N, META["BM"]))](*dq_args, **consts)
         _sb_bwd_dkdv_tuned[lambda META: (B * H, triton.cdiv(N, META["BN"]))](*dkdv_args, **consts)

@@ -76,6 +76,15 @@ def test_softmax_block_gpu(N, d, dtype):
     _check_grads([out, attn], [rout, rattn], xs, rs, dtype, ["q", "k", "v", "prev"])
 
 
+@pytest.mark.parametrize("N,d", [(197, 32), (50, 35)])
+def test_softmax_block_gpu_bf16_backward_dots(monkeypatch, N, d):
+    """The backward's candidate REFINER_TRITON_SOFTMAX_BWD_DOT=bf16 (dq's and dk's dots on bf16
+    operands, bf16 inputs): the gradients within bf16's tolerance of the fp32 reference, as the
+    reference's own bf16 backward rounds dS."""
+    monkeypatch.setenv("REFINER_TRITON_SOFTMAX_BWD_DOT", "bf16")
+    test_softmax_block_gpu(N, d, torch.bfloat16)
+
+
 def _eval_case(N, d, ratio, ks, dtype, B=2, H=12):
     """A folded refine block (eval BatchNorms) and its inputs: (fold, GPU tensors in dtype, fp32 leaves)."""
     dla, bn = random_dla(H, ratio, ks)

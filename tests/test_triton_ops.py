@@ -69,6 +69,40 @@ def test_softmax_block(N, d, has_prev, dtype):
         _close(a, b, dtype, name)
 
 
+@pytest.mark.parametrize("N,d,has_prev", [(17, 35, True), (50, 32, False)])
+def test_softmax_block_bf16_backward_dots(monkeypatch, N, d, has_prev):
+    """The backward's candidate REFINER_TRITON_SOFTMAX_BWD_DOT=bf16 (dq's and dk's dots on bf16
+    operands rounded to nearest, fp32 accumulation; emulated), for bf16 inputs only on a GPU, here
+    on fp16 inputs (bf16 ones are wrong under the interpreter): dq and dk no worse (2-norm) than
+    the reference's own in bf16 and not the default's (the switch reached both dots); the outputs,
+    dv and dprev as the default's, bit for bit. fp32 inputs keep IEEE dots: bit-identical to the
+    default."""
+    from refiner_kernels import kernels_softmax
+    monkeypatch.setattr(kernels_softmax, "BF16_DS_DTYPES", (torch.float16, torch.bfloat16))
+    B, H = 2, 3
+    for dtype in (torch.float16, torch.float32):
+        xs = [_leaf(torch.randn(B, H, N, d), dtype) for _ in range(3)]
+        xs.append(_leaf(random_attn(B, H, N), dtype) if has_prev else None)
+        gos = [torch.randn(B, H, N, d, device=DEV).to(dtype), (1e-2 * torch.randn(B, H, N, N, device=DEV)).to(dtype)]
+
+        def run(prec):
+            monkeypatch.setenv("REFINER_TRITON_SOFTMAX_BWD_DOT", prec)
+            outs = rk.softmax_block(*xs, d ** -0.5)
+            return outs, _grads(outs, xs, gos)
+        (outs, g), (outs0, g0) = run("bf16"), run("ieee")
+        for a, b in zip(list(outs) + g[2:], list(outs0) + g0[2:]):  # out, attn, dv, dprev
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+        if dtype == torch.float32:
+            assert all(torch.equal(a, b) for a, b in zip(g, g0))
+            continue
+        assert not torch.equal(g[0], g0[0]) and not torch.equal(g[1], g0[1])
+        rs = [None if t is None else _leaf(t.detach().float()) for t in xs]
+        hs = [None if t is None else _leaf(t.detach().bfloat16(), torch.bfloat16) for t in xs]
+        want = _grads(ref.softmax_block(*rs, d ** -0.5), rs, [t.float() for t in gos])
+        half = _grads(ref.softmax_block(*hs, d ** -0.5), hs, [t.bfloat16() for t in gos])
+        assert_no_worse_than(g[:2], want[:2], half[:2], ["dq", "dk"])
+
+
 @pytest.mark.parametrize("bm,bn", [(16, 32), (32, 16)])
 def test_softmax_block_tuned_launches(monkeypatch, bm, bn):
     """The GPU's autotuned launches (grids from the chosen tiles; the backward's two kernels each
@@ -853,9 +887,10 @@ def test_interpreter_emulates_tf32_dots():
 
 @pytest.mark.skipif(DEV != "cpu", reason="checks the interpreter's bf16 dot emulation (CPU only)")
 def test_interpreter_emulates_bf16_dots():
-    """The kernels' "bf16" dot (kernels_refine_eval.dot): operands rounded to the nearest bf16, ties
-    to even, as torch rounds (NaN and Inf kept), then multiplied exactly and summed in fp32; the
-    interpreter's own bf16 dot would multiply the raw bits as integers (tests/tf32_emulation.py)."""
+    """The kernels' "bf16" dot (kernels_refine_eval.dot): operands cast to bf16, rounded to the
+    nearest, ties to even, as torch and the GPU round (NaN and Inf kept), then multiplied exactly
+    and summed in fp32; the interpreter's own cast would truncate and its bf16 dot multiply the raw
+    bits as integers (tests/tf32_emulation.py)."""
     import triton
     import triton.language as tl
 
@@ -865,7 +900,7 @@ def test_interpreter_emulates_bf16_dots():
         a = tl.load(a_ptr + i[:, None] * 16 + i[None, :])
         b = tl.load(b_ptr + i[:, None] * 16 + i[None, :])
         tl.store(o_ptr + i[:, None] * 16 + i[None, :], KE.dot(a, b, "bf16"))
-        tl.store(r_ptr + i[:, None] * 16 + i[None, :], KE.bf16_round(a))
+        tl.store(r_ptr + i[:, None] * 16 + i[None, :], a.to(tl.bfloat16).to(tl.float32))
 
     a, b = torch.randn(16, 16) * 10, torch.randn(16, 16)
     ties = torch.tensor([0x3F808000, 0x3F818000, 0xBF808000, 0x7F7FFFFF], dtype=torch.int64)

@@ -12,7 +12,9 @@ big(b) + big(a) small(b) + big(a) big(b) (the small operands truncated as above)
 of the first two is taken as 0, as newer Triton versions do.
 bf16 operands (which the interpreter holds as raw uint16 bits, and would multiply as integers) are
 widened to fp32 exactly; the products of two bf16 values are exact in fp32, so the fp32 matmul is
-the tensor cores' bf16 dot with fp32 accumulation (up to the order of the sums).
+the tensor cores' bf16 dot with fp32 accumulation (up to the order of the sums). A cast of fp32 to
+bf16 (x.to(tl.bfloat16)) rounds to nearest, ties to even, as the GPU's does; the interpreter's own
+truncates.
 """
 from __future__ import annotations
 
@@ -33,6 +35,15 @@ def tf32_rna(x: np.ndarray) -> np.ndarray:
     u = np.ascontiguousarray(x).view(np.uint32)
     r = ((u + np.uint32(0x1000)) & np.uint32(0xFFFFE000)).view(np.float32)
     return np.where(np.isnan(x), x, r)
+
+
+def f32_to_bf16(x: np.ndarray) -> np.ndarray:
+    """float32 x rounded to the nearest bf16, ties to even (the GPU's cvt.rn.bf16.f32), as uint16 bit
+    patterns; NaN stays NaN (quiet, its sign kept)."""
+    u = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32)
+    r = ((u + np.uint32(0x7FFF) + ((u >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16)).astype(np.uint16)
+    nan = ((u >> np.uint32(16)) & np.uint32(0x8000) | np.uint32(0x7FC0)).astype(np.uint16)
+    return np.where(np.isnan(x), nan, r)
 
 
 def bf16_to_f32(bits: np.ndarray) -> np.ndarray:
@@ -74,4 +85,12 @@ def install() -> None:
         return plain(self, a, b, d, input_precision, max_num_imprecise_acc)
 
     builder.create_dot = create_dot
+    plain_trunc = builder.create_fp_trunc
+
+    def create_fp_trunc(self, src, dst_type):  # x.to(tl.bfloat16): the interpreter's own truncates
+        if src.dtype.scalar == tl.float32 and dst_type.scalar == tl.bfloat16:
+            return interpreter.TensorHandle(f32_to_bf16(src.data).reshape(src.data.shape), dst_type.scalar)
+        return plain_trunc(self, src, dst_type)
+
+    builder.create_fp_trunc = create_fp_trunc
     _installed = True
