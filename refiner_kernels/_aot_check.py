@@ -90,7 +90,7 @@ def check(fn, args, num_warps=4, num_stages=2, ptr_types=None, **options):
                  options={"num_warps": num_warps, "num_stages": num_stages, **options})
     md = k.metadata
     print(f"{fn.__name__:16s} ok {time.time()-t:5.1f}s shared={md.shared} warps={num_warps} {ptxas_usage(k)} {loop_sizes(k)} "
-          f"{dict((k2, v) for k2, v in consts.items() if k2 in ('MODE','TM','TJ','BM','BN','KS','HALO','SPLIT','SHIFT','PREC','P','BLOCKS','TAIL','DS_PREC'))}",
+          f"{dict((k2, v) for k2, v in consts.items() if k2 in ('MODE','TM','TJ','BM','BN','KS','HALO','SPLIT','SHIFT','PREC','P','BLOCKS','DS_PREC'))}",
           flush=True)
     return k
 
@@ -149,14 +149,7 @@ for prec, t, p, w, u, ks in [("tf32", "*bf16", 128, 4, False, 3), ("tf32", "*bf1
     check(PE._pe_stencil_reduce, dict(a_ptr=P, e_ptr=P, wdw_ptr=P, bdw_ptr=P, wp_ptr=P, bp_ptr=P, al_ptr=P, bt_ptr=P,
                                       r_ptr=P, N=N, H=H, RH=RH, RHP=48, KS=ks, PREC=prec, HP=16, CC=16, P=p, UNROLL=u),
           num_warps=w, num_stages=2, ptr_types={"a_ptr": t, "e_ptr": t, "r_ptr": t})
-# ... its rH = 36 launches: the last 4 channels one at a time (TAIL, padded_e.tail_channels), and E
-# stored without the padded channels' planes
-for prec, t, p, w, u in [("tf32", "*bf16", 128, 4, False), ("tf32", "*bf16", 128, 4, True),
-                         ("tf32", "*bf16", 128, 8, True), ("tf32", "*bf16", 256, 4, True), ("ieee", "*fp32", 128, 4, False)]:
-    check(PE._pe_stencil_reduce, dict(a_ptr=P, e_ptr=P, wdw_ptr=P, bdw_ptr=P, wp_ptr=P, bp_ptr=P, al_ptr=P, bt_ptr=P,
-                                      r_ptr=P, N=N, H=H, RH=RH, RHP=48, KS=3, PREC=prec, HP=16, CC=16, P=p, UNROLL=u,
-                                      TAIL=PE.tail_channels(RH)),
-          num_warps=w, num_stages=2, ptr_types={"a_ptr": t, "e_ptr": t, "r_ptr": t})
+# ... its expansion for the forward: E stored without the padded channels' planes
 check(PE._pe_expand, dict(a_ptr=P, we_ptr=P, be_ptr=P, ks_ptr=P, e_ptr=P, N=N, H=H, RH=RH, RHP=48, KS=3, RELU_E=True,
                           SHIFT=False, PREC="tf32", HP=16, CC=16, P=128, PAD_PLANES=False), num_warps=4, num_stages=1,
       ptr_types={"a_ptr": "*bf16", "e_ptr": "*bf16"})

@@ -35,29 +35,7 @@ CC = _eval.CC
 MAX_P = 512  # the most positions a program takes (autotuning configs; the guards reach past them)
 UNROLL = True  # the stencil's k*k taps unrolled (k <= 5) without autotuning
 WGRAD_BLOCKS = None  # position blocks a _pe_dw_wgrad program sums (None: 4096 positions; the interpreter: all)
-SERIAL_TAIL = None  # the untuned launch's tail channels one at a time (serial_tail) or not (tests: True/False)
 GUARD_VALUE = 0.0  # what the guards hold (only dropped positions read them; the tests put NaN there)
-
-
-def serial_tail(P: int, num_warps: int) -> bool:
-    """Whether _pe_stencil_reduce with P positions a program on num_warps warps takes the tail
-    channels one at a time: where a thread holds a whole position (ptxas sm_90, bf16, rH = 36, per
-    program: P = 128 on 4 warps 2,501 instructions against 2,918 for three chunks; on 8 warps,
-    where a one-channel row is spread over twice the threads it has positions, 2,055 against 1,848)."""
-    return P >= 32 * num_warps
-
-
-def tail_channels(RH: int) -> int:
-    """The channels _pe_stencil_reduce takes one at a time after its CC-channel chunks: rH % CC
-    where that is at most CC / 4, else 0 (a last chunk then, its padded rows computed and
-    dropped). A tail channel costs its k*k stencil multiply-adds and HP for the reduction on CUDA
-    cores; a chunk, CC channels' stencils and one tensor-core dot. ptxas sm_90, bf16, k = 3, per
-    program of 128 positions on 4 warps: rH = 36 (a tail of 4) 2,501 instructions against 2,918
-    with the taps unrolled, 3,719 against 4,612 rolled; IEEE fp32 dots (the backward's R) 3,415
-    against 4,558. rH = 72 (Refiner-ViT-S's even blocks; a tail of 8) would gain 1-5%, not worth a
-    second compiled variant of every configuration."""
-    rest = RH % CC
-    return rest if rest <= CC // 4 else 0
 
 
 if triton is not None:
@@ -186,33 +164,26 @@ if triton is not None:
     @triton.jit
     def _pe_stencil_reduce(a_ptr, e_ptr, wdw_ptr, bdw_ptr, wp_ptr, bp_ptr, al_ptr, bt_ptr, r_ptr, N: tl.constexpr,
                            H, RH, RHP, KS: tl.constexpr, PREC: tl.constexpr, HP: tl.constexpr, CC: tl.constexpr,
-                           P: tl.constexpr, UNROLL: tl.constexpr, TAIL: tl.constexpr = 0,
-                           SERIAL_TAIL: tl.constexpr = True):
+                           P: tl.constexpr, UNROLL: tl.constexpr):
         """R at P positions of image program_id(1)'s padded grid (stored where they are in the map):
         D = relu6(dw_k(E) + b_dw) by unmasked loads of the padded E (wdw_ptr: the (RHP, k*k) fp32
         weights, zero rows for the padded channels), then the reduction dot and the affine residual.
         N is a constexpr (a kernel per map size, as a model has one): the unrolled taps' offsets are
         then immediates of the loads (ptxas sm_90, bf16, P = 128: 837 instructions per 16-channel
-        chunk of 144 multiply-adds, against 1053 with N a runtime value and 1259 rolled).
-        TAIL (tail_channels) with SERIAL_TAIL (serial_tail): the last rH % CC channels one at a time,
-        their reduction an outer product on CUDA cores, instead of a CC-channel chunk mostly of
-        padding (rH = 36: the stencil's multiply-adds of 4 channels, not 16; the stencil is where the
-        time goes)."""
-        NT: tl.constexpr = TAIL * SERIAL_TAIL
+        chunk of 144 multiply-adds, against 1053 with N a runtime value and 1259 rolled). The padded
+        channels' planes of the last chunk hold whatever was there (padded_r leaves them unwritten):
+        reduction_chunk drops those rows. (Taking rH = 36's last 4 channels one at a time instead,
+        14% fewer instructions, measured slower on the H200: 1.19 against 0.99 ms, untuned.)"""
         b = tl.program_id(1).to(tl.int64)
         q, row, col, inmap, W, plane = padded_grid(N, KS, P)
         hh = tl.arange(0, HP)
         mh = hh < H
         ebase = e_ptr + b * RHP * plane
         y = tl.zeros((HP, P), tl.float32)
-        for c0 in range(0, RH - NT, CC):
+        for c0 in range(0, RHP, CC):
             cc = c0 + tl.arange(0, CC)
             dacc = stencil_padded(ebase, q, cc, wdw_ptr, N, KS, CC, P, UNROLL)
             y += reduction_chunk(dacc, bdw_ptr, wp_ptr, cc, cc < RH, hh, mh, RH, PREC, CC)
-        for t in tl.static_range(NT):
-            c1 = (RH - NT + t) + tl.arange(0, 1)
-            dacc = stencil_padded(ebase, q, c1, wdw_ptr, N, KS, 1, P, UNROLL)
-            y += reduction_chunk(dacc, bdw_ptr, wp_ptr, c1, c1 < RH, hh, mh, RH, PREC, 1)
         m2 = mh[:, None] & inmap[None, :]
         off = b * H * N * N + (hh[:, None] * (N * N) + (row * N + col)[None, :])
         a0 = tl.load(a_ptr + off, mask=m2, other=0.0).to(tl.float32)
@@ -225,7 +196,7 @@ if triton is not None:
         [triton.Config({"P": p}, num_warps=w, num_stages=1) for p, w in [(64, 4), (128, 4), (128, 8), (256, 8)]],
         key=["N", "H", "RH", "KS"])(_pe_expand)  # (+ SHIFT, PREC...: _common.tuning_key)
     _pe_stencil_reduce_tuned = gpu_autotune(
-        [triton.Config({"P": p, "UNROLL": u, "SERIAL_TAIL": serial_tail(p, w)}, num_warps=w, num_stages=2)
+        [triton.Config({"P": p, "UNROLL": u}, num_warps=w, num_stages=2)
          for p, w, u in [(64, 4, False), (128, 4, False), (128, 8, False), (256, 8, False), (256, 4, False),
                          (MAX_P, 8, False), (128, 4, True), (128, 8, True), (256, 4, True)]],
         key=["N", "H", "RH", "KS"])(_pe_stencil_reduce)
@@ -307,8 +278,8 @@ def dw_weight_grad(e, g, n_img, RH, N, KS):
 
 def padded_r(attn, we, be, w_dw, b_dw, w_pro, b_pro, alpha, beta, relu, prec, r_dtype):
     """R (r_dtype, A-sized) from the padded E (r_dtype) of batch chunks under SPLIT_E_BYTES, by
-    _pe_expand (not the padded channels' planes: the stencil pass drops them, so a quarter of E's
-    writes less at rH = 36) then _pe_stencil_reduce."""
+    _pe_expand (not the padded channels' planes: the stencil pass drops their rows, so a quarter
+    of E's writes less at rH = 36) then _pe_stencil_reduce."""
     B, H, N, _ = attn.shape
     RH, KS = w_dw.shape[0], w_dw.shape[-1]
     per = images_per_chunk(B, RH, N, KS, torch.empty((), dtype=r_dtype).element_size())
@@ -329,12 +300,12 @@ def stencil_reduce_into(r, a, e, params, KS, prec):
     n_img, H, N, _ = a.shape
     RH = params[1].shape[0]
     HP, RHP, W = max(16, next_pow2(H)), triton.cdiv(RH, CC) * CC, N + 2 * (KS // 2)
-    consts = dict(KS=KS, PREC=prec, HP=HP, CC=CC, TAIL=tail_channels(RH))
+    consts = dict(KS=KS, PREC=prec, HP=HP, CC=CC)
     if use_tuned(_pe_stencil_reduce_tuned, a):
         _pe_stencil_reduce_tuned[lambda META: (triton.cdiv(W * W, META["P"]), n_img)](
             a, e, *params, r, N, H, RH, RHP, **consts)
     else:
-        P, warps = _eval.split_p(), num_warps_for(HP * _eval.split_p())
+        P = _eval.split_p()
         _pe_stencil_reduce[(triton.cdiv(W * W, P), n_img)](
-            a, e, *params, r, N, H, RH, RHP, P=P, UNROLL=UNROLL, SERIAL_TAIL=serial_tail(P, warps) if SERIAL_TAIL is None else SERIAL_TAIL,
-            num_warps=warps, num_stages=2, **consts)
+            a, e, *params, r, N, H, RH, RHP, P=P, UNROLL=UNROLL, num_warps=num_warps_for(HP * P), num_stages=2,
+            **consts)

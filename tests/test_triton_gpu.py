@@ -137,13 +137,11 @@ def test_refine_eval_gpu_tile_forward(monkeypatch, N, d, ratio, ks, dtype):
 @pytest.mark.parametrize("N,d,ratio,ks", [(197, 32, 3, 3), (50, 35, 3, 5), (1, 32, 3, 7)])
 def test_refine_eval_gpu_padded_forward(monkeypatch, N, d, ratio, ks, dtype):
     """The forward candidate REFINER_TRITON_REFINE_FWD=padded (E on a zero-bordered grid, unmasked
-    stencil loads; also the backward's R recompute; rH = 36: the last 4 channels one at a time)
-    against the reference, and without that serial tail bit for bit the split forward's output
-    with one fixed configuration per kernel (REFINER_TRITON_AUTOTUNE=0, as gpu_round's tests)."""
-    from refiner_kernels import padded_e
+    stencil loads; also the backward's R recompute) against the reference, and bit for bit the
+    split forward's output with one fixed configuration per kernel (REFINER_TRITON_AUTOTUNE=0, as
+    gpu_round's tests)."""
     monkeypatch.setenv("REFINER_TRITON_REFINE_FWD", "padded")
     test_refine_eval_gpu(N, d, ratio, ks, dtype)
-    monkeypatch.setattr(padded_e, "SERIAL_TAIL", False)
     f, xs, _ = _eval_case(N, d, ratio, ks, dtype)
     with torch.no_grad():
         padded = rk.refine_eval(*xs, f.expand)
