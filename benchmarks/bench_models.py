@@ -208,8 +208,10 @@ def run(args, device) -> List[dict]:
                 bar.set_postfix_str(f"{name} {label} {img}px {mode}")
             r = measure(name, label, how, img, batch, mode, device, args)
             rows.append(r)
-            if r["status"] != "ok":
-                C.progress_write(f"  {name} {label} {img}px {mode}: {r['status']}")
+            # each row in the log as soon as measured: a run killed before its table keeps its figures
+            C.progress_write(f"  {name} {label} {img}px {mode}: " + (
+                f"{r['images_per_s']:.1f} img/s, peak {C.fmt(r['peak_mem_mib'], '.0f')} MiB"
+                if r["status"] == "ok" and r.get("images_per_s") else r["status"]))
     except KeyboardInterrupt:
         C.progress_write("interrupted: writing the rows measured so far")
         args._interrupted = True

@@ -15,10 +15,11 @@ Triton is never benchmarked on CPU (interpreter). See benchmarks/README.md for c
 from __future__ import annotations
 
 import argparse
+import copy
 import gc
 import sys
 from pathlib import Path
-from typing import List
+from typing import List, Optional
 
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -124,6 +125,16 @@ class Case:
         self.dout = mk(B, H, N, d)
         self.dattn = torch.randn(B, H, N, N, generator=gd, device=device).mul(1e-3).to(dtype)
 
+    def upcast(self) -> "Case":
+        """The same inputs, exactly, in fp32: the yardstick of the low-precision gradients."""
+        c = copy.copy(self)
+        for name, val in vars(self).items():
+            if torch.is_tensor(val):
+                setattr(c, name, val.float())
+        c.folded = reference.FoldedRefine(*(t.float() for t in self.folded.args()[:-1]), expand=self.folded.expand)
+        c.train_params = tuple(t.float() for t in self.train_params)
+        return c
+
     def call(self, op: str, backend: str, grad: bool):
         """(function of the inputs returning the differentiable outputs, inputs, output grads)."""
         q, k, v, a = self.q, self.k, self.v, self.attn
@@ -160,16 +171,30 @@ class Case:
 # The run
 # ----------------------------------------------------------------------------
 
-def grad_rel_err(grads, ref_grads) -> float:
-    """The largest over the gradients of ||g - ref|| / ||ref|| (each on its own scale: the
+def grad_rel_errs(grads, ref_grads) -> List[Optional[float]]:
+    """||g - ref|| / ||ref|| of each gradient (each on its own scale: the
     parameters' gradients sum over the whole map, the map's do not; the norm and not the largest
     element, because a ReLU6 input within rounding of 0 or 6 gates its gradient the other way in
     one of the two: a few map positions off by percents, refine_train in fp32 on the CPU), with
     ||ref|| at least a thousandth of the largest gradient's (refine_train's db3 is 0 in exact
     arithmetic, BN_a's backward removing dZ's mean: only rounding is left of it)."""
-    pairs = [(g.double(), r.double()) for g, r in zip(grads, ref_grads) if g is not None and r is not None]
-    floor = 1e-3 * max((r.norm().item() for _, r in pairs), default=1.0)
-    return max(((g - r).norm().item() / max(r.norm().item(), floor) for g, r in pairs), default=0.0)
+    norms = [r.double().norm().item() for r in ref_grads if r is not None]
+    floor = 1e-3 * max(norms, default=1.0)
+    return [None if g is None or r is None else (g.double() - r.double()).norm().item() / max(r.double().norm().item(), floor)
+            for g, r in zip(grads, ref_grads)]
+
+
+def fp32_grads(case: Case, op: str, mode: str):
+    """The reference's gradients on the same inputs in fp32, for a bf16/fp16 case (None otherwise): the
+    low-precision reference's own rounding is then an error like any backend's, in its own row; measured
+    against it instead, a gradient that is 0 in exact arithmetic (refine_train's db3) reads as
+    100% off wherever a backend rounds it closer to 0 than the reference does."""
+    if mode == "fwd" or op == "sdpa" or case.q.dtype == torch.float32:
+        return None
+    try:
+        return case.upcast().fn(op, mode, "reference")()
+    except torch.cuda.OutOfMemoryError:
+        return None
 
 
 def _measure(case: Case, op: str, mode: str, backend: str, device, args, peaks, ref_out=None) -> dict:
@@ -190,7 +215,8 @@ def _measure(case: Case, op: str, mode: str, backend: str, device, args, peaks, 
         if ref_out is not None and mode == "fwd":
             row["max_abs_err"] = (first.float() - ref_out.float()).abs().max().item()
         elif ref_out is not None:  # the gradients: autotuned backward launches are checked nowhere else
-            row["grad_rel_err"] = grad_rel_err(first, ref_out)
+            row["grad_rel_errs"] = grad_rel_errs(first, ref_out)
+            row["grad_rel_err"] = max((e for e in row["grad_rel_errs"] if e is not None), default=None)
         del out
         t = C.median_time(fn, device, repeats=args.repeats, warmup=args.warmup, rep_ms=args.rep_ms)
         row["time_ms"] = t * 1e3
@@ -247,7 +273,7 @@ def run(args, device) -> List[dict]:
                 sdpa[mode] = r["time_ms"]
                 rows.append(r)
             for op, mode in jobs:
-                ref_out = None
+                ref_out = fp32_grads(case, op, mode)  # low precision: every backend's gradients against it
                 ref_time = None
                 for be in backends:
                     next(it, None)
@@ -255,7 +281,8 @@ def run(args, device) -> List[dict]:
                         bar.set_postfix_str(f"{op} {mode} {be} {dt} H={H} d={d} N={N}")
                     r, out = _measure(case, op, mode, be, device, args, peaks, ref_out)
                     if be == "reference":
-                        ref_time, ref_out = r["time_ms"], out
+                        ref_time = r["time_ms"]
+                        ref_out = ref_out if ref_out is not None else out
                     del out
                     r["vs_reference"] = (ref_time / r["time_ms"]) if ref_time and r["time_ms"] else None
                     r["vs_sdpa"] = (r["time_ms"] / sdpa[mode]) if sdpa.get(mode) and r["time_ms"] else None

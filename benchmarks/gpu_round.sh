@@ -27,10 +27,11 @@
 #                                              # occupancy, registers, throughput against the peaks, warp
 #                                              # stalls; the logs tarball holds one report per target
 #                                              # (~4 min, no build unless the CUDA targets need one)
-#   bash benchmarks/gpu_round.sh verify        # build (sm_90), the tests the last round failed (see
-#                                              # stage_verify), then memcheck and racecheck of the CUDA
-#                                              # tests: a short call (~6 min) for a session with little
-#                                              # device time
+#   bash benchmarks/gpu_round.sh verify        # build (sm_90) beside bench_ops' gradient errors, then
+#                                              # memcheck and racecheck of the CUDA tests beside the
+#                                              # tests the last round failed, then a training step (see
+#                                              # stage_verify): one call (~8 min) for a session with
+#                                              # little device time
 #   bash benchmarks/gpu_round.sh tests         # build, describe backends, pytest, compute-sanitizer
 #   bash benchmarks/gpu_round.sh bench         # build (if needed), bench_ops, profile_models, bench_models
 #   bash benchmarks/gpu_round.sh bench-ops     # only bench_ops (whole budget)
@@ -137,26 +138,30 @@ stage_tests() {
   stage_sanitize
 }
 
-stage_sanitize() {
+stage_sanitize() {  # $1 = parallel: the three runs side by side (they are bound by the tool's CPU work)
+  local bg=(); [ "${1:-}" = parallel ] && bg=(spawn)
   # The Triton kernels on padded_e's planes first: their shifted loads are unmasked, and only the
   # guards around the planes keep them inside the allocation; a read past it need not fault on the
   # GPU, memcheck sees it. (The padded forward, the split backward and the split training passes.)
   if command -v compute-sanitizer >/dev/null; then
-    REFINER_TRITON_AUTOTUNE=0 run_step memcheck_triton_padded 90 compute-sanitizer --tool memcheck \
+    REFINER_TRITON_AUTOTUNE=0 "${bg[@]}" run_step memcheck_triton_padded 90 compute-sanitizer --tool memcheck \
       --error-exitcode 9 --target-processes all "$PY" -m pytest -q -x tests/test_triton_gpu.py -k "padded or split"
   fi
   if command -v compute-sanitizer >/dev/null && [ -f tests/test_compiled_cuda.py ]; then
     # Small shapes only (-x stops at the first failure); racecheck is the slower of the two.
-    run_step memcheck 120 compute-sanitizer --tool memcheck --error-exitcode 9 --target-processes all \
-      "$PY" -m pytest -q -x tests/test_compiled_cuda.py
+    # (not the tests that start a child Python: under the tool, round 4's died of SIGSEGV)
+    "${bg[@]}" run_step memcheck 100 compute-sanitizer --tool memcheck --error-exitcode 9 --target-processes all \
+      "$PY" -m pytest -q -x -k "not subprocess" tests/test_compiled_cuda.py
     # racecheck instruments every shared-memory access: round 3 got through 14 tests in 150 s, so
     # the big maps and grids (marker "large") stay out of it
-    run_step racecheck 150 compute-sanitizer --tool racecheck --error-exitcode 9 --target-processes all \
-      "$PY" -m pytest -q -x -m "not large" tests/test_compiled_cuda.py
+    "${bg[@]}" run_step racecheck 150 compute-sanitizer --tool racecheck --error-exitcode 9 --target-processes all \
+      "$PY" -m pytest -q -x -m "not large" -k "not subprocess" tests/test_compiled_cuda.py
   else
     say "compute-sanitizer or tests/test_compiled_cuda.py absent: sanitizer runs skipped"
   fi
+  wait
 }
+spawn() { "$@" & }
 
 bench_ops() {  # $1: seconds
   run_step bench_ops "$1" "$PY" benchmarks/bench_ops.py --out "$RES" --rep-ms 50
@@ -232,22 +237,27 @@ stage_quick() {
     --fused-backends triton
 }
 
-# What round 3 (2026-11-26) left: the Triton refine tests with the TF32 operands rounded to nearest
-# and refine_train's new defaults (TF32 dots for bf16, the saved Y3), the CUDA files with the
-# extension on torch's shared libstdc++ (the head-size child process died of a static copy), the
-# libstdc++ checks of test_compiled_ops.py, then memcheck and racecheck (block_reduce's scratch
-# race fixed). Each file in its own process so a crash names its file.
+# A short call for a session with little device time (~8 min): what the last round left. Beside the
+# build: refine_train's and the others' gradients against the fp32 reference (round 5 read 100% off
+# against the bf16 reference's own rounding) and the bf16-dot training candidate's time. Then memcheck
+# and racecheck of the CUDA tests beside the tests round 5 failed (the compiled training steps), and
+# last, alone on the machine, the training step (round 5 lost its rows to the time limit).
 stage_verify() {
   export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
-  build &
-  local build_pid=$!
-  REFINER_TRITON_AUTOTUNE=0 run_step verify_triton 120 "$PY" -m pytest -q -ra "${XDIST[@]}" \
-    tests/test_triton_gpu.py -k "refine"
+  MAX_JOBS=12 build & local build_pid=$!
+  run_step bench_ops_grads 110 "$PY" benchmarks/bench_ops.py --out "$RES" --rep-ms 25 --n 197 --heads 12 \
+    --head-dim 32 --dtypes bf16 --modes fwd+bwd --ops refine_train refine_eval softmax_block \
+    --backends triton reference --no-memory \
+    --env-variants "triton:REFINER_TRITON_TRAIN_DOT=bf16@refine_train"
   wait "$build_pid"
   describe_backends
-  run_step verify_cuda 100 "$PY" -m pytest -q -ra tests/test_compiled_cuda.py tests/test_cuda_entry_checks.py
-  run_step verify_libstdcxx 40 "$PY" -m pytest -q -ra tests/test_compiled_ops.py -k "libstdcxx or integer_in"
-  stage_sanitize
+  stage_sanitize parallel & local san_pid=$!
+  REFINER_TRITON_AUTOTUNE=0 run_step verify_compiled_steps 150 "$PY" -m pytest -q -ra "${XDIST[@]}" \
+    tests/test_fused.py -k "torch_compile_training_steps or reduce_overhead"
+  wait "$san_pid"
+  run_step bench_models_train $(( $(left) - 20 )) "$PY" benchmarks/bench_models.py --out "$RES" \
+    --models refiner_vit_s --img 224 --batch 256 --modes train --compile-backend skip --repeats 5 \
+    --fused-backends triton cuda
 }
 
 # torch.compile rows (bench_models --compile-backend inductor): the fused model compiled (the compiler

@@ -85,6 +85,21 @@ def test_bench_ops_quick(tmp_path):
     assert len(regen) == 2 and all(p.exists() for p in regen)
 
 
+def test_low_precision_gradients_measured_against_fp32(tmp_path):
+    """bf16 fwd+bwd rows: every backend's gradients, the reference's too, against the reference's in
+    fp32 on the same rounded inputs, one error per gradient. (Against the bf16 reference instead,
+    refine_train's db3, 0 in exact arithmetic, read 100% off on an H200.) The fused CPU backend
+    accumulates in fp32: its worst gradient must beat the bf16 reference's own."""
+    doc = bench_ops.main(["--quick", "--device", "cpu", "--threads", "1", "--repeats", "1", "--modes", "fwd+bwd",
+                          "--ops", "refine_train", "--dtypes", "bf16", "--backends", "cpu", "--no-plots",
+                          "--no-memory", "--out", str(tmp_path)])
+    rows = {r["backend"]: r for r in doc["rows"] if r["op"] == "refine_train"}
+    ref, cpu = rows["reference"], rows["cpu"]
+    assert len(ref["grad_rel_errs"]) == len(cpu["grad_rel_errs"]) == 13  # map, v and 11 parameters
+    assert ref["grad_rel_err"] == max(ref["grad_rel_errs"]) > 0
+    assert cpu["grad_rel_err"] < min(0.1, ref["grad_rel_err"]), (cpu["grad_rel_errs"], ref["grad_rel_errs"])
+
+
 def test_env_variants_rows_beside_the_default(tmp_path, monkeypatch):
     """--env-variants: a candidate (the backend with runtime switches set) timed in the same run, in
     its own labelled rows, only for the ops named after '@'; the switches are unset again after it;
