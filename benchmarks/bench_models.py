@@ -56,7 +56,7 @@ def variants(name: str, device, args) -> List[tuple]:
     """(variant label, how to build) for one model name."""
     if name not in REFINER:
         return [("timm (SDPA)", "timm")]
-    out = []
+    out, mixed = [], []
     fused_backends, _ = C.usable_backends(device, FUSED_BACKENDS)
     if args.fused_backends is not None:
         fused_backends = [b for b in fused_backends if b in args.fused_backends]
@@ -67,8 +67,8 @@ def variants(name: str, device, args) -> List[tuple]:
                 if v.backend in fused_backends]
         # per-op backend choices (--mixed-backends), where every backend they name is usable here
         usable = set(C.usable_backends(device)[0]) | {"auto"}
-        out += [(f"fused[{spec}]", ("fused", spec)) for spec in getattr(args, "mixed_backends", ())
-                if set(C.backends_named(spec)) <= usable]
+        mixed = [spec for spec in getattr(args, "mixed_backends", ()) if set(C.backends_named(spec)) <= usable]
+        out += [(f"fused[{spec}]", ("fused", spec)) for spec in mixed]
     else:
         out.append((f"fused[auto->{C.auto_backend(device)}]", ("fused", "auto")))
     out.append(("reference eager", "reference"))
@@ -76,8 +76,9 @@ def variants(name: str, device, args) -> List[tuple]:
         out += [(f"{label} {CKPT}", ("ckpt", how)) for label, how in list(out)
                 if not _candidate(how) and (label.startswith("fused[") or label == "reference eager")]
     if args.compile_backend != "skip" and (args.compile_models == ["all"] or name in args.compile_models):
-        if "fused" in args.compile_variants:
+        if "fused" in args.compile_variants:  # (a mix naming the reference leaves that op to the compiler)
             out += [(f"fused compiled[{b}]", ("fused", b, "compiled")) for b in fused_backends]
+            out += [(f"fused compiled[{spec}]", ("fused", spec, "compiled")) for spec in mixed]
         if "reference" in args.compile_variants:
             out.append((f"reference compiled[{args.compile_backend}]", "compiled"))
     return out

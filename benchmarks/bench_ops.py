@@ -152,8 +152,12 @@ class Case:
                     (a, v) + self.train_params, (self.dout,))
         raise ValueError(op)
 
-    def fn(self, op: str, mode: str, backend: str):
+    def fn(self, op: str, mode: str, backend: str, compile_backend: Optional[str] = None):
+        """compile_backend: torch.compile the op (the reference: what the compiler makes of plain PyTorch)."""
         f, inputs, gouts = self.call(op, backend, mode != "fwd")
+        if compile_backend:
+            torch._dynamo.reset()  # each case compiles afresh: no recompile limit across shapes and ops
+            f = torch.compile(f, backend=compile_backend, dynamic=False)
         if mode == "fwd":
             def run():
                 with torch.no_grad():
@@ -197,7 +201,8 @@ def fp32_grads(case: Case, op: str, mode: str):
         return None
 
 
-def _measure(case: Case, op: str, mode: str, backend: str, device, args, peaks, ref_out=None) -> dict:
+def _measure(case: Case, op: str, mode: str, backend: str, device, args, peaks, ref_out=None,
+             compile_backend: Optional[str] = None) -> dict:
     B, H, N, d = case.shape
     dtype_name = args._dtype_name
     row = dict(device=C.device_label(device), op=op, mode=mode, backend=backend if op != "sdpa" else "torch",
@@ -205,7 +210,7 @@ def _measure(case: Case, op: str, mode: str, backend: str, device, args, peaks, 
                gbs=None, pct_peak_bw=None, peak_mem_mib=None, max_abs_err=None, grad_rel_err=None, status="ok")
     first = None
     try:
-        fn = case.fn(op, mode, backend)
+        fn = case.fn(op, mode, backend, compile_backend)
         mem = None
         if device.type == "cpu" and not args.no_memory:  # first call: memory estimate and warm-up
             mem, out = C.peak_memory(fn, device)
@@ -256,7 +261,7 @@ def run(args, device) -> List[dict]:
     grid = [(dt, H, d, N) for dt in args.dtypes for H in args.heads for d in args.head_dim for N in args.n]
     jobs = [(op, mode) for op in args.ops for mode in args.modes]
     rows: List[dict] = []
-    total = len(grid) * (len(jobs) * len(backends) + len(args.modes)
+    total = len(grid) * (len(jobs) * (len(backends) + (args.compile_backend != "skip")) + len(args.modes)
                          + sum(v.applies(op) for op, _ in jobs for v in variants))
     bar = C.progress(range(total), desc="bench_ops", unit="case")
     it = iter(bar)
@@ -289,6 +294,19 @@ def run(args, device) -> List[dict]:
                     rows.append(r)
                     if r["status"] != "ok":
                         C.progress_write(f"  {op} {mode} {be} {dt} H={H} d={d} N={N}: {r['status']}")
+                if args.compile_backend != "skip":  # the reference under torch.compile: the compiler's fusions
+                    label = f"reference compiled[{args.compile_backend}]"
+                    next(it, None)
+                    if hasattr(bar, "set_postfix_str"):
+                        bar.set_postfix_str(f"{op} {mode} {label} {dt} H={H} d={d} N={N}")
+                    r, out = _measure(case, op, mode, "reference", device, args, peaks, ref_out, args.compile_backend)
+                    del out
+                    r["backend"] = label
+                    r["vs_reference"] = (ref_time / r["time_ms"]) if ref_time and r["time_ms"] else None
+                    r["vs_sdpa"] = (r["time_ms"] / sdpa[mode]) if sdpa.get(mode) and r["time_ms"] else None
+                    rows.append(r)
+                    if r["status"] != "ok":
+                        C.progress_write(f"  {op} {mode} {label} {dt} H={H} d={d} N={N}: {r['status']}")
                 for var in variants:  # candidates beside the default, same inputs and reference
                     if not var.applies(op):
                         continue
@@ -318,7 +336,7 @@ def targets(rows: List[dict]) -> List[dict]:
     out = []
     for N in (197, 577):
         sel = [r for r in rows if r["op"] == "refine_eval" and r["mode"] == "fwd" and r["dtype"] == "bf16"
-               and r["H"] == 12 and r["d"] == 32 and r["N"] == N and r["backend"] != "reference"
+               and r["H"] == 12 and r["d"] == 32 and r["N"] == N and not r["backend"].startswith("reference")
                and "=" not in r["backend"]
                and r["status"] == "ok" and r.get("vs_sdpa")]
         if sel:
@@ -369,6 +387,9 @@ def parse_args(argv):
     p.add_argument("--env-variants", nargs="+", type=C.env_variant, default=[], metavar="BACKEND:NAME=VALUE[@OPS]",
                    help="also time BACKEND with these environment variables set, e.g. "
                         "triton:REFINER_TRITON_REFINE_FWD=tile@refine_eval (rows labelled backend[NAME=VALUE])")
+    p.add_argument("--compile-backend", default="skip",
+                   help="also time the reference ops under torch.compile with this backend (e.g. inductor; rows "
+                        "'reference compiled[...]', not counted for targets); default skip")
     p.add_argument("--repeats", type=cli.positive_int, default=None, help="timed calls (CPU, and GPU without Triton)")
     p.add_argument("--warmup", type=cli.nonnegative_int, default=0,
                    help="extra untimed calls (the first call, for the error check and memory, is one already)")
@@ -381,6 +402,11 @@ def parse_args(argv):
     for v in args.env_variants:
         if v.ops and not set(v.ops) <= set(OPS):
             p.error(f"--env-variants {v}: ops after '@' must be among {OPS}")
+    if args.compile_backend != "skip":  # a typo would only show as an error in every compiled row
+        try:
+            cli.compile_backend(args.compile_backend)
+        except argparse.ArgumentTypeError as e:
+            p.error(f"--compile-backend: {e}, or 'skip'")
     args._device = device = C.pick_device(args.device)
     gpu = device.type == "cuda"
     quick = args.quick

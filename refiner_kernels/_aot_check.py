@@ -177,28 +177,26 @@ for (p, w), prec in [(cfg, prec) for cfg in E.FLAT_CONFIGS for prec in ("ieee", 
                             P=p), num_warps=w, num_stages=2, ptr_types={"a_ptr": "*bf16", "da_ptr": "*bf16"})
 # every pass (mode 3 writes the Y3 buffer, later modes read it), then the X2 passes on halo tiles
 # (REFINER_TRITON_TRAIN_X2=halo) and from a stored E (=split)
-# (REFINER_TRITON_TRAIN_DOT=tf32: the stencil passes and B3 with TF32 dots on bf16 maps; =tf32x3: 3xTF32;
-# =bf16: bf16 operands)
+# (REFINER_TRITON_TRAIN_DOT=tf32: the stencil passes and B3 with TF32 dots on bf16 maps; =tf32x3: 3xTF32)
 for mode, x2, prec in [(1, "offsets", "ieee"), (2, "offsets", "ieee"), (3, "offsets", "ieee"), (4, "offsets", "ieee"),
                        (5, "offsets", "ieee"), (6, "offsets", "ieee"), (7, "offsets", "ieee"), (2, "halo", "ieee"),
                        (3, "halo", "ieee"), (5, "halo", "ieee"), (2, "offsets", "tf32"), (3, "offsets", "tf32"),
                        (5, "offsets", "tf32"), (3, "halo", "tf32"), (5, "halo", "tf32"), (3, "offsets", "tf32x3"),
                        (5, "offsets", "tf32x3"), (2, "split", "ieee"), (3, "split", "ieee"), (5, "split", "ieee"),
-                       (3, "split", "tf32"), (5, "split", "tf32"), (2, "offsets", "bf16"), (3, "offsets", "bf16"),
-                       (5, "offsets", "bf16"), (7, "offsets", "bf16"), (3, "split", "bf16"), (5, "split", "bf16")]:
+                       (3, "split", "tf32"), (5, "split", "tf32")]:
     check(T._rt_tile, dict(a_ptr=P, dr_ptr=P, y_ptr=P, we_ptr=P, be_ptr=P, wdw_ptr=P, wp_ptr=P, cv_ptr=P, hv_ptr=P,
                            ks_ptr=P, part_ptr=P, pn_ptr=P, pwp_ptr=P, scr_ptr=P, e_ptr=P, N=N, H=H, RH=RH, RHP=48,
                            NTJ=13, scale=0.1, MODE=mode, KS=3, RELU_E=True, PREC=prec, HP=16, CC=16, TM=16, TJ=16,
                            W=48, HALO=x2 == "halo", SPLIT=x2 == "split"), num_warps=8, num_stages=1,
-          ptr_types={"a_ptr": "*bf16"} if prec in ("tf32", "bf16") else None)
-for prec in ("ieee", "tf32", "tf32x3", "bf16"):
+          ptr_types={"a_ptr": "*bf16"} if prec == "tf32" else None)
+for prec in ("ieee", "tf32", "tf32x3"):
     check(T._rt_b3, dict(a_ptr=P, dr_ptr=P, y_ptr=P, we_ptr=P, be_ptr=P, wer_ptr=P, wdw_ptr=P, wp_ptr=P, cv_ptr=P,
                          hv_ptr=P, ks_ptr=P, da_ptr=P, scr_ptr=P, part_ptr=P, pwdw_ptr=P, pm_ptr=P, N=N, H=H, RH=RH,
                          RHP=48, NTJ=14, scale=0.1, KS=5, RELU_E=True, PREC=prec, HP=16, CC=16, TM=16, TJ=16),
           num_warps=8, num_stages=1,
-          ptr_types={"a_ptr": "*bf16", "da_ptr": "*bf16"} if prec in ("tf32", "bf16") else None)
+          ptr_types={"a_ptr": "*bf16", "da_ptr": "*bf16"} if prec == "tf32" else None)
 # REFINER_TRITON_TRAIN_X2=split: B3's two flat passes (autotuned over E.FLAT_CONFIGS)
-for (p, w), prec in [(cfg, prec) for cfg in E.FLAT_CONFIGS for prec in ("ieee", "tf32", "bf16")]:
+for (p, w), prec in [(cfg, prec) for cfg in E.FLAT_CONFIGS for prec in ("ieee", "tf32")]:
     check(T._rt_b3_g, dict(a_ptr=P, dr_ptr=P, y_ptr=P, e_ptr=P, g_ptr=P, wdw_ptr=P, wp_ptr=P, cv_ptr=P, hv_ptr=P,
                            da_ptr=P, N=N, H=H, RH=RH, RHP=48, scale=0.1, KS=3, PREC=prec, HP=16, CC=16, P=p),
           num_warps=w, num_stages=2, ptr_types={"a_ptr": "*bf16"})

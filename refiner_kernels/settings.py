@@ -26,7 +26,7 @@ SWITCHES = {
     "REFINER_TRITON_REFINE_BWD": ("offsets", "split"),
     "REFINER_TRITON_REFINE_DOT": ("auto", "bf16"),
     "REFINER_TRITON_TRAIN_X2": ("offsets", "halo", "split"),
-    "REFINER_TRITON_TRAIN_DOT": ("auto", "ieee", "tf32", "bf16", "tf32x3"),
+    "REFINER_TRITON_TRAIN_DOT": ("auto", "ieee", "tf32", "tf32x3"),
     "REFINER_TRITON_SOFTMAX_BWD_DOT": ("ieee", "bf16"),
 }
 

@@ -100,6 +100,26 @@ def test_low_precision_gradients_measured_against_fp32(tmp_path):
     assert cpu["grad_rel_err"] < min(0.1, ref["grad_rel_err"]), (cpu["grad_rel_errs"], ref["grad_rel_errs"])
 
 
+def test_compiled_reference_rows(tmp_path):
+    """--compile-backend: the reference ops under torch.compile in their own rows beside the eager
+    reference (same inputs, checked against it), never counted for a target. (CPU: the
+    aot_eager_decomp_partition backend traces what inductor would, without its C++ compiling.)"""
+    doc = bench_ops.main(["--quick", "--device", "cpu", "--threads", "1", "--repeats", "1", "--modes", "fwd", "fwd+bwd",
+                          "--ops", "refine_train", "refine_eval", "--backends", "reference", "--no-plots",
+                          "--no-memory", "--compile-backend", "aot_eager_decomp_partition", "--out", str(tmp_path)])
+    label = "reference compiled[aot_eager_decomp_partition]"
+    rows = {(r["op"], r["mode"]): r for r in doc["rows"] if r["backend"] == label}
+    assert set(rows) == {(op, mode) for op in ("refine_train", "refine_eval") for mode in ("fwd", "fwd+bwd")}
+    for (op, mode), r in rows.items():
+        assert r["status"] == "ok" and r["time_ms"] > 0 and r["vs_reference"] > 0, r
+        err = r["max_abs_err"] if mode == "fwd" else r["grad_rel_err"]
+        assert err is not None and err < 1e-4, r  # fp32: the same arithmetic, reassociated at most
+    assert not bench_ops.targets([dict(r, op="refine_eval", mode="fwd", dtype="bf16", H=12, d=32, N=197,
+                                       vs_sdpa=0.5) for r in rows.values()])
+    with pytest.raises(SystemExit):
+        bench_ops.parse_args(["--compile-backend", "inductr"])
+
+
 def test_env_variants_rows_beside_the_default(tmp_path, monkeypatch):
     """--env-variants: a candidate (the backend with runtime switches set) timed in the same run, in
     its own labelled rows, only for the ops named after '@'; the switches are unset again after it;
@@ -166,6 +186,8 @@ def test_bench_models_measures_target_rows_before_candidates():
     assert cand and rest and max(rest) < min(cand), labels
     assert {"reference eager", "timm (SDPA)"} <= {labels[i] for i in rest}
     assert any(label.startswith("reference compiled") for label in labels[:len(rest)])
+    # the mix compiled too (refine_eval left to the compiler), a candidate
+    assert labels.index("fused compiled[cpu,refine_eval=reference]") in cand
 
 
 def test_bench_models_grad_checkpointing_rows():
@@ -412,22 +434,22 @@ def test_decide_settings_chooses_faster_tested_values(tmp_path, capsys):
                  (f"triton[{X2}=split]", "refine_train", "fwd+bwd", N, base * 0.6),
                  (f"triton[{X2}=split]", "refine_train", "fwd", N, base),  # fwd rows don't count for X2
                  (f"triton[{DOT}=tf32x3]", "refine_train", "fwd+bwd", N, base * 0.5),  # faster, its test failed
-                 (f"triton[{DOT}=bf16]", "refine_train", "fwd+bwd", N, base * 0.98),  # within min_gain
+                 (f"triton[{DOT}=ieee]", "refine_train", "fwd+bwd", N, base * 0.98),  # within min_gain
                  ("triton", "refine_eval", "fwd", N, base / 5),
                  ("triton[REFINER_TRITON_REFINE_FWD=tile]", "refine_eval", "fwd", N, base / 5 * 0.9),  # test skipped
-                 (f"triton[{DOT}=bf16,{X2}=split]", "refine_train", "fwd+bwd", N, base * 0.3)]  # a combination
+                 (f"triton[{DOT}=ieee,{X2}=split]", "refine_train", "fwd+bwd", N, base * 0.3)]  # a combination
     files = [_round_files(tmp_path, rows)]
     tests = D.junit_results([_junit(tmp_path, {
         f"test_refine_train_gpu_candidates[{X2}=split-197-3]": "pass",
-        f"test_refine_train_gpu_candidates[{DOT}=bf16,{X2}=split-197-3]": "pass",
+        f"test_refine_train_gpu_candidates[{DOT}=ieee,{X2}=split-197-3]": "pass",
         f"test_refine_train_gpu_candidates[{DOT}=tf32x3-197-3]": "fail",
         f"test_refine_train_gpu_candidates[{DOT}=tf32-197-3]": "pass",  # must not count for tf32x3
-        f"test_refine_train_gpu_candidates[{DOT}=bf16-197-3]": "pass",
+        f"test_refine_train_gpu_candidates[{DOT}=ieee-197-3]": "pass",
         "test_refine_eval_gpu_tile_forward[197-32-3-3-bf16]": "skip"})])
     assert set(D.covering_tests(DOT, "tf32x3", tests)) == {f"test_refine_train_gpu_candidates[{DOT}=tf32x3-197-3]"}
     assert len(D.covering_tests(X2, "split", tests)) == 2
     found, combos = D.ratios(files)
-    assert combos == [f"triton[{DOT}=bf16,{X2}=split]"]
+    assert combos == [f"triton[{DOT}=ieee,{X2}=split]"]
     chosen, table = D.decide(found, tests, min_gain=0.05)
     assert list(chosen) == ["Fake GPU"] and list(chosen["Fake GPU"]) == [X2]
     entry = chosen["Fake GPU"][X2]
@@ -435,17 +457,17 @@ def test_decide_settings_chooses_faster_tested_values(tmp_path, capsys):
     assert entry["speedup"] == pytest.approx(1 / 0.6, rel=1e-3) and entry["commit"] == "abc1234"
     verdicts = {(r[1], r[2]): r[-1] for r in table}
     assert verdicts[(DOT, "tf32x3")] == "faster, tests not all passed"
-    assert verdicts[(DOT, "bf16")] == "not faster"
+    assert verdicts[(DOT, "ieee")] == "not faster"
     assert verdicts[("REFINER_TRITON_REFINE_FWD", "tile")] == "faster, tests not all passed"  # its only case skipped
     # without any covering test case: "missing"
     chosen2, table2 = D.decide(found, {}, min_gain=0.05)
     assert chosen2 == {} and {r[-1] for r in table2} >= {"faster, tests missing"}
     # written next to another GPU model's entries, which stay; what was written reads back
     out = tmp_path / "tuned.json"
-    out.write_text(json.dumps({"Other GPU": {DOT: {"value": "bf16"}}}))
+    out.write_text(json.dumps({"Other GPU": {DOT: {"value": "ieee"}}}))
     assert D.main([str(tmp_path), "--junit", str(tmp_path / "junit.xml"), "--write", str(out)]) == 0
     table = settings.tuned_table(out)
-    assert table["Other GPU"] == {DOT: {"value": "bf16"}}
+    assert table["Other GPU"] == {DOT: {"value": "ieee"}}
     assert table["Fake GPU"][X2]["value"] == "split"
     printed = capsys.readouterr().out
     assert f"choose {X2}=split on Fake GPU" in printed and "not decided (a combination)" in printed
@@ -496,8 +518,15 @@ def _gpu_round_commands(tmp: Path):
             '"${XDIST_WIDE[@]}"': ""}
     found = []
     for line in text.splitlines():
+        if line.lstrip().startswith("#"):
+            continue
+        # the sanitizers' shards: `all=$(collect_ids PYTEST ARGS)`, then `pytest $ids`
+        shard = re.search(r'=\$\(collect_ids (.*)\)$', line)
+        if shard:
+            found.append(("pytest", shlex.split(shard.group(1))))
+            continue
         m = re.search(r'"\$PY" (benchmarks/(\w+)\.py|-m pytest)(.*)$', line.split(" # ")[0])
-        if not m or line.lstrip().startswith("#"):
+        if not m or (m.group(2) is None and ("$ids" in line or '"$@"' in line)):
             continue
         rest = m.group(3)
         for k, v in subs.items():

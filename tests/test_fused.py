@@ -321,17 +321,19 @@ def test_torch_compile_training_steps(backend, ckpt):
         # that: up to 1.3e-4 of a gradient's largest element measured (CPU, step 1, blocks.3.norm1.bias),
         # so 5e-4 of it allowed (1e-7 at least: BN3's bias gradient is exactly 0 in exact arithmetic,
         # rounding noise of ~5e-9 here); a wrong backward is off by O(1) of it
+        slack = {}  # each gradient's allowance, for the update it makes
         for (name, p), q in zip(eager.named_parameters(), comp.parameters()):
-            torch.testing.assert_close(q.grad, p.grad, rtol=1e-3, atol=max(5e-4 * p.grad.abs().max().item(), 1e-7),
+            slack[name] = max(5e-4 * p.grad.abs().max().item(), 1e-7)
+            torch.testing.assert_close(q.grad, p.grad, rtol=1e-3, atol=slack[name],
                                        msg=lambda m: f"step {step}, {name}: {m}")
         for opt in opts:
             opt.step()
             opt.zero_grad(set_to_none=True)
+    # Running statistics: the batch moments' fp32 sums reassociated (5.5e-5 relative measured, H200)
     for (name, b), c in zip(eager.named_buffers(), comp.buffers()):
-        torch.testing.assert_close(c, b, rtol=1e-5, atol=1e-6, msg=lambda m: f"{name}: {m}")
-    for (name, p), q in zip(eager.named_parameters(), comp.parameters()):  # lr 0.1 x the gradients' slack
-        torch.testing.assert_close(q, p, rtol=1e-5, atol=2e-5 * max(1.0, p.abs().max().item()),
-                                   msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(c, b, rtol=2e-4, atol=1e-6, msg=lambda m: f"{name}: {m}")
+    for (name, p), q in zip(eager.named_parameters(), comp.parameters()):  # the last update: lr x its slack
+        torch.testing.assert_close(q, p, rtol=1e-5, atol=1e-6 + 0.1 * slack[name], msg=lambda m: f"{name}: {m}")
     counts = [b.item() for n, b in comp.named_buffers() if n.endswith("num_batches_tracked")]
     assert len(counts) > 4 and set(counts) == {2}  # every BN (stem, DLA, adapt_bn) took both steps
 

@@ -13,7 +13,7 @@ from refiner_kernels import kernels_refine_train as KT
 
 GPU = torch.device("cuda", 0)  # a device object only: nothing runs on it
 TABLE = {"Fake GPU": {"REFINER_TRITON_TRAIN_X2": {"value": "split", "speedup": 1.4},
-                      "REFINER_TRITON_TRAIN_DOT": {"value": "bf16", "speedup": 1.2},
+                      "REFINER_TRITON_TRAIN_DOT": {"value": "tf32", "speedup": 1.2},
                       "REFINER_TRITON_REFINE_BWD": {"value": "split", "speedup": 2.0},
                       "REFINER_TRITON_REFINE_DOT": {"value": "bf16", "speedup": 1.1}}}
 
@@ -39,15 +39,16 @@ def test_defaults_are_the_first_values(fake_gpu):
 
 
 def test_tuned_values_apply_on_their_gpu_model(fake_gpu, monkeypatch):
-    assert settings.tuned_for(GPU) == {"REFINER_TRITON_TRAIN_X2": "split", "REFINER_TRITON_TRAIN_DOT": "bf16",
+    assert settings.tuned_for(GPU) == {"REFINER_TRITON_TRAIN_X2": "split", "REFINER_TRITON_TRAIN_DOT": "tf32",
                                        "REFINER_TRITON_REFINE_BWD": "split", "REFINER_TRITON_REFINE_DOT": "bf16"}
     assert KT._x2_mode(36, 197, 3, GPU) == "split"
     assert KE.backward_variant(GPU) == "split"
     assert KE.forward_variant(GPU) == "split"  # not tuned: the default
     bf16_map = SimpleNamespace(device=GPU, dtype=torch.bfloat16)
     fp32_map = SimpleNamespace(device=GPU, dtype=torch.float32)
-    assert KT._dot_precision(bf16_map) == "bf16"
-    assert KT._dot_precision(fp32_map) == "ieee"  # a tuned "bf16" never reaches fp32 maps
+    fp16_map = SimpleNamespace(device=GPU, dtype=torch.float16)
+    assert KT._dot_precision(fp16_map) == "tf32"  # the default ("auto") gives fp16 maps IEEE dots
+    assert KT._dot_precision(fp32_map) == "ieee"  # a tuned "tf32" never reaches fp32 maps
     assert KE.forward_precision(bf16_map) == "bf16" and KE.forward_precision(fp32_map) == "ieee"
     # a GPU model that no round measured
     monkeypatch.setattr(settings, "_device_name", lambda index: "Other GPU")
