@@ -148,13 +148,12 @@ shard() { awk -v k="$1" -v i="$2" '(NR - 1) % k == i'; }
 stage_sanitize() {
   if ! command -v compute-sanitizer >/dev/null; then say "compute-sanitizer absent: sanitizer runs skipped"; return 0; fi
   local i ids all san=(compute-sanitizer --error-exitcode 9 --target-processes all)
-  # The Triton kernels on padded_e's planes: their shifted loads are unmasked, and only the guards
-  # around the planes keep them inside the allocation; a read past it need not fault on the GPU,
-  # memcheck sees it. (The padded forward, the split backward and the split training passes.)
-  # (round 6: 9 of these 18 tests in 90 s, Triton's compiling under the tool)
-  all=$(collect_ids -k "padded or split" tests/test_triton_gpu.py)
-  for i in 0 1 2; do
-    ids=$(shard 3 $i <<<"$all")
+  # The Triton split forward's stencil pass in every form its autotuning may pick: its shifted
+  # loads of the stored E, masked at the map's border, at N = 197; a read past the allocation need
+  # not fault on the GPU, memcheck sees it. (Round 6: ~10 s a test, Triton's compiling under the tool)
+  all=$(collect_ids -k "split_forms" tests/test_triton_gpu.py)
+  for i in 0 1; do
+    ids=$(shard 2 $i <<<"$all")
     # shellcheck disable=SC2086
     [ -n "$ids" ] && REFINER_TRITON_AUTOTUNE=0 spawn run_step "memcheck_triton_$i" 150 "${san[@]}" --tool memcheck \
       "$PY" -m pytest -q $ids
@@ -212,40 +211,35 @@ stage_quick() {
     tests/test_compiled_ops.py::test_integer_in_an_error_message_in_a_subprocess
   # A training step (the training targets: speed and peak memory against the reference): Triton with its
   # defaults (TF32 dots for bf16, the forward's Y3 kept), refine_train on the CUDA backend's tensor-core
-  # passes, E stored per L2-sized batch chunk, and the memory-lean setting. (Round 4, H200, before the
-  # fix of the defaults' backward: Y3 recomputed 1.24x the reference, the CUDA passes 1.36x.)
+  # passes, and the memory-lean setting. (Round 4, H200, before the fix of the defaults' backward: Y3
+  # recomputed 1.24x the reference, the CUDA passes 1.36x.)
   run_step bench_models_train 100 "$PY" benchmarks/bench_models.py --out "$RES" --models refiner_vit_s \
     --img 224 --batch 256 --modes train --compile-backend skip --repeats 5 --fused-backends triton \
-    --env-variants "triton:REFINER_TRITON_TRAIN_X2=split" "triton:REFINER_TRITON_TRAIN_SAVE_Y3=0" \
-    --mixed-backends "triton,refine_train=cuda"
+    --env-variants "triton:REFINER_TRITON_TRAIN_SAVE_Y3=0" --mixed-backends "triton,refine_train=cuda"
   # Inference in one run: Refiner-ViT-S on Triton, on CUDA (tensor cores) and the two per-op mixes, the
   # reference and timm ViT-S (the inference targets' rows)
   run_step bench_models_infer 90 "$PY" benchmarks/bench_models.py --out "$RES" \
     --models refiner_vit_s vit_small_patch16_224 --img 224 --batch 256 --modes infer --compile-backend skip \
     --repeats 5 --fused-backends triton cuda --env-variants "triton:REFINER_TRITON_REFINE_DOT=bf16" \
-    "triton:REFINER_TRITON_REFINE_FWD=padded" \
     --mixed-backends "triton,refine_eval=cuda" "cuda,refine_eval=triton"
   # the refine ops on Triton, CUDA and the reference (N = 197 rows first, the time limit may cut N = 577)
   # with the other settings beside the defaults in the same runs (rows labelled triton[NAME=VALUE]):
-  # refine_train with its X2 passes from a stored E, with Y3 recomputed, with 3xTF32 or bf16 dots; refine_eval's
-  # backward from a stored E, its "tile" forward, its forward on bf16 dots; the softmax block's backward on
-  # bf16 dots. (Round 3 measured IEEE dots and the halo X2 passes: slower.)
+  # refine_train with Y3 recomputed, with 3xTF32 dots; refine_eval's "tile" forward, its forward on bf16
+  # dots; the softmax block's backward on bf16 dots. (Round 3 measured IEEE dots and the halo X2 passes:
+  # slower.)
   run_step bench_ops 100 "$PY" benchmarks/bench_ops.py --out "$RES" --rep-ms 25 --n 197 577 --heads 12 \
     --head-dim 32 --dtypes bf16 --ops refine_eval refine_train softmax_block --backends triton cuda reference \
-    --env-variants "triton:REFINER_TRITON_TRAIN_X2=split@refine_train" \
-    "triton:REFINER_TRITON_REFINE_BWD=split@refine_eval" "triton:REFINER_TRITON_TRAIN_SAVE_Y3=0@refine_train" \
+    --env-variants "triton:REFINER_TRITON_TRAIN_SAVE_Y3=0@refine_train" \
     "triton:REFINER_TRITON_TRAIN_DOT=tf32x3@refine_train" \
     "triton:REFINER_TRITON_REFINE_FWD=tile@refine_eval" "triton:REFINER_TRITON_REFINE_DOT=bf16@refine_eval" \
-    "triton:REFINER_TRITON_REFINE_FWD=padded@refine_eval" "triton:REFINER_TRITON_SOFTMAX_BWD_DOT=bf16@softmax_block"
+    "triton:REFINER_TRITON_SOFTMAX_BWD_DOT=bf16@softmax_block"
   # the switch values that were faster than the defaults and passed their GPU tests, recorded for this
   # GPU model in results/tuned_settings.json: copy it over refiner_kernels/tuned_settings.json and commit
   cp refiner_kernels/tuned_settings.json "$RES/tuned_settings.json"
   run_step decide_settings 20 "$PY" benchmarks/decide_settings.py "$RES" --junit "$RES/pytest_triton_gpu.xml" \
     --write "$RES/tuned_settings.json"
-  # refine_train's time by pass (CUDA events around each pass's launches), defaults and E stored
+  # refine_train's time by pass (CUDA events around each pass's launches)
   run_step bench_train_passes 30 "$PY" benchmarks/bench_train_passes.py --out "$RES"
-  run_step bench_train_passes_split 25 "$PY" benchmarks/bench_train_passes.py --out "$RES" --n 197 \
-    --env REFINER_TRITON_TRAIN_X2=split
   # then, in what time is left: where a Refiner-ViT-S step's time goes. memcheck and racecheck are
   # the next call on the warm machine: STAGE_BUDGET=260 bash benchmarks/gpu_round.sh compiled (or sanitize)
   run_step profile_models $(( $(left) - 20 )) "$PY" benchmarks/profile_models.py --out "$RES" --batch 64 \

@@ -19,7 +19,6 @@ import triton
 from triton.compiler import ASTSource, compile as tcompile
 from triton.backends.compiler import GPUTarget
 from refiner_kernels import kernels_softmax as S, kernels_refine_eval as E, kernels_refine_train as T, blocks as Bl
-from refiner_kernels import padded_e as PE
 from refiner_kernels._common import AUTOTUNE_SPECS
 
 TARGET = GPUTarget("cuda", 90, 32)
@@ -90,7 +89,7 @@ def check(fn, args, num_warps=4, num_stages=2, ptr_types=None, **options):
                  options={"num_warps": num_warps, "num_stages": num_stages, **options})
     md = k.metadata
     print(f"{fn.__name__:16s} ok {time.time()-t:5.1f}s shared={md.shared} warps={num_warps} {ptxas_usage(k)} {loop_sizes(k)} "
-          f"{dict((k2, v) for k2, v in consts.items() if k2 in ('MODE','TM','TJ','BM','BN','KS','HALO','SPLIT','SHIFT','PREC','P','BLOCKS','DS_PREC'))}",
+          f"{dict((k2, v) for k2, v in consts.items() if k2 in ('MODE','TM','TJ','BM','BN','KS','HALO','PREC','P','DS_PREC'))}",
           flush=True)
     return k
 
@@ -136,58 +135,22 @@ for prec, t, p, w, u, cc in [("tf32", "*bf16", 128, 4, False, 16), ("ieee", "*fp
     check(E._re_stencil_reduce, dict(a_ptr=P, e_ptr=P, wdw_ptr=P, bdw_ptr=P, wp_ptr=P, bp_ptr=P, al_ptr=P, bt_ptr=P,
                                      r_ptr=P, N=N, H=H, RH=RH, KS=3, PREC=prec, HP=16, CC=cc, P=p, UNROLL=u),
           num_warps=w, num_stages=2, ptr_types={"a_ptr": t, "e_ptr": t, "r_ptr": t})
-# REFINER_TRITON_REFINE_FWD=padded: its autotuning space, fp32 maps (the backward's R), a 7 x 7 stencil
-for prec, t, p, w, u, ks in [("tf32", "*bf16", 128, 4, False, 3), ("tf32", "*bf16", 64, 4, False, 3),
-                             ("tf32", "*bf16", 256, 8, False, 3), ("tf32", "*bf16", 128, 4, True, 3),
-                             ("tf32", "*bf16", 128, 8, True, 3), ("ieee", "*fp32", 128, 4, False, 3),
-                             ("bf16", "*bf16", 128, 4, False, 3), ("tf32", "*fp16", 128, 4, True, 7), ("tf32", "*fp16", 128, 4, True, 5),
-                             ("tf32", "*bf16", 256, 4, False, 3), ("tf32", "*bf16", 512, 8, False, 3),
-                             ("tf32", "*bf16", 256, 4, True, 3)]:
-    check(PE._pe_expand, dict(a_ptr=P, we_ptr=P, be_ptr=P, ks_ptr=P, e_ptr=P, N=N, H=H, RH=RH, RHP=48, KS=ks, RELU_E=True, SHIFT=False,
-                              PREC=prec, HP=16, CC=16, P=p), num_warps=w, num_stages=1,
-          ptr_types={"a_ptr": t, "e_ptr": t})
-    check(PE._pe_stencil_reduce, dict(a_ptr=P, e_ptr=P, wdw_ptr=P, bdw_ptr=P, wp_ptr=P, bp_ptr=P, al_ptr=P, bt_ptr=P,
-                                      r_ptr=P, N=N, H=H, RH=RH, RHP=48, KS=ks, PREC=prec, HP=16, CC=16, P=p, UNROLL=u),
-          num_warps=w, num_stages=2, ptr_types={"a_ptr": t, "e_ptr": t, "r_ptr": t})
-# ... its expansion for the forward: E stored without the padded channels' planes
-check(PE._pe_expand, dict(a_ptr=P, we_ptr=P, be_ptr=P, ks_ptr=P, e_ptr=P, N=N, H=H, RH=RH, RHP=48, KS=3, RELU_E=True,
-                          SHIFT=False, PREC="tf32", HP=16, CC=16, P=128, PAD_PLANES=False), num_warps=4, num_stages=1,
-      ptr_types={"a_ptr": "*bf16", "e_ptr": "*bf16"})
-# the split backwards' depthwise weight gradient (k = 3, 5, 7)
-for ks in (3, 5, 7):
-    kkp = PE.next_pow2(ks * ks)
-    check(PE._pe_dw_wgrad, dict(e_ptr=P, g_ptr=P, part_ptr=P, N=N, RHP=48, KS=ks, KKP=kkp, P=4096 // kkp,
-                                BLOCKS=kkp), num_warps=4, num_stages=2)
-# REFINER_TRITON_TRAIN_X2=split: the training passes' expansion (shifted A, fp32 padded E)
-for prec in ("tf32", "bf16"):
-    check(PE._pe_expand, dict(a_ptr=P, we_ptr=P, be_ptr=P, ks_ptr=P, e_ptr=P, N=N, H=H, RH=RH, RHP=48, KS=3,
-                              RELU_E=True, SHIFT=True, PREC=prec, HP=16, CC=16, P=128), num_warps=4, num_stages=1,
-          ptr_types={"a_ptr": "*bf16"})
 check(E._re_bwd, dict(a_ptr=P, dr_ptr=P, we_ptr=P, be_ptr=P, wdw_ptr=P, bdw_ptr=P, wp_ptr=P, bp_ptr=P, al_ptr=P,
                       da_ptr=P, scr_ptr=P, pwe_ptr=P, pbe_ptr=P, pwdw_ptr=P, pbdw_ptr=P, pwp_ptr=P, pbp_ptr=P, pal_ptr=P,
                       pbt_ptr=P, N=N, H=H, RH=RH, RHP=48, NTJ=14, KS=3, RELU_E=True, HP=16, CC=16, TM=16, TJ=16),
       num_warps=8, num_stages=1)
-# REFINER_TRITON_REFINE_BWD=split: its two passes (autotuned over E.FLAT_CONFIGS; TF32 for bf16)
-for (p, w), prec in [(cfg, prec) for cfg in E.FLAT_CONFIGS for prec in ("ieee", "tf32")]:
-    check(E._re_bwd_g, dict(a_ptr=P, dr_ptr=P, e_ptr=P, g_ptr=P, wdw_ptr=P, bdw_ptr=P, wp_ptr=P, al_ptr=P, ps_ptr=P,
-                            pbdw_ptr=P, ph_ptr=P, N=N, H=H, RH=RH, RHP=48, KS=3, PREC=prec, HP=16, CC=16, P=p),
-          num_warps=w, num_stages=2, ptr_types={"a_ptr": "*bf16"})
-    check(E._re_bwd_a, dict(a_ptr=P, dr_ptr=P, e_ptr=P, g_ptr=P, we_ptr=P, wdw_ptr=P, al_ptr=P, da_ptr=P, pwe_ptr=P,
-                            pbe_ptr=P, pwdw_ptr=P, N=N, H=H, RH=RH, RHP=48, RELU_E=True, KS=3, PREC=prec, HP=16, CC=16,
-                            P=p), num_warps=w, num_stages=2, ptr_types={"a_ptr": "*bf16", "da_ptr": "*bf16"})
 # every pass (mode 3 writes the Y3 buffer, later modes read it), then the X2 passes on halo tiles
-# (REFINER_TRITON_TRAIN_X2=halo) and from a stored E (=split)
+# (REFINER_TRITON_TRAIN_X2=halo)
 # (REFINER_TRITON_TRAIN_DOT=tf32: the stencil passes and B3 with TF32 dots on bf16 maps; =tf32x3: 3xTF32)
 for mode, x2, prec in [(1, "offsets", "ieee"), (2, "offsets", "ieee"), (3, "offsets", "ieee"), (4, "offsets", "ieee"),
                        (5, "offsets", "ieee"), (6, "offsets", "ieee"), (7, "offsets", "ieee"), (2, "halo", "ieee"),
                        (3, "halo", "ieee"), (5, "halo", "ieee"), (2, "offsets", "tf32"), (3, "offsets", "tf32"),
                        (5, "offsets", "tf32"), (3, "halo", "tf32"), (5, "halo", "tf32"), (3, "offsets", "tf32x3"),
-                       (5, "offsets", "tf32x3"), (2, "split", "ieee"), (3, "split", "ieee"), (5, "split", "ieee"),
-                       (3, "split", "tf32"), (5, "split", "tf32")]:
+                       (5, "offsets", "tf32x3")]:
     check(T._rt_tile, dict(a_ptr=P, dr_ptr=P, y_ptr=P, we_ptr=P, be_ptr=P, wdw_ptr=P, wp_ptr=P, cv_ptr=P, hv_ptr=P,
-                           ks_ptr=P, part_ptr=P, pn_ptr=P, pwp_ptr=P, scr_ptr=P, e_ptr=P, N=N, H=H, RH=RH, RHP=48,
+                           ks_ptr=P, part_ptr=P, pn_ptr=P, pwp_ptr=P, scr_ptr=P, N=N, H=H, RH=RH, RHP=48,
                            NTJ=13, scale=0.1, MODE=mode, KS=3, RELU_E=True, PREC=prec, HP=16, CC=16, TM=16, TJ=16,
-                           W=48, HALO=x2 == "halo", SPLIT=x2 == "split"), num_warps=8, num_stages=1,
+                           W=48, HALO=x2 == "halo"), num_warps=8, num_stages=1,
           ptr_types={"a_ptr": "*bf16"} if prec == "tf32" else None)
 for prec in ("ieee", "tf32", "tf32x3"):
     check(T._rt_b3, dict(a_ptr=P, dr_ptr=P, y_ptr=P, we_ptr=P, be_ptr=P, wer_ptr=P, wdw_ptr=P, wp_ptr=P, cv_ptr=P,
@@ -195,14 +158,6 @@ for prec in ("ieee", "tf32", "tf32x3"):
                          RHP=48, NTJ=14, scale=0.1, KS=5, RELU_E=True, PREC=prec, HP=16, CC=16, TM=16, TJ=16),
           num_warps=8, num_stages=1,
           ptr_types={"a_ptr": "*bf16", "da_ptr": "*bf16"} if prec == "tf32" else None)
-# REFINER_TRITON_TRAIN_X2=split: B3's two flat passes (autotuned over E.FLAT_CONFIGS)
-for (p, w), prec in [(cfg, prec) for cfg in E.FLAT_CONFIGS for prec in ("ieee", "tf32")]:
-    check(T._rt_b3_g, dict(a_ptr=P, dr_ptr=P, y_ptr=P, e_ptr=P, g_ptr=P, wdw_ptr=P, wp_ptr=P, cv_ptr=P, hv_ptr=P,
-                           da_ptr=P, N=N, H=H, RH=RH, RHP=48, scale=0.1, KS=3, PREC=prec, HP=16, CC=16, P=p),
-          num_warps=w, num_stages=2, ptr_types={"a_ptr": "*bf16"})
-    check(T._rt_b3_a, dict(a_ptr=P, e_ptr=P, g_ptr=P, wer_ptr=P, wdw_ptr=P, cv_ptr=P, ks_ptr=P, da_ptr=P, part_ptr=P,
-                           pwdw_ptr=P, pm_ptr=P, N=N, H=H, RH=RH, RHP=48, KS=3, RELU_E=True, PREC=prec, HP=16, CC=16,
-                           P=p), num_warps=w, num_stages=2, ptr_types={"a_ptr": "*bf16"})
 # the backward's last pass over dA (the launch: P=256, 8 warps; bf16 and fp32 maps)
 for t in ("*bf16", "*fp32"):
     check(T._rt_mix, dict(a_ptr=P, da_ptr=P, out_ptr=P, mx_ptr=P, ks_ptr=P, bx_ptr=P, N=N, H=H, HP=16, P=256),

@@ -104,19 +104,17 @@ def tuning_key(fn, configs, key) -> list:
     return list(key) + switches
 
 
-def gpu_autotune(configs, key, restore=()):
+def gpu_autotune(configs, key):
     """``triton.autotune`` for the GPU; returns None under the interpreter (or without Triton, or
     with REFINER_TRITON_AUTOTUNE=0), where callers launch the plain kernel with one fixed
     configuration. Decided from the environment only: no driver call at import. key: the shape
-    arguments; the constexpr switches are added (tuning_key). restore: the arguments a kernel
-    reads and writes (an accumulated gradient), put back after each timed run."""
+    arguments; the constexpr switches are added (tuning_key)."""
     def deco(fn):
         full_key = tuning_key(fn, configs, key)
         AUTOTUNE_SPECS[fn.__name__] = (fn, configs, full_key)
-        AUTOTUNE_RESTORE[fn.__name__] = list(restore)
         if triton is None or interpreting() or not autotuning():
             return None
-        tuned = triton.autotune(configs=configs, key=full_key, restore_value=list(restore) or None)(fn)
+        tuned = triton.autotune(configs=configs, key=full_key)(fn)
         _TUNED[fn.__name__] = tuned
         return tuned
     return deco
@@ -126,7 +124,6 @@ _TUNED = {}  # kernel name -> its autotuner (GPU only)
 # kernel name -> (kernel, configs, key), also where nothing is tuned: a typo in a key would only
 # make the GPU's tuning cache coarser, silently (tests/test_triton_ops.py checks every name)
 AUTOTUNE_SPECS = {}
-AUTOTUNE_RESTORE = {}  # kernel name -> the arguments its timed runs must leave as they found them
 
 
 def tuned_configs() -> dict:

@@ -26,8 +26,7 @@ dR = dO v^T by a batched matmul kernel, then one kernel per halo-extended tile r
 D, forms g = dL/d(dw_k(E)) on the extended tile, stages E (for dW_dw) and then g (for the
 transposed stencil) through a small per-program scratch buffer (CC x P floats, reused across
 channel chunks), and produces dA plus per-program partial weight gradients (summed afterwards;
-deterministic). Candidate REFINER_TRITON_REFINE_BWD=split (backward_variant): per L2-sized batch
-chunk, E stored once for R's recompute and two gradient passes over flat position blocks instead.
+deterministic).
 """
 from __future__ import annotations
 
@@ -184,8 +183,7 @@ if triton is not None:
                    HP: tl.constexpr, CC: tl.constexpr, P: tl.constexpr):
         """The "split" passes' expansion: E = relu6(w_exp A + b_exp) at P flat positions of one
         image, stored (e_ptr: (images, rH, N, N)) for a stencil that reads it at the k*k shifts
-        (from L2: the launchers keep a chunk's E under SPLIT_E_BYTES). (The training passes' E,
-        with a per-head shift of A, is padded_e's.)"""
+        (from L2: the launchers keep a chunk's E under SPLIT_E_BYTES)."""
         b = tl.program_id(1).to(tl.int64)
         q = tl.program_id(0) * P + tl.arange(0, P)
         hh = tl.arange(0, HP)
@@ -208,7 +206,7 @@ if triton is not None:
         """A stored (rH, N, N) map (ebase: one image's, a scalar pointer; coff: the channels' int32
         offsets from it, an int32 offset tensor instead of a 64-bit pointer tensor: 95 instead of 143
         registers at P=128) at the positions (row, col) shifted by the stencil's offset o; 0 outside
-        the map (the zero padding) and off `valid`. fp32. (padded_e's planes need no such tests.)"""
+        the map (the zero padding) and off `valid`. fp32."""
         PAD: tl.constexpr = KS // 2
         r2 = row + (o // KS - PAD)
         c2 = col + (o % KS - PAD)
@@ -401,92 +399,6 @@ if triton is not None:
         tl.store(da_ptr + base_a + (hoff + (row * N + col)[None, :]), da.to(da_ptr.dtype.element_ty),
                  mask=mh[:, None] & own[None, :])
 
-    @triton.jit
-    def flat_block(N, H, HP: tl.constexpr, P: tl.constexpr):
-        """A program's block of P flat positions q of image b = program_id(1) (block program_id(0)):
-        (b, the program's index, q, head rows hh and their mask mh, q < N^2, both, and the int64
-        offsets of the (HP, P) block in a (B, H, N, N) map)."""
-        b = tl.program_id(1).to(tl.int64)
-        prog = b * tl.num_programs(0) + tl.program_id(0)
-        q = tl.program_id(0) * P + tl.arange(0, P)
-        hh = tl.arange(0, HP)
-        mh = hh < H
-        valid = q < N * N
-        return b, prog, q, hh, mh, valid, mh[:, None] & valid[None, :], \
-            b * H * N * N + hh.to(tl.int64)[:, None] * N * N + q[None, :]
-
-    @triton.jit
-    def _re_bwd_g(a_ptr, dr_ptr, e_ptr, g_ptr, wdw_ptr, bdw_ptr, wp_ptr, al_ptr, ps_ptr, pbdw_ptr, ph_ptr,
-                  N, H, RH, RHP, KS: tl.constexpr, PREC: tl.constexpr, HP: tl.constexpr, CC: tl.constexpr,
-                  P: tl.constexpr):
-        """The split backward's first pass, at P flat positions of one image: X = dw_k(E) + b_dw from
-        the stored E, D = relu6(X), and G = dL/dX = [0 < X < 6] (alpha W_p)^T dR, stored (g_ptr,
-        padded_e's planes as E, their border zeroed by the host) for the second pass; per-program
-        partial sums of S = dR D^T, db_dw = sum G and per head sum dR A and sum dR. The host forms
-        dW_p = alpha S, dalpha = sum dR A + b_p sum dR + sum_c W_p S (Y = W_p D never formed) and
-        db_p = alpha sum dR. Dots at PREC (backward_precision)."""
-        b, prog, q, hh, mh, valid, m2, hq = flat_block(N, H, HP, P)
-        dr = tl.load(dr_ptr + hq, mask=m2, other=0.0).to(tl.float32)
-        alpha = tl.load(al_ptr + hh, mask=mh, other=0.0).to(tl.float32)
-        PAD: tl.constexpr = KS // 2
-        plane = (N + 2 * PAD) * (N + 2 * PAD)
-        ebase = e_ptr + b * RHP * plane
-        gbase = g_ptr + b * RHP * plane
-        pos = plane_pos(q // N, q % N, valid, N, KS)
-        for c0 in range(0, RH, CC):
-            cc = c0 + tl.arange(0, CC)
-            mc = cc < RH
-            mcq = mc[:, None] & valid[None, :]
-            bdw = tl.load(bdw_ptr + cc, mask=mc, other=0.0).to(tl.float32)
-            x = stencil_padded(ebase, pos, cc, wdw_ptr, N, KS, CC, P, False) + bdw[:, None]
-            d = tl.where(mcq, tl.minimum(tl.maximum(x, 0.0), 6.0), 0.0)
-            tl.store(ps_ptr + prog * HP * RHP + hh[:, None] * RHP + cc[None, :],
-                     dot(dr, tl.trans(d), PREC))
-            awpt = tl.load(wp_ptr + hh[None, :] * RH + cc[:, None], mask=mh[None, :] & mc[:, None],
-                           other=0.0).to(tl.float32) * alpha[None, :]
-            g = tl.where(mcq & (x > 0.0) & (x < 6.0), dot(awpt, dr, PREC), 0.0)
-            tl.store(gbase + (cc[:, None] * plane + pos[None, :]), g, mask=mcq)
-            tl.store(pbdw_ptr + prog * RHP + cc, tl.sum(g, axis=1))
-        a0 = tl.load(a_ptr + hq, mask=m2, other=0.0).to(tl.float32)
-        tl.store(ph_ptr + prog * 2 * HP + hh, tl.sum(dr * a0, axis=1))
-        tl.store(ph_ptr + prog * 2 * HP + HP + hh, tl.sum(dr, axis=1))
-
-    @triton.jit
-    def _re_bwd_a(a_ptr, dr_ptr, e_ptr, g_ptr, we_ptr, wdw_ptr, al_ptr, da_ptr, pwe_ptr, pbe_ptr,
-                  N, H, RH, RHP, RELU_E: tl.constexpr, KS: tl.constexpr, PREC: tl.constexpr, HP: tl.constexpr,
-                  CC: tl.constexpr, P: tl.constexpr):
-        """The split backward's second pass, at P flat positions of one image: dE = dw_k^T(G) (G loaded
-        at the negated shifts from padded_e's planes, 0 outside the map), dX1 = [0 < E < 6] dE,
-        dA = alpha dR + W_e^T dX1 (stored in A's dtype); per-program partial sums of dW_e = sum dX1 A^T
-        and db_e = sum dX1. (dW_dw: padded_e.dw_weight_grad.)"""
-        PAD: tl.constexpr = KS // 2
-        b, prog, q, hh, mh, valid, m2, hq = flat_block(N, H, HP, P)
-        a0 = tl.load(a_ptr + hq, mask=m2, other=0.0).to(tl.float32)
-        alpha = tl.load(al_ptr + hh, mask=mh, other=0.0).to(tl.float32)
-        da = alpha[:, None] * tl.load(dr_ptr + hq, mask=m2, other=0.0).to(tl.float32)
-        plane = (N + 2 * PAD) * (N + 2 * PAD)
-        ebase = e_ptr + b * RHP * plane
-        gbase = g_ptr + b * RHP * plane
-        pos = plane_pos(q // N, q % N, valid, N, KS)
-        for c0 in range(0, RH, CC):
-            cc = c0 + tl.arange(0, CC)
-            mc = cc < RH
-            de = stencil_input_grad(ebase, gbase, pos, valid, mc, wdw_ptr, cc, N, KS, CC, P, RELU_E)
-            we = tl.load(we_ptr + cc[:, None] * H + hh[None, :], mask=mc[:, None] & mh[None, :],
-                         other=0.0).to(tl.float32)
-            da += dot(tl.trans(we), de, PREC)
-            tl.store(pwe_ptr + prog * RHP * HP + cc[:, None] * HP + hh[None, :],
-                     dot(de, tl.trans(a0), PREC))
-            tl.store(pbe_ptr + prog * RHP + cc, tl.sum(de, axis=1))
-        tl.store(da_ptr + hq, da.to(da_ptr.dtype.element_ty), mask=m2)
-
-
-FLAT_CONFIGS = [(128, 4), (128, 8), (64, 4)]  # (positions, warps) of the autotuned flat-block passes
-
-
-def flat_configs():
-    return [triton.Config({"P": p}, num_warps=w, num_stages=2) for p, w in FLAT_CONFIGS]
-
 
 if triton is not None:
     # H100 configurations, keyed on (N, head size, expanded channels, kernel size, heads).
@@ -507,13 +419,8 @@ if triton is not None:
          for p, w, u, cc in [(64, 4, False, 16), (128, 4, False, 16), (128, 8, False, 16), (256, 8, False, 16),
                              (128, 8, True, 16), (128, 4, True, 1), (256, 4, True, 1), (128, 4, False, 1)]],
         key=["N", "H", "RH", "KS"])(_re_stencil_reduce)
-    # The split backward's passes (and refine_train's split B3, kernels_refine_train): positions a
-    # program and warps. ptxas sm_90, TF32, k = 3: 128 positions on 4 warps 168-255 registers (28
-    # bytes of spills in _re_bwd_a), on 8 warps 148-190 and no spills, 64 on 4 warps 148-184.
-    _re_bwd_g_tuned = gpu_autotune(flat_configs(), key=["N", "H", "RH", "KS"])(_re_bwd_g)
-    _re_bwd_a_tuned = gpu_autotune(flat_configs(), key=["N", "H", "RH", "KS"])(_re_bwd_a)
 else:
-    _re_fwd_tuned = _re_expand_tuned = _re_stencil_reduce_tuned = _re_bwd_g_tuned = _re_bwd_a_tuned = None
+    _re_fwd_tuned = _re_expand_tuned = _re_stencil_reduce_tuned = None
 
 
 def _fwd_tiles(N: int):
@@ -538,28 +445,11 @@ def forward_variant(device=None) -> str:
     beyond the output, the lean-memory choice). H100, B=32, H=12, d=32, bf16 (benchmarks/results,
     2026-11-26): split 0.78 / 6.4 ms at N = 197 / 577, tile 1.00 / 6.8 ms; two other candidates
     measured slower there and were dropped (halo tiles staged through a scratch: 1.74 / 13.8 ms;
-    the tile recompute on flat position ranges: 0.84 / 7.2 ms). "padded" (a candidate, not yet timed
-    on a GPU; padded_e.py): split with E stored on a zero-bordered grid, so that the stencil's
-    shifted loads need no bounds tests or masks; bit-identical to split. Beyond its int32 offsets
-    (16-padded rH (N + k - 1)^2 > 2^31 - 1) it runs split.
+    the tile recompute on flat position ranges: 0.84 / 7.2 ms). A third, "padded" (split with E
+    stored on a zero-bordered grid, so that the stencil's shifted loads need no bounds tests), was
+    removed after the H200 measured it slower (B=32, N=197, bf16: 1.45 against 0.86 ms for split).
     The default applies unless the variable is set or a value is tuned for the GPU model (settings.py)."""
     return switch("REFINER_TRITON_REFINE_FWD", device)
-
-
-def backward_variant(device=None) -> str:
-    """REFINER_TRITON_REFINE_BWD: "offsets" (default: R recomputed by the forward into an fp32
-    map, dv and dR by batched matmuls, then one gradient kernel over halo tiles, _re_bwd, that
-    recomputes the expansion at each of the k*k shifts and stages E and the stencil's gradient
-    through a per-program scratch) or "split" (a candidate, not yet timed on a GPU; _bwd_split:
-    per batch chunk, E stored in fp32 by one expansion serves R's recompute, dv and dR of the
-    chunk, then two passes over flat position blocks, the first storing G = dL/d dw_k(E), the
-    second reading E and G at the shifts: no halo tiles, no scratch, no barriers, no map-sized
-    temporaries; an L2-sized workspace). The backward was 20x its forward's time on the H100
-    (B=32, N=197, bf16: 10.4 ms fwd+bwd against 0.50 fwd, round 3); its kernel runs at 255
-    registers with ~780 bytes of spills (sm_90), and the k*k recomputed expansions are most of its
-    dots.
-    The default applies unless the variable is set or a value is tuned for the GPU model (settings.py)."""
-    return switch("REFINER_TRITON_REFINE_BWD", device)
 
 
 def forward_precision(attn) -> str:
@@ -578,13 +468,6 @@ def forward_precision(attn) -> str:
     return "tf32" if HALF_TF32 else "ieee"
 
 
-def backward_precision(attn) -> str:
-    """The gradient passes' dots of REFINER_TRITON_REFINE_BWD=split: TF32 for bf16 maps (as
-    refine_train's default, see kernels_refine_train._dot_precision: TF32's 10 mantissa bits
-    against bf16's 8), IEEE fp32 otherwise. E's expansion and R's recompute (for dv) stay IEEE."""
-    return "tf32" if attn.dtype == torch.bfloat16 else "ieee"
-
-
 MAX_GRID_Y = 65535  # CUDA's limit on a grid's second dimension (the split forward's batch axis)
 SPLIT_E_BYTES = 24 << 20  # the split forward's E per batch chunk: within the H100's 50 MB L2
 SPLIT_MAX_MAP = 2 ** 31 - 1  # the split stencil pass's int32 offsets within an image's E (rH N^2)
@@ -601,30 +484,6 @@ def split_images(B: int, RH: int, N: int, esize: int) -> int:
 def split_p() -> int:
     """Flat positions per program of the split passes without autotuning."""
     return 256 if interpreting() else 128
-
-
-class FlatPass:
-    """A pass over blocks of P flat positions of each image (the split backwards' passes, whose
-    programs write per-program partial sums): autotuned on the GPU over FLAT_CONFIGS, else P =
-    split_p(). max_programs(): the programs an image may take (partials' rows to allocate);
-    programs(): how many the last launch took (rows to sum)."""
-
-    def __init__(self, kernel, tuned, like, N, HP):
-        self.kernel, self.tuned, self.N, self.HP = kernel, tuned if use_tuned(tuned, like) else None, N, HP
-
-    def max_programs(self) -> int:
-        return triton.cdiv(self.N * self.N, min(p for p, _ in FLAT_CONFIGS) if self.tuned else split_p())
-
-    def programs(self) -> int:
-        return triton.cdiv(self.N * self.N, self.tuned.best_config.kwargs["P"] if self.tuned else split_p())
-
-    def __call__(self, n_img, *args, **consts):
-        if self.tuned:
-            self.tuned[lambda META: (triton.cdiv(self.N * self.N, META["P"]), n_img)](*args, **consts)
-        else:
-            P = split_p()
-            self.kernel[(triton.cdiv(self.N * self.N, P), n_img)](
-                *args, **consts, P=P, num_warps=num_warps_for(self.HP * P), num_stages=2)
 
 
 def expand_into(e, a, we, be, relu, prec):
@@ -690,13 +549,9 @@ def refine_eval_fwd(attn, v, w_exp, b_exp, w_dw, b_dw, w_pro, b_pro, alpha, beta
     prec = "ieee" if store_r else forward_precision(attn)
     # split: E and R in the input dtype (as under autocast), fp32 for the backward; "tile" beyond
     # the int32 offsets of its stencil pass (rH N^2 > 2^31 - 1: N > 7723 at rH = 36)
-    variant = forward_variant(attn.device)
-    if variant in ("split", "padded") and RH * N * N <= SPLIT_MAX_MAP:
+    if forward_variant(attn.device) == "split" and RH * N * N <= SPLIT_MAX_MAP:
         r_dtype = torch.float32 if store_r else attn.dtype
-        if variant == "padded" and padded_e.fits(RH, N, KS):
-            r = padded_e.padded_r(attn, we, be, w_dw, b_dw, w_pro, b_pro, alpha, beta, relu, prec, r_dtype)
-        else:
-            r = _split_r(attn, we, be, w_dw, b_dw, w_pro, b_pro, alpha, beta, relu, prec, r_dtype)
+        r = _split_r(attn, we, be, w_dw, b_dw, w_pro, b_pro, alpha, beta, relu, prec, r_dtype)
         return r if store_r else bmm(r, v, out=token_major(B, H, N, D, v))
     TM, TJ = _fwd_tiles(N)
     HP = max(16, next_pow2(H))
@@ -721,58 +576,6 @@ def _bwd_tiles(N: int, KS: int):
     if interpreting():
         return tm, max(tm, next_pow2(N + 2 * pad))
     return tm, tm  # (HP x 256) fp32 tiles for k <= 7; the backward keeps ~10 of them live
-
-
-def _bwd_split(dout, attn, v, we, be, w_dw, b_dw, w_pro, b_pro, alpha, beta, relu):
-    """REFINER_TRITON_REFINE_BWD=split, the whole backward per batch chunk whose E and G (fp32, on
-    padded_e's zero-bordered planes: the stencils' shifted loads need no bounds tests) stay in L2:
-    E stored once (IEEE dots) serves R's recompute (padded_e's stencil pass; then dv = R^T dO and
-    dR = dO v^T of the chunk) and the gradient passes over flat position blocks, _re_bwd_g (G
-    stored), _re_bwd_a and padded_e.dw_weight_grad: no halo tiles, no scratch, no map-sized
-    temporaries. Returns dA, dv and the weight gradients as refine_eval_dla_bwd's (per-program
-    partial sums added up here: deterministic)."""
-    B, H, N, _ = attn.shape
-    RH, KS = w_dw.shape[0], w_dw.shape[-1]
-    HP = max(16, next_pow2(H))
-    RHP = triton.cdiv(RH, CC) * CC
-    pass_g = FlatPass(_re_bwd_g, _re_bwd_g_tuned, attn, N, HP)
-    pass_a = FlatPass(_re_bwd_a, _re_bwd_a_tuned, attn, N, HP)
-    per = padded_e.images_per_chunk(B, RH, N, KS, 8)  # E and G, fp32
-    f32 = dict(dtype=torch.float32, device=attn.device)
-    e = padded_e.workspace(min(B, per), RH, N, KS, torch.float32, attn.device)
-    g = padded_e.workspace(min(B, per), RH, N, KS, torch.float32, attn.device, zero=True)  # (border: 0)
-    r = torch.empty(min(B, per), H, N, N, **f32)
-    da = torch.empty(B, H, N, N, dtype=attn.dtype, device=attn.device)
-    dv = torch.empty_like(v)
-    nprog = pass_g.max_programs() * min(B, per)
-    ps, pbdw, ph = torch.empty(nprog, HP, RHP, **f32), torch.empty(nprog, RHP, **f32), torch.empty(nprog, 2, HP, **f32)
-    pwe, pbe = torch.empty(nprog, RHP, HP, **f32), torch.empty(nprog, RHP, **f32)
-    parts = (pwe, pbe, pbdw, ps, ph)  # (pwe, pbe: pass_a's; the others pass_g's)
-    sums = [torch.zeros(t.shape[1:], **f32) for t in parts]
-    pwdw = torch.zeros(RHP, KS * KS, dtype=torch.float64, device=attn.device)
-    params = [padded_e.weights(w_dw)] + [t.contiguous() for t in (b_dw, w_pro, b_pro, alpha, beta)]
-    wdw, bdw, wp, al = params[0], params[1], params[2], params[4]
-    prec = backward_precision(attn)
-    consts = dict(KS=KS, PREC=prec, HP=HP, CC=CC)
-    for lo in range(0, B, per):
-        hi = min(B, lo + per)
-        a, do, rc = attn[lo:hi], dout[lo:hi], r[:hi - lo]
-        padded_e.expand_padded(e, a, we, be, relu, "ieee", KS)
-        padded_e.stencil_reduce_into(rc, a, e, params, KS, "ieee")  # R in fp32 (IEEE) for dv, as the default's
-        dv[lo:hi] = bmm(rc.transpose(-1, -2), do, out_dtype=v.dtype)
-        d = bmm(do, v[lo:hi].transpose(-1, -2), out_dtype=torch.float32)
-        pass_g(hi - lo, a, d, e, g, wdw, bdw, wp, al, ps, pbdw, ph, N, H, RH, RHP, **consts)
-        pass_a(hi - lo, a, d, e, g, we, wdw, al, da[lo:hi], pwe, pbe, N, H, RH, RHP, RELU_E=relu, **consts)
-        pwdw += padded_e.dw_weight_grad(e, g, hi - lo, RH, N, KS)
-        for acc, t, fp in zip(sums, parts, (pass_a, pass_a, pass_g, pass_g, pass_g)):
-            acc += t[:fp.programs() * (hi - lo)].sum(0)
-    pwe, pbe, pbdw, ps, ph = sums
-    pwdw = pwdw.float()
-    S, sum_dra, dbeta = ps[:H, :RH], ph[0, :H], ph[1, :H]
-    alf = alpha.float()
-    dalpha = sum_dra + b_pro.float() * dbeta + (w_pro.float() * S).sum(1)
-    return (da, dv, pwe[:RH, :H], pbe[:RH], pwdw[:RH].reshape(RH, KS, KS), pbdw[:RH], alf[:, None] * S,
-            alf * dbeta, dalpha, dbeta.clone())  # (a custom op's outputs may not alias: dbeta is a view)
 
 
 def refine_eval_dla_bwd(attn, dr, w_exp, b_exp, w_dw, b_dw, w_pro, b_pro, alpha, expand):
@@ -826,27 +629,17 @@ def refine_eval_dla_bwd(attn, dr, w_exp, b_exp, w_dw, b_dw, w_pro, b_pro, alpha,
 
 
 def refine_eval_bwd(dout, attn, v, w_exp, b_exp, w_dw, b_dw, w_pro, b_pro, alpha, beta, expand):
+    """R recomputed by the forward into an fp32 map, dv = R^T dO and dR = dO v^T by batched
+    matmuls, then refine_eval_dla_bwd's gradient kernel over halo tiles (_re_bwd). It was 20x its
+    forward's time on the H100 (B=32, N=197, bf16: 10.4 ms fwd+bwd against 0.50 fwd, round 3);
+    the kernel runs at 255 registers with ~780 bytes of spills (sm_90), and the k*k recomputed
+    expansions are most of its dots. (A candidate that stored E per L2-sized batch chunk and ran
+    two gradient passes over flat position blocks, REFINER_TRITON_REFINE_BWD=split, was removed
+    after the H200 measured it slower: fwd+bwd 32.3 against 10.4 ms.)"""
     # dout and v only meet bmm, which reads them through their strides (no copies)
-    RH, N = w_dw.shape[0], attn.shape[-1]
-    if backward_variant(attn.device) == "split" and padded_e.fits(RH, N, w_dw.shape[-1]):
-        check_inputs(attn, v)
-        check_image_map(attn)
-        attn = attn.contiguous()
-        we, be, relu = _prep(attn, w_exp, b_exp, expand)
-        da, dv, *grads = _bwd_split(dout, attn, v, we, be, w_dw, b_dw, w_pro, b_pro, alpha, beta, relu)
-        if not expand:
-            grads[:2] = [torch.zeros_like(w_exp, dtype=torch.float32), torch.zeros_like(b_exp, dtype=torch.float32)]
-    else:
-        r = refine_eval_fwd(attn, v, w_exp, b_exp, w_dw, b_dw, w_pro, b_pro, alpha, beta, expand,
-                            store_r=True)
-        dv = bmm(r.transpose(-1, -2), dout, out_dtype=v.dtype)
-        dr = bmm(dout, v.transpose(-1, -2), out_dtype=torch.float32)
-        da, *grads = refine_eval_dla_bwd(attn, dr, w_exp, b_exp, w_dw, b_dw, w_pro, b_pro, alpha, expand)
+    r = refine_eval_fwd(attn, v, w_exp, b_exp, w_dw, b_dw, w_pro, b_pro, alpha, beta, expand, store_r=True)
+    dv = bmm(r.transpose(-1, -2), dout, out_dtype=v.dtype)
+    dr = bmm(dout, v.transpose(-1, -2), out_dtype=torch.float32)
+    da, *grads = refine_eval_dla_bwd(attn, dr, w_exp, b_exp, w_dw, b_dw, w_pro, b_pro, alpha, expand)
     ws = [g.to(w.dtype) for g, w in zip(grads, (w_exp, b_exp, w_dw, b_dw, w_pro, b_pro, alpha, beta))]
     return (da, dv, *ws)
-
-
-# the "padded" forward builds on this module's jit helpers, and the split backward's kernels above
-# on its padded-plane stencils (names resolved when the kernels first compile)
-from . import padded_e  # noqa: E402
-from .padded_e import plane_pos, stencil_input_grad, stencil_padded  # noqa: E402,F401

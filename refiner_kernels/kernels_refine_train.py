@@ -39,12 +39,9 @@ Backward (recompute; exact gradient through the batch statistics):
       for dg1, db1, dW_e and dA except the BN1 mean/variance terms, which are an H x H mix of
       A - K plus a bias, added last by one pass over dA and A (_rt_mix) that writes dA in A's dtype.
 Memory: a few A-sized (B,H,N,N) tensors and O(programs * channels) partials; no (B,rH,N,N).
-Candidates (REFINER_TRITON_TRAIN_X2, see _x2_mode): "halo", the passes that form X2 (F2, F3, the
+Candidate (REFINER_TRITON_TRAIN_X2, see _x2_mode): "halo", the passes that form X2 (F2, F3, the
 backward's Y3, B2) run on halo tiles whose owned interiors tile the map, and E is staged once per
-channel chunk through a per-program scratch instead of recomputed at every stencil offset; "split",
-each of those passes stores E for an L2-sized batch chunk first and loads it at the shifts, and B3
-runs as two passes over flat position blocks (_rt_b3_g stores dX2, _rt_b3_a reads E and dX2); E and
-dX2 on padded_e's zero-bordered planes, so the shifted loads need no bounds tests.
+channel chunk through a per-program scratch instead of recomputed at every stencil offset.
 """
 from __future__ import annotations
 
@@ -58,8 +55,6 @@ from ._common import (batch_chunks, check_inputs, check_image_map, gpu_autotune,
 from .blocks import bmm
 from .settings import switch
 from . import kernels_refine_eval as _eval
-from . import padded_e
-from .kernels_refine_eval import FlatPass, flat_configs
 
 CC = 16
 # rows of the per-head constant pack
@@ -73,9 +68,7 @@ NCC = 11
 
 
 if triton is not None:
-    from .kernels_refine_eval import (dot, dw_wgrad_staged, flat_block, halo_tile, stencil_recomputed,
-                                      stencil_staged)
-    from .padded_e import plane_pos, stencil_input_grad, stencil_padded
+    from .kernels_refine_eval import dot, dw_wgrad_staged, halo_tile, stencil_recomputed, stencil_staged
 
     @triton.jit
     def _x2_staged(a0s, inmap, we, be, wdw_ptr, cc, mc, scr, p, pm, pj,
@@ -89,15 +82,11 @@ if triton is not None:
         return stencil_staged(e, inmap, wdw_ptr, cc, mc, scr, p, pm, pj, KS, CC, TM, TJ)
 
     @triton.jit
-    def _x2(a_ptr, base_a, hoff, row, col, N, mh, ks, we, be, wdw_ptr, cc, mc, a0s, inmap, scr, p, pm, pj, ebase,
+    def _x2(a_ptr, base_a, hoff, row, col, N, mh, ks, we, be, wdw_ptr, cc, mc, a0s, inmap, scr, p, pm, pj,
             KS: tl.constexpr, RELU_E: tl.constexpr, PREC: tl.constexpr, CC: tl.constexpr, TM: tl.constexpr,
-            TJ: tl.constexpr, HALO: tl.constexpr, SPLIT: tl.constexpr):
-        """X2 of channels cc: loaded from the chunk's stored E (SPLIT; ebase: the image's padded E,
-        wdw_ptr the padded weights, padded_e; garbage off the map), staged (HALO tiles, exact at
-        owned positions) or recomputed per offset."""
-        if SPLIT:
-            x2 = stencil_padded(ebase, plane_pos(row, col, inmap, N, KS), cc, wdw_ptr, N, KS, CC, TM * TJ, False)
-        elif HALO:
+            TJ: tl.constexpr, HALO: tl.constexpr):
+        """X2 of channels cc: staged (HALO tiles, exact at owned positions) or recomputed per offset."""
+        if HALO:
             x2 = _x2_staged(a0s, inmap, we, be, wdw_ptr, cc, mc, scr, p, pm, pj, KS, RELU_E, PREC, CC, TM, TJ)
         else:
             x2 = stencil_recomputed(a_ptr, base_a, hoff, row, col, p >= 0, N, mh, ks, we, be, wdw_ptr, cc, mc, KS,
@@ -106,9 +95,9 @@ if triton is not None:
 
     @triton.jit
     def _y3_at(a_ptr, base_a, hoff, row, col, N, H, RH, RHP, hh, mh, ks, we_ptr, be_ptr, wdw_ptr, wp_ptr,
-               cv_ptr, a0s, inmap, scr, p, pm, pj, ebase, KS: tl.constexpr, RELU_E: tl.constexpr,
+               cv_ptr, a0s, inmap, scr, p, pm, pj, KS: tl.constexpr, RELU_E: tl.constexpr,
                PREC: tl.constexpr, CC: tl.constexpr, TM: tl.constexpr, TJ: tl.constexpr, HP: tl.constexpr,
-               HALO: tl.constexpr, SPLIT: tl.constexpr):
+               HALO: tl.constexpr):
         P: tl.constexpr = TM * TJ
         y = tl.zeros((HP, P), tl.float32)
         for c0 in range(0, RH, CC):
@@ -117,7 +106,7 @@ if triton is not None:
             we = tl.load(we_ptr + cc[:, None] * H + hh[None, :], mask=mc[:, None] & mh[None, :], other=0.0)
             be = tl.load(be_ptr + cc, mask=mc, other=0.0)
             x2 = _x2(a_ptr, base_a, hoff, row, col, N, mh, ks, we, be, wdw_ptr, cc, mc, a0s, inmap, scr, p, pm, pj,
-                     ebase, KS, RELU_E, PREC, CC, TM, TJ, HALO, SPLIT)
+                     KS, RELU_E, PREC, CC, TM, TJ, HALO)
             a2 = tl.load(cv_ptr + 0 * RHP + cc, mask=mc, other=0.0)
             c2 = tl.load(cv_ptr + 1 * RHP + cc, mask=mc, other=0.0)
             dk = tl.load(cv_ptr + 10 * RHP + cc, mask=mc, other=0.0)
@@ -197,13 +186,11 @@ if triton is not None:
 
     @triton.jit
     def _rt_tile(a_ptr, dr_ptr, y_ptr, we_ptr, be_ptr, wdw_ptr, wp_ptr, cv_ptr, hv_ptr, ks_ptr, part_ptr, pn_ptr,
-                 pwp_ptr, scr_ptr, e_ptr, N, H, RH, RHP, NTJ, scale,
+                 pwp_ptr, scr_ptr, N, H, RH, RHP, NTJ, scale,
                  MODE: tl.constexpr, KS: tl.constexpr, RELU_E: tl.constexpr, PREC: tl.constexpr, HP: tl.constexpr,
-                 CC: tl.constexpr, TM: tl.constexpr, TJ: tl.constexpr, W: tl.constexpr, HALO: tl.constexpr,
-                 SPLIT: tl.constexpr):
+                 CC: tl.constexpr, TM: tl.constexpr, TJ: tl.constexpr, W: tl.constexpr, HALO: tl.constexpr):
         """Tile pass over non-overlapping tiles, or (HALO) over halo tiles whose owned interiors tile
-        the map, X2 then staged through scr_ptr (_x2_staged); SPLIT: X2 from the launch's stored E
-        (e_ptr: (images, rH, N, N), written by _re_expand for the same images).
+        the map, X2 then staged through scr_ptr (_x2_staged).
         MODE 1: moments of A (F1). 2: BN2 stats of X2 (F2). 3: BN3 stats of Y3 (F3). 6: BN_a stats of Z (F4). 7: R stored to dr_ptr (F5, and the
         backward's recompute). 4: B1 sums. 5: B2 (dW_p partials, dg2/db2 sums).
         MODE 3 stores the tile's Y3 - W_p Dk to y_ptr (fp32, A-sized); the later modes load it from
@@ -240,7 +227,6 @@ if triton is not None:
                      other=0.0).to(tl.float32)
         a0s = tl.where(mh[:, None] & inmap[None, :], a0 - ks[:, None], 0.0)  # the expansion's input (HALO)
         scr = scr_ptr + prog * (CC * P)
-        ebase = e_ptr + b * RHP * (N + 2 * PAD) * (N + 2 * PAD)  # (SPLIT: padded_e's planes)
         pbase = part_ptr + prog * 8 * W
         if MODE == 1:
             sh, md, ac = _moments(a0, m2, first)
@@ -255,7 +241,7 @@ if triton is not None:
                 we = tl.load(we_ptr + cc[:, None] * H + hh[None, :], mask=mc[:, None] & mh[None, :], other=0.0)
                 be = tl.load(be_ptr + cc, mask=mc, other=0.0)
                 x2 = _x2(a_ptr, base_a, hoff, row, col, N, mh, ks, we, be, wdw_ptr, cc, mc, a0s, inmap, scr, p, pm,
-                         pj, ebase, KS, RELU_E, PREC, CC, TM, TJ, HALO, SPLIT)
+                         pj, KS, RELU_E, PREC, CC, TM, TJ, HALO)
                 sh, md, xc = _moments(x2, mc[:, None] & valid[None, :], first)
                 tl.store(pbase + 0 * W + cc, sh, mask=mc)
                 tl.store(pbase + 1 * W + cc, md, mask=mc)
@@ -263,7 +249,7 @@ if triton is not None:
         if MODE >= 3:
             if MODE == 3:
                 y = _y3_at(a_ptr, base_a, hoff, row, col, N, H, RH, RHP, hh, mh, ks, we_ptr, be_ptr, wdw_ptr, wp_ptr,
-                           cv_ptr, a0s, inmap, scr, p, pm, pj, ebase, KS, RELU_E, PREC, CC, TM, TJ, HP, HALO, SPLIT)
+                           cv_ptr, a0s, inmap, scr, p, pm, pj, KS, RELU_E, PREC, CC, TM, TJ, HP, HALO)
                 y = tl.where(m2, y, 0.0)
                 tl.store(y_ptr + base_a + (hoff + (row * N + col)[None, :]), y, mask=m2)
             else:
@@ -299,7 +285,7 @@ if triton is not None:
                         we = tl.load(we_ptr + cc[:, None] * H + hh[None, :], mask=mc[:, None] & mh[None, :], other=0.0)
                         be = tl.load(be_ptr + cc, mask=mc, other=0.0)
                         x2 = _x2(a_ptr, base_a, hoff, row, col, N, mh, ks, we, be, wdw_ptr, cc, mc, a0s, inmap, scr, p,
-                                 pm, pj, ebase, KS, RELU_E, PREC, CC, TM, TJ, HALO, SPLIT)
+                                 pm, pj, KS, RELU_E, PREC, CC, TM, TJ, HALO)
                         a2 = tl.load(cv_ptr + 0 * RHP + cc, mask=mc, other=0.0)
                         c2 = tl.load(cv_ptr + 1 * RHP + cc, mask=mc, other=0.0)
                         pre = a2[:, None] * x2 + c2[:, None]
@@ -368,56 +354,6 @@ if triton is not None:
                  mask=mh[:, None] & own[None, :])
 
     @triton.jit
-    def _rt_b3_g(a_ptr, dr_ptr, y_ptr, e_ptr, g_ptr, wdw_ptr, wp_ptr, cv_ptr, hv_ptr, da_ptr, N, H, RH, RHP, scale,
-                 KS: tl.constexpr, PREC: tl.constexpr, HP: tl.constexpr, CC: tl.constexpr, P: tl.constexpr):
-        """REFINER_TRITON_TRAIN_X2=split, B3's first pass at P flat positions of one image: dZ (the
-        start of dA, stored to da_ptr, fp32) and dY3 from the Y3 buffer, X2 from the stored E, and
-        dX2 through relu6's and BN2's backward, stored (g_ptr, padded planes as E, their border
-        zeroed by the host) for _rt_b3_a."""
-        b, _, q, hh, mh, valid, m2, hq = flat_block(N, H, HP, P)
-        a0 = tl.load(a_ptr + hq, mask=m2, other=0.0).to(tl.float32)
-        dr = tl.load(dr_ptr + hq, mask=m2, other=0.0) * scale
-        _, zhat, yhat = _zhat(a0, tl.load(y_ptr + hq, mask=m2, other=0.0), hv_ptr, hh, mh, HP)
-        dz, dy3 = _dz_dy3(dr, zhat, yhat, hv_ptr, hh, mh, m2, HP)
-        tl.store(da_ptr + hq, dz, mask=m2)
-        PAD: tl.constexpr = KS // 2
-        plane = (N + 2 * PAD) * (N + 2 * PAD)
-        ebase = e_ptr + b * RHP * plane
-        gbase = g_ptr + b * RHP * plane
-        pos = plane_pos(q // N, q % N, valid, N, KS)
-        for c0 in range(0, RH, CC):
-            cc = c0 + tl.arange(0, CC)
-            mc = cc < RH
-            x2 = stencil_padded(ebase, pos, cc, wdw_ptr, N, KS, CC, P, False)
-            dx2 = _dx2(x2, dy3, wp_ptr, cv_ptr, cc, mc, hh, mh, RH, RHP, PREC)
-            tl.store(gbase + (cc[:, None] * plane + pos[None, :]), dx2, mask=mc[:, None] & valid[None, :])
-
-    @triton.jit
-    def _rt_b3_a(a_ptr, e_ptr, g_ptr, wer_ptr, wdw_ptr, cv_ptr, ks_ptr, da_ptr, part_ptr, pm_ptr,
-                 N, H, RH, RHP, KS: tl.constexpr, RELU_E: tl.constexpr, PREC: tl.constexpr, HP: tl.constexpr,
-                 CC: tl.constexpr, P: tl.constexpr):
-        """REFINER_TRITON_TRAIN_X2=split, B3's second pass at P flat positions of one image: dE from the
-        stored E and dX2 (padded_e.stencil_input_grad; dW_dw: padded_e.dw_weight_grad), BN1's backward
-        (partials of db1, dg1, M) and dA += (k1 W_e)^T dE (da_ptr: _rt_b3_g's dZ, fp32)."""
-        b, prog, q, hh, mh, valid, m2, hq = flat_block(N, H, HP, P)
-        ks = tl.load(ks_ptr + hh, mask=mh, other=0.0)
-        a0s = tl.where(m2, tl.load(a_ptr + hq, mask=m2, other=0.0).to(tl.float32) - ks[:, None], 0.0)
-        da = tl.load(da_ptr + hq, mask=m2, other=0.0)
-        PAD: tl.constexpr = KS // 2
-        plane = (N + 2 * PAD) * (N + 2 * PAD)
-        ebase = e_ptr + b * RHP * plane
-        gbase = g_ptr + b * RHP * plane
-        pos = plane_pos(q // N, q % N, valid, N, KS)
-        pbase = part_ptr + prog * 2 * RHP
-        for c0 in range(0, RH, CC):
-            cc = c0 + tl.arange(0, CC)
-            mc = cc < RH
-            de = stencil_input_grad(ebase, gbase, pos, valid, mc, wdw_ptr, cc, N, KS, CC, P, RELU_E)
-            da += _dx1(de, a0s, wer_ptr, cv_ptr, cc, mc, hh, mh, H, RHP, pbase, pm_ptr + prog * RHP * HP, RELU_E,
-                       PREC, HP)
-        tl.store(da_ptr + hq, da, mask=m2)
-
-    @triton.jit
     def _rt_mix(a_ptr, da_ptr, out_ptr, mx_ptr, ks_ptr, bx_ptr, N, H, HP: tl.constexpr, P: tl.constexpr):
         """dA's last terms at P flat positions of one image, in one pass: out = (dA + mx (A - K)) + bx
         in A's dtype (dA: B3's fp32 partial; mx, bx: BN1's mean/variance terms, an H x H mix and a
@@ -445,15 +381,11 @@ if triton is not None:
     # and precision). The halo-tile passes stay untuned (their scratch staging needs num_stages=1).
     _rt_tile_tuned = gpu_autotune(
         [triton.Config({}, num_warps=w, num_stages=s) for w, s in [(8, 3), (16, 1)]],
-        key=["N", "H", "RH", "MODE", "KS", "RELU_E", "PREC", "SPLIT"])(_rt_tile)
+        key=["N", "H", "RH", "MODE", "KS", "RELU_E", "PREC"])(_rt_tile)
     _rt_b3_tuned = gpu_autotune([triton.Config({}, num_warps=w, num_stages=1) for w in (8, 16)],
                                 key=["N", "H", "RH", "KS", "RELU_E", "PREC"])(_rt_b3)
-    # the split B3's two flat passes, as refine_eval's split backward (kernels_refine_eval.FlatPass);
-    # the second adds to dA, which each timed run must find as the first pass left it
-    _rt_b3_g_tuned = gpu_autotune(flat_configs(), key=["N", "H", "RH", "KS"])(_rt_b3_g)
-    _rt_b3_a_tuned = gpu_autotune(flat_configs(), key=["N", "H", "RH", "KS"], restore=["da_ptr"])(_rt_b3_a)
 else:
-    _rt_tile_tuned = _rt_b3_tuned = _rt_b3_g_tuned = _rt_b3_a_tuned = None
+    _rt_tile_tuned = _rt_b3_tuned = None
 
 
 def _tile_cfg(N: int, halo: int = 0):
@@ -474,56 +406,18 @@ def _pack(rows, width):
     return torch.nn.functional.pad(packed, (0, width - packed.shape[1])).contiguous()
 
 
-def _x2_mode(RH: int, N: int, KS: int, device=None) -> str:
-    """REFINER_TRITON_TRAIN_X2, how the passes that need X2 = dw_k(E) (F2, F3, B2, B3) get E:
+def _x2_mode(device=None) -> str:
+    """REFINER_TRITON_TRAIN_X2, how the passes that need X2 = dw_k(E) (F2, F3, B2) get E:
     "offsets" (default): the expansion recomputed at each of the k*k stencil offsets, over
       non-overlapping tiles (B3: halo tiles);
-    "halo": those passes (but B3) on halo tiles, E computed once per channel chunk and staged through a
+    "halo": those passes on halo tiles, E computed once per channel chunk and staged through a
       per-program scratch (_x2_staged). H100, round 2: forward+backward 19.8 against 18.3 ms;
-      round 3 with TF32 dots: 16.8 against 13.9 ms (B=32, N=197, bf16). Kept as a candidate;
-    "split": the refine_eval "split" forward's scheme. Each pass first stores E (fp32, every pass
-      the same values) for a batch chunk small enough to stay in L2 (padded_e.images_per_chunk),
-      then loads it at the k*k shifts: one expansion a pass instead of k*k, for an L2-sized
-      workspace; B3 becomes two passes over flat position blocks (_b3_split: dX2 stored beside E,
-      no halo tiles, no scratch; 146-236 registers and no spills against B3's 255 and 128 bytes,
-      ptxas sm_90). E and dX2 live on padded_e's zero-bordered planes (as refine_eval's "padded"
-      forward), so the stencils' shifted loads need no bounds tests or masks: bit-identical to the
-      masked form it replaced, with 30-60% fewer SASS instructions per 16-channel chunk (TF32: F3
-      908 against 1,982, B2 1,745 against 2,891, B3's two passes 1,286 and 1,582 + ~1,120 for the
-      weight gradient's own kernel against 2,600 and 6,382; _aot_check's loop sizes). The eval
-      forward gained 2.3x from the scheme (0.50 against 1.14 ms, round 3). A candidate, not yet timed on a GPU. Beyond int32 offsets within an image's
-      padded E (16-padded rH (N + k - 1)^2 > 2^31 - 1) it falls back to "offsets".
+      round 3 with TF32 dots: 16.8 against 13.9 ms (B=32, N=197, bf16). Kept as a candidate.
+    (A third, "split", stored E for an L2-sized batch chunk on zero-bordered planes and loaded it
+    at the shifts, with B3 as two passes over flat position blocks: removed after the H200
+    measured it slower, fwd+bwd 36.8 against 13.7 ms, B=32, N=197, bf16.)
     The default applies unless the variable is set or a value is tuned for the GPU model (settings.py)."""
-    mode = switch("REFINER_TRITON_TRAIN_X2", device)
-    if mode == "split" and not padded_e.fits(RH, N, KS):
-        return "offsets"
-    return mode
-
-
-class _StoredE:
-    """The split X2 passes' E workspace (fp32 padded planes, padded_e.workspace, SPLIT_E_BYTES at
-    most): chunks() cuts batch chunks to the images it holds, expand(lo, hi) stores E of images
-    lo:hi and returns it as the kernels' e_ptr; wdw: the weights as the padded stencil reads them.
-    Off (on=False), the map stands in for e_ptr, unused, and wdw is the kernels' own."""
-
-    def __init__(self, attn, we, be, wdw, relu, on, ks=None):
-        B, _, N, _ = attn.shape
-        RH, self.KS = we.shape[0], wdw.shape[-1]
-        self.attn, self.we, self.be, self.ks, self.relu, self.on = attn, we, be, ks, relu, on
-        self.per = padded_e.images_per_chunk(B, RH, N, self.KS, 4) if on else B
-        self.buf = padded_e.workspace(min(B, self.per), RH, N, self.KS, torch.float32, attn.device) if on else None
-        self.wdw = padded_e.weights(wdw) if on else wdw
-
-    def chunks(self, chunks):
-        for lo, hi in chunks:
-            for b0 in range(lo, hi, self.per):
-                yield b0, min(hi, b0 + self.per)
-
-    def expand(self, lo, hi, prec):
-        if not self.on:
-            return self.attn
-        padded_e.expand_padded(self.buf, self.attn[lo:hi], self.we, self.be, self.relu, prec, self.KS, self.ks)
-        return self.buf
+    return switch("REFINER_TRITON_TRAIN_X2", device)
 
 
 PROFILE_PREFIX = "refine_train pass "  # profiler ranges of the passes (benchmarks/profile_models.py)
@@ -581,9 +475,8 @@ def _launch_tile(mode, attn, dr, we, be, wdw, wp, cv, hv, ks, scale, relu, y3=No
     """One _rt_tile pass; y3: the Y3 buffer (_y3_buffer), written by mode 3, read by the later modes."""
     B, H, N, _ = attn.shape
     RH, KS = wdw.shape[0], wdw.shape[-1]
-    needs_x2 = mode in (2, 3, 5)
-    x2 = _x2_mode(RH, N, KS, attn.device) if needs_x2 else "offsets"
-    halo, split = x2 == "halo", x2 == "split"
+    x2 = _x2_mode(attn.device) if mode in (2, 3, 5) else "offsets"
+    halo = x2 == "halo"
     pad = KS // 2 if halo else 0
     TM, TJ = _tile_cfg(N, pad)
     nti, ntj = triton.cdiv(N, TM - 2 * pad), triton.cdiv(N, TJ - 2 * pad)
@@ -595,12 +488,10 @@ def _launch_tile(mode, attn, dr, we, be, wdw, wp, cv, hv, ks, scale, relu, y3=No
     part = torch.zeros(B * ppi, 8, W, dtype=torch.float32, device=dev)
     pn = torch.zeros(B * ppi, dtype=torch.float32, device=dev)
     pwp = torch.zeros(B * ppi, HP, HP if mode == 1 else (RHP if mode == 5 else 1), dtype=torch.float32, device=dev)
-    # halo: batch chunks that bound the per-program scratch; split: chunks whose E stays in L2 (one
-    # launch otherwise)
+    # halo: batch chunks that bound the per-program scratch (one launch otherwise)
     chunks = list(batch_chunks(B, ppi, CC * TM * TJ * 4)) if halo else [(0, B)]
     scr = torch.empty(ppi * max(hi - lo for lo, hi in chunks), CC, TM * TJ, dtype=torch.float32,
                       device=dev) if halo else part  # (unused without halo tiles)
-    stored = _StoredE(attn, we, be, wdw, relu, split, ks)
     if use_tuned(_rt_tile_tuned, attn) and not halo:
         kernel, launch = _rt_tile_tuned, {}
     else:  # scratch staging (halo): no pipelining across barriers
@@ -608,13 +499,12 @@ def _launch_tile(mode, attn, dr, we, be, wdw, wp, cv, hv, ks, scale, relu, y3=No
     prec = _dot_precision(attn)
     # a profiler range per pass (benchmarks/profile_models.py lists their device times)
     with _pass(_pass_label(mode, x2)):
-        for lo, hi in stored.chunks(chunks):
+        for lo, hi in chunks:
             pick = lambda t: t[lo:hi] if t is not None else attn[lo:hi]  # noqa: E731
-            e = stored.expand(lo, hi, prec)
-            kernel[(hi - lo, ppi)](attn[lo:hi], pick(dr), pick(y3), we, be, stored.wdw, wp, cv, hv, ks, part[lo * ppi:],
-                                   pn[lo * ppi:], pwp[lo * ppi:], scr, e, N, H, RH, RHP, ntj, float(scale),
+            kernel[(hi - lo, ppi)](attn[lo:hi], pick(dr), pick(y3), we, be, wdw, wp, cv, hv, ks, part[lo * ppi:],
+                                   pn[lo * ppi:], pwp[lo * ppi:], scr, N, H, RH, RHP, ntj, float(scale),
                                    MODE=mode, KS=KS, RELU_E=relu, PREC=prec, HP=HP, CC=CC, TM=TM, TJ=TJ, W=W,
-                                   HALO=halo, SPLIT=split, **launch)
+                                   HALO=halo, **launch)
     return part.double(), pn.double(), pwp
 
 
@@ -805,12 +695,11 @@ def refine_train_fwd(attn, v, w_exp, w_dw, w_pro, g1, b1, g2, b2, g3, b3, ga, ba
     return out, st, aux, y3
 
 
-def _b3_parts(nprog, RH, KS, HP, dev, dwdw_rows=True):
-    """B3's per-program partial sums: (db1, dg1) rows, dW_dw, M; and their float64 totals.
-    dwdw_rows=False: no per-program dW_dw rows (the split B3 sums dW_dw in its own kernel)."""
+def _b3_parts(nprog, RH, KS, HP, dev):
+    """B3's per-program partial sums: (db1, dg1) rows, dW_dw, M; and their float64 totals."""
     RHP = triton.cdiv(RH, CC) * CC
     f32 = dict(dtype=torch.float32, device=dev)
-    parts = (torch.zeros(nprog, 2, RHP, **f32), torch.empty(nprog if dwdw_rows else 0, RHP, KS * KS, **f32),
+    parts = (torch.zeros(nprog, 2, RHP, **f32), torch.empty(nprog, RHP, KS * KS, **f32),
              torch.zeros(nprog, RHP, HP, **f32))
     return parts, [torch.zeros(t.shape[1:], dtype=torch.float64, device=dev) for t in parts]
 
@@ -838,35 +727,6 @@ def _b3_halo(attn, dr, y3, we_f, be_f, wer, wdw, wp, cv, hv, ks, scale, expand, 
         used = nti * ntj * (hi - lo)
         for acc, t in zip(sums, parts):
             acc += t[:used].sum(0, dtype=torch.float64)  # no float64 copy of the table
-    return da, sums
-
-
-def _b3_split(attn, dr, y3, we_f, be_f, wer, wdw, wp, cv, hv, ks, scale, expand, prec):
-    """B3 as two passes over flat position blocks (REFINER_TRITON_TRAIN_X2=split): per batch chunk
-    whose E and dX2 (fp32 padded planes, padded_e) stay in L2, E stored (_pe_expand), then _rt_b3_g
-    (dZ into dA, dX2 stored) and _rt_b3_a (the stencil's and BN1's backward). Returns as _b3_halo."""
-    B, H, N, _ = attn.shape
-    RH, KS = wdw.shape[0], wdw.shape[-1]
-    HP, RHP = max(16, next_pow2(H)), triton.cdiv(RH, CC) * CC
-    pass_g = FlatPass(_rt_b3_g, _rt_b3_g_tuned, attn, N, HP)
-    pass_a = FlatPass(_rt_b3_a, _rt_b3_a_tuned, attn, N, HP)
-    per = padded_e.images_per_chunk(B, RH, N, KS, 8)  # E and dX2, fp32
-    e = padded_e.workspace(min(B, per), RH, N, KS, torch.float32, attn.device)
-    g = padded_e.workspace(min(B, per), RH, N, KS, torch.float32, attn.device, zero=True)  # (border: 0)
-    wdw = padded_e.weights(wdw)
-    da = torch.empty(B, H, N, N, dtype=torch.float32, device=attn.device)
-    parts, sums = _b3_parts(pass_a.max_programs() * min(B, per), RH, KS, HP, attn.device, dwdw_rows=False)
-    consts = dict(KS=KS, PREC=prec, HP=HP, CC=CC)
-    for lo in range(0, B, per):
-        hi = min(B, lo + per)
-        a = attn[lo:hi]
-        padded_e.expand_padded(e, a, we_f, be_f, expand, prec, KS, ks)
-        pass_g(hi - lo, a, dr[lo:hi], y3[lo:hi], e, g, wdw, wp, cv, hv, da[lo:hi], N, H, RH, RHP, float(scale), **consts)
-        pass_a(hi - lo, a, e, g, wer, wdw, cv, ks, da[lo:hi], parts[0], parts[2], N, H, RH, RHP, RELU_E=expand,
-               **consts)
-        sums[1] += padded_e.dw_weight_grad(e, g, hi - lo, RH, N, KS)
-        for i in (0, 2):
-            sums[i] += parts[i][:pass_a.programs() * (hi - lo)].sum(0, dtype=torch.float64)
     return da, sums
 
 
@@ -927,9 +787,8 @@ def refine_train_bwd(dout, attn, v, w_exp, w_dw, w_pro, g1, b1, g2, b2, g3, b3, 
     mu1s = f["mu1s"] if expand else torch.zeros(RH, dtype=torch.float64, device=dev)
     cv = _cv(f, RHP, [st["mu2"], f["rs2"], k2, db2 / n, dg2 / n, mu1s, f["rs1"], f["k1"]])
     # B3
-    b3_pass = _b3_split if _x2_mode(RH, N, KS, attn.device) == "split" else _b3_halo
-    with _pass(_pass_label("b3", "split" if b3_pass is _b3_split else "offsets")):
-        da, sums = b3_pass(attn, dr, y3, we_f, be_f, wer, wdw, wp, cv, hv, ks, scale, expand, _dot_precision(attn))
+    with _pass(_pass_label("b3")):
+        da, sums = _b3_halo(attn, dr, y3, we_f, be_f, wer, wdw, wp, cv, hv, ks, scale, expand, _dot_precision(attn))
     part3, pwdw, pm = sums  # float64, summed over the programs
     dwdw = pwdw[:RH].reshape(RH, KS, KS)
     if expand:

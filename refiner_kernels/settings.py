@@ -22,10 +22,9 @@ TUNED_FILE = Path(__file__).with_name("tuned_settings.json")
 
 # name -> the values it takes, the built-in default first
 SWITCHES = {
-    "REFINER_TRITON_REFINE_FWD": ("split", "tile", "padded"),
-    "REFINER_TRITON_REFINE_BWD": ("offsets", "split"),
+    "REFINER_TRITON_REFINE_FWD": ("split", "tile"),
     "REFINER_TRITON_REFINE_DOT": ("auto", "bf16"),
-    "REFINER_TRITON_TRAIN_X2": ("offsets", "halo", "split"),
+    "REFINER_TRITON_TRAIN_X2": ("offsets", "halo"),
     "REFINER_TRITON_TRAIN_DOT": ("auto", "ieee", "tf32", "tf32x3"),
     "REFINER_TRITON_SOFTMAX_BWD_DOT": ("ieee", "bf16"),
 }

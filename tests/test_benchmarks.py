@@ -431,29 +431,29 @@ def test_decide_settings_chooses_faster_tested_values(tmp_path, capsys):
     rows = []
     for N, base in ((197, 10.0), (577, 80.0)):
         rows += [("triton", "refine_train", "fwd+bwd", N, base), ("triton", "refine_train", "fwd", N, base / 3),
-                 (f"triton[{X2}=split]", "refine_train", "fwd+bwd", N, base * 0.6),
-                 (f"triton[{X2}=split]", "refine_train", "fwd", N, base),  # fwd rows don't count for X2
+                 (f"triton[{X2}=halo]", "refine_train", "fwd+bwd", N, base * 0.6),
+                 (f"triton[{X2}=halo]", "refine_train", "fwd", N, base),  # fwd rows don't count for X2
                  (f"triton[{DOT}=tf32x3]", "refine_train", "fwd+bwd", N, base * 0.5),  # faster, its test failed
                  (f"triton[{DOT}=ieee]", "refine_train", "fwd+bwd", N, base * 0.98),  # within min_gain
                  ("triton", "refine_eval", "fwd", N, base / 5),
                  ("triton[REFINER_TRITON_REFINE_FWD=tile]", "refine_eval", "fwd", N, base / 5 * 0.9),  # test skipped
-                 (f"triton[{DOT}=ieee,{X2}=split]", "refine_train", "fwd+bwd", N, base * 0.3)]  # a combination
+                 (f"triton[{DOT}=ieee,{X2}=halo]", "refine_train", "fwd+bwd", N, base * 0.3)]  # a combination
     files = [_round_files(tmp_path, rows)]
     tests = D.junit_results([_junit(tmp_path, {
-        f"test_refine_train_gpu_candidates[{X2}=split-197-3]": "pass",
-        f"test_refine_train_gpu_candidates[{DOT}=ieee,{X2}=split-197-3]": "pass",
+        f"test_refine_train_gpu_candidates[{X2}=halo-197-3]": "pass",
+        f"test_refine_train_gpu_candidates[{DOT}=ieee,{X2}=halo-197-3]": "pass",
         f"test_refine_train_gpu_candidates[{DOT}=tf32x3-197-3]": "fail",
         f"test_refine_train_gpu_candidates[{DOT}=tf32-197-3]": "pass",  # must not count for tf32x3
         f"test_refine_train_gpu_candidates[{DOT}=ieee-197-3]": "pass",
         "test_refine_eval_gpu_tile_forward[197-32-3-3-bf16]": "skip"})])
     assert set(D.covering_tests(DOT, "tf32x3", tests)) == {f"test_refine_train_gpu_candidates[{DOT}=tf32x3-197-3]"}
-    assert len(D.covering_tests(X2, "split", tests)) == 2
+    assert len(D.covering_tests(X2, "halo", tests)) == 2
     found, combos = D.ratios(files)
-    assert combos == [f"triton[{DOT}=ieee,{X2}=split]"]
+    assert combos == [f"triton[{DOT}=ieee,{X2}=halo]"]
     chosen, table = D.decide(found, tests, min_gain=0.05)
     assert list(chosen) == ["Fake GPU"] and list(chosen["Fake GPU"]) == [X2]
     entry = chosen["Fake GPU"][X2]
-    assert entry["value"] == "split" and entry["replaces"] == "offsets" and entry["cases"] == 2
+    assert entry["value"] == "halo" and entry["replaces"] == "offsets" and entry["cases"] == 2
     assert entry["speedup"] == pytest.approx(1 / 0.6, rel=1e-3) and entry["commit"] == "abc1234"
     verdicts = {(r[1], r[2]): r[-1] for r in table}
     assert verdicts[(DOT, "tf32x3")] == "faster, tests not all passed"
@@ -468,9 +468,9 @@ def test_decide_settings_chooses_faster_tested_values(tmp_path, capsys):
     assert D.main([str(tmp_path), "--junit", str(tmp_path / "junit.xml"), "--write", str(out)]) == 0
     table = settings.tuned_table(out)
     assert table["Other GPU"] == {DOT: {"value": "ieee"}}
-    assert table["Fake GPU"][X2]["value"] == "split"
+    assert table["Fake GPU"][X2]["value"] == "halo"
     printed = capsys.readouterr().out
-    assert f"choose {X2}=split on Fake GPU" in printed and "not decided (a combination)" in printed
+    assert f"choose {X2}=halo on Fake GPU" in printed and "not decided (a combination)" in printed
 
 
 def test_decide_settings_compares_with_what_the_plain_rows_ran(tmp_path):
@@ -478,10 +478,10 @@ def test_decide_settings_compares_with_what_the_plain_rows_ran(tmp_path):
     and CPU runs are not decided from."""
     from benchmarks import decide_settings as D
     X2 = "REFINER_TRITON_TRAIN_X2"
-    rows = [("triton", "refine_train", "fwd+bwd", 197, 6.0), (f"triton[{X2}=split]", "refine_train", "fwd+bwd", 197, 5.0),
+    rows = [("triton", "refine_train", "fwd+bwd", 197, 6.0), (f"triton[{X2}=halo]", "refine_train", "fwd+bwd", 197, 5.0),
             (f"triton[{X2}=offsets]", "refine_train", "fwd+bwd", 197, 10.0)]
-    found, _ = D.ratios([_round_files(tmp_path, rows, tuned={X2: "split"})])
-    assert {k[2]: v["current"] for k, v in found.items()} == {"split": "split", "offsets": "split"}
+    found, _ = D.ratios([_round_files(tmp_path, rows, tuned={X2: "halo"})])
+    assert {k[2]: v["current"] for k, v in found.items()} == {"halo": "halo", "offsets": "halo"}
     assert D.decide(found, None, 0.05)[0] == {}
     assert D.ratios([_round_files(tmp_path, rows, device="cpu")])[0] == {}
     with pytest.raises(SystemExit):  # timings alone need --no-test-check

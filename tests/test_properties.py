@@ -4,8 +4,6 @@ Forward outputs and every gradient. Profiles (conftest.py): "ci" (default, few e
 (REFINER_HYPOTHESIS_PROFILE=long, for GPU rounds; REFINER_CPU_PORTABLE=1 picks the CPU path with
 the CUDA kernels' arithmetic).
 """
-import os
-from unittest import mock
 
 import pytest
 import torch
@@ -17,14 +15,6 @@ from backends import DEVICE, backend_params
 from utils import random_attn, random_dla, train_args
 
 BACKENDS = backend_params(include_reference=False)
-# The gradient properties also run the Triton backend with its "split" candidates (E stored per
-# L2-sized batch chunk, on zero-bordered planes; docs/triton_kernels.md): the flat backward passes
-# and the padded forward on random shapes.
-SPLIT = {"REFINER_TRITON_REFINE_BWD": "split", "REFINER_TRITON_TRAIN_X2": "split",
-         "REFINER_TRITON_REFINE_FWD": "padded"}
-GRAD_VARIANTS = [pytest.param(p.values[0], {}, marks=p.marks, id=p.values[0]) for p in BACKENDS] + [
-    pytest.param(p.values[0], SPLIT, marks=p.marks, id=p.values[0] + "-split") for p in BACKENDS
-    if p.values[0] == "triton"]
 # Half-precision tolerances: inputs are rounded first, so the only differences are the
 # kernels' own roundings (fp32 accumulation) vs the reference's, a few ulps of the output.
 TOL = {torch.float32: (1e-4, 1e-5), torch.float16: (2e-2, 2e-3), torch.bfloat16: (5e-2, 2e-2)}
@@ -105,10 +95,10 @@ def _as_accurate(got, ref32, want, name, floor=0.0):
     assert err <= bound, f"{name}: max err {err:.3e}, fp32 reference's {ref_err:.3e}"
 
 
-@pytest.mark.parametrize("backend,env", GRAD_VARIANTS)
+@pytest.mark.parametrize("backend", BACKENDS)
 @given(B=st.integers(1, 2), H=st.integers(1, 5), N=st.integers(1, 24), d=st.integers(1, 12),
        ratio=st.integers(1, 6), kernel=st.sampled_from([1, 3, 5, 7]), seed=st.integers(0, 2 ** 16))
-def test_refine_eval_grad_property(backend, env, B, H, N, d, ratio, kernel, seed):
+def test_refine_eval_grad_property(backend, B, H, N, d, ratio, kernel, seed):
     """Every gradient of the eval refine op (fp32) against the fp64 reference's autograd."""
     torch.manual_seed(seed)
     dla, abn = random_dla(H, ratio, kernel, device=DEVICE)
@@ -127,18 +117,17 @@ def test_refine_eval_grad_property(backend, env, B, H, N, d, ratio, kernel, seed
         return torch.autograd.grad(out, ts, gout.to(out.dtype))
 
     ref = lambda a, v, fd: reference.refine_eval(a, v, *fd.args()[:-1], fd.expand)  # noqa: E731
-    with mock.patch.dict(os.environ, env):  # (hypothesis: no function-scoped monkeypatch)
-        got = run(leaves, lambda a, v, fd: ops.refine_eval(a, v, fd, backend=backend))
+    got = run(leaves, lambda a, v, fd: ops.refine_eval(a, v, fd, backend=backend))
     ref32 = run(leaves, ref)
     want = run([t.double() for t in leaves], ref)
     for name, g, r, w in zip(names, got, ref32, want):
         _as_accurate(g, r, w, name)
 
 
-@pytest.mark.parametrize("backend,env", GRAD_VARIANTS)
+@pytest.mark.parametrize("backend", BACKENDS)
 @given(B=st.integers(1, 2), H=st.integers(1, 4), N=st.integers(2, 16), d=st.integers(1, 8),
        ratio=st.integers(1, 4), kernel=st.sampled_from([1, 3, 5]), seed=st.integers(0, 2 ** 16))
-def test_refine_train_grad_property(backend, env, B, H, N, d, ratio, kernel, seed):
+def test_refine_train_grad_property(backend, B, H, N, d, ratio, kernel, seed):
     """Every gradient of the training refine op (fp32, batch statistics) against the fp64
     reference's autograd. Small maps make the BatchNorms ill-conditioned at times: the bound is the
     fp32 reference's own error on the same case."""
@@ -157,9 +146,8 @@ def test_refine_train_grad_property(backend, env, B, H, N, d, ratio, kernel, see
         return torch.autograd.grad(out, [ts[i] for i in used], gout.to(out.dtype))
 
     ref = lambda a, v, *p: reference.refine_train(a, v, *p, 1e-5, 0.3, expand)  # noqa: E731
-    with mock.patch.dict(os.environ, env):  # (hypothesis: no function-scoped monkeypatch)
-        got = run(leaves, lambda a, v, *p: ops.refine_train(a, v, *p, eps=1e-5, scale=0.3, expand=expand,
-                                                            backend=backend))
+    got = run(leaves, lambda a, v, *p: ops.refine_train(a, v, *p, eps=1e-5, scale=0.3, expand=expand,
+                                                        backend=backend))
     ref32 = run(leaves, ref)
     want = run([t.double() for t in leaves], ref)
     # a sum over the B N N pixels whose exact value is ~0 (b3: the BN_a gradient sums to zero) is

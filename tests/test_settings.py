@@ -12,9 +12,8 @@ from refiner_kernels import kernels_refine_eval as KE
 from refiner_kernels import kernels_refine_train as KT
 
 GPU = torch.device("cuda", 0)  # a device object only: nothing runs on it
-TABLE = {"Fake GPU": {"REFINER_TRITON_TRAIN_X2": {"value": "split", "speedup": 1.4},
+TABLE = {"Fake GPU": {"REFINER_TRITON_TRAIN_X2": {"value": "halo", "speedup": 1.4},
                       "REFINER_TRITON_TRAIN_DOT": {"value": "tf32", "speedup": 1.2},
-                      "REFINER_TRITON_REFINE_BWD": {"value": "split", "speedup": 2.0},
                       "REFINER_TRITON_REFINE_DOT": {"value": "bf16", "speedup": 1.1}}}
 
 
@@ -32,17 +31,16 @@ def test_defaults_are_the_first_values(fake_gpu):
     for name, values in settings.SWITCHES.items():
         assert settings.switch(name) == values[0]
         assert settings.switch(name, torch.device("cpu")) == values[0]
-    assert KE.forward_variant() == "split" and KE.backward_variant() == "offsets"
+    assert KE.forward_variant() == "split"
     cpu_half = SimpleNamespace(device=torch.device("cpu"), dtype=torch.float16)
     assert KE.forward_precision(cpu_half) == "tf32"
-    assert KT._x2_mode(36, 197, 3, torch.device("cpu")) == "offsets"
+    assert KT._x2_mode(torch.device("cpu")) == "offsets"
 
 
 def test_tuned_values_apply_on_their_gpu_model(fake_gpu, monkeypatch):
-    assert settings.tuned_for(GPU) == {"REFINER_TRITON_TRAIN_X2": "split", "REFINER_TRITON_TRAIN_DOT": "tf32",
-                                       "REFINER_TRITON_REFINE_BWD": "split", "REFINER_TRITON_REFINE_DOT": "bf16"}
-    assert KT._x2_mode(36, 197, 3, GPU) == "split"
-    assert KE.backward_variant(GPU) == "split"
+    assert settings.tuned_for(GPU) == {"REFINER_TRITON_TRAIN_X2": "halo", "REFINER_TRITON_TRAIN_DOT": "tf32",
+                                       "REFINER_TRITON_REFINE_DOT": "bf16"}
+    assert KT._x2_mode(GPU) == "halo"
     assert KE.forward_variant(GPU) == "split"  # not tuned: the default
     bf16_map = SimpleNamespace(device=GPU, dtype=torch.bfloat16)
     fp32_map = SimpleNamespace(device=GPU, dtype=torch.float32)
@@ -52,25 +50,19 @@ def test_tuned_values_apply_on_their_gpu_model(fake_gpu, monkeypatch):
     assert KE.forward_precision(bf16_map) == "bf16" and KE.forward_precision(fp32_map) == "ieee"
     # a GPU model that no round measured
     monkeypatch.setattr(settings, "_device_name", lambda index: "Other GPU")
-    assert settings.tuned_for(GPU) == {} and KT._x2_mode(36, 197, 3, GPU) == "offsets"
+    assert settings.tuned_for(GPU) == {} and KT._x2_mode(GPU) == "offsets"
 
 
 def test_environment_wins_and_tuning_can_be_switched_off(fake_gpu, monkeypatch):
-    monkeypatch.setenv("REFINER_TRITON_TRAIN_X2", "halo")
-    assert KT._x2_mode(36, 197, 3, GPU) == "halo"
+    monkeypatch.setenv("REFINER_TRITON_TRAIN_X2", "offsets")  # the tuned value is "halo"
+    assert KT._x2_mode(GPU) == "offsets"
     monkeypatch.delenv("REFINER_TRITON_TRAIN_X2")
+    assert KT._x2_mode(GPU) == "halo"
     monkeypatch.setenv("REFINER_TUNED_SETTINGS", "0")
-    assert KT._x2_mode(36, 197, 3, GPU) == "offsets" and settings.tuned_for(GPU) == {}
+    assert KT._x2_mode(GPU) == "offsets" and settings.tuned_for(GPU) == {}
     monkeypatch.setenv("REFINER_TRITON_TRAIN_X2", "fast")
     with pytest.raises(ValueError, match="REFINER_TRITON_TRAIN_X2: expected one of"):
-        KT._x2_mode(36, 197, 3, GPU)
-
-
-def test_tuned_split_still_falls_back_beyond_int32(fake_gpu, monkeypatch):
-    """A tuned "split" obeys the same limit as an explicit one (an image's padded E, 16-padded
-    rH (N + k - 1)^2, within int32 offsets)."""
-    monkeypatch.setattr(KE, "SPLIT_MAX_MAP", 48 * 199 * 199 - 1)
-    assert KT._x2_mode(36, 197, 3, GPU) == "offsets" and KT._x2_mode(36, 196, 3, GPU) == "split"
+        KT._x2_mode(GPU)
 
 
 def test_tuned_table_file_checks(tmp_path):
@@ -79,8 +71,10 @@ def test_tuned_table_file_checks(tmp_path):
     bad.write_text("{not json")
     with pytest.raises(ValueError, match="bad.json: not valid JSON"):
         settings.tuned_table(bad)
+    # (the last two: a switch and a value that were removed)
     for entries in ({"REFINER_TRITON_TRAIN_X2": {"value": "fast"}}, {"REFINER_NOPE": {"value": "split"}},
-                    {"REFINER_TRITON_TRAIN_X2": "split"}):
+                    {"REFINER_TRITON_TRAIN_X2": "halo"}, {"REFINER_TRITON_REFINE_BWD": {"value": "offsets"}},
+                    {"REFINER_TRITON_REFINE_FWD": {"value": "padded"}}):
         bad.write_text(json.dumps({"GPU": entries}))
         with pytest.raises(ValueError, match="bad.json: 'GPU' sets"):
             settings.tuned_table(bad)

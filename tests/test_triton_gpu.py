@@ -21,7 +21,6 @@ pytestmark = requires_cuda
 
 import refiner_kernels as rk  # noqa: E402
 from refiner import reference as ref  # noqa: E402
-from refiner_kernels._common import autotuning  # noqa: E402
 from refiner_kernels.kernels_refine_train import _dot_precision  # noqa: E402
 
 TOL = {torch.float32: 1e-4, torch.float16: 2e-3, torch.bfloat16: 1e-2}
@@ -134,34 +133,6 @@ def test_refine_eval_gpu_tile_forward(monkeypatch, N, d, ratio, ks, dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("N,d,ratio,ks", [(197, 32, 3, 3), (50, 35, 3, 5), (1, 32, 3, 7)])
-def test_refine_eval_gpu_padded_forward(monkeypatch, N, d, ratio, ks, dtype):
-    """The forward candidate REFINER_TRITON_REFINE_FWD=padded (E on a zero-bordered grid, unmasked
-    stencil loads; also the backward's R recompute) against the reference, and bit for bit the
-    split forward's output with one fixed configuration per kernel (REFINER_TRITON_AUTOTUNE=0, as
-    gpu_round's tests)."""
-    monkeypatch.setenv("REFINER_TRITON_REFINE_FWD", "padded")
-    test_refine_eval_gpu(N, d, ratio, ks, dtype)
-    f, xs, _ = _eval_case(N, d, ratio, ks, dtype)
-    with torch.no_grad():
-        padded = rk.refine_eval(*xs, f.expand)
-        monkeypatch.setenv("REFINER_TRITON_REFINE_FWD", "split")
-        split = rk.refine_eval(*xs, f.expand)
-    if autotuning():  # split's tuner may take one channel a step (an outer-product reduction, not a dot)
-        _close(padded, split, dtype, "padded against split")
-    else:
-        torch.testing.assert_close(padded, split, rtol=0, atol=0)
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("N,d,ratio,ks", [(197, 32, 3, 3), (50, 35, 3, 5)])
-def test_refine_eval_gpu_split_backward(monkeypatch, N, d, ratio, ks, dtype):
-    """The backward's candidate REFINER_TRITON_REFINE_BWD=split (E stored per batch chunk)."""
-    monkeypatch.setenv("REFINER_TRITON_REFINE_BWD", "split")
-    test_refine_eval_gpu(N, d, ratio, ks, dtype)
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("unroll,cc", [(True, 16), (True, 1), (False, 1)])
 def test_refine_eval_gpu_split_forms(monkeypatch, unroll, cc, dtype):
     """The split forward's stencil-pass forms that GPU autotuning may pick (the tests run untuned:
@@ -213,12 +184,11 @@ def test_refine_train_gpu(N, d, ratio, ks, dtype):
 @pytest.mark.parametrize("N,ks", [(197, 3), (50, 5)])
 @pytest.mark.parametrize("env", ["REFINER_TRITON_TRAIN_DOT=ieee", "REFINER_TRITON_TRAIN_DOT=tf32",
                                  "REFINER_TRITON_TRAIN_DOT=tf32x3",
-                                 "REFINER_TRITON_TRAIN_SAVE_Y3=0", "REFINER_TRITON_TRAIN_X2=halo",
-                                 "REFINER_TRITON_TRAIN_X2=split"])
+                                 "REFINER_TRITON_TRAIN_SAVE_Y3=0", "REFINER_TRITON_TRAIN_X2=halo"])
 def test_refine_train_gpu_candidates(monkeypatch, N, ks, env):
     """refine_train's other settings on bf16 maps: IEEE dots (elementwise bf16 tolerances), TF32
-    dots asked for explicitly, 3xTF32 dots, Y3 recomputed in
-    the backward, the X2 passes on halo tiles or from a stored E."""
+    dots asked for explicitly, 3xTF32 dots, Y3 recomputed in the backward, the X2 passes on halo
+    tiles."""
     for assign in env.split(","):
         monkeypatch.setenv(*assign.split("="))
     test_refine_train_gpu(N, 32, 3, ks, torch.bfloat16)

@@ -146,12 +146,10 @@ def _folded(H, ratio, ks, d):
     (17, 35, 1, 3, torch.float32),
     (17, 32, 3, 3, torch.float16),
 ])
-@pytest.mark.parametrize("fwd,bwd", [("split", "offsets"), ("tile", "offsets"), ("split", "split"), ("padded", "offsets")])
-def test_refine_eval(monkeypatch, fwd, bwd, N, d, ratio, ks, dtype):
-    """Both forward kernels (REFINER_TRITON_REFINE_FWD), which the backward also uses for R, and both
-    ways of the backward to get E (REFINER_TRITON_REFINE_BWD)."""
+@pytest.mark.parametrize("fwd", ["split", "tile"])
+def test_refine_eval(monkeypatch, fwd, N, d, ratio, ks, dtype):
+    """Both forward kernels (REFINER_TRITON_REFINE_FWD), which the backward also uses for R."""
     monkeypatch.setenv("REFINER_TRITON_REFINE_FWD", fwd)
-    monkeypatch.setenv("REFINER_TRITON_REFINE_BWD", bwd)
     B, H = 1, 12
     f = _folded(H, ratio, ks, d)
     params = [_leaf(t, dtype) for t in f.args()[:-1]]
@@ -171,7 +169,7 @@ def test_refine_eval(monkeypatch, fwd, bwd, N, d, ratio, ks, dtype):
         _close(a, b, dtype, "d" + name)
 
 
-@pytest.mark.parametrize("fwd", ["split", "tile", "padded"])
+@pytest.mark.parametrize("fwd", ["split", "tile"])
 @pytest.mark.parametrize("N,d,ratio,ks", [(17, 35, 3, 3), (20, 32, 3, 5), (17, 32, 1, 3)])
 def test_refine_eval_bf16_dots(monkeypatch, fwd, N, d, ratio, ks):
     """The forward's candidate REFINER_TRITON_REFINE_DOT=bf16 (bf16 operands rounded to nearest,
@@ -203,27 +201,7 @@ def test_refine_eval_bf16_dots(monkeypatch, fwd, N, d, ratio, ks):
             torch.testing.assert_close(a, b, rtol=0, atol=0, msg=lambda m: f"d{name}: {m}")
 
 
-@pytest.mark.parametrize("N,d,ratio,ks", [(17, 35, 3, 3), (20, 32, 3, 5)])
-def test_refine_eval_split_backward_tf32(monkeypatch, N, d, ratio, ks):
-    """REFINER_TRITON_REFINE_BWD=split takes TF32 dots for bf16 maps (backward_precision); bf16 is
-    wrong under the interpreter, so an fp16 map with TF32 forced (emulated: tests/tf32_emulation.py)
-    must pass the fp16 tolerances of test_refine_eval, and the dots must have been TF32 ones."""
-    from refiner_kernels import kernels_refine_eval
-    monkeypatch.setenv("REFINER_TRITON_REFINE_BWD", "split")
-    asked = []
-
-    def tf32(attn):
-        asked.append(attn.dtype)
-        return "tf32"
-    monkeypatch.setattr(kernels_refine_eval, "backward_precision", tf32)
-    test_refine_eval(monkeypatch, "split", "split", N, d, ratio, ks, torch.float16)
-    assert asked == [torch.float16]
-    monkeypatch.undo()
-    assert [kernels_refine_eval.backward_precision(torch.zeros(1, dtype=t)) for t in
-            (torch.bfloat16, torch.float16, torch.float32)] == ["tf32", "ieee", "ieee"]
-
-
-@pytest.mark.parametrize("variant", ["split", "tile", "padded"])
+@pytest.mark.parametrize("variant", ["split", "tile"])
 def test_refine_eval_border_padding(monkeypatch, variant):
     """Padded E is 0 at the border, not relu6(b_exp): a large positive b_exp exposes it."""
     monkeypatch.setenv("REFINER_TRITON_REFINE_FWD", variant)
@@ -238,21 +216,19 @@ def test_refine_eval_border_padding(monkeypatch, variant):
                                rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("fwd,limit,unroll,cc,ks", [
-    ("split", "MAX_GRID_Y", False, 16, 3), ("split", "SPLIT_E_BYTES", True, 16, 3), ("split", "SPLIT_E_BYTES", True, 1, 3),
-    ("split", "MAX_GRID_Y", False, 1, 3), ("padded", "MAX_GRID_Y", False, 16, 5), ("padded", "SPLIT_E_BYTES", True, 16, 5)])
-def test_refine_eval_split_forward_batch_chunks(monkeypatch, fwd, limit, unroll, cc, ks):
-    """The split (and padded) forward launches in batch chunks of at most MAX_GRID_Y images (CUDA's
-    limit on the grid axis it puts the batch on) and at most SPLIT_E_BYTES of E (at least one
-    image): force 1 image per launch by either limit and compare output and gradients with the
-    reference (padded: its guards and planes reused across launches). unroll, cc: the stencil
-    pass's unrolled loop and one channel a step (autotuning choices on the GPU)."""
-    from refiner_kernels import kernels_refine_eval, padded_e
+@pytest.mark.parametrize("limit,unroll,cc,ks", [
+    ("MAX_GRID_Y", False, 16, 3), ("SPLIT_E_BYTES", True, 16, 3), ("SPLIT_E_BYTES", True, 1, 3),
+    ("MAX_GRID_Y", False, 1, 3), ("SPLIT_E_BYTES", True, 16, 5)])
+def test_refine_eval_split_forward_batch_chunks(monkeypatch, limit, unroll, cc, ks):
+    """The split forward launches in batch chunks of at most MAX_GRID_Y images (CUDA's limit on the
+    grid axis it puts the batch on) and at most SPLIT_E_BYTES of E (at least one image): force 1
+    image per launch by either limit and compare output and gradients with the reference. unroll,
+    cc: the stencil pass's unrolled loop and one channel a step (autotuning choices on the GPU)."""
+    from refiner_kernels import kernels_refine_eval
     monkeypatch.setattr(kernels_refine_eval, limit, 1)
     monkeypatch.setattr(kernels_refine_eval, "SPLIT_UNROLL", unroll)
-    monkeypatch.setattr(padded_e, "UNROLL", unroll)
     monkeypatch.setattr(kernels_refine_eval, "SPLIT_CC", cc)
-    monkeypatch.setenv("REFINER_TRITON_REFINE_FWD", fwd)
+    monkeypatch.setenv("REFINER_TRITON_REFINE_FWD", "split")
     B, H, N, d = 3, 4, 11, 16
     f = _folded(H, 3, ks, d)
     ps = [_leaf(t) for t in f.args()[:-1]]
@@ -280,154 +256,6 @@ def test_refine_eval_split_falls_back_to_tile_beyond_int32_offsets(monkeypatch):
     _close(rk.refine_eval(attn, v, *args, True), ref.refine_eval(attn, v, *args, True), name="out")
 
 
-@pytest.mark.parametrize("B,H,N,ratio,ks,expand,dtype", [
-    (2, 12, 17, 3, 3, True, torch.bfloat16),   # Refiner-ViT-S's heads and ratio: rH = 36, a partial chunk
-    (1, 4, 1, 3, 3, True, torch.float32),      # N = 1: the whole map is border-adjacent
-    (1, 4, 2, 3, 5, True, torch.float16),      # N = 2 under a 5 x 5 stencil
-    (3, 3, 10, 2, 7, True, torch.float32),     # a 7 x 7 stencil: the widest guard
-    (2, 4, 11, 1, 3, False, torch.float32),    # no expansion: E = A
-    (2, 4, 9, 3, 1, True, torch.float32),      # k = 1: no border at all
-])
-def test_refine_eval_padded_matches_split_bit_for_bit(monkeypatch, B, H, N, ratio, ks, expand, dtype):
-    """REFINER_TRITON_REFINE_FWD=padded computes every value as split does (same dots, same order of
-    the stencil's terms), only from a zero-bordered E with unmasked loads: out and the backward's
-    fp32 R are identical to split's, NaN included (a NaN in A spreads through the stencil the same
-    way), and nothing is read from outside the map (the border test above, the guards here)."""
-    f = _folded(H, ratio, ks, 16)
-    args = [t.to(DEV, dtype) for t in f.args()[:-1]]
-    if not expand:
-        args[0] = torch.eye(H, device=DEV, dtype=dtype)
-        args[1] = torch.zeros(H, device=DEV, dtype=dtype)
-    attn = random_attn(B, H, N, device=DEV).to(dtype)
-    attn[0, 0, N // 2, N // 2] = float("nan")
-    v = torch.randn(B, H, N, 16, device=DEV, dtype=dtype)
-    got = {}
-    for fwd in ("split", "padded"):
-        monkeypatch.setenv("REFINER_TRITON_REFINE_FWD", fwd)
-        got[fwd] = (KE.refine_eval_fwd(attn, v, *args, expand), KE.refine_eval_fwd(attn, v, *args, expand, store_r=True))
-    for a, b in zip(got["split"], got["padded"]):
-        torch.testing.assert_close(b, a, rtol=0, atol=0, equal_nan=True)
-    assert got["padded"][1].isnan().any() and not got["padded"][1][1:].isnan().any()
-
-
-@pytest.mark.parametrize("H", [4, 6])
-def test_refine_eval_padded_guards_feed_no_kept_value(monkeypatch, H):
-    """Shifted loads past a plane reach the neighbouring plane or the guards only from positions
-    that are dropped, and the padded channels' planes, which the forward leaves unwritten, only
-    rows that are dropped: NaN in the guards and in every plane before the expansion changes
-    nothing (bit for bit against split and against zeros there; rH = 12 and 18, a chunk and 2
-    channels); the guards are sized for the widest program of the autotuning space
-    (MAX_P). (A read past the allocation is not visible under the interpreter: the GPU round's
-    sanitizer stage is what would see it.)"""
-    from refiner_kernels import padded_e
-    from refiner_kernels._common import AUTOTUNE_SPECS
-    assert all(cfg.kwargs["P"] <= padded_e.MAX_P for name in ("_pe_expand", "_pe_stencil_reduce")
-               for cfg in AUTOTUNE_SPECS[name][1])
-    assert KE.split_p() <= padded_e.MAX_P
-    f = _folded(H, 3, 5, 16)
-    args = [t.to(DEV) for t in f.args()[:-1]]
-    attn, v = random_attn(2, H, 7, device=DEV), torch.randn(2, H, 7, 16, device=DEV)
-    got = {}
-    for fwd, fill in [("split", 0.0), ("padded", 0.0), ("padded", float("nan"))]:
-        monkeypatch.setattr(padded_e, "GUARD_VALUE", fill)
-        monkeypatch.setenv("REFINER_TRITON_REFINE_FWD", fwd)
-        got[fwd, fill == 0.0] = KE.refine_eval_fwd(attn, v, *args, True, store_r=True)
-    assert not got["padded", False].isnan().any()
-    torch.testing.assert_close(got["padded", False], got["padded", True], rtol=0, atol=0)
-    torch.testing.assert_close(got["padded", False], got["split", True], rtol=0, atol=0)
-
-
-def test_refine_eval_padded_falls_back_beyond_int32_offsets(monkeypatch):
-    """An image whose padded E (RHP (N + 2p)^2) exceeds int32 offsets while rH N^2 fits runs the
-    split forward; beyond that, the tile forward (as split does)."""
-    from refiner_kernels import kernels_refine_eval, padded_e
-    monkeypatch.setenv("REFINER_TRITON_REFINE_FWD", "padded")
-    H, N = 4, 9
-    monkeypatch.setattr(kernels_refine_eval, "SPLIT_MAX_MAP", 12 * N * N)  # rH N^2 fits, 16 (N + 2)^2 not
-    assert not padded_e.fits(12, N, 3)
-
-    def no_padded(*a, **k):
-        raise AssertionError("the padded forward ran beyond its int32 offsets")
-    monkeypatch.setattr(padded_e, "padded_r", no_padded)
-    f = _folded(H, 3, 3, 16)
-    args = [t.to(DEV) for t in f.args()[:-1]]
-    attn, v = random_attn(1, H, N, device=DEV), torch.randn(1, H, N, 16, device=DEV)
-    _close(rk.refine_eval(attn, v, *args, True), ref.refine_eval(attn, v, *args, True), name="out")
-
-
-@pytest.mark.parametrize("n_img,RH,N,ks,blocks", [(2, 20, 13, 3, 1), (1, 16, 9, 5, 1), (3, 4, 7, 3, None),
-                                                   (1, 5, 6, 1, 1), (1, 3, 8, 7, 1), (1, 2, 5, 11, None)])
-def test_dw_weight_grad_sums_every_map_position_once(monkeypatch, n_img, RH, N, ks, blocks):
-    """padded_e.dw_weight_grad: sum over images and map positions q of G(q) E(q + s_o) per channel and
-    tap, from padded planes whose border is 0 in G (and E: the stencil's zero padding), against the
-    same sums in float64 by torch; blocks = 1 splits each plane over many programs (as on the GPU),
-    with a partial last block (the plane is not a multiple of 256); k = 1 to 11 (its 121 taps the
-    rows of a 128-row accumulator, the last 7 masked)."""
-    from refiner_kernels import padded_e
-    monkeypatch.setattr(padded_e, "WGRAD_BLOCKS", blocks)
-    p, W, RHP = ks // 2, N + 2 * (ks // 2), -(-RH // 16) * 16
-    torch.manual_seed(0)
-    planes = []
-    for _ in range(2):
-        t = padded_e.workspace(n_img, RH, N, ks, torch.float32, DEV, zero=True)
-        view = t.view(n_img, RHP, W, W)
-        view[:, :RH, p:p + N, p:p + N] = torch.randn(n_img, RH, N, N, device=DEV)
-        planes.append((t, view))
-    (e, ev), (g, gv) = planes
-    got = padded_e.dw_weight_grad(e, g, n_img, RH, N, ks)
-    want = torch.zeros(RHP, ks * ks, dtype=torch.float64)
-    for o in range(ks * ks):
-        dr, dc = o // ks, o % ks
-        want[:RH, o] = (gv[:, :RH, p:p + N, p:p + N].double().cpu()
-                        * ev[:, :RH, dr:dr + N, dc:dc + N].double().cpu()).sum((0, 2, 3))
-    torch.testing.assert_close(got.cpu(), want, rtol=1e-5, atol=1e-5)
-
-
-def test_refine_eval_backward_split_border_and_fallback(monkeypatch):
-    """REFINER_TRITON_REFINE_BWD=split: E stored is 0 off the map in the stencil (a large positive
-    b_exp, whose relu6 would leak in as padding, exposes it in the gradients); beyond int32 offsets
-    (16-padded rH (N + k - 1)^2 > SPLIT_MAX_MAP) the backward recomputes E instead; a bad value is
-    named."""
-    from refiner_kernels import kernels_refine_eval, padded_e
-    monkeypatch.setenv("REFINER_TRITON_REFINE_BWD", "split")
-    B, H, N, d = 2, 4, 13, 16
-    f = _folded(H, 3, 3, d)
-    ps = [_leaf(t) for t in f.args()[:-1]]
-    with torch.no_grad():
-        ps[1].fill_(3.0)
-    attn, v = _leaf(random_attn(B, H, N)), _leaf(torch.randn(B, H, N, d))
-    go = torch.randn(B, H, N, d, device=DEV)
-    names = "attn v w_exp b_exp w_dw b_dw w_pro b_pro alpha beta".split()
-    gr = _grads([ref.refine_eval(attn, v, *ps, True)], [attn, v] + ps, [go])
-    stored = []
-
-    def counted(module, name):
-        expand = getattr(module, name)
-
-        def run(e, *args, **kwargs):
-            stored.append((name, e.dtype))
-            expand(e, *args, **kwargs)
-        monkeypatch.setattr(module, name, run)
-    counted(kernels_refine_eval, "expand_into")
-    counted(padded_e, "expand_padded")
-    for name, a, b in zip(names, _grads([rk.refine_eval(attn, v, *ps, True)], [attn, v] + ps, [go]), gr):
-        _close(a, b, name="d" + name)
-    # the split forward's E (the map's dtype: fp32 here), then the backward's one padded E (fp32) for
-    # both R's recompute and the gradient passes
-    assert stored == [("expand_into", torch.float32), ("expand_padded", torch.float32)], stored
-    monkeypatch.setattr(kernels_refine_eval, "SPLIT_MAX_MAP", 12 * N * N - 1)
-
-    def no_split(*args, **kwargs):
-        raise AssertionError("the split expansion ran beyond SPLIT_MAX_MAP")
-    monkeypatch.setattr(kernels_refine_eval, "expand_into", no_split)
-    monkeypatch.setattr(padded_e, "expand_padded", no_split)
-    for name, a, b in zip(names, _grads([rk.refine_eval(attn, v, *ps, True)], [attn, v] + ps, [go]), gr):
-        _close(a, b, name="d" + name)
-    monkeypatch.setenv("REFINER_TRITON_REFINE_BWD", "always")
-    with pytest.raises(ValueError, match="REFINER_TRITON_REFINE_BWD"):
-        _grads([rk.refine_eval(attn, v, *ps, True)], [attn, v] + ps, [go])
-
-
 def test_refine_launchers_refuse_image_maps_beyond_int32_offsets():
     """One image's H N^2 > 2^31 - 1 (N = 13378 at H = 12) is refused by every refine launcher with a
     ValueError naming attn, before any copy or launch (a stride-0 view: nothing large is allocated)."""
@@ -447,11 +275,12 @@ def test_refine_launchers_refuse_image_maps_beyond_int32_offsets():
 
 
 def test_refine_eval_forward_variant_is_checked(monkeypatch):
-    monkeypatch.setenv("REFINER_TRITON_REFINE_FWD", "fast")
     f = _folded(4, 3, 3, 8)
-    with pytest.raises(ValueError, match="REFINER_TRITON_REFINE_FWD"):
-        rk.refine_eval(random_attn(1, 4, 5, device=DEV), torch.randn(1, 4, 5, 8, device=DEV),
-                       *[t.to(DEV) for t in f.args()[:-1]], True)
+    for bad in ("fast", "padded"):  # (padded: a candidate until the H200 measured it slower)
+        monkeypatch.setenv("REFINER_TRITON_REFINE_FWD", bad)
+        with pytest.raises(ValueError, match="REFINER_TRITON_REFINE_FWD"):
+            rk.refine_eval(random_attn(1, 4, 5, device=DEV), torch.randn(1, 4, 5, 8, device=DEV),
+                           *[t.to(DEV) for t in f.args()[:-1]], True)
 
 
 # ----------------------------------------------------------------------------- opcheck / compile
@@ -536,7 +365,7 @@ def test_fused_layer_makes_no_copies_on_triton(share_atten, training):
     _close(attn, rattn, name="attn")
 
 
-@pytest.mark.parametrize("training,fwd", [(False, "split"), (False, "tile"), (False, "padded"), (True, "split")])
+@pytest.mark.parametrize("training,fwd", [(False, "split"), (False, "tile"), (True, "split")])
 def test_refine_ops_read_v_views_and_return_token_major(monkeypatch, training, fwd):
     """refine_eval (both forwards) and refine_train read v as a view of a (B, N, H, d) projection and
     return out in (B, N, H, d) memory; values and gradients as with a contiguous v; opcheck with
@@ -749,45 +578,16 @@ def test_refine_train(N, d, ratio, ks, B, dtype):
     _run_train(N, d, ratio, ks, B, dtype)
 
 
-@pytest.mark.parametrize("x2", ["halo", "split"])
 @pytest.mark.parametrize("N,d,ratio,ks,B,dtype", [
     (17, 35, 3, 3, 1, torch.float32),
     (12, 32, 3, 5, 2, torch.float32),
     (17, 32, 1, 3, 2, torch.float32),
 ])
-def test_refine_train_x2_candidates(monkeypatch, x2, N, d, ratio, ks, B, dtype):
-    """The candidates REFINER_TRITON_TRAIN_X2=halo (the X2 passes on halo tiles, E staged) and
-    =split (E stored for a batch chunk and loaded at the shifts, B3 included); their numerics at
-    zero variance and large means: test_refine_train_x2_robustness."""
-    monkeypatch.setenv("REFINER_TRITON_TRAIN_X2", x2)
+def test_refine_train_x2_halo(monkeypatch, N, d, ratio, ks, B, dtype):
+    """The candidate REFINER_TRITON_TRAIN_X2=halo (the X2 passes on halo tiles, E staged); its
+    numerics at zero variance and large means: test_refine_train_x2_robustness."""
+    monkeypatch.setenv("REFINER_TRITON_TRAIN_X2", "halo")
     _run_train(N, d, ratio, ks, B, dtype)
-
-
-def test_refine_train_x2_split_fp16(monkeypatch):
-    """REFINER_TRITON_TRAIN_X2=split on an fp16 map (E stays fp32 whatever the map's dtype)."""
-    monkeypatch.setenv("REFINER_TRITON_TRAIN_X2", "split")
-    _run_train(17, 32, 3, 3, 1, torch.float16)
-
-
-def test_refine_train_x2_split_fallback(monkeypatch):
-    """Beyond int32 offsets within an image's padded E (16-padded rH (N + k - 1)^2 > SPLIT_MAX_MAP)
-    "split" falls back to "offsets", and the passes it would have run are not: the split expansion
-    never runs."""
-    from refiner_kernels import kernels_refine_eval as E, kernels_refine_train as T, padded_e
-    monkeypatch.setenv("REFINER_TRITON_TRAIN_X2", "split")
-    assert T._x2_mode(36, 197, 3) == "split"
-    monkeypatch.setattr(E, "SPLIT_MAX_MAP", 48 * 199 * 199 - 1)
-    assert T._x2_mode(36, 197, 3) == "offsets" and T._x2_mode(36, 196, 3) == "split"
-    limit = E.SPLIT_MAX_MAP
-    monkeypatch.setattr(E, "SPLIT_MAX_MAP", 16 * 11 * 11 - 1)
-
-    def no_split(*args, **kwargs):
-        raise AssertionError("the split expansion ran past SPLIT_MAX_MAP")
-    monkeypatch.setattr(padded_e, "expand_padded", no_split)
-    _run_train(9, 8, 3, 3, 1, torch.float32)
-    monkeypatch.setattr(E, "SPLIT_MAX_MAP", limit)
-    with pytest.raises(AssertionError, match="split expansion ran"):
-        _run_train(9, 8, 3, 3, 1, torch.float32)
 
 
 def test_refine_train_dot_precision_switch(monkeypatch):
@@ -809,15 +609,13 @@ def test_refine_train_dot_precision_switch(monkeypatch):
             _dot_precision(half)
 
 
-@pytest.mark.parametrize("N,ks,B,x2", [(20, 5, 2, "offsets"), (33, 7, 1, "offsets"), (20, 5, 2, "split")])
-def test_refine_train_half_tf32(monkeypatch, N, ks, B, x2):
+@pytest.mark.parametrize("N,ks,B", [(20, 5, 2), (33, 7, 1)])
+def test_refine_train_half_tf32(monkeypatch, N, ks, B):
     """TF32 dots (the default for bf16 maps; bf16 is wrong under the interpreter, so fp16 maps with
     REFINER_TRITON_TRAIN_DOT=tf32, TF32 emulated: tests/tf32_emulation.py): outputs and statistics
     within the fp16 tolerances, every gradient at least as close to the fp32 reference as the
-    reference's own gradients in bf16 (utils.assert_no_worse_than). Also with the candidate
-    REFINER_TRITON_TRAIN_X2=split (its expansion pass and flat B3 passes take TF32 dots too)."""
+    reference's own gradients in bf16 (utils.assert_no_worse_than)."""
     monkeypatch.setenv("REFINER_TRITON_TRAIN_DOT", "tf32")
-    monkeypatch.setenv("REFINER_TRITON_TRAIN_X2", x2)
     _run_train(N, 32, 3, ks, B, torch.float16)
 
 
@@ -998,8 +796,7 @@ def test_autotune_specs_name_real_kernel_arguments():
     from refiner_kernels import blocks, kernels_refine_eval, kernels_refine_train, kernels_softmax  # noqa: F401
     specs = _common.AUTOTUNE_SPECS
     tuned = {"_rt_tile", "_rt_b3", "_re_fwd", "_re_expand", "_re_stencil_reduce", "_bmm_kernel", "_sb_fwd",
-             "_sb_bwd_dq", "_sb_bwd_dkdv", "_pe_expand", "_pe_stencil_reduce", "_re_bwd_g", "_re_bwd_a", "_rt_b3_g",
-             "_rt_b3_a"}
+             "_sb_bwd_dq", "_sb_bwd_dkdv"}
     assert tuned <= set(specs), tuned - set(specs)
     import inspect
     for name, (fn, configs, key) in specs.items():
@@ -1020,9 +817,9 @@ def test_autotune_specs_name_real_kernel_arguments():
 
 def _tuned_names():
     """Every GPU autotuner: kernel name -> (module, the attribute its launcher reads)."""
-    from refiner_kernels import blocks, kernels_refine_train, kernels_softmax, padded_e
+    from refiner_kernels import blocks, kernels_refine_train, kernels_softmax
     names = {"_bmm_kernel": (blocks, "_bmm_tuned")}
-    for mod in (kernels_softmax, KE, padded_e, kernels_refine_train):
+    for mod in (kernels_softmax, KE, kernels_refine_train):
         names.update({a[:-len("_tuned")]: (mod, a) for a in vars(mod) if a.endswith("_tuned") and a.startswith("_")})
     return names
 
@@ -1030,14 +827,13 @@ def _tuned_names():
 @pytest.mark.parametrize("winner", ["first", "last"])
 def test_every_autotuned_launch_runs(monkeypatch, winner):
     """The GPU's autotuned launches (grids from the chosen configuration's META, its constexprs
-    beside the launcher's, Triton's keying, the values a timed run must put back, the partial sums
-    of as many programs as the chosen configuration launched) are code the interpreter otherwise
-    never runs: a slip there (a constexpr passed twice, a grid that ignores META) surfaced only on
-    a lent GPU. Here every autotuner in AUTOTUNE_SPECS is Triton's own, its whole configuration
-    space "timed" by running each configuration once (a stand-in for do_bench that makes the first
-    or the last win: the others' side effects are then what restore_value must undo), and every
-    op, through every forward, backward and training variant that launches a tuned kernel, still
-    matches the reference: out and all gradients."""
+    beside the launcher's, Triton's keying) are code the interpreter otherwise never runs: a slip
+    there (a constexpr passed twice, a grid that ignores META) surfaced only on a lent GPU. Here
+    every autotuner in AUTOTUNE_SPECS is Triton's own, its whole configuration space "timed" by
+    running each configuration once (a stand-in for do_bench that makes the first or the last win:
+    the others' side effects must not show), and every op, through every forward, backward and
+    training variant that launches a tuned kernel, still matches the reference: out and all
+    gradients."""
     import itertools
 
     import triton
@@ -1058,8 +854,7 @@ def test_every_autotuned_launch_runs(monkeypatch, winner):
         return tuner
     for name, (fn, configs, key) in _common.AUTOTUNE_SPECS.items():
         mod, attr = names[name]
-        tuner = triton.autotune(configs, key=key, restore_value=_common.AUTOTUNE_RESTORE[name] or None,
-                                do_bench=bench)(fn)
+        tuner = triton.autotune(configs, key=key, do_bench=bench)(fn)
         monkeypatch.setattr(mod, attr, counted(name, tuner))
         monkeypatch.setattr(mod, "use_tuned", lambda tuned, *ts: tuned is not None)
     B, H, N, d = 2, 12, 11, 35
@@ -1076,16 +871,13 @@ def test_every_autotuned_launch_runs(monkeypatch, winner):
     rout = ref.refine_eval(attn, v, *ps, True)
     go = torch.randn_like(rout)
     want = _grads([rout], [attn, v] + ps, [go])
-    for fwd, bwd in [("split", "offsets"), ("tile", "offsets"), ("padded", "split")]:
+    for fwd in ("split", "tile"):
         monkeypatch.setenv("REFINER_TRITON_REFINE_FWD", fwd)
-        monkeypatch.setenv("REFINER_TRITON_REFINE_BWD", bwd)
         out = rk.refine_eval(attn, v, *ps, True)
         _close(out, rout, name=f"{fwd} out")
         for i, (a, b) in enumerate(zip(_grads([out], [attn, v] + ps, [go]), want)):
             _close(a, b, name=f"{fwd} grad {i}")
-    for x2 in ("offsets", "split"):
-        monkeypatch.setenv("REFINER_TRITON_TRAIN_X2", x2)
-        _run_train(N, d, 3, 3, B, torch.float32)
+    _run_train(N, d, 3, 3, B, torch.float32)
     assert ran == set(names), set(names) - ran
 
 
@@ -1163,16 +955,15 @@ def test_availability_flags():
     assert rk.AVAILABLE and rk.UNAVAILABLE_REASON == ""
 
 
-@pytest.mark.parametrize("x2", ["offsets", "halo", "split"])
+@pytest.mark.parametrize("x2", ["offsets", "halo"])
 def test_backward_batch_chunking(monkeypatch, x2):
     """The halo-tile kernels (the backwards, and the X2 passes of REFINER_TRITON_TRAIN_X2=halo)
-    split the batch to bound their scratch, and the passes of =split to keep E in L2: force 1 image
-    per launch (B = 3) and compare eval and train gradients with the reference."""
+    split the batch to bound their scratch, and the split forward (the eval backward's R) to keep E
+    in L2: force 1 image per launch (B = 3) and compare eval and train gradients with the reference."""
     from refiner_kernels import _common, kernels_refine_eval
     monkeypatch.setattr(_common, "FORCE_SCRATCH_BUDGET", 1)
     monkeypatch.setattr(kernels_refine_eval, "SPLIT_E_BYTES", 1)
     monkeypatch.setenv("REFINER_TRITON_TRAIN_X2", x2)
-    monkeypatch.setenv("REFINER_TRITON_REFINE_BWD", "split" if x2 == "split" else "offsets")
     B, H, N, d = 3, 4, 9, 16
     dla, bn = random_dla(H, 3, 3)
     dla.eval()
@@ -1276,48 +1067,14 @@ def test_autotune_switch(monkeypatch):
     assert _common.gpu_autotune([], key=[])(lambda: None) is None
 
 
-@pytest.mark.parametrize("x2", ["halo", "split"])
-def test_refine_train_x2_robustness(monkeypatch, x2):
-    """REFINER_TRITON_TRAIN_X2=halo and =split keep the constant-map and large-mean guarantees
-    (halo: the shifted moments' shift is the first owned position of a halo tile; split: E stored
-    from the shifted A), and a bad value is named."""
-    monkeypatch.setenv("REFINER_TRITON_TRAIN_X2", x2)
+def test_refine_train_x2_robustness(monkeypatch):
+    """REFINER_TRITON_TRAIN_X2=halo keeps the constant-map and large-mean guarantees (the shifted
+    moments' shift is the first owned position of a halo tile), and a bad value is named."""
+    monkeypatch.setenv("REFINER_TRITON_TRAIN_X2", "halo")
     test_refine_train_zero_variance(3, 3)
     test_refine_train_zero_variance(1, 1)
     test_refine_train_large_mean_small_spread(3)
-    monkeypatch.setenv("REFINER_TRITON_TRAIN_X2", "sometimes")
-    with pytest.raises(ValueError, match="REFINER_TRITON_TRAIN_X2"):
-        _run_train(9, 8, 3, 3, 1, torch.float32)
-
-
-@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # Inf in the interpreter's matmul
-def test_split_candidates_non_finite_and_deterministic(monkeypatch):
-    """REFINER_TRITON_REFINE_BWD=split and REFINER_TRITON_TRAIN_X2=split: an Inf in the map gives the
-    reference's pattern of non-finite gradients in eval, and both give bit-identical results when
-    run twice (per-program partial sums, no atomics)."""
-    monkeypatch.setenv("REFINER_TRITON_REFINE_BWD", "split")
-    monkeypatch.setenv("REFINER_TRITON_TRAIN_X2", "split")
-    B, H, N, d = 2, 4, 11, 8
-    f = _folded(H, 3, 3, d)
-    ps = [_leaf(t) for t in f.args()[:-1]]
-    a = random_attn(B, H, N)
-    a[1, 2, 5, 6] = float("inf")
-    attn, v = _leaf(a), _leaf(torch.randn(B, H, N, d))
-    go = torch.randn(B, H, N, d, device=DEV)
-    names = "attn v w_exp b_exp w_dw b_dw w_pro b_pro alpha beta".split()
-    got = _grads([rk.refine_eval(attn, v, *ps, True)], [attn, v] + ps, [go])
-    want = _grads([ref.refine_eval(attn, v, *ps, True)], [attn, v] + ps, [go])
-    for name, x, y in zip(names, got, want):
-        assert torch.equal(torch.isfinite(x), torch.isfinite(y)), f"d{name}"
-    attn = _leaf(random_attn(B, H, N))
-    runs = [_grads([rk.refine_eval(attn, v, *ps, True)], [attn, v] + ps, [go]) for _ in range(2)]
-    for name, x, y in zip(names, *runs):
-        assert torch.equal(x, y), f"d{name}"
-    dla, bn = random_dla(H, 3, 3)
-    tp = [_leaf(t) for t in train_args(dla, bn)]
-    runs = []
-    for _ in range(2):
-        out = rk.refine_train(attn, v, *tp, 1e-5, 0.25, True)[0]
-        runs.append([out] + _grads([out], [attn, v] + tp, [go]))
-    for name, x, y in zip(["out"] + TRAIN_NAMES, *runs):
-        assert torch.equal(x, y), name
+    for bad in ("sometimes", "split"):  # (split: a candidate until the H200 measured it slower)
+        monkeypatch.setenv("REFINER_TRITON_TRAIN_X2", bad)
+        with pytest.raises(ValueError, match="REFINER_TRITON_TRAIN_X2"):
+            _run_train(9, 8, 3, 3, 1, torch.float32)
