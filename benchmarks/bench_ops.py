@@ -184,7 +184,8 @@ def grad_rel_errs(grads, ref_grads) -> List[Optional[float]]:
     arithmetic, BN_a's backward removing dZ's mean: only rounding is left of it)."""
     norms = [r.double().norm().item() for r in ref_grads if r is not None]
     floor = 1e-3 * max(norms, default=1.0)
-    return [None if g is None or r is None else (g.double() - r.double()).norm().item() / max(r.double().norm().item(), floor)
+    return [None if g is None or r is None
+            else (g.double() - r.double()).norm().item() / max(r.double().norm().item(), floor)
             for g, r in zip(grads, ref_grads)]
 
 
@@ -280,45 +281,34 @@ def run(args, device) -> List[dict]:
             for op, mode in jobs:
                 ref_out = fp32_grads(case, op, mode)  # low precision: every backend's gradients against it
                 ref_time = None
-                for be in backends:
-                    next(it, None)
-                    if hasattr(bar, "set_postfix_str"):
-                        bar.set_postfix_str(f"{op} {mode} {be} {dt} H={H} d={d} N={N}")
-                    r, out = _measure(case, op, mode, be, device, args, peaks, ref_out)
-                    if be == "reference":
-                        ref_time = r["time_ms"]
-                        ref_out = ref_out if ref_out is not None else out
-                    del out
-                    r["vs_reference"] = (ref_time / r["time_ms"]) if ref_time and r["time_ms"] else None
-                    r["vs_sdpa"] = (r["time_ms"] / sdpa[mode]) if sdpa.get(mode) and r["time_ms"] else None
-                    rows.append(r)
-                    if r["status"] != "ok":
-                        C.progress_write(f"  {op} {mode} {be} {dt} H={H} d={d} N={N}: {r['status']}")
-                if args.compile_backend != "skip":  # the reference under torch.compile: the compiler's fusions
-                    label = f"reference compiled[{args.compile_backend}]"
+
+                def measure(label, backend, compile_backend=None):
+                    """One row of this op and mode, labelled, with its ratios to the reference and SDPA."""
                     next(it, None)
                     if hasattr(bar, "set_postfix_str"):
                         bar.set_postfix_str(f"{op} {mode} {label} {dt} H={H} d={d} N={N}")
-                    r, out = _measure(case, op, mode, "reference", device, args, peaks, ref_out, args.compile_backend)
-                    del out
+                    r, out = _measure(case, op, mode, backend, device, args, peaks, ref_out, compile_backend)
                     r["backend"] = label
                     r["vs_reference"] = (ref_time / r["time_ms"]) if ref_time and r["time_ms"] else None
                     r["vs_sdpa"] = (r["time_ms"] / sdpa[mode]) if sdpa.get(mode) and r["time_ms"] else None
                     rows.append(r)
                     if r["status"] != "ok":
                         C.progress_write(f"  {op} {mode} {label} {dt} H={H} d={d} N={N}: {r['status']}")
-                for var in variants:  # candidates beside the default, same inputs and reference
-                    if not var.applies(op):
-                        continue
-                    with var.active():
-                        r, out = _measure(case, op, mode, var.backend, device, args, peaks, ref_out)
+                    return r, out
+
+                for be in backends:
+                    r, out = measure(be, be)
+                    if be == "reference":  # (its own row's ratio: 1)
+                        ref_time = r["time_ms"]
+                        r["vs_reference"] = 1.0 if ref_time else None
+                        ref_out = ref_out if ref_out is not None else out
                     del out
-                    r["backend"] = var.label
-                    r["vs_reference"] = (ref_time / r["time_ms"]) if ref_time and r["time_ms"] else None
-                    r["vs_sdpa"] = (r["time_ms"] / sdpa[mode]) if sdpa.get(mode) and r["time_ms"] else None
-                    rows.append(r)
-                    if r["status"] != "ok":
-                        C.progress_write(f"  {op} {mode} {var.label} {dt} H={H} d={d} N={N}: {r['status']}")
+                if args.compile_backend != "skip":  # the reference under torch.compile: the compiler's fusions
+                    measure(f"reference compiled[{args.compile_backend}]", "reference", args.compile_backend)
+                for var in variants:  # candidates beside the default, same inputs and reference
+                    if var.applies(op):
+                        with var.active():
+                            measure(var.label, var.backend)
             del case
             gc.collect()
     except KeyboardInterrupt:  # e.g. `timeout -s INT` in gpu_round.sh: keep what was measured
