@@ -35,6 +35,7 @@ from refiner_kernels import settings  # noqa: E402
 MODE_OF = {"REFINER_TRITON_REFINE_FWD": "fwd", "REFINER_TRITON_REFINE_DOT": "fwd"}  # the rest: fwd+bwd rows
 # tests that run a value without naming NAME=VALUE in their id
 TESTS_OF = {("REFINER_TRITON_REFINE_FWD", "tile"): "test_refine_eval_gpu_tile_forward",
+            ("REFINER_TRITON_REFINE_FWD", "gather"): "test_refine_eval_gpu_gather_forward",
             ("REFINER_TRITON_SOFTMAX_BWD_DOT", "bf16"): "test_softmax_block_gpu_bf16_backward_dots"}
 _VARIANT = re.compile(r"^triton\[(.+)\]$")
 

@@ -152,8 +152,9 @@ stage_sanitize() {
   local i ids all san=(compute-sanitizer --error-exitcode 9 --target-processes all)
   # The Triton split forward's stencil pass in every form its autotuning may pick: its shifted
   # loads of the stored E, masked at the map's border, at N = 197; a read past the allocation need
-  # not fault on the GPU, memcheck sees it. (Round 6: ~10 s a test, Triton's compiling under the tool)
-  all=$(collect_ids -k "split_forms" tests/test_triton_gpu.py)
+  # not fault on the GPU, memcheck sees it. Likewise the gather forward's halo tiles, whose last
+  # rows and columns lie partly off the map. (Round 6: ~10 s a test, Triton's compiling under the tool)
+  all=$(collect_ids -k "split_forms or gather_forms" tests/test_triton_gpu.py)
   for i in 0 1; do
     ids=$(shard 2 $i <<<"$all")
     # shellcheck disable=SC2086
@@ -222,7 +223,8 @@ stage_quick() {
   # reference and timm ViT-S (the inference targets' rows)
   run_step bench_models_infer 90 "$PY" benchmarks/bench_models.py --out "$RES" \
     --models refiner_vit_s vit_small_patch16_224 --img 224 --batch 256 --modes infer --compile-backend skip \
-    --repeats 5 --fused-backends triton cuda --env-variants "triton:REFINER_TRITON_REFINE_DOT=bf16" \
+    --repeats 5 --fused-backends triton cuda \
+    --env-variants "triton:REFINER_TRITON_REFINE_DOT=bf16" "triton:REFINER_TRITON_REFINE_FWD=gather" \
     --mixed-backends "triton,refine_eval=cuda" "cuda,refine_eval=triton"
   # the refine ops on Triton, CUDA and the reference (N = 197 rows first, the time limit may cut N = 577)
   # with the other settings beside the defaults in the same runs (rows labelled triton[NAME=VALUE]):
@@ -233,7 +235,8 @@ stage_quick() {
     --head-dim 32 --dtypes bf16 --ops refine_eval refine_train softmax_block --backends triton cuda reference \
     --env-variants "triton:REFINER_TRITON_TRAIN_SAVE_Y3=0@refine_train" \
     "triton:REFINER_TRITON_TRAIN_DOT=tf32x3@refine_train" \
-    "triton:REFINER_TRITON_REFINE_FWD=tile@refine_eval" "triton:REFINER_TRITON_REFINE_DOT=bf16@refine_eval" \
+    "triton:REFINER_TRITON_REFINE_FWD=tile@refine_eval" "triton:REFINER_TRITON_REFINE_FWD=gather@refine_eval" \
+    "triton:REFINER_TRITON_REFINE_DOT=bf16@refine_eval" \
     "triton:REFINER_TRITON_SOFTMAX_BWD_DOT=bf16@softmax_block"
   # the switch values that were faster than the defaults and passed their GPU tests, recorded for this
   # GPU model in results/tuned_settings.json: copy it over refiner_kernels/tuned_settings.json and commit
@@ -279,11 +282,11 @@ stage_verify() {
 # first.
 stage_compiled() {
   run_step bench_ops_inductor 100 "$PY" benchmarks/bench_ops.py --out "$RES" --rep-ms 25 --n 197 --heads 12 \
-    --head-dim 32 --dtypes bf16 --ops refine_train refine_eval softmax_block --backends triton reference \
-    --no-memory --compile-backend inductor
+    --head-dim 32 --dtypes bf16 --ops refine_eval refine_train softmax_block --backends triton reference \
+    --no-memory --compile-backend inductor --env-variants "triton:REFINER_TRITON_REFINE_FWD=gather@refine_eval"
   local common=(--out "$RES" --img 224 --batch 256 --compile-backend inductor --repeats 5 --fused-backends triton)
   run_step bench_models_compiled_infer $(( $(left) * 2 / 5 )) "$PY" benchmarks/bench_models.py "${common[@]}" \
-    --models vit_small_patch16_224 refiner_vit_s --modes infer
+    --models vit_small_patch16_224 refiner_vit_s --modes infer --env-variants "triton:REFINER_TRITON_REFINE_FWD=gather"
   run_step bench_models_compiled_train $(( $(left) - 20 )) "$PY" benchmarks/bench_models.py "${common[@]}" \
     --models refiner_vit_s --modes train --mixed-backends "triton,refine_train=reference"
 }

@@ -135,6 +135,14 @@ for prec, t, p, w, u, cc in [("tf32", "*bf16", 128, 4, False, 16), ("ieee", "*fp
     check(E._re_stencil_reduce, dict(a_ptr=P, e_ptr=P, wdw_ptr=P, bdw_ptr=P, wp_ptr=P, bp_ptr=P, al_ptr=P, bt_ptr=P,
                                      r_ptr=P, N=N, H=H, RH=RH, KS=3, PREC=prec, HP=16, CC=cc, P=p, UNROLL=u),
           num_warps=w, num_stages=2, ptr_types={"a_ptr": t, "e_ptr": t, "r_ptr": t})
+# the gather forward's autotuning space (and the untuned launch: TM=4, 4 warps); k=5 and fp32 maps
+for prec, t, tm, w, ks in [("tf32", "*bf16", 4, 4, 3), ("tf32", "*bf16", 2, 2, 3), ("tf32", "*bf16", 4, 2, 3),
+                           ("tf32", "*bf16", 8, 4, 3), ("tf32", "*bf16", 8, 8, 3), ("ieee", "*fp32", 4, 4, 5),
+                           ("bf16", "*fp16", 4, 4, 3)]:
+    check(E._re_gather, dict(a_ptr=P, we_ptr=P, be_ptr=P, wdwt_ptr=P, bdw_ptr=P, wp_ptr=P, bp_ptr=P, al_ptr=P, bt_ptr=P,
+                             r_ptr=P, N=N, H=H, RH=RH, KS=ks, RELU_E=True, PREC=prec, HILO=prec == "tf32", HP=16,
+                             CC=16, TM=tm, TJ=32),
+          num_warps=w, num_stages=1, ptr_types={"a_ptr": t, "r_ptr": t})
 check(E._re_bwd, dict(a_ptr=P, dr_ptr=P, we_ptr=P, be_ptr=P, wdw_ptr=P, bdw_ptr=P, wp_ptr=P, bp_ptr=P, al_ptr=P,
                       da_ptr=P, scr_ptr=P, pwe_ptr=P, pbe_ptr=P, pwdw_ptr=P, pbdw_ptr=P, pwp_ptr=P, pbp_ptr=P, pal_ptr=P,
                       pbt_ptr=P, N=N, H=H, RH=RH, RHP=48, NTJ=14, KS=3, RELU_E=True, HP=16, CC=16, TM=16, TJ=16),

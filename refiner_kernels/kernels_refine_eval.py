@@ -14,6 +14,11 @@ Forward, "split" (the default, see forward_variant): one pass stores E = relu6(w
 (masked loads outside the map are the zero padding), applies b_dw, relu6, the reduction dot and
 the affine residual and stores R; then out = R @ v by the batched matmul kernel.
 
+Forward, "gather" (a candidate): one program per (image, TM-row, 32-column tile), the column tiles
+overlapping by the stencil's halo; per channel chunk and stencil row offset, E from A loaded at that
+row shift by a tensor-core dot, moved to the column shifts by tl.gather (warp shuffles); E is never
+stored. Then the reduction dot, the affine residual, R stored; out = R @ v.
+
 Forward, "tile" (one program per (query-row tile, batch); loop over column tiles): Triton cannot shift a
 register tile, so the k x k stencil loads A at each of the k*k shifted offsets and recomputes the
 expansion there (tensor-core work instead of a trip through global memory); E at shifted
@@ -266,6 +271,68 @@ if triton is not None:
         tl.store(r_ptr + base_a + hoff + q[None, :], r.to(r_ptr.dtype.element_ty), mask=m2)
 
     @triton.jit
+    def _re_gather(a_ptr, we_ptr, be_ptr, wdwt_ptr, bdw_ptr, wp_ptr, bp_ptr, al_ptr, bt_ptr, r_ptr, N, H, RH,
+                   KS: tl.constexpr, RELU_E: tl.constexpr, PREC: tl.constexpr, HILO: tl.constexpr, HP: tl.constexpr,
+                   CC: tl.constexpr, TM: tl.constexpr, TJ: tl.constexpr):
+        """The "gather" forward, one kernel, E never leaves registers: R at a TM x TJ tile of one
+        image whose TJ - 2 PAD inner columns it owns (the tiles overlap by the stencil's halo). Per
+        channel chunk and stencil row offset, E = relu6(w_exp A + b_exp) is formed on CUDA cores from
+        A loaded at that row shift, one head at a time (CC x TM x TJ, the channels in each thread's
+        registers); the stencil's column shifts are tl.gather along the TJ axis (with TJ = 32, a
+        warp's lanes: shuffles, no memory). Then the reduction dot and the affine residual.
+        wdwt: the depthwise weights as (k*k, rH), so a chunk's weights of one offset are contiguous.
+        HILO (fp16/bf16 maps): the expansion dot takes A as loaded, exact, and the weights as a sum
+        of two values of A's dtype (hi + lo, two tensor-core dots): no per-element conversion or
+        TF32 rounding of A, and the weights to 16 bits (bf16) instead of TF32's 11."""
+        PAD: tl.constexpr = KS // 2
+        b = tl.program_id(0).to(tl.int64)
+        row = tl.program_id(1) * TM + tl.arange(0, TM)[:, None]  # (TM, 1)
+        jj = tl.arange(0, TJ)[None, :]
+        col = tl.program_id(2) * (TJ - 2 * PAD) - PAD + jj  # (1, TJ)
+        incol = (col >= 0) & (col < N)
+        abase = a_ptr + b * H * N * N  # int32 offsets off the image base (_common.check_image_map)
+        hh = tl.arange(0, HP)
+        mh = hh < H
+        hoff = hh[:, None] * (N * N)
+        y = tl.zeros((HP, TM * TJ), tl.float32)
+        for c0 in range(0, RH, CC):
+            cc = c0 + tl.arange(0, CC)
+            mc = cc < RH
+            we, be = expansion_chunk(we_ptr, be_ptr, cc, mc, hh, mh, H)
+            if HILO:
+                we_hi = we.to(a_ptr.dtype.element_ty)
+                we_lo = (we - we_hi.to(tl.float32)).to(a_ptr.dtype.element_ty)
+            x2 = tl.zeros((CC, TM, TJ), tl.float32)
+            for di in range(0, KS):
+                r2 = row + (di - PAD)
+                ok = (r2 >= 0) & (r2 < N) & incol  # (TM, TJ): E is 0 off the map (zero padding)
+                a_s = tl.load(abase + (hoff + tl.reshape(r2 * N + col, (TM * TJ,))[None, :]),
+                              mask=mh[:, None] & tl.reshape(ok, (TM * TJ,))[None, :], other=0.0)
+                if HILO:
+                    x1 = tl.dot(we_hi, a_s, out_dtype=tl.float32) + tl.dot(we_lo, a_s, out_dtype=tl.float32)
+                else:
+                    x1 = dot(we, a_s.to(tl.float32), PREC)
+                e = tl.reshape(x1, (CC, TM, TJ)) + be[:, None, None]
+                if RELU_E:
+                    e = tl.minimum(tl.maximum(e, 0.0), 6.0)
+                e = tl.where(ok[None, :, :], e, 0.0)
+                for dj in tl.static_range(KS):
+                    if dj == PAD:
+                        es = e
+                    else:  # E one column over; the edge lanes clamp (only halo columns read them)
+                        idx = tl.minimum(tl.maximum(jj + (dj - PAD), 0), TJ - 1)
+                        es = tl.gather(e, tl.broadcast_to(idx[None, :, :], (CC, TM, TJ)), 2)
+                    w = tl.load(wdwt_ptr + (di * KS + dj) * RH + cc, mask=mc, other=0.0).to(tl.float32)
+                    x2 += w[:, None, None] * es
+            y += reduction_chunk(tl.reshape(x2, (CC, TM * TJ)), bdw_ptr, wp_ptr, cc, mc, hh, mh, RH, PREC, CC)
+        own = (row < N) & incol & (jj >= PAD) & (jj < TJ - PAD)
+        q = tl.reshape(row * N + col, (TM * TJ,))
+        m2 = mh[:, None] & tl.reshape(own, (TM * TJ,))[None, :]
+        a0 = tl.load(abase + (hoff + q[None, :]), mask=m2, other=0.0).to(tl.float32)
+        r = affine_residual(a0, y, al_ptr, bt_ptr, bp_ptr, hh, mh)
+        tl.store(r_ptr + b * H * N * N + (hoff + q[None, :]), r.to(r_ptr.dtype.element_ty), mask=m2)
+
+    @triton.jit
     def halo_tile(pid_t, NTJ, N, KS: tl.constexpr, TM: tl.constexpr, TJ: tl.constexpr):
         """Halo tile pid_t of a map (NTJ tiles per tile row): each TM x TJ tile overlaps its neighbours
         by the stencil's halo, and the owned interiors tile the N x N map. Returns the flat position
@@ -419,8 +486,12 @@ if triton is not None:
          for p, w, u, cc in [(64, 4, False, 16), (128, 4, False, 16), (128, 8, False, 16), (256, 8, False, 16),
                              (128, 8, True, 16), (128, 4, True, 1), (256, 4, True, 1), (128, 4, False, 1)]],
         key=["N", "H", "RH", "KS"])(_re_stencil_reduce)
+    # the gather forward: rows per tile and warps (TJ follows from the kernel size, gather_tj)
+    _re_gather_tuned = gpu_autotune(
+        [triton.Config({"TM": tm}, num_warps=w, num_stages=1) for tm, w in [(2, 2), (4, 4), (4, 2), (8, 4), (8, 8)]],
+        key=["N", "H", "RH", "KS"])(_re_gather)
 else:
-    _re_fwd_tuned = _re_expand_tuned = _re_stencil_reduce_tuned = None
+    _re_fwd_tuned = _re_expand_tuned = _re_stencil_reduce_tuned = _re_gather_tuned = None
 
 
 def _fwd_tiles(N: int):
@@ -448,6 +519,11 @@ def forward_variant(device=None) -> str:
     the tile recompute on flat position ranges: 0.84 / 7.2 ms). A third, "padded" (split with E
     stored on a zero-bordered grid, so that the stencil's shifted loads need no bounds tests), was
     removed after the H200 measured it slower (B=32, N=197, bf16: 1.45 against 0.86 ms for split).
+    "gather" (a candidate, not yet timed on a GPU): one kernel (_re_gather) on tiles of 32 columns
+    overlapping by the halo; E formed by a tensor-core dot at each of the k row shifts and moved to
+    the k column shifts by tl.gather (warp shuffles), never stored. ptxas (sm_90, k=3, 16 channels,
+    bf16): 1,427 SASS instructions per 128 positions and channel chunk against split's ~2,526
+    (its stencil pass's 2,195 with the expansion pass's 331), with no E round trip through L2.
     The default applies unless the variable is set or a value is tuned for the GPU model (settings.py)."""
     return switch("REFINER_TRITON_REFINE_FWD", device)
 
@@ -519,6 +595,41 @@ def _split_r(attn, we, be, w_dw, b_dw, w_pro, b_pro, alpha, beta, relu, prec, r_
     return r
 
 
+GATHER_TJ = None  # the gather forward's tile columns (None: gather_tj's rule; the tests set it)
+GATHER_TM, GATHER_WARPS = 4, 4  # its rows per tile and warps without autotuning (the tests set each)
+
+
+def gather_tj(N: int, KS: int) -> int:
+    """Columns of a gather-forward tile: 32 (a warp's lanes, so the column shifts are shuffles)
+    unless the halo would leave fewer than half of them owned; the whole padded row under the
+    interpreter (fewer programs)."""
+    pad = KS // 2
+    if GATHER_TJ is not None:
+        return max(GATHER_TJ, next_pow2(2 * pad + 1))
+    tj = 32 if 4 * pad <= 32 else next_pow2(4 * pad)
+    return max(tj, next_pow2(N + 2 * pad)) if interpreting() else tj
+
+
+def _gather_r(attn, we, be, w_dw, b_dw, w_pro, b_pro, alpha, beta, relu, prec, r_dtype):
+    """R (r_dtype, A-sized) by _re_gather: one launch, no stored E."""
+    B, H, N, _ = attn.shape
+    RH, KS = w_dw.shape[0], w_dw.shape[-1]
+    HP = max(16, next_pow2(H))
+    TJ = gather_tj(N, KS)
+    owned = TJ - 2 * (KS // 2)
+    r = torch.empty(B, H, N, N, dtype=r_dtype, device=attn.device)
+    args = (attn, we, be, w_dw.reshape(RH, KS * KS).t().contiguous(), b_dw.contiguous(), w_pro.contiguous(),
+            b_pro.contiguous(), alpha.contiguous(), beta.contiguous(), r, N, H, RH)
+    consts = dict(KS=KS, RELU_E=relu, PREC=prec, HILO=prec == "tf32", HP=HP, CC=CC, TJ=TJ)
+    if use_tuned(_re_gather_tuned, attn):
+        _re_gather_tuned[lambda META: (B, triton.cdiv(N, META["TM"]), triton.cdiv(N, owned))](*args, **consts)
+    else:
+        TM = min(16, next_pow2(N)) if interpreting() and GATHER_TJ is None else GATHER_TM
+        _re_gather[(B, triton.cdiv(N, TM), triton.cdiv(N, owned))](*args, **consts, TM=TM, num_warps=GATHER_WARPS,
+                                                                   num_stages=1)
+    return r
+
+
 def stencil_reduce_into(r, a, e, params, KS, prec):
     """R of the images of `a` into r (their E stored in e by expand_into) by _re_stencil_reduce;
     params: w_dw, b_dw, w_pro, b_pro, alpha, beta (contiguous)."""
@@ -549,7 +660,12 @@ def refine_eval_fwd(attn, v, w_exp, b_exp, w_dw, b_dw, w_pro, b_pro, alpha, beta
     prec = "ieee" if store_r else forward_precision(attn)
     # split: E and R in the input dtype (as under autocast), fp32 for the backward; "tile" beyond
     # the int32 offsets of its stencil pass (rH N^2 > 2^31 - 1: N > 7723 at rH = 36)
-    if forward_variant(attn.device) == "split" and RH * N * N <= SPLIT_MAX_MAP:
+    variant = forward_variant(attn.device)
+    if variant == "gather":
+        r = _gather_r(attn, we, be, w_dw, b_dw, w_pro, b_pro, alpha, beta, relu, prec,
+                      torch.float32 if store_r else attn.dtype)
+        return r if store_r else bmm(r, v, out=token_major(B, H, N, D, v))
+    if variant == "split" and RH * N * N <= SPLIT_MAX_MAP:
         r_dtype = torch.float32 if store_r else attn.dtype
         r = _split_r(attn, we, be, w_dw, b_dw, w_pro, b_pro, alpha, beta, relu, prec, r_dtype)
         return r if store_r else bmm(r, v, out=token_major(B, H, N, D, v))

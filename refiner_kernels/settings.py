@@ -22,7 +22,7 @@ TUNED_FILE = Path(__file__).with_name("tuned_settings.json")
 
 # name -> the values it takes, the built-in default first
 SWITCHES = {
-    "REFINER_TRITON_REFINE_FWD": ("split", "tile"),
+    "REFINER_TRITON_REFINE_FWD": ("split", "tile", "gather"),
     "REFINER_TRITON_REFINE_DOT": ("auto", "bf16"),
     "REFINER_TRITON_TRAIN_X2": ("offsets", "halo"),
     "REFINER_TRITON_TRAIN_DOT": ("auto", "ieee", "tf32", "tf32x3"),

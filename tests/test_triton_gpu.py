@@ -132,6 +132,27 @@ def test_refine_eval_gpu_tile_forward(monkeypatch, N, d, ratio, ks, dtype):
     test_refine_eval_gpu(N, d, ratio, ks, dtype)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("N,d,ratio,ks", [(197, 32, 3, 3), (50, 35, 3, 5), (50, 32, 1, 3), (577, 32, 3, 3)])
+def test_refine_eval_gpu_gather_forward(monkeypatch, N, d, ratio, ks, dtype):
+    """The candidate forward REFINER_TRITON_REFINE_FWD=gather (one kernel; the column shifts by
+    tl.gather, warp shuffles at 32 columns), also the backward's R recompute."""
+    monkeypatch.setenv("REFINER_TRITON_REFINE_FWD", "gather")
+    test_refine_eval_gpu(N, d, ratio, ks, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("tm,warps", [(2, 2), (4, 2), (8, 4), (8, 8)])
+def test_refine_eval_gpu_gather_forms(monkeypatch, tm, warps, dtype):
+    """The gather forward's tiles that GPU autotuning may pick (the tests run untuned: 4 rows, 4
+    warps), at N=197."""
+    from refiner_kernels import kernels_refine_eval
+    monkeypatch.setattr(kernels_refine_eval, "GATHER_TM", tm)
+    monkeypatch.setattr(kernels_refine_eval, "GATHER_WARPS", warps)
+    monkeypatch.setenv("REFINER_TRITON_REFINE_FWD", "gather")
+    test_refine_eval_gpu(197, 32, 3, 3, dtype)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("unroll,cc", [(True, 16), (True, 1), (False, 1)])
 def test_refine_eval_gpu_split_forms(monkeypatch, unroll, cc, dtype):

@@ -146,9 +146,9 @@ def _folded(H, ratio, ks, d):
     (17, 35, 1, 3, torch.float32),
     (17, 32, 3, 3, torch.float16),
 ])
-@pytest.mark.parametrize("fwd", ["split", "tile"])
+@pytest.mark.parametrize("fwd", ["split", "tile", "gather"])
 def test_refine_eval(monkeypatch, fwd, N, d, ratio, ks, dtype):
-    """Both forward kernels (REFINER_TRITON_REFINE_FWD), which the backward also uses for R."""
+    """Every forward kernel (REFINER_TRITON_REFINE_FWD), which the backward also uses for R."""
     monkeypatch.setenv("REFINER_TRITON_REFINE_FWD", fwd)
     B, H = 1, 12
     f = _folded(H, ratio, ks, d)
@@ -169,7 +169,7 @@ def test_refine_eval(monkeypatch, fwd, N, d, ratio, ks, dtype):
         _close(a, b, dtype, "d" + name)
 
 
-@pytest.mark.parametrize("fwd", ["split", "tile"])
+@pytest.mark.parametrize("fwd", ["split", "tile", "gather"])
 @pytest.mark.parametrize("N,d,ratio,ks", [(17, 35, 3, 3), (20, 32, 3, 5), (17, 32, 1, 3)])
 def test_refine_eval_bf16_dots(monkeypatch, fwd, N, d, ratio, ks):
     """The forward's candidate REFINER_TRITON_REFINE_DOT=bf16 (bf16 operands rounded to nearest,
@@ -201,7 +201,7 @@ def test_refine_eval_bf16_dots(monkeypatch, fwd, N, d, ratio, ks):
             torch.testing.assert_close(a, b, rtol=0, atol=0, msg=lambda m: f"d{name}: {m}")
 
 
-@pytest.mark.parametrize("variant", ["split", "tile"])
+@pytest.mark.parametrize("variant", ["split", "tile", "gather"])
 def test_refine_eval_border_padding(monkeypatch, variant):
     """Padded E is 0 at the border, not relu6(b_exp): a large positive b_exp exposes it."""
     monkeypatch.setenv("REFINER_TRITON_REFINE_FWD", variant)
@@ -239,6 +239,31 @@ def test_refine_eval_split_forward_batch_chunks(monkeypatch, limit, unroll, cc, 
     names = "attn v w_exp b_exp w_dw b_dw w_pro b_pro alpha beta".split()
     for name, a, b in zip(names, _grads([out], [attn, v] + ps, [go]), _grads([rout], [attn, v] + ps, [go])):
         _close(a, b, name="d" + name)
+
+
+@pytest.mark.parametrize("tj,tm,ks,N,dtype", [(8, 2, 3, 23, torch.float32), (16, 4, 5, 37, torch.float32),
+                                               (8, 1, 7, 13, torch.float32), (16, 4, 3, 37, torch.float16)])
+def test_refine_eval_gather_forward_column_tiles(monkeypatch, tj, tm, ks, N, dtype):
+    """The gather forward with narrow tiles (the GPU's are 32 columns; the interpreter's otherwise
+    one per padded row), so that a map spans several column tiles overlapping by the halo and
+    several row tiles, the last ones partly off the map: output and gradients against the
+    reference. fp16: the expansion's hi/lo weight split (HILO)."""
+    from refiner_kernels import kernels_refine_eval
+    monkeypatch.setattr(kernels_refine_eval, "GATHER_TJ", tj)
+    monkeypatch.setattr(kernels_refine_eval, "GATHER_TM", tm)
+    monkeypatch.setenv("REFINER_TRITON_REFINE_FWD", "gather")
+    B, H, d = 2, 12, 16
+    f = _folded(H, 3, ks, d)
+    ps = [_leaf(t, dtype) for t in f.args()[:-1]]
+    attn, v = _leaf(random_attn(B, H, N), dtype), _leaf(torch.randn(B, H, N, d), dtype)
+    rs = [_leaf(t.detach().float()) for t in [attn, v] + ps]
+    out, rout = rk.refine_eval(attn, v, *ps, True), ref.refine_eval(*rs, True)
+    assert kernels_refine_eval.gather_tj(N, ks) - 2 * (ks // 2) < N  # several column tiles
+    _close(out, rout, dtype, name="out")
+    go = torch.randn_like(rout).to(dtype)
+    names = "attn v w_exp b_exp w_dw b_dw w_pro b_pro alpha beta".split()
+    for name, a, b in zip(names, _grads([out], [attn, v] + ps, [go]), _grads([rout], rs, [go.float()])):
+        _close(a, b, dtype, name="d" + name)
 
 
 def test_refine_eval_split_falls_back_to_tile_beyond_int32_offsets(monkeypatch):
@@ -365,7 +390,7 @@ def test_fused_layer_makes_no_copies_on_triton(share_atten, training):
     _close(attn, rattn, name="attn")
 
 
-@pytest.mark.parametrize("training,fwd", [(False, "split"), (False, "tile"), (True, "split")])
+@pytest.mark.parametrize("training,fwd", [(False, "split"), (False, "tile"), (False, "gather"), (True, "split")])
 def test_refine_ops_read_v_views_and_return_token_major(monkeypatch, training, fwd):
     """refine_eval (both forwards) and refine_train read v as a view of a (B, N, H, d) projection and
     return out in (B, N, H, d) memory; values and gradients as with a contiguous v; opcheck with
@@ -795,7 +820,7 @@ def test_autotune_specs_name_real_kernel_arguments():
     from refiner_kernels import _common
     from refiner_kernels import blocks, kernels_refine_eval, kernels_refine_train, kernels_softmax  # noqa: F401
     specs = _common.AUTOTUNE_SPECS
-    tuned = {"_rt_tile", "_rt_b3", "_re_fwd", "_re_expand", "_re_stencil_reduce", "_bmm_kernel", "_sb_fwd",
+    tuned = {"_rt_tile", "_rt_b3", "_re_fwd", "_re_expand", "_re_stencil_reduce", "_re_gather", "_bmm_kernel", "_sb_fwd",
              "_sb_bwd_dq", "_sb_bwd_dkdv"}
     assert tuned <= set(specs), tuned - set(specs)
     import inspect
