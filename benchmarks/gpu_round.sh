@@ -234,7 +234,7 @@ stage_quick() {
   run_step bench_ops 100 "$PY" benchmarks/bench_ops.py --out "$RES" --rep-ms 25 --n 197 577 --heads 12 \
     --head-dim 32 --dtypes bf16 --ops refine_eval refine_train softmax_block --backends triton cuda reference \
     --env-variants "triton:REFINER_TRITON_TRAIN_SAVE_Y3=0@refine_train" \
-    "triton:REFINER_TRITON_TRAIN_DOT=tf32x3@refine_train" \
+    "triton:REFINER_TRITON_TRAIN_DOT=tf32x3@refine_train" "triton:REFINER_TRITON_TRAIN_X2=gather@refine_train" \
     "triton:REFINER_TRITON_REFINE_FWD=tile@refine_eval" "triton:REFINER_TRITON_REFINE_FWD=gather@refine_eval" \
     "triton:REFINER_TRITON_REFINE_DOT=bf16@refine_eval" \
     "triton:REFINER_TRITON_SOFTMAX_BWD_DOT=bf16@softmax_block"
@@ -283,12 +283,14 @@ stage_verify() {
 stage_compiled() {
   run_step bench_ops_inductor 100 "$PY" benchmarks/bench_ops.py --out "$RES" --rep-ms 25 --n 197 --heads 12 \
     --head-dim 32 --dtypes bf16 --ops refine_eval refine_train softmax_block --backends triton reference \
-    --no-memory --compile-backend inductor --env-variants "triton:REFINER_TRITON_REFINE_FWD=gather@refine_eval"
+    --no-memory --compile-backend inductor --env-variants "triton:REFINER_TRITON_REFINE_FWD=gather@refine_eval" \
+    "triton:REFINER_TRITON_TRAIN_X2=gather@refine_train"
   local common=(--out "$RES" --img 224 --batch 256 --compile-backend inductor --repeats 5 --fused-backends triton)
   run_step bench_models_compiled_infer $(( $(left) * 2 / 5 )) "$PY" benchmarks/bench_models.py "${common[@]}" \
     --models vit_small_patch16_224 refiner_vit_s --modes infer --env-variants "triton:REFINER_TRITON_REFINE_FWD=gather"
   run_step bench_models_compiled_train $(( $(left) - 20 )) "$PY" benchmarks/bench_models.py "${common[@]}" \
-    --models refiner_vit_s --modes train --mixed-backends "triton,refine_train=reference"
+    --models refiner_vit_s --modes train --mixed-backends "triton,refine_train=reference" \
+    --env-variants "triton:REFINER_TRITON_TRAIN_X2=gather"
 }
 
 # Why the refine kernels run 10-20x above what their arithmetic and traffic need (round 4: refine_eval's

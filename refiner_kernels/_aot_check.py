@@ -154,11 +154,13 @@ for mode, x2, prec in [(1, "offsets", "ieee"), (2, "offsets", "ieee"), (3, "offs
                        (5, "offsets", "ieee"), (6, "offsets", "ieee"), (7, "offsets", "ieee"), (2, "halo", "ieee"),
                        (3, "halo", "ieee"), (5, "halo", "ieee"), (2, "offsets", "tf32"), (3, "offsets", "tf32"),
                        (5, "offsets", "tf32"), (3, "halo", "tf32"), (5, "halo", "tf32"), (3, "offsets", "tf32x3"),
-                       (5, "offsets", "tf32x3")]:
+                       (5, "offsets", "tf32x3"), (2, "gather", "tf32"), (3, "gather", "tf32"), (5, "gather", "tf32"),
+                       (3, "gather", "ieee")]:
+    tm, tj = (8, 32) if x2 == "gather" else (16, 16)  # (REFINER_TRITON_TRAIN_X2=gather: 8 x 32 gather tiles)
     check(T._rt_tile, dict(a_ptr=P, dr_ptr=P, y_ptr=P, we_ptr=P, be_ptr=P, wdw_ptr=P, wp_ptr=P, cv_ptr=P, hv_ptr=P,
                            ks_ptr=P, part_ptr=P, pn_ptr=P, pwp_ptr=P, scr_ptr=P, N=N, H=H, RH=RH, RHP=48,
-                           NTJ=13, scale=0.1, MODE=mode, KS=3, RELU_E=True, PREC=prec, HP=16, CC=16, TM=16, TJ=16,
-                           W=48, HALO=x2 == "halo"), num_warps=8, num_stages=1,
+                           NTJ=13, scale=0.1, MODE=mode, KS=3, RELU_E=True, PREC=prec, HP=16, CC=16, TM=tm, TJ=tj,
+                           W=48, HALO=x2 == "halo", GATHER=x2 == "gather"), num_warps=8, num_stages=1,
           ptr_types={"a_ptr": "*bf16"} if prec == "tf32" else None)
 for prec in ("ieee", "tf32", "tf32x3"):
     check(T._rt_b3, dict(a_ptr=P, dr_ptr=P, y_ptr=P, we_ptr=P, be_ptr=P, wer_ptr=P, wdw_ptr=P, wp_ptr=P, cv_ptr=P,

@@ -271,66 +271,90 @@ if triton is not None:
         tl.store(r_ptr + base_a + hoff + q[None, :], r.to(r_ptr.dtype.element_ty), mask=m2)
 
     @triton.jit
+    def stencil_gathered(abase, hoff, row, col, N, mh, ks, we, be, wd_ptr, wd_sc, wd_so, cc, mc,
+                         KS: tl.constexpr, RELU_E: tl.constexpr, PREC: tl.constexpr, HILO: tl.constexpr,
+                         CC: tl.constexpr, TM: tl.constexpr, TJ: tl.constexpr):
+        """dw_k(E) of channels cc (CC x TM*TJ, fp32) on a tile of TM rows by TJ columns of one image
+        (row, col: the flat positions' map row and column, row-major in the tile), exact at the
+        tile's inner columns PAD .. TJ-1-PAD. For each stencil row offset, E = relu6(we (A - ks) + be)
+        by a dot on A loaded at that row shift (0 off the map: the zero padding of E, not
+        relu6(b_exp)), then moved to the column shifts by tl.gather along the tile's TJ columns
+        (TJ = 32, a warp's lanes: shuffles; the edge lanes clamp, only halo columns read them).
+        abase: the image's A; hoff: the heads' int32 offsets (HP x 1); wd_ptr + c wd_sc + o wd_so:
+        the depthwise weight of channel c at offset o. HILO (ks = 0, A fp16/bf16): the expansion on
+        A as loaded, exact, with the weights split hi + lo in A's dtype (two tensor-core dots)."""
+        PAD: tl.constexpr = KS // 2
+        P: tl.constexpr = TM * TJ
+        jj = tl.arange(0, TJ)[None, None, :]
+        incol = (col >= 0) & (col < N)
+        if HILO:
+            we_hi = we.to(abase.dtype.element_ty)
+            we_lo = (we - we_hi.to(tl.float32)).to(abase.dtype.element_ty)
+        x2 = tl.zeros((CC, TM, TJ), tl.float32)
+        for di in range(0, KS):
+            r2 = row + (di - PAD)
+            ok = (r2 >= 0) & (r2 < N) & incol
+            a_s = tl.load(abase + (hoff + (r2 * N + col)[None, :]), mask=mh[:, None] & ok[None, :], other=0.0)
+            if HILO:
+                x1 = tl.dot(we_hi, a_s, out_dtype=tl.float32) + tl.dot(we_lo, a_s, out_dtype=tl.float32)
+            else:
+                x1 = dot(we, a_s.to(tl.float32) - ks[:, None], PREC)
+            e = x1 + be[:, None]
+            if RELU_E:
+                e = tl.minimum(tl.maximum(e, 0.0), 6.0)
+            e = tl.reshape(tl.where(ok[None, :], e, 0.0), (CC, TM, TJ))
+            for dj in tl.static_range(KS):
+                if dj == PAD:
+                    es = e
+                else:
+                    idx = tl.minimum(tl.maximum(jj + (dj - PAD), 0), TJ - 1)
+                    es = tl.gather(e, tl.broadcast_to(idx, (CC, TM, TJ)), 2)
+                w = tl.load(wd_ptr + cc * wd_sc + (di * KS + dj) * wd_so, mask=mc, other=0.0).to(tl.float32)
+                x2 += w[:, None, None] * es
+        return tl.reshape(x2, (CC, P))
+
+    @triton.jit
+    def gather_tile(pid_r, pid_c, N, KS: tl.constexpr, TM: tl.constexpr, TJ: tl.constexpr):
+        """The gather tiles: TM rows by TJ columns, column tiles overlapping by the stencil's halo.
+        Returns the flat positions' map row and column, in the map, and owned (the inner columns)."""
+        PAD: tl.constexpr = KS // 2
+        p = tl.arange(0, TM * TJ)
+        pj = p % TJ
+        row = pid_r * TM + p // TJ
+        col = pid_c * (TJ - 2 * PAD) - PAD + pj
+        inmap = (row < N) & (col >= 0) & (col < N)
+        return row, col, inmap, inmap & (pj >= PAD) & (pj < TJ - PAD)
+
+    @triton.jit
     def _re_gather(a_ptr, we_ptr, be_ptr, wdwt_ptr, bdw_ptr, wp_ptr, bp_ptr, al_ptr, bt_ptr, r_ptr, N, H, RH,
                    KS: tl.constexpr, RELU_E: tl.constexpr, PREC: tl.constexpr, HILO: tl.constexpr, HP: tl.constexpr,
                    CC: tl.constexpr, TM: tl.constexpr, TJ: tl.constexpr):
-        """The "gather" forward, one kernel, E never leaves registers: R at a TM x TJ tile of one
-        image whose TJ - 2 PAD inner columns it owns (the tiles overlap by the stencil's halo). Per
-        channel chunk and stencil row offset, E = relu6(w_exp A + b_exp) is formed on CUDA cores from
-        A loaded at that row shift, one head at a time (CC x TM x TJ, the channels in each thread's
-        registers); the stencil's column shifts are tl.gather along the TJ axis (with TJ = 32, a
-        warp's lanes: shuffles, no memory). Then the reduction dot and the affine residual.
-        wdwt: the depthwise weights as (k*k, rH), so a chunk's weights of one offset are contiguous.
-        HILO (fp16/bf16 maps): the expansion dot takes A as loaded, exact, and the weights as a sum
-        of two values of A's dtype (hi + lo, two tensor-core dots): no per-element conversion or
-        TF32 rounding of A, and the weights to 16 bits (bf16) instead of TF32's 11."""
-        PAD: tl.constexpr = KS // 2
+        """The "gather" forward, one kernel, E never leaves registers: R at the owned positions of a
+        gather tile (gather_tile) of one image, dw_k(E) by stencil_gathered, then the reduction dot
+        and the affine residual. wdwt: the depthwise weights as (k*k, rH), so that a chunk's
+        weights of one offset are contiguous (vector loads). HILO (fp16/bf16 maps): no per-element
+        conversion or TF32 rounding of A in the expansion, and its weights to 16 bits (bf16)
+        instead of TF32's 11."""
         b = tl.program_id(0).to(tl.int64)
-        row = tl.program_id(1) * TM + tl.arange(0, TM)[:, None]  # (TM, 1)
-        jj = tl.arange(0, TJ)[None, :]
-        col = tl.program_id(2) * (TJ - 2 * PAD) - PAD + jj  # (1, TJ)
-        incol = (col >= 0) & (col < N)
+        row, col, inmap, own = gather_tile(tl.program_id(1), tl.program_id(2), N, KS, TM, TJ)
         abase = a_ptr + b * H * N * N  # int32 offsets off the image base (_common.check_image_map)
         hh = tl.arange(0, HP)
         mh = hh < H
         hoff = hh[:, None] * (N * N)
+        no_shift = tl.zeros((HP,), tl.float32)
         y = tl.zeros((HP, TM * TJ), tl.float32)
         for c0 in range(0, RH, CC):
             cc = c0 + tl.arange(0, CC)
             mc = cc < RH
             we, be = expansion_chunk(we_ptr, be_ptr, cc, mc, hh, mh, H)
-            if HILO:
-                we_hi = we.to(a_ptr.dtype.element_ty)
-                we_lo = (we - we_hi.to(tl.float32)).to(a_ptr.dtype.element_ty)
-            x2 = tl.zeros((CC, TM, TJ), tl.float32)
-            for di in range(0, KS):
-                r2 = row + (di - PAD)
-                ok = (r2 >= 0) & (r2 < N) & incol  # (TM, TJ): E is 0 off the map (zero padding)
-                a_s = tl.load(abase + (hoff + tl.reshape(r2 * N + col, (TM * TJ,))[None, :]),
-                              mask=mh[:, None] & tl.reshape(ok, (TM * TJ,))[None, :], other=0.0)
-                if HILO:
-                    x1 = tl.dot(we_hi, a_s, out_dtype=tl.float32) + tl.dot(we_lo, a_s, out_dtype=tl.float32)
-                else:
-                    x1 = dot(we, a_s.to(tl.float32), PREC)
-                e = tl.reshape(x1, (CC, TM, TJ)) + be[:, None, None]
-                if RELU_E:
-                    e = tl.minimum(tl.maximum(e, 0.0), 6.0)
-                e = tl.where(ok[None, :, :], e, 0.0)
-                for dj in tl.static_range(KS):
-                    if dj == PAD:
-                        es = e
-                    else:  # E one column over; the edge lanes clamp (only halo columns read them)
-                        idx = tl.minimum(tl.maximum(jj + (dj - PAD), 0), TJ - 1)
-                        es = tl.gather(e, tl.broadcast_to(idx[None, :, :], (CC, TM, TJ)), 2)
-                    w = tl.load(wdwt_ptr + (di * KS + dj) * RH + cc, mask=mc, other=0.0).to(tl.float32)
-                    x2 += w[:, None, None] * es
-            y += reduction_chunk(tl.reshape(x2, (CC, TM * TJ)), bdw_ptr, wp_ptr, cc, mc, hh, mh, RH, PREC, CC)
-        own = (row < N) & incol & (jj >= PAD) & (jj < TJ - PAD)
-        q = tl.reshape(row * N + col, (TM * TJ,))
-        m2 = mh[:, None] & tl.reshape(own, (TM * TJ,))[None, :]
-        a0 = tl.load(abase + (hoff + q[None, :]), mask=m2, other=0.0).to(tl.float32)
+            x2 = stencil_gathered(abase, hoff, row, col, N, mh, no_shift, we, be, wdwt_ptr, 1, RH, cc, mc, KS, RELU_E,
+                                  PREC, HILO, CC, TM, TJ)
+            y += reduction_chunk(x2, bdw_ptr, wp_ptr, cc, mc, hh, mh, RH, PREC, CC)
+        m2 = mh[:, None] & own[None, :]
+        q = (row * N + col)[None, :]
+        a0 = tl.load(abase + (hoff + q), mask=m2, other=0.0).to(tl.float32)
         r = affine_residual(a0, y, al_ptr, bt_ptr, bp_ptr, hh, mh)
-        tl.store(r_ptr + b * H * N * N + (hoff + q[None, :]), r.to(r_ptr.dtype.element_ty), mask=m2)
+        tl.store(r_ptr + b * H * N * N + (hoff + q), r.to(r_ptr.dtype.element_ty), mask=m2)
 
     @triton.jit
     def halo_tile(pid_t, NTJ, N, KS: tl.constexpr, TM: tl.constexpr, TJ: tl.constexpr):

@@ -39,9 +39,11 @@ Backward (recompute; exact gradient through the batch statistics):
       for dg1, db1, dW_e and dA except the BN1 mean/variance terms, which are an H x H mix of
       A - K plus a bias, added last by one pass over dA and A (_rt_mix) that writes dA in A's dtype.
 Memory: a few A-sized (B,H,N,N) tensors and O(programs * channels) partials; no (B,rH,N,N).
-Candidate (REFINER_TRITON_TRAIN_X2, see _x2_mode): "halo", the passes that form X2 (F2, F3, the
+Candidates (REFINER_TRITON_TRAIN_X2, see _x2_mode): "halo", the passes that form X2 (F2, F3, the
 backward's Y3, B2) run on halo tiles whose owned interiors tile the map, and E is staged once per
-channel chunk through a per-program scratch instead of recomputed at every stencil offset.
+channel chunk through a per-program scratch instead of recomputed at every stencil offset;
+"gather", those passes on column-halo tiles, E formed once per stencil row shift and moved to the
+column shifts by tl.gather.
 """
 from __future__ import annotations
 
@@ -68,7 +70,8 @@ NCC = 11
 
 
 if triton is not None:
-    from .kernels_refine_eval import dot, dw_wgrad_staged, halo_tile, stencil_recomputed, stencil_staged
+    from .kernels_refine_eval import (dot, dw_wgrad_staged, gather_tile, halo_tile, stencil_gathered, stencil_recomputed,
+                                      stencil_staged)
 
     @triton.jit
     def _x2_staged(a0s, inmap, we, be, wdw_ptr, cc, mc, scr, p, pm, pj,
@@ -84,10 +87,14 @@ if triton is not None:
     @triton.jit
     def _x2(a_ptr, base_a, hoff, row, col, N, mh, ks, we, be, wdw_ptr, cc, mc, a0s, inmap, scr, p, pm, pj,
             KS: tl.constexpr, RELU_E: tl.constexpr, PREC: tl.constexpr, CC: tl.constexpr, TM: tl.constexpr,
-            TJ: tl.constexpr, HALO: tl.constexpr):
-        """X2 of channels cc: staged (HALO tiles, exact at owned positions) or recomputed per offset."""
+            TJ: tl.constexpr, HALO: tl.constexpr, GATHER: tl.constexpr):
+        """X2 of channels cc: staged (HALO tiles), column shifts gathered (GATHER tiles; both exact at
+        the owned positions) or recomputed per offset."""
         if HALO:
             x2 = _x2_staged(a0s, inmap, we, be, wdw_ptr, cc, mc, scr, p, pm, pj, KS, RELU_E, PREC, CC, TM, TJ)
+        elif GATHER:
+            x2 = stencil_gathered(a_ptr + base_a, hoff, row, col, N, mh, ks, we, be, wdw_ptr, KS * KS, 1, cc, mc, KS,
+                                  RELU_E, PREC, False, CC, TM, TJ)
         else:
             x2 = stencil_recomputed(a_ptr, base_a, hoff, row, col, p >= 0, N, mh, ks, we, be, wdw_ptr, cc, mc, KS,
                                     RELU_E, PREC, CC, TM * TJ)
@@ -97,7 +104,7 @@ if triton is not None:
     def _y3_at(a_ptr, base_a, hoff, row, col, N, H, RH, RHP, hh, mh, ks, we_ptr, be_ptr, wdw_ptr, wp_ptr,
                cv_ptr, a0s, inmap, scr, p, pm, pj, KS: tl.constexpr, RELU_E: tl.constexpr,
                PREC: tl.constexpr, CC: tl.constexpr, TM: tl.constexpr, TJ: tl.constexpr, HP: tl.constexpr,
-               HALO: tl.constexpr):
+               HALO: tl.constexpr, GATHER: tl.constexpr):
         P: tl.constexpr = TM * TJ
         y = tl.zeros((HP, P), tl.float32)
         for c0 in range(0, RH, CC):
@@ -106,7 +113,7 @@ if triton is not None:
             we = tl.load(we_ptr + cc[:, None] * H + hh[None, :], mask=mc[:, None] & mh[None, :], other=0.0)
             be = tl.load(be_ptr + cc, mask=mc, other=0.0)
             x2 = _x2(a_ptr, base_a, hoff, row, col, N, mh, ks, we, be, wdw_ptr, cc, mc, a0s, inmap, scr, p, pm, pj,
-                     KS, RELU_E, PREC, CC, TM, TJ, HALO)
+                     KS, RELU_E, PREC, CC, TM, TJ, HALO, GATHER)
             a2 = tl.load(cv_ptr + 0 * RHP + cc, mask=mc, other=0.0)
             c2 = tl.load(cv_ptr + 1 * RHP + cc, mask=mc, other=0.0)
             dk = tl.load(cv_ptr + 10 * RHP + cc, mask=mc, other=0.0)
@@ -188,9 +195,11 @@ if triton is not None:
     def _rt_tile(a_ptr, dr_ptr, y_ptr, we_ptr, be_ptr, wdw_ptr, wp_ptr, cv_ptr, hv_ptr, ks_ptr, part_ptr, pn_ptr,
                  pwp_ptr, scr_ptr, N, H, RH, RHP, NTJ, scale,
                  MODE: tl.constexpr, KS: tl.constexpr, RELU_E: tl.constexpr, PREC: tl.constexpr, HP: tl.constexpr,
-                 CC: tl.constexpr, TM: tl.constexpr, TJ: tl.constexpr, W: tl.constexpr, HALO: tl.constexpr):
+                 CC: tl.constexpr, TM: tl.constexpr, TJ: tl.constexpr, W: tl.constexpr, HALO: tl.constexpr,
+                 GATHER: tl.constexpr = False):
         """Tile pass over non-overlapping tiles, or (HALO) over halo tiles whose owned interiors tile
-        the map, X2 then staged through scr_ptr (_x2_staged).
+        the map, X2 then staged through scr_ptr (_x2_staged), or (GATHER) over gather tiles (column
+        tiles overlapping by the halo; kernels_refine_eval.gather_tile), X2 by stencil_gathered.
         MODE 1: moments of A (F1). 2: BN2 stats of X2 (F2). 3: BN3 stats of Y3 (F3). 6: BN_a stats of Z (F4). 7: R stored to dr_ptr (F5, and the
         backward's recompute). 4: B1 sums. 5: B2 (dW_p partials, dg2/db2 sums).
         MODE 3 stores the tile's Y3 - W_p Dk to y_ptr (fp32, A-sized); the later modes load it from
@@ -207,6 +216,12 @@ if triton is not None:
         if HALO:  # `valid`: the owned positions (every statistic and output); `inmap`: all in the map
             p, pm, pj, row, col, inmap, valid = halo_tile(pid_t, NTJ, N, KS, TM, TJ)
             first = (p == PAD * TJ + PAD)[None, :]  # the first owned position (the moments' shift)
+        elif GATHER:
+            p = tl.arange(0, P)
+            pm = p // TJ
+            pj = p % TJ
+            row, col, inmap, valid = gather_tile(pid_t // NTJ, pid_t % NTJ, N, KS, TM, TJ)
+            first = (p == PAD)[None, :]
         else:
             p = tl.arange(0, P)
             pm = p // TJ
@@ -241,7 +256,7 @@ if triton is not None:
                 we = tl.load(we_ptr + cc[:, None] * H + hh[None, :], mask=mc[:, None] & mh[None, :], other=0.0)
                 be = tl.load(be_ptr + cc, mask=mc, other=0.0)
                 x2 = _x2(a_ptr, base_a, hoff, row, col, N, mh, ks, we, be, wdw_ptr, cc, mc, a0s, inmap, scr, p, pm,
-                         pj, KS, RELU_E, PREC, CC, TM, TJ, HALO)
+                         pj, KS, RELU_E, PREC, CC, TM, TJ, HALO, GATHER)
                 sh, md, xc = _moments(x2, mc[:, None] & valid[None, :], first)
                 tl.store(pbase + 0 * W + cc, sh, mask=mc)
                 tl.store(pbase + 1 * W + cc, md, mask=mc)
@@ -249,7 +264,7 @@ if triton is not None:
         if MODE >= 3:
             if MODE == 3:
                 y = _y3_at(a_ptr, base_a, hoff, row, col, N, H, RH, RHP, hh, mh, ks, we_ptr, be_ptr, wdw_ptr, wp_ptr,
-                           cv_ptr, a0s, inmap, scr, p, pm, pj, KS, RELU_E, PREC, CC, TM, TJ, HP, HALO)
+                           cv_ptr, a0s, inmap, scr, p, pm, pj, KS, RELU_E, PREC, CC, TM, TJ, HP, HALO, GATHER)
                 y = tl.where(m2, y, 0.0)
                 tl.store(y_ptr + base_a + (hoff + (row * N + col)[None, :]), y, mask=m2)
             else:
@@ -285,7 +300,7 @@ if triton is not None:
                         we = tl.load(we_ptr + cc[:, None] * H + hh[None, :], mask=mc[:, None] & mh[None, :], other=0.0)
                         be = tl.load(be_ptr + cc, mask=mc, other=0.0)
                         x2 = _x2(a_ptr, base_a, hoff, row, col, N, mh, ks, we, be, wdw_ptr, cc, mc, a0s, inmap, scr, p,
-                                 pm, pj, KS, RELU_E, PREC, CC, TM, TJ, HALO)
+                                 pm, pj, KS, RELU_E, PREC, CC, TM, TJ, HALO, GATHER)
                         a2 = tl.load(cv_ptr + 0 * RHP + cc, mask=mc, other=0.0)
                         c2 = tl.load(cv_ptr + 1 * RHP + cc, mask=mc, other=0.0)
                         pre = a2[:, None] * x2 + c2[:, None]
@@ -413,6 +428,11 @@ def _x2_mode(device=None) -> str:
     "halo": those passes on halo tiles, E computed once per channel chunk and staged through a
       per-program scratch (_x2_staged). H100, round 2: forward+backward 19.8 against 18.3 ms;
       round 3 with TF32 dots: 16.8 against 13.9 ms (B=32, N=197, bf16). Kept as a candidate.
+    "gather" (a candidate, not yet timed on a GPU): those passes on gather tiles (8 rows by 32
+      columns overlapping by the halo, kernels_refine_eval.gather_tile), E formed at each of the k
+      row shifts and moved to the column shifts by tl.gather (kernels_refine_eval.stencil_gathered).
+      ptxas (sm_90, bf16, TF32 dots, per 16-channel chunk and 256 positions, with the halo
+      columns): F2 0.88x, F3 0.63x, B2 0.78x the SASS instructions of "offsets".
     (A third, "split", stored E for an L2-sized batch chunk on zero-bordered planes and loaded it
     at the shifts, with B3 as two passes over flat position blocks: removed after the H200
     measured it slower, fwd+bwd 36.8 against 13.7 ms, B=32, N=197, bf16.)
@@ -476,10 +496,16 @@ def _launch_tile(mode, attn, dr, we, be, wdw, wp, cv, hv, ks, scale, relu, y3=No
     B, H, N, _ = attn.shape
     RH, KS = wdw.shape[0], wdw.shape[-1]
     x2 = _x2_mode(attn.device) if mode in (2, 3, 5) else "offsets"
-    halo = x2 == "halo"
+    halo, gather = x2 == "halo", x2 == "gather"
     pad = KS // 2 if halo else 0
     TM, TJ = _tile_cfg(N, pad)
     nti, ntj = triton.cdiv(N, TM - 2 * pad), triton.cdiv(N, TJ - 2 * pad)
+    if gather:  # TM rows by gather_tj columns (32 on the GPU), the columns overlapping by the halo
+        TJ = _eval.gather_tj(N, KS)
+        TM = max(1, 256 // TJ) if not interpreting() else min(16, next_pow2(N))
+        if _eval.GATHER_TJ is not None:
+            TM = _eval.GATHER_TM
+        nti, ntj = triton.cdiv(N, TM), triton.cdiv(N, TJ - 2 * (KS // 2))
     ppi = nti * ntj  # programs per image
     HP = max(16, next_pow2(H))
     RHP = triton.cdiv(RH, CC) * CC
@@ -504,7 +530,7 @@ def _launch_tile(mode, attn, dr, we, be, wdw, wp, cv, hv, ks, scale, relu, y3=No
             kernel[(hi - lo, ppi)](attn[lo:hi], pick(dr), pick(y3), we, be, wdw, wp, cv, hv, ks, part[lo * ppi:],
                                    pn[lo * ppi:], pwp[lo * ppi:], scr, N, H, RH, RHP, ntj, float(scale),
                                    MODE=mode, KS=KS, RELU_E=relu, PREC=prec, HP=HP, CC=CC, TM=TM, TJ=TJ, W=W,
-                                   HALO=halo, **launch)
+                                   HALO=halo, GATHER=gather, **launch)
     return part.double(), pn.double(), pwp
 
 

@@ -24,7 +24,7 @@ TUNED_FILE = Path(__file__).with_name("tuned_settings.json")
 SWITCHES = {
     "REFINER_TRITON_REFINE_FWD": ("split", "tile", "gather"),
     "REFINER_TRITON_REFINE_DOT": ("auto", "bf16"),
-    "REFINER_TRITON_TRAIN_X2": ("offsets", "halo"),
+    "REFINER_TRITON_TRAIN_X2": ("offsets", "halo", "gather"),
     "REFINER_TRITON_TRAIN_DOT": ("auto", "ieee", "tf32", "tf32x3"),
     "REFINER_TRITON_SOFTMAX_BWD_DOT": ("ieee", "bf16"),
 }

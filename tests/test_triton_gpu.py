@@ -205,11 +205,12 @@ def test_refine_train_gpu(N, d, ratio, ks, dtype):
 @pytest.mark.parametrize("N,ks", [(197, 3), (50, 5)])
 @pytest.mark.parametrize("env", ["REFINER_TRITON_TRAIN_DOT=ieee", "REFINER_TRITON_TRAIN_DOT=tf32",
                                  "REFINER_TRITON_TRAIN_DOT=tf32x3",
-                                 "REFINER_TRITON_TRAIN_SAVE_Y3=0", "REFINER_TRITON_TRAIN_X2=halo"])
+                                 "REFINER_TRITON_TRAIN_SAVE_Y3=0", "REFINER_TRITON_TRAIN_X2=halo",
+                                 "REFINER_TRITON_TRAIN_X2=gather"])
 def test_refine_train_gpu_candidates(monkeypatch, N, ks, env):
     """refine_train's other settings on bf16 maps: IEEE dots (elementwise bf16 tolerances), TF32
     dots asked for explicitly, 3xTF32 dots, Y3 recomputed in the backward, the X2 passes on halo
-    tiles."""
+    tiles, and on gather tiles."""
     for assign in env.split(","):
         monkeypatch.setenv(*assign.split("="))
     test_refine_train_gpu(N, 32, 3, ks, torch.bfloat16)

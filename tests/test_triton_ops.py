@@ -608,11 +608,25 @@ def test_refine_train(N, d, ratio, ks, B, dtype):
     (12, 32, 3, 5, 2, torch.float32),
     (17, 32, 1, 3, 2, torch.float32),
 ])
-def test_refine_train_x2_halo(monkeypatch, N, d, ratio, ks, B, dtype):
-    """The candidate REFINER_TRITON_TRAIN_X2=halo (the X2 passes on halo tiles, E staged); its
-    numerics at zero variance and large means: test_refine_train_x2_robustness."""
-    monkeypatch.setenv("REFINER_TRITON_TRAIN_X2", "halo")
+@pytest.mark.parametrize("x2", ["halo", "gather"])
+def test_refine_train_x2_candidates(monkeypatch, x2, N, d, ratio, ks, B, dtype):
+    """The candidates REFINER_TRITON_TRAIN_X2=halo (the X2 passes on halo tiles, E staged) and
+    =gather (on gather tiles, E's column shifts by tl.gather); their numerics at zero variance and
+    large means: test_refine_train_x2_robustness."""
+    monkeypatch.setenv("REFINER_TRITON_TRAIN_X2", x2)
     _run_train(N, d, ratio, ks, B, dtype)
+
+
+@pytest.mark.parametrize("tj,tm,ks,N", [(8, 2, 3, 23), (16, 4, 5, 37)])
+def test_refine_train_x2_gather_column_tiles(monkeypatch, tj, tm, ks, N):
+    """REFINER_TRITON_TRAIN_X2=gather with narrow tiles, so that a map spans several column tiles
+    overlapping by the halo (the interpreter's are otherwise one padded row wide): the statistics
+    and gradients against the reference."""
+    from refiner_kernels import kernels_refine_eval
+    monkeypatch.setattr(kernels_refine_eval, "GATHER_TJ", tj)
+    monkeypatch.setattr(kernels_refine_eval, "GATHER_TM", tm)
+    monkeypatch.setenv("REFINER_TRITON_TRAIN_X2", "gather")
+    _run_train(N, 16, 3, ks, 2, torch.float32)
 
 
 def test_refine_train_dot_precision_switch(monkeypatch):
@@ -896,13 +910,15 @@ def test_every_autotuned_launch_runs(monkeypatch, winner):
     rout = ref.refine_eval(attn, v, *ps, True)
     go = torch.randn_like(rout)
     want = _grads([rout], [attn, v] + ps, [go])
-    for fwd in ("split", "tile"):
+    for fwd in ("split", "tile", "gather"):
         monkeypatch.setenv("REFINER_TRITON_REFINE_FWD", fwd)
         out = rk.refine_eval(attn, v, *ps, True)
         _close(out, rout, name=f"{fwd} out")
         for i, (a, b) in enumerate(zip(_grads([out], [attn, v] + ps, [go]), want)):
             _close(a, b, name=f"{fwd} grad {i}")
-    _run_train(N, d, 3, 3, B, torch.float32)
+    for x2 in ("offsets", "gather"):
+        monkeypatch.setenv("REFINER_TRITON_TRAIN_X2", x2)
+        _run_train(N, d, 3, 3, B, torch.float32)
     assert ran == set(names), set(names) - ran
 
 
@@ -1092,10 +1108,12 @@ def test_autotune_switch(monkeypatch):
     assert _common.gpu_autotune([], key=[])(lambda: None) is None
 
 
-def test_refine_train_x2_robustness(monkeypatch):
-    """REFINER_TRITON_TRAIN_X2=halo keeps the constant-map and large-mean guarantees (the shifted
-    moments' shift is the first owned position of a halo tile), and a bad value is named."""
-    monkeypatch.setenv("REFINER_TRITON_TRAIN_X2", "halo")
+@pytest.mark.parametrize("x2", ["halo", "gather"])
+def test_refine_train_x2_robustness(monkeypatch, x2):
+    """REFINER_TRITON_TRAIN_X2=halo and =gather keep the constant-map and large-mean guarantees
+    (the shifted moments' shift is the first owned position of a halo or gather tile), and a bad
+    value is named."""
+    monkeypatch.setenv("REFINER_TRITON_TRAIN_X2", x2)
     test_refine_train_zero_variance(3, 3)
     test_refine_train_zero_variance(1, 1)
     test_refine_train_large_mean_small_spread(3)
