@@ -546,8 +546,9 @@ def forward_variant(device=None) -> str:
     "gather" (a candidate, not yet timed on a GPU): one kernel (_re_gather) on tiles of 32 columns
     overlapping by the halo; E formed by a tensor-core dot at each of the k row shifts and moved to
     the k column shifts by tl.gather (warp shuffles), never stored. ptxas (sm_90, k=3, 16 channels,
-    bf16): 1,427 SASS instructions per 128 positions and channel chunk against split's ~2,526
-    (its stencil pass's 2,195 with the expansion pass's 331), with no E round trip through L2.
+    bf16, 4 rows and 4 warps): ~1,377 SASS instructions per 128 positions and channel chunk (1,470
+    with the halo columns) against split's ~2,526 (its stencil pass's 2,195 with the expansion
+    pass's 331), with no E round trip through L2.
     The default applies unless the variable is set or a value is tuned for the GPU model (settings.py)."""
     return switch("REFINER_TRITON_REFINE_FWD", device)
 
@@ -634,12 +635,19 @@ def gather_tj(N: int, KS: int) -> int:
     return max(tj, next_pow2(N + 2 * pad)) if interpreting() else tj
 
 
+def gather_tiles(N: int, KS: int, rows: int):
+    """(TM, TJ) of a gather launch without autotuning: `rows` rows (the interpreter: up to 16, fewer
+    programs, unless the tests set GATHER_TJ) by gather_tj columns."""
+    tm = min(16, next_pow2(N)) if interpreting() and GATHER_TJ is None else rows
+    return tm, gather_tj(N, KS)
+
+
 def _gather_r(attn, we, be, w_dw, b_dw, w_pro, b_pro, alpha, beta, relu, prec, r_dtype):
     """R (r_dtype, A-sized) by _re_gather: one launch, no stored E."""
     B, H, N, _ = attn.shape
     RH, KS = w_dw.shape[0], w_dw.shape[-1]
     HP = max(16, next_pow2(H))
-    TJ = gather_tj(N, KS)
+    TM, TJ = gather_tiles(N, KS, GATHER_TM)
     owned = TJ - 2 * (KS // 2)
     r = torch.empty(B, H, N, N, dtype=r_dtype, device=attn.device)
     args = (attn, we, be, w_dw.reshape(RH, KS * KS).t().contiguous(), b_dw.contiguous(), w_pro.contiguous(),
@@ -648,7 +656,6 @@ def _gather_r(attn, we, be, w_dw, b_dw, w_pro, b_pro, alpha, beta, relu, prec, r
     if use_tuned(_re_gather_tuned, attn):
         _re_gather_tuned[lambda META: (B, triton.cdiv(N, META["TM"]), triton.cdiv(N, owned))](*args, **consts)
     else:
-        TM = min(16, next_pow2(N)) if interpreting() and GATHER_TJ is None else GATHER_TM
         _re_gather[(B, triton.cdiv(N, TM), triton.cdiv(N, owned))](*args, **consts, TM=TM, num_warps=GATHER_WARPS,
                                                                    num_stages=1)
     return r
@@ -682,16 +689,13 @@ def refine_eval_fwd(attn, v, w_exp, b_exp, w_dw, b_dw, w_pro, b_pro, alpha, beta
     # "split" stores E and R in the input dtype, as the reference's convolutions do under autocast;
     # the backward's recompute of R stays IEEE fp32
     prec = "ieee" if store_r else forward_precision(attn)
-    # split: E and R in the input dtype (as under autocast), fp32 for the backward; "tile" beyond
-    # the int32 offsets of its stencil pass (rH N^2 > 2^31 - 1: N > 7723 at rH = 36)
+    # split and gather: R in the input dtype (as under autocast), fp32 for the backward; split runs
+    # "tile" beyond the int32 offsets of its stencil pass (rH N^2 > 2^31 - 1: N > 7723 at rH = 36)
     variant = forward_variant(attn.device)
-    if variant == "gather":
-        r = _gather_r(attn, we, be, w_dw, b_dw, w_pro, b_pro, alpha, beta, relu, prec,
-                      torch.float32 if store_r else attn.dtype)
-        return r if store_r else bmm(r, v, out=token_major(B, H, N, D, v))
-    if variant == "split" and RH * N * N <= SPLIT_MAX_MAP:
+    if variant == "gather" or (variant == "split" and RH * N * N <= SPLIT_MAX_MAP):
         r_dtype = torch.float32 if store_r else attn.dtype
-        r = _split_r(attn, we, be, w_dw, b_dw, w_pro, b_pro, alpha, beta, relu, prec, r_dtype)
+        r = (_gather_r if variant == "gather" else _split_r)(attn, we, be, w_dw, b_dw, w_pro, b_pro, alpha, beta,
+                                                            relu, prec, r_dtype)
         return r if store_r else bmm(r, v, out=token_major(B, H, N, D, v))
     TM, TJ = _fwd_tiles(N)
     HP = max(16, next_pow2(H))

@@ -421,6 +421,9 @@ def _pack(rows, width):
     return torch.nn.functional.pad(packed, (0, width - packed.shape[1])).contiguous()
 
 
+GATHER_ROWS = 8  # REFINER_TRITON_TRAIN_X2=gather: 8 x 32 tiles, the plain tiles' 256 positions (tests set it)
+
+
 def _x2_mode(device=None) -> str:
     """REFINER_TRITON_TRAIN_X2, how the passes that need X2 = dw_k(E) (F2, F3, B2) get E:
     "offsets" (default): the expansion recomputed at each of the k*k stencil offsets, over
@@ -500,11 +503,8 @@ def _launch_tile(mode, attn, dr, we, be, wdw, wp, cv, hv, ks, scale, relu, y3=No
     pad = KS // 2 if halo else 0
     TM, TJ = _tile_cfg(N, pad)
     nti, ntj = triton.cdiv(N, TM - 2 * pad), triton.cdiv(N, TJ - 2 * pad)
-    if gather:  # TM rows by gather_tj columns (32 on the GPU), the columns overlapping by the halo
-        TJ = _eval.gather_tj(N, KS)
-        TM = max(1, 256 // TJ) if not interpreting() else min(16, next_pow2(N))
-        if _eval.GATHER_TJ is not None:
-            TM = _eval.GATHER_TM
+    if gather:  # GATHER_ROWS rows by 32 columns on the GPU, the columns overlapping by the halo
+        TM, TJ = _eval.gather_tiles(N, KS, GATHER_ROWS)
         nti, ntj = triton.cdiv(N, TM), triton.cdiv(N, TJ - 2 * (KS // 2))
     ppi = nti * ntj  # programs per image
     HP = max(16, next_pow2(H))

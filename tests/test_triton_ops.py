@@ -622,9 +622,9 @@ def test_refine_train_x2_gather_column_tiles(monkeypatch, tj, tm, ks, N):
     """REFINER_TRITON_TRAIN_X2=gather with narrow tiles, so that a map spans several column tiles
     overlapping by the halo (the interpreter's are otherwise one padded row wide): the statistics
     and gradients against the reference."""
-    from refiner_kernels import kernels_refine_eval
+    from refiner_kernels import kernels_refine_eval, kernels_refine_train
     monkeypatch.setattr(kernels_refine_eval, "GATHER_TJ", tj)
-    monkeypatch.setattr(kernels_refine_eval, "GATHER_TM", tm)
+    monkeypatch.setattr(kernels_refine_train, "GATHER_ROWS", tm)
     monkeypatch.setenv("REFINER_TRITON_TRAIN_X2", "gather")
     _run_train(N, 16, 3, ks, 2, torch.float32)
 
