@@ -500,12 +500,13 @@ def _launch_tile(mode, attn, dr, we, be, wdw, wp, cv, hv, ks, scale, relu, y3=No
     RH, KS = wdw.shape[0], wdw.shape[-1]
     x2 = _x2_mode(attn.device) if mode in (2, 3, 5) else "offsets"
     halo, gather = x2 == "halo", x2 == "gather"
-    pad = KS // 2 if halo else 0
-    TM, TJ = _tile_cfg(N, pad)
-    nti, ntj = triton.cdiv(N, TM - 2 * pad), triton.cdiv(N, TJ - 2 * pad)
     if gather:  # GATHER_ROWS rows by 32 columns on the GPU, the columns overlapping by the halo
         TM, TJ = _eval.gather_tiles(N, KS, GATHER_ROWS)
         nti, ntj = triton.cdiv(N, TM), triton.cdiv(N, TJ - 2 * (KS // 2))
+    else:  # plain tiles, or halo tiles overlapping by the halo both ways
+        pad = KS // 2 if halo else 0
+        TM, TJ = _tile_cfg(N, pad)
+        nti, ntj = triton.cdiv(N, TM - 2 * pad), triton.cdiv(N, TJ - 2 * pad)
     ppi = nti * ntj  # programs per image
     HP = max(16, next_pow2(H))
     RHP = triton.cdiv(RH, CC) * CC
